@@ -1,0 +1,250 @@
+//! Types shared by the kernel programs and user space.
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, without `bool` and with explicit
+//! padding, so both sides agree on the bytes. Addresses are stored as 16 bytes: IPv6 as
+//! is, IPv4 as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in network order. Ports
+//! are stored in network order too.
+#![no_std]
+
+pub mod decide;
+
+/// Maximum number of steered services per instance.
+pub const MAX_SERVICES: u32 = 1024;
+/// Maximum number of client prefixes per address family.
+pub const MAX_RULES: u32 = 65_536;
+/// Maximum number of configured siblings (tunnel sources accepted on decapsulation).
+pub const MAX_SIBLINGS: u32 = 256;
+/// Maximum number of adopted services with a registered listener.
+pub const MAX_LISTENERS: u32 = 1024;
+/// Maximum number of outstanding readiness probes.
+pub const MAX_PROBES: u32 = 256;
+
+/// Names of the pinned maps, as declared in the eBPF object.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const MIGRATED_V4: &str = "MIGRATED_V4";
+    pub const MIGRATED_V6: &str = "MIGRATED_V6";
+    pub const SIBLINGS: &str = "SIBLINGS";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const PROBES: &str = "PROBES";
+    pub const ADOPTED: &str = "ADOPTED";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the eBPF programs.
+pub mod programs {
+    /// TC ingress classifier on the uplink (origin steering and target decapsulation).
+    pub const INGRESS: &str = "redirector_ingress";
+    /// `sk_lookup` program delivering adopted services to a local listener.
+    pub const SK_LOOKUP: &str = "redirector_sk_lookup";
+}
+
+/// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
+pub type Addr = [u8; 16];
+
+/// Maps an IPv4 address (network order bytes) to the 16-byte form.
+#[must_use]
+pub const fn v4_mapped(a: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// Returns the IPv4 address if `a` is IPv4-mapped.
+#[must_use]
+pub const fn as_v4(a: &Addr) -> Option<[u8; 4]> {
+    if a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+    {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+/// A steered or adopted service: address and TCP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// TCP port, network order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl ServiceKey {
+    #[must_use]
+    pub const fn new(addr: Addr, port: u16) -> Self {
+        Self { addr, port: port.to_be_bytes(), _pad: [0; 2] }
+    }
+
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// How the origin forwards a steered service's packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Outer source address of tunnelled packets: the origin's own (control) address of the
+    /// service's family. Targets accept tunnels only from configured siblings.
+    pub tunnel_src: Addr,
+    /// Largest MSS a steered SYN may announce (uplink MTU minus inner and outer headers).
+    pub mss_clamp: u16,
+    pub _pad: [u8; 2],
+    /// Interface the programs are attached to, for information.
+    pub ifindex: u32,
+}
+
+/// Where a migrated client prefix goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleValue {
+    /// Target server's (control) address: the outer destination.
+    pub target: Addr,
+    /// 0 while the rule is active. Otherwise the rule is draining until this
+    /// `CLOCK_MONOTONIC` time (ns, as `bpf_ktime_get_ns`): new SYNs stay on the origin,
+    /// packets of flows living on the target still go there; after it the rule is inert
+    /// and user space removes it.
+    pub drain_until_ns: u64,
+    /// `CLOCK_REALTIME` seconds when the rule was installed, for listings.
+    pub since_unix: u64,
+}
+
+/// A configured sibling, allowed to send tunnelled packets to this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiblingValue {
+    pub flags: u32,
+}
+
+/// A service of a sibling that this host (the target) serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdoptedValue {
+    /// Uplink the service's tunnelled packets arrive on.
+    pub ifindex: u32,
+    /// `ADOPTED_LISTENER` when a listener is registered in `LISTENERS`.
+    pub flags: u32,
+}
+
+/// `AdoptedValue::flags`: a listener is registered for the service.
+pub const ADOPTED_LISTENER: u32 = 1;
+
+/// A probe answer recorded by the classifier: key is the probe's source port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeValue {
+    /// TCP flags of the answer (SYN|ACK: a listener answered; RST: nothing listens).
+    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
+    pub seen_ns: u64,
+}
+
+/// Every decision the kernel programs make, counted per CPU.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not TCP/ICMP to a steered service, or not IP at all.
+    Passed = 0,
+    /// To a steered service, from a client with no rule.
+    PassedNotMigrated,
+    /// A SYN of a migrated client, sent to its target.
+    ForwardedNew,
+    /// A packet of a migrated client's flow that lives on the target, sent there.
+    ForwardedExisting,
+    /// A packet of a migrated client's flow that lives on this host, kept.
+    KeptLocal,
+    /// An ACK completing this host's own SYN-cookie handshake, kept.
+    KeptSyncookie,
+    /// A SYN of a client whose rule is draining, kept.
+    KeptDraining,
+    /// An ICMP/ICMPv6 error about a flow living on a target, relayed there.
+    IcmpRelayed,
+    /// IPv4 fragments and IPv6 fragment headers: never steered.
+    PassedFragment,
+    /// IPv4 options or IPv6 extension headers: never steered.
+    PassedOptions,
+    /// Truncated or malformed packets: passed untouched.
+    PassedMalformed,
+    /// Tunnelled packet from a configured sibling, decapsulated.
+    Decapsulated,
+    /// Tunnelled packet from a stranger (or malformed inside): dropped.
+    DroppedBad,
+    /// A readiness probe's answer, recorded and dropped.
+    ProbeAnswer,
+    /// Encapsulation or redirect failed: the packet was kept on this host.
+    ErrorForward,
+    /// A connection to an adopted service handed to the registered listener.
+    SkAssigned,
+}
+
+impl Counter {
+    /// Number of counters (size of the COUNTERS array).
+    pub const COUNT: u32 = 16;
+
+    /// All counters, in index order.
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Passed,
+        Counter::PassedNotMigrated,
+        Counter::ForwardedNew,
+        Counter::ForwardedExisting,
+        Counter::KeptLocal,
+        Counter::KeptSyncookie,
+        Counter::KeptDraining,
+        Counter::IcmpRelayed,
+        Counter::PassedFragment,
+        Counter::PassedOptions,
+        Counter::PassedMalformed,
+        Counter::Decapsulated,
+        Counter::DroppedBad,
+        Counter::ProbeAnswer,
+        Counter::ErrorForward,
+        Counter::SkAssigned,
+    ];
+
+    /// Stable, kebab-case name used by the CLI and JSON output.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Passed => "passed",
+            Counter::PassedNotMigrated => "passed-not-migrated",
+            Counter::ForwardedNew => "forwarded-new",
+            Counter::ForwardedExisting => "forwarded-existing",
+            Counter::KeptLocal => "kept-local",
+            Counter::KeptSyncookie => "kept-syncookie",
+            Counter::KeptDraining => "kept-draining",
+            Counter::IcmpRelayed => "icmp-relayed",
+            Counter::PassedFragment => "passed-fragment",
+            Counter::PassedOptions => "passed-options",
+            Counter::PassedMalformed => "passed-malformed",
+            Counter::Decapsulated => "decapsulated",
+            Counter::DroppedBad => "dropped-bad",
+            Counter::ProbeAnswer => "probe-answer",
+            Counter::ErrorForward => "error-forward",
+            Counter::SkAssigned => "sk-assigned",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, with explicit padding and no invalid bit
+    // patterns.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::SiblingValue {}
+    unsafe impl aya::Pod for super::ProbeValue {}
+    unsafe impl aya::Pod for super::AdoptedValue {}
+}

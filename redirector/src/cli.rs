@@ -1,0 +1,296 @@
+//! The operator CLI on the pinned state (see docs/cli.md).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::datapath::{self, Datapath, Location, Prefix};
+
+/// redirector: servers that share load among themselves. Operator commands on the kernel
+/// datapath's pinned state.
+#[derive(Debug, Parser)]
+#[command(name = "redirector", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// bpffs to pin in (mounted there if it is not a bpffs yet).
+    #[arg(long, global = true, default_value = datapath::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Instance name: pins live in <bpffs>/redirector/<instance>/.
+    #[arg(long, global = true, default_value = "default")]
+    pub instance: String,
+    /// Enter network namespace /run/netns/<NAME> first (like `ip -n`).
+    #[arg(long, global = true)]
+    pub netns: Option<String>,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Services this host steers (origin side).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Migrated client prefixes (origin side).
+    #[command(subcommand)]
+    Rule(RuleCmd),
+    /// Siblings allowed to send tunnelled packets here (target side).
+    #[command(subcommand)]
+    Sibling(SiblingCmd),
+    /// Siblings' services served here (target side).
+    #[command(subcommand)]
+    Adopt(AdoptCmd),
+    /// Per-decision counters of the kernel programs.
+    Stats,
+    /// Load and attach the programs (idempotent); --replace swaps in this binary's programs.
+    Attach {
+        /// Uplink interface.
+        #[arg(long)]
+        dev: String,
+        /// Replace the attached programs atomically, keeping the pinned maps.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Detach everything, remove routes and the instance's pins.
+    Teardown,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Steer TCP service ADDR:PORT (this host's service address).
+    Add {
+        service: SocketAddr,
+        /// Uplink interface the clients' packets arrive on.
+        #[arg(long)]
+        dev: String,
+        /// Outer source of tunnelled packets: this host's control address.
+        #[arg(long)]
+        tunnel_src: Option<IpAddr>,
+        /// Uplink MTU for the MSS clamp (default: the interface's).
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
+    /// Stop steering a service.
+    Del { service: SocketAddr },
+    /// List steered services.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RuleCmd {
+    /// Migrate a client address or prefix to a target.
+    Add {
+        prefix: Prefix,
+        /// Target's control address.
+        #[arg(long)]
+        to: IpAddr,
+        /// Skip the readiness probe through the tunnel.
+        #[arg(long)]
+        no_probe: bool,
+        /// How long to wait for the probe's answer.
+        #[arg(long, default_value_t = 2000)]
+        probe_timeout_ms: u64,
+    },
+    /// Withdraw a rule: drain (default 60 s) or remove at once.
+    Del {
+        prefix: Prefix,
+        /// Drain period in seconds.
+        #[arg(long, conflicts_with = "now")]
+        drain: Option<u64>,
+        /// Remove at once (flows living on the target break).
+        #[arg(long)]
+        now: bool,
+    },
+    /// List rules.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiblingCmd {
+    /// Accept tunnels whose outer source is ADDR.
+    Add {
+        addr: IpAddr,
+        #[arg(long)]
+        dev: String,
+    },
+    /// Stop accepting tunnels from ADDR.
+    Del { addr: IpAddr },
+    /// List siblings.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdoptCmd {
+    /// Serve a sibling's service ADDR:PORT here.
+    Add {
+        service: SocketAddr,
+        #[arg(long)]
+        dev: String,
+        /// Local listening socket (bound to LADDR:LPORT) that receives the connections.
+        #[arg(long)]
+        listener: Option<SocketAddr>,
+    },
+    /// Give an adopted service back.
+    Del { service: SocketAddr },
+    /// List adopted services.
+    List,
+}
+
+fn enter_netns(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains('/') {
+        bail!("bad network namespace name {name:?}");
+    }
+    let path = format!("/run/netns/{name}");
+    let f = std::fs::File::open(&path).with_context(|| format!("network namespace {name} not found ({path})"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {name}"))?;
+    Ok(())
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let Some(first) = rows.first() else { return };
+    let mut widths = vec![0; first.len()];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+/// Runs one CLI command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("{}", datapath::Error::NotRoot);
+    }
+    if let Some(ns) = &cli.global.netns {
+        enter_netns(ns)?;
+    }
+    let loc = Location { bpffs: cli.global.bpffs.clone(), instance: cli.global.instance.clone() };
+    let json = cli.global.json;
+    let mut dp = Datapath::open(&loc)?;
+    match cli.command {
+        Command::Service(ServiceCmd::Add { service, dev, tunnel_src, mtu }) => {
+            let s = dp.add_service((service.ip(), service.port()), &dev, tunnel_src, mtu)?;
+            if json {
+                println!("{}", json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp}));
+            } else {
+                println!("steering {} on {dev} (tunnel source {}, MSS clamp {})", s.service(), s.tunnel_src, s.mss_clamp);
+            }
+        }
+        Command::Service(ServiceCmd::Del { service }) => dp.del_service((service.ip(), service.port()))?,
+        Command::Service(ServiceCmd::List) => {
+            let list = dp.list_services()?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|s| json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "ifindex": s.ifindex}))
+                    .collect();
+                println!("{}", json!({ "services": v }));
+            } else {
+                let mut rows = vec![vec!["SERVICE".into(), "TUNNEL-SRC".into(), "MSS-CLAMP".into(), "IFINDEX".into()]];
+                rows.extend(list.iter().map(|s| vec![s.service(), s.tunnel_src.to_string(), s.mss_clamp.to_string(), s.ifindex.to_string()]));
+                print_table(&rows);
+            }
+        }
+        Command::Rule(RuleCmd::Add { prefix, to, no_probe, probe_timeout_ms }) => {
+            let probe = (!no_probe).then(|| Duration::from_millis(probe_timeout_ms));
+            dp.migrate(prefix, to, probe)?;
+            if !json {
+                println!("{prefix} -> {to}");
+            }
+        }
+        Command::Rule(RuleCmd::Del { prefix, drain, now }) => {
+            if now {
+                dp.release(prefix)?;
+            } else {
+                let period = drain.map_or(datapath::DEFAULT_DRAIN, Duration::from_secs);
+                dp.drain(prefix, period)?;
+                if !json {
+                    println!("{prefix} draining for {} s", period.as_secs());
+                }
+            }
+        }
+        Command::Rule(RuleCmd::List) => {
+            let rules = dp.list_rules()?;
+            if json {
+                println!("{}", json!({ "rules": rules }));
+            } else {
+                let mut rows = vec![vec!["PREFIX".into(), "TARGET".into(), "STATE".into(), "DRAIN-LEFT".into()]];
+                rows.extend(rules.iter().map(|r| {
+                    vec![
+                        r.prefix.to_string(),
+                        r.target.to_string(),
+                        format!("{:?}", r.state).to_lowercase(),
+                        if r.drain_left_ms > 0 { format!("{:.1}s", r.drain_left_ms as f64 / 1000.0) } else { "-".into() },
+                    ]
+                }));
+                print_table(&rows);
+            }
+        }
+        Command::Sibling(SiblingCmd::Add { addr, dev }) => dp.add_sibling(addr, &dev)?,
+        Command::Sibling(SiblingCmd::Del { addr }) => dp.del_sibling(addr)?,
+        Command::Sibling(SiblingCmd::List) => {
+            let list = dp.list_siblings()?;
+            if json {
+                println!("{}", json!({ "siblings": list }));
+            } else {
+                for s in list {
+                    println!("{s}");
+                }
+            }
+        }
+        Command::Adopt(AdoptCmd::Add { service, dev, listener }) => {
+            dp.adopt((service.ip(), service.port()), &dev, listener.map(|l| (l.ip(), l.port())))?;
+        }
+        Command::Adopt(AdoptCmd::Del { service }) => dp.unadopt((service.ip(), service.port()))?,
+        Command::Adopt(AdoptCmd::List) => {
+            let list = dp.list_adopted()?;
+            if json {
+                let v: Vec<_> = list.iter().map(|(a, p, l)| json!({"service": SocketAddr::new(*a, *p).to_string(), "listener": l})).collect();
+                println!("{}", json!({ "adopted": v }));
+            } else {
+                for (a, p, l) in list {
+                    println!("{}{}", SocketAddr::new(a, p), if l { "  (listener)" } else { "" });
+                }
+            }
+        }
+        Command::Stats => {
+            let s = dp.stats()?;
+            if json {
+                let m: serde_json::Map<String, serde_json::Value> =
+                    s.counters.iter().map(|(n, v)| ((*n).to_string(), json!(v))).collect();
+                println!("{}", json!({ "counters": m }));
+            } else {
+                let mut rows = vec![vec!["COUNTER".into(), "PACKETS".into()]];
+                rows.extend(s.counters.iter().map(|(n, v)| vec![(*n).to_string(), v.to_string()]));
+                print_table(&rows);
+            }
+        }
+        Command::Attach { dev, replace } => {
+            dp.attach_ingress(&dev, replace)?;
+            if replace || dp.dir().join("links/sk-lookup").exists() {
+                dp.attach_sk_lookup(replace)?;
+            }
+        }
+        Command::Teardown => dp.teardown()?,
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! redirector: servers that share load among themselves.
+pub mod cli;
+pub mod datapath;
