@@ -37,6 +37,8 @@ pub mod programs {
     pub const INGRESS: &str = "redirector_ingress";
     /// `sk_lookup` program delivering adopted services to a local listener.
     pub const SK_LOOKUP: &str = "redirector_sk_lookup";
+    /// An empty classifier: the benchmark's baseline.
+    pub const EMPTY: &str = "redirector_empty";
 }
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.

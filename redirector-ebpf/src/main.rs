@@ -583,6 +583,12 @@ fn decap(ctx: &TcContext, outer_src: Addr, outer_ok: bool, v4: bool) -> Result<V
     Ok(pass(Counter::Decapsulated))
 }
 
+/// Does nothing: the baseline the benchmark measures the classifier against.
+#[classifier]
+pub fn redirector_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
 #[sk_lookup]
 pub fn redirector_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;

@@ -9,6 +9,7 @@ mod bpffs;
 mod listener;
 mod net;
 mod probe;
+pub mod testrun;
 mod types;
 
 use std::{

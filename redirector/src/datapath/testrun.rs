@@ -1,0 +1,61 @@
+//! `BPF_PROG_TEST_RUN` of the classifiers on crafted packets, for tests and benchmarks.
+
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::programs::SchedClassifier;
+
+use super::{Datapath, Error, Result};
+
+/// Result of running a classifier on one packet.
+#[derive(Clone, Debug)]
+pub struct TestRun {
+    /// The program's return value (TC action).
+    pub retval: i32,
+    /// Average run time per repetition, in ns, as the kernel measured it.
+    pub duration_ns: u32,
+    /// The packet after the program ran (encapsulated, decapsulated, or unchanged).
+    pub data_out: Vec<u8>,
+}
+
+impl Datapath {
+    /// Loads (if needed) classifier `name` and runs it `repeat` times on `packet`.
+    pub fn test_run(&mut self, name: &str, packet: &[u8], repeat: u32) -> Result<TestRun> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?
+            .try_into()
+            .map_err(|e| Error::bpf(format!("{name} is not a classifier"), e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+        }
+        let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?.as_fd().as_raw_fd();
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut attr = [0u64; 16];
+        // union bpf_attr, test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out,
+        // repeat, duration.
+        let fd = u32::try_from(fd).map_err(|_| Error::invalid("bad program fd"))?;
+        let len_in = u32::try_from(packet.len()).map_err(|_| Error::invalid("packet too large"))?;
+        let len_out = u32::try_from(out.len()).map_err(|_| Error::invalid("packet too large"))?;
+        attr[0] = u64::from(fd);
+        attr[1] = u64::from(len_in) | (u64::from(len_out) << 32);
+        attr[2] = packet.as_ptr() as u64;
+        attr[3] = out.as_mut_ptr() as u64;
+        attr[4] = u64::from(repeat);
+        // SAFETY: attr is a valid bpf_attr for BPF_PROG_TEST_RUN; the buffers outlive the call.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+        };
+        if rc < 0 {
+            return Err(Error::io(format!("BPF_PROG_TEST_RUN of {name}"), std::io::Error::last_os_error()));
+        }
+        #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "bpf_attr u32 fields")]
+        let retval = (attr[0] >> 32) as u32 as i32;
+        #[expect(clippy::cast_possible_truncation, reason = "bpf_attr u32 fields")]
+        let size_out = (attr[1] >> 32) as usize;
+        #[expect(clippy::cast_possible_truncation, reason = "bpf_attr u32 fields")]
+        let duration_ns = (attr[4] >> 32) as u32;
+        out.truncate(size_out.min(out.len()));
+        Ok(TestRun { retval, duration_ns, data_out: out })
+    }
+}

@@ -1,0 +1,468 @@
+//! The ingress classifier driven with `BPF_PROG_TEST_RUN` on crafted packets: every decision
+//! branch for IPv4 and IPv6, plus truncated, fragmented and garbage packets.
+//!
+//! Needs root. Each test runs in a fresh network namespace (socket lookups see only the
+//! sockets the test makes) with its own bpffs, both gone when the test ends.
+
+mod packets;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use packets::{Ip, Pkt};
+use redirector::datapath::{Datapath, Location, Prefix};
+use redirector_common::programs;
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const SVC4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const CTL4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const TGT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+const OTHER4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 6);
+const SVC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CTL6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const TGT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 5);
+
+fn root_or_skip() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run the classifier tests as root");
+    println!("skipping: the classifier tests need root");
+    false
+}
+
+/// A bpffs mounted on a temporary folder, unmounted when dropped.
+struct TempBpffs(PathBuf);
+
+impl TempBpffs {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("redirector-ct-{}-{}", std::process::id(), rand_u32()));
+        std::fs::create_dir_all(&dir).expect("create bpffs dir");
+        nix::mount::mount(Some("bpf"), &dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .expect("mount bpffs");
+        Self(dir)
+    }
+}
+
+impl Drop for TempBpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    #[expect(clippy::cast_possible_truncation, reason = "random bits")]
+    let v = h.finish() as u32;
+    v
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("run command");
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `f` in a thread inside a fresh network namespace, with a datapath steering
+/// SVC:80 (both families) and migrating CLIENT -> TGT.
+fn with_datapath(f: impl FnOnce(&mut Datapath) + Send + 'static) {
+    if !root_or_skip() {
+        return;
+    }
+    let handle = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        sh(&["ip", "link", "set", "lo", "up"]);
+        for a in ["198.18.0.10/32", "198.18.1.5/32", "198.18.1.6/32"] {
+            sh(&["ip", "addr", "add", a, "dev", "lo"]);
+        }
+        for a in ["2001:db8::10/128", "2001:db8::1:5/128"] {
+            sh(&["ip", "-6", "addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        let fs = TempBpffs::new();
+        let loc = Location { bpffs: fs.0.clone(), instance: "ct".into() };
+        let mut dp = Datapath::open(&loc).expect("open datapath");
+        dp.add_service((IpAddr::V4(SVC4), 80), "lo", Some(IpAddr::V4(CTL4)), Some(1500)).expect("service v4");
+        dp.add_service((IpAddr::V6(SVC6), 80), "lo", Some(IpAddr::V6(CTL6)), Some(1500)).expect("service v6");
+        with_rules(&mut dp);
+        f(&mut dp);
+        drop(dp);
+        drop(fs);
+    });
+    if let Err(p) = handle.join() {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn with_rules(dp: &mut Datapath) {
+    dp.migrate(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, IpAddr::V4(TGT4), None).expect("rule v4");
+    dp.migrate(Prefix { addr: IpAddr::V6(CLIENT6), len: 128 }, IpAddr::V6(TGT6), None).expect("rule v6");
+}
+
+fn without_rules(dp: &mut Datapath) {
+    dp.release(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }).expect("release v4");
+    dp.release(Prefix { addr: IpAddr::V6(CLIENT6), len: 128 }).expect("release v6");
+}
+
+/// Runs the classifier once on `pkt`; asserts the action and that exactly `counter` moved.
+fn expect(dp: &mut Datapath, pkt: &[u8], action: i32, counter: &str) -> Vec<u8> {
+    let before = dp.stats().expect("stats");
+    let run = dp.test_run(programs::INGRESS, pkt, 1).expect("test run");
+    let after = dp.stats().expect("stats");
+    assert_eq!(run.retval, action, "expected action {action} ({counter}), got {}", run.retval);
+    for (name, v) in &after.counters {
+        let delta = v - before.get(name);
+        let want = u64::from(*name == counter);
+        assert_eq!(delta, want, "counter {name}: expected +{want}, got +{delta} (decision should be {counter})");
+    }
+    run.data_out
+}
+
+fn syn4(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    Pkt::tcp(Ip::V4(src, SVC4), sport, 80, packets::SYN).mss(1460).build()
+}
+
+fn ack4(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    Pkt::tcp(Ip::V4(src, SVC4), sport, 80, packets::ACK).payload(b"GET / HTTP/1.1\r\n\r\n").build()
+}
+
+fn syn6(src: Ipv6Addr, sport: u16) -> Vec<u8> {
+    Pkt::tcp(Ip::V6(src, SVC6), sport, 80, packets::SYN).mss(1440).build()
+}
+
+fn ack6(src: Ipv6Addr, sport: u16) -> Vec<u8> {
+    Pkt::tcp(Ip::V6(src, SVC6), sport, 80, packets::ACK).payload(b"hello").build()
+}
+
+#[test]
+fn non_ip_and_other_traffic_pass() {
+    with_datapath(|dp| {
+        expect(dp, &packets::arp(), TC_ACT_OK, "passed");
+        let other_port = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 443, packets::SYN).build();
+        expect(dp, &other_port, TC_ACT_OK, "passed");
+        let udp = Pkt::udp(Ip::V4(CLIENT4, SVC4), 4000, 80).build();
+        expect(dp, &udp, TC_ACT_OK, "passed");
+        let other_addr = Pkt::tcp(Ip::V6(CLIENT6, TGT6), 4000, 80, packets::SYN).build();
+        expect(dp, &other_addr, TC_ACT_OK, "passed");
+    });
+}
+
+#[test]
+fn clients_without_a_rule_pass() {
+    with_datapath(|dp| {
+        expect(dp, &syn4(OTHER4, 4000), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &ack4(OTHER4, 4000), TC_ACT_OK, "passed-not-migrated");
+        let other6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 6);
+        expect(dp, &syn6(other6, 4000), TC_ACT_OK, "passed-not-migrated");
+    });
+}
+
+#[test]
+fn new_connection_of_migrated_client_is_tunnelled_with_clamped_mss_v4() {
+    with_datapath(|dp| {
+        let inner = syn4(CLIENT4, 4000);
+        let out = expect(dp, &inner, TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out.len(), inner.len() + 20, "one IPv4 header added");
+        assert_eq!(&out[..14], &inner[..14], "Ethernet header kept");
+        let outer = &out[14..34];
+        assert_eq!(outer[0], 0x45);
+        assert_eq!(outer[9], 4, "protocol IP-in-IP");
+        assert_eq!(&outer[12..16], &CTL4.octets(), "outer source is the tunnel source");
+        assert_eq!(&outer[16..20], &TGT4.octets(), "outer destination is the target");
+        assert_eq!(usize::from(u16::from_be_bytes([outer[2], outer[3]])), out.len() - 14, "outer total length");
+        assert!(packets::ipv4_header_ok(outer), "outer header checksum");
+        let inner_out = &out[34..];
+        assert_eq!(packets::tcp_mss(inner_out), Some(1440), "MSS clamped to 1500 - 60");
+        assert!(packets::tcp_checksum_ok(inner_out), "TCP checksum fixed after the clamp");
+        // Apart from the MSS, the client's packet is unchanged.
+        let mut expected = inner[14..].to_vec();
+        let mut got = inner_out.to_vec();
+        packets::blank_mss_and_csum(&mut expected);
+        packets::blank_mss_and_csum(&mut got);
+        assert_eq!(got, expected, "inner packet unchanged but for the MSS");
+    });
+}
+
+#[test]
+fn new_connection_of_migrated_client_is_tunnelled_v6() {
+    with_datapath(|dp| {
+        let inner = syn6(CLIENT6, 4000);
+        let out = expect(dp, &inner, TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out.len(), inner.len() + 40, "one IPv6 header added");
+        let outer = &out[14..54];
+        assert_eq!(outer[0] >> 4, 6);
+        assert_eq!(outer[6], 41, "next header IPv6-in-IPv6");
+        assert_eq!(&outer[8..24], &CTL6.octets());
+        assert_eq!(&outer[24..40], &TGT6.octets());
+        assert_eq!(usize::from(u16::from_be_bytes([outer[4], outer[5]])), inner.len() - 14, "payload length");
+        let inner_out = &out[54..];
+        assert_eq!(packets::tcp_mss(inner_out), Some(1400), "MSS clamped to 1500 - 100");
+        assert!(packets::tcp_checksum_ok(inner_out));
+    });
+}
+
+#[test]
+fn small_mss_and_syn_without_options_are_left_alone() {
+    with_datapath(|dp| {
+        let small = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4001, 80, packets::SYN).mss(536).build();
+        let out = expect(dp, &small, TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(&out[34..], &small[14..], "MSS below the clamp is not touched");
+        let bare = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4002, 80, packets::SYN).build();
+        let out = expect(dp, &bare, TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(&out[34..], &bare[14..]);
+    });
+}
+
+#[test]
+fn packets_of_flows_without_a_local_socket_follow_the_rule() {
+    with_datapath(|dp| {
+        let pkt = ack4(CLIENT4, 4000);
+        let out = expect(dp, &pkt, TC_ACT_REDIRECT, "forwarded-existing");
+        assert_eq!(&out[34..], &pkt[14..], "inner packet unchanged");
+        let rst = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::RST).build();
+        expect(dp, &rst, TC_ACT_REDIRECT, "forwarded-existing");
+        let out = expect(dp, &ack6(CLIENT6, 4000), TC_ACT_REDIRECT, "forwarded-existing");
+        assert_eq!(out[14 + 6], 41);
+    });
+}
+
+#[test]
+fn flows_with_a_local_socket_stay() {
+    with_datapath(|dp| {
+        // The classifier sits on lo here: connect while the clients have no rule, as a
+        // connection opened before the migration.
+        without_rules(dp);
+        let listener = TcpListener::bind((SVC4, 80)).expect("listen v4");
+        let sock = nix_connect(IpAddr::V4(CLIENT4), SocketAddr::new(IpAddr::V4(SVC4), 80));
+        let (_server_side, _) = listener.accept().expect("accept");
+        let cport = sock.local_addr().expect("local addr").port();
+        with_rules(dp);
+        expect(dp, &ack4(CLIENT4, cport), TC_ACT_OK, "kept-local");
+        // Another port of the same client has no socket here: it follows the rule.
+        expect(dp, &ack4(CLIENT4, cport.wrapping_add(1)), TC_ACT_REDIRECT, "forwarded-existing");
+        without_rules(dp);
+
+        let listener6 = TcpListener::bind((SVC6, 80)).expect("listen v6");
+        let sock6 = nix_connect(IpAddr::V6(CLIENT6), SocketAddr::new(IpAddr::V6(SVC6), 80));
+        let (_s6, _) = listener6.accept().expect("accept v6");
+        with_rules(dp);
+        let cport6 = sock6.local_addr().expect("local addr").port();
+        expect(dp, &ack6(CLIENT6, cport6), TC_ACT_OK, "kept-local");
+        // A listener alone does not keep a non-cookie ACK.
+        expect(dp, &ack6(CLIENT6, cport6.wrapping_add(1)), TC_ACT_REDIRECT, "forwarded-existing");
+    });
+}
+
+/// Connects a TCP socket bound to `src` to `dst`.
+fn nix_connect(src: IpAddr, dst: SocketAddr) -> TcpStream {
+    let domain = if src.is_ipv4() { socket2_domain_v4() } else { socket2_domain_v6() };
+    // SAFETY: plain syscalls on a fresh socket.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let sock: TcpStream = std::os::fd::FromRawFd::from_raw_fd(fd);
+        let bind_to = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
+        let rc = libc::bind(fd, nix::sys::socket::SockaddrLike::as_ptr(&bind_to), nix::sys::socket::SockaddrLike::len(&bind_to));
+        assert_eq!(rc, 0, "bind {src}");
+        let to = nix::sys::socket::SockaddrStorage::from(dst);
+        let rc = libc::connect(fd, nix::sys::socket::SockaddrLike::as_ptr(&to), nix::sys::socket::SockaddrLike::len(&to));
+        assert_eq!(rc, 0, "connect {dst}: {}", std::io::Error::last_os_error());
+        sock
+    }
+}
+
+fn socket2_domain_v4() -> i32 {
+    libc::AF_INET
+}
+
+fn socket2_domain_v6() -> i32 {
+    libc::AF_INET6
+}
+
+#[test]
+fn draining_rule_keeps_new_flows_and_forwards_old_ones() {
+    with_datapath(|dp| {
+        dp.drain(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, Duration::from_secs(30)).expect("drain");
+        expect(dp, &syn4(CLIENT4, 4000), TC_ACT_OK, "kept-draining");
+        expect(dp, &ack4(CLIENT4, 4000), TC_ACT_REDIRECT, "forwarded-existing");
+        dp.drain(Prefix { addr: IpAddr::V6(CLIENT6), len: 128 }, Duration::from_secs(30)).expect("drain v6");
+        expect(dp, &syn6(CLIENT6, 4000), TC_ACT_OK, "kept-draining");
+        expect(dp, &ack6(CLIENT6, 4000), TC_ACT_REDIRECT, "forwarded-existing");
+    });
+}
+
+#[test]
+fn drained_rule_is_inert_and_collected() {
+    with_datapath(|dp| {
+        dp.drain(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, Duration::from_millis(1)).expect("drain");
+        std::thread::sleep(Duration::from_millis(20));
+        expect(dp, &syn4(CLIENT4, 4000), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &ack4(CLIENT4, 4000), TC_ACT_OK, "passed-not-migrated");
+        assert_eq!(dp.collect_drained().expect("collect"), 1, "the drained rule is removed");
+        assert!(dp.list_rules().expect("list").iter().all(|r| r.prefix.addr != IpAddr::V4(CLIENT4)));
+    });
+}
+
+#[test]
+fn prefixes_match_longest_first() {
+    with_datapath(|dp| {
+        let wide = Prefix { addr: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 0)), len: 24 };
+        dp.migrate(wide, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3)), None).expect("wide rule");
+        let narrow = Prefix { addr: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 128)), len: 25 };
+        dp.migrate(narrow, IpAddr::V4(TGT4), None).expect("narrow rule");
+        let out = expect(dp, &syn4(Ipv4Addr::new(198, 18, 2, 7), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], [198, 18, 0, 3], "/24 target");
+        let out = expect(dp, &syn4(Ipv4Addr::new(198, 18, 2, 200), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], TGT4.octets(), "/25 target");
+    });
+}
+
+#[test]
+fn fragments_and_options_are_never_steered() {
+    with_datapath(|dp| {
+        let frag = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).more_fragments().build();
+        expect(dp, &frag, TC_ACT_OK, "passed-fragment");
+        let later = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::ACK).frag_offset(185).build();
+        expect(dp, &later, TC_ACT_OK, "passed-fragment");
+        let opts = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).ip_options().build();
+        expect(dp, &opts, TC_ACT_OK, "passed-options");
+        let frag6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), 4000, 80, packets::SYN).ext_header(44).build();
+        expect(dp, &frag6, TC_ACT_OK, "passed-fragment");
+        let hop6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), 4000, 80, packets::SYN).ext_header(0).build();
+        expect(dp, &hop6, TC_ACT_OK, "passed-options");
+    });
+}
+
+#[test]
+fn truncated_packets_pass_untouched() {
+    with_datapath(|dp| {
+        // BPF_PROG_TEST_RUN itself refuses IP frames shorter than the IP header, so the
+        // truncations start there.
+        let syn = syn4(CLIENT4, 4000);
+        for len in [34, 40, 53] {
+            let out = expect(dp, &syn[..len], TC_ACT_OK, "passed-malformed");
+            assert_eq!(out, &syn[..len], "a truncated packet ({len} bytes) is not modified");
+        }
+        let syn6 = syn6(CLIENT6, 4000);
+        for len in [54, 60, 73] {
+            expect(dp, &syn6[..len], TC_ACT_OK, "passed-malformed");
+        }
+        let mut short_ihl = syn.clone();
+        short_ihl[14] = 0x43;
+        expect(dp, &short_ihl, TC_ACT_OK, "passed-malformed");
+        let mut long_ihl = syn[..40].to_vec();
+        long_ihl[14] = 0x4f;
+        expect(dp, &long_ihl, TC_ACT_OK, "passed-options");
+        let mut bad_version = syn.clone();
+        bad_version[14] = 0x65;
+        expect(dp, &bad_version, TC_ACT_OK, "passed-malformed");
+    });
+}
+
+#[test]
+fn garbage_never_crashes_or_steers() {
+    with_datapath(|dp| {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for i in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = 54 + usize::try_from(seed % 120).unwrap();
+            let mut pkt: Vec<u8> = (0..len)
+                .map(|j| {
+                    let x = seed.rotate_left(u32::try_from(j % 64).unwrap()) ^ (j as u64 * 0x9e37_79b9);
+                    x.to_le_bytes()[j % 8]
+                })
+                .collect();
+            // Half of them claim to be IP so the parsers get exercised.
+            if i % 2 == 0 {
+                pkt[12] = 0x08;
+                pkt[13] = 0x00;
+                pkt[14] = 0x45;
+            } else if i % 4 == 1 {
+                pkt[12] = 0x86;
+                pkt[13] = 0xdd;
+                pkt[14] = 0x60;
+            }
+            let run = dp.test_run(programs::INGRESS, &pkt, 1).expect("test run");
+            assert!(
+                run.retval == TC_ACT_OK || run.retval == TC_ACT_SHOT,
+                "garbage packet {i} was steered (action {}): {pkt:02x?}",
+                run.retval
+            );
+        }
+    });
+}
+
+#[test]
+fn tunnels_are_decapsulated_only_from_siblings() {
+    with_datapath(|dp| {
+        dp.add_sibling(IpAddr::V4(CTL4), "lo").expect("sibling v4");
+        dp.add_sibling(IpAddr::V6(CTL6), "lo").expect("sibling v6");
+        let inner = ack4(CLIENT4, 4000);
+        let tunnelled = packets::encap4(CTL4, TGT4, &inner);
+        let out = expect(dp, &tunnelled, TC_ACT_OK, "decapsulated");
+        assert_eq!(out, inner, "decapsulation gives back the client's packet");
+        let stranger = packets::encap4(Ipv4Addr::new(198, 18, 1, 9), TGT4, &inner);
+        expect(dp, &stranger, TC_ACT_SHOT, "dropped-bad");
+        let inner6 = ack6(CLIENT6, 4000);
+        let out = expect(dp, &packets::encap6(CTL6, TGT6, &inner6), TC_ACT_OK, "decapsulated");
+        assert_eq!(out, inner6);
+        expect(dp, &packets::encap6(CLIENT6, TGT6, &inner6), TC_ACT_SHOT, "dropped-bad");
+        // A sibling's tunnel with a truncated or foreign inner packet is dropped too.
+        expect(dp, &tunnelled[..40], TC_ACT_SHOT, "dropped-bad");
+        let mut wrong_inner = tunnelled.clone();
+        wrong_inner[34] = 0x60;
+        expect(dp, &wrong_inner, TC_ACT_SHOT, "dropped-bad");
+    });
+}
+
+#[test]
+fn icmp_errors_about_flows_on_the_target_are_relayed() {
+    with_datapath(|dp| {
+        // "Fragmentation needed" about a reply of ours (SVC:80 -> client:4000), sent to SVC.
+        let quoted = Pkt::tcp(Ip::V4(SVC4, CLIENT4), 80, 4000, packets::ACK).payload(&[0; 32]).build();
+        let icmp = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), SVC4, &quoted[14..], 1400);
+        let out = expect(dp, &icmp, TC_ACT_REDIRECT, "icmp-relayed");
+        assert_eq!(&out[34..], &icmp[14..], "the ICMP error is relayed unchanged");
+        assert_eq!(out[14 + 9], 4);
+        // About a client without a rule: passes.
+        let quoted_other = Pkt::tcp(Ip::V4(SVC4, OTHER4), 80, 4000, packets::ACK).build();
+        let icmp_other = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), SVC4, &quoted_other[14..], 1400);
+        expect(dp, &icmp_other, TC_ACT_OK, "passed-not-migrated");
+        // An echo request is no error: passes.
+        expect(dp, &packets::icmp4_echo(CLIENT4, SVC4), TC_ACT_OK, "passed");
+        // Truncated quote: passes untouched.
+        expect(dp, &icmp[..14 + 20 + 8 + 20 + 4], TC_ACT_OK, "passed-malformed");
+        // ICMPv6 packet too big.
+        let quoted6 = Pkt::tcp(Ip::V6(SVC6, CLIENT6), 80, 4000, packets::ACK).payload(&[0; 32]).build();
+        let ptb = packets::icmp6_too_big(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe), SVC6, &quoted6[14..], 1280);
+        let out = expect(dp, &ptb, TC_ACT_REDIRECT, "icmp-relayed");
+        assert_eq!(&out[54..], &ptb[14..]);
+    });
+}
+
+#[test]
+fn icmp_errors_about_local_flows_stay() {
+    with_datapath(|dp| {
+        without_rules(dp);
+        let listener = TcpListener::bind((SVC4, 80)).expect("listen");
+        let sock = nix_connect(IpAddr::V4(CLIENT4), SocketAddr::new(IpAddr::V4(SVC4), 80));
+        let (_srv, _) = listener.accept().expect("accept");
+        with_rules(dp);
+        let cport = sock.local_addr().expect("addr").port();
+        let quoted = Pkt::tcp(Ip::V4(SVC4, CLIENT4), 80, cport, packets::ACK).build();
+        let icmp = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), SVC4, &quoted[14..], 1400);
+        expect(dp, &icmp, TC_ACT_OK, "kept-local");
+    });
+}
