@@ -15,7 +15,16 @@ fn main() -> std::process::ExitCode {
                     msg.push_str(&c);
                 }
             }
-            eprintln!("error: {}", msg.replace('\n', " "));
+            let msg = msg.replace('\n', " ");
+            // Verifier logs run to megabytes; its end says what went wrong.
+            let msg = if msg.len() > 1500 {
+                let head: String = msg.chars().take(300).collect();
+                let tail: String = msg.chars().rev().take(1000).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("{head} [...] {tail}")
+            } else {
+                msg
+            };
+            eprintln!("error: {msg}");
             std::process::ExitCode::FAILURE
         }
     }
