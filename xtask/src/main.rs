@@ -1,0 +1,167 @@
+//! `cargo xtask`: the project's own set-up and workflows.
+//!
+//! Every command runs `setup` first, so a fresh machine needs nothing but this repository, the
+//! machine's Rust toolchains (stable and nightly) and root.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "redirector's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building needs (nightly rust-src, bpf-linker) and check the kernel.
+    Setup,
+    /// Build the workspace (the eBPF object is built and embedded by redirector/build.rs).
+    Build {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the whole test suite (as root): unit, classifier and network-namespace tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the redirector binary with ARGS.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build a namespace topology and show steering happen.
+    Demo {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: `cargo xtask bench datapath [--json]`.
+    Bench {
+        /// Which benchmark.
+        which: String,
+        /// Arguments for the benchmark (e.g. --json).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+/// `cargo` with PATH including ~/.cargo/bin (bpf-linker lives there).
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+fn run(mut c: Command, what: &str) -> Result<()> {
+    let status = c.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (eBPF programs, network namespaces, bpffs): run it with sudo or as root");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(c, "cargo build")
+}
+
+fn bin_path(release: bool) -> PathBuf {
+    root().join("target").join(if release { "release" } else { "debug" }).join("redirector")
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root("cargo xtask test")?;
+    build(false)?;
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .env("REDIRECTOR_BIN", bin_path(false))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = c.spawn().context("starting cargo test")?;
+    // Tee the output and look for tests that skipped: on CI every test must really run.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut skipped = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if line.trim_start().starts_with("skipping:") {
+            skipped.push(line);
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    if !skipped.is_empty() && std::env::var_os("CI").is_some() {
+        bail!("{} test(s) skipped on CI, where every test must run:\n{}", skipped.len(), skipped.join("\n"));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let quiet = !matches!(cli.command, Cmd::Setup);
+    setup::setup(quiet)?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { args } => test(&args),
+        Cmd::Run { args } => {
+            build(false)?;
+            let mut c = Command::new(bin_path(false));
+            c.args(&args);
+            run(c, "redirector")
+        }
+        Cmd::Demo { args } => {
+            require_root("cargo xtask demo")?;
+            build(false)?;
+            let mut c = cargo();
+            c.args(["run", "--quiet", "-p", "redirector-tests", "--bin", "redirector-demo", "--"])
+                .args(&args)
+                .env("REDIRECTOR_BIN", bin_path(false));
+            run(c, "the demo")
+        }
+        Cmd::Bench { which, args } => {
+            require_root("cargo xtask bench")?;
+            match which.as_str() {
+                "datapath" => {}
+                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`"),
+            }
+            build(true)?;
+            let mut c = cargo();
+            c.args(["run", "--quiet", "--release", "-p", "redirector-tests", "--bin", "redirector-bench", "--", &which])
+                .args(&args)
+                .env("REDIRECTOR_BIN", bin_path(true));
+            run(c, "the benchmark")
+        }
+    }
+}
