@@ -37,6 +37,8 @@ pub mod programs {
     pub const INGRESS: &str = "redirector_ingress";
     /// `sk_lookup` program delivering adopted services to a local listener.
     pub const SK_LOOKUP: &str = "redirector_sk_lookup";
+    /// TC egress on a target's uplink: clamps the MSS of adopted services' SYN-ACKs.
+    pub const EGRESS: &str = "redirector_egress";
     /// An empty classifier: the benchmark's baseline.
     pub const EMPTY: &str = "redirector_empty";
 }
@@ -138,6 +140,10 @@ pub struct AdoptedValue {
     pub ifindex: u32,
     /// `ADOPTED_LISTENER` when a listener is registered in `LISTENERS`.
     pub flags: u32,
+    /// Largest MSS this host's SYN-ACKs for the service may announce, so the client's
+    /// segments still fit the origin's uplink once tunnelled (0: no clamp).
+    pub mss_clamp: u16,
+    pub _pad: [u8; 6],
 }
 
 /// `AdoptedValue::flags`: a listener is registered for the service.
@@ -189,11 +195,13 @@ pub enum Counter {
     ErrorForward,
     /// A connection to an adopted service handed to the registered listener.
     SkAssigned,
+    /// A SYN-ACK of an adopted service whose MSS was lowered for the tunnel.
+    ClampedSynAck,
 }
 
 impl Counter {
     /// Number of counters (size of the COUNTERS array).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -213,6 +221,7 @@ impl Counter {
         Counter::ProbeAnswer,
         Counter::ErrorForward,
         Counter::SkAssigned,
+        Counter::ClampedSynAck,
     ];
 
     /// Stable, kebab-case name used by the CLI and JSON output.
@@ -235,6 +244,7 @@ impl Counter {
             Counter::ProbeAnswer => "probe-answer",
             Counter::ErrorForward => "error-forward",
             Counter::SkAssigned => "sk-assigned",
+            Counter::ClampedSynAck => "clamped-syn-ack",
         }
     }
 }

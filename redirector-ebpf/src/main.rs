@@ -198,7 +198,7 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
         Step::Inert => Ok(pass(Counter::PassedNotMigrated)),
         Step::KeepDraining => Ok(pass(Counter::KeptDraining)),
         Step::ForwardNew => {
-            clamp_mss(ctx, l4, &t, service.mss_clamp);
+            let _ = clamp_mss(ctx, l4, &t, service.mss_clamp);
             forward(ctx, &service.tunnel_src, &rule.target, false, Counter::ForwardedNew)
         }
         Step::CheckSocket => {
@@ -249,7 +249,7 @@ fn ingress_v6(ctx: &TcContext) -> Result<Verdict, Error> {
         Step::Inert => Ok(pass(Counter::PassedNotMigrated)),
         Step::KeepDraining => Ok(pass(Counter::KeptDraining)),
         Step::ForwardNew => {
-            clamp_mss(ctx, l4, &t, service.mss_clamp);
+            let _ = clamp_mss(ctx, l4, &t, service.mss_clamp);
             forward(ctx, &service.tunnel_src, &rule.target, true, Counter::ForwardedNew)
         }
         Step::CheckSocket => {
@@ -439,10 +439,10 @@ fn probe_answer(src: &Addr, dst: &Addr, t: &TcpHdr) -> Verdict {
 
 /// Lowers the MSS option of a SYN to `clamp` so tunnelled packets fit the uplink.
 #[inline(always)]
-fn clamp_mss(ctx: &TcContext, l4: usize, t: &TcpHdr, clamp: u16) {
+fn clamp_mss(ctx: &TcContext, l4: usize, t: &TcpHdr, clamp: u16) -> bool {
     let doff = usize::from(t.doff_res >> 4) * 4;
     if doff <= mem::size_of::<TcpHdr>() || clamp == 0 {
-        return;
+        return false;
     }
     let opt_off = l4 + mem::size_of::<TcpHdr>();
     let opt_len = doff - mem::size_of::<TcpHdr>();
@@ -450,18 +450,19 @@ fn clamp_mss(ctx: &TcContext, l4: usize, t: &TcpHdr, clamp: u16) {
     #[expect(clippy::cast_possible_truncation, reason = "at most 40")]
     let n = opt_len as u32;
     if n == 0 || n > 40 {
-        return;
+        return false;
     }
     // SAFETY: opts has 40 bytes and 1 <= n <= 40.
     let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), opt_off as u32, opts.as_mut_ptr().cast(), n) };
     if rc != 0 {
-        return;
+        return false;
     }
-    let Some((i, old)) = find_mss(&opts, opt_len) else { return };
-    let Some(new) = decide::clamped(old, clamp) else { return };
-    if ctx.store(opt_off + i + 2, &new.to_be_bytes(), 0).is_ok() {
-        let _ = ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2);
+    let Some((i, old)) = find_mss(&opts, opt_len) else { return false };
+    let Some(new) = decide::clamped(old, clamp) else { return false };
+    if ctx.store(opt_off + i + 2, &new.to_be_bytes(), 0).is_err() {
+        return false;
     }
+    ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2).is_ok()
 }
 
 /// Offset and value of the MSS option among `len` option bytes.
@@ -581,6 +582,55 @@ fn decap(ctx: &TcContext, outer_src: Addr, outer_ok: bool, v4: bool) -> Result<V
     )
     .map_err(|_| Error::BadTunnel)?;
     Ok(pass(Counter::Decapsulated))
+}
+
+/// On a target's uplink egress: lowers the MSS announced by SYN-ACKs of adopted services, so
+/// the client's segments, tunnelled by the origin, fit the uplink. (The origin clamps the
+/// client's SYN, which bounds what the target sends; what the client sends is bounded only by
+/// the SYN-ACK, which never passes the origin.)
+#[classifier]
+pub fn redirector_egress(ctx: TcContext) -> i32 {
+    if try_egress(&ctx).unwrap_or(false) {
+        count(Counter::ClampedSynAck);
+    }
+    TC_ACT_OK as i32
+}
+
+fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (src, l4) = match u16::from_be_bytes(unsafe { (*eth).proto }) {
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { *ip };
+            if h.proto != IPPROTO_TCP || h.vihl != 0x45 || h.is_fragment() {
+                return Ok(false);
+            }
+            (v4_mapped(h.src), ETH_LEN + IP4_LEN)
+        }
+        ETH_P_IPV6 => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { *ip };
+            if h.next != IPPROTO_TCP {
+                return Ok(false);
+            }
+            (h.src, ETH_LEN + IP6_LEN)
+        }
+        _ => return Ok(false),
+    };
+    let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let t = unsafe { *tcp };
+    if t.flags & (TCP_SYN | TCP_ACK) != (TCP_SYN | TCP_ACK) {
+        return Ok(false);
+    }
+    let Some(adopted) = (unsafe { ADOPTED.get(&ServiceKey { addr: src, port: t.sport, _pad: [0; 2] }) }) else {
+        return Ok(false);
+    };
+    let clamp = adopted.mss_clamp;
+    Ok(clamp_mss(ctx, l4, &t, clamp))
 }
 
 /// Does nothing: the baseline the benchmark measures the classifier against.

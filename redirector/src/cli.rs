@@ -143,6 +143,9 @@ pub enum AdoptCmd {
         /// Local listening socket (bound to LADDR:LPORT) that receives the connections.
         #[arg(long)]
         listener: Option<SocketAddr>,
+        /// Uplink MTU for the SYN-ACK MSS clamp (default: the interface's).
+        #[arg(long)]
+        mtu: Option<u32>,
     },
     /// Give an adopted service back.
     Del { service: SocketAddr },
@@ -257,8 +260,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Adopt(AdoptCmd::Add { service, dev, listener }) => {
-            dp.adopt((service.ip(), service.port()), &dev, listener.map(|l| (l.ip(), l.port())))?;
+        Command::Adopt(AdoptCmd::Add { service, dev, listener, mtu }) => {
+            dp.adopt((service.ip(), service.port()), &dev, listener.map(|l| (l.ip(), l.port())), mtu)?;
         }
         Command::Adopt(AdoptCmd::Del { service }) => dp.unadopt((service.ip(), service.port()))?,
         Command::Adopt(AdoptCmd::List) => {
@@ -285,9 +288,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Attach { dev, replace } => {
-            dp.attach_ingress(&dev, replace)?;
-            if replace || dp.dir().join("links/sk-lookup").exists() {
-                dp.attach_sk_lookup(replace)?;
+            dp.attach_ingress(&dev, false)?;
+            if replace {
+                let n = dp.upgrade()?;
+                if !json {
+                    println!("replaced {n} attached program(s)");
+                }
             }
         }
         Command::Teardown => dp.teardown()?,

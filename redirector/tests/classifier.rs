@@ -224,6 +224,30 @@ fn small_mss_and_syn_without_options_are_left_alone() {
 }
 
 #[test]
+fn syn_acks_of_adopted_services_get_their_mss_clamped_on_egress() {
+    with_datapath(|dp| {
+        // This host adopts 198.18.0.20:80 (a sibling's service) with an uplink MTU of 1500.
+        let adopted = Ipv4Addr::new(198, 18, 0, 20);
+        dp.adopt((IpAddr::V4(adopted), 80), "lo", None, Some(1500)).expect("adopt");
+        let syn_ack = Pkt::tcp(Ip::V4(adopted, CLIENT4), 80, 4000, packets::SYN | packets::ACK).mss(1460).build();
+        let before = dp.stats().expect("stats").get("clamped-syn-ack");
+        let run = dp.test_run(programs::EGRESS, &syn_ack, 1).expect("run egress");
+        assert_eq!(run.retval, TC_ACT_OK);
+        assert_eq!(packets::tcp_mss(&run.data_out[14..]), Some(1440), "SYN-ACK MSS clamped to 1500 - 60");
+        assert!(packets::tcp_checksum_ok(&run.data_out[14..]), "checksum fixed");
+        assert_eq!(dp.stats().expect("stats").get("clamped-syn-ack"), before + 1);
+        // Other SYN-ACKs (not from an adopted service) are untouched.
+        let own = Pkt::tcp(Ip::V4(SVC4, CLIENT4), 80, 4000, packets::SYN | packets::ACK).mss(1460).build();
+        let run = dp.test_run(programs::EGRESS, &own, 1).expect("run egress");
+        assert_eq!(run.data_out, own);
+        // A plain ACK of the adopted service is untouched.
+        let ack = Pkt::tcp(Ip::V4(adopted, CLIENT4), 80, 4000, packets::ACK).build();
+        assert_eq!(dp.test_run(programs::EGRESS, &ack, 1).expect("run egress").data_out, ack);
+        dp.unadopt((IpAddr::V4(adopted), 80)).expect("unadopt");
+    });
+}
+
+#[test]
 fn packets_of_flows_without_a_local_socket_follow_the_rule() {
     with_datapath(|dp| {
         let pkt = ack4(CLIENT4, 4000);

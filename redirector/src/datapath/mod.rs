@@ -152,38 +152,80 @@ impl Datapath {
     /// is. With `replace`, swaps this binary's program into the existing link atomically: every
     /// packet is decided by either the old or the new program, with the same pinned maps.
     pub fn attach_ingress(&mut self, ifname: &str, replace: bool) -> Result<u32> {
+        self.attach_tc(ifname, programs::INGRESS, TcAttachType::Ingress, "tc-ingress", replace)
+    }
+
+    /// Attaches the egress classifier (SYN-ACK MSS clamp of adopted services) to `ifname`.
+    pub fn attach_egress(&mut self, ifname: &str, replace: bool) -> Result<u32> {
+        self.attach_tc(ifname, programs::EGRESS, TcAttachType::Egress, "tc-egress", replace)
+    }
+
+    fn attach_tc(&mut self, ifname: &str, name: &str, hook: TcAttachType, pin_prefix: &str, replace: bool) -> Result<u32> {
         let ifindex = net::ifindex(ifname)?;
-        let pin = self.link_path(&format!("tc-ingress-{ifindex}"));
+        let pin = self.link_path(&format!("{pin_prefix}-{ifindex}"));
         let prog: &mut SchedClassifier = self
             .ebpf
-            .program_mut(programs::INGRESS)
-            .ok_or_else(|| Error::invalid("eBPF object has no ingress program"))?
+            .program_mut(name)
+            .ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?
             .try_into()
-            .map_err(|e| Error::bpf("ingress program has the wrong type", e))?;
+            .map_err(|e| Error::bpf(format!("{name} has the wrong type"), e))?;
         if pin.exists() {
             let pinned = PinnedLink::from_pin(&pin)
                 .map_err(|e| Error::bpf(format!("opening pinned link {}", pin.display()), e))?;
             if !replace {
                 return Ok(ifindex);
             }
-            prog.load().map_err(|e| Error::bpf("loading the ingress classifier (verifier)", e))?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+            }
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                 .map_err(|e| Error::bpf("converting the pinned link", e))?;
             // The link stays pinned (bpf_link_update): only its program changes.
             prog.attach_to_link(link)
-                .map_err(|e| Error::bpf(format!("replacing the classifier on {ifname}"), e))?;
+                .map_err(|e| Error::bpf(format!("replacing {name} on {ifname}"), e))?;
             return Ok(ifindex);
         }
-        prog.load().map_err(|e| Error::bpf("loading the ingress classifier (verifier)", e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+        }
         let id = prog
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(|e| Error::bpf(format!("attaching the ingress classifier to {ifname} (TCX)"), e))?;
+            .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(|e| Error::bpf(format!("attaching {name} to {ifname} (TCX)"), e))?;
         let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
         let fd_link = FdLink::try_from(link).map_err(|e| Error::bpf("TC link is not an fd link", e))?;
         fd_link
             .pin(&pin)
             .map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
         Ok(ifindex)
+    }
+
+    /// Replaces every attached program of this instance with this binary's, atomically per
+    /// hook, keeping the pinned maps.
+    pub fn upgrade(&mut self) -> Result<usize> {
+        let mut replaced = 0;
+        let links = fs::read_dir(self.dir.join("links")).map_err(|e| Error::io("listing links", e))?;
+        let mut names: Vec<String> = links.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        for n in names {
+            let (kind, ifindex) = match n.rsplit_once('-') {
+                Some((k, i)) if k == "tc-ingress" || k == "tc-egress" => (k.to_string(), i.parse::<u32>().ok()),
+                _ if n == "sk-lookup" => ("sk-lookup".to_string(), None),
+                _ => continue,
+            };
+            if kind == "sk-lookup" {
+                self.attach_sk_lookup(true)?;
+            } else {
+                let ifindex = ifindex.ok_or_else(|| Error::invalid(format!("bad link pin name {n}")))?;
+                let ifname = net::ifname(ifindex)?;
+                if kind == "tc-ingress" {
+                    self.attach_ingress(&ifname, true)?;
+                } else {
+                    self.attach_egress(&ifname, true)?;
+                }
+            }
+            replaced += 1;
+        }
+        Ok(replaced)
     }
 
     /// Attaches the `sk_lookup` program to the current network namespace unless it already is.
@@ -199,7 +241,9 @@ impl Datapath {
             .ok_or_else(|| Error::invalid("eBPF object has no sk_lookup program"))?
             .try_into()
             .map_err(|e| Error::bpf("sk_lookup program has the wrong type", e))?;
-        prog.load().map_err(|e| Error::bpf("loading the sk_lookup program (verifier)", e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf("loading the sk_lookup program (verifier)", e))?;
+        }
         let netns = fs::File::open("/proc/thread-self/ns/net")
             .map_err(|e| Error::io("opening this network namespace", e))?;
         let id = prog
@@ -487,9 +531,19 @@ impl Datapath {
     /// interface, so no ARP/ND answers), the sysctls delivery and DSR need, and, with
     /// `listener`, the `sk_lookup` entry that hands its connections to the listening socket
     /// bound to that local address.
-    pub fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<(IpAddr, u16)>) -> Result<()> {
+    pub fn adopt(
+        &mut self,
+        service: (IpAddr, u16),
+        ifname: &str,
+        listener: Option<(IpAddr, u16)>,
+        mtu: Option<u32>,
+    ) -> Result<()> {
         let (addr, port) = service;
         let ifindex = net::ifindex(ifname)?;
+        let mtu = match mtu {
+            Some(m) => m,
+            None => net::mtu(ifname)?,
+        };
         if net::is_interface_address(addr)? {
             return Err(Error::invalid(format!(
                 "{addr} is an address of this host: a service is adopted from a sibling, not from itself"
@@ -500,6 +554,7 @@ impl Datapath {
             None => None,
         };
         self.attach_ingress(ifname, false)?;
+        self.attach_egress(ifname, false)?;
         self.attach_sk_lookup(false)?;
         net::prepare_target(ifname, addr)?;
         let key = ServiceKey::new(types::to16(addr), port);
@@ -510,7 +565,7 @@ impl Datapath {
         }
         let flags = if listener_fd.is_some() { ADOPTED_LISTENER } else { 0 };
         self.adopted()?
-            .insert(key, AdoptedValue { ifindex, flags }, 0)
+            .insert(key, AdoptedValue { ifindex, flags, mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 6] }, 0)
             .map_err(|e| Error::bpf("recording the adopted service", e))
     }
 

@@ -18,6 +18,18 @@ pub fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).map_err(|_| Error::NoInterface { name: name.into() })
 }
 
+/// Name of interface `ifindex` in the current network namespace.
+pub fn ifname(ifindex: u32) -> Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(Error::NoInterface { name: format!("#{ifindex}") });
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name.
+    Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 /// MTU of interface `name`.
 pub fn mtu(name: &str) -> Result<u32> {
     ifindex(name)?;

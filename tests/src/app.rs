@@ -1,0 +1,243 @@
+//! A small line-protocol TCP service for the test servers, and clients bound to a chosen
+//! source address. Every socket has timeouts, so nothing hangs.
+//!
+//! Protocol (keep-alive, several requests per connection):
+//! - `WHO` -> `<name> <client address seen> <local address>`
+//! - `UPLOAD <n>` then n bytes -> `<name> <sha256 hex of the bytes>`
+//! - `DOWNLOAD <n> <seed>` -> n bytes of the stream [`pattern`]`(seed)`
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::net::in_netns;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The deterministic byte stream of DOWNLOAD, `len` bytes.
+#[must_use]
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[must_use]
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running test server; stops when dropped.
+pub struct Server {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts server `name` listening on `addr` inside namespace `ns`.
+    #[must_use]
+    pub fn start(ns: &str, name: &str, addr: SocketAddr) -> Self {
+        let listener = in_netns(ns, move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (s, a, n) = (stop.clone(), accepted.clone(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                        let (n, s) = (n.clone(), s.clone());
+                        std::thread::spawn(move || serve(&n, conn, peer, &s));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self { name: name.into(), addr, accepted, stop, thread: Some(thread) }
+    }
+
+    #[must_use]
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(name: &str, conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let local = conn.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let mut w = conn.try_clone().expect("clone stream");
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    let mut idle = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) && idle < IO_TIMEOUT {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => idle = Duration::ZERO,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                idle += Duration::from_millis(200);
+                continue;
+            }
+            Err(_) => return,
+        }
+        let _ = r.get_ref().set_read_timeout(Some(IO_TIMEOUT));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let ok = match f.as_slice() {
+            ["WHO"] => writeln!(w, "{name} {} {local}", peer.ip()).is_ok(),
+            ["UPLOAD", n] => {
+                let Ok(n) = n.parse::<usize>() else { return };
+                let mut buf = vec![0u8; n];
+                r.read_exact(&mut buf).is_ok() && writeln!(w, "{name} {}", sha256_hex(&buf)).is_ok()
+            }
+            ["DOWNLOAD", n, seed] => {
+                let (Ok(n), Ok(seed)) = (n.parse::<usize>(), seed.parse::<u64>()) else { return };
+                w.write_all(&pattern(seed, n)).is_ok()
+            }
+            _ => false,
+        };
+        let _ = r.get_ref().set_read_timeout(Some(Duration::from_millis(200)));
+        if !ok {
+            let _ = w.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// A client connection from a chosen source address.
+pub struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+/// Connects from `src` to `dst` inside namespace `ns`.
+pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Client> {
+    in_netns(ns, move || {
+        let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        // SAFETY: a fresh socket, owned by the TcpStream below.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created.
+        let stream: TcpStream = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        let bind = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
+        nix::sys::socket::bind(fd, &bind).map_err(std::io::Error::from)?;
+        // Connect with a timeout: non-blocking connect, then poll.
+        stream.set_nonblocking(true)?;
+        let to = nix::sys::socket::SockaddrStorage::from(dst);
+        match nix::sys::socket::connect(fd, &to) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut pfd = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
+        // SAFETY: pfd is a valid array of one pollfd.
+        let n = unsafe { libc::poll(pfd.as_mut_ptr(), 1, 3000) };
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect {src} -> {dst} timed out")));
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client { stream, reader })
+    })
+}
+
+impl Client {
+    /// Connects, panicking on failure.
+    #[must_use]
+    pub fn connect(ns: &str, src: IpAddr, dst: SocketAddr) -> Self {
+        try_connect(ns, src, dst).unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"))
+    }
+
+    fn line(&mut self) -> std::io::Result<String> {
+        let mut l = String::new();
+        if self.reader.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Ok(l.trim_end().to_string())
+    }
+
+    /// Asks who serves this connection: (server name, client address the server saw).
+    pub fn try_who(&mut self) -> std::io::Result<(String, String)> {
+        self.stream.write_all(b"WHO\n")?;
+        let l = self.line()?;
+        let mut f = l.split_whitespace();
+        Ok((f.next().unwrap_or_default().to_string(), f.next().unwrap_or_default().to_string()))
+    }
+
+    /// Name of the server serving this connection.
+    pub fn who(&mut self) -> String {
+        self.try_who().unwrap_or_else(|e| panic!("WHO on {:?}: {e}", self.stream.local_addr())).0
+    }
+
+    /// The address this client believes it talks to.
+    #[must_use]
+    pub fn peer(&self) -> SocketAddr {
+        self.stream.peer_addr().expect("peer address")
+    }
+
+    #[must_use]
+    pub fn local(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
+    }
+
+    /// Uploads `data`; returns (server name, whether the server's checksum matches).
+    pub fn upload(&mut self, data: &[u8]) -> (String, bool) {
+        self.stream.write_all(format!("UPLOAD {}\n", data.len()).as_bytes()).expect("upload header");
+        self.stream.write_all(data).expect("upload body");
+        let l = self.line().expect("upload answer");
+        let mut f = l.split_whitespace();
+        let name = f.next().unwrap_or_default().to_string();
+        (name, f.next() == Some(sha256_hex(data).as_str()))
+    }
+
+    /// Downloads `n` bytes of the pattern for `seed`; returns whether they arrived intact.
+    pub fn download(&mut self, n: usize, seed: u64) -> bool {
+        self.stream.write_all(format!("DOWNLOAD {n} {seed}\n").as_bytes()).expect("download request");
+        let mut buf = vec![0u8; n];
+        self.reader.read_exact(&mut buf).expect("download body");
+        sha256_hex(&buf) == sha256_hex(&pattern(seed, n))
+    }
+
+    #[must_use]
+    pub fn raw_fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+}

@@ -1,0 +1,273 @@
+//! Network namespaces, veth pairs and a bridge, removed when the guard drops.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, panicking with its stderr if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `f` on a thread inside network namespace `ns`; sockets it makes stay in `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    let h = std::thread::spawn(move || {
+        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    });
+    match h.join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// One test host: a namespace with `eth0` on the bridge.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub ns: String,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+impl Host {
+    /// `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["ip", "-n", &self.ns];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    /// `ip netns exec <ns> ARGS`.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut a = vec!["ip", "netns", "exec", &self.ns];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+    }
+
+    /// MAC address of `eth0`.
+    pub fn mac(&self) -> String {
+        let out = self.ip(&["-br", "link", "show", "eth0"]);
+        out.split_whitespace().nth(2).unwrap_or_default().to_string()
+    }
+}
+
+/// A switch namespace with a bridge and hosts A, B, C (servers) and one client host.
+///
+/// Plan (one L2 segment): A 198.18.0.1 (+ service 198.18.0.10), B .0.2, C .0.3,
+/// clients 198.18.1.1..=N; IPv6 2001:db8::1 (+ ::10), ::2, ::3, clients 2001:db8::1:1..=N.
+/// Everything is deleted when the topology drops, even after a panic.
+pub struct Topology {
+    pub prefix: String,
+    pub switch: String,
+    pub a: Host,
+    pub b: Host,
+    pub c: Host,
+    pub client: Host,
+    /// A bpffs of this topology's own, mounted in the host's mount namespace.
+    pub bpffs: PathBuf,
+    created: Vec<String>,
+    mounted: bool,
+}
+
+pub const SERVICE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const SERVICE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+
+/// The `i`-th client address (1-based) of each family.
+#[must_use]
+pub fn client4(i: u16) -> Ipv4Addr {
+    let [hi, lo] = i.to_be_bytes();
+    Ipv4Addr::new(198, 18, 1 + hi, lo)
+}
+
+#[must_use]
+pub fn client6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i)
+}
+
+impl Topology {
+    /// Builds the topology with `clients` client addresses of each family.
+    #[must_use]
+    pub fn new(clients: u16) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("rd{}x{n}", std::process::id() % 100_000);
+        let host = |name: &str, v4: Vec<Ipv4Addr>, v6: Vec<Ipv6Addr>| Host { ns: format!("{prefix}{name}"), v4, v6 };
+        let mut t = Self {
+            switch: format!("{prefix}s"),
+            a: host("a", vec![Ipv4Addr::new(198, 18, 0, 1), SERVICE4], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), SERVICE6]),
+            b: host("b", vec![Ipv4Addr::new(198, 18, 0, 2)], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)]),
+            c: host("c", vec![Ipv4Addr::new(198, 18, 0, 3)], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3)]),
+            client: host("k", (1..=clients).map(client4).collect(), (1..=clients).map(client6).collect()),
+            bpffs: std::env::temp_dir().join(format!("{prefix}-bpffs")),
+            prefix,
+            created: Vec::new(),
+            mounted: false,
+        };
+        t.build();
+        t
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        sh(&["ip", "netns", "add", ns]);
+        self.created.push(ns.to_string());
+    }
+
+    fn build(&mut self) {
+        let sw = self.switch.clone();
+        self.add_ns(&sw);
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        for h in [self.a.clone(), self.b.clone(), self.c.clone(), self.client.clone()] {
+            self.add_ns(&h.ns);
+            // The switch-side end is named after the host namespace (unique, <= 15 chars).
+            sh(&["ip", "-n", &h.ns, "link", "add", "eth0", "type", "veth", "peer", "name", &h.ns, "netns", &sw]);
+            sh(&["ip", "-n", &sw, "link", "set", &h.ns, "master", "br0", "up"]);
+            h.ip(&["link", "set", "lo", "up"]);
+            h.ip(&["link", "set", "eth0", "up"]);
+            h.sysctl("net.ipv6.conf.all.accept_dad", "0");
+            let batch: String = h
+                .v4
+                .iter()
+                .map(|a| format!("addr add {a}/16 dev eth0\n"))
+                .chain(h.v6.iter().map(|a| format!("addr add {a}/64 dev eth0 nodad\n")))
+                .collect();
+            let file = std::env::temp_dir().join(format!("{}-addrs", h.ns));
+            fs::write(&file, batch).expect("write ip batch");
+            sh(&["ip", "-n", &h.ns, "-batch", &file.to_string_lossy()]);
+            let _ = fs::remove_file(file);
+        }
+        fs::create_dir_all(&self.bpffs).expect("bpffs dir");
+        sh(&["mount", "-t", "bpf", "bpf", &self.bpffs.to_string_lossy()]);
+        self.mounted = true;
+    }
+
+    /// Runs the `redirector` CLI on `host` (its namespace, this topology's bpffs, an instance
+    /// named after the host).
+    pub fn redirector(&self, host: &Host, args: &[&str]) -> Output {
+        let bin = redirector_bin();
+        let bpffs = self.bpffs.to_string_lossy().into_owned();
+        let mut a: Vec<&str> = vec!["--netns", &host.ns, "--bpffs", &bpffs, "--instance", &host.ns];
+        a.extend_from_slice(args);
+        Command::new(&bin).args(&a).output().unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
+    }
+
+    /// Like [`Topology::redirector`], panicking with the error when it fails; returns stdout.
+    pub fn redirector_ok(&self, host: &Host, args: &[&str]) -> String {
+        let out = self.redirector(host, args);
+        assert!(
+            out.status.success(),
+            "redirector {args:?} on {} failed: {}",
+            host.ns,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// One counter of `host`'s datapath.
+    pub fn counter(&self, host: &Host, name: &str) -> u64 {
+        let out = self.redirector_ok(host, &["stats", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+        v["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {out}"))
+    }
+
+    /// The usual scenario: A steers `service` (its service address, port 80 of both families),
+    /// B accepts A's tunnels and adopts the service with its own listener on `b_port`.
+    pub fn steer_a_to_b(&self, port: u16, b_port: u16) {
+        let p = port.to_string();
+        self.redirector_ok(&self.a, &["service", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0"]);
+        self.redirector_ok(&self.a, &["service", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0"]);
+        self.redirector_ok(&self.b, &["sibling", "add", &self.a.v4[0].to_string(), "--dev", "eth0"]);
+        self.redirector_ok(&self.b, &["sibling", "add", &self.a.v6[0].to_string(), "--dev", "eth0"]);
+        self.redirector_ok(
+            &self.b,
+            &["adopt", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0", "--listener", &format!("{}:{b_port}", self.b.v4[0])],
+        );
+        self.redirector_ok(
+            &self.b,
+            &["adopt", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0", "--listener", &format!("[{}]:{b_port}", self.b.v6[0])],
+        );
+    }
+}
+
+/// Path of the `redirector` binary: `$REDIRECTOR_BIN`, else `target/debug/redirector`.
+#[must_use]
+pub fn redirector_bin() -> PathBuf {
+    std::env::var_os("REDIRECTOR_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/redirector"),
+        PathBuf::from,
+    )
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = fs::remove_dir(&self.bpffs);
+        // Deleting a namespace deletes its veth ends; the switch goes last.
+        for ns in self.created.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Whether `ns` still exists (for cleanup tests).
+#[must_use]
+pub fn netns_exists(ns: &str) -> bool {
+    std::path::Path::new("/run/netns").join(ns).exists()
+}
+
+/// Helper for IP literals in test output.
+#[must_use]
+pub fn sock(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// Offload state of an interface (ETHTOOL_GTSO / ETHTOOL_GGSO).
+#[derive(Clone, Copy, Debug)]
+pub struct Offloads {
+    pub tso: bool,
+    pub gso: bool,
+}
+
+/// Reads TSO and GSO of `ifname` inside namespace `ns`.
+#[must_use]
+pub fn offloads(ns: &str, ifname: &str) -> Offloads {
+    let ifname = ifname.to_string();
+    in_netns(ns, move || {
+        let get = |cmd: u32| -> bool {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
+            #[repr(C)]
+            struct Value {
+                cmd: u32,
+                data: u32,
+            }
+            let mut v = Value { cmd, data: 0 };
+            // SAFETY: a zeroed ifreq with the name and a pointer to v, as SIOCETHTOOL expects.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+                *d = s as libc::c_char;
+            }
+            req.ifr_ifru.ifru_data = (&raw mut v).cast();
+            let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCETHTOOL, &mut req) };
+            assert!(rc == 0, "SIOCETHTOOL {cmd:#x} on {ifname}: {}", std::io::Error::last_os_error());
+            v.data != 0
+        };
+        Offloads { tso: get(0x1e), gso: get(0x23) }
+    })
+}
