@@ -236,6 +236,17 @@ impl Client {
         sha256_hex(&buf) == sha256_hex(&pattern(seed, n))
     }
 
+    /// Like [`Client::download`], reading 64 KiB at a time with `pause` between reads.
+    pub fn download_paced(&mut self, n: usize, seed: u64, pause: Duration) -> bool {
+        self.stream.write_all(format!("DOWNLOAD {n} {seed}\n").as_bytes()).expect("download request");
+        let mut buf = vec![0u8; n];
+        for chunk in buf.chunks_mut(64 << 10) {
+            self.reader.read_exact(chunk).expect("download body");
+            std::thread::sleep(pause);
+        }
+        sha256_hex(&buf) == sha256_hex(&pattern(seed, n))
+    }
+
     #[must_use]
     pub fn raw_fd(&self) -> i32 {
         std::os::fd::AsRawFd::as_raw_fd(&self.stream)

@@ -178,6 +178,17 @@ impl Topology {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// [`Topology::steer_a_to_b`] for IPv4 only.
+    pub fn steer_a_to_b_v4(&self, port: u16, b_port: u16) {
+        let p = port.to_string();
+        self.redirector_ok(&self.a, &["service", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0"]);
+        self.redirector_ok(&self.b, &["sibling", "add", &self.a.v4[0].to_string(), "--dev", "eth0"]);
+        self.redirector_ok(
+            &self.b,
+            &["adopt", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0", "--listener", &format!("{}:{b_port}", self.b.v4[0])],
+        );
+    }
+
     /// One counter of `host`'s datapath.
     pub fn counter(&self, host: &Host, name: &str) -> u64 {
         let out = self.redirector_ok(host, &["stats", "--json"]);
@@ -188,15 +199,10 @@ impl Topology {
     /// The usual scenario: A steers `service` (its service address, port 80 of both families),
     /// B accepts A's tunnels and adopts the service with its own listener on `b_port`.
     pub fn steer_a_to_b(&self, port: u16, b_port: u16) {
+        self.steer_a_to_b_v4(port, b_port);
         let p = port.to_string();
-        self.redirector_ok(&self.a, &["service", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0"]);
         self.redirector_ok(&self.a, &["service", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0"]);
-        self.redirector_ok(&self.b, &["sibling", "add", &self.a.v4[0].to_string(), "--dev", "eth0"]);
         self.redirector_ok(&self.b, &["sibling", "add", &self.a.v6[0].to_string(), "--dev", "eth0"]);
-        self.redirector_ok(
-            &self.b,
-            &["adopt", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0", "--listener", &format!("{}:{b_port}", self.b.v4[0])],
-        );
         self.redirector_ok(
             &self.b,
             &["adopt", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0", "--listener", &format!("[{}]:{b_port}", self.b.v6[0])],
@@ -270,4 +276,72 @@ pub fn offloads(ns: &str, ifname: &str) -> Offloads {
         };
         Offloads { tso: get(0x1e), gso: get(0x23) }
     })
+}
+
+fn sum16(mut sum: u32, b: &[u8]) -> u32 {
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "folded")]
+    let s = sum as u16;
+    !s
+}
+
+/// An IPv4 packet (header and payload) with valid checksums.
+#[must_use]
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&u16::try_from(20 + payload.len()).expect("small").to_be_bytes());
+    h[6] = 0x40;
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = fold(sum16(0, &h));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A TCP segment with no options and a valid checksum for `src` -> `dst`.
+#[must_use]
+pub fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&8192u16.to_be_bytes());
+    let pseudo = sum16(sum16(0, &src.octets()), &dst.octets()) + 6 + 20;
+    let c = fold(sum16(pseudo, &t));
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// Sends `payload` from namespace `ns` over a raw IPv4 socket of protocol `proto` bound to
+/// `src` (the kernel adds the IP header).
+pub fn send_raw4(ns: &str, proto: i32, src: Ipv4Addr, dst: Ipv4Addr, payload: Vec<u8>) {
+    in_netns(ns, move || {
+        // SAFETY: plain socket calls on a fresh descriptor, closed at the end.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let bind = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(src, 0));
+            let rc = libc::bind(fd, nix::sys::socket::SockaddrLike::as_ptr(&bind), nix::sys::socket::SockaddrLike::len(&bind));
+            assert_eq!(rc, 0, "bind raw socket to {src}: {}", std::io::Error::last_os_error());
+            let to = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+            let n = libc::sendto(fd, payload.as_ptr().cast(), payload.len(), 0, nix::sys::socket::SockaddrLike::as_ptr(&to), nix::sys::socket::SockaddrLike::len(&to));
+            assert!(n >= 0, "sendto {dst}: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+        }
+    });
 }

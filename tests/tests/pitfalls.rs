@@ -1,0 +1,226 @@
+//! The production pitfalls of DSR / IP-in-IP balancers, each with a real-TCP test in network
+//! namespaces: strangers' tunnels, SYN cookies, ICMP for flows living on the target,
+//! upgrades under load, bad input, and cleanup.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use redirector_tests::{
+    Client, Server, Topology,
+    net::{SERVICE4, client4, ipv4_packet, netns_exists, send_raw4, tcp_segment},
+    require_root,
+};
+
+fn svc4(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(SERVICE4), port)
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tunnelled_packets_from_strangers_are_dropped() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(10);
+    let _a = Server::start(&t.a.ns, "A", svc4(80));
+    let b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
+    t.steer_a_to_b_v4(80, 80);
+    let stranger = client4(9);
+    let syn = ipv4_packet(stranger, SERVICE4, 6, &tcp_segment(stranger, SERVICE4, 40_000, 80, 1, 0x02));
+    let (dropped, decap) = (t.counter(&t.b, "dropped-bad"), t.counter(&t.b, "decapsulated"));
+    // From the client namespace, outer source 198.18.1.9: not a sibling of B.
+    send_raw4(&t.client.ns, libc::IPPROTO_IPIP, stranger, t.b.v4[0], syn.clone());
+    wait_for("B to count the dropped tunnel", || t.counter(&t.b, "dropped-bad") == dropped + 1);
+    assert_eq!(t.counter(&t.b, "decapsulated"), decap, "nothing from the stranger was decapsulated");
+    assert_eq!(t.counter(&t.b, "sk-assigned"), 0, "nothing reached B's listener");
+    // The very same packet from A's control address (a sibling) is decapsulated and reaches B's
+    // listener: the drop above was about the sender, not the packet.
+    let assigned = t.counter(&t.b, "sk-assigned");
+    send_raw4(&t.a.ns, libc::IPPROTO_IPIP, t.a.v4[0], t.b.v4[0], syn);
+    wait_for("B to decapsulate the sibling's tunnel", || t.counter(&t.b, "decapsulated") == decap + 1);
+    wait_for("B's listener to get the SYN", || t.counter(&t.b, "sk-assigned") == assigned + 1);
+    assert_eq!(t.counter(&t.b, "dropped-bad"), dropped + 1);
+    assert_eq!(b.accepted(), 0, "a lone SYN never completes a connection");
+}
+
+#[test]
+fn syn_cookie_handshakes_of_the_origin_stay_on_the_origin() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(10);
+    let _a = Server::start(&t.a.ns, "A", svc4(80));
+    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
+    t.steer_a_to_b_v4(80, 80);
+    // A answers every SYN with a cookie (as under a SYN flood): no request socket exists when
+    // the handshake's ACK arrives. While the client's rule drains, A keeps its new SYNs; the
+    // ACK then finds only A's listener and must stay because its cookie is valid.
+    t.a.sysctl("net.ipv4.tcp_syncookies", "2");
+    let c5 = client4(5);
+    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.redirector_ok(&t.a, &["rule", "del", &c5.to_string(), "--drain", "30"]);
+    let before = t.counter(&t.a, "kept-syncookie");
+    for i in 0..3 {
+        let mut c = Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80));
+        assert_eq!(c.who(), "A", "connection {i}: the SYN-cookie handshake completes on A");
+    }
+    assert!(t.counter(&t.a, "kept-syncookie") >= before + 3, "each cookie ACK was recognised");
+}
+
+/// B's next sequence number on `client`'s connection, read from the client side in repair mode.
+fn peer_next_seq(client: &Client) -> u32 {
+    let fd = client.raw_fd();
+    let set = |opt: i32, v: i32| {
+        // SAFETY: setsockopt with an int on a valid socket.
+        let rc = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, opt, (&raw const v).cast(), 4) };
+        assert_eq!(rc, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
+    };
+    set(libc::TCP_REPAIR, 1);
+    set(libc::TCP_REPAIR_QUEUE, 1); // TCP_RECV_QUEUE
+    let mut seq: u32 = 0;
+    let mut len: libc::socklen_t = 4;
+    // SAFETY: getsockopt into a u32 of 4 bytes.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, (&raw mut seq).cast(), &raw mut len) };
+    assert_eq!(rc, 0, "TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
+    set(libc::TCP_REPAIR, 0);
+    seq
+}
+
+#[test]
+fn icmp_fragmentation_needed_for_flows_on_the_target_reaches_the_target() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(10);
+    let _a = Server::start(&t.a.ns, "A", svc4(80));
+    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
+    t.steer_a_to_b_v4(80, 80);
+    let c5 = client4(5);
+    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    let mut c = Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80));
+    assert_eq!(c.who(), "B");
+    let cport = c.local().port();
+    let seq = peer_next_seq(&c);
+    // A router on the way to the client says "fragmentation needed, MTU 1300" about B's reply
+    // (source: A's address); it sends the error to A's address.
+    let quoted = ipv4_packet(SERVICE4, c5, 6, &tcp_segment(SERVICE4, c5, 80, cport, seq, 0x10)[..8]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&1300u16.to_be_bytes());
+    icmp.extend_from_slice(&quoted);
+    let sum = icmp.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !u16::try_from((folded & 0xffff) + (folded >> 16)).expect("folded");
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let router = Ipv4Addr::new(198, 18, 1, 200);
+    t.client.ip(&["addr", "add", &format!("{router}/16"), "dev", "eth0"]);
+    let relayed = t.counter(&t.a, "icmp-relayed");
+    send_raw4(&t.client.ns, libc::IPPROTO_ICMP, router, SERVICE4, icmp);
+    wait_for("A to relay the ICMP error", || t.counter(&t.a, "icmp-relayed") == relayed + 1);
+    // B's socket for the flow learnt the smaller path MTU.
+    wait_for("B's connection to lower its path MTU", || {
+        let ss = t.b.exec(&["ss", "-tin", "dst", &c5.to_string()]);
+        ss.contains("pmtu:1300")
+    });
+    assert_eq!(c.who(), "B", "the connection keeps working");
+}
+
+#[test]
+fn programs_are_replaced_atomically_during_a_transfer() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(10);
+    let _a = Server::start(&t.a.ns, "A", svc4(80));
+    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
+    t.steer_a_to_b_v4(80, 80);
+    let c5 = client4(5);
+    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    let done = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU32::new(0));
+    let t = Arc::new(t);
+    let swapper = {
+        let (t, done, swaps) = (t.clone(), done.clone(), swaps.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 200 swaps.
+            for _ in 0..200 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let out = t.redirector_ok(&t.a, &["attach", "--dev", "eth0", "--replace"]);
+                assert!(out.contains("replaced 1"), "the classifier was replaced: {out}");
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // The client reads slowly, so the ACKs cross A's classifier throughout the swaps.
+    let mut c = Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80));
+    let intact = c.download_paced(64 << 20, 5, Duration::from_millis(1));
+    done.store(true, Ordering::Relaxed);
+    swapper.join().expect("swapper");
+    assert!(intact, "the 64 MiB download survived the program swaps intact");
+    assert!(swaps.load(Ordering::Relaxed) >= 3, "programs were swapped during the transfer ({})", swaps.load(Ordering::Relaxed));
+    assert_eq!(c.who(), "B");
+    assert_eq!(t.counter(&t.a, "error-forward"), 0);
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_installs_nothing() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(2);
+    for (args, needle) in [
+        (vec!["rule", "add", "198.18.1.0/33", "--to", "198.18.0.2"], "198.18.1.0/33"),
+        (vec!["rule", "add", "198.18.1.5/24", "--to", "198.18.0.2"], "host bits"),
+        (vec!["rule", "add", "not-an-ip", "--to", "198.18.0.2"], "not-an-ip"),
+        (vec!["service", "add", "198.18.0.10:80", "--dev", "nosuch0"], "interface nosuch0 not found"),
+        (vec!["rule", "add", "198.18.1.5", "--to", "2001:db8::2"], "different families"),
+        (vec!["rule", "add", "198.18.1.5", "--to", "198.18.0.2"], "no steered IPv4 service"),
+        (vec!["rule", "del", "198.18.1.5"], "no rule for 198.18.1.5/32"),
+        (vec!["adopt", "add", "198.18.0.10:80", "--dev", "eth0", "--listener", "198.18.0.10:80"], "198.18.0.10"),
+    ] {
+        let out = t.redirector(&t.a, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: ") && first.contains(needle), "{args:?}: expected an error line with {needle:?}, got {err:?}");
+    }
+    let out = t.redirector(&t.b, &["--netns", "no-such-netns", "rule", "list"]);
+    assert!(!out.status.success());
+    let list = t.redirector_ok(&t.a, &["rule", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).expect("rule list JSON");
+    assert_eq!(v["rules"].as_array().map(Vec::len), Some(0), "nothing half-installed: {list}");
+    let services = t.redirector_ok(&t.a, &["service", "list", "--json"]);
+    assert!(!services.contains("198.18.0.10"), "no service half-installed: {services}");
+}
+
+#[test]
+fn topologies_are_removed_even_when_a_test_panics() {
+    if !require_root() {
+        return;
+    }
+    let names = std::sync::Mutex::new(Vec::new());
+    let r = std::panic::catch_unwind(|| {
+        let t = Topology::new(2);
+        names.lock().expect("lock").extend([t.switch.clone(), t.a.ns.clone(), t.b.ns.clone(), t.c.ns.clone(), t.client.ns.clone()]);
+        assert!(netns_exists(&t.a.ns));
+        panic!("a failing test");
+    });
+    assert!(r.is_err());
+    for ns in names.lock().expect("lock").iter() {
+        assert!(!netns_exists(ns), "namespace {ns} was removed after the panic");
+    }
+}
