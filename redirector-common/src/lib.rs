@@ -28,6 +28,7 @@ pub mod maps {
     pub const LISTENERS: &str = "LISTENERS";
     pub const PROBES: &str = "PROBES";
     pub const ADOPTED: &str = "ADOPTED";
+    pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -42,6 +43,10 @@ pub mod programs {
     /// An empty classifier: the benchmark's baseline.
     pub const EMPTY: &str = "redirector_empty";
 }
+
+/// Words of the `PORTS` bitmap: bit `port % 64` of word `port / 64` is set when some steered
+/// service uses that TCP port, so packets to any other port pass after one array read.
+pub const PORT_WORDS: u32 = 1024;
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
 pub type Addr = [u8; 16];

@@ -25,12 +25,12 @@ use aya_ebpf::{
         bpf_tcp_check_syncookie,
     },
     macros::{classifier, map, sk_lookup},
-    maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, TcContext},
 };
 use hdr::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
 use redirector_common::{
-    Addr, AdoptedValue, Counter, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_SERVICES, MAX_SIBLINGS, ProbeValue,
+    Addr, AdoptedValue, Counter, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_SERVICES, MAX_SIBLINGS, PORT_WORDS, ProbeValue,
     RuleValue, ServiceKey, ServiceValue, SiblingValue, as_v4,
     decide::{
         self, Found, Step, TCP_ACK, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error,
@@ -53,6 +53,8 @@ static LISTENERS: SockHash<ServiceKey> = SockHash::pinned(MAX_LISTENERS, 0);
 static PROBES: HashMap<u32, ProbeValue> = HashMap::pinned(MAX_PROBES, 0);
 #[map]
 static ADOPTED: HashMap<ServiceKey, AdoptedValue> = HashMap::pinned(MAX_LISTENERS, 0);
+#[map]
+static PORTS: Array<u64> = Array::pinned(PORT_WORDS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 
@@ -134,6 +136,13 @@ fn count(counter: Counter) {
     }
 }
 
+/// Whether some steered service uses TCP `port` (network order bytes).
+#[inline(always)]
+fn port_steered(port: [u8; 2]) -> bool {
+    let p = u16::from_be_bytes(port);
+    PORTS.get(u32::from(p >> 6)).is_some_and(|w| w & (1u64 << (p & 63)) != 0)
+}
+
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Error> {
     let start = ctx.data();
@@ -184,6 +193,9 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let t = unsafe { *tcp };
+    if !port_steered(t.dport) && !port_steered(t.sport) {
+        return Ok(pass(Counter::Passed));
+    }
     let src = v4_mapped(h.src);
     let dst = v4_mapped(h.dst);
     let Some(service) = (unsafe { SERVICES.get(&ServiceKey { addr: dst, port: t.dport, _pad: [0; 2] }) }) else {
@@ -237,6 +249,9 @@ fn ingress_v6(ctx: &TcContext) -> Result<Verdict, Error> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let t = unsafe { *tcp };
+    if !port_steered(t.dport) && !port_steered(t.sport) {
+        return Ok(pass(Counter::Passed));
+    }
     let Some(service) = (unsafe { SERVICES.get(&ServiceKey { addr: h.dst, port: t.dport, _pad: [0; 2] }) }) else {
         return Ok(probe_answer(&h.src, &h.dst, &t));
     };

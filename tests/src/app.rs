@@ -58,19 +58,24 @@ impl Server {
     #[must_use]
     pub fn start(ns: &str, name: &str, addr: SocketAddr) -> Self {
         let listener = in_netns(ns, move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
-        listener.set_nonblocking(true).expect("nonblocking listener");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let (s, a, n) = (stop.clone(), accepted.clone(), name.to_string());
         let thread = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
             while !s.load(Ordering::Relaxed) {
+                // Wait up to 50 ms for a connection, so a stop request is noticed.
+                let mut pfd = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+                // SAFETY: pfd is a valid array of one pollfd.
+                if unsafe { libc::poll(pfd.as_mut_ptr(), 1, 50) } <= 0 {
+                    continue;
+                }
                 match listener.accept() {
                     Ok((conn, peer)) => {
                         a.fetch_add(1, Ordering::Relaxed);
                         let (n, s) = (n.clone(), s.clone());
                         std::thread::spawn(move || serve(&n, conn, peer, &s));
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -94,7 +99,7 @@ impl Drop for Server {
 }
 
 fn serve(name: &str, conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
-    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
     let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
     let local = conn.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
@@ -116,11 +121,11 @@ fn serve(name: &str, conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
         let _ = r.get_ref().set_read_timeout(Some(IO_TIMEOUT));
         let f: Vec<&str> = line.split_whitespace().collect();
         let ok = match f.as_slice() {
-            ["WHO"] => writeln!(w, "{name} {} {local}", peer.ip()).is_ok(),
+            ["WHO"] => w.write_all(format!("{name} {} {local}\n", peer.ip()).as_bytes()).is_ok(),
             ["UPLOAD", n] => {
                 let Ok(n) = n.parse::<usize>() else { return };
                 let mut buf = vec![0u8; n];
-                r.read_exact(&mut buf).is_ok() && writeln!(w, "{name} {}", sha256_hex(&buf)).is_ok()
+                r.read_exact(&mut buf).is_ok() && w.write_all(format!("{name} {}\n", sha256_hex(&buf)).as_bytes()).is_ok()
             }
             ["DOWNLOAD", n, seed] => {
                 let (Ok(n), Ok(seed)) = (n.parse::<usize>(), seed.parse::<u64>()) else { return };
@@ -153,6 +158,13 @@ pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Cl
         }
         // SAFETY: fd was just created.
         let stream: TcpStream = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        // Pick the port at connect time (by 4-tuple), as load generators do: with many
+        // connections in TIME_WAIT, bind() alone would search the port range every time.
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with an int on a valid socket.
+        unsafe {
+            libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&raw const one).cast(), 4);
+        }
         let bind = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
         nix::sys::socket::bind(fd, &bind).map_err(std::io::Error::from)?;
         // Connect with a timeout: non-blocking connect, then poll.
@@ -172,6 +184,7 @@ pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Cl
             return Err(e);
         }
         stream.set_nonblocking(false)?;
+        stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         let reader = BufReader::new(stream.try_clone()?);

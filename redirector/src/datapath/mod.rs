@@ -23,7 +23,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
         SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -321,6 +321,7 @@ impl Datapath {
         self.services()?
             .insert(key, value, 0)
             .map_err(|e| Error::bpf(format!("adding service {}", types::sock(addr, port)), e))?;
+        self.sync_ports()?;
         Ok(ServiceInfo { addr, port, tunnel_src, mss_clamp: value.mss_clamp, ifindex })
     }
 
@@ -332,7 +333,27 @@ impl Datapath {
                 Error::invalid(format!("service {} is not steered", types::sock(service.0, service.1)))
             }
             e => Error::bpf("removing service", e),
-        })
+        })?;
+        self.sync_ports()
+    }
+
+    /// Rewrites the `PORTS` bitmap from `SERVICES`. A service is inserted before its port bit
+    /// is set and removed before the bit is cleared, so a packet that sees the bit finds the
+    /// service, and one that misses it meanwhile simply passes.
+    fn sync_ports(&mut self) -> Result<()> {
+        let mut words = vec![0u64; redirector_common::PORT_WORDS as usize];
+        for s in self.list_services()? {
+            words[usize::from(s.port >> 6)] |= 1u64 << (s.port & 63);
+        }
+        let mut arr: Array<&mut MapData, u64> =
+            Array::try_from(self.map(maps::PORTS)?).map_err(|e| Error::bpf("opening PORTS", e))?;
+        for (i, w) in words.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            if arr.get(&i, 0).map_err(|e| Error::bpf("reading PORTS", e))? != *w {
+                arr.set(i, *w, 0).map_err(|e| Error::bpf("writing PORTS", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Steered services.

@@ -18,6 +18,22 @@ pub struct TestRun {
 }
 
 impl Datapath {
+    /// Cumulative (run time in ns, run count) of program `name`, as the kernel accounts them
+    /// while BPF statistics are enabled (`aya::sys::enable_stats`).
+    pub fn run_stats(&mut self, name: &str) -> Result<(u64, u64)> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?
+            .try_into()
+            .map_err(|e| Error::bpf(format!("{name} is not a classifier"), e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+        }
+        let info = prog.info().map_err(|e| Error::bpf(format!("reading info of {name}"), e))?;
+        Ok((u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX), info.run_count()))
+    }
+
     /// Loads (if needed) classifier `name` and runs it `repeat` times on `packet`.
     pub fn test_run(&mut self, name: &str, packet: &[u8], repeat: u32) -> Result<TestRun> {
         let prog: &mut SchedClassifier = self

@@ -1,1 +1,228 @@
-fn main() {}
+//! `cargo xtask bench datapath [--json]`: the classifier's cost per packet next to an empty
+//! TC program, and the request rate of a migrated client through A next to the same client
+//! talking to B directly. Everything is measured side by side in one run, repeated, medians.
+//!
+//! Per-packet cost: the kernel's own accounting (`run_time_ns / run_cnt` with BPF statistics
+//! enabled) over `BPF_PROG_TEST_RUN` calls of one run each: a steered packet is rewritten, so
+//! `repeat` cannot be used for it; every program is measured the same way for fairness.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use redirector::datapath::{Datapath, Location, Prefix};
+use redirector_common::programs;
+use redirector_tests::{
+    Server, Topology,
+    app::try_connect,
+    net::{SERVICE4, client4, sh},
+};
+
+const ROUNDS: usize = 5;
+const RUNS_PER_ROUND: u32 = 20_000;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A minimal Ethernet + IPv4 + TCP frame (54 bytes).
+fn frame(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let tcp = redirector_tests::net::tcp_segment(src, dst, 40_000, dport, 1, flags);
+    let ip = redirector_tests::net::ipv4_packet(src, dst, 6, &tcp);
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend(ip);
+    f
+}
+
+struct Cost {
+    name: &'static str,
+    ns: f64,
+}
+
+fn classifier_costs() -> Vec<Cost> {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        sh(&["ip", "link", "set", "lo", "up"]);
+        let dir = std::env::temp_dir().join(format!("redirector-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bpffs dir");
+        sh(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]);
+        let result = std::panic::catch_unwind(|| {
+            let mut dp = Datapath::open(&Location { bpffs: dir.clone(), instance: "bench".into() }).expect("open");
+            let ctl = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+            dp.add_service((IpAddr::V4(SERVICE4), 80), "lo", Some(ctl), Some(1500)).expect("service");
+            dp.migrate(Prefix { addr: IpAddr::V4(client4(5)), len: 32 }, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), None)
+                .expect("rule");
+            // 1,000 more rules so the trie is not trivially small.
+            for i in 0..1000u16 {
+                let a = Ipv4Addr::new(198, 19, u8::try_from(i / 250).unwrap(), u8::try_from(i % 250).unwrap());
+                dp.migrate(Prefix { addr: IpAddr::V4(a), len: 32 }, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3)), None)
+                    .expect("rule");
+            }
+            let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
+            let cases: [(&'static str, &str, Vec<u8>); 5] = [
+                ("empty TC program", programs::EMPTY, frame(client4(6), SERVICE4, 80, 0x02)),
+                ("pass: other port", programs::INGRESS, frame(client4(6), SERVICE4, 443, 0x02)),
+                ("pass: not migrated", programs::INGRESS, frame(client4(6), SERVICE4, 80, 0x02)),
+                ("steered: new (SYN)", programs::INGRESS, frame(client4(5), SERVICE4, 80, 0x02)),
+                ("steered: existing (ACK)", programs::INGRESS, frame(client4(5), SERVICE4, 80, 0x10)),
+            ];
+            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+            for _ in 0..ROUNDS {
+                for (i, (_, prog, pkt)) in cases.iter().enumerate() {
+                    let (t0, n0) = dp.run_stats(prog).expect("stats");
+                    for _ in 0..RUNS_PER_ROUND {
+                        dp.test_run(prog, pkt, 1).expect("test run");
+                    }
+                    let (t1, n1) = dp.run_stats(prog).expect("stats");
+                    #[expect(clippy::cast_precision_loss, reason = "ns and counts are small")]
+                    samples[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
+                }
+            }
+            cases.iter().zip(samples).map(|((name, _, _), s)| Cost { name, ns: median(s) }).collect::<Vec<_>>()
+        });
+        let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&dir);
+        match result {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+    .join()
+    .expect("classifier benchmark")
+}
+
+/// Requests per second over fresh connections (connect, one request, close), for `dur`.
+fn rate(ns: &str, src: IpAddr, dst: SocketAddr, dur: Duration, max: u32) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u32;
+    let (mut tc, mut tw, mut tclose) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    while start.elapsed() < dur && n < max {
+        let t0 = Instant::now();
+        let mut c = try_connect(ns, src, dst).expect("connect");
+        let t1 = Instant::now();
+        c.try_who().expect("request");
+        let t2 = Instant::now();
+        drop(c);
+        tclose += t2.elapsed();
+        tc += t1 - t0;
+        tw += t2 - t1;
+        n += 1;
+    }
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        eprintln!("{dst}: connect {:?} who {:?} close {:?} per request", tc / n, tw / n, tclose / n);
+    }
+    f64::from(n) / start.elapsed().as_secs_f64()
+}
+
+/// Requests per second over one keep-alive connection, for `dur`.
+fn keepalive_rate(ns: &str, src: IpAddr, dst: SocketAddr, dur: Duration, max: u32) -> f64 {
+    let mut c = try_connect(ns, src, dst).expect("connect");
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed() < dur && n < max {
+        c.try_who().expect("request");
+        n += 1;
+    }
+    f64::from(n) / start.elapsed().as_secs_f64()
+}
+
+struct Rates {
+    direct: f64,
+    through_a: f64,
+    direct_ka: f64,
+    through_a_ka: f64,
+}
+
+fn request_rates() -> Rates {
+    let t = Topology::new(8);
+    let b_addr = SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80);
+    let svc = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
+    let _a = Server::start(&t.a.ns, "A", svc);
+    let _b = Server::start(&t.b.ns, "B", b_addr);
+    t.steer_a_to_b_v4(80, 80);
+    let client = IpAddr::V4(client4(5));
+    t.redirector_ok(&t.a, &["rule", "add", &client.to_string(), "--to", &t.b.v4[0].to_string()]);
+    let mut c = try_connect(&t.client.ns, client, svc).expect("connect");
+    assert_eq!(c.try_who().expect("who").0, "B", "the benchmark's client must be steered to B");
+    let dur = Duration::from_millis(500);
+    let (mut d, mut a, mut dk, mut ak) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so drift in the machine does not favour one side.
+        if round % 2 == 0 {
+            d.push(rate(&t.client.ns, client, b_addr, dur, 50_000));
+            a.push(rate(&t.client.ns, client, svc, dur, 50_000));
+            dk.push(keepalive_rate(&t.client.ns, client, b_addr, dur, 200_000));
+            ak.push(keepalive_rate(&t.client.ns, client, svc, dur, 200_000));
+        } else {
+            a.push(rate(&t.client.ns, client, svc, dur, 50_000));
+            d.push(rate(&t.client.ns, client, b_addr, dur, 50_000));
+            ak.push(keepalive_rate(&t.client.ns, client, svc, dur, 200_000));
+            dk.push(keepalive_rate(&t.client.ns, client, b_addr, dur, 200_000));
+        }
+    }
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        eprintln!("A: {}", t.redirector_ok(&t.a, &["stats", "--json"]));
+        eprintln!("B: {}", t.redirector_ok(&t.b, &["stats", "--json"]));
+        eprintln!("client: {}", t.client.exec(&["nstat", "-az", "TcpExtTCPSynRetrans", "TcpRetransSegs", "TcpExtTCPTimeouts"]));
+        eprintln!("B: {}", t.b.exec(&["nstat", "-az", "TcpExtListenDrops", "TcpExtListenOverflows", "TcpRetransSegs"]));
+    }
+    Rates { direct: median(d), through_a: median(a), direct_ka: median(dk), through_a_ka: median(ak) }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("datapath") {
+        eprintln!("usage: redirector-bench datapath [--json]");
+        std::process::exit(2);
+    }
+    let json = args.iter().any(|a| a == "--json");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("error: the benchmark needs root");
+        std::process::exit(1);
+    }
+    eprintln!("measuring the classifier ({ROUNDS} rounds x {RUNS_PER_ROUND} runs per case)...");
+    let costs = classifier_costs();
+    eprintln!("measuring request rates through A and direct to B ({ROUNDS} rounds)...");
+    let r = request_rates();
+    let empty = costs[0].ns;
+    println!("Classifier cost per packet (kernel run_time_ns/run_cnt, median of {ROUNDS} rounds):");
+    println!("  {:<26} {:>8} {:>10}", "case", "ns/pkt", "vs empty");
+    for c in &costs {
+        println!("  {:<26} {:>8.1} {:>9.2}x", c.name, c.ns, c.ns / empty);
+    }
+    println!("Request rate of a migrated client (median of {ROUNDS} rounds of 0.5 s each, alternating order):");
+    println!("  {:<34} {:>10} {:>12} {:>8}", "", "direct B", "through A", "ratio");
+    println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "new connection per request (req/s)", r.direct, r.through_a, r.through_a / r.direct);
+    println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "keep-alive requests (req/s)", r.direct_ka, r.through_a_ka, r.through_a_ka / r.direct_ka);
+    let pass = costs[2].ns / empty;
+    let steered = costs[3].ns.max(costs[4].ns) / empty;
+    let through = r.through_a / r.direct;
+    println!(
+        "Goals: pass <= 1.5x empty: {pass:.2}x {}; steered <= 3x empty: {steered:.2}x {}; through A >= 0.9x direct: {through:.2}x {}",
+        if pass <= 1.5 { "met" } else { "MISSED" },
+        if steered <= 3.0 { "met" } else { "MISSED" },
+        if through >= 0.9 { "met" } else { "MISSED" },
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "empty_ns": empty,
+                "pass_other_port_ns": costs[1].ns,
+                "pass_not_migrated_ns": costs[2].ns,
+                "steered_new_ns": costs[3].ns,
+                "steered_existing_ns": costs[4].ns,
+                "pass_vs_empty": pass,
+                "steered_vs_empty": steered,
+                "direct_rps": r.direct,
+                "through_a_rps": r.through_a,
+                "through_a_vs_direct": through,
+                "direct_keepalive_rps": r.direct_ka,
+                "through_a_keepalive_rps": r.through_a_ka,
+                "through_a_vs_direct_keepalive": r.through_a_ka / r.direct_ka,
+            })
+        );
+    }
+}
