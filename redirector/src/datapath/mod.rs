@@ -40,7 +40,7 @@ pub use self::probe::ProbeError;
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
 
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
