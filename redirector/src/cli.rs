@@ -179,6 +179,7 @@ fn print_table(rows: &[Vec<String>]) {
 }
 
 /// Runs one CLI command.
+#[expect(clippy::too_many_lines, reason = "one short arm per command")]
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("{}", datapath::Error::NotRoot);
@@ -242,7 +243,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         r.prefix.to_string(),
                         r.target.to_string(),
                         format!("{:?}", r.state).to_lowercase(),
-                        if r.drain_left_ms > 0 { format!("{:.1}s", r.drain_left_ms as f64 / 1000.0) } else { "-".into() },
+                        if r.drain_left_ms > 0 { format!("{}.{}s", r.drain_left_ms / 1000, r.drain_left_ms % 1000 / 100) } else { "-".into() },
                     ]
                 }));
                 print_table(&rows);

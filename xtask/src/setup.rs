@@ -132,7 +132,7 @@ fn can_mount(fstype: &str) -> Result<(), String> {
     res
 }
 
-/// Whether the bpf() syscall works: creates a one-entry array map.
+/// Whether the `bpf()` syscall works: creates a one-entry array map.
 fn bpf_syscall() -> Result<(), String> {
     // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries.
     let mut attr = [0u32; 32];

@@ -1,5 +1,5 @@
 //! Finding a listening socket of another process by its local address, and duplicating it
-//! (pidfd_getfd) so the `sk_lookup` program can hand connections to it.
+//! (`pidfd_getfd`) so the `sk_lookup` program can hand connections to it.
 
 use std::{
     fs,
@@ -12,6 +12,7 @@ use super::{Error, Result};
 const TCP_LISTEN: &str = "0A";
 
 /// Parses one address of /proc/net/tcp{,6} (hex, host-order words) and port.
+#[expect(clippy::many_single_char_names, reason = "address, port, bytes, index, word")]
 fn parse_proc_addr(s: &str) -> Option<(IpAddr, u16)> {
     let (a, p) = s.split_once(':')?;
     let port = u16::from_str_radix(p, 16).ok()?;

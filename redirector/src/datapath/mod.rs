@@ -45,7 +45,7 @@ pub static EBPF_OBJECT: &[u8] =
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// Default drain period of a withdrawn rule.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
+pub const DEFAULT_DRAIN: Duration = Duration::from_mins(1);
 
 /// Errors of the datapath API, each saying what was being done to what.
 #[derive(Debug, thiserror::Error)]
@@ -250,7 +250,7 @@ impl Datapath {
             .attach(netns.as_fd())
             .map_err(|e| Error::bpf("attaching sk_lookup to the network namespace", e))?;
         let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| Error::bpf("sk_lookup link is not an fd link", e))?;
+        let fd_link = FdLink::from(link);
         let tmp = self.link_path("sk-lookup-new");
         let _ = fs::remove_file(&tmp);
         fd_link
@@ -360,7 +360,7 @@ impl Datapath {
     pub fn list_services(&mut self) -> Result<Vec<ServiceInfo>> {
         let map = self.services()?;
         let mut out = Vec::new();
-        for item in map.iter() {
+        for item in &map {
             let (k, v) = item.map_err(|e| Error::bpf("reading SERVICES", e))?;
             out.push(ServiceInfo {
                 addr: types::from16(&k.addr),
@@ -485,7 +485,7 @@ impl Datapath {
         {
             let trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
                 LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
-            for item in trie.iter() {
+            for item in &trie {
                 let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V4", e))?;
                 let len = u8::try_from(k.prefix_len()).unwrap_or(32);
                 out.push(RuleInfo::new(Prefix { addr: IpAddr::from(k.data()), len }, &v, now));
@@ -494,7 +494,7 @@ impl Datapath {
         {
             let trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> =
                 LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
-            for item in trie.iter() {
+            for item in &trie {
                 let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V6", e))?;
                 let len = u8::try_from(k.prefix_len()).unwrap_or(128);
                 out.push(RuleInfo::new(Prefix { addr: IpAddr::from(k.data()), len }, &v, now));
@@ -616,7 +616,7 @@ impl Datapath {
     pub fn list_adopted(&mut self) -> Result<Vec<(IpAddr, u16, bool)>> {
         let map = self.adopted()?;
         let mut out = Vec::new();
-        for item in map.iter() {
+        for item in &map {
             let (k, v) = item.map_err(|e| Error::bpf("reading ADOPTED", e))?;
             out.push((types::from16(&k.addr), k.port(), v.flags & ADOPTED_LISTENER != 0));
         }

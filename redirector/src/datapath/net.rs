@@ -36,7 +36,7 @@ pub fn mtu(name: &str) -> Result<u32> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| Error::io("opening a socket for SIOCGIFMTU", e))?;
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([s]);
     }
     // SAFETY: req is a valid ifreq with a NUL-terminated name.
     let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCGIFMTU, &mut req) };

@@ -65,12 +65,11 @@ impl Datapath {
         if rc < 0 {
             return Err(Error::io(format!("BPF_PROG_TEST_RUN of {name}"), std::io::Error::last_os_error()));
         }
-        #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "bpf_attr u32 fields")]
-        let retval = (attr[0] >> 32) as u32 as i32;
-        #[expect(clippy::cast_possible_truncation, reason = "bpf_attr u32 fields")]
-        let size_out = (attr[1] >> 32) as usize;
-        #[expect(clippy::cast_possible_truncation, reason = "bpf_attr u32 fields")]
-        let duration_ns = (attr[4] >> 32) as u32;
+        // The kernel wrote retval, data_size_out and duration: the upper halves of words 0, 1, 4.
+        let upper = |w: u64| u32::try_from(w >> 32).unwrap_or(u32::MAX);
+        let retval = i32::from_ne_bytes(upper(attr[0]).to_ne_bytes());
+        let size_out = usize::try_from(upper(attr[1])).unwrap_or(usize::MAX);
+        let duration_ns = upper(attr[4]);
         out.truncate(size_out.min(out.len()));
         Ok(TestRun { retval, duration_ns, data_out: out })
     }

@@ -1,5 +1,10 @@
 //! Crafting Ethernet/IP/TCP/ICMP packets with valid checksums for classifier tests.
 #![allow(dead_code)]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::many_single_char_names,
+    reason = "test packets are small; short names follow the header field names"
+)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -292,7 +297,7 @@ pub fn icmp4_echo(s: Ipv4Addr, d: Ipv4Addr) -> Vec<u8> {
     p
 }
 
-/// ICMPv6 "packet too big" from `s` to `d` quoting `quoted`.
+/// `ICMPv6` "packet too big" from `s` to `d` quoting `quoted`.
 pub fn icmp6_too_big(s: Ipv6Addr, d: Ipv6Addr, quoted: &[u8], mtu: u32) -> Vec<u8> {
     let mut icmp = vec![2, 0, 0, 0];
     icmp.extend_from_slice(&mtu.to_be_bytes());
