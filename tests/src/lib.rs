@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod net;
+pub mod packets;
 
 pub use app::{Client, Server};
 pub use net::{Host, Topology, in_netns};

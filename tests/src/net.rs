@@ -54,9 +54,12 @@ impl Host {
         sh(&a)
     }
 
-    /// Sets a sysctl inside the namespace.
+    /// Sets a sysctl inside the namespace (`net.ipv4.tcp_syncookies` style key).
     pub fn sysctl(&self, key: &str, value: &str) {
-        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        // /proc/sys/net shows the namespace of the thread that opens it.
+        in_netns(&self.ns, move || fs::write(&path, &value).unwrap_or_else(|e| panic!("writing {path}: {e}")));
     }
 
     /// MAC address of `eth0`.
@@ -189,6 +192,21 @@ impl Topology {
         );
     }
 
+    /// Migrates `client` (an address or prefix) from A to `target` with `rule add` on A.
+    pub fn migrate(&self, client: &str, target: IpAddr) {
+        self.redirector_ok(&self.a, &["rule", "add", client, "--to", &target.to_string()]);
+    }
+
+    /// The IPv4 scenario most tests start from: A serves `SERVICE4:port`, B serves the same
+    /// port on its own address only, A steers the service and B adopted it.
+    #[must_use]
+    pub fn steered_v4(&self, port: u16) -> (crate::Server, crate::Server) {
+        let a = crate::Server::start(&self.a.ns, "A", std::net::SocketAddr::new(IpAddr::V4(SERVICE4), port));
+        let b = crate::Server::start(&self.b.ns, "B", std::net::SocketAddr::new(IpAddr::V4(self.b.v4[0]), port));
+        self.steer_a_to_b_v4(port, port);
+        (a, b)
+    }
+
     /// One counter of `host`'s datapath.
     pub fn counter(&self, host: &Host, name: &str) -> u64 {
         let out = self.redirector_ok(host, &["stats", "--json"]);
@@ -276,55 +294,6 @@ pub fn offloads(ns: &str, ifname: &str) -> Offloads {
         };
         Offloads { tso: get(0x1e), gso: get(0x23) }
     })
-}
-
-fn sum16(mut sum: u32, b: &[u8]) -> u32 {
-    for c in b.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    #[expect(clippy::cast_possible_truncation, reason = "folded")]
-    let s = sum as u16;
-    !s
-}
-
-/// An IPv4 packet (header and payload) with valid checksums.
-#[must_use]
-pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&u16::try_from(20 + payload.len()).expect("small").to_be_bytes());
-    h[6] = 0x40;
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&dst.octets());
-    let c = fold(sum16(0, &h));
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-/// A TCP segment with no options and a valid checksum for `src` -> `dst`.
-#[must_use]
-pub fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, flags: u8) -> Vec<u8> {
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[4..8].copy_from_slice(&seq.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&8192u16.to_be_bytes());
-    let pseudo = sum16(sum16(0, &src.octets()), &dst.octets()) + 6 + 20;
-    let c = fold(sum16(pseudo, &t));
-    t[16..18].copy_from_slice(&c.to_be_bytes());
-    t
 }
 
 /// Sends `payload` from namespace `ns` over a raw IPv4 socket of protocol `proto` bound to

@@ -12,8 +12,9 @@ use std::{
 };
 
 use redirector_tests::{
-    Client, Server, Topology,
-    net::{SERVICE4, client4, ipv4_packet, netns_exists, send_raw4, tcp_segment},
+    Client, Topology,
+    net::{SERVICE4, client4, netns_exists, send_raw4},
+    packets::{self, Ip, Pkt},
     require_root,
 };
 
@@ -35,11 +36,9 @@ fn tunnelled_packets_from_strangers_are_dropped() {
         return;
     }
     let t = Topology::new(10);
-    let _a = Server::start(&t.a.ns, "A", svc4(80));
-    let b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
-    t.steer_a_to_b_v4(80, 80);
+    let (_a, b) = t.steered_v4(80);
     let stranger = client4(9);
-    let syn = ipv4_packet(stranger, SERVICE4, 6, &tcp_segment(stranger, SERVICE4, 40_000, 80, 1, 0x02));
+    let syn = Pkt::tcp(Ip::V4(stranger, SERVICE4), 40_000, 80, packets::SYN).build_ip();
     let (dropped, decap) = (t.counter(&t.b, "dropped-bad"), t.counter(&t.b, "decapsulated"));
     // From the client namespace, outer source 198.18.1.9: not a sibling of B.
     send_raw4(&t.client.ns, libc::IPPROTO_IPIP, stranger, t.b.v4[0], syn.clone());
@@ -62,15 +61,13 @@ fn syn_cookie_handshakes_of_the_origin_stay_on_the_origin() {
         return;
     }
     let t = Topology::new(10);
-    let _a = Server::start(&t.a.ns, "A", svc4(80));
-    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
-    t.steer_a_to_b_v4(80, 80);
+    let _servers = t.steered_v4(80);
     // A answers every SYN with a cookie (as under a SYN flood): no request socket exists when
     // the handshake's ACK arrives. While the client's rule drains, A keeps its new SYNs; the
     // ACK then finds only A's listener and must stay because its cookie is valid.
     t.a.sysctl("net.ipv4.tcp_syncookies", "2");
     let c5 = client4(5);
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     t.redirector_ok(&t.a, &["rule", "del", &c5.to_string(), "--drain", "30"]);
     let before = t.counter(&t.a, "kept-syncookie");
     for i in 0..3 {
@@ -105,26 +102,19 @@ fn icmp_fragmentation_needed_for_flows_on_the_target_reaches_the_target() {
         return;
     }
     let t = Topology::new(10);
-    let _a = Server::start(&t.a.ns, "A", svc4(80));
-    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
-    t.steer_a_to_b_v4(80, 80);
+    let _servers = t.steered_v4(80);
     let c5 = client4(5);
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     let mut c = Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80));
     assert_eq!(c.who(), "B");
     let cport = c.local().port();
     let seq = peer_next_seq(&c);
     // A router on the way to the client says "fragmentation needed, MTU 1300" about B's reply
     // (source: A's address); it sends the error to A's address.
-    let quoted = ipv4_packet(SERVICE4, c5, 6, &tcp_segment(SERVICE4, c5, 80, cport, seq, 0x10)[..8]);
-    let mut icmp = vec![3, 4, 0, 0, 0, 0];
-    icmp.extend_from_slice(&1300u16.to_be_bytes());
-    icmp.extend_from_slice(&quoted);
-    let sum = icmp.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum::<u32>();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let csum = !u16::try_from((folded & 0xffff) + (folded >> 16)).expect("folded");
-    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
     let router = Ipv4Addr::new(198, 18, 1, 200);
+    let quoted = Pkt::tcp(Ip::V4(SERVICE4, c5), 80, cport, packets::ACK).seq(seq).build_ip();
+    // The ICMP message alone: the raw socket adds the IP header.
+    let icmp = packets::icmp4_frag_needed(router, SERVICE4, &quoted, 1300)[34..].to_vec();
     t.client.ip(&["addr", "add", &format!("{router}/16"), "dev", "eth0"]);
     let relayed = t.counter(&t.a, "icmp-relayed");
     send_raw4(&t.client.ns, libc::IPPROTO_ICMP, router, SERVICE4, icmp);
@@ -143,11 +133,9 @@ fn programs_are_replaced_atomically_during_a_transfer() {
         return;
     }
     let t = Topology::new(10);
-    let _a = Server::start(&t.a.ns, "A", svc4(80));
-    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
-    t.steer_a_to_b_v4(80, 80);
+    let _servers = t.steered_v4(80);
     let c5 = client4(5);
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     let done = Arc::new(AtomicBool::new(false));
     let swaps = Arc::new(AtomicU32::new(0));
     let t = Arc::new(t);

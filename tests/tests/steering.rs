@@ -44,7 +44,7 @@ fn new_connections_of_a_migrated_client_go_to_b_and_old_ones_stay() {
     let mut keepalive = Client::connect(&t.client.ns, c5, svc4(80));
     assert_eq!(keepalive.who(), "A");
 
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
 
     for i in 0..5 {
         let mut c = Client::connect(&t.client.ns, c5, svc4(80));
@@ -79,7 +79,7 @@ fn ipv6_clients_are_steered_too() {
     let c5 = IpAddr::V6(client6(5));
     let mut keepalive = Client::connect(&t.client.ns, c5, svc6(80));
     assert_eq!(keepalive.who(), "A");
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v6[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V6(t.b.v6[0]));
     let mut c = Client::connect(&t.client.ns, c5, svc6(80));
     assert_eq!(c.who(), "B", "a new IPv6 connection goes to B");
     assert_eq!(c.peer(), svc6(80));
@@ -117,7 +117,7 @@ fn drain_keeps_flows_on_b_then_gives_the_client_back() {
     let _s = servers(&t, 80);
     t.steer_a_to_b(80, 80);
     let c5 = IpAddr::V4(client4(5));
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     let mut on_b = Client::connect(&t.client.ns, c5, svc4(80));
     assert_eq!(on_b.who(), "B");
 
@@ -137,7 +137,7 @@ fn drain_keeps_flows_on_b_then_gives_the_client_back() {
     assert_eq!(after.who(), "A");
 
     // Release: removed at once.
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     assert_eq!(Client::connect(&t.client.ns, c5, svc4(80)).who(), "B");
     t.redirector_ok(&t.a, &["rule", "del", &c5.to_string(), "--now"]);
     assert_eq!(Client::connect(&t.client.ns, c5, svc4(80)).who(), "A", "released: back on A at once");
@@ -152,7 +152,7 @@ fn steering_continues_while_no_process_runs_and_state_is_readopted() {
     let _s = servers(&t, 80);
     t.steer_a_to_b(80, 80);
     let c5 = IpAddr::V4(client4(5));
-    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.b.v4[0].to_string()]);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     // Every CLI call has exited by now (the harness waits for each): only the pins hold the
     // programs and maps.
     let before = t.counter(&t.a, "forwarded-new");

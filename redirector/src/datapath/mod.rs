@@ -160,33 +160,36 @@ impl Datapath {
         self.attach_tc(ifname, programs::EGRESS, TcAttachType::Egress, "tc-egress", replace)
     }
 
-    fn attach_tc(&mut self, ifname: &str, name: &str, hook: TcAttachType, pin_prefix: &str, replace: bool) -> Result<u32> {
-        let ifindex = net::ifindex(ifname)?;
-        let pin = self.link_path(&format!("{pin_prefix}-{ifindex}"));
+    /// Classifier `name`, loaded into the kernel (verified) if it was not yet.
+    pub(crate) fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
             .ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?
             .try_into()
-            .map_err(|e| Error::bpf(format!("{name} has the wrong type"), e))?;
+            .map_err(|e| Error::bpf(format!("{name} is not a classifier"), e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+        }
+        Ok(prog)
+    }
+
+    fn attach_tc(&mut self, ifname: &str, name: &str, hook: TcAttachType, pin_prefix: &str, replace: bool) -> Result<u32> {
+        let ifindex = net::ifindex(ifname)?;
+        let pin = self.link_path(&format!("{pin_prefix}-{ifindex}"));
+        if pin.exists() && !replace {
+            return Ok(ifindex);
+        }
+        let prog = self.classifier(name)?;
         if pin.exists() {
             let pinned = PinnedLink::from_pin(&pin)
                 .map_err(|e| Error::bpf(format!("opening pinned link {}", pin.display()), e))?;
-            if !replace {
-                return Ok(ifindex);
-            }
-            if prog.fd().is_err() {
-                prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
-            }
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                 .map_err(|e| Error::bpf("converting the pinned link", e))?;
             // The link stays pinned (bpf_link_update): only its program changes.
             prog.attach_to_link(link)
                 .map_err(|e| Error::bpf(format!("replacing {name} on {ifname}"), e))?;
             return Ok(ifindex);
-        }
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
         }
         let id = prog
             .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))

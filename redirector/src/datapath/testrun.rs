@@ -2,8 +2,6 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::programs::SchedClassifier;
-
 use super::{Datapath, Error, Result};
 
 /// Result of running a classifier on one packet.
@@ -21,30 +19,14 @@ impl Datapath {
     /// Cumulative (run time in ns, run count) of program `name`, as the kernel accounts them
     /// while BPF statistics are enabled (`aya::sys::enable_stats`).
     pub fn run_stats(&mut self, name: &str) -> Result<(u64, u64)> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?
-            .try_into()
-            .map_err(|e| Error::bpf(format!("{name} is not a classifier"), e))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
-        }
+        let prog = self.classifier(name)?;
         let info = prog.info().map_err(|e| Error::bpf(format!("reading info of {name}"), e))?;
         Ok((u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX), info.run_count()))
     }
 
     /// Loads (if needed) classifier `name` and runs it `repeat` times on `packet`.
     pub fn test_run(&mut self, name: &str, packet: &[u8], repeat: u32) -> Result<TestRun> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?
-            .try_into()
-            .map_err(|e| Error::bpf(format!("{name} is not a classifier"), e))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
-        }
+        let prog = self.classifier(name)?;
         let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?.as_fd().as_raw_fd();
         let mut out = vec![0u8; packet.len() + 256];
         let mut attr = [0u64; 16];

@@ -17,6 +17,7 @@ use redirector_tests::{
     Server, Topology,
     app::try_connect,
     net::{SERVICE4, client4, sh},
+    packets::{Ip, Pkt},
 };
 
 const ROUNDS: usize = 5;
@@ -29,11 +30,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// A minimal Ethernet + IPv4 + TCP frame (54 bytes).
 fn frame(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
-    let tcp = redirector_tests::net::tcp_segment(src, dst, 40_000, dport, 1, flags);
-    let ip = redirector_tests::net::ipv4_packet(src, dst, 6, &tcp);
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
-    f.extend(ip);
-    f
+    Pkt::tcp(Ip::V4(src, dst), 40_000, dport, flags).build()
 }
 
 struct Cost {

@@ -4,8 +4,6 @@
 //! Needs root. Each test runs in a fresh network namespace (socket lookups see only the
 //! sockets the test makes) with its own bpffs, both gone when the test ends.
 
-mod packets;
-
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
@@ -13,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use packets::{Ip, Pkt};
+use redirector_tests::packets::{self, Ip, Pkt};
 use redirector::datapath::{Datapath, Location, Prefix};
 use redirector_common::programs;
 
@@ -284,6 +282,29 @@ fn flows_with_a_local_socket_stay() {
         expect(dp, &ack6(CLIENT6, cport6), TC_ACT_OK, "kept-local");
         // A listener alone does not keep a non-cookie ACK.
         expect(dp, &ack6(CLIENT6, cport6.wrapping_add(1)), TC_ACT_REDIRECT, "forwarded-existing");
+    });
+}
+
+#[test]
+fn time_wait_sockets_count_as_flows_living_here() {
+    with_datapath(|dp| {
+        without_rules(dp);
+        let listener = TcpListener::bind((SVC4, 80)).expect("listen");
+        let client = nix_connect(IpAddr::V4(CLIENT4), SocketAddr::new(IpAddr::V4(SVC4), 80));
+        let (server_side, _) = listener.accept().expect("accept");
+        let cport = client.local_addr().expect("addr").port();
+        // The server closes first, so its side of the flow ends in TIME_WAIT.
+        drop(server_side);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(client);
+        std::thread::sleep(Duration::from_millis(50));
+        let ss = Command::new("ss").args(["-tan", "state", "time-wait"]).output().expect("ss");
+        let ss = String::from_utf8_lossy(&ss.stdout);
+        assert!(ss.contains(&format!("{SVC4}:80")), "the server side is in TIME_WAIT: {ss}");
+        with_rules(dp);
+        // A late retransmission of the client's FIN finds the TIME_WAIT socket: it stays.
+        let fin = Pkt::tcp(Ip::V4(CLIENT4, SVC4), cport, 80, packets::FIN | packets::ACK).build();
+        expect(dp, &fin, TC_ACT_OK, "kept-local");
     });
 }
 

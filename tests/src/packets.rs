@@ -1,5 +1,5 @@
-//! Crafting Ethernet/IP/TCP/ICMP packets with valid checksums for classifier tests.
-#![allow(dead_code)]
+//! Crafting Ethernet/IP/TCP/ICMP packets with valid checksums, for the classifier tests, the
+//! pitfall tests and the benchmark.
 #![allow(
     clippy::cast_possible_truncation,
     clippy::many_single_char_names,
@@ -35,6 +35,7 @@ pub struct Pkt {
     frag: u16,
     ip_options: bool,
     ext: Option<u8>,
+    seq: u32,
 }
 
 fn sum16(mut sum: u32, b: &[u8]) -> u32 {
@@ -100,7 +101,19 @@ fn ipv6_header(s: Ipv6Addr, d: Ipv6Addr, next: u8, payload_len: usize) -> Vec<u8
 
 impl Pkt {
     pub fn tcp(ip: Ip, sport: u16, dport: u16, flags: u8) -> Self {
-        Self { ip, proto: 6, sport, dport, flags, mss: None, payload: Vec::new(), frag: 0, ip_options: false, ext: None }
+        Self {
+            ip,
+            proto: 6,
+            sport,
+            dport,
+            flags,
+            mss: None,
+            payload: Vec::new(),
+            frag: 0,
+            ip_options: false,
+            ext: None,
+            seq: 0x1000_0000,
+        }
     }
 
     pub fn udp(ip: Ip, sport: u16, dport: u16) -> Self {
@@ -109,6 +122,11 @@ impl Pkt {
 
     pub fn mss(mut self, mss: u16) -> Self {
         self.mss = Some(mss);
+        self
+    }
+
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
         self
     }
 
@@ -161,7 +179,7 @@ impl Pkt {
         let doff = (20 + opts.len()) / 4;
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
-        l4.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+        l4.extend_from_slice(&self.seq.to_be_bytes());
         l4.extend_from_slice(&(if self.flags & ACK != 0 { 0x2000_0000u32 } else { 0 }).to_be_bytes());
         l4.push((doff as u8) << 4);
         l4.push(self.flags);
@@ -174,6 +192,12 @@ impl Pkt {
         l4
     }
 
+    /// The packet without its Ethernet header.
+    pub fn build_ip(&self) -> Vec<u8> {
+        self.build()[14..].to_vec()
+    }
+
+    /// The Ethernet frame.
     pub fn build(&self) -> Vec<u8> {
         let l4 = self.l4();
         match self.ip {
