@@ -16,6 +16,8 @@ pub const MAX_RULES: u32 = 65_536;
 pub const MAX_SIBLINGS: u32 = 256;
 /// Maximum number of adopted services with a registered listener.
 pub const MAX_LISTENERS: u32 = 1024;
+/// Maximum number of client addresses whose connections are counted (LRU beyond).
+pub const MAX_CLIENTS: u32 = 65_536;
 /// Maximum number of outstanding readiness probes.
 pub const MAX_PROBES: u32 = 256;
 
@@ -29,6 +31,7 @@ pub mod maps {
     pub const PROBES: &str = "PROBES";
     pub const ADOPTED: &str = "ADOPTED";
     pub const PORTS: &str = "PORTS";
+    pub const LOAD: &str = "LOAD";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -40,6 +43,8 @@ pub mod programs {
     pub const SK_LOOKUP: &str = "redirector_sk_lookup";
     /// TC egress on a target's uplink: clamps the MSS of adopted services' SYN-ACKs.
     pub const EGRESS: &str = "redirector_egress";
+    /// `sock_ops` on the application's cgroup: established connections per client.
+    pub const SOCK_OPS: &str = "redirector_sock_ops";
     /// An empty classifier: the benchmark's baseline.
     pub const EMPTY: &str = "redirector_empty";
 }

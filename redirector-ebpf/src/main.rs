@@ -24,13 +24,13 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_load_bytes, bpf_sk_release, bpf_skc_lookup_tcp,
         bpf_tcp_check_syncookie,
     },
-    macros::{classifier, map, sk_lookup},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkLookupContext, TcContext},
+    macros::{classifier, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockOpsContext, TcContext},
 };
 use hdr::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
 use redirector_common::{
-    Addr, AdoptedValue, Counter, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_SERVICES, MAX_SIBLINGS, PORT_WORDS, ProbeValue,
+    Addr, AdoptedValue, Counter, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_CLIENTS, MAX_SERVICES, MAX_SIBLINGS, PORT_WORDS, ProbeValue,
     RuleValue, ServiceKey, ServiceValue, SiblingValue, as_v4,
     decide::{
         self, Found, Step, TCP_ACK, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error,
@@ -55,6 +55,10 @@ static PROBES: HashMap<u32, ProbeValue> = HashMap::pinned(MAX_PROBES, 0);
 static ADOPTED: HashMap<ServiceKey, AdoptedValue> = HashMap::pinned(MAX_LISTENERS, 0);
 #[map]
 static PORTS: Array<u64> = Array::pinned(PORT_WORDS, 0);
+/// Established connections per client address, per CPU (a connection may open on one CPU and
+/// close on another, so one CPU's value can be negative; the sum is the count).
+#[map]
+static LOAD: LruPerCpuHashMap<Addr, i64> = LruPerCpuHashMap::pinned(MAX_CLIENTS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 
@@ -646,6 +650,56 @@ fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
     };
     let clamp = adopted.mss_clamp;
     Ok(clamp_mss(ctx, l4, &t, clamp))
+}
+
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+const TCP_ESTABLISHED: u32 = 1;
+
+/// On the application's cgroup: counts established connections per client address, up when
+/// a connection is accepted, down when it leaves ESTABLISHED.
+#[sock_ops]
+pub fn redirector_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            add_load(&ctx, 1);
+            // Ask for state changes of this socket, to count it down.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_ESTABLISHED && ctx.arg(1) != TCP_ESTABLISHED => {
+            add_load(&ctx, -1);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn add_load(ctx: &SockOpsContext, delta: i64) {
+    let addr = match ctx.family() {
+        2 => v4_mapped(ctx.remote_ip4().to_ne_bytes()),
+        10 => {
+            let w = ctx.remote_ip6();
+            let mut a = [0u8; 16];
+            a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+            a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+            a
+        }
+        _ => return,
+    };
+    if let Some(v) = LOAD.get_ptr_mut(&addr) {
+        // SAFETY: this CPU's slot of a per-CPU map.
+        unsafe { *v += delta };
+    } else if LOAD.insert(&addr, &delta, 1 /* BPF_NOEXIST */).is_err() {
+        // Another CPU created the entry meanwhile: this CPU's slot exists now.
+        if let Some(v) = LOAD.get_ptr_mut(&addr) {
+            // SAFETY: as above.
+            unsafe { *v += delta };
+        }
+    }
 }
 
 /// Does nothing: the baseline the benchmark measures the classifier against.

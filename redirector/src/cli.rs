@@ -56,6 +56,12 @@ pub enum Command {
     Adopt(AdoptCmd),
     /// Per-decision counters of the kernel programs.
     Stats,
+    /// Established connections per client, counted in the kernel for the application's cgroup.
+    Load {
+        /// Start counting for the application in this cgroup v2 folder (idempotent).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
     /// Load and attach the programs (idempotent); --replace swaps in this binary's programs.
     Attach {
         /// Uplink interface.
@@ -295,6 +301,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 if !json {
                     println!("replaced {n} attached program(s)");
                 }
+            }
+        }
+        Command::Load { cgroup } => {
+            if let Some(cg) = cgroup {
+                dp.attach_load(&cg)?;
+            }
+            let load = dp.load()?;
+            if json {
+                println!("{}", serde_json::to_string(&load)?);
+            } else {
+                println!("total {}", load.total);
+                let mut rows = vec![vec!["CLIENT".into(), "CONNECTIONS".into()]];
+                rows.extend(load.clients.iter().map(|(a, n)| vec![a.to_string(), n.to_string()]));
+                print_table(&rows);
             }
         }
         Command::Teardown => dp.teardown()?,

@@ -23,9 +23,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key},
     programs::{
-        SchedClassifier, SkLookup, TcAttachType,
+        CgroupAttachMode, SchedClassifier, SkLookup, SockOps, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -34,7 +34,7 @@ use redirector_common::{
     ADOPTED_LISTENER, AdoptedValue, Counter, RuleValue, ServiceKey, ServiceValue, SiblingValue,
     decide, maps, programs,
 };
-pub use types::{Prefix, RuleInfo, RuleState, ServiceInfo, Stats};
+pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats};
 
 pub use self::probe::ProbeError;
 
@@ -625,6 +625,59 @@ impl Datapath {
         }
         out.sort();
         Ok(out)
+    }
+
+    // ---- load ----------------------------------------------------------------------------
+
+    /// Counts the established connections of the application in cgroup v2 `cgroup` (a folder
+    /// of a mounted cgroup2 hierarchy) per client address, with a `sock_ops` program. Idempotent.
+    pub fn attach_load(&mut self, cgroup: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = fs::File::open(cgroup).map_err(|e| Error::io(format!("opening cgroup {}", cgroup.display()), e))?;
+        let st = nix::sys::statfs::fstatfs(&dir).map_err(|e| Error::io("statfs of the cgroup", e.into()))?;
+        if st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+            return Err(Error::invalid(format!("{} is not in a cgroup v2 hierarchy", cgroup.display())));
+        }
+        let ino = dir.metadata().map_err(|e| Error::io("reading the cgroup's inode", e))?.ino();
+        let pin = self.link_path(&format!("sock-ops-{ino}"));
+        if pin.exists() {
+            return Ok(());
+        }
+        let prog: &mut SockOps = self
+            .ebpf
+            .program_mut(programs::SOCK_OPS)
+            .ok_or_else(|| Error::invalid("eBPF object has no sock_ops program"))?
+            .try_into()
+            .map_err(|e| Error::bpf("sock_ops program has the wrong type", e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf("loading the sock_ops program (verifier)", e))?;
+        }
+        let id = prog
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| Error::bpf(format!("attaching sock_ops to {}", cgroup.display()), e))?;
+        let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| Error::bpf("sock_ops link is not an fd link", e))?;
+        fd_link
+            .pin(&pin)
+            .map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
+        Ok(())
+    }
+
+    /// Established connections per client address (clients with none are left out), largest
+    /// first, and their total.
+    pub fn load(&mut self) -> Result<Load> {
+        let map: PerCpuHashMap<&mut MapData, [u8; 16], i64> =
+            PerCpuHashMap::try_from(self.map(maps::LOAD)?).map_err(|e| Error::bpf("opening LOAD", e))?;
+        let mut clients = Vec::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(|e| Error::bpf("reading LOAD", e))?;
+            let n: i64 = v.iter().sum();
+            if n > 0 {
+                clients.push((types::from16(&k), u64::try_from(n).unwrap_or(0)));
+            }
+        }
+        clients.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Ok(Load { total: clients.iter().map(|c| c.1).sum(), clients })
     }
 
     // ---- both --------------------------------------------------------------------------

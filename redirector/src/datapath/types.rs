@@ -133,6 +133,15 @@ impl RuleInfo {
     }
 }
 
+/// The application's established connections, from the kernel.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Load {
+    /// All established connections.
+    pub total: u64,
+    /// (client address, connections), largest first.
+    pub clients: Vec<(IpAddr, u64)>,
+}
+
 /// Per-decision counters, summed over CPUs, in `Counter` order.
 #[derive(Clone, Debug)]
 pub struct Stats {
