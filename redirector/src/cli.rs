@@ -10,7 +10,42 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use crate::datapath::{self, Datapath, Location, Prefix};
+use crate::{
+    config::Config,
+    datapath::{self, Datapath, Location, Prefix},
+};
+
+fn print_status(v: &serde_json::Value) {
+    println!(
+        "node {}  load {} (high {}, low {}){}",
+        v["node"].as_str().unwrap_or("?"),
+        v["load"],
+        v["high_watermark"],
+        v["low_watermark"],
+        if v["shedding"].as_bool() == Some(true) { "  shedding" } else { "" }
+    );
+    let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
+    for s in v["siblings"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            s["name"].as_str().unwrap_or("?").into(),
+            s["address"].as_str().unwrap_or("?").into(),
+            if s["up"].as_bool() == Some(true) { "up".into() } else { "down".into() },
+            s["last_heartbeat_ms"].as_u64().map_or_else(|| "-".into(), |m| format!("{m} ms ago")),
+            s["load"].to_string(),
+        ]);
+    }
+    print_table(&rows);
+    let mut rows = vec![vec!["MIGRATED-OUT".into(), "TO".into(), "SINCE".into(), "CONNECTIONS".into()]];
+    for m in v["migrated_out"].as_array().into_iter().flatten() {
+        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["to"].as_str().unwrap_or("?").into(), m["since_unix"].to_string(), m["connections"].to_string()]);
+    }
+    print_table(&rows);
+    let mut rows = vec![vec!["ADOPTED".into(), "FROM".into(), "SINCE".into()]];
+    for m in v["adopted"].as_array().into_iter().flatten() {
+        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["from"].as_str().unwrap_or("?").into(), m["since_unix"].to_string()]);
+    }
+    print_table(&rows);
+}
 
 /// redirector: servers that share load among themselves. Operator commands on the kernel
 /// datapath's pinned state.
@@ -26,12 +61,13 @@ pub struct Cli {
 /// Flags every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// bpffs to pin in (mounted there if it is not a bpffs yet).
-    #[arg(long, global = true, default_value = datapath::DEFAULT_BPFFS)]
-    pub bpffs: PathBuf,
-    /// Instance name: pins live in <bpffs>/redirector/<instance>/.
-    #[arg(long, global = true, default_value = "default")]
-    pub instance: String,
+    /// bpffs to pin in, mounted there if it is not a bpffs yet [default: /sys/fs/bpf].
+    #[arg(long, global = true)]
+    pub bpffs: Option<PathBuf>,
+    /// Instance name: pins live in <bpffs>/redirector/<instance>/ [default: default; for the
+    /// agent, its node name].
+    #[arg(long, global = true)]
+    pub instance: Option<String>,
     /// Enter network namespace /run/netns/<NAME> first (like `ip -n`).
     #[arg(long, global = true)]
     pub netns: Option<String>,
@@ -73,6 +109,67 @@ pub enum Command {
     },
     /// Detach everything, remove routes and the instance's pins.
     Teardown,
+    /// Run the agent: negotiate with siblings and shed load by itself.
+    Agent(AgentArgs),
+    /// Validate an agent configuration file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Make the cluster CA and node certificates for the peer channel.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+    /// Ask a running agent for its status (admin socket).
+    Status {
+        /// The agent's admin socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+/// `redirector agent`: the config file, and flags that override it.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML configuration file (see examples/redirector.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override `node`.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Override `listen` (the peer channel address).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Override `high_watermark`.
+    #[arg(long)]
+    pub high_watermark: Option<u64>,
+    /// Override `low_watermark`.
+    #[arg(long)]
+    pub low_watermark: Option<u64>,
+    /// Override `admin_socket`.
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// Override `drain_secs`.
+    #[arg(long)]
+    pub drain_secs: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Check FILE without starting anything: one line per problem.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCmd {
+    /// Make a cluster CA (ca.pem, ca.key) in DIR.
+    Ca {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Make the certificate of node NAME (NAME.pem, NAME.key), signed by the CA in DIR.
+    Node {
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,16 +281,103 @@ fn print_table(rows: &[Vec<String>]) {
     }
 }
 
+fn agent_config(args: &AgentArgs, global: &Global) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(&args.config)?;
+    if let Some(v) = &args.node {
+        cfg.node.clone_from(v);
+    }
+    if let Some(v) = args.listen {
+        cfg.listen = Some(v);
+    }
+    if let Some(v) = args.high_watermark {
+        cfg.high_watermark = v;
+    }
+    if let Some(v) = args.low_watermark {
+        cfg.low_watermark = v;
+    }
+    if let Some(v) = &args.admin_socket {
+        cfg.admin_socket = Some(v.clone());
+    }
+    if let Some(v) = args.drain_secs {
+        cfg.drain_secs = v;
+    }
+    if let Some(v) = &global.bpffs {
+        cfg.bpffs.clone_from(v);
+    }
+    if let Some(v) = &global.instance {
+        cfg.instance = Some(v.clone());
+    }
+    if let Some(v) = &global.netns {
+        cfg.netns = Some(v.clone());
+    }
+    Ok(cfg)
+}
+
+fn run_agent(cfg: Config) -> anyhow::Result<()> {
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        bail!("invalid configuration: {}", problems.join("; "));
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("{}", datapath::Error::NotRoot);
+    }
+    // Before the runtime starts its threads, so they all live in the namespace.
+    if let Some(ns) = &cfg.netns {
+        enter_netns(ns)?;
+    }
+    let agent = crate::agent::Agent::new(cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(agent.run())
+}
+
 /// Runs one CLI command.
 #[expect(clippy::too_many_lines, reason = "one short arm per command")]
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Agent(args) => return run_agent(agent_config(args, &cli.global)?),
+        Command::Config(ConfigCmd::Check { file }) => {
+            let cfg = Config::load(file)?;
+            let problems = cfg.problems();
+            if problems.is_empty() {
+                println!("{}: ok (node {}, {} sibling(s), {} service(s))", file.display(), cfg.node, cfg.siblings.len(), cfg.services.len());
+                return Ok(());
+            }
+            for p in &problems {
+                eprintln!("{}: {p}", file.display());
+            }
+            bail!("{}: {} problem(s)", file.display(), problems.len());
+        }
+        Command::Tls(TlsCmd::Ca { dir }) => {
+            crate::peer::make_ca(dir)?;
+            println!("cluster CA written to {}/ca.pem and ca.key (keep ca.key secret)", dir.display());
+            return Ok(());
+        }
+        Command::Tls(TlsCmd::Node { name, dir }) => {
+            crate::peer::make_node(dir, name)?;
+            println!("certificate for {name} written to {}/{name}.pem and {name}.key", dir.display());
+            return Ok(());
+        }
+        Command::Status { socket } => {
+            let v = crate::admin::query(socket)?;
+            if cli.global.json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     if !nix::unistd::Uid::effective().is_root() {
         bail!("{}", datapath::Error::NotRoot);
     }
     if let Some(ns) = &cli.global.netns {
         enter_netns(ns)?;
     }
-    let loc = Location { bpffs: cli.global.bpffs.clone(), instance: cli.global.instance.clone() };
+    let loc = Location {
+        bpffs: cli.global.bpffs.clone().unwrap_or_else(|| PathBuf::from(datapath::DEFAULT_BPFFS)),
+        instance: cli.global.instance.clone().unwrap_or_else(|| "default".into()),
+    };
     let json = cli.global.json;
     let mut dp = Datapath::open(&loc)?;
     match cli.command {
@@ -318,6 +502,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Teardown => dp.teardown()?,
+        Command::Agent(_) | Command::Config(_) | Command::Tls(_) | Command::Status { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -1,3 +1,7 @@
 //! redirector: servers that share load among themselves.
+pub mod admin;
+pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod datapath;
+pub mod peer;

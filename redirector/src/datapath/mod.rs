@@ -669,7 +669,7 @@ impl Datapath {
         let map: PerCpuHashMap<&mut MapData, [u8; 16], i64> =
             PerCpuHashMap::try_from(self.map(maps::LOAD)?).map_err(|e| Error::bpf("opening LOAD", e))?;
         let mut clients = Vec::new();
-        for item in map.iter() {
+        for item in &map {
             let (k, v) = item.map_err(|e| Error::bpf("reading LOAD", e))?;
             let n: i64 = v.iter().sum();
             if n > 0 {

@@ -1,0 +1,293 @@
+//! The sibling channel: mutual TLS against a cluster CA (a peer's identity is the name in its
+//! certificate and must be a configured sibling), length-delimited frames with a hard maximum,
+//! and versioned postcard messages that start with a hello.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
+    server::WebPkiClientVerifier,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::LengthDelimitedCodec;
+
+/// Version of the sibling protocol; a peer speaking another one is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A client moved from an origin to a volunteer, with its connections at the origin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedClient {
+    pub addr: IpAddr,
+    pub connections: u64,
+}
+
+/// Messages between siblings. Requests travel on the requester's own connection, answers come
+/// back on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// First frame on every connection, both ways.
+    Hello { version: u32, node: String },
+    /// Periodic, both ways: the sender's load.
+    Heartbeat { load: u64, high: u64, low: u64 },
+    /// An overloaded origin asks for room for `connections` connections of `clients` clients.
+    HelpRequest { id: u64, connections: u64, clients: u32 },
+    /// A volunteer offers room for `capacity` connections, reserved for `lease_ms`.
+    Offer { id: u64, capacity: u64, lease_ms: u64 },
+    /// A sibling cannot help.
+    Decline { id: u64, reason: String },
+    /// The origin hands clients over: the volunteer serves `services` (the origin's service
+    /// addresses) and accepts tunnels from `tunnel_src` before it acknowledges.
+    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: IpAddr, clients: Vec<MovedClient> },
+    /// The volunteer is ready: the origin may steer.
+    TransferAck { id: u64 },
+    /// Something failed before the acknowledgement: nothing is steered.
+    Abort { id: u64, reason: String },
+    /// The origin took clients back.
+    Release { clients: Vec<IpAddr> },
+}
+
+impl Msg {
+    /// Encodes a message for one frame.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("messages always encode")
+    }
+
+    /// Encodes a message as a frame body.
+    #[must_use]
+    pub fn frame(&self) -> bytes::Bytes {
+        bytes::Bytes::from(self.encode())
+    }
+
+    /// Decodes one frame; never panics, whatever the bytes.
+    pub fn decode(frame: &[u8]) -> anyhow::Result<Self> {
+        let (msg, rest) = postcard::take_from_bytes::<Msg>(frame).map_err(|e| anyhow!("malformed message: {e}"))?;
+        if !rest.is_empty() {
+            bail!("malformed message: {} trailing bytes", rest.len());
+        }
+        Ok(msg)
+    }
+}
+
+/// The frame codec: a 4-byte length, then the message; longer frames close the connection.
+#[must_use]
+pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(max_frame).new_codec()
+}
+
+/// Checks a peer's hello: protocol version and the name its certificate proved.
+pub fn check_hello(msg: &Msg, cert_name: &str) -> anyhow::Result<()> {
+    match msg {
+        Msg::Hello { version, node } => {
+            if *version != PROTOCOL_VERSION {
+                bail!("peer {node} speaks protocol version {version}, this node speaks {PROTOCOL_VERSION}: refused");
+            }
+            if node != cert_name {
+                bail!("peer says it is {node} but its certificate is for {cert_name}: refused");
+            }
+            Ok(())
+        }
+        other => bail!("expected a hello, got {other:?}"),
+    }
+}
+
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect();
+    let certs = certs.with_context(|| format!("parsing certificates in {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    Ok(certs)
+}
+
+/// TLS material of a node: its own certificate and key, and the cluster CA.
+pub struct Tls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Loads the node's certificate and key and the CA; both directions require a certificate
+    /// issued by the CA.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let mut roots = RootCertStore::empty();
+        for c in read_certs(ca)? {
+            roots.add(c).with_context(|| format!("adding the CA in {}", ca.display()))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = read_certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .context("building the client-certificate verifier")?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .context("loading this node's certificate and key")?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .context("loading this node's certificate and key")?;
+        Ok(Self { server: Arc::new(server), client: Arc::new(client) })
+    }
+}
+
+/// Which of `names` the (already CA-verified) certificate `cert` was issued for.
+#[must_use]
+pub fn identity<'a>(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    names.into_iter().find(|n| {
+        ServerName::try_from(*n).is_ok_and(|sn| ee.verify_is_valid_for_subject_name(&sn).is_ok())
+    })
+}
+
+/// `redirector tls ca DIR`: a new cluster CA (`ca.pem`, `ca.key`) in DIR.
+pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if cert_path.exists() || key_path.exists() {
+        bail!("{} already holds a CA: refusing to overwrite it", dir.display());
+    }
+    let key = rcgen::KeyPair::generate().context("generating the CA key")?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "redirector cluster CA");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let cert = params.self_signed(&key).context("signing the CA certificate")?;
+    write_secret(&key_path, &key.serialize_pem())?;
+    std::fs::write(&cert_path, cert.pem()).with_context(|| format!("writing {}", cert_path.display()))?;
+    Ok(())
+}
+
+/// `redirector tls node NAME`: a certificate for node NAME signed by the CA in DIR
+/// (`NAME.pem`, `NAME.key`).
+pub fn make_node(dir: &Path, name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("bad node name {name:?}: use letters, digits and '-'");
+    }
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("reading {}/ca.pem (make one with `redirector tls ca`)", dir.display()))?;
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}/ca.key", dir.display()))?)
+        .context("parsing the CA key")?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parsing the CA certificate")?;
+    let key = rcgen::KeyPair::generate().context("generating the node key")?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).context("node parameters")?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).context("signing the node certificate")?;
+    write_secret(&dir.join(format!("{name}.key")), &key.serialize_pem())?;
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).context("writing the node certificate")?;
+    Ok(())
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_msg() -> impl Strategy<Value = Msg> {
+        let ip = any::<[u8; 4]>().prop_map(IpAddr::from);
+        prop_oneof![
+            (any::<u32>(), "[a-z]{0,12}").prop_map(|(version, node)| Msg::Hello { version, node }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(load, high, low)| Msg::Heartbeat { load, high, low }),
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, connections, clients)| Msg::HelpRequest { id, connections, clients }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, capacity, lease_ms)| Msg::Offer { id, capacity, lease_ms }),
+            (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Decline { id, reason }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, tunnel_src, c)| {
+                Msg::Transfer {
+                    id,
+                    services: vec![SocketAddr::new(tunnel_src, 80)],
+                    tunnel_src,
+                    clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
+                }
+            }),
+            any::<u64>().prop_map(|id| Msg::TransferAck { id }),
+            (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Abort { id, reason }),
+            proptest::collection::vec(ip, 0..20).prop_map(|clients| Msg::Release { clients }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// The decoder never panics on arbitrary bytes.
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Msg::decode(&bytes);
+        }
+
+        /// Every message survives a round trip; truncating or extending it is an error.
+        #[test]
+        fn messages_round_trip(msg in any_msg(), cut in any::<usize>()) {
+            let bytes = msg.encode();
+            prop_assert_eq!(Msg::decode(&bytes).unwrap(), msg);
+            let cut = cut % bytes.len();
+            prop_assert!(Msg::decode(&bytes[..cut]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            prop_assert!(Msg::decode(&longer).is_err());
+        }
+
+        /// Flipping bytes of a valid message never panics the decoder.
+        #[test]
+        fn corrupted_messages_never_panic(msg in any_msg(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut bytes = msg.encode();
+            for (i, b) in flips {
+                let n = bytes.len();
+                bytes[i % n] ^= b;
+            }
+            let _ = Msg::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn hellos_are_checked() {
+        let ok = Msg::Hello { version: PROTOCOL_VERSION, node: "b".into() };
+        assert!(check_hello(&ok, "b").is_ok());
+        let e = check_hello(&Msg::Hello { version: 99, node: "b".into() }, "b").unwrap_err();
+        assert!(e.to_string().contains("version 99"), "{e}");
+        assert!(check_hello(&ok, "c").is_err());
+        assert!(check_hello(&Msg::TransferAck { id: 1 }, "b").is_err());
+    }
+
+    #[test]
+    fn certificates_carry_the_node_name() {
+        let dir = std::env::temp_dir().join(format!("redirector-tls-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        make_ca(&dir).unwrap();
+        assert!(make_ca(&dir).is_err(), "never overwrites a CA");
+        make_node(&dir, "b").unwrap();
+        let cert = read_certs(&dir.join("b.pem")).unwrap().remove(0);
+        assert_eq!(identity(&cert, ["a", "b", "c"]), Some("b"));
+        assert_eq!(identity(&cert, ["a", "c"]), None);
+        Tls::load(&dir.join("ca.pem"), &dir.join("b.pem"), &dir.join("b.key")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
