@@ -58,6 +58,17 @@ impl Server {
     #[must_use]
     pub fn start(ns: &str, name: &str, addr: SocketAddr) -> Self {
         let listener = in_netns(ns, move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+        Self::serve_on(listener, name, addr)
+    }
+
+    /// Starts server `name` on `addr` in this process's own namespace.
+    #[must_use]
+    pub fn start_here(name: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::serve_on(listener, name, addr)
+    }
+
+    fn serve_on(listener: TcpListener, name: &str, addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let (s, a, n) = (stop.clone(), accepted.clone(), name.to_string());

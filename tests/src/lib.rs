@@ -4,6 +4,7 @@
 //!
 //! Addresses come from 198.18.0.0/15 and 2001:db8::/32 only, inside namespaces made here.
 
+pub mod agents;
 pub mod app;
 pub mod net;
 pub mod packets;

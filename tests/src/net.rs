@@ -71,7 +71,7 @@ impl Host {
 
 /// A switch namespace with a bridge and hosts A, B, C (servers) and one client host.
 ///
-/// Plan (one L2 segment): A 198.18.0.1 (+ service 198.18.0.10), B .0.2, C .0.3,
+/// Plan (one L2 segment): A 198.18.0.1 (+ service 198.18.0.10), B .0.2 (+ .0.20), C .0.3 (+ .0.30),
 /// clients 198.18.1.1..=N; IPv6 2001:db8::1 (+ ::10), ::2, ::3, clients 2001:db8::1:1..=N.
 /// Everything is deleted when the topology drops, even after a panic.
 pub struct Topology {
@@ -88,6 +88,9 @@ pub struct Topology {
 }
 
 pub const SERVICE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// B's and C's own service addresses (clients of B and C use these).
+pub const SERVICE4_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+pub const SERVICE4_C: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 30);
 pub const SERVICE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 
 /// The `i`-th client address (1-based) of each family.
@@ -112,8 +115,9 @@ impl Topology {
         let mut t = Self {
             switch: format!("{prefix}s"),
             a: host("a", vec![Ipv4Addr::new(198, 18, 0, 1), SERVICE4], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), SERVICE6]),
-            b: host("b", vec![Ipv4Addr::new(198, 18, 0, 2)], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)]),
-            c: host("c", vec![Ipv4Addr::new(198, 18, 0, 3)], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3)]),
+            // Control addresses first, then each server's own service address.
+            b: host("b", vec![Ipv4Addr::new(198, 18, 0, 2), SERVICE4_B], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)]),
+            c: host("c", vec![Ipv4Addr::new(198, 18, 0, 3), SERVICE4_C], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3)]),
             client: host("k", (1..=clients).map(client4).collect(), (1..=clients).map(client6).collect()),
             bpffs: std::env::temp_dir().join(format!("{prefix}-bpffs")),
             prefix,

@@ -1,0 +1,307 @@
+//! Agents and applications as processes on the test hosts: a cgroup v2 hierarchy of the
+//! topology's own, a line-protocol application per server (in its cgroup, so the kernel counts
+//! its connections), cluster certificates, and `redirector agent` processes with their configs.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Host, Topology,
+    net::{redirector_bin, sh},
+};
+
+/// A process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Kills the process now (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process's log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cgroup v2 hierarchy mounted in a temporary folder, with one cgroup per application.
+pub struct Cgroups {
+    pub root: PathBuf,
+}
+
+impl Cgroups {
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("{prefix}-cgroup2"));
+        fs::create_dir_all(&root).expect("cgroup2 dir");
+        sh(&["mount", "-t", "cgroup2", "none", &root.to_string_lossy()]);
+        Self { root }
+    }
+
+    /// A cgroup for `name` (made if missing).
+    #[must_use]
+    pub fn group(&self, name: &str) -> PathBuf {
+        let g = self.root.join(name);
+        fs::create_dir_all(&g).expect("create cgroup");
+        g
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        // The applications are killed by then; remove their (empty) groups, then unmount.
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir(&self.root);
+    }
+}
+
+/// Path of a binary of this package (`redirector-test-app`), next to the test executable.
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Starts the test application `name` listening on `addr` in `host`'s namespace and `cgroup`.
+#[must_use]
+pub fn start_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, logs: &Path) -> Proc {
+    let log = logs.join(format!("app-{name}-{}.log", addr.port()));
+    let procs = cgroup.join("cgroup.procs");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &host.ns])
+        .arg(sibling_bin("redirector-test-app"))
+        .args([name, &addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("app log"));
+    // SAFETY: only async-signal-safe work between fork and exec: one write to a file.
+    unsafe {
+        cmd.pre_exec(move || {
+            fs::write(&procs, std::process::id().to_string())?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("start the test application");
+    // Wait until it listens.
+    let start = Instant::now();
+    while !fs::read_to_string(&log).unwrap_or_default().contains("listening") {
+        assert!(start.elapsed() < Duration::from_secs(5), "test app {name} on {addr} did not start: {}", fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Proc { child, log }
+}
+
+/// The cluster's certificates: a CA and one certificate per node name, in `dir`.
+pub fn make_certs(dir: &Path, names: &[&str]) {
+    fs::create_dir_all(dir).expect("tls dir");
+    redirector::peer::make_ca(dir).expect("make CA");
+    for n in names {
+        redirector::peer::make_node(dir, n).expect("make node certificate");
+    }
+}
+
+/// One node's agent settings for [`agent_config`].
+pub struct NodeSpec<'a> {
+    pub name: &'a str,
+    pub host: &'a Host,
+    pub service: SocketAddr,
+    pub cgroup: PathBuf,
+    pub high: u64,
+    pub low: u64,
+}
+
+/// Writes the TOML config of node `me` among `nodes` and returns its path.
+#[must_use]
+pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeSpec<'_>], extra: &str) -> PathBuf {
+    let tls = dir.join("tls");
+    let mut s = format!(
+        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\nheartbeat_ms = 200\nliveness_ms = 1500\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        me.name,
+        me.host.v4[0],
+        me.host.ns,
+        me.host.ns,
+        t.bpffs.display(),
+        dir.join(format!("{}.sock", me.name)).display(),
+        me.high,
+        me.low,
+        tls.join("ca.pem").display(),
+        tls.join(format!("{}.pem", me.name)).display(),
+        tls.join(format!("{}.key", me.name)).display(),
+    );
+    for n in nodes.iter().filter(|n| n.name != me.name) {
+        s.push_str(&format!("[[sibling]]\nname = \"{}\"\naddress = \"{}:7470\"\n", n.name, n.host.v4[0]));
+    }
+    s.push_str(&format!("[[service]]\naddress = \"{}\"\ndev = \"eth0\"\ncgroup = \"{}\"\n", me.service, me.cgroup.display()));
+    let path = dir.join(format!("{}.toml", me.name));
+    fs::write(&path, s).expect("write agent config");
+    path
+}
+
+/// Starts `redirector agent --config CONFIG`; its log goes to `<config>.log`.
+#[must_use]
+pub fn start_agent(config: &Path) -> Proc {
+    let log = config.with_extension("log");
+    let child = Command::new(redirector_bin())
+        .args(["agent", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("agent log"))
+        .spawn()
+        .expect("start the agent");
+    Proc { child, log }
+}
+
+/// The status of the agent behind admin socket `sock`, waiting up to 5 s for it to answer.
+#[must_use]
+pub fn status(sock: &Path) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        match redirector::admin::query(sock) {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(5), "agent at {} does not answer: {e:#}", sock.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Waits up to `secs` for `cond` on the status of the agent at `sock`.
+pub fn wait_status(sock: &Path, secs: u64, what: &str, mut cond: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let v = status(sock);
+        if cond(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}; last status: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Which host, service and application name each node uses.
+fn node_host<'a>(t: &'a Topology, name: &str) -> (&'a Host, SocketAddr, &'static str) {
+    use crate::net::{SERVICE4, SERVICE4_B, SERVICE4_C};
+    let svc = |ip| SocketAddr::new(std::net::IpAddr::V4(ip), 80);
+    match name {
+        "a" => (&t.a, svc(SERVICE4), "A"),
+        "b" => (&t.b, svc(SERVICE4_B), "B"),
+        "c" => (&t.c, svc(SERVICE4_C), "C"),
+        other => panic!("no host for node {other}"),
+    }
+}
+
+/// A topology with an application and an agent on each named server ("a", "b", "c"), with
+/// certificates from one cluster CA. Everything stops and is removed when dropped.
+pub struct Cluster {
+    pub agents: std::collections::HashMap<String, Proc>,
+    pub apps: Vec<Proc>,
+    pub dir: PathBuf,
+    pub cgroups: Cgroups,
+    pub t: Topology,
+}
+
+impl Cluster {
+    /// `nodes`: (name, high watermark, low watermark).
+    #[must_use]
+    pub fn new(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
+        let t = Topology::new(clients);
+        let cgroups = Cgroups::new(&t.prefix);
+        let dir = std::env::temp_dir().join(format!("{}-agents", t.prefix));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("agents dir");
+        let names: Vec<&str> = nodes.iter().map(|n| n.0).collect();
+        make_certs(&dir.join("tls"), &names);
+        let mut apps = Vec::new();
+        let specs: Vec<NodeSpec<'_>> = nodes
+            .iter()
+            .map(|(name, high, low)| {
+                let (host, service, app) = node_host(&t, name);
+                let cgroup = cgroups.group(&format!("{}-{name}", t.prefix));
+                apps.push(start_app(host, &cgroup, app, service, &dir));
+                NodeSpec { name, host, service, cgroup, high: *high, low: *low }
+            })
+            .collect();
+        let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();
+        let mut agents = std::collections::HashMap::new();
+        for s in &specs {
+            let cfg = agent_config(&t, &dir, s, &refs, "");
+            agents.insert(s.name.to_string(), start_agent(&cfg));
+        }
+        drop(specs);
+        let c = Self { agents, apps, dir, cgroups, t };
+        // Every agent answers and sees all its siblings.
+        for n in &names {
+            let others = names.len() - 1;
+            wait_status(&c.sock(n), 15, &format!("{n} to see its {others} sibling(s) up"), |v| {
+                v["siblings"].as_array().is_some_and(|s| s.iter().filter(|x| x["up"] == true).count() == others)
+            });
+        }
+        c
+    }
+
+    /// Admin socket of node `name`.
+    #[must_use]
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Status of node `name`.
+    #[must_use]
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        status(&self.sock(name))
+    }
+
+    /// Log of node `name`'s agent.
+    #[must_use]
+    pub fn log(&self, name: &str) -> String {
+        self.agents.get(name).map(Proc::log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in self.agents.values_mut() {
+            a.kill();
+        }
+        for a in &mut self.apps {
+            a.kill();
+        }
+        if std::thread::panicking() {
+            for (n, a) in &self.agents {
+                eprintln!("--- agent {n} log ---\n{}", a.log());
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,199 @@
+//! Agents on three servers negotiating by themselves over mutual TLS, with real connections
+//! from a client namespace with many client addresses.
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use redirector_tests::{
+    Client,
+    agents::{Cluster, wait_status},
+    net::{SERVICE4, SERVICE4_C, client4, in_netns},
+    require_root,
+};
+
+fn svc(ip: std::net::Ipv4Addr) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), 80)
+}
+
+/// Opens one connection per client in `range` to `dst`; returns them with who served each.
+fn open(c: &Cluster, range: std::ops::RangeInclusive<u16>, dst: SocketAddr) -> Vec<(u16, Client, String)> {
+    range
+        .map(|i| {
+            let mut cl = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), dst);
+            let who = cl.who();
+            assert_eq!(cl.peer(), dst, "the client always talks to the address it chose");
+            (i, cl, who)
+        })
+        .collect()
+}
+
+fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for (_, _, w) in conns {
+        *m.entry(w.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["migrated_out"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+#[test]
+fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(50, &[("a", 30, 20), ("b", 15, 10), ("c", 15, 10)]);
+    // 45 clients with one connection each drive A over its high watermark (30).
+    let conns = open(&c, 1..=45, svc(SERVICE4));
+    assert_eq!(served_by(&conns).get("A"), Some(&45), "before shedding A serves everyone");
+    let a = wait_status(&c.sock("a"), 15, "A to move clients under its low watermark", |v| migrated(v).len() >= 25);
+    let moved = migrated(&a);
+    let to_b = moved.iter().filter(|m| m.1 == "b").count();
+    let to_c = moved.iter().filter(|m| m.1 == "c").count();
+    assert!(to_b > 0 && to_c > 0, "A split its clients over both volunteers: b {to_b}, c {to_c}");
+    assert!(to_b <= 15 && to_c <= 15, "no volunteer got more than its high watermark: b {to_b}, c {to_c}");
+    // The clients reconnect (as a browser would): moved ones reach their volunteer.
+    let where_moved: HashMap<String, String> = moved.into_iter().collect();
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(300));
+    let conns = open(&c, 1..=45, svc(SERVICE4));
+    for (i, _, who) in &conns {
+        let expected = where_moved.get(&client4(*i).to_string()).map_or("A".to_string(), |n| n.to_uppercase());
+        assert_eq!(*who, expected, "client {} is served by {expected}", client4(*i));
+    }
+    wait_status(&c.sock("a"), 10, "A's load under its low watermark", |v| v["load"].as_u64().is_some_and(|l| l <= 20));
+    for n in ["b", "c"] {
+        let v = c.status(n);
+        let load = v["load"].as_u64().unwrap_or(u64::MAX);
+        assert!(load <= 15, "{n} stays at or under its high watermark: load {load}");
+        assert!(!v["adopted"].as_array().is_none_or(Vec::is_empty), "{n} lists the clients it adopted: {v}");
+    }
+    assert!(c.log("a").contains("client moved"), "one log line per decision");
+}
+
+#[test]
+fn two_overloaded_servers_cannot_overbook_one_volunteer() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(70, &[("a", 20, 10), ("b", 20, 10), ("c", 20, 10)]);
+    // A and C both go over 20 at once; only B has room, for 20 connections in all.
+    let a_conns = open(&c, 1..=30, svc(SERVICE4));
+    let c_conns = open(&c, 31..=60, svc(SERVICE4_C));
+    wait_status(&c.sock("a"), 15, "some shedding to happen", |_| {
+        let to_b = |n: &str| migrated(&c.status(n)).iter().filter(|m| m.1 == "b").count();
+        to_b("a") + to_b("c") > 0
+    });
+    // Give both origins time to ask again and again.
+    std::thread::sleep(Duration::from_secs(3));
+    let to_b = |n: &str| migrated(&c.status(n)).iter().filter(|m| m.1 == "b").count();
+    let total = to_b("a") + to_b("c");
+    assert!(total <= 20, "B was promised at most its room of 20 connections, got {total} clients (a {}, c {})", to_b("a"), to_b("c"));
+    drop(a_conns);
+    drop(c_conns);
+    std::thread::sleep(Duration::from_millis(300));
+    let _a = open(&c, 1..=30, svc(SERVICE4));
+    let _c = open(&c, 31..=60, svc(SERVICE4_C));
+    let b = wait_status(&c.sock("b"), 5, "B's load to be counted", |v| v["load"].as_u64().is_some_and(|l| l > 0));
+    assert!(b["load"].as_u64().unwrap_or(u64::MAX) <= 20, "B never exceeds its high watermark: {}", b["load"]);
+}
+
+#[test]
+fn clients_of_a_dead_volunteer_come_home() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(40, &[("a", 20, 10), ("b", 40, 30)]);
+    let conns = open(&c, 1..=30, svc(SERVICE4));
+    let a = wait_status(&c.sock("a"), 15, "A to move clients to B", |v| migrated(v).len() >= 20);
+    let moved: Vec<String> = migrated(&a).into_iter().map(|m| m.0).collect();
+    drop(conns);
+    // B dies: the process is killed, then its link goes down.
+    c.agents.get_mut("b").expect("agent b").kill();
+    c.t.b.ip(&["link", "set", "eth0", "down"]);
+    // Liveness is 1.5 s here: A drains the rules and takes its clients back.
+    wait_status(&c.sock("a"), 6, "A to give B's clients back", |v| migrated(v).is_empty());
+    let rules = c.t.redirector_ok(&c.t.a, &["rule", "list", "--json"]);
+    assert!(!rules.contains("\"active\""), "no active rule points at the dead volunteer: {rules}");
+    let first: u16 = moved[0].rsplit('.').next().and_then(|x| x.parse().ok()).expect("client number");
+    let mut back = Client::connect(&c.t.client.ns, IpAddr::V4(client4(first)), svc(SERVICE4));
+    assert_eq!(back.who(), "A", "a client moved to the dead volunteer is served by A again");
+    assert!(c.log("a").contains("liveness"), "the decision is logged");
+}
+
+/// A TLS client connection to `addr` from the client namespace with the given certificate.
+fn tls_connect(c: &Cluster, tls_dir: &std::path::Path, cert: &str, server_name: &str, addr: SocketAddr) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let tls = redirector::peer::Tls::load(&tls_dir.join("ca.pem"), &tls_dir.join(format!("{cert}.pem")), &tls_dir.join(format!("{cert}.key"))).expect("load test certificates");
+    let tcp = in_netns(&c.t.client.ns, move || std::net::TcpStream::connect(addr))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let conn = rustls::ClientConnection::new(Arc::clone(&tls.client), server_name.to_string().try_into().expect("name")).map_err(std::io::Error::other)?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+fn send_frame(s: &mut impl std::io::Write, body: &[u8]) -> std::io::Result<()> {
+    s.write_all(&u32::try_from(body.len()).expect("small").to_be_bytes())?;
+    s.write_all(body)?;
+    s.flush()
+}
+
+fn wait_log(c: &Cluster, node: &str, needle: &str) {
+    let start = std::time::Instant::now();
+    while !c.log(node).contains(needle) {
+        assert!(start.elapsed() < Duration::from_secs(5), "{node}'s log never said {needle:?}:\n{}", c.log(node));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn strangers_are_refused_and_bad_frames_only_close_their_connection() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    // A certificate named "b" but from another CA: refused during the handshake.
+    let evil = c.dir.join("evil");
+    redirector_tests::agents::make_certs(&evil, &["b"]);
+    let mut s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
+    drop(s);
+    let mut bad = tls_connect(&c, &evil, "b", "a", a_addr).expect("tcp connect");
+    let _ = send_frame(&mut bad, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode());
+    let mut buf = [0u8; 16];
+    assert!(!matches!(bad.read(&mut buf), Ok(n) if n > 0), "a peer with another CA's certificate gets nothing");
+    wait_log(&c, "a", "TLS handshake refused");
+    // A certificate from the cluster CA for a name that is not a sibling: refused.
+    redirector::peer::make_node(&c.dir.join("tls"), "mallory").expect("mallory cert");
+    let mut m = tls_connect(&c, &c.dir.join("tls"), "mallory", "a", a_addr).expect("connect");
+    let _ = send_frame(&mut m, &redirector::peer::Msg::Hello { version: 1, node: "mallory".into() }.encode());
+    wait_log(&c, "a", "not for a configured sibling");
+    // The right certificate, but another protocol version: refused with a clear message.
+    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
+    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 99, node: "b".into() }.encode()).expect("send hello");
+    wait_log(&c, "a", "protocol version 99");
+    // A malformed frame and an oversized frame close only that connection.
+    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
+    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
+    send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
+    wait_log(&c, "a", "malformed message");
+    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
+    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
+    let _ = s.write_all(&(1u32 << 30).to_be_bytes());
+    let _ = s.flush();
+    wait_log(&c, "a", "bad frame");
+    // The agent keeps serving everyone else: its status answers and B's link is still up.
+    let v = c.status("a");
+    assert_eq!(v["siblings"][0]["up"], true, "the real sibling is still connected: {v}");
+    assert!(!v["siblings"].to_string().contains("mallory"));
+}
