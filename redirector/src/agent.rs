@@ -76,6 +76,8 @@ struct State {
     migrated: HashMap<IpAddr, MigratedOut>,
     adopted: HashMap<IpAddr, AdoptedIn>,
     negotiating: bool,
+    /// Time of the last successful shedding, threshold crossing to rules installed.
+    last_shed_ms: Option<f64>,
 }
 
 /// A running agent.
@@ -407,7 +409,7 @@ impl Agent {
     // ---- origin side ---------------------------------------------------------------------
 
     async fn load_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tick.tick().await;
             let load = match self.dp().load() {
@@ -435,7 +437,13 @@ impl Agent {
                 tokio::spawn(async move {
                     let t0 = Instant::now();
                     match me.clone().shed(&load, projected).await {
-                        Ok(n) => info!(moved = n, ms = t0.elapsed().as_millis(), "shedding done"),
+                        Ok(n) => {
+                            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                            info!(moved = n, ms = format!("{ms:.1}"), "shedding done");
+                            if n > 0 {
+                                me.state().last_shed_ms = Some(ms);
+                            }
+                        }
                         Err(e) => warn!("shedding failed, nothing steered: {e:#}"),
                     }
                     // Let the moved clients' connections drain before deciding again.
@@ -670,6 +678,7 @@ impl Agent {
             "high_watermark": self.cfg.high_watermark,
             "low_watermark": self.cfg.low_watermark,
             "shedding": st.negotiating,
+            "last_shed_ms": st.last_shed_ms,
             "siblings": siblings,
             "migrated_out": migrated,
             "adopted": adopted,

@@ -181,7 +181,8 @@ pub fn start_agent(config: &Path) -> Proc {
     Proc { child, log }
 }
 
-/// The status of the agent behind admin socket `sock`, waiting up to 5 s for it to answer.
+/// The status of the agent behind admin socket `sock`, waiting up to 30 s for it to answer
+/// (many agents starting at once on two cores take a while to verify their programs).
 #[must_use]
 pub fn status(sock: &Path) -> serde_json::Value {
     let start = Instant::now();
@@ -189,7 +190,7 @@ pub fn status(sock: &Path) -> serde_json::Value {
         match redirector::admin::query(sock) {
             Ok(v) => return v,
             Err(e) => {
-                assert!(start.elapsed() < Duration::from_secs(5), "agent at {} does not answer: {e:#}", sock.display());
+                assert!(start.elapsed() < Duration::from_secs(30), "agent at {} does not answer: {e:#}", sock.display());
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -217,7 +218,11 @@ fn node_host<'a>(t: &'a Topology, name: &str) -> (&'a Host, SocketAddr, &'static
         "a" => (&t.a, svc(SERVICE4), "A"),
         "b" => (&t.b, svc(SERVICE4_B), "B"),
         "c" => (&t.c, svc(SERVICE4_C), "C"),
-        other => panic!("no host for node {other}"),
+        other => {
+            let i: usize = other.strip_prefix('s').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no host for node {other}"));
+            let h = &t.extra[i - 1];
+            (h, svc(h.v4[1]), "S")
+        }
     }
 }
 
@@ -235,7 +240,8 @@ impl Cluster {
     /// `nodes`: (name, high watermark, low watermark).
     #[must_use]
     pub fn new(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
-        let t = Topology::new(clients);
+        let extra = nodes.iter().filter(|n| n.0.starts_with('s')).count();
+        let t = Topology::with_servers(clients, u8::try_from(extra).expect("at most 255 extra servers"));
         let cgroups = Cgroups::new(&t.prefix);
         let dir = std::env::temp_dir().join(format!("{}-agents", t.prefix));
         let _ = fs::remove_dir_all(&dir);
@@ -280,6 +286,15 @@ impl Cluster {
     #[must_use]
     pub fn status(&self, name: &str) -> serde_json::Value {
         status(&self.sock(name))
+    }
+
+    /// Restarts node `name`'s agent (same configuration).
+    pub fn restart(&mut self, name: &str) {
+        if let Some(mut a) = self.agents.remove(name) {
+            a.kill();
+        }
+        self.agents.insert(name.to_string(), start_agent(&self.dir.join(format!("{name}.toml"))));
+        let _ = status(&self.sock(name));
     }
 
     /// Log of node `name`'s agent.

@@ -81,6 +81,8 @@ pub struct Topology {
     pub b: Host,
     pub c: Host,
     pub client: Host,
+    /// More servers (`s1`, `s2`, …) for benchmarks: control 198.18.0.100+i, service 198.18.3.i.
+    pub extra: Vec<Host>,
     /// A bpffs of this topology's own, mounted in the host's mount namespace.
     pub bpffs: PathBuf,
     created: Vec<String>,
@@ -109,6 +111,12 @@ impl Topology {
     /// Builds the topology with `clients` client addresses of each family.
     #[must_use]
     pub fn new(clients: u16) -> Self {
+        Self::with_servers(clients, 0)
+    }
+
+    /// Like [`Topology::new`], with `extra` more servers.
+    #[must_use]
+    pub fn with_servers(clients: u16, extra: u8) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("rd{}x{n}", std::process::id() % 100_000);
         let host = |name: &str, v4: Vec<Ipv4Addr>, v6: Vec<Ipv6Addr>| Host { ns: format!("{prefix}{name}"), v4, v6 };
@@ -119,6 +127,9 @@ impl Topology {
             b: host("b", vec![Ipv4Addr::new(198, 18, 0, 2), SERVICE4_B], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)]),
             c: host("c", vec![Ipv4Addr::new(198, 18, 0, 3), SERVICE4_C], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3)]),
             client: host("k", (1..=clients).map(client4).collect(), (1..=clients).map(client6).collect()),
+            extra: (1..=extra)
+                .map(|i| host(&format!("s{i}"), vec![Ipv4Addr::new(198, 18, 0, 100 + i), Ipv4Addr::new(198, 18, 3, i)], vec![]))
+                .collect(),
             bpffs: std::env::temp_dir().join(format!("{prefix}-bpffs")),
             prefix,
             created: Vec::new(),
@@ -139,7 +150,9 @@ impl Topology {
         self.add_ns(&sw);
         sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
         sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        for h in [self.a.clone(), self.b.clone(), self.c.clone(), self.client.clone()] {
+        let mut hosts = vec![self.a.clone(), self.b.clone(), self.c.clone(), self.client.clone()];
+        hosts.extend(self.extra.iter().cloned());
+        for h in hosts {
             self.add_ns(&h.ns);
             // The switch-side end is named after the host namespace (unique, <= 15 chars).
             sh(&["ip", "-n", &h.ns, "link", "add", "eth0", "type", "veth", "peer", "name", &h.ns, "netns", &sw]);
