@@ -120,8 +120,11 @@ pub enum Command {
     /// Ask a running agent for its status (admin socket).
     Status {
         /// The agent's admin socket.
+        #[arg(long, conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        /// Or the agent's configuration file, to find its admin socket.
         #[arg(long)]
-        socket: PathBuf,
+        config: Option<PathBuf>,
     },
 }
 
@@ -357,8 +360,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("certificate for {name} written to {}/{name}.pem and {name}.key", dir.display());
             return Ok(());
         }
-        Command::Status { socket } => {
-            let v = crate::admin::query(socket)?;
+        Command::Status { socket, config } => {
+            let socket = match (socket, config) {
+                (Some(s), _) => s.clone(),
+                (None, Some(c)) => Config::load(c)?.admin_socket(),
+                (None, None) => bail!("give the agent's --socket or its --config"),
+            };
+            let v = crate::admin::query(&socket)?;
             if cli.global.json {
                 println!("{v}");
             } else {
