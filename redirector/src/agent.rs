@@ -28,9 +28,10 @@ use tokio_util::codec::Framed;
 use tracing::{info, warn};
 
 use crate::{
+    app::{Apps, Limits},
     config::Config,
     datapath::{Datapath, Load, Location, Prefix},
-    peer::{self, MovedClient, Msg, PROTOCOL_VERSION, Tls},
+    peer::{self, MovedClient, Msg, PROTOCOL_VERSION, SessionBlob, Tls},
 };
 
 /// What an origin moved to a volunteer.
@@ -76,6 +77,10 @@ struct State {
     migrated: HashMap<IpAddr, MigratedOut>,
     adopted: HashMap<IpAddr, AdoptedIn>,
     negotiating: bool,
+    /// Session blobs received ahead of a `Transfer`, by (origin, id).
+    incoming: HashMap<(String, u64), Vec<SessionBlob>>,
+    /// Hand-overs imported into the local application, by (origin, id), awaiting `Commit`.
+    imported: HashMap<(String, u64), (SocketAddr, String)>,
     /// Time of the last successful shedding, threshold crossing to rules installed.
     last_shed_ms: Option<f64>,
 }
@@ -87,6 +92,7 @@ pub struct Agent {
     dp: Mutex<Datapath>,
     state: Mutex<State>,
     next_id: AtomicU64,
+    apps: Arc<Apps>,
 }
 
 fn unix_now() -> u64 {
@@ -148,7 +154,7 @@ impl Agent {
         for s in &cfg.siblings {
             state.siblings.insert(s.name.clone(), SiblingState::default());
         }
-        Ok(Arc::new(Self { cfg, tls, dp: Mutex::new(dp), state: Mutex::new(state), next_id: AtomicU64::new(1) }))
+        Ok(Arc::new(Self { cfg, tls, dp: Mutex::new(dp), state: Mutex::new(state), next_id: AtomicU64::new(1), apps: Arc::default() }))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -171,6 +177,8 @@ impl Agent {
         tokio::spawn(self.clone().load_loop());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(crate::admin::serve(self.clone()));
+        let owner = self.cfg.app_socket_owner().map_err(|e| anyhow!(e))?;
+        tokio::spawn(crate::app::serve(self.apps.clone(), self.cfg.app_socket(), owner));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -178,6 +186,7 @@ impl Agent {
         }
         info!("agent stopping; steering stays pinned in the kernel");
         let _ = std::fs::remove_file(self.cfg.admin_socket());
+        let _ = std::fs::remove_file(self.cfg.app_socket());
         Ok(())
     }
 
@@ -304,21 +313,47 @@ impl Agent {
                 None
             }
             Msg::HelpRequest { id, connections, clients } => Some(self.offer(from, id, connections, clients)),
+            Msg::Sessions { id, sessions } => {
+                let mut st = self.state();
+                let cap = st.reservations.iter().find(|r| r.origin == from && r.id == id).map_or(0, |r| r.capacity);
+                let held = st.incoming.entry((from.to_string(), id)).or_default();
+                let too_big = sessions.iter().any(|s| s.blob.len() > self.cfg.max_session_bytes);
+                if too_big || u64::try_from(held.len() + sessions.len()).unwrap_or(u64::MAX) > cap {
+                    warn!(origin = %from, id, "refusing sessions: over the reservation or max_session_bytes");
+                    held.clear();
+                    held.push(SessionBlob { client: IpAddr::from([0, 0, 0, 0]), blob: Vec::new() });
+                } else {
+                    held.extend(sessions);
+                }
+                None
+            }
             Msg::Transfer { id, services, tunnel_src, clients } => {
-                let me = self.clone();
-                let from2 = from.to_string();
-                let r = tokio::task::spawn_blocking(move || me.adopt(&from2, id, &services, tunnel_src, &clients)).await;
-                Some(match r {
-                    Ok(Ok(())) => Msg::TransferAck { id },
-                    Ok(Err(e)) => {
-                        warn!(origin = %from, id, "transfer refused: {e:#}");
-                        Msg::Abort { id, reason: format!("{e:#}") }
-                    }
-                    Err(e) => Msg::Abort { id, reason: e.to_string() },
-                })
+                let sessions = self.state().incoming.remove(&(from.to_string(), id)).unwrap_or_default();
+                Some(self.clone().accept_transfer(from, id, services, tunnel_src, clients, sessions).await)
+            }
+            Msg::Commit { id } => {
+                let imported = self.state().imported.remove(&(from.to_string(), id));
+                if let Some((svc, handoff)) = imported {
+                    self.apps.finish(svc, &handoff, true, self.limits()).await;
+                }
+                None
             }
             Msg::Abort { id, reason } => {
-                self.state().reservations.retain(|r| !(r.origin == from && r.id == id));
+                let imported = {
+                    let mut st = self.state();
+                    st.reservations.retain(|r| !(r.origin == from && r.id == id));
+                    st.incoming.remove(&(from.to_string(), id));
+                    for c in st.adopted.values().filter(|a| a.from == from).map(|a| a.client).collect::<Vec<_>>() {
+                        if st.imported.contains_key(&(from.to_string(), id)) {
+                            st.adopted.remove(&c);
+                        }
+                    }
+                    st.imported.remove(&(from.to_string(), id))
+                };
+                if let Some((svc, handoff)) = imported {
+                    // Nothing was steered: the imported sessions must not live here too.
+                    self.apps.finish(svc, &handoff, false, self.limits()).await;
+                }
                 info!(origin = %from, id, "origin aborted: {reason}");
                 None
             }
@@ -332,6 +367,64 @@ impl Agent {
             other => {
                 warn!(sibling = %from, "unexpected message {other:?}");
                 None
+            }
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { timeout: Duration::from_millis(self.cfg.app_timeout_ms), max_session_bytes: self.cfg.max_session_bytes }
+    }
+
+    /// The local service (and its application) that serves a sibling's `svc`: same port.
+    fn local_service_for(&self, svc: SocketAddr) -> Option<SocketAddr> {
+        self.cfg.services.iter().find(|s| s.address.port() == svc.port() && s.address.is_ipv4() == svc.is_ipv4()).map(|s| s.address)
+    }
+
+    /// Volunteer: imports the sessions into the local application, then prepares delivery; only
+    /// then acknowledges. Any failure undoes the import and answers `Abort`.
+    async fn accept_transfer(
+        self: Arc<Self>,
+        from: &str,
+        id: u64,
+        services: Vec<SocketAddr>,
+        tunnel_src: IpAddr,
+        clients: Vec<MovedClient>,
+        sessions: Vec<SessionBlob>,
+    ) -> Msg {
+        let handoff = format!("{from}-{id}-{}", self.cfg.node);
+        let mut imported_into = None;
+        if !sessions.is_empty() {
+            if sessions.iter().any(|s| s.blob.is_empty() && s.client.is_unspecified()) {
+                return Msg::Abort { id, reason: "sessions refused: over the reservation or max_session_bytes".into() };
+            }
+            let Some(local) = services.first().and_then(|s| self.local_service_for(*s)) else {
+                return Msg::Abort { id, reason: "no local service to import the sessions into".into() };
+            };
+            if let Err(e) = self.apps.import(local, &handoff, &sessions, self.limits()).await {
+                warn!(origin = %from, id, "import refused, aborting the transfer: {e:#}");
+                self.apps.finish(local, &handoff, false, self.limits()).await;
+                return Msg::Abort { id, reason: format!("import failed: {e:#}") };
+            }
+            info!(origin = %from, id, sessions = sessions.len(), "sessions imported into the application");
+            imported_into = Some(local);
+        }
+        let me = self.clone();
+        let from2 = from.to_string();
+        let r = tokio::task::spawn_blocking(move || me.adopt(&from2, id, &services, tunnel_src, &clients)).await;
+        let r = r.map_err(|e| anyhow!("{e}")).and_then(|r| r);
+        match r {
+            Ok(()) => {
+                if let Some(local) = imported_into {
+                    self.state().imported.insert((from.to_string(), id), (local, handoff));
+                }
+                Msg::TransferAck { id }
+            }
+            Err(e) => {
+                warn!(origin = %from, id, "transfer refused: {e:#}");
+                if let Some(local) = imported_into {
+                    self.apps.finish(local, &handoff, false, self.limits()).await;
+                }
+                Msg::Abort { id, reason: format!("{e:#}") }
             }
         }
     }
@@ -538,27 +631,98 @@ impl Agent {
         let transfers = plan.into_iter().map(|(name, clients)| {
             let me = self.clone();
             let services = services.clone();
-            async move {
-                let msg = Msg::Transfer { id, services, tunnel_src, clients: clients.clone() };
-                match me.ask(&name, msg, id, timeout).await {
-                    Ok(Msg::TransferAck { .. }) => me.steer(&name, clients).await,
-                    Ok(Msg::Abort { reason, .. }) => {
-                        warn!(sibling = %name, "transfer aborted by the volunteer, nothing steered: {reason}");
-                        0
-                    }
-                    Ok(other) => {
-                        warn!(sibling = %name, "unexpected answer {other:?}; nothing steered");
-                        0
-                    }
-                    Err(e) => {
-                        warn!(sibling = %name, "transfer failed, nothing steered: {e:#}");
-                        me.tell(&name, Msg::Abort { id, reason: e.to_string() }).await;
-                        0
-                    }
-                }
-            }
+            async move { me.transfer(&name, id, services, tunnel_src, clients, timeout).await }
         });
         Ok(futures::future::join_all(transfers).await.into_iter().sum())
+    }
+
+    /// Origin: one volunteer's share, two-phase. Export (sessions frozen in the application)
+    /// -> Sessions + Transfer -> `TransferAck` -> rules installed -> commit; any failure before
+    /// the rules are in place aborts everywhere (sessions unfrozen here, dropped there).
+    async fn transfer(
+        self: &Arc<Self>,
+        name: &str,
+        id: u64,
+        services: Vec<SocketAddr>,
+        tunnel_src: IpAddr,
+        clients: Vec<MovedClient>,
+        timeout: Duration,
+    ) -> usize {
+        let handoff = format!("{}-{id}-{name}", self.cfg.node);
+        let lim = self.limits();
+        let app_svc = services.iter().copied().find(|s| self.apps.has(*s));
+        let mut sessions = Vec::new();
+        if let Some(svc) = app_svc {
+            let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
+            match self.apps.export(svc, &handoff, &addrs, lim).await {
+                Ok(s) => sessions = s,
+                Err(e) => {
+                    warn!(sibling = %name, "export failed, hand-over aborted, nothing steered: {e:#}");
+                    self.apps.finish(svc, &handoff, false, lim).await;
+                    self.tell(name, Msg::Abort { id, reason: format!("export failed: {e:#}") }).await;
+                    return 0;
+                }
+            }
+        }
+        let abort = |why: String| {
+            let me = self.clone();
+            let name = name.to_string();
+            let handoff = handoff.clone();
+            async move {
+                if let Some(svc) = app_svc {
+                    me.apps.finish(svc, &handoff, false, lim).await;
+                }
+                me.tell(&name, Msg::Abort { id, reason: why }).await;
+            }
+        };
+        // Session blobs first, in frames under the peer limit.
+        let budget = self.cfg.max_frame.saturating_sub(4096).max(1);
+        let mut chunk: Vec<SessionBlob> = Vec::new();
+        let mut size = 0;
+        let n_sessions = sessions.len();
+        for s in sessions {
+            if size + s.blob.len() + 64 > budget && !chunk.is_empty() {
+                self.tell(name, Msg::Sessions { id, sessions: std::mem::take(&mut chunk) }).await;
+                size = 0;
+            }
+            size += s.blob.len() + 64;
+            chunk.push(s);
+        }
+        if !chunk.is_empty() {
+            self.tell(name, Msg::Sessions { id, sessions: chunk }).await;
+        }
+        let msg = Msg::Transfer { id, services, tunnel_src, clients: clients.clone() };
+        match self.ask(name, msg, id, timeout).await {
+            Ok(Msg::TransferAck { .. }) => {}
+            Ok(Msg::Abort { reason, .. }) => {
+                warn!(sibling = %name, "transfer aborted by the volunteer, nothing steered: {reason}");
+                abort(reason).await;
+                return 0;
+            }
+            Ok(other) => {
+                warn!(sibling = %name, "unexpected answer {other:?}; nothing steered");
+                abort("unexpected answer".into()).await;
+                return 0;
+            }
+            Err(e) => {
+                warn!(sibling = %name, "transfer failed, nothing steered: {e:#}");
+                abort(e.to_string()).await;
+                return 0;
+            }
+        }
+        let n = clients.len();
+        let moved = self.steer(name, clients).await;
+        if moved < n {
+            warn!(sibling = %name, moved, of = n, "not every rule went in: hand-over aborted");
+            abort("rules could not be installed".into()).await;
+            return 0;
+        }
+        if let Some(svc) = app_svc {
+            self.apps.finish(svc, &handoff, true, lim).await;
+        }
+        self.tell(name, Msg::Commit { id }).await;
+        info!(sibling = %name, clients = n, sessions = n_sessions, "hand-over committed");
+        moved
     }
 
     async fn tell(&self, name: &str, msg: Msg) {
@@ -596,7 +760,17 @@ impl Agent {
         .await
         .unwrap_or_default();
         if !failed.is_empty() {
-            self.tell(name, Msg::Release { clients: failed }).await;
+            // All or nothing: take back the rules that went in.
+            {
+                let mut dp = self.dp();
+                for c in &moved {
+                    let _ = dp.release(host_prefix(c.addr));
+                }
+            }
+            let mut all = failed;
+            all.extend(moved.iter().map(|c| c.addr));
+            self.tell(name, Msg::Release { clients: all }).await;
+            return 0;
         }
         let mut st = self.state();
         for c in &moved {

@@ -41,6 +41,15 @@ pub struct Config {
     pub lease_ms: u64,
     /// Largest peer frame accepted, in bytes.
     pub max_frame: usize,
+    /// The application hook: a Unix socket the local application connects to (see
+    /// docs/app-protocol.md). Default: /run/redirector/<node>-app.sock.
+    pub app_socket: Option<PathBuf>,
+    /// Owner of the app socket, `UID:GID` (mode 0660); default: root.
+    pub app_socket_owner: Option<String>,
+    /// How long the application may take to answer a hook request, in ms.
+    pub app_timeout_ms: u64,
+    /// Largest session blob accepted, in bytes; larger ones abort the hand-over.
+    pub max_session_bytes: usize,
     pub tls: TlsFiles,
     #[serde(rename = "sibling")]
     pub siblings: Vec<Sibling>,
@@ -65,6 +74,10 @@ impl Default for Config {
             negotiate_timeout_ms: 1000,
             lease_ms: 2000,
             max_frame: 1 << 20,
+            app_socket: None,
+            app_socket_owner: None,
+            app_timeout_ms: 2000,
+            max_session_bytes: 256 << 10,
             tls: TlsFiles::default(),
             siblings: Vec::new(),
             services: Vec::new(),
@@ -137,6 +150,21 @@ impl Config {
         self.admin_socket.clone().unwrap_or_else(|| PathBuf::from(format!("/run/redirector/{}.sock", self.node)))
     }
 
+    /// The application hook socket path.
+    #[must_use]
+    pub fn app_socket(&self) -> PathBuf {
+        self.app_socket.clone().unwrap_or_else(|| PathBuf::from(format!("/run/redirector/{}-app.sock", self.node)))
+    }
+
+    /// The app socket's owner, if configured: (uid, gid).
+    pub fn app_socket_owner(&self) -> Result<Option<(u32, u32)>, String> {
+        let Some(o) = &self.app_socket_owner else { return Ok(None) };
+        let (u, g) = o.split_once(':').ok_or_else(|| format!("app_socket_owner {o:?}: expected UID:GID"))?;
+        let u = u.parse().map_err(|_| format!("app_socket_owner {o:?}: bad uid"))?;
+        let g = g.parse().map_err(|_| format!("app_socket_owner {o:?}: bad gid"))?;
+        Ok(Some((u, g)))
+    }
+
     /// Every problem with the configuration, one line each (empty: valid).
     #[must_use]
     pub fn problems(&self) -> Vec<String> {
@@ -159,6 +187,15 @@ impl Config {
         }
         if self.max_frame < 1024 {
             p.push(format!("max_frame ({}) must be at least 1024", self.max_frame));
+        }
+        if self.max_session_bytes == 0 || self.max_session_bytes + 4096 > self.max_frame {
+            p.push(format!(
+                "max_session_bytes ({}) must be above 0 and leave 4096 bytes of room under max_frame ({})",
+                self.max_session_bytes, self.max_frame
+            ));
+        }
+        if let Err(e) = self.app_socket_owner() {
+            p.push(e);
         }
         for (name, f) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if f.as_os_str().is_empty() {

@@ -1,6 +1,7 @@
 //! redirector: servers that share load among themselves.
 pub mod admin;
 pub mod agent;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod datapath;

@@ -27,6 +27,13 @@ pub struct MovedClient {
     pub connections: u64,
 }
 
+/// A client's session as the application exported it (opaque to redirector).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionBlob {
+    pub client: IpAddr,
+    pub blob: Vec<u8>,
+}
+
 /// Messages between siblings. Requests travel on the requester's own connection, answers come
 /// back on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,11 +48,17 @@ pub enum Msg {
     Offer { id: u64, capacity: u64, lease_ms: u64 },
     /// A sibling cannot help.
     Decline { id: u64, reason: String },
+    /// Session blobs of clients about to be transferred (several frames may precede the
+    /// `Transfer` of the same id).
+    Sessions { id: u64, sessions: Vec<SessionBlob> },
     /// The origin hands clients over: the volunteer serves `services` (the origin's service
     /// addresses) and accepts tunnels from `tunnel_src` before it acknowledges.
     Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: IpAddr, clients: Vec<MovedClient> },
     /// The volunteer is ready: the origin may steer.
     TransferAck { id: u64 },
+    /// The origin steered the transferred clients: the volunteer's imported sessions are
+    /// final.
+    Commit { id: u64 },
     /// Something failed before the acknowledgement: nothing is steered.
     Abort { id: u64, reason: String },
     /// The origin took clients back.
@@ -229,8 +242,11 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|id| Msg::TransferAck { id }),
+            any::<u64>().prop_map(|id| Msg::Commit { id }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Abort { id, reason }),
-            proptest::collection::vec(ip, 0..20).prop_map(|clients| Msg::Release { clients }),
+            proptest::collection::vec(ip.clone(), 0..20).prop_map(|clients| Msg::Release { clients }),
+            (any::<u64>(), proptest::collection::vec((ip, proptest::collection::vec(any::<u8>(), 0..64)), 0..8))
+                .prop_map(|(id, s)| Msg::Sessions { id, sessions: s.into_iter().map(|(client, blob)| SessionBlob { client, blob }).collect() }),
         ]
     }
 

@@ -119,6 +119,36 @@ pub fn start_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, logs:
     Proc { child, log }
 }
 
+/// Starts the demo HTTP application `name` on `addr` in `host`'s namespace and `cgroup`,
+/// connected to the agent's hook socket `hook`.
+#[must_use]
+pub fn start_demo_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, hook: &Path, logs: &Path) -> Proc {
+    let log = logs.join(format!("demo-{name}.log"));
+    let procs = cgroup.join("cgroup.procs");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &host.ns])
+        .arg(sibling_bin("redirector-demo-app"))
+        .args(["--name", name, "--listen", &addr.to_string(), "--service", &addr.to_string(), "--hook"])
+        .arg(hook)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("app log"));
+    // SAFETY: only async-signal-safe work between fork and exec: one write to a file.
+    unsafe {
+        cmd.pre_exec(move || {
+            fs::write(&procs, std::process::id().to_string())?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("start the demo application");
+    let start = Instant::now();
+    while !fs::read_to_string(&log).unwrap_or_default().contains("listening") {
+        assert!(start.elapsed() < Duration::from_secs(5), "demo app {name} did not start: {}", fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Proc { child, log }
+}
+
 /// The cluster's certificates: a CA and one certificate per node name, in `dir`.
 pub fn make_certs(dir: &Path, names: &[&str]) {
     fs::create_dir_all(dir).expect("tls dir");
@@ -143,13 +173,14 @@ pub struct NodeSpec<'a> {
 pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeSpec<'_>], extra: &str) -> PathBuf {
     let tls = dir.join("tls");
     let mut s = format!(
-        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\nheartbeat_ms = 200\nliveness_ms = 1500\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\nheartbeat_ms = 200\nliveness_ms = 1500\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         me.name,
         me.host.v4[0],
         me.host.ns,
         me.host.ns,
         t.bpffs.display(),
         dir.join(format!("{}.sock", me.name)).display(),
+        dir.join(format!("{}-app.sock", me.name)).display(),
         me.high,
         me.low,
         tls.join("ca.pem").display(),
@@ -240,6 +271,16 @@ impl Cluster {
     /// `nodes`: (name, high watermark, low watermark).
     #[must_use]
     pub fn new(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
+        Self::build(clients, nodes, false)
+    }
+
+    /// Like [`Cluster::new`], running the demo HTTP application with its session hook.
+    #[must_use]
+    pub fn with_demo_app(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
+        Self::build(clients, nodes, true)
+    }
+
+    fn build(clients: u16, nodes: &[(&str, u64, u64)], demo: bool) -> Self {
         let extra = nodes.iter().filter(|n| n.0.starts_with('s')).count();
         let t = Topology::with_servers(clients, u8::try_from(extra).expect("at most 255 extra servers"));
         let cgroups = Cgroups::new(&t.prefix);
@@ -254,7 +295,11 @@ impl Cluster {
             .map(|(name, high, low)| {
                 let (host, service, app) = node_host(&t, name);
                 let cgroup = cgroups.group(&format!("{}-{name}", t.prefix));
-                apps.push(start_app(host, &cgroup, app, service, &dir));
+                if demo {
+                    apps.push(start_demo_app(host, &cgroup, app, service, &dir.join(format!("{name}-app.sock")), &dir));
+                } else {
+                    apps.push(start_app(host, &cgroup, app, service, &dir));
+                }
                 NodeSpec { name, host, service, cgroup, high: *high, low: *low }
             })
             .collect();
@@ -266,6 +311,15 @@ impl Cluster {
         }
         drop(specs);
         let c = Self { agents, apps, dir, cgroups, t };
+        if demo {
+            for n in &names {
+                let start = Instant::now();
+                while !c.log(n).contains("application registered") {
+                    assert!(start.elapsed() < Duration::from_secs(10), "{n}'s application never registered:\n{}", c.log(n));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
         // Every agent answers and sees all its siblings.
         for n in &names {
             let others = names.len() - 1;

@@ -160,6 +160,14 @@ pub struct Client {
 
 /// Connects from `src` to `dst` inside namespace `ns`.
 pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Client> {
+    let stream = connect_tcp(ns, src, dst)?;
+    let reader = BufReader::new(stream.try_clone()?);
+    Ok(Client { stream, reader })
+}
+
+/// A TCP connection from `src` to `dst` made inside namespace `ns` (3 s connect timeout,
+/// 15 s I/O timeouts).
+pub fn connect_tcp(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     in_netns(ns, move || {
         let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
         // SAFETY: a fresh socket, owned by the TcpStream below.
@@ -198,8 +206,7 @@ pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Cl
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Client { stream, reader })
+        Ok(stream)
     })
 }
 

@@ -1,0 +1,151 @@
+//! Sessions move with their clients: the demo HTTP application on three servers with agents,
+//! 200 clients in keep-alive loops driving A over its watermark.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use redirector_tests::{
+    agents::{Cluster, wait_status},
+    app::connect_tcp,
+    net::{SERVICE4, client4},
+    require_root,
+};
+
+/// One keep-alive HTTP/1.1 client, retrying once when a connection closes before a response
+/// (as browsers do).
+struct HttpClient {
+    ns: String,
+    src: IpAddr,
+    dst: SocketAddr,
+    conn: Option<(TcpStream, BufReader<TcpStream>)>,
+    last: Option<u64>,
+    servers: HashMap<String, u64>,
+    requests: u64,
+    failures: Vec<String>,
+}
+
+impl HttpClient {
+    fn new(ns: &str, src: IpAddr, dst: SocketAddr) -> Self {
+        Self { ns: ns.into(), src, dst, conn: None, last: None, servers: HashMap::new(), requests: 0, failures: Vec::new() }
+    }
+
+    fn try_once(&mut self) -> Result<serde_json::Value, String> {
+        if self.conn.is_none() {
+            let s = connect_tcp(&self.ns, self.src, self.dst).map_err(|e| format!("connect: {e}"))?;
+            let r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+            self.conn = Some((s, r));
+        }
+        let (s, r) = self.conn.as_mut().expect("connected");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+        let mut len = None;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            let n = r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err(if first { "closed before any response".into() } else { "closed mid-response".into() });
+            }
+            first = false;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0u8; len.ok_or("no content-length")?];
+        r.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+        serde_json::from_slice(&body).map_err(|e| format!("bad body: {e}"))
+    }
+
+    /// One request, with the single retry; checks the session counter moves by exactly one.
+    fn request(&mut self) {
+        self.requests += 1;
+        let r = match self.try_once() {
+            Ok(v) => Ok(v),
+            Err(first) => {
+                self.conn = None;
+                self.try_once().map_err(|e| format!("{first}; retry: {e}"))
+            }
+        };
+        match r {
+            Ok(v) => {
+                let count = v["count"].as_u64().unwrap_or(0);
+                if let Some(prev) = self.last
+                    && count != prev + 1
+                {
+                    self.failures.push(format!("{}: count {count} after {prev} (from {})", self.src, v["server"]));
+                }
+                self.last = Some(count);
+                *self.servers.entry(v["server"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+            }
+            Err(e) => {
+                self.conn = None;
+                self.failures.push(format!("{}: request {} failed: {e}", self.src, self.requests));
+            }
+        }
+    }
+}
+
+#[test]
+fn two_hundred_clients_keep_their_sessions_with_zero_failed_requests() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::with_demo_app(200, &[("a", 150, 100), ("b", 70, 50), ("c", 70, 50)]);
+    let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
+    let ns = c.t.client.ns.clone();
+    // 200 clients, 20 threads of 10; each client loops on its keep-alive connection. Bounded:
+    // at most 8 s and 400 requests per client.
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let threads: Vec<_> = (0..20u16)
+        .map(|t| {
+            let (ns, results) = (ns.clone(), results.clone());
+            std::thread::spawn(move || {
+                let mut clients: Vec<HttpClient> = (1..=10).map(|i| HttpClient::new(&ns, IpAddr::V4(client4(t * 10 + i)), dst)).collect();
+                let mut rounds = 0;
+                while Instant::now() < deadline && rounds < 400 {
+                    for cl in &mut clients {
+                        cl.request();
+                    }
+                    rounds += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                results.lock().expect("lock").extend(clients);
+            })
+        })
+        .collect();
+    let a = wait_status(&c.sock("a"), 10, "A to shed clients to B and C", |v| v["migrated_out"].as_array().is_some_and(|m| m.len() >= 50));
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let clients = results.lock().expect("lock");
+    let failures: Vec<&String> = clients.iter().flat_map(|c| &c.failures).collect();
+    let total: u64 = clients.iter().map(|c| c.requests).sum();
+    if !failures.is_empty() {
+        for a in &c.apps {
+            eprintln!("--- {} ---\n{}", a.log.display(), a.log());
+        }
+    }
+    assert!(failures.is_empty(), "{} of {total} requests failed or broke a session:\n{}", failures.len(), failures.iter().take(20).map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+    let moved = clients.iter().filter(|c| c.servers.keys().any(|s| s != "A")).count();
+    let by: HashMap<&str, usize> = clients.iter().fold(HashMap::new(), |mut m, c| {
+        for s in c.servers.keys() {
+            *m.entry(s.as_str()).or_default() += 1;
+        }
+        m
+    });
+    assert!(moved >= 50, "about half of the clients moved to B and C with their sessions: {moved} moved; by server {by:?}; A said {a}");
+    assert!(by.contains_key("B") && by.contains_key("C"), "both volunteers served moved clients: {by:?}");
+    for cl in clients.iter() {
+        assert!(cl.last.unwrap_or(0) >= cl.requests.min(1), "{} got answers", cl.src);
+    }
+    eprintln!("{total} requests, 0 failed; clients per server {by:?}");
+}
