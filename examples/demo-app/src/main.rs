@@ -163,10 +163,7 @@ fn serve(store: &Store, name: &str, stream: TcpStream) {
             cl.conns.insert(id, (s, idle.clone()));
         }
     }
-    let mut w = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
+    let Ok(mut w) = stream.try_clone() else { return };
     let mut r = BufReader::new(stream);
     while read_request(&mut r) {
         idle.store(false, Ordering::SeqCst);
