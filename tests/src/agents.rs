@@ -119,16 +119,28 @@ pub fn start_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, logs:
     Proc { child, log }
 }
 
+/// Which demo application a cluster runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoApp {
+    /// `examples/demo-app` (Rust, with `redirector-sdk`).
+    Rust,
+    /// `examples/node-demo/server.js` (plain Node.js).
+    Node,
+}
+
 /// Starts the demo HTTP application `name` on `addr` in `host`'s namespace and `cgroup`,
 /// connected to the agent's hook socket `hook`.
 #[must_use]
-pub fn start_demo_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, hook: &Path, logs: &Path) -> Proc {
+pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, hook: &Path, logs: &Path) -> Proc {
     let log = logs.join(format!("demo-{name}.log"));
     let procs = cgroup.join("cgroup.procs");
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &host.ns])
-        .arg(sibling_bin("redirector-demo-app"))
-        .args(["--name", name, "--listen", &addr.to_string(), "--service", &addr.to_string(), "--hook"])
+    cmd.args(["netns", "exec", &host.ns]);
+    match kind {
+        DemoApp::Rust => cmd.arg(sibling_bin("redirector-demo-app")),
+        DemoApp::Node => cmd.arg("node").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node-demo/server.js")),
+    };
+    cmd.args(["--name", name, "--listen", &addr.to_string(), "--service", &addr.to_string(), "--hook"])
         .arg(hook)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -271,16 +283,16 @@ impl Cluster {
     /// `nodes`: (name, high watermark, low watermark).
     #[must_use]
     pub fn new(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
-        Self::build(clients, nodes, false)
+        Self::build(clients, nodes, None)
     }
 
-    /// Like [`Cluster::new`], running the demo HTTP application with its session hook.
+    /// Like [`Cluster::new`], running a demo HTTP application with its session hook.
     #[must_use]
-    pub fn with_demo_app(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
-        Self::build(clients, nodes, true)
+    pub fn with_demo_app(kind: DemoApp, clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
+        Self::build(clients, nodes, Some(kind))
     }
 
-    fn build(clients: u16, nodes: &[(&str, u64, u64)], demo: bool) -> Self {
+    fn build(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>) -> Self {
         let extra = nodes.iter().filter(|n| n.0.starts_with('s')).count();
         let t = Topology::with_servers(clients, u8::try_from(extra).expect("at most 255 extra servers"));
         let cgroups = Cgroups::new(&t.prefix);
@@ -295,8 +307,8 @@ impl Cluster {
             .map(|(name, high, low)| {
                 let (host, service, app) = node_host(&t, name);
                 let cgroup = cgroups.group(&format!("{}-{name}", t.prefix));
-                if demo {
-                    apps.push(start_demo_app(host, &cgroup, app, service, &dir.join(format!("{name}-app.sock")), &dir));
+                if let Some(kind) = demo {
+                    apps.push(start_demo_app(kind, host, &cgroup, app, service, &dir.join(format!("{name}-app.sock")), &dir));
                 } else {
                     apps.push(start_app(host, &cgroup, app, service, &dir));
                 }
@@ -311,7 +323,7 @@ impl Cluster {
         }
         drop(specs);
         let c = Self { agents, apps, dir, cgroups, t };
-        if demo {
+        if demo.is_some() {
             for n in &names {
                 let start = Instant::now();
                 while !c.log(n).contains("application registered") {
