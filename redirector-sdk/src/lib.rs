@@ -117,7 +117,10 @@ fn serve_on(
         let reply = answer(sessions, line.trim());
         line.clear();
         if let Some(reply) = reply {
-            writeln!(w, "{reply}")?;
+            // One write for the whole line (answers can be megabytes).
+            let mut text = reply.to_string();
+            text.push('\n');
+            w.write_all(text.as_bytes())?;
         }
     }
     Ok(())

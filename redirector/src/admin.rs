@@ -37,11 +37,50 @@ async fn serve_inner(agent: Arc<Agent>) -> anyhow::Result<()> {
             }
             let answer = match line.trim() {
                 "status" => agent.status(),
+                req if req.starts_with('{') => request(agent, req).await,
                 other => serde_json::json!({ "error": format!("unknown request {other:?}: try status") }),
             };
             let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
         });
     }
+}
+
+/// JSON requests: `{"op":"move","clients":["198.18.1.5",...]}` moves those clients now
+/// (one connection each assumed), as shedding would; answers `{"moved":N,"ms":T}`.
+async fn request(agent: Arc<Agent>, req: &str) -> serde_json::Value {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(req) else {
+        return serde_json::json!({ "error": "malformed request" });
+    };
+    match v["op"].as_str() {
+        Some("move") => {
+            let clients: Vec<(std::net::IpAddr, u64)> = v["clients"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str()?.parse().ok())
+                .map(|a| (a, 1))
+                .collect();
+            let t0 = std::time::Instant::now();
+            match agent.move_clients(clients).await {
+                Ok(n) => serde_json::json!({ "moved": n, "ms": t0.elapsed().as_secs_f64() * 1000.0 }),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            }
+        }
+        other => serde_json::json!({ "error": format!("unknown op {other:?}") }),
+    }
+}
+
+/// Sends one request line to a running agent and returns its answer.
+pub fn ask(path: &std::path::Path, line: &str, timeout: std::time::Duration) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).context("reading the agent's answer")?;
+    serde_json::from_str(&answer).context("parsing the agent's answer")
 }
 
 /// `redirector status`: asks a running agent.

@@ -315,7 +315,12 @@ impl Agent {
             Msg::HelpRequest { id, connections, clients } => Some(self.offer(from, id, connections, clients)),
             Msg::Sessions { id, sessions } => {
                 let mut st = self.state();
-                let cap = st.reservations.iter().find(|r| r.origin == from && r.id == id).map_or(0, |r| r.capacity);
+                let lease = Duration::from_millis(self.cfg.lease_ms);
+                // Sessions arriving keep the reservation alive: large hand-overs outlast a lease.
+                let cap = st.reservations.iter_mut().find(|r| r.origin == from && r.id == id).map_or(0, |r| {
+                    r.until = Instant::now() + lease;
+                    r.capacity
+                });
                 let held = st.incoming.entry((from.to_string(), id)).or_default();
                 let too_big = sessions.iter().any(|s| s.blob.len() > self.cfg.max_session_bytes);
                 if too_big || u64::try_from(held.len() + sessions.len()).unwrap_or(u64::MAX) > cap {
@@ -582,6 +587,12 @@ impl Agent {
             load.clients.iter().filter(|(a, _)| !st.migrated.contains_key(a)).copied().collect()
         };
         let picked = pick_clients(&candidates, projected, self.cfg.low_watermark);
+        self.move_clients(picked).await
+    }
+
+    /// Moves `picked` clients (address, connections) to siblings with room: negotiation,
+    /// hand-over, rules. Also the admin socket's `move` request.
+    pub async fn move_clients(self: Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<usize> {
         if picked.is_empty() {
             bail!("no client left to move");
         }
@@ -650,6 +661,7 @@ impl Agent {
     ) -> usize {
         let handoff = format!("{}-{id}-{name}", self.cfg.node);
         let lim = self.limits();
+        let t0 = Instant::now();
         let app_svc = services.iter().copied().find(|s| self.apps.has(*s));
         let mut sessions = Vec::new();
         if let Some(svc) = app_svc {
@@ -675,6 +687,7 @@ impl Agent {
                 me.tell(&name, Msg::Abort { id, reason: why }).await;
             }
         };
+        let t_export = t0.elapsed();
         // Session blobs first, in frames under the peer limit.
         let budget = self.cfg.max_frame.saturating_sub(4096).max(1);
         let mut chunk: Vec<SessionBlob> = Vec::new();
@@ -710,8 +723,10 @@ impl Agent {
                 return 0;
             }
         }
+        let t_ack = t0.elapsed();
         let n = clients.len();
         let moved = self.steer(name, clients).await;
+        let t_steer = t0.elapsed();
         if moved < n {
             warn!(sibling = %name, moved, of = n, "not every rule went in: hand-over aborted");
             abort("rules could not be installed".into()).await;
@@ -721,7 +736,16 @@ impl Agent {
             self.apps.finish(svc, &handoff, true, lim).await;
         }
         self.tell(name, Msg::Commit { id }).await;
-        info!(sibling = %name, clients = n, sessions = n_sessions, "hand-over committed");
+        info!(
+            sibling = %name,
+            clients = n,
+            sessions = n_sessions,
+            export_ms = t_export.as_millis(),
+            acked_ms = t_ack.as_millis(),
+            steered_ms = t_steer.as_millis(),
+            committed_ms = t0.elapsed().as_millis(),
+            "hand-over committed"
+        );
         moved
     }
 
@@ -736,45 +760,28 @@ impl Agent {
     async fn steer(self: &Arc<Self>, name: &str, clients: Vec<MovedClient>) -> usize {
         let Some(target) = self.cfg.siblings.iter().find(|s| s.name == name).map(|s| s.address.ip()) else { return 0 };
         let me = self.clone();
-        let name2 = name.to_string();
-        let (moved, failed) = tokio::task::spawn_blocking(move || {
-            let mut moved = Vec::new();
-            let mut failed = Vec::new();
-            let mut probe = Some(Duration::from_secs(1));
-            for c in clients {
-                let r = me.dp().migrate(host_prefix(c.addr), target, probe);
-                match r {
-                    Ok(()) => {
-                        // One successful probe per transfer proves the path.
-                        probe = None;
-                        moved.push(c);
-                    }
-                    Err(e) => {
-                        warn!(sibling = %name2, client = %c.addr, "not steered: {e}");
-                        failed.push(c.addr);
-                    }
-                }
-            }
-            (moved, failed)
+        let result = tokio::task::spawn_blocking(move || {
+            let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(c.addr)).collect();
+            // One probe through the tunnel proves the path; then every rule, all or nothing.
+            let r = me.dp().migrate_many(&prefixes, target, Some(Duration::from_secs(1)));
+            (r, clients)
         })
-        .await
-        .unwrap_or_default();
-        if !failed.is_empty() {
-            // All or nothing: take back the rules that went in.
-            {
-                let mut dp = self.dp();
-                for c in &moved {
-                    let _ = dp.release(host_prefix(c.addr));
-                }
-            }
-            let mut all = failed;
-            all.extend(moved.iter().map(|c| c.addr));
-            self.tell(name, Msg::Release { clients: all }).await;
+        .await;
+        let Ok((r, clients)) = result else { return 0 };
+        if let Err(e) = r {
+            warn!(sibling = %name, "rules not installed: {e}");
+            self.tell(name, Msg::Release { clients: clients.iter().map(|c| c.addr).collect() }).await;
             return 0;
+        }
+        let moved = clients;
+        if moved.len() > 16 {
+            info!(to = %name, clients = moved.len(), "clients moved");
         }
         let mut st = self.state();
         for c in &moved {
-            info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
+            if moved.len() <= 16 {
+                info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
+            }
             st.migrated.insert(c.addr, MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections });
         }
         moved.len()

@@ -283,18 +283,24 @@ impl Cluster {
     /// `nodes`: (name, high watermark, low watermark).
     #[must_use]
     pub fn new(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
-        Self::build(clients, nodes, None)
+        Self::build(clients, nodes, None, "")
     }
 
     /// Like [`Cluster::new`], running a demo HTTP application with its session hook.
     #[must_use]
     pub fn with_demo_app(kind: DemoApp, clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
-        Self::build(clients, nodes, Some(kind))
+        Self::build(clients, nodes, Some(kind), "")
     }
 
-    fn build(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>) -> Self {
-        let extra = nodes.iter().filter(|n| n.0.starts_with('s')).count();
-        let t = Topology::with_servers(clients, u8::try_from(extra).expect("at most 255 extra servers"));
+    /// Like [`Cluster::new`], with `extra` lines in every agent's configuration.
+    #[must_use]
+    pub fn with_config(clients: u16, nodes: &[(&str, u64, u64)], extra: &str) -> Self {
+        Self::build(clients, nodes, None, extra)
+    }
+
+    fn build(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>, extra: &str) -> Self {
+        let extra_servers = nodes.iter().filter(|n| n.0.starts_with('s')).count();
+        let t = Topology::with_servers(clients, u8::try_from(extra_servers).expect("at most 255 extra servers"));
         let cgroups = Cgroups::new(&t.prefix);
         let dir = std::env::temp_dir().join(format!("{}-agents", t.prefix));
         let _ = fs::remove_dir_all(&dir);
@@ -318,7 +324,7 @@ impl Cluster {
         let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();
         let mut agents = std::collections::HashMap::new();
         for s in &specs {
-            let cfg = agent_config(&t, &dir, s, &refs, "");
+            let cfg = agent_config(&t, &dir, s, &refs, extra);
             agents.insert(s.name.to_string(), start_agent(&cfg));
         }
         drop(specs);

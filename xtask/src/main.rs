@@ -46,7 +46,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `cargo xtask bench datapath|negotiate [--json]`.
+    /// Benchmarks: `cargo xtask bench datapath|negotiate|handoff [--json]`.
     Bench {
         /// Which benchmark.
         which: String,
@@ -154,8 +154,8 @@ fn main() -> Result<()> {
         Cmd::Bench { which, args } => {
             require_root("cargo xtask bench")?;
             match which.as_str() {
-                "datapath" | "negotiate" => {}
-                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath` or `negotiate`"),
+                "datapath" | "negotiate" | "handoff" => {}
+                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`, `negotiate` or `handoff`"),
             }
             build(true)?;
             let mut c = cargo();

@@ -381,8 +381,14 @@ impl Datapath {
     /// service of the family go there. With `probe`, the target must first answer a probe
     /// through the real tunnel for each such service (make before break).
     pub fn migrate(&mut self, prefix: Prefix, target: IpAddr, probe: Option<Duration>) -> Result<()> {
-        if prefix.addr.is_ipv4() != target.is_ipv4() {
-            return Err(Error::invalid(format!("target {target} and prefix {prefix} are of different families")));
+        self.migrate_many(&[prefix], target, probe)
+    }
+
+    /// [`Datapath::migrate`] for many prefixes to one target: one probe, then every rule. If a
+    /// rule cannot be installed, the ones installed by this call are removed again.
+    pub fn migrate_many(&mut self, prefixes: &[Prefix], target: IpAddr, probe: Option<Duration>) -> Result<()> {
+        if let Some(p) = prefixes.iter().find(|p| p.addr.is_ipv4() != target.is_ipv4()) {
+            return Err(Error::invalid(format!("target {target} and prefix {p} are of different families")));
         }
         if target.is_unspecified() || target.is_multicast() || target.is_loopback() {
             return Err(Error::invalid(format!("target {target} is not a unicast address")));
@@ -403,7 +409,15 @@ impl Datapath {
             }
         }
         let value = RuleValue { target: types::to16(target), drain_until_ns: 0, since_unix: unix_now() };
-        self.insert_rule(prefix, value)
+        for (i, p) in prefixes.iter().enumerate() {
+            if let Err(e) = self.insert_rule(*p, value) {
+                for done in &prefixes[..i] {
+                    let _ = self.release(*done);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn insert_rule(&mut self, prefix: Prefix, value: RuleValue) -> Result<()> {
