@@ -1,96 +1,107 @@
-//! `cargo xtask demo`: builds a small network-namespace topology (a client host with several
-//! client addresses, servers A and B on a bridge) and shows the kernel steering a client's new
-//! connections from A to B while its open connection stays on A, then giving it back.
+//! `cargo xtask demo`: the whole story on one machine. Three servers (network namespaces on a
+//! bridge) run the demo HTTP application and a redirector agent each; 200 client addresses
+//! send keep-alive requests to server A until it passes its connection threshold; A's agent
+//! asks its siblings for help, B and C volunteer, the clients' sessions move to them and the
+//! kernel steers the clients' new connections. At the end: requests per server, clients moved,
+//! failed requests, and whether every session counter stayed continuous.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use redirector_tests::{
-    Client, Server, Topology,
+    agents::{Cluster, DemoApp},
+    http::HttpClient,
     net::{SERVICE4, client4},
 };
 
-fn step(n: u32, what: &str) {
-    println!("\n[{n}] {what}");
-}
-
-fn show(t: &Topology, host: &redirector_tests::Host, label: &str, args: &[&str]) {
-    println!("    $ redirector {}    # on {label}", args.join(" "));
-    let out = t.redirector_ok(host, args);
-    for l in out.lines() {
-        println!("      {l}");
-    }
-}
-
-fn requests(t: &Topology, clients: &[u16], svc: SocketAddr) -> Vec<(u16, String)> {
-    clients
-        .iter()
-        .map(|&i| {
-            let mut c = Client::connect(&t.client.ns, IpAddr::V4(client4(i)), svc);
-            (i, c.who())
-        })
-        .collect()
-}
-
-fn print_requests(rs: &[(u16, String)], svc: SocketAddr) {
-    for (i, who) in rs {
-        println!("    client {} -> {svc}: served by {who}", client4(*i));
-    }
-}
+const CLIENTS: u16 = 200;
+const SECONDS: u64 = 10;
 
 fn main() {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("error: the demo needs root (network namespaces, eBPF)");
         std::process::exit(1);
     }
-    let hold = std::env::args().any(|a| a == "--hold");
-    println!("redirector demo: servers A and B share load without a proxy.");
-    step(1, "building the test network (namespaces, veth, a bridge; 198.18.0.0/15 only)");
-    let t = Topology::new(6);
-    let svc = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
-    let b_addr = SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80);
-    let _a = Server::start(&t.a.ns, "A", svc);
-    let _b = Server::start(&t.b.ns, "B", b_addr);
-    println!("    A: service {svc} (control address {}), B: {b_addr} (its own address only)", t.a.v4[0]);
-    println!("    clients: {} .. {}", client4(1), client4(6));
-
-    step(2, "before any rule, every client is served by A");
-    print_requests(&requests(&t, &[1, 2, 3], svc), svc);
-    let mut open = Client::connect(&t.client.ns, IpAddr::V4(client4(2)), svc);
-    println!("    client {} also keeps a connection open: served by {}", client4(2), open.who());
-
-    step(3, "B gets ready to serve A's service (accept A's tunnel, adopt the address with B's listener)");
-    show(&t, &t.b, "B", &["sibling", "add", &t.a.v4[0].to_string(), "--dev", "eth0"]);
-    show(&t, &t.b, "B", &["adopt", "add", &svc.to_string(), "--dev", "eth0", "--listener", &b_addr.to_string()]);
-    step(4, "A steers its service and moves clients .1 and .2 to B (after probing B through the tunnel)");
-    show(&t, &t.a, "A", &["service", "add", &svc.to_string(), "--dev", "eth0"]);
-    show(&t, &t.a, "A", &["rule", "add", &client4(1).to_string(), "--to", &t.b.v4[0].to_string()]);
-    show(&t, &t.a, "A", &["rule", "add", &client4(2).to_string(), "--to", &t.b.v4[0].to_string()]);
-    show(&t, &t.a, "A", &["rule", "list"]);
-
-    step(5, "new connections of moved clients are served by B; the client still talks to A's address");
-    for (i, who) in requests(&t, &[1, 2, 3], svc) {
-        let c = Client::connect(&t.client.ns, IpAddr::V4(client4(i)), svc);
-        println!("    client {} -> {}: served by {who}", client4(i), c.peer());
+    let node = std::env::args().any(|a| a == "--node");
+    let kind = if node { DemoApp::Node } else { DemoApp::Rust };
+    println!("redirector demo: servers that share load among themselves, sessions included.\n");
+    println!("[1] building the test network: servers A, B, C and a client host with {CLIENTS} addresses (198.18.0.0/15)");
+    println!("[2] starting on each server the demo HTTP application ({}) and a redirector agent", if node { "Node.js" } else { "Rust" });
+    println!("    A: high watermark 150 connections, low 100; B and C: high 70, low 50");
+    let c = Cluster::with_demo_app(kind, CLIENTS, &[("a", 150, 100), ("b", 70, 50), ("c", 70, 50)]);
+    println!("    agents up, mutual TLS links established, applications registered on their hooks");
+    let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
+    println!("\n[3] {CLIENTS} clients send keep-alive requests to A ({dst}) for {SECONDS} s; each response carries its session counter");
+    let total = Arc::new(AtomicU64::new(0));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(SECONDS);
+    let threads: Vec<_> = (0..20u16)
+        .map(|t| {
+            let (ns, total, results) = (c.t.client.ns.clone(), total.clone(), results.clone());
+            std::thread::spawn(move || {
+                let mut clients: Vec<HttpClient> = (1..=10).map(|i| HttpClient::new(&ns, IpAddr::V4(client4(t * 10 + i)), dst)).collect();
+                while Instant::now() < deadline {
+                    for cl in &mut clients {
+                        cl.request();
+                    }
+                    total.fetch_add(10, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                results.lock().expect("lock").extend(clients);
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut reported = 0;
+    while start.elapsed() < Duration::from_secs(SECONDS) {
+        std::thread::sleep(Duration::from_secs(1));
+        let a = c.status("a");
+        let moved = a["migrated_out"].as_array().map_or(0, Vec::len);
+        let loads: Vec<String> = ["a", "b", "c"].iter().map(|n| format!("{}={}", n.to_uppercase(), c.status(n)["load"])).collect();
+        println!(
+            "    t={:>2}s  requests {:>6}  connections {}  clients moved by A: {moved}",
+            start.elapsed().as_secs(),
+            total.load(Ordering::Relaxed),
+            loads.join(" ")
+        );
+        if moved > reported {
+            for line in c.log("a").lines().filter(|l| l.contains("hand-over committed") || l.contains("over the high watermark")).skip(reported.min(1)) {
+                println!("      agent A: {}", line.split_once("  ").map_or(line, |x| x.1).trim());
+            }
+            reported = moved;
+        }
     }
-    println!("    the connection client {} opened before the rule: still served by {}", client4(2), open.who());
-
-    step(6, "what the kernel decided (A, then B)");
-    show(&t, &t.a, "A", &["stats"]);
-    show(&t, &t.b, "B", &["stats"]);
-
-    step(7, "A takes client .1 back gracefully (drain 2 s): new connections return to A");
-    show(&t, &t.a, "A", &["rule", "del", &client4(1).to_string(), "--drain", "2"]);
-    print_requests(&requests(&t, &[1], svc), svc);
-    std::thread::sleep(Duration::from_millis(2200));
-    show(&t, &t.a, "A", &["rule", "list"]);
-
-    if hold {
-        println!("\n--hold: topology kept until you press Enter (namespaces {}*)", t.prefix);
-        let mut s = String::new();
-        let _ = std::io::stdin().read_line(&mut s);
+    for t in threads {
+        t.join().expect("client thread");
     }
-    println!("\ndone: the topology is removed now.");
+    let clients = results.lock().expect("lock");
+    let requests: u64 = clients.iter().map(|c| c.requests).sum();
+    let failed: usize = clients.iter().map(|c| c.failures.len()).sum();
+    let mut per_server: HashMap<String, u64> = HashMap::new();
+    for cl in clients.iter() {
+        for (s, n) in &cl.servers {
+            *per_server.entry(s.clone()).or_default() += n;
+        }
+    }
+    let moved_to = |s: &str| clients.iter().filter(|c| c.servers.contains_key(s)).count();
+    let continuous = clients.iter().all(|c| c.failures.is_empty() && c.last == Some(c.requests));
+    println!("\n[4] summary");
+    println!("    requests           {requests}");
+    for s in ["A", "B", "C"] {
+        println!("    served by {s}        {}", per_server.get(s).copied().unwrap_or(0));
+    }
+    println!("    clients moved      {} to B, {} to C (their new connections steered by the kernel; they still talk to {dst})", moved_to("B"), moved_to("C"));
+    println!("    failed requests    {failed}");
+    println!("    session counters   {}", if continuous { "continuous for every client (each request counted exactly once, across the move)" } else { "BROKEN" });
+    println!("\ndone: the namespaces, agents and applications are removed now.");
+    if failed > 0 || !continuous {
+        std::process::exit(1);
+    }
 }
