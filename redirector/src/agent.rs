@@ -206,6 +206,8 @@ impl Agent {
     }
 
     async fn serve_inbound(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> anyhow::Result<()> {
+        // Small request/answer frames: without this, Nagle and delayed ACKs add ~40 ms stalls.
+        tcp.set_nodelay(true)?;
         let tls = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp))
             .await
             .map_err(|_| anyhow!("TLS handshake timed out"))?
@@ -252,6 +254,7 @@ impl Agent {
         let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("connecting to {addr} timed out"))??;
+        tcp.set_nodelay(true)?;
         let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).context("sibling name")?;
         let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
             .await
