@@ -400,6 +400,15 @@ impl Agent {
         sessions: Vec<SessionBlob>,
     ) -> Msg {
         let handoff = format!("{from}-{id}-{}", self.cfg.node);
+        {
+            // The transfer now owns its reservation: it must not expire during a long import.
+            let now = Instant::now();
+            let mut st = self.state();
+            let Some(r) = st.reservations.iter_mut().find(|r| r.origin == from && r.id == id && r.until > now) else {
+                return Msg::Abort { id, reason: format!("no reservation for request {id} (lease expired?)") };
+            };
+            r.until = now + Duration::from_millis(self.cfg.app_timeout_ms.saturating_mul(2)) + Duration::from_secs(60);
+        }
         let mut imported_into = None;
         if !sessions.is_empty() {
             if sessions.iter().any(|s| s.blob.is_empty() && s.client.is_unspecified()) {

@@ -242,9 +242,9 @@ impl redirector_sdk::Sessions for Synthetic {
 
 fn handoff(json: bool) {
     use std::sync::Arc;
-    // 10,000 x 64 KiB (640 MiB in one hand-over) does not complete yet: see the README's limits.
-    let cases: [(usize, usize, usize); 5] =
-        [(100, 1 << 10, 5), (1_000, 1 << 10, 5), (10_000, 1 << 10, 5), (100, 64 << 10, 3), (1_000, 64 << 10, 3)];
+    // 10,000 x 64 KiB is 640 MiB in one hand-over: one run.
+    let cases: [(usize, usize, usize); 6] =
+        [(100, 1 << 10, 5), (1_000, 1 << 10, 5), (10_000, 1 << 10, 5), (100, 64 << 10, 3), (1_000, 64 << 10, 3), (10_000, 64 << 10, 1)];
     eprintln!("hand-over: starting agents A and B...");
     let c = redirector_tests::agents::Cluster::with_config(
         2,
@@ -253,6 +253,15 @@ fn handoff(json: bool) {
     );
     let mut results = Vec::new();
     let mut next: u32 = 0;
+    // HANDOFF_CASE=NxKIB runs that one case once (for investigating).
+    let only: Option<(usize, usize)> = std::env::var("HANDOFF_CASE").ok().and_then(|v| {
+        let (n, k) = v.split_once('x')?;
+        Some((n.parse().ok()?, k.parse::<usize>().ok()? << 10))
+    });
+    let cases: Vec<(usize, usize, usize)> = match only {
+        Some((n, size)) => vec![(n, size, 1)],
+        None => cases.to_vec(),
+    };
     for (n, size, runs) in cases {
         let a_app = Arc::new(Synthetic { size, imported: 0.into() });
         let b_app = Arc::new(Synthetic { size, imported: 0.into() });
@@ -285,8 +294,9 @@ fn handoff(json: bool) {
         let rate = *n as f64 / (ms / 1000.0);
         println!("  {n:<10} {:>6}KiB {ms:>10.1} {rate:>14.0}", size >> 10);
     }
-    let key = results[2].2;
-    println!("Goal: 10,000 x 1 KiB under 200 ms: {key:.1} ms {}", if key < 200.0 { "met" } else { "MISSED" });
+    if let Some(key) = results.iter().find(|r| r.0 == 10_000 && r.1 == 1 << 10).map(|r| r.2) {
+        println!("Goal: 10,000 x 1 KiB under 200 ms: {key:.1} ms {}", if key < 200.0 { "met" } else { "MISSED" });
+    }
     if json {
         let mut m = serde_json::Map::new();
         for (n, size, ms) in &results {
