@@ -407,7 +407,7 @@ impl Agent {
             let Some(r) = st.reservations.iter_mut().find(|r| r.origin == from && r.id == id && r.until > now) else {
                 return Msg::Abort { id, reason: format!("no reservation for request {id} (lease expired?)") };
             };
-            r.until = now + Duration::from_millis(self.cfg.app_timeout_ms.saturating_mul(2)) + Duration::from_secs(60);
+            r.until = now + Duration::from_millis(self.cfg.app_timeout_ms.saturating_mul(2)) + Duration::from_mins(1);
         }
         let mut imported_into = None;
         if !sessions.is_empty() {

@@ -90,33 +90,37 @@ fn sibling_bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// Starts the test application `name` listening on `addr` in `host`'s namespace and `cgroup`.
-#[must_use]
-pub fn start_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, logs: &Path) -> Proc {
-    let log = logs.join(format!("app-{name}-{}.log", addr.port()));
+/// Runs `cmd` (a program and its arguments) in `host`'s namespace and in `cgroup`, logging to
+/// `log`, and waits until it says it is listening.
+fn spawn_app(host: &Host, cgroup: &Path, cmd: &[std::ffi::OsString], log: PathBuf) -> Proc {
     let procs = cgroup.join("cgroup.procs");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &host.ns])
-        .arg(sibling_bin("redirector-test-app"))
-        .args([name, &addr.to_string()])
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &host.ns])
+        .args(cmd)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).expect("app log"));
     // SAFETY: only async-signal-safe work between fork and exec: one write to a file.
     unsafe {
-        cmd.pre_exec(move || {
+        c.pre_exec(move || {
             fs::write(&procs, std::process::id().to_string())?;
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("start the test application");
-    // Wait until it listens.
+    let child = c.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     let start = Instant::now();
     while !fs::read_to_string(&log).unwrap_or_default().contains("listening") {
-        assert!(start.elapsed() < Duration::from_secs(5), "test app {name} on {addr} did not start: {}", fs::read_to_string(&log).unwrap_or_default());
+        assert!(start.elapsed() < Duration::from_secs(5), "{cmd:?} did not start: {}", fs::read_to_string(&log).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(10));
     }
     Proc { child, log }
+}
+
+/// Starts the test application `name` listening on `addr` in `host`'s namespace and `cgroup`.
+#[must_use]
+pub fn start_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, logs: &Path) -> Proc {
+    let cmd = [sibling_bin("redirector-test-app").into_os_string(), name.into(), addr.to_string().into()];
+    spawn_app(host, cgroup, &cmd, logs.join(format!("app-{name}-{}.log", addr.port())))
 }
 
 /// Which demo application a cluster runs.
@@ -132,33 +136,15 @@ pub enum DemoApp {
 /// connected to the agent's hook socket `hook`.
 #[must_use]
 pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, hook: &Path, logs: &Path) -> Proc {
-    let log = logs.join(format!("demo-{name}.log"));
-    let procs = cgroup.join("cgroup.procs");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &host.ns]);
-    match kind {
-        DemoApp::Rust => cmd.arg(sibling_bin("redirector-demo-app")),
-        DemoApp::Node => cmd.arg("node").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node-demo/server.js")),
+    let mut cmd: Vec<std::ffi::OsString> = match kind {
+        DemoApp::Rust => vec![sibling_bin("redirector-demo-app").into_os_string()],
+        DemoApp::Node => vec!["node".into(), Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node-demo/server.js").into_os_string()],
     };
-    cmd.args(["--name", name, "--listen", &addr.to_string(), "--service", &addr.to_string(), "--hook"])
-        .arg(hook)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("app log"));
-    // SAFETY: only async-signal-safe work between fork and exec: one write to a file.
-    unsafe {
-        cmd.pre_exec(move || {
-            fs::write(&procs, std::process::id().to_string())?;
-            Ok(())
-        });
+    for a in ["--name", name, "--listen", &addr.to_string(), "--service", &addr.to_string(), "--hook"] {
+        cmd.push(a.into());
     }
-    let child = cmd.spawn().expect("start the demo application");
-    let start = Instant::now();
-    while !fs::read_to_string(&log).unwrap_or_default().contains("listening") {
-        assert!(start.elapsed() < Duration::from_secs(5), "demo app {name} did not start: {}", fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Proc { child, log }
+    cmd.push(hook.as_os_str().to_owned());
+    spawn_app(host, cgroup, &cmd, logs.join(format!("demo-{name}.log")))
 }
 
 /// The cluster's certificates: a CA and one certificate per node name, in `dir`.

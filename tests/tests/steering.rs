@@ -18,8 +18,22 @@ fn svc6(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(SERVICE6), port)
 }
 
+type Servers = (Server, Server, Server, Server);
+
+/// The usual start: a topology, the servers, and A steering its service (both families) with B
+/// ready to serve it. None when the test cannot run (not root, outside CI).
+fn steered() -> Option<(Topology, Servers)> {
+    if !require_root() {
+        return None;
+    }
+    let t = Topology::new(8);
+    let s = servers(&t, 80);
+    t.steer_a_to_b(80, 80);
+    Some((t, s))
+}
+
 /// A serves the service address; B serves only on its own address.
-fn servers(t: &Topology, port: u16) -> (Server, Server, Server, Server) {
+fn servers(t: &Topology, port: u16) -> Servers {
     (
         Server::start(&t.a.ns, "A", svc4(port)),
         Server::start(&t.a.ns, "A", svc6(port)),
@@ -30,12 +44,7 @@ fn servers(t: &Topology, port: u16) -> (Server, Server, Server, Server) {
 
 #[test]
 fn new_connections_of_a_migrated_client_go_to_b_and_old_ones_stay() {
-    if !require_root() {
-        return;
-    }
-    let t = Topology::new(8);
-    let _s = servers(&t, 80);
-    t.steer_a_to_b(80, 80);
+    let Some((t, _s)) = steered() else { return };
     let (c5, c6) = (IpAddr::V4(client4(5)), IpAddr::V4(client4(6)));
     let a_mac = t.a.mac();
 
@@ -70,12 +79,7 @@ fn new_connections_of_a_migrated_client_go_to_b_and_old_ones_stay() {
 
 #[test]
 fn ipv6_clients_are_steered_too() {
-    if !require_root() {
-        return;
-    }
-    let t = Topology::new(8);
-    let _s = servers(&t, 80);
-    t.steer_a_to_b(80, 80);
+    let Some((t, _s)) = steered() else { return };
     let c5 = IpAddr::V6(client6(5));
     let mut keepalive = Client::connect(&t.client.ns, c5, svc6(80));
     assert_eq!(keepalive.who(), "A");
@@ -92,12 +96,7 @@ fn ipv6_clients_are_steered_too() {
 
 #[test]
 fn prefixes_steer_every_client_inside() {
-    if !require_root() {
-        return;
-    }
-    let t = Topology::new(8);
-    let _s = servers(&t, 80);
-    t.steer_a_to_b(80, 80);
+    let Some((t, _s)) = steered() else { return };
     // 198.18.1.0/29 holds clients 1..=7, not 8.
     t.redirector_ok(&t.a, &["rule", "add", "198.18.1.0/29", "--to", &t.b.v4[0].to_string()]);
     for i in 1..=7 {
@@ -110,12 +109,7 @@ fn prefixes_steer_every_client_inside() {
 
 #[test]
 fn drain_keeps_flows_on_b_then_gives_the_client_back() {
-    if !require_root() {
-        return;
-    }
-    let t = Topology::new(8);
-    let _s = servers(&t, 80);
-    t.steer_a_to_b(80, 80);
+    let Some((t, _s)) = steered() else { return };
     let c5 = IpAddr::V4(client4(5));
     t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     let mut on_b = Client::connect(&t.client.ns, c5, svc4(80));
@@ -145,12 +139,7 @@ fn drain_keeps_flows_on_b_then_gives_the_client_back() {
 
 #[test]
 fn steering_continues_while_no_process_runs_and_state_is_readopted() {
-    if !require_root() {
-        return;
-    }
-    let t = Topology::new(8);
-    let _s = servers(&t, 80);
-    t.steer_a_to_b(80, 80);
+    let Some((t, _s)) = steered() else { return };
     let c5 = IpAddr::V4(client4(5));
     t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
     // Every CLI call has exited by now (the harness waits for each): only the pins hold the
@@ -172,12 +161,7 @@ fn steering_continues_while_no_process_runs_and_state_is_readopted() {
 
 #[test]
 fn ten_mib_upload_and_download_through_the_redirect_with_offloads_on() {
-    if !require_root() {
-        return;
-    }
-    let t = Topology::new(8);
-    let _s = servers(&t, 80);
-    t.steer_a_to_b(80, 80);
+    let Some((t, _s)) = steered() else { return };
     // veth defaults: TSO/GSO on, so the classifier sees large GSO packets.
     for h in [&t.client, &t.a, &t.b] {
         let feats = redirector_tests::net::offloads(&h.ns, "eth0");
