@@ -101,10 +101,9 @@ fn serve_on(
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
             Err(e) => return Err(e),
         }
-        if let Ok(req) = serde_json::from_str::<Value>(line.trim())
-            && let (Some(op), Some(h)) = (req.get("op").and_then(Value::as_str), req.get("handoff").and_then(Value::as_str))
-        {
-            match op {
+        if let Ok(OpHandoff { op: Some(op), handoff: Some(h) }) = serde_json::from_str::<OpHandoff>(line.trim()) {
+            let h = h.as_str();
+            match op.as_str() {
                 "export" | "import" => {
                     open.insert(h.to_string());
                 }
@@ -114,16 +113,93 @@ fn serve_on(
                 _ => {}
             }
         }
-        let reply = answer(sessions, line.trim());
+        let reply = answer_line(sessions, line.trim());
         line.clear();
-        if let Some(reply) = reply {
+        if let Some(mut text) = reply {
             // One write for the whole line (answers can be megabytes).
-            let mut text = reply.to_string();
             text.push('\n');
             w.write_all(text.as_bytes())?;
         }
     }
     Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct OpHandoff {
+    op: Option<String>,
+    handoff: Option<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireSession {
+    client: String,
+    blob: String,
+}
+
+#[derive(serde::Serialize)]
+struct ExportAnswer<'a> {
+    id: &'a Value,
+    ok: bool,
+    sessions: Vec<WireSession>,
+}
+
+#[derive(serde::Deserialize)]
+struct ImportRequest {
+    sessions: Vec<WireSession>,
+}
+
+/// Answers one request line of the agent (None for messages that need no answer), as one
+/// line of text.
+#[must_use]
+pub fn answer_line(sessions: &dyn Sessions, line: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        id: Option<Value>,
+        op: Option<String>,
+        handoff: Option<String>,
+    }
+    let head: Head = serde_json::from_str(line).ok()?;
+    let id = head.id.unwrap_or(Value::Null);
+    let handoff = head.handoff.unwrap_or_default();
+    // The big messages are parsed and written through typed structures.
+    match head.op.as_deref() {
+        Some("export") => {
+            let req: Value = serde_json::from_str(line).ok()?;
+            let clients: Vec<IpAddr> = req
+                .get("clients")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str()?.parse().ok())
+                .collect();
+            let out = sessions
+                .export(&handoff, &clients)
+                .into_iter()
+                .map(|(c, b)| WireSession { client: c.to_string(), blob: STANDARD.encode(b) })
+                .collect();
+            serde_json::to_string(&ExportAnswer { id: &id, ok: true, sessions: out }).ok()
+        }
+        Some("import") => {
+            let reply = match serde_json::from_str::<ImportRequest>(line) {
+                Err(e) => json!({"id": id, "ok": false, "error": format!("malformed import: {e}")}),
+                Ok(req) => {
+                    let mut list = Vec::with_capacity(req.sessions.len());
+                    for s in req.sessions {
+                        match (s.client.parse::<IpAddr>(), STANDARD.decode(s.blob.as_bytes())) {
+                            (Ok(c), Ok(b)) => list.push((c, b)),
+                            _ => return Some(json!({"id": id, "ok": false, "error": "malformed session in import"}).to_string()),
+                        }
+                    }
+                    match sessions.import(&handoff, list) {
+                        Ok(()) => json!({"id": id, "ok": true}),
+                        Err(e) => json!({"id": id, "ok": false, "error": e}),
+                    }
+                }
+            };
+            Some(reply.to_string())
+        }
+        _ => answer(sessions, line).map(|v| v.to_string()),
+    }
 }
 
 /// Answers one request line of the agent (None for messages that need no answer).

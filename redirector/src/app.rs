@@ -24,7 +24,42 @@ use tracing::{info, warn};
 
 use crate::peer::SessionBlob;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+/// An application's answer, kept as raw text: big exports are parsed once, into typed
+/// structures, by the caller that needs them.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<String>>>>;
+
+#[derive(serde::Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// Just the id of an answer, to route it.
+#[derive(serde::Deserialize)]
+struct Id {
+    id: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct ExportAnswer {
+    #[serde(default)]
+    sessions: Option<Vec<WireSession>>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct WireSession {
+    client: String,
+    blob: String,
+}
+
+#[derive(serde::Serialize)]
+struct ImportRequest<'a> {
+    id: u64,
+    op: &'static str,
+    handoff: &'a str,
+    sessions: Vec<WireSession>,
+}
 
 struct AppConn {
     tx: mpsc::Sender<String>,
@@ -52,33 +87,39 @@ impl Apps {
         self.by_service.lock().expect("lock").contains_key(&service)
     }
 
-    async fn request(&self, service: SocketAddr, mut req: Value, timeout: Duration) -> anyhow::Result<Value> {
+    async fn request(&self, service: SocketAddr, mut req: Value, timeout: Duration) -> anyhow::Result<String> {
         let app = self.by_service.lock().expect("lock").get(&service).cloned().ok_or_else(|| anyhow!("no application registered for {service}"))?;
         let id = app.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         req["id"] = json!(id);
+        self.send(&app, service, id, req.to_string(), timeout).await
+    }
+
+    async fn send(&self, app: &AppConn, service: SocketAddr, id: u64, line: String, timeout: Duration) -> anyhow::Result<String> {
         let (tx, rx) = oneshot::channel();
         app.pending.lock().expect("lock").insert(id, tx);
-        app.tx.send(req.to_string()).await.map_err(|_| anyhow!("the application for {service} disconnected"))?;
+        app.tx.send(line).await.map_err(|_| anyhow!("the application for {service} disconnected"))?;
         let r = tokio::time::timeout(timeout, rx).await;
         app.pending.lock().expect("lock").remove(&id);
-        let v = r
+        let text = r
             .map_err(|_| anyhow!("the application for {service} did not answer within {} ms", timeout.as_millis()))?
             .map_err(|_| anyhow!("the application for {service} disconnected"))?;
-        if v["ok"] != json!(true) {
-            bail!("the application for {service} refused: {}", v["error"].as_str().unwrap_or("no reason given"));
+        let a: Answer = serde_json::from_str(&text).map_err(|e| anyhow!("the application for {service} answered with malformed JSON: {e}"))?;
+        if !a.ok {
+            bail!("the application for {service} refused: {}", a.error.as_deref().unwrap_or("no reason given"));
         }
-        Ok(v)
+        Ok(text)
     }
 
     /// Exports (and freezes) the sessions of `clients`.
     pub async fn export(&self, service: SocketAddr, handoff: &str, clients: &[IpAddr], lim: Limits) -> anyhow::Result<Vec<SessionBlob>> {
         let clients: Vec<String> = clients.iter().map(ToString::to_string).collect();
-        let v = self.request(service, json!({"op": "export", "handoff": handoff, "clients": clients}), lim.timeout).await?;
-        let list = v["sessions"].as_array().ok_or_else(|| anyhow!("the application's export has no sessions list"))?;
+        let text = self.request(service, json!({"op": "export", "handoff": handoff, "clients": clients}), lim.timeout).await?;
+        let v: ExportAnswer = serde_json::from_str(&text).map_err(|e| anyhow!("the application's export is malformed: {e}"))?;
+        let list = v.sessions.ok_or_else(|| anyhow!("the application's export has no sessions list"))?;
         let mut out = Vec::with_capacity(list.len());
         for s in list {
-            let client: IpAddr = s["client"].as_str().and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("the application exported a session without a valid client address"))?;
-            let blob = STANDARD.decode(s["blob"].as_str().ok_or_else(|| anyhow!("session of {client} has no blob"))?).map_err(|e| anyhow!("session of {client}: blob is not base64: {e}"))?;
+            let client: IpAddr = s.client.parse().map_err(|_| anyhow!("the application exported a session for {:?}, not an address", s.client))?;
+            let blob = STANDARD.decode(&s.blob).map_err(|e| anyhow!("session of {client}: blob is not base64: {e}"))?;
             if blob.len() > lim.max_session_bytes {
                 bail!("session of {client} is {} bytes, over the limit of {} (max_session_bytes)", blob.len(), lim.max_session_bytes);
             }
@@ -89,8 +130,16 @@ impl Apps {
 
     /// Imports sessions moved here.
     pub async fn import(&self, service: SocketAddr, handoff: &str, sessions: &[SessionBlob], lim: Limits) -> anyhow::Result<()> {
-        let list: Vec<Value> = sessions.iter().map(|s| json!({"client": s.client.to_string(), "blob": STANDARD.encode(&s.blob)})).collect();
-        self.request(service, json!({"op": "import", "handoff": handoff, "sessions": list}), lim.timeout).await.map(|_| ())
+        let app = self.by_service.lock().expect("lock").get(&service).cloned().ok_or_else(|| anyhow!("no application registered for {service}"))?;
+        let id = app.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let req = ImportRequest {
+            id,
+            op: "import",
+            handoff,
+            sessions: sessions.iter().map(|s| WireSession { client: s.client.to_string(), blob: STANDARD.encode(&s.blob) }).collect(),
+        };
+        let line = serde_json::to_string(&req)?;
+        self.send(&app, service, id, line, lim.timeout).await.map(|_| ())
     }
 
     /// Commits (`true`) or aborts a hand-over; failures are logged, not returned.
@@ -155,14 +204,13 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
                 }
                 line = lines.next_line() => {
                     let Some(line) = line? else { bail!("the application closed the hook") };
-                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    // Only the id is read here; the caller parses the rest.
+                    let Ok(Id { id: Some(id) }) = serde_json::from_str::<Id>(&line) else {
                         warn!(%service, "ignoring a malformed line from the application");
                         continue;
                     };
-                    if let Some(id) = v["id"].as_u64()
-                        && let Some(tx) = pending.lock().expect("lock").remove(&id)
-                    {
-                        let _ = tx.send(v);
+                    if let Some(tx) = pending.lock().expect("lock").remove(&id) {
+                        let _ = tx.send(line);
                     }
                 }
             }

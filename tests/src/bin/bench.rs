@@ -252,6 +252,7 @@ fn handoff(json: bool) {
         "negotiate_timeout_ms = 120000\napp_timeout_ms = 120000\n",
     );
     let mut results = Vec::new();
+    let mut next_log = 0;
     // HANDOFF_CASE=NxKIB runs that one case once (for investigating).
     let only: Option<(usize, usize)> = std::env::var("HANDOFF_CASE").ok().and_then(|v| {
         let (n, k) = v.split_once('x')?;
@@ -282,6 +283,12 @@ fn handoff(json: bool) {
             ms.push(v["ms"].as_f64().expect("ms"));
         }
         eprintln!("  {n} x {} KiB: {ms:.1?} ms", size >> 10);
+        // Where the time went, from the origin agent's own log line per hand-over.
+        for l in c.log("a").lines().filter(|l| l.contains("hand-over committed") && l.contains(&format!("clients={n} "))).skip(next_log) {
+            let phases: Vec<&str> = l.split_whitespace().filter(|w| w.ends_with("_ms") || w.contains("_ms=")).collect();
+            eprintln!("    {}", phases.join(" "));
+        }
+        next_log = 0;
         results.push((n, size, median(ms)));
     }
     println!("Hand-over: export -> transfer -> import -> rules installed -> commit (agent's clock, median):");
