@@ -252,7 +252,7 @@ fn handoff(json: bool) {
         "negotiate_timeout_ms = 120000\napp_timeout_ms = 120000\n",
     );
     let mut results = Vec::new();
-    let mut next_log = 0;
+    let mut printed = 0;
     // HANDOFF_CASE=NxKIB runs that one case once (for investigating).
     let only: Option<(usize, usize)> = std::env::var("HANDOFF_CASE").ok().and_then(|v| {
         let (n, k) = v.split_once('x')?;
@@ -284,11 +284,13 @@ fn handoff(json: bool) {
         }
         eprintln!("  {n} x {} KiB: {ms:.1?} ms", size >> 10);
         // Where the time went, from the origin agent's own log line per hand-over.
-        for l in c.log("a").lines().filter(|l| l.contains("hand-over committed") && l.contains(&format!("clients={n} "))).skip(next_log) {
-            let phases: Vec<&str> = l.split_whitespace().filter(|w| w.ends_with("_ms") || w.contains("_ms=")).collect();
+        let log = c.log("a");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("hand-over committed")).collect();
+        for l in &lines[printed.min(lines.len())..] {
+            let phases: Vec<&str> = l.split_whitespace().filter(|w| w.contains("_ms=")).collect();
             eprintln!("    {}", phases.join(" "));
         }
-        next_log = 0;
+        printed = lines.len();
         results.push((n, size, median(ms)));
     }
     println!("Hand-over: export -> transfer -> import -> rules installed -> commit (agent's clock, median):");
