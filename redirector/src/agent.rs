@@ -50,6 +50,9 @@ pub struct AdoptedIn {
     pub client: IpAddr,
     pub from: String,
     pub since_unix: u64,
+    /// The origin's request id of the transfer that brought it.
+    #[serde(skip)]
+    pub id: u64,
 }
 
 #[derive(Default)]
@@ -351,11 +354,8 @@ impl Agent {
                     let mut st = self.state();
                     st.reservations.retain(|r| !(r.origin == from && r.id == id));
                     st.incoming.remove(&(from.to_string(), id));
-                    for c in st.adopted.values().filter(|a| a.from == from).map(|a| a.client).collect::<Vec<_>>() {
-                        if st.imported.contains_key(&(from.to_string(), id)) {
-                            st.adopted.remove(&c);
-                        }
-                    }
+                    // Clients of this transfer were not steered after all.
+                    st.adopted.retain(|_, a| !(a.from == from && a.id == id));
                     st.imported.remove(&(from.to_string(), id))
                 };
                 if let Some((svc, handoff)) = imported {
@@ -510,7 +510,7 @@ impl Agent {
         st.reservations.retain(|r| !(r.origin == from && r.id == id));
         st.settling.push((Instant::now() + Duration::from_secs(10), want));
         for c in clients {
-            st.adopted.insert(c.addr, AdoptedIn { client: c.addr, from: from.to_string(), since_unix: unix_now() });
+            st.adopted.insert(c.addr, AdoptedIn { client: c.addr, from: from.to_string(), since_unix: unix_now(), id });
         }
         info!(origin = %from, id, clients = clients.len(), connections = want, "adopted clients (ready: sibling, route, listener)");
         Ok(())
