@@ -327,7 +327,7 @@ impl Cluster {
         // Every agent answers and sees all its siblings.
         for n in &names {
             let others = names.len() - 1;
-            wait_status(&c.sock(n), 15, &format!("{n} to see its {others} sibling(s) up"), |v| {
+            wait_status(&c.sock(n), 30, &format!("{n} to see its {others} sibling(s) up"), |v| {
                 v["siblings"].as_array().is_some_and(|s| s.iter().filter(|x| x["up"] == true).count() == others)
             });
         }

@@ -57,7 +57,7 @@ fn zero_failed_requests(kind: DemoApp) {
             })
         })
         .collect();
-    let a = wait_status(&c.sock("a"), 10, "A to shed clients to B and C", |v| v["migrated_out"].as_array().is_some_and(|m| m.len() >= 50));
+    let a = wait_status(&c.sock("a"), 20, "A to shed clients to B and C", |v| v["migrated_out"].as_array().is_some_and(|m| m.len() >= 50));
     for t in threads {
         t.join().expect("client thread");
     }
