@@ -121,10 +121,14 @@ fn clients_of_a_dead_volunteer_come_home() {
     let moved: Vec<String> = migrated(&a).into_iter().map(|m| m.0).collect();
     drop(conns);
     // B dies: the process is killed, then its link goes down.
+    let died = std::time::Instant::now();
     c.agents.get_mut("b").expect("agent b").kill();
     c.t.b.ip(&["link", "set", "eth0", "down"]);
     // Liveness is 1.5 s here: A drains the rules and takes its clients back.
     wait_status(&c.sock("a"), 10, "A to give B's clients back", |v| migrated(v).is_empty());
+    let took = died.elapsed();
+    // Liveness 1.5 s, plus one heartbeat interval of checking and our own polling.
+    assert!(took < Duration::from_millis(1500 + 1500), "clients came home {took:?} after the volunteer died (liveness 1.5 s)");
     let rules = c.t.redirector_ok(&c.t.a, &["rule", "list", "--json"]);
     assert!(!rules.contains("\"active\""), "no active rule points at the dead volunteer: {rules}");
     let first: u16 = moved[0].rsplit('.').next().and_then(|x| x.parse().ok()).expect("client number");
