@@ -84,6 +84,9 @@ struct State {
     incoming: HashMap<(String, u64), Vec<SessionBlob>>,
     /// Hand-overs imported into the local application, by (origin, id), awaiting `Commit`.
     imported: HashMap<(String, u64), (SocketAddr, String)>,
+    /// After a shedding round, until when a load still above the low watermark (clients still
+    /// arriving in the same burst) keeps shedding: the hysteresis goes down to low, not high.
+    shed_until: Option<Instant>,
     /// Time of the last successful shedding, threshold crossing to rules installed.
     last_shed_ms: Option<f64>,
 }
@@ -535,7 +538,12 @@ impl Agent {
                 let staying: u64 = load.clients.iter().filter(|(a, _)| st.migrated.contains_key(a)).map(|c| c.1).sum();
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();
-                let start = projected > self.cfg.high_watermark && !st.negotiating;
+                let now = Instant::now();
+                if projected <= self.cfg.low_watermark {
+                    st.shed_until = None;
+                }
+                let continuing = projected > self.cfg.low_watermark && st.shed_until.is_some_and(|t| now < t);
+                let start = !st.negotiating && (projected > self.cfg.high_watermark || continuing);
                 if start {
                     st.negotiating = true;
                 }
@@ -556,9 +564,12 @@ impl Agent {
                         }
                         Err(e) => warn!("shedding failed, nothing steered: {e:#}"),
                     }
-                    // Let the moved clients' connections drain before deciding again.
+                    // Let the moved clients' connections drain before deciding again; until 2 s
+                    // later, a load still above the low watermark keeps shedding.
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    me.state().negotiating = false;
+                    let mut st = me.state();
+                    st.negotiating = false;
+                    st.shed_until = Some(Instant::now() + Duration::from_secs(2));
                 });
             }
         }
