@@ -152,6 +152,42 @@ pub struct AgentArgs {
     /// Override `drain_secs`.
     #[arg(long)]
     pub drain_secs: Option<u64>,
+    /// Override `tls.ca`.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Override `tls.cert`.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Override `tls.key`.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Replace the siblings: NAME=ADDR:PORT, repeatable.
+    #[arg(long = "sibling", value_parser = parse_sibling)]
+    pub siblings: Vec<crate::config::Sibling>,
+    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER], repeatable.
+    #[arg(long = "service", value_parser = parse_service)]
+    pub services: Vec<crate::config::Service>,
+}
+
+fn parse_sibling(s: &str) -> Result<crate::config::Sibling, String> {
+    let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=ADDR:PORT"))?;
+    let address = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?;
+    Ok(crate::config::Sibling { name: name.to_string(), address })
+}
+
+fn parse_service(s: &str) -> Result<crate::config::Service, String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let (addr, dev, cgroup, listener) = match parts.as_slice() {
+        [addr, dev, cgroup] => (*addr, *dev, *cgroup, None),
+        [addr, dev, cgroup, listener] => (*addr, *dev, *cgroup, Some(*listener)),
+        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER]")),
+    };
+    Ok(crate::config::Service {
+        address: addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?,
+        dev: dev.to_string(),
+        cgroup: PathBuf::from(cgroup),
+        listener: listener.map(|l| l.parse().map_err(|_| format!("{s:?}: {l:?} is not ADDR:PORT"))).transpose()?,
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,6 +339,21 @@ fn agent_config(args: &AgentArgs, global: &Global) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.drain_secs {
         cfg.drain_secs = v;
+    }
+    if let Some(v) = &args.tls_ca {
+        cfg.tls.ca.clone_from(v);
+    }
+    if let Some(v) = &args.tls_cert {
+        cfg.tls.cert.clone_from(v);
+    }
+    if let Some(v) = &args.tls_key {
+        cfg.tls.key.clone_from(v);
+    }
+    if !args.siblings.is_empty() {
+        cfg.siblings.clone_from(&args.siblings);
+    }
+    if !args.services.is_empty() {
+        cfg.services.clone_from(&args.services);
     }
     if let Some(v) = &global.bpffs {
         cfg.bpffs.clone_from(v);
@@ -513,4 +564,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(_) | Command::Config(_) | Command::Tls(_) | Command::Status { .. } => unreachable!("handled above"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn agent_flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("redirector-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.toml");
+        std::fs::write(
+            &file,
+            "node = \"a\"\nlisten = \"198.18.0.1:7470\"\nhigh_watermark = 100\nlow_watermark = 50\n[[sibling]]\nname = \"b\"\naddress = \"198.18.0.2:7470\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "redirector", "agent", "--config", file.to_str().unwrap(), "--node", "x", "--high-watermark", "300",
+            "--sibling", "c=198.18.0.3:7470", "--sibling", "d=198.18.0.4:7470",
+            "--service", "198.18.0.10:80,eth0,/sys/fs/cgroup/app", "--tls-ca", "/ca.pem",
+        ])
+        .unwrap();
+        let Command::Agent(args) = &cli.command else { panic!("agent") };
+        let cfg = agent_config(args, &cli.global).unwrap();
+        assert_eq!(cfg.node, "x");
+        assert_eq!(cfg.high_watermark, 300);
+        assert_eq!(cfg.low_watermark, 50, "not overridden: from the file");
+        assert_eq!(cfg.siblings.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["c", "d"]);
+        assert_eq!(cfg.services[0].dev, "eth0");
+        assert_eq!(cfg.tls.ca, PathBuf::from("/ca.pem"));
+        assert!(Cli::try_parse_from(["redirector", "agent", "--config", "x", "--sibling", "nonsense"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
