@@ -813,8 +813,19 @@ impl Agent {
     async fn liveness_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         let live = Duration::from_millis(self.cfg.liveness_ms);
+        let mut last_collect = Instant::now();
         loop {
             tick.tick().await;
+            // Rules whose drain ended are inert in the kernel; remove them so the map never
+            // fills up with them.
+            if last_collect.elapsed() >= Duration::from_secs(5) {
+                last_collect = Instant::now();
+                match self.dp().collect_drained() {
+                    Ok(0) => {}
+                    Ok(n) => info!(rules = n, "removed rules whose drain ended"),
+                    Err(e) => warn!("removing drained rules: {e}"),
+                }
+            }
             let dead: Vec<(String, Vec<IpAddr>)> = {
                 let st = self.state();
                 self.cfg
