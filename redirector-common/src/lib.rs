@@ -32,6 +32,7 @@ pub mod maps {
     pub const ADOPTED: &str = "ADOPTED";
     pub const PORTS: &str = "PORTS";
     pub const LOAD: &str = "LOAD";
+    pub const NETS_V4: &str = "NETS_V4";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -52,6 +53,17 @@ pub mod programs {
 /// Words of the `PORTS` bitmap: bit `port % 64` of word `port / 64` is set when some steered
 /// service uses that TCP port, so packets to any other port pass after one array read.
 pub const PORT_WORDS: u32 = 1024;
+
+/// Words of the `NETS_V4` bitmap: one bit per IPv4 /24, set when some rule covers part of it,
+/// so the common packet of a client with no rule nearby skips the LPM trie.
+pub const NET_WORDS_V4: u32 = 1 << 18;
+
+/// The `NETS_V4` bit of an IPv4 address: (word, bit).
+#[must_use]
+pub const fn net_v4_bit(a: [u8; 4]) -> (u32, u32) {
+    let idx = u32::from_be_bytes(a) >> 8;
+    (idx >> 6, idx & 63)
+}
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
 pub type Addr = [u8; 16];

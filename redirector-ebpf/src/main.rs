@@ -30,8 +30,9 @@ use aya_ebpf::{
 };
 use hdr::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
 use redirector_common::{
-    Addr, AdoptedValue, Counter, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_CLIENTS, MAX_SERVICES, MAX_SIBLINGS, PORT_WORDS, ProbeValue,
+    Addr, AdoptedValue, Counter, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_CLIENTS, MAX_SERVICES, MAX_SIBLINGS, NET_WORDS_V4, PORT_WORDS, ProbeValue,
     RuleValue, ServiceKey, ServiceValue, SiblingValue, as_v4,
+    net_v4_bit,
     decide::{
         self, Found, Step, TCP_ACK, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error,
         migrated_step, stays_local,
@@ -55,6 +56,8 @@ static PROBES: HashMap<u32, ProbeValue> = HashMap::pinned(MAX_PROBES, 0);
 static ADOPTED: HashMap<ServiceKey, AdoptedValue> = HashMap::pinned(MAX_LISTENERS, 0);
 #[map]
 static PORTS: Array<u64> = Array::pinned(PORT_WORDS, 0);
+#[map]
+static NETS_V4: Array<u64> = Array::pinned(NET_WORDS_V4, 0);
 /// Established connections per client address, per CPU (a connection may open on one CPU and
 /// close on another, so one CPU's value can be negative; the sum is the count).
 #[map]
@@ -147,6 +150,13 @@ fn port_steered(port: [u8; 2]) -> bool {
     PORTS.get(u32::from(p >> 6)).is_some_and(|w| w & (1u64 << (p & 63)) != 0)
 }
 
+/// Whether some IPv4 rule may cover `a` (its /24 bit is set).
+#[inline(always)]
+fn net_v4_may_match(a: [u8; 4]) -> bool {
+    let (word, bit) = net_v4_bit(a);
+    NETS_V4.get(word).is_none_or(|w| w & (1u64 << bit) != 0)
+}
+
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Error> {
     let start = ctx.data();
@@ -199,6 +209,12 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
     let t = unsafe { *tcp };
     if !port_steered(t.dport) && !port_steered(t.sport) {
         return Ok(pass(Counter::Passed));
+    }
+    // A client with no rule anywhere in its /24 is not migrated: one array read instead of the
+    // service lookup and the trie. (Answers to probes, SYN-ACK or RST, take the full path.)
+    let answer_like = t.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) || t.flags & TCP_RST != 0;
+    if !answer_like && port_steered(t.dport) && !net_v4_may_match(h.src) {
+        return Ok(pass(Counter::PassedNotMigrated));
     }
     let src = v4_mapped(h.src);
     let dst = v4_mapped(h.dst);

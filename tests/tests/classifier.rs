@@ -359,6 +359,24 @@ fn drained_rule_is_inert_and_collected() {
 }
 
 #[test]
+fn clients_far_from_any_rule_take_the_short_path_and_rules_reach_everywhere() {
+    with_datapath(|dp| {
+        // 198.18.77.5 has no rule in its /24: it passes after the /24 bitmap read.
+        let far = Ipv4Addr::new(198, 18, 77, 5);
+        expect(dp, &syn4(far, 4000), TC_ACT_OK, "passed-not-migrated");
+        // A rule for it: its bit is set before the rule appears, so it is steered at once.
+        dp.migrate(Prefix { addr: IpAddr::V4(far), len: 32 }, IpAddr::V4(TGT4), None).expect("rule");
+        expect(dp, &syn4(far, 4001), TC_ACT_REDIRECT, "forwarded-new");
+        // A /16 rule covers every /24 inside it.
+        dp.migrate(Prefix { addr: IpAddr::V4(Ipv4Addr::new(198, 19, 0, 0)), len: 16 }, IpAddr::V4(TGT4), None).expect("/16 rule");
+        expect(dp, &syn4(Ipv4Addr::new(198, 19, 200, 9), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        // A released rule leaves its bit (a stale bit only means the full path): still correct.
+        dp.release(Prefix { addr: IpAddr::V4(far), len: 32 }).expect("release");
+        expect(dp, &syn4(far, 4002), TC_ACT_OK, "passed-not-migrated");
+    });
+}
+
+#[test]
 fn prefixes_match_longest_first() {
     with_datapath(|dp| {
         let wide = Prefix { addr: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 0)), len: 24 };

@@ -129,11 +129,17 @@ impl Datapath {
         let dir = loc.dir();
         fs::create_dir_all(dir.join("links"))
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        // Instances pinned by an older version have rules but no /24 bitmap yet.
+        let nets_new = !dir.join(maps::NETS_V4).exists();
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(EBPF_OBJECT)
             .map_err(|e| Error::bpf(format!("loading the eBPF object with maps pinned in {}", dir.display()), e))?;
         let mut dp = Self { dir, ebpf };
+        if nets_new {
+            let prefixes: Vec<Prefix> = dp.list_rules()?.into_iter().map(|r| r.prefix).collect();
+            dp.mark_nets(&prefixes)?;
+        }
         dp.collect_drained()?;
         Ok(dp)
     }
@@ -409,12 +415,40 @@ impl Datapath {
             }
         }
         let value = RuleValue { target: types::to16(target), drain_until_ns: 0, since_unix: unix_now() };
+        // The /24 bits first: a packet that finds a rule always finds its bit.
+        self.mark_nets(prefixes)?;
         for (i, p) in prefixes.iter().enumerate() {
             if let Err(e) = self.insert_rule(*p, value) {
                 for done in &prefixes[..i] {
                     let _ = self.release(*done);
                 }
                 return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the `NETS_V4` bits of every /24 the IPv4 `prefixes` touch. Bits are never cleared
+    /// while the instance lives: a stale bit only sends packets down the full (correct) path.
+    fn mark_nets(&mut self, prefixes: &[Prefix]) -> Result<()> {
+        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        for p in prefixes {
+            let IpAddr::V4(a) = p.addr else { continue };
+            let first = u32::from(a) >> 8;
+            let count: u32 = if p.len >= 24 { 1 } else { 1 << (24 - u32::from(p.len)) };
+            for idx in first..first.saturating_add(count) {
+                *words.entry(idx >> 6).or_default() |= 1u64 << (idx & 63);
+            }
+        }
+        if words.is_empty() {
+            return Ok(());
+        }
+        let mut arr: Array<&mut MapData, u64> =
+            Array::try_from(self.map(maps::NETS_V4)?).map_err(|e| Error::bpf("opening NETS_V4", e))?;
+        for (w, bits) in words {
+            let old = arr.get(&w, 0).map_err(|e| Error::bpf("reading NETS_V4", e))?;
+            if old | bits != old {
+                arr.set(w, old | bits, 0).map_err(|e| Error::bpf("writing NETS_V4", e))?;
             }
         }
         Ok(())

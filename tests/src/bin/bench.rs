@@ -58,10 +58,12 @@ fn classifier_costs() -> Vec<Cost> {
                     .expect("rule");
             }
             let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
-            let cases: [(&'static str, &str, Vec<u8>); 5] = [
+            let far = Ipv4Addr::new(198, 18, 77, 6);
+            let cases: [(&'static str, &str, Vec<u8>); 6] = [
                 ("empty TC program", programs::EMPTY, frame(client4(6), SERVICE4, 80, 0x02)),
                 ("pass: other port", programs::INGRESS, frame(client4(6), SERVICE4, 443, 0x02)),
-                ("pass: not migrated", programs::INGRESS, frame(client4(6), SERVICE4, 80, 0x02)),
+                ("pass: not migrated, no rule in /24", programs::INGRESS, frame(far, SERVICE4, 80, 0x02)),
+                ("pass: not migrated, same /24", programs::INGRESS, frame(client4(6), SERVICE4, 80, 0x02)),
                 ("steered: new (SYN)", programs::INGRESS, frame(client4(5), SERVICE4, 80, 0x02)),
                 ("steered: existing (ACK)", programs::INGRESS, frame(client4(5), SERVICE4, 80, 0x10)),
             ];
@@ -334,19 +336,21 @@ fn main() {
     let r = request_rates();
     let empty = costs[0].ns;
     println!("Classifier cost per packet (kernel run_time_ns/run_cnt, median of {ROUNDS} rounds):");
-    println!("  {:<26} {:>8} {:>10}", "case", "ns/pkt", "vs empty");
+    println!("  {:<36} {:>8} {:>10}", "case", "ns/pkt", "vs empty");
     for c in &costs {
-        println!("  {:<26} {:>8.1} {:>9.2}x", c.name, c.ns, c.ns / empty);
+        println!("  {:<36} {:>8.1} {:>9.2}x", c.name, c.ns, c.ns / empty);
     }
     println!("Request rate of a migrated client (median of {ROUNDS} rounds of 0.5 s each, alternating order):");
     println!("  {:<34} {:>10} {:>12} {:>8}", "", "direct B", "through A", "ratio");
     println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "new connection per request (req/s)", r.direct, r.through_a, r.through_a / r.direct);
     println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "keep-alive requests (req/s)", r.direct_ka, r.through_a_ka, r.through_a_ka / r.direct_ka);
-    let pass = costs[2].ns / empty;
-    let steered = costs[3].ns.max(costs[4].ns) / empty;
+    // The honest headline: a non-migrated client next to a migrated one (full path).
+    let pass = costs[3].ns / empty;
+    let pass_far = costs[2].ns / empty;
+    let steered = costs[4].ns.max(costs[5].ns) / empty;
     let through = r.through_a / r.direct;
     println!(
-        "Goals: pass <= 1.5x empty: {pass:.2}x {}; steered <= 3x empty: {steered:.2}x {}; through A >= 0.9x direct: {through:.2}x {}",
+        "Goals: pass <= 1.5x empty: {pass:.2}x {} (client with no rule in its /24: {pass_far:.2}x); steered <= 3x empty: {steered:.2}x {}; through A >= 0.9x direct: {through:.2}x {}",
         if pass <= 1.5 { "met" } else { "MISSED" },
         if steered <= 3.0 { "met" } else { "MISSED" },
         if through >= 0.9 { "met" } else { "MISSED" },
@@ -357,10 +361,12 @@ fn main() {
             serde_json::json!({
                 "empty_ns": empty,
                 "pass_other_port_ns": costs[1].ns,
-                "pass_not_migrated_ns": costs[2].ns,
-                "steered_new_ns": costs[3].ns,
-                "steered_existing_ns": costs[4].ns,
+                "pass_not_migrated_far_ns": costs[2].ns,
+                "pass_not_migrated_ns": costs[3].ns,
+                "steered_new_ns": costs[4].ns,
+                "steered_existing_ns": costs[5].ns,
                 "pass_vs_empty": pass,
+                "pass_far_vs_empty": pass_far,
                 "steered_vs_empty": steered,
                 "direct_rps": r.direct,
                 "through_a_rps": r.through_a,
