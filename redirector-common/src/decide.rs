@@ -38,6 +38,13 @@ pub const fn migrated_step(tcp_flags: u8, rule: &RuleValue, now_ns: u64) -> Step
     }
 }
 
+/// Whether TCP `flags` are those of an answer to a connection attempt (SYN-ACK or RST): what
+/// a readiness probe gets back.
+#[must_use]
+pub const fn is_answer(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) || flags & TCP_RST != 0
+}
+
 /// What a socket lookup for a non-SYN packet found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Found {
@@ -74,6 +81,49 @@ pub const fn clamped(announced: u16, clamp: u16) -> Option<u16> {
     if clamp != 0 && announced > clamp { Some(clamp) } else { None }
 }
 
+/// Size of the buffer TCP options are copied into: 64 bytes for at most 40 of options, so
+/// that every index masked with 63 is inside it (which the verifier can see).
+pub const OPTS_BUF: usize = 64;
+
+/// Offset and value of the MSS option among the first `len` (at most 40) option bytes.
+#[must_use]
+#[inline(always)]
+pub fn find_mss(opts: &[u8; OPTS_BUF], len: usize) -> Option<(usize, u16)> {
+    let at = |i: usize| opts[i & (OPTS_BUF - 1)];
+    let len = if len > 40 { 40 } else { len };
+    let mut i = 0usize;
+    // Bounded: at most 40 option bytes, each step advances at least one.
+    for _ in 0..40 {
+        if i >= len {
+            return None;
+        }
+        let kind = at(i);
+        match kind {
+            0 => return None,
+            1 => {
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if i + 1 >= len {
+            return None;
+        }
+        let olen = usize::from(at(i + 1));
+        if kind == 2 {
+            if olen != 4 || i + 4 > len {
+                return None;
+            }
+            return Some((i, u16::from_be_bytes([at(i + 2), at(i + 3)])));
+        }
+        if olen < 2 {
+            return None;
+        }
+        i += olen;
+    }
+    None
+}
+
 /// Internet checksum of an IPv4 header of 20 bytes with its checksum field zero.
 #[must_use]
 #[inline(always)]
@@ -87,6 +137,28 @@ pub fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+    let folded = sum as u16;
+    !folded
+}
+
+/// Checksum of the outer IPv4 header the classifier writes (version 4, 20 bytes, TTL 64,
+/// protocol 4, no fragment offset), from its variable fields, without serializing it.
+#[must_use]
+#[inline(always)]
+pub fn outer_v4_checksum(tos: u8, total: [u8; 2], id: [u8; 2], df: u8, src: [u8; 4], dst: [u8; 4]) -> u16 {
+    let w = |a: u8, b: u8| u32::from(u16::from_be_bytes([a, b]));
+    let mut sum = w(0x45, tos)
+        + w(total[0], total[1])
+        + w(id[0], id[1])
+        + w(df, 0)
+        + w(64, 4)
+        + w(src[0], src[1])
+        + w(src[2], src[3])
+        + w(dst[0], dst[1])
+        + w(dst[2], dst[3]);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
     #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
     let folded = sum as u16;
     !folded
@@ -164,6 +236,39 @@ mod tests {
             0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(ipv4_header_checksum(&h), 0xb861);
+    }
+
+    #[test]
+    fn outer_checksum_matches_the_serialized_header() {
+        for (tos, total, id, df, src, dst) in [
+            (0u8, [0u8, 60], [0x12, 0x34], 0x40u8, [198, 18, 0, 1], [198, 18, 0, 2]),
+            (0xb8, [0xff, 0xff], [0xff, 0xff], 0, [255, 255, 255, 255], [0, 0, 0, 0]),
+            (0x10, [5, 220], [0, 0], 0x40, [10, 1, 2, 3], [192, 168, 254, 254]),
+        ] {
+            let h = [0x45, tos, total[0], total[1], id[0], id[1], df, 0, 64, 4, 0, 0, src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]];
+            assert_eq!(outer_v4_checksum(tos, total, id, df, src, dst), ipv4_header_checksum(&h));
+        }
+    }
+
+    fn opts(bytes: &[u8]) -> [u8; OPTS_BUF] {
+        let mut o = [0u8; OPTS_BUF];
+        o[..bytes.len()].copy_from_slice(bytes);
+        o
+    }
+
+    #[test]
+    fn mss_is_found_wherever_it_is() {
+        assert_eq!(find_mss(&opts(&[2, 4, 5, 0xb4]), 4), Some((0, 1460)));
+        // NOP, NOP, timestamps, then MSS.
+        let o = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2, 2, 4, 0x05, 0x78];
+        assert_eq!(find_mss(&opts(&o), o.len()), Some((12, 1400)));
+        // End of options, a bad length, a truncated MSS, none at all: no MSS.
+        assert_eq!(find_mss(&opts(&[0, 2, 4, 5, 0xb4]), 5), None);
+        assert_eq!(find_mss(&opts(&[3, 0, 2, 4, 5, 0xb4]), 6), None);
+        assert_eq!(find_mss(&opts(&[2, 4, 5]), 3), None);
+        assert_eq!(find_mss(&opts(&[1, 1, 1, 1]), 4), None);
+        // A length claiming more than 40 bytes is capped.
+        assert_eq!(find_mss(&opts(&[1; 40]), 255), None);
     }
 
     #[test]

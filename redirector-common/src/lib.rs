@@ -17,7 +17,7 @@ pub const MAX_SIBLINGS: u32 = 256;
 /// Maximum number of adopted services with a registered listener.
 pub const MAX_LISTENERS: u32 = 1024;
 /// Maximum number of client addresses whose connections are counted (LRU beyond).
-pub const MAX_CLIENTS: u32 = 65_536;
+pub const MAX_CLIENTS: u32 = 131_072;
 /// Maximum number of outstanding readiness probes.
 pub const MAX_PROBES: u32 = 256;
 
@@ -30,10 +30,18 @@ pub mod maps {
     pub const LISTENERS: &str = "LISTENERS";
     pub const PROBES: &str = "PROBES";
     pub const ADOPTED: &str = "ADOPTED";
-    pub const PORTS: &str = "PORTS";
+    pub const PORT_SLOTS_V4: &str = "PORT_SLOTS_V4";
+    pub const PORT_SLOTS_V6: &str = "PORT_SLOTS_V6";
     pub const LOAD: &str = "LOAD";
-    pub const NETS_V4: &str = "NETS_V4";
+    pub const LOAD_TOTAL: &str = "LOAD_TOTAL";
+    pub const LOAD_CTL: &str = "LOAD_CTL";
+    pub const LOAD_EVENTS: &str = "LOAD_EVENTS";
+    pub const HOSTS_V4: &str = "HOSTS_V4";
+    pub const HOSTS_V6: &str = "HOSTS_V6";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const SYSCTLS: &str = "SYSCTLS";
+    /// Maps of earlier versions, no longer used: their pins are removed on open.
+    pub const OBSOLETE: [&str; 2] = ["PORTS", "NETS_V4"];
 }
 
 /// Names of the eBPF programs.
@@ -50,19 +58,66 @@ pub mod programs {
     pub const EMPTY: &str = "redirector_empty";
 }
 
-/// Words of the `PORTS` bitmap: bit `port % 64` of word `port / 64` is set when some steered
-/// service uses that TCP port, so packets to any other port pass after one array read.
-pub const PORT_WORDS: u32 = 1024;
+/// `BPF_F_MMAPABLE`: the slot tables are arrays that user space maps into its memory, so it
+/// can order its stores (data before kind) the way the classifier reads them.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Words of the `NETS_V4` bitmap: one bit per IPv4 /24, set when some rule covers part of it,
-/// so the common packet of a client with no rule nearby skips the LPM trie.
-pub const NET_WORDS_V4: u32 = 1 << 18;
+/// Entries of each `PORT_SLOTS_*` table: one per TCP port.
+pub const PORT_SLOT_COUNT: u32 = 1 << 16;
 
-/// The `NETS_V4` bit of an IPv4 address: (word, bit).
+/// Entries of each `HOSTS_*` table; a client address's low 16 bits pick its slot.
+pub const HOST_SLOT_COUNT: u32 = 1 << 16;
+
+/// Slot kind: nothing here (the packet passes after this one array read). Data is ignored.
+pub const SLOT_EMPTY: u32 = 0;
+/// Slot kind: exactly one entry maps here and its data is in the slot; the packet's address
+/// must still equal the slot's.
+pub const SLOT_ONE: u32 = 1;
+/// Slot kind: several entries (or a prefix) map here: consult the authoritative map (the
+/// LPM trie, or `SERVICES`). Data is ignored.
+pub const SLOT_MANY: u32 = 2;
+
+/// A direct-mapped cache entry in front of an authoritative map.
+///
+/// The authoritative maps (`SERVICES`, `MIGRATED_*`) hold every entry; a slot table only
+/// lets the common packet decide after one array read. User space changes a slot so that
+/// the classifier never trusts half-written data: data changes only while the kind says
+/// "ignore data" (`SLOT_EMPTY` or `SLOT_MANY`), and the kind changes on its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot<D> {
+    /// `SLOT_EMPTY`, `SLOT_ONE` or `SLOT_MANY`.
+    pub kind: u32,
+    pub _pad: u32,
+    pub data: D,
+}
+
+/// A steered service in `PORT_SLOTS_V4` or `PORT_SLOTS_V6` (index: its port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortData {
+    /// The service address.
+    pub addr: Addr,
+    pub service: ServiceValue,
+}
+
+/// A migrated client (a full-length prefix) in `HOSTS_*` (index: [`host_slot`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostData {
+    /// The client address.
+    pub addr: Addr,
+    pub rule: RuleValue,
+}
+
+pub type PortSlot = Slot<PortData>;
+pub type HostSlot = Slot<HostData>;
+
+/// The `HOSTS_*` slot of a client address: its low 16 bits (the last two bytes, so the
+/// slots a prefix of /16 or longer (IPv4) or /112 or longer (IPv6) covers are one range).
 #[must_use]
-pub const fn net_v4_bit(a: [u8; 4]) -> (u32, u32) {
-    let idx = u32::from_be_bytes(a) >> 8;
-    (idx >> 6, idx & 63)
+pub const fn host_slot(a: &Addr) -> u32 {
+    ((a[14] as u32) << 8) | a[15] as u32
 }
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
@@ -171,6 +226,27 @@ pub struct AdoptedValue {
 /// `AdoptedValue::flags`: a listener is registered for the service.
 pub const ADOPTED_LISTENER: u32 = 1;
 
+/// The load watermark the `sock_ops` program watches (`LOAD_CTL[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadCtl {
+    /// Report when the total of established connections exceeds this.
+    pub high: u64,
+    /// 1: report the next crossing (then 0 until user space arms it again).
+    pub armed: u32,
+    pub _pad: u32,
+}
+
+/// Sent on `LOAD_EVENTS` when the total passed the armed watermark.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadEvent {
+    /// `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`) of the connection that crossed it.
+    pub at_ns: u64,
+    /// The total right after that connection.
+    pub total: u64,
+}
+
 /// A probe answer recorded by the classifier: key is the probe's source port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,11 +295,17 @@ pub enum Counter {
     SkAssigned,
     /// A SYN-ACK of an adopted service whose MSS was lowered for the tunnel.
     ClampedSynAck,
+    /// A tunnelled packet from a sibling whose inner packet is not for a service adopted here.
+    DroppedNotAdopted,
+    /// An MSS option that needed lowering could not be changed (the packet went on as it was).
+    ErrorClamp,
+    /// A connection to an adopted service found no registered listener (refused).
+    SkNoListener,
 }
 
 impl Counter {
     /// Number of counters (size of the COUNTERS array).
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -244,6 +326,9 @@ impl Counter {
         Counter::ErrorForward,
         Counter::SkAssigned,
         Counter::ClampedSynAck,
+        Counter::DroppedNotAdopted,
+        Counter::ErrorClamp,
+        Counter::SkNoListener,
     ];
 
     /// Stable, kebab-case name used by the CLI and JSON output.
@@ -267,6 +352,9 @@ impl Counter {
             Counter::ErrorForward => "error-forward",
             Counter::SkAssigned => "sk-assigned",
             Counter::ClampedSynAck => "clamped-syn-ack",
+            Counter::DroppedNotAdopted => "dropped-not-adopted",
+            Counter::ErrorClamp => "error-clamp",
+            Counter::SkNoListener => "sk-no-listener",
         }
     }
 }
@@ -281,4 +369,8 @@ mod pod {
     unsafe impl aya::Pod for super::SiblingValue {}
     unsafe impl aya::Pod for super::ProbeValue {}
     unsafe impl aya::Pod for super::AdoptedValue {}
+    unsafe impl aya::Pod for super::PortSlot {}
+    unsafe impl aya::Pod for super::LoadCtl {}
+    unsafe impl aya::Pod for super::LoadEvent {}
+    unsafe impl aya::Pod for super::HostSlot {}
 }

@@ -786,7 +786,7 @@ impl Agent {
         let result = tokio::task::spawn_blocking(move || {
             let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(c.addr)).collect();
             // One probe through the tunnel proves the path; then every rule, all or nothing.
-            let r = me.dp().migrate_many(&prefixes, target, Some(Duration::from_secs(1)));
+            let r = me.dp().migrate_many(&prefixes, target, Some(Duration::from_secs(1)), false);
             (r, clients)
         })
         .await;

@@ -246,6 +246,10 @@ pub enum RuleCmd {
         /// How long to wait for the probe's answer.
         #[arg(long, default_value_t = 2000)]
         probe_timeout_ms: u64,
+        /// Replace a rule that sends the prefix to another target (its flows living there
+        /// break); without it, such a rule is refused.
+        #[arg(long)]
+        replace: bool,
     },
     /// Withdraw a rule: drain (default 60 s) or remove at once.
     Del {
@@ -438,7 +442,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         instance: cli.global.instance.clone().unwrap_or_else(|| "default".into()),
     };
     let json = cli.global.json;
-    let mut dp = Datapath::open(&loc)?;
+    // Listings and counters change nothing, not even by creating an empty instance.
+    let read_only = matches!(
+        cli.command,
+        Command::Service(ServiceCmd::List)
+            | Command::Rule(RuleCmd::List)
+            | Command::Sibling(SiblingCmd::List)
+            | Command::Adopt(AdoptCmd::List)
+            | Command::Stats
+            | Command::Teardown
+            | Command::Load { cgroup: None }
+    );
+    let mut dp = if read_only { Datapath::open_existing(&loc)? } else { Datapath::open(&loc)? };
     match cli.command {
         Command::Service(ServiceCmd::Add { service, dev, tunnel_src, mtu }) => {
             let s = dp.add_service((service.ip(), service.port()), &dev, tunnel_src, mtu)?;
@@ -463,9 +478,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 print_table(&rows);
             }
         }
-        Command::Rule(RuleCmd::Add { prefix, to, no_probe, probe_timeout_ms }) => {
+        Command::Rule(RuleCmd::Add { prefix, to, no_probe, probe_timeout_ms, replace }) => {
             let probe = (!no_probe).then(|| Duration::from_millis(probe_timeout_ms));
-            dp.migrate(prefix, to, probe)?;
+            dp.migrate_many(&[prefix], to, probe, replace)?;
             if !json {
                 println!("{prefix} -> {to}");
             }
@@ -482,6 +497,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Rule(RuleCmd::List) => {
+            // Rules whose drain ended are inert already; they are gone from the listing too.
+            if dp.list_rules()?.iter().any(|r| r.state == datapath::RuleState::Drained) {
+                dp.collect_drained()?;
+            }
             let rules = dp.list_rules()?;
             if json {
                 println!("{}", json!({ "rules": rules }));

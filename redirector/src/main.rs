@@ -5,7 +5,22 @@ fn main() -> std::process::ExitCode {
     // Die quietly on a closed pipe (`redirector rule list | head`), like other Unix tools.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = redirector::cli::Cli::parse();
+    let cli = match redirector::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // A usage error, in one line (exit code 2, as clap and other tools use).
+            let text = e.render().to_string();
+            let msg: Vec<&str> =
+                text.lines().take_while(|l| !l.starts_with("Usage:")).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("For more information")).collect();
+            eprintln!("{}", msg.join(" "));
+            return std::process::ExitCode::from(2);
+        }
+    };
     // Logs (the agent's decisions) to stderr; aya-log and other `log` users are bridged.
     let _ = tracing_log::LogTracer::init();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -15,7 +15,8 @@ use redirector_tests::packets::{self, Ip, Pkt};
 use redirector::datapath::{Datapath, Location, Prefix};
 use redirector_common::programs;
 
-const TC_ACT_OK: i32 = 0;
+/// TCX_NEXT: the packet goes on to the next program in the chain, then the stack.
+const TCX_NEXT: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
@@ -28,6 +29,9 @@ const SVC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const CTL6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const TGT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 5);
+/// A sibling's service address this host serves (adopted), not one of its own.
+const ADOPTED4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+const ADOPTED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
 
 fn root_or_skip() -> bool {
     if nix::unistd::Uid::effective().is_root() {
@@ -145,23 +149,23 @@ fn ack6(src: Ipv6Addr, sport: u16) -> Vec<u8> {
 #[test]
 fn non_ip_and_other_traffic_pass() {
     with_datapath(|dp| {
-        expect(dp, &packets::arp(), TC_ACT_OK, "passed");
+        expect(dp, &packets::arp(), TCX_NEXT, "passed");
         let other_port = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 443, packets::SYN).build();
-        expect(dp, &other_port, TC_ACT_OK, "passed");
+        expect(dp, &other_port, TCX_NEXT, "passed");
         let udp = Pkt::udp(Ip::V4(CLIENT4, SVC4), 4000, 80).build();
-        expect(dp, &udp, TC_ACT_OK, "passed");
+        expect(dp, &udp, TCX_NEXT, "passed");
         let other_addr = Pkt::tcp(Ip::V6(CLIENT6, TGT6), 4000, 80, packets::SYN).build();
-        expect(dp, &other_addr, TC_ACT_OK, "passed");
+        expect(dp, &other_addr, TCX_NEXT, "passed");
     });
 }
 
 #[test]
 fn clients_without_a_rule_pass() {
     with_datapath(|dp| {
-        expect(dp, &syn4(OTHER4, 4000), TC_ACT_OK, "passed-not-migrated");
-        expect(dp, &ack4(OTHER4, 4000), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &syn4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
+        expect(dp, &ack4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
         let other6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 6);
-        expect(dp, &syn6(other6, 4000), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &syn6(other6, 4000), TCX_NEXT, "passed-not-migrated");
     });
 }
 
@@ -230,7 +234,7 @@ fn syn_acks_of_adopted_services_get_their_mss_clamped_on_egress() {
         let syn_ack = Pkt::tcp(Ip::V4(adopted, CLIENT4), 80, 4000, packets::SYN | packets::ACK).mss(1460).build();
         let before = dp.stats().expect("stats").get("clamped-syn-ack");
         let run = dp.test_run(programs::EGRESS, &syn_ack, 1).expect("run egress");
-        assert_eq!(run.retval, TC_ACT_OK);
+        assert_eq!(run.retval, TCX_NEXT);
         assert_eq!(packets::tcp_mss(&run.data_out[14..]), Some(1440), "SYN-ACK MSS clamped to 1500 - 60");
         assert!(packets::tcp_checksum_ok(&run.data_out[14..]), "checksum fixed");
         assert_eq!(dp.stats().expect("stats").get("clamped-syn-ack"), before + 1);
@@ -269,7 +273,7 @@ fn flows_with_a_local_socket_stay() {
         let (_server_side, _) = listener.accept().expect("accept");
         let cport = sock.local_addr().expect("local addr").port();
         with_rules(dp);
-        expect(dp, &ack4(CLIENT4, cport), TC_ACT_OK, "kept-local");
+        expect(dp, &ack4(CLIENT4, cport), TCX_NEXT, "kept-local");
         // Another port of the same client has no socket here: it follows the rule.
         expect(dp, &ack4(CLIENT4, cport.wrapping_add(1)), TC_ACT_REDIRECT, "forwarded-existing");
         without_rules(dp);
@@ -279,7 +283,7 @@ fn flows_with_a_local_socket_stay() {
         let (_s6, _) = listener6.accept().expect("accept v6");
         with_rules(dp);
         let cport6 = sock6.local_addr().expect("local addr").port();
-        expect(dp, &ack6(CLIENT6, cport6), TC_ACT_OK, "kept-local");
+        expect(dp, &ack6(CLIENT6, cport6), TCX_NEXT, "kept-local");
         // A listener alone does not keep a non-cookie ACK.
         expect(dp, &ack6(CLIENT6, cport6.wrapping_add(1)), TC_ACT_REDIRECT, "forwarded-existing");
     });
@@ -304,7 +308,7 @@ fn time_wait_sockets_count_as_flows_living_here() {
         with_rules(dp);
         // A late retransmission of the client's FIN finds the TIME_WAIT socket: it stays.
         let fin = Pkt::tcp(Ip::V4(CLIENT4, SVC4), cport, 80, packets::FIN | packets::ACK).build();
-        expect(dp, &fin, TC_ACT_OK, "kept-local");
+        expect(dp, &fin, TCX_NEXT, "kept-local");
     });
 }
 
@@ -338,10 +342,10 @@ fn socket2_domain_v6() -> i32 {
 fn draining_rule_keeps_new_flows_and_forwards_old_ones() {
     with_datapath(|dp| {
         dp.drain(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, Duration::from_secs(30)).expect("drain");
-        expect(dp, &syn4(CLIENT4, 4000), TC_ACT_OK, "kept-draining");
+        expect(dp, &syn4(CLIENT4, 4000), TCX_NEXT, "kept-draining");
         expect(dp, &ack4(CLIENT4, 4000), TC_ACT_REDIRECT, "forwarded-existing");
         dp.drain(Prefix { addr: IpAddr::V6(CLIENT6), len: 128 }, Duration::from_secs(30)).expect("drain v6");
-        expect(dp, &syn6(CLIENT6, 4000), TC_ACT_OK, "kept-draining");
+        expect(dp, &syn6(CLIENT6, 4000), TCX_NEXT, "kept-draining");
         expect(dp, &ack6(CLIENT6, 4000), TC_ACT_REDIRECT, "forwarded-existing");
     });
 }
@@ -351,8 +355,8 @@ fn drained_rule_is_inert_and_collected() {
     with_datapath(|dp| {
         dp.drain(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, Duration::from_millis(1)).expect("drain");
         std::thread::sleep(Duration::from_millis(20));
-        expect(dp, &syn4(CLIENT4, 4000), TC_ACT_OK, "passed-not-migrated");
-        expect(dp, &ack4(CLIENT4, 4000), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &syn4(CLIENT4, 4000), TCX_NEXT, "passed-not-migrated");
+        expect(dp, &ack4(CLIENT4, 4000), TCX_NEXT, "passed-not-migrated");
         assert_eq!(dp.collect_drained().expect("collect"), 1, "the drained rule is removed");
         assert!(dp.list_rules().expect("list").iter().all(|r| r.prefix.addr != IpAddr::V4(CLIENT4)));
     });
@@ -363,7 +367,7 @@ fn clients_far_from_any_rule_take_the_short_path_and_rules_reach_everywhere() {
     with_datapath(|dp| {
         // 198.18.77.5 has no rule in its /24: it passes after the /24 bitmap read.
         let far = Ipv4Addr::new(198, 18, 77, 5);
-        expect(dp, &syn4(far, 4000), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &syn4(far, 4000), TCX_NEXT, "passed-not-migrated");
         // A rule for it: its bit is set before the rule appears, so it is steered at once.
         dp.migrate(Prefix { addr: IpAddr::V4(far), len: 32 }, IpAddr::V4(TGT4), None).expect("rule");
         expect(dp, &syn4(far, 4001), TC_ACT_REDIRECT, "forwarded-new");
@@ -372,7 +376,7 @@ fn clients_far_from_any_rule_take_the_short_path_and_rules_reach_everywhere() {
         expect(dp, &syn4(Ipv4Addr::new(198, 19, 200, 9), 4000), TC_ACT_REDIRECT, "forwarded-new");
         // A released rule leaves its bit (a stale bit only means the full path): still correct.
         dp.release(Prefix { addr: IpAddr::V4(far), len: 32 }).expect("release");
-        expect(dp, &syn4(far, 4002), TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &syn4(far, 4002), TCX_NEXT, "passed-not-migrated");
     });
 }
 
@@ -394,15 +398,15 @@ fn prefixes_match_longest_first() {
 fn fragments_and_options_are_never_steered() {
     with_datapath(|dp| {
         let frag = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).more_fragments().build();
-        expect(dp, &frag, TC_ACT_OK, "passed-fragment");
+        expect(dp, &frag, TCX_NEXT, "passed-fragment");
         let later = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::ACK).frag_offset(185).build();
-        expect(dp, &later, TC_ACT_OK, "passed-fragment");
+        expect(dp, &later, TCX_NEXT, "passed-fragment");
         let opts = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).ip_options().build();
-        expect(dp, &opts, TC_ACT_OK, "passed-options");
+        expect(dp, &opts, TCX_NEXT, "passed-options");
         let frag6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), 4000, 80, packets::SYN).ext_header(44).build();
-        expect(dp, &frag6, TC_ACT_OK, "passed-fragment");
+        expect(dp, &frag6, TCX_NEXT, "passed-fragment");
         let hop6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), 4000, 80, packets::SYN).ext_header(0).build();
-        expect(dp, &hop6, TC_ACT_OK, "passed-options");
+        expect(dp, &hop6, TCX_NEXT, "passed-options");
     });
 }
 
@@ -413,22 +417,22 @@ fn truncated_packets_pass_untouched() {
         // truncations start there.
         let syn = syn4(CLIENT4, 4000);
         for len in [34, 40, 53] {
-            let out = expect(dp, &syn[..len], TC_ACT_OK, "passed-malformed");
+            let out = expect(dp, &syn[..len], TCX_NEXT, "passed-malformed");
             assert_eq!(out, &syn[..len], "a truncated packet ({len} bytes) is not modified");
         }
         let syn6 = syn6(CLIENT6, 4000);
         for len in [54, 60, 73] {
-            expect(dp, &syn6[..len], TC_ACT_OK, "passed-malformed");
+            expect(dp, &syn6[..len], TCX_NEXT, "passed-malformed");
         }
         let mut short_ihl = syn.clone();
         short_ihl[14] = 0x43;
-        expect(dp, &short_ihl, TC_ACT_OK, "passed-malformed");
+        expect(dp, &short_ihl, TCX_NEXT, "passed-malformed");
         let mut long_ihl = syn[..40].to_vec();
         long_ihl[14] = 0x4f;
-        expect(dp, &long_ihl, TC_ACT_OK, "passed-options");
+        expect(dp, &long_ihl, TCX_NEXT, "passed-options");
         let mut bad_version = syn.clone();
         bad_version[14] = 0x65;
-        expect(dp, &bad_version, TC_ACT_OK, "passed-malformed");
+        expect(dp, &bad_version, TCX_NEXT, "passed-malformed");
     });
 }
 
@@ -459,7 +463,7 @@ fn garbage_never_crashes_or_steers() {
             }
             let run = dp.test_run(programs::INGRESS, &pkt, 1).expect("test run");
             assert!(
-                run.retval == TC_ACT_OK || run.retval == TC_ACT_SHOT,
+                run.retval == TCX_NEXT || run.retval == TC_ACT_SHOT,
                 "garbage packet {i} was steered (action {}): {pkt:02x?}",
                 run.retval
             );
@@ -468,18 +472,20 @@ fn garbage_never_crashes_or_steers() {
 }
 
 #[test]
-fn tunnels_are_decapsulated_only_from_siblings() {
+fn tunnels_are_decapsulated_only_from_siblings_and_only_for_adopted_services() {
     with_datapath(|dp| {
         dp.add_sibling(IpAddr::V4(CTL4), "lo").expect("sibling v4");
         dp.add_sibling(IpAddr::V6(CTL6), "lo").expect("sibling v6");
-        let inner = ack4(CLIENT4, 4000);
+        dp.adopt((IpAddr::V4(ADOPTED4), 80), "lo", None, Some(1500)).expect("adopt v4");
+        dp.adopt((IpAddr::V6(ADOPTED6), 80), "lo", None, Some(1500)).expect("adopt v6");
+        let inner = Pkt::tcp(Ip::V4(CLIENT4, ADOPTED4), 4000, 80, packets::ACK).payload(b"GET /").build();
         let tunnelled = packets::encap4(CTL4, TGT4, &inner);
-        let out = expect(dp, &tunnelled, TC_ACT_OK, "decapsulated");
+        let out = expect(dp, &tunnelled, TCX_NEXT, "decapsulated");
         assert_eq!(out, inner, "decapsulation gives back the client's packet");
         let stranger = packets::encap4(Ipv4Addr::new(198, 18, 1, 9), TGT4, &inner);
         expect(dp, &stranger, TC_ACT_SHOT, "dropped-bad");
-        let inner6 = ack6(CLIENT6, 4000);
-        let out = expect(dp, &packets::encap6(CTL6, TGT6, &inner6), TC_ACT_OK, "decapsulated");
+        let inner6 = Pkt::tcp(Ip::V6(CLIENT6, ADOPTED6), 4000, 80, packets::ACK).build();
+        let out = expect(dp, &packets::encap6(CTL6, TGT6, &inner6), TCX_NEXT, "decapsulated");
         assert_eq!(out, inner6);
         expect(dp, &packets::encap6(CLIENT6, TGT6, &inner6), TC_ACT_SHOT, "dropped-bad");
         // A sibling's tunnel with a truncated or foreign inner packet is dropped too.
@@ -487,6 +493,31 @@ fn tunnels_are_decapsulated_only_from_siblings() {
         let mut wrong_inner = tunnelled.clone();
         wrong_inner[34] = 0x60;
         expect(dp, &wrong_inner, TC_ACT_SHOT, "dropped-bad");
+        // IPv6 inside IPv4 and IPv4 inside IPv6 are never ours.
+        let mut six_in_four = packets::encap4(CTL4, TGT4, &inner6);
+        six_in_four[14 + 9] = 41;
+        expect(dp, &six_in_four, TC_ACT_SHOT, "dropped-bad");
+        let mut four_in_six = packets::encap6(CTL6, TGT6, &inner);
+        four_in_six[14 + 6] = 4;
+        expect(dp, &four_in_six, TC_ACT_SHOT, "dropped-bad");
+        // A sibling's tunnel for something not adopted here (another address, another port,
+        // not TCP) is dropped: a sibling cannot inject arbitrary packets.
+        for other in [
+            Pkt::tcp(Ip::V4(CLIENT4, Ipv4Addr::new(198, 18, 0, 99)), 4000, 80, packets::ACK).build(),
+            Pkt::tcp(Ip::V4(CLIENT4, ADOPTED4), 4000, 22, packets::ACK).build(),
+            Pkt::udp(Ip::V4(CLIENT4, ADOPTED4), 4000, 80).build(),
+        ] {
+            expect(dp, &packets::encap4(CTL4, TGT4, &other), TC_ACT_SHOT, "dropped-not-adopted");
+        }
+        let other6 = Pkt::tcp(Ip::V6(CLIENT6, ADOPTED6), 4000, 22, packets::ACK).build();
+        expect(dp, &packets::encap6(CTL6, TGT6, &other6), TC_ACT_SHOT, "dropped-not-adopted");
+        // An ICMP error relayed by the origin, about a flow of the adopted service, goes in.
+        let quoted = Pkt::tcp(Ip::V4(ADOPTED4, CLIENT4), 80, 4000, packets::ACK).build();
+        let icmp = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), ADOPTED4, &quoted[14..], 1400);
+        expect(dp, &packets::encap4(CTL4, TGT4, &icmp), TCX_NEXT, "decapsulated");
+        let quoted6 = Pkt::tcp(Ip::V6(ADOPTED6, CLIENT6), 80, 4000, packets::ACK).build();
+        let ptb = packets::icmp6_too_big(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe), ADOPTED6, &quoted6[14..], 1280);
+        expect(dp, &packets::encap6(CTL6, TGT6, &ptb), TCX_NEXT, "decapsulated");
     });
 }
 
@@ -502,11 +533,11 @@ fn icmp_errors_about_flows_on_the_target_are_relayed() {
         // About a client without a rule: passes.
         let quoted_other = Pkt::tcp(Ip::V4(SVC4, OTHER4), 80, 4000, packets::ACK).build();
         let icmp_other = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), SVC4, &quoted_other[14..], 1400);
-        expect(dp, &icmp_other, TC_ACT_OK, "passed-not-migrated");
+        expect(dp, &icmp_other, TCX_NEXT, "passed-not-migrated");
         // An echo request is no error: passes.
-        expect(dp, &packets::icmp4_echo(CLIENT4, SVC4), TC_ACT_OK, "passed");
+        expect(dp, &packets::icmp4_echo(CLIENT4, SVC4), TCX_NEXT, "passed");
         // Truncated quote: passes untouched.
-        expect(dp, &icmp[..14 + 20 + 8 + 20 + 4], TC_ACT_OK, "passed-malformed");
+        expect(dp, &icmp[..14 + 20 + 8 + 20 + 4], TCX_NEXT, "passed-malformed");
         // ICMPv6 packet too big.
         let quoted6 = Pkt::tcp(Ip::V6(SVC6, CLIENT6), 80, 4000, packets::ACK).payload(&[0; 32]).build();
         let ptb = packets::icmp6_too_big(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe), SVC6, &quoted6[14..], 1280);
@@ -526,6 +557,6 @@ fn icmp_errors_about_local_flows_stay() {
         let cport = sock.local_addr().expect("addr").port();
         let quoted = Pkt::tcp(Ip::V4(SVC4, CLIENT4), 80, cport, packets::ACK).build();
         let icmp = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), SVC4, &quoted[14..], 1400);
-        expect(dp, &icmp, TC_ACT_OK, "kept-local");
+        expect(dp, &icmp, TCX_NEXT, "kept-local");
     });
 }

@@ -4,26 +4,29 @@
 //! Everything lives under `<bpffs>/redirector/<instance>/`: the maps (re-adopted by every
 //! process that opens the instance, so steering survives restarts of the agent or CLI) and
 //! the program links (`links/`), which keep the programs attached while no process runs.
+//! Processes that change the state take the instance's lock (`flock` on its directory), so the
+//! agent and an operator's commands never interleave their updates.
 
 mod bpffs;
 mod listener;
 mod net;
 mod probe;
+mod slots;
 pub mod testrun;
 mod types;
 
 use std::{
-    fs,
-    io,
+    collections::{BTreeMap, HashMap as StdHashMap},
+    fs, io,
     net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{
         CgroupAttachMode, SchedClassifier, SkLookup, SockOps, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -31,12 +34,13 @@ use aya::{
     },
 };
 use redirector_common::{
-    ADOPTED_LISTENER, AdoptedValue, Counter, RuleValue, ServiceKey, ServiceValue, SiblingValue,
-    decide, maps, programs,
+    ADOPTED_LISTENER, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, LoadCtl, LoadEvent,
+    PORT_SLOT_COUNT, PortData, RuleValue, ServiceKey, ServiceValue, SiblingValue, decide, maps, programs,
 };
 pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats};
 
 pub use self::probe::ProbeError;
+use self::slots::{SlotTable, Want};
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] =
@@ -58,6 +62,12 @@ pub enum Error {
     KernelFeature { what: String, #[source] source: Option<Box<dyn std::error::Error + Send + Sync>> },
     #[error("{what}")]
     Invalid { what: String },
+    #[error("no redirector instance at {dir} (nothing is set up there yet)")]
+    NoInstance { dir: PathBuf },
+    #[error(
+        "the instance at {dir} was set up by an incompatible version of redirector ({what}): `redirector teardown` removes it (its migrated clients come home), then set it up again"
+    )]
+    Incompatible { dir: PathBuf, what: String },
     #[error("{what}: {source}")]
     Bpf { what: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
     #[error("{what}: {source}")]
@@ -103,45 +113,92 @@ impl Location {
     }
 }
 
+/// The instance lock: an exclusive `flock` on the instance directory, released on drop.
+struct Lock {
+    _dir: fs::File,
+}
+
+impl Lock {
+    fn take(dir: &Path) -> Result<Self> {
+        let f = fs::File::open(dir).map_err(|e| Error::io(format!("opening {} to lock it", dir.display()), e))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(format!("locking {}", dir.display()), io::Error::last_os_error()));
+        }
+        Ok(Self { _dir: f })
+    }
+}
+
+/// Migrations whose rules a call changes, with what was there before (for rollback).
+type Previous = Vec<(Prefix, Option<RuleValue>)>;
+
 /// An open instance: the programs loaded against the pinned maps.
 pub struct Datapath {
     dir: PathBuf,
+    ports_v4: SlotTable<PortData>,
+    ports_v6: SlotTable<PortData>,
+    hosts_v4: SlotTable<HostData>,
+    hosts_v6: SlotTable<HostData>,
     ebpf: Ebpf,
 }
 
 impl Datapath {
-    /// Opens (or creates) the instance: mounts the bpffs if needed, loads the programs and
-    /// re-adopts pinned maps, creating any that are missing. Rules whose drain period ended are
-    /// removed.
+    /// Opens (or creates) the instance: mounts the bpffs if needed, loads the programs against
+    /// the pinned maps (creating any that are missing), removes rules whose drain period ended
+    /// and brings the fast lookup tables in line with the rules and services.
     pub fn open(loc: &Location) -> Result<Self> {
-        if !nix::unistd::Uid::effective().is_root() {
-            return Err(Error::NotRoot);
-        }
-        if loc.instance.is_empty()
-            || !loc.instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(Error::invalid(format!(
-                "bad instance name {:?}: use letters, digits, '-' and '_'",
-                loc.instance
-            )));
-        }
+        check_root_and_name(loc)?;
         bpffs::ensure_mounted(&loc.bpffs)?;
         let dir = loc.dir();
-        fs::create_dir_all(dir.join("links"))
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        // Instances pinned by an older version have rules but no /24 bitmap yet.
-        let nets_new = !dir.join(maps::NETS_V4).exists();
+        fs::create_dir_all(dir.join("links")).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let lock = Lock::take(&dir)?;
+        let mut dp = Self::load_instance(dir)?;
+        dp.sync_ports()?;
+        let rules = dp.rules()?;
+        let (live, drained): (Vec<_>, Vec<_>) = rules.into_iter().partition(|(_, v)| !is_drained(v, monotonic_ns()));
+        for (p, _) in &drained {
+            dp.remove_rule(*p)?;
+        }
+        dp.sync_hosts(&live);
+        drop(lock);
+        Ok(dp)
+    }
+
+    /// Opens an instance that exists, changing nothing (for listings and counters).
+    pub fn open_existing(loc: &Location) -> Result<Self> {
+        check_root_and_name(loc)?;
+        let dir = loc.dir();
+        if !dir.join(maps::SERVICES).exists() {
+            return Err(Error::NoInstance { dir });
+        }
+        Self::load_instance(dir)
+    }
+
+    fn load_instance(dir: PathBuf) -> Result<Self> {
+        check_pins(&dir)?;
+        for old in maps::OBSOLETE {
+            let _ = fs::remove_file(dir.join(old));
+        }
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(EBPF_OBJECT)
             .map_err(|e| Error::bpf(format!("loading the eBPF object with maps pinned in {}", dir.display()), e))?;
-        let mut dp = Self { dir, ebpf };
-        if nets_new {
-            let prefixes: Vec<Prefix> = dp.list_rules()?.into_iter().map(|r| r.prefix).collect();
-            dp.mark_nets(&prefixes)?;
-        }
-        dp.collect_drained()?;
-        Ok(dp)
+        // The maps stay in `ebpf`: programs load later with their fds.
+        let table = |name: &str| -> Result<&MapData> {
+            match ebpf.map(name) {
+                Some(aya::maps::Map::Array(m)) => Ok(m),
+                _ => Err(Error::invalid(format!("eBPF object has no array {name}"))),
+            }
+        };
+        let ports_v4 = SlotTable::new(table(maps::PORT_SLOTS_V4)?, maps::PORT_SLOTS_V4, PORT_SLOT_COUNT)?;
+        let ports_v6 = SlotTable::new(table(maps::PORT_SLOTS_V6)?, maps::PORT_SLOTS_V6, PORT_SLOT_COUNT)?;
+        let hosts_v4 = SlotTable::new(table(maps::HOSTS_V4)?, maps::HOSTS_V4, HOST_SLOT_COUNT)?;
+        let hosts_v6 = SlotTable::new(table(maps::HOSTS_V6)?, maps::HOSTS_V6, HOST_SLOT_COUNT)?;
+        Ok(Self { dir, ports_v4, ports_v6, hosts_v4, hosts_v6, ebpf })
+    }
+
+    fn lock(&self) -> Result<Lock> {
+        Lock::take(&self.dir)
     }
 
     /// The instance directory in the bpffs.
@@ -197,9 +254,12 @@ impl Datapath {
                 .map_err(|e| Error::bpf(format!("replacing {name} on {ifname}"), e))?;
             return Ok(ifindex);
         }
-        let id = prog
-            .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(|e| Error::bpf(format!("attaching {name} to {ifname} (TCX)"), e))?;
+        let id = prog.attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first())).map_err(|e| {
+            Error::KernelFeature {
+                what: format!("attaching {name} to {ifname} with TCX (Linux 6.6 or newer)"),
+                source: Some(Box::new(e)),
+            }
+        })?;
         let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
         let fd_link = FdLink::try_from(link).map_err(|e| Error::bpf("TC link is not an fd link", e))?;
         fd_link
@@ -211,26 +271,28 @@ impl Datapath {
     /// Replaces every attached program of this instance with this binary's, atomically per
     /// hook, keeping the pinned maps.
     pub fn upgrade(&mut self) -> Result<usize> {
+        let _lock = self.lock()?;
         let mut replaced = 0;
         let links = fs::read_dir(self.dir.join("links")).map_err(|e| Error::io("listing links", e))?;
         let mut names: Vec<String> = links.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         for n in names {
-            let (kind, ifindex) = match n.rsplit_once('-') {
-                Some((k, i)) if k == "tc-ingress" || k == "tc-egress" => (k.to_string(), i.parse::<u32>().ok()),
-                _ if n == "sk-lookup" => ("sk-lookup".to_string(), None),
-                _ => continue,
-            };
-            if kind == "sk-lookup" {
+            if n == "sk-lookup" {
                 self.attach_sk_lookup(true)?;
+            } else if let Some(i) = n.strip_prefix("tc-ingress-") {
+                let ifname = net::ifname(i.parse().map_err(|_| Error::invalid(format!("bad link pin name {n}")))?)?;
+                self.attach_ingress(&ifname, true)?;
+            } else if let Some(i) = n.strip_prefix("tc-egress-") {
+                let ifname = net::ifname(i.parse().map_err(|_| Error::invalid(format!("bad link pin name {n}")))?)?;
+                self.attach_egress(&ifname, true)?;
+            } else if n.starts_with("sock-ops-") {
+                let prog = self.sock_ops_prog()?;
+                let prog_fd = prog.fd().map_err(|e| Error::bpf("sock_ops program fd", e))?.as_fd().as_raw_fd();
+                let link = obj_get(&self.link_path(&n)).map_err(|e| Error::io(format!("opening pinned link {n}"), e))?;
+                link_update(link.as_raw_fd(), prog_fd)
+                    .map_err(|e| Error::io(format!("replacing the sock_ops program of {n}"), e))?;
             } else {
-                let ifindex = ifindex.ok_or_else(|| Error::invalid(format!("bad link pin name {n}")))?;
-                let ifname = net::ifname(ifindex)?;
-                if kind == "tc-ingress" {
-                    self.attach_ingress(&ifname, true)?;
-                } else {
-                    self.attach_egress(&ifname, true)?;
-                }
+                continue;
             }
             replaced += 1;
         }
@@ -292,6 +354,10 @@ impl Datapath {
         HashMap::try_from(self.map(maps::ADOPTED)?).map_err(|e| Error::bpf("opening ADOPTED", e))
     }
 
+    fn sysctls(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        HashMap::try_from(self.map(maps::SYSCTLS)?).map_err(|e| Error::bpf("opening SYSCTLS", e))
+    }
+
     // ---- origin side -------------------------------------------------------------------
 
     /// Steers `service` (this host's service address and port): attaches the classifier to
@@ -306,6 +372,9 @@ impl Datapath {
         let (addr, port) = service;
         if port == 0 {
             return Err(Error::invalid("service port must not be 0"));
+        }
+        if addr.is_unspecified() || addr.is_multicast() {
+            return Err(Error::invalid(format!("service address {addr} is not a unicast address")));
         }
         let ifindex = net::ifindex(ifname)?;
         let tunnel_src = match tunnel_src {
@@ -325,6 +394,7 @@ impl Datapath {
             _pad: [0; 2],
             ifindex,
         };
+        let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
         let key = ServiceKey::new(types::to16(addr), port);
         self.services()?
@@ -336,6 +406,7 @@ impl Datapath {
 
     /// Stops steering `service`. Rules stay (they apply to every steered service).
     pub fn del_service(&mut self, service: (IpAddr, u16)) -> Result<()> {
+        let _lock = self.lock()?;
         let key = ServiceKey::new(types::to16(service.0), service.1);
         self.services()?.remove(&key).map_err(|e| match e {
             aya::maps::MapError::KeyNotFound => {
@@ -346,23 +417,39 @@ impl Datapath {
         self.sync_ports()
     }
 
-    /// Rewrites the `PORTS` bitmap from `SERVICES`. A service is inserted before its port bit
-    /// is set and removed before the bit is cleared, so a packet that sees the bit finds the
-    /// service, and one that misses it meanwhile simply passes.
+    /// Brings `PORT_SLOTS_*` in line with `SERVICES`: a port with one service (of the table's
+    /// family) holds it, a port with several sends the classifier to `SERVICES`.
     fn sync_ports(&mut self) -> Result<()> {
-        let mut words = vec![0u64; redirector_common::PORT_WORDS as usize];
-        for s in self.list_services()? {
-            words[usize::from(s.port >> 6)] |= 1u64 << (s.port & 63);
-        }
-        let mut arr: Array<&mut MapData, u64> =
-            Array::try_from(self.map(maps::PORTS)?).map_err(|e| Error::bpf("opening PORTS", e))?;
-        for (i, w) in words.iter().enumerate() {
-            let i = u32::try_from(i).unwrap_or(u32::MAX);
-            if arr.get(&i, 0).map_err(|e| Error::bpf("reading PORTS", e))? != *w {
-                arr.set(i, *w, 0).map_err(|e| Error::bpf("writing PORTS", e))?;
+        let services = self.list_services()?;
+        for v6 in [false, true] {
+            let mut by_port: BTreeMap<u16, Vec<&ServiceInfo>> = BTreeMap::new();
+            for s in services.iter().filter(|s| s.addr.is_ipv6() == v6) {
+                by_port.entry(s.port).or_default().push(s);
             }
+            let table = if v6 { &self.ports_v6 } else { &self.ports_v4 };
+            table.apply(|i| match u16::try_from(i).ok().and_then(|p| by_port.get(&p)).map(Vec::as_slice) {
+                Some([s]) => Want::One(PortData {
+                    addr: types::to16(s.addr),
+                    service: ServiceValue {
+                        tunnel_src: types::to16(s.tunnel_src),
+                        mss_clamp: s.mss_clamp,
+                        _pad: [0; 2],
+                        ifindex: s.ifindex,
+                    },
+                }),
+                Some(_) => Want::Many,
+                None => Want::Empty,
+            });
         }
         Ok(())
+    }
+
+    /// Brings `HOSTS_V4` and `HOSTS_V6` in line with `rules` (all rules of the instance).
+    fn sync_hosts(&mut self, rules: &[(Prefix, RuleValue)]) {
+        let v4 = slots::want_hosts(rules, false);
+        self.hosts_v4.apply(|i| v4.get(&i).copied().unwrap_or(Want::Empty));
+        let v6 = slots::want_hosts(rules, true);
+        self.hosts_v6.apply(|i| v6.get(&i).copied().unwrap_or(Want::Empty));
     }
 
     /// Steered services.
@@ -387,12 +474,14 @@ impl Datapath {
     /// service of the family go there. With `probe`, the target must first answer a probe
     /// through the real tunnel for each such service (make before break).
     pub fn migrate(&mut self, prefix: Prefix, target: IpAddr, probe: Option<Duration>) -> Result<()> {
-        self.migrate_many(&[prefix], target, probe)
+        self.migrate_many(&[prefix], target, probe, false)
     }
 
-    /// [`Datapath::migrate`] for many prefixes to one target: one probe, then every rule. If a
-    /// rule cannot be installed, the ones installed by this call are removed again.
-    pub fn migrate_many(&mut self, prefixes: &[Prefix], target: IpAddr, probe: Option<Duration>) -> Result<()> {
+    /// [`Datapath::migrate`] for many prefixes to one target: one probe, then every rule, all or
+    /// nothing. A prefix already migrated to `target` stays (a draining one becomes active
+    /// again); one migrated elsewhere is refused unless `replace` (its flows living on the
+    /// other target would break).
+    pub fn migrate_many(&mut self, prefixes: &[Prefix], target: IpAddr, probe: Option<Duration>, replace: bool) -> Result<()> {
         if let Some(p) = prefixes.iter().find(|p| p.addr.is_ipv4() != target.is_ipv4()) {
             return Err(Error::invalid(format!("target {target} and prefix {p} are of different families")));
         }
@@ -407,6 +496,7 @@ impl Datapath {
                 if target.is_ipv4() { "IPv4" } else { "IPv6" }
             )));
         }
+        // The probe runs before the lock: it can take up to its timeout per service.
         if let Some(timeout) = probe {
             for s in &services {
                 let mut probes: HashMap<&mut MapData, u32, redirector_common::ProbeValue> =
@@ -414,44 +504,47 @@ impl Datapath {
                 probe::probe(&mut probes, s, target, timeout)?;
             }
         }
-        let value = RuleValue { target: types::to16(target), drain_until_ns: 0, since_unix: unix_now() };
-        // The /24 bits first: a packet that finds a rule always finds its bit.
-        self.mark_nets(prefixes)?;
-        for (i, p) in prefixes.iter().enumerate() {
-            if let Err(e) = self.insert_rule(*p, value) {
-                for done in &prefixes[..i] {
-                    let _ = self.release(*done);
+        let _lock = self.lock()?;
+        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
+        let target16 = types::to16(target);
+        let now = unix_now();
+        let mut changes = Vec::new();
+        for p in prefixes {
+            let value = match rules.get(p) {
+                Some(old) if old.target == target16 && old.drain_until_ns == 0 => continue,
+                Some(old) if old.target == target16 => RuleValue { drain_until_ns: 0, ..*old },
+                Some(old) if !replace => {
+                    return Err(Error::invalid(format!(
+                        "{p} is already migrated to {}{}: withdraw it first (`rule del`), or replace it (its flows living there break)",
+                        types::from16(&old.target),
+                        if old.drain_until_ns == 0 { "" } else { " (draining)" }
+                    )));
                 }
+                _ => RuleValue { target: target16, drain_until_ns: 0, since_unix: now },
+            };
+            changes.push((*p, value));
+        }
+        let mut previous: Previous = Vec::new();
+        for (p, value) in &changes {
+            if let Err(e) = self.insert_rule(*p, *value) {
+                self.restore(&previous);
                 return Err(e);
             }
+            previous.push((*p, rules.insert(*p, *value)));
         }
+        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
+        self.sync_hosts(&all);
         Ok(())
     }
 
-    /// Sets the `NETS_V4` bits of every /24 the IPv4 `prefixes` touch. Bits are never cleared
-    /// while the instance lives: a stale bit only sends packets down the full (correct) path.
-    fn mark_nets(&mut self, prefixes: &[Prefix]) -> Result<()> {
-        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
-        for p in prefixes {
-            let IpAddr::V4(a) = p.addr else { continue };
-            let first = u32::from(a) >> 8;
-            let count: u32 = if p.len >= 24 { 1 } else { 1 << (24 - u32::from(p.len)) };
-            for idx in first..first.saturating_add(count) {
-                *words.entry(idx >> 6).or_default() |= 1u64 << (idx & 63);
-            }
+    /// Puts back what a failed call changed.
+    fn restore(&mut self, previous: &Previous) {
+        for (p, old) in previous.iter().rev() {
+            let _ = match old {
+                Some(v) => self.insert_rule(*p, *v),
+                None => self.remove_rule(*p),
+            };
         }
-        if words.is_empty() {
-            return Ok(());
-        }
-        let mut arr: Array<&mut MapData, u64> =
-            Array::try_from(self.map(maps::NETS_V4)?).map_err(|e| Error::bpf("opening NETS_V4", e))?;
-        for (w, bits) in words {
-            let old = arr.get(&w, 0).map_err(|e| Error::bpf("reading NETS_V4", e))?;
-            if old | bits != old {
-                arr.set(w, old | bits, 0).map_err(|e| Error::bpf("writing NETS_V4", e))?;
-            }
-        }
-        Ok(())
     }
 
     fn insert_rule(&mut self, prefix: Prefix, value: RuleValue) -> Result<()> {
@@ -470,46 +563,7 @@ impl Datapath {
         }
     }
 
-    fn get_rule(&mut self, prefix: Prefix) -> Result<Option<RuleValue>> {
-        let r = match prefix.addr {
-            IpAddr::V4(a) => {
-                let trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
-                    LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
-                // An exact match: the trie's lookup is longest-prefix, so compare via the listing.
-                trie.iter()
-                    .filter_map(Result::ok)
-                    .find(|(k, _)| k.prefix_len() == u32::from(prefix.len) && k.data() == a.octets())
-                    .map(|(_, v)| v)
-            }
-            IpAddr::V6(a) => {
-                let trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> =
-                    LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
-                trie.iter()
-                    .filter_map(Result::ok)
-                    .find(|(k, _)| k.prefix_len() == u32::from(prefix.len) && k.data() == a.octets())
-                    .map(|(_, v)| v)
-            }
-        };
-        Ok(r)
-    }
-
-    /// Withdraws the rule for `prefix` gracefully: for `period`, new connections stay here while
-    /// packets of flows living on the target still go there; then the rule is inert and removed
-    /// by the next `open`.
-    pub fn drain(&mut self, prefix: Prefix, period: Duration) -> Result<()> {
-        let Some(mut rule) = self.get_rule(prefix)? else {
-            return Err(Error::invalid(format!("no rule for {prefix}")));
-        };
-        if period.is_zero() {
-            return self.release(prefix);
-        }
-        let until = monotonic_ns().saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
-        rule.drain_until_ns = if rule.drain_until_ns == 0 { until } else { rule.drain_until_ns.min(until) };
-        self.insert_rule(prefix, rule)
-    }
-
-    /// Removes the rule for `prefix` at once: flows living on the target break.
-    pub fn release(&mut self, prefix: Prefix) -> Result<()> {
+    fn remove_rule(&mut self, prefix: Prefix) -> Result<()> {
         let what = format!("removing rule {prefix}");
         let r = match prefix.addr {
             IpAddr::V4(a) => {
@@ -529,9 +583,8 @@ impl Datapath {
         })
     }
 
-    /// All rules, active and draining.
-    pub fn list_rules(&mut self) -> Result<Vec<RuleInfo>> {
-        let now = monotonic_ns();
+    /// Every rule of both tries, as stored.
+    fn rules(&mut self) -> Result<Vec<(Prefix, RuleValue)>> {
         let mut out = Vec::new();
         {
             let trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
@@ -539,7 +592,7 @@ impl Datapath {
             for item in &trie {
                 let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V4", e))?;
                 let len = u8::try_from(k.prefix_len()).unwrap_or(32);
-                out.push(RuleInfo::new(Prefix { addr: IpAddr::from(k.data()), len }, &v, now));
+                out.push((Prefix { addr: IpAddr::from(k.data()), len }, v));
             }
         }
         {
@@ -548,24 +601,99 @@ impl Datapath {
             for item in &trie {
                 let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V6", e))?;
                 let len = u8::try_from(k.prefix_len()).unwrap_or(128);
-                out.push(RuleInfo::new(Prefix { addr: IpAddr::from(k.data()), len }, &v, now));
+                out.push((Prefix { addr: IpAddr::from(k.data()), len }, v));
             }
         }
+        Ok(out)
+    }
+
+    /// Withdraws the rule for `prefix` gracefully: for `period`, new connections stay here while
+    /// packets of flows living on the target still go there; then the rule is inert and removed
+    /// by the next `collect_drained` (the agent runs it every few seconds, every command on open).
+    pub fn drain(&mut self, prefix: Prefix, period: Duration) -> Result<()> {
+        if self.drain_many(&[prefix], period)? == 0 {
+            return Err(Error::invalid(format!("no rule for {prefix}")));
+        }
+        Ok(())
+    }
+
+    /// [`Datapath::drain`] for many prefixes at once (those without a rule are skipped).
+    /// Returns how many rules drain now.
+    pub fn drain_many(&mut self, prefixes: &[Prefix], period: Duration) -> Result<usize> {
+        if period.is_zero() {
+            return self.release_many(prefixes);
+        }
+        let _lock = self.lock()?;
+        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
+        let until = monotonic_ns().saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
+        let mut previous: Previous = Vec::new();
+        for p in prefixes {
+            let Some(old) = rules.get(p).copied() else { continue };
+            let value = RuleValue {
+                drain_until_ns: if old.drain_until_ns == 0 { until } else { old.drain_until_ns.min(until) },
+                ..old
+            };
+            if let Err(e) = self.insert_rule(*p, value) {
+                self.restore(&previous);
+                return Err(e);
+            }
+            previous.push((*p, rules.insert(*p, value)));
+        }
+        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
+        self.sync_hosts(&all);
+        Ok(previous.len())
+    }
+
+    /// Removes the rule for `prefix` at once: flows living on the target break.
+    pub fn release(&mut self, prefix: Prefix) -> Result<()> {
+        if self.release_many(&[prefix])? == 0 {
+            return Err(Error::invalid(format!("no rule for {prefix}")));
+        }
+        Ok(())
+    }
+
+    /// [`Datapath::release`] for many prefixes (those without a rule are skipped). Returns how
+    /// many were removed.
+    pub fn release_many(&mut self, prefixes: &[Prefix]) -> Result<usize> {
+        let _lock = self.lock()?;
+        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
+        let mut n = 0;
+        for p in prefixes {
+            if rules.remove(p).is_some() {
+                self.remove_rule(*p)?;
+                n += 1;
+            }
+        }
+        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
+        self.sync_hosts(&all);
+        Ok(n)
+    }
+
+    /// All rules, active and draining, sorted by prefix.
+    pub fn list_rules(&mut self) -> Result<Vec<RuleInfo>> {
+        let now = monotonic_ns();
+        let mut out: Vec<RuleInfo> = self.rules()?.into_iter().map(|(p, v)| RuleInfo::new(p, &v, now)).collect();
         out.sort_by_key(|r| (r.prefix.addr, r.prefix.len));
         Ok(out)
     }
 
     /// Removes rules whose drain period has ended. Returns how many were removed.
     pub fn collect_drained(&mut self) -> Result<usize> {
-        let done: Vec<Prefix> =
-            self.list_rules()?.into_iter().filter(|r| r.state == RuleState::Drained).map(|r| r.prefix).collect();
-        for p in &done {
-            match self.release(*p) {
+        let now = monotonic_ns();
+        // Cheap check first, without the lock: most calls find nothing to do.
+        if !self.rules()?.iter().any(|(_, v)| is_drained(v, now)) {
+            return Ok(0);
+        }
+        let _lock = self.lock()?;
+        let (live, drained): (Vec<_>, Vec<_>) = self.rules()?.into_iter().partition(|(_, v)| !is_drained(v, now));
+        for (p, _) in &drained {
+            match self.remove_rule(*p) {
                 Ok(()) | Err(Error::Invalid { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(done.len())
+        self.sync_hosts(&live);
+        Ok(drained.len())
     }
 
     // ---- target side -------------------------------------------------------------------
@@ -576,6 +704,8 @@ impl Datapath {
         if sibling.is_unspecified() || sibling.is_multicast() {
             return Err(Error::invalid(format!("sibling {sibling} is not a unicast address")));
         }
+        net::ifindex(ifname)?;
+        let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
         self.siblings()?
             .insert(types::to16(sibling), SiblingValue { flags: 0 }, 0)
@@ -584,6 +714,7 @@ impl Datapath {
 
     /// Stops accepting tunnels from `sibling`.
     pub fn del_sibling(&mut self, sibling: IpAddr) -> Result<()> {
+        let _lock = self.lock()?;
         self.siblings()?.remove(&types::to16(sibling)).map_err(|e| match e {
             aya::maps::MapError::KeyNotFound => Error::invalid(format!("{sibling} is not a sibling")),
             e => Error::bpf("removing sibling", e),
@@ -600,9 +731,10 @@ impl Datapath {
     }
 
     /// Serves a sibling's service address here: a `local` route for it (no address on any
-    /// interface, so no ARP/ND answers), the sysctls delivery and DSR need, and, with
-    /// `listener`, the `sk_lookup` entry that hands its connections to the listening socket
-    /// bound to that local address.
+    /// interface, so no ARP/ND answers), the interface settings delivery and DSR need (the
+    /// originals are kept and put back when the last adopted service of the interface goes),
+    /// and, with `listener`, the `sk_lookup` entry that hands its connections to the listening
+    /// socket bound to that local address. On failure, nothing of it stays.
     pub fn adopt(
         &mut self,
         service: (IpAddr, u16),
@@ -611,6 +743,9 @@ impl Datapath {
         mtu: Option<u32>,
     ) -> Result<()> {
         let (addr, port) = service;
+        if port == 0 || addr.is_unspecified() || addr.is_multicast() {
+            return Err(Error::invalid(format!("{} is not a service address", types::sock(addr, port))));
+        }
         let ifindex = net::ifindex(ifname)?;
         let mtu = match mtu {
             Some(m) => m,
@@ -625,33 +760,52 @@ impl Datapath {
             Some((la, lp)) => Some(listener::find(la, lp)?),
             None => None,
         };
+        let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
         self.attach_egress(ifname, false)?;
         self.attach_sk_lookup(false)?;
-        net::prepare_target(ifname, addr)?;
         let key = ServiceKey::new(types::to16(addr), port);
-        if let Some(fd) = &listener_fd {
-            let mut hash: SockHash<&mut MapData, ServiceKey> =
-                SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
-            hash.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
+        let had_route = self.list_adopted()?.iter().any(|(a, _, _)| *a == addr);
+        let result = (|| -> Result<()> {
+            self.save_and_set_sysctls(ifname, ifindex, addr)?;
+            net::add_local_route(addr)?;
+            if let Some(fd) = &listener_fd {
+                let mut hash: SockHash<&mut MapData, ServiceKey> =
+                    SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
+                hash.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
+            }
+            let flags = if listener_fd.is_some() { ADOPTED_LISTENER } else { 0 };
+            let value = AdoptedValue { ifindex, flags, mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 6] };
+            self.adopted()?.insert(key, value, 0).map_err(|e| Error::bpf("recording the adopted service", e))
+        })();
+        if let Err(e) = result {
+            if !had_route {
+                let _ = net::remove_local_route(addr);
+            }
+            let _ = self.restore_sysctls_if_unused(ifindex);
+            return Err(e);
         }
-        let flags = if listener_fd.is_some() { ADOPTED_LISTENER } else { 0 };
-        self.adopted()?
-            .insert(key, AdoptedValue { ifindex, flags, mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 6] }, 0)
-            .map_err(|e| Error::bpf("recording the adopted service", e))
+        Ok(())
     }
 
-    /// Gives an adopted service back: removes its listener entry, and its route once no other
-    /// port of that address is adopted.
+    /// Gives an adopted service back: removes its listener entry, its route once no other
+    /// port of that address is adopted, and puts back the interface's settings once no adopted
+    /// service uses it.
     pub fn unadopt(&mut self, service: (IpAddr, u16)) -> Result<()> {
+        let _lock = self.lock()?;
+        self.unadopt_locked(service)
+    }
+
+    fn unadopt_locked(&mut self, service: (IpAddr, u16)) -> Result<()> {
         let (addr, port) = service;
         let key = ServiceKey::new(types::to16(addr), port);
-        self.adopted()?.remove(&key).map_err(|e| match e {
+        let old = self.adopted()?.get(&key, 0).map_err(|e| match e {
             aya::maps::MapError::KeyNotFound => {
                 Error::invalid(format!("service {} is not adopted", types::sock(addr, port)))
             }
-            e => Error::bpf("removing adopted service", e),
+            e => Error::bpf("reading ADOPTED", e),
         })?;
+        self.adopted()?.remove(&key).map_err(|e| Error::bpf("removing adopted service", e))?;
         {
             let mut hash: SockHash<&mut MapData, ServiceKey> =
                 SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
@@ -660,22 +814,80 @@ impl Datapath {
         if !self.list_adopted()?.iter().any(|(a, _, _)| *a == addr) {
             net::remove_local_route(addr)?;
         }
-        Ok(())
+        self.restore_sysctls_if_unused(old.ifindex)
     }
 
     /// Adopted services: (address, port, has listener).
     pub fn list_adopted(&mut self) -> Result<Vec<(IpAddr, u16, bool)>> {
+        Ok(self.adopted_values()?.into_iter().map(|(a, p, v)| (a, p, v.flags & ADOPTED_LISTENER != 0)).collect())
+    }
+
+    fn adopted_values(&mut self) -> Result<Vec<(IpAddr, u16, AdoptedValue)>> {
         let map = self.adopted()?;
         let mut out = Vec::new();
         for item in &map {
             let (k, v) = item.map_err(|e| Error::bpf("reading ADOPTED", e))?;
-            out.push((types::from16(&k.addr), k.port(), v.flags & ADOPTED_LISTENER != 0));
+            out.push((types::from16(&k.addr), k.port(), v));
         }
-        out.sort();
+        out.sort_by_key(|(a, p, _)| (*a, *p));
         Ok(out)
     }
 
+    /// Sets what a target needs on `ifname` (IPv4: no ARP answers for adopted addresses,
+    /// tunnelled packets with local source addresses accepted, loose reverse-path filter),
+    /// keeping each original value in `SYSCTLS` the first time.
+    fn save_and_set_sysctls(&mut self, ifname: &str, ifindex: u32, addr: IpAddr) -> Result<()> {
+        if !addr.is_ipv4() {
+            return Ok(());
+        }
+        for (i, (name, value)) in net::TARGET_SYSCTLS.iter().enumerate() {
+            let key = (ifindex << 8) | u32::try_from(i).unwrap_or(0);
+            let current = net::read_sysctl_v4(ifname, name)?;
+            if current == *value {
+                continue;
+            }
+            let mut saved = self.sysctls()?;
+            if saved.get(&key, 0).is_err() {
+                saved.insert(key, current, 0).map_err(|e| Error::bpf("saving a sysctl", e))?;
+            }
+            net::write_sysctl_v4(ifname, name, *value)?;
+        }
+        Ok(())
+    }
+
+    /// Puts back the saved settings of interface `ifindex` if no adopted service uses it.
+    fn restore_sysctls_if_unused(&mut self, ifindex: u32) -> Result<()> {
+        if self.adopted_values()?.iter().any(|(_, _, v)| v.ifindex == ifindex) {
+            return Ok(());
+        }
+        let saved: Vec<(u32, u32)> = self.sysctls()?.iter().filter_map(Result::ok).filter(|(k, _)| k >> 8 == ifindex).collect();
+        if saved.is_empty() {
+            return Ok(());
+        }
+        let ifname = net::ifname(ifindex)?;
+        for (key, value) in saved {
+            if let Some((name, _)) = net::TARGET_SYSCTLS.get((key & 0xff) as usize) {
+                net::write_sysctl_v4(&ifname, name, value)?;
+            }
+            let _ = self.sysctls()?.remove(&key);
+        }
+        Ok(())
+    }
+
     // ---- load ----------------------------------------------------------------------------
+
+    fn sock_ops_prog(&mut self) -> Result<&mut SockOps> {
+        let prog: &mut SockOps = self
+            .ebpf
+            .program_mut(programs::SOCK_OPS)
+            .ok_or_else(|| Error::invalid("eBPF object has no sock_ops program"))?
+            .try_into()
+            .map_err(|e| Error::bpf("sock_ops program has the wrong type", e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::bpf("loading the sock_ops program (verifier)", e))?;
+        }
+        Ok(prog)
+    }
 
     /// Counts the established connections of the application in cgroup v2 `cgroup` (a folder
     /// of a mounted cgroup2 hierarchy) per client address, with a `sock_ops` program. Idempotent.
@@ -691,15 +903,8 @@ impl Datapath {
         if pin.exists() {
             return Ok(());
         }
-        let prog: &mut SockOps = self
-            .ebpf
-            .program_mut(programs::SOCK_OPS)
-            .ok_or_else(|| Error::invalid("eBPF object has no sock_ops program"))?
-            .try_into()
-            .map_err(|e| Error::bpf("sock_ops program has the wrong type", e))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| Error::bpf("loading the sock_ops program (verifier)", e))?;
-        }
+        let _lock = self.lock()?;
+        let prog = self.sock_ops_prog()?;
         let id = prog
             .attach(&dir, CgroupAttachMode::Single)
             .map_err(|e| Error::bpf(format!("attaching sock_ops to {}", cgroup.display()), e))?;
@@ -711,21 +916,48 @@ impl Datapath {
         Ok(())
     }
 
-    /// Established connections per client address (clients with none are left out), largest
-    /// first, and their total.
+    /// Established connections of the application(s), in total (exact, one read).
+    pub fn load_total(&mut self) -> Result<u64> {
+        let arr: Array<&mut MapData, i64> =
+            Array::try_from(self.map(maps::LOAD_TOTAL)?).map_err(|e| Error::bpf("opening LOAD_TOTAL", e))?;
+        let v = arr.get(&0, 0).map_err(|e| Error::bpf("reading LOAD_TOTAL", e))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
+    /// The total and the established connections per client address (clients with none are
+    /// left out), largest first. Per-client counts may be low for clients whose entry made room
+    /// for newer ones in a full table; the total is exact.
     pub fn load(&mut self) -> Result<Load> {
-        let map: PerCpuHashMap<&mut MapData, [u8; 16], i64> =
-            PerCpuHashMap::try_from(self.map(maps::LOAD)?).map_err(|e| Error::bpf("opening LOAD", e))?;
+        let total = self.load_total()?;
+        let map: HashMap<&mut MapData, [u8; 16], i64> =
+            HashMap::try_from(self.map(maps::LOAD)?).map_err(|e| Error::bpf("opening LOAD", e))?;
         let mut clients = Vec::new();
         for item in &map {
-            let (k, v) = item.map_err(|e| Error::bpf("reading LOAD", e))?;
-            let n: i64 = v.iter().sum();
+            let (k, n) = item.map_err(|e| Error::bpf("reading LOAD", e))?;
             if n > 0 {
                 clients.push((types::from16(&k), u64::try_from(n).unwrap_or(0)));
             }
         }
         clients.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        Ok(Load { total: clients.iter().map(|c| c.1).sum(), clients })
+        Ok(Load { total, clients })
+    }
+
+    /// Asks the kernel for one [`LoadEvent`] as soon as the total exceeds `high` (the crossing
+    /// connection's time, not the next poll's). Arm again after each event.
+    pub fn arm_load_event(&mut self, high: u64) -> Result<()> {
+        let mut arr: Array<&mut MapData, LoadCtl> =
+            Array::try_from(self.map(maps::LOAD_CTL)?).map_err(|e| Error::bpf("opening LOAD_CTL", e))?;
+        arr.set(0, LoadCtl { high, armed: 1, _pad: 0 }, 0).map_err(|e| Error::bpf("arming LOAD_CTL", e))
+    }
+
+    /// Takes the kernel's load events (once per process): wait for its fd to be readable, then
+    /// drain [`LoadEvents::next_event`].
+    pub fn take_load_events(&mut self) -> Result<LoadEvents> {
+        // The program that writes the ring buffer is loaded with its fd before it leaves `ebpf`.
+        self.sock_ops_prog()?;
+        let map = self.ebpf.take_map(maps::LOAD_EVENTS).ok_or_else(|| Error::invalid("load events already taken"))?;
+        let ring = RingBuf::try_from(map).map_err(|e| Error::bpf("opening LOAD_EVENTS", e))?;
+        Ok(LoadEvents { ring })
     }
 
     // ---- both --------------------------------------------------------------------------
@@ -742,15 +974,115 @@ impl Datapath {
         Ok(Stats { counters })
     }
 
-    /// Detaches everything and removes the instance's pins and routes.
+    /// Detaches everything, gives back adopted services (routes, interface settings) and
+    /// removes the instance's pins.
     pub fn teardown(mut self) -> Result<()> {
+        let lock = self.lock()?;
         for (addr, port, _) in self.list_adopted()? {
-            self.unadopt((addr, port))?;
+            self.unadopt_locked((addr, port))?;
         }
         let dir = self.dir.clone();
         drop(self);
-        fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+        let r = fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e));
+        drop(lock);
+        r
     }
+}
+
+/// The kernel's load events (see [`Datapath::arm_load_event`]).
+pub struct LoadEvents {
+    ring: RingBuf<MapData>,
+}
+
+impl LoadEvents {
+    /// The next event, if one is waiting.
+    pub fn next_event(&mut self) -> Option<LoadEvent> {
+        let item = self.ring.next()?;
+        (item.len() >= size_of::<LoadEvent>())
+            // SAFETY: the kernel wrote a LoadEvent; read_unaligned copes with any alignment.
+            .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<LoadEvent>()) })
+    }
+}
+
+impl std::os::fd::AsRawFd for LoadEvents {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+fn check_root_and_name(loc: &Location) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(Error::NotRoot);
+    }
+    if loc.instance.is_empty() || !loc.instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(Error::invalid(format!("bad instance name {:?}: use letters, digits, '-' and '_'", loc.instance)));
+    }
+    Ok(())
+}
+
+/// Refuses pinned maps this version cannot use (another layout): reusing them would make the
+/// programs read garbage.
+fn check_pins(dir: &Path) -> Result<()> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| Error::bpf("parsing the eBPF object", e))?;
+    for (name, def) in &obj.maps {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&pin).map_err(|e| Error::bpf(format!("reading pinned map {}", pin.display()), e))?;
+        let mmap_pinned = info.map_flags() & BPF_F_MMAPABLE != 0;
+        let mmap_wanted = def.map_flags() & BPF_F_MMAPABLE != 0;
+        if info.key_size() != def.key_size()
+            || info.value_size() != def.value_size()
+            || info.max_entries() != def.max_entries()
+            || mmap_pinned != mmap_wanted
+        {
+            return Err(Error::Incompatible {
+                dir: dir.to_path_buf(),
+                what: format!(
+                    "map {name} has keys of {} bytes, values of {} bytes and {} entries; this version needs {}, {} and {}",
+                    info.key_size(),
+                    info.value_size(),
+                    info.max_entries(),
+                    def.key_size(),
+                    def.value_size(),
+                    def.max_entries()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object.
+fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // union bpf_attr, obj_get: pathname (u64), bpf_fd, file_flags.
+    let mut attr = [0u64; 2];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: a valid bpf_attr for BPF_OBJ_GET (cmd 7); the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(rc).map_err(io::Error::other)?) })
+}
+
+/// `BPF_LINK_UPDATE`: puts program `prog_fd` into link `link_fd` atomically.
+fn link_update(link_fd: RawFd, prog_fd: RawFd) -> io::Result<()> {
+    // union bpf_attr, link_update: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u32; 8];
+    attr[0] = u32::try_from(link_fd).map_err(|_| io::Error::other("bad link fd"))?;
+    attr[1] = u32::try_from(prog_fd).map_err(|_| io::Error::other("bad program fd"))?;
+    // SAFETY: a valid bpf_attr for BPF_LINK_UPDATE (cmd 30).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 30, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn is_drained(v: &RuleValue, now_ns: u64) -> bool {
+    v.drain_until_ns != 0 && v.drain_until_ns <= now_ns
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.

@@ -114,35 +114,37 @@ fn family(addr: IpAddr) -> &'static str {
     if addr.is_ipv4() { "-4" } else { "-6" }
 }
 
-fn sysctl(path: &str, value: &str) -> Result<()> {
-    let full = format!("/proc/sys/{path}");
-    if fs::read_to_string(&full).is_ok_and(|v| v.trim() == value) {
-        return Ok(());
-    }
-    fs::write(&full, value).map_err(|e| Error::io(format!("setting {path}={value}"), e))
+/// The IPv4 settings a target's uplink needs, with the value each must have. The kernel uses
+/// the larger of `all` and the interface's value for all of them, so only the interface's
+/// value is changed (and put back when no adopted service uses the interface).
+/// - `arp_ignore` 1 and `arp_announce` 2: never answer ARP for an adopted address (it is on
+///   no interface), never announce it;
+/// - `accept_local` 1: tunnelled packets may carry local addresses;
+/// - `rp_filter` 2 (loose), in place of strict: decapsulated packets arrive on the uplink from
+///   clients whose route may point elsewhere.
+pub const TARGET_SYSCTLS: [(&str, u32); 4] = [("arp_ignore", 1), ("arp_announce", 2), ("accept_local", 1), ("rp_filter", 2)];
+
+fn sysctl_path(ifname: &str, name: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{ifname}/{name}")
 }
 
-/// Prepares this host to serve a sibling's `addr` arriving on `ifname` (idempotent):
-/// a `local` route in the local table (delivery and DSR source), no ARP answers for it, and
-/// loose reverse-path filtering.
-pub fn prepare_target(ifname: &str, addr: IpAddr) -> Result<()> {
-    if addr.is_ipv4() {
-        for (k, v) in [
-            (format!("net/ipv4/conf/{ifname}/arp_ignore"), "1"),
-            (format!("net/ipv4/conf/{ifname}/arp_announce"), "2"),
-            (format!("net/ipv4/conf/{ifname}/accept_local"), "1"),
-            (format!("net/ipv4/conf/{ifname}/rp_filter"), "2"),
-            ("net/ipv4/conf/all/arp_ignore".to_string(), "1"),
-            ("net/ipv4/conf/all/arp_announce".to_string(), "2"),
-        ] {
-            sysctl(&k, v)?;
-        }
-        // The effective rp_filter is the maximum of `all` and the interface's: strict (1) would
-        // not matter for the inner packet, but keep `all` from forcing it.
-        if fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").is_ok_and(|v| v.trim() == "1") {
-            sysctl("net/ipv4/conf/all/rp_filter", "2")?;
-        }
-    }
+/// The value of `net.ipv4.conf.<ifname>.<name>`.
+pub fn read_sysctl_v4(ifname: &str, name: &str) -> Result<u32> {
+    let path = sysctl_path(ifname, name);
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    text.trim().parse().map_err(|_| Error::invalid(format!("{path} holds {:?}, not a number", text.trim())))
+}
+
+/// Sets `net.ipv4.conf.<ifname>.<name>`.
+pub fn write_sysctl_v4(ifname: &str, name: &str, value: u32) -> Result<()> {
+    let path = sysctl_path(ifname, name);
+    fs::write(&path, value.to_string()).map_err(|e| Error::io(format!("setting {path} to {value}"), e))
+}
+
+/// Adds the `local` route of an adopted address (idempotent): it lets this host accept
+/// packets for `addr` and send replies from it (direct server return) while no interface has
+/// the address, so nothing answers ARP/ND for it.
+pub fn add_local_route(addr: IpAddr) -> Result<()> {
     ip(&[family(addr), "route", "replace", "local", &host_route(addr), "dev", "lo", "table", "local"])?;
     Ok(())
 }

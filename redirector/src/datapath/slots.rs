@@ -1,0 +1,259 @@
+//! The direct-mapped slot tables (`PORT_SLOTS`, `HOSTS_V4`, `HOSTS_V6`) in front of the
+//! authoritative maps (`SERVICES`, the LPM tries).
+//!
+//! The classifier decides most packets after one read of a slot: `SLOT_EMPTY` (nothing here),
+//! `SLOT_ONE` (the one entry mapping here, whose address must still match), or `SLOT_MANY`
+//! (consult the authoritative map). User space keeps the tables in line with the authoritative
+//! maps by computing what every slot should be and writing the difference, through a shared
+//! mapping of the array so that it controls the order of its stores:
+//!
+//! - the kind and the data of a slot never change in the same step;
+//! - data is written only while the kind says "ignore data" (`SLOT_EMPTY`/`SLOT_MANY`), and the
+//!   kind becomes `SLOT_ONE` afterwards (a release store);
+//! - a slot that left `SLOT_ONE` may still be read by a classifier run that saw it as `SLOT_ONE`
+//!   (`dirty`); its data is rewritten only after an RCU grace period, which every such run has
+//!   finished by then (classifiers run inside RCU read-side sections).
+//!
+//! So a classifier run never trusts half-written data. Callers write the authoritative maps
+//! first, then the slots; everything happens under the instance lock.
+
+use std::{
+    collections::HashMap,
+    marker::PhantomData,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use aya::maps::MapData;
+use redirector_common::{Addr, HostData, RuleValue, SLOT_EMPTY, SLOT_MANY, SLOT_ONE, Slot, host_slot};
+
+use super::{Error, Prefix, Result, types::to16};
+
+/// `Slot::_pad` of a slot that left `SLOT_ONE` without a grace period since.
+const DIRTY: u32 = 1;
+
+/// What a slot should be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want<D> {
+    Empty,
+    One(D),
+    Many,
+}
+
+/// A shared mapping of a `BPF_F_MMAPABLE` array of `Slot<D>`.
+pub struct SlotTable<D> {
+    base: NonNull<Slot<D>>,
+    len: u32,
+    bytes: usize,
+    _d: PhantomData<D>,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through volatile or atomic
+// operations, serialized by the instance lock in user space.
+unsafe impl<D: Send> Send for SlotTable<D> {}
+
+impl<D: Copy + PartialEq> SlotTable<D> {
+    /// Maps the array `map` of `len` slots.
+    pub fn new(map: &MapData, name: &str, len: u32) -> Result<Self> {
+        let stride = size_of::<Slot<D>>();
+        assert!(stride.is_multiple_of(8) && align_of::<Slot<D>>() <= 8, "array elements are 8-byte aligned");
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (stride * len as usize).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array fd with its own size; checked for failure below.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::io(format!("mapping {name} (needs BPF_F_MMAPABLE)"), std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(p.cast::<Slot<D>>()).ok_or_else(|| Error::invalid(format!("mapping {name}: null")))?;
+        Ok(Self { base, len, bytes, _d: PhantomData })
+    }
+
+    fn at(&self, i: u32) -> *mut Slot<D> {
+        assert!(i < self.len, "slot {i} out of {}", self.len);
+        // SAFETY: in bounds of the mapping.
+        unsafe { self.base.as_ptr().add(i as usize) }
+    }
+
+    fn kind_cell(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: a valid, aligned u32 inside the mapping, for the life of &self.
+        unsafe { AtomicU32::from_ptr(&raw mut (*self.at(i)).kind) }
+    }
+
+    fn pad_cell(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: as in kind_cell.
+        unsafe { AtomicU32::from_ptr(&raw mut (*self.at(i))._pad) }
+    }
+
+    fn data(&self, i: u32) -> D {
+        // SAFETY: a valid slot; volatile because the kernel shares it.
+        unsafe { std::ptr::read_volatile(&raw const (*self.at(i)).data) }
+    }
+
+    /// The slot's kind and data.
+    pub fn get(&self, i: u32) -> (u32, D) {
+        (self.kind_cell(i).load(Ordering::Acquire), self.data(i))
+    }
+
+    /// Makes slot `i` what `want(i)` says, for every `i`, in the order that keeps readers safe.
+    /// Returns how many slots changed.
+    pub fn apply(&self, want: impl Fn(u32) -> Want<D>) -> usize {
+        let mut ones: Vec<(u32, D)> = Vec::new();
+        let mut changed = 0;
+        let mut grace = false;
+        // Step 1: kinds that ignore data; slots leaving SLOT_ONE become dirty.
+        for i in 0..self.len {
+            let w = want(i);
+            let (kind, data) = self.get(i);
+            let target = match w {
+                Want::Empty => SLOT_EMPTY,
+                Want::Many => SLOT_MANY,
+                Want::One(d) if kind == SLOT_ONE && data == d => continue,
+                Want::One(d) => {
+                    ones.push((i, d));
+                    if kind == SLOT_ONE { SLOT_MANY } else { kind }
+                }
+            };
+            if kind == target {
+                continue;
+            }
+            if kind == SLOT_ONE {
+                self.pad_cell(i).store(DIRTY, Ordering::Relaxed);
+            }
+            self.kind_cell(i).store(target, Ordering::Release);
+            changed += 1;
+        }
+        for &(i, _) in &ones {
+            grace |= self.pad_cell(i).load(Ordering::Relaxed) == DIRTY;
+        }
+        if ones.is_empty() {
+            return changed;
+        }
+        // Step 2: readers that saw SLOT_ONE before step 1 are done after a grace period.
+        if grace {
+            synchronize_rcu();
+        }
+        // Step 3: data, while the kind still says "ignore data"; step 4: the kind.
+        for &(i, d) in &ones {
+            self.pad_cell(i).store(0, Ordering::Relaxed);
+            // SAFETY: a valid slot; no reader uses its data now.
+            unsafe { std::ptr::write_volatile(&raw mut (*self.at(i)).data, d) };
+        }
+        for &(i, _) in &ones {
+            self.kind_cell(i).store(SLOT_ONE, Ordering::Release);
+        }
+        changed + ones.len()
+    }
+}
+
+impl<D> Drop for SlotTable<D> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// Waits until every classifier run that started before has finished: `membarrier`'s global
+/// command is a `synchronize_rcu()`. Where the kernel refuses it (`nohz_full`), sleeps far longer
+/// than any run.
+fn synchronize_rcu() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a plain syscall without pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The slots a prefix covers: `None` for all of them (too short to be one range).
+#[must_use]
+pub fn covered(prefix: Prefix) -> Option<std::ops::Range<u32>> {
+    let full: u8 = if prefix.addr.is_ipv4() { 32 } else { 128 };
+    let host_bits = u32::from(full - prefix.len);
+    if host_bits > 16 {
+        return None;
+    }
+    let first = host_slot(&to16(prefix.addr));
+    Some(first..first + (1 << host_bits))
+}
+
+/// What every slot of one family's host table should be, from that family's rules.
+#[must_use]
+pub fn want_hosts(rules: &[(Prefix, RuleValue)], v6: bool) -> HashMap<u32, Want<HostData>> {
+    let full: u8 = if v6 { 128 } else { 32 };
+    let mut want: HashMap<u32, Want<HostData>> = HashMap::new();
+    let mut all_many = false;
+    for (p, r) in rules.iter().filter(|(p, _)| p.addr.is_ipv6() == v6) {
+        if p.len == full {
+            let addr: Addr = to16(p.addr);
+            let one = Want::One(HostData { addr, rule: *r });
+            want.entry(host_slot(&addr)).and_modify(|w| *w = Want::Many).or_insert(one);
+        } else {
+            match covered(*p) {
+                Some(range) => {
+                    for i in range {
+                        want.insert(i, Want::Many);
+                    }
+                }
+                None => all_many = true,
+            }
+        }
+    }
+    if all_many {
+        want = (0..redirector_common::HOST_SLOT_COUNT).map(|i| (i, Want::Many)).collect();
+    }
+    want
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    fn rule(t: u8) -> RuleValue {
+        RuleValue { target: to16(IpAddr::V4(Ipv4Addr::new(198, 18, 0, t))), drain_until_ns: 0, since_unix: 0 }
+    }
+
+    fn p(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_host_rule_fills_its_slot_and_nothing_else() {
+        let w = want_hosts(&[(p("198.18.1.5"), rule(2))], false);
+        assert_eq!(w.len(), 1);
+        let Some(Want::One(d)) = w.get(&0x0105) else { panic!("slot 0x0105: {w:?}") };
+        assert_eq!(d.addr, to16("198.18.1.5".parse().unwrap()));
+        assert_eq!(d.rule, rule(2));
+        assert!(want_hosts(&[(p("198.18.1.5"), rule(2))], true).is_empty(), "IPv4 rules stay out of the IPv6 table");
+    }
+
+    #[test]
+    fn colliding_hosts_and_prefixes_send_readers_to_the_trie() {
+        // Same low 16 bits, different addresses.
+        let w = want_hosts(&[(p("198.18.1.5"), rule(2)), (p("198.19.1.5"), rule(3))], false);
+        assert_eq!(w.get(&0x0105), Some(&Want::Many));
+        // A /24 covers 256 slots; a host inside stays MANY.
+        let w = want_hosts(&[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], false);
+        assert_eq!(w.len(), 256);
+        assert!((0x0200..0x0300).all(|i| w.get(&i) == Some(&Want::Many)));
+        // A /8 covers every slot.
+        let w = want_hosts(&[(p("10.0.0.0/8"), rule(2))], false);
+        assert_eq!(w.len(), 65_536);
+    }
+
+    #[test]
+    fn prefix_ranges() {
+        assert_eq!(covered(p("198.18.1.5/32")), Some(0x0105..0x0106));
+        assert_eq!(covered(p("198.18.0.0/16")), Some(0..0x1_0000));
+        assert_eq!(covered(p("198.16.0.0/15")), None);
+        assert_eq!(covered(p("2001:db8::100/120")), Some(0x0100..0x0200));
+        assert_eq!(covered(p("2001:db8::/64")), None);
+    }
+}
