@@ -107,8 +107,14 @@ pub enum Command {
         #[arg(long)]
         replace: bool,
     },
-    /// Detach everything, remove routes and the instance's pins.
-    Teardown,
+    /// Detach everything, give adopted services back (routes, interface settings) and remove
+    /// the instance's pins.
+    Teardown {
+        /// Only remove the pins (detaching the programs), without reading the maps: for an
+        /// instance this version cannot open. Routes of services it adopted stay.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the agent: negotiate with siblings and shed load by itself.
     Agent(AgentArgs),
     /// Validate an agent configuration file.
@@ -442,18 +448,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         instance: cli.global.instance.clone().unwrap_or_else(|| "default".into()),
     };
     let json = cli.global.json;
-    // Listings and counters change nothing, not even by creating an empty instance.
-    let read_only = matches!(
-        cli.command,
-        Command::Service(ServiceCmd::List)
-            | Command::Rule(RuleCmd::List)
-            | Command::Sibling(SiblingCmd::List)
-            | Command::Adopt(AdoptCmd::List)
-            | Command::Stats
-            | Command::Teardown
-            | Command::Load { cgroup: None }
-    );
-    let mut dp = if read_only { Datapath::open_existing(&loc)? } else { Datapath::open(&loc)? };
+    // Only the set-up commands create an instance, once their interface is known to exist;
+    // every other command needs one, so a typo never leaves pins and programs behind.
+    let dev = match &cli.command {
+        Command::Service(ServiceCmd::Add { dev, .. })
+        | Command::Sibling(SiblingCmd::Add { dev, .. })
+        | Command::Adopt(AdoptCmd::Add { dev, .. })
+        | Command::Attach { dev, .. } => Some(dev.as_str()),
+        _ => None,
+    };
+    let creates = dev.is_some() || matches!(cli.command, Command::Load { cgroup: Some(_) });
+    if matches!(cli.command, Command::Teardown { force: true }) {
+        datapath::remove_instance(&loc)?;
+        return Ok(());
+    }
+    if let Some(dev) = dev {
+        datapath::interface_index(dev)?;
+    }
+    let mut dp = if creates { Datapath::open(&loc)? } else { Datapath::open_existing(&loc)? };
     match cli.command {
         Command::Service(ServiceCmd::Add { service, dev, tunnel_src, mtu }) => {
             let s = dp.add_service((service.ip(), service.port()), &dev, tunnel_src, mtu)?;
@@ -497,10 +509,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Rule(RuleCmd::List) => {
-            // Rules whose drain ended are inert already; they are gone from the listing too.
-            if dp.list_rules()?.iter().any(|r| r.state == datapath::RuleState::Drained) {
-                dp.collect_drained()?;
-            }
             let rules = dp.list_rules()?;
             if json {
                 println!("{}", json!({ "rules": rules }));
@@ -579,7 +587,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 print_table(&rows);
             }
         }
-        Command::Teardown => dp.teardown()?,
+        Command::Teardown { .. } => dp.teardown()?,
         Command::Agent(_) | Command::Config(_) | Command::Tls(_) | Command::Status { .. } => unreachable!("handled above"),
     }
     Ok(())

@@ -14,13 +14,27 @@ pub use app::{Client, Server};
 pub use net::{Host, Topology, in_netns};
 
 /// Whether privileged tests can run. Without root: on CI (env `CI` set) this panics, elsewhere
-/// it says "skipping: …" and the test returns.
+/// it reports a skip (see [`skip`]) and the test returns.
 #[must_use]
 pub fn require_root() -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
     }
     assert!(std::env::var_os("CI").is_none(), "CI must run the network-namespace tests as root");
-    println!("skipping: network-namespace tests need root");
+    skip("network-namespace tests need root");
     false
+}
+
+/// Reports a test that could not run: "skipping: <why>" on stdout, and a line in the file named
+/// by `REDIRECTOR_SKIP_LOG` (set by `cargo xtask test`, which fails on CI if any test skipped:
+/// libtest hides the output of passing tests).
+pub fn skip(why: &str) {
+    println!("skipping: {why}");
+    if let Some(path) = std::env::var_os("REDIRECTOR_SKIP_LOG") {
+        use std::io::Write as _;
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
 }

@@ -77,6 +77,14 @@ fn syn_cookie_handshakes_of_the_origin_stay_on_the_origin() {
     assert!(t.counter(&t.a, "kept-syncookie") >= before + 3, "each cookie ACK was recognised");
 }
 
+/// TCP resets sent by namespace `ns` (`OutRsts` of /proc/net/snmp).
+fn tcp_out_rsts(ns: &str) -> u64 {
+    let snmp = redirector_tests::in_netns(ns, || std::fs::read_to_string("/proc/net/snmp").expect("snmp"));
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
+    names.zip(values).find(|(n, _)| *n == "OutRsts").and_then(|(_, v)| v.parse().ok()).expect("OutRsts")
+}
+
 /// B's next sequence number on `client`'s connection, read from the client side in repair mode.
 fn peer_next_seq(client: &Client) -> u32 {
     let fd = client.raw_fd();
@@ -155,10 +163,14 @@ fn programs_are_replaced_atomically_during_a_transfer() {
     };
     // The client reads slowly, so the ACKs cross A's classifier throughout the swaps.
     let mut c = Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80));
+    let resets = tcp_out_rsts(&t.a.ns);
     let intact = c.download_paced(64 << 20, 5, Duration::from_millis(1));
     done.store(true, Ordering::Relaxed);
     swapper.join().expect("swapper");
     assert!(intact, "the 64 MiB download survived the program swaps intact");
+    // A packet of the flow living on B that A's stack saw during a swap (decided differently)
+    // would have drawn a reset from A; retransmissions would hide it from the transfer.
+    assert_eq!(tcp_out_rsts(&t.a.ns), resets, "A sent no reset: every packet was steered during the swaps");
     assert!(swaps.load(Ordering::Relaxed) >= 3, "programs were swapped during the transfer ({})", swaps.load(Ordering::Relaxed));
     assert_eq!(c.who(), "B");
     assert_eq!(t.counter(&t.a, "error-forward"), 0);
@@ -170,29 +182,86 @@ fn bad_input_gives_one_clear_line_and_installs_nothing() {
         return;
     }
     let t = Topology::new(2);
-    for (args, needle) in [
-        (vec!["rule", "add", "198.18.1.0/33", "--to", "198.18.0.2"], "198.18.1.0/33"),
-        (vec!["rule", "add", "198.18.1.5/24", "--to", "198.18.0.2"], "host bits"),
-        (vec!["rule", "add", "not-an-ip", "--to", "198.18.0.2"], "not-an-ip"),
-        (vec!["service", "add", "198.18.0.10:80", "--dev", "nosuch0"], "interface nosuch0 not found"),
-        (vec!["rule", "add", "198.18.1.5", "--to", "2001:db8::2"], "different families"),
-        (vec!["rule", "add", "198.18.1.5", "--to", "198.18.0.2"], "no steered IPv4 service"),
-        (vec!["rule", "del", "198.18.1.5"], "no rule for 198.18.1.5/32"),
-        (vec!["adopt", "add", "198.18.0.10:80", "--dev", "eth0", "--listener", "198.18.0.10:80"], "198.18.0.10"),
-    ] {
-        let out = t.redirector(&t.a, &args);
+    let one_line_error = |args: &[&str], code: i32, needle: &str| {
+        let out = t.redirector(&t.a, args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} must fail");
-        let first = err.lines().next().unwrap_or_default();
-        assert!(first.starts_with("error: ") && first.contains(needle), "{args:?}: expected an error line with {needle:?}, got {err:?}");
-    }
+        assert_eq!(out.status.code(), Some(code), "{args:?}: exit code {code} expected; stderr {err:?}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: expected an error with {needle:?}, got {err:?}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line, got {err:?}");
+    };
+    // Nothing set up yet: no command but the set-up ones may create an instance.
+    let instance = t.bpffs.join("redirector").join(&t.a.ns);
+    one_line_error(&["rule", "list"], 1, "no redirector instance");
+    one_line_error(&["stats"], 1, "no redirector instance");
+    one_line_error(&["rule", "add", "198.18.1.5", "--to", "198.18.0.2"], 1, "no redirector instance");
+    one_line_error(&["teardown"], 1, "no redirector instance");
+    one_line_error(&["service", "add", "198.18.0.10:80", "--dev", "nosuch0"], 1, "interface nosuch0 not found");
+    assert!(!instance.exists(), "failed commands left no instance behind at {}", instance.display());
+    // Usage errors: exit code 2, one line.
+    one_line_error(&["rule", "add", "198.18.1.0/33", "--to", "198.18.0.2"], 2, "198.18.1.0/33");
+    one_line_error(&["rule", "add", "198.18.1.5/24", "--to", "198.18.0.2"], 2, "host bits");
+    one_line_error(&["rule", "add", "not-an-ip", "--to", "198.18.0.2"], 2, "not-an-ip");
+    one_line_error(&["rule", "add", "198.18.1.5"], 2, "--to");
+    // With an instance, errors change nothing.
+    t.redirector_ok(&t.a, &["service", "add", "[2001:db8::10]:80", "--dev", "eth0"]);
+    one_line_error(&["rule", "add", "198.18.1.5", "--to", "2001:db8::2"], 1, "different families");
+    one_line_error(&["rule", "add", "198.18.1.5", "--to", "198.18.0.2"], 1, "no steered IPv4 service");
+    one_line_error(&["rule", "del", "198.18.1.5"], 1, "no rule for 198.18.1.5/32");
+    one_line_error(&["adopt", "add", "198.18.0.10:80", "--dev", "eth0", "--listener", "198.18.0.10:80"], 1, "198.18.0.10");
     let out = t.redirector(&t.b, &["--netns", "no-such-netns", "rule", "list"]);
     assert!(!out.status.success());
     let list = t.redirector_ok(&t.a, &["rule", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).expect("rule list JSON");
     assert_eq!(v["rules"].as_array().map(Vec::len), Some(0), "nothing half-installed: {list}");
     let services = t.redirector_ok(&t.a, &["service", "list", "--json"]);
-    assert!(!services.contains("198.18.0.10"), "no service half-installed: {services}");
+    assert!(!services.contains("198.18.0.10\""), "no service half-installed: {services}");
+    let adopted = t.redirector_ok(&t.a, &["adopt", "list", "--json"]);
+    assert!(!adopted.contains("198.18.0.10"), "no adoption half-installed: {adopted}");
+    // (A has 198.18.0.10 on eth0 itself; an adoption would add it on lo.)
+    let local = t.a.ip(&["route", "show", "table", "local", "dev", "lo"]);
+    assert!(!local.contains("198.18.0.10"), "no route half-installed: {local}");
+}
+
+/// Pins a hash map at `path` with the given key and value sizes (raw `bpf()` calls).
+fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32) {
+    let mut attr = [0u32; 32];
+    attr[0] = 1; // BPF_MAP_TYPE_HASH
+    attr[1] = key_size;
+    attr[2] = value_size;
+    attr[3] = 16;
+    // SAFETY: a valid, zero-padded bpf_attr for BPF_MAP_CREATE.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    assert!(fd >= 0, "creating a map: {}", std::io::Error::last_os_error());
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut pin = [0u64; 2];
+    pin[0] = c.as_ptr() as u64;
+    pin[1] = u64::try_from(fd).expect("fd");
+    // SAFETY: a valid bpf_attr for BPF_OBJ_PIN (cmd 6); the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), std::mem::size_of_val(&pin)) };
+    assert_eq!(rc, 0, "pinning {}: {}", path.display(), std::io::Error::last_os_error());
+    // SAFETY: closing the fd we created; the pin keeps the map.
+    unsafe { libc::close(i32::try_from(fd).expect("fd")) };
+}
+
+#[test]
+fn an_instance_of_another_layout_is_refused_not_reused() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(2);
+    // An instance whose SERVICES map has other value sizes (another version's layout).
+    let dir = t.bpffs.join("redirector").join(&t.a.ns);
+    std::fs::create_dir_all(&dir).expect("instance dir");
+    pin_hash_map(&dir.join("SERVICES"), 20, 8);
+    let out = t.redirector(&t.a, &["service", "add", "198.18.0.10:80", "--dev", "eth0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an incompatible instance must not be used");
+    assert!(err.contains("incompatible version") && err.contains("SERVICES") && err.contains("teardown --force"), "says what and what to do: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 1, "nothing was added to the old instance");
+    t.redirector_ok(&t.a, &["teardown", "--force"]);
+    assert!(!dir.exists(), "the old instance is gone");
+    t.redirector_ok(&t.a, &["service", "add", "198.18.0.10:80", "--dev", "eth0"]);
 }
 
 #[test]

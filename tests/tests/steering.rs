@@ -5,7 +5,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use redirector_tests::{
     Client, Server, Topology,
-    app::try_connect,
     net::{SERVICE4, SERVICE6, client4, client6},
     require_root,
 };
@@ -92,6 +91,7 @@ fn ipv6_clients_are_steered_too() {
     assert_eq!(other.who(), "A");
     let neigh = t.client.ip(&["-6", "neigh", "show", &SERVICE6.to_string()]);
     assert!(neigh.contains(&t.a.mac()), "ND entry for A's address is A's: {neigh}");
+    assert!(t.counter(&t.a, "probe-answer") >= 1, "the IPv6 rule went in after B answered the probe through the tunnel");
 }
 
 #[test]
@@ -204,6 +204,13 @@ fn a_target_that_is_not_ready_is_never_used() {
     let list = t.redirector_ok(&t.a, &["rule", "list", "--json"]);
     assert!(!list.contains(&c5), "nothing installed: {list}");
     assert_eq!(Client::connect(&t.client.ns, IpAddr::V4(client4(5)), svc4(80)).who(), "A");
+    // C adopts the service but registers no listener: the probe reaches C, which resets it.
+    t.redirector_ok(&t.c, &["adopt", "add", &svc4(80).to_string(), "--dev", "eth0"]);
+    let out = t.redirector(&t.a, &["rule", "add", &c5, "--to", &t.c.v4[0].to_string(), "--probe-timeout-ms", "2000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing listens there"), "a reset target is refused: {err}");
+    assert!(!t.redirector_ok(&t.a, &["rule", "list", "--json"]).contains(&c5), "nothing installed");
+    assert!(t.counter(&t.c, "sk-no-listener") >= 1, "C counted the connection it had no listener for");
     // A target that is ready passes the probe.
     t.redirector_ok(&t.c, &["adopt", "add", &svc4(80).to_string(), "--dev", "eth0", "--listener", &format!("{}:80", t.c.v4[0])]);
     t.redirector_ok(&t.a, &["rule", "add", &c5, "--to", &t.c.v4[0].to_string()]);
@@ -212,13 +219,98 @@ fn a_target_that_is_not_ready_is_never_used() {
 }
 
 #[test]
-fn a_connection_refused_by_b_is_not_possible_for_other_clients() {
-    // Clients that are not migrated never reach B, even when B serves nothing on the port.
+fn what_redirector_lets_pass_reaches_the_next_program_on_the_uplink() {
+    // With TCX, a program's "pass" verdict (TC_ACT_OK) ends the chain: firewalls, shapers or
+    // other agents attached after redirector would never see the traffic. Redirector must hand
+    // what it does not own to the next program (TCX_NEXT).
+    let Some((t, _s)) = steered() else { return };
+    let (a_ns, client_ns, pin_dir) = (t.a.ns.clone(), t.client.ns.clone(), t.bpffs.join("second-program"));
+    let runs = redirector_tests::in_netns(&a_ns, move || {
+        use aya::programs::{SchedClassifier, TcAttachType, links::LinkOrder, tc::TcAttachOptions};
+        std::fs::create_dir_all(&pin_dir).expect("pin dir");
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(redirector::datapath::EBPF_OBJECT)
+            .expect("load the object");
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(redirector_common::programs::EMPTY).expect("empty program").try_into().expect("classifier");
+        prog.load().expect("load the second program");
+        prog.attach_with_options("eth0", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))
+            .expect("attach it after redirector");
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF statistics");
+        let before = prog.info().expect("info").run_count();
+        // A client with no rule: every packet passes redirector.
+        for _ in 0..5 {
+            let mut c = Client::connect(&client_ns, IpAddr::V4(client4(6)), svc4(80));
+            assert_eq!(c.who(), "A");
+        }
+        prog.info().expect("info").run_count() - before
+    });
+    // Each connection brings at least SYN, ACK, request and FIN to A's uplink.
+    assert!(runs >= 20, "the next program saw only {runs} packets of 5 connections that redirector let pass");
+}
+
+#[test]
+fn a_rule_is_never_silently_moved_to_another_target() {
     if !require_root() {
         return;
     }
     let t = Topology::new(8);
-    let _a = Server::start(&t.a.ns, "A", svc4(8080));
-    let r = try_connect(&t.client.ns, IpAddr::V4(client4(2)), svc4(8080));
-    assert!(r.is_ok(), "A serves port 8080 directly");
+    let _s = servers(&t, 80);
+    let _c = Server::start(&t.c.ns, "C", SocketAddr::new(IpAddr::V4(t.c.v4[0]), 80));
+    t.steer_a_to_b_v4(80, 80);
+    t.redirector_ok(&t.c, &["sibling", "add", &t.a.v4[0].to_string(), "--dev", "eth0"]);
+    t.redirector_ok(&t.c, &["adopt", "add", &svc4(80).to_string(), "--dev", "eth0", "--listener", &format!("{}:80", t.c.v4[0])]);
+    let c5 = client4(5);
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
+    let mut on_b = Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80));
+    assert_eq!(on_b.who(), "B");
+    // Moving it to C would send the packets of its flow living on B to C: refused.
+    let out = t.redirector(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.c.v4[0].to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "re-targeting without --replace must fail");
+    assert!(err.starts_with("error: ") && err.contains("already migrated to 198.18.0.2"), "says why: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(t.redirector_ok(&t.a, &["rule", "list", "--json"]).contains(&t.b.v4[0].to_string()), "the rule still points at B");
+    assert_eq!(on_b.who(), "B", "the flow on B is untouched");
+    // Adding it again to the same target is harmless.
+    t.migrate(&c5.to_string(), IpAddr::V4(t.b.v4[0]));
+    // An explicit replacement is the operator's decision.
+    t.redirector_ok(&t.a, &["rule", "add", &c5.to_string(), "--to", &t.c.v4[0].to_string(), "--replace"]);
+    assert_eq!(Client::connect(&t.client.ns, IpAddr::V4(c5), svc4(80)).who(), "C", "new connections go to C now");
+}
+
+#[test]
+fn adopting_sets_the_uplink_up_and_giving_back_restores_it() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
+    let _b2 = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 81));
+    let keys = ["arp_ignore", "arp_announce", "accept_local", "rp_filter"];
+    let read = |dev: &str| -> Vec<String> {
+        keys.iter().map(|k| t.b.exec(&["sysctl", "-n", &format!("net.ipv4.conf.{dev}.{k}")]).trim().to_string()).collect()
+    };
+    // The interface starts as an operator left it: strict reverse-path filter, ARP defaults.
+    for (k, v) in keys.iter().zip(["0", "0", "0", "1"]) {
+        t.b.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v);
+    }
+    let all_before = read("all");
+    t.redirector_ok(&t.b, &["sibling", "add", &t.a.v4[0].to_string(), "--dev", "eth0"]);
+    for port in [80, 81] {
+        t.redirector_ok(&t.b, &["adopt", "add", &svc4(port).to_string(), "--dev", "eth0", "--listener", &format!("{}:{port}", t.b.v4[0])]);
+    }
+    assert_eq!(read("eth0"), ["1", "2", "1", "2"], "a target's uplink: no ARP for adopted addresses, local sources, loose RPF");
+    assert_eq!(read("all"), all_before, "host-wide settings are never changed");
+    assert!(t.b.ip(&["route", "show", "table", "local"]).contains(&SERVICE4.to_string()), "the adopted address is local");
+    t.redirector_ok(&t.b, &["adopt", "del", &svc4(80).to_string()]);
+    assert_eq!(read("eth0"), ["1", "2", "1", "2"], "another adopted service still uses the interface");
+    t.redirector_ok(&t.b, &["adopt", "del", &svc4(81).to_string()]);
+    assert_eq!(read("eth0"), ["0", "0", "0", "1"], "giving the last service back restores the operator's settings");
+    assert!(!t.b.ip(&["route", "show", "table", "local"]).contains(&SERVICE4.to_string()), "the route is gone");
+    // Teardown restores them as well.
+    t.redirector_ok(&t.b, &["adopt", "add", &svc4(80).to_string(), "--dev", "eth0", "--listener", &format!("{}:80", t.b.v4[0])]);
+    t.redirector_ok(&t.b, &["teardown"]);
+    assert_eq!(read("eth0"), ["0", "0", "0", "1"], "teardown restores them too");
 }

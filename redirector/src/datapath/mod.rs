@@ -65,7 +65,7 @@ pub enum Error {
     #[error("no redirector instance at {dir} (nothing is set up there yet)")]
     NoInstance { dir: PathBuf },
     #[error(
-        "the instance at {dir} was set up by an incompatible version of redirector ({what}): `redirector teardown` removes it (its migrated clients come home), then set it up again"
+        "the instance at {dir} was set up by an incompatible version of redirector ({what}): `redirector teardown --force` removes it (its migrated clients come home), then set it up again"
     )]
     Incompatible { dir: PathBuf, what: String },
     #[error("{what}: {source}")]
@@ -150,6 +150,10 @@ impl Datapath {
         check_root_and_name(loc)?;
         bpffs::ensure_mounted(&loc.bpffs)?;
         let dir = loc.dir();
+        // Refuse another layout before touching the instance.
+        if dir.exists() {
+            check_pins(&dir)?;
+        }
         fs::create_dir_all(dir.join("links")).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let lock = Lock::take(&dir)?;
         let mut dp = Self::load_instance(dir)?;
@@ -164,14 +168,15 @@ impl Datapath {
         Ok(dp)
     }
 
-    /// Opens an instance that exists, changing nothing (for listings and counters).
+    /// [`Datapath::open`] for an instance that exists: creates nothing (no bpffs mount, no
+    /// pins) when there is none.
     pub fn open_existing(loc: &Location) -> Result<Self> {
         check_root_and_name(loc)?;
         let dir = loc.dir();
         if !dir.join(maps::SERVICES).exists() {
             return Err(Error::NoInstance { dir });
         }
-        Self::load_instance(dir)
+        Self::open(loc)
     }
 
     fn load_instance(dir: PathBuf) -> Result<Self> {
@@ -1083,6 +1088,23 @@ fn link_update(link_fd: RawFd, prog_fd: RawFd) -> io::Result<()> {
 
 fn is_drained(v: &RuleValue, now_ns: u64) -> bool {
     v.drain_until_ns != 0 && v.drain_until_ns <= now_ns
+}
+
+/// Removes an instance's pins without opening its maps (for an instance this version cannot
+/// open): the programs detach with their links; routes of services it adopted stay.
+pub fn remove_instance(loc: &Location) -> Result<()> {
+    check_root_and_name(loc)?;
+    let dir = loc.dir();
+    if !dir.exists() {
+        return Err(Error::NoInstance { dir });
+    }
+    fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+}
+
+/// The index of interface `name` in this network namespace (an error that names it if there
+/// is none).
+pub fn interface_index(name: &str) -> Result<u32> {
+    net::ifindex(name)
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
