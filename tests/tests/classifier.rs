@@ -309,6 +309,59 @@ fn time_wait_sockets_count_as_flows_living_here() {
         // A late retransmission of the client's FIN finds the TIME_WAIT socket: it stays.
         let fin = Pkt::tcp(Ip::V4(CLIENT4, SVC4), cport, 80, packets::FIN | packets::ACK).build();
         expect(dp, &fin, TCX_NEXT, "kept-local");
+
+        // The same for IPv6.
+        without_rules(dp);
+        let listener6 = TcpListener::bind((SVC6, 80)).expect("listen v6");
+        let client6 = nix_connect(IpAddr::V6(CLIENT6), SocketAddr::new(IpAddr::V6(SVC6), 80));
+        let (server_side6, _) = listener6.accept().expect("accept v6");
+        let cport6 = client6.local_addr().expect("addr").port();
+        drop(server_side6);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(client6);
+        std::thread::sleep(Duration::from_millis(50));
+        with_rules(dp);
+        let fin6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), cport6, 80, packets::FIN | packets::ACK).build();
+        expect(dp, &fin6, TCX_NEXT, "kept-local");
+    });
+}
+
+#[test]
+fn ipv6_prefixes_match_longest_first() {
+    with_datapath(|dp| {
+        let wide: Prefix = "2001:db8:0:2::/64".parse().expect("prefix");
+        dp.migrate(wide, IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3)), None).expect("wide rule");
+        let narrow: Prefix = "2001:db8:0:2::80/121".parse().expect("prefix");
+        dp.migrate(narrow, IpAddr::V6(TGT6), None).expect("narrow rule");
+        let client = |last: u16| Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, last);
+        let out = expect(dp, &syn6(client(7), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[14 + 24 + 15], 3, "/64 target");
+        let out = expect(dp, &syn6(client(0x90), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[14 + 24..14 + 40], TGT6.octets(), "/121 target");
+        expect(dp, &syn6(Ipv6Addr::new(0x2001, 0xdb8, 0, 3, 0, 0, 0, 7), 4000), TCX_NEXT, "passed-not-migrated");
+    });
+}
+
+#[test]
+fn a_siblings_tunnel_with_outer_options_or_fragments_is_dropped() {
+    with_datapath(|dp| {
+        dp.add_sibling(IpAddr::V4(CTL4), "lo").expect("sibling");
+        dp.adopt((IpAddr::V4(ADOPTED4), 80), "lo", None, Some(1500)).expect("adopt");
+        let inner = Pkt::tcp(Ip::V4(CLIENT4, ADOPTED4), 4000, 80, packets::ACK).build();
+        let good = packets::encap4(CTL4, TGT4, &inner);
+        expect(dp, &good, TCX_NEXT, "decapsulated");
+        // More-fragments set on the outer header (checksum untouched: the classifier does not
+        // verify it, the stack would).
+        let mut frag = good.clone();
+        frag[14 + 6] |= 0x20;
+        expect(dp, &frag, TC_ACT_SHOT, "dropped-bad");
+        // An outer header of 24 bytes (IHL 6): never ours.
+        let mut opts = good[..14].to_vec();
+        opts.extend_from_slice(&good[14..34]);
+        opts[14] = 0x46;
+        opts.extend_from_slice(&[1, 1, 1, 0]);
+        opts.extend_from_slice(&good[34..]);
+        expect(dp, &opts, TC_ACT_SHOT, "dropped-bad");
     });
 }
 

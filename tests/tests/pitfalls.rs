@@ -13,7 +13,7 @@ use std::{
 
 use redirector_tests::{
     Client, Topology,
-    net::{SERVICE4, client4, netns_exists, send_raw4},
+    net::{SERVICE4, SERVICE6, client4, client6, netns_exists, send_raw4},
     packets::{self, Ip, Pkt},
     require_root,
 };
@@ -75,6 +75,31 @@ fn syn_cookie_handshakes_of_the_origin_stay_on_the_origin() {
         assert_eq!(c.who(), "A", "connection {i}: the SYN-cookie handshake completes on A");
     }
     assert!(t.counter(&t.a, "kept-syncookie") >= before + 3, "each cookie ACK was recognised");
+}
+
+#[test]
+fn ipv6_syn_cookie_handshakes_of_the_origin_stay_on_the_origin() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(10);
+    let svc6 = SocketAddr::new(IpAddr::V6(SERVICE6), 80);
+    let _a = redirector_tests::Server::start(&t.a.ns, "A", svc6);
+    let _b = redirector_tests::Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V6(t.b.v6[0]), 80));
+    let _b4 = redirector_tests::Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
+    t.steer_a_to_b(80, 80);
+    // net.ipv4.tcp_syncookies governs IPv6 too.
+    t.a.sysctl("net.ipv4.tcp_syncookies", "2");
+    let c5 = client6(5);
+    t.migrate(&c5.to_string(), IpAddr::V6(t.b.v6[0]));
+    assert_eq!(Client::connect(&t.client.ns, IpAddr::V6(c5), svc6).who(), "B");
+    t.redirector_ok(&t.a, &["rule", "del", &c5.to_string(), "--drain", "30"]);
+    let before = t.counter(&t.a, "kept-syncookie");
+    for i in 0..3 {
+        let mut c = Client::connect(&t.client.ns, IpAddr::V6(c5), svc6);
+        assert_eq!(c.who(), "A", "connection {i}: the IPv6 SYN-cookie handshake completes on A");
+    }
+    assert!(t.counter(&t.a, "kept-syncookie") >= before + 3, "each IPv6 cookie ACK was recognised");
 }
 
 /// TCP resets sent by namespace `ns` (`OutRsts` of /proc/net/snmp).
