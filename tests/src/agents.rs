@@ -42,9 +42,14 @@ impl Drop for Proc {
     }
 }
 
-/// A cgroup v2 hierarchy mounted in a temporary folder, with one cgroup per application.
+/// The cgroup v2 hierarchy mounted in a temporary folder, with one cgroup per application.
+///
+/// There is one cgroup v2 hierarchy per host: every mount shows the same groups, those of the
+/// system and of other tests running in parallel included. So only the groups made here are
+/// removed.
 pub struct Cgroups {
     pub root: PathBuf,
+    made: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Cgroups {
@@ -53,27 +58,26 @@ impl Cgroups {
         let root = std::env::temp_dir().join(format!("{prefix}-cgroup2"));
         fs::create_dir_all(&root).expect("cgroup2 dir");
         sh(&["mount", "-t", "cgroup2", "none", &root.to_string_lossy()]);
-        Self { root }
+        Self { root, made: std::sync::Mutex::default() }
     }
 
-    /// A cgroup for `name` (made if missing).
+    /// A cgroup for `name` (made if missing; `name` must be unique to the test).
     #[must_use]
     pub fn group(&self, name: &str) -> PathBuf {
         let g = self.root.join(name);
-        fs::create_dir_all(&g).expect("create cgroup");
+        if !g.exists() {
+            fs::create_dir_all(&g).expect("create cgroup");
+            self.made.lock().expect("lock").push(g.clone());
+        }
         g
     }
 }
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        // The applications are killed by then; remove their (empty) groups, then unmount.
-        if let Ok(entries) = fs::read_dir(&self.root) {
-            for e in entries.flatten() {
-                if e.path().is_dir() {
-                    let _ = fs::remove_dir(e.path());
-                }
-            }
+        // The applications are killed by then: their (empty) groups can go, then the mount.
+        for g in self.made.lock().expect("lock").drain(..) {
+            let _ = fs::remove_dir(&g);
         }
         let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
         let _ = fs::remove_dir(&self.root);
