@@ -21,6 +21,11 @@ use redirector_tests::{
 };
 
 const ROUNDS: usize = 5;
+/// Rounds of the request-rate measurement (each side, alternating which goes first): rates
+/// through two namespaces' softirqs on two cores vary from round to round.
+const RATE_ROUNDS: usize = 9;
+/// Length of one request-rate round.
+const RATE_ROUND: Duration = Duration::from_secs(1);
 const RUNS_PER_ROUND: u32 = 20_000;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -202,9 +207,9 @@ fn request_rates() -> Rates {
     t.redirector_ok(&t.a, &["rule", "add", &client.to_string(), "--to", &t.b.v4[0].to_string()]);
     let mut c = try_connect(&t.client.ns, client, svc).expect("connect");
     assert_eq!(c.try_who().expect("who").0, "B", "the benchmark's client must be steered to B");
-    let dur = Duration::from_millis(500);
+    let dur = RATE_ROUND;
     let (mut d, mut a, mut dk, mut ak) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
+    for round in 0..RATE_ROUNDS {
         // Alternate which goes first, so drift in the machine does not favour one side.
         if round % 2 == 0 {
             d.push(rate(&t.client.ns, client, b_addr, dur, 50_000));
@@ -389,7 +394,7 @@ fn main() {
     }
     eprintln!("measuring the classifier ({ROUNDS} rounds x {RUNS_PER_ROUND} runs per case)...");
     let costs = classifier_costs();
-    eprintln!("measuring request rates through A and direct to B ({ROUNDS} rounds)...");
+    eprintln!("measuring request rates through A and direct to B ({RATE_ROUNDS} rounds)...");
     let r = request_rates();
     let empty = costs[case::EMPTY].ns;
     println!("Classifier cost per packet (kernel run_time_ns/run_cnt, median of {ROUNDS} rounds):");
@@ -397,7 +402,10 @@ fn main() {
     for c in &costs {
         println!("  {:<36} {:>8.1} {:>9.2}x", c.name, c.ns, c.ns / empty);
     }
-    println!("Request rate of a migrated client (median of {ROUNDS} rounds of 0.5 s each, alternating order):");
+    println!(
+        "Request rate of a migrated client (median of {RATE_ROUNDS} rounds of {} s each, alternating order):",
+        RATE_ROUND.as_secs_f64()
+    );
     println!("  {:<34} {:>10} {:>12} {:>8}", "", "direct B", "through A", "ratio");
     println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "new connection per request (req/s)", r.direct, r.through_a, r.through_a / r.direct);
     println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "keep-alive requests (req/s)", r.direct_ka, r.through_a_ka, r.through_a_ka / r.direct_ka);
