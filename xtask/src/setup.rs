@@ -174,7 +174,6 @@ fn check_kernel(quiet: bool) -> Result<()> {
 }
 
 /// Installs Debian packages a command needs, when their programs are missing.
-#[allow(dead_code)]
 pub fn ensure_debs(programs_and_packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> =
         programs_and_packages.iter().filter(|(prog, _)| output("which", &[prog]).is_none()).map(|(_, pkg)| *pkg).collect();
@@ -205,6 +204,12 @@ pub fn setup(quiet: bool) -> Result<()> {
     ensure_nightly(quiet)?;
     ensure_bpf_linker(quiet)?;
     check_kernel(quiet)?;
+    // The Node.js demo application (its test and `cargo xtask demo -- --node`) needs `node`;
+    // `ss` and `ip` (iproute2) drive the test networks.
+    if is_root() {
+        ensure_debs(&[("node", "nodejs"), ("ss", "iproute2")])?;
+    }
+    say(quiet, "node, ss: present");
     say(quiet, "all set");
     Ok(())
 }
