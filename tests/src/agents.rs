@@ -3,17 +3,22 @@
 //! its connections), cluster certificates, and `redirector agent` processes with their configs.
 
 use std::{
+    collections::HashMap,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use crate::{
-    Host, Topology,
-    net::{redirector_bin, sh},
+    Client, Host, Topology,
+    net::{client4, redirector_bin, sh},
 };
 
 /// A process killed (SIGKILL) and reaped when dropped.
@@ -377,4 +382,106 @@ impl Drop for Cluster {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Opens one connection per client in `range` (client addresses `client4(i)`) to `dst`;
+/// returns them with who served each.
+#[must_use]
+pub fn open(c: &Cluster, range: std::ops::RangeInclusive<u16>, dst: SocketAddr) -> Vec<(u16, Client, String)> {
+    range
+        .map(|i| {
+            let mut cl = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), dst);
+            let who = cl.who();
+            assert_eq!(cl.peer(), dst, "the client always talks to the address it chose");
+            (i, cl, who)
+        })
+        .collect()
+}
+
+/// How many of `conns` each server served.
+#[must_use]
+pub fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for (_, _, w) in conns {
+        *m.entry(w.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// (client, to) of every client a status lists as moved out.
+#[must_use]
+pub fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["migrated_out"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+/// Clients a status lists as adopted.
+#[must_use]
+pub fn adopted(v: &serde_json::Value) -> Vec<String> {
+    v["adopted"].as_array().into_iter().flatten().map(|m| m["client"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// Waits up to `secs` for `node`'s agent log to contain `needle`.
+pub fn wait_log(c: &Cluster, node: &str, needle: &str, secs: u64) {
+    let start = Instant::now();
+    while !c.log(node).contains(needle) {
+        assert!(start.elapsed() < Duration::from_secs(secs), "{node}'s log never said {needle:?}:\n{}", c.log(node));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Samples the status of some agents every 50 ms on a thread until stopped: the highest load
+/// each reported, and every status seen (to check invariants over time, not one snapshot).
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<HashMap<String, Vec<serde_json::Value>>>>,
+}
+
+impl Sampler {
+    /// Starts sampling the agents `nodes` of cluster `c`.
+    #[must_use]
+    pub fn start(c: &Cluster, nodes: &[&str]) -> Self {
+        let socks: Vec<(String, PathBuf)> = nodes.iter().map(|n| ((*n).to_string(), c.sock(n))).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+            while !s.load(Ordering::Relaxed) {
+                for (n, sock) in &socks {
+                    if let Ok(v) = redirector::admin::query(sock) {
+                        seen.entry(n.clone()).or_default().push(v);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops sampling; every status seen, per node.
+    #[must_use]
+    pub fn stop(mut self) -> HashMap<String, Vec<serde_json::Value>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().expect("running").join().expect("sampler thread")
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The highest `load` among `samples`, and how many there were.
+#[must_use]
+pub fn max_load(samples: &[serde_json::Value]) -> (u64, usize) {
+    (samples.iter().filter_map(|v| v["load"].as_u64()).max().unwrap_or(0), samples.len())
 }

@@ -11,42 +11,13 @@ use std::{
 
 use redirector_tests::{
     Client,
-    agents::{Cluster, wait_status},
+    agents::{Cluster, migrated, open, served_by, wait_log, wait_status},
     net::{SERVICE4, SERVICE4_C, client4, in_netns},
     require_root,
 };
 
 fn svc(ip: std::net::Ipv4Addr) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), 80)
-}
-
-/// Opens one connection per client in `range` to `dst`; returns them with who served each.
-fn open(c: &Cluster, range: std::ops::RangeInclusive<u16>, dst: SocketAddr) -> Vec<(u16, Client, String)> {
-    range
-        .map(|i| {
-            let mut cl = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), dst);
-            let who = cl.who();
-            assert_eq!(cl.peer(), dst, "the client always talks to the address it chose");
-            (i, cl, who)
-        })
-        .collect()
-}
-
-fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for (_, _, w) in conns {
-        *m.entry(w.clone()).or_insert(0) += 1;
-    }
-    m
-}
-
-fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
-    v["migrated_out"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string()))
-        .collect()
 }
 
 #[test]
@@ -152,14 +123,6 @@ fn send_frame(s: &mut impl std::io::Write, body: &[u8]) -> std::io::Result<()> {
     s.flush()
 }
 
-fn wait_log(c: &Cluster, node: &str, needle: &str) {
-    let start = std::time::Instant::now();
-    while !c.log(node).contains(needle) {
-        assert!(start.elapsed() < Duration::from_secs(5), "{node}'s log never said {needle:?}:\n{}", c.log(node));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn strangers_are_refused_and_bad_frames_only_close_their_connection() {
     if !require_root() {
@@ -176,26 +139,26 @@ fn strangers_are_refused_and_bad_frames_only_close_their_connection() {
     let _ = send_frame(&mut bad, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode());
     let mut buf = [0u8; 16];
     assert!(!matches!(bad.read(&mut buf), Ok(n) if n > 0), "a peer with another CA's certificate gets nothing");
-    wait_log(&c, "a", "TLS handshake refused");
+    wait_log(&c, "a", "TLS handshake refused", 5);
     // A certificate from the cluster CA for a name that is not a sibling: refused.
     redirector::peer::make_node(&c.dir.join("tls"), "mallory").expect("mallory cert");
     let mut m = tls_connect(&c, &c.dir.join("tls"), "mallory", "a", a_addr).expect("connect");
     let _ = send_frame(&mut m, &redirector::peer::Msg::Hello { version: 1, node: "mallory".into() }.encode());
-    wait_log(&c, "a", "not for a configured sibling");
+    wait_log(&c, "a", "not for a configured sibling", 5);
     // The right certificate, but another protocol version: refused with a clear message.
     s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
     send_frame(&mut s, &redirector::peer::Msg::Hello { version: 99, node: "b".into() }.encode()).expect("send hello");
-    wait_log(&c, "a", "protocol version 99");
+    wait_log(&c, "a", "protocol version 99", 5);
     // A malformed frame and an oversized frame close only that connection.
     s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
     send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
     send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
-    wait_log(&c, "a", "malformed message");
+    wait_log(&c, "a", "malformed message", 5);
     s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
     send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
     let _ = s.write_all(&(1u32 << 30).to_be_bytes());
     let _ = s.flush();
-    wait_log(&c, "a", "bad frame");
+    wait_log(&c, "a", "bad frame", 5);
     // The agent keeps serving everyone else: its status answers and B's link is still up.
     let v = c.status("a");
     assert_eq!(v["siblings"][0]["up"], true, "the real sibling is still connected: {v}");
