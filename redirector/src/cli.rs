@@ -172,7 +172,7 @@ pub struct AgentArgs {
 fn parse_sibling(s: &str) -> Result<crate::config::Sibling, String> {
     let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=ADDR:PORT"))?;
     let address = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?;
-    Ok(crate::config::Sibling { name: name.to_string(), address })
+    Ok(crate::config::Sibling::new(name, address))
 }
 
 fn parse_service(s: &str) -> Result<crate::config::Service, String> {

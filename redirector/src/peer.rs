@@ -191,9 +191,7 @@ pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
 /// `redirector tls node NAME`: a certificate for node NAME signed by the CA in DIR
 /// (`NAME.pem`, `NAME.key`).
 pub fn make_node(dir: &Path, name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        bail!("bad node name {name:?}: use letters, digits and '-'");
-    }
+    crate::config::check_name(name).map_err(|e| anyhow!("bad node name: {e}"))?;
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("reading {}/ca.pem (make one with `redirector tls ca`)", dir.display()))?;
     let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}/ca.key", dir.display()))?)
         .context("parsing the CA key")?;
