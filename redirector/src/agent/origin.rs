@@ -209,7 +209,7 @@ impl Agent {
         if !chunk.is_empty() {
             self.tell(name, Msg::Sessions { id, sessions: chunk }).await;
         }
-        let msg = Msg::Transfer { id, services, tunnel_src, clients: clients.clone() };
+        let msg = Msg::Transfer { id, services, tunnel_src: vec![tunnel_src], clients: clients.clone() };
         match self.ask(name, msg, id, timeout).await {
             Ok(Msg::TransferAck { .. }) => {}
             Ok(Msg::Abort { reason, .. }) => {

@@ -47,6 +47,7 @@ impl Agent {
                 None
             }
             Msg::Transfer { id, services, tunnel_src, clients } => {
+                let Some(&tunnel_src) = tunnel_src.first() else { return Some(Msg::Abort { id, reason: "no tunnel source".into() }) };
                 let sessions = self.state().incoming.remove(&(from.to_string(), id)).unwrap_or_default();
                 Some(self.clone().accept_transfer(from, id, services, tunnel_src, clients, sessions).await)
             }
