@@ -508,6 +508,45 @@ impl Datapath {
         self.insert_rule(prefix, rule)
     }
 
+    /// [`Datapath::drain`] for many prefixes: lists the rules once, then drains each of
+    /// `prefixes` that has one (others are skipped). Returns how many it drained.
+    pub fn drain_many(&mut self, prefixes: &[Prefix], period: Duration) -> Result<usize> {
+        let wanted: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
+        let mut found: Vec<(Prefix, RuleValue)> = Vec::new();
+        if wanted.iter().any(|p| p.addr.is_ipv4()) {
+            let trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
+                LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
+            for item in &trie {
+                let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V4", e))?;
+                let p = Prefix { addr: IpAddr::from(k.data()), len: u8::try_from(k.prefix_len()).unwrap_or(32) };
+                if wanted.contains(&p) {
+                    found.push((p, v));
+                }
+            }
+        }
+        if wanted.iter().any(|p| p.addr.is_ipv6()) {
+            let trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> =
+                LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
+            for item in &trie {
+                let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V6", e))?;
+                let p = Prefix { addr: IpAddr::from(k.data()), len: u8::try_from(k.prefix_len()).unwrap_or(128) };
+                if wanted.contains(&p) {
+                    found.push((p, v));
+                }
+            }
+        }
+        let until = monotonic_ns().saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
+        for (p, mut rule) in found.iter().copied() {
+            if period.is_zero() {
+                self.release(p)?;
+            } else {
+                rule.drain_until_ns = if rule.drain_until_ns == 0 { until } else { rule.drain_until_ns.min(until) };
+                self.insert_rule(p, rule)?;
+            }
+        }
+        Ok(found.len())
+    }
+
     /// Removes the rule for `prefix` at once: flows living on the target break.
     pub fn release(&mut self, prefix: Prefix) -> Result<()> {
         let what = format!("removing rule {prefix}");
