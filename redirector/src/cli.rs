@@ -16,6 +16,10 @@ use crate::{
 };
 
 fn print_status(v: &serde_json::Value) {
+    use crate::agent::ago;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let since = |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".to_string(), |t| ago(now.saturating_sub(t)));
+    let ms_ago = |x: &serde_json::Value| x.as_u64().map_or_else(|| "never".to_string(), |m| if m < 10_000 { format!("{}.{}s ago", m / 1000, m % 1000 / 100) } else { ago(m / 1000) });
     println!(
         "node {}  load {} (high {}, low {}){}",
         v["node"].as_str().unwrap_or("?"),
@@ -24,25 +28,53 @@ fn print_status(v: &serde_json::Value) {
         v["low_watermark"],
         if v["shedding"].as_bool() == Some(true) { "  shedding" } else { "" }
     );
+    if let Some(r) = v["last_round"].as_str() {
+        println!("last shedding round: {r}");
+    }
+    if v["promised"].as_u64().is_some_and(|p| p > 0) {
+        println!("room promised to adopted clients not arrived yet: {} connections", v["promised"]);
+    }
     let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
     for s in v["siblings"].as_array().into_iter().flatten() {
         rows.push(vec![
             s["name"].as_str().unwrap_or("?").into(),
             s["address"].as_str().unwrap_or("?").into(),
             if s["up"].as_bool() == Some(true) { "up".into() } else { "down".into() },
-            s["last_heartbeat_ms"].as_u64().map_or_else(|| "-".into(), |m| format!("{m} ms ago")),
+            ms_ago(&s["last_heartbeat_ms"]),
             s["load"].to_string(),
         ]);
     }
     print_table(&rows);
     let mut rows = vec![vec!["MIGRATED-OUT".into(), "TO".into(), "SINCE".into(), "CONNECTIONS".into()]];
     for m in v["migrated_out"].as_array().into_iter().flatten() {
-        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["to"].as_str().unwrap_or("?").into(), m["since_unix"].to_string(), m["connections"].to_string()]);
+        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["to"].as_str().unwrap_or("?").into(), since(&m["since_unix"]), m["connections"].to_string()]);
     }
     print_table(&rows);
-    let mut rows = vec![vec!["ADOPTED".into(), "FROM".into(), "SINCE".into()]];
+    let mut rows = vec![vec!["ADOPTED".into(), "FROM".into(), "SINCE".into(), "PROMISED".into(), "HERE".into()]];
     for m in v["adopted"].as_array().into_iter().flatten() {
-        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["from"].as_str().unwrap_or("?").into(), m["since_unix"].to_string()]);
+        rows.push(vec![
+            m["client"].as_str().unwrap_or("?").into(),
+            m["from"].as_str().unwrap_or("?").into(),
+            since(&m["since_unix"]),
+            m["promised"].to_string(),
+            m["connections"].to_string(),
+        ]);
+    }
+    print_table(&rows);
+    if v["draining"].as_u64().is_some_and(|n| n > 0) {
+        println!("rules draining: {}", v["draining"]);
+    }
+    let orphans = v["orphaned"].as_array().cloned().unwrap_or_default();
+    if !orphans.is_empty() {
+        let mut rows = vec![vec!["ORPHANED-RULE".into(), "TARGET".into(), "WHY".into()]];
+        for o in &orphans {
+            rows.push(vec![o["prefix"].as_str().unwrap_or("?").into(), o["target"].as_str().unwrap_or("?").into(), o["why"].as_str().unwrap_or("?").into()]);
+        }
+        print_table(&rows);
+    }
+    let mut rows = vec![vec!["COUNTER".into(), "PACKETS".into()]];
+    if let Some(m) = v["counters"].as_object() {
+        rows.extend(m.iter().map(|(n, c)| vec![n.clone(), c.to_string()]));
     }
     print_table(&rows);
 }
