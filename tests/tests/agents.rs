@@ -5,9 +5,12 @@ use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
+
+use redirector::peer::{MovedClient, Msg, PROTOCOL_VERSION};
 
 use redirector_tests::{
     Client,
@@ -108,13 +111,16 @@ fn clients_of_a_dead_volunteer_come_home() {
     assert!(c.log("a").contains("liveness"), "the decision is logged");
 }
 
-/// A TLS client connection to `addr` from the client namespace with the given certificate.
-fn tls_connect(c: &Cluster, tls_dir: &std::path::Path, cert: &str, server_name: &str, addr: SocketAddr) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    let tls = redirector::peer::Tls::load(&tls_dir.join("ca.pem"), &tls_dir.join(format!("{cert}.pem")), &tls_dir.join(format!("{cert}.key"))).expect("load test certificates");
-    let tcp = in_netns(&c.t.client.ns, move || std::net::TcpStream::connect(addr))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let conn = rustls::ClientConnection::new(Arc::clone(&tls.client), server_name.to_string().try_into().expect("name")).map_err(std::io::Error::other)?;
-    Ok(rustls::StreamOwned::new(conn, tcp))
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A TLS client connection to `addr` from the client namespace that trusts the CA in `ca`
+/// and presents certificate `cert` (`<cert>.pem` and `<cert>.key`).
+fn tls_connect(c: &Cluster, ca: &Path, cert: &Path, server_name: &str, addr: SocketAddr) -> TlsStream {
+    let tls = redirector::peer::Tls::load(ca, &cert.with_extension("pem"), &cert.with_extension("key")).expect("load test certificates");
+    let tcp = in_netns(&c.t.client.ns, move || std::net::TcpStream::connect(addr)).expect("TCP connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let conn = rustls::ClientConnection::new(Arc::clone(&tls.client), server_name.to_string().try_into().expect("name")).expect("TLS client");
+    rustls::StreamOwned::new(conn, tcp)
 }
 
 fn send_frame(s: &mut impl std::io::Write, body: &[u8]) -> std::io::Result<()> {
@@ -123,44 +129,144 @@ fn send_frame(s: &mut impl std::io::Write, body: &[u8]) -> std::io::Result<()> {
     s.flush()
 }
 
+fn send(s: &mut TlsStream, m: &Msg) {
+    send_frame(s, &m.encode()).unwrap_or_else(|e| panic!("sending {m:?}: {e}"));
+}
+
+fn read_msg(s: &mut TlsStream) -> std::io::Result<Msg> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    Msg::decode(&body).map_err(std::io::Error::other)
+}
+
+fn hello(node: &str) -> Msg {
+    Msg::Hello { version: PROTOCOL_VERSION, node: node.into() }
+}
+
 #[test]
-fn strangers_are_refused_and_bad_frames_only_close_their_connection() {
+fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connection() {
     if !require_root() {
         return;
     }
     let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
     let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
-    // A certificate named "b" but from another CA: refused during the handshake.
+    let (tls, ca) = (c.dir.join("tls"), c.dir.join("tls/ca.pem"));
+    // A client that trusts the cluster CA (so it accepts A's certificate) but presents a
+    // certificate named "b" from another CA: A's verification of client certificates is
+    // what refuses it, and it can make nothing happen.
     let evil = c.dir.join("evil");
     redirector_tests::agents::make_certs(&evil, &["b"]);
-    let mut s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    drop(s);
-    let mut bad = tls_connect(&c, &evil, "b", "a", a_addr).expect("tcp connect");
-    let _ = send_frame(&mut bad, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode());
-    let mut buf = [0u8; 16];
-    assert!(!matches!(bad.read(&mut buf), Ok(n) if n > 0), "a peer with another CA's certificate gets nothing");
+    let mut bad = tls_connect(&c, &ca, &evil.join("b"), "a", a_addr);
+    // Reading drives the handshake: the client accepts A and sends its certificate; the
+    // answer is A's alert.
+    let e = read_msg(&mut bad).expect_err("a peer with another CA's certificate gets no answer");
+    assert!(
+        e.to_string().contains("alert") && !e.to_string().contains("invalid peer certificate"),
+        "the server refused the client's certificate (not the client the server's): {e}"
+    );
     wait_log(&c, "a", "TLS handshake refused", 5);
-    // A certificate from the cluster CA for a name that is not a sibling: refused.
-    redirector::peer::make_node(&c.dir.join("tls"), "mallory").expect("mallory cert");
-    let mut m = tls_connect(&c, &c.dir.join("tls"), "mallory", "a", a_addr).expect("connect");
-    let _ = send_frame(&mut m, &redirector::peer::Msg::Hello { version: 1, node: "mallory".into() }.encode());
+    let client_ip = c.t.client.v4[0].to_string();
+    assert!(
+        c.log("a").lines().any(|l| l.contains("TLS handshake refused") && l.contains(&client_ip)),
+        "A logged the refusal with the peer's address {client_ip}:\n{}",
+        c.log("a")
+    );
+    // A certificate from the cluster CA for a name that is not a sibling: refused, with the
+    // reason sent before the connection closes.
+    redirector::peer::make_node(&tls, "mallory").expect("mallory cert");
+    let mut m = tls_connect(&c, &ca, &tls.join("mallory"), "a", a_addr);
+    send(&mut m, &hello("mallory"));
+    match read_msg(&mut m) {
+        Ok(Msg::Refused { reason }) => assert!(reason.contains("not for a configured sibling"), "{reason}"),
+        other => panic!("mallory should be told why it is refused: {other:?}"),
+    }
     wait_log(&c, "a", "not for a configured sibling", 5);
-    // The right certificate, but another protocol version: refused with a clear message.
-    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 99, node: "b".into() }.encode()).expect("send hello");
+    // The right certificate, but another protocol version: A answers with its own hello (any
+    // version can read it) so the peer can say which versions differ, and logs the reason.
+    let mut s = tls_connect(&c, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, &Msg::Hello { version: 99, node: "b".into() });
+    match read_msg(&mut s) {
+        Ok(Msg::Hello { version, node }) => assert_eq!((version, node.as_str()), (PROTOCOL_VERSION, "a"), "A says its version"),
+        other => panic!("a peer of another version should get A's hello: {other:?}"),
+    }
+    assert!(read_msg(&mut s).is_err(), "then the connection closes");
     wait_log(&c, "a", "protocol version 99", 5);
     // A malformed frame and an oversized frame close only that connection.
-    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
+    s = tls_connect(&c, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, &hello("b"));
     send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
     wait_log(&c, "a", "malformed message", 5);
-    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
+    s = tls_connect(&c, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, &hello("b"));
     let _ = s.write_all(&(1u32 << 30).to_be_bytes());
     let _ = s.flush();
     wait_log(&c, "a", "bad frame", 5);
-    // The agent keeps serving everyone else: its status answers and B's link is still up.
+    // The agent keeps serving everyone else: its status answers and B's link is still up;
+    // nothing any stranger sent was installed.
     let v = c.status("a");
     assert_eq!(v["siblings"][0]["up"], true, "the real sibling is still connected: {v}");
     assert!(!v["siblings"].to_string().contains("mallory"));
+    assert_eq!(v["adopted"], serde_json::json!([]), "nothing adopted: {v}");
+    let siblings = c.t.redirector_ok(&c.t.a, &["sibling", "list", "--json"]);
+    assert!(siblings.contains("\"siblings\":[]"), "A accepts tunnels from nobody: {siblings}");
+}
+
+/// Asks A for room as "b" on a connection of the test's own, then transfers `services` with
+/// `tunnel_src`; returns A's answer to the transfer.
+fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &str) -> Msg {
+    send(s, &Msg::HelpRequest { id, connections: 1, clients: 1 });
+    match read_msg(s) {
+        Ok(Msg::Offer { .. }) => {}
+        other => panic!("A should offer room: {other:?}"),
+    }
+    send(
+        s,
+        &Msg::Transfer {
+            id,
+            services: services.iter().map(|a| a.parse().expect("service")).collect(),
+            tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
+            clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
+        },
+    );
+    read_msg(s).expect("A answers the transfer")
+}
+
+#[test]
+fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let tls = c.dir.join("tls");
+    // A real sibling's certificate, but forged requests: A checks them against its own
+    // configuration, not against what the message says.
+    let mut s = tls_connect(&c, &tls.join("ca.pem"), &tls.join("b"), "a", a_addr);
+    send(&mut s, &hello("b"));
+    assert!(matches!(read_msg(&mut s), Ok(Msg::Hello { .. })), "A greets its sibling");
+    let cases = [
+        (["198.18.0.1:80"], "198.18.0.2", "own control address"),
+        (["198.18.0.10:80"], "198.18.0.2", "own service addresses"),
+        (["198.18.0.2:80"], "198.18.0.2", "control address of sibling b"),
+        (["198.18.0.20:80"], "198.18.0.99", "not b's control address"),
+    ];
+    for (i, (services, src, why)) in cases.iter().enumerate() {
+        match forged_transfer(&mut s, 100 + i as u64, services, src) {
+            Msg::Abort { reason, .. } => assert!(reason.contains(why), "{services:?} from {src}: refused because {why:?}, said {reason:?}"),
+            other => panic!("{services:?} from {src} must be refused: {other:?}"),
+        }
+    }
+    let adopted = c.t.redirector_ok(&c.t.a, &["adopt", "list", "--json"]);
+    assert!(adopted.contains("\"adopted\":[]"), "A adopted nothing: {adopted}");
+    let siblings = c.t.redirector_ok(&c.t.a, &["sibling", "list", "--json"]);
+    assert!(!siblings.contains("198.18.0.99"), "A accepts no tunnel from an address the message named: {siblings}");
+    assert_eq!(c.status("a")["adopted"], serde_json::json!([]));
+    // The genuine article is accepted: B's own service, from B's control address.
+    match forged_transfer(&mut s, 200, &["198.18.0.20:80"], "198.18.0.2") {
+        Msg::TransferAck { .. } => {}
+        other => panic!("a transfer A's configuration confirms is accepted: {other:?}"),
+    }
+    send(&mut s, &Msg::Abort { id: 200, reason: "test over".into() });
 }
