@@ -2,20 +2,19 @@
 //! from a client namespace with many client addresses.
 
 use std::{
-    collections::HashMap,
-    io::{Read as _, Write as _},
+    collections::{BTreeSet, HashMap},
+    io::Write as _,
     net::{IpAddr, SocketAddr},
-    path::Path,
-    sync::Arc,
     time::Duration,
 };
 
 use redirector::peer::{MovedClient, Msg, PROTOCOL_VERSION};
+use redirector_tests::peer::{TlsStream, connect_as, hello, read_msg, send, send_frame, tls_connect};
 
 use redirector_tests::{
     Client,
-    agents::{Cluster, migrated, open, served_by, wait_log, wait_status},
-    net::{SERVICE4, SERVICE4_C, client4, in_netns},
+    agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
+    net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4},
     require_root,
 };
 
@@ -23,13 +22,26 @@ fn svc(ip: std::net::Ipv4Addr) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), 80)
 }
 
+fn adopted_by(v: &serde_json::Value) -> BTreeSet<String> {
+    redirector_tests::agents::adopted(v).into_iter().collect()
+}
+
 #[test]
 fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(50, &[("a", 30, 20), ("b", 15, 10), ("c", 15, 10)]);
-    // 45 clients with one connection each drive A over its high watermark (30).
+    let c = Cluster::new(60, &[("a", 30, 20), ("b", 20, 10), ("c", 20, 10)]);
+    // B and C have clients of their own: their load counts against what they can offer, and
+    // those clients must not notice anything.
+    let b_own = open(&c, 46..=50, svc(SERVICE4_B));
+    let c_own = open(&c, 51..=55, svc(SERVICE4_C));
+    for n in ["b", "c"] {
+        wait_status(&c.sock(n), 10, &format!("{n}'s own load counted"), |v| v["load"] == 5);
+    }
+    let sampler = Sampler::start(&c, &["a", "b", "c"]);
+    // 45 clients with one connection each drive A over its high watermark (30); B and C have
+    // room for 15 each.
     let conns = open(&c, 1..=45, svc(SERVICE4));
     assert_eq!(served_by(&conns).get("A"), Some(&45), "before shedding A serves everyone");
     let a = wait_status(&c.sock("a"), 30, "A to move clients under its low watermark", |v| migrated(v).len() >= 25);
@@ -37,7 +49,7 @@ fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
     let to_b = moved.iter().filter(|m| m.1 == "b").count();
     let to_c = moved.iter().filter(|m| m.1 == "c").count();
     assert!(to_b > 0 && to_c > 0, "A split its clients over both volunteers: b {to_b}, c {to_c}");
-    assert!(to_b <= 15 && to_c <= 15, "no volunteer got more than its high watermark: b {to_b}, c {to_c}");
+    assert!(to_b <= 15 && to_c <= 15, "no volunteer got more than its room: b {to_b}, c {to_c}");
     // The clients reconnect (as a browser would): moved ones reach their volunteer.
     let where_moved: HashMap<String, String> = moved.into_iter().collect();
     drop(conns);
@@ -48,13 +60,33 @@ fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
         assert_eq!(*who, expected, "client {} is served by {expected}", client4(*i));
     }
     wait_status(&c.sock("a"), 20, "A's load under its low watermark", |v| v["load"].as_u64().is_some_and(|l| l <= 20));
-    for n in ["b", "c"] {
-        let v = c.status(n);
-        let load = v["load"].as_u64().unwrap_or(u64::MAX);
-        assert!(load <= 15, "{n} stays at or under its high watermark: load {load}");
-        assert!(!v["adopted"].as_array().is_none_or(Vec::is_empty), "{n} lists the clients it adopted: {v}");
+    // B's and C's own clients were not affected: same connections, new ones, same servers.
+    for (own, name) in [(b_own, "B"), (c_own, "C")] {
+        for (i, mut cl, _) in own {
+            assert_eq!(cl.who(), name, "{}'s open connection to {name} still works", client4(i));
+            let mut again = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), cl.peer());
+            assert_eq!(again.who(), name, "{}'s new connection is still served by {name}", client4(i));
+        }
     }
-    assert!(c.log("a").contains("client moved"), "one log line per decision");
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.stop();
+    for n in ["b", "c"] {
+        let (max, count) = max_load(&samples[n]);
+        assert!(count > 10 && max <= 20, "{n} never exceeded its high watermark (20): max {max} in {count} samples");
+        for v in &samples[n] {
+            let committed = v["load"].as_u64().unwrap_or(0) + v["promised"].as_u64().unwrap_or(0);
+            assert!(committed <= 20, "{n} never promised past its high watermark: {v}");
+            assert!(migrated(v).is_empty(), "{n} never shed (it stayed under its high watermark): {v}");
+        }
+        let v = c.status(n);
+        let expected: BTreeSet<String> = where_moved.iter().filter(|(_, to)| *to == n).map(|(cl, _)| cl.clone()).collect();
+        assert_eq!(adopted_by(&v), expected, "{n} lists exactly the clients it adopted");
+    }
+    let (a_log, b_log) = (c.log("a"), c.log("b"));
+    for line in ["over the high watermark: asking siblings for help", "picked the largest clients to move", "offer taken", "hand-over committed", "client moved"] {
+        assert!(a_log.contains(line), "A's log says {line:?}:\n{a_log}");
+    }
+    assert!(b_log.contains("offering help") && b_log.contains("adopted clients"), "B's log says why it helped:\n{b_log}");
 }
 
 #[test]
@@ -63,25 +95,44 @@ fn two_overloaded_servers_cannot_overbook_one_volunteer() {
         return;
     }
     let c = Cluster::new(70, &[("a", 20, 10), ("b", 20, 10), ("c", 20, 10)]);
-    // A and C both go over 20 at once; only B has room, for 20 connections in all.
-    let a_conns = open(&c, 1..=30, svc(SERVICE4));
-    let c_conns = open(&c, 31..=60, svc(SERVICE4_C));
-    wait_status(&c.sock("a"), 30, "some shedding to happen", |_| {
-        let to_b = |n: &str| migrated(&c.status(n)).iter().filter(|m| m.1 == "b").count();
-        to_b("a") + to_b("c") > 0
+    let sampler = Sampler::start(&c, &["b"]);
+    // A and C cross their high watermark at the same moment (their clients connect in
+    // parallel); only B has room, for 20 connections in all, and both ask it.
+    let (a_conns, c_conns) = std::thread::scope(|s| {
+        let a = s.spawn(|| open(&c, 1..=30, svc(SERVICE4)));
+        let cc = s.spawn(|| open(&c, 31..=60, svc(SERVICE4_C)));
+        (a.join().expect("A's clients"), cc.join().expect("C's clients"))
     });
+    wait_status(&c.sock("b"), 30, "B to adopt clients", |v| !redirector_tests::agents::adopted(v).is_empty());
     // Give both origins time to ask again and again.
     std::thread::sleep(Duration::from_secs(3));
+    let b_log = c.log("b");
+    assert!(
+        b_log.lines().any(|l| l.contains("origin=a") && (l.contains("offering") || l.contains("declining")))
+            && b_log.lines().any(|l| l.contains("origin=c") && (l.contains("offering") || l.contains("declining"))),
+        "both origins asked B:\n{b_log}"
+    );
     let to_b = |n: &str| migrated(&c.status(n)).iter().filter(|m| m.1 == "b").count();
     let total = to_b("a") + to_b("c");
     assert!(total <= 20, "B was promised at most its room of 20 connections, got {total} clients (a {}, c {})", to_b("a"), to_b("c"));
+    // Everyone reconnects: the moved clients land on B.
     drop(a_conns);
     drop(c_conns);
     std::thread::sleep(Duration::from_millis(300));
-    let _a = open(&c, 1..=30, svc(SERVICE4));
-    let _c = open(&c, 31..=60, svc(SERVICE4_C));
-    let b = wait_status(&c.sock("b"), 10, "B's load to be counted", |v| v["load"].as_u64().is_some_and(|l| l > 0));
-    assert!(b["load"].as_u64().unwrap_or(u64::MAX) <= 20, "B never exceeds its high watermark: {}", b["load"]);
+    let a2 = open(&c, 1..=30, svc(SERVICE4));
+    let c2 = open(&c, 31..=60, svc(SERVICE4_C));
+    let on_b = served_by(&a2).get("B").copied().unwrap_or(0) + served_by(&c2).get("B").copied().unwrap_or(0);
+    assert_eq!(on_b, total, "every client moved to B reconnected to B");
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.stop();
+    let samples = &samples["b"];
+    let (max, n) = max_load(samples);
+    assert!(n > 20 && max <= 20, "B's load never exceeded its high watermark (20), during and after the moves: max {max} in {n} samples");
+    for v in samples {
+        let adopted = redirector_tests::agents::adopted(v).len();
+        let committed = v["load"].as_u64().unwrap_or(0) + v["promised"].as_u64().unwrap_or(0);
+        assert!(adopted <= 20 && committed <= 20, "B never took more than its room: {adopted} adopted, load + promised {committed}: {v}");
+    }
 }
 
 #[test]
@@ -111,40 +162,6 @@ fn clients_of_a_dead_volunteer_come_home() {
     assert!(c.log("a").contains("liveness"), "the decision is logged");
 }
 
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
-
-/// A TLS client connection to `addr` from the client namespace that trusts the CA in `ca`
-/// and presents certificate `cert` (`<cert>.pem` and `<cert>.key`).
-fn tls_connect(c: &Cluster, ca: &Path, cert: &Path, server_name: &str, addr: SocketAddr) -> TlsStream {
-    let tls = redirector::peer::Tls::load(ca, &cert.with_extension("pem"), &cert.with_extension("key")).expect("load test certificates");
-    let tcp = in_netns(&c.t.client.ns, move || std::net::TcpStream::connect(addr)).expect("TCP connect");
-    tcp.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-    let conn = rustls::ClientConnection::new(Arc::clone(&tls.client), server_name.to_string().try_into().expect("name")).expect("TLS client");
-    rustls::StreamOwned::new(conn, tcp)
-}
-
-fn send_frame(s: &mut impl std::io::Write, body: &[u8]) -> std::io::Result<()> {
-    s.write_all(&u32::try_from(body.len()).expect("small").to_be_bytes())?;
-    s.write_all(body)?;
-    s.flush()
-}
-
-fn send(s: &mut TlsStream, m: &Msg) {
-    send_frame(s, &m.encode()).unwrap_or_else(|e| panic!("sending {m:?}: {e}"));
-}
-
-fn read_msg(s: &mut TlsStream) -> std::io::Result<Msg> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body)?;
-    Msg::decode(&body).map_err(std::io::Error::other)
-}
-
-fn hello(node: &str) -> Msg {
-    Msg::Hello { version: PROTOCOL_VERSION, node: node.into() }
-}
-
 #[test]
 fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connection() {
     if !require_root() {
@@ -158,7 +175,7 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     // what refuses it, and it can make nothing happen.
     let evil = c.dir.join("evil");
     redirector_tests::agents::make_certs(&evil, &["b"]);
-    let mut bad = tls_connect(&c, &ca, &evil.join("b"), "a", a_addr);
+    let mut bad = tls_connect(&c.t.client.ns, &ca, &evil.join("b"), "a", a_addr);
     // Reading drives the handshake: the client accepts A and sends its certificate; the
     // answer is A's alert.
     let e = read_msg(&mut bad).expect_err("a peer with another CA's certificate gets no answer");
@@ -176,7 +193,7 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     // A certificate from the cluster CA for a name that is not a sibling: refused, with the
     // reason sent before the connection closes.
     redirector::peer::make_node(&tls, "mallory").expect("mallory cert");
-    let mut m = tls_connect(&c, &ca, &tls.join("mallory"), "a", a_addr);
+    let mut m = tls_connect(&c.t.client.ns, &ca, &tls.join("mallory"), "a", a_addr);
     send(&mut m, &hello("mallory"));
     match read_msg(&mut m) {
         Ok(Msg::Refused { reason }) => assert!(reason.contains("not for a configured sibling"), "{reason}"),
@@ -185,7 +202,7 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     wait_log(&c, "a", "not for a configured sibling", 5);
     // The right certificate, but another protocol version: A answers with its own hello (any
     // version can read it) so the peer can say which versions differ, and logs the reason.
-    let mut s = tls_connect(&c, &ca, &tls.join("b"), "a", a_addr);
+    let mut s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
     send(&mut s, &Msg::Hello { version: 99, node: "b".into() });
     match read_msg(&mut s) {
         Ok(Msg::Hello { version, node }) => assert_eq!((version, node.as_str()), (PROTOCOL_VERSION, "a"), "A says its version"),
@@ -194,11 +211,11 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     assert!(read_msg(&mut s).is_err(), "then the connection closes");
     wait_log(&c, "a", "protocol version 99", 5);
     // A malformed frame and an oversized frame close only that connection.
-    s = tls_connect(&c, &ca, &tls.join("b"), "a", a_addr);
+    s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
     send(&mut s, &hello("b"));
     send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
     wait_log(&c, "a", "malformed message", 5);
-    s = tls_connect(&c, &ca, &tls.join("b"), "a", a_addr);
+    s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
     send(&mut s, &hello("b"));
     let _ = s.write_all(&(1u32 << 30).to_be_bytes());
     let _ = s.flush();
@@ -243,9 +260,7 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     let tls = c.dir.join("tls");
     // A real sibling's certificate, but forged requests: A checks them against its own
     // configuration, not against what the message says.
-    let mut s = tls_connect(&c, &tls.join("ca.pem"), &tls.join("b"), "a", a_addr);
-    send(&mut s, &hello("b"));
-    assert!(matches!(read_msg(&mut s), Ok(Msg::Hello { .. })), "A greets its sibling");
+    let mut s = connect_as(&c.t.client.ns, &tls, "b", "a", a_addr);
     let cases = [
         (["198.18.0.1:80"], "198.18.0.2", "own control address"),
         (["198.18.0.10:80"], "198.18.0.2", "own service addresses"),
