@@ -397,12 +397,22 @@ impl Agent {
             info!(to = %name, clients = clients.len(), "clients moved");
         }
         let now = Instant::now();
-        let mut st = self.state();
-        for c in clients {
-            if clients.len() <= NAMED {
-                info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
+        let mut before: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        {
+            let mut st = self.state();
+            for c in clients {
+                if clients.len() <= NAMED {
+                    info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
+                }
+                let m = MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now };
+                if let Some(old) = st.migrated.insert(c.addr, m).filter(|old| old.to != name) {
+                    before.entry(old.to).or_default().push(c.addr);
+                }
             }
-            st.migrated.insert(c.addr, MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now });
+        }
+        // A client moved again (operator move) no longer needs room where it was.
+        for (old, moved) in before {
+            self.release(&old, moved).await;
         }
         Ok(())
     }

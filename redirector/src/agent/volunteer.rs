@@ -191,6 +191,8 @@ impl Agent {
     async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, incoming: Incoming) -> Msg {
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
+            // The room it reserved is free again.
+            self.state().reservations.retain(|r| !(r.origin == from && r.id == id));
             Msg::Abort { id, reason }
         };
         let Some(origin) = self.cfg.siblings.iter().find(|s| s.name == from).cloned() else {
