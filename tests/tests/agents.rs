@@ -14,7 +14,7 @@ use redirector_tests::peer::{TlsStream, connect_as, hello, read_msg, send, send_
 use redirector_tests::{
     Client,
     agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
-    net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4},
+    net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4, client6},
     require_root,
 };
 
@@ -132,6 +132,41 @@ fn two_overloaded_servers_cannot_overbook_one_volunteer() {
         let adopted = redirector_tests::agents::adopted(v).len();
         let committed = v["load"].as_u64().unwrap_or(0) + v["promised"].as_u64().unwrap_or(0);
         assert!(adopted <= 20 && committed <= 20, "B never took more than its room: {adopted} adopted, load + promised {committed}: {v}");
+    }
+}
+
+#[test]
+fn dual_stack_clients_move_over_the_control_addresses_of_their_own_family() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::dual_stack(40, &[("a", 20, 10), ("b", 100, 80)]);
+    let svc6 = redirector_tests::agents::service6("a");
+    // 15 IPv4 and 15 IPv6 clients of A with one connection each: A sheds 20, of both
+    // families (the IPv4 ones sort first), to B in one hand-over.
+    let v4 = open(&c, 1..=15, svc(SERVICE4));
+    let v6: Vec<(u16, Client)> = (1..=15).map(|i| (i, Client::connect(&c.t.client.ns, IpAddr::V6(client6(i)), svc6))).collect();
+    let a = wait_status(&c.sock("a"), 30, "A to move 20 clients", |v| migrated(v).len() >= 20);
+    let moved: BTreeSet<String> = migrated(&a).into_iter().map(|m| m.0).collect();
+    assert!(moved.iter().any(|m| m.contains(':')) && moved.iter().any(|m| m.contains('.')), "clients of both families moved: {moved:?}");
+    // B accepts A's tunnels from both of A's control addresses and serves both services.
+    let siblings = c.t.redirector_ok(&c.t.b, &["sibling", "list", "--json"]);
+    for a_ctl in [c.t.a.v4[0].to_string(), c.t.a.v6[0].to_string()] {
+        assert!(siblings.contains(&a_ctl), "B accepts tunnels from {a_ctl}: {siblings}");
+    }
+    let adopted = c.t.redirector_ok(&c.t.b, &["adopt", "list", "--json"]);
+    assert!(adopted.contains("198.18.0.10:80") && adopted.contains("[2001:db8::10]:80"), "B serves both of A's services: {adopted}");
+    // The clients reconnect: each moved one, of either family, is served by B.
+    drop(v4);
+    drop(v6);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 1..=15 {
+        for (addr, dst) in [(IpAddr::V4(client4(i)), svc(SERVICE4)), (IpAddr::V6(client6(i)), svc6)] {
+            let mut cl = Client::connect(&c.t.client.ns, addr, dst);
+            let expected = if moved.contains(&addr.to_string()) { "B" } else { "A" };
+            assert_eq!(cl.who(), expected, "{addr} is served by {expected}");
+            assert_eq!(cl.peer(), dst, "and still talks to A's address");
+        }
     }
 }
 
