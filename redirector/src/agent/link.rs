@@ -177,8 +177,13 @@ impl Agent {
         let mut failures = 0u32;
         loop {
             let end = self.clone().connect_once(&connector, &name, addr).await;
-            if let Some(s) = self.state().siblings.get_mut(&name) {
-                s.out = None;
+            {
+                let mut st = self.state();
+                if let Some(s) = st.siblings.get_mut(&name) {
+                    s.out = None;
+                }
+                // Requests waiting for an answer on this link will not get one: fail them now.
+                st.pending.retain(|(n, _), _| *n != name);
             }
             if end.established {
                 // A session that was up: start over quickly, and say once that it ended.

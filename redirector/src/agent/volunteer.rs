@@ -121,6 +121,11 @@ impl Agent {
             r.until = r.until.max(now + lease);
             r.capacity
         });
+        if cap == 0 && !st.incoming.contains_key(&(from.to_string(), id)) {
+            // Nothing to keep: the Transfer will be refused for want of a reservation.
+            warn!(origin = %from, id, "ignoring sessions or clients of a transfer with no reservation (lease expired?)");
+            return;
+        }
         let held = st.incoming.entry((from.to_string(), id)).or_default();
         held.last = Some(now);
         if held.refused.is_some() {
