@@ -32,11 +32,13 @@ async fn serve_inner(agent: Arc<Agent>) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            if BufReader::new(r).read_line(&mut line).await.is_err() {
-                return;
+            // A client that never says anything does not hold a task forever.
+            match tokio::time::timeout(std::time::Duration::from_secs(5), BufReader::new(r).read_line(&mut line)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
             }
             let answer = match line.trim() {
-                "status" => agent.status(),
+                "status" => agent.status().await,
                 req if req.starts_with('{') => request(agent, req).await,
                 other => serde_json::json!({ "error": format!("unknown request {other:?}: try status") }),
             };

@@ -97,11 +97,16 @@ impl Apps {
     async fn send(&self, app: &AppConn, service: SocketAddr, id: u64, line: String, timeout: Duration) -> anyhow::Result<String> {
         let (tx, rx) = oneshot::channel();
         app.pending.lock().expect("lock").insert(id, tx);
-        app.tx.send(line).await.map_err(|_| anyhow!("the application for {service} disconnected"))?;
-        let r = tokio::time::timeout(timeout, rx).await;
+        // Queueing the request counts against the timeout too: an application that stops
+        // reading never holds the agent up.
+        let r = tokio::time::timeout(timeout, async {
+            app.tx.send(line).await.map_err(|_| anyhow!("the application for {service} disconnected"))?;
+            Ok::<_, anyhow::Error>(rx.await)
+        })
+        .await;
         app.pending.lock().expect("lock").remove(&id);
         let text = r
-            .map_err(|_| anyhow!("the application for {service} did not answer within {} ms", timeout.as_millis()))?
+            .map_err(|_| anyhow!("the application for {service} did not answer within {} ms", timeout.as_millis()))??
             .map_err(|_| anyhow!("the application for {service} disconnected"))?;
         let a: Answer = serde_json::from_str(&text).map_err(|e| anyhow!("the application for {service} answered with malformed JSON: {e}"))?;
         if !a.ok {

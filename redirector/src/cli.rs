@@ -15,8 +15,16 @@ use crate::{
     datapath::{self, Datapath, Location, Prefix},
 };
 
-fn print_status(v: &serde_json::Value) {
-    println!(
+/// The status of an agent as tables for people; `now` is the current Unix time (ages are
+/// counted from it).
+fn format_status(v: &serde_json::Value, now: u64) -> String {
+    use std::fmt::Write as _;
+    use crate::agent::ago;
+    let mut out = String::new();
+    let since = |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".to_string(), |t| ago(now.saturating_sub(t)));
+    let ms_ago = |x: &serde_json::Value| x.as_u64().map_or_else(|| "never".to_string(), |m| if m < 10_000 { format!("{}.{}s ago", m / 1000, m % 1000 / 100) } else { ago(m / 1000) });
+    let _ = writeln!(
+        out,
         "node {}  load {} (high {}, low {}){}",
         v["node"].as_str().unwrap_or("?"),
         v["load"],
@@ -24,27 +32,56 @@ fn print_status(v: &serde_json::Value) {
         v["low_watermark"],
         if v["shedding"].as_bool() == Some(true) { "  shedding" } else { "" }
     );
+    if let Some(r) = v["last_round"].as_str() {
+        let _ = writeln!(out, "last shedding round: {r}");
+    }
+    if v["promised"].as_u64().is_some_and(|p| p > 0) {
+        let _ = writeln!(out, "room promised to adopted clients not arrived yet: {} connections", v["promised"]);
+    }
     let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
     for s in v["siblings"].as_array().into_iter().flatten() {
         rows.push(vec![
             s["name"].as_str().unwrap_or("?").into(),
             s["address"].as_str().unwrap_or("?").into(),
             if s["up"].as_bool() == Some(true) { "up".into() } else { "down".into() },
-            s["last_heartbeat_ms"].as_u64().map_or_else(|| "-".into(), |m| format!("{m} ms ago")),
+            ms_ago(&s["last_heartbeat_ms"]),
             s["load"].to_string(),
         ]);
     }
-    print_table(&rows);
+    out.push_str(&table(&rows));
     let mut rows = vec![vec!["MIGRATED-OUT".into(), "TO".into(), "SINCE".into(), "CONNECTIONS".into()]];
     for m in v["migrated_out"].as_array().into_iter().flatten() {
-        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["to"].as_str().unwrap_or("?").into(), m["since_unix"].to_string(), m["connections"].to_string()]);
+        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["to"].as_str().unwrap_or("?").into(), since(&m["since_unix"]), m["connections"].to_string()]);
     }
-    print_table(&rows);
-    let mut rows = vec![vec!["ADOPTED".into(), "FROM".into(), "SINCE".into()]];
+    out.push_str(&table(&rows));
+    let mut rows = vec![vec!["ADOPTED".into(), "FROM".into(), "SINCE".into(), "PROMISED".into(), "HERE".into()]];
     for m in v["adopted"].as_array().into_iter().flatten() {
-        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["from"].as_str().unwrap_or("?").into(), m["since_unix"].to_string()]);
+        rows.push(vec![
+            m["client"].as_str().unwrap_or("?").into(),
+            m["from"].as_str().unwrap_or("?").into(),
+            since(&m["since_unix"]),
+            m["promised"].to_string(),
+            m["connections"].to_string(),
+        ]);
     }
-    print_table(&rows);
+    out.push_str(&table(&rows));
+    if v["draining"].as_u64().is_some_and(|n| n > 0) {
+        let _ = writeln!(out, "rules draining: {}", v["draining"]);
+    }
+    let orphans = v["orphaned"].as_array().cloned().unwrap_or_default();
+    if !orphans.is_empty() {
+        let mut rows = vec![vec!["ORPHANED-RULE".into(), "TARGET".into(), "WHY".into()]];
+        for o in &orphans {
+            rows.push(vec![o["prefix"].as_str().unwrap_or("?").into(), o["target"].as_str().unwrap_or("?").into(), o["why"].as_str().unwrap_or("?").into()]);
+        }
+        out.push_str(&table(&rows));
+    }
+    let mut rows = vec![vec!["COUNTER".into(), "PACKETS".into()]];
+    if let Some(m) = v["counters"].as_object() {
+        rows.extend(m.iter().map(|(n, c)| vec![n.clone(), c.to_string()]));
+    }
+    out.push_str(&table(&rows));
+    out
 }
 
 /// redirector: servers that share load among themselves. Operator commands on the kernel
@@ -178,7 +215,7 @@ pub struct AgentArgs {
 fn parse_sibling(s: &str) -> Result<crate::config::Sibling, String> {
     let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=ADDR:PORT"))?;
     let address = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?;
-    Ok(crate::config::Sibling { name: name.to_string(), address })
+    Ok(crate::config::Sibling::new(name, address))
 }
 
 fn parse_service(s: &str) -> Result<crate::config::Service, String> {
@@ -317,17 +354,25 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
 }
 
 fn print_table(rows: &[Vec<String>]) {
-    let Some(first) = rows.first() else { return };
+    print!("{}", table(rows));
+}
+
+/// Rows as aligned columns, one line each.
+fn table(rows: &[Vec<String>]) -> String {
+    let Some(first) = rows.first() else { return String::new() };
     let mut widths = vec![0; first.len()];
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
     }
+    let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
+    out
 }
 
 fn agent_config(args: &AgentArgs, global: &Global) -> anyhow::Result<Config> {
@@ -431,7 +476,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.global.json {
                 println!("{v}");
             } else {
-                print_status(&v);
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                print!("{}", format_status(&v, now));
             }
             return Ok(());
         }
@@ -625,5 +671,24 @@ mod tests {
         assert_eq!(cfg.tls.ca, PathBuf::from("/ca.pem"));
         assert!(Cli::try_parse_from(["redirector", "agent", "--config", "x", "--sibling", "nonsense"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The status table says ages as people do and shows the datapath's counters.
+    #[test]
+    fn status_tables_show_ages_and_counters() {
+        let v = json!({
+            "node": "a", "load": 12, "high_watermark": 20, "low_watermark": 10, "shedding": false,
+            "last_round": "moved 3 client(s)", "promised": 0, "draining": 1,
+            "siblings": [{"name": "b", "address": "198.18.0.2:7470", "up": true, "last_heartbeat_ms": 230, "load": 4}],
+            "migrated_out": [{"client": "198.18.1.5", "to": "b", "since_unix": 1000, "connections": 2}],
+            "adopted": [{"client": "198.18.1.9", "from": "c", "since_unix": 925, "promised": 1, "connections": 0}],
+            "orphaned": [{"prefix": "198.18.1.39/32", "target": "198.18.0.99", "why": "target 198.18.0.99 is not a configured sibling"}],
+            "counters": {"forwarded-new": 17, "passed": 3},
+        });
+        let t = format_status(&v, 1012);
+        for want in ["0.2s ago", "198.18.1.5    b   12s ago", "1m27s ago", "forwarded-new  17", "198.18.1.39/32", "rules draining: 1", "moved 3 client(s)"] {
+            assert!(t.contains(want), "{want:?} in:\n{t}");
+        }
+        assert!(!t.contains("1000"), "no raw Unix times:\n{t}");
     }
 }

@@ -2,7 +2,7 @@
 //! command-line flags can override. `redirector config check FILE` validates without starting.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// This node's name; must match the name in its certificate.
     pub node: String,
-    /// Peer channel address: this node's own *control* address, never a service address.
+    /// Peer channel address: this node's own *control* address (a specific address, never a
+    /// service address). Siblings steer clients to it and accept tunnels from it.
     pub listen: Option<SocketAddr>,
+    /// This node's control address of the other IP family, for dual-stack services: the tunnel
+    /// source (and steering target) for clients of that family.
+    pub dual_stack_address: Option<IpAddr>,
     /// Network namespace to run in (`/run/netns/<name>`), for test hosts.
     pub netns: Option<String>,
     /// bpffs for the datapath's pins.
@@ -41,6 +45,13 @@ pub struct Config {
     pub lease_ms: u64,
     /// Largest peer frame accepted, in bytes.
     pub max_frame: usize,
+    /// How long a volunteer waits for the `Commit` or `Abort` of a transfer it acknowledged,
+    /// and for the `Transfer` of sessions it received, in ms.
+    pub handoff_expiry_ms: u64,
+    /// How long a volunteer keeps an adopted client that its origin never released and that
+    /// has had no connection here, in seconds. Until then the room promised to it stays
+    /// reserved.
+    pub adopted_expiry_secs: u64,
     /// The application hook: a Unix socket the local application connects to (see
     /// docs/app-protocol.md). Default: /run/redirector/<node>-app.sock.
     pub app_socket: Option<PathBuf>,
@@ -62,6 +73,7 @@ impl Default for Config {
         Self {
             node: String::new(),
             listen: None,
+            dual_stack_address: None,
             netns: None,
             bpffs: PathBuf::from(crate::datapath::DEFAULT_BPFFS),
             instance: None,
@@ -74,6 +86,8 @@ impl Default for Config {
             negotiate_timeout_ms: 1000,
             lease_ms: 2000,
             max_frame: 1 << 20,
+            handoff_expiry_ms: 60_000,
+            adopted_expiry_secs: 3600,
             app_socket: None,
             app_socket_owner: None,
             app_timeout_ms: 2000,
@@ -104,6 +118,44 @@ pub struct Sibling {
     pub name: String,
     /// Its peer channel address (its control address).
     pub address: SocketAddr,
+    /// Its control address of the other IP family, if it has dual-stack services.
+    #[serde(default)]
+    pub dual_stack_address: Option<IpAddr>,
+    /// Its service addresses, if known: this node then adopts nothing else from it.
+    #[serde(default)]
+    pub services: Vec<SocketAddr>,
+}
+
+impl Sibling {
+    /// A sibling known by name and control address only.
+    #[must_use]
+    pub fn new(name: &str, address: SocketAddr) -> Self {
+        Self { name: name.to_string(), address, dual_stack_address: None, services: Vec::new() }
+    }
+
+    /// Its control addresses: the peer channel's, then the other family's.
+    #[must_use]
+    pub fn control_addresses(&self) -> Vec<IpAddr> {
+        std::iter::once(self.address.ip()).chain(self.dual_stack_address).collect()
+    }
+
+    /// Its control address of the family of `of`, if it has one.
+    #[must_use]
+    pub fn control_address(&self, of: IpAddr) -> Option<IpAddr> {
+        self.control_addresses().into_iter().find(|a| a.is_ipv4() == of.is_ipv4())
+    }
+}
+
+/// Whether `name` can name a node: it goes into certificates as a DNS name, so letters,
+/// digits and '-' (not first or last), at most 63 characters. One rule for `tls node`,
+/// `node` and every `[[sibling]]`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok { Ok(()) } else { Err(format!("{name:?} is not a node name: use 1 to 63 letters, digits and '-' (not first or last)")) }
 }
 
 /// A service this node serves.
@@ -165,17 +217,73 @@ impl Config {
         Ok(Some((u, g)))
     }
 
+    /// This node's control addresses: the peer channel's, then the other family's.
+    #[must_use]
+    pub fn control_addresses(&self) -> Vec<IpAddr> {
+        self.listen.map(|l| l.ip()).into_iter().chain(self.dual_stack_address).collect()
+    }
+
+    /// This node's control address of the family of `of`, if it has one.
+    #[must_use]
+    pub fn control_address(&self, of: IpAddr) -> Option<IpAddr> {
+        self.control_addresses().into_iter().find(|a| a.is_ipv4() == of.is_ipv4())
+    }
+
+    /// The sibling whose control address is `ip`.
+    #[must_use]
+    pub fn sibling_at(&self, ip: IpAddr) -> Option<&Sibling> {
+        self.siblings.iter().find(|s| s.control_addresses().contains(&ip))
+    }
+
+    /// Whether this node may serve `svc` for sibling `origin`: a unicast address that is none
+    /// of this node's own addresses, no sibling's control address, and one of the origin's
+    /// services when the configuration lists them. A sibling cannot make this node take over
+    /// an address that is not its to give.
+    pub fn check_adoptable(&self, origin: &Sibling, svc: SocketAddr) -> Result<(), String> {
+        let ip = svc.ip();
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || svc.port() == 0 {
+            return Err(format!("{svc} is not a unicast service address"));
+        }
+        if self.control_addresses().contains(&ip) {
+            return Err(format!("{svc} is this node's own control address"));
+        }
+        if self.services.iter().any(|s| s.address.ip() == ip || s.listener().ip() == ip) {
+            return Err(format!("{svc} is one of this node's own service addresses"));
+        }
+        if let Some(s) = self.sibling_at(ip) {
+            return Err(format!("{svc} is the control address of sibling {}", s.name));
+        }
+        if !origin.services.is_empty() && !origin.services.contains(&svc) {
+            return Err(format!("{svc} is not one of {}'s configured services", origin.name));
+        }
+        Ok(())
+    }
+
     /// Every problem with the configuration, one line each (empty: valid).
     #[must_use]
+    #[expect(clippy::too_many_lines, reason = "one short check per rule, in file order")]
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if self.node.is_empty() || !self.node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            p.push(format!("node: {:?} must be a non-empty name of letters, digits, '-' and '_'", self.node));
+        if let Err(e) = check_name(&self.node) {
+            p.push(format!("node: {e}"));
         }
         let Some(listen) = self.listen else {
             p.push("listen: the peer channel address (this node's control address) is required".into());
             return p;
         };
+        if listen.ip().is_unspecified() || listen.ip().is_multicast() {
+            p.push(format!(
+                "listen: {listen} is not a specific address: the peer channel runs on this node's own control address, which siblings steer clients to and accept tunnels from"
+            ));
+        }
+        if let Some(d) = self.dual_stack_address
+            && (d.is_ipv4() == listen.is_ipv4() || d.is_unspecified() || d.is_multicast())
+        {
+            p.push(format!("dual_stack_address: {d} must be a specific address of the other family than listen ({listen})"));
+        }
+        if self.handoff_expiry_ms == 0 || self.adopted_expiry_secs == 0 {
+            p.push("handoff_expiry_ms and adopted_expiry_secs must be above 0".into());
+        }
         if self.low_watermark == 0 || self.low_watermark >= self.high_watermark {
             p.push(format!(
                 "low_watermark ({}) must be above 0 and below high_watermark ({})",
@@ -206,25 +314,48 @@ impl Config {
             p.push("service: at least one [[service]] is required".into());
         }
         let service_ips: HashSet<IpAddr> = self.services.iter().map(|s| s.address.ip()).collect();
-        if service_ips.contains(&listen.ip()) {
-            p.push(format!("listen: {listen} is a service address; the peer channel needs the node's own control address"));
+        for c in self.control_addresses() {
+            if service_ips.contains(&c) {
+                p.push(format!("{c} is a service address; the peer channel and tunnels need the node's own control addresses"));
+            }
         }
         let mut names = HashSet::new();
+        // Rules and tunnels know a sibling by its IP address only: one IP, one node.
+        let mut ips: HashMap<IpAddr, &str> = self.control_addresses().into_iter().map(|a| (a, self.node.as_str())).collect();
         for s in &self.siblings {
+            if let Err(e) = check_name(&s.name) {
+                p.push(format!("sibling {e}"));
+            }
             if s.name == self.node {
                 p.push(format!("sibling {}: that is this node's own name", s.name));
             }
             if !names.insert(&s.name) {
                 p.push(format!("sibling {}: listed twice", s.name));
             }
-            if service_ips.contains(&s.address.ip()) {
-                p.push(format!(
-                    "sibling {}: {} is a service address; siblings are reached on their control addresses (a volunteer treats service addresses as local)",
-                    s.name, s.address
-                ));
+            for a in s.control_addresses() {
+                if a.is_unspecified() || a.is_multicast() {
+                    p.push(format!("sibling {}: {a} is not a specific address", s.name));
+                }
+                if service_ips.contains(&a) {
+                    p.push(format!(
+                        "sibling {}: {a} is a service address; siblings are reached on their control addresses (a volunteer treats service addresses as local)",
+                        s.name
+                    ));
+                }
+                if let Some(other) = ips.insert(a, &s.name) {
+                    p.push(format!(
+                        "sibling {}: {a} is also {other}'s address; rules and tunnels identify a node by its IP address, so every node needs its own",
+                        s.name
+                    ));
+                }
             }
             if s.address.ip().is_ipv4() != listen.ip().is_ipv4() {
                 p.push(format!("sibling {}: {} is not of the same family as listen ({listen})", s.name, s.address));
+            }
+            if let Some(d) = s.dual_stack_address
+                && d.is_ipv4() == s.address.is_ipv4()
+            {
+                p.push(format!("sibling {}: dual_stack_address {d} must be of the other family than its address", s.name));
             }
         }
         for s in &self.services {
@@ -239,6 +370,13 @@ impl Config {
             }
             if s.listener().port() != s.address.port() {
                 p.push(format!("service {}: listener {} must use the same port", s.address, s.listener()));
+            }
+            if self.control_address(s.address.ip()).is_none() {
+                p.push(format!(
+                    "service {}: this node has no {} control address (listen is {listen}; set dual_stack_address), so its clients could never move",
+                    s.address,
+                    if s.address.is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
             }
         }
         p
@@ -299,6 +437,67 @@ cgroup = "/sys/fs/cgroup/app"
         let c: Config = toml::from_str(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap();
         assert!(c.problems().iter().any(|l| l.contains("own name")));
         let c: Config = toml::from_str(&GOOD.replace("listen = \"198.18.0.1:7470\"", "listen = \"198.18.0.10:7470\"")).unwrap();
-        assert!(c.problems().iter().any(|l| l.starts_with("listen:")));
+        assert!(c.problems().iter().any(|l| l.contains("198.18.0.10 is a service address")), "{:?}", c.problems());
+    }
+
+    /// `tls node` and `config check` agree on names: '_' makes no certificate, so no config.
+    #[test]
+    fn node_and_sibling_names_follow_the_certificate_rule() {
+        for bad in ["a_b", "", "-a", "a-", "a.b", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+            let c: Config = toml::from_str(&GOOD.replace("node = \"a\"", &format!("node = {bad:?}"))).unwrap();
+            assert!(c.problems().iter().any(|l| l.starts_with("node:")), "node {bad:?}: {:?}", c.problems());
+            let c: Config = toml::from_str(&GOOD.replace("name = \"b\"", &format!("name = {bad:?}"))).unwrap();
+            assert!(c.problems().iter().any(|l| l.starts_with("sibling")), "sibling {bad:?}: {:?}", c.problems());
+        }
+        for good in ["a", "node-1", "B2"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn the_peer_channel_needs_a_specific_control_address() {
+        for any in ["0.0.0.0:7470", "[::]:7470"] {
+            let c: Config = toml::from_str(&GOOD.replace("198.18.0.1:7470", any)).unwrap();
+            assert!(c.problems().iter().any(|l| l.starts_with("listen:") && l.contains("not a specific address")), "{any}: {:?}", c.problems());
+        }
+    }
+
+    #[test]
+    fn two_nodes_on_one_ip_are_refused() {
+        let c: Config = toml::from_str(&format!("{GOOD}\n[[sibling]]\nname = \"c\"\naddress = \"198.18.0.2:7471\"\n")).unwrap();
+        assert!(c.problems().iter().any(|l| l.contains("also b's address")), "{:?}", c.problems());
+        let c: Config = toml::from_str(&GOOD.replace("198.18.0.2:7470", "198.18.0.1:7471")).unwrap();
+        assert!(c.problems().iter().any(|l| l.contains("also a's address")), "{:?}", c.problems());
+    }
+
+    #[test]
+    fn a_service_of_a_family_without_control_address_is_refused() {
+        let v6 = format!("{GOOD}\n[[service]]\naddress = \"[2001:db8::10]:80\"\ndev = \"eth0\"\ncgroup = \"/sys/fs/cgroup/app\"\n");
+        let c: Config = toml::from_str(&v6).unwrap();
+        assert!(c.problems().iter().any(|l| l.contains("no IPv6 control address")), "{:?}", c.problems());
+        let c: Config = toml::from_str(&v6.replace("listen = ", "dual_stack_address = \"2001:db8::1\"\nlisten = ")).unwrap();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.control_address("2001:db8::5".parse().unwrap()), Some("2001:db8::1".parse().unwrap()));
+        let c: Config = toml::from_str(&v6.replace("listen = ", "dual_stack_address = \"198.18.0.9\"\nlisten = ")).unwrap();
+        assert!(c.problems().iter().any(|l| l.starts_with("dual_stack_address")), "{:?}", c.problems());
+    }
+
+    #[test]
+    fn a_volunteer_adopts_only_what_is_the_origins_to_give() {
+        let mut c: Config = toml::from_str(&format!("{GOOD}\n[[sibling]]\nname = \"c\"\naddress = \"198.18.0.3:7470\"\n")).unwrap();
+        let b = c.siblings[0].clone();
+        let ok = |c: &Config, b: &Sibling, a: &str| c.check_adoptable(b, a.parse().unwrap());
+        assert!(ok(&c, &b, "198.18.0.20:80").is_ok());
+        assert!(ok(&c, &b, "198.18.0.1:80").unwrap_err().contains("own control address"));
+        assert!(ok(&c, &b, "198.18.0.10:80").unwrap_err().contains("own service"));
+        assert!(ok(&c, &b, "198.18.0.3:80").unwrap_err().contains("sibling c"));
+        assert!(ok(&c, &b, "198.18.0.2:80").unwrap_err().contains("sibling b"));
+        assert!(ok(&c, &b, "0.0.0.0:80").is_err());
+        assert!(ok(&c, &b, "127.0.0.1:80").is_err());
+        c.siblings[0].services = vec!["198.18.0.20:80".parse().unwrap()];
+        let b = c.siblings[0].clone();
+        assert!(ok(&c, &b, "198.18.0.20:80").is_ok());
+        assert!(ok(&c, &b, "198.18.0.21:80").unwrap_err().contains("not one of b's configured services"));
     }
 }

@@ -17,8 +17,13 @@ use rustls::{
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
-/// Version of the sibling protocol; a peer speaking another one is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the sibling protocol; a peer speaking another one is refused. Version 2:
+/// transfers name every tunnel source, long client lists travel in `Clients` chunks, and a
+/// refused peer is told why (`Refused`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Room left in a frame for a message's own fields around a chunk of a list.
+const FRAME_OVERHEAD: usize = 4096;
 
 /// A client moved from an origin to a volunteer, with its connections at the origin.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +41,14 @@ pub struct SessionBlob {
 
 /// Messages between siblings. Requests travel on the requester's own connection, answers come
 /// back on it.
+///
+/// `Hello` stays the first variant with the same fields in every version, so that a peer of
+/// any version can read the hello it is refused with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
-    /// First frame on every connection, both ways.
+    /// First frame on every connection, both ways. A node that refuses a peer for its
+    /// protocol version answers with its own hello (so the peer can say which versions
+    /// differ), then closes.
     Hello { version: u32, node: String },
     /// Periodic, both ways: the sender's load.
     Heartbeat { load: u64, high: u64, low: u64 },
@@ -51,9 +61,12 @@ pub enum Msg {
     /// Session blobs of clients about to be transferred (several frames may precede the
     /// `Transfer` of the same id).
     Sessions { id: u64, sessions: Vec<SessionBlob> },
-    /// The origin hands clients over: the volunteer serves `services` (the origin's service
-    /// addresses) and accepts tunnels from `tunnel_src` before it acknowledges.
-    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: IpAddr, clients: Vec<MovedClient> },
+    /// The origin hands clients over (these and those of the `Clients` chunks before it): the
+    /// volunteer serves `services` (the origin's service addresses) and accepts tunnels from
+    /// the origin's control addresses before it acknowledges. `tunnel_src` are the origin's
+    /// tunnel sources; the volunteer refuses them unless they are the ones it has configured
+    /// for that sibling.
+    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, clients: Vec<MovedClient> },
     /// The volunteer is ready: the origin may steer.
     TransferAck { id: u64 },
     /// The origin steered the transferred clients: the volunteer's imported sessions are
@@ -61,8 +74,44 @@ pub enum Msg {
     Commit { id: u64 },
     /// Something failed before the acknowledgement: nothing is steered.
     Abort { id: u64, reason: String },
-    /// The origin took clients back.
+    /// The origin took clients back (drained or removed their rules).
     Release { clients: Vec<IpAddr> },
+    /// Part of the clients of the `Transfer` with the same id, sent before it when they do not
+    /// fit in one frame.
+    Clients { id: u64, clients: Vec<MovedClient> },
+    /// The connection is refused (sent instead of a hello, then the connection closes).
+    Refused { reason: String },
+}
+
+/// `items` in chunks whose encoding, with `overhead` bytes of other fields, stays under
+/// `max_frame`; every item encodes in at most `item_max` bytes.
+fn chunks<T>(items: Vec<T>, max_frame: usize, overhead: usize, item_max: usize) -> Vec<Vec<T>> {
+    let per = (max_frame.saturating_sub(overhead.saturating_add(FRAME_OVERHEAD)) / item_max).max(1);
+    let mut out = Vec::with_capacity(items.len() / per + 1);
+    let mut it = items.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(it.by_ref().take(per).collect());
+    }
+    out
+}
+
+/// Moved clients in chunks that fit in frames of `max_frame` bytes next to `services` (the
+/// last chunk travels in the `Transfer` itself, the others in `Clients` before it). Never
+/// empty: a transfer of nobody is one empty chunk.
+#[must_use]
+pub fn client_chunks(clients: Vec<MovedClient>, services: &[SocketAddr], max_frame: usize) -> Vec<Vec<MovedClient>> {
+    // An address: a tag and 16 bytes at most; a u64: 10 bytes at most.
+    let mut c = chunks(clients, max_frame, services.len() * 24, 28);
+    if c.is_empty() {
+        c.push(Vec::new());
+    }
+    c
+}
+
+/// Addresses in chunks that fit in `Release` frames of `max_frame` bytes.
+#[must_use]
+pub fn addr_chunks(addrs: Vec<IpAddr>, max_frame: usize) -> Vec<Vec<IpAddr>> {
+    chunks(addrs, max_frame, 0, 18)
 }
 
 impl Msg {
@@ -191,9 +240,7 @@ pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
 /// `redirector tls node NAME`: a certificate for node NAME signed by the CA in DIR
 /// (`NAME.pem`, `NAME.key`).
 pub fn make_node(dir: &Path, name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        bail!("bad node name {name:?}: use letters, digits and '-'");
-    }
+    crate::config::check_name(name).map_err(|e| anyhow!("bad node name: {e}"))?;
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("reading {}/ca.pem (make one with `redirector tls ca`)", dir.display()))?;
     let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}/ca.key", dir.display()))?)
         .context("parsing the CA key")?;
@@ -237,10 +284,15 @@ mod tests {
                 Msg::Transfer {
                     id,
                     services: vec![SocketAddr::new(tunnel_src, 80)],
-                    tunnel_src,
+                    tunnel_src: vec![tunnel_src],
                     clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
                 }
             }),
+            (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, c)| Msg::Clients {
+                id,
+                clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
+            }),
+            ".{0,40}".prop_map(|reason| Msg::Refused { reason }),
             any::<u64>().prop_map(|id| Msg::TransferAck { id }),
             any::<u64>().prop_map(|id| Msg::Commit { id }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Abort { id, reason }),
@@ -291,6 +343,38 @@ mod tests {
         assert!(e.to_string().contains("version 99"), "{e}");
         assert!(check_hello(&ok, "c").is_err());
         assert!(check_hello(&Msg::TransferAck { id: 1 }, "b").is_err());
+    }
+
+    /// A hello keeps its encoding across versions: a peer of another version reads it.
+    #[test]
+    fn a_hello_is_variant_zero() {
+        let b = Msg::Hello { version: 7, node: "b".into() }.encode();
+        assert_eq!(b, [0, 7, 1, b'b']);
+    }
+
+    /// Long lists travel in chunks that each fit in a frame: 60,000 IPv6 clients with the
+    /// largest connection counts, and as many addresses to release.
+    #[test]
+    fn long_lists_are_chunked_under_the_frame_limit() {
+        let v6 = |i: u32| IpAddr::from(std::net::Ipv6Addr::from(u128::MAX - u128::from(i)));
+        let clients: Vec<MovedClient> = (0..60_000).map(|i| MovedClient { addr: v6(i), connections: u64::MAX }).collect();
+        let services: Vec<SocketAddr> = (0..100).map(|i| SocketAddr::new(v6(i), 65535)).collect();
+        for max_frame in [8192, 1 << 20] {
+            let chunks = client_chunks(clients.clone(), &services, max_frame);
+            assert!(chunks.len() > 1, "{max_frame}: one frame would not do");
+            assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), clients.len(), "nobody lost");
+            for c in &chunks {
+                let last = Msg::Transfer { id: u64::MAX, services: services.clone(), tunnel_src: vec![v6(0), v6(1)], clients: c.clone() };
+                assert!(last.encode().len() <= max_frame, "{max_frame}: a transfer of {} clients is {} bytes", c.len(), last.encode().len());
+                let part = Msg::Clients { id: u64::MAX, clients: c.clone() };
+                assert!(part.encode().len() <= max_frame);
+            }
+            let addrs: Vec<IpAddr> = (0..60_000).map(v6).collect();
+            for c in addr_chunks(addrs, max_frame) {
+                assert!(Msg::Release { clients: c }.encode().len() <= max_frame);
+            }
+        }
+        assert_eq!(client_chunks(Vec::new(), &services, 8192), vec![Vec::new()], "a transfer of nobody is one frame");
     }
 
     #[test]

@@ -3,17 +3,22 @@
 //! its connections), cluster certificates, and `redirector agent` processes with their configs.
 
 use std::{
+    collections::HashMap,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use crate::{
-    Host, Topology,
-    net::{redirector_bin, sh},
+    Client, Host, Topology,
+    net::{client4, redirector_bin, sh},
 };
 
 /// A process killed (SIGKILL) and reaped when dropped.
@@ -124,7 +129,8 @@ fn spawn_app(host: &Host, cgroup: &Path, cmd: &[std::ffi::OsString], log: PathBu
 #[must_use]
 pub fn start_app(host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, logs: &Path) -> Proc {
     let cmd = [sibling_bin("redirector-test-app").into_os_string(), name.into(), addr.to_string().into()];
-    spawn_app(host, cgroup, &cmd, logs.join(format!("app-{name}-{}.log", addr.port())))
+    let family = if addr.is_ipv4() { "" } else { "-v6" };
+    spawn_app(host, cgroup, &cmd, logs.join(format!("app-{name}-{}{family}.log", addr.port())))
 }
 
 /// Which demo application a cluster runs.
@@ -165,6 +171,8 @@ pub struct NodeSpec<'a> {
     pub name: &'a str,
     pub host: &'a Host,
     pub service: SocketAddr,
+    /// An IPv6 service too (dual stack, with the host's IPv6 control address).
+    pub service6: Option<SocketAddr>,
     pub cgroup: PathBuf,
     pub high: u64,
     pub low: u64,
@@ -175,7 +183,7 @@ pub struct NodeSpec<'a> {
 pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeSpec<'_>], extra: &str) -> PathBuf {
     let tls = dir.join("tls");
     let mut s = format!(
-        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\nheartbeat_ms = 200\nliveness_ms = 1500\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\nheartbeat_ms = 200\nliveness_ms = 1500\n{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         me.name,
         me.host.v4[0],
         me.host.ns,
@@ -185,14 +193,20 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         dir.join(format!("{}-app.sock", me.name)).display(),
         me.high,
         me.low,
+        me.service6.map(|_| format!("dual_stack_address = \"{}\"\n", me.host.v6[0])).unwrap_or_default(),
         tls.join("ca.pem").display(),
         tls.join(format!("{}.pem", me.name)).display(),
         tls.join(format!("{}.key", me.name)).display(),
     );
     for n in nodes.iter().filter(|n| n.name != me.name) {
         s.push_str(&format!("[[sibling]]\nname = \"{}\"\naddress = \"{}:7470\"\n", n.name, n.host.v4[0]));
+        if n.service6.is_some() {
+            s.push_str(&format!("dual_stack_address = \"{}\"\n", n.host.v6[0]));
+        }
     }
-    s.push_str(&format!("[[service]]\naddress = \"{}\"\ndev = \"eth0\"\ncgroup = \"{}\"\n", me.service, me.cgroup.display()));
+    for svc in std::iter::once(me.service).chain(me.service6) {
+        s.push_str(&format!("[[service]]\naddress = \"{svc}\"\ndev = \"eth0\"\ncgroup = \"{}\"\n", me.cgroup.display()));
+    }
     let path = dir.join(format!("{}.toml", me.name));
     fs::write(&path, s).expect("write agent config");
     path
@@ -243,6 +257,19 @@ pub fn wait_status(sock: &Path, secs: u64, what: &str, mut cond: impl FnMut(&ser
     }
 }
 
+/// The IPv6 service of node `name` in a dual-stack cluster: A's is [`crate::net::SERVICE6`],
+/// B's and C's are `2001:db8::20` and `2001:db8::30` (port 80).
+#[must_use]
+pub fn service6(name: &str) -> SocketAddr {
+    let last = match name {
+        "a" => return SocketAddr::new(std::net::IpAddr::V6(crate::net::SERVICE6), 80),
+        "b" => 0x20,
+        "c" => 0x30,
+        other => panic!("no IPv6 service for node {other}"),
+    };
+    SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)), 80)
+}
+
 /// Which host, service and application name each node uses.
 fn node_host<'a>(t: &'a Topology, name: &str) -> (&'a Host, SocketAddr, &'static str) {
     use crate::net::{SERVICE4, SERVICE4_B, SERVICE4_C};
@@ -288,7 +315,19 @@ impl Cluster {
         Self::build(clients, nodes, None, extra)
     }
 
+    /// Like [`Cluster::new`], dual stack: every node ("a", "b", "c") also serves an IPv6
+    /// service ([`service6`]) with its own application, and has its IPv6 control address as
+    /// `dual_stack_address`.
+    #[must_use]
+    pub fn dual_stack(clients: u16, nodes: &[(&str, u64, u64)]) -> Self {
+        Self::build_with(clients, nodes, None, "", true)
+    }
+
     fn build(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>, extra: &str) -> Self {
+        Self::build_with(clients, nodes, demo, extra, false)
+    }
+
+    fn build_with(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>, extra: &str, dual: bool) -> Self {
         let extra_servers = nodes.iter().filter(|n| n.0.starts_with('s')).count();
         let t = Topology::with_servers(clients, u8::try_from(extra_servers).expect("at most 255 extra servers"));
         let cgroups = Cgroups::new(&t.prefix);
@@ -308,7 +347,16 @@ impl Cluster {
                 } else {
                     apps.push(start_app(host, &cgroup, app, service, &dir));
                 }
-                NodeSpec { name, host, service, cgroup, high: *high, low: *low }
+                let service6 = dual.then(|| service6(name));
+                if let Some(s6) = service6 {
+                    if let IpAddr::V6(a) = s6.ip()
+                        && !host.v6.contains(&a)
+                    {
+                        host.ip(&["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"]);
+                    }
+                    apps.push(start_app(host, &cgroup, app, s6, &dir));
+                }
+                NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low }
             })
             .collect();
         let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();
@@ -381,4 +429,106 @@ impl Drop for Cluster {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Opens one connection per client in `range` (client addresses `client4(i)`) to `dst`;
+/// returns them with who served each.
+#[must_use]
+pub fn open(c: &Cluster, range: std::ops::RangeInclusive<u16>, dst: SocketAddr) -> Vec<(u16, Client, String)> {
+    range
+        .map(|i| {
+            let mut cl = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), dst);
+            let who = cl.who();
+            assert_eq!(cl.peer(), dst, "the client always talks to the address it chose");
+            (i, cl, who)
+        })
+        .collect()
+}
+
+/// How many of `conns` each server served.
+#[must_use]
+pub fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for (_, _, w) in conns {
+        *m.entry(w.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// (client, to) of every client a status lists as moved out.
+#[must_use]
+pub fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["migrated_out"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+/// Clients a status lists as adopted.
+#[must_use]
+pub fn adopted(v: &serde_json::Value) -> Vec<String> {
+    v["adopted"].as_array().into_iter().flatten().map(|m| m["client"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// Waits up to `secs` for `node`'s agent log to contain `needle`.
+pub fn wait_log(c: &Cluster, node: &str, needle: &str, secs: u64) {
+    let start = Instant::now();
+    while !c.log(node).contains(needle) {
+        assert!(start.elapsed() < Duration::from_secs(secs), "{node}'s log never said {needle:?}:\n{}", c.log(node));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Samples the status of some agents every 50 ms on a thread until stopped: the highest load
+/// each reported, and every status seen (to check invariants over time, not one snapshot).
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<HashMap<String, Vec<serde_json::Value>>>>,
+}
+
+impl Sampler {
+    /// Starts sampling the agents `nodes` of cluster `c`.
+    #[must_use]
+    pub fn start(c: &Cluster, nodes: &[&str]) -> Self {
+        let socks: Vec<(String, PathBuf)> = nodes.iter().map(|n| ((*n).to_string(), c.sock(n))).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+            while !s.load(Ordering::Relaxed) {
+                for (n, sock) in &socks {
+                    if let Ok(v) = redirector::admin::query(sock) {
+                        seen.entry(n.clone()).or_default().push(v);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops sampling; every status seen, per node.
+    #[must_use]
+    pub fn stop(mut self) -> HashMap<String, Vec<serde_json::Value>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().expect("running").join().expect("sampler thread")
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The highest `load` among `samples`, and how many there were.
+#[must_use]
+pub fn max_load(samples: &[serde_json::Value]) -> (u64, usize) {
+    (samples.iter().filter_map(|v| v["load"].as_u64()).max().unwrap_or(0), samples.len())
 }

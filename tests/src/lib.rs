@@ -9,6 +9,7 @@ pub mod app;
 pub mod http;
 pub mod net;
 pub mod packets;
+pub mod peer;
 
 pub use app::{Client, Server};
 pub use net::{Host, Topology, in_netns};

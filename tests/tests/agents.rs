@@ -2,17 +2,19 @@
 //! from a client namespace with many client addresses.
 
 use std::{
-    collections::HashMap,
-    io::{Read as _, Write as _},
+    collections::{BTreeSet, HashMap},
+    io::Write as _,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
     time::Duration,
 };
 
+use redirector::peer::{MovedClient, Msg, PROTOCOL_VERSION};
+use redirector_tests::peer::{TlsStream, connect_as, hello, read_msg, send, send_frame, tls_connect};
+
 use redirector_tests::{
     Client,
-    agents::{Cluster, wait_status},
-    net::{SERVICE4, SERVICE4_C, client4, in_netns},
+    agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
+    net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4, client6},
     require_root,
 };
 
@@ -20,33 +22,8 @@ fn svc(ip: std::net::Ipv4Addr) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), 80)
 }
 
-/// Opens one connection per client in `range` to `dst`; returns them with who served each.
-fn open(c: &Cluster, range: std::ops::RangeInclusive<u16>, dst: SocketAddr) -> Vec<(u16, Client, String)> {
-    range
-        .map(|i| {
-            let mut cl = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), dst);
-            let who = cl.who();
-            assert_eq!(cl.peer(), dst, "the client always talks to the address it chose");
-            (i, cl, who)
-        })
-        .collect()
-}
-
-fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for (_, _, w) in conns {
-        *m.entry(w.clone()).or_insert(0) += 1;
-    }
-    m
-}
-
-fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
-    v["migrated_out"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string()))
-        .collect()
+fn adopted_by(v: &serde_json::Value) -> BTreeSet<String> {
+    redirector_tests::agents::adopted(v).into_iter().collect()
 }
 
 #[test]
@@ -54,8 +31,17 @@ fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(50, &[("a", 30, 20), ("b", 15, 10), ("c", 15, 10)]);
-    // 45 clients with one connection each drive A over its high watermark (30).
+    let c = Cluster::new(60, &[("a", 30, 20), ("b", 20, 10), ("c", 20, 10)]);
+    // B and C have clients of their own: their load counts against what they can offer, and
+    // those clients must not notice anything.
+    let b_own = open(&c, 46..=50, svc(SERVICE4_B));
+    let c_own = open(&c, 51..=55, svc(SERVICE4_C));
+    for n in ["b", "c"] {
+        wait_status(&c.sock(n), 10, &format!("{n}'s own load counted"), |v| v["load"] == 5);
+    }
+    let sampler = Sampler::start(&c, &["a", "b", "c"]);
+    // 45 clients with one connection each drive A over its high watermark (30); B and C have
+    // room for 15 each.
     let conns = open(&c, 1..=45, svc(SERVICE4));
     assert_eq!(served_by(&conns).get("A"), Some(&45), "before shedding A serves everyone");
     let a = wait_status(&c.sock("a"), 30, "A to move clients under its low watermark", |v| migrated(v).len() >= 25);
@@ -63,7 +49,7 @@ fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
     let to_b = moved.iter().filter(|m| m.1 == "b").count();
     let to_c = moved.iter().filter(|m| m.1 == "c").count();
     assert!(to_b > 0 && to_c > 0, "A split its clients over both volunteers: b {to_b}, c {to_c}");
-    assert!(to_b <= 15 && to_c <= 15, "no volunteer got more than its high watermark: b {to_b}, c {to_c}");
+    assert!(to_b <= 15 && to_c <= 15, "no volunteer got more than its room: b {to_b}, c {to_c}");
     // The clients reconnect (as a browser would): moved ones reach their volunteer.
     let where_moved: HashMap<String, String> = moved.into_iter().collect();
     drop(conns);
@@ -74,13 +60,33 @@ fn an_overloaded_server_sheds_clients_to_its_siblings_by_itself() {
         assert_eq!(*who, expected, "client {} is served by {expected}", client4(*i));
     }
     wait_status(&c.sock("a"), 20, "A's load under its low watermark", |v| v["load"].as_u64().is_some_and(|l| l <= 20));
-    for n in ["b", "c"] {
-        let v = c.status(n);
-        let load = v["load"].as_u64().unwrap_or(u64::MAX);
-        assert!(load <= 15, "{n} stays at or under its high watermark: load {load}");
-        assert!(!v["adopted"].as_array().is_none_or(Vec::is_empty), "{n} lists the clients it adopted: {v}");
+    // B's and C's own clients were not affected: same connections, new ones, same servers.
+    for (own, name) in [(b_own, "B"), (c_own, "C")] {
+        for (i, mut cl, _) in own {
+            assert_eq!(cl.who(), name, "{}'s open connection to {name} still works", client4(i));
+            let mut again = Client::connect(&c.t.client.ns, IpAddr::V4(client4(i)), cl.peer());
+            assert_eq!(again.who(), name, "{}'s new connection is still served by {name}", client4(i));
+        }
     }
-    assert!(c.log("a").contains("client moved"), "one log line per decision");
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.stop();
+    for n in ["b", "c"] {
+        let (max, count) = max_load(&samples[n]);
+        assert!(count > 10 && max <= 20, "{n} never exceeded its high watermark (20): max {max} in {count} samples");
+        for v in &samples[n] {
+            let committed = v["load"].as_u64().unwrap_or(0) + v["promised"].as_u64().unwrap_or(0);
+            assert!(committed <= 20, "{n} never promised past its high watermark: {v}");
+            assert!(migrated(v).is_empty(), "{n} never shed (it stayed under its high watermark): {v}");
+        }
+        let v = c.status(n);
+        let expected: BTreeSet<String> = where_moved.iter().filter(|(_, to)| *to == n).map(|(cl, _)| cl.clone()).collect();
+        assert_eq!(adopted_by(&v), expected, "{n} lists exactly the clients it adopted");
+    }
+    let (a_log, b_log) = (c.log("a"), c.log("b"));
+    for line in ["over the high watermark: asking siblings for help", "picked the largest clients to move", "offer taken", "hand-over committed", "client moved"] {
+        assert!(a_log.contains(line), "A's log says {line:?}:\n{a_log}");
+    }
+    assert!(b_log.contains("offering help") && b_log.contains("adopted clients"), "B's log says why it helped:\n{b_log}");
 }
 
 #[test]
@@ -89,25 +95,79 @@ fn two_overloaded_servers_cannot_overbook_one_volunteer() {
         return;
     }
     let c = Cluster::new(70, &[("a", 20, 10), ("b", 20, 10), ("c", 20, 10)]);
-    // A and C both go over 20 at once; only B has room, for 20 connections in all.
-    let a_conns = open(&c, 1..=30, svc(SERVICE4));
-    let c_conns = open(&c, 31..=60, svc(SERVICE4_C));
-    wait_status(&c.sock("a"), 30, "some shedding to happen", |_| {
-        let to_b = |n: &str| migrated(&c.status(n)).iter().filter(|m| m.1 == "b").count();
-        to_b("a") + to_b("c") > 0
+    let sampler = Sampler::start(&c, &["b"]);
+    // A and C cross their high watermark at the same moment (their clients connect in
+    // parallel); only B has room, for 20 connections in all, and both ask it.
+    let (a_conns, c_conns) = std::thread::scope(|s| {
+        let a = s.spawn(|| open(&c, 1..=30, svc(SERVICE4)));
+        let cc = s.spawn(|| open(&c, 31..=60, svc(SERVICE4_C)));
+        (a.join().expect("A's clients"), cc.join().expect("C's clients"))
     });
+    wait_status(&c.sock("b"), 30, "B to adopt clients", |v| !redirector_tests::agents::adopted(v).is_empty());
     // Give both origins time to ask again and again.
     std::thread::sleep(Duration::from_secs(3));
+    let b_log = c.log("b");
+    assert!(
+        b_log.lines().any(|l| l.contains("origin=a") && (l.contains("offering") || l.contains("declining")))
+            && b_log.lines().any(|l| l.contains("origin=c") && (l.contains("offering") || l.contains("declining"))),
+        "both origins asked B:\n{b_log}"
+    );
     let to_b = |n: &str| migrated(&c.status(n)).iter().filter(|m| m.1 == "b").count();
     let total = to_b("a") + to_b("c");
     assert!(total <= 20, "B was promised at most its room of 20 connections, got {total} clients (a {}, c {})", to_b("a"), to_b("c"));
+    // Everyone reconnects: the moved clients land on B.
     drop(a_conns);
     drop(c_conns);
     std::thread::sleep(Duration::from_millis(300));
-    let _a = open(&c, 1..=30, svc(SERVICE4));
-    let _c = open(&c, 31..=60, svc(SERVICE4_C));
-    let b = wait_status(&c.sock("b"), 10, "B's load to be counted", |v| v["load"].as_u64().is_some_and(|l| l > 0));
-    assert!(b["load"].as_u64().unwrap_or(u64::MAX) <= 20, "B never exceeds its high watermark: {}", b["load"]);
+    let a2 = open(&c, 1..=30, svc(SERVICE4));
+    let c2 = open(&c, 31..=60, svc(SERVICE4_C));
+    let on_b = served_by(&a2).get("B").copied().unwrap_or(0) + served_by(&c2).get("B").copied().unwrap_or(0);
+    assert_eq!(on_b, total, "every client moved to B reconnected to B");
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.stop();
+    let samples = &samples["b"];
+    let (max, n) = max_load(samples);
+    assert!(n > 20 && max <= 20, "B's load never exceeded its high watermark (20), during and after the moves: max {max} in {n} samples");
+    for v in samples {
+        let adopted = redirector_tests::agents::adopted(v).len();
+        let committed = v["load"].as_u64().unwrap_or(0) + v["promised"].as_u64().unwrap_or(0);
+        assert!(adopted <= 20 && committed <= 20, "B never took more than its room: {adopted} adopted, load + promised {committed}: {v}");
+    }
+}
+
+#[test]
+fn dual_stack_clients_move_over_the_control_addresses_of_their_own_family() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::dual_stack(40, &[("a", 20, 10), ("b", 100, 80)]);
+    let svc6 = redirector_tests::agents::service6("a");
+    // 15 IPv4 and 15 IPv6 clients of A with one connection each: A sheds 20, of both
+    // families (the IPv4 ones sort first), to B in one hand-over.
+    let v4 = open(&c, 1..=15, svc(SERVICE4));
+    let v6: Vec<(u16, Client)> = (1..=15).map(|i| (i, Client::connect(&c.t.client.ns, IpAddr::V6(client6(i)), svc6))).collect();
+    let a = wait_status(&c.sock("a"), 30, "A to move 20 clients", |v| migrated(v).len() >= 20);
+    let moved: BTreeSet<String> = migrated(&a).into_iter().map(|m| m.0).collect();
+    assert!(moved.iter().any(|m| m.contains(':')) && moved.iter().any(|m| m.contains('.')), "clients of both families moved: {moved:?}");
+    // B accepts A's tunnels from both of A's control addresses and serves both services.
+    let siblings = c.t.redirector_ok(&c.t.b, &["sibling", "list", "--json"]);
+    for a_ctl in [c.t.a.v4[0].to_string(), c.t.a.v6[0].to_string()] {
+        assert!(siblings.contains(&a_ctl), "B accepts tunnels from {a_ctl}: {siblings}");
+    }
+    let adopted = c.t.redirector_ok(&c.t.b, &["adopt", "list", "--json"]);
+    assert!(adopted.contains("198.18.0.10:80") && adopted.contains("[2001:db8::10]:80"), "B serves both of A's services: {adopted}");
+    // The clients reconnect: each moved one, of either family, is served by B.
+    drop(v4);
+    drop(v6);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 1..=15 {
+        for (addr, dst) in [(IpAddr::V4(client4(i)), svc(SERVICE4)), (IpAddr::V6(client6(i)), svc6)] {
+            let mut cl = Client::connect(&c.t.client.ns, addr, dst);
+            let expected = if moved.contains(&addr.to_string()) { "B" } else { "A" };
+            assert_eq!(cl.who(), expected, "{addr} is served by {expected}");
+            assert_eq!(cl.peer(), dst, "and still talks to A's address");
+        }
+    }
 }
 
 #[test]
@@ -137,67 +197,126 @@ fn clients_of_a_dead_volunteer_come_home() {
     assert!(c.log("a").contains("liveness"), "the decision is logged");
 }
 
-/// A TLS client connection to `addr` from the client namespace with the given certificate.
-fn tls_connect(c: &Cluster, tls_dir: &std::path::Path, cert: &str, server_name: &str, addr: SocketAddr) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    let tls = redirector::peer::Tls::load(&tls_dir.join("ca.pem"), &tls_dir.join(format!("{cert}.pem")), &tls_dir.join(format!("{cert}.key"))).expect("load test certificates");
-    let tcp = in_netns(&c.t.client.ns, move || std::net::TcpStream::connect(addr))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let conn = rustls::ClientConnection::new(Arc::clone(&tls.client), server_name.to_string().try_into().expect("name")).map_err(std::io::Error::other)?;
-    Ok(rustls::StreamOwned::new(conn, tcp))
-}
-
-fn send_frame(s: &mut impl std::io::Write, body: &[u8]) -> std::io::Result<()> {
-    s.write_all(&u32::try_from(body.len()).expect("small").to_be_bytes())?;
-    s.write_all(body)?;
-    s.flush()
-}
-
-fn wait_log(c: &Cluster, node: &str, needle: &str) {
-    let start = std::time::Instant::now();
-    while !c.log(node).contains(needle) {
-        assert!(start.elapsed() < Duration::from_secs(5), "{node}'s log never said {needle:?}:\n{}", c.log(node));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
-fn strangers_are_refused_and_bad_frames_only_close_their_connection() {
+fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connection() {
     if !require_root() {
         return;
     }
     let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
     let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
-    // A certificate named "b" but from another CA: refused during the handshake.
+    let (tls, ca) = (c.dir.join("tls"), c.dir.join("tls/ca.pem"));
+    // A client that trusts the cluster CA (so it accepts A's certificate) but presents a
+    // certificate named "b" from another CA: A's verification of client certificates is
+    // what refuses it, and it can make nothing happen.
     let evil = c.dir.join("evil");
     redirector_tests::agents::make_certs(&evil, &["b"]);
-    let mut s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    drop(s);
-    let mut bad = tls_connect(&c, &evil, "b", "a", a_addr).expect("tcp connect");
-    let _ = send_frame(&mut bad, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode());
-    let mut buf = [0u8; 16];
-    assert!(!matches!(bad.read(&mut buf), Ok(n) if n > 0), "a peer with another CA's certificate gets nothing");
-    wait_log(&c, "a", "TLS handshake refused");
-    // A certificate from the cluster CA for a name that is not a sibling: refused.
-    redirector::peer::make_node(&c.dir.join("tls"), "mallory").expect("mallory cert");
-    let mut m = tls_connect(&c, &c.dir.join("tls"), "mallory", "a", a_addr).expect("connect");
-    let _ = send_frame(&mut m, &redirector::peer::Msg::Hello { version: 1, node: "mallory".into() }.encode());
-    wait_log(&c, "a", "not for a configured sibling");
-    // The right certificate, but another protocol version: refused with a clear message.
-    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 99, node: "b".into() }.encode()).expect("send hello");
-    wait_log(&c, "a", "protocol version 99");
+    let mut bad = tls_connect(&c.t.client.ns, &ca, &evil.join("b"), "a", a_addr);
+    // Reading drives the handshake: the client accepts A and sends its certificate; the
+    // answer is A's alert.
+    let e = read_msg(&mut bad).expect_err("a peer with another CA's certificate gets no answer");
+    assert!(
+        e.to_string().contains("alert") && !e.to_string().contains("invalid peer certificate"),
+        "the server refused the client's certificate (not the client the server's): {e}"
+    );
+    wait_log(&c, "a", "TLS handshake refused", 5);
+    let client_ip = c.t.client.v4[0].to_string();
+    assert!(
+        c.log("a").lines().any(|l| l.contains("TLS handshake refused") && l.contains(&client_ip)),
+        "A logged the refusal with the peer's address {client_ip}:\n{}",
+        c.log("a")
+    );
+    // A certificate from the cluster CA for a name that is not a sibling: refused, with the
+    // reason sent before the connection closes.
+    redirector::peer::make_node(&tls, "mallory").expect("mallory cert");
+    let mut m = tls_connect(&c.t.client.ns, &ca, &tls.join("mallory"), "a", a_addr);
+    send(&mut m, &hello("mallory"));
+    match read_msg(&mut m) {
+        Ok(Msg::Refused { reason }) => assert!(reason.contains("not for a configured sibling"), "{reason}"),
+        other => panic!("mallory should be told why it is refused: {other:?}"),
+    }
+    wait_log(&c, "a", "not for a configured sibling", 5);
+    // The right certificate, but another protocol version: A answers with its own hello (any
+    // version can read it) so the peer can say which versions differ, and logs the reason.
+    let mut s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, &Msg::Hello { version: 99, node: "b".into() });
+    match read_msg(&mut s) {
+        Ok(Msg::Hello { version, node }) => assert_eq!((version, node.as_str()), (PROTOCOL_VERSION, "a"), "A says its version"),
+        other => panic!("a peer of another version should get A's hello: {other:?}"),
+    }
+    assert!(read_msg(&mut s).is_err(), "then the connection closes");
+    wait_log(&c, "a", "protocol version 99", 5);
     // A malformed frame and an oversized frame close only that connection.
-    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
+    s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, &hello("b"));
     send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
-    wait_log(&c, "a", "malformed message");
-    s = tls_connect(&c, &c.dir.join("tls"), "b", "a", a_addr).expect("connect");
-    send_frame(&mut s, &redirector::peer::Msg::Hello { version: 1, node: "b".into() }.encode()).expect("send hello");
+    wait_log(&c, "a", "malformed message", 5);
+    s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, &hello("b"));
     let _ = s.write_all(&(1u32 << 30).to_be_bytes());
     let _ = s.flush();
-    wait_log(&c, "a", "bad frame");
-    // The agent keeps serving everyone else: its status answers and B's link is still up.
+    wait_log(&c, "a", "bad frame", 5);
+    // The agent keeps serving everyone else: its status answers and B's link is still up;
+    // nothing any stranger sent was installed.
     let v = c.status("a");
     assert_eq!(v["siblings"][0]["up"], true, "the real sibling is still connected: {v}");
     assert!(!v["siblings"].to_string().contains("mallory"));
+    assert_eq!(v["adopted"], serde_json::json!([]), "nothing adopted: {v}");
+    let siblings = c.t.redirector_ok(&c.t.a, &["sibling", "list", "--json"]);
+    assert!(siblings.contains("\"siblings\":[]"), "A accepts tunnels from nobody: {siblings}");
+}
+
+/// Asks A for room as "b" on a connection of the test's own, then transfers `services` with
+/// `tunnel_src`; returns A's answer to the transfer.
+fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &str) -> Msg {
+    send(s, &Msg::HelpRequest { id, connections: 1, clients: 1 });
+    match read_msg(s) {
+        Ok(Msg::Offer { .. }) => {}
+        other => panic!("A should offer room: {other:?}"),
+    }
+    send(
+        s,
+        &Msg::Transfer {
+            id,
+            services: services.iter().map(|a| a.parse().expect("service")).collect(),
+            tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
+            clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
+        },
+    );
+    read_msg(s).expect("A answers the transfer")
+}
+
+#[test]
+fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let tls = c.dir.join("tls");
+    // A real sibling's certificate, but forged requests: A checks them against its own
+    // configuration, not against what the message says.
+    let mut s = connect_as(&c.t.client.ns, &tls, "b", "a", a_addr);
+    let cases = [
+        (["198.18.0.1:80"], "198.18.0.2", "own control address"),
+        (["198.18.0.10:80"], "198.18.0.2", "own service addresses"),
+        (["198.18.0.2:80"], "198.18.0.2", "control address of sibling b"),
+        (["198.18.0.20:80"], "198.18.0.99", "not b's control address"),
+    ];
+    for (i, (services, src, why)) in cases.iter().enumerate() {
+        match forged_transfer(&mut s, 100 + i as u64, services, src) {
+            Msg::Abort { reason, .. } => assert!(reason.contains(why), "{services:?} from {src}: refused because {why:?}, said {reason:?}"),
+            other => panic!("{services:?} from {src} must be refused: {other:?}"),
+        }
+    }
+    let adopted = c.t.redirector_ok(&c.t.a, &["adopt", "list", "--json"]);
+    assert!(adopted.contains("\"adopted\":[]"), "A adopted nothing: {adopted}");
+    let siblings = c.t.redirector_ok(&c.t.a, &["sibling", "list", "--json"]);
+    assert!(!siblings.contains("198.18.0.99"), "A accepts no tunnel from an address the message named: {siblings}");
+    assert_eq!(c.status("a")["adopted"], serde_json::json!([]));
+    // The genuine article is accepted: B's own service, from B's control address.
+    match forged_transfer(&mut s, 200, &["198.18.0.20:80"], "198.18.0.2") {
+        Msg::TransferAck { .. } => {}
+        other => panic!("a transfer A's configuration confirms is accepted: {other:?}"),
+    }
+    send(&mut s, &Msg::Abort { id: 200, reason: "test over".into() });
 }

@@ -1,0 +1,384 @@
+//! The peer links: accepting siblings and connecting to them (mutual TLS, hello), and sending
+//! requests and answers on them. Every send has a deadline; the sockets have TCP keepalive and
+//! `TCP_USER_TIMEOUT`, so a peer that vanishes without a FIN is noticed within the liveness
+//! timeout; inbound requests are handled concurrently, so heartbeats are always read.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use futures::{SinkExt as _, StreamExt as _};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc, oneshot},
+};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tracing::{debug, info, warn};
+
+use super::{Agent, policy};
+use crate::peer::{self, Msg, PROTOCOL_VERSION};
+
+/// Transfers one inbound connection may have in progress at once (imports run concurrently;
+/// past this, the sibling is told to wait).
+const TRANSFERS_PER_LINK: usize = 4;
+
+/// How long a TLS handshake and the hellos may take.
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// Keepalive probes and `TCP_USER_TIMEOUT` for a peer socket: a peer silent (or not
+/// acknowledging what we sent) for `liveness` is gone.
+fn tune(tcp: &TcpStream, liveness: Duration) -> anyhow::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    tcp.set_nodelay(true).context("TCP_NODELAY")?; // small request/answer frames: no Nagle stalls
+    let secs = u32::try_from(liveness.as_secs()).unwrap_or(u32::MAX).max(1);
+    setsockopt(tcp, sockopt::KeepAlive, &true).context("SO_KEEPALIVE")?;
+    setsockopt(tcp, sockopt::TcpKeepIdle, &secs).context("TCP_KEEPIDLE")?;
+    setsockopt(tcp, sockopt::TcpKeepInterval, &1).context("TCP_KEEPINTVL")?;
+    setsockopt(tcp, sockopt::TcpKeepCount, &3).context("TCP_KEEPCNT")?;
+    let ms = u32::try_from(liveness.as_millis()).unwrap_or(u32::MAX);
+    setsockopt(tcp, sockopt::TcpUserTimeout, &ms).context("TCP_USER_TIMEOUT")?;
+    Ok(())
+}
+
+/// Sends one frame within `deadline`.
+async fn send_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>, msg: &Msg, deadline: Duration) -> anyhow::Result<()> {
+    tokio::time::timeout(deadline, framed.send(msg.frame()))
+        .await
+        .map_err(|_| anyhow!("sending timed out after {} ms (the peer does not read)", deadline.as_millis()))?
+        .context("sending")
+}
+
+/// Why an outbound link ended.
+struct LinkEnd {
+    /// The link was up (hellos exchanged) before it failed.
+    established: bool,
+    error: anyhow::Error,
+}
+
+/// Removes a pending request when its asker stops waiting, however it stops.
+struct PendingGuard<'a> {
+    agent: &'a Agent,
+    key: (String, u64),
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.agent.state().pending.remove(&self.key);
+    }
+}
+
+impl Agent {
+    /// Deadline of every send on a peer link: a peer that does not take a frame for this long
+    /// is as good as dead.
+    pub(super) fn send_deadline(&self) -> Duration {
+        Duration::from_millis(self.cfg.liveness_ms)
+    }
+
+    /// Records that `name` was heard from (any frame, on either connection).
+    pub(super) fn heard(&self, name: &str) {
+        if let Some(s) = self.state().siblings.get_mut(name) {
+            s.last_seen = Some(Instant::now());
+        }
+    }
+
+    pub(super) async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.server.clone());
+        let mut errors = 0u32;
+        loop {
+            let (tcp, peer_addr) = match listener.accept().await {
+                Ok(a) => {
+                    errors = 0;
+                    a
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    errors += 1;
+                    if errors == 1 || errors.is_multiple_of(100) {
+                        warn!("accepting peer connections: {e} ({errors} failure(s) in a row); retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis((100 * u64::from(errors)).min(1000))).await;
+                    continue;
+                }
+            };
+            let (me, acceptor) = (self.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me.serve_inbound(acceptor, tcp).await {
+                    warn!(peer = %peer_addr, "peer connection closed: {e:#}");
+                }
+            });
+        }
+    }
+
+    async fn serve_inbound(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> anyhow::Result<()> {
+        tune(&tcp, Duration::from_millis(self.cfg.liveness_ms))?;
+        let tls = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp))
+            .await
+            .map_err(|_| anyhow!("TLS handshake timed out"))?
+            .context("TLS handshake refused (no certificate from the cluster CA?)")?;
+        let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned().ok_or_else(|| anyhow!("no client certificate"))?;
+        let mut framed = Framed::new(tls, peer::codec(self.cfg.max_frame));
+        let deadline = self.send_deadline();
+        let hello = tokio::time::timeout(HANDSHAKE, next_msg(&mut framed)).await.map_err(|_| anyhow!("no hello in time"))??;
+        let me_hello = Msg::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.clone() };
+        let checked = peer::identity(&cert, self.cfg.siblings.iter().map(|s| s.name.as_str()))
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("refused: the certificate is not for a configured sibling"))
+            .and_then(|name| peer::check_hello(&hello, &name).map(|()| name));
+        let name = match checked {
+            Ok(name) => name,
+            Err(e) => {
+                // Tell the peer why before closing: our hello if versions differ (a peer of
+                // any version reads it and says so), otherwise a refusal with the reason.
+                let answer = match hello {
+                    Msg::Hello { version, .. } if version != PROTOCOL_VERSION => me_hello,
+                    _ => Msg::Refused { reason: format!("{e:#}") },
+                };
+                if send_frame(&mut framed, &answer, deadline).await.is_ok() {
+                    let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
+                }
+                return Err(e);
+            }
+        };
+        send_frame(&mut framed, &me_hello, deadline).await?;
+        self.heard(&name);
+        info!(sibling = %name, "sibling connected");
+        let (mut sink, mut stream) = framed.split();
+        let (reply, mut replies) = mpsc::channel::<Msg>(64);
+        let writer = async move {
+            while let Some(m) = replies.recv().await {
+                tokio::time::timeout(deadline, sink.send(m.frame()))
+                    .await
+                    .map_err(|_| anyhow!("answering timed out after {} ms (the peer does not read)", deadline.as_millis()))??;
+            }
+            Ok::<(), anyhow::Error>(())
+        };
+        let transfers = Arc::new(Semaphore::new(TRANSFERS_PER_LINK));
+        let reader = async {
+            loop {
+                let msg = decode_frame(stream.next().await)?;
+                self.heard(&name);
+                self.clone().handle_request(&name, msg, &reply, &transfers).await?;
+            }
+        };
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+        }
+        .with_context(|| format!("link from {name}"))
+    }
+
+    pub(super) async fn connect_loop(self: Arc<Self>, name: String, addr: SocketAddr) {
+        let connector = tokio_rustls::TlsConnector::from(self.tls.client.clone());
+        let mut backoff = policy::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut failures = 0u32;
+        loop {
+            let end = self.clone().connect_once(&connector, &name, addr).await;
+            {
+                let mut st = self.state();
+                if let Some(s) = st.siblings.get_mut(&name) {
+                    s.out = None;
+                }
+                // Requests waiting for an answer on this link will not get one: fail them now.
+                st.pending.retain(|(n, _), _| *n != name);
+            }
+            if end.established {
+                // A session that was up: start over quickly, and say once that it ended.
+                warn!(sibling = %name, %addr, "link down: {:#}", end.error);
+                backoff.reset();
+                failures = 0;
+            } else {
+                failures += 1;
+                if policy::warn_on_failure(failures) {
+                    warn!(sibling = %name, %addr, failures, "cannot link up: {:#}", end.error);
+                } else {
+                    debug!(sibling = %name, %addr, failures, "cannot link up: {:#}", end.error);
+                }
+            }
+            tokio::time::sleep(backoff.next_wait()).await;
+        }
+    }
+
+    async fn connect_once(self: Arc<Self>, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> LinkEnd {
+        let fail = |error: anyhow::Error| LinkEnd { established: false, error };
+        let tcp = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return fail(anyhow!(e).context(format!("connecting to {addr}"))),
+            Err(_) => return fail(anyhow!("connecting to {addr} timed out")),
+        };
+        if let Err(e) = tune(&tcp, Duration::from_millis(self.cfg.liveness_ms)) {
+            return fail(e);
+        }
+        let Ok(server_name) = rustls::pki_types::ServerName::try_from(name.to_string()) else {
+            return fail(anyhow!("{name:?} cannot be a certificate name"));
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE, connector.connect(server_name, tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return fail(anyhow!(e).context(format!("TLS handshake with {name} at {addr}"))),
+            Err(_) => return fail(anyhow!("TLS handshake with {addr} timed out")),
+        };
+        let mut framed = Framed::new(tls, peer::codec(self.cfg.max_frame));
+        let deadline = self.send_deadline();
+        let hello = async {
+            send_frame(&mut framed, &Msg::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.clone() }, deadline).await?;
+            match tokio::time::timeout(HANDSHAKE, next_msg(&mut framed)).await.map_err(|_| anyhow!("no hello from {name} in time"))?? {
+                Msg::Refused { reason } => bail!("{name} refused this node: {reason}"),
+                m => peer::check_hello(&m, name),
+            }
+        };
+        if let Err(e) = hello.await {
+            return fail(e);
+        }
+        let (tx, mut rx) = mpsc::channel::<Msg>(64);
+        let unreleased = {
+            let mut st = self.state();
+            let s = st.siblings.entry(name.to_string()).or_default();
+            s.out = Some(tx);
+            s.last_seen = Some(Instant::now());
+            std::mem::take(&mut s.unreleased)
+        };
+        info!(sibling = %name, %addr, "link up");
+        let error = self.run_link(name, &mut framed, &mut rx, unreleased).await;
+        LinkEnd { established: true, error }
+    }
+
+    /// An outbound link once up: releases owed from when it was down first, then heartbeats,
+    /// requests and their answers until something fails.
+    async fn run_link<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        name: &str,
+        framed: &mut Framed<T, LengthDelimitedCodec>,
+        rx: &mut mpsc::Receiver<Msg>,
+        unreleased: Vec<IpAddr>,
+    ) -> anyhow::Error {
+        let deadline = self.send_deadline();
+        let n = unreleased.len();
+        for chunk in peer::addr_chunks(unreleased, self.cfg.max_frame) {
+            if let Err(e) = send_frame(framed, &Msg::Release { clients: chunk }, deadline).await {
+                return e;
+            }
+        }
+        if n > 0 {
+            info!(sibling = %name, clients = n, "released the clients taken back while the link was down");
+        }
+        let mut beat = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
+        loop {
+            let r: anyhow::Result<()> = tokio::select! {
+                _ = beat.tick() => {
+                    let load = self.state().load.total;
+                    send_frame(framed, &Msg::Heartbeat { load, high: self.cfg.high_watermark, low: self.cfg.low_watermark }, deadline).await
+                }
+                out = rx.recv() => match out {
+                    Some(m) => send_frame(framed, &m, deadline).await,
+                    None => Err(anyhow!("link closed")),
+                },
+                frame = framed.next() => decode_frame(frame).map(|msg| {
+                    self.heard(name);
+                    self.handle_answer(name, msg);
+                }),
+            };
+            if let Err(e) = r {
+                return e;
+            }
+        }
+    }
+
+    fn handle_answer(&self, name: &str, msg: Msg) {
+        let id = match &msg {
+            Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } => *id,
+            Msg::Heartbeat { load, .. } => {
+                let mut st = self.state();
+                let s = st.siblings.entry(name.to_string()).or_default();
+                s.load = *load;
+                s.last_heartbeat = Some(Instant::now());
+                return;
+            }
+            other => {
+                warn!(sibling = %name, "unexpected answer {other:?}");
+                return;
+            }
+        };
+        if let Some(tx) = self.state().pending.remove(&(name.to_string(), id)) {
+            let _ = tx.send(msg);
+        }
+    }
+
+    /// Sends a request to `name` and waits for its answer, all within `timeout` (queueing the
+    /// request included).
+    pub(super) async fn ask(&self, name: &str, msg: Msg, id: u64, timeout: Duration) -> anyhow::Result<Msg> {
+        let (tx, rx) = oneshot::channel();
+        let key = (name.to_string(), id);
+        let out = {
+            let mut st = self.state();
+            st.pending.insert(key.clone(), tx);
+            st.siblings.get(name).and_then(|s| s.out.clone())
+        };
+        let _guard = PendingGuard { agent: self, key };
+        let out = out.ok_or_else(|| anyhow!("no link to {name}"))?;
+        tokio::time::timeout(timeout, async {
+            out.send(msg).await.map_err(|_| anyhow!("link to {name} closed"))?;
+            rx.await.map_err(|_| anyhow!("link to {name} closed"))
+        })
+        .await
+        .map_err(|_| anyhow!("{name} did not answer within {} ms", timeout.as_millis()))?
+    }
+
+    /// Queues `msg` for `name` on its link, within the send deadline.
+    pub(super) async fn send_to(&self, name: &str, msg: Msg) -> anyhow::Result<()> {
+        let out = self.state().siblings.get(name).and_then(|s| s.out.clone()).ok_or_else(|| anyhow!("no link to {name}"))?;
+        out.send_timeout(msg, self.send_deadline()).await.map_err(|e| match e {
+            mpsc::error::SendTimeoutError::Timeout(_) => anyhow!("the link to {name} is stuck"),
+            mpsc::error::SendTimeoutError::Closed(_) => anyhow!("link to {name} closed"),
+        })
+    }
+
+    /// Tells `name` the outcome of hand-over `handoff` (`Commit` or `Abort`); a loss is logged,
+    /// and the volunteer settles the transfer by itself after `handoff_expiry_ms`.
+    pub(super) async fn tell(&self, name: &str, handoff: &str, msg: Msg) {
+        let what = match &msg {
+            Msg::Commit { .. } => "Commit",
+            Msg::Abort { .. } => "Abort",
+            _ => "message",
+        };
+        if let Err(e) = self.send_to(name, msg).await {
+            warn!(sibling = %name, handoff, "{what} not delivered: {e:#}; the volunteer settles the hand-over by itself after {} ms", self.cfg.handoff_expiry_ms);
+        }
+    }
+
+    /// Tells `name` that this node took `clients` back (in frames under the limit); while the
+    /// link is down, they are released when it is up again.
+    pub(super) async fn release(&self, name: &str, clients: Vec<IpAddr>) {
+        if clients.is_empty() {
+            return;
+        }
+        let mut undelivered = Vec::new();
+        for chunk in peer::addr_chunks(clients, self.cfg.max_frame) {
+            if !undelivered.is_empty() || self.send_to(name, Msg::Release { clients: chunk.clone() }).await.is_err() {
+                undelivered.extend(chunk);
+            }
+        }
+        if !undelivered.is_empty() {
+            debug!(sibling = %name, clients = undelivered.len(), "release deferred until the link is up");
+            if let Some(s) = self.state().siblings.get_mut(name) {
+                s.unreleased.extend(undelivered);
+                s.unreleased.sort_unstable();
+                s.unreleased.dedup();
+            }
+        }
+    }
+}
+
+pub(super) async fn next_msg<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>) -> anyhow::Result<Msg> {
+    decode_frame(framed.next().await)
+}
+
+pub(super) fn decode_frame(frame: Option<Result<bytes::BytesMut, std::io::Error>>) -> anyhow::Result<Msg> {
+    match frame {
+        None => bail!("connection closed by the peer"),
+        Some(Err(e)) => bail!("bad frame: {e}"),
+        Some(Ok(b)) => Msg::decode(&b),
+    }
+}

@@ -1,0 +1,158 @@
+//! Liveness and housekeeping, every heartbeat interval: siblings silent past the timeout have
+//! the rules pointing at them drained (one rule listing for all of them); the agent's view of
+//! its rules is reconciled with the kernel's (rules removed or changed outside the agent);
+//! rules whose drain ended are removed; the volunteer's bookkeeping expires.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, warn};
+
+use super::{Agent, MigratedOut, classify_rules, host_prefix};
+use crate::datapath::{Datapath, Prefix};
+
+impl Agent {
+    pub(super) async fn liveness_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut last_collect, mut last_reconcile) = (Instant::now(), Instant::now());
+        loop {
+            tick.tick().await;
+            self.expire();
+            self.drain_silent().await;
+            self.flush_unreleased().await;
+            if last_reconcile.elapsed() >= Duration::from_secs(2) {
+                last_reconcile = Instant::now();
+                self.reconcile().await;
+            }
+            // Rules whose drain ended are inert in the kernel; remove them so the map never
+            // fills up with them.
+            if last_collect.elapsed() >= Duration::from_secs(5) {
+                last_collect = Instant::now();
+                match self.with_dp(Datapath::collect_drained).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => info!(rules = n, "removed rules whose drain ended"),
+                    Ok(Err(e)) => warn!("removing drained rules: {e}"),
+                    Err(e) => warn!("removing drained rules: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Siblings silent for the liveness timeout, counted from when they were last heard or,
+    /// until then, from this agent's start (a restarted origin gives its volunteers the whole
+    /// timeout to link up again), with the clients moved to them.
+    fn silent_siblings(&self) -> Vec<(String, Vec<IpAddr>, Duration)> {
+        let live = Duration::from_millis(self.cfg.liveness_ms);
+        let st = self.state();
+        self.cfg
+            .siblings
+            .iter()
+            .filter_map(|s| {
+                let since = st.siblings.get(&s.name).and_then(|x| x.last_seen).unwrap_or(self.started);
+                let silent = since.elapsed();
+                if silent < live {
+                    return None;
+                }
+                let clients: Vec<IpAddr> = st.migrated.values().filter(|m| m.to == s.name).map(|m| m.client).collect();
+                (!clients.is_empty()).then(|| (s.name.clone(), clients, silent))
+            })
+            .collect()
+    }
+
+    async fn drain_silent(self: &Arc<Self>) {
+        for (name, clients, silent) in self.silent_siblings() {
+            warn!(sibling = %name, clients = clients.len(), silent_ms = silent.as_millis(), "sibling silent past the liveness timeout: draining its rules, clients come home");
+            let period = Duration::from_secs(self.cfg.drain_secs);
+            let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
+            match self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await {
+                Ok(Ok(n)) => info!(sibling = %name, rules = n, drain_secs = period.as_secs(), "rules draining"),
+                Ok(Err(e)) => {
+                    warn!(sibling = %name, "draining failed, trying again: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(sibling = %name, "draining failed, trying again: {e:#}");
+                    continue;
+                }
+            }
+            // It cannot hear it now (a link that looks up is stuck): it is told first thing
+            // when its link is up again.
+            let mut st = self.state();
+            for c in &clients {
+                st.migrated.remove(c);
+            }
+            if let Some(s) = st.siblings.get_mut(&name) {
+                s.unreleased.extend(clients);
+                s.unreleased.sort_unstable();
+                s.unreleased.dedup();
+            }
+        }
+    }
+
+    /// Releases owed to siblings that are heard again on a link that never went down (a
+    /// link that does go down releases them first thing when it is up again).
+    async fn flush_unreleased(self: &Arc<Self>) {
+        let live = Duration::from_millis(self.cfg.liveness_ms);
+        let owed: Vec<(String, Vec<IpAddr>)> = {
+            let mut st = self.state();
+            st.siblings
+                .iter_mut()
+                .filter(|(_, s)| !s.unreleased.is_empty() && s.out.is_some() && s.last_seen.is_some_and(|t| t.elapsed() < live))
+                .map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased)))
+                .collect()
+        };
+        for (name, clients) in owed {
+            info!(sibling = %name, clients = clients.len(), "sibling heard again: releasing the clients taken back meanwhile");
+            self.release(&name, clients).await;
+        }
+    }
+
+    /// Compares what the agent believes it steered with the kernel's rules: clients whose rule
+    /// was removed, drained or retargeted outside the agent (CLI, drain collection) are
+    /// forgotten and released on their volunteer; active rules to a sibling that the agent
+    /// did not know of are watched from now on; others are reported as orphans.
+    async fn reconcile(self: &Arc<Self>) {
+        let listed_at = Instant::now();
+        let rules = match self.with_reader(Datapath::list_rules).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return debug!("listing rules to reconcile: {e}"),
+            Err(e) => return debug!("listing rules to reconcile: {e:#}"),
+        };
+        let (managed, orphans, draining) = classify_rules(&self.cfg, &rules);
+        let active: HashMap<IpAddr, (String, u64)> = managed.into_iter().map(|(c, to, since)| (c, (to, since))).collect();
+        let mut released: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        {
+            let mut st = self.state();
+            st.migrated.retain(|c, m| {
+                // Recorded after the listing: the listing cannot know of it yet.
+                if m.recorded >= listed_at || active.get(c).is_some_and(|(to, _)| *to == m.to) {
+                    return true;
+                }
+                info!(client = %c, to = %m.to, "client no longer steered: its rule was removed, drained or retargeted outside the agent");
+                released.entry(m.to.clone()).or_default().push(*c);
+                false
+            });
+            for (c, (to, since_unix)) in &active {
+                if !st.migrated.contains_key(c) {
+                    info!(client = %c, to = %to, "watching a rule made outside the agent: it is drained if its sibling goes silent");
+                    st.migrated.insert(*c, MigratedOut { client: *c, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: listed_at });
+                }
+            }
+            if st.orphans != orphans {
+                for o in orphans.iter().filter(|o| !st.orphans.contains(o)) {
+                    warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
+                }
+                st.orphans = orphans;
+            }
+            st.draining = draining;
+        }
+        for (name, clients) in released {
+            self.release(&name, clients).await;
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The agent: talks to its siblings over mutual TLS, watches the application's load in the
+//! kernel, and when the node passes its high watermark asks its siblings for help and moves
+//! clients to the volunteers until the projected load is at or below the low watermark.
+//!
+//! Requests travel on the requester's own (outbound) connection; each node answers on its
+//! inbound connections, handling requests concurrently so that a long import never stops
+//! heartbeats from being read. A sibling silent for `liveness_ms` (counted from the agent's
+//! start until it is first heard) has the rules that point at it drained, so its clients come
+//! home.
+//!
+//! Datapath work (probes, netlink, map scans) runs on blocking threads only: changes go through
+//! one handle, reads (load, counters, rule listings) through a second handle of the same pinned
+//! maps, so the load is read every 50 ms even while a probe holds the first.
+
+mod link;
+mod liveness;
+mod origin;
+mod policy;
+mod volunteer;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use serde::Serialize;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+pub use self::policy::{ago, pick_clients};
+use crate::{
+    app::{Apps, Limits},
+    config::Config,
+    datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState},
+    peer::{MovedClient, Msg, SessionBlob, Tls},
+};
+
+/// What an origin moved to a volunteer.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigratedOut {
+    pub client: IpAddr,
+    pub to: String,
+    pub since_unix: u64,
+    /// Connections the client had here when it moved.
+    pub connections: u64,
+    /// When this agent recorded it: reconciliation with the kernel only forgets entries older
+    /// than the rule listing it compares with.
+    #[serde(skip)]
+    pub recorded: Instant,
+}
+
+/// What a volunteer took from an origin.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdoptedIn {
+    pub client: IpAddr,
+    pub from: String,
+    pub since_unix: u64,
+    /// Connections the origin said the client had: room is kept for them until they arrive.
+    pub promised: u64,
+    /// The client's connections here now.
+    pub connections: u64,
+    /// The origin's request id of the transfer that brought it.
+    #[serde(skip)]
+    pub id: u64,
+    /// Whether the client was ever seen here: proof that the origin steers it.
+    #[serde(skip)]
+    pub arrived: bool,
+    /// When it last had a connection here (or was adopted).
+    #[serde(skip)]
+    pub last_seen: Instant,
+}
+
+/// A rule in the kernel that this agent does not manage, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Orphan {
+    pub prefix: String,
+    pub target: IpAddr,
+    pub why: String,
+}
+
+#[derive(Default)]
+struct SiblingState {
+    out: Option<mpsc::Sender<Msg>>,
+    /// Last frame received from it, on either connection; `None` until it is first heard.
+    last_seen: Option<Instant>,
+    last_heartbeat: Option<Instant>,
+    load: u64,
+    /// Clients taken back while the link was down: released when it is up again.
+    unreleased: Vec<IpAddr>,
+}
+
+struct Reservation {
+    origin: String,
+    id: u64,
+    capacity: u64,
+    until: Instant,
+}
+
+/// What a volunteer received of a transfer before its `Transfer` frame.
+#[derive(Default)]
+struct Incoming {
+    sessions: Vec<SessionBlob>,
+    clients: Vec<MovedClient>,
+    /// Why the rest of this transfer will be refused.
+    refused: Option<String>,
+    last: Option<Instant>,
+}
+
+/// A transfer a volunteer acknowledged, awaiting the origin's `Commit` or `Abort`.
+struct Acked {
+    /// The local service whose application imported the sessions.
+    app: Option<SocketAddr>,
+    handoff: String,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    load: Load,
+    siblings: HashMap<String, SiblingState>,
+    pending: HashMap<(String, u64), oneshot::Sender<Msg>>,
+    reservations: Vec<Reservation>,
+    migrated: HashMap<IpAddr, MigratedOut>,
+    adopted: HashMap<IpAddr, AdoptedIn>,
+    negotiating: bool,
+    /// Transfers in the making, by (origin, id).
+    incoming: HashMap<(String, u64), Incoming>,
+    /// Transfers acknowledged, awaiting `Commit` or `Abort`, by (origin, id).
+    acked: HashMap<(String, u64), Acked>,
+    /// After a shedding round, until when a load still above the low watermark (clients still
+    /// arriving in the same burst) keeps shedding: the hysteresis goes down to low, not high.
+    shed_until: Option<Instant>,
+    /// After rounds that moved nothing, no round starts before this.
+    backoff_until: Option<Instant>,
+    /// Time of the last successful shedding, threshold crossing to rules installed.
+    last_shed_ms: Option<f64>,
+    /// What the last shedding round decided, in words.
+    last_round: Option<String>,
+    /// Rules in the kernel this agent does not manage (last reconciliation).
+    orphans: Vec<Orphan>,
+    /// Rules draining in the kernel (last reconciliation).
+    draining: usize,
+}
+
+/// A running agent.
+pub struct Agent {
+    cfg: Config,
+    tls: Tls,
+    /// Changes to the datapath (rules, adoption; a probe holds it up to a second): only ever
+    /// locked on blocking threads.
+    dp: Mutex<Datapath>,
+    /// Reads of the same pinned maps (load, counters, rules), never waiting behind a probe;
+    /// also only locked on blocking threads.
+    reader: Mutex<Datapath>,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    apps: Arc<Apps>,
+    /// When this agent started: a sibling not heard from yet is silent since then.
+    started: Instant,
+    /// Shedding rounds that moved nothing make the next one wait longer.
+    round_backoff: Mutex<policy::Backoff>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn host_prefix(a: IpAddr) -> Prefix {
+    Prefix { addr: a, len: if a.is_ipv4() { 32 } else { 128 } }
+}
+
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Sorts the kernel's rules for an agent: (client, sibling) of the active rules it manages,
+/// rules it leaves alone (and why), and how many are draining.
+fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64)>, Vec<Orphan>, usize) {
+    let (mut managed, mut orphans, mut draining) = (Vec::new(), Vec::new(), 0);
+    for r in rules {
+        match r.state {
+            RuleState::Drained => {}
+            RuleState::Draining => draining += 1,
+            RuleState::Active => {
+                let host = r.prefix == host_prefix(r.prefix.addr);
+                match cfg.sibling_at(r.target) {
+                    Some(s) if host => managed.push((r.prefix.addr, s.name.clone(), r.since_unix)),
+                    Some(_) => orphans.push(Orphan {
+                        prefix: r.prefix.to_string(),
+                        target: r.target,
+                        why: "a prefix rule (the agent moves single clients): left alone".into(),
+                    }),
+                    None => orphans.push(Orphan {
+                        prefix: r.prefix.to_string(),
+                        target: r.target,
+                        why: format!("target {} is not a configured sibling: left alone, not watched", r.target),
+                    }),
+                }
+            }
+        }
+    }
+    (managed, orphans, draining)
+}
+
+impl Agent {
+    /// Opens the datapath, steers the configured services and starts counting the load;
+    /// re-adopts the active rules a previous run left.
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            bail!("invalid configuration: {}", problems.join("; "));
+        }
+        let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+        let loc = Location { bpffs: cfg.bpffs.clone(), instance: cfg.instance() };
+        let mut dp = Datapath::open(&loc).context("opening the datapath")?;
+        for s in &cfg.services {
+            let tunnel_src = cfg.control_address(s.address.ip()).expect("validated: a control address of every service's family");
+            dp.add_service((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None)
+                .with_context(|| format!("steering service {}", s.address))?;
+            dp.attach_load(&s.cgroup).with_context(|| format!("counting the load of {}", s.cgroup.display()))?;
+            // Ready to volunteer at once: adoption then only touches maps and a route.
+            dp.attach_egress(&s.dev, false)?;
+            dp.attach_sk_lookup(false)?;
+        }
+        let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
+        let mut state = State::default();
+        for s in &cfg.siblings {
+            state.siblings.insert(s.name.clone(), SiblingState::default());
+            for svc in &cfg.services {
+                if s.control_address(svc.address.ip()).is_none() {
+                    warn!(sibling = %s.name, service = %svc.address, "{} clients never move to this sibling: it has no {} control address (dual_stack_address)", family(svc.address.ip()), family(svc.address.ip()));
+                }
+            }
+        }
+        // Re-adopt the active rules a previous run left; drained ones are gone, draining ones
+        // finish draining, and rules to unknown targets are reported, not managed.
+        let (managed, orphans, draining) = classify_rules(&cfg, &dp.list_rules()?);
+        let now = Instant::now();
+        for (client, to, since_unix) in &managed {
+            state.migrated.insert(*client, MigratedOut { client: *client, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: now });
+        }
+        for o in &orphans {
+            warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
+        }
+        if !managed.is_empty() || draining > 0 {
+            info!(active = managed.len(), draining, "re-adopted the rules of a previous run (draining ones finish draining)");
+        }
+        state.orphans = orphans;
+        state.draining = draining;
+        // Request ids never repeat across restarts: a volunteer may still hold state of ours.
+        let first_id = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())).unwrap_or(0) << 16;
+        Ok(Arc::new(Self {
+            cfg,
+            tls,
+            dp: Mutex::new(dp),
+            reader: Mutex::new(reader),
+            state: Mutex::new(state),
+            next_id: AtomicU64::new(first_id.max(1)),
+            apps: Arc::default(),
+            started: Instant::now(),
+            round_backoff: Mutex::new(policy::Backoff::new(Duration::from_millis(500), Duration::from_secs(4))),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("state lock")
+    }
+
+    /// Runs `f` on the datapath's change handle, on a blocking thread.
+    async fn with_dp<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut Datapath) -> T + Send + 'static) -> anyhow::Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut me.dp.lock().expect("datapath lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
+    }
+
+    /// Runs `f` on the datapath's read handle, on a blocking thread.
+    async fn with_reader<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut Datapath) -> T + Send + 'static) -> anyhow::Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut me.reader.lock().expect("datapath reader lock")))
+            .await
+            .map_err(|e| anyhow!("datapath task failed: {e}"))
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { timeout: Duration::from_millis(self.cfg.app_timeout_ms), max_session_bytes: self.cfg.max_session_bytes }
+    }
+
+    /// Runs until ctrl-c / SIGTERM.
+    pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
+        let listen = self.cfg.listen.expect("validated");
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+        info!(node = %self.cfg.node, %listen, "agent started");
+        tokio::spawn(self.clone().accept_loop(listener));
+        for s in self.cfg.siblings.clone() {
+            tokio::spawn(self.clone().connect_loop(s.name, s.address));
+        }
+        tokio::spawn(self.clone().load_loop());
+        tokio::spawn(self.clone().liveness_loop());
+        tokio::spawn(crate::admin::serve(self.clone()));
+        let owner = self.cfg.app_socket_owner().map_err(|e| anyhow!(e))?;
+        tokio::spawn(crate::app::serve(self.apps.clone(), self.cfg.app_socket(), owner));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("agent stopping; steering stays pinned in the kernel");
+        let _ = std::fs::remove_file(self.cfg.admin_socket());
+        let _ = std::fs::remove_file(self.cfg.app_socket());
+        Ok(())
+    }
+
+    // ---- status --------------------------------------------------------------------------
+
+    /// Path of the admin socket.
+    #[must_use]
+    pub fn admin_socket(&self) -> std::path::PathBuf {
+        self.cfg.admin_socket()
+    }
+
+    /// The node's status, for `redirector status`.
+    pub async fn status(self: &Arc<Self>) -> serde_json::Value {
+        let counters = self
+            .with_reader(Datapath::stats)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|s| s.counters.into_iter().map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>())
+            .unwrap_or_default();
+        let st = self.state();
+        let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let siblings: Vec<serde_json::Value> = self
+            .cfg
+            .siblings
+            .iter()
+            .map(|s| {
+                let x = st.siblings.get(&s.name);
+                let last = x.and_then(|x| x.last_heartbeat).map(ms);
+                serde_json::json!({
+                    "name": s.name,
+                    "address": s.address,
+                    "up": x.is_some_and(|x| x.out.is_some()) && last.is_some_and(|l| l < self.cfg.liveness_ms),
+                    "last_heartbeat_ms": last,
+                    "last_seen_ms": x.and_then(|x| x.last_seen).map(ms),
+                    "load": x.map_or(0, |x| x.load),
+                })
+            })
+            .collect();
+        let mut migrated: Vec<&MigratedOut> = st.migrated.values().collect();
+        migrated.sort_by_key(|m| m.client);
+        let mut adopted: Vec<&AdoptedIn> = st.adopted.values().collect();
+        adopted.sort_by_key(|a| a.client);
+        let promised = policy::promised(st.adopted.values().map(|a| (a.promised, a.connections)));
+        serde_json::json!({
+            "node": self.cfg.node,
+            "load": st.load.total,
+            "high_watermark": self.cfg.high_watermark,
+            "low_watermark": self.cfg.low_watermark,
+            "shedding": st.negotiating,
+            "last_shed_ms": st.last_shed_ms,
+            "last_round": st.last_round,
+            "promised": promised,
+            "siblings": siblings,
+            "migrated_out": migrated,
+            "adopted": adopted,
+            "draining": st.draining,
+            "orphaned": st.orphans,
+            "counters": counters,
+        })
+    }
+}
