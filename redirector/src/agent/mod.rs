@@ -138,8 +138,14 @@ struct State {
     shed_until: Option<Instant>,
     /// After rounds that moved nothing, no round starts before this.
     backoff_until: Option<Instant>,
-    /// Time of the last successful shedding, threshold crossing to rules installed.
+    /// Time of the last successful shedding, threshold crossing (the kernel's clock of the
+    /// connection that crossed it) to the round's rules installed.
     last_shed_ms: Option<f64>,
+    /// When the kernel reported the last crossing of the armed watermark (`CLOCK_MONOTONIC` ns),
+    /// until a round starts from it.
+    crossing_ns: Option<u64>,
+    /// When the last rules of a round went into the kernel (`CLOCK_MONOTONIC` ns).
+    rules_installed_ns: Option<u64>,
     /// What the last shedding round decided, in words.
     last_round: Option<String>,
     /// Rules in the kernel this agent does not manage (last reconciliation).
@@ -165,6 +171,8 @@ pub struct Agent {
     started: Instant,
     /// Shedding rounds that moved nothing make the next one wait longer.
     round_backoff: Mutex<policy::Backoff>,
+    /// Wakes the load loop at once when the kernel reports a crossing.
+    load_wake: tokio::sync::Notify,
 }
 
 fn unix_now() -> u64 {
@@ -265,6 +273,7 @@ impl Agent {
             apps: Arc::default(),
             started: Instant::now(),
             round_backoff: Mutex::new(policy::Backoff::new(Duration::from_millis(500), Duration::from_secs(4))),
+            load_wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -300,6 +309,7 @@ impl Agent {
             tokio::spawn(self.clone().connect_loop(s.name, s.address));
         }
         tokio::spawn(self.clone().load_loop());
+        tokio::spawn(self.clone().load_events());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(crate::admin::serve(self.clone()));
         let owner = self.cfg.app_socket_owner().map_err(|e| anyhow!(e))?;

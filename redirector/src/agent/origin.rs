@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Agent, MigratedOut, family, host_prefix, pick_clients, policy, unix_now};
 use crate::{
@@ -31,11 +31,45 @@ fn names(clients: &[(IpAddr, u64)]) -> String {
 }
 
 impl Agent {
+    /// Waits for the kernel's reports of the load crossing the armed watermark and wakes the
+    /// load loop at once: a round starts from the crossing itself, not from the next poll.
+    pub(super) async fn load_events(self: Arc<Self>) {
+        let events = match self.with_reader(Datapath::take_load_events).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e}"),
+            Err(e) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e:#}"),
+        };
+        // SAFETY: `LoadEvents` owns its ring buffer's fd for its whole life and always returns
+        // that same fd; the AsyncFd owns the `LoadEvents`.
+        let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => return warn!("watching the load events: {e}"),
+        };
+        loop {
+            let Ok(mut ready) = fd.readable_mut().await else { return };
+            let mut last = None;
+            while let Some(ev) = ready.get_inner_mut().next_event() {
+                last = Some(ev);
+            }
+            ready.clear_ready();
+            if let Some(ev) = last {
+                debug!(total = ev.total, "the kernel reports the load over the armed watermark");
+                self.state().crossing_ns = Some(ev.at_ns);
+                self.load_wake.notify_one();
+            }
+        }
+    }
+
     pub(super) async fn load_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The kernel watermark last armed (it disarms itself when it reports).
+        let mut armed: Option<u64> = None;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.load_wake.notified() => armed = None,
+            }
             let load = match self.with_reader(Datapath::load).await {
                 Ok(Ok(l)) => l,
                 Ok(Err(e)) => {
@@ -47,7 +81,7 @@ impl Agent {
                     continue;
                 }
             };
-            let decision = {
+            let (decision, arm) = {
                 let mut st = self.state();
                 let now = Instant::now();
                 let here: HashMap<IpAddr, u64> = load.clients.iter().copied().collect();
@@ -70,33 +104,53 @@ impl Agent {
                 let continuing = projected > self.cfg.low_watermark && st.shed_until.is_some_and(|t| now < t);
                 let waiting = st.backoff_until.is_some_and(|t| now < t);
                 let start = !st.negotiating && !waiting && (over || continuing);
-                if start {
+                // The crossing a round starts from: the kernel's report, or now.
+                let crossing = if start {
                     st.negotiating = true;
-                }
-                start.then_some((projected, over))
+                    let now_ns = crate::datapath::monotonic_ns();
+                    Some(st.crossing_ns.take().filter(|c| now_ns.saturating_sub(*c) < 1_000_000_000).unwrap_or(now_ns))
+                } else {
+                    None
+                };
+                // Armed at the total where the load this node can shed passes high.
+                let at = self.cfg.high_watermark.saturating_add(staying);
+                let arm = (!st.negotiating && armed != Some(at)).then_some(at);
+                (crossing.map(|c| (projected, over, c)), arm)
             };
-            if let Some((projected, over)) = decision {
+            if let Some(at) = arm {
+                match self.with_reader(move |dp| dp.arm_load_event(at)).await {
+                    Ok(Ok(())) => armed = Some(at),
+                    Ok(Err(e)) => warn!("arming the kernel's load watermark: {e}"),
+                    Err(e) => warn!("arming the kernel's load watermark: {e:#}"),
+                }
+            }
+            if let Some((projected, over, crossing)) = decision {
+                armed = None;
                 let why = if over {
                     "over the high watermark"
                 } else {
                     "still above the low watermark after the last round (hysteresis down to low)"
                 };
                 info!(load = load.total, projected, high = self.cfg.high_watermark, low = self.cfg.low_watermark, "{why}: asking siblings for help");
-                tokio::spawn(self.clone().round(load, projected));
+                tokio::spawn(self.clone().round(load, projected, crossing));
             }
         }
     }
 
     /// One shedding round, then the pause before the next: short after moves, growing after
     /// rounds that moved nothing (no sibling had room, nothing to move).
-    async fn round(self: Arc<Self>, load: Load, projected: u64) {
+    async fn round(self: Arc<Self>, load: Load, projected: u64, crossing_ns: u64) {
         let t0 = Instant::now();
         let moved = match self.clone().shed(&load, projected).await {
             Ok(n) => {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                info!(moved = n, ms = format!("{ms:.1}"), "shedding done");
+                let mut st = self.state();
+                // Threshold crossing (the kernel's clock) to the round's rules installed.
+                #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a round")]
+                let steered_ms = st.rules_installed_ns.map(|r| r.saturating_sub(crossing_ns) as f64 / 1e6);
+                info!(moved = n, round_ms = format!("{ms:.1}"), crossing_to_rules_ms = steered_ms.map(|m| format!("{m:.1}")), "shedding done");
                 if n > 0 {
-                    self.state().last_shed_ms = Some(ms);
+                    st.last_shed_ms = steered_ms;
                 }
                 n
             }
@@ -393,6 +447,7 @@ impl Agent {
             Ok(())
         })
         .await??;
+        self.state().rules_installed_ns = Some(crate::datapath::monotonic_ns());
         if clients.len() > NAMED {
             info!(to = %name, clients = clients.len(), "clients moved");
         }

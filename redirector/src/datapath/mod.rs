@@ -451,10 +451,8 @@ impl Datapath {
 
     /// Brings `HOSTS_V4` and `HOSTS_V6` in line with `rules` (all rules of the instance).
     fn sync_hosts(&mut self, rules: &[(Prefix, RuleValue)]) {
-        let v4 = slots::want_hosts(rules, false);
-        self.hosts_v4.apply(|i| v4.get(&i).copied().unwrap_or(Want::Empty));
-        let v6 = slots::want_hosts(rules, true);
-        self.hosts_v6.apply(|i| v6.get(&i).copied().unwrap_or(Want::Empty));
+        self.hosts_v4.apply_sorted(&slots::want_hosts(rules, false));
+        self.hosts_v6.apply_sorted(&slots::want_hosts(rules, true));
     }
 
     /// Steered services.

@@ -11,8 +11,12 @@
 //! - data is written only while the kind says "ignore data" (`SLOT_EMPTY`/`SLOT_MANY`), and the
 //!   kind becomes `SLOT_ONE` afterwards (a release store);
 //! - a slot that left `SLOT_ONE` may still be read by a classifier run that saw it as `SLOT_ONE`
-//!   (`dirty`); its data is rewritten only after an RCU grace period, which every such run has
-//!   finished by then (classifiers run inside RCU read-side sections).
+//!   (it is *dirty*, since the time in `_pad`); its data is rewritten only after an RCU grace
+//!   period, which every such run has finished by then (classifiers run inside RCU read-side
+//!   sections). A grace period costs ~10 ms, so it is skipped when it cannot matter: when the
+//!   fields the classifier reads do not change (a torn read then reads the same values), and for
+//!   slots dirty for longer than [`STALE_SECS`] (the kernel reports an RCU reader that long as a
+//!   stall: no classifier run lasts that long). A grace period cleans every dirty slot.
 //!
 //! So a classifier run never trusts half-written data. Callers write the authoritative maps
 //! first, then the slots; everything happens under the instance lock.
@@ -31,8 +35,34 @@ use redirector_common::{Addr, HostData, RuleValue, SLOT_EMPTY, SLOT_MANY, SLOT_O
 
 use super::{Error, Prefix, Result, types::to16};
 
-/// `Slot::_pad` of a slot that left `SLOT_ONE` without a grace period since.
-const DIRTY: u32 = 1;
+/// Seconds after which a dirty slot is clean without a grace period: longer than the kernel's
+/// RCU stall timeout (21 s by default), after which a reader still running is a kernel bug.
+pub const STALE_SECS: u32 = 30;
+
+/// The data of a slot: which of its fields the classifier reads.
+pub trait SlotData: Copy + PartialEq {
+    /// Whether a classifier run would decide the same with `self` and `other` (and so with any
+    /// torn mix of them).
+    fn same_for_readers(&self, other: &Self) -> bool;
+}
+
+impl SlotData for redirector_common::PortData {
+    fn same_for_readers(&self, other: &Self) -> bool {
+        self == other
+    }
+}
+
+impl SlotData for HostData {
+    fn same_for_readers(&self, other: &Self) -> bool {
+        // `since_unix` is only for listings.
+        self.addr == other.addr && self.rule.target == other.rule.target && self.rule.drain_until_ns == other.rule.drain_until_ns
+    }
+}
+
+/// `CLOCK_MONOTONIC` in whole seconds, at least 1 (0 in `_pad` means clean).
+fn now_secs() -> u32 {
+    u32::try_from(super::monotonic_ns() / 1_000_000_000).unwrap_or(u32::MAX).max(1)
+}
 
 /// What a slot should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +84,7 @@ pub struct SlotTable<D> {
 // operations, serialized by the instance lock in user space.
 unsafe impl<D: Send> Send for SlotTable<D> {}
 
-impl<D: Copy + PartialEq> SlotTable<D> {
+impl<D: SlotData> SlotTable<D> {
     /// Maps the array `map` of `len` slots.
     pub fn new(map: &MapData, name: &str, len: u32) -> Result<Self> {
         let stride = size_of::<Slot<D>>();
@@ -100,12 +130,27 @@ impl<D: Copy + PartialEq> SlotTable<D> {
         (self.kind_cell(i).load(Ordering::Acquire), self.data(i))
     }
 
-    /// Makes slot `i` what `want(i)` says, for every `i`, in the order that keeps readers safe.
-    /// Returns how many slots changed.
-    pub fn apply(&self, want: impl Fn(u32) -> Want<D>) -> usize {
+    /// Makes every slot what `wanted` (ascending by index; slots not in it: empty) says, in the
+    /// order that keeps readers safe. Returns how many slots changed.
+    pub fn apply_sorted(&self, wanted: &[(u32, Want<D>)]) -> usize {
+        debug_assert!(wanted.windows(2).all(|w| w[0].0 < w[1].0), "wanted slots must be sorted");
+        let mut next = wanted.iter().peekable();
+        self.apply(|i| match next.peek() {
+            Some((j, w)) if *j == i => {
+                next.next();
+                *w
+            }
+            _ => Want::Empty,
+        })
+    }
+
+    /// Makes slot `i` what `want(i)` says, for every `i` in ascending order, in the order that
+    /// keeps readers safe. Returns how many slots changed.
+    pub fn apply(&self, mut want: impl FnMut(u32) -> Want<D>) -> usize {
         let mut ones: Vec<(u32, D)> = Vec::new();
         let mut changed = 0;
         let mut grace = false;
+        let now = now_secs();
         // Step 1: kinds that ignore data; slots leaving SLOT_ONE become dirty.
         for i in 0..self.len {
             let w = want(i);
@@ -123,20 +168,28 @@ impl<D: Copy + PartialEq> SlotTable<D> {
                 continue;
             }
             if kind == SLOT_ONE {
-                self.pad_cell(i).store(DIRTY, Ordering::Relaxed);
+                self.pad_cell(i).store(now, Ordering::Relaxed);
             }
             self.kind_cell(i).store(target, Ordering::Release);
             changed += 1;
         }
-        for &(i, _) in &ones {
-            grace |= self.pad_cell(i).load(Ordering::Relaxed) == DIRTY;
+        for &(i, d) in &ones {
+            let since = self.pad_cell(i).load(Ordering::Relaxed);
+            let dirty = since != 0 && now.saturating_sub(since) < STALE_SECS;
+            grace |= dirty && !self.data(i).same_for_readers(&d);
         }
         if ones.is_empty() {
             return changed;
         }
-        // Step 2: readers that saw SLOT_ONE before step 1 are done after a grace period.
+        // Step 2: readers that saw SLOT_ONE before step 1 are done after a grace period, and
+        // then every slot is clean.
         if grace {
             synchronize_rcu();
+            for i in 0..self.len {
+                if self.pad_cell(i).load(Ordering::Relaxed) != 0 {
+                    self.pad_cell(i).store(0, Ordering::Relaxed);
+                }
+            }
         }
         // Step 3: data, while the kind still says "ignore data"; step 4: the kind.
         for &(i, d) in &ones {
@@ -182,9 +235,16 @@ pub fn covered(prefix: Prefix) -> Option<std::ops::Range<u32>> {
     Some(first..first + (1 << host_bits))
 }
 
-/// What every slot of one family's host table should be, from that family's rules.
+/// What the slots of one family's host table should be, from that family's rules, ascending by
+/// slot (slots not listed: empty).
 #[must_use]
-pub fn want_hosts(rules: &[(Prefix, RuleValue)], v6: bool) -> HashMap<u32, Want<HostData>> {
+pub fn want_hosts(rules: &[(Prefix, RuleValue)], v6: bool) -> Vec<(u32, Want<HostData>)> {
+    let mut v: Vec<(u32, Want<HostData>)> = want_hosts_map(rules, v6).into_iter().collect();
+    v.sort_unstable_by_key(|(i, _)| *i);
+    v
+}
+
+fn want_hosts_map(rules: &[(Prefix, RuleValue)], v6: bool) -> HashMap<u32, Want<HostData>> {
     let full: u8 = if v6 { 128 } else { 32 };
     let mut want: HashMap<u32, Want<HostData>> = HashMap::new();
     let mut all_many = false;
@@ -226,25 +286,27 @@ mod tests {
 
     #[test]
     fn one_host_rule_fills_its_slot_and_nothing_else() {
-        let w = want_hosts(&[(p("198.18.1.5"), rule(2))], false);
+        let w = want_hosts_map(&[(p("198.18.1.5"), rule(2))], false);
         assert_eq!(w.len(), 1);
         let Some(Want::One(d)) = w.get(&0x0105) else { panic!("slot 0x0105: {w:?}") };
         assert_eq!(d.addr, to16("198.18.1.5".parse().unwrap()));
         assert_eq!(d.rule, rule(2));
         assert!(want_hosts(&[(p("198.18.1.5"), rule(2))], true).is_empty(), "IPv4 rules stay out of the IPv6 table");
+        let sorted = want_hosts(&[(p("198.18.2.9"), rule(2)), (p("198.18.1.5"), rule(3))], false);
+        assert_eq!(sorted.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0x0105, 0x0209], "ascending by slot");
     }
 
     #[test]
     fn colliding_hosts_and_prefixes_send_readers_to_the_trie() {
         // Same low 16 bits, different addresses.
-        let w = want_hosts(&[(p("198.18.1.5"), rule(2)), (p("198.19.1.5"), rule(3))], false);
+        let w = want_hosts_map(&[(p("198.18.1.5"), rule(2)), (p("198.19.1.5"), rule(3))], false);
         assert_eq!(w.get(&0x0105), Some(&Want::Many));
         // A /24 covers 256 slots; a host inside stays MANY.
-        let w = want_hosts(&[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], false);
+        let w = want_hosts_map(&[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], false);
         assert_eq!(w.len(), 256);
         assert!((0x0200..0x0300).all(|i| w.get(&i) == Some(&Want::Many)));
         // A /8 covers every slot.
-        let w = want_hosts(&[(p("10.0.0.0/8"), rule(2))], false);
+        let w = want_hosts_map(&[(p("10.0.0.0/8"), rule(2))], false);
         assert_eq!(w.len(), 65_536);
     }
 
