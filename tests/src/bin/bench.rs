@@ -197,19 +197,24 @@ struct Rates {
 }
 
 fn request_rates() -> Rates {
-    let t = Topology::new(8);
+    // One migrated client address per round: the client closes first, so every connection
+    // leaves a TIME_WAIT behind on its side, and one address would run out of ports (and
+    // measure that) after ~28,000 connections to one destination.
+    let t = Topology::new(u16::try_from(RATE_ROUNDS).expect("rounds"));
     let b_addr = SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80);
     let svc = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
     let _a = Server::start(&t.a.ns, "A", svc);
     let _b = Server::start(&t.b.ns, "B", b_addr);
     t.steer_a_to_b_v4(80, 80);
-    let client = IpAddr::V4(client4(5));
-    t.redirector_ok(&t.a, &["rule", "add", &client.to_string(), "--to", &t.b.v4[0].to_string()]);
-    let mut c = try_connect(&t.client.ns, client, svc).expect("connect");
-    assert_eq!(c.try_who().expect("who").0, "B", "the benchmark's client must be steered to B");
+    let clients: Vec<IpAddr> = (1..=RATE_ROUNDS).map(|i| IpAddr::V4(client4(u16::try_from(i).expect("client")))).collect();
+    for client in &clients {
+        t.redirector_ok(&t.a, &["rule", "add", &client.to_string(), "--to", &t.b.v4[0].to_string()]);
+        let mut c = try_connect(&t.client.ns, *client, svc).expect("connect");
+        assert_eq!(c.try_who().expect("who").0, "B", "the benchmark's clients must be steered to B");
+    }
     let dur = RATE_ROUND;
     let (mut d, mut a, mut dk, mut ak) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..RATE_ROUNDS {
+    for (round, client) in clients.iter().copied().enumerate() {
         // Alternate which goes first, so drift in the machine does not favour one side.
         if round % 2 == 0 {
             d.push(rate(&t.client.ns, client, b_addr, dur, 50_000));
