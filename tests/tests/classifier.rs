@@ -293,15 +293,7 @@ fn flows_with_a_local_socket_stay() {
 fn time_wait_sockets_count_as_flows_living_here() {
     with_datapath(|dp| {
         without_rules(dp);
-        let listener = TcpListener::bind((SVC4, 80)).expect("listen");
-        let client = nix_connect(IpAddr::V4(CLIENT4), SocketAddr::new(IpAddr::V4(SVC4), 80));
-        let (server_side, _) = listener.accept().expect("accept");
-        let cport = client.local_addr().expect("addr").port();
-        // The server closes first, so its side of the flow ends in TIME_WAIT.
-        drop(server_side);
-        std::thread::sleep(Duration::from_millis(50));
-        drop(client);
-        std::thread::sleep(Duration::from_millis(50));
+        let cport = time_wait_flow(IpAddr::V4(CLIENT4), SocketAddr::new(IpAddr::V4(SVC4), 80));
         let ss = Command::new("ss").args(["-tan", "state", "time-wait"]).output().expect("ss");
         let ss = String::from_utf8_lossy(&ss.stdout);
         assert!(ss.contains(&format!("{SVC4}:80")), "the server side is in TIME_WAIT: {ss}");
@@ -312,14 +304,7 @@ fn time_wait_sockets_count_as_flows_living_here() {
 
         // The same for IPv6.
         without_rules(dp);
-        let listener6 = TcpListener::bind((SVC6, 80)).expect("listen v6");
-        let client6 = nix_connect(IpAddr::V6(CLIENT6), SocketAddr::new(IpAddr::V6(SVC6), 80));
-        let (server_side6, _) = listener6.accept().expect("accept v6");
-        let cport6 = client6.local_addr().expect("addr").port();
-        drop(server_side6);
-        std::thread::sleep(Duration::from_millis(50));
-        drop(client6);
-        std::thread::sleep(Duration::from_millis(50));
+        let cport6 = time_wait_flow(IpAddr::V6(CLIENT6), SocketAddr::new(IpAddr::V6(SVC6), 80));
         with_rules(dp);
         let fin6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), cport6, 80, packets::FIN | packets::ACK).build();
         expect(dp, &fin6, TCX_NEXT, "kept-local");
@@ -363,6 +348,20 @@ fn a_siblings_tunnel_with_outer_options_or_fragments_is_dropped() {
         opts.extend_from_slice(&good[34..]);
         expect(dp, &opts, TC_ACT_SHOT, "dropped-bad");
     });
+}
+
+/// A flow from `client` to the service at `svc` whose server side ends in TIME_WAIT (the server
+/// closes first); returns the client's port.
+fn time_wait_flow(client: IpAddr, svc: SocketAddr) -> u16 {
+    let listener = TcpListener::bind(svc).expect("listen");
+    let sock = nix_connect(client, svc);
+    let (server_side, _) = listener.accept().expect("accept");
+    let port = sock.local_addr().expect("addr").port();
+    drop(server_side);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(sock);
+    std::thread::sleep(Duration::from_millis(50));
+    port
 }
 
 /// Connects a TCP socket bound to `src` to `dst`.

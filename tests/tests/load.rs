@@ -10,7 +10,7 @@ use std::{
 use redirector::datapath::{Datapath, Location};
 use redirector_tests::{
     Client, Topology,
-    agents::{Cgroups, start_app},
+    agents::{Cgroups, Proc, start_app},
     in_netns,
     net::{SERVICE4, client4},
     require_root,
@@ -33,6 +33,17 @@ fn load(t: &Topology) -> (u64, Vec<(String, u64)>) {
     (v["total"].as_u64().expect("total"), clients)
 }
 
+/// A topology whose host A runs the test application in a cgroup of its own.
+fn app_on_a() -> (Topology, Cgroups, Proc) {
+    let t = Topology::new(4);
+    let cgroups = Cgroups::new(&t.prefix);
+    let group = cgroups.group(&format!("{}-app", t.prefix));
+    let logs = std::env::temp_dir().join(format!("{}-logs", t.prefix));
+    std::fs::create_dir_all(&logs).expect("logs");
+    let app = start_app(&t.a, &group, "A", svc(), &logs);
+    (t, cgroups, app)
+}
+
 fn wait_load(t: &Topology, what: &str, want: impl Fn(u64, &[(String, u64)]) -> bool) {
     let start = Instant::now();
     loop {
@@ -50,12 +61,8 @@ fn connections_are_counted_per_client_and_in_total() {
     if !require_root() {
         return;
     }
-    let t = Topology::new(4);
-    let cgroups = Cgroups::new(&t.prefix);
+    let (t, cgroups, _app) = app_on_a();
     let group = cgroups.group(&format!("{}-app", t.prefix));
-    let logs = std::env::temp_dir().join(format!("{}-logs", t.prefix));
-    std::fs::create_dir_all(&logs).expect("logs");
-    let _app = start_app(&t.a, &group, "A", svc(), &logs);
     // A connection opened before counting starts is never counted (nor subtracted later).
     let early = Client::connect(&t.client.ns, IpAddr::V4(client4(4)), svc());
     t.redirector_ok(&t.a, &["load", "--cgroup", &group.to_string_lossy()]);
@@ -84,12 +91,8 @@ fn crossing_the_watermark_is_reported_by_the_kernel_at_once() {
     if !require_root() {
         return;
     }
-    let t = Topology::new(4);
-    let cgroups = Cgroups::new(&t.prefix);
+    let (t, cgroups, _app) = app_on_a();
     let group = cgroups.group(&format!("{}-app", t.prefix));
-    let logs = std::env::temp_dir().join(format!("{}-logs", t.prefix));
-    std::fs::create_dir_all(&logs).expect("logs");
-    let _app = start_app(&t.a, &group, "A", svc(), &logs);
     t.redirector_ok(&t.a, &["load", "--cgroup", &group.to_string_lossy()]);
     let loc = Location { bpffs: t.bpffs.clone(), instance: t.a.ns.clone() };
     let client_ns = t.client.ns.clone();
