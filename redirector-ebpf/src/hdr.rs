@@ -29,15 +29,6 @@ impl Ipv4Hdr {
     pub fn is_fragment(&self) -> bool {
         (self.frag[0] & 0x3f) != 0 || self.frag[1] != 0
     }
-
-    #[inline(always)]
-    pub fn bytes(&self) -> [u8; 20] {
-        [
-            self.vihl, self.tos, self.tot_len[0], self.tot_len[1], self.id[0], self.id[1], self.frag[0],
-            self.frag[1], self.ttl, self.proto, self.csum[0], self.csum[1], self.src[0], self.src[1],
-            self.src[2], self.src[3], self.dst[0], self.dst[1], self.dst[2], self.dst[3],
-        ]
-    }
 }
 
 #[repr(C)]

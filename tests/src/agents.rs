@@ -237,7 +237,13 @@ pub fn status(sock: &Path) -> serde_json::Value {
         match redirector::admin::query(sock) {
             Ok(v) => return v,
             Err(e) => {
-                assert!(start.elapsed() < Duration::from_secs(30), "agent at {} does not answer: {e:#}", sock.display());
+                if start.elapsed() >= Duration::from_secs(30) {
+                    // The agent's log sits next to its socket: say why it is not answering.
+                    let log = fs::read_to_string(sock.with_extension("log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    panic!("agent at {} does not answer: {e:#}; the end of its log:\n{}", sock.display(), tail.join("\n"));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

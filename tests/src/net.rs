@@ -331,3 +331,26 @@ pub fn send_raw4(ns: &str, proto: i32, src: Ipv4Addr, dst: Ipv4Addr, payload: Ve
         }
     });
 }
+
+/// The id of the program a pinned BPF link runs (raw `bpf()` calls: `BPF_OBJ_GET`, then
+/// `BPF_OBJ_GET_INFO_BY_FD` for `struct bpf_link_info`, whose third word is `prog_id`).
+#[must_use]
+pub fn pinned_link_program(pin: &std::path::Path) -> u32 {
+    let c = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).expect("path");
+    let mut get = [0u64; 2];
+    get[0] = c.as_ptr() as u64;
+    // SAFETY: a valid bpf_attr for BPF_OBJ_GET (cmd 7); the path outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, get.as_mut_ptr(), std::mem::size_of_val(&get)) };
+    assert!(fd >= 0, "opening {}: {}", pin.display(), std::io::Error::last_os_error());
+    let fd = i32::try_from(fd).expect("fd");
+    let mut info = [0u32; 64];
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(fd.cast_unsigned()) | (u64::try_from(std::mem::size_of_val(&info)).expect("size") << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: a valid bpf_attr for BPF_OBJ_GET_INFO_BY_FD (cmd 15); info outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 15, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    assert_eq!(rc, 0, "reading the link at {}: {}", pin.display(), std::io::Error::last_os_error());
+    info[2]
+}

@@ -56,7 +56,15 @@ fn restarting_the_origin_agent_keeps_its_clients_steered() {
         let adopted: BTreeSet<String> = redirector_tests::agents::adopted(v).into_iter().collect();
         adopted == moved
     });
-    // The origin's agent crashes and comes back; B stays up all along.
+    // The origin's agent crashes and comes back (a new version would): B stays up all along.
+    let links = c.t.bpffs.join("redirector").join(&c.t.a.ns).join("links");
+    let ingress = std::fs::read_dir(&links)
+        .expect("A's links")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("tc-ingress-")))
+        .expect("A's pinned ingress link");
+    let program_before = redirector_tests::net::pinned_link_program(&ingress);
     c.restart("a");
     let sampler = Sampler::start(&c, &["a"]);
     // Liveness is 1.5 s: give the new agent twice that to (wrongly) give up on B.
@@ -86,6 +94,8 @@ fn restarting_the_origin_agent_keeps_its_clients_steered() {
     }
     let v = wait_status(&c.sock("a"), 10, "B up in A's new agent", |v| v["siblings"][0]["up"] == true);
     assert_eq!(v["siblings"][0]["name"], "b");
+    // The new agent put its own programs in the same pinned link (the steering above held).
+    assert_ne!(redirector_tests::net::pinned_link_program(&ingress), program_before, "A's new agent swapped in its program");
 }
 
 #[test]

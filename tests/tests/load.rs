@@ -76,6 +76,8 @@ fn connections_are_counted_per_client_and_in_total() {
             && clients.get(1) == Some(&("198.18.1.2".to_string(), 2))
             && clients.len() == 2
     });
+    // A new version's programs take over (the connections' state callbacks go to it).
+    t.redirector_ok(&t.a, &["attach", "--dev", "eth0", "--replace"]);
     c1.truncate(1);
     drop(early);
     wait_load(&t, "two of client 1 closed, the uncounted one too", |total, clients| {

@@ -236,6 +236,10 @@ impl Agent {
             dp.attach_egress(&s.dev, false)?;
             dp.attach_sk_lookup(false)?;
         }
+        // A new version of the agent runs its own programs: swapped into the pinned links,
+        // atomically per hook, with the pinned maps (and so the steering) kept.
+        let replaced = dp.upgrade().context("putting this version's programs in place")?;
+        info!(programs = replaced, "this version's programs attached (atomically, pinned maps kept)");
         let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
         let mut state = State::default();
         for s in &cfg.siblings {

@@ -1064,8 +1064,9 @@ fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     // union bpf_attr, obj_get: pathname (u64), bpf_fd, file_flags.
     let mut attr = [0u64; 2];
     attr[0] = c.as_ptr() as u64;
-    // SAFETY: a valid bpf_attr for BPF_OBJ_GET (cmd 7); the path outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), size_of_val(&attr)) };
+    let cmd = aya_obj::generated::bpf_cmd::BPF_OBJ_GET as libc::c_long;
+    // SAFETY: a valid bpf_attr for BPF_OBJ_GET; the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -1079,8 +1080,9 @@ fn link_update(link_fd: RawFd, prog_fd: RawFd) -> io::Result<()> {
     let mut attr = [0u32; 8];
     attr[0] = u32::try_from(link_fd).map_err(|_| io::Error::other("bad link fd"))?;
     attr[1] = u32::try_from(prog_fd).map_err(|_| io::Error::other("bad program fd"))?;
-    // SAFETY: a valid bpf_attr for BPF_LINK_UPDATE (cmd 30).
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 30, attr.as_mut_ptr(), size_of_val(&attr)) };
+    let cmd = aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
+    // SAFETY: a valid bpf_attr for BPF_LINK_UPDATE.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
