@@ -207,7 +207,8 @@ pub struct AgentArgs {
     /// Replace the siblings: NAME=ADDR:PORT, repeatable.
     #[arg(long = "sibling", value_parser = parse_sibling)]
     pub siblings: Vec<crate::config::Sibling>,
-    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER], repeatable.
+    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions], repeatable
+    /// (`sessions`: the service's clients never move without their sessions).
     #[arg(long = "service", value_parser = parse_service)]
     pub services: Vec<crate::config::Service>,
 }
@@ -219,17 +220,22 @@ fn parse_sibling(s: &str) -> Result<crate::config::Sibling, String> {
 }
 
 fn parse_service(s: &str) -> Result<crate::config::Service, String> {
-    let parts: Vec<&str> = s.split(',').collect();
+    let mut parts: Vec<&str> = s.split(',').collect();
+    let sessions = parts.len() > 3 && parts.last() == Some(&"sessions");
+    if sessions {
+        parts.pop();
+    }
     let (addr, dev, cgroup, listener) = match parts.as_slice() {
         [addr, dev, cgroup] => (*addr, *dev, *cgroup, None),
         [addr, dev, cgroup, listener] => (*addr, *dev, *cgroup, Some(*listener)),
-        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER]")),
+        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions]")),
     };
     Ok(crate::config::Service {
         address: addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?,
         dev: dev.to_string(),
         cgroup: PathBuf::from(cgroup),
         listener: listener.map(|l| l.parse().map_err(|_| format!("{s:?}: {l:?} is not ADDR:PORT"))).transpose()?,
+        sessions,
     })
 }
 

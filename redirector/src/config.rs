@@ -57,8 +57,13 @@ pub struct Config {
     pub app_socket: Option<PathBuf>,
     /// Owner of the app socket, `UID:GID` (mode 0660); default: root.
     pub app_socket_owner: Option<String>,
-    /// How long the application may take to answer a hook request, in ms.
+    /// How long the application may take to answer a hook request, in ms, before the data's
+    /// own allowance (`app_timeout_per_mib_ms`).
     pub app_timeout_ms: u64,
+    /// More time for big hook requests and answers: this many ms per MiB of the request line
+    /// and per MiB of answer received so far (10 MiB/s at the default). The origin's wait for
+    /// a transfer's acknowledgement grows by the volunteer's import allowance too.
+    pub app_timeout_per_mib_ms: u64,
     /// Largest session blob accepted, in bytes; larger ones abort the hand-over.
     pub max_session_bytes: usize,
     pub tls: TlsFiles,
@@ -91,6 +96,7 @@ impl Default for Config {
             app_socket: None,
             app_socket_owner: None,
             app_timeout_ms: 2000,
+            app_timeout_per_mib_ms: 100,
             max_session_bytes: 256 << 10,
             tls: TlsFiles::default(),
             siblings: Vec::new(),
@@ -172,6 +178,11 @@ pub struct Service {
     /// the same port is adopted onto this listener.
     #[serde(default)]
     pub listener: Option<SocketAddr>,
+    /// The application keeps per-client sessions that must move with the clients: then no
+    /// client of this service's family moves while no application is registered on the hook
+    /// for it (the round says why), instead of moving without its session. Default false.
+    #[serde(default)]
+    pub sessions: bool,
 }
 
 impl Service {
