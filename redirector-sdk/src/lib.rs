@@ -123,8 +123,14 @@ fn serve(socket: &Path, service: SocketAddr, sessions: &dyn Sessions, stop: &Ato
     // An agent that stops reading is as good as gone: reconnect.
     stream.set_write_timeout(Some(Duration::from_mins(1)))?;
     let mut w = stream.try_clone()?;
-    let line = register_line(service, &unfinished.lock().expect("lock"));
+    let (line, n) = {
+        let u = unfinished.lock().expect("lock");
+        (register_line(service, &u), u.len())
+    };
     w.write_all(format!("{line}\n").as_bytes())?;
+    if n > 0 {
+        eprintln!("redirector hook: registering with {n} unfinished hand-over(s): the agent says how each ended");
+    }
     let mut r = BufReader::with_capacity(1 << 16, stream);
     let mut line = Vec::new();
     while !stop.load(Ordering::Relaxed) {
