@@ -424,6 +424,10 @@ cgroup = "/sys/fs/cgroup/app"
         assert_eq!(c.liveness_ms, 3000);
         assert_eq!(c.instance(), "a");
         assert_eq!(c.services[0].listener(), "198.18.0.10:80".parse().unwrap());
+        assert!(!c.services[0].sessions, "clients move without sessions unless a service says otherwise");
+        assert_eq!((c.app_timeout_ms, c.app_timeout_per_mib_ms), (2000, 100));
+        let c: Config = toml::from_str(&GOOD.replace("cgroup = \"/sys/fs/cgroup/app\"", "cgroup = \"/sys/fs/cgroup/app\"\nsessions = true")).unwrap();
+        assert!(c.services[0].sessions);
     }
 
     #[test]
