@@ -198,7 +198,25 @@ struct OkField {
 
 #[derive(serde::Deserialize)]
 struct ExportAnswer {
+    ok: Option<serde_json::Value>,
+    error: Option<serde_json::Value>,
     sessions: Option<Vec<ExportedSession>>,
+}
+
+/// An answer's `ok` (required, boolean) and `error` (optional): Ok if `ok` is true, else why
+/// not.
+fn ok_or_why(ok: Option<&serde_json::Value>, error: Option<&serde_json::Value>, text: &[u8]) -> Result<(), String> {
+    match ok {
+        Some(serde_json::Value::Bool(true)) => Ok(()),
+        Some(serde_json::Value::Bool(false)) => Err(format!("refused: {}", error.and_then(serde_json::Value::as_str).unwrap_or("no reason given"))),
+        _ => Err(format!("without a boolean \"ok\": {}", preview(text))),
+    }
+}
+
+/// Checks a small answer (import, commit, abort): `ok` true.
+fn check_ok(text: &[u8]) -> Result<(), String> {
+    let a: OkField = serde_json::from_slice(text).map_err(|e| format!("with malformed JSON: {e}"))?;
+    ok_or_why(a.ok.as_ref(), a.error.as_ref(), text)
 }
 
 #[derive(serde::Deserialize)]
@@ -244,6 +262,7 @@ struct WirePending {
 /// `max` bytes.
 fn parse_export(text: &[u8], requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<SessionBlob>> {
     let v: ExportAnswer = serde_json::from_slice(text).map_err(|e| anyhow!("the export answer is malformed: {e}"))?;
+    ok_or_why(v.ok.as_ref(), v.error.as_ref(), text).map_err(|e| anyhow!("{e}"))?;
     let list = v.sessions.ok_or_else(|| anyhow!("the export answer has no sessions list (required, even when empty)"))?;
     let requested: HashSet<IpAddr> = requested.iter().copied().collect();
     let mut seen = HashSet::with_capacity(list.len());
@@ -413,40 +432,41 @@ impl Apps {
                 }
             }
         };
-        let a: OkField = serde_json::from_slice(&text).map_err(|e| anyhow!("the application for {service} answered {what} with malformed JSON: {e}"))?;
-        match a.ok {
-            Some(serde_json::Value::Bool(true)) => Ok(text),
-            Some(serde_json::Value::Bool(false)) => {
-                let why = a.error.as_ref().and_then(serde_json::Value::as_str).unwrap_or("no reason given");
-                bail!("the application for {service} refused {what}: {why}")
-            }
-            _ => bail!("the application for {service} answered {what} without a boolean \"ok\": {}", preview(&text)),
-        }
+        Ok(text)
     }
 
     /// Exports (and freezes) the sessions of `clients`; checks the answer against the request.
+    /// The answer (possibly hundreds of MiB) is checked on a blocking thread.
     pub async fn export(&self, service: SocketAddr, handoff: &str, clients: &[IpAddr]) -> anyhow::Result<Vec<SessionBlob>> {
         let names: Vec<String> = clients.iter().map(ToString::to_string).collect();
         let room = self.limits.export_room(clients.len());
-        let text = self
-            .call(service, &format!("export {handoff}"), room, |id| Ok(json!({"id": id, "op": "export", "handoff": handoff, "clients": names}).to_string()))
-            .await?;
-        parse_export(&text, clients, self.limits.max_session_bytes).map_err(|e| anyhow!("the application for {service}: {e:#}"))
+        let what = format!("export {handoff}");
+        let text = self.call(service, &what, room, |id| Ok(json!({"id": id, "op": "export", "handoff": handoff, "clients": names}).to_string())).await?;
+        let (requested, max) = (clients.to_vec(), self.limits.max_session_bytes);
+        tokio::task::spawn_blocking(move || parse_export(&text, &requested, max))
+            .await
+            .map_err(|e| anyhow!("checking the export: {e}"))?
+            .map_err(|e| anyhow!("the application for {service} answered {what}: {e:#}"))
     }
 
-    /// Imports sessions moved here (tentatively, until [`Apps::settle`]).
+    /// Imports sessions moved here (tentatively, until [`Apps::settle`]). The line is encoded
+    /// in place of the async worker (`block_in_place`: a multi-threaded runtime only).
     pub async fn import(&self, service: SocketAddr, handoff: &str, sessions: &[SessionBlob]) -> anyhow::Result<()> {
-        self.call(service, &format!("import {handoff}"), 0, |id| {
-            let req = ImportRequest {
-                id,
-                op: "import",
-                handoff,
-                sessions: sessions.iter().map(|s| WireSession { client: s.client.to_string(), blob: STANDARD.encode(&s.blob) }).collect(),
-            };
-            serde_json::to_string(&req).context("encoding the import")
-        })
-        .await
-        .map(|_| ())
+        let what = format!("import {handoff}");
+        let text = self
+            .call(service, &what, 0, |id| {
+                tokio::task::block_in_place(|| {
+                    let req = ImportRequest {
+                        id,
+                        op: "import",
+                        handoff,
+                        sessions: sessions.iter().map(|s| WireSession { client: s.client.to_string(), blob: STANDARD.encode(&s.blob) }).collect(),
+                    };
+                    serde_json::to_string(&req).context("encoding the import")
+                })
+            })
+            .await?;
+        check_ok(&text).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))
     }
 
     /// Tells the application of `service` that hand-over `handoff` committed (`true`) or
@@ -480,8 +500,10 @@ impl Apps {
         loop {
             let registered = self.registered.notified();
             if self.has(service) {
-                match self.call(service, &format!("{op} {handoff}"), 0, |id| Ok(json!({"id": id, "op": op, "handoff": handoff}).to_string())).await {
-                    Ok(_) => break,
+                let what = format!("{op} {handoff}");
+                let answer = self.call(service, &what, 0, |id| Ok(json!({"id": id, "op": op, "handoff": handoff}).to_string())).await;
+                match answer.and_then(|t| check_ok(&t).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))) {
+                    Ok(()) => break,
                     Err(e) => {
                         failures += 1;
                         if failures == 1 || failures.is_multiple_of(30) {
@@ -607,8 +629,10 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
                 }
             }
             let line = std::mem::take(&mut buf);
-            // Only the id is read here; the requester parses the rest.
-            let id = match serde_json::from_slice::<Head>(&line) {
+            // Only the id is read here; the requester parses the rest. A big line (an export
+            // answer) takes a while to scan: off the async workers.
+            let head = if line.len() > (1 << 20) { tokio::task::block_in_place(|| serde_json::from_slice::<Head>(&line)) } else { serde_json::from_slice::<Head>(&line) };
+            let id = match head {
                 Ok(Head { id: Some(id) }) => id.as_u64(),
                 Ok(Head { id: None }) => None,
                 Err(e) => {
@@ -669,6 +693,11 @@ mod tests {
         assert!(err(br#"{"id":1,"ok":true,"sessions":[{"client":"198.18.1.5","blob":"%%"}]}"#).contains("not base64"));
         assert!(err(br#"{"id":1,"ok":true,"sessions":[{"client":"198.18.1.5","blob":"eHl6eHl6eHl6eHl6"}]}"#).contains("over the limit"));
         assert!(err(b"not json").contains("malformed"));
+        assert!(err(br#"{"id":1,"sessions":[]}"#).contains("without a boolean \"ok\""));
+        assert!(err(br#"{"id":1,"ok":"yes","sessions":[]}"#).contains("without a boolean \"ok\""));
+        assert!(err(br#"{"id":1,"ok":false,"error":"busy"}"#).contains("refused: busy"));
+        assert_eq!(check_ok(br#"{"id":3,"ok":true}"#), Ok(()));
+        assert!(check_ok(br#"{"id":3}"#).is_err());
     }
 
     #[test]

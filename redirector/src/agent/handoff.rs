@@ -166,24 +166,31 @@ impl Agent {
         // Every application of these clients' services hands their sessions over (a service
         // that keeps sessions must have one: `move_clients` checked).
         let apps: Vec<SocketAddr> = services.iter().copied().filter(|s| self.apps.has(*s) || self.keeps_sessions(*s)).collect();
-        let exported = match self.export_all(name, id, &handoff, &apps, &addrs).await {
-            Ok(e) => e,
+        // The export, and what the volunteer must receive of it, per service (count and
+        // digest), with the volunteer's reservation kept alive all along.
+        let prepared = self
+            .keep_lease(name, id, &apps, async {
+                let exported = self.export_all(&handoff, &apps, &addrs).await?;
+                let t_export = t0.elapsed();
+                let (exported, sets) = tokio::task::spawn_blocking(move || {
+                    let sets: Vec<SessionSet> =
+                        exported.iter().map(|(svc, s)| SessionSet { service: *svc, count: u64::try_from(s.len()).unwrap_or(u64::MAX), digest: peer::digest(s) }).collect();
+                    (exported, sets)
+                })
+                .await?;
+                Ok::<_, anyhow::Error>((exported, sets, t_export))
+            })
+            .await;
+        let (exported, sets, t_export) = match prepared {
+            Ok(p) => p,
             Err(e) => {
                 self.conclude(name, id, &handoff, &apps, busy.take(), false, format!("export failed: {e:#}")).await;
                 return 0;
             }
         };
-        let t_export = t0.elapsed();
         let n_sessions: usize = exported.iter().map(|(_, s)| s.len()).sum();
-        // What the volunteer must receive, per service, and the time its imports may take.
+        // The time the volunteer's imports may take.
         let allowance: Duration = exported.iter().filter(|(_, s)| !s.is_empty()).map(|(_, s)| self.limits().import_allowance(s)).sum();
-        let (exported, sets) = tokio::task::spawn_blocking(move || {
-            let sets: Vec<SessionSet> =
-                exported.iter().map(|(svc, s)| SessionSet { service: *svc, count: u64::try_from(s.len()).unwrap_or(u64::MAX), digest: peer::digest(s) }).collect();
-            (exported, sets)
-        })
-        .await
-        .expect("digest task");
         // Session blobs and long client lists first, in frames under the peer limit.
         let mut frames = session_frames(id, exported, self.cfg.max_frame);
         let mut parts = peer::client_chunks(clients.clone(), &services, self.cfg.max_frame);
@@ -247,22 +254,26 @@ impl Agent {
         n
     }
 
-    /// Exports the sessions of `clients` from every application in `apps` at once; keeps the
-    /// volunteer's reservation alive meanwhile (empty `Sessions` frames).
-    async fn export_all(self: &Arc<Self>, name: &str, id: u64, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr]) -> anyhow::Result<Vec<(SocketAddr, Vec<SessionBlob>)>> {
-        let Some(first) = apps.first().copied() else { return Ok(Vec::new()) };
+    /// Exports the sessions of `clients` from every application in `apps` at once.
+    async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr]) -> anyhow::Result<Vec<(SocketAddr, Vec<SessionBlob>)>> {
         if let Some(svc) = apps.iter().find(|s| !self.apps.has(**s)) {
             return Err(anyhow!("service {svc} keeps sessions (sessions = true) and no application is registered for it"));
         }
-        let exports = futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|s| (*svc, s)) }));
-        tokio::pin!(exports);
+        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|s| (*svc, s)) })).await
+    }
+
+    /// Runs `work` while keeping volunteer `name`'s reservation for transfer `id` alive (an
+    /// empty `Sessions` frame every half lease): a big export outlasts a lease.
+    async fn keep_lease<T>(self: &Arc<Self>, name: &str, id: u64, apps: &[SocketAddr], work: impl Future<Output = T>) -> T {
+        let Some(service) = apps.first().copied() else { return work.await };
+        tokio::pin!(work);
         let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
         keepalive.tick().await;
         loop {
             tokio::select! {
-                r = &mut exports => return r,
+                r = &mut work => return r,
                 _ = keepalive.tick() => {
-                    let _ = self.send_to(name, Msg::Sessions { id, service: first, sessions: Vec::new() }).await;
+                    let _ = self.send_to(name, Msg::Sessions { id, service, sessions: Vec::new() }).await;
                 }
             }
         }
@@ -276,7 +287,7 @@ impl Agent {
         self.state().outcomes.insert((name.to_string(), id), (verdict, Instant::now()));
         let me = self.clone();
         let (apps, h) = (apps.to_vec(), handoff.to_string());
-        tokio::spawn(async move {
+        let settled = tokio::spawn(async move {
             futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &h, commit))).await;
             me.unbusy(&clients);
         });
@@ -290,6 +301,10 @@ impl Agent {
                 self.tell(name, handoff, Msg::Abort { id, reason: why }).await;
             }
         }
+        // The applications normally confirm at once: the hand-over ends with them (and its
+        // clients may move again). One that does not is told in the background, for as long
+        // as it takes.
+        let _ = tokio::time::timeout(self.limits().timeout, settled).await;
     }
 
     /// Installs the rules for clients a volunteer acknowledged: per family, one probe through
