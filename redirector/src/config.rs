@@ -45,8 +45,9 @@ pub struct Config {
     pub lease_ms: u64,
     /// Largest peer frame accepted, in bytes.
     pub max_frame: usize,
-    /// How long a volunteer waits for the `Commit` or `Abort` of a transfer it acknowledged,
-    /// and for the `Transfer` of sessions it received, in ms.
+    /// How long a volunteer keeps sessions and clients received ahead of a `Transfer` that
+    /// never comes, in ms. (An acknowledged transfer whose `Commit` or `Abort` does not come
+    /// is never settled by a guess: the volunteer asks its origin.)
     pub handoff_expiry_ms: u64,
     /// How long a volunteer keeps an adopted client that its origin never released and that
     /// has had no connection here, in seconds. Until then the room promised to it stays
