@@ -1,9 +1,17 @@
 #!/usr/bin/env node
 // The redirector demo application in plain Node.js (no packages): an HTTP/1.1 server with a
 // session per client address (a counter and the last few counts), whose sessions move with
-// their clients through the redirector agent's application hook (docs/app-protocol.md).
+// their clients through the redirector agent's application hook (docs/app-protocol.md,
+// version 1).
 //
 //   node server.js --name A --listen 198.18.0.10:80 [--hook /run/redirector/a-app.sock --service ADDR]
+//                  [--freeze-wait-ms MS]
+//
+// The application never decides how a hand-over ends: if the hook drops, frozen clients stay
+// frozen and imported sessions stay tentative; on reconnecting it reports them (`pending`)
+// and the agent answers each with commit or abort. A request of a frozen client waits for
+// the outcome up to --freeze-wait-ms (default 10000), then gets a 503 (never the frozen
+// session). Hook events are logged to stderr as `hook: ...` lines.
 'use strict';
 
 const http = require('http');
@@ -17,63 +25,120 @@ function arg(name) {
 const name = arg('--name');
 const listen = arg('--listen');
 if (!name || !listen) {
-  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR]');
+  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS]');
   process.exit(2);
 }
 const hookPath = arg('--hook');
 const service = arg('--service') || listen;
+const freezeWait = Number(arg('--freeze-wait-ms') || 10000);
 const HISTORY = 5;
+const VERSION = 1;
 
-// client address -> { count, history, frozen, moved, imported, waiters, sockets }
+// A client address in the agent's form: IPv4 as a.b.c.d (a dual-stack listener reports IPv4
+// clients as ::ffff:a.b.c.d), IPv6 compressed and lower-case (RFC 5952). null if not one.
+function canon(addr) {
+  if (typeof addr !== 'string') return null;
+  const m = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(addr);
+  if (m) addr = m[1];
+  if (net.isIPv4(addr)) return addr;
+  if (!net.isIPv6(addr)) return null;
+  // The URL parser writes IPv6 hosts in the canonical form.
+  const host = new URL(`http://[${addr}]/`).hostname.slice(1, -1);
+  const hex = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(host);
+  if (hex) {
+    const [hi, lo] = [parseInt(hex[1], 16), parseInt(hex[2], 16)];
+    return `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`;
+  }
+  return host;
+}
+
+// client address -> { session: null | { count, history }, frozen, moved, imported, waiters, sockets }
 const clients = new Map();
 
 function entry(client) {
   let e = clients.get(client);
   if (!e) {
-    e = { count: 0, history: [], frozen: null, moved: false, imported: null, waiters: [], sockets: new Set() };
+    e = { session: null, frozen: null, moved: false, imported: null, waiters: new Set(), sockets: new Set() };
     clients.set(client, e);
   }
   return e;
 }
 
+// Runs the requests waiting for this client's hand-over to end.
 function wake(e) {
-  const waiters = e.waiters;
-  e.waiters = [];
+  const waiters = [...e.waiters];
+  e.waiters.clear();
   for (const w of waiters) w();
 }
 
 const server = http.createServer((req, res) => {
   const socket = req.socket;
-  const client = socket.remoteAddress;
+  const client = canon(socket.remoteAddress);
   const e = entry(client);
   socket.busy = true;
   req.resume();
   const go = () => {
-    if (e.moved || e.frozen) {
+    if (e.moved) {
       // The session lives elsewhere now: no answer; the client's retry opens a new
       // connection, which the kernel steers to the sibling.
+      console.error(`closing a connection of ${client}: its session moved`);
       socket.destroy();
       return;
     }
-    e.count += 1;
-    e.history.push(e.count);
-    if (e.history.length > HISTORY) e.history.shift();
-    const body = JSON.stringify({ server: name, client, count: e.count, history: e.history });
+    if (e.frozen) {
+      // Frozen for too long: the session is neither forked nor lost; the client may retry.
+      console.error(`answering 503 to ${client}: frozen by hand-over ${e.frozen} for over ${freezeWait} ms`);
+      const body = JSON.stringify({ server: name, client, error: `session frozen by hand-over ${e.frozen}: retry later` });
+      res.writeHead(503, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Retry-After': '1', Connection: 'keep-alive' });
+      res.end(body);
+      socket.busy = false;
+      return;
+    }
+    if (!e.session) e.session = { count: 0, history: [] };
+    const s = e.session;
+    s.count += 1;
+    s.history.push(s.count);
+    if (s.history.length > HISTORY) s.history.shift();
+    const body = JSON.stringify({ server: name, client, count: s.count, history: s.history });
     res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'keep-alive' });
     res.end(body);
     socket.busy = false;
   };
   if (e.frozen) {
-    // Wait for the hand-over to end (bounded: the agent aborts hung hand-overs sooner).
-    const timer = setTimeout(() => socket.destroy(), 10000);
-    e.waiters.push(() => { clearTimeout(timer); go(); });
+    // Wait for the hand-over to end, at most freezeWait; a waiter is removed when it runs or
+    // when its connection goes, so a later wake never answers (or counts) for nobody.
+    let timer = null;
+    const done = () => {
+      clearTimeout(timer);
+      e.waiters.delete(waiter);
+      socket.removeListener('close', done);
+    };
+    const waiter = () => {
+      done();
+      if (socket.destroyed) return;
+      if (e.frozen) {
+        // Another hand-over froze it meanwhile: wait again (the bound counts from now).
+        e.waiters.add(waiter);
+        timer = setTimeout(timeout, freezeWait);
+        socket.once('close', done);
+        return;
+      }
+      go();
+    };
+    const timeout = () => {
+      done();
+      if (!socket.destroyed) go();
+    };
+    timer = setTimeout(timeout, freezeWait);
+    e.waiters.add(waiter);
+    socket.once('close', done);
   } else {
     go();
   }
 });
 server.keepAliveTimeout = 60000;
 server.on('connection', (socket) => {
-  const e = entry(socket.remoteAddress);
+  const e = entry(canon(socket.remoteAddress));
   e.moved = false;
   socket.busy = false;
   e.sockets.add(socket);
@@ -85,93 +150,115 @@ server.listen(port, host, () => console.error(`listening on ${listen} as ${name}
 
 // ---- the hook ----------------------------------------------------------------------------
 
-function blob(e) {
-  return Buffer.from(JSON.stringify({ count: e.count, history: e.history })).toString('base64');
+function blob(s) {
+  return Buffer.from(JSON.stringify({ count: s.count, history: s.history })).toString('base64');
 }
 
-function handle(req, open) {
+// Hand-overs not seen end, from the sessions' own state: reported when registering.
+function pending() {
+  const byHandoff = new Map();
+  const add = (h, role, c) => {
+    if (!byHandoff.has(h)) byHandoff.set(h, { handoff: h, role, clients: [] });
+    byHandoff.get(h).clients.push(c);
+  };
+  for (const [c, e] of clients) {
+    if (e.frozen) add(e.frozen, 'export', c);
+    if (e.imported) add(e.imported, 'import', c);
+  }
+  return [...byHandoff.values()];
+}
+
+function handle(req) {
   const h = req.handoff;
   switch (req.op) {
-    case 'registered':
-      return null;
     case 'export': {
-      open.add(h);
+      // Freeze every listed client (no session may be created for one meanwhile); send the
+      // sessions of those that have one.
       const sessions = [];
       for (const c of req.clients || []) {
-        const e = clients.get(c);
-        if (!e) continue;
+        const client = canon(c);
+        if (!client) continue;
+        const e = entry(client);
         e.frozen = h;
-        sessions.push({ client: c, blob: blob(e) });
+        if (e.session) sessions.push({ client, blob: blob(e.session) });
       }
+      console.error(`hook: export ${h}: froze ${(req.clients || []).length} clients, ${sessions.length} sessions`);
       return { id: req.id, ok: true, sessions };
     }
     case 'import': {
-      open.add(h);
       const parsed = [];
       for (const s of req.sessions || []) {
+        const client = canon(s.client);
         let v;
         try {
           v = JSON.parse(Buffer.from(s.blob, 'base64').toString());
         } catch (err) {
           return { id: req.id, ok: false, error: `bad session blob for ${s.client}` };
         }
-        if (typeof v.count !== 'number' || !Array.isArray(v.history)) {
+        if (!client || typeof v.count !== 'number' || !Array.isArray(v.history)) {
           return { id: req.id, ok: false, error: `bad session for ${s.client}` };
         }
-        parsed.push([s.client, v]);
+        parsed.push([client, v]);
       }
       for (const [c, v] of parsed) {
         const e = entry(c);
-        e.count = v.count;
-        e.history = v.history;
+        e.session = { count: v.count, history: v.history };
         e.moved = false;
         e.frozen = null;
         e.imported = h;
       }
+      console.error(`hook: import ${h}: ${parsed.length} sessions (tentative until the commit)`);
       return { id: req.id, ok: true };
     }
-    case 'commit':
-      open.delete(h);
+    case 'commit': {
+      let [out, confirmed] = [0, 0];
       for (const e of clients.values()) {
         if (e.frozen === h) {
+          out += 1;
           e.frozen = null;
           e.moved = true;
-          e.count = 0;
-          e.history = [];
+          e.session = null;
           for (const s of e.sockets) if (!s.busy) s.destroy();
           wake(e);
         }
-        if (e.imported === h) e.imported = null;
+        if (e.imported === h) {
+          confirmed += 1;
+          e.imported = null;
+        }
       }
+      console.error(`hook: commit ${h}: ${out} clients moved out, ${confirmed} imported sessions confirmed`);
       return { id: req.id, ok: true };
-    case 'abort':
-      open.delete(h);
-      abort(h);
+    }
+    case 'abort': {
+      let [unfrozen, dropped] = [0, 0];
+      for (const e of clients.values()) {
+        if (e.frozen === h) {
+          unfrozen += 1;
+          e.frozen = null;
+          wake(e);
+        }
+        if (e.imported === h) {
+          dropped += 1;
+          e.imported = null;
+          e.session = null;
+        }
+      }
+      console.error(`hook: abort ${h}: ${unfrozen} clients unfrozen, ${dropped} imported sessions dropped`);
       return { id: req.id, ok: true };
+    }
     default:
       return { id: req.id, ok: false, error: `unknown op ${req.op}` };
   }
 }
 
-function abort(h) {
-  for (const e of clients.values()) {
-    if (e.frozen === h) {
-      e.frozen = null;
-      wake(e);
-    }
-    if (e.imported === h) {
-      e.imported = null;
-      e.count = 0;
-      e.history = [];
-    }
-  }
-}
-
 function connectHook() {
-  const open = new Set();
   const sock = net.connect(hookPath);
   let buf = '';
-  sock.on('connect', () => sock.write(JSON.stringify({ op: 'register', service }) + '\n'));
+  sock.on('connect', () => {
+    const p = pending();
+    sock.write(JSON.stringify({ op: 'register', service, version: VERSION, pending: p }) + '\n');
+    if (p.length) console.error(`hook: registering with ${p.length} unfinished hand-over(s)`);
+  });
   sock.on('data', (d) => {
     buf += d;
     let i;
@@ -182,16 +269,22 @@ function connectHook() {
       try {
         req = JSON.parse(line);
       } catch (err) {
+        console.error('hook: ignoring a line that is not JSON from the agent');
         continue;
       }
-      const reply = handle(req, open);
-      if (reply) sock.write(JSON.stringify(reply) + '\n');
+      if (req.op === 'registered') continue;
+      if (req.op === 'error') {
+        // Refused or replaced: reconnect (and register again).
+        console.error(`hook: the agent says: ${req.error}`);
+        sock.destroy();
+        return;
+      }
+      sock.write(JSON.stringify(handle(req)) + '\n');
     }
   });
   sock.on('error', () => {});
   sock.on('close', () => {
-    // The agent went away mid-hand-over: undo what it started.
-    for (const h of open) abort(h);
+    // Unfinished hand-overs stay as they are (frozen, tentative) until the agent says.
     setTimeout(connectHook, 500);
   });
 }

@@ -1,6 +1,6 @@
 //! The admin socket: a Unix socket (mode 0600) answering `status` with one JSON document.
 
-use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::{
@@ -20,12 +20,10 @@ pub async fn serve(agent: Arc<Agent>) {
 
 async fn serve_inner(agent: Arc<Agent>) -> anyhow::Result<()> {
     let path = agent.admin_socket();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // Mode 0600 from the start: the socket appears only once set up.
+    let listener = crate::sock::bind(&path, 0o600, None)?;
+    listener.set_nonblocking(true).context("admin socket")?;
+    let listener = UnixListener::from_std(listener).context("admin socket")?;
     loop {
         let (stream, _) = listener.accept().await?;
         let agent = agent.clone();

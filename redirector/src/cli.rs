@@ -38,6 +38,20 @@ fn format_status(v: &serde_json::Value, now: u64) -> String {
     if v["promised"].as_u64().is_some_and(|p| p > 0) {
         let _ = writeln!(out, "room promised to adopted clients not arrived yet: {} connections", v["promised"]);
     }
+    let hook = &v["hook"];
+    if hook.is_object() {
+        let apps: Vec<&str> = hook["registered"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_str).collect();
+        let _ = writeln!(out, "applications registered: {}", if apps.is_empty() { "none".to_string() } else { apps.join(", ") });
+        let h = &v["handoffs"];
+        let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+        let (unconfirmed, awaiting, undecided, busy) = (n(&hook["unconfirmed"]), n(&h["awaiting_outcome"]), n(&h["undecided"]), n(&h["clients_in_progress"]));
+        if unconfirmed + awaiting + undecided + busy > 0 {
+            let _ = writeln!(
+                out,
+                "hand-overs unfinished: {undecided} in progress here, {awaiting} awaiting their origin's outcome, {unconfirmed} outcomes not confirmed by an application yet ({busy} clients held)"
+            );
+        }
+    }
     let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
     for s in v["siblings"].as_array().into_iter().flatten() {
         rows.push(vec![
@@ -207,7 +221,8 @@ pub struct AgentArgs {
     /// Replace the siblings: NAME=ADDR:PORT, repeatable.
     #[arg(long = "sibling", value_parser = parse_sibling)]
     pub siblings: Vec<crate::config::Sibling>,
-    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER], repeatable.
+    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions], repeatable
+    /// (`sessions`: the service's clients never move without their sessions).
     #[arg(long = "service", value_parser = parse_service)]
     pub services: Vec<crate::config::Service>,
 }
@@ -219,17 +234,22 @@ fn parse_sibling(s: &str) -> Result<crate::config::Sibling, String> {
 }
 
 fn parse_service(s: &str) -> Result<crate::config::Service, String> {
-    let parts: Vec<&str> = s.split(',').collect();
+    let mut parts: Vec<&str> = s.split(',').collect();
+    let sessions = parts.len() > 3 && parts.last() == Some(&"sessions");
+    if sessions {
+        parts.pop();
+    }
     let (addr, dev, cgroup, listener) = match parts.as_slice() {
         [addr, dev, cgroup] => (*addr, *dev, *cgroup, None),
         [addr, dev, cgroup, listener] => (*addr, *dev, *cgroup, Some(*listener)),
-        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER]")),
+        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions]")),
     };
     Ok(crate::config::Service {
         address: addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?,
         dev: dev.to_string(),
         cgroup: PathBuf::from(cgroup),
         listener: listener.map(|l| l.parse().map_err(|_| format!("{s:?}: {l:?} is not ADDR:PORT"))).transpose()?,
+        sessions,
     })
 }
 
@@ -684,9 +704,21 @@ mod tests {
             "adopted": [{"client": "198.18.1.9", "from": "c", "since_unix": 925, "promised": 1, "connections": 0}],
             "orphaned": [{"prefix": "198.18.1.39/32", "target": "198.18.0.99", "why": "target 198.18.0.99 is not a configured sibling"}],
             "counters": {"forwarded-new": 17, "passed": 3},
+            "hook": {"registered": ["198.18.0.10:80"], "unconfirmed": 1},
+            "handoffs": {"clients_in_progress": 2, "awaiting_outcome": 0, "undecided": 0},
         });
         let t = format_status(&v, 1012);
-        for want in ["0.2s ago", "198.18.1.5    b   12s ago", "1m27s ago", "forwarded-new  17", "198.18.1.39/32", "rules draining: 1", "moved 3 client(s)"] {
+        for want in [
+            "0.2s ago",
+            "198.18.1.5    b   12s ago",
+            "1m27s ago",
+            "forwarded-new  17",
+            "198.18.1.39/32",
+            "rules draining: 1",
+            "moved 3 client(s)",
+            "applications registered: 198.18.0.10:80",
+            "1 outcomes not confirmed by an application yet (2 clients held)",
+        ] {
             assert!(t.contains(want), "{want:?} in:\n{t}");
         }
         assert!(!t.contains("1000"), "no raw Unix times:\n{t}");

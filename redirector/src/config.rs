@@ -45,8 +45,9 @@ pub struct Config {
     pub lease_ms: u64,
     /// Largest peer frame accepted, in bytes.
     pub max_frame: usize,
-    /// How long a volunteer waits for the `Commit` or `Abort` of a transfer it acknowledged,
-    /// and for the `Transfer` of sessions it received, in ms.
+    /// How long a volunteer keeps sessions and clients received ahead of a `Transfer` that
+    /// never comes, in ms. (An acknowledged transfer whose `Commit` or `Abort` does not come
+    /// is never settled by a guess: the volunteer asks its origin.)
     pub handoff_expiry_ms: u64,
     /// How long a volunteer keeps an adopted client that its origin never released and that
     /// has had no connection here, in seconds. Until then the room promised to it stays
@@ -57,8 +58,13 @@ pub struct Config {
     pub app_socket: Option<PathBuf>,
     /// Owner of the app socket, `UID:GID` (mode 0660); default: root.
     pub app_socket_owner: Option<String>,
-    /// How long the application may take to answer a hook request, in ms.
+    /// How long the application may take to answer a hook request, in ms, before the data's
+    /// own allowance (`app_timeout_per_mib_ms`).
     pub app_timeout_ms: u64,
+    /// More time for big hook requests and answers: this many ms per MiB of the request line
+    /// and per MiB of answer received so far (10 MiB/s at the default). The origin's wait for
+    /// a transfer's acknowledgement grows by the volunteer's import allowance too.
+    pub app_timeout_per_mib_ms: u64,
     /// Largest session blob accepted, in bytes; larger ones abort the hand-over.
     pub max_session_bytes: usize,
     pub tls: TlsFiles,
@@ -91,6 +97,7 @@ impl Default for Config {
             app_socket: None,
             app_socket_owner: None,
             app_timeout_ms: 2000,
+            app_timeout_per_mib_ms: 100,
             max_session_bytes: 256 << 10,
             tls: TlsFiles::default(),
             siblings: Vec::new(),
@@ -172,6 +179,11 @@ pub struct Service {
     /// the same port is adopted onto this listener.
     #[serde(default)]
     pub listener: Option<SocketAddr>,
+    /// The application keeps per-client sessions that must move with the clients: then no
+    /// client of this service's family moves while no application is registered on the hook
+    /// for it (the round says why), instead of moving without its session. Default false.
+    #[serde(default)]
+    pub sessions: bool,
 }
 
 impl Service {
@@ -413,6 +425,10 @@ cgroup = "/sys/fs/cgroup/app"
         assert_eq!(c.liveness_ms, 3000);
         assert_eq!(c.instance(), "a");
         assert_eq!(c.services[0].listener(), "198.18.0.10:80".parse().unwrap());
+        assert!(!c.services[0].sessions, "clients move without sessions unless a service says otherwise");
+        assert_eq!((c.app_timeout_ms, c.app_timeout_per_mib_ms), (2000, 100));
+        let c: Config = toml::from_str(&GOOD.replace("cgroup = \"/sys/fs/cgroup/app\"", "cgroup = \"/sys/fs/cgroup/app\"\nsessions = true")).unwrap();
+        assert!(c.services[0].sessions);
     }
 
     #[test]

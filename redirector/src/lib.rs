@@ -6,3 +6,4 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod peer;
+pub mod sock;

@@ -19,8 +19,10 @@ use tokio_util::codec::LengthDelimitedCodec;
 
 /// Version of the sibling protocol; a peer speaking another one is refused. Version 2:
 /// transfers name every tunnel source, long client lists travel in `Clients` chunks, and a
-/// refused peer is told why (`Refused`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// refused peer is told why (`Refused`). Version 3: sessions say which service they belong
+/// to, a transfer counts and digests them per service, and a volunteer can ask the origin for
+/// the outcome of a hand-over (`Outcome`, `OutcomeIs`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
 const FRAME_OVERHEAD: usize = 4096;
@@ -37,6 +39,49 @@ pub struct MovedClient {
 pub struct SessionBlob {
     pub client: IpAddr,
     pub blob: Vec<u8>,
+}
+
+/// The sessions of one of the origin's services in a transfer: how many, and their digest
+/// ([`digest`]). The volunteer imports them only if it received exactly these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSet {
+    /// The origin's service address the sessions belong to.
+    pub service: SocketAddr,
+    pub count: u64,
+    pub digest: u64,
+}
+
+/// The outcome of a hand-over, as its origin knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The origin's rules steer the clients to the volunteer: the sessions live there.
+    Committed,
+    /// Nothing was steered: the sessions live on the origin.
+    Aborted,
+    /// Not decided yet (the origin is still working on it): ask again later.
+    Pending,
+}
+
+/// The digest of a list of sessions: the wrapping sum, over the sessions, of the first 8 bytes
+/// (big-endian) of SHA-256(client address as 16 bytes, IPv4 as IPv4-mapped IPv6 || blob).
+/// Order does not matter; a lost, added or changed session changes it (with the count).
+#[must_use]
+pub fn digest<'a>(sessions: impl IntoIterator<Item = &'a SessionBlob>) -> u64 {
+    sessions.into_iter().fold(0u64, |sum, s| sum.wrapping_add(session_digest(s)))
+}
+
+fn session_digest(s: &SessionBlob) -> u64 {
+    let addr = match s.client {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&addr);
+    ctx.update(&s.blob);
+    let d = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// Messages between siblings. Requests travel on the requester's own connection, answers come
@@ -58,15 +103,17 @@ pub enum Msg {
     Offer { id: u64, capacity: u64, lease_ms: u64 },
     /// A sibling cannot help.
     Decline { id: u64, reason: String },
-    /// Session blobs of clients about to be transferred (several frames may precede the
-    /// `Transfer` of the same id).
-    Sessions { id: u64, sessions: Vec<SessionBlob> },
+    /// Session blobs of clients about to be transferred, exported by the application of the
+    /// origin's `service` (several frames may precede the `Transfer` of the same id; an empty
+    /// one keeps the volunteer's reservation alive during a long export).
+    Sessions { id: u64, service: SocketAddr, sessions: Vec<SessionBlob> },
     /// The origin hands clients over (these and those of the `Clients` chunks before it): the
     /// volunteer serves `services` (the origin's service addresses) and accepts tunnels from
     /// the origin's control addresses before it acknowledges. `tunnel_src` are the origin's
     /// tunnel sources; the volunteer refuses them unless they are the ones it has configured
-    /// for that sibling.
-    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, clients: Vec<MovedClient> },
+    /// for that sibling. `sessions` counts and digests, per service, the sessions sent before
+    /// it: the volunteer refuses the transfer unless it received exactly those.
+    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, clients: Vec<MovedClient>, sessions: Vec<SessionSet> },
     /// The volunteer is ready: the origin may steer.
     TransferAck { id: u64 },
     /// The origin steered the transferred clients: the volunteer's imported sessions are
@@ -81,6 +128,12 @@ pub enum Msg {
     Clients { id: u64, clients: Vec<MovedClient> },
     /// The connection is refused (sent instead of a hello, then the connection closes).
     Refused { reason: String },
+    /// A volunteer asks the origin how hand-over `handoff` (the origin's transfer id) ended;
+    /// `clients` are some of its clients (the origin checks its rules for them if it keeps no
+    /// record of it). `id` is the volunteer's own request id.
+    Outcome { id: u64, handoff: u64, clients: Vec<IpAddr> },
+    /// The origin's answer to `Outcome` `id`.
+    OutcomeIs { id: u64, verdict: Verdict },
 }
 
 /// `items` in chunks whose encoding, with `overhead` bytes of other fields, stays under
@@ -107,6 +160,10 @@ pub fn client_chunks(clients: Vec<MovedClient>, services: &[SocketAddr], max_fra
     }
     c
 }
+
+/// At most this many clients are named in an `Outcome` query (the origin's rules for a
+/// transfer are all in or all out per family, so a sample of each family decides).
+pub const OUTCOME_SAMPLE: usize = 256;
 
 /// Addresses in chunks that fit in `Release` frames of `max_frame` bytes.
 #[must_use]
@@ -280,14 +337,18 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, connections, clients)| Msg::HelpRequest { id, connections, clients }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, capacity, lease_ms)| Msg::Offer { id, capacity, lease_ms }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Decline { id, reason }),
-            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, tunnel_src, c)| {
-                Msg::Transfer {
-                    id,
-                    services: vec![SocketAddr::new(tunnel_src, 80)],
-                    tunnel_src: vec![tunnel_src],
-                    clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
-                }
-            }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3))
+                .prop_map(|(id, tunnel_src, c, sets)| {
+                    Msg::Transfer {
+                        id,
+                        services: vec![SocketAddr::new(tunnel_src, 80)],
+                        tunnel_src: vec![tunnel_src],
+                        clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
+                        sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(tunnel_src, 80), count, digest }).collect(),
+                    }
+                }),
+            (any::<u64>(), any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, handoff, clients)| Msg::Outcome { id, handoff, clients }),
+            (any::<u64>(), prop_oneof![Just(Verdict::Committed), Just(Verdict::Aborted), Just(Verdict::Pending)]).prop_map(|(id, verdict)| Msg::OutcomeIs { id, verdict }),
             (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, c)| Msg::Clients {
                 id,
                 clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
@@ -297,8 +358,11 @@ mod tests {
             any::<u64>().prop_map(|id| Msg::Commit { id }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Abort { id, reason }),
             proptest::collection::vec(ip.clone(), 0..20).prop_map(|clients| Msg::Release { clients }),
-            (any::<u64>(), proptest::collection::vec((ip, proptest::collection::vec(any::<u8>(), 0..64)), 0..8))
-                .prop_map(|(id, s)| Msg::Sessions { id, sessions: s.into_iter().map(|(client, blob)| SessionBlob { client, blob }).collect() }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip, proptest::collection::vec(any::<u8>(), 0..64)), 0..8)).prop_map(|(id, svc, s)| Msg::Sessions {
+                id,
+                service: SocketAddr::new(svc, 443),
+                sessions: s.into_iter().map(|(client, blob)| SessionBlob { client, blob }).collect()
+            }),
         ]
     }
 
@@ -364,7 +428,8 @@ mod tests {
             assert!(chunks.len() > 1, "{max_frame}: one frame would not do");
             assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), clients.len(), "nobody lost");
             for c in &chunks {
-                let last = Msg::Transfer { id: u64::MAX, services: services.clone(), tunnel_src: vec![v6(0), v6(1)], clients: c.clone() };
+                let sessions = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX }).collect();
+                let last = Msg::Transfer { id: u64::MAX, services: services.clone(), tunnel_src: vec![v6(0), v6(1)], clients: c.clone(), sessions };
                 assert!(last.encode().len() <= max_frame, "{max_frame}: a transfer of {} clients is {} bytes", c.len(), last.encode().len());
                 let part = Msg::Clients { id: u64::MAX, clients: c.clone() };
                 assert!(part.encode().len() <= max_frame);
@@ -375,6 +440,28 @@ mod tests {
             }
         }
         assert_eq!(client_chunks(Vec::new(), &services, 8192), vec![Vec::new()], "a transfer of nobody is one frame");
+        // An outcome query's sample of clients fits in a frame too.
+        let sample: Vec<IpAddr> = (0..u32::try_from(OUTCOME_SAMPLE).unwrap()).map(v6).collect();
+        assert!(Msg::Outcome { id: u64::MAX, handoff: u64::MAX, clients: sample }.encode().len() <= 8192);
+    }
+
+    /// The digest sees every lost, added, changed or moved byte, whatever the order.
+    #[test]
+    fn the_digest_of_sessions_ignores_order_but_nothing_else() {
+        let s = |c: u8, b: &[u8]| SessionBlob { client: IpAddr::from([198, 18, 1, c]), blob: b.to_vec() };
+        let all = [s(1, b"one"), s(2, b"two"), s(3, b"")];
+        let d = digest(&all);
+        assert_eq!(d, digest([&all[2], &all[0], &all[1]]), "order does not matter");
+        assert_ne!(d, digest(&all[..2]), "a lost session shows");
+        assert_ne!(d, digest(&[s(1, b"one"), s(2, b"twO"), s(3, b"")]), "a changed byte shows");
+        assert_ne!(d, digest(&[s(1, b"one"), s(4, b"two"), s(3, b"")]), "another client shows");
+        assert_ne!(digest(&[s(1, b"ab"), s(2, b"")]), digest(&[s(1, b"a"), s(2, b"b")]), "bytes moved between sessions show");
+        assert_eq!(digest(&[]), 0);
+        // Pinned: both sides of a transfer may run different builds.
+        assert_eq!(digest(&[s(5, b"x")]), session_digest(&s(5, b"x")));
+        let v4 = SessionBlob { client: IpAddr::from([198, 18, 1, 5]), blob: b"x".to_vec() };
+        let mapped = SessionBlob { client: IpAddr::from(std::net::Ipv4Addr::new(198, 18, 1, 5).to_ipv6_mapped()), blob: b"x".to_vec() };
+        assert_eq!(digest([&v4]), digest([&mapped]), "one address, one digest");
     }
 
     #[test]

@@ -143,9 +143,11 @@ pub enum DemoApp {
 }
 
 /// Starts the demo HTTP application `name` on `addr` in `host`'s namespace and `cgroup`,
-/// connected to the agent's hook socket `hook`.
+/// connected to the hook socket `hook` (the agent's, or a test proxy's), with `extra`
+/// arguments.
 #[must_use]
-pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, hook: &Path, logs: &Path) -> Proc {
+#[expect(clippy::too_many_arguments, reason = "one application's settings")]
+pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, addr: SocketAddr, hook: &Path, logs: &Path, extra: &[String]) -> Proc {
     let mut cmd: Vec<std::ffi::OsString> = match kind {
         DemoApp::Rust => vec![sibling_bin("redirector-demo-app").into_os_string()],
         DemoApp::Node => vec!["node".into(), Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node-demo/server.js").into_os_string()],
@@ -154,6 +156,7 @@ pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, add
         cmd.push(a.into());
     }
     cmd.push(hook.as_os_str().to_owned());
+    cmd.extend(extra.iter().map(Into::into));
     spawn_app(host, cgroup, &cmd, logs.join(format!("demo-{name}.log")))
 }
 
@@ -176,14 +179,20 @@ pub struct NodeSpec<'a> {
     pub cgroup: PathBuf,
     pub high: u64,
     pub low: u64,
+    /// The services keep sessions (`sessions = true`).
+    pub sessions: bool,
+    /// More lines for this node's configuration only.
+    pub extra: String,
 }
 
 /// Writes the TOML config of node `me` among `nodes` and returns its path.
 #[must_use]
 pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeSpec<'_>], extra: &str) -> PathBuf {
     let tls = dir.join("tls");
+    // Short liveness, unless the test sets its own.
+    let liveness = if extra.contains("liveness_ms") || me.extra.contains("liveness_ms") { "" } else { "heartbeat_ms = 200\nliveness_ms = 1500\n" };
     let mut s = format!(
-        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\nheartbeat_ms = 200\nliveness_ms = 1500\n{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\n{liveness}{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         me.name,
         me.host.v4[0],
         me.host.ns,
@@ -193,7 +202,7 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         dir.join(format!("{}-app.sock", me.name)).display(),
         me.high,
         me.low,
-        me.service6.map(|_| format!("dual_stack_address = \"{}\"\n", me.host.v6[0])).unwrap_or_default(),
+        me.service6.map(|_| format!("dual_stack_address = \"{}\"\n", me.host.v6[0])).unwrap_or_default() + &me.extra,
         tls.join("ca.pem").display(),
         tls.join(format!("{}.pem", me.name)).display(),
         tls.join(format!("{}.key", me.name)).display(),
@@ -205,7 +214,7 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         }
     }
     for svc in std::iter::once(me.service).chain(me.service6) {
-        s.push_str(&format!("[[service]]\naddress = \"{svc}\"\ndev = \"eth0\"\ncgroup = \"{}\"\n", me.cgroup.display()));
+        s.push_str(&format!("[[service]]\naddress = \"{svc}\"\ndev = \"eth0\"\ncgroup = \"{}\"\nsessions = {}\n", me.cgroup.display(), me.sessions));
     }
     let path = dir.join(format!("{}.toml", me.name));
     fs::write(&path, s).expect("write agent config");
@@ -215,16 +224,24 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
 /// Starts `redirector agent --config CONFIG`; its log goes to `<config>.log`.
 #[must_use]
 pub fn start_agent(config: &Path) -> Proc {
+    start_agent_with(config, None)
+}
+
+/// Like [`start_agent`], with test faults (`REDIRECTOR_TEST_FAULTS`). A previous log is kept
+/// as `<config>.prev.log`.
+#[must_use]
+pub fn start_agent_with(config: &Path, faults: Option<&str>) -> Proc {
     let log = config.with_extension("log");
-    let child = Command::new(redirector_bin())
-        .args(["agent", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("agent log"))
-        .spawn()
-        .expect("start the agent");
+    if log.exists() {
+        let _ = fs::rename(&log, config.with_extension("prev.log"));
+    }
+    let file = fs::File::create(&log).expect("agent log");
+    let mut c = Command::new(redirector_bin());
+    c.args(["agent", "--config"]).arg(config).env("RUST_LOG", "info").env_remove(redirector::agent::faults::ENV);
+    if let Some(f) = faults {
+        c.env(redirector::agent::faults::ENV, f);
+    }
+    let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().expect("start the agent");
     Proc { child, log }
 }
 
@@ -292,6 +309,33 @@ fn node_host<'a>(t: &'a Topology, name: &str) -> (&'a Host, SocketAddr, &'static
     }
 }
 
+/// Settings of one node of a [`Cluster`] beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOpts {
+    /// Test faults for its agent (`REDIRECTOR_TEST_FAULTS`).
+    pub faults: Option<String>,
+    /// More lines for its agent's configuration.
+    pub extra: String,
+    /// Its demo application connects to this socket (a file name in the cluster's folder, for
+    /// a [`crate::hook::HookProxy`]) instead of the agent's; the cluster does not wait for it
+    /// to register.
+    pub hook_via: Option<String>,
+    /// More arguments for its demo application.
+    pub app_args: Vec<String>,
+}
+
+/// How to build a [`Cluster`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The demo HTTP application (with its hook, `sessions = true`) instead of the test app.
+    pub demo: Option<DemoApp>,
+    /// More lines for every agent's configuration.
+    pub extra: String,
+    pub dual: bool,
+    /// Per node name.
+    pub nodes: HashMap<String, NodeOpts>,
+}
+
 /// A topology with an application and an agent on each named server ("a", "b", "c"), with
 /// certificates from one cluster CA. Everything stops and is removed when dropped.
 pub struct Cluster {
@@ -300,6 +344,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub cgroups: Cgroups,
     pub t: Topology,
+    /// Every application's process, by node name (also in `apps`, in start order).
+    pub app_of: HashMap<String, usize>,
 }
 
 impl Cluster {
@@ -334,6 +380,15 @@ impl Cluster {
     }
 
     fn build_with(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>, extra: &str, dual: bool) -> Self {
+        Self::with_options(clients, nodes, &Options { demo, extra: extra.to_string(), dual, nodes: HashMap::new() })
+    }
+
+    /// A cluster built with `opts`.
+    #[must_use]
+    pub fn with_options(clients: u16, nodes: &[(&str, u64, u64)], opts: &Options) -> Self {
+        let (demo, extra, dual) = (opts.demo, opts.extra.as_str(), opts.dual);
+        let none = NodeOpts::default();
+        let node_opts = |n: &str| opts.nodes.get(n).unwrap_or(&none);
         let extra_servers = nodes.iter().filter(|n| n.0.starts_with('s')).count();
         let t = Topology::with_servers(clients, u8::try_from(extra_servers).expect("at most 255 extra servers"));
         let cgroups = Cgroups::new(&t.prefix);
@@ -343,13 +398,17 @@ impl Cluster {
         let names: Vec<&str> = nodes.iter().map(|n| n.0).collect();
         make_certs(&dir.join("tls"), &names);
         let mut apps = Vec::new();
+        let mut app_of = HashMap::new();
         let specs: Vec<NodeSpec<'_>> = nodes
             .iter()
             .map(|(name, high, low)| {
                 let (host, service, app) = node_host(&t, name);
                 let cgroup = cgroups.group(&format!("{}-{name}", t.prefix));
+                let o = node_opts(name);
+                app_of.insert((*name).to_string(), apps.len());
                 if let Some(kind) = demo {
-                    apps.push(start_demo_app(kind, host, &cgroup, app, service, &dir.join(format!("{name}-app.sock")), &dir));
+                    let hook = dir.join(o.hook_via.clone().unwrap_or_else(|| format!("{name}-app.sock")));
+                    apps.push(start_demo_app(kind, host, &cgroup, app, service, &hook, &dir, &o.app_args));
                 } else {
                     apps.push(start_app(host, &cgroup, app, service, &dir));
                 }
@@ -362,19 +421,19 @@ impl Cluster {
                     }
                     apps.push(start_app(host, &cgroup, app, s6, &dir));
                 }
-                NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low }
+                NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low, sessions: demo.is_some(), extra: o.extra.clone() }
             })
             .collect();
         let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();
         let mut agents = std::collections::HashMap::new();
         for s in &specs {
             let cfg = agent_config(&t, &dir, s, &refs, extra);
-            agents.insert(s.name.to_string(), start_agent(&cfg));
+            agents.insert(s.name.to_string(), start_agent_with(&cfg, node_opts(s.name).faults.as_deref()));
         }
         drop(specs);
-        let c = Self { agents, apps, dir, cgroups, t };
+        let c = Self { agents, apps, dir, cgroups, t, app_of };
         if demo.is_some() {
-            for n in &names {
+            for n in names.iter().filter(|n| node_opts(n).hook_via.is_none()) {
                 let start = Instant::now();
                 while !c.log(n).contains("application registered") {
                     assert!(start.elapsed() < Duration::from_secs(10), "{n}'s application never registered:\n{}", c.log(n));
@@ -406,11 +465,34 @@ impl Cluster {
 
     /// Restarts node `name`'s agent (same configuration).
     pub fn restart(&mut self, name: &str) {
-        if let Some(mut a) = self.agents.remove(name) {
+        self.kill_agent(name);
+        self.start_again(name, None);
+    }
+
+    /// Kills node `name`'s agent (SIGKILL, as a crash).
+    pub fn kill_agent(&mut self, name: &str) {
+        if let Some(a) = self.agents.get_mut(name) {
             a.kill();
         }
-        self.agents.insert(name.to_string(), start_agent(&self.dir.join(format!("{name}.toml"))));
+    }
+
+    /// Starts node `name`'s agent again (same configuration, `faults` if any) and waits for
+    /// it to answer.
+    pub fn start_again(&mut self, name: &str, faults: Option<&str>) {
+        self.agents.insert(name.to_string(), start_agent_with(&self.dir.join(format!("{name}.toml")), faults));
         let _ = status(&self.sock(name));
+    }
+
+    /// Log of node `name`'s previous agent (before the last restart).
+    #[must_use]
+    pub fn prev_log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{name}.prev.log"))).unwrap_or_default()
+    }
+
+    /// Log of node `name`'s application.
+    #[must_use]
+    pub fn app_log(&self, name: &str) -> String {
+        self.app_of.get(name).map(|i| self.apps[*i].log()).unwrap_or_default()
     }
 
     /// Log of node `name`'s agent.
@@ -483,6 +565,15 @@ pub fn wait_log(c: &Cluster, node: &str, needle: &str, secs: u64) {
     let start = Instant::now();
     while !c.log(node).contains(needle) {
         assert!(start.elapsed() < Duration::from_secs(secs), "{node}'s log never said {needle:?}:\n{}", c.log(node));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `secs` for `node`'s application log to contain `needle`.
+pub fn wait_app_log(c: &Cluster, node: &str, needle: &str, secs: u64) {
+    let start = Instant::now();
+    while !c.app_log(node).contains(needle) {
+        assert!(start.elapsed() < Duration::from_secs(secs), "{node}'s application never said {needle:?}:\n{}", c.app_log(node));
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod app;
+pub mod hook;
 pub mod http;
 pub mod net;
 pub mod packets;

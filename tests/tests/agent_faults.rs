@@ -305,7 +305,7 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
         send(s, &Msg::HelpRequest { id, connections: 1, clients: 1 });
         assert!(matches!(read_msg(s), Ok(Msg::Offer { .. })), "B offers room");
         let clients = vec![MovedClient { addr: IpAddr::V4(client4(client)), connections: 1 }];
-        send(s, &Msg::Transfer { id, services: vec![svc(SERVICE4)], tunnel_src: vec![IpAddr::V4(c.t.a.v4[0])], clients });
+        send(s, &Msg::Transfer { id, services: vec![svc(SERVICE4)], tunnel_src: vec![IpAddr::V4(c.t.a.v4[0])], clients, sessions: Vec::new() });
         match read_msg(s) {
             Ok(Msg::TransferAck { .. }) => {}
             other => panic!("B acknowledges transfer {id}: {other:?}"),
@@ -322,7 +322,10 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
     send(&mut s, &Msg::HelpRequest { id: 3, connections: 1, clients: 1 });
     assert!(matches!(read_msg(&mut s), Ok(Msg::Offer { .. })));
     send(&mut s, &Msg::Clients { id: 3, clients: vec![MovedClient { addr: IpAddr::V4(client4(7)), connections: 1 }] });
-    // B settles each by itself after handoff_expiry_ms (1.5 s), and says how.
+    // No Commit or Abort comes: B asks A how each ended (A keeps no record of what the test
+    // did in its name, so its kernel's rules decide: client 6 is steered to B, client 5 is
+    // not), and drops the clients sent ahead of a Transfer that never came after
+    // handoff_expiry_ms (1.5 s). It says how each was settled.
     for line in ["settled as aborted", "settled as committed", "its Transfer never came"] {
         wait_log(&c, "b", line, 10);
     }

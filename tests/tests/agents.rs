@@ -280,6 +280,7 @@ fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &s
             services: services.iter().map(|a| a.parse().expect("service")).collect(),
             tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
             clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
+            sessions: Vec::new(),
         },
     );
     read_msg(s).expect("A answers the transfer")

@@ -288,7 +288,7 @@ impl Agent {
 
     fn handle_answer(&self, name: &str, msg: Msg) {
         let id = match &msg {
-            Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } => *id,
+            Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } | Msg::OutcomeIs { id, .. } => *id,
             Msg::Heartbeat { load, .. } => {
                 let mut st = self.state();
                 let s = st.siblings.entry(name.to_string()).or_default();
@@ -335,8 +335,8 @@ impl Agent {
         })
     }
 
-    /// Tells `name` the outcome of hand-over `handoff` (`Commit` or `Abort`); a loss is logged,
-    /// and the volunteer settles the transfer by itself after `handoff_expiry_ms`.
+    /// Tells `name` the outcome of hand-over `handoff` (`Commit` or `Abort`); a loss is logged:
+    /// the volunteer asks how it ended (`Outcome`) when neither comes.
     pub(super) async fn tell(&self, name: &str, handoff: &str, msg: Msg) {
         let what = match &msg {
             Msg::Commit { .. } => "Commit",
@@ -344,7 +344,7 @@ impl Agent {
             _ => "message",
         };
         if let Err(e) = self.send_to(name, msg).await {
-            warn!(sibling = %name, handoff, "{what} not delivered: {e:#}; the volunteer settles the hand-over by itself after {} ms", self.cfg.handoff_expiry_ms);
+            warn!(sibling = %name, handoff, "{what} not delivered: {e:#}; the volunteer will ask how the hand-over ended");
         }
     }
 

@@ -12,6 +12,8 @@
 //! one handle, reads (load, counters, rule listings) through a second handle of the same pinned
 //! maps, so the load is read every 50 ms even while a probe holds the first.
 
+pub mod faults;
+mod handoff;
 mod link;
 mod liveness;
 mod origin;
@@ -19,7 +21,7 @@ mod policy;
 mod volunteer;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -35,10 +37,10 @@ use tracing::{info, warn};
 
 pub use self::policy::{ago, pick_clients};
 use crate::{
-    app::{Apps, Limits},
+    app::{Apps, Limits, Registration},
     config::Config,
     datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState},
-    peer::{MovedClient, Msg, SessionBlob, Tls},
+    peer::{MovedClient, Msg, SessionBlob, Tls, Verdict},
 };
 
 /// What an origin moved to a volunteer.
@@ -105,19 +107,27 @@ struct Reservation {
 /// What a volunteer received of a transfer before its `Transfer` frame.
 #[derive(Default)]
 struct Incoming {
-    sessions: Vec<SessionBlob>,
+    /// Sessions by the origin's service they belong to.
+    sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
     clients: Vec<MovedClient>,
     /// Why the rest of this transfer will be refused.
     refused: Option<String>,
     last: Option<Instant>,
 }
 
-/// A transfer a volunteer acknowledged, awaiting the origin's `Commit` or `Abort`.
+/// A transfer a volunteer acknowledged (or whose import its application reported unfinished),
+/// awaiting the origin's `Commit` or `Abort`; asked for with `Outcome` when they are late.
 struct Acked {
-    /// The local service whose application imported the sessions.
-    app: Option<SocketAddr>,
+    /// The local services whose applications imported the sessions.
+    apps: Vec<SocketAddr>,
     handoff: String,
-    at: Instant,
+    /// Some of its clients, for the origin to check its rules with.
+    sample: Vec<IpAddr>,
+    /// When to ask the origin next, and how long to wait after that.
+    next_query: Instant,
+    backoff: Duration,
+    /// An `Outcome` question is on its way.
+    querying: bool,
 }
 
 #[derive(Default)]
@@ -133,6 +143,14 @@ struct State {
     incoming: HashMap<(String, u64), Incoming>,
     /// Transfers acknowledged, awaiting `Commit` or `Abort`, by (origin, id).
     acked: HashMap<(String, u64), Acked>,
+    /// Transfers whose import is in progress here, by (origin, id).
+    importing: HashSet<(String, u64)>,
+    /// Hand-overs this node started as origin, by (volunteer, id): `Pending` until decided.
+    /// The kernel's rules are the truth; this remembers it for a while (an hour).
+    outcomes: HashMap<(String, u64), (Verdict, Instant)>,
+    /// Clients in a hand-over that has not ended here (applications included): never picked
+    /// for another one meanwhile.
+    busy: HashSet<IpAddr>,
     /// After a shedding round, until when a load still above the low watermark (clients still
     /// arriving in the same burst) keeps shedding: the hysteresis goes down to low, not high.
     shed_until: Option<Instant>,
@@ -167,6 +185,10 @@ pub struct Agent {
     state: Mutex<State>,
     next_id: AtomicU64,
     apps: Arc<Apps>,
+    /// Registrations of applications, until `run` takes them.
+    registrations: Mutex<Option<mpsc::UnboundedReceiver<Registration>>>,
+    /// Test-only faults (`REDIRECTOR_TEST_FAULTS`).
+    faults: faults::Faults,
     /// When this agent started: a sibling not heard from yet is silent since then.
     started: Instant,
     /// Shedding rounds that moved nothing make the next one wait longer.
@@ -267,6 +289,12 @@ impl Agent {
         state.draining = draining;
         // Request ids never repeat across restarts: a volunteer may still hold state of ours.
         let first_id = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())).unwrap_or(0) << 16;
+        let faults = faults::Faults::from_env().map_err(|e| anyhow!("{}: {e}", faults::ENV))?;
+        if faults.any() {
+            warn!(?faults, "TEST FAULTS ENABLED ({}): this agent misbehaves on purpose", faults::ENV);
+        }
+        let limits = Limits { timeout: Duration::from_millis(cfg.app_timeout_ms), per_mib_ms: cfg.app_timeout_per_mib_ms, max_session_bytes: cfg.max_session_bytes };
+        let (apps, registrations) = Apps::new(limits);
         Ok(Arc::new(Self {
             cfg,
             tls,
@@ -274,7 +302,9 @@ impl Agent {
             reader: Mutex::new(reader),
             state: Mutex::new(state),
             next_id: AtomicU64::new(first_id.max(1)),
-            apps: Arc::default(),
+            apps,
+            registrations: Mutex::new(Some(registrations)),
+            faults,
             started: Instant::now(),
             round_backoff: Mutex::new(policy::Backoff::new(Duration::from_millis(500), Duration::from_secs(4))),
             load_wake: tokio::sync::Notify::new(),
@@ -300,14 +330,21 @@ impl Agent {
     }
 
     fn limits(&self) -> Limits {
-        Limits { timeout: Duration::from_millis(self.cfg.app_timeout_ms), max_session_bytes: self.cfg.max_session_bytes }
+        self.apps.limits()
     }
 
     /// Runs until ctrl-c / SIGTERM.
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
         let listen = self.cfg.listen.expect("validated");
         let listener = TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
-        info!(node = %self.cfg.node, %listen, "agent started");
+        // The hook socket is bound before anything can move: an agent whose applications
+        // cannot reach it must not run (their clients would move without their sessions).
+        let owner = self.cfg.app_socket_owner().map_err(|e| anyhow!(e))?;
+        let hook = crate::app::bind(&self.cfg.app_socket(), owner)?;
+        let registrations = self.registrations.lock().expect("lock").take().ok_or_else(|| anyhow!("the agent runs once"))?;
+        tokio::spawn(self.clone().registrations(registrations));
+        tokio::spawn(crate::app::serve(self.apps.clone(), hook));
+        info!(node = %self.cfg.node, %listen, app_socket = %self.cfg.app_socket().display(), "agent started");
         tokio::spawn(self.clone().accept_loop(listener));
         for s in self.cfg.siblings.clone() {
             tokio::spawn(self.clone().connect_loop(s.name, s.address));
@@ -316,8 +353,6 @@ impl Agent {
         tokio::spawn(self.clone().load_events());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(crate::admin::serve(self.clone()));
-        let owner = self.cfg.app_socket_owner().map_err(|e| anyhow!(e))?;
-        tokio::spawn(crate::app::serve(self.apps.clone(), self.cfg.app_socket(), owner));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -384,6 +419,12 @@ impl Agent {
             "adopted": adopted,
             "draining": st.draining,
             "orphaned": st.orphans,
+            "hook": self.apps.status(),
+            "handoffs": {
+                "clients_in_progress": st.busy.len(),
+                "awaiting_outcome": st.acked.len(),
+                "undecided": st.outcomes.values().filter(|(v, _)| *v == Verdict::Pending).count(),
+            },
             "counters": counters,
         })
     }

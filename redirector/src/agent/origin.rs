@@ -4,23 +4,23 @@
 //! nothing and how long until the next.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use tracing::{debug, info, warn};
 
-use super::{Agent, MigratedOut, family, host_prefix, pick_clients, policy, unix_now};
-use crate::{
-    datapath::{Datapath, Load, Prefix},
-    peer::{self, MovedClient, Msg, SessionBlob},
+use super::{
+    Agent, pick_clients, policy,
+    handoff::{Busy, NAMED},
 };
-
-/// At most this many clients are named in one log line.
-const NAMED: usize = 16;
+use crate::{
+    datapath::{Datapath, Load},
+    peer::Msg,
+};
 
 fn names(clients: &[(IpAddr, u64)]) -> String {
     let mut s: Vec<String> = clients.iter().take(NAMED).map(|(a, n)| format!("{a}({n})")).collect();
@@ -219,18 +219,44 @@ impl Agent {
         self.move_clients(picked).await
     }
 
+    /// Of `picked`, the clients that may move now, marked busy (freed when the guard drops):
+    /// never adopted clients, never clients whose last hand-over has not ended, and never
+    /// clients of a family whose service keeps sessions while no application is registered
+    /// for it (they would lose their sessions).
+    fn movable(self: &Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<(Vec<(IpAddr, u64)>, Busy)> {
+        let blocked: Vec<SocketAddr> = self.cfg.services.iter().filter(|s| s.sessions && !self.apps.has(s.address)).map(|s| s.address).collect();
+        let mut st = self.state();
+        let (adopted, rest): (Vec<_>, Vec<_>) = picked.into_iter().partition(|(a, _)| st.adopted.contains_key(a));
+        if !adopted.is_empty() {
+            info!(clients = adopted.len(), "not moving clients adopted from siblings (their traffic comes through the sibling's tunnel): {}", names(&adopted));
+        }
+        let (in_handoff, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.busy.contains(a));
+        if !in_handoff.is_empty() {
+            info!(clients = in_handoff.len(), "not moving clients whose previous hand-over has not ended (an application has not confirmed it yet): {}", names(&in_handoff));
+        }
+        let (waiting, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| blocked.iter().any(|s| s.is_ipv4() == a.is_ipv4()));
+        if !waiting.is_empty() {
+            let services: Vec<String> = blocked.iter().map(ToString::to_string).collect();
+            warn!(
+                clients = waiting.len(),
+                "not moving clients of {}: it keeps sessions (sessions = true) and no application is registered for it on the hook ({}); they would lose their sessions",
+                services.join(", "),
+                self.cfg.app_socket().display()
+            );
+            if rest.is_empty() {
+                bail!("nothing can move: {} keeps sessions and no application is registered for it", services.join(", "));
+            }
+        }
+        st.busy.extend(rest.iter().map(|c| c.0));
+        let busy = Busy::new(self.clone(), rest.iter().map(|c| c.0).collect());
+        Ok((rest, busy))
+    }
+
     /// Moves `picked` clients (address, connections) to siblings with room: negotiation,
     /// hand-over, rules. Also the admin socket's `move` request (which may move a moved
     /// client again, but never an adopted one).
     pub async fn move_clients(self: Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<usize> {
-        let picked: Vec<(IpAddr, u64)> = {
-            let st = self.state();
-            let (adopted, rest): (Vec<_>, Vec<_>) = picked.into_iter().partition(|(a, _)| st.adopted.contains_key(a));
-            if !adopted.is_empty() {
-                info!(clients = adopted.len(), "not moving clients adopted from siblings (their traffic comes through the sibling's tunnel): {}", names(&adopted));
-            }
-            rest
-        };
+        let (picked, mut busy) = self.movable(picked)?;
         if picked.is_empty() {
             bail!("no client left to move");
         }
@@ -303,6 +329,10 @@ impl Agent {
         if !plan.unplaced.is_empty() {
             info!(clients = plan.unplaced.len(), "no offer fits these clients, they stay: {}", names(&plan.unplaced));
         }
+        // Each transfer frees its own clients when it ends; the others are free now.
+        let planned: HashSet<IpAddr> = plan.moves.values().flatten().map(|m| m.addr).collect();
+        busy.keep_only(&planned);
+        let _ = busy.take();
         let transfers = plan.moves.into_iter().map(|(name, clients)| {
             let me = self.clone();
             async move { me.transfer(&name, id, clients, timeout).await }
@@ -314,161 +344,5 @@ impl Agent {
             "moved nothing: every hand-over failed".to_string()
         });
         Ok(moved)
-    }
-
-    /// Origin: one volunteer's share, two-phase. Export (sessions frozen in the application)
-    /// -> Sessions + Clients + Transfer -> `TransferAck` -> rules installed -> commit; any
-    /// failure before the rules are in place aborts everywhere (sessions unfrozen here, dropped
-    /// there).
-    async fn transfer(self: &Arc<Self>, name: &str, id: u64, clients: Vec<MovedClient>, timeout: Duration) -> usize {
-        let handoff = format!("{}-{id}-{name}", self.cfg.node);
-        let lim = self.limits();
-        let t0 = Instant::now();
-        let families: BTreeSet<bool> = clients.iter().map(|c| c.addr.is_ipv4()).collect();
-        let services: Vec<SocketAddr> = self.cfg.services.iter().map(|s| s.address).filter(|s| families.contains(&s.is_ipv4())).collect();
-        let tunnel_src: Vec<IpAddr> = self.cfg.control_addresses().into_iter().filter(|a| families.contains(&a.is_ipv4())).collect();
-        let app_svc = services.iter().copied().find(|s| self.apps.has(*s));
-        let mut sessions = Vec::new();
-        if let Some(svc) = app_svc {
-            let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
-            match self.apps.export(svc, &handoff, &addrs, lim).await {
-                Ok(s) => sessions = s,
-                Err(e) => {
-                    warn!(sibling = %name, handoff, "export failed, hand-over aborted, nothing steered: {e:#}");
-                    self.apps.finish(svc, &handoff, false, lim).await;
-                    self.tell(name, &handoff, Msg::Abort { id, reason: format!("export failed: {e:#}") }).await;
-                    return 0;
-                }
-            }
-        }
-        let abort = |why: String| {
-            let me = self.clone();
-            let name = name.to_string();
-            let handoff = handoff.clone();
-            async move {
-                warn!(sibling = %name, handoff, "hand-over aborted, nothing steered: {why}");
-                if let Some(svc) = app_svc {
-                    me.apps.finish(svc, &handoff, false, lim).await;
-                }
-                me.tell(&name, &handoff, Msg::Abort { id, reason: why }).await;
-            }
-        };
-        let t_export = t0.elapsed();
-        // Session blobs and long client lists first, in frames under the peer limit.
-        let n_sessions = sessions.len();
-        let mut frames: Vec<Msg> = Vec::new();
-        let budget = self.cfg.max_frame.saturating_sub(4096).max(1);
-        let (mut chunk, mut size): (Vec<SessionBlob>, usize) = (Vec::new(), 0);
-        for s in sessions {
-            if size + s.blob.len() + 64 > budget && !chunk.is_empty() {
-                frames.push(Msg::Sessions { id, sessions: std::mem::take(&mut chunk) });
-                size = 0;
-            }
-            size += s.blob.len() + 64;
-            chunk.push(s);
-        }
-        if !chunk.is_empty() {
-            frames.push(Msg::Sessions { id, sessions: chunk });
-        }
-        let mut parts = peer::client_chunks(clients.clone(), &services, self.cfg.max_frame);
-        let last = parts.pop().unwrap_or_default();
-        frames.extend(parts.into_iter().map(|c| Msg::Clients { id, clients: c }));
-        for f in frames {
-            if let Err(e) = self.send_to(name, f).await {
-                abort(format!("sending the transfer failed: {e:#}")).await;
-                return 0;
-            }
-        }
-        let msg = Msg::Transfer { id, services, tunnel_src, clients: last };
-        match self.ask(name, msg, id, timeout).await {
-            Ok(Msg::TransferAck { .. }) => {}
-            Ok(Msg::Abort { reason, .. }) => {
-                abort(format!("the volunteer refused: {reason}")).await;
-                return 0;
-            }
-            Ok(other) => {
-                abort(format!("unexpected answer {other:?}")).await;
-                return 0;
-            }
-            Err(e) => {
-                abort(format!("transfer failed: {e:#}")).await;
-                return 0;
-            }
-        }
-        let t_ack = t0.elapsed();
-        let n = clients.len();
-        if let Err(e) = self.steer(name, &clients).await {
-            abort(format!("rules not installed: {e:#}")).await;
-            return 0;
-        }
-        let t_steer = t0.elapsed();
-        if let Some(svc) = app_svc {
-            self.apps.finish(svc, &handoff, true, lim).await;
-        }
-        self.tell(name, &handoff, Msg::Commit { id }).await;
-        info!(
-            sibling = %name,
-            handoff,
-            clients = n,
-            sessions = n_sessions,
-            export_ms = t_export.as_millis(),
-            acked_ms = t_ack.as_millis(),
-            steered_ms = t_steer.as_millis(),
-            committed_ms = t0.elapsed().as_millis(),
-            "hand-over committed"
-        );
-        n
-    }
-
-    /// Installs the rules for clients a volunteer acknowledged: per family, one probe through
-    /// the tunnel to the volunteer's control address of that family, then every rule; all or
-    /// nothing.
-    async fn steer(self: &Arc<Self>, name: &str, clients: &[MovedClient]) -> anyhow::Result<()> {
-        let sib = self.cfg.siblings.iter().find(|s| s.name == name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
-        let mut groups: Vec<(IpAddr, Vec<Prefix>)> = Vec::new();
-        for v4 in [true, false] {
-            let prefixes: Vec<Prefix> = clients.iter().filter(|c| c.addr.is_ipv4() == v4).map(|c| host_prefix(c.addr)).collect();
-            if let Some(first) = prefixes.first() {
-                let target = sib.control_address(first.addr).ok_or_else(|| anyhow!("{name} has no {} control address", family(first.addr)))?;
-                groups.push((target, prefixes));
-            }
-        }
-        self.with_dp(move |dp| {
-            let mut done: Vec<Prefix> = Vec::new();
-            for (target, prefixes) in groups {
-                if let Err(e) = dp.migrate_many(&prefixes, target, Some(Duration::from_secs(1)), false) {
-                    for p in done {
-                        let _ = dp.release(p);
-                    }
-                    return Err(e);
-                }
-                done.extend(prefixes);
-            }
-            Ok(())
-        })
-        .await??;
-        self.state().rules_installed_ns = Some(crate::datapath::monotonic_ns());
-        if clients.len() > NAMED {
-            info!(to = %name, clients = clients.len(), "clients moved");
-        }
-        let now = Instant::now();
-        let mut before: HashMap<String, Vec<IpAddr>> = HashMap::new();
-        {
-            let mut st = self.state();
-            for c in clients {
-                if clients.len() <= NAMED {
-                    info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
-                }
-                let m = MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now };
-                if let Some(old) = st.migrated.insert(c.addr, m).filter(|old| old.to != name) {
-                    before.entry(old.to).or_default().push(c.addr);
-                }
-            }
-        }
-        // A client moved again (operator move) no longer needs room where it was.
-        for (old, moved) in before {
-            self.release(&old, moved).await;
-        }
-        Ok(())
     }
 }

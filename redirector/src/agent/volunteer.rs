@@ -4,7 +4,7 @@
 //! not confirm.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -12,13 +12,23 @@ use std::{
 
 use anyhow::anyhow;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{Acked, AdoptedIn, Agent, Incoming, Reservation, family, policy, unix_now};
+use super::{
+    Acked, AdoptedIn, Agent, Incoming, Reservation, family,
+    handoff::{handoff_name, sample},
+    policy, unix_now,
+};
 use crate::{
     config::Sibling,
-    peer::{MovedClient, Msg, SessionBlob},
+    peer::{self, MovedClient, Msg, SessionBlob, SessionSet, Verdict},
 };
+
+/// A volunteer asks the origin how an acknowledged transfer ended when neither `Commit` nor
+/// `Abort` came this long after the acknowledgement; then again and again, backing off up to
+/// [`QUERY_MAX`], until the origin knows.
+const QUERY_AFTER: Duration = Duration::from_secs(2);
+const QUERY_MAX: Duration = Duration::from_secs(10);
 
 /// One of the origin's services as this volunteer serves it, checked against its own
 /// configuration.
@@ -51,17 +61,19 @@ impl Agent {
                 s.last_heartbeat = Some(Instant::now());
             }
             Msg::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
-            Msg::Sessions { id, sessions } => self.receive(from, id, sessions, Vec::new()),
-            Msg::Clients { id, clients } => self.receive(from, id, Vec::new(), clients),
-            Msg::Transfer { id, services, tunnel_src, clients } => {
-                self.receive(from, id, Vec::new(), clients);
+            Msg::Sessions { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
+            Msg::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
+            Msg::Transfer { id, services, tunnel_src, clients, sessions } => {
+                self.receive(from, id, None, Vec::new(), clients);
                 let incoming = self.state().incoming.remove(&(from.to_string(), id)).unwrap_or_default();
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
                     return answer(Msg::Abort { id, reason: "too many transfers in progress from this sibling; ask again".into() }).await;
                 };
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+                me.state().importing.insert((from.clone(), id));
                 tokio::spawn(async move {
-                    let a = me.clone().accept_transfer(&from, id, services, tunnel_src, incoming).await;
+                    let a = me.clone().accept_transfer(&from, id, services, tunnel_src, sessions, incoming).await;
+                    me.state().importing.remove(&(from.clone(), id));
                     drop(permit);
                     if reply.send_timeout(a, me.send_deadline()).await.is_err() {
                         warn!(origin = %from, id, "could not answer the transfer: the link is gone or stuck");
@@ -69,16 +81,22 @@ impl Agent {
                 });
             }
             Msg::Commit { id } => {
-                let acked = self.state().acked.remove(&(from.to_string(), id));
                 info!(origin = %from, id, "origin committed the hand-over");
-                if let Some(Acked { app: Some(svc), handoff, .. }) = acked {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.apps.finish(svc, &handoff, true, me.limits()).await });
-                }
+                self.commit_acked(from, id);
             }
             Msg::Abort { id, reason } => {
                 info!(origin = %from, id, "origin aborted: {reason}");
                 self.forget_transfer(from, id);
+            }
+            Msg::Outcome { id, handoff, clients } => {
+                // Answered from the rules if need be: a blocking read, on its own task.
+                let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+                tokio::spawn(async move {
+                    let verdict = me.verdict_for(&from, handoff, &clients).await;
+                    if reply.send_timeout(Msg::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
+                        warn!(sibling = %from, handoff, "could not answer how the hand-over ended: the link is gone or stuck");
+                    }
+                });
             }
             Msg::Release { clients } => {
                 let mut st = self.state();
@@ -93,7 +111,7 @@ impl Agent {
     }
 
     /// Forgets transfer (`from`, `id`), which will not be steered: its reservation, what
-    /// arrived of it, its adopted clients; the application drops what it imported.
+    /// arrived of it, its adopted clients; the applications drop what they imported.
     fn forget_transfer(self: &Arc<Self>, from: &str, id: u64) {
         let acked = {
             let mut st = self.state();
@@ -103,16 +121,69 @@ impl Agent {
             st.adopted.retain(|_, a| !(a.from == from && a.id == id));
             st.acked.remove(&(from.to_string(), id))
         };
-        if let Some(Acked { app: Some(svc), handoff, .. }) = acked {
+        if let Some(a) = acked {
             // Nothing was steered: the imported sessions must not live here too.
-            let me = self.clone();
-            tokio::spawn(async move { me.apps.finish(svc, &handoff, false, me.limits()).await });
+            self.settle_imports(a.apps, a.handoff, false);
+        }
+    }
+
+    /// Transfer (`from`, `id`) committed: the imported sessions are final.
+    fn commit_acked(self: &Arc<Self>, from: &str, id: u64) {
+        let acked = self.state().acked.remove(&(from.to_string(), id));
+        if let Some(a) = acked {
+            self.settle_imports(a.apps, a.handoff, true);
+        }
+    }
+
+    /// Tells the applications of `apps` how import `handoff` ended, until they confirm.
+    fn settle_imports(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, commit: bool) {
+        if apps.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &handoff, commit))).await;
+        });
+    }
+
+    /// Asks the origin of acknowledged transfer (`origin`, `id`) how it ended; acts on a
+    /// definite answer, or asks again later.
+    async fn ask_outcome(self: Arc<Self>, origin: String, id: u64) {
+        let Some((sample, handoff)) = self.state().acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone())) else { return };
+        let req = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms.max(1000));
+        let verdict = match self.ask(&origin, Msg::Outcome { id: req, handoff: id, clients: sample }, req, timeout).await {
+            Ok(Msg::OutcomeIs { verdict, .. }) => Ok(verdict),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        match verdict {
+            Ok(Verdict::Committed) => {
+                warn!(origin = %origin, id, handoff, "no Commit or Abort came; the origin says it committed: settled as committed");
+                self.commit_acked(&origin, id);
+            }
+            Ok(Verdict::Aborted) => {
+                warn!(origin = %origin, id, handoff, "no Commit or Abort came; the origin says it aborted (nothing steered): settled as aborted, the imported sessions are dropped");
+                self.forget_transfer(&origin, id);
+            }
+            other => {
+                let mut st = self.state();
+                if let Some(a) = st.acked.get_mut(&(origin.clone(), id)) {
+                    a.querying = false;
+                    a.next_query = Instant::now() + a.backoff;
+                    a.backoff = (a.backoff * 2).min(QUERY_MAX);
+                    match other {
+                        Ok(_) => debug!(origin = %origin, id, handoff, "the origin has not decided the hand-over yet; asking again in {} ms", a.backoff.as_millis()),
+                        Err(e) => info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", a.backoff.as_millis()),
+                    }
+                }
+            }
         }
     }
 
     /// Sessions and clients of a transfer, arriving ahead of (or in) its `Transfer`: kept
     /// within the reservation (which they keep alive: big hand-overs outlast a lease).
-    fn receive(&self, from: &str, id: u64, sessions: Vec<SessionBlob>, clients: Vec<MovedClient>) {
+    fn receive(&self, from: &str, id: u64, service: Option<SocketAddr>, sessions: Vec<SessionBlob>, clients: Vec<MovedClient>) {
         let now = Instant::now();
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let max_blob = self.cfg.max_session_bytes;
@@ -131,7 +202,7 @@ impl Agent {
         if held.refused.is_some() {
             return;
         }
-        let n_sessions = u64::try_from(held.sessions.len() + sessions.len()).unwrap_or(u64::MAX);
+        let n_sessions = u64::try_from(held.sessions.values().map(Vec::len).sum::<usize>() + sessions.len()).unwrap_or(u64::MAX);
         let weight = policy::transfer_weight(&held.clients).zip(policy::transfer_weight(&clients)).and_then(|(a, b)| a.checked_add(b));
         let refused = if cap == 0 {
             Some(format!("no reservation for request {id} (lease expired?)"))
@@ -146,7 +217,9 @@ impl Agent {
             warn!(origin = %from, id, "refusing the transfer: {why}");
             *held = Incoming { refused: Some(why), last: Some(now), ..Incoming::default() };
         } else {
-            held.sessions.extend(sessions);
+            if let Some(svc) = service.filter(|_| !sessions.is_empty()) {
+                held.sessions.entry(svc).or_default().extend(sessions);
+            }
             held.clients.extend(clients);
         }
     }
@@ -190,10 +263,11 @@ impl Agent {
         Ok(plan)
     }
 
-    /// Volunteer: checks the transfer, imports the sessions into the local application, then
-    /// prepares delivery; only then acknowledges. Any failure undoes the import and answers
-    /// `Abort`.
-    async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, incoming: Incoming) -> Msg {
+    /// Volunteer: checks the transfer and its sessions (exactly those it counts), imports them
+    /// into the local applications (tentatively), then prepares delivery; only then
+    /// acknowledges. Any failure undoes the imports and answers `Abort`.
+    #[expect(clippy::too_many_lines, reason = "one check after another, in order")]
+    async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, sets: Vec<SessionSet>, incoming: Incoming) -> Msg {
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
             // The room it reserved is free again.
@@ -207,11 +281,12 @@ impl Agent {
             return abort(why);
         }
         let Incoming { sessions, clients, .. } = incoming;
-        let handoff = format!("{from}-{id}-{}", self.cfg.node);
+        let handoff = handoff_name(from, id, &self.cfg.node);
         // The transfer owns its reservation now: it must not expire during a long import.
         let capacity = {
+            let allowance: Duration = sessions.values().map(|s| self.limits().import_allowance(s)).sum();
             let now = Instant::now();
-            let hold = now + Duration::from_millis(self.cfg.app_timeout_ms.saturating_mul(2)) + Duration::from_mins(1);
+            let hold = now + allowance + Duration::from_mins(1);
             let mut st = self.state();
             let Some(r) = st.reservations.iter_mut().find(|r| r.origin == from && r.id == id && r.until > now) else {
                 return abort(format!("no reservation for request {id} (lease expired?)"));
@@ -229,17 +304,19 @@ impl Agent {
             Ok(p) => p,
             Err(why) => return abort(why),
         };
-        let mut imported_into = None;
-        if !sessions.is_empty() {
-            let Some(local) = plan.first().map(|a| a.local) else {
-                return abort("no local service to import the sessions into".into());
-            };
-            if let Err(e) = self.apps.import(local, &handoff, &sessions, self.limits()).await {
-                self.apps.finish(local, &handoff, false, self.limits()).await;
+        let imports = match self.check_sessions(&plan, &clients, &sets, sessions).await {
+            Ok(i) => i,
+            Err(why) => return abort(why),
+        };
+        let mut imported_into: Vec<SocketAddr> = Vec::new();
+        for (local, s) in &imports {
+            imported_into.push(*local);
+            if let Err(e) = self.apps.import(*local, &handoff, s).await {
+                // It may have taken some: it drops them (told until it confirms).
+                self.settle_imports(imported_into, handoff.clone(), false);
                 return abort(format!("import failed: {e:#}"));
             }
-            info!(origin = %from, id, sessions = sessions.len(), "sessions imported into the application");
-            imported_into = Some(local);
+            info!(origin = %from, id, service = %local, sessions = s.len(), "sessions imported into the application (tentative until the origin commits)");
         }
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
@@ -279,20 +356,81 @@ impl Agent {
                     AdoptedIn { client: c.addr, from: from.to_string(), since_unix: unix_now(), promised: policy::weight(c.connections), connections: 0, id, arrived: false, last_seen: now },
                 );
             }
-            st.acked.insert((from.to_string(), id), Acked { app: imported_into, handoff: handoff.clone(), at: now });
+            let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
+            st.acked.insert(
+                (from.to_string(), id),
+                Acked { apps: imported_into.clone(), handoff: handoff.clone(), sample: sample(&addrs), next_query: now + QUERY_AFTER, backoff: Duration::from_secs(1), querying: false },
+            );
             true
         });
         if recorded {
             info!(origin = %from, id, clients = clients.len(), connections = want, "adopted clients (ready: sibling, route, listener); room kept for them until they arrive");
+            if let Some(d) = self.faults.delay_ack {
+                warn!(origin = %from, id, "TEST FAULT delay-ack: acknowledging in {} ms", d.as_millis());
+                tokio::time::sleep(d).await;
+            }
             return Msg::TransferAck { id };
         }
-        if let Some(local) = imported_into {
-            self.apps.finish(local, &handoff, false, self.limits()).await;
-        }
+        self.settle_imports(imported_into, handoff, false);
         match adopted {
             Err(e) => abort(format!("{e:#}")),
             Ok(()) => abort("the origin aborted during the import".into()),
         }
+    }
+
+    /// The sessions of a transfer, checked: for each service the transfer lists, exactly the
+    /// sessions it counts (number and digest: none lost or added on the way), of its own
+    /// clients only, each once; those of a service go to the application of the local service
+    /// of the same port and family, which must be registered. Returns (local service,
+    /// sessions) to import.
+    async fn check_sessions(
+        &self,
+        plan: &[Adoption],
+        clients: &[MovedClient],
+        sets: &[SessionSet],
+        mut received: HashMap<SocketAddr, Vec<SessionBlob>>,
+    ) -> Result<Vec<(SocketAddr, Vec<SessionBlob>)>, String> {
+        if let Some(svc) = received.keys().find(|s| !sets.iter().any(|x| x.service == **s)) {
+            return Err(format!("received sessions of {svc}, which the transfer does not list"));
+        }
+        let ours: HashSet<IpAddr> = clients.iter().map(|c| c.addr).collect();
+        let mut out: Vec<(SocketAddr, Vec<SessionBlob>)> = Vec::new();
+        for set in sets {
+            let got = received.remove(&set.service).unwrap_or_default();
+            let local = plan.iter().find(|a| a.svc == set.service).map(|a| a.local).ok_or_else(|| format!("sessions of {}, a service the transfer does not hand over", set.service))?;
+            let n = u64::try_from(got.len()).unwrap_or(u64::MAX);
+            let (got, digest) = tokio::task::spawn_blocking(move || {
+                let d = peer::digest(&got);
+                (got, d)
+            })
+            .await
+            .map_err(|e| format!("digest task: {e}"))?;
+            if n != set.count || digest != set.digest {
+                return Err(format!(
+                    "received {n} of the {} sessions of {} (digest {}): some were lost or changed on the way; nothing imported",
+                    set.count,
+                    set.service,
+                    if digest == set.digest { "matches" } else { "differs" }
+                ));
+            }
+            let mut seen = HashSet::with_capacity(got.len());
+            for s in &got {
+                if !ours.contains(&s.client) {
+                    return Err(format!("a session of {}, a client the transfer does not hand over", s.client));
+                }
+                if !seen.insert(s.client) {
+                    return Err(format!("two sessions of {} for {}", s.client, set.service));
+                }
+            }
+            if got.is_empty() {
+                continue;
+            }
+            if !self.apps.has(local) {
+                return Err(format!("no application registered for {local} to import {} sessions into", got.len()));
+            }
+            out.push((local, got));
+        }
+        Ok(out)
     }
 
     fn offer(&self, from: &str, id: u64, connections: u64, clients: u32) -> Msg {
@@ -325,14 +463,14 @@ impl Agent {
         Msg::Offer { id, capacity, lease_ms: self.cfg.lease_ms }
     }
 
-    /// Volunteer bookkeeping that would otherwise grow without end: transfers whose `Transfer`,
-    /// `Commit` or `Abort` never came, and adopted clients their origin never released that
-    /// stay away.
+    /// Volunteer bookkeeping that would otherwise grow without end (transfers whose
+    /// `Transfer` never came, adopted clients their origin never released that stay away),
+    /// and acknowledged transfers whose `Commit` or `Abort` is late: their origin is asked.
     pub(super) fn expire(self: &Arc<Self>) {
         let now = Instant::now();
         let expiry = Duration::from_millis(self.cfg.handoff_expiry_ms);
         let idle = Duration::from_secs(self.cfg.adopted_expiry_secs);
-        let settle = {
+        let ask: Vec<(String, u64)> = {
             let mut st = self.state();
             st.reservations.retain(|r| r.until > now);
             st.incoming.retain(|(from, id), i| {
@@ -342,17 +480,7 @@ impl Agent {
                 }
                 keep
             });
-            let late: Vec<(String, u64)> = st.acked.iter().filter(|(_, a)| now.duration_since(a.at) >= expiry).map(|(k, _)| k.clone()).collect();
-            // A lost Commit or Abort: the transfer is settled by what happened since. A client
-            // of it that arrived here proves the origin steered it, so the origin committed.
-            let settle: Vec<((String, u64), bool)> = late
-                .into_iter()
-                .map(|k| {
-                    let arrived = st.adopted.values().any(|a| a.from == k.0 && a.id == k.1 && a.arrived);
-                    (k, arrived)
-                })
-                .collect();
-            let acked: std::collections::HashSet<(String, u64)> = st.acked.keys().cloned().collect();
+            let acked: HashSet<(String, u64)> = st.acked.keys().cloned().collect();
             st.adopted.retain(|c, a| {
                 let keep = acked.contains(&(a.from.clone(), a.id)) || now.duration_since(a.last_seen) < idle;
                 if !keep {
@@ -360,20 +488,19 @@ impl Agent {
                 }
                 keep
             });
-            settle
+            // A lost Commit or Abort (or a restart here): the origin knows, from its rules.
+            st.acked
+                .iter_mut()
+                .filter(|(_, a)| !a.querying && a.next_query <= now)
+                .map(|(k, a)| {
+                    a.querying = true;
+                    k.clone()
+                })
+                .collect()
         };
-        for ((from, id), arrived) in settle {
-            let handoff = self.state().acked.get(&(from.clone(), id)).map(|a| a.handoff.clone()).unwrap_or_default();
-            if arrived {
-                warn!(origin = %from, id, handoff, "no Commit or Abort after {} ms, but its clients arrive here: settled as committed", expiry.as_millis());
-                if let Some(Acked { app: Some(svc), handoff, .. }) = self.state().acked.remove(&(from, id)) {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.apps.finish(svc, &handoff, true, me.limits()).await });
-                }
-            } else {
-                warn!(origin = %from, id, handoff, "no Commit or Abort after {} ms and none of its clients came: settled as aborted", expiry.as_millis());
-                self.forget_transfer(&from, id);
-            }
+        for (origin, id) in ask {
+            tokio::spawn(self.clone().ask_outcome(origin, id));
         }
+        self.forget_old_outcomes();
     }
 }

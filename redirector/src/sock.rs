@@ -1,0 +1,61 @@
+//! Unix sockets that appear with their final mode and owner: bound in a private folder, set
+//! up there, then renamed into place, so no one can connect in between (whatever the umask).
+
+use std::{
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::Context as _;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Binds a Unix stream socket at `path` with `mode` and, if given, owner `(uid, gid)`. A stale
+/// socket at `path` is replaced atomically. Its folder is made if missing.
+pub fn bind(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Short, so that the temporary path is no longer than the final one (sun_path is small).
+    let tmp = dir.join(format!(".{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let inner = tmp.join("s");
+    let r = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&inner).with_context(|| format!("binding {}", inner.display()))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", inner.display()))?;
+        if let Some((u, g)) = owner {
+            std::os::unix::fs::chown(&inner, Some(u), Some(g)).with_context(|| format!("chown {u}:{g} {}", inner.display()))?;
+        }
+        std::fs::rename(&inner, path).with_context(|| format!("moving the socket into place at {}", path.display()))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&tmp);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_socket_appears_with_its_mode_and_replaces_a_stale_one() {
+        let dir = std::env::temp_dir().join(format!("redirector-sock-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/app.sock");
+        let first = bind(&path, 0o660, None).unwrap();
+        drop(first);
+        // A stale socket file stays behind; binding again replaces it.
+        let l = bind(&path, 0o600, None).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600);
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok(), "the renamed socket accepts connections");
+        drop(l);
+        let left: Vec<_> = std::fs::read_dir(dir.join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("app.sock")], "no temporary folder left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
