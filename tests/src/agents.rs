@@ -463,6 +463,16 @@ impl Cluster {
         status(&self.sock(name))
     }
 
+    /// Restarts node `name`'s test application (clusters with the plain TCP application): a new
+    /// process with a new listening socket on the same address.
+    pub fn restart_app(&mut self, name: &str) {
+        let i = self.app_of[name];
+        self.apps[i].kill();
+        let (host, service, app) = node_host(&self.t, name);
+        let cgroup = self.cgroups.group(&format!("{}-{name}", self.t.prefix));
+        self.apps[i] = start_app(host, &cgroup, app, service, &self.dir);
+    }
+
     /// Restarts node `name`'s agent (same configuration).
     pub fn restart(&mut self, name: &str) {
         self.kill_agent(name);

@@ -334,3 +334,30 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
     assert_eq!(v["promised"], 0, "no room stays promised to a client whose transfer was settled as aborted: {v}");
     assert_eq!(six.who(), "B", "the committed client is still served");
 }
+
+#[test]
+fn a_volunteer_whose_application_restarts_serves_its_adopted_clients_again() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(40, &[("a", 20, 10), ("b", 40, 30)]);
+    let conns = open(&c, 1..=30, svc(SERVICE4));
+    let a = wait_status(&c.sock("a"), 30, "A to move clients to B", |v| migrated(v).len() >= 10);
+    let moved = clients_to(&a, "b");
+    drop(conns);
+    let client: std::net::Ipv4Addr = moved.first().expect("a moved client").parse().expect("address");
+    // B's application restarts: its old listening socket left the sk_lookup map with it.
+    c.restart_app("b");
+    let start = std::time::Instant::now();
+    loop {
+        let served = redirector_tests::app::try_connect(&c.t.client.ns, IpAddr::V4(client), svc(SERVICE4))
+            .ok()
+            .and_then(|mut cl| cl.try_who().ok())
+            .map(|w| w.0);
+        if served.as_deref() == Some("B") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(6), "B's agent registered the new listener within its 2 s check: last answer {served:?}\n{}", c.log("b"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

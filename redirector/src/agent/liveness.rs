@@ -28,6 +28,7 @@ impl Agent {
             if last_reconcile.elapsed() >= Duration::from_secs(2) {
                 last_reconcile = Instant::now();
                 self.reconcile().await;
+                self.refresh_listeners().await;
             }
             // Rules whose drain ended are inert in the kernel; remove them so the map never
             // fills up with them.
@@ -39,6 +40,37 @@ impl Agent {
                     Ok(Err(e)) => warn!("removing drained rules: {e}"),
                     Err(e) => warn!("removing drained rules: {e:#}"),
                 }
+            }
+        }
+    }
+
+    /// Registers again the local listener of every adopted service: when the application
+    /// restarts, its old socket leaves the `sk_lookup` map and steered clients would be refused
+    /// (`sk-no-listener`) until its new one is registered.
+    async fn refresh_listeners(self: &Arc<Self>) {
+        let services: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = match self.with_reader(Datapath::list_adopted).await {
+            Ok(Ok(list)) => list
+                .into_iter()
+                .filter_map(|(ip, port, _)| {
+                    let own = self.cfg.services.iter().find(|s| s.address.port() == port && s.address.is_ipv4() == ip.is_ipv4())?;
+                    Some((std::net::SocketAddr::new(ip, port), own.listener()))
+                })
+                .collect(),
+            _ => return,
+        };
+        for (svc, listener) in services {
+            let r = self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await;
+            let missing = !matches!(r, Ok(Ok(())));
+            let mut st = self.state();
+            if missing && st.listeners_missing.insert(svc) {
+                let why = match r {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("{e:#}"),
+                    Ok(Ok(())) => String::new(),
+                };
+                warn!(service = %svc, %listener, "clients steered here for {svc} are refused until the application listens again: {why}");
+            } else if !missing && st.listeners_missing.remove(&svc) {
+                info!(service = %svc, %listener, "the application listens again: its clients are served");
             }
         }
     }

@@ -132,6 +132,8 @@ struct Acked {
 
 #[derive(Default)]
 struct State {
+    /// Adopted services whose local listener was not found at the last check (warned once).
+    listeners_missing: std::collections::BTreeSet<std::net::SocketAddr>,
     load: Load,
     siblings: HashMap<String, SiblingState>,
     pending: HashMap<(String, u64), oneshot::Sender<Msg>>,

@@ -791,6 +791,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// (Re)registers `listener`, the listening socket bound to that local address, for the
+    /// adopted `service`: an application that restarted has a new socket, and its old one left
+    /// the `sk_lookup` map when it closed. Idempotent.
+    pub fn register_listener(&mut self, service: (IpAddr, u16), listener: (IpAddr, u16)) -> Result<()> {
+        let fd = listener::find(listener.0, listener.1)?;
+        let _lock = self.lock()?;
+        let key = ServiceKey::new(types::to16(service.0), service.1);
+        let mut value = self.adopted()?.get(&key, 0).map_err(|e| match e {
+            aya::maps::MapError::KeyNotFound => {
+                Error::invalid(format!("service {} is not adopted", types::sock(service.0, service.1)))
+            }
+            e => Error::bpf("reading ADOPTED", e),
+        })?;
+        {
+            let mut hash: SockHash<&mut MapData, ServiceKey> =
+                SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
+            hash.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
+        }
+        if value.flags & ADOPTED_LISTENER == 0 {
+            value.flags |= ADOPTED_LISTENER;
+            self.adopted()?.insert(key, value, 0).map_err(|e| Error::bpf("recording the listener", e))?;
+        }
+        Ok(())
+    }
+
     /// Gives an adopted service back: removes its listener entry, its route once no other
     /// port of that address is adopted, and puts back the interface's settings once no adopted
     /// service uses it.
