@@ -35,7 +35,7 @@ use aya::{
 };
 use redirector_common::{
     ADOPTED_LISTENER, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, LoadCtl, LoadEvent,
-    PORT_SLOT_COUNT, PortData, RuleValue, ServiceKey, ServiceValue, SiblingValue, decide, maps, programs,
+    PORT_SLOT_COUNT, PortData, RuleValue, ServiceKey, ServiceValue, SiblingValue, as_v4, decide, maps, programs,
 };
 pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats};
 
@@ -150,20 +150,13 @@ impl Datapath {
         check_root_and_name(loc)?;
         bpffs::ensure_mounted(&loc.bpffs)?;
         let dir = loc.dir();
-        // Refuse another layout before touching the instance.
-        if dir.exists() {
-            check_pins(&dir)?;
-        }
-        fs::create_dir_all(dir.join("links")).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let lock = Lock::take(&dir)?;
+        // Pins of another layout are refused here, before anything is added to the instance.
         let mut dp = Self::load_instance(dir)?;
+        fs::create_dir_all(dp.dir.join("links")).map_err(|e| Error::io(format!("creating {}", dp.dir.display()), e))?;
         dp.sync_ports()?;
-        let rules = dp.rules()?;
-        let (live, drained): (Vec<_>, Vec<_>) = rules.into_iter().partition(|(_, v)| !is_drained(v, monotonic_ns()));
-        for (p, _) in &drained {
-            dp.remove_rule(*p)?;
-        }
-        dp.sync_hosts(&live);
+        dp.remove_drained_and_sync()?;
         drop(lock);
         Ok(dp)
     }
@@ -359,6 +352,22 @@ impl Datapath {
         HashMap::try_from(self.map(maps::ADOPTED)?).map_err(|e| Error::bpf("opening ADOPTED", e))
     }
 
+    fn listeners(&mut self) -> Result<SockHash<&mut MapData, ServiceKey>> {
+        SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))
+    }
+
+    /// The key and value of adopted `service`, or an error saying it is not adopted.
+    fn adopted_value(&mut self, service: (IpAddr, u16)) -> Result<(ServiceKey, AdoptedValue)> {
+        let key = ServiceKey::new(types::to16(service.0), service.1);
+        let value = self.adopted()?.get(&key, 0).map_err(|e| match e {
+            aya::maps::MapError::KeyNotFound => {
+                Error::invalid(format!("service {} is not adopted", types::sock(service.0, service.1)))
+            }
+            e => Error::bpf("reading ADOPTED", e),
+        })?;
+        Ok((key, value))
+    }
+
     fn sysctls(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
         HashMap::try_from(self.map(maps::SYSCTLS)?).map_err(|e| Error::bpf("opening SYSCTLS", e))
     }
@@ -425,42 +434,34 @@ impl Datapath {
     /// Brings `PORT_SLOTS_*` in line with `SERVICES`: a port with one service (of the table's
     /// family) holds it, a port with several sends the classifier to `SERVICES`.
     fn sync_ports(&mut self) -> Result<()> {
-        let services = self.list_services()?;
+        let entries = self.service_entries()?;
         for v6 in [false, true] {
-            let mut by_port: BTreeMap<u16, Vec<&ServiceInfo>> = BTreeMap::new();
-            for s in services.iter().filter(|s| s.addr.is_ipv6() == v6) {
-                by_port.entry(s.port).or_default().push(s);
+            let mut wanted: BTreeMap<u32, Want<PortData>> = BTreeMap::new();
+            for (k, v) in entries.iter().filter(|(k, _)| as_v4(&k.addr).is_none() == v6) {
+                let one = Want::One(PortData { addr: k.addr, service: *v });
+                wanted.entry(u32::from(k.port())).and_modify(|w| *w = Want::Many).or_insert(one);
             }
-            let table = if v6 { &self.ports_v6 } else { &self.ports_v4 };
-            table.apply(|i| match u16::try_from(i).ok().and_then(|p| by_port.get(&p)).map(Vec::as_slice) {
-                Some([s]) => Want::One(PortData {
-                    addr: types::to16(s.addr),
-                    service: ServiceValue {
-                        tunnel_src: types::to16(s.tunnel_src),
-                        mss_clamp: s.mss_clamp,
-                        _pad: [0; 2],
-                        ifindex: s.ifindex,
-                    },
-                }),
-                Some(_) => Want::Many,
-                None => Want::Empty,
-            });
+            if v6 { &self.ports_v6 } else { &self.ports_v4 }.apply(&wanted);
         }
         Ok(())
     }
 
     /// Brings `HOSTS_V4` and `HOSTS_V6` in line with `rules` (all rules of the instance).
     fn sync_hosts(&mut self, rules: &[(Prefix, RuleValue)]) {
-        self.hosts_v4.apply_sorted(&slots::want_hosts(rules, false));
-        self.hosts_v6.apply_sorted(&slots::want_hosts(rules, true));
+        self.hosts_v4.apply(&slots::want_hosts(rules, false));
+        self.hosts_v6.apply(&slots::want_hosts(rules, true));
+    }
+
+    /// Every entry of `SERVICES`, as stored.
+    fn service_entries(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        let map = self.services()?;
+        map.iter().map(|item| item.map_err(|e| Error::bpf("reading SERVICES", e))).collect()
     }
 
     /// Steered services.
     pub fn list_services(&mut self) -> Result<Vec<ServiceInfo>> {
-        let map = self.services()?;
         let mut out = Vec::new();
-        for item in &map {
-            let (k, v) = item.map_err(|e| Error::bpf("reading SERVICES", e))?;
+        for (k, v) in self.service_entries()? {
             out.push(ServiceInfo {
                 addr: types::from16(&k.addr),
                 port: k.port(),
@@ -688,6 +689,13 @@ impl Datapath {
             return Ok(0);
         }
         let _lock = self.lock()?;
+        self.remove_drained_and_sync()
+    }
+
+    /// Under the instance lock: removes rules whose drain ended and brings the host tables in
+    /// line with the rest. Returns how many were removed.
+    fn remove_drained_and_sync(&mut self) -> Result<usize> {
+        let now = monotonic_ns();
         let (live, drained): (Vec<_>, Vec<_>) = self.rules()?.into_iter().partition(|(_, v)| !is_drained(v, now));
         for (p, _) in &drained {
             match self.remove_rule(*p) {
@@ -773,9 +781,7 @@ impl Datapath {
             self.save_and_set_sysctls(ifname, ifindex, addr)?;
             net::add_local_route(addr)?;
             if let Some(fd) = &listener_fd {
-                let mut hash: SockHash<&mut MapData, ServiceKey> =
-                    SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
-                hash.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
+                self.listeners()?.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
             }
             let flags = if listener_fd.is_some() { ADOPTED_LISTENER } else { 0 };
             let value = AdoptedValue { ifindex, flags, mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 6] };
@@ -797,18 +803,8 @@ impl Datapath {
     pub fn register_listener(&mut self, service: (IpAddr, u16), listener: (IpAddr, u16)) -> Result<()> {
         let fd = listener::find(listener.0, listener.1)?;
         let _lock = self.lock()?;
-        let key = ServiceKey::new(types::to16(service.0), service.1);
-        let mut value = self.adopted()?.get(&key, 0).map_err(|e| match e {
-            aya::maps::MapError::KeyNotFound => {
-                Error::invalid(format!("service {} is not adopted", types::sock(service.0, service.1)))
-            }
-            e => Error::bpf("reading ADOPTED", e),
-        })?;
-        {
-            let mut hash: SockHash<&mut MapData, ServiceKey> =
-                SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
-            hash.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
-        }
+        let (key, mut value) = self.adopted_value(service)?;
+        self.listeners()?.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;
         if value.flags & ADOPTED_LISTENER == 0 {
             value.flags |= ADOPTED_LISTENER;
             self.adopted()?.insert(key, value, 0).map_err(|e| Error::bpf("recording the listener", e))?;
@@ -825,20 +821,10 @@ impl Datapath {
     }
 
     fn unadopt_locked(&mut self, service: (IpAddr, u16)) -> Result<()> {
-        let (addr, port) = service;
-        let key = ServiceKey::new(types::to16(addr), port);
-        let old = self.adopted()?.get(&key, 0).map_err(|e| match e {
-            aya::maps::MapError::KeyNotFound => {
-                Error::invalid(format!("service {} is not adopted", types::sock(addr, port)))
-            }
-            e => Error::bpf("reading ADOPTED", e),
-        })?;
+        let addr = service.0;
+        let (key, old) = self.adopted_value(service)?;
         self.adopted()?.remove(&key).map_err(|e| Error::bpf("removing adopted service", e))?;
-        {
-            let mut hash: SockHash<&mut MapData, ServiceKey> =
-                SockHash::try_from(self.map(maps::LISTENERS)?).map_err(|e| Error::bpf("opening LISTENERS", e))?;
-            let _ = hash.remove(&key);
-        }
+        let _ = self.listeners()?.remove(&key);
         if !self.list_adopted()?.iter().any(|(a, _, _)| *a == addr) {
             net::remove_local_route(addr)?;
         }

@@ -22,7 +22,7 @@
 //! first, then the slots; everything happens under the instance lock.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     marker::PhantomData,
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
@@ -130,23 +130,19 @@ impl<D: SlotData> SlotTable<D> {
         (self.kind_cell(i).load(Ordering::Acquire), self.data(i))
     }
 
-    /// Makes every slot what `wanted` (ascending by index; slots not in it: empty) says, in the
-    /// order that keeps readers safe. Returns how many slots changed.
-    pub fn apply_sorted(&self, wanted: &[(u32, Want<D>)]) -> usize {
-        debug_assert!(wanted.windows(2).all(|w| w[0].0 < w[1].0), "wanted slots must be sorted");
+    /// Makes every slot what `wanted` says (slots not in it: empty), in the order that keeps
+    /// readers safe. Returns how many slots changed.
+    pub fn apply(&self, wanted: &BTreeMap<u32, Want<D>>) -> usize {
+        // Both in ascending order: one walk, no lookup per slot.
         let mut next = wanted.iter().peekable();
-        self.apply(|i| match next.peek() {
-            Some((j, w)) if *j == i => {
+        let mut want = |i: u32| match next.peek() {
+            Some((j, w)) if **j == i => {
+                let w = **w;
                 next.next();
-                *w
+                w
             }
             _ => Want::Empty,
-        })
-    }
-
-    /// Makes slot `i` what `want(i)` says, for every `i` in ascending order, in the order that
-    /// keeps readers safe. Returns how many slots changed.
-    pub fn apply(&self, mut want: impl FnMut(u32) -> Want<D>) -> usize {
+        };
         let mut ones: Vec<(u32, D)> = Vec::new();
         let mut changed = 0;
         let mut grace = false;
@@ -235,18 +231,12 @@ pub fn covered(prefix: Prefix) -> Option<std::ops::Range<u32>> {
     Some(first..first + (1 << host_bits))
 }
 
-/// What the slots of one family's host table should be, from that family's rules, ascending by
-/// slot (slots not listed: empty).
+/// What the slots of one family's host table should be, from that family's rules (slots not
+/// listed: empty).
 #[must_use]
-pub fn want_hosts(rules: &[(Prefix, RuleValue)], v6: bool) -> Vec<(u32, Want<HostData>)> {
-    let mut v: Vec<(u32, Want<HostData>)> = want_hosts_map(rules, v6).into_iter().collect();
-    v.sort_unstable_by_key(|(i, _)| *i);
-    v
-}
-
-fn want_hosts_map(rules: &[(Prefix, RuleValue)], v6: bool) -> HashMap<u32, Want<HostData>> {
+pub fn want_hosts(rules: &[(Prefix, RuleValue)], v6: bool) -> BTreeMap<u32, Want<HostData>> {
     let full: u8 = if v6 { 128 } else { 32 };
-    let mut want: HashMap<u32, Want<HostData>> = HashMap::new();
+    let mut want: BTreeMap<u32, Want<HostData>> = BTreeMap::new();
     let mut all_many = false;
     for (p, r) in rules.iter().filter(|(p, _)| p.addr.is_ipv6() == v6) {
         if p.len == full {
@@ -286,27 +276,27 @@ mod tests {
 
     #[test]
     fn one_host_rule_fills_its_slot_and_nothing_else() {
-        let w = want_hosts_map(&[(p("198.18.1.5"), rule(2))], false);
+        let w = want_hosts(&[(p("198.18.1.5"), rule(2))], false);
         assert_eq!(w.len(), 1);
         let Some(Want::One(d)) = w.get(&0x0105) else { panic!("slot 0x0105: {w:?}") };
         assert_eq!(d.addr, to16("198.18.1.5".parse().unwrap()));
         assert_eq!(d.rule, rule(2));
         assert!(want_hosts(&[(p("198.18.1.5"), rule(2))], true).is_empty(), "IPv4 rules stay out of the IPv6 table");
         let sorted = want_hosts(&[(p("198.18.2.9"), rule(2)), (p("198.18.1.5"), rule(3))], false);
-        assert_eq!(sorted.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0x0105, 0x0209], "ascending by slot");
+        assert_eq!(sorted.keys().copied().collect::<Vec<_>>(), vec![0x0105, 0x0209], "ascending by slot");
     }
 
     #[test]
     fn colliding_hosts_and_prefixes_send_readers_to_the_trie() {
         // Same low 16 bits, different addresses.
-        let w = want_hosts_map(&[(p("198.18.1.5"), rule(2)), (p("198.19.1.5"), rule(3))], false);
+        let w = want_hosts(&[(p("198.18.1.5"), rule(2)), (p("198.19.1.5"), rule(3))], false);
         assert_eq!(w.get(&0x0105), Some(&Want::Many));
         // A /24 covers 256 slots; a host inside stays MANY.
-        let w = want_hosts_map(&[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], false);
+        let w = want_hosts(&[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], false);
         assert_eq!(w.len(), 256);
         assert!((0x0200..0x0300).all(|i| w.get(&i) == Some(&Want::Many)));
         // A /8 covers every slot.
-        let w = want_hosts_map(&[(p("10.0.0.0/8"), rule(2))], false);
+        let w = want_hosts(&[(p("10.0.0.0/8"), rule(2))], false);
         assert_eq!(w.len(), 65_536);
     }
 
