@@ -27,8 +27,15 @@ impl Ipv4Hdr {
     /// More-fragments set or a non-zero fragment offset.
     #[inline(always)]
     pub fn is_fragment(&self) -> bool {
-        (self.frag[0] & 0x3f) != 0 || self.frag[1] != 0
+        is_fragment(self.frag)
     }
+}
+
+/// Whether the flags-and-offset field of an IPv4 header says fragment: more-fragments set or a
+/// non-zero offset (for code that reads the field alone, not the whole header).
+#[inline(always)]
+pub fn is_fragment(frag: [u8; 2]) -> bool {
+    (frag[0] & 0x3f) != 0 || frag[1] != 0
 }
 
 #[repr(C)]

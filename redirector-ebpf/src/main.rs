@@ -324,7 +324,7 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
         IPPROTO_TCP | IPPROTO_ICMP => {}
         _ => return Ok(pass(Counter::Passed)),
     }
-    if frag[0] & 0x3f != 0 || frag[1] != 0 {
+    if hdr::is_fragment(frag) {
         return Ok(pass(Counter::PassedFragment));
     }
     match vihl & 0xf {
@@ -770,7 +770,7 @@ fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
         // SAFETY: bounds checked by ptr_at.
         let (vihl, frag, src) = unsafe { ((*ip).vihl, (*ip).frag, (*ip).src) };
-        if vihl != 0x45 || frag[0] & 0x3f != 0 || frag[1] != 0 {
+        if vihl != 0x45 || hdr::is_fragment(frag) {
             return Err(Error::BadTunnel);
         }
         (v4_mapped(src), IP4_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
