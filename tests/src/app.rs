@@ -168,46 +168,49 @@ pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Cl
 /// A TCP connection from `src` to `dst` made inside namespace `ns` (3 s connect timeout,
 /// 15 s I/O timeouts).
 pub fn connect_tcp(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    in_netns(ns, move || {
-        let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-        // SAFETY: a fresh socket, owned by the TcpStream below.
-        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just created.
-        let stream: TcpStream = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-        // Pick the port at connect time (by 4-tuple), as load generators do: with many
-        // connections in TIME_WAIT, bind() alone would search the port range every time.
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt with an int on a valid socket.
-        unsafe {
-            libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&raw const one).cast(), 4);
-        }
-        let bind = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
-        nix::sys::socket::bind(fd, &bind).map_err(std::io::Error::from)?;
-        // Connect with a timeout: non-blocking connect, then poll.
-        stream.set_nonblocking(true)?;
-        let to = nix::sys::socket::SockaddrStorage::from(dst);
-        match nix::sys::socket::connect(fd, &to) {
-            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let mut pfd = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
-        // SAFETY: pfd is a valid array of one pollfd.
-        let n = unsafe { libc::poll(pfd.as_mut_ptr(), 1, 3000) };
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect {src} -> {dst} timed out")));
-        }
-        if let Some(e) = stream.take_error()? {
-            return Err(e);
-        }
-        stream.set_nonblocking(false)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(stream)
-    })
+    in_netns(ns, move || connect_here(src, dst))
+}
+
+/// [`connect_tcp`] in the current network namespace.
+pub fn connect_here(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: a fresh socket, owned by the TcpStream below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created.
+    let stream: TcpStream = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    // Pick the port at connect time (by 4-tuple), as load generators do: with many
+    // connections in TIME_WAIT, bind() alone would search the port range every time.
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with an int on a valid socket.
+    unsafe {
+        libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&raw const one).cast(), 4);
+    }
+    let bind = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
+    nix::sys::socket::bind(fd, &bind).map_err(std::io::Error::from)?;
+    // Connect with a timeout: non-blocking connect, then poll.
+    stream.set_nonblocking(true)?;
+    let to = nix::sys::socket::SockaddrStorage::from(dst);
+    match nix::sys::socket::connect(fd, &to) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut pfd = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
+    // SAFETY: pfd is a valid array of one pollfd.
+    let n = unsafe { libc::poll(pfd.as_mut_ptr(), 1, 3000) };
+    if n == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect {src} -> {dst} timed out")));
+    }
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
 }
 
 impl Client {

@@ -364,30 +364,9 @@ fn time_wait_flow(client: IpAddr, svc: SocketAddr) -> u16 {
     port
 }
 
-/// Connects a TCP socket bound to `src` to `dst`.
+/// Connects a TCP socket bound to `src` to `dst` (in this thread's network namespace).
 fn nix_connect(src: IpAddr, dst: SocketAddr) -> TcpStream {
-    let domain = if src.is_ipv4() { socket2_domain_v4() } else { socket2_domain_v6() };
-    // SAFETY: plain syscalls on a fresh socket.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket");
-        let sock: TcpStream = std::os::fd::FromRawFd::from_raw_fd(fd);
-        let bind_to = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
-        let rc = libc::bind(fd, nix::sys::socket::SockaddrLike::as_ptr(&bind_to), nix::sys::socket::SockaddrLike::len(&bind_to));
-        assert_eq!(rc, 0, "bind {src}");
-        let to = nix::sys::socket::SockaddrStorage::from(dst);
-        let rc = libc::connect(fd, nix::sys::socket::SockaddrLike::as_ptr(&to), nix::sys::socket::SockaddrLike::len(&to));
-        assert_eq!(rc, 0, "connect {dst}: {}", std::io::Error::last_os_error());
-        sock
-    }
-}
-
-fn socket2_domain_v4() -> i32 {
-    libc::AF_INET
-}
-
-fn socket2_domain_v6() -> i32 {
-    libc::AF_INET6
+    redirector_tests::app::connect_here(src, dst).unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"))
 }
 
 #[test]

@@ -70,7 +70,8 @@ fn classifier_costs() -> Vec<Cost> {
         sh(&["ip", "-6", "addr", "add", &format!("{SERVICE6}/128"), "dev", "lo", "nodad"]);
         let listener = TcpListener::bind((SERVICE4, 80)).expect("listener");
         let _listener6 = TcpListener::bind((SERVICE6, 80)).expect("listener v6");
-        let local = nix_connect(client4(5), SocketAddr::new(IpAddr::V4(SERVICE4), 80));
+        let local = redirector_tests::app::connect_here(IpAddr::V4(client4(5)), SocketAddr::new(IpAddr::V4(SERVICE4), 80))
+            .expect("a connection living here");
         let local_port = local.local_addr().expect("local addr").port();
         let _accepted = listener.accept().expect("accept");
         let dir = std::env::temp_dir().join(format!("redirector-bench-{}", std::process::id()));
@@ -143,15 +144,6 @@ fn classifier_costs() -> Vec<Cost> {
     })
     .join()
     .expect("classifier benchmark")
-}
-
-/// A TCP connection from `src` (any port) to `dst`, in the current network namespace.
-fn nix_connect(src: Ipv4Addr, dst: SocketAddr) -> std::net::TcpStream {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(SocketAddr::new(IpAddr::V4(src), 0))).expect("bind");
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(dst)).expect("connect");
-    std::net::TcpStream::from(fd)
 }
 
 /// Requests per second over fresh connections (connect, one request, close), for `dur`.
