@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -44,33 +44,59 @@ impl Agent {
         }
     }
 
-    /// Registers again the local listener of every adopted service: when the application
-    /// restarts, its old socket leaves the `sk_lookup` map and steered clients would be refused
-    /// (`sk-no-listener`) until its new one is registered.
+    /// Registers again the local listener of an adopted service whose listening socket changed:
+    /// when the application restarts, its old socket leaves the `sk_lookup` map and steered
+    /// clients would be refused (`sk-no-listener`) until its new one is registered. The socket's
+    /// inode tells a change cheaply; only then are the processes searched for it.
     async fn refresh_listeners(self: &Arc<Self>) {
-        let services: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = match self.with_reader(Datapath::list_adopted).await {
+        type Check = (SocketAddr, SocketAddr, Result<u64, String>);
+        let services: Vec<(SocketAddr, SocketAddr)> = match self.with_reader(Datapath::list_adopted).await {
             Ok(Ok(list)) => list
                 .into_iter()
                 .filter_map(|(ip, port, _)| {
                     let own = self.cfg.services.iter().find(|s| s.address.port() == port && s.address.is_ipv4() == ip.is_ipv4())?;
-                    Some((std::net::SocketAddr::new(ip, port), own.listener()))
+                    Some((SocketAddr::new(ip, port), own.listener()))
                 })
                 .collect(),
             _ => return,
         };
-        for (svc, listener) in services {
-            let r = self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await;
-            let missing = !matches!(r, Ok(Ok(())));
+        let checks: Vec<Check> = match tokio::task::spawn_blocking(move || {
+            services
+                .into_iter()
+                .map(|(svc, l)| (svc, l, crate::datapath::listener_inode((l.ip(), l.port())).map_err(|e| e.to_string())))
+                .collect()
+        })
+        .await
+        {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        self.state().listeners.retain(|svc, _| checks.iter().any(|c| c.0 == *svc));
+        for (svc, listener, inode) in checks {
+            let known = self.state().listeners.get(&svc).copied();
+            let registered = match inode {
+                Ok(ino) if known == Some(Some(ino)) => continue,
+                Ok(ino) => match self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await {
+                    Ok(Ok(())) => Ok(ino),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("{e:#}")),
+                },
+                Err(e) => Err(e),
+            };
             let mut st = self.state();
-            if missing && st.listeners_missing.insert(svc) {
-                let why = match r {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => format!("{e:#}"),
-                    Ok(Ok(())) => String::new(),
-                };
-                warn!(service = %svc, %listener, "clients steered here for {svc} are refused until the application listens again: {why}");
-            } else if !missing && st.listeners_missing.remove(&svc) {
-                info!(service = %svc, %listener, "the application listens again: its clients are served");
+            match registered {
+                Ok(ino) => {
+                    if known == Some(None) {
+                        info!(service = %svc, %listener, "the application listens again: its clients are served");
+                    }
+                    st.listeners.insert(svc, Some(ino));
+                }
+                Err(why) => {
+                    if known != Some(None) {
+                        warn!(service = %svc, %listener, "clients steered here for {svc} are refused until the application listens again: {why}");
+                    }
+                    st.listeners.insert(svc, None);
+                }
             }
         }
     }

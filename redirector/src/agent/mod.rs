@@ -132,8 +132,9 @@ struct Acked {
 
 #[derive(Default)]
 struct State {
-    /// Adopted services whose local listener was not found at the last check (warned once).
-    listeners_missing: std::collections::BTreeSet<std::net::SocketAddr>,
+    /// Adopted services' local listeners as last checked: the socket inode registered for
+    /// `sk_lookup`, or `None` while nothing listens (warned once).
+    listeners: std::collections::BTreeMap<std::net::SocketAddr, Option<u64>>,
     load: Load,
     siblings: HashMap<String, SiblingState>,
     pending: HashMap<(String, u64), oneshot::Sender<Msg>>,

@@ -32,7 +32,7 @@ fn parse_proc_addr(s: &str) -> Option<(IpAddr, u16)> {
 }
 
 /// Inode of the listening TCP socket bound exactly to `addr:port` in this namespace.
-fn listening_inode(addr: IpAddr, port: u16) -> Result<u64> {
+pub fn listening_inode(addr: IpAddr, port: u16) -> Result<u64> {
     let file = if addr.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
     let text = fs::read_to_string(file).map_err(|e| Error::io(format!("reading {file}"), e))?;
     for line in text.lines().skip(1) {

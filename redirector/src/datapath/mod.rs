@@ -1112,6 +1112,13 @@ pub fn remove_instance(loc: &Location) -> Result<()> {
     fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
 }
 
+/// The inode of the TCP socket listening on `listener` in this network namespace: it changes
+/// when the application that listens restarts (one read of `/proc/net/tcp`, unlike the process
+/// scan of [`Datapath::register_listener`]).
+pub fn listener_inode(listener: (IpAddr, u16)) -> Result<u64> {
+    listener::listening_inode(listener.0, listener.1)
+}
+
 /// The index of interface `name` in this network namespace (an error that names it if there
 /// is none).
 pub fn interface_index(name: &str) -> Result<u32> {
