@@ -24,7 +24,7 @@ use anyhow::anyhow;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::{Acked, Agent, MigratedOut, family, host_prefix, unix_now};
+use super::{Acked, Agent, MigratedOut, family, flat, host_prefix, unix_now};
 use crate::{
     app::{PendingHandoff, Registration, Role},
     datapath::{Datapath, Prefix, RuleInfo, RuleState},
@@ -439,10 +439,9 @@ impl Agent {
         if undecided.is_empty() {
             return;
         }
-        let rules = match self.with_reader(Datapath::list_rules).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return error!(%service, "cannot read the rules to decide unfinished hand-overs (left unfinished): {e}"),
-            Err(e) => return error!(%service, "cannot read the rules to decide unfinished hand-overs (left unfinished): {e:#}"),
+        let rules = match flat(self.with_reader(Datapath::list_rules).await) {
+            Ok(r) => r,
+            Err(e) => return error!(%service, "cannot read the rules to decide unfinished hand-overs (left unfinished): {e}"),
         };
         for (p, volunteer, id) in undecided {
             let Some(sib) = self.cfg.siblings.iter().find(|s| s.name == volunteer) else {

@@ -12,7 +12,7 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use super::{Agent, MigratedOut, classify_rules, host_prefix};
+use super::{Agent, MigratedOut, classify_rules, flat, host_prefix};
 use crate::datapath::{Datapath, Prefix};
 
 impl Agent {
@@ -34,11 +34,10 @@ impl Agent {
             // fills up with them.
             if last_collect.elapsed() >= Duration::from_secs(5) {
                 last_collect = Instant::now();
-                match self.with_dp(Datapath::collect_drained).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => info!(rules = n, "removed rules whose drain ended"),
-                    Ok(Err(e)) => warn!("removing drained rules: {e}"),
-                    Err(e) => warn!("removing drained rules: {e:#}"),
+                match flat(self.with_dp(Datapath::collect_drained).await) {
+                    Ok(0) => {}
+                    Ok(n) => info!(rules = n, "removed rules whose drain ended"),
+                    Err(e) => warn!("removing drained rules: {e}"),
                 }
             }
         }
@@ -50,8 +49,8 @@ impl Agent {
     /// inode tells a change cheaply; only then are the processes searched for it.
     async fn refresh_listeners(self: &Arc<Self>) {
         type Check = (SocketAddr, SocketAddr, Result<u64, String>);
-        let services: Vec<(SocketAddr, SocketAddr)> = match self.with_reader(Datapath::list_adopted).await {
-            Ok(Ok(list)) => list
+        let services: Vec<(SocketAddr, SocketAddr)> = match flat(self.with_reader(Datapath::list_adopted).await) {
+            Ok(list) => list
                 .into_iter()
                 .filter_map(|(ip, port, _)| {
                     let own = self.cfg.services.iter().find(|s| s.address.port() == port && s.address.is_ipv4() == ip.is_ipv4())?;
@@ -76,11 +75,7 @@ impl Agent {
             let known = self.state().listeners.get(&svc).copied();
             let registered = match inode {
                 Ok(ino) if known == Some(Some(ino)) => continue,
-                Ok(ino) => match self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await {
-                    Ok(Ok(())) => Ok(ino),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(e) => Err(format!("{e:#}")),
-                },
+                Ok(ino) => flat(self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await).map(|()| ino),
                 Err(e) => Err(e),
             };
             let mut st = self.state();
@@ -127,14 +122,10 @@ impl Agent {
             warn!(sibling = %name, clients = clients.len(), silent_ms = silent.as_millis(), "sibling silent past the liveness timeout: draining its rules, clients come home");
             let period = Duration::from_secs(self.cfg.drain_secs);
             let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
-            match self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await {
-                Ok(Ok(n)) => info!(sibling = %name, rules = n, drain_secs = period.as_secs(), "rules draining"),
-                Ok(Err(e)) => {
-                    warn!(sibling = %name, "draining failed, trying again: {e}");
-                    continue;
-                }
+            match flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await) {
+                Ok(n) => info!(sibling = %name, rules = n, drain_secs = period.as_secs(), "rules draining"),
                 Err(e) => {
-                    warn!(sibling = %name, "draining failed, trying again: {e:#}");
+                    warn!(sibling = %name, "draining failed, trying again: {e}");
                     continue;
                 }
             }
@@ -176,10 +167,9 @@ impl Agent {
     /// did not know of are watched from now on; others are reported as orphans.
     async fn reconcile(self: &Arc<Self>) {
         let listed_at = Instant::now();
-        let rules = match self.with_reader(Datapath::list_rules).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return debug!("listing rules to reconcile: {e}"),
-            Err(e) => return debug!("listing rules to reconcile: {e:#}"),
+        let rules = match flat(self.with_reader(Datapath::list_rules).await) {
+            Ok(r) => r,
+            Err(e) => return debug!("listing rules to reconcile: {e}"),
         };
         let (managed, orphans, draining) = classify_rules(&self.cfg, &rules);
         let active: HashMap<IpAddr, (String, u64)> = managed.into_iter().map(|(c, to, since)| (c, (to, since))).collect();

@@ -200,6 +200,16 @@ pub struct Agent {
     load_wake: tokio::sync::Notify,
 }
 
+/// A datapath call made on a blocking thread, as one result: the datapath's error, or the
+/// blocking task's failure (with its causes), as text for a log line.
+fn flat<T>(r: anyhow::Result<crate::datapath::Result<T>>) -> Result<T, String> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -14,7 +14,7 @@ use anyhow::bail;
 use tracing::{debug, info, warn};
 
 use super::{
-    Agent, pick_clients, policy,
+    Agent, flat, pick_clients, policy,
     handoff::{Busy, NAMED},
 };
 use crate::{
@@ -34,10 +34,9 @@ impl Agent {
     /// Waits for the kernel's reports of the load crossing the armed watermark and wakes the
     /// load loop at once: a round starts from the crossing itself, not from the next poll.
     pub(super) async fn load_events(self: Arc<Self>) {
-        let events = match self.with_reader(Datapath::take_load_events).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e}"),
-            Err(e) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e:#}"),
+        let events = match flat(self.with_reader(Datapath::take_load_events).await) {
+            Ok(e) => e,
+            Err(e) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e}"),
         };
         // SAFETY: `LoadEvents` owns its ring buffer's fd for its whole life and always returns
         // that same fd; the AsyncFd owns the `LoadEvents`.
@@ -70,14 +69,10 @@ impl Agent {
                 _ = tick.tick() => {}
                 () = self.load_wake.notified() => armed = None,
             }
-            let load = match self.with_reader(Datapath::load).await {
-                Ok(Ok(l)) => l,
-                Ok(Err(e)) => {
-                    warn!("reading the load: {e}");
-                    continue;
-                }
+            let load = match flat(self.with_reader(Datapath::load).await) {
+                Ok(l) => l,
                 Err(e) => {
-                    warn!("reading the load: {e:#}");
+                    warn!("reading the load: {e}");
                     continue;
                 }
             };
@@ -118,10 +113,9 @@ impl Agent {
                 (crossing.map(|c| (projected, over, c)), arm)
             };
             if let Some(at) = arm {
-                match self.with_reader(move |dp| dp.arm_load_event(at)).await {
-                    Ok(Ok(())) => armed = Some(at),
-                    Ok(Err(e)) => warn!("arming the kernel's load watermark: {e}"),
-                    Err(e) => warn!("arming the kernel's load watermark: {e:#}"),
+                match flat(self.with_reader(move |dp| dp.arm_load_event(at)).await) {
+                    Ok(()) => armed = Some(at),
+                    Err(e) => warn!("arming the kernel's load watermark: {e}"),
                 }
             }
             if let Some((projected, over, crossing)) = decision {
