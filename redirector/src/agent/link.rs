@@ -78,6 +78,14 @@ impl Agent {
         Duration::from_millis(self.cfg.liveness_ms)
     }
 
+    /// Records a heartbeat from `name` (on either connection) and the load it says.
+    pub(super) fn heartbeat(&self, name: &str, load: u64) {
+        let mut st = self.state();
+        let s = st.siblings.entry(name.to_string()).or_default();
+        s.load = load;
+        s.last_heartbeat = Some(Instant::now());
+    }
+
     /// Records that `name` was heard from (any frame, on either connection).
     pub(super) fn heard(&self, name: &str) {
         if let Some(s) = self.state().siblings.get_mut(name) {
@@ -289,13 +297,7 @@ impl Agent {
     fn handle_answer(&self, name: &str, msg: Msg) {
         let id = match &msg {
             Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } | Msg::OutcomeIs { id, .. } => *id,
-            Msg::Heartbeat { load, .. } => {
-                let mut st = self.state();
-                let s = st.siblings.entry(name.to_string()).or_default();
-                s.load = *load;
-                s.last_heartbeat = Some(Instant::now());
-                return;
-            }
+            Msg::Heartbeat { load, .. } => return self.heartbeat(name, *load),
             other => {
                 warn!(sibling = %name, "unexpected answer {other:?}");
                 return;
@@ -363,9 +365,7 @@ impl Agent {
         if !undelivered.is_empty() {
             debug!(sibling = %name, clients = undelivered.len(), "release deferred until the link is up");
             if let Some(s) = self.state().siblings.get_mut(name) {
-                s.unreleased.extend(undelivered);
-                s.unreleased.sort_unstable();
-                s.unreleased.dedup();
+                s.owe_release(undelivered);
             }
         }
     }

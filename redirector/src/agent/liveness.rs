@@ -136,9 +136,7 @@ impl Agent {
                 st.migrated.remove(c);
             }
             if let Some(s) = st.siblings.get_mut(&name) {
-                s.unreleased.extend(clients);
-                s.unreleased.sort_unstable();
-                s.unreleased.dedup();
+                s.owe_release(clients);
             }
         }
     }
@@ -151,7 +149,7 @@ impl Agent {
             let mut st = self.state();
             st.siblings
                 .iter_mut()
-                .filter(|(_, s)| !s.unreleased.is_empty() && s.out.is_some() && s.last_seen.is_some_and(|t| t.elapsed() < live))
+                .filter(|(_, s)| !s.unreleased.is_empty() && s.reachable(live))
                 .map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased)))
                 .collect()
         };

@@ -21,7 +21,7 @@ mod policy;
 mod volunteer;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -97,6 +97,20 @@ struct SiblingState {
     unreleased: Vec<IpAddr>,
 }
 
+impl SiblingState {
+    /// Linked (its outbound connection is up) and heard from within `live`.
+    fn reachable(&self, live: Duration) -> bool {
+        self.out.is_some() && self.last_seen.is_some_and(|t| t.elapsed() < live)
+    }
+
+    /// Owes it the release of `clients` (each once), sent when the link allows.
+    fn owe_release(&mut self, clients: impl IntoIterator<Item = IpAddr>) {
+        self.unreleased.extend(clients);
+        self.unreleased.sort_unstable();
+        self.unreleased.dedup();
+    }
+}
+
 struct Reservation {
     origin: String,
     id: u64,
@@ -134,7 +148,7 @@ struct Acked {
 struct State {
     /// Adopted services' local listeners as last checked: the socket inode registered for
     /// `sk_lookup`, or `None` while nothing listens (warned once).
-    listeners: std::collections::BTreeMap<std::net::SocketAddr, Option<u64>>,
+    listeners: BTreeMap<SocketAddr, Option<u64>>,
     load: Load,
     siblings: HashMap<String, SiblingState>,
     pending: HashMap<(String, u64), oneshot::Sender<Msg>>,

@@ -181,7 +181,7 @@ impl Agent {
         self.cfg
             .siblings
             .iter()
-            .filter(|s| st.siblings.get(&s.name).is_some_and(|x| x.out.is_some() && x.last_seen.is_some_and(|t| t.elapsed() < live)))
+            .filter(|s| st.siblings.get(&s.name).is_some_and(|x| x.reachable(live)))
             .map(|s| s.name.clone())
             .collect()
     }

@@ -54,12 +54,7 @@ impl Agent {
             async move { reply.send_timeout(m, deadline).await.map_err(|_| anyhow!("the answers to this sibling are stuck")) }
         };
         match msg {
-            Msg::Heartbeat { load, .. } => {
-                let mut st = self.state();
-                let s = st.siblings.entry(from.to_string()).or_default();
-                s.load = load;
-                s.last_heartbeat = Some(Instant::now());
-            }
+            Msg::Heartbeat { load, .. } => self.heartbeat(from, load),
             Msg::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
             Msg::Sessions { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
             Msg::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
