@@ -241,6 +241,19 @@ impl Config {
         self.control_addresses().into_iter().find(|a| a.is_ipv4() == of.is_ipv4())
     }
 
+    /// The sibling named `name`.
+    #[must_use]
+    pub fn sibling(&self, name: &str) -> Option<&Sibling> {
+        self.siblings.iter().find(|s| s.name == name)
+    }
+
+    /// The local service that serves clients of `svc` (a sibling's service) here: the one of
+    /// the same port and family.
+    #[must_use]
+    pub fn serving(&self, svc: SocketAddr) -> Option<&Service> {
+        self.services.iter().find(|s| s.address.port() == svc.port() && s.address.is_ipv4() == svc.is_ipv4())
+    }
+
     /// The sibling whose control address is `ip`.
     #[must_use]
     pub fn sibling_at(&self, ip: IpAddr) -> Option<&Sibling> {

@@ -311,7 +311,7 @@ impl Agent {
     /// the tunnel to the volunteer's control address of that family, then every rule; all or
     /// nothing.
     pub(super) async fn steer(self: &Arc<Self>, name: &str, clients: &[MovedClient]) -> anyhow::Result<()> {
-        let sib = self.cfg.siblings.iter().find(|s| s.name == name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
+        let sib = self.cfg.sibling(name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
         let mut groups: Vec<(IpAddr, Vec<Prefix>)> = Vec::new();
         for v4 in [true, false] {
             let prefixes: Vec<Prefix> = clients.iter().filter(|c| c.addr.is_ipv4() == v4).map(|c| host_prefix(c.addr)).collect();
@@ -361,7 +361,7 @@ impl Agent {
 
     /// Of `clients`, those the kernel's rules send to sibling `name`, and those with no rule.
     async fn steered_to(self: &Arc<Self>, name: &str, clients: &[IpAddr]) -> anyhow::Result<(Vec<IpAddr>, Vec<IpAddr>)> {
-        let targets = self.cfg.siblings.iter().find(|s| s.name == name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?.control_addresses();
+        let targets = self.cfg.sibling(name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?.control_addresses();
         let rules = self.with_reader(Datapath::list_rules).await??;
         Ok(classify_for(&rules, &targets, clients))
     }
@@ -444,7 +444,7 @@ impl Agent {
             Err(e) => return error!(%service, "cannot read the rules to decide unfinished hand-overs (left unfinished): {e}"),
         };
         for (p, volunteer, id) in undecided {
-            let Some(sib) = self.cfg.siblings.iter().find(|s| s.name == volunteer) else {
+            let Some(sib) = self.cfg.sibling(&volunteer) else {
                 // Not a sibling any more: committed is undecidable. A client steered nowhere can
                 // only be served here, with this copy.
                 let (_, none) = classify_for(&rules, &[], &p.clients);
@@ -506,7 +506,7 @@ impl Agent {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished import for another node ({volunteer}): left unfinished");
             return;
         }
-        if !self.cfg.siblings.iter().any(|s| s.name == origin) {
+        if self.cfg.sibling(origin).is_none() {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished import from {origin}, not a sibling: cannot ask it, left unfinished");
             return;
         }

@@ -53,8 +53,8 @@ impl Agent {
             Ok(list) => list
                 .into_iter()
                 .filter_map(|(ip, port, _)| {
-                    let own = self.cfg.services.iter().find(|s| s.address.port() == port && s.address.is_ipv4() == ip.is_ipv4())?;
-                    Some((SocketAddr::new(ip, port), own.listener()))
+                    let svc = SocketAddr::new(ip, port);
+                    Some((svc, self.cfg.serving(svc)?.listener()))
                 })
                 .collect(),
             _ => return,

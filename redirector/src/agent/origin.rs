@@ -262,7 +262,7 @@ impl Agent {
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms);
         // A client moves only between control addresses of its own family, on both sides.
         let families = |name: &str| {
-            let s = self.cfg.siblings.iter().find(|s| s.name == name);
+            let s = self.cfg.sibling(name);
             let can = |v4: bool| {
                 let probe = if v4 { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::from([0u16; 8]) };
                 self.cfg.control_address(probe).is_some() && s.is_some_and(|s| s.control_address(probe).is_some())

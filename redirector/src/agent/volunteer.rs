@@ -244,9 +244,7 @@ impl Agent {
             let src = origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family(svc.ip())))?;
             let own = self
                 .cfg
-                .services
-                .iter()
-                .find(|s| s.address.port() == svc.port() && s.address.is_ipv4() == svc.is_ipv4())
+                .serving(*svc)
                 .ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family(svc.ip()), svc.port()))?;
             plan.push(Adoption { svc: *svc, local: own.address, dev: own.dev.clone(), listener: own.listener(), src });
         }
@@ -269,7 +267,7 @@ impl Agent {
             self.state().reservations.retain(|r| !(r.origin == from && r.id == id));
             Msg::Abort { id, reason }
         };
-        let Some(origin) = self.cfg.siblings.iter().find(|s| s.name == from).cloned() else {
+        let Some(origin) = self.cfg.sibling(from).cloned() else {
             return abort("not a configured sibling".into());
         };
         if let Some(why) = incoming.refused {
