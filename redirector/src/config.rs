@@ -400,7 +400,7 @@ impl Config {
                 p.push(format!(
                     "service {}: this node has no {} control address (listen is {listen}; set dual_stack_address), so its clients could never move",
                     s.address,
-                    if s.address.is_ipv4() { "IPv4" } else { "IPv6" }
+                    crate::datapath::family_name(s.address.is_ipv4())
                 ));
             }
         }

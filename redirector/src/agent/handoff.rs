@@ -24,10 +24,10 @@ use anyhow::anyhow;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::{Acked, Agent, MigratedOut, family, flat, host_prefix, unix_now};
+use super::{Acked, Agent, MigratedOut, flat, host_prefix, unix_now};
 use crate::{
     app::{PendingHandoff, Registration, Role},
-    datapath::{Datapath, Prefix, RuleInfo, RuleState},
+    datapath::{Datapath, Prefix, RuleInfo, RuleState, family_name},
     peer::{self, MovedClient, Msg, OUTCOME_SAMPLE, SessionBlob, SessionSet, Verdict},
 };
 
@@ -316,7 +316,7 @@ impl Agent {
         for v4 in [true, false] {
             let prefixes: Vec<Prefix> = clients.iter().filter(|c| c.addr.is_ipv4() == v4).map(|c| host_prefix(c.addr)).collect();
             if let Some(first) = prefixes.first() {
-                let target = sib.control_address(first.addr).ok_or_else(|| anyhow!("{name} has no {} control address", family(first.addr)))?;
+                let target = sib.control_address(first.addr).ok_or_else(|| anyhow!("{name} has no {} control address", family_name(first.addr.is_ipv4())))?;
                 groups.push((target, prefixes));
             }
         }

@@ -39,7 +39,7 @@ pub use self::policy::{ago, pick_clients};
 use crate::{
     app::{Apps, Limits, Registration},
     config::Config,
-    datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState},
+    datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name},
     peer::{MovedClient, Msg, SessionBlob, Tls, Verdict},
 };
 
@@ -232,10 +232,6 @@ fn host_prefix(a: IpAddr) -> Prefix {
     Prefix { addr: a, len: if a.is_ipv4() { 32 } else { 128 } }
 }
 
-fn family(a: IpAddr) -> &'static str {
-    if a.is_ipv4() { "IPv4" } else { "IPv6" }
-}
-
 /// Sorts the kernel's rules for an agent: (client, sibling) of the active rules it manages,
 /// rules it leaves alone (and why), and how many are draining.
 fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64)>, Vec<Orphan>, usize) {
@@ -295,7 +291,7 @@ impl Agent {
             state.siblings.insert(s.name.clone(), SiblingState::default());
             for svc in &cfg.services {
                 if s.control_address(svc.address.ip()).is_none() {
-                    warn!(sibling = %s.name, service = %svc.address, "{} clients never move to this sibling: it has no {} control address (dual_stack_address)", family(svc.address.ip()), family(svc.address.ip()));
+                    warn!(sibling = %s.name, service = %svc.address, "{} clients never move to this sibling: it has no {} control address (dual_stack_address)", family_name(svc.address.is_ipv4()), family_name(svc.address.is_ipv4()));
                 }
             }
         }

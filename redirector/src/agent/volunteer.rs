@@ -15,12 +15,13 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use super::{
-    Acked, AdoptedIn, Agent, Incoming, Reservation, family,
+    Acked, AdoptedIn, Agent, Incoming, Reservation,
     handoff::{handoff_name, sample},
     policy, unix_now,
 };
 use crate::{
     config::Sibling,
+    datapath::family_name,
     peer::{self, MovedClient, Msg, SessionBlob, SessionSet, Verdict},
 };
 
@@ -241,16 +242,16 @@ impl Agent {
         let mut plan = Vec::new();
         for svc in services.iter().filter(|s| families.contains(&s.is_ipv4())) {
             self.cfg.check_adoptable(origin, *svc)?;
-            let src = origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family(svc.ip())))?;
+            let src = origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family_name(svc.is_ipv4())))?;
             let own = self
                 .cfg
                 .serving(*svc)
-                .ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family(svc.ip()), svc.port()))?;
+                .ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family_name(svc.is_ipv4()), svc.port()))?;
             plan.push(Adoption { svc: *svc, local: own.address, dev: own.dev.clone(), listener: own.listener(), src });
         }
         for f in &families {
             if !plan.iter().any(|a| a.svc.is_ipv4() == *f) {
-                return Err(format!("no {} service of {} to serve its {} clients", if *f { "IPv4" } else { "IPv6" }, origin.name, if *f { "IPv4" } else { "IPv6" }));
+                return Err(format!("no {} service of {} to serve its {} clients", family_name(*f), origin.name, family_name(*f)));
             }
         }
         Ok(plan)

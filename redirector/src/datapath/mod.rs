@@ -37,7 +37,7 @@ use redirector_common::{
     ADOPTED_LISTENER, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, LoadCtl, LoadEvent,
     PORT_SLOT_COUNT, PortData, RuleValue, ServiceKey, ServiceValue, SiblingValue, as_v4, decide, maps, programs,
 };
-pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats};
+pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_name};
 
 pub use self::probe::ProbeError;
 use self::slots::{SlotTable, Want};
@@ -497,7 +497,7 @@ impl Datapath {
         if services.is_empty() {
             return Err(Error::invalid(format!(
                 "no steered {} service: add one with `redirector service add` first",
-                if target.is_ipv4() { "IPv4" } else { "IPv6" }
+                family_name(target.is_ipv4())
             )));
         }
         // The probe runs before the lock: it can take up to its timeout per service.

@@ -77,7 +77,7 @@ pub fn control_address(ifname: &str, service: IpAddr) -> Result<IpAddr> {
         .ok_or_else(|| {
             Error::invalid(format!(
                 "{ifname} has no {} address other than the service address {service}: give --tunnel-src",
-                if service.is_ipv4() { "IPv4" } else { "IPv6" }
+                super::family_name(service.is_ipv4())
             ))
         })
 }

@@ -23,6 +23,12 @@ pub(crate) fn from16(a: &Addr) -> IpAddr {
     }
 }
 
+/// "IPv4" or "IPv6", for messages.
+#[must_use]
+pub fn family_name(v4: bool) -> &'static str {
+    if v4 { "IPv4" } else { "IPv6" }
+}
+
 pub(crate) fn sock(a: IpAddr, port: u16) -> String {
     match a {
         IpAddr::V4(_) => format!("{a}:{port}"),
