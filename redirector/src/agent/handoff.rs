@@ -111,8 +111,26 @@ fn session_frames(id: u64, exported: Vec<(SocketAddr, Vec<SessionBlob>)>, max_fr
     frames
 }
 
-fn names(clients: &[IpAddr]) -> String {
-    let mut s: Vec<String> = clients.iter().take(NAMED).map(ToString::to_string).collect();
+/// How a client appears in a log line: its address, with its connections when known.
+pub(super) trait Named {
+    fn named(&self) -> String;
+}
+
+impl Named for IpAddr {
+    fn named(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Named for (IpAddr, u64) {
+    fn named(&self) -> String {
+        format!("{}({})", self.0, self.1)
+    }
+}
+
+/// The first [`NAMED`] of `clients` for a log line, and how many more there are.
+pub(super) fn names<T: Named>(clients: &[T]) -> String {
+    let mut s: Vec<String> = clients.iter().take(NAMED).map(Named::named).collect();
     if clients.len() > NAMED {
         s.push(format!("and {} more", clients.len() - NAMED));
     }
@@ -542,6 +560,15 @@ mod tests {
         for bad in ["a-1-b", "a/x/b", "a/1", "a/1/b/c", "/1/b", "a/1/"] {
             assert_eq!(parse_handoff(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn log_lines_name_a_few_clients_and_count_the_rest() {
+        let c: Vec<IpAddr> = (0..=u8::try_from(NAMED).unwrap()).map(|i| IpAddr::from([198, 18, 1, i])).collect();
+        let line = names(&c);
+        assert!(line.starts_with("198.18.1.0 198.18.1.1 "), "{line}");
+        assert!(line.ends_with(&format!("198.18.1.{} and 1 more", NAMED - 1)), "{line}");
+        assert_eq!(names(&[(c[5], 3), (c[6], 1)]), "198.18.1.5(3) 198.18.1.6(1)");
     }
 
     #[test]

@@ -15,20 +15,12 @@ use tracing::{debug, info, warn};
 
 use super::{
     Agent, flat, pick_clients, policy,
-    handoff::{Busy, NAMED},
+    handoff::{Busy, names},
 };
 use crate::{
     datapath::{Datapath, Load},
     peer::Msg,
 };
-
-fn names(clients: &[(IpAddr, u64)]) -> String {
-    let mut s: Vec<String> = clients.iter().take(NAMED).map(|(a, n)| format!("{a}({n})")).collect();
-    if clients.len() > NAMED {
-        s.push(format!("and {} more", clients.len() - NAMED));
-    }
-    s.join(" ")
-}
 
 impl Agent {
     /// Waits for the kernel's reports of the load crossing the armed watermark and wakes the
