@@ -189,6 +189,21 @@ struct State {
     draining: usize,
 }
 
+impl State {
+    /// The reservation of transfer (`origin`, `id`) if its lease has not run out at `now`.
+    fn live_reservation(&mut self, origin: &str, id: u64, now: Instant) -> Option<&mut Reservation> {
+        self.reservations.iter_mut().find(|r| r.origin == origin && r.id == id && r.until > now)
+    }
+
+    /// Removes the reservation of transfer (`origin`, `id`), expired or not; whether there was
+    /// one.
+    fn take_reservation(&mut self, origin: &str, id: u64) -> bool {
+        let before = self.reservations.len();
+        self.reservations.retain(|r| !(r.origin == origin && r.id == id));
+        self.reservations.len() != before
+    }
+}
+
 /// A running agent.
 pub struct Agent {
     cfg: Config,

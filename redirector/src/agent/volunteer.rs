@@ -111,7 +111,7 @@ impl Agent {
     fn forget_transfer(self: &Arc<Self>, from: &str, id: u64) {
         let acked = {
             let mut st = self.state();
-            st.reservations.retain(|r| !(r.origin == from && r.id == id));
+            st.take_reservation(from, id);
             st.incoming.remove(&(from.to_string(), id));
             // Clients of this transfer were not steered after all.
             st.adopted.retain(|_, a| !(a.from == from && a.id == id));
@@ -184,7 +184,7 @@ impl Agent {
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let max_blob = self.cfg.max_session_bytes;
         let mut st = self.state();
-        let cap = st.reservations.iter_mut().find(|r| r.origin == from && r.id == id && r.until > now).map_or(0, |r| {
+        let cap = st.live_reservation(from, id, now).map_or(0, |r| {
             r.until = r.until.max(now + lease);
             r.capacity
         });
@@ -265,7 +265,7 @@ impl Agent {
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
             // The room it reserved is free again.
-            self.state().reservations.retain(|r| !(r.origin == from && r.id == id));
+            self.state().take_reservation(from, id);
             Msg::Abort { id, reason }
         };
         let Some(origin) = self.cfg.sibling(from).cloned() else {
@@ -282,7 +282,7 @@ impl Agent {
             let now = Instant::now();
             let hold = now + allowance + Duration::from_mins(1);
             let mut st = self.state();
-            let Some(r) = st.reservations.iter_mut().find(|r| r.origin == from && r.id == id && r.until > now) else {
+            let Some(r) = st.live_reservation(from, id, now) else {
                 return abort(format!("no reservation for request {id} (lease expired?)"));
             };
             r.until = hold;
@@ -338,9 +338,7 @@ impl Agent {
         // Abort that came during the import took the reservation: then nothing is recorded.
         let recorded = adopted.as_ref().is_ok_and(|()| {
             let mut st = self.state();
-            let before = st.reservations.len();
-            st.reservations.retain(|r| !(r.origin == from && r.id == id));
-            if st.reservations.len() == before {
+            if !st.take_reservation(from, id) {
                 return false;
             }
             let now = Instant::now();
