@@ -314,6 +314,23 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     let siblings = c.t.redirector_ok(&c.t.a, &["sibling", "list", "--json"]);
     assert!(!siblings.contains("198.18.0.99"), "A accepts no tunnel from an address the message named: {siblings}");
     assert_eq!(c.status("a")["adopted"], serde_json::json!([]));
+    // A transfer A never offered room for (or whose lease ran out) is refused, and A goes on
+    // serving: its status answers.
+    send(
+        &mut s,
+        &Msg::Transfer {
+            id: 150,
+            services: vec!["198.18.0.20:80".parse().expect("service")],
+            tunnel_src: vec!["198.18.0.2".parse().expect("tunnel source")],
+            clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
+            sessions: Vec::new(),
+        },
+    );
+    match read_msg(&mut s) {
+        Ok(Msg::Abort { reason, .. }) => assert!(reason.contains("no reservation"), "refused for want of a reservation: {reason:?}"),
+        other => panic!("a transfer without a reservation must be refused: {other:?}"),
+    }
+    assert_eq!(c.status("a")["adopted"], serde_json::json!([]), "A still answers and adopted nothing");
     // The genuine article is accepted: B's own service, from B's control address.
     match forged_transfer(&mut s, 200, &["198.18.0.20:80"], "198.18.0.2") {
         Msg::TransferAck { .. } => {}

@@ -281,12 +281,14 @@ impl Agent {
             let allowance: Duration = sessions.values().map(|s| self.limits().import_allowance(s)).sum();
             let now = Instant::now();
             let hold = now + allowance + Duration::from_mins(1);
-            let mut st = self.state();
-            let Some(r) = st.live_reservation(from, id, now) else {
-                return abort(format!("no reservation for request {id} (lease expired?)"));
-            };
-            r.until = hold;
-            r.capacity
+            // The state's lock is let go before `abort`, which takes it again.
+            self.state().live_reservation(from, id, now).map(|r| {
+                r.until = hold;
+                r.capacity
+            })
+        };
+        let Some(capacity) = capacity else {
+            return abort(format!("no reservation for request {id} (lease expired?)"));
         };
         let Some(want) = policy::transfer_weight(&clients) else {
             return abort("the connection counts overflow".into());
