@@ -540,11 +540,11 @@ pub fn bind(path: &std::path::Path, owner: Option<(u32, u32)>) -> anyhow::Result
 
 /// Serves the hook socket until the process ends.
 pub async fn serve(apps: Arc<Apps>, listener: UnixListener) {
-    let mut errors = 0u32;
+    let mut failures = crate::sock::AcceptFailures::default();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                errors = 0;
+                failures.reset();
                 let apps = apps.clone();
                 tokio::spawn(async move {
                     if let Err(e) = app_conn(apps, stream).await {
@@ -552,13 +552,7 @@ pub async fn serve(apps: Arc<Apps>, listener: UnixListener) {
                     }
                 });
             }
-            Err(e) => {
-                errors += 1;
-                if errors == 1 || errors.is_multiple_of(100) {
-                    warn!("accepting application connections: {e} ({errors} failure(s) in a row); retrying");
-                }
-                tokio::time::sleep(Duration::from_millis((100 * u64::from(errors)).min(1000))).await;
-            }
+            Err(e) => failures.wait("application connections", &e).await,
         }
     }
 }

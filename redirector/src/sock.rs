@@ -1,13 +1,41 @@
 //! Unix sockets that appear with their final mode and owner: bound in a private folder, set
 //! up there, then renamed into place, so no one can connect in between (whatever the umask).
+//! And how every accept loop of the agent copes with failures.
 
 use std::{
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
 };
 
 use anyhow::Context as _;
+use tracing::warn;
+
+/// `accept` failures in a row (out of file descriptors and the like): the loop waits instead
+/// of spinning, 100 ms more per failure up to a second, and says so on the first and every
+/// 100th.
+#[derive(Default)]
+pub struct AcceptFailures {
+    count: u32,
+}
+
+impl AcceptFailures {
+    /// A connection was accepted: the next failure is a first one again.
+    pub fn reset(&mut self) {
+        self.count = 0;
+    }
+
+    /// Accepting `what` failed with `e`: logs it if due, then waits.
+    pub async fn wait(&mut self, what: &str, e: &std::io::Error) {
+        self.count = self.count.saturating_add(1);
+        let n = self.count;
+        if n == 1 || n.is_multiple_of(100) {
+            warn!("accepting {what}: {e} ({n} failure(s) in a row); retrying");
+        }
+        tokio::time::sleep(Duration::from_millis((100 * u64::from(n)).min(1000))).await;
+    }
+}
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 

@@ -95,20 +95,15 @@ impl Agent {
 
     pub(super) async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.server.clone());
-        let mut errors = 0u32;
+        let mut failures = crate::sock::AcceptFailures::default();
         loop {
             let (tcp, peer_addr) = match listener.accept().await {
                 Ok(a) => {
-                    errors = 0;
+                    failures.reset();
                     a
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    errors += 1;
-                    if errors == 1 || errors.is_multiple_of(100) {
-                        warn!("accepting peer connections: {e} ({errors} failure(s) in a row); retrying");
-                    }
-                    tokio::time::sleep(Duration::from_millis((100 * u64::from(errors)).min(1000))).await;
+                    failures.wait("peer connections", &e).await;
                     continue;
                 }
             };
