@@ -24,8 +24,18 @@ async fn serve_inner(agent: Arc<Agent>) -> anyhow::Result<()> {
     let listener = crate::sock::bind(&path, 0o600, None)?;
     listener.set_nonblocking(true).context("admin socket")?;
     let listener = UnixListener::from_std(listener).context("admin socket")?;
+    let mut failures = crate::sock::AcceptFailures::default();
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failures.reset();
+                stream
+            }
+            Err(e) => {
+                failures.wait("admin connections", &e).await;
+                continue;
+            }
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
