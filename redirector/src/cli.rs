@@ -496,8 +496,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.global.json {
                 println!("{v}");
             } else {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                print!("{}", format_status(&v, now));
+                print!("{}", format_status(&v, datapath::unix_now()));
             }
             return Ok(());
         }

@@ -39,7 +39,7 @@ pub use self::policy::{ago, pick_clients};
 use crate::{
     app::{Apps, Limits, Registration},
     config::Config,
-    datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name},
+    datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
     peer::{MovedClient, Msg, SessionBlob, Tls, Verdict},
 };
 
@@ -237,10 +237,6 @@ fn flat<T>(r: anyhow::Result<crate::datapath::Result<T>>) -> Result<T, String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("{e:#}")),
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn host_prefix(a: IpAddr) -> Prefix {

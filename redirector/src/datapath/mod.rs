@@ -1132,6 +1132,8 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
-fn unix_now() -> u64 {
+/// The Unix time in seconds (0 before 1970).
+#[must_use]
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
