@@ -265,6 +265,17 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     assert!(siblings.contains("\"siblings\":[]"), "A accepts tunnels from nobody: {siblings}");
 }
 
+/// A transfer of one client (`client4(3)`) of `services`, from `tunnel_src`.
+fn transfer_msg(id: u64, services: &[&str], tunnel_src: &str) -> Msg {
+    Msg::Transfer {
+        id,
+        services: services.iter().map(|a| a.parse().expect("service")).collect(),
+        tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
+        clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
+        sessions: Vec::new(),
+    }
+}
+
 /// Asks A for room as "b" on a connection of the test's own, then transfers `services` with
 /// `tunnel_src`; returns A's answer to the transfer.
 fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &str) -> Msg {
@@ -273,16 +284,7 @@ fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &s
         Ok(Msg::Offer { .. }) => {}
         other => panic!("A should offer room: {other:?}"),
     }
-    send(
-        s,
-        &Msg::Transfer {
-            id,
-            services: services.iter().map(|a| a.parse().expect("service")).collect(),
-            tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
-            clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
-            sessions: Vec::new(),
-        },
-    );
+    send(s, &transfer_msg(id, services, tunnel_src));
     read_msg(s).expect("A answers the transfer")
 }
 
@@ -316,16 +318,7 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     assert_eq!(c.status("a")["adopted"], serde_json::json!([]));
     // A transfer A never offered room for (or whose lease ran out) is refused, and A goes on
     // serving: its status answers.
-    send(
-        &mut s,
-        &Msg::Transfer {
-            id: 150,
-            services: vec!["198.18.0.20:80".parse().expect("service")],
-            tunnel_src: vec!["198.18.0.2".parse().expect("tunnel source")],
-            clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
-            sessions: Vec::new(),
-        },
-    );
+    send(&mut s, &transfer_msg(150, &["198.18.0.20:80"], "198.18.0.2"));
     match read_msg(&mut s) {
         Ok(Msg::Abort { reason, .. }) => assert!(reason.contains("no reservation"), "refused for want of a reservation: {reason:?}"),
         other => panic!("a transfer without a reservation must be refused: {other:?}"),
