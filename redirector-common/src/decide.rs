@@ -31,11 +31,7 @@ pub const fn migrated_step(tcp_flags: u8, rule: &RuleValue, now_ns: u64) -> Step
     if draining && now_ns >= rule.drain_until_ns {
         return Step::Inert;
     }
-    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        if draining { Step::KeepDraining } else { Step::ForwardNew }
-    } else {
-        Step::CheckSocket
-    }
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN { if draining { Step::KeepDraining } else { Step::ForwardNew } } else { Step::CheckSocket }
 }
 
 /// Whether TCP `flags` are those of an answer to a connection attempt (SYN-ACK or RST): what
@@ -148,15 +144,7 @@ pub fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
 #[inline(always)]
 pub fn outer_v4_checksum(tos: u8, total: [u8; 2], id: [u8; 2], df: u8, src: [u8; 4], dst: [u8; 4]) -> u16 {
     let w = |a: u8, b: u8| u32::from(u16::from_be_bytes([a, b]));
-    let mut sum = w(0x45, tos)
-        + w(total[0], total[1])
-        + w(id[0], id[1])
-        + w(df, 0)
-        + w(64, 4)
-        + w(src[0], src[1])
-        + w(src[2], src[3])
-        + w(dst[0], dst[1])
-        + w(dst[2], dst[3]);
+    let mut sum = w(0x45, tos) + w(total[0], total[1]) + w(id[0], id[1]) + w(df, 0) + w(64, 4) + w(src[0], src[1]) + w(src[2], src[3]) + w(dst[0], dst[1]) + w(dst[2], dst[3]);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
@@ -231,10 +219,7 @@ mod tests {
     #[test]
     fn ipv4_checksum_matches_known_header() {
         // Example from RFC 1071 style captures: 45 00 00 73 00 00 40 00 40 11 .. c0 a8 00 01 c0 a8 00 c7
-        let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
-            0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
+        let h = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
         assert_eq!(ipv4_header_checksum(&h), 0xb861);
     }
 

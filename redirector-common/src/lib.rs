@@ -132,19 +132,7 @@ pub const fn v4_mapped(a: [u8; 4]) -> Addr {
 /// Returns the IPv4 address if `a` is IPv4-mapped.
 #[must_use]
 pub const fn as_v4(a: &Addr) -> Option<[u8; 4]> {
-    if a[0] == 0
-        && a[1] == 0
-        && a[2] == 0
-        && a[3] == 0
-        && a[4] == 0
-        && a[5] == 0
-        && a[6] == 0
-        && a[7] == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
-    {
+    if a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 && a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff {
         Some([a[12], a[13], a[14], a[15]])
     } else {
         None

@@ -14,34 +14,26 @@
 mod hdr;
 
 use core::{
-    mem, ptr,
     intrinsics::{AtomicOrdering, atomic_xadd},
+    mem, ptr,
 };
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_CURRENT_NETNS, TC_ACT_SHOT, __sk_buff, bpf_sock, bpf_sock_tuple, sk_action,
+        __sk_buff, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_CURRENT_NETNS, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_sock, bpf_sock_tuple, sk_action,
     },
-    helpers::generated::{
-        bpf_ktime_get_ns, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_load_bytes, bpf_sk_release, bpf_skc_lookup_tcp,
-        bpf_tcp_check_syncookie,
-    },
+    helpers::generated::{bpf_ktime_get_ns, bpf_redirect_neigh, bpf_sk_release, bpf_skb_change_head, bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
     macros::{classifier, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext, TcContext},
 };
 use hdr::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
 use redirector_common::{
-    Addr, AdoptedValue, BPF_F_MMAPABLE, LoadCtl, LoadEvent, Counter, HOST_SLOT_COUNT, HostSlot, MAX_CLIENTS, MAX_LISTENERS,
-    MAX_PROBES, MAX_RULES, MAX_SERVICES, MAX_SIBLINGS, PORT_SLOT_COUNT, PortSlot, ProbeValue, RuleValue,
-    SLOT_MANY, SLOT_ONE, ServiceKey, ServiceValue, SiblingValue, as_v4,
-    decide::{
-        self, Found, Step, TCP_ACK, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error, is_answer,
-        migrated_step, stays_local,
-    },
+    Addr, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostSlot, LoadCtl, LoadEvent, MAX_CLIENTS, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_SERVICES, MAX_SIBLINGS,
+    PORT_SLOT_COUNT, PortSlot, ProbeValue, RuleValue, SLOT_MANY, SLOT_ONE, ServiceKey, ServiceValue, SiblingValue, as_v4,
+    decide::{self, Found, Step, TCP_ACK, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error, is_answer, migrated_step, stays_local},
     host_slot, v4_mapped,
 };
 
@@ -219,9 +211,7 @@ fn service_at_v6(dst: &Addr, port: [u8; 2]) -> Option<ServiceValue> {
     let slot = PORT_SLOTS_V6.get_ptr(u32::from(u16::from_be_bytes(port)))?;
     // SAFETY: a valid map value; fields are read in place, in order.
     match kind_of(unsafe { &raw const (*slot).kind }) {
-        SLOT_ONE => unsafe {
-            addr_is(&raw const (*slot).data.addr, &words(dst)).then(|| read(&raw const (*slot).data.service))
-        },
+        SLOT_ONE => unsafe { addr_is(&raw const (*slot).data.addr, &words(dst)).then(|| read(&raw const (*slot).data.service)) },
         // SAFETY: map values are plain data.
         SLOT_MANY => unsafe { SERVICES.get(&ServiceKey { addr: *dst, port, _pad: [0; 2] }) }.copied(),
         _ => None,
@@ -235,10 +225,7 @@ fn service_at_v4(dst: u32, dst4: [u8; 4], port: [u8; 2]) -> Option<ServiceValue>
     // SAFETY: a valid map value; fields are read in place, in order.
     match kind_of(unsafe { &raw const (*slot).kind }) {
         // PORT_SLOTS_V4 holds IPv4-mapped addresses only: the last word decides.
-        SLOT_ONE => unsafe {
-            (read((&raw const (*slot).data.addr).cast::<u32>().wrapping_add(3)) == dst)
-                .then(|| read(&raw const (*slot).data.service))
-        },
+        SLOT_ONE => unsafe { (read((&raw const (*slot).data.addr).cast::<u32>().wrapping_add(3)) == dst).then(|| read(&raw const (*slot).data.service)) },
         // SAFETY: map values are plain data.
         SLOT_MANY => unsafe { SERVICES.get(&ServiceKey { addr: v4_mapped(dst4), port, _pad: [0; 2] }) }.copied(),
         _ => None,
@@ -253,10 +240,7 @@ fn host_rule_v4(src: [u8; 4]) -> Option<RuleValue> {
     // SAFETY: a valid map value; fields are read in place, in order.
     match kind_of(unsafe { &raw const (*slot).kind }) {
         // HOSTS_V4 holds IPv4-mapped addresses only: the last word decides.
-        SLOT_ONE => unsafe {
-            (read((&raw const (*slot).data.addr).cast::<u32>().wrapping_add(3)) == u32::from_ne_bytes(src))
-                .then(|| read(&raw const (*slot).data.rule))
-        },
+        SLOT_ONE => unsafe { (read((&raw const (*slot).data.addr).cast::<u32>().wrapping_add(3)) == u32::from_ne_bytes(src)).then(|| read(&raw const (*slot).data.rule)) },
         SLOT_MANY => MIGRATED_V4.get(Key::new(32, src)).copied(),
         _ => None,
     }
@@ -268,9 +252,7 @@ fn host_rule_v6(src: &Addr) -> Option<RuleValue> {
     let slot = HOSTS_V6.get_ptr(host_slot(src))?;
     // SAFETY: a valid map value; fields are read in place, in order.
     match kind_of(unsafe { &raw const (*slot).kind }) {
-        SLOT_ONE => unsafe {
-            addr_is(&raw const (*slot).data.addr, &words(src)).then(|| read(&raw const (*slot).data.rule))
-        },
+        SLOT_ONE => unsafe { addr_is(&raw const (*slot).data.addr, &words(src)).then(|| read(&raw const (*slot).data.rule)) },
         SLOT_MANY => MIGRATED_V6.get(Key::new(128, *src)).copied(),
         _ => None,
     }
@@ -525,17 +507,10 @@ fn now_if_draining(rule: &RuleValue) -> u64 {
 /// Looks the flow up among this namespace's sockets. With `cookie`, a listener match is
 /// checked for a SYN-cookie ACK of this host's own handshake. Every reference is released.
 #[inline(always)]
-fn lookup_flow(
-    ctx: &TcContext,
-    tuple: &mut bpf_sock_tuple,
-    tuple_len: u32,
-    cookie: Option<(*const u8, u32, *const TcpHdr, u8)>,
-) -> Found {
+fn lookup_flow(ctx: &TcContext, tuple: &mut bpf_sock_tuple, tuple_len: u32, cookie: Option<(*const u8, u32, *const TcpHdr, u8)>) -> Found {
     // SAFETY: tuple is a valid stack object of tuple_len bytes; the returned reference is
     // released on every path below.
-    let sk: *mut bpf_sock = unsafe {
-        bpf_skc_lookup_tcp(ctx.as_ptr(), ptr::from_mut(tuple), tuple_len, BPF_F_CURRENT_NETNS as u64, 0)
-    };
+    let sk: *mut bpf_sock = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), ptr::from_mut(tuple), tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
     if sk.is_null() {
         return Found::Nothing;
     }
@@ -545,9 +520,7 @@ fn lookup_flow(
         let cookie_ok = match cookie {
             Some((iph, iph_len, th, flags)) if flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK => {
                 // SAFETY: iph and th point into the packet, bounds checked by the caller.
-                unsafe {
-                    bpf_tcp_check_syncookie(sk.cast(), iph as *mut _, iph_len, th as *mut _, TCP_LEN as u32) == 0
-                }
+                unsafe { bpf_tcp_check_syncookie(sk.cast(), iph as *mut _, iph_len, th as *mut _, TCP_LEN as u32) == 0 }
             }
             _ => false,
         };
@@ -561,13 +534,7 @@ fn lookup_flow(
 }
 
 #[inline(always)]
-fn keep_or_forward<const V6: bool>(
-    ctx: &TcContext,
-    found: Found,
-    service: &ServiceValue,
-    rule: &RuleValue,
-    forwarded: Counter,
-) -> Result<Verdict, Error> {
+fn keep_or_forward<const V6: bool>(ctx: &TcContext, found: Found, service: &ServiceValue, rule: &RuleValue, forwarded: Counter) -> Result<Verdict, Error> {
     match found {
         Found::Listener { cookie_ok: true } => Ok(pass(Counter::KeptSyncookie)),
         f if stays_local(f) => Ok(pass(Counter::KeptLocal)),
@@ -647,11 +614,7 @@ fn clamp_first(ctx: &TcContext, l4: usize, clamp: u16) -> Option<Result<bool, ()
     // SAFETY: bounds checked by ptr_at; TC programs may write packet data (the verifier
     // unclones a shared skb first).
     unsafe { *first.cast_mut().cast::<[u8; 2]>().add(1) = new.to_be_bytes() };
-    Some(
-        ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2)
-            .map(|()| true)
-            .map_err(|_| ()),
-    )
+    Some(ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2).map(|()| true).map_err(|_| ()))
 }
 
 /// The clamp for any option layout: `Ok(true)`: clamped; `Ok(false)`: nothing to do; `Err`:
@@ -681,9 +644,7 @@ fn clamp_scan(skb: *mut __sk_buff, l4: usize, clamp: u16) -> Result<bool, ()> {
     let Some((i, old)) = decide::find_mss(&opts, opt_len) else { return Ok(false) };
     let Some(new) = decide::clamped(old, clamp) else { return Ok(false) };
     ctx.store(opt_off + i + 2, &new.to_be_bytes(), 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2)
-        .map(|()| true)
-        .map_err(|_| ())
+    ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2).map(|()| true).map_err(|_| ())
 }
 
 /// Encapsulates the packet (IP-in-IP, or IPv6-in-IPv6 when `V6`) from `src` to `dst` and sends
@@ -739,21 +700,15 @@ fn forward<const V6: bool>(skb: *mut __sk_buff, src: &Addr, dst: &Addr, counter:
         // on the way needs a real id.
         let (tos, id, df) = (first[1], [first[4], first[5]], first[6] & 0x40);
         let csum = decide::outer_v4_checksum(tos, total, id, df, src4, dst4).to_be_bytes();
-        let outer: [u8; IP4_LEN] = [
-            0x45, tos, total[0], total[1], id[0], id[1], df, 0, 64, IPPROTO_IPIP, csum[0], csum[1], src4[0], src4[1],
-            src4[2], src4[3], dst4[0], dst4[1], dst4[2], dst4[3],
-        ];
+        let outer: [u8; IP4_LEN] =
+            [0x45, tos, total[0], total[1], id[0], id[1], df, 0, 64, IPPROTO_IPIP, csum[0], csum[1], src4[0], src4[1], src4[2], src4[3], dst4[0], dst4[1], dst4[2], dst4[3]];
         let at: *const [u8; IP4_LEN] = ptr_at(ctx, ETH_LEN).map_err(|_| Error::ForwardLost)?;
         // SAFETY: bounds checked by ptr_at after the room was made.
         unsafe { ptr::write_unaligned(at.cast_mut(), outer) };
     }
     // SAFETY: plain helper call; ifindex is the interface the packet arrived on.
     let rc = unsafe { bpf_redirect_neigh((*skb).ifindex, ptr::null_mut(), 0, 0) };
-    if rc as i32 == TC_ACT_REDIRECT {
-        Ok(Verdict { action: TC_ACT_REDIRECT, counter })
-    } else {
-        Err(Error::ForwardLost)
-    }
+    if rc as i32 == TC_ACT_REDIRECT { Ok(Verdict { action: TC_ACT_REDIRECT, counter }) } else { Err(Error::ForwardLost) }
 }
 
 /// Strips the outer header of a tunnelled packet (IP-in-IP, or IPv6-in-IPv6 when `v6`) from
@@ -782,12 +737,7 @@ fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
     if ADOPTED.get_ptr(&key).is_none() {
         return Err(Error::NotAdopted);
     }
-    ctx.adjust_room(
-        -(outer_len as i32),
-        BPF_ADJ_ROOM_MAC,
-        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | flags),
-    )
-    .map_err(|_| Error::BadTunnel)?;
+    ctx.adjust_room(-(outer_len as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | flags)).map_err(|_| Error::BadTunnel)?;
     Ok(pass(Counter::Decapsulated))
 }
 

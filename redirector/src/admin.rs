@@ -63,13 +63,7 @@ async fn request(agent: Arc<Agent>, req: &str) -> serde_json::Value {
     };
     match v["op"].as_str() {
         Some("move") => {
-            let clients: Vec<(std::net::IpAddr, u64)> = v["clients"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c.as_str()?.parse().ok())
-                .map(|a| (a, 1))
-                .collect();
+            let clients: Vec<(std::net::IpAddr, u64)> = v["clients"].as_array().into_iter().flatten().filter_map(|c| c.as_str()?.parse().ok()).map(|a| (a, 1)).collect();
             let t0 = std::time::Instant::now();
             match agent.move_clients(clients).await {
                 Ok(n) => serde_json::json!({ "moved": n, "ms": t0.elapsed().as_secs_f64() * 1000.0 }),
@@ -83,8 +77,7 @@ async fn request(agent: Arc<Agent>, req: &str) -> serde_json::Value {
 /// Sends one request line to a running agent and returns its answer.
 pub fn ask(path: &std::path::Path, line: &str, timeout: std::time::Duration) -> anyhow::Result<serde_json::Value> {
     use std::io::{BufRead as _, Write as _};
-    let mut s = std::os::unix::net::UnixStream::connect(path)
-        .with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
@@ -96,8 +89,7 @@ pub fn ask(path: &std::path::Path, line: &str, timeout: std::time::Duration) -> 
 /// `redirector status`: asks a running agent.
 pub fn query(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     use std::io::{BufRead as _, Write as _};
-    let mut s = std::os::unix::net::UnixStream::connect(path)
-        .with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     s.write_all(b"status\n")?;
     let mut line = String::new();

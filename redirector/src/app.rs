@@ -309,11 +309,8 @@ fn parse_register(line: &[u8]) -> Result<(SocketAddr, Vec<PendingHandoff>), Stri
             "import" => Role::Import,
             other => return Err(format!("pending hand-over {:?}: role {other:?} is neither \"export\" nor \"import\"", p.handoff)),
         };
-        let clients = p
-            .clients
-            .iter()
-            .map(|c| parse_client(c).ok_or_else(|| format!("pending hand-over {:?}: {c:?} is not an address", p.handoff)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let clients =
+            p.clients.iter().map(|c| parse_client(c).ok_or_else(|| format!("pending hand-over {:?}: {c:?} is not an address", p.handoff))).collect::<Result<Vec<_>, _>>()?;
         pending.push(PendingHandoff { handoff: p.handoff, role, clients });
     }
     Ok((service, pending))

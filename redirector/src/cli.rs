@@ -19,10 +19,12 @@ use crate::{
 /// counted from it).
 fn format_status(v: &serde_json::Value, now: u64) -> String {
     use std::fmt::Write as _;
+
     use crate::agent::ago;
     let mut out = String::new();
     let since = |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".to_string(), |t| ago(now.saturating_sub(t)));
-    let ms_ago = |x: &serde_json::Value| x.as_u64().map_or_else(|| "never".to_string(), |m| if m < 10_000 { format!("{}.{}s ago", m / 1000, m % 1000 / 100) } else { ago(m / 1000) });
+    let ms_ago =
+        |x: &serde_json::Value| x.as_u64().map_or_else(|| "never".to_string(), |m| if m < 10_000 { format!("{}.{}s ago", m / 1000, m % 1000 / 100) } else { ago(m / 1000) });
     let _ = writeln!(
         out,
         "node {}  load {} (high {}, low {}){}",
@@ -368,8 +370,7 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
     }
     let path = format!("/run/netns/{name}");
     let f = std::fs::File::open(&path).with_context(|| format!("network namespace {name} not found ({path})"))?;
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("entering network namespace {name}"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering network namespace {name}"))?;
     Ok(())
 }
 
@@ -516,10 +517,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // Only the set-up commands create an instance, once their interface is known to exist;
     // every other command needs one, so a typo never leaves pins and programs behind.
     let dev = match &cli.command {
-        Command::Service(ServiceCmd::Add { dev, .. })
-        | Command::Sibling(SiblingCmd::Add { dev, .. })
-        | Command::Adopt(AdoptCmd::Add { dev, .. })
-        | Command::Attach { dev, .. } => Some(dev.as_str()),
+        Command::Service(ServiceCmd::Add { dev, .. }) | Command::Sibling(SiblingCmd::Add { dev, .. }) | Command::Adopt(AdoptCmd::Add { dev, .. }) | Command::Attach { dev, .. } => {
+            Some(dev.as_str())
+        }
         _ => None,
     };
     let creates = dev.is_some() || matches!(cli.command, Command::Load { cgroup: Some(_) });
@@ -544,10 +544,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Service(ServiceCmd::List) => {
             let list = dp.list_services()?;
             if json {
-                let v: Vec<_> = list
-                    .iter()
-                    .map(|s| json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "ifindex": s.ifindex}))
-                    .collect();
+                let v: Vec<_> = list.iter().map(|s| json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "ifindex": s.ifindex})).collect();
                 println!("{}", json!({ "services": v }));
             } else {
                 let mut rows = vec![vec!["SERVICE".into(), "TUNNEL-SRC".into(), "MSS-CLAMP".into(), "IFINDEX".into()]];
@@ -620,8 +617,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats => {
             let s = dp.stats()?;
             if json {
-                let m: serde_json::Map<String, serde_json::Value> =
-                    s.counters.iter().map(|(n, v)| ((*n).to_string(), json!(v))).collect();
+                let m: serde_json::Map<String, serde_json::Value> = s.counters.iter().map(|(n, v)| ((*n).to_string(), json!(v))).collect();
                 println!("{}", json!({ "counters": m }));
             } else {
                 let mut rows = vec![vec!["COUNTER".into(), "PACKETS".into()]];
@@ -669,15 +665,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("redirector-cli-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("a.toml");
-        std::fs::write(
-            &file,
-            "node = \"a\"\nlisten = \"198.18.0.1:7470\"\nhigh_watermark = 100\nlow_watermark = 50\n[[sibling]]\nname = \"b\"\naddress = \"198.18.0.2:7470\"\n",
-        )
-        .unwrap();
+        std::fs::write(&file, "node = \"a\"\nlisten = \"198.18.0.1:7470\"\nhigh_watermark = 100\nlow_watermark = 50\n[[sibling]]\nname = \"b\"\naddress = \"198.18.0.2:7470\"\n")
+            .unwrap();
         let cli = Cli::try_parse_from([
-            "redirector", "agent", "--config", file.to_str().unwrap(), "--node", "x", "--high-watermark", "300",
-            "--sibling", "c=198.18.0.3:7470", "--sibling", "d=198.18.0.4:7470",
-            "--service", "198.18.0.10:80,eth0,/sys/fs/cgroup/app", "--tls-ca", "/ca.pem",
+            "redirector",
+            "agent",
+            "--config",
+            file.to_str().unwrap(),
+            "--node",
+            "x",
+            "--high-watermark",
+            "300",
+            "--sibling",
+            "c=198.18.0.3:7470",
+            "--sibling",
+            "d=198.18.0.4:7470",
+            "--service",
+            "198.18.0.10:80,eth0,/sys/fs/cgroup/app",
+            "--tls-ca",
+            "/ca.pem",
         ])
         .unwrap();
         let Command::Agent(args) = &cli.command else { panic!("agent") };

@@ -157,11 +157,7 @@ impl Sibling {
 /// digits and '-' (not first or last), at most 63 characters. One rule for `tls node`,
 /// `node` and every `[[sibling]]`.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+    let ok = !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !name.starts_with('-') && !name.ends_with('-');
     if ok { Ok(()) } else { Err(format!("{name:?} is not a node name: use 1 to 63 letters, digits and '-' (not first or last)")) }
 }
 
@@ -310,10 +306,7 @@ impl Config {
             p.push("handoff_expiry_ms and adopted_expiry_secs must be above 0".into());
         }
         if self.low_watermark == 0 || self.low_watermark >= self.high_watermark {
-            p.push(format!(
-                "low_watermark ({}) must be above 0 and below high_watermark ({})",
-                self.low_watermark, self.high_watermark
-            ));
+            p.push(format!("low_watermark ({}) must be above 0 and below high_watermark ({})", self.low_watermark, self.high_watermark));
         }
         if self.heartbeat_ms == 0 || self.liveness_ms <= self.heartbeat_ms {
             p.push(format!("liveness_ms ({}) must exceed heartbeat_ms ({})", self.liveness_ms, self.heartbeat_ms));
@@ -322,10 +315,7 @@ impl Config {
             p.push(format!("max_frame ({}) must be at least 1024", self.max_frame));
         }
         if self.max_session_bytes == 0 || self.max_session_bytes + 4096 > self.max_frame {
-            p.push(format!(
-                "max_session_bytes ({}) must be above 0 and leave 4096 bytes of room under max_frame ({})",
-                self.max_session_bytes, self.max_frame
-            ));
+            p.push(format!("max_session_bytes ({}) must be above 0 and leave 4096 bytes of room under max_frame ({})", self.max_session_bytes, self.max_frame));
         }
         if let Err(e) = self.app_socket_owner() {
             p.push(e);
@@ -368,10 +358,7 @@ impl Config {
                     ));
                 }
                 if let Some(other) = ips.insert(a, &s.name) {
-                    p.push(format!(
-                        "sibling {}: {a} is also {other}'s address; rules and tunnels identify a node by its IP address, so every node needs its own",
-                        s.name
-                    ));
+                    p.push(format!("sibling {}: {a} is also {other}'s address; rules and tunnels identify a node by its IP address, so every node needs its own", s.name));
                 }
             }
             if s.address.ip().is_ipv4() != listen.ip().is_ipv4() {

@@ -15,8 +15,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // A usage error, in one line (exit code 2, as clap and other tools use).
             let text = e.render().to_string();
-            let msg: Vec<&str> =
-                text.lines().take_while(|l| !l.starts_with("Usage:")).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("For more information")).collect();
+            let msg: Vec<&str> = text.lines().take_while(|l| !l.starts_with("Usage:")).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("For more information")).collect();
             eprintln!("{}", msg.join(" "));
             return std::process::ExitCode::from(2);
         }

@@ -217,9 +217,7 @@ pub fn check_hello(msg: &Msg, cert_name: &str) -> anyhow::Result<()> {
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading certificates from {}", path.display()))?
-        .collect();
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path).with_context(|| format!("reading certificates from {}", path.display()))?.collect();
     let certs = certs.with_context(|| format!("parsing certificates in {}", path.display()))?;
     if certs.is_empty() {
         bail!("no certificate in {}", path.display());
@@ -248,9 +246,7 @@ impl Tls {
         let roots = Arc::new(roots);
         let chain = read_certs(cert)?;
         let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .context("building the client-certificate verifier")?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build().context("building the client-certificate verifier")?;
         let server = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
@@ -271,9 +267,7 @@ impl Tls {
 #[must_use]
 pub fn identity<'a>(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let ee = webpki::EndEntityCert::try_from(cert).ok()?;
-    names.into_iter().find(|n| {
-        ServerName::try_from(*n).is_ok_and(|sn| ee.verify_is_valid_for_subject_name(&sn).is_ok())
-    })
+    names.into_iter().find(|n| ServerName::try_from(*n).is_ok_and(|sn| ee.verify_is_valid_for_subject_name(&sn).is_ok()))
 }
 
 /// `redirector tls ca DIR`: a new cluster CA (`ca.pem`, `ca.key`) in DIR.
@@ -299,8 +293,8 @@ pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
 pub fn make_node(dir: &Path, name: &str) -> anyhow::Result<()> {
     crate::config::check_name(name).map_err(|e| anyhow!("bad node name: {e}"))?;
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("reading {}/ca.pem (make one with `redirector tls ca`)", dir.display()))?;
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}/ca.key", dir.display()))?)
-        .context("parsing the CA key")?;
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}/ca.key", dir.display()))?).context("parsing the CA key")?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parsing the CA certificate")?;
     let key = rcgen::KeyPair::generate().context("generating the node key")?;
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).context("node parameters")?;
@@ -314,12 +308,7 @@ pub fn make_node(dir: &Path, name: &str) -> anyhow::Result<()> {
 
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -337,8 +326,8 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, connections, clients)| Msg::HelpRequest { id, connections, clients }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, capacity, lease_ms)| Msg::Offer { id, capacity, lease_ms }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Msg::Decline { id, reason }),
-            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3))
-                .prop_map(|(id, tunnel_src, c, sets)| {
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(
+                |(id, tunnel_src, c, sets)| {
                     Msg::Transfer {
                         id,
                         services: vec![SocketAddr::new(tunnel_src, 80)],
@@ -346,13 +335,12 @@ mod tests {
                         clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
                         sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(tunnel_src, 80), count, digest }).collect(),
                     }
-                }),
+                }
+            ),
             (any::<u64>(), any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, handoff, clients)| Msg::Outcome { id, handoff, clients }),
             (any::<u64>(), prop_oneof![Just(Verdict::Committed), Just(Verdict::Aborted), Just(Verdict::Pending)]).prop_map(|(id, verdict)| Msg::OutcomeIs { id, verdict }),
-            (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, c)| Msg::Clients {
-                id,
-                clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
-            }),
+            (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20))
+                .prop_map(|(id, c)| Msg::Clients { id, clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect() }),
             ".{0,40}".prop_map(|reason| Msg::Refused { reason }),
             any::<u64>().prop_map(|id| Msg::TransferAck { id }),
             any::<u64>().prop_map(|id| Msg::Commit { id }),

@@ -104,11 +104,7 @@ fn sibling_bin(name: &str) -> PathBuf {
 fn spawn_app(host: &Host, cgroup: &Path, cmd: &[std::ffi::OsString], log: PathBuf) -> Proc {
     let procs = cgroup.join("cgroup.procs");
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", &host.ns])
-        .args(cmd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("app log"));
+    c.args(["netns", "exec", &host.ns]).args(cmd).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(fs::File::create(&log).expect("app log"));
     // SAFETY: only async-signal-safe work between fork and exec: one write to a file.
     unsafe {
         c.pre_exec(move || {
@@ -556,12 +552,7 @@ pub fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
 /// (client, to) of every client a status lists as moved out.
 #[must_use]
 pub fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
-    v["migrated_out"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string()))
-        .collect()
+    v["migrated_out"].as_array().into_iter().flatten().map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string())).collect()
 }
 
 /// Clients a status lists as adopted.

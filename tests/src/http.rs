@@ -52,19 +52,7 @@ fn closed(e: &std::io::Error) -> bool {
 impl HttpClient {
     #[must_use]
     pub fn new(ns: &str, src: IpAddr, dst: SocketAddr) -> Self {
-        Self {
-            ns: ns.into(),
-            src,
-            dst,
-            conn: None,
-            last: None,
-            servers: HashMap::new(),
-            requests: 0,
-            answered: 0,
-            retries: 0,
-            failures: Vec::new(),
-            breaks: Vec::new(),
-        }
+        Self { ns: ns.into(), src, dst, conn: None, last: None, servers: HashMap::new(), requests: 0, answered: 0, retries: 0, failures: Vec::new(), breaks: Vec::new() }
     }
 
     /// Closes the keep-alive connection: the next request opens a new one (which the kernel

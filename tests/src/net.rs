@@ -127,9 +127,7 @@ impl Topology {
             b: host("b", vec![Ipv4Addr::new(198, 18, 0, 2), SERVICE4_B], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)]),
             c: host("c", vec![Ipv4Addr::new(198, 18, 0, 3), SERVICE4_C], vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3)]),
             client: host("k", (1..=clients).map(client4).collect(), (1..=clients).map(client6).collect()),
-            extra: (1..=extra)
-                .map(|i| host(&format!("s{i}"), vec![Ipv4Addr::new(198, 18, 0, 100 + i), Ipv4Addr::new(198, 18, 3, i)], vec![]))
-                .collect(),
+            extra: (1..=extra).map(|i| host(&format!("s{i}"), vec![Ipv4Addr::new(198, 18, 0, 100 + i), Ipv4Addr::new(198, 18, 3, i)], vec![])).collect(),
             bpffs: std::env::temp_dir().join(format!("{prefix}-bpffs")),
             prefix,
             created: Vec::new(),
@@ -160,12 +158,7 @@ impl Topology {
             h.ip(&["link", "set", "lo", "up"]);
             h.ip(&["link", "set", "eth0", "up"]);
             h.sysctl("net.ipv6.conf.all.accept_dad", "0");
-            let batch: String = h
-                .v4
-                .iter()
-                .map(|a| format!("addr add {a}/16 dev eth0\n"))
-                .chain(h.v6.iter().map(|a| format!("addr add {a}/64 dev eth0 nodad\n")))
-                .collect();
+            let batch: String = h.v4.iter().map(|a| format!("addr add {a}/16 dev eth0\n")).chain(h.v6.iter().map(|a| format!("addr add {a}/64 dev eth0 nodad\n"))).collect();
             let file = std::env::temp_dir().join(format!("{}-addrs", h.ns));
             fs::write(&file, batch).expect("write ip batch");
             sh(&["ip", "-n", &h.ns, "-batch", &file.to_string_lossy()]);
@@ -189,12 +182,7 @@ impl Topology {
     /// Like [`Topology::redirector`], panicking with the error when it fails; returns stdout.
     pub fn redirector_ok(&self, host: &Host, args: &[&str]) -> String {
         let out = self.redirector(host, args);
-        assert!(
-            out.status.success(),
-            "redirector {args:?} on {} failed: {}",
-            host.ns,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        assert!(out.status.success(), "redirector {args:?} on {} failed: {}", host.ns, String::from_utf8_lossy(&out.stderr).trim());
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -203,10 +191,7 @@ impl Topology {
         let p = port.to_string();
         self.redirector_ok(&self.a, &["service", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0"]);
         self.redirector_ok(&self.b, &["sibling", "add", &self.a.v4[0].to_string(), "--dev", "eth0"]);
-        self.redirector_ok(
-            &self.b,
-            &["adopt", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0", "--listener", &format!("{}:{b_port}", self.b.v4[0])],
-        );
+        self.redirector_ok(&self.b, &["adopt", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0", "--listener", &format!("{}:{b_port}", self.b.v4[0])]);
     }
 
     /// Migrates `client` (an address or prefix) from A to `target` with `rule add` on A.
@@ -238,20 +223,14 @@ impl Topology {
         let p = port.to_string();
         self.redirector_ok(&self.a, &["service", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0"]);
         self.redirector_ok(&self.b, &["sibling", "add", &self.a.v6[0].to_string(), "--dev", "eth0"]);
-        self.redirector_ok(
-            &self.b,
-            &["adopt", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0", "--listener", &format!("[{}]:{b_port}", self.b.v6[0])],
-        );
+        self.redirector_ok(&self.b, &["adopt", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0", "--listener", &format!("[{}]:{b_port}", self.b.v6[0])]);
     }
 }
 
 /// Path of the `redirector` binary: `$REDIRECTOR_BIN`, else `target/debug/redirector`.
 #[must_use]
 pub fn redirector_bin() -> PathBuf {
-    std::env::var_os("REDIRECTOR_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/redirector"),
-        PathBuf::from,
-    )
+    std::env::var_os("REDIRECTOR_BIN").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/redirector"), PathBuf::from)
 }
 
 impl Drop for Topology {

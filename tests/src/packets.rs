@@ -1,10 +1,6 @@
 //! Crafting Ethernet/IP/TCP/ICMP packets with valid checksums, for the classifier tests, the
 //! pitfall tests and the benchmark.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::many_single_char_names,
-    reason = "test packets are small; short names follow the header field names"
-)]
+#![allow(clippy::cast_possible_truncation, clippy::many_single_char_names, reason = "test packets are small; short names follow the header field names")]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -101,19 +97,7 @@ fn ipv6_header(s: Ipv6Addr, d: Ipv6Addr, next: u8, payload_len: usize) -> Vec<u8
 
 impl Pkt {
     pub fn tcp(ip: Ip, sport: u16, dport: u16, flags: u8) -> Self {
-        Self {
-            ip,
-            proto: 6,
-            sport,
-            dport,
-            flags,
-            mss: None,
-            payload: Vec::new(),
-            frag: 0,
-            ip_options: false,
-            ext: None,
-            seq: 0x1000_0000,
-        }
+        Self { ip, proto: 6, sport, dport, flags, mss: None, payload: Vec::new(), frag: 0, ip_options: false, ext: None, seq: 0x1000_0000 }
     }
 
     pub fn udp(ip: Ip, sport: u16, dport: u16) -> Self {

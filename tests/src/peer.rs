@@ -1,13 +1,7 @@
 //! A sibling's side of the peer channel, driven by a test: mutual TLS with any certificate,
 //! frames and messages, to send what a real agent never would.
 
-use std::{
-    io::Read as _,
-    net::SocketAddr,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{io::Read as _, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use redirector::peer::{Msg, PROTOCOL_VERSION};
 

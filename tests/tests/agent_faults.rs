@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirector_sdk::{Hook, Sessions};
 use redirector::peer::{MovedClient, Msg};
+use redirector_sdk::{Hook, Sessions};
 use redirector_tests::{
     agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
     net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4},
@@ -350,10 +350,7 @@ fn a_volunteer_whose_application_restarts_serves_its_adopted_clients_again() {
     c.restart_app("b");
     let start = std::time::Instant::now();
     loop {
-        let served = redirector_tests::app::try_connect(&c.t.client.ns, IpAddr::V4(client), svc(SERVICE4))
-            .ok()
-            .and_then(|mut cl| cl.try_who().ok())
-            .map(|w| w.0);
+        let served = redirector_tests::app::try_connect(&c.t.client.ns, IpAddr::V4(client), svc(SERVICE4)).ok().and_then(|mut cl| cl.try_who().ok()).map(|w| w.0);
         if served.as_deref() == Some("B") {
             break;
         }

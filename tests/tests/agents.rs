@@ -9,12 +9,11 @@ use std::{
 };
 
 use redirector::peer::{MovedClient, Msg, PROTOCOL_VERSION};
-use redirector_tests::peer::{TlsStream, connect_as, hello, read_msg, send, send_frame, tls_connect};
-
 use redirector_tests::{
     Client,
     agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
     net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4, client6},
+    peer::{TlsStream, connect_as, hello, read_msg, send, send_frame, tls_connect},
     require_root,
 };
 
@@ -220,11 +219,7 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     );
     wait_log(&c, "a", "TLS handshake refused", 5);
     let client_ip = c.t.client.v4[0].to_string();
-    assert!(
-        c.log("a").lines().any(|l| l.contains("TLS handshake refused") && l.contains(&client_ip)),
-        "A logged the refusal with the peer's address {client_ip}:\n{}",
-        c.log("a")
-    );
+    assert!(c.log("a").lines().any(|l| l.contains("TLS handshake refused") && l.contains(&client_ip)), "A logged the refusal with the peer's address {client_ip}:\n{}", c.log("a"));
     // A certificate from the cluster CA for a name that is not a sibling: refused, with the
     // reason sent before the connection closes.
     redirector::peer::make_node(&tls, "mallory").expect("mallory cert");

@@ -11,9 +11,9 @@ use std::{
     time::Duration,
 };
 
-use redirector_tests::packets::{self, Ip, Pkt};
 use redirector::datapath::{Datapath, Location, Prefix};
 use redirector_common::programs;
+use redirector_tests::packets::{self, Ip, Pkt};
 
 /// TCX_NEXT: the packet goes on to the next program in the chain, then the stack.
 const TCX_NEXT: i32 = -1;
@@ -49,8 +49,7 @@ impl TempBpffs {
     fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("redirector-ct-{}-{}", std::process::id(), rand_u32()));
         std::fs::create_dir_all(&dir).expect("create bpffs dir");
-        nix::mount::mount(Some("bpf"), &dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .expect("mount bpffs");
+        nix::mount::mount(Some("bpf"), &dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).expect("mount bpffs");
         Self(dir)
     }
 }
@@ -493,11 +492,7 @@ fn garbage_never_crashes_or_steers() {
                 pkt[14] = 0x60;
             }
             let run = dp.test_run(programs::INGRESS, &pkt, 1).expect("test run");
-            assert!(
-                run.retval == TCX_NEXT || run.retval == TC_ACT_SHOT,
-                "garbage packet {i} was steered (action {}): {pkt:02x?}",
-                run.retval
-            );
+            assert!(run.retval == TCX_NEXT || run.retval == TC_ACT_SHOT, "garbage packet {i} was steered (action {}): {pkt:02x?}", run.retval);
         }
     });
 }

@@ -28,12 +28,7 @@ use serde_json::{Value, json};
 
 /// A demo cluster: A (watermarks 20/10) and B (100/80), with these node options.
 fn cluster(nodes: &[(&str, NodeOpts)], extra: &str) -> Cluster {
-    let opts = Options {
-        demo: Some(DemoApp::Rust),
-        extra: extra.to_string(),
-        nodes: nodes.iter().map(|(n, o)| ((*n).to_string(), o.clone())).collect(),
-        ..Options::default()
-    };
+    let opts = Options { demo: Some(DemoApp::Rust), extra: extra.to_string(), nodes: nodes.iter().map(|(n, o)| ((*n).to_string(), o.clone())).collect(), ..Options::default() };
     Cluster::with_options(40, &[("a", 20, 10), ("b", 100, 80)], &opts)
 }
 
@@ -112,10 +107,7 @@ fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
 /// dropped / confirmed in all.
 fn imported_sessions(app_log: &str, op: &str) -> usize {
     let word = if op == "abort" { "imported sessions dropped" } else { "imported sessions confirmed" };
-    lines_with(app_log, &format!("hook: {op} "))
-        .iter()
-        .filter_map(|l| l.split(", ").nth(1)?.strip_suffix(word)?.trim().parse::<usize>().ok())
-        .sum()
+    lines_with(app_log, &format!("hook: {op} ")).iter().filter_map(|l| l.split(", ").nth(1)?.strip_suffix(word)?.trim().parse::<usize>().ok()).sum()
 }
 
 /// The id of a request line from the agent with this op, if it is one.
@@ -260,7 +252,8 @@ fn the_volunteer_agent_killed_before_its_application_heard_the_commit_confirms_w
     let b = NodeOpts { hook_via: Some("b-proxy.sock".into()), ..NodeOpts::default() };
     let mut c = cluster(&[("b", b)], "liveness_ms = 10000\n");
     let p = pass.clone();
-    let filter = Arc::new(move |dir, line: &str| if dir == Dir::ToApp && !p.load(Ordering::Relaxed) && request_id(line, "commit").is_some() { Action::Drop } else { Action::Forward });
+    let filter =
+        Arc::new(move |dir, line: &str| if dir == Dir::ToApp && !p.load(Ordering::Relaxed) && request_id(line, "commit").is_some() { Action::Drop } else { Action::Forward });
     let proxy = HookProxy::start(&c.dir.join("b-proxy.sock"), &c.dir.join("b-app.sock"), filter);
     wait_log(&c, "b", "application registered", 10);
     let driver = Driver::start(&c, 30);
@@ -459,7 +452,8 @@ fn invalid_export_answers_abort_at_once_with_a_clear_log_line() {
     let a = NodeOpts { hook_via: Some("a-proxy.sock".into()), ..NodeOpts::default() };
     let b = NodeOpts { extra: "max_session_bytes = 1024\n".into(), ..NodeOpts::default() };
     let c = cluster(&[("a", a), ("b", b)], "");
-    let proxy = HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), on_answers("export", |n, req, answer| Action::Replace((BAD[n % BAD.len()].answer)(req, answer))));
+    let proxy =
+        HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), on_answers("export", |n, req, answer| Action::Replace((BAD[n % BAD.len()].answer)(req, answer))));
     wait_log(&c, "a", "application registered", 10);
     let t0 = Instant::now();
     let driver = Driver::start(&c, 30);

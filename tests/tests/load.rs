@@ -24,12 +24,7 @@ fn svc() -> SocketAddr {
 fn load(t: &Topology) -> (u64, Vec<(String, u64)>) {
     let out = t.redirector_ok(&t.a, &["load", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("load JSON");
-    let clients = v["clients"]
-        .as_array()
-        .expect("clients")
-        .iter()
-        .map(|c| (c[0].as_str().expect("address").to_string(), c[1].as_u64().expect("count")))
-        .collect();
+    let clients = v["clients"].as_array().expect("clients").iter().map(|c| (c[0].as_str().expect("address").to_string(), c[1].as_u64().expect("count"))).collect();
     (v["total"].as_u64().expect("total"), clients)
 }
 
@@ -71,18 +66,13 @@ fn connections_are_counted_per_client_and_in_total() {
     let mut c1: Vec<Client> = (0..3).map(|_| Client::connect(&t.client.ns, IpAddr::V4(client4(1)), svc())).collect();
     let _c2: Vec<Client> = (0..2).map(|_| Client::connect(&t.client.ns, IpAddr::V4(client4(2)), svc())).collect();
     wait_load(&t, "3 + 2 connections", |total, clients| {
-        total == 5
-            && clients.first() == Some(&("198.18.1.1".to_string(), 3))
-            && clients.get(1) == Some(&("198.18.1.2".to_string(), 2))
-            && clients.len() == 2
+        total == 5 && clients.first() == Some(&("198.18.1.1".to_string(), 3)) && clients.get(1) == Some(&("198.18.1.2".to_string(), 2)) && clients.len() == 2
     });
     // A new version's programs take over (the connections' state callbacks go to it).
     t.redirector_ok(&t.a, &["attach", "--dev", "eth0", "--replace"]);
     c1.truncate(1);
     drop(early);
-    wait_load(&t, "two of client 1 closed, the uncounted one too", |total, clients| {
-        total == 3 && clients.iter().any(|c| c.0 == "198.18.1.1" && c.1 == 1)
-    });
+    wait_load(&t, "two of client 1 closed, the uncounted one too", |total, clients| total == 3 && clients.iter().any(|c| c.0 == "198.18.1.1" && c.1 == 1));
     drop(c1);
     drop(_c2);
     wait_load(&t, "all closed", |total, clients| total == 0 && clients.is_empty());

@@ -76,7 +76,12 @@ fn zero_failed_requests(kind: DemoApp) {
             eprintln!("--- {} ---\n{}", a.log.display(), a.log());
         }
     }
-    assert!(broken.is_empty(), "{} of 200 clients lost a request or broke their session ({total} requests):\n{}", broken.len(), broken.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        broken.is_empty(),
+        "{} of 200 clients lost a request or broke their session ({total} requests):\n{}",
+        broken.len(),
+        broken.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
     for cl in clients.iter() {
         assert!(cl.requests >= 100, "{} made {} requests: the run was too short to mean anything", cl.src, cl.requests);
     }

@@ -167,10 +167,7 @@ fn ten_mib_upload_and_download_through_the_redirect_with_offloads_on() {
         let feats = redirector_tests::net::offloads(&h.ns, "eth0");
         assert!(feats.tso && feats.gso, "offloads are on (veth default) on {}: {feats:?}", h.ns);
     }
-    for (src, dst, target) in [
-        (IpAddr::V4(client4(5)), svc4(80), t.b.v4[0].to_string()),
-        (IpAddr::V6(client6(5)), svc6(80), t.b.v6[0].to_string()),
-    ] {
+    for (src, dst, target) in [(IpAddr::V4(client4(5)), svc4(80), t.b.v4[0].to_string()), (IpAddr::V6(client6(5)), svc6(80), t.b.v6[0].to_string())] {
         t.redirector_ok(&t.a, &["rule", "add", &src.to_string(), "--to", &target]);
         let data = redirector_tests::app::pattern(7, 10 << 20);
         let mut c = Client::connect(&t.client.ns, src, dst);
@@ -228,15 +225,10 @@ fn what_redirector_lets_pass_reaches_the_next_program_on_the_uplink() {
     let runs = redirector_tests::in_netns(&a_ns, move || {
         use aya::programs::{SchedClassifier, TcAttachType, links::LinkOrder, tc::TcAttachOptions};
         std::fs::create_dir_all(&pin_dir).expect("pin dir");
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .load(redirector::datapath::EBPF_OBJECT)
-            .expect("load the object");
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut(redirector_common::programs::EMPTY).expect("empty program").try_into().expect("classifier");
+        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pin_dir).load(redirector::datapath::EBPF_OBJECT).expect("load the object");
+        let prog: &mut SchedClassifier = ebpf.program_mut(redirector_common::programs::EMPTY).expect("empty program").try_into().expect("classifier");
         prog.load().expect("load the second program");
-        prog.attach_with_options("eth0", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))
-            .expect("attach it after redirector");
+        prog.attach_with_options("eth0", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last())).expect("attach it after redirector");
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF statistics");
         let before = prog.info().expect("info").run_count();
         // A client with no rule: every packet passes redirector.
@@ -289,9 +281,7 @@ fn adopting_sets_the_uplink_up_and_giving_back_restores_it() {
     let _b = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80));
     let _b2 = Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 81));
     let keys = ["arp_ignore", "arp_announce", "accept_local", "rp_filter"];
-    let read = |dev: &str| -> Vec<String> {
-        keys.iter().map(|k| t.b.exec(&["sysctl", "-n", &format!("net.ipv4.conf.{dev}.{k}")]).trim().to_string()).collect()
-    };
+    let read = |dev: &str| -> Vec<String> { keys.iter().map(|k| t.b.exec(&["sysctl", "-n", &format!("net.ipv4.conf.{dev}.{k}")]).trim().to_string()).collect() };
     // The interface starts as an operator left it: strict reverse-path filter, ARP defaults.
     for (k, v) in keys.iter().zip(["0", "0", "0", "1"]) {
         t.b.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v);

@@ -105,13 +105,9 @@ fn test(args: &[String]) -> Result<()> {
     let skip_log = std::env::temp_dir().join(format!("redirector-skips-{}", std::process::id()));
     let _ = std::fs::remove_file(&skip_log);
     let mut c = cargo();
-    c.args(["test", "--workspace", "--exclude", "redirector-ebpf", "--no-fail-fast"])
-        .args(args)
-        .env("REDIRECTOR_BIN", bin_path(false))
-        .env("REDIRECTOR_SKIP_LOG", &skip_log);
+    c.args(["test", "--workspace", "--exclude", "redirector-ebpf", "--no-fail-fast"]).args(args).env("REDIRECTOR_BIN", bin_path(false)).env("REDIRECTOR_SKIP_LOG", &skip_log);
     let status = c.status().context("starting cargo test")?;
-    let skipped: Vec<String> =
-        std::fs::read_to_string(&skip_log).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default();
+    let skipped: Vec<String> = std::fs::read_to_string(&skip_log).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default();
     let _ = std::fs::remove_file(&skip_log);
     if !skipped.is_empty() {
         println!("{} test(s) skipped:\n  {}", skipped.len(), skipped.join("\n  "));
@@ -143,9 +139,7 @@ fn main() -> Result<()> {
             require_root("cargo xtask demo")?;
             build(false)?;
             let mut c = cargo();
-            c.args(["run", "--quiet", "-p", "redirector-tests", "--bin", "redirector-demo", "--"])
-                .args(&args)
-                .env("REDIRECTOR_BIN", bin_path(false));
+            c.args(["run", "--quiet", "-p", "redirector-tests", "--bin", "redirector-demo", "--"]).args(&args).env("REDIRECTOR_BIN", bin_path(false));
             run(c, "the demo")
         }
         Cmd::Bench { which, args } => {
@@ -156,9 +150,7 @@ fn main() -> Result<()> {
             }
             build(true)?;
             let mut c = cargo();
-            c.args(["run", "--quiet", "--release", "-p", "redirector-tests", "--bin", "redirector-bench", "--", &which])
-                .args(&args)
-                .env("REDIRECTOR_BIN", bin_path(true));
+            c.args(["run", "--quiet", "--release", "-p", "redirector-tests", "--bin", "redirector-bench", "--", &which]).args(&args).env("REDIRECTOR_BIN", bin_path(true));
             run(c, "the benchmark")
         }
     }

@@ -29,9 +29,7 @@ pub fn path_with_cargo_bin() -> OsString {
 /// Where the libLLVM symlinks for bpf-linker live. Its path is baked into bpf-linker's
 /// RUNPATH, so it must persist (never a temporary folder).
 fn llvm_prefix() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map_or_else(|| home().join(".local/share"), PathBuf::from)
-        .join("redirector/llvm")
+    std::env::var_os("XDG_DATA_HOME").map_or_else(|| home().join(".local/share"), PathBuf::from).join("redirector/llvm")
 }
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -56,10 +54,7 @@ fn ensure_nightly(quiet: bool) -> Result<()> {
         return Ok(());
     }
     println!("setup: installing rust-src for nightly");
-    let status = Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
-        .status()
-        .context("running rustup component add")?;
+    let status = Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]).status().context("running rustup component add")?;
     if !status.success() {
         bail!("rustup component add rust-src --toolchain nightly failed");
     }
@@ -175,19 +170,13 @@ fn check_kernel(quiet: bool) -> Result<()> {
 
 /// Installs Debian packages a command needs, when their programs are missing.
 pub fn ensure_debs(programs_and_packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> =
-        programs_and_packages.iter().filter(|(prog, _)| output("which", &[prog]).is_none()).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = programs_and_packages.iter().filter(|(prog, _)| output("which", &[prog]).is_none()).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }
     println!("setup: installing {}", missing.join(" "));
     let install = |pkgs: &[&str]| {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(pkgs)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
+        Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
     };
     if install(&missing) {
         return Ok(());

@@ -27,9 +27,7 @@ impl Faults {
     /// Parses a list like `drop-abort,delay-ack=2500`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut f = Self::default();
-        let ms = |k: &str, v: Option<&str>| -> Result<Duration, String> {
-            v.and_then(|v| v.parse().ok()).map(Duration::from_millis).ok_or_else(|| format!("{k} needs =MS"))
-        };
+        let ms = |k: &str, v: Option<&str>| -> Result<Duration, String> { v.and_then(|v| v.parse().ok()).map(Duration::from_millis).ok_or_else(|| format!("{k} needs =MS")) };
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (k, v) = item.split_once('=').map_or((item, None), |(k, v)| (k, Some(v)));
             match k {

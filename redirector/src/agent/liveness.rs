@@ -60,10 +60,7 @@ impl Agent {
             _ => return,
         };
         let checks: Vec<Check> = match tokio::task::spawn_blocking(move || {
-            services
-                .into_iter()
-                .map(|(svc, l)| (svc, l, crate::datapath::listener_inode((l.ip(), l.port())).map_err(|e| e.to_string())))
-                .collect()
+            services.into_iter().map(|(svc, l)| (svc, l, crate::datapath::listener_inode((l.ip(), l.port())).map_err(|e| e.to_string()))).collect()
         })
         .await
         {
@@ -147,11 +144,7 @@ impl Agent {
         let live = Duration::from_millis(self.cfg.liveness_ms);
         let owed: Vec<(String, Vec<IpAddr>)> = {
             let mut st = self.state();
-            st.siblings
-                .iter_mut()
-                .filter(|(_, s)| !s.unreleased.is_empty() && s.reachable(live))
-                .map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased)))
-                .collect()
+            st.siblings.iter_mut().filter(|(_, s)| !s.unreleased.is_empty() && s.reachable(live)).map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased))).collect()
         };
         for (name, clients) in owed {
             info!(sibling = %name, clients = clients.len(), "sibling heard again: releasing the clients taken back meanwhile");

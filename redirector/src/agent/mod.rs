@@ -255,11 +255,7 @@ fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64
                 let host = r.prefix == host_prefix(r.prefix.addr);
                 match cfg.sibling_at(r.target) {
                     Some(s) if host => managed.push((r.prefix.addr, s.name.clone(), r.since_unix)),
-                    Some(_) => orphans.push(Orphan {
-                        prefix: r.prefix.to_string(),
-                        target: r.target,
-                        why: "a prefix rule (the agent moves single clients): left alone".into(),
-                    }),
+                    Some(_) => orphans.push(Orphan { prefix: r.prefix.to_string(), target: r.target, why: "a prefix rule (the agent moves single clients): left alone".into() }),
                     None => orphans.push(Orphan {
                         prefix: r.prefix.to_string(),
                         target: r.target,
@@ -285,8 +281,7 @@ impl Agent {
         let mut dp = Datapath::open(&loc).context("opening the datapath")?;
         for s in &cfg.services {
             let tunnel_src = cfg.control_address(s.address.ip()).expect("validated: a control address of every service's family");
-            dp.add_service((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None)
-                .with_context(|| format!("steering service {}", s.address))?;
+            dp.add_service((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None).with_context(|| format!("steering service {}", s.address))?;
             dp.attach_load(&s.cgroup).with_context(|| format!("counting the load of {}", s.cgroup.display()))?;
             // Ready to volunteer at once: adoption then only touches maps and a route.
             dp.attach_egress(&s.dev, false)?;
@@ -358,9 +353,7 @@ impl Agent {
     /// Runs `f` on the datapath's read handle, on a blocking thread.
     async fn with_reader<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut Datapath) -> T + Send + 'static) -> anyhow::Result<T> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut me.reader.lock().expect("datapath reader lock")))
-            .await
-            .map_err(|e| anyhow!("datapath task failed: {e}"))
+        tokio::task::spawn_blocking(move || f(&mut me.reader.lock().expect("datapath reader lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
     }
 
     fn limits(&self) -> Limits {

@@ -14,8 +14,9 @@ use anyhow::bail;
 use tracing::{debug, info, warn};
 
 use super::{
-    Agent, flat, pick_clients, policy,
+    Agent, flat,
     handoff::{Busy, names},
+    pick_clients, policy,
 };
 use crate::{
     datapath::{Datapath, Load},
@@ -112,11 +113,7 @@ impl Agent {
             }
             if let Some((projected, over, crossing)) = decision {
                 armed = None;
-                let why = if over {
-                    "over the high watermark"
-                } else {
-                    "still above the low watermark after the last round (hysteresis down to low)"
-                };
+                let why = if over { "over the high watermark" } else { "still above the low watermark after the last round (hysteresis down to low)" };
                 info!(load = load.total, projected, high = self.cfg.high_watermark, low = self.cfg.low_watermark, "{why}: asking siblings for help");
                 tokio::spawn(self.clone().round(load, projected, crossing));
             }
@@ -170,12 +167,7 @@ impl Agent {
     fn live_siblings(&self) -> Vec<String> {
         let st = self.state();
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        self.cfg
-            .siblings
-            .iter()
-            .filter(|s| st.siblings.get(&s.name).is_some_and(|x| x.reachable(live)))
-            .map(|s| s.name.clone())
-            .collect()
+        self.cfg.siblings.iter().filter(|s| st.siblings.get(&s.name).is_some_and(|x| x.reachable(live))).map(|s| s.name.clone()).collect()
     }
 
     /// Picks clients to shed (never adopted ones: their traffic comes through a sibling's
@@ -264,7 +256,11 @@ impl Agent {
         let takes = |f: (bool, bool), a: IpAddr| if a.is_ipv4() { f.0 } else { f.1 };
         let stranded: Vec<(IpAddr, u64)> = picked.iter().filter(|(a, _)| !siblings.iter().any(|s| takes(families(s), *a))).copied().collect();
         if !stranded.is_empty() {
-            info!(clients = stranded.len(), "skipping clients no live sibling can take: no control address of their family on both sides (dual_stack_address): {}", names(&stranded));
+            info!(
+                clients = stranded.len(),
+                "skipping clients no live sibling can take: no control address of their family on both sides (dual_stack_address): {}",
+                names(&stranded)
+            );
         }
         let asks = siblings.iter().filter_map(|n| {
             let f = families(n);
@@ -324,11 +320,7 @@ impl Agent {
             async move { me.transfer(&name, id, clients, timeout).await }
         });
         let moved: usize = futures::future::join_all(transfers).await.into_iter().sum();
-        self.state().last_round = Some(if moved > 0 {
-            format!("moved {moved} client(s)")
-        } else {
-            "moved nothing: every hand-over failed".to_string()
-        });
+        self.state().last_round = Some(if moved > 0 { format!("moved {moved} client(s)") } else { "moved nothing: every hand-over failed".to_string() });
         Ok(moved)
     }
 }

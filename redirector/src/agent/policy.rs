@@ -180,10 +180,7 @@ mod tests {
     #[test]
     fn clients_go_to_the_largest_offer_that_fits_and_takes_their_family() {
         let v6 = (IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 2);
-        let offers = [
-            Offer { sibling: "b".into(), capacity: 10, families: (true, false) },
-            Offer { sibling: "c".into(), capacity: 6, families: (true, true) },
-        ];
+        let offers = [Offer { sibling: "b".into(), capacity: 10, families: (true, false) }, Offer { sibling: "c".into(), capacity: 6, families: (true, true) }];
         let p = plan(&[c(1, 8), c(2, 5), c(3, 4), v6, c(4, 9)], &offers);
         let names = |s: &str| p.moves.get(s).map(|v| v.iter().map(|m| m.connections).collect::<Vec<_>>()).unwrap_or_default();
         assert_eq!(names("b"), vec![8]);

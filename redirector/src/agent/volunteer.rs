@@ -170,7 +170,9 @@ impl Agent {
                     a.backoff = (a.backoff * 2).min(QUERY_MAX);
                     match other {
                         Ok(_) => debug!(origin = %origin, id, handoff, "the origin has not decided the hand-over yet; asking again in {} ms", a.backoff.as_millis()),
-                        Err(e) => info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", a.backoff.as_millis()),
+                        Err(e) => {
+                            info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", a.backoff.as_millis())
+                        }
                     }
                 }
             }
@@ -242,11 +244,9 @@ impl Agent {
         let mut plan = Vec::new();
         for svc in services.iter().filter(|s| families.contains(&s.is_ipv4())) {
             self.cfg.check_adoptable(origin, *svc)?;
-            let src = origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family_name(svc.is_ipv4())))?;
-            let own = self
-                .cfg
-                .serving(*svc)
-                .ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family_name(svc.is_ipv4()), svc.port()))?;
+            let src =
+                origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family_name(svc.is_ipv4())))?;
+            let own = self.cfg.serving(*svc).ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family_name(svc.is_ipv4()), svc.port()))?;
             plan.push(Adoption { svc: *svc, local: own.address, dev: own.dev.clone(), listener: own.listener(), src });
         }
         for f in &families {
@@ -347,13 +347,29 @@ impl Agent {
             for c in &clients {
                 st.adopted.insert(
                     c.addr,
-                    AdoptedIn { client: c.addr, from: from.to_string(), since_unix: unix_now(), promised: policy::weight(c.connections), connections: 0, id, arrived: false, last_seen: now },
+                    AdoptedIn {
+                        client: c.addr,
+                        from: from.to_string(),
+                        since_unix: unix_now(),
+                        promised: policy::weight(c.connections),
+                        connections: 0,
+                        id,
+                        arrived: false,
+                        last_seen: now,
+                    },
                 );
             }
             let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
             st.acked.insert(
                 (from.to_string(), id),
-                Acked { apps: imported_into.clone(), handoff: handoff.clone(), sample: sample(&addrs), next_query: now + QUERY_AFTER, backoff: Duration::from_secs(1), querying: false },
+                Acked {
+                    apps: imported_into.clone(),
+                    handoff: handoff.clone(),
+                    sample: sample(&addrs),
+                    next_query: now + QUERY_AFTER,
+                    backoff: Duration::from_secs(1),
+                    querying: false,
+                },
             );
             true
         });
@@ -391,7 +407,8 @@ impl Agent {
         let mut out: Vec<(SocketAddr, Vec<SessionBlob>)> = Vec::new();
         for set in sets {
             let got = received.remove(&set.service).unwrap_or_default();
-            let local = plan.iter().find(|a| a.svc == set.service).map(|a| a.local).ok_or_else(|| format!("sessions of {}, a service the transfer does not hand over", set.service))?;
+            let local =
+                plan.iter().find(|a| a.svc == set.service).map(|a| a.local).ok_or_else(|| format!("sessions of {}, a service the transfer does not hand over", set.service))?;
             let n = u64::try_from(got.len()).unwrap_or(u64::MAX);
             let (got, digest) = tokio::task::spawn_blocking(move || {
                 let d = peer::digest(&got);

@@ -16,10 +16,6 @@ pub fn ensure_mounted(path: &Path) -> Result<()> {
     if st.filesystem_type() == BPF_FS_MAGIC {
         return Ok(());
     }
-    mount(Some("bpf"), path, Some("bpf"), MsFlags::empty(), Some("mode=0700")).map_err(|e| {
-        Error::KernelFeature {
-            what: format!("cannot mount a bpffs at {}", path.display()),
-            source: Some(Box::new(std::io::Error::from(e))),
-        }
-    })
+    mount(Some("bpf"), path, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
+        .map_err(|e| Error::KernelFeature { what: format!("cannot mount a bpffs at {}", path.display()), source: Some(Box::new(std::io::Error::from(e))) })
 }

@@ -44,10 +44,7 @@ pub fn listening_inode(addr: IpAddr, port: u16) -> Result<u64> {
             return f[9].parse().map_err(|_| Error::invalid(format!("bad inode in {file}")));
         }
     }
-    Err(Error::invalid(format!(
-        "no TCP socket listens on {} in this network namespace",
-        super::types::sock(addr, port)
-    )))
+    Err(Error::invalid(format!("no TCP socket listens on {} in this network namespace", super::types::sock(addr, port))))
 }
 
 /// Duplicates the listening socket bound to `addr:port` out of the process that holds it.
@@ -92,10 +89,7 @@ mod tests {
     fn proc_addresses_parse() {
         // 198.18.0.2:80 as the kernel prints it on little-endian hosts.
         let v4 = u32::from_ne_bytes([198, 18, 0, 2]);
-        assert_eq!(
-            parse_proc_addr(&format!("{v4:08X}:0050")),
-            Some((IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 80))
-        );
+        assert_eq!(parse_proc_addr(&format!("{v4:08X}:0050")), Some((IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 80)));
         assert_eq!(parse_proc_addr("zz:0050"), None);
         assert_eq!(parse_proc_addr("00000000"), None);
     }

@@ -34,8 +34,8 @@ use aya::{
     },
 };
 use redirector_common::{
-    ADOPTED_LISTENER, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, LoadCtl, LoadEvent,
-    PORT_SLOT_COUNT, PortData, RuleValue, ServiceKey, ServiceValue, SiblingValue, as_v4, decide, maps, programs,
+    ADOPTED_LISTENER, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, LoadCtl, LoadEvent, PORT_SLOT_COUNT, PortData, RuleValue, ServiceKey, ServiceValue,
+    SiblingValue, as_v4, decide, maps, programs,
 };
 pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_name};
 
@@ -43,8 +43,7 @@ pub use self::probe::ProbeError;
 use self::slots::{SlotTable, Want};
 
 /// The eBPF object built by `build.rs`.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
 
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -59,7 +58,11 @@ pub enum Error {
     #[error("interface {name} not found")]
     NoInterface { name: String },
     #[error("kernel feature missing: {what}")]
-    KernelFeature { what: String, #[source] source: Option<Box<dyn std::error::Error + Send + Sync>> },
+    KernelFeature {
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("{what}")]
     Invalid { what: String },
     #[error("no redirector instance at {dir} (nothing is set up there yet)")]
@@ -69,9 +72,17 @@ pub enum Error {
     )]
     Incompatible { dir: PathBuf, what: String },
     #[error("{what}: {source}")]
-    Bpf { what: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Bpf {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{what}: {source}")]
-    Io { what: String, #[source] source: io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Probe(#[from] ProbeError),
 }
@@ -243,26 +254,18 @@ impl Datapath {
         }
         let prog = self.classifier(name)?;
         if pin.exists() {
-            let pinned = PinnedLink::from_pin(&pin)
-                .map_err(|e| Error::bpf(format!("opening pinned link {}", pin.display()), e))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                .map_err(|e| Error::bpf("converting the pinned link", e))?;
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| Error::bpf(format!("opening pinned link {}", pin.display()), e))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| Error::bpf("converting the pinned link", e))?;
             // The link stays pinned (bpf_link_update): only its program changes.
-            prog.attach_to_link(link)
-                .map_err(|e| Error::bpf(format!("replacing {name} on {ifname}"), e))?;
+            prog.attach_to_link(link).map_err(|e| Error::bpf(format!("replacing {name} on {ifname}"), e))?;
             return Ok(ifindex);
         }
-        let id = prog.attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first())).map_err(|e| {
-            Error::KernelFeature {
-                what: format!("attaching {name} to {ifname} with TCX (Linux 6.6 or newer)"),
-                source: Some(Box::new(e)),
-            }
-        })?;
+        let id = prog
+            .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(|e| Error::KernelFeature { what: format!("attaching {name} to {ifname} with TCX (Linux 6.6 or newer)"), source: Some(Box::new(e)) })?;
         let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
         let fd_link = FdLink::try_from(link).map_err(|e| Error::bpf("TC link is not an fd link", e))?;
-        fd_link
-            .pin(&pin)
-            .map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
+        fd_link.pin(&pin).map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
         Ok(ifindex)
     }
 
@@ -287,8 +290,7 @@ impl Datapath {
                 let prog = self.sock_ops_prog()?;
                 let prog_fd = prog.fd().map_err(|e| Error::bpf("sock_ops program fd", e))?.as_fd().as_raw_fd();
                 let link = obj_get(&self.link_path(&n)).map_err(|e| Error::io(format!("opening pinned link {n}"), e))?;
-                link_update(link.as_raw_fd(), prog_fd)
-                    .map_err(|e| Error::io(format!("replacing the sock_ops program of {n}"), e))?;
+                link_update(link.as_raw_fd(), prog_fd).map_err(|e| Error::io(format!("replacing the sock_ops program of {n}"), e))?;
             } else {
                 continue;
             }
@@ -313,18 +315,13 @@ impl Datapath {
         if prog.fd().is_err() {
             prog.load().map_err(|e| Error::bpf("loading the sk_lookup program (verifier)", e))?;
         }
-        let netns = fs::File::open("/proc/thread-self/ns/net")
-            .map_err(|e| Error::io("opening this network namespace", e))?;
-        let id = prog
-            .attach(netns.as_fd())
-            .map_err(|e| Error::bpf("attaching sk_lookup to the network namespace", e))?;
+        let netns = fs::File::open("/proc/thread-self/ns/net").map_err(|e| Error::io("opening this network namespace", e))?;
+        let id = prog.attach(netns.as_fd()).map_err(|e| Error::bpf("attaching sk_lookup to the network namespace", e))?;
         let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
         let fd_link = FdLink::from(link);
         let tmp = self.link_path("sk-lookup-new");
         let _ = fs::remove_file(&tmp);
-        fd_link
-            .pin(&tmp)
-            .map_err(|e| Error::bpf(format!("pinning the link at {}", tmp.display()), e))?;
+        fd_link.pin(&tmp).map_err(|e| Error::bpf(format!("pinning the link at {}", tmp.display()), e))?;
         // Renaming over the old pin drops the old link once the new one is attached.
         fs::rename(&tmp, &pin).map_err(|e| Error::io(format!("replacing {}", pin.display()), e))?;
         Ok(())
@@ -360,9 +357,7 @@ impl Datapath {
     fn adopted_value(&mut self, service: (IpAddr, u16)) -> Result<(ServiceKey, AdoptedValue)> {
         let key = ServiceKey::new(types::to16(service.0), service.1);
         let value = self.adopted()?.get(&key, 0).map_err(|e| match e {
-            aya::maps::MapError::KeyNotFound => {
-                Error::invalid(format!("service {} is not adopted", types::sock(service.0, service.1)))
-            }
+            aya::maps::MapError::KeyNotFound => Error::invalid(format!("service {} is not adopted", types::sock(service.0, service.1))),
             e => Error::bpf("reading ADOPTED", e),
         })?;
         Ok((key, value))
@@ -376,13 +371,7 @@ impl Datapath {
 
     /// Steers `service` (this host's service address and port): attaches the classifier to
     /// `ifname` and records how to tunnel the service's packets.
-    pub fn add_service(
-        &mut self,
-        service: (IpAddr, u16),
-        ifname: &str,
-        tunnel_src: Option<IpAddr>,
-        mtu: Option<u32>,
-    ) -> Result<ServiceInfo> {
+    pub fn add_service(&mut self, service: (IpAddr, u16), ifname: &str, tunnel_src: Option<IpAddr>, mtu: Option<u32>) -> Result<ServiceInfo> {
         let (addr, port) = service;
         if port == 0 {
             return Err(Error::invalid("service port must not be 0"));
@@ -402,18 +391,11 @@ impl Datapath {
             Some(m) => m,
             None => net::mtu(ifname)?,
         };
-        let value = ServiceValue {
-            tunnel_src: types::to16(tunnel_src),
-            mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()),
-            _pad: [0; 2],
-            ifindex,
-        };
+        let value = ServiceValue { tunnel_src: types::to16(tunnel_src), mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 2], ifindex };
         let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
         let key = ServiceKey::new(types::to16(addr), port);
-        self.services()?
-            .insert(key, value, 0)
-            .map_err(|e| Error::bpf(format!("adding service {}", types::sock(addr, port)), e))?;
+        self.services()?.insert(key, value, 0).map_err(|e| Error::bpf(format!("adding service {}", types::sock(addr, port)), e))?;
         self.sync_ports()?;
         Ok(ServiceInfo { addr, port, tunnel_src, mss_clamp: value.mss_clamp, ifindex })
     }
@@ -423,9 +405,7 @@ impl Datapath {
         let _lock = self.lock()?;
         let key = ServiceKey::new(types::to16(service.0), service.1);
         self.services()?.remove(&key).map_err(|e| match e {
-            aya::maps::MapError::KeyNotFound => {
-                Error::invalid(format!("service {} is not steered", types::sock(service.0, service.1)))
-            }
+            aya::maps::MapError::KeyNotFound => Error::invalid(format!("service {} is not steered", types::sock(service.0, service.1))),
             e => Error::bpf("removing service", e),
         })?;
         self.sync_ports()
@@ -462,13 +442,7 @@ impl Datapath {
     pub fn list_services(&mut self) -> Result<Vec<ServiceInfo>> {
         let mut out = Vec::new();
         for (k, v) in self.service_entries()? {
-            out.push(ServiceInfo {
-                addr: types::from16(&k.addr),
-                port: k.port(),
-                tunnel_src: types::from16(&v.tunnel_src),
-                mss_clamp: v.mss_clamp,
-                ifindex: v.ifindex,
-            });
+            out.push(ServiceInfo { addr: types::from16(&k.addr), port: k.port(), tunnel_src: types::from16(&v.tunnel_src), mss_clamp: v.mss_clamp, ifindex: v.ifindex });
         }
         out.sort_by_key(|s| (s.addr, s.port));
         Ok(out)
@@ -492,13 +466,9 @@ impl Datapath {
         if target.is_unspecified() || target.is_multicast() || target.is_loopback() {
             return Err(Error::invalid(format!("target {target} is not a unicast address")));
         }
-        let services: Vec<ServiceInfo> =
-            self.list_services()?.into_iter().filter(|s| s.addr.is_ipv4() == target.is_ipv4()).collect();
+        let services: Vec<ServiceInfo> = self.list_services()?.into_iter().filter(|s| s.addr.is_ipv4() == target.is_ipv4()).collect();
         if services.is_empty() {
-            return Err(Error::invalid(format!(
-                "no steered {} service: add one with `redirector service add` first",
-                family_name(target.is_ipv4())
-            )));
+            return Err(Error::invalid(format!("no steered {} service: add one with `redirector service add` first", family_name(target.is_ipv4()))));
         }
         // The probe runs before the lock: it can take up to its timeout per service.
         if let Some(timeout) = probe {
@@ -555,13 +525,11 @@ impl Datapath {
         let what = format!("installing rule {prefix}");
         match prefix.addr {
             IpAddr::V4(a) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
-                    LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> = LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
                 trie.insert(&Key::new(u32::from(prefix.len), a.octets()), value, 0).map_err(|e| Error::bpf(what, e))
             }
             IpAddr::V6(a) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> =
-                    LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> = LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
                 trie.insert(&Key::new(u32::from(prefix.len), a.octets()), value, 0).map_err(|e| Error::bpf(what, e))
             }
         }
@@ -571,13 +539,11 @@ impl Datapath {
         let what = format!("removing rule {prefix}");
         let r = match prefix.addr {
             IpAddr::V4(a) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
-                    LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> = LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
                 trie.remove(&Key::new(u32::from(prefix.len), a.octets()))
             }
             IpAddr::V6(a) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> =
-                    LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> = LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
                 trie.remove(&Key::new(u32::from(prefix.len), a.octets()))
             }
         };
@@ -591,8 +557,7 @@ impl Datapath {
     fn rules(&mut self) -> Result<Vec<(Prefix, RuleValue)>> {
         let mut out = Vec::new();
         {
-            let trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> =
-                LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
+            let trie: LpmTrie<&mut MapData, [u8; 4], RuleValue> = LpmTrie::try_from(self.map(maps::MIGRATED_V4)?).map_err(|e| Error::bpf("opening MIGRATED_V4", e))?;
             for item in &trie {
                 let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V4", e))?;
                 let len = u8::try_from(k.prefix_len()).unwrap_or(32);
@@ -600,8 +565,7 @@ impl Datapath {
             }
         }
         {
-            let trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> =
-                LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
+            let trie: LpmTrie<&mut MapData, [u8; 16], RuleValue> = LpmTrie::try_from(self.map(maps::MIGRATED_V6)?).map_err(|e| Error::bpf("opening MIGRATED_V6", e))?;
             for item in &trie {
                 let (k, v) = item.map_err(|e| Error::bpf("reading MIGRATED_V6", e))?;
                 let len = u8::try_from(k.prefix_len()).unwrap_or(128);
@@ -633,10 +597,7 @@ impl Datapath {
         let mut previous: Previous = Vec::new();
         for p in prefixes {
             let Some(old) = rules.get(p).copied() else { continue };
-            let value = RuleValue {
-                drain_until_ns: if old.drain_until_ns == 0 { until } else { old.drain_until_ns.min(until) },
-                ..old
-            };
+            let value = RuleValue { drain_until_ns: if old.drain_until_ns == 0 { until } else { old.drain_until_ns.min(until) }, ..old };
             if let Err(e) = self.insert_rule(*p, value) {
                 self.restore(&previous);
                 return Err(e);
@@ -718,9 +679,7 @@ impl Datapath {
         net::ifindex(ifname)?;
         let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
-        self.siblings()?
-            .insert(types::to16(sibling), SiblingValue { flags: 0 }, 0)
-            .map_err(|e| Error::bpf(format!("adding sibling {sibling}"), e))
+        self.siblings()?.insert(types::to16(sibling), SiblingValue { flags: 0 }, 0).map_err(|e| Error::bpf(format!("adding sibling {sibling}"), e))
     }
 
     /// Stops accepting tunnels from `sibling`.
@@ -735,8 +694,7 @@ impl Datapath {
     /// Configured siblings.
     pub fn list_siblings(&mut self) -> Result<Vec<IpAddr>> {
         let map = self.siblings()?;
-        let mut out: Vec<IpAddr> =
-            map.keys().filter_map(Result::ok).map(|k| types::from16(&k)).collect();
+        let mut out: Vec<IpAddr> = map.keys().filter_map(Result::ok).map(|k| types::from16(&k)).collect();
         out.sort();
         Ok(out)
     }
@@ -746,13 +704,7 @@ impl Datapath {
     /// originals are kept and put back when the last adopted service of the interface goes),
     /// and, with `listener`, the `sk_lookup` entry that hands its connections to the listening
     /// socket bound to that local address. On failure, nothing of it stays.
-    pub fn adopt(
-        &mut self,
-        service: (IpAddr, u16),
-        ifname: &str,
-        listener: Option<(IpAddr, u16)>,
-        mtu: Option<u32>,
-    ) -> Result<()> {
+    pub fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<(IpAddr, u16)>, mtu: Option<u32>) -> Result<()> {
         let (addr, port) = service;
         if port == 0 || addr.is_unspecified() || addr.is_multicast() {
             return Err(Error::invalid(format!("{} is not a service address", types::sock(addr, port))));
@@ -763,9 +715,7 @@ impl Datapath {
             None => net::mtu(ifname)?,
         };
         if net::is_interface_address(addr)? {
-            return Err(Error::invalid(format!(
-                "{addr} is an address of this host: a service is adopted from a sibling, not from itself"
-            )));
+            return Err(Error::invalid(format!("{addr} is an address of this host: a service is adopted from a sibling, not from itself")));
         }
         let listener_fd = match listener {
             Some((la, lp)) => Some(listener::find(la, lp)?),
@@ -919,21 +869,16 @@ impl Datapath {
         }
         let _lock = self.lock()?;
         let prog = self.sock_ops_prog()?;
-        let id = prog
-            .attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| Error::bpf(format!("attaching sock_ops to {}", cgroup.display()), e))?;
+        let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::bpf(format!("attaching sock_ops to {}", cgroup.display()), e))?;
         let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
         let fd_link = FdLink::try_from(link).map_err(|e| Error::bpf("sock_ops link is not an fd link", e))?;
-        fd_link
-            .pin(&pin)
-            .map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
+        fd_link.pin(&pin).map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
         Ok(())
     }
 
     /// Established connections of the application(s), in total (exact, one read).
     pub fn load_total(&mut self) -> Result<u64> {
-        let arr: Array<&mut MapData, i64> =
-            Array::try_from(self.map(maps::LOAD_TOTAL)?).map_err(|e| Error::bpf("opening LOAD_TOTAL", e))?;
+        let arr: Array<&mut MapData, i64> = Array::try_from(self.map(maps::LOAD_TOTAL)?).map_err(|e| Error::bpf("opening LOAD_TOTAL", e))?;
         let v = arr.get(&0, 0).map_err(|e| Error::bpf("reading LOAD_TOTAL", e))?;
         Ok(u64::try_from(v).unwrap_or(0))
     }
@@ -943,8 +888,7 @@ impl Datapath {
     /// for newer ones in a full table; the total is exact.
     pub fn load(&mut self) -> Result<Load> {
         let total = self.load_total()?;
-        let map: HashMap<&mut MapData, [u8; 16], i64> =
-            HashMap::try_from(self.map(maps::LOAD)?).map_err(|e| Error::bpf("opening LOAD", e))?;
+        let map: HashMap<&mut MapData, [u8; 16], i64> = HashMap::try_from(self.map(maps::LOAD)?).map_err(|e| Error::bpf("opening LOAD", e))?;
         let mut clients = Vec::new();
         for item in &map {
             let (k, n) = item.map_err(|e| Error::bpf("reading LOAD", e))?;
@@ -959,8 +903,7 @@ impl Datapath {
     /// Asks the kernel for one [`LoadEvent`] as soon as the total exceeds `high` (the crossing
     /// connection's time, not the next poll's). Arm again after each event.
     pub fn arm_load_event(&mut self, high: u64) -> Result<()> {
-        let mut arr: Array<&mut MapData, LoadCtl> =
-            Array::try_from(self.map(maps::LOAD_CTL)?).map_err(|e| Error::bpf("opening LOAD_CTL", e))?;
+        let mut arr: Array<&mut MapData, LoadCtl> = Array::try_from(self.map(maps::LOAD_CTL)?).map_err(|e| Error::bpf("opening LOAD_CTL", e))?;
         arr.set(0, LoadCtl { high, armed: 1, _pad: 0 }, 0).map_err(|e| Error::bpf("arming LOAD_CTL", e))
     }
 
@@ -978,8 +921,7 @@ impl Datapath {
 
     /// Decision counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
-        let arr: PerCpuArray<&mut MapData, u64> =
-            PerCpuArray::try_from(self.map(maps::COUNTERS)?).map_err(|e| Error::bpf("opening COUNTERS", e))?;
+        let arr: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::COUNTERS)?).map_err(|e| Error::bpf("opening COUNTERS", e))?;
         let mut counters = Vec::new();
         for c in Counter::ALL {
             let v = arr.get(&(c as u32), 0).map_err(|e| Error::bpf("reading COUNTERS", e))?;
@@ -1046,11 +988,7 @@ fn check_pins(dir: &Path) -> Result<()> {
         let info = MapInfo::from_pin(&pin).map_err(|e| Error::bpf(format!("reading pinned map {}", pin.display()), e))?;
         let mmap_pinned = info.map_flags() & BPF_F_MMAPABLE != 0;
         let mmap_wanted = def.map_flags() & BPF_F_MMAPABLE != 0;
-        if info.key_size() != def.key_size()
-            || info.value_size() != def.value_size()
-            || info.max_entries() != def.max_entries()
-            || mmap_pinned != mmap_wanted
-        {
+        if info.key_size() != def.key_size() || info.value_size() != def.value_size() || info.max_entries() != def.max_entries() || mmap_pinned != mmap_wanted {
             return Err(Error::Incompatible {
                 dir: dir.to_path_buf(),
                 what: format!(

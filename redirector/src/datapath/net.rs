@@ -1,10 +1,6 @@
 //! Interface facts, routes and sysctls the datapath needs (through iproute2 and /proc/sys).
 
-use std::{
-    fs,
-    net::IpAddr,
-    process::Command,
-};
+use std::{fs, net::IpAddr, process::Command};
 
 use nix::ifaddrs::getifaddrs;
 
@@ -69,17 +65,8 @@ fn addresses_of(name: Option<&str>) -> Result<Vec<IpAddr>> {
 pub fn control_address(ifname: &str, service: IpAddr) -> Result<IpAddr> {
     addresses_of(Some(ifname))?
         .into_iter()
-        .find(|a| {
-            a.is_ipv4() == service.is_ipv4()
-                && *a != service
-                && !matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
-        })
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "{ifname} has no {} address other than the service address {service}: give --tunnel-src",
-                super::family_name(service.is_ipv4())
-            ))
-        })
+        .find(|a| a.is_ipv4() == service.is_ipv4() && *a != service && !matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+        .ok_or_else(|| Error::invalid(format!("{ifname} has no {} address other than the service address {service}: give --tunnel-src", super::family_name(service.is_ipv4()))))
 }
 
 /// Whether `addr` is configured on any interface of this namespace.
@@ -88,18 +75,11 @@ pub fn is_interface_address(addr: IpAddr) -> Result<bool> {
 }
 
 fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| Error::io("running ip (iproute2)", e))?;
+    let out = Command::new("ip").args(args).output().map_err(|e| Error::io("running ip (iproute2)", e))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(Error::invalid(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+        Err(Error::invalid(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
     }
 }
 

@@ -14,7 +14,10 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use nix::sys::socket::{SockaddrIn, SockaddrIn6, SockaddrLike};
-use redirector_common::{ProbeValue, decide::{TCP_ACK, TCP_RST, TCP_SYN}};
+use redirector_common::{
+    ProbeValue,
+    decide::{TCP_ACK, TCP_RST, TCP_SYN},
+};
 
 use super::{ServiceInfo, types::sock};
 
@@ -28,7 +31,12 @@ pub enum ProbeError {
     #[error("target {target} received the probe for {service} but nothing listens there (it answered with a reset)")]
     Refused { target: IpAddr, service: String },
     #[error("probing {target}: {what}: {source}")]
-    Io { target: IpAddr, what: &'static str, #[source] source: std::io::Error },
+    Io {
+        target: IpAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn random_u32() -> u32 {
@@ -121,7 +129,13 @@ fn tunnel_socket(src: IpAddr, target: IpAddr) -> Result<OwnedFd, ProbeError> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let bound = match src {
         IpAddr::V4(_) => {
-            let a = SockaddrIn::from(std::net::SocketAddrV4::new(match src { IpAddr::V4(v) => v, IpAddr::V6(_) => unreachable!() }, 0));
+            let a = SockaddrIn::from(std::net::SocketAddrV4::new(
+                match src {
+                    IpAddr::V4(v) => v,
+                    IpAddr::V6(_) => unreachable!(),
+                },
+                0,
+            ));
             // SAFETY: a valid sockaddr of its own length.
             unsafe { libc::bind(fd.as_raw_fd(), a.as_ptr(), a.len()) }
         }
@@ -158,20 +172,13 @@ fn send(fd: &OwnedFd, target: IpAddr, pkt: &[u8]) -> Result<(), ProbeError> {
 }
 
 /// Probes `service` on `target`; Ok once the target's listener answered with a SYN-ACK.
-pub fn probe(
-    probes: &mut HashMap<&mut MapData, u32, ProbeValue>,
-    service: &ServiceInfo,
-    target: IpAddr,
-    timeout: Duration,
-) -> Result<(), ProbeError> {
+pub fn probe(probes: &mut HashMap<&mut MapData, u32, ProbeValue>, service: &ServiceInfo, target: IpAddr, timeout: Duration) -> Result<(), ProbeError> {
     let fd = tunnel_socket(service.tunnel_src, target)?;
     let sport = u16::try_from(40_000 + random_u32() % 20_000).unwrap_or(40_000);
     let isn = random_u32();
     let key = u32::from(sport);
     let empty = ProbeValue { tcp_flags: 0, _pad: [0; 7], seen_ns: 0 };
-    probes
-        .insert(key, empty, 0)
-        .map_err(|e| ProbeError::Io { target, what: "registering the probe", source: std::io::Error::other(e) })?;
+    probes.insert(key, empty, 0).map_err(|e| ProbeError::Io { target, what: "registering the probe", source: std::io::Error::other(e) })?;
     let syn = inner_packet(service.tunnel_src, service, sport, isn, TCP_SYN);
     let start = Instant::now();
     let mut next_send = start;
@@ -193,12 +200,7 @@ pub fn probe(
             break Err(ProbeError::Refused { target, service: sock(service.addr, service.port) });
         }
         if start.elapsed() >= timeout {
-            break Err(ProbeError::Timeout {
-                target,
-                service: sock(service.addr, service.port),
-                tunnel_src: service.tunnel_src,
-                ms: timeout.as_millis(),
-            });
+            break Err(ProbeError::Timeout { target, service: sock(service.addr, service.port), tunnel_src: service.tunnel_src, ms: timeout.as_millis() });
         }
         // An answer through a healthy tunnel takes well under a millisecond: poll finely at
         // first, then gently until the timeout.

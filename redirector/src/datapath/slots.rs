@@ -94,9 +94,7 @@ impl<D: SlotData> SlotTable<D> {
         let bytes = (stride * len as usize).div_ceil(page) * page;
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: mapping a BPF array fd with its own size; checked for failure below.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
         if p == libc::MAP_FAILED {
             return Err(Error::io(format!("mapping {name} (needs BPF_F_MMAPABLE)"), std::io::Error::last_os_error()));
         }

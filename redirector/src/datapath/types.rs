@@ -61,11 +61,7 @@ impl FromStr for Prefix {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match l {
             None => max,
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("bad prefix {s:?}: length must be 0..={max}"))?,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("bad prefix {s:?}: length must be 0..={max}"))?,
         };
         let bits = match addr {
             IpAddr::V4(v) => u128::from(u32::from(v)) << 96,

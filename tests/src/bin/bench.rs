@@ -70,8 +70,7 @@ fn classifier_costs() -> Vec<Cost> {
         sh(&["ip", "-6", "addr", "add", &format!("{SERVICE6}/128"), "dev", "lo", "nodad"]);
         let listener = TcpListener::bind((SERVICE4, 80)).expect("listener");
         let _listener6 = TcpListener::bind((SERVICE6, 80)).expect("listener v6");
-        let local = redirector_tests::app::connect_here(IpAddr::V4(client4(5)), SocketAddr::new(IpAddr::V4(SERVICE4), 80))
-            .expect("a connection living here");
+        let local = redirector_tests::app::connect_here(IpAddr::V4(client4(5)), SocketAddr::new(IpAddr::V4(SERVICE4), 80)).expect("a connection living here");
         let local_port = local.local_addr().expect("local addr").port();
         let _accepted = listener.accept().expect("accept");
         let dir = std::env::temp_dir().join(format!("redirector-bench-{}", std::process::id()));
@@ -85,8 +84,7 @@ fn classifier_costs() -> Vec<Cost> {
             dp.add_service((IpAddr::V6(SERVICE6), 80), "lo", Some(ctl6), Some(1500)).expect("service v6");
             let target = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
             dp.migrate(Prefix { addr: IpAddr::V4(client4(5)), len: 32 }, target, None).expect("rule");
-            dp.migrate(Prefix { addr: IpAddr::V6(client6(5)), len: 128 }, IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)), None)
-                .expect("rule v6");
+            dp.migrate(Prefix { addr: IpAddr::V6(client6(5)), len: 128 }, IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)), None).expect("rule v6");
             // 1,000 more clients (198.19.10.0 - 198.19.13.249), so the tables are not trivially
             // small, and a /24 whose slots send lookups to the trie (198.19.7.0/24).
             let more: Vec<Prefix> = (0..1000u16)
@@ -111,8 +109,17 @@ fn classifier_costs() -> Vec<Cost> {
                 ("steered: new (SYN), IPv6", programs::INGRESS, frame6(client6(5), SERVICE6, 80, 0x02)),
             ];
             // Each case must take the path it is named for.
-            let expected = [None, Some("passed"), Some("passed-not-migrated"), Some("passed-not-migrated"), Some("forwarded-new"),
-                Some("forwarded-existing"), Some("kept-local"), Some("passed-not-migrated"), Some("forwarded-new")];
+            let expected = [
+                None,
+                Some("passed"),
+                Some("passed-not-migrated"),
+                Some("passed-not-migrated"),
+                Some("forwarded-new"),
+                Some("forwarded-existing"),
+                Some("kept-local"),
+                Some("passed-not-migrated"),
+                Some("forwarded-new"),
+            ];
             for ((name, prog, pkt), want) in cases.iter().zip(expected) {
                 let before = dp.stats().expect("stats");
                 dp.test_run(prog, pkt, 1).expect("test run");
@@ -251,9 +258,7 @@ fn negotiate_once(c: &mut redirector_tests::agents::Cluster) -> f64 {
     }
     c.restart("a");
     let n = c.t.extra.len();
-    redirector_tests::agents::wait_status(&c.sock("a"), 20, "A's siblings up", |v| {
-        v["siblings"].as_array().is_some_and(|s| s.iter().filter(|x| x["up"] == true).count() == n)
-    });
+    redirector_tests::agents::wait_status(&c.sock("a"), 20, "A's siblings up", |v| v["siblings"].as_array().is_some_and(|s| s.iter().filter(|x| x["up"] == true).count() == n));
     ms
 }
 
@@ -310,8 +315,7 @@ impl redirector_sdk::Sessions for Synthetic {
 fn handoff(json: bool) {
     use std::sync::Arc;
     // 10,000 x 64 KiB is 640 MiB in one hand-over: one run.
-    let cases: [(usize, usize, usize); 6] =
-        [(100, 1 << 10, 5), (1_000, 1 << 10, 5), (10_000, 1 << 10, 5), (100, 64 << 10, 3), (1_000, 64 << 10, 3), (10_000, 64 << 10, 1)];
+    let cases: [(usize, usize, usize); 6] = [(100, 1 << 10, 5), (1_000, 1 << 10, 5), (10_000, 1 << 10, 5), (100, 64 << 10, 3), (1_000, 64 << 10, 3), (10_000, 64 << 10, 1)];
     eprintln!("hand-over: starting agents A and B (default timeouts: they grow with the data)...");
     let c = redirector_tests::agents::Cluster::with_config(2, &[("a", 1_000_000, 900_000), ("b", 1_000_000, 900_000)], "");
     let mut results = Vec::new();
@@ -335,9 +339,7 @@ fn handoff(json: bool) {
         for _ in 0..runs {
             // Client addresses from 198.19.0.1 up (inside 198.18.0.0/15; no packet is sent to
             // them). Runs reuse them, so the rule map stays within its size.
-            let clients: Vec<String> = (1..=n)
-                .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + u32::try_from(i).expect("small")).to_string())
-                .collect();
+            let clients: Vec<String> = (1..=n).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + u32::try_from(i).expect("small")).to_string()).collect();
             let req = serde_json::json!({"op": "move", "clients": clients}).to_string();
             let before = b_app.imported.load(std::sync::atomic::Ordering::Relaxed);
             let v = redirector::admin::ask(&c.sock("a"), &req, Duration::from_secs(300)).expect("move request");
@@ -401,10 +403,7 @@ fn main() {
     for c in &costs {
         println!("  {:<36} {:>8.1} {:>9.2}x", c.name, c.ns, c.ns / empty);
     }
-    println!(
-        "Request rate of a migrated client (median of {RATE_ROUNDS} rounds of {} s each, alternating order):",
-        RATE_ROUND.as_secs_f64()
-    );
+    println!("Request rate of a migrated client (median of {RATE_ROUNDS} rounds of {} s each, alternating order):", RATE_ROUND.as_secs_f64());
     println!("  {:<34} {:>10} {:>12} {:>8}", "", "direct B", "through A", "ratio");
     println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "new connection per request (req/s)", r.direct, r.through_a, r.through_a / r.direct);
     println!("  {:<34} {:>10.0} {:>12.0} {:>7.2}x", "keep-alive requests (req/s)", r.direct_ka, r.through_a_ka, r.through_a_ka / r.direct_ka);

@@ -65,12 +65,7 @@ fn main() {
         let a = c.status("a");
         let moved = a["migrated_out"].as_array().map_or(0, Vec::len);
         let loads: Vec<String> = ["a", "b", "c"].iter().map(|n| format!("{}={}", n.to_uppercase(), c.status(n)["load"])).collect();
-        println!(
-            "    t={:>2}s  requests {:>6}  connections {}  clients moved by A: {moved}",
-            start.elapsed().as_secs(),
-            total.load(Ordering::Relaxed),
-            loads.join(" ")
-        );
+        println!("    t={:>2}s  requests {:>6}  connections {}  clients moved by A: {moved}", start.elapsed().as_secs(), total.load(Ordering::Relaxed), loads.join(" "));
         if moved > reported {
             for line in c.log("a").lines().filter(|l| l.contains("hand-over committed") || l.contains("over the high watermark")).skip(reported.min(1)) {
                 println!("      agent A: {}", line.split_once("  ").map_or(line, |x| x.1).trim());
