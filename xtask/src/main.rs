@@ -3,6 +3,7 @@
 //! Every command runs `setup` first, so a fresh machine needs nothing but this repository, the
 //! machine's Rust toolchains (stable and nightly) and root.
 
+mod checks;
 mod setup;
 
 use std::{
@@ -100,6 +101,7 @@ fn bin_path(release: bool) -> PathBuf {
 
 fn test(args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    checks::run_all()?;
     build(false)?;
     // Tests that cannot run say so in this file (libtest hides a passing test's output).
     let skip_log = std::env::temp_dir().join(format!("redirector-skips-{}", std::process::id()));

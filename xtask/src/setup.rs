@@ -48,15 +48,27 @@ fn ensure_nightly(quiet: bool) -> Result<()> {
     if !list.lines().any(|l| l.starts_with("nightly")) {
         bail!("no nightly toolchain: the eBPF programs need the machine's nightly (rustup toolchain list shows none)");
     }
-    let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]).unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        say(quiet, "nightly rust-src: present");
-        return Ok(());
-    }
-    println!("setup: installing rust-src for nightly");
-    let status = Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]).status().context("running rustup component add")?;
-    if !status.success() {
-        bail!("rustup component add rust-src --toolchain nightly failed");
+    // rust-src builds the eBPF programs; rustfmt and clippy check the code (`cargo xtask test`).
+    ensure_components(Some("nightly"), &["rust-src", "rustfmt", "clippy"], quiet)?;
+    // The workspace's clippy runs on the toolchain that builds it.
+    ensure_components(None, &["clippy"], quiet)
+}
+
+/// Installs what of `components` `toolchain` (the active one if `None`) lacks.
+fn ensure_components(toolchain: Option<&str>, components: &[&str], quiet: bool) -> Result<()> {
+    let on: Vec<&str> = toolchain.map(|t| vec!["--toolchain", t]).unwrap_or_default();
+    let name = toolchain.unwrap_or("the active toolchain");
+    let installed = output("rustup", &[&["component", "list", "--installed"], on.as_slice()].concat()).unwrap_or_default();
+    for component in components {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            say(quiet, &format!("{name} {component}: present"));
+            continue;
+        }
+        println!("setup: installing {component} for {name}");
+        let status = Command::new("rustup").args(["component", "add", component]).args(&on).status().context("running rustup component add")?;
+        if !status.success() {
+            bail!("rustup component add {component} for {name} failed");
+        }
     }
     Ok(())
 }
