@@ -46,16 +46,64 @@ pub const fn is_answer(flags: u8) -> bool {
 pub enum Found {
     /// No socket at all for this service on this host.
     Nothing,
-    /// An established, request (half-open) or TIME_WAIT socket: the flow lives here.
+    /// An established or request (half-open) socket: the flow lives here.
     Flow,
+    /// A time-wait socket (`TCP_TIME_WAIT`): a connection that ended here, which only ever
+    /// receives retransmissions of its end.
+    TimeWait,
     /// Only the listener; `cookie_ok` says whether the packet is a valid SYN-cookie ACK.
     Listener { cookie_ok: bool },
 }
 
-/// Whether a non-SYN packet of a migrated client stays on this host.
+/// TCP states as `bpf_sock.state` reports them (the kernel's `TCP_*` numbers).
+pub const TCP_ESTABLISHED: u32 = 1;
+/// Also the state of a time-wait socket kept for a closed socket's `FIN_WAIT2`.
+pub const TCP_TIME_WAIT: u32 = 6;
+pub const TCP_LISTEN: u32 = 10;
+/// A request socket (half-open, SYN-ACK sent).
+pub const TCP_NEW_SYN_RECV: u32 = 12;
+
+/// What a socket lookup found, from the state of the socket it returned. `cookie_ok` is asked
+/// only for a listener: whether the packet is a valid SYN-cookie ACK.
 #[must_use]
-pub const fn stays_local(found: Found) -> bool {
-    matches!(found, Found::Flow | Found::Listener { cookie_ok: true })
+#[inline(always)]
+pub fn found_socket(state: u32, cookie_ok: impl FnOnce() -> bool) -> Found {
+    match state {
+        TCP_LISTEN => Found::Listener { cookie_ok: cookie_ok() },
+        TCP_TIME_WAIT => Found::TimeWait,
+        _ => Found::Flow,
+    }
+}
+
+/// Where a non-SYN packet of a migrated client (or an ICMP error about its flow) goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Its flow lives here: it stays.
+    Local,
+    /// It completes this host's own SYN-cookie handshake: it stays.
+    Syncookie,
+    /// No socket here: its flow lives on the target.
+    Target,
+    /// Only a time-wait socket here while the rule is active: the connection that ended here
+    /// is over for the application, and the client's new connections (a new incarnation of
+    /// the same 4-tuple included) live on the target.
+    TargetPastTimeWait,
+}
+
+/// Where a non-SYN packet of a client migrated by `rule` (active or draining, not drained)
+/// goes, given what the socket lookup `found`.
+///
+/// While the rule drains, new connections are served here, so a time-wait socket here may be
+/// followed by a new incarnation here: it counts as a flow living here.
+#[must_use]
+pub const fn place(found: Found, rule: &RuleValue) -> Place {
+    match found {
+        Found::Flow => Place::Local,
+        Found::TimeWait if rule.drain_until_ns != 0 => Place::Local,
+        Found::TimeWait => Place::TargetPastTimeWait,
+        Found::Listener { cookie_ok: true } => Place::Syncookie,
+        Found::Listener { cookie_ok: false } | Found::Nothing => Place::Target,
+    }
 }
 
 /// Largest MSS that fits an uplink of `mtu` bytes once tunnelled.
@@ -199,10 +247,40 @@ mod tests {
 
     #[test]
     fn socket_decisions() {
-        assert!(stays_local(Found::Flow));
-        assert!(stays_local(Found::Listener { cookie_ok: true }));
-        assert!(!stays_local(Found::Listener { cookie_ok: false }));
-        assert!(!stays_local(Found::Nothing));
+        for r in [rule(0), rule(100)] {
+            assert_eq!(place(Found::Flow, &r), Place::Local);
+            assert_eq!(place(Found::Listener { cookie_ok: true }, &r), Place::Syncookie);
+            assert_eq!(place(Found::Listener { cookie_ok: false }, &r), Place::Target);
+            assert_eq!(place(Found::Nothing, &r), Place::Target);
+        }
+    }
+
+    #[test]
+    fn socket_states() {
+        let no_cookie = || -> bool { panic!("the SYN cookie is checked for listeners only") };
+        assert_eq!(found_socket(TCP_ESTABLISHED, no_cookie), Found::Flow);
+        assert_eq!(found_socket(TCP_NEW_SYN_RECV, no_cookie), Found::Flow);
+        // FIN_WAIT1, CLOSE_WAIT, LAST_ACK: full sockets of a connection still ending here.
+        for state in [4, 8, 9] {
+            assert_eq!(found_socket(state, no_cookie), Found::Flow);
+        }
+        assert_eq!(found_socket(TCP_TIME_WAIT, no_cookie), Found::TimeWait);
+        assert_eq!(found_socket(TCP_LISTEN, || true), Found::Listener { cookie_ok: true });
+        assert_eq!(found_socket(TCP_LISTEN, || false), Found::Listener { cookie_ok: false });
+    }
+
+    #[test]
+    fn time_wait_is_passed_by_an_active_rule_and_kept_by_a_draining_one() {
+        let no_cookie = || -> bool { panic!("not a listener") };
+        // Active: new connections of the client live on the target, a new incarnation too.
+        assert_eq!(place(found_socket(TCP_TIME_WAIT, no_cookie), &rule(0)), Place::TargetPastTimeWait);
+        // Draining: new connections are served here, so is a new incarnation.
+        assert_eq!(place(found_socket(TCP_TIME_WAIT, no_cookie), &rule(100)), Place::Local);
+        // Established and half-open flows stay either way.
+        for r in [rule(0), rule(100)] {
+            assert_eq!(place(found_socket(TCP_ESTABLISHED, no_cookie), &r), Place::Local);
+            assert_eq!(place(found_socket(TCP_NEW_SYN_RECV, no_cookie), &r), Place::Local);
+        }
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub mod maps {
     pub const HOSTS_V4: &str = "HOSTS_V4";
     pub const HOSTS_V6: &str = "HOSTS_V6";
     pub const COUNTERS: &str = "COUNTERS";
+    /// Counters added after `COUNTERS`' size was fixed (see [`crate::Counter::IN_COUNTERS`]).
+    pub const COUNTERS_EXTRA: &str = "COUNTERS_EXTRA";
     pub const SYSCTLS: &str = "SYSCTLS";
     /// Maps of earlier versions, no longer used: their pins are removed on open.
     pub const OBSOLETE: [&str; 2] = ["PORTS", "NETS_V4"];
@@ -289,11 +291,25 @@ pub enum Counter {
     ErrorClamp,
     /// A connection to an adopted service found no registered listener (refused).
     SkNoListener,
+    /// A packet of a migrated client (rule active) that found only a `TIME_WAIT` socket here,
+    /// sent to the target: the connection that ended here is over, and a new one on the same
+    /// ports lives on the target.
+    ForwardedTimeWait,
 }
 
 impl Counter {
-    /// Number of counters (size of the COUNTERS array).
-    pub const COUNT: u32 = 20;
+    /// Number of counters.
+    pub const COUNT: u32 = 21;
+
+    /// Size of the pinned `COUNTERS` array: the counters before this index. It never grows: a
+    /// pinned map of another size is refused (another layout), so a larger one would make an
+    /// upgraded agent refuse every existing instance. Counters from this index on are entries
+    /// of `COUNTERS_EXTRA`, at `index - IN_COUNTERS`.
+    pub const IN_COUNTERS: u32 = 20;
+
+    /// Size of the pinned `COUNTERS_EXTRA` array: room for counters added later, without
+    /// another layout change.
+    pub const EXTRA_SLOTS: u32 = 32;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -317,7 +333,16 @@ impl Counter {
         Counter::DroppedNotAdopted,
         Counter::ErrorClamp,
         Counter::SkNoListener,
+        Counter::ForwardedTimeWait,
     ];
+
+    /// The counter's entry in `COUNTERS_EXTRA`, or `None` for an entry of `COUNTERS` (at its
+    /// own index).
+    #[must_use]
+    pub const fn extra_index(self) -> Option<u32> {
+        let i = self as u32;
+        if i < Self::IN_COUNTERS { None } else { Some(i - Self::IN_COUNTERS) }
+    }
 
     /// Stable, kebab-case name used by the CLI and JSON output.
     #[must_use]
@@ -343,7 +368,31 @@ impl Counter {
             Counter::DroppedNotAdopted => "dropped-not-adopted",
             Counter::ErrorClamp => "error-clamp",
             Counter::SkNoListener => "sk-no-listener",
+            Counter::ForwardedTimeWait => "forwarded-time-wait",
         }
+    }
+}
+
+const _: () = assert!(Counter::COUNT <= Counter::IN_COUNTERS + Counter::EXTRA_SLOTS, "COUNTERS_EXTRA is full");
+
+#[cfg(test)]
+mod tests {
+    use super::Counter;
+
+    #[test]
+    fn counters_are_listed_in_index_order_with_distinct_names() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{}", c.name());
+            assert!(Counter::ALL[..i].iter().all(|o| o.name() != c.name()), "{} twice", c.name());
+        }
+    }
+
+    #[test]
+    fn the_first_counters_keep_their_pinned_array() {
+        // COUNTERS' size is part of the pinned layout: 20 entries since the layout check exists.
+        assert_eq!(Counter::IN_COUNTERS, 20);
+        assert_eq!(Counter::SkNoListener.extra_index(), None);
+        assert_eq!(Counter::ForwardedTimeWait.extra_index(), Some(0));
     }
 }
 

@@ -33,7 +33,7 @@ use hdr::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr};
 use redirector_common::{
     Addr, AdoptedValue, BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostSlot, LoadCtl, LoadEvent, MAX_CLIENTS, MAX_LISTENERS, MAX_PROBES, MAX_RULES, MAX_SERVICES, MAX_SIBLINGS,
     PORT_SLOT_COUNT, PortSlot, ProbeValue, RuleValue, SLOT_MANY, SLOT_ONE, ServiceKey, ServiceValue, SiblingValue, as_v4,
-    decide::{self, Found, Step, TCP_ACK, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error, is_answer, migrated_step, stays_local},
+    decide::{self, Found, Place, Step, TCP_ACK, TCP_ESTABLISHED, TCP_RST, TCP_SYN, icmp4_is_error, icmp6_is_error, is_answer, migrated_step},
     host_slot, v4_mapped,
 };
 
@@ -82,7 +82,10 @@ static LOAD_EVENTS: RingBuf = RingBuf::pinned(4096, 0);
 #[map]
 static SYSCTLS: HashMap<u32, u32> = HashMap::pinned(1024, 0);
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::IN_COUNTERS, 0);
+/// Counters added after `COUNTERS`' size was fixed (`Counter::extra_index`).
+#[map]
+static COUNTERS_EXTRA: PerCpuArray<u64> = PerCpuArray::pinned(Counter::EXTRA_SLOTS, 0);
 
 const ETH_LEN: usize = mem::size_of::<EthHdr>();
 const IP4_LEN: usize = mem::size_of::<Ipv4Hdr>();
@@ -100,7 +103,6 @@ const IPPROTO_ESP: u8 = 50;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_DSTOPTS: u8 = 60;
-const TCP_LISTEN: u32 = 10;
 const TC_ACT_REDIRECT: i32 = 7;
 /// Offset of the TCP checksum in its header.
 const TCP_CSUM_OFF: usize = 16;
@@ -122,7 +124,7 @@ const fn pass(counter: Counter) -> Verdict {
 }
 
 const fn drop(counter: Counter) -> Verdict {
-    Verdict { action: TC_ACT_SHOT as i32, counter }
+    Verdict { action: TC_ACT_SHOT, counter }
 }
 
 /// Why a packet could not be handled normally; each maps to a verdict.
@@ -162,9 +164,24 @@ pub fn redirector_ingress(ctx: TcContext) -> i32 {
     verdict.action
 }
 
+/// Counts a verdict's counter in `COUNTERS`. A counter of `COUNTERS_EXTRA` has no entry there
+/// (an array lookup past the end finds nothing): it is counted where it is decided, with
+/// [`count_extra`], so that counting the common packet stays one array lookup.
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(c) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts `counter` if it is one of `COUNTERS_EXTRA` (a constant at every call site, so the
+/// test folds away).
+#[inline(always)]
+fn count_extra(counter: Counter) {
+    if let Some(i) = counter.extra_index()
+        && let Some(c) = COUNTERS_EXTRA.get_ptr_mut(i)
+    {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
     }
@@ -213,7 +230,7 @@ fn service_at_v6(dst: &Addr, port: [u8; 2]) -> Option<ServiceValue> {
     match kind_of(unsafe { &raw const (*slot).kind }) {
         SLOT_ONE => unsafe { addr_is(&raw const (*slot).data.addr, &words(dst)).then(|| read(&raw const (*slot).data.service)) },
         // SAFETY: map values are plain data.
-        SLOT_MANY => unsafe { SERVICES.get(&ServiceKey { addr: *dst, port, _pad: [0; 2] }) }.copied(),
+        SLOT_MANY => unsafe { SERVICES.get(ServiceKey { addr: *dst, port, _pad: [0; 2] }) }.copied(),
         _ => None,
     }
 }
@@ -227,7 +244,7 @@ fn service_at_v4(dst: u32, dst4: [u8; 4], port: [u8; 2]) -> Option<ServiceValue>
         // PORT_SLOTS_V4 holds IPv4-mapped addresses only: the last word decides.
         SLOT_ONE => unsafe { (read((&raw const (*slot).data.addr).cast::<u32>().wrapping_add(3)) == dst).then(|| read(&raw const (*slot).data.service)) },
         // SAFETY: map values are plain data.
-        SLOT_MANY => unsafe { SERVICES.get(&ServiceKey { addr: v4_mapped(dst4), port, _pad: [0; 2] }) }.copied(),
+        SLOT_MANY => unsafe { SERVICES.get(ServiceKey { addr: v4_mapped(dst4), port, _pad: [0; 2] }) }.copied(),
         _ => None,
     }
 }
@@ -386,7 +403,7 @@ fn steer<const V6: bool>(skb: *mut __sk_buff, service: &ServiceValue, rule: &Rul
         }
         Step::CheckSocket => {
             let found = if v6 { lookup_packet_v6(ctx)? } else { lookup_packet_v4(ctx)? };
-            keep_or_forward::<V6>(ctx, found, service, rule, Counter::ForwardedExisting)
+            keep_or_forward::<V6>(ctx, found, service, rule, Counter::ForwardedExisting, Counter::ForwardedTimeWait)
         }
     }
 }
@@ -485,7 +502,7 @@ fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         }
     };
     // SAFETY: map values are plain data.
-    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Ok(pass(Counter::Passed));
     };
     let Some(rule) = rule else {
@@ -495,7 +512,7 @@ fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         return Ok(pass(Counter::PassedNotMigrated));
     }
     let found = lookup_flow(ctx, &mut tuple, if V6 { 36 } else { 12 }, None);
-    keep_or_forward::<V6>(ctx, found, &service, &rule, Counter::IcmpRelayed)
+    keep_or_forward::<V6>(ctx, found, &service, &rule, Counter::IcmpRelayed, Counter::IcmpRelayed)
 }
 
 #[inline(always)]
@@ -516,29 +533,32 @@ fn lookup_flow(ctx: &TcContext, tuple: &mut bpf_sock_tuple, tuple_len: u32, cook
     }
     // SAFETY: sk is a valid socket reference.
     let state = unsafe { (*sk).state };
-    let found = if state == TCP_LISTEN {
-        let cookie_ok = match cookie {
-            Some((iph, iph_len, th, flags)) if flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK => {
-                // SAFETY: iph and th point into the packet, bounds checked by the caller.
-                unsafe { bpf_tcp_check_syncookie(sk.cast(), iph as *mut _, iph_len, th as *mut _, TCP_LEN as u32) == 0 }
-            }
-            _ => false,
-        };
-        Found::Listener { cookie_ok }
-    } else {
-        Found::Flow
-    };
+    let found = decide::found_socket(state, || match cookie {
+        Some((iph, iph_len, th, flags)) if flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK => {
+            // SAFETY: iph and th point into the packet, bounds checked by the caller; sk is
+            // the listener the lookup returned, still referenced.
+            unsafe { bpf_tcp_check_syncookie(sk.cast(), iph as *mut _, iph_len, th as *mut _, TCP_LEN as u32) == 0 }
+        }
+        _ => false,
+    });
     // SAFETY: releasing the reference taken above.
     unsafe { bpf_sk_release(sk.cast()) };
     found
 }
 
+/// Keeps the packet or forwards it to the target (see [`decide::place`]), counted as
+/// `forwarded` when no socket is here and as `past_time_wait` when only a time-wait socket is.
 #[inline(always)]
-fn keep_or_forward<const V6: bool>(ctx: &TcContext, found: Found, service: &ServiceValue, rule: &RuleValue, forwarded: Counter) -> Result<Verdict, Error> {
-    match found {
-        Found::Listener { cookie_ok: true } => Ok(pass(Counter::KeptSyncookie)),
-        f if stays_local(f) => Ok(pass(Counter::KeptLocal)),
-        _ => forward::<V6>(ctx.skb.skb, &service.tunnel_src, &rule.target, forwarded),
+fn keep_or_forward<const V6: bool>(ctx: &TcContext, found: Found, service: &ServiceValue, rule: &RuleValue, forwarded: Counter, past_time_wait: Counter) -> Result<Verdict, Error> {
+    match decide::place(found, rule) {
+        Place::Local => Ok(pass(Counter::KeptLocal)),
+        Place::Syncookie => Ok(pass(Counter::KeptSyncookie)),
+        Place::Target => forward::<V6>(ctx.skb.skb, &service.tunnel_src, &rule.target, forwarded),
+        Place::TargetPastTimeWait => {
+            let verdict = forward::<V6>(ctx.skb.skb, &service.tunnel_src, &rule.target, past_time_wait)?;
+            count_extra(past_time_wait);
+            Ok(verdict)
+        }
     }
 }
 
@@ -568,7 +588,7 @@ fn probe_answer<const V6: bool>(skb: *mut __sk_buff) -> Verdict {
     if found != Some(true) {
         return pass(Counter::Passed);
     }
-    let Some(probe) = PROBES.get_ptr_mut(&u32::from(u16::from_be_bytes(dport))) else {
+    let Some(probe) = PROBES.get_ptr_mut(u32::from(u16::from_be_bytes(dport))) else {
         return pass(Counter::Passed);
     };
     // SAFETY: entry created by user space for this probe.
@@ -730,11 +750,11 @@ fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         }
         (v4_mapped(src), IP4_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
     };
-    if SIBLINGS.get_ptr(&outer_src).is_none() {
+    if SIBLINGS.get_ptr(outer_src).is_none() {
         return Err(Error::BadTunnel);
     }
     let key = if v6 { inner_target_v6(ctx, ETH_LEN + IP6_LEN)? } else { inner_target_v4(ctx, ETH_LEN + IP4_LEN)? };
-    if ADOPTED.get_ptr(&key).is_none() {
+    if ADOPTED.get_ptr(key).is_none() {
         return Err(Error::NotAdopted);
     }
     ctx.adjust_room(-(outer_len as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | flags)).map_err(|_| Error::BadTunnel)?;
@@ -834,7 +854,7 @@ fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
     if t.flags & (TCP_SYN | TCP_ACK) != (TCP_SYN | TCP_ACK) {
         return Ok(false);
     }
-    let Some(adopted) = (unsafe { ADOPTED.get(&ServiceKey { addr: src, port: t.sport, _pad: [0; 2] }) }) else {
+    let Some(adopted) = (unsafe { ADOPTED.get(ServiceKey { addr: src, port: t.sport, _pad: [0; 2] }) }) else {
         return Ok(false);
     };
     let clamp = adopted.mss_clamp;
@@ -844,7 +864,6 @@ fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
-const TCP_ESTABLISHED: u32 = 1;
 
 /// On the application's cgroup: counts established connections per client address, up when
 /// a connection is accepted, down when it leaves ESTABLISHED.
@@ -890,12 +909,12 @@ fn add_load(ctx: &SockOpsContext, delta: i64) {
         }
         _ => return,
     };
-    if let Some(v) = LOAD.get_ptr_mut(&addr) {
+    if let Some(v) = LOAD.get_ptr_mut(addr) {
         // SAFETY: a valid, aligned map value shared by all CPUs: changed atomically.
         unsafe { atomic_add(v, delta) };
-    } else if LOAD.insert(&addr, &delta, 1 /* BPF_NOEXIST */).is_err() {
+    } else if LOAD.insert(addr, delta, 1 /* BPF_NOEXIST */).is_err() {
         // Another CPU created the entry meanwhile.
-        if let Some(v) = LOAD.get_ptr_mut(&addr) {
+        if let Some(v) = LOAD.get_ptr_mut(addr) {
             // SAFETY: as above.
             unsafe { atomic_add(v, delta) };
         }
@@ -963,7 +982,7 @@ pub fn redirector_sk_lookup(ctx: SkLookupContext) -> u32 {
     };
     #[expect(clippy::cast_possible_truncation, reason = "ports are 16 bits")]
     let key = ServiceKey::new(addr, port as u16);
-    if ADOPTED.get_ptr(&key).is_none() {
+    if ADOPTED.get_ptr(key).is_none() {
         return sk_action::SK_PASS;
     }
     if LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {

@@ -333,3 +333,122 @@ pub fn pinned_link_program(pin: &std::path::Path) -> u32 {
     assert_eq!(rc, 0, "reading the link at {}: {}", pin.display(), std::io::Error::last_os_error());
     info[2]
 }
+
+/// A packet seen by a [`Tap`].
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Sent by this host (else received).
+    pub outgoing: bool,
+    /// The Ethernet source address.
+    pub from_mac: [u8; 6],
+    /// From the IP header on.
+    pub ip: Vec<u8>,
+}
+
+/// A packet socket on one interface of a namespace: sees every IP packet it sends and
+/// receives, and sends IP packets to a chosen MAC address (no routing, no neighbour lookup).
+pub struct Tap {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+const ETH_P_ALL: u16 = 0x0003;
+
+/// A `sockaddr_ll` for `ifindex`, protocol `proto` (host order) and, when sending, `mac`.
+fn sockaddr_ll(ifindex: i32, proto: u16, mac: [u8; 6]) -> libc::sockaddr_ll {
+    // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+    let mut a: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    a.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET");
+    a.sll_protocol = proto.to_be();
+    a.sll_ifindex = ifindex;
+    a.sll_halen = 6;
+    a.sll_addr[..6].copy_from_slice(&mac);
+    a
+}
+
+impl Tap {
+    /// Opens a tap on `ifname` in namespace `ns`; it sees what happens from now on.
+    #[must_use]
+    pub fn open(ns: &str, ifname: &str) -> Self {
+        let ifname = ifname.to_string();
+        in_netns(ns, move || {
+            let name = std::ffi::CString::new(ifname.as_str()).expect("name");
+            // SAFETY: a NUL-terminated name.
+            let ifindex = i32::try_from(unsafe { libc::if_nametoindex(name.as_ptr()) }).expect("ifindex");
+            assert!(ifindex > 0, "no interface {ifname}");
+            // SAFETY: a fresh socket, owned below; the address is a valid sockaddr_ll.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, i32::from(ETH_P_ALL.to_be()));
+                assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+                let fd = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+                let a = sockaddr_ll(ifindex, ETH_P_ALL, [0; 6]);
+                let rc = libc::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw const a).cast(), u32::try_from(std::mem::size_of_val(&a)).expect("size"));
+                assert_eq!(rc, 0, "binding the packet socket to {ifname}: {}", std::io::Error::last_os_error());
+                Self { fd, ifindex }
+            }
+        })
+    }
+
+    /// Sends `ip_packet` (from its IP header on) out of the interface to `mac` ("02:..").
+    pub fn send(&self, ip_packet: &[u8], mac: &str) {
+        let mut m = [0u8; 6];
+        for (b, part) in m.iter_mut().zip(mac.split(':')) {
+            *b = u8::from_str_radix(part, 16).unwrap_or_else(|e| panic!("MAC {mac}: {e}"));
+        }
+        let proto = if ip_packet[0] >> 4 == 4 { 0x0800 } else { 0x86dd };
+        let to = sockaddr_ll(self.ifindex, proto, m);
+        // SAFETY: a valid buffer and sockaddr_ll.
+        let n = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                ip_packet.as_ptr().cast(),
+                ip_packet.len(),
+                0,
+                (&raw const to).cast(),
+                u32::try_from(std::mem::size_of_val(&to)).expect("size"),
+            )
+        };
+        assert!(n >= 0, "sending {} bytes to {mac}: {}", ip_packet.len(), std::io::Error::last_os_error());
+    }
+
+    /// Forgets the packets seen so far.
+    pub fn drain(&self) {
+        let _ = self.next(std::time::Duration::ZERO, |_| false);
+    }
+
+    /// The next packet `pick` accepts, waiting at most `timeout`; `None` if none came. Packets
+    /// before it are consumed.
+    pub fn next(&self, timeout: std::time::Duration, mut pick: impl FnMut(&Seen) -> bool) -> Option<Seen> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+            // SAFETY: pfd is a valid array of one pollfd.
+            let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 1, i32::try_from(left.as_millis()).unwrap_or(i32::MAX)) };
+            if ready <= 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; 65_536];
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = u32::try_from(std::mem::size_of_val(&from)).expect("size");
+            // SAFETY: valid buffers of the lengths given.
+            let n = unsafe { libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &raw mut len) };
+            let Ok(n) = usize::try_from(n) else { panic!("reading the tap: {}", std::io::Error::last_os_error()) };
+            buf.truncate(n);
+            let mut from_mac = [0u8; 6];
+            from_mac.copy_from_slice(&from.sll_addr[..6]);
+            let seen = Seen { outgoing: from.sll_pkttype == libc::PACKET_OUTGOING, from_mac, ip: buf };
+            if pick(&seen) {
+                return Some(seen);
+            }
+        }
+    }
+}
+
+/// A MAC address as `ip link` prints it.
+#[must_use]
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

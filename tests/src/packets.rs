@@ -32,6 +32,7 @@ pub struct Pkt {
     ip_options: bool,
     ext: Option<u8>,
     seq: u32,
+    ack: u32,
 }
 
 fn sum16(mut sum: u32, b: &[u8]) -> u32 {
@@ -97,7 +98,7 @@ fn ipv6_header(s: Ipv6Addr, d: Ipv6Addr, next: u8, payload_len: usize) -> Vec<u8
 
 impl Pkt {
     pub fn tcp(ip: Ip, sport: u16, dport: u16, flags: u8) -> Self {
-        Self { ip, proto: 6, sport, dport, flags, mss: None, payload: Vec::new(), frag: 0, ip_options: false, ext: None, seq: 0x1000_0000 }
+        Self { ip, proto: 6, sport, dport, flags, mss: None, payload: Vec::new(), frag: 0, ip_options: false, ext: None, seq: 0x1000_0000, ack: 0x2000_0000 }
     }
 
     pub fn udp(ip: Ip, sport: u16, dport: u16) -> Self {
@@ -111,6 +112,12 @@ impl Pkt {
 
     pub fn seq(mut self, seq: u32) -> Self {
         self.seq = seq;
+        self
+    }
+
+    /// The acknowledgment number (sent when the flags have ACK).
+    pub fn ack(mut self, ack: u32) -> Self {
+        self.ack = ack;
         self
     }
 
@@ -164,7 +171,7 @@ impl Pkt {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         l4.extend_from_slice(&self.seq.to_be_bytes());
-        l4.extend_from_slice(&(if self.flags & ACK != 0 { 0x2000_0000u32 } else { 0 }).to_be_bytes());
+        l4.extend_from_slice(&(if self.flags & ACK != 0 { self.ack } else { 0 }).to_be_bytes());
         l4.push((doff as u8) << 4);
         l4.push(self.flags);
         l4.extend_from_slice(&64240u16.to_be_bytes());
@@ -242,6 +249,40 @@ fn split_l4(ip_packet: &[u8]) -> (&[u8], Ip) {
         let d: [u8; 16] = ip_packet[24..40].try_into().unwrap();
         (&ip_packet[40..], Ip::V6(s.into(), d.into()))
     }
+}
+
+/// The TCP header fields of a segment, as read back from the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+/// The TCP segment in `ip_packet` (starting at its IP header, IPv4 without options or IPv6
+/// without extension headers), if it is one.
+#[must_use]
+pub fn tcp_segment(ip_packet: &[u8]) -> Option<Segment> {
+    let v4 = ip_packet.first()? >> 4 == 4;
+    let (proto, hl) = if v4 { (*ip_packet.get(9)?, usize::from(ip_packet[0] & 0xf) * 4) } else { (*ip_packet.get(6)?, 40) };
+    if proto != 6 || ip_packet.len() < hl + 20 {
+        return None;
+    }
+    let (l4, ip) = split_l4(ip_packet);
+    let (s, d): (std::net::IpAddr, std::net::IpAddr) = match ip {
+        Ip::V4(s, d) => (s.into(), d.into()),
+        Ip::V6(s, d) => (s.into(), d.into()),
+    };
+    let word = |i: usize| u32::from_be_bytes([l4[i], l4[i + 1], l4[i + 2], l4[i + 3]]);
+    Some(Segment {
+        src: std::net::SocketAddr::new(s, u16::from_be_bytes([l4[0], l4[1]])),
+        dst: std::net::SocketAddr::new(d, u16::from_be_bytes([l4[2], l4[3]])),
+        seq: word(4),
+        ack: word(8),
+        flags: l4[13],
+    })
 }
 
 /// Whether the TCP checksum of a segment (starting at its IP header) is valid.

@@ -289,24 +289,42 @@ fn flows_with_a_local_socket_stay() {
 }
 
 #[test]
-fn time_wait_sockets_count_as_flows_living_here() {
+fn time_wait_sockets_are_passed_by_an_active_rule_and_kept_by_a_draining_one() {
     with_datapath(|dp| {
         without_rules(dp);
         let cport = time_wait_flow(IpAddr::V4(CLIENT4), SocketAddr::new(IpAddr::V4(SVC4), 80));
-        let ss = Command::new("ss").args(["-tan", "state", "time-wait"]).output().expect("ss");
-        let ss = String::from_utf8_lossy(&ss.stdout);
-        assert!(ss.contains(&format!("{SVC4}:80")), "the server side is in TIME_WAIT: {ss}");
         with_rules(dp);
-        // A late retransmission of the client's FIN finds the TIME_WAIT socket: it stays.
+        // Rule active: the connection that ended here is over, new ones of the client live on
+        // the target. A late retransmission of the client's FIN and the ACK of a new
+        // incarnation of the same ports (a reused source port) both go there.
         let fin = Pkt::tcp(Ip::V4(CLIENT4, SVC4), cport, 80, packets::FIN | packets::ACK).build();
+        let out = expect(dp, &fin, TC_ACT_REDIRECT, "forwarded-time-wait");
+        assert_eq!(&out[30..34], &TGT4.octets(), "sent to the target");
+        assert_eq!(&out[34..], &fin[14..], "inner packet unchanged");
+        expect(dp, &ack4(CLIENT4, cport), TC_ACT_REDIRECT, "forwarded-time-wait");
+        // The ICMP error about such a flow follows it.
+        let quoted = Pkt::tcp(Ip::V4(SVC4, CLIENT4), 80, cport, packets::ACK).build();
+        let icmp = packets::icmp4_frag_needed(Ipv4Addr::new(198, 18, 0, 254), SVC4, &quoted[14..], 1400);
+        expect(dp, &icmp, TC_ACT_REDIRECT, "icmp-relayed");
+        // Rule draining: new connections are served here, so a time-wait socket here is a
+        // flow living here.
+        dp.drain(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, Duration::from_secs(30)).expect("drain");
         expect(dp, &fin, TCX_NEXT, "kept-local");
+        expect(dp, &ack4(CLIENT4, cport), TCX_NEXT, "kept-local");
+        expect(dp, &icmp, TCX_NEXT, "kept-local");
 
         // The same for IPv6.
         without_rules(dp);
         let cport6 = time_wait_flow(IpAddr::V6(CLIENT6), SocketAddr::new(IpAddr::V6(SVC6), 80));
         with_rules(dp);
         let fin6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), cport6, 80, packets::FIN | packets::ACK).build();
+        let out = expect(dp, &fin6, TC_ACT_REDIRECT, "forwarded-time-wait");
+        assert_eq!(&out[14 + 24..14 + 40], &TGT6.octets(), "sent to the target");
+        assert_eq!(&out[54..], &fin6[14..], "inner packet unchanged");
+        expect(dp, &ack6(CLIENT6, cport6), TC_ACT_REDIRECT, "forwarded-time-wait");
+        dp.drain(Prefix { addr: IpAddr::V6(CLIENT6), len: 128 }, Duration::from_secs(30)).expect("drain v6");
         expect(dp, &fin6, TCX_NEXT, "kept-local");
+        expect(dp, &ack6(CLIENT6, cport6), TCX_NEXT, "kept-local");
     });
 }
 
@@ -350,17 +368,40 @@ fn a_siblings_tunnel_with_outer_options_or_fragments_is_dropped() {
 }
 
 /// A flow from `client` to the service at `svc` whose server side ends in TIME_WAIT (the server
-/// closes first); returns the client's port.
+/// closes first); returns the client's port once the server side is in `TIME_WAIT` and the
+/// client's side is gone.
 fn time_wait_flow(client: IpAddr, svc: SocketAddr) -> u16 {
     let listener = TcpListener::bind(svc).expect("listen");
     let sock = nix_connect(client, svc);
     let (server_side, _) = listener.accept().expect("accept");
     let port = sock.local_addr().expect("addr").port();
+    let (server, client) = (svc.to_string(), SocketAddr::new(client, port).to_string());
     drop(server_side);
-    std::thread::sleep(Duration::from_millis(50));
+    wait_for_sockets("the client to receive the server's FIN", "close-wait", &client, &server, true);
     drop(sock);
-    std::thread::sleep(Duration::from_millis(50));
+    wait_for_sockets("the server side to enter TIME_WAIT", "time-wait", &server, &client, true);
+    // The client's own socket (the peer of the server's) has closed: only the server's is left.
+    wait_for_sockets("the client side to close", "all", &client, &server, false);
     port
+}
+
+/// Waits until `ss` lists (or, if not `listed`, no longer lists) a socket in `state` from
+/// `local` to `peer` in this thread's namespace (bounded: 10 s).
+fn wait_for_sockets(what: &str, state: &str, local: &str, peer: &str, listed: bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let out = Command::new("ss").args(["-Htan", "state", state]).output().expect("ss");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let found = out.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.windows(2).any(|w| w[0] == local && w[1] == peer)
+        });
+        if found == listed {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}: ss state {state} shows\n{out}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Connects a TCP socket bound to `src` to `dst` (in this thread's network namespace).

@@ -1,6 +1,6 @@
 //! The production pitfalls of DSR / IP-in-IP balancers, each with a real-TCP test in network
-//! namespaces: strangers' tunnels, SYN cookies, ICMP for flows living on the target,
-//! upgrades under load, bad input, and cleanup.
+//! namespaces: strangers' tunnels, SYN cookies, ICMP for flows living on the target, ports the
+//! origin holds in `TIME_WAIT`, upgrades under load, bad input, and cleanup.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -12,8 +12,9 @@ use std::{
 };
 
 use redirector_tests::{
-    Client, Topology,
-    net::{SERVICE4, SERVICE6, client4, client6, netns_exists, send_raw4},
+    Client, Server, Topology,
+    app::try_connect_from,
+    net::{SERVICE4, SERVICE6, Tap, client4, client6, mac_string, netns_exists, send_raw4},
     packets::{self, Ip, Pkt},
     require_root,
 };
@@ -160,6 +161,116 @@ fn icmp_fragmentation_needed_for_flows_on_the_target_reaches_the_target() {
     assert_eq!(c.who(), "B", "the connection keeps working");
 }
 
+/// A topology where A serves its service (both families), B serves the same port on its own
+/// addresses, and A steers the service with B ready to serve it.
+fn steered_both(t: &Topology) -> [Server; 4] {
+    let servers = [
+        Server::start(&t.a.ns, "A", svc4(80)),
+        Server::start(&t.a.ns, "A", SocketAddr::new(IpAddr::V6(SERVICE6), 80)),
+        Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V4(t.b.v4[0]), 80)),
+        Server::start(&t.b.ns, "B", SocketAddr::new(IpAddr::V6(t.b.v6[0]), 80)),
+    ];
+    t.steer_a_to_b(80, 80);
+    servers
+}
+
+/// Whether `ss` on `host` lists a TCP socket in `state` from `local` to `peer`.
+fn has_socket(host: &redirector_tests::Host, state: &str, local: SocketAddr, peer: SocketAddr) -> bool {
+    let (local, peer) = (local.to_string(), peer.to_string());
+    host.exec(&["ss", "-Htan", "state", state]).lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.windows(2).any(|w| w[0] == local && w[1] == peer)
+    })
+}
+
+/// A connection from `src` (a fixed port) to A's service that A's server closes first, as an
+/// HTTP/1.0 or `Connection: close` server does: once this returns, A holds its 4-tuple in
+/// `TIME_WAIT` and the client's own socket is gone (the client may use the port again).
+fn ended_by_the_origin(t: &Topology, src: SocketAddr, svc: SocketAddr) {
+    let mut c = try_connect_from(&t.client.ns, src, svc).unwrap_or_else(|e| panic!("connect {src} -> {svc}: {e}"));
+    assert_eq!(c.who(), "A", "before the rule the client is served by A");
+    c.bye().expect("A's server closes the connection");
+    drop(c);
+    wait_for("A to hold the connection in TIME_WAIT", || has_socket(&t.a, "time-wait", svc, src));
+    wait_for("the client's socket to close", || !has_socket(&t.client, "all", src, svc));
+}
+
+#[test]
+fn a_moved_client_reusing_a_port_the_origin_holds_in_time_wait_is_served_by_the_target() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _servers = steered_both(&t);
+    for (client, target, svc) in
+        [(IpAddr::V4(client4(1)), IpAddr::V4(t.b.v4[0]), svc4(80)), (IpAddr::V6(client6(1)), IpAddr::V6(t.b.v6[0]), SocketAddr::new(IpAddr::V6(SERVICE6), 80))]
+    {
+        // The client's kernel picks the same source port again, as it may within A's minute of
+        // TIME_WAIT.
+        let src = SocketAddr::new(client, 40_080);
+        ended_by_the_origin(&t, src, svc);
+        t.migrate(&client.to_string(), target);
+        let (passed, kept) = (t.counter(&t.a, "forwarded-time-wait"), t.counter(&t.a, "kept-local"));
+        let mut c = try_connect_from(&t.client.ns, src, svc).unwrap_or_else(|e| panic!("connect {src} -> {svc} again: {e}"));
+        assert_eq!(c.local(), src, "the new connection uses the old one's ports");
+        // The handshake completes through B either way (SYN steered, SYN-ACK direct); the
+        // ACK and the request must reach B too, not A's TIME_WAIT socket.
+        c.set_read_timeout(Duration::from_secs(2)).expect("read timeout");
+        let (name, _) = c.try_who().unwrap_or_else(|e| panic!("{src}: no answer within 2 s from the port A holds in TIME_WAIT: {e}"));
+        assert_eq!(name, "B", "{src}: the moved client is served by B");
+        assert_eq!(c.who(), "B", "{src}: and stays there");
+        assert!(t.counter(&t.a, "forwarded-time-wait") >= passed + 2, "{src}: A counted the ACK and the request it passed on");
+        assert_eq!(t.counter(&t.a, "kept-local"), kept, "{src}: A kept nothing of the new connection");
+        assert!(has_socket(&t.a, "time-wait", svc, src), "{src}: A's TIME_WAIT socket was passed by, not ended");
+    }
+}
+
+#[test]
+fn a_late_fin_the_origin_holds_in_time_wait_is_reset_by_the_target() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _servers = steered_both(&t);
+    let (a_mac, b_mac) = (t.a.mac(), t.b.mac());
+    for (client, target, svc) in
+        [(IpAddr::V4(client4(2)), IpAddr::V4(t.b.v4[0]), svc4(80)), (IpAddr::V6(client6(2)), IpAddr::V6(t.b.v6[0]), SocketAddr::new(IpAddr::V6(SERVICE6), 80))]
+    {
+        let src = SocketAddr::new(client, 40_081);
+        let tap = Tap::open(&t.client.ns, "eth0");
+        ended_by_the_origin(&t, src, svc);
+        // The client's FIN of that connection, as it left.
+        let fin = tap
+            .next(Duration::ZERO, |p| p.outgoing && packets::tcp_segment(&p.ip).is_some_and(|s| s.src == src && s.dst == svc && s.flags & packets::FIN != 0))
+            .and_then(|p| packets::tcp_segment(&p.ip))
+            .unwrap_or_else(|| panic!("{src}: the client's FIN was not seen"));
+        // A's last ACK of that connection, already received: not an answer to what follows.
+        tap.drain();
+        t.migrate(&client.to_string(), target);
+        // A retransmission of that FIN, as the client sends while its socket waits in LAST_ACK
+        // for an ACK that got lost.
+        let ip = match (client, svc.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(s)) => Ip::V4(c, s),
+            (IpAddr::V6(c), IpAddr::V6(s)) => Ip::V6(c, s),
+            _ => unreachable!("one family"),
+        };
+        let again = Pkt::tcp(ip, src.port(), svc.port(), packets::FIN | packets::ACK).seq(fin.seq).ack(fin.ack).build_ip();
+        let (passed, kept, decap) = (t.counter(&t.a, "forwarded-time-wait"), t.counter(&t.a, "kept-local"), t.counter(&t.b, "decapsulated"));
+        tap.send(&again, &a_mac);
+        let answer = tap
+            .next(Duration::from_secs(3), |p| !p.outgoing && packets::tcp_segment(&p.ip).is_some_and(|s| s.src == svc && s.dst == src))
+            .unwrap_or_else(|| panic!("{src}: no answer to the late FIN within 3 s"));
+        let seg = packets::tcp_segment(&answer.ip).expect("a TCP segment");
+        let from = mac_string(answer.from_mac);
+        assert!(seg.flags & packets::RST != 0 && from == b_mac, "{src}: the late FIN draws a reset from B ({b_mac}); got flags {:#04x} from {from} (A is {a_mac})", seg.flags);
+        assert_eq!(seg.seq, fin.ack, "{src}: the reset is in the old socket's window: it would end that socket at once");
+        assert_eq!(t.counter(&t.a, "forwarded-time-wait"), passed + 1, "{src}: A passed the late FIN to B");
+        assert_eq!(t.counter(&t.a, "kept-local"), kept, "{src}: A kept nothing");
+        assert_eq!(t.counter(&t.b, "decapsulated"), decap + 1, "{src}: B took it in");
+        assert!(has_socket(&t.a, "time-wait", svc, src), "{src}: A's TIME_WAIT socket never saw it");
+    }
+}
+
 #[test]
 fn programs_are_replaced_atomically_during_a_transfer() {
     if !require_root() {
@@ -247,27 +358,6 @@ fn bad_input_gives_one_clear_line_and_installs_nothing() {
     assert!(!local.contains("198.18.0.10"), "no route half-installed: {local}");
 }
 
-/// Pins a hash map at `path` with the given key and value sizes (raw `bpf()` calls).
-fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32) {
-    let mut attr = [0u32; 32];
-    attr[0] = 1; // BPF_MAP_TYPE_HASH
-    attr[1] = key_size;
-    attr[2] = value_size;
-    attr[3] = 16;
-    // SAFETY: a valid, zero-padded bpf_attr for BPF_MAP_CREATE.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    assert!(fd >= 0, "creating a map: {}", std::io::Error::last_os_error());
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    let mut pin = [0u64; 2];
-    pin[0] = c.as_ptr() as u64;
-    pin[1] = u64::try_from(fd).expect("fd");
-    // SAFETY: a valid bpf_attr for BPF_OBJ_PIN (cmd 6); the path outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), std::mem::size_of_val(&pin)) };
-    assert_eq!(rc, 0, "pinning {}: {}", path.display(), std::io::Error::last_os_error());
-    // SAFETY: closing the fd we created; the pin keeps the map.
-    unsafe { libc::close(i32::try_from(fd).expect("fd")) };
-}
-
 #[test]
 fn an_instance_of_another_layout_is_refused_not_reused() {
     if !require_root() {
@@ -277,7 +367,7 @@ fn an_instance_of_another_layout_is_refused_not_reused() {
     // An instance whose SERVICES map has other value sizes (another version's layout).
     let dir = t.bpffs.join("redirector").join(&t.a.ns);
     std::fs::create_dir_all(&dir).expect("instance dir");
-    pin_hash_map(&dir.join("SERVICES"), 20, 8);
+    drop(pin_map(&dir.join("SERVICES"), BPF_MAP_TYPE_HASH, 20, 8, 16));
     let out = t.redirector(&t.a, &["service", "add", "198.18.0.10:80", "--dev", "eth0"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an incompatible instance must not be used");
@@ -287,6 +377,70 @@ fn an_instance_of_another_layout_is_refused_not_reused() {
     t.redirector_ok(&t.a, &["teardown", "--force"]);
     assert!(!dir.exists(), "the old instance is gone");
     t.redirector_ok(&t.a, &["service", "add", "198.18.0.10:80", "--dev", "eth0"]);
+}
+
+#[test]
+fn an_instance_of_the_counters_layout_before_counters_extra_is_upgraded_in_place() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(2);
+    // An instance of the version before `COUNTERS_EXTRA`: COUNTERS with its 20 per-CPU
+    // entries, and `sk-no-listener` (the last of them) at 3 on every CPU.
+    let dir = t.bpffs.join("redirector").join(&t.a.ns);
+    std::fs::create_dir_all(&dir).expect("instance dir");
+    let counters = pin_map(&dir.join("COUNTERS"), BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 20);
+    let cpus = possible_cpus();
+    update_elem(&counters, &19u32.to_ne_bytes(), &vec![3u64; cpus]);
+    drop(counters);
+    t.redirector_ok(&t.a, &["service", "add", "198.18.0.10:80", "--dev", "eth0"]);
+    assert_eq!(t.counter(&t.a, "sk-no-listener"), 3 * cpus as u64, "the pinned counters were kept, with their counts");
+    assert_eq!(t.counter(&t.a, "forwarded-time-wait"), 0, "the new counter is there");
+    assert!(dir.join("COUNTERS_EXTRA").exists(), "its map was added to the instance");
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+
+/// Creates a map of type `ty` and pins it at `path` (raw `bpf()` calls).
+fn pin_map(path: &std::path::Path, ty: u32, key_size: u32, value_size: u32, max_entries: u32) -> std::os::fd::OwnedFd {
+    let mut attr = [0u32; 32];
+    attr[0] = ty;
+    attr[1] = key_size;
+    attr[2] = value_size;
+    attr[3] = max_entries;
+    // SAFETY: a valid, zero-padded bpf_attr for BPF_MAP_CREATE.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    assert!(fd >= 0, "creating a map: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel returned a new fd we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(i32::try_from(fd).expect("fd")) };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut pin = [0u64; 2];
+    pin[0] = c.as_ptr() as u64;
+    pin[1] = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("fd");
+    // SAFETY: a valid bpf_attr for BPF_OBJ_PIN (cmd 6); the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), std::mem::size_of_val(&pin)) };
+    assert_eq!(rc, 0, "pinning {}: {}", path.display(), std::io::Error::last_os_error());
+    fd
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of `key` with `value` (for a per-CPU map: one value per possible CPU).
+fn update_elem(map: &std::os::fd::OwnedFd, key: &[u8], value: &[u64]) {
+    // union bpf_attr: map_fd, (pad), key, value, flags.
+    let mut attr = [0u64; 4];
+    attr[0] = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(map)).expect("fd");
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value.as_ptr() as u64;
+    // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_ELEM (cmd 2); key and value outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 2, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    assert_eq!(rc, 0, "updating a map: {}", std::io::Error::last_os_error());
+}
+
+/// The number of possible CPUs (the values of a per-CPU map entry), from
+/// `/sys/devices/system/cpu/possible` (`0-N`).
+fn possible_cpus() -> usize {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    s.trim().split(',').map(|r| r.split_once('-').map_or(1, |(a, b)| b.parse::<usize>().expect("cpu") - a.parse::<usize>().expect("cpu") + 1)).sum()
 }
 
 #[test]

@@ -463,19 +463,11 @@ impl Datapath {
         if let Some(p) = prefixes.iter().find(|p| p.addr.is_ipv4() != target.is_ipv4()) {
             return Err(Error::invalid(format!("target {target} and prefix {p} are of different families")));
         }
-        if target.is_unspecified() || target.is_multicast() || target.is_loopback() {
-            return Err(Error::invalid(format!("target {target} is not a unicast address")));
-        }
-        let services: Vec<ServiceInfo> = self.list_services()?.into_iter().filter(|s| s.addr.is_ipv4() == target.is_ipv4()).collect();
-        if services.is_empty() {
-            return Err(Error::invalid(format!("no steered {} service: add one with `redirector service add` first", family_name(target.is_ipv4()))));
-        }
         // The probe runs before the lock: it can take up to its timeout per service.
-        if let Some(timeout) = probe {
-            for s in &services {
-                let mut probes: HashMap<&mut MapData, u32, redirector_common::ProbeValue> =
-                    HashMap::try_from(self.map(maps::PROBES)?).map_err(|e| Error::bpf("opening PROBES", e))?;
-                probe::probe(&mut probes, s, target, timeout)?;
+        match probe {
+            Some(timeout) => self.probe_target(target, timeout)?,
+            None => {
+                self.steered_services(target)?;
             }
         }
         let _lock = self.lock()?;
@@ -508,6 +500,30 @@ impl Datapath {
         }
         let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
         self.sync_hosts(&all);
+        Ok(())
+    }
+
+    /// The steered services of `target`'s family (an error if there is none, or `target` is
+    /// not a unicast address).
+    fn steered_services(&mut self, target: IpAddr) -> Result<Vec<ServiceInfo>> {
+        if target.is_unspecified() || target.is_multicast() || target.is_loopback() {
+            return Err(Error::invalid(format!("target {target} is not a unicast address")));
+        }
+        let services: Vec<ServiceInfo> = self.list_services()?.into_iter().filter(|s| s.addr.is_ipv4() == target.is_ipv4()).collect();
+        if services.is_empty() {
+            return Err(Error::invalid(format!("no steered {} service: add one with `redirector service add` first", family_name(target.is_ipv4()))));
+        }
+        Ok(services)
+    }
+
+    /// Probes `target` through the real tunnel, for every steered service of its family: Ok
+    /// once its listener answered each (its datapath serves those services; a reset means
+    /// nothing listens there, silence that the target is not ready or gone).
+    pub fn probe_target(&mut self, target: IpAddr, timeout: Duration) -> Result<()> {
+        for s in &self.steered_services(target)? {
+            let mut probes: HashMap<&mut MapData, u32, redirector_common::ProbeValue> = HashMap::try_from(self.map(maps::PROBES)?).map_err(|e| Error::bpf("opening PROBES", e))?;
+            probe::probe(&mut probes, s, target, timeout)?;
+        }
         Ok(())
     }
 
@@ -921,10 +937,14 @@ impl Datapath {
 
     /// Decision counters, summed over CPUs.
     pub fn stats(&mut self) -> Result<Stats> {
-        let arr: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::COUNTERS)?).map_err(|e| Error::bpf("opening COUNTERS", e))?;
-        let mut counters = Vec::new();
+        let mut counters = Vec::with_capacity(Counter::ALL.len());
         for c in Counter::ALL {
-            let v = arr.get(&(c as u32), 0).map_err(|e| Error::bpf("reading COUNTERS", e))?;
+            let (name, index) = match c.extra_index() {
+                None => (maps::COUNTERS, c as u32),
+                Some(i) => (maps::COUNTERS_EXTRA, i),
+            };
+            let arr: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(name)?).map_err(|e| Error::bpf(format!("opening {name}"), e))?;
+            let v = arr.get(&index, 0).map_err(|e| Error::bpf(format!("reading {name}"), e))?;
             counters.push((c.name(), v.iter().sum()));
         }
         Ok(Stats { counters })
