@@ -5,7 +5,15 @@
 // version 1).
 //
 //   node server.js --name A --listen 198.18.0.10:80 [--hook /run/redirector/a-app.sock --service ADDR]
-//                  [--freeze-wait-ms MS]
+//                  [--freeze-wait-ms MS] [--idle-close-ms MS]
+//
+// Connections persist as HTTP/1.1 says (RFC 9112 section 9.3): an HTTP/1.1 connection stays
+// open for the next request unless the request says `Connection: close`; an HTTP/1.0 one only
+// if the request says `Connection: keep-alive`. Every response says which (`Connection:
+// keep-alive` or `Connection: close`); after a `close` answer the server closes the connection
+// first. --idle-close-ms (default 60000; 0: never) closes first a connection on which no
+// request arrived for that long since it opened or since its last answer. It is also Node's
+// keepAliveTimeout (to which Node 20 adds 1 s of its own; the demo times the wait itself).
 //
 // The application never decides how a hand-over ends: if the hook drops, frozen clients stay
 // frozen and imported sessions stay tentative; on reconnecting it reports them (`pending`)
@@ -25,12 +33,17 @@ function arg(name) {
 const name = arg('--name');
 const listen = arg('--listen');
 if (!name || !listen) {
-  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS]');
+  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS]');
   process.exit(2);
 }
 const hookPath = arg('--hook');
 const service = arg('--service') || listen;
 const freezeWait = Number(arg('--freeze-wait-ms') || 10000);
+const idleClose = Number(arg('--idle-close-ms') ?? 60000);
+if (!Number.isInteger(idleClose) || idleClose < 0) {
+  console.error(`bad --idle-close-ms ${arg('--idle-close-ms')}: a number of milliseconds`);
+  process.exit(2);
+}
 const HISTORY = 5;
 const VERSION = 1;
 
@@ -64,6 +77,15 @@ function entry(client) {
   return e;
 }
 
+// Whether the connection stays open after answering `req` (RFC 9112 section 9.3): not if it
+// says `Connection: close`; HTTP/1.1 otherwise; HTTP/1.0 only with `Connection: keep-alive`.
+function keepAlive(req) {
+  const tokens = String(req.headers.connection || '').toLowerCase().split(',').map((t) => t.trim());
+  if (tokens.includes('close')) return false;
+  if (req.httpVersionMajor === 1 && req.httpVersionMinor >= 1) return true;
+  return req.httpVersionMajor === 1 && req.httpVersionMinor === 0 && tokens.includes('keep-alive');
+}
+
 // Runs the requests waiting for this client's hand-over to end.
 function wake(e) {
   const waiters = [...e.waiters];
@@ -76,6 +98,19 @@ const server = http.createServer((req, res) => {
   const client = canon(socket.remoteAddress);
   const e = entry(client);
   socket.busy = true;
+  if (socket.idleTimer) {
+    // A request arrived: the idle wait is over (a frozen session's wait is not bound by it).
+    socket.idleTimer = false;
+    socket.setTimeout(server.timeout || 0);
+  }
+  // Setting the Connection header decides it for Node too: `close` ends the connection after
+  // the answer (the server closes first), `keep-alive` keeps it.
+  const connection = keepAlive(req) ? 'keep-alive' : 'close';
+  if (connection === 'keep-alive') {
+    // After Node's own handler, which sets keepAliveTimeout plus its 1 s: the idle wait
+    // starts once the answer is sent.
+    res.on('finish', () => idleFrom(socket));
+  }
   req.resume();
   const go = () => {
     if (e.moved) {
@@ -89,7 +124,7 @@ const server = http.createServer((req, res) => {
       // Frozen for too long: the session is neither forked nor lost; the client may retry.
       console.error(`answering 503 to ${client}: frozen by hand-over ${e.frozen} for over ${freezeWait} ms`);
       const body = JSON.stringify({ server: name, client, error: `session frozen by hand-over ${e.frozen}: retry later` });
-      res.writeHead(503, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Retry-After': '1', Connection: 'keep-alive' });
+      res.writeHead(503, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'Retry-After': '1', Connection: connection });
       res.end(body);
       socket.busy = false;
       return;
@@ -100,7 +135,7 @@ const server = http.createServer((req, res) => {
     s.history.push(s.count);
     if (s.history.length > HISTORY) s.history.shift();
     const body = JSON.stringify({ server: name, client, count: s.count, history: s.history });
-    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: 'keep-alive' });
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), Connection: connection });
     res.end(body);
     socket.busy = false;
   };
@@ -136,11 +171,23 @@ const server = http.createServer((req, res) => {
     go();
   }
 });
-server.keepAliveTimeout = 60000;
+// Idle connections close after --idle-close-ms (0: never).
+server.keepAliveTimeout = idleClose;
+
+// Starts the idle wait of a connection with no request in progress: if it lasts
+// --idle-close-ms, Node's 'timeout' handler destroys the socket (the server closes first).
+function idleFrom(socket) {
+  if (idleClose > 0 && !socket.busy && !socket.destroyed) {
+    socket.idleTimer = true;
+    socket.setTimeout(idleClose);
+  }
+}
+
 server.on('connection', (socket) => {
   const e = entry(canon(socket.remoteAddress));
   e.moved = false;
   socket.busy = false;
+  idleFrom(socket);
   e.sockets.add(socket);
   socket.on('close', () => e.sockets.delete(socket));
 });

@@ -5,6 +5,8 @@
 //! - `WHO` -> `<name> <client address seen> <local address>`
 //! - `UPLOAD <n>` then n bytes -> `<name> <sha256 hex of the bytes>`
 //! - `DOWNLOAD <n> <seed>` -> n bytes of the stream [`pattern`]`(seed)`
+//! - `BYE` -> the server closes the connection (first, as HTTP/1.0 or `Connection: close`
+//!   servers do, so the server's side ends in `TIME_WAIT`)
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -142,6 +144,11 @@ fn serve(name: &str, conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
                 let (Ok(n), Ok(seed)) = (n.parse::<usize>(), seed.parse::<u64>()) else { return };
                 w.write_all(&pattern(seed, n)).is_ok()
             }
+            ["BYE"] => {
+                // This side closes first.
+                let _ = w.shutdown(Shutdown::Both);
+                return;
+            }
             _ => false,
         };
         let _ = r.get_ref().set_read_timeout(Some(Duration::from_millis(200)));
@@ -160,7 +167,12 @@ pub struct Client {
 
 /// Connects from `src` to `dst` inside namespace `ns`.
 pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Client> {
-    let stream = connect_tcp(ns, src, dst)?;
+    try_connect_from(ns, SocketAddr::new(src, 0), dst)
+}
+
+/// Connects from `src`, its port included (0: any), to `dst` inside namespace `ns`.
+pub fn try_connect_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> std::io::Result<Client> {
+    let stream = in_netns(ns, move || connect_here_from(src, dst))?;
     let reader = BufReader::new(stream.try_clone()?);
     Ok(Client { stream, reader })
 }
@@ -173,6 +185,11 @@ pub fn connect_tcp(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Tc
 
 /// [`connect_tcp`] in the current network namespace.
 pub fn connect_here(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_here_from(SocketAddr::new(src, 0), dst)
+}
+
+/// [`connect_here`] from a chosen source port too (0: any).
+pub fn connect_here_from(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: a fresh socket, owned by the TcpStream below.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -188,7 +205,7 @@ pub fn connect_here(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> 
     unsafe {
         libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&raw const one).cast(), 4);
     }
-    let bind = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
+    let bind = nix::sys::socket::SockaddrStorage::from(src);
     nix::sys::socket::bind(fd, &bind).map_err(std::io::Error::from)?;
     // Connect with a timeout: non-blocking connect, then poll.
     stream.set_nonblocking(true)?;
@@ -234,6 +251,19 @@ impl Client {
         let l = self.line()?;
         let mut f = l.split_whitespace();
         Ok((f.next().unwrap_or_default().to_string(), f.next().unwrap_or_default().to_string()))
+    }
+
+    /// Asks the server to close the connection, and waits until it did (end of stream).
+    pub fn bye(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(b"BYE\n")?;
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        if rest.is_empty() { Ok(()) } else { Err(std::io::Error::other(format!("{} bytes after BYE", rest.len()))) }
+    }
+
+    /// How long a read (an answer) may take before it fails.
+    pub fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))
     }
 
     /// Name of the server serving this connection.

@@ -1,9 +1,18 @@
 //! `redirector-demo-app --name A --listen 198.18.0.10:80 [--hook SOCKET --service ADDR]
-//! [--freeze-wait-ms MS]`
+//! [--freeze-wait-ms MS] [--idle-close-ms MS]`
 //!
-//! An HTTP/1.1 server (keep-alive) with a session per client address: a counter and the last
-//! few counts. Every response says who served it, the client, and the session's count, as JSON:
+//! An HTTP/1.1 server with a session per client address: a counter and the last few counts.
+//! Every response says who served it, the client, and the session's count, as JSON:
 //! `{"server":"A","client":"198.18.1.5","count":7,"history":[3,4,5,6,7]}`.
+//!
+//! Connections persist as HTTP/1.1 says (RFC 9112 section 9.3): an HTTP/1.1 connection stays
+//! open for the next request unless the request says `Connection: close`; an HTTP/1.0 one only
+//! if the request says `Connection: keep-alive`. Every response says which (`Connection:
+//! keep-alive` or `Connection: close`); after a `close` answer the server closes the connection
+//! first. A request body (`Content-Length`) is read and ignored; a request with a
+//! `Transfer-Encoding` is answered, then its connection closed. With `--idle-close-ms`, the
+//! server also closes first a connection on which no request arrived for that long since it
+//! opened or since its last answer (default: never; the client closes).
 //!
 //! With `--hook`, it connects to the local redirector agent and lets its sessions move: export
 //! freezes the clients (their requests wait, and no session is created for them meanwhile),
@@ -16,13 +25,13 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use redirector_sdk::{Hook, Sessions};
@@ -150,20 +159,118 @@ impl Sessions for Store {
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
-/// Reads one request head; false at end of stream.
-fn read_request(r: &mut BufReader<TcpStream>) -> bool {
+/// What the server needs from a request head.
+struct Request {
+    /// The connection stays open after the answer.
+    keep_alive: bool,
+}
+
+/// How waiting for a connection's next request ended.
+enum Next {
+    /// A request (at least its first byte) is there.
+    Request,
+    /// No byte within `--idle-close-ms`.
+    Idle,
+    /// The client closed (or reset) the connection.
+    Closed,
+}
+
+/// Waits for the first byte of the next request, at most `idle` (none: as long as it takes).
+fn next_request(r: &mut BufReader<TcpStream>, idle: Option<Duration>) -> Next {
+    if !r.buffer().is_empty() {
+        return Next::Request;
+    }
+    let Some(idle) = idle else { return Next::Request };
+    if r.get_ref().set_read_timeout(Some(idle)).is_err() {
+        return Next::Closed;
+    }
+    let next = match r.fill_buf() {
+        Ok([]) => Next::Closed,
+        Ok(_) => Next::Request,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Next::Idle,
+        Err(_) => Next::Closed,
+    };
+    // The rest of the request (and a frozen session's wait) is not bound by the idle time.
+    if r.get_ref().set_read_timeout(None).is_err() {
+        return Next::Closed;
+    }
+    next
+}
+
+/// Reads one request (its head, and a `Content-Length` body, which is ignored); None at end
+/// of stream or on an error.
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let mut line = String::new();
-    let mut first = true;
+    // The request line (empty lines before it are ignored, RFC 9112 section 2.2).
+    for _ in 0..8 {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if !line.trim_end().is_empty() {
+            break;
+        }
+    }
+    if line.trim_end().is_empty() {
+        return None;
+    }
+    let version = line.trim_end().rsplit(' ').next().unwrap_or_default().to_ascii_uppercase();
+    let (mut close, mut keep, mut length, mut chunked) = (false, false, 0u64, false);
     loop {
         line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {}
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
         }
-        if line == "\r\n" || line == "\n" {
-            return !first;
+        if line.trim_end().is_empty() {
+            break;
         }
-        first = false;
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        match name.as_str() {
+            "connection" => {
+                for token in value.split(',').map(str::trim) {
+                    close |= token.eq_ignore_ascii_case("close");
+                    keep |= token.eq_ignore_ascii_case("keep-alive");
+                }
+            }
+            "content-length" => length = value.parse().ok()?,
+            "transfer-encoding" => chunked = true,
+            _ => {}
+        }
+    }
+    if length > 0 && std::io::copy(&mut r.by_ref().take(length), &mut std::io::sink()).ok()? < length {
+        return None;
+    }
+    // HTTP/1.1 (and later 1.x) persists unless told to close; HTTP/1.0 only when asked; a
+    // body whose end this server does not look for (a transfer coding) ends the connection.
+    let persistent = match version.strip_prefix("HTTP/1.") {
+        Some("0") => keep,
+        Some(minor) => minor.parse::<u32>().is_ok(),
+        None => false,
+    };
+    Some(Request { keep_alive: persistent && !close && !chunked })
+}
+
+/// Closes a connection the server is done with, first: sends its FIN, then reads (and
+/// ignores) what the client still sends until it closes too, for at most a second, so that
+/// the client reads the whole answer before any reset.
+fn close_first(r: &mut BufReader<TcpStream>) {
+    let s = r.get_ref();
+    if s.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 4096];
+    let mut left = 64 * 1024usize;
+    loop {
+        let now = Instant::now();
+        if now >= deadline || left == 0 || r.get_ref().set_read_timeout(Some(deadline - now)).is_err() {
+            return;
+        }
+        match r.get_mut().read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
     }
 }
 
@@ -176,7 +283,26 @@ enum Reply {
     Close,
 }
 
-fn serve(store: &Store, name: &str, stream: TcpStream, freeze_wait: Duration) {
+/// The server's settings for every connection.
+#[derive(Clone, Copy)]
+struct Settings {
+    /// How long a request of a frozen client waits before its 503.
+    freeze_wait: Duration,
+    /// Close a connection with no request for this long (none: never).
+    idle_close: Option<Duration>,
+}
+
+/// How a connection ends.
+enum End {
+    /// The client closed it, a write failed, or the client's session moved: close at once.
+    Now,
+    /// The server closes first: the client asked (`Connection: close`, HTTP/1.0) or the
+    /// connection was idle too long.
+    First,
+}
+
+fn serve(store: &Store, name: &str, stream: TcpStream, settings: Settings) {
+    let Settings { freeze_wait, idle_close } = settings;
     let Ok(peer) = stream.peer_addr() else { return };
     // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
     let client = peer.ip().to_canonical();
@@ -195,7 +321,13 @@ fn serve(store: &Store, name: &str, stream: TcpStream, freeze_wait: Duration) {
     }
     let Ok(mut w) = stream.try_clone() else { return };
     let mut r = BufReader::new(stream);
-    while read_request(&mut r) {
+    let end = loop {
+        match next_request(&mut r, idle_close) {
+            Next::Request => {}
+            Next::Idle => break End::First,
+            Next::Closed => break End::Now,
+        }
+        let Some(request) = read_request(&mut r) else { break End::Now };
         idle.store(false, Ordering::SeqCst);
         let reply = {
             let mut map = store.clients.lock().expect("lock");
@@ -225,11 +357,12 @@ fn serve(store: &Store, name: &str, stream: TcpStream, freeze_wait: Duration) {
                 Reply::Ok(json!({"server": name, "client": client.to_string(), "count": n, "history": s.history}).to_string())
             }
         };
+        let connection = if request.keep_alive { "keep-alive" } else { "close" };
         let resp = match reply {
-            Reply::Close => break,
-            Reply::Ok(body) => format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}", body.len()),
+            Reply::Close => break End::Now,
+            Reply::Ok(body) => format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}", body.len()),
             Reply::Busy(body) => format!(
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: keep-alive\r\n\r\n{body}",
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: {connection}\r\n\r\n{body}",
                 body.len()
             ),
         };
@@ -237,10 +370,18 @@ fn serve(store: &Store, name: &str, stream: TcpStream, freeze_wait: Duration) {
         let moved = store.clients.lock().expect("lock").get(&client).is_some_and(|c| c.moved);
         idle.store(true, Ordering::SeqCst);
         if !ok || moved {
-            break;
+            break End::Now;
         }
+        if !request.keep_alive {
+            break End::First;
+        }
+    };
+    match end {
+        End::Now => {
+            let _ = w.shutdown(Shutdown::Both);
+        }
+        End::First => close_first(&mut r),
     }
-    let _ = w.shutdown(Shutdown::Both);
     if let Some(cl) = store.clients.lock().expect("lock").get_mut(&client) {
         cl.conns.remove(&id);
     }
@@ -253,10 +394,18 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(name), Some(listen)) = (arg(&args, "--name"), arg(&args, "--listen")) else {
-        eprintln!("usage: redirector-demo-app --name NAME --listen ADDR [--hook SOCKET --service ADDR] [--freeze-wait-ms MS]");
+        eprintln!("usage: redirector-demo-app --name NAME --listen ADDR [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS]");
         std::process::exit(2);
     };
-    let freeze_wait = Duration::from_millis(arg(&args, "--freeze-wait-ms").and_then(|v| v.parse().ok()).unwrap_or(10_000));
+    let millis = |name: &str| {
+        arg(&args, name).map(|v| {
+            Duration::from_millis(v.parse::<u64>().unwrap_or_else(|e| {
+                eprintln!("bad {name} {v:?}: {e}");
+                std::process::exit(2);
+            }))
+        })
+    };
+    let settings = Settings { freeze_wait: millis("--freeze-wait-ms").unwrap_or(Duration::from_secs(10)), idle_close: millis("--idle-close-ms").filter(|d| !d.is_zero()) };
     let listen: SocketAddr = listen.parse().unwrap_or_else(|e| {
         eprintln!("bad --listen: {e}");
         std::process::exit(2);
@@ -273,6 +422,6 @@ fn main() {
     eprintln!("listening on {listen} as {name}");
     for conn in listener.incoming().flatten() {
         let (store, name) = (store.clone(), name.clone());
-        std::thread::spawn(move || serve(&store, &name, conn, freeze_wait));
+        std::thread::spawn(move || serve(&store, &name, conn, settings));
     }
 }
