@@ -1,4 +1,5 @@
-//! The admin socket: a Unix socket (mode 0600) answering `status` with one JSON document.
+//! The admin socket: a Unix socket (mode 0600) answering `status` with one JSON document, and
+//! JSON requests that ask the running agent to move clients (with their sessions).
 
 use std::sync::Arc;
 
@@ -48,29 +49,53 @@ async fn serve_inner(agent: Arc<Agent>) -> anyhow::Result<()> {
             let answer = match line.trim() {
                 "status" => agent.status().await,
                 req if req.starts_with('{') => request(agent, req).await,
-                other => serde_json::json!({ "error": format!("unknown request {other:?}: try status") }),
+                other => serde_json::json!({ "error": format!("unknown request {other:?}: try status, or a JSON request") }),
             };
             let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
         });
     }
 }
 
-/// JSON requests: `{"op":"move","clients":["198.18.1.5",...]}` moves those clients now
-/// (one connection each assumed), as shedding would; answers `{"moved":N,"ms":T}`.
+/// A JSON request to the agent (one line).
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+enum Request {
+    /// Move these clients to siblings with room now, as shedding would (one connection each
+    /// assumed): `{"op":"move","clients":["198.18.1.5",...]}`, answered `{"moved":N,"ms":T}`.
+    Move { clients: Vec<String> },
+    /// Bring these clients back with their sessions: moved-out ones come home from their
+    /// volunteer, adopted ones go back to their origin:
+    /// `{"op":"give-back","clients":[...]}`, answered `{"given_back":N,"asked":M,"ms":T}`.
+    GiveBack { clients: Vec<String> },
+}
+
+/// The addresses of a request, or which one is not an address.
+fn addresses(clients: &[String]) -> Result<Vec<std::net::IpAddr>, String> {
+    clients.iter().map(|c| crate::app::parse_client(c).ok_or_else(|| format!("{c:?} is not an address"))).collect()
+}
+
 async fn request(agent: Arc<Agent>, req: &str) -> serde_json::Value {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(req) else {
-        return serde_json::json!({ "error": "malformed request" });
+    let req: Request = match serde_json::from_str(req) {
+        Ok(r) => r,
+        Err(e) => return serde_json::json!({ "error": format!("malformed request: {e}") }),
     };
-    match v["op"].as_str() {
-        Some("move") => {
-            let clients: Vec<(std::net::IpAddr, u64)> = v["clients"].as_array().into_iter().flatten().filter_map(|c| c.as_str()?.parse().ok()).map(|a| (a, 1)).collect();
-            let t0 = std::time::Instant::now();
-            match agent.move_clients(clients).await {
-                Ok(n) => serde_json::json!({ "moved": n, "ms": t0.elapsed().as_secs_f64() * 1000.0 }),
+    let t0 = std::time::Instant::now();
+    let ms = || t0.elapsed().as_secs_f64() * 1000.0;
+    match req {
+        Request::Move { clients } => match addresses(&clients) {
+            Err(e) => serde_json::json!({ "error": e }),
+            Ok(c) => match agent.move_clients(c.into_iter().map(|a| (a, 1)).collect()).await {
+                Ok(n) => serde_json::json!({ "moved": n, "ms": ms() }),
                 Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
-            }
-        }
-        other => serde_json::json!({ "error": format!("unknown op {other:?}") }),
+            },
+        },
+        Request::GiveBack { clients } => match addresses(&clients) {
+            Err(e) => serde_json::json!({ "error": e }),
+            Ok(c) => match agent.give_back_clients(c).await {
+                Ok(n) => serde_json::json!({ "given_back": n, "asked": clients.len(), "ms": ms() }),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            },
+        },
     }
 }
 

@@ -54,6 +54,15 @@ fn format_status(v: &serde_json::Value, now: u64) -> String {
             );
         }
     }
+    if let Some(n) = v["handoffs"]["handed_back"].as_u64().filter(|n| *n > 0) {
+        let _ = writeln!(out, "clients that came home with their sessions: {n}");
+    }
+    if let Some(n) = v["sessions_lost"].as_u64().filter(|n| *n > 0) {
+        let _ = writeln!(out, "sessions lost (their clients came home from a sibling that stayed unreachable): {n}");
+    }
+    if v["leaving"].as_bool() == Some(true) {
+        let _ = writeln!(out, "stopping: handing clients back");
+    }
     let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
     for s in v["siblings"].as_array().into_iter().flatten() {
         rows.push(vec![
@@ -178,13 +187,61 @@ pub enum Command {
     Tls(TlsCmd),
     /// Ask a running agent for its status (admin socket).
     Status {
-        /// The agent's admin socket.
-        #[arg(long, conflicts_with = "config")]
-        socket: Option<PathBuf>,
-        /// Or the agent's configuration file, to find its admin socket.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        agent: AgentSocket,
     },
+    /// Ask the running agent to move clients to siblings with room now, with their sessions
+    /// (never a client adopted here, nor one already moved out).
+    Move {
+        /// Client addresses.
+        #[arg(required = true)]
+        clients: Vec<IpAddr>,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Ask the running agent to bring clients back with their sessions: clients moved out
+    /// from here come home, clients adopted here go back to their origin. (`rule del` changes
+    /// the pinned rules without an agent: the clients come home without their sessions.)
+    GiveBack {
+        /// Client addresses.
+        #[arg(required = true)]
+        clients: Vec<IpAddr>,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+}
+
+/// Which running agent to ask.
+#[derive(Debug, Args)]
+pub struct AgentSocket {
+    /// The agent's admin socket.
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// Or the agent's configuration file, to find its admin socket.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// How long to wait for the agent's answer, in seconds (moving big sessions takes a while).
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+impl AgentSocket {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match (&self.socket, &self.config) {
+            (Some(s), _) => Ok(s.clone()),
+            (None, Some(c)) => Ok(Config::load(c)?.admin_socket()),
+            (None, None) => bail!("give the agent's --socket or its --config"),
+        }
+    }
+
+    /// Sends `req` to the agent; its answer, or the error it gives.
+    fn ask(&self, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let v = crate::admin::ask(&self.path()?, &req.to_string(), std::time::Duration::from_secs(self.timeout_secs))?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("the agent says: {e}");
+        }
+        Ok(v)
+    }
 }
 
 /// `redirector agent`: the config file, and flags that override it.
@@ -487,17 +544,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("certificate for {name} written to {}/{name}.pem and {name}.key", dir.display());
             return Ok(());
         }
-        Command::Status { socket, config } => {
-            let socket = match (socket, config) {
-                (Some(s), _) => s.clone(),
-                (None, Some(c)) => Config::load(c)?.admin_socket(),
-                (None, None) => bail!("give the agent's --socket or its --config"),
-            };
-            let v = crate::admin::query(&socket)?;
+        Command::Status { agent } => {
+            let v = crate::admin::query(&agent.path()?)?;
             if cli.global.json {
                 println!("{v}");
             } else {
                 print!("{}", format_status(&v, datapath::unix_now()));
+            }
+            return Ok(());
+        }
+        Command::Move { clients, agent } => {
+            let v = agent.ask(&serde_json::json!({"op": "move", "clients": clients}))?;
+            if cli.global.json {
+                println!("{v}");
+            } else {
+                println!("moved {} of {} client(s) with their sessions in {:.0} ms", v["moved"], clients.len(), v["ms"].as_f64().unwrap_or(0.0));
+            }
+            return Ok(());
+        }
+        Command::GiveBack { clients, agent } => {
+            let v = agent.ask(&serde_json::json!({"op": "give-back", "clients": clients}))?;
+            if cli.global.json {
+                println!("{v}");
+            } else {
+                println!("{} of {} client(s) given back with their sessions in {:.0} ms", v["given_back"], clients.len(), v["ms"].as_f64().unwrap_or(0.0));
+            }
+            if v["given_back"].as_u64() == Some(0) {
+                bail!("no client was given back (see the agent's log for why)");
             }
             return Ok(());
         }
@@ -649,7 +722,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Teardown { .. } => dp.teardown()?,
-        Command::Agent(_) | Command::Config(_) | Command::Tls(_) | Command::Status { .. } => unreachable!("handled above"),
+        Command::Agent(_) | Command::Config(_) | Command::Tls(_) | Command::Status { .. } | Command::Move { .. } | Command::GiveBack { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -37,7 +37,10 @@ pub struct Config {
     pub drain_secs: u64,
     /// Heartbeat interval, in ms.
     pub heartbeat_ms: u64,
-    /// A sibling silent for this long is dead: its rules are drained (clients come home).
+    /// A sibling silent this long (no frame on any connection, counted from when this agent
+    /// started or a link came up, if later) is suspected: the clients moved to it are taken
+    /// home with their sessions; if it cannot be reached for that, its rules are drained (the
+    /// clients come home without their sessions, which are counted as lost).
     pub liveness_ms: u64,
     /// How long an origin waits for offers and acknowledgements, in ms.
     pub negotiate_timeout_ms: u64,
@@ -67,6 +70,22 @@ pub struct Config {
     pub app_timeout_per_mib_ms: u64,
     /// Largest session blob accepted, in bytes; larger ones abort the hand-over.
     pub max_session_bytes: usize,
+    /// Where the origin records each hand-over it starts (its clients, then how it ended), so
+    /// that an agent restarted in the middle of one finishes it the same way whoever asks
+    /// first. Default: /run/redirector/<instance> (gone at reboot, like the pinned rules).
+    pub state_dir: Option<PathBuf>,
+    /// An origin whose load has stayed at or under `low_watermark` this long takes moved
+    /// clients home (with their sessions), as many as keep it at or under the low watermark,
+    /// in seconds; 0: never.
+    pub home_after_secs: u64,
+    /// On SIGTERM or ctrl-c, give adopted clients back to their origins and take moved
+    /// clients home, with their sessions, before exiting (within `exit_timeout_ms`). false:
+    /// exit at once and leave everything steered by the pinned rules (the next agent takes
+    /// them over): for restarts that must not move anyone.
+    pub hand_back_on_exit: bool,
+    /// How long the hand-backs on exit may take, in ms; what is left is logged and stays
+    /// steered by the pinned rules.
+    pub exit_timeout_ms: u64,
     pub tls: TlsFiles,
     #[serde(rename = "sibling")]
     pub siblings: Vec<Sibling>,
@@ -99,6 +118,10 @@ impl Default for Config {
             app_timeout_ms: 2000,
             app_timeout_per_mib_ms: 100,
             max_session_bytes: 256 << 10,
+            state_dir: None,
+            home_after_secs: 60,
+            hand_back_on_exit: true,
+            exit_timeout_ms: 10_000,
             tls: TlsFiles::default(),
             siblings: Vec::new(),
             services: Vec::new(),
@@ -216,6 +239,12 @@ impl Config {
         self.app_socket.clone().unwrap_or_else(|| PathBuf::from(format!("/run/redirector/{}-app.sock", self.node)))
     }
 
+    /// The folder of the origin's hand-over records.
+    #[must_use]
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/run/redirector/{}", self.instance())))
+    }
+
     /// The app socket's owner, if configured: (uid, gid).
     pub fn app_socket_owner(&self) -> Result<Option<(u32, u32)>, String> {
         let Some(o) = &self.app_socket_owner else { return Ok(None) };
@@ -301,6 +330,9 @@ impl Config {
             && (d.is_ipv4() == listen.is_ipv4() || d.is_unspecified() || d.is_multicast())
         {
             p.push(format!("dual_stack_address: {d} must be a specific address of the other family than listen ({listen})"));
+        }
+        if self.exit_timeout_ms == 0 {
+            p.push("exit_timeout_ms must be above 0".into());
         }
         if self.handoff_expiry_ms == 0 || self.adopted_expiry_secs == 0 {
             p.push("handoff_expiry_ms and adopted_expiry_secs must be above 0".into());

@@ -128,12 +128,24 @@ pub enum Msg {
     Clients { id: u64, clients: Vec<MovedClient> },
     /// The connection is refused (sent instead of a hello, then the connection closes).
     Refused { reason: String },
-    /// A volunteer asks the origin how hand-over `handoff` (the origin's transfer id) ended;
-    /// `clients` are some of its clients (the origin checks its rules for them if it keeps no
-    /// record of it). `id` is the volunteer's own request id.
-    Outcome { id: u64, handoff: u64, clients: Vec<IpAddr> },
-    /// The origin's answer to `Outcome` `id`.
+    /// A volunteer asks the origin how hand-over `handoff` (the origin's id) ended; `back`: it
+    /// was a hand-back (the volunteer exported). `clients` are some of its clients (the origin
+    /// checks its rules for them if it keeps no record of it). `id` is the volunteer's own
+    /// request id.
+    Outcome { id: u64, handoff: u64, back: bool, clients: Vec<IpAddr> },
+    /// The origin's answer to `Outcome` (or `GiveBack`) `id`.
     OutcomeIs { id: u64, verdict: Verdict },
+    /// The origin takes `clients` home: the volunteer exports (freezes) their sessions of the
+    /// origin's `services` and answers on this link with `Sessions` frames, then `Returning`
+    /// (or `Abort` to refuse). The origin then imports them, withdraws its rules (the commit
+    /// point) and sends `Commit` (or `Abort`).
+    HandBack { id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr> },
+    /// The volunteer's answer to `HandBack` `id`: the clients it gives back, with their
+    /// connections there, and per service the count and digest of the `Sessions` sent before.
+    Returning { id: u64, clients: Vec<MovedClient>, sessions: Vec<SessionSet> },
+    /// A volunteer asks the origin to take `clients` back (it needs the room, or it leaves);
+    /// the origin hands them back and answers `OutcomeIs` once that ended (or `Decline`).
+    GiveBack { id: u64, clients: Vec<IpAddr> },
 }
 
 /// `items` in chunks whose encoding, with `overhead` bytes of other fields, stays under
@@ -165,10 +177,19 @@ pub fn client_chunks(clients: Vec<MovedClient>, services: &[SocketAddr], max_fra
 /// transfer are all in or all out per family, so a sample of each family decides).
 pub const OUTCOME_SAMPLE: usize = 256;
 
-/// Addresses in chunks that fit in `Release` frames of `max_frame` bytes.
+/// Addresses in chunks that fit in `Release`, `HandBack` or `GiveBack` frames of `max_frame`
+/// bytes.
 #[must_use]
 pub fn addr_chunks(addrs: Vec<IpAddr>, max_frame: usize) -> Vec<Vec<IpAddr>> {
     chunks(addrs, max_frame, 0, 18)
+}
+
+/// Clients in groups small enough that the volunteer's `Returning` for each (every client with
+/// its connections) fits in a frame of `max_frame` bytes next to `services`: one hand-back
+/// per group.
+#[must_use]
+pub fn hand_back_groups(addrs: Vec<IpAddr>, services: &[SocketAddr], max_frame: usize) -> Vec<Vec<IpAddr>> {
+    chunks(addrs, max_frame, services.len() * 40, 28)
 }
 
 impl Msg {
@@ -337,7 +358,25 @@ mod tests {
                     }
                 }
             ),
-            (any::<u64>(), any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, handoff, clients)| Msg::Outcome { id, handoff, clients }),
+            (any::<u64>(), any::<u64>(), any::<bool>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, handoff, back, clients)| Msg::Outcome {
+                id,
+                handoff,
+                back,
+                clients
+            }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, svc, clients)| Msg::HandBack {
+                id,
+                services: vec![SocketAddr::new(svc, 80)],
+                clients
+            }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(
+                |(id, svc, c, sets)| Msg::Returning {
+                    id,
+                    clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
+                    sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest }).collect(),
+                }
+            ),
+            (any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, clients)| Msg::GiveBack { id, clients }),
             (any::<u64>(), prop_oneof![Just(Verdict::Committed), Just(Verdict::Aborted), Just(Verdict::Pending)]).prop_map(|(id, verdict)| Msg::OutcomeIs { id, verdict }),
             (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20))
                 .prop_map(|(id, c)| Msg::Clients { id, clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect() }),
@@ -430,7 +469,20 @@ mod tests {
         assert_eq!(client_chunks(Vec::new(), &services, 8192), vec![Vec::new()], "a transfer of nobody is one frame");
         // An outcome query's sample of clients fits in a frame too.
         let sample: Vec<IpAddr> = (0..u32::try_from(OUTCOME_SAMPLE).unwrap()).map(v6).collect();
-        assert!(Msg::Outcome { id: u64::MAX, handoff: u64::MAX, clients: sample }.encode().len() <= 8192);
+        assert!(Msg::Outcome { id: u64::MAX, handoff: u64::MAX, back: true, clients: sample }.encode().len() <= 8192);
+        // A hand-back's request and its answer fit in a frame.
+        let addrs: Vec<IpAddr> = (0..60_000).map(v6).collect();
+        for max_frame in [8192, 1 << 20] {
+            let groups = hand_back_groups(addrs.clone(), &services, max_frame);
+            assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), addrs.len(), "nobody lost");
+            for g in groups {
+                let sessions = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX }).collect();
+                let back = Msg::Returning { id: u64::MAX, clients: g.iter().map(|a| MovedClient { addr: *a, connections: u64::MAX }).collect(), sessions };
+                assert!(back.encode().len() <= max_frame, "{max_frame}: a Returning of {} clients is {} bytes", g.len(), back.encode().len());
+                assert!(Msg::HandBack { id: u64::MAX, services: services.clone(), clients: g.clone() }.encode().len() <= max_frame);
+                assert!(Msg::GiveBack { id: u64::MAX, clients: g }.encode().len() <= max_frame);
+            }
+        }
     }
 
     /// The digest sees every lost, added, changed or moved byte, whatever the order.

@@ -153,7 +153,8 @@ pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, add
     }
     cmd.push(hook.as_os_str().to_owned());
     cmd.extend(extra.iter().map(Into::into));
-    spawn_app(host, cgroup, &cmd, logs.join(format!("demo-{name}.log")))
+    let family = if addr.is_ipv4() { "" } else { "-v6" };
+    spawn_app(host, cgroup, &cmd, logs.join(format!("demo-{name}{family}.log")))
 }
 
 /// The cluster's certificates: a CA and one certificate per node name, in `dir`.
@@ -187,8 +188,10 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
     let tls = dir.join("tls");
     // Short liveness, unless the test sets its own.
     let liveness = if extra.contains("liveness_ms") || me.extra.contains("liveness_ms") { "" } else { "heartbeat_ms = 200\nliveness_ms = 1500\n" };
+    // Clients come home after a lull only in the tests that say so.
+    let home = if extra.contains("home_after_secs") || me.extra.contains("home_after_secs") { "" } else { "home_after_secs = 0\n" };
     let mut s = format!(
-        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\n{liveness}{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nstate_dir = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\n{liveness}{home}{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         me.name,
         me.host.v4[0],
         me.host.ns,
@@ -196,6 +199,7 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         t.bpffs.display(),
         dir.join(format!("{}.sock", me.name)).display(),
         dir.join(format!("{}-app.sock", me.name)).display(),
+        dir.join(format!("{}-state", me.name)).display(),
         me.high,
         me.low,
         me.service6.map(|_| format!("dual_stack_address = \"{}\"\n", me.host.v6[0])).unwrap_or_default() + &me.extra,
@@ -415,7 +419,14 @@ impl Cluster {
                     {
                         host.ip(&["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"]);
                     }
-                    apps.push(start_app(host, &cgroup, app, s6, &dir));
+                    // With the demo, the IPv6 service has a demo application of its own too (its
+                    // own hook connection, the same name in its answers).
+                    if let Some(kind) = demo {
+                        let hook = dir.join(o.hook_via.clone().unwrap_or_else(|| format!("{name}-app.sock")));
+                        apps.push(start_demo_app(kind, host, &cgroup, app, s6, &hook, &dir, &o.app_args));
+                    } else {
+                        apps.push(start_app(host, &cgroup, app, s6, &dir));
+                    }
                 }
                 NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low, sessions: demo.is_some(), extra: o.extra.clone() }
             })
@@ -430,11 +441,15 @@ impl Cluster {
         let c = Self { agents, apps, dir, cgroups, t, app_of };
         if demo.is_some() {
             for n in names.iter().filter(|n| node_opts(n).hook_via.is_none()) {
-                let start = Instant::now();
-                while !c.log(n).contains("application registered") {
-                    assert!(start.elapsed() < Duration::from_secs(10), "{n}'s application never registered:\n{}", c.log(n));
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                // The agent answers first (within the budget of `status`: agents starting at
+                // once on two busy cores take a while to load and verify their programs; its
+                // hook socket is up by then), then its application registers (it retries
+                // every half second).
+                let _ = status(&c.sock(n));
+                let services: Vec<String> = std::iter::once(node_host(&c.t, n).1).chain(dual.then(|| service6(n))).map(|s| s.to_string()).collect();
+                wait_status(&c.sock(n), 10, &format!("{n}'s applications to register {services:?}"), |v| {
+                    services.iter().all(|svc| v["hook"]["registered"].as_array().is_some_and(|r| r.iter().any(|s| s.as_str() == Some(svc.as_str()))))
+                });
             }
         }
         // Every agent answers and sees all its siblings.
@@ -473,6 +488,47 @@ impl Cluster {
     pub fn restart(&mut self, name: &str) {
         self.kill_agent(name);
         self.start_again(name, None);
+    }
+
+    /// Stops node `name`'s agent gracefully (SIGTERM) and waits up to `secs` for it to exit;
+    /// how long it took.
+    pub fn term_agent(&mut self, name: &str, secs: u64) -> Duration {
+        let a = self.agents.get_mut(name).unwrap_or_else(|| panic!("no agent {name}"));
+        let pid = i32::try_from(a.child.id()).expect("pid");
+        let t0 = Instant::now();
+        // SAFETY: a plain syscall on our own child's pid (not reaped yet, so not reused).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM to {name}'s agent");
+        loop {
+            if a.child.try_wait().expect("wait").is_some() {
+                return t0.elapsed();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(secs), "{name}'s agent did not exit within {secs} s of SIGTERM:\n{}", a.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The namespace host of node `name`.
+    #[must_use]
+    pub fn host(&self, name: &str) -> &Host {
+        node_host(&self.t, name).0
+    }
+
+    /// Runs `redirector ARGS --socket <name's admin socket> --json` (a command that asks the
+    /// running agent); its JSON answer, or the error it printed.
+    pub fn ask_agent(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String> {
+        let out = Command::new(redirector_bin()).args(args).arg("--socket").arg(self.sock(name)).arg("--json").output().expect("run redirector");
+        if out.status.success() {
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// `redirector give-back CLIENTS` to node `name`'s agent.
+    pub fn give_back(&self, name: &str, clients: &[IpAddr]) -> Result<serde_json::Value, String> {
+        let mut args = vec!["give-back".to_string()];
+        args.extend(clients.iter().map(ToString::to_string));
+        self.ask_agent(name, &args)
     }
 
     /// Kills node `name`'s agent (SIGKILL, as a crash).

@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod app;
+pub mod crowd;
 pub mod hook;
 pub mod http;
 pub mod net;

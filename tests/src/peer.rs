@@ -33,13 +33,18 @@ pub fn send(s: &mut TlsStream, m: &Msg) {
     send_frame(s, &m.encode()).unwrap_or_else(|e| panic!("sending {m:?}: {e}"));
 }
 
-/// Reads one message.
+/// Reads one message, skipping heartbeats (they flow on every connection, at any time).
 pub fn read_msg(s: &mut TlsStream) -> std::io::Result<Msg> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body)?;
-    Msg::decode(&body).map_err(std::io::Error::other)
+    loop {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body)?;
+        match Msg::decode(&body).map_err(std::io::Error::other)? {
+            Msg::Heartbeat { .. } => {}
+            m => return Ok(m),
+        }
+    }
 }
 
 /// The hello of node `node` in this protocol version.

@@ -255,7 +255,7 @@ fn rounds_that_move_nothing_back_off_and_say_why() {
 }
 
 #[test]
-fn a_volunteer_never_sheds_the_clients_it_adopted() {
+fn a_volunteer_over_its_watermark_gives_adopted_clients_back_and_moves_only_its_own() {
     if !require_root() {
         return;
     }
@@ -271,11 +271,13 @@ fn a_volunteer_never_sheds_the_clients_it_adopted() {
     let _a_conns = open(&c, 1..=30, svc(SERVICE4));
     let adopted_n = u64::try_from(to_b.len()).expect("small");
     wait_status(&c.sock("b"), 10, "B's load to count the adopted clients", |v| v["load"] == adopted_n);
-    // Then B's own clients drive it over its high watermark: it may only shed those.
+    // Then B's own clients drive it over its high watermark: it gives adopted clients back to
+    // their origin first (it cannot steer them: their packets come through A's tunnel), and
+    // moves out only clients of its own.
     let sampler = Sampler::start(&c, &["b"]);
     let own: BTreeSet<String> = (41..=55).map(|i| client4(i).to_string()).collect();
     let _b_conns = open(&c, 41..=55, svc(SERVICE4_B));
-    wait_status(&c.sock("b"), 20, "B to shed", |v| !migrated(v).is_empty());
+    let b = wait_status(&c.sock("b"), 20, "B to give adopted clients back", |v| redirector_tests::agents::adopted(v).len() < to_b.len());
     std::thread::sleep(Duration::from_secs(2));
     for v in &sampler.stop()["b"] {
         let out: BTreeSet<String> = migrated(v).into_iter().map(|m| m.0).collect();
@@ -283,12 +285,14 @@ fn a_volunteer_never_sheds_the_clients_it_adopted() {
         assert!(out.is_disjoint(&adopted), "no client is both adopted and moved out: {v}");
         assert!(out.is_subset(&own), "B moved only clients of its own: {v}");
     }
-    // A's clients on B are still served by B: B never tried to steer them.
+    let a = c.status("a");
+    assert!(a["handoffs"]["handed_back"].as_u64().is_some_and(|n| n > 0), "A took clients home: {a}");
+    // Every one of A's clients is served where A's rules say, B never steered any itself.
+    let where_now: std::collections::BTreeMap<String, String> = migrated(&a).into_iter().collect();
     let again = open(&c, 1..=30, svc(SERVICE4));
     for (i, _, who) in &again {
-        if to_b.contains(&client4(*i).to_string()) {
-            assert_eq!(who, "B", "{} stays on B", client4(*i));
-        }
+        let want = where_now.get(&client4(*i).to_string()).map_or("A".to_string(), |to| to.to_uppercase());
+        assert_eq!(*who, want, "{} is served where A steers it (B's status: {b})", client4(*i));
     }
 }
 

@@ -91,6 +91,34 @@ fn moved(clients: &[HttpClient]) -> usize {
     clients.iter().filter(|c| c.servers.contains_key("B")).count()
 }
 
+/// The rules in `node`'s kernel (`rule list --json`).
+fn rules(c: &Cluster, node: &str) -> Vec<Value> {
+    let host = match node {
+        "a" => &c.t.a,
+        "b" => &c.t.b,
+        _ => &c.t.c,
+    };
+    let v: Value = serde_json::from_str(&c.t.redirector_ok(host, &["rule", "list", "--json"])).expect("rule list --json");
+    v["rules"].as_array().cloned().unwrap_or_default()
+}
+
+fn active_rules(rules: &[Value]) -> usize {
+    rules.iter().filter(|r| r["state"] == "active").count()
+}
+
+/// Waits up to `secs` for `node`'s rules to satisfy `cond`; returns how many are active then.
+fn wait_rules(c: &Cluster, node: &str, secs: u64, what: &str, cond: impl Fn(&[Value]) -> bool) -> usize {
+    let start = Instant::now();
+    loop {
+        let r = rules(c, node);
+        if cond(&r) {
+            return active_rules(&r);
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}; rules: {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn assert_nothing_steered(c: &Cluster) {
     let v = c.status("a");
     assert_eq!(v["migrated_out"].as_array().map(Vec::len), Some(0), "nothing steered: {v}");
@@ -222,23 +250,26 @@ fn the_origin_agent_killed_after_its_rules_went_in_commits_when_it_restarts() {
     let a = NodeOpts { faults: Some("pause-before-commit=60000".into()), app_args: patient(), ..NodeOpts::default() };
     let mut c = cluster(&[("a", a)], "");
     let driver = Driver::start(&c, 30);
-    wait_log(&c, "a", "TEST FAULT pause-before-commit", 20);
+    let steered = wait_rules(&c, "a", 20, "A's rules to go in", |r| active_rules(r) >= 10);
     c.kill_agent("a");
     // A's application keeps the sessions frozen; requests of those clients wait.
     std::thread::sleep(Duration::from_secs(1));
     assert!(!c.app_log("a").contains("hook: abort"), "A's application decided by itself:\n{}", c.app_log("a"));
     c.start_again("a", None);
-    // A's application reports the unfinished export; the rules say committed.
-    wait_log(&c, "a", "send its clients to the volunteer: committed", 20);
-    wait_app_log(&c, "a", "hook: commit", 10);
-    // B never got a Commit: it asks A.
-    wait_log(&c, "b", "settled as committed", 30);
+    // A's new agent finds the undecided hand-over in its records, the rules say committed; its
+    // application is told, and B, which never got a Commit, asks A and settles it too.
+    let a = wait_status(&c.sock("a"), 30, "A to settle the hand-over", |v| {
+        v["handoffs"]["undecided"] == 0 && v["hook"]["unconfirmed"] == 0 && v["handoffs"]["clients_in_progress"] == 0
+    });
+    assert!(migrated(&a).len() >= steered, "the steered clients stay moved: {a}");
+    wait_status(&c.sock("b"), 30, "B to learn how the hand-over ended", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
     std::thread::sleep(Duration::from_secs(1));
     let clients = driver.stop();
     assert_intact(&c, &clients);
     assert!(moved(&clients) >= 10, "clients moved to B with their sessions: {}", moved(&clients));
     assert!(imported_sessions(&c.app_log("b"), "commit") > 0, "{}", c.app_log("b"));
     assert!(!c.app_log("a").contains("hook: abort") && !c.app_log("b").contains("hook: abort"), "nothing aborted");
+    assert_eq!(c.status("a")["sessions_lost"], 0, "no session lost: {}", c.status("a"));
 }
 
 #[test]
@@ -492,4 +523,81 @@ fn an_export_that_times_out_aborts_the_hand_over() {
     assert_intact(&c, &clients);
     assert_nothing_steered(&c);
     drop(proxy);
+}
+
+/// A, dual stack, moves IPv4 and IPv6 clients to B in one hand-over and is killed after its
+/// IPv4 rules went in, before its IPv6 ones. At start it finds the hand-over in its records,
+/// reads the rules for every one of its clients (committed: some are steered), installs the
+/// IPv6 rules too, and tells its applications and B the same, whichever asks first: with
+/// `volunteer_first`, A's applications reach their agent only once B has asked and settled.
+fn killed_between_families(volunteer_first: bool) {
+    use redirector_tests::{agents::service6, crowd::Crowd, net::client6};
+    let a = NodeOpts { faults: Some("pause-between-families=60000".into()), app_args: patient(), hook_via: Some("a-proxy.sock".into()), ..NodeOpts::default() };
+    let b = NodeOpts { app_args: patient(), ..NodeOpts::default() };
+    let opts = Options { demo: Some(DemoApp::Rust), dual: true, nodes: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(), ..Options::default() };
+    let mut c = Cluster::with_options(40, &[("a", 20, 10), ("b", 100, 80)], &opts);
+    let forward = || Arc::new(|_: Dir, _: &str| Action::Forward) as Arc<redirector_tests::hook::Filter>;
+    let proxy = HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), forward());
+    wait_status(&c.sock("a"), 20, "A's two applications to register", |v| v["hook"]["registered"].as_array().is_some_and(|r| r.len() == 2));
+    // 15 IPv6 clients (under A's high watermark), then 15 IPv4 ones: whenever A crosses it (at
+    // L connections, 21 to 30), it picks L - 10 clients, IPv4 first, of which only L - 15 are
+    // IPv4: its first hand-over holds both families. (All at once, A once crossed at 25 with
+    // every IPv4 client in and picked only those.)
+    let (v4, v6) = (SocketAddr::new(IpAddr::V4(SERVICE4), 80), service6("a"));
+    let clients6: Vec<(IpAddr, SocketAddr)> = (1..=15).map(|i| (IpAddr::V6(client6(i)), v6)).collect();
+    let crowd6 = Crowd::start(&c.t.client.ns, &clients6, Duration::from_secs(90), 20_000);
+    wait_status(&c.sock("a"), 20, "A to serve the 15 IPv6 clients", |v| v["load"].as_u64() >= Some(15));
+    let clients4: Vec<(IpAddr, SocketAddr)> = (1..=15).map(|i| (IpAddr::V4(client4(i)), v4)).collect();
+    let crowd4 = Crowd::start(&c.t.client.ns, &clients4, Duration::from_secs(90), 20_000);
+    wait_log(&c, "a", "TEST FAULT pause-between-families", 30);
+    let half = rules(&c, "a");
+    assert!(half.iter().all(|r| r["prefix"].as_str().is_some_and(|p| p.contains('.'))), "only IPv4 rules are in: {half:?}");
+    c.kill_agent("a");
+    let proxy = if volunteer_first {
+        // A's applications cannot reach their agent until B has settled the hand-over.
+        drop(proxy);
+        c.start_again("a", None);
+        wait_status(&c.sock("b"), 30, "B to ask A and settle", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
+        HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), forward())
+    } else {
+        c.start_again("a", None);
+        proxy
+    };
+    let a = wait_status(&c.sock("a"), 30, "A to settle the hand-over", |v| {
+        v["handoffs"]["undecided"] == 0
+            && v["hook"]["unconfirmed"] == 0
+            && v["handoffs"]["clients_in_progress"] == 0
+            && v["hook"]["registered"].as_array().is_some_and(|r| r.len() == 2)
+    });
+    wait_status(&c.sock("b"), 30, "B to settle the hand-over", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
+    let moved: Vec<(String, String)> = migrated(&a);
+    assert!(moved.iter().any(|(c, _)| c.contains(':')), "the IPv6 clients of the hand-over are steered too: {a}");
+    let active = rules(&c, "a").iter().filter(|r| r["state"] == "active").count();
+    assert_eq!(active, moved.len(), "a rule for every moved client, both families: {:?}", rules(&c, "a"));
+    std::thread::sleep(Duration::from_secs(1));
+    let steered: std::collections::BTreeMap<IpAddr, String> = migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect();
+    let steering = || migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect();
+    let mut clients = crowd4.finish_where_steered("A", steering);
+    clients.extend(crowd6.finish_where_steered("A", steering));
+    assert_intact(&c, &clients);
+    assert!(
+        clients.iter().filter(|cl| cl.src.is_ipv6() && steered.contains_key(&cl.src)).all(|cl| cl.last_server.as_deref() == Some("B")),
+        "moved IPv6 clients are served by B with their sessions"
+    );
+    assert!(!c.app_log("a").contains("hook: abort") && !c.app_log("b").contains("hook: abort"), "nothing aborted");
+    drop(proxy);
+}
+
+#[test]
+fn an_origin_killed_between_its_ipv4_and_ipv6_rules_commits_when_its_application_asks_first() {
+    if require_root() {
+        killed_between_families(false);
+    }
+}
+
+#[test]
+fn an_origin_killed_between_its_ipv4_and_ipv6_rules_commits_when_the_volunteer_asks_first() {
+    if require_root() {
+        killed_between_families(true);
+    }
 }

@@ -1,7 +1,7 @@
 //! Sessions move with their clients: the demo HTTP application on three servers with agents,
-//! 200 clients in keep-alive loops driving A over its watermark. Also: the test client's one
-//! retry (only on a connection closed before any response byte), and the hook socket's mode
-//! and owner.
+//! 200 clients in keep-alive loops driving A over its watermark, or opening a new connection
+//! every few requests that the servers close first. Also: the test client's one retry (only on
+//! a connection closed before any response byte), and the hook socket's mode and owner.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,8 +14,8 @@ use std::{
 
 use redirector_tests::{
     Topology,
-    agents::{Cluster, DemoApp, Options, migrated, wait_status},
-    http::HttpClient,
+    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_status},
+    http::{Churn, HttpClient},
     in_netns,
     net::{SERVICE4, client4},
     require_root,
@@ -24,34 +24,77 @@ use redirector_tests::{
 #[test]
 fn two_hundred_clients_keep_their_sessions_with_zero_failed_requests() {
     if require_root() {
-        zero_failed_requests(DemoApp::Rust);
+        zero_failed_requests(DemoApp::Rust, &Load::KEEP_ALIVE);
     }
 }
 
 #[test]
 fn the_node_js_demo_passes_the_same_test() {
     if require_root() {
-        zero_failed_requests(DemoApp::Node);
+        zero_failed_requests(DemoApp::Node, &Load::KEEP_ALIVE);
     }
 }
 
-/// 200 clients in keep-alive loops drive A over its watermark; A sheds about half to B and C.
-/// Over the whole run: every request answered, and every client's counter goes 1, 2, 3...
-/// (one per request, no gap or repeat), with its history and its own address, across the
+/// The same with a new connection every 5 requests, each ended by the server: the 5th request
+/// on a connection asks `Connection: close`, so the server answers and closes first (its side
+/// goes to TIME_WAIT, on A also for the connections of clients that move next), and the client
+/// opens its next connection at once (one connection per client nearly all the time, as in the
+/// keep-alive test, so A's load and what it sheds are the same); the servers also close
+/// connections idle for a second. The clients' host has 1,000 ephemeral ports, as a busy
+/// client host or a NAT reuses source ports: a client's new connection often reuses the
+/// 4-tuple of an earlier one (with the kernel's default range, now and then). A request
+/// unanswered within 4 s is a failure.
+#[test]
+fn two_hundred_clients_keep_their_sessions_when_servers_close_their_connections_first() {
+    if require_root() {
+        zero_failed_requests(DemoApp::Rust, &Load { churn: Churn::ServerCloses(5), idle_close_ms: Some(1000), timeout: Some(Duration::from_secs(4)), ports: Some("40000 40999") });
+    }
+}
+
+/// How the clients use their connections, and what the servers add.
+struct Load {
+    churn: Churn,
+    /// The demo applications' `--idle-close-ms`.
+    idle_close_ms: Option<u64>,
+    /// The clients' read and write timeout (default [`redirector_tests::http::TIMEOUT`]).
+    timeout: Option<Duration>,
+    /// The clients' ephemeral ports (`net.ipv4.ip_local_port_range`; default the kernel's).
+    ports: Option<&'static str>,
+}
+
+impl Load {
+    /// One keep-alive connection per client, the applications' defaults.
+    const KEEP_ALIVE: Self = Self { churn: Churn::KeepAlive, idle_close_ms: None, timeout: None, ports: None };
+}
+
+/// 200 clients in loops drive A over its watermark; A sheds about half to B and C. Over the
+/// whole run: every request answered (none timed out), and every client's counter goes 1, 2,
+/// 3... (one per request, no gap or repeat), with its history and its own address, across the
 /// move.
-fn zero_failed_requests(kind: DemoApp) {
-    let c = Cluster::with_demo_app(kind, 200, &[("a", 150, 100), ("b", 70, 50), ("c", 70, 50)]);
+fn zero_failed_requests(kind: DemoApp, load: &Load) {
+    let app_args: Vec<String> = load.idle_close_ms.map(|ms| vec!["--idle-close-ms".to_string(), ms.to_string()]).unwrap_or_default();
+    let nodes = ["a", "b", "c"].iter().map(|n| ((*n).to_string(), NodeOpts { app_args: app_args.clone(), ..NodeOpts::default() })).collect();
+    let c = Cluster::with_options(200, &[("a", 150, 100), ("b", 70, 50), ("c", 70, 50)], &Options { demo: Some(kind), nodes, ..Options::default() });
     let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
     let ns = c.t.client.ns.clone();
-    // 200 clients, 20 threads of 10; each client loops on its keep-alive connection. Bounded:
-    // at most 8 s and 400 requests per client.
+    if let Some(range) = load.ports {
+        c.t.client.sysctl("net.ipv4.ip_local_port_range", range);
+    }
+    let (churn, timeout) = (load.churn, load.timeout);
+    // 200 clients, 20 threads of 10; each client loops on its connections. Bounded: at most
+    // 8 s (plus one round of bounded requests) and 400 requests per client.
     let results = Arc::new(Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(8);
     let threads: Vec<_> = (0..20u16)
         .map(|t| {
             let (ns, results) = (ns.clone(), results.clone());
             std::thread::spawn(move || {
-                let mut clients: Vec<HttpClient> = (1..=10).map(|i| HttpClient::new(&ns, IpAddr::V4(client4(t * 10 + i)), dst)).collect();
+                let mut clients: Vec<HttpClient> = (1..=10)
+                    .map(|i| {
+                        let cl = HttpClient::new(&ns, IpAddr::V4(client4(t * 10 + i)), dst).churn(churn);
+                        if let Some(d) = timeout { cl.timeout(d) } else { cl }
+                    })
+                    .collect();
                 let mut rounds = 0;
                 while Instant::now() < deadline && rounds < 400 {
                     for cl in &mut clients {
@@ -70,17 +113,19 @@ fn zero_failed_requests(kind: DemoApp) {
     }
     let clients = results.lock().expect("lock");
     let total: u64 = clients.iter().map(|c| c.requests).sum();
-    let broken: Vec<String> = clients.iter().filter(|c| !c.intact()).map(HttpClient::problems).collect();
+    let timeouts: u64 = clients.iter().map(|c| c.timeouts).sum();
+    let broken: Vec<&HttpClient> = clients.iter().filter(|c| !c.intact()).collect();
     if !broken.is_empty() {
         for a in &c.apps {
             eprintln!("--- {} ---\n{}", a.log.display(), a.log());
         }
+        report_broken(&c, &broken);
     }
     assert!(
         broken.is_empty(),
-        "{} of 200 clients lost a request or broke their session ({total} requests):\n{}",
+        "{} of 200 clients lost a request or broke their session ({total} requests, {timeouts} timed out):\n{}",
         broken.len(),
-        broken.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        broken.iter().take(20).map(|c| c.problems()).collect::<Vec<_>>().join("\n")
     );
     for cl in clients.iter() {
         assert!(cl.requests >= 100, "{} made {} requests: the run was too short to mean anything", cl.src, cl.requests);
@@ -105,7 +150,37 @@ fn zero_failed_requests(kind: DemoApp) {
     assert!(by.contains_key("B") && by.contains_key("C"), "both volunteers took clients (B and C have room for 70 each, 100 must move): {by:?}");
     assert!((70..=130).contains(&moved), "about half of the 200 clients moved (A sheds down to its low watermark, 100): {moved} moved; by server {by:?}; A said {a}");
     let retries: u64 = clients.iter().map(|c| c.retries).sum();
-    eprintln!("{total} requests, 0 failed, 0 broken sessions, {retries} retried once; {moved} clients moved; clients per server {by:?}");
+    let connections: usize = clients.iter().map(HttpClient::connections).sum();
+    eprintln!("{total} requests on {connections} connections, 0 failed, 0 broken sessions, {retries} retried once; {moved} clients moved; clients per server {by:?}");
+}
+
+/// For a failed run: where each broken client's session went (by A's status and by the
+/// answers), and the TCP sockets of its address now: all of them on A (TIME-WAIT included),
+/// the others only on B and C.
+fn report_broken(c: &Cluster, broken: &[&HttpClient]) {
+    let moved_to: BTreeMap<String, String> = migrated(&c.status("a")).into_iter().collect();
+    let sockets: Vec<(&str, String)> = [("A", &c.t.a), ("B", &c.t.b), ("C", &c.t.c)].into_iter().map(|(n, h)| (n, h.exec(&["ss", "-Htan"]))).collect();
+    for cl in broken.iter().take(20) {
+        let src = cl.src.to_string();
+        let mut servers: Vec<(&String, &u64)> = cl.servers.iter().collect();
+        servers.sort();
+        eprintln!(
+            "--- {src}: moved to {}; {} requests on {} connections, answered by {servers:?}, {} timed out ---",
+            moved_to.get(&src).map_or("nowhere", String::as_str),
+            cl.requests,
+            cl.connections(),
+            cl.timeouts
+        );
+        for f in &cl.failures {
+            eprintln!("  {f}");
+        }
+        for (n, ss) in &sockets {
+            let mine = |l: &&str| l.split_whitespace().any(|f| f.rsplit_once(':').is_some_and(|(ip, _)| ip == src));
+            for l in ss.lines().filter(mine).filter(|l| *n == "A" || !l.starts_with("TIME-WAIT")) {
+                eprintln!("  on {n}: {l}");
+            }
+        }
+    }
 }
 
 /// What the scripted server does with one request.
@@ -220,6 +295,37 @@ fn the_test_client_retries_once_and_only_when_nothing_was_answered() {
     cl.request();
     assert_eq!((cl.failures.len(), cl.retries), (1, 0), "{:?}", cl.failures);
     assert!(cl.failures[0].contains("503"), "{:?}", cl.failures);
+    drop(cl);
+    assert_eq!(server.join().expect("server"), 1);
+}
+
+/// The test client opens a new connection every `n` requests: closing the old one itself, or
+/// asking `Connection: close` on the `n`th, when the server must close (a server that keeps
+/// the connection open after that fails the request).
+#[test]
+fn the_test_client_opens_a_new_connection_every_n_requests() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(1);
+    let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
+    let src = IpAddr::V4(client4(1));
+    let server = scripted(&t, vec![Step::Answer; 4]);
+    let mut cl = HttpClient::new(&t.client.ns, src, dst).churn(Churn::ClientCloses(2));
+    for _ in 0..4 {
+        cl.request();
+    }
+    assert!(cl.intact(), "{}", cl.problems());
+    assert_eq!((cl.connections(), cl.retries), (2, 0));
+    drop(cl);
+    assert_eq!(server.join().expect("server"), 2, "a new connection after every 2 requests");
+    // The scripted server ignores Connection: close: the 2nd request fails.
+    let server = scripted(&t, vec![Step::Answer; 2]);
+    let mut cl = HttpClient::new(&t.client.ns, src, dst).churn(Churn::ServerCloses(2));
+    cl.request();
+    cl.request();
+    assert_eq!((cl.answered, cl.failures.len()), (1, 1), "{:?}", cl.failures);
+    assert!(cl.failures[0].contains("asked Connection: close"), "{:?}", cl.failures);
     drop(cl);
     assert_eq!(server.join().expect("server"), 1);
 }

@@ -2,6 +2,9 @@
 //! requests and answers on them. Every send has a deadline; the sockets have TCP keepalive and
 //! `TCP_USER_TIMEOUT`, so a peer that vanishes without a FIN is noticed within the liveness
 //! timeout; inbound requests are handled concurrently, so heartbeats are always read.
+//! Heartbeats go both ways on every connection: a sibling is heard as soon as either of the
+//! two connections between them is up (after a restart, the other may still be waiting in its
+//! reconnect back-off).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -88,8 +91,12 @@ impl Agent {
 
     /// Records that `name` was heard from (any frame, on either connection).
     pub(super) fn heard(&self, name: &str) {
-        if let Some(s) = self.state().siblings.get_mut(name) {
+        let mut st = self.state();
+        if let Some(s) = st.siblings.get_mut(name) {
             s.last_seen = Some(Instant::now());
+        }
+        if st.unreachable_agents.remove(name) {
+            info!(sibling = %name, "the sibling's agent is back");
         }
     }
 
@@ -159,6 +166,22 @@ impl Agent {
             }
             Ok::<(), anyhow::Error>(())
         };
+        // Heartbeats on this connection too: the sibling hears this node even while its own
+        // connection here is down.
+        let beats = {
+            let (reply, me) = (reply.clone(), self.clone());
+            async move {
+                let mut beat = tokio::time::interval(Duration::from_millis(me.cfg.heartbeat_ms));
+                loop {
+                    beat.tick().await;
+                    if let Some(hb) = me.heartbeat_msg()
+                        && reply.send_timeout(hb, deadline).await.is_err()
+                    {
+                        return Err(anyhow!("the answers to this sibling are stuck"));
+                    }
+                }
+            }
+        };
         let transfers = Arc::new(Semaphore::new(TRANSFERS_PER_LINK));
         let reader = async {
             loop {
@@ -170,6 +193,7 @@ impl Agent {
         tokio::select! {
             r = writer => r,
             r = reader => r,
+            r = beats => r,
         }
         .with_context(|| format!("link from {name}"))
     }
@@ -187,6 +211,9 @@ impl Agent {
                 }
                 // Requests waiting for an answer on this link will not get one: fail them now.
                 st.pending.retain(|(n, _), _| *n != name);
+                if st.closing {
+                    return;
+                }
             }
             if end.established {
                 // A session that was up: start over quickly, and say once that it ended.
@@ -202,7 +229,16 @@ impl Agent {
                 }
             }
             tokio::time::sleep(backoff.next_wait()).await;
+            if let Some(d) = self.faults.reconnect_delay {
+                warn!(sibling = %name, "TEST FAULT reconnect-delay: waiting {} ms before linking up again", d.as_millis());
+                tokio::time::sleep(d).await;
+            }
         }
+    }
+
+    /// This node's heartbeat (none with the `mute-heartbeats` test fault).
+    fn heartbeat_msg(&self) -> Option<Msg> {
+        (!self.faults.mute_heartbeats).then(|| Msg::Heartbeat { load: self.state().load.total, high: self.cfg.high_watermark, low: self.cfg.low_watermark })
     }
 
     async fn connect_once(self: Arc<Self>, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> LinkEnd {
@@ -236,10 +272,13 @@ impl Agent {
             return fail(e);
         }
         let (tx, mut rx) = mpsc::channel::<Msg>(64);
+        // Dropped when this connection ends: `close_links` waits for that.
+        let (_ended, ended) = oneshot::channel::<()>();
         let unreleased = {
             let mut st = self.state();
             let s = st.siblings.entry(name.to_string()).or_default();
             s.out = Some(tx);
+            s.ended = Some(ended);
             s.last_seen = Some(Instant::now());
             std::mem::take(&mut s.unreleased)
         };
@@ -270,13 +309,20 @@ impl Agent {
         let mut beat = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         loop {
             let r: anyhow::Result<()> = tokio::select! {
-                _ = beat.tick() => {
-                    let load = self.state().load.total;
-                    send_frame(framed, &Msg::Heartbeat { load, high: self.cfg.high_watermark, low: self.cfg.low_watermark }, deadline).await
-                }
-                out = rx.recv() => match out {
-                    Some(m) => send_frame(framed, &m, deadline).await,
-                    None => Err(anyhow!("link closed")),
+                _ = beat.tick() => match self.heartbeat_msg() {
+                    Some(hb) => send_frame(framed, &hb, deadline).await,
+                    None => Ok(()),
+                },
+                out = rx.recv() => if let Some(m) = out {
+                    if let (Msg::Commit { .. }, Some(d)) = (&m, self.faults.delay_commit) {
+                        warn!(sibling = %name, "TEST FAULT delay-commit: this Commit leaves in {} ms", d.as_millis());
+                        tokio::time::sleep(d).await;
+                    }
+                    send_frame(framed, &m, deadline).await
+                } else {
+                    // Everything queued has left: close cleanly (TLS close_notify).
+                    let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
+                    Err(anyhow!("link closed by this agent"))
                 },
                 frame = framed.next() => decode_frame(frame).map(|msg| {
                     self.heard(name);
@@ -290,10 +336,12 @@ impl Agent {
     }
 
     fn handle_answer(&self, name: &str, msg: Msg) {
-        let id = match &msg {
-            Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } | Msg::OutcomeIs { id, .. } => *id,
-            Msg::Heartbeat { load, .. } => return self.heartbeat(name, *load),
-            other => {
+        let id = match msg {
+            Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } | Msg::OutcomeIs { id, .. } | Msg::Returning { id, .. } => id,
+            Msg::Heartbeat { load, .. } => return self.heartbeat(name, load),
+            // The sessions of a hand-back, ahead of its `Returning`.
+            Msg::Sessions { id, service, sessions } => return self.returned_sessions(name, id, service, sessions),
+            ref other => {
                 warn!(sibling = %name, "unexpected answer {other:?}");
                 return;
             }
@@ -330,6 +378,24 @@ impl Agent {
             mpsc::error::SendTimeoutError::Timeout(_) => anyhow!("the link to {name} is stuck"),
             mpsc::error::SendTimeoutError::Closed(_) => anyhow!("link to {name} closed"),
         })
+    }
+
+    /// The agent exits: each outbound link sends what is queued on it (a hand-over's last
+    /// `Commit`, say), then closes cleanly; waits for that at most `limit`. None opens again.
+    pub(super) async fn close_links(&self, limit: Duration) {
+        let ended: Vec<oneshot::Receiver<()>> = {
+            let mut st = self.state();
+            st.closing = true;
+            st.siblings.values_mut().filter_map(|s| s.out.take().and(s.ended.take())).collect()
+        };
+        let n = ended.len();
+        if tokio::time::timeout(limit, futures::future::join_all(ended)).await.is_err() {
+            warn!(
+                links = n,
+                limit_ms = limit.as_millis(),
+                "links not closed in time: what was queued on them may be lost (siblings ask how hand-overs ended when the agent is back)"
+            );
+        }
     }
 
     /// Tells `name` the outcome of hand-over `handoff` (`Commit` or `Abort`); a loss is logged:

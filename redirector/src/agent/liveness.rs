@@ -1,7 +1,9 @@
-//! Liveness and housekeeping, every heartbeat interval: siblings silent past the timeout have
-//! the rules pointing at them drained (one rule listing for all of them); the agent's view of
-//! its rules is reconciled with the kernel's (rules removed or changed outside the agent);
-//! rules whose drain ended are removed; the volunteer's bookkeeping expires.
+//! Liveness and housekeeping, every heartbeat interval: a sibling silent past the timeout is
+//! suspected, and the clients moved to it are taken home with their sessions; only if it
+//! cannot be reached for that are the rules pointing at it drained (its clients come home
+//! without their sessions, counted as lost). The agent's view of its rules is reconciled with
+//! the kernel's (rules removed or changed outside the agent); rules whose drain ended are
+//! removed; the volunteer's bookkeeping expires.
 
 use std::{
     collections::HashMap,
@@ -23,7 +25,7 @@ impl Agent {
         loop {
             tick.tick().await;
             self.expire();
-            self.drain_silent().await;
+            self.suspect_silent();
             self.flush_unreleased().await;
             if last_reconcile.elapsed() >= Duration::from_secs(2) {
                 last_reconcile = Instant::now();
@@ -114,27 +116,93 @@ impl Agent {
             .collect()
     }
 
-    async fn drain_silent(self: &Arc<Self>) {
+    fn suspect_silent(self: &Arc<Self>) {
         for (name, clients, silent) in self.silent_siblings() {
-            warn!(sibling = %name, clients = clients.len(), silent_ms = silent.as_millis(), "sibling silent past the liveness timeout: draining its rules, clients come home");
-            let period = Duration::from_secs(self.cfg.drain_secs);
-            let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
-            match flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await) {
-                Ok(n) => info!(sibling = %name, rules = n, drain_secs = period.as_secs(), "rules draining"),
-                Err(e) => {
-                    warn!(sibling = %name, "draining failed, trying again: {e}");
-                    continue;
-                }
+            if !self.state().suspected.insert(name.clone()) {
+                continue;
             }
-            // It cannot hear it now (a link that looks up is stuck): it is told first thing
-            // when its link is up again.
-            let mut st = self.state();
-            for c in &clients {
-                st.migrated.remove(c);
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.suspect(&name, clients, silent).await;
+                me.state().suspected.remove(&name);
+            });
+        }
+    }
+
+    /// Sibling `name` has been silent for `silent`, past the liveness timeout, with `clients`
+    /// moved to it. Suspicion is not death. While its agent can be reached, its clients are
+    /// taken home with their sessions. While only its datapath answers (its agent restarts, or
+    /// only the control channel is cut), they stay where they are served, with their sessions.
+    /// Only when that does not answer either (its clients' new connections would fail) are its
+    /// rules drained: the clients come home without their sessions (counted as lost).
+    async fn suspect(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, silent: Duration) {
+        let live = Duration::from_millis(self.cfg.liveness_ms);
+        let linked = self.state().siblings.get(name).is_some_and(|s| s.out.is_some());
+        if linked {
+            warn!(sibling = %name, clients = clients.len(), silent_ms = silent.as_millis(), "sibling silent past the liveness timeout: suspected; taking its clients home with their sessions");
+            self.take_home(name, clients, "suspected: silent past the liveness timeout", true).await;
+        }
+        let (left, heard): (Vec<IpAddr>, bool) = {
+            let st = self.state();
+            let left = st.migrated.values().filter(|m| m.to == name && !st.busy.contains(&m.client)).map(|m| m.client).collect();
+            let heard = st.siblings.get(name).and_then(|s| s.last_seen).is_some_and(|t| t.elapsed() < live);
+            (left, heard)
+        };
+        if left.is_empty() {
+            return;
+        }
+        if heard {
+            info!(sibling = %name, clients = left.len(), "sibling heard again: the clients that did not come home stay on it");
+            return;
+        }
+        // Does its datapath still serve them? A probe through the tunnel, per family.
+        let targets: Vec<IpAddr> = self
+            .cfg
+            .sibling(name)
+            .map(|s| {
+                [true, false]
+                    .into_iter()
+                    .filter(|v4| left.iter().any(|c| c.is_ipv4() == *v4))
+                    .filter_map(|v4| s.control_address(if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) }))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let timeout = Duration::from_millis((self.cfg.liveness_ms / 3).clamp(200, 1000));
+        let probed = flat(self.with_dp(move |dp| targets.iter().try_for_each(|t| dp.probe_target(*t, timeout))).await);
+        if probed.is_ok() {
+            if self.state().unreachable_agents.insert(name.to_string()) {
+                warn!(sibling = %name, clients = left.len(), silent_ms = silent.as_millis(), "sibling's agent unreachable, but its datapath serves its clients: they stay on it with their sessions until it is back");
             }
-            if let Some(s) = st.siblings.get_mut(&name) {
-                s.owe_release(clients);
+            return;
+        }
+        warn!(
+            sibling = %name,
+            clients = left.len(),
+            silent_ms = silent.as_millis(),
+            "sibling unreachable past the liveness timeout and its datapath does not answer ({}): draining its rules, its clients come home without their sessions",
+            probed.err().unwrap_or_default()
+        );
+        let period = Duration::from_secs(self.cfg.drain_secs);
+        let prefixes: Vec<Prefix> = left.iter().map(|c| host_prefix(*c)).collect();
+        match flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await) {
+            Ok(n) => info!(sibling = %name, rules = n, drain_secs = period.as_secs(), "rules draining"),
+            Err(e) => return warn!(sibling = %name, "draining failed, trying again: {e}"),
+        }
+        // It cannot hear it now (a link that looks up is stuck): it is told first thing
+        // when its link is up again.
+        let mut st = self.state();
+        // Every one of them was served there, so whatever session it had there is gone; which
+        // of them had none by then only the dead sibling knew.
+        let mut lost = 0u64;
+        for c in &left {
+            if st.migrated.remove(c).is_some() {
+                lost += 1;
             }
+        }
+        st.sessions_lost += lost;
+        warn!(sibling = %name, sessions_lost = lost, total_lost = st.sessions_lost, "sessions lost: their clients came home from an unreachable sibling and start new sessions here");
+        if let Some(s) = st.siblings.get_mut(name) {
+            s.owe_release(left);
         }
     }
 
@@ -167,9 +235,11 @@ impl Agent {
         let mut released: HashMap<String, Vec<IpAddr>> = HashMap::new();
         {
             let mut st = self.state();
-            st.migrated.retain(|c, m| {
-                // Recorded after the listing: the listing cannot know of it yet.
-                if m.recorded >= listed_at || active.get(c).is_some_and(|(to, _)| *to == m.to) {
+            let super::State { migrated, busy, .. } = &mut *st;
+            migrated.retain(|c, m| {
+                // Recorded after the listing: the listing cannot know of it yet. In a hand-over:
+                // its rules are changing, it decides.
+                if m.recorded >= listed_at || busy.contains(c) || active.get(c).is_some_and(|(to, _)| *to == m.to) {
                     return true;
                 }
                 info!(client = %c, to = %m.to, "client no longer steered: its rule was removed, drained or retargeted outside the agent");
@@ -177,7 +247,8 @@ impl Agent {
                 false
             });
             for (c, (to, since_unix)) in &active {
-                if !st.migrated.contains_key(c) {
+                // A client in a hand-over: its rules are going in now, the hand-over records it.
+                if !st.migrated.contains_key(c) && !st.busy.contains(c) {
                     info!(client = %c, to = %to, "watching a rule made outside the agent: it is drained if its sibling goes silent");
                     st.migrated.insert(*c, MigratedOut { client: *c, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: listed_at });
                 }

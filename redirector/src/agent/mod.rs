@@ -4,20 +4,25 @@
 //!
 //! Requests travel on the requester's own (outbound) connection; each node answers on its
 //! inbound connections, handling requests concurrently so that a long import never stops
-//! heartbeats from being read. A sibling silent for `liveness_ms` (counted from the agent's
-//! start until it is first heard) has the rules that point at it drained, so its clients come
-//! home.
+//! heartbeats from being read; heartbeats flow both ways on every connection. A sibling
+//! silent for `liveness_ms` (counted from the agent's start, or from when a link came up, until
+//! it is first heard) is suspected: the clients moved to it are taken home with their
+//! sessions (`handback.rs`), and only if it cannot be reached for that are its rules drained.
 //!
 //! Datapath work (probes, netlink, map scans) runs on blocking threads only: changes go through
 //! one handle, reads (load, counters, rule listings) through a second handle of the same pinned
 //! maps, so the load is read every 50 ms even while a probe holds the first.
 
 pub mod faults;
+mod handback;
 mod handoff;
 mod link;
 mod liveness;
 mod origin;
 mod policy;
+mod records;
+mod transfer;
+mod verdict;
 mod volunteer;
 
 use std::{
@@ -35,12 +40,23 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-pub use self::policy::{ago, pick_clients};
+pub use self::{
+    policy::{ago, pick_clients},
+    records::Dir,
+};
+
+/// A client is not handed over again (either way) within this long of its last move: its
+/// requests that waited when it moved are answered on their retry first (a second move at
+/// once would close that retry's connection too).
+pub const MOVE_DWELL: Duration = Duration::from_secs(2);
+
+/// How long an exiting agent waits for its links to send what is queued on them and close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 use crate::{
-    app::{Apps, Limits, Registration},
+    app::{Apps, Limits, Registration, Role},
     config::Config,
     datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
-    peer::{MovedClient, Msg, SessionBlob, Tls, Verdict},
+    peer::{MovedClient, Msg, SessionBlob, Tls},
 };
 
 /// What an origin moved to a volunteer.
@@ -89,6 +105,8 @@ pub struct Orphan {
 #[derive(Default)]
 struct SiblingState {
     out: Option<mpsc::Sender<Msg>>,
+    /// Resolves once the outbound link's connection has ended (its task drops the sender).
+    ended: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Last frame received from it, on either connection; `None` until it is first heard.
     last_seen: Option<Instant>,
     last_heartbeat: Option<Instant>,
@@ -129,12 +147,17 @@ struct Incoming {
     last: Option<Instant>,
 }
 
-/// A transfer a volunteer acknowledged (or whose import its application reported unfinished),
-/// awaiting the origin's `Commit` or `Abort`; asked for with `Outcome` when they are late.
+/// A hand-over a volunteer took part in (it acknowledged a transfer, or gave clients back; or
+/// its application reported one unfinished), awaiting the origin's `Commit` or `Abort`;
+/// asked for with `Outcome` when they are late.
 struct Acked {
-    /// The local services whose applications imported the sessions.
+    /// The local services whose applications imported (out) or exported (back) the sessions.
     apps: Vec<SocketAddr>,
     handoff: String,
+    /// Import: a transfer out to this node; export: a hand-back from it.
+    role: Role,
+    /// Its clients (a hand-back's stay busy here until it ends).
+    clients: Vec<IpAddr>,
     /// Some of its clients, for the origin to check its rules with.
     sample: Vec<IpAddr>,
     /// When to ask the origin next, and how long to wait after that.
@@ -162,9 +185,8 @@ struct State {
     acked: HashMap<(String, u64), Acked>,
     /// Transfers whose import is in progress here, by (origin, id).
     importing: HashSet<(String, u64)>,
-    /// Hand-overs this node started as origin, by (volunteer, id): `Pending` until decided.
-    /// The kernel's rules are the truth; this remembers it for a while (an hour).
-    outcomes: HashMap<(String, u64), (Verdict, Instant)>,
+    /// Sessions arriving for hand-backs this node (the origin) asked for, by (volunteer, id).
+    returning: HashMap<(String, u64), handback::Returned>,
     /// Clients in a hand-over that has not ended here (applications included): never picked
     /// for another one meanwhile.
     busy: HashSet<IpAddr>,
@@ -187,6 +209,31 @@ struct State {
     orphans: Vec<Orphan>,
     /// Rules draining in the kernel (last reconciliation).
     draining: usize,
+    /// Since when the load this node could shed has been at or under the low watermark (for
+    /// taking clients home after `home_after_secs`).
+    low_since: Option<Instant>,
+    /// When clients last moved (a hand-over either way committed), for [`MOVE_DWELL`].
+    moved_at: HashMap<IpAddr, Instant>,
+    /// Clients this node gave back to their origin whose connections here go on (they end
+    /// where they are): load it cannot shed, and no client of its own to move; forgotten when
+    /// they have no connection here.
+    returned: HashSet<IpAddr>,
+    /// Siblings being taken clients home from because they were suspected.
+    suspected: HashSet<String>,
+    /// Siblings whose agent is unreachable while their datapath serves (said once).
+    unreachable_agents: HashSet<String>,
+    /// The agent is leaving (SIGTERM): it offers no room and starts no round.
+    leaving: bool,
+    /// Links are closing for good (the agent exits): none is opened again.
+    closing: bool,
+    /// Clients that came home with their sessions (hand-backs committed).
+    handed_back: u64,
+    /// Sessions lost: clients that came home without them because their volunteer stayed
+    /// unreachable (counting those re-adopted from a previous run, whose sessions this agent
+    /// cannot know of).
+    sessions_lost: u64,
+    /// Time of the last hand-back, asked to committed.
+    last_home_ms: Option<f64>,
 }
 
 impl State {
@@ -227,6 +274,12 @@ pub struct Agent {
     round_backoff: Mutex<policy::Backoff>,
     /// Wakes the load loop at once when the kernel reports a crossing.
     load_wake: tokio::sync::Notify,
+    /// The origin's hand-over records (`state_dir`).
+    records: Mutex<records::Records>,
+    /// Hand-overs decided without a record are decided one at a time.
+    deciding: tokio::sync::Mutex<()>,
+    /// Rule installations started (test faults count them).
+    steers: std::sync::atomic::AtomicUsize,
 }
 
 /// A datapath call made on a blocking thread, as one result: the datapath's error, or the
@@ -322,6 +375,11 @@ impl Agent {
         if faults.any() {
             warn!(?faults, "TEST FAULTS ENABLED ({}): this agent misbehaves on purpose", faults::ENV);
         }
+        let records = records::Records::open(&cfg.state_dir()).context("opening the hand-over records")?;
+        let unfinished = records.undecided();
+        if unfinished > 0 {
+            warn!(handoffs = unfinished, dir = %cfg.state_dir().display(), "hand-overs a previous run left undecided: the kernel's rules decide them at start");
+        }
         let limits = Limits { timeout: Duration::from_millis(cfg.app_timeout_ms), per_mib_ms: cfg.app_timeout_per_mib_ms, max_session_bytes: cfg.max_session_bytes };
         let (apps, registrations) = Apps::new(limits);
         Ok(Arc::new(Self {
@@ -337,11 +395,18 @@ impl Agent {
             started: Instant::now(),
             round_backoff: Mutex::new(policy::Backoff::new(Duration::from_millis(500), Duration::from_secs(4))),
             load_wake: tokio::sync::Notify::new(),
+            records: Mutex::new(records),
+            deciding: tokio::sync::Mutex::new(()),
+            steers: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("state lock")
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, records::Records> {
+        self.records.lock().expect("records lock")
     }
 
     /// Runs `f` on the datapath's change handle, on a blocking thread.
@@ -379,16 +444,86 @@ impl Agent {
         tokio::spawn(self.clone().load_loop());
         tokio::spawn(self.clone().load_events());
         tokio::spawn(self.clone().liveness_loop());
+        tokio::spawn(self.clone().finish_unfinished());
         tokio::spawn(crate::admin::serve(self.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        info!("agent stopping; steering stays pinned in the kernel");
+        // A second signal ends the agent at once.
+        tokio::select! {
+            () = async {
+                self.leave().await;
+                self.close_links(CLOSE_WAIT).await;
+            } => {}
+            _ = tokio::signal::ctrl_c() => warn!("stopping at once (second signal)"),
+            _ = term.recv() => warn!("stopping at once (second signal)"),
+        }
         let _ = std::fs::remove_file(self.cfg.admin_socket());
         let _ = std::fs::remove_file(self.cfg.app_socket());
         Ok(())
+    }
+
+    /// On SIGTERM: gives the clients adopted here back to their origins and takes the clients
+    /// moved out home, with their sessions, within `exit_timeout_ms`. What is left stays
+    /// steered by the pinned rules (the next agent takes it over), and is logged.
+    async fn leave(self: &Arc<Self>) {
+        if !self.cfg.hand_back_on_exit {
+            info!("agent stopping (hand_back_on_exit = false): every client stays where it is, steered by the pinned rules");
+            return;
+        }
+        self.state().leaving = true;
+        // No round starts any more; the hand-overs in progress end first (their clients are
+        // held meanwhile), so that what they moved goes back too.
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.exit_timeout_ms);
+        while Instant::now() < deadline && {
+            let st = self.state();
+            st.negotiating || !st.busy.is_empty()
+        } {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (adopted, migrated) = {
+            let st = self.state();
+            let mut adopted: HashMap<String, Vec<IpAddr>> = HashMap::new();
+            for a in st.adopted.values() {
+                adopted.entry(a.from.clone()).or_default().push(a.client);
+            }
+            let mut migrated: HashMap<String, Vec<IpAddr>> = HashMap::new();
+            for m in st.migrated.values() {
+                migrated.entry(m.to.clone()).or_default().push(m.client);
+            }
+            (adopted, migrated)
+        };
+        let (n_adopted, n_migrated): (usize, usize) = (adopted.values().map(Vec::len).sum(), migrated.values().map(Vec::len).sum());
+        info!(
+            adopted = n_adopted,
+            moved_out = n_migrated,
+            timeout_ms = self.cfg.exit_timeout_ms,
+            "agent stopping: giving adopted clients back and taking moved clients home, with their sessions"
+        );
+        let gives = adopted.into_iter().map(|(origin, clients)| async move {
+            if let Err(e) = self.give_back(&origin, clients).await {
+                warn!(origin, "cannot give clients back: {e:#}");
+            }
+        });
+        let homes = migrated.into_iter().map(|(to, clients)| async move {
+            self.take_home(&to, clients, "this agent is stopping", false).await;
+        });
+        let all = futures::future::join(futures::future::join_all(gives), futures::future::join_all(homes));
+        let timed_out = tokio::time::timeout_at(deadline.into(), all).await.is_err();
+        let st = self.state();
+        let (left_adopted, left_out) = (st.adopted.len(), st.migrated.len());
+        if left_adopted + left_out == 0 {
+            info!("agent stopped: every client is home or back with its origin");
+        } else {
+            warn!(
+                adopted = left_adopted,
+                moved_out = left_out,
+                timed_out,
+                "agent stopping with clients not handed back: they stay where they are, steered by the pinned rules (the next agent takes them over)"
+            );
+        }
     }
 
     // ---- status --------------------------------------------------------------------------
@@ -450,8 +585,12 @@ impl Agent {
             "handoffs": {
                 "clients_in_progress": st.busy.len(),
                 "awaiting_outcome": st.acked.len(),
-                "undecided": st.outcomes.values().filter(|(v, _)| *v == Verdict::Pending).count(),
+                "undecided": self.records().undecided(),
+                "handed_back": st.handed_back,
+                "last_home_ms": st.last_home_ms,
             },
+            "sessions_lost": st.sessions_lost,
+            "leaving": st.leaving,
             "counters": counters,
         })
     }

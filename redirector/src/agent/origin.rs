@@ -80,18 +80,49 @@ impl Agent {
                         a.last_seen = now;
                     }
                 }
-                // Connections of moved clients still here end where they are: not load to
-                // shed. Those of adopted clients are load this node cannot shed.
-                let staying: u64 = load.clients.iter().filter(|(a, _)| st.migrated.contains_key(a)).map(|c| c.1).sum();
+                // Connections of moved clients still here end where they are, as do those of
+                // clients given back to their origin: not load to shed. Those of adopted
+                // clients are load this node cannot shed.
+                st.returned.retain(|c| here.contains_key(c));
+                let staying: u64 = load.clients.iter().filter(|(a, _)| st.migrated.contains_key(a) || st.returned.contains(a)).map(|c| c.1).sum();
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();
                 if projected <= self.cfg.low_watermark {
                     st.shed_until = None;
+                    st.low_since.get_or_insert(now);
+                } else {
+                    st.low_since = None;
                 }
                 let over = projected > self.cfg.high_watermark;
                 let continuing = projected > self.cfg.low_watermark && st.shed_until.is_some_and(|t| now < t);
                 let waiting = st.backoff_until.is_some_and(|t| now < t);
-                let start = !st.negotiating && !waiting && (over || continuing);
+                let start = !st.leaving && !st.negotiating && !waiting && (over || continuing);
+                // Under low for long enough: clients come home, as many as keep it under low.
+                let home_after = Duration::from_secs(self.cfg.home_after_secs);
+                if !start && !st.leaving && !home_after.is_zero() && st.low_since.is_some_and(|t| now.duration_since(t) >= home_after) && !st.migrated.is_empty() {
+                    st.low_since = Some(now);
+                    let moved: Vec<(IpAddr, u64)> = st.migrated.values().filter(|m| !st.busy.contains(&m.client)).map(|m| (m.client, m.connections)).collect();
+                    let home = policy::pick_home(&moved, projected, self.cfg.low_watermark);
+                    if !home.is_empty() {
+                        let mut by: HashMap<String, Vec<IpAddr>> = HashMap::new();
+                        for c in home {
+                            if let Some(m) = st.migrated.get(&c) {
+                                by.entry(m.to.clone()).or_default().push(c);
+                            }
+                        }
+                        info!(
+                            load = load.total,
+                            projected,
+                            low = self.cfg.low_watermark,
+                            after_secs = home_after.as_secs(),
+                            "under the low watermark for long enough: taking clients home"
+                        );
+                        for (to, clients) in by {
+                            let me = self.clone();
+                            tokio::spawn(async move { me.take_home(&to, clients, "this node has room again", false).await });
+                        }
+                    }
+                }
                 // The crossing a round starts from: the kernel's report, or now.
                 let crossing = if start {
                     st.negotiating = true;
@@ -170,18 +201,65 @@ impl Agent {
         self.cfg.siblings.iter().filter(|s| st.siblings.get(&s.name).is_some_and(|x| x.reachable(live))).map(|s| s.name.clone()).collect()
     }
 
-    /// Picks clients to shed (never adopted ones: their traffic comes through a sibling's
-    /// tunnel, this node cannot steer them) and moves them. Returns clients moved.
+    /// Sheds load: clients adopted from siblings are given back to their origins first (this
+    /// node cannot steer them itself: their traffic comes through the origin's tunnel), then
+    /// its own clients move to siblings with room. Returns the clients given back and moved.
     async fn shed(self: Arc<Self>, load: &Load, projected: u64) -> anyhow::Result<usize> {
-        let (candidates, adopted_load) = {
+        let (candidates, adopted, origin_of) = {
             let st = self.state();
-            let candidates: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| !st.migrated.contains_key(a) && !st.adopted.contains_key(a)).copied().collect();
-            let adopted: u64 = load.clients.iter().filter(|(a, _)| st.adopted.contains_key(a)).map(|c| c.1).sum();
-            (candidates, adopted)
+            let candidates: Vec<(IpAddr, u64)> =
+                load.clients.iter().filter(|(a, _)| !st.migrated.contains_key(a) && !st.adopted.contains_key(a) && !st.returned.contains(a)).copied().collect();
+            let adopted: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| st.adopted.contains_key(a) && !st.busy.contains(a)).copied().collect();
+            let origin_of: HashMap<IpAddr, String> = adopted.iter().filter_map(|(a, _)| Some((*a, st.adopted.get(a)?.from.clone()))).collect();
+            (candidates, adopted, origin_of)
         };
+        let give = pick_clients(&adopted, projected, self.cfg.low_watermark);
+        let mut given = 0;
+        let mut projected = projected;
+        if !give.is_empty() {
+            let connections: u64 = give.iter().map(|c| c.1).sum();
+            info!(
+                clients = give.len(),
+                connections,
+                projected,
+                low = self.cfg.low_watermark,
+                "over the high watermark with clients adopted from siblings: giving the largest back to their origins first: {}",
+                names(&give)
+            );
+            let mut by: HashMap<String, Vec<IpAddr>> = HashMap::new();
+            for (c, _) in &give {
+                if let Some(o) = origin_of.get(c) {
+                    by.entry(o.clone()).or_default().push(*c);
+                }
+            }
+            let asks = by.into_iter().map(|(origin, clients)| {
+                let me = self.clone();
+                async move {
+                    if let Err(e) = me.give_back(&origin, clients).await {
+                        warn!(origin, "cannot give clients back: {e:#}");
+                    }
+                }
+            });
+            futures::future::join_all(asks).await;
+            let still: HashSet<IpAddr> = self.state().adopted.keys().copied().collect();
+            for (c, n) in &give {
+                if !still.contains(c) {
+                    given += 1;
+                    projected = projected.saturating_sub(*n);
+                }
+            }
+            info!(given, asked = give.len(), "adopted clients given back");
+            if projected <= self.cfg.low_watermark {
+                return Ok(given);
+            }
+        }
         let picked = pick_clients(&candidates, projected, self.cfg.low_watermark);
         if picked.is_empty() {
-            bail!("nothing to move: the {adopted_load} connections of clients adopted from siblings cannot be shed from here");
+            if given > 0 {
+                return Ok(given);
+            }
+            let adopted_load: u64 = adopted.iter().map(|c| c.1).sum();
+            bail!("nothing to move: the {adopted_load} connections of clients adopted from siblings could not be given back");
         }
         let connections: u64 = picked.iter().map(|c| c.1).sum();
         info!(
@@ -190,11 +268,10 @@ impl Agent {
             projected,
             after = projected.saturating_sub(connections),
             low = self.cfg.low_watermark,
-            adopted_here = adopted_load,
             "picked the largest clients to move: {}",
             names(&picked)
         );
-        self.move_clients(picked).await
+        Ok(given + self.move_clients(picked).await?)
     }
 
     /// Of `picked`, the clients that may move now, marked busy (freed when the guard drops):
@@ -206,7 +283,28 @@ impl Agent {
         let mut st = self.state();
         let (adopted, rest): (Vec<_>, Vec<_>) = picked.into_iter().partition(|(a, _)| st.adopted.contains_key(a));
         if !adopted.is_empty() {
-            info!(clients = adopted.len(), "not moving clients adopted from siblings (their traffic comes through the sibling's tunnel): {}", names(&adopted));
+            info!(
+                clients = adopted.len(),
+                "not moving clients adopted from siblings (their traffic comes through the sibling's tunnel; they can be given back): {}",
+                names(&adopted)
+            );
+        }
+        // A client that moved a moment ago stays put a while: its requests that waited when it
+        // moved are answered on their retry first.
+        let (recent, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.moved_at.get(a).is_some_and(|t| t.elapsed() < super::MOVE_DWELL));
+        if !recent.is_empty() {
+            info!(
+                clients = recent.len(),
+                "not moving clients that moved less than {} s ago (their waiting requests are answered first): {}",
+                super::MOVE_DWELL.as_secs(),
+                names(&recent)
+            );
+        }
+        // A client lives on one node at a time: one moved out comes home before it moves again,
+        // and one given back to its origin is not this node's to move.
+        let (moved, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.migrated.contains_key(a) || st.returned.contains(a));
+        if !moved.is_empty() {
+            info!(clients = moved.len(), "not moving clients already moved out (give them back first): {}", names(&moved));
         }
         let (in_handoff, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.busy.contains(a));
         if !in_handoff.is_empty() {
@@ -231,8 +329,8 @@ impl Agent {
     }
 
     /// Moves `picked` clients (address, connections) to siblings with room: negotiation,
-    /// hand-over, rules. Also the admin socket's `move` request (which may move a moved
-    /// client again, but never an adopted one).
+    /// hand-over, rules. Also the admin socket's `move` request (never an adopted client, nor
+    /// one already moved out).
     pub async fn move_clients(self: Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<usize> {
         let (picked, mut busy) = self.movable(picked)?;
         if picked.is_empty() {

@@ -24,6 +24,25 @@ pub fn pick_clients(clients: &[(IpAddr, u64)], total: u64, low: u64) -> Vec<(IpA
     out
 }
 
+/// Which moved clients (address, connections when they moved) come home to an origin whose
+/// projected load is `projected`: the largest first, each one that still fits at or under
+/// `low` (a lull must not bring back more than the node can take without shedding again).
+#[must_use]
+pub fn pick_home(moved: &[(IpAddr, u64)], projected: u64, low: u64) -> Vec<IpAddr> {
+    let mut sorted: Vec<(IpAddr, u64)> = moved.to_vec();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut room = low.saturating_sub(projected);
+    let mut out = Vec::new();
+    for (c, n) in sorted {
+        let w = weight(n);
+        if w <= room {
+            room -= w;
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Room a client takes on a volunteer: its connections, and at least one (a client moves
 /// because it will connect).
 #[must_use]
@@ -157,6 +176,16 @@ mod tests {
         assert_eq!(pick_clients(&clients, 100, 50), vec![c(2, 40), c(4, 30)]);
         assert!(pick_clients(&clients, 40, 50).is_empty(), "already under low");
         assert_eq!(pick_clients(&clients, 100, 0).len(), 5, "never more than there are");
+    }
+
+    #[test]
+    fn clients_come_home_as_long_as_the_origin_stays_under_low() {
+        let moved = [c(1, 5), c(2, 40), c(3, 10), c(4, 0)];
+        // Room 52 under low: 40 fits, 10 fits, 5 does not (2 left), the one without a
+        // connection counts as one and fits.
+        assert_eq!(pick_home(&moved, 48, 100), vec![c(2, 0).0, c(3, 0).0, c(4, 0).0]);
+        assert!(pick_home(&moved, 100, 100).is_empty(), "at low: nobody");
+        assert!(pick_home(&moved, 150, 100).is_empty(), "over low: nobody");
     }
 
     #[test]

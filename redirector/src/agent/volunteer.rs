@@ -16,19 +16,22 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, AdoptedIn, Agent, Incoming, Reservation,
-    handoff::{handoff_name, sample},
-    policy, unix_now,
+    handoff::{check_received, handoff_name, sample},
+    policy,
+    records::Dir,
+    unix_now,
 };
 use crate::{
+    app::Role,
     config::Sibling,
     datapath::family_name,
-    peer::{self, MovedClient, Msg, SessionBlob, SessionSet, Verdict},
+    peer::{MovedClient, Msg, SessionBlob, SessionSet, Verdict},
 };
 
-/// A volunteer asks the origin how an acknowledged transfer ended when neither `Commit` nor
-/// `Abort` came this long after the acknowledgement; then again and again, backing off up to
-/// [`QUERY_MAX`], until the origin knows.
-const QUERY_AFTER: Duration = Duration::from_secs(2);
+/// A volunteer asks the origin how a hand-over it took part in ended when neither `Commit`
+/// nor `Abort` came this long after its acknowledgement (or its `Returning`); then again and
+/// again, backing off up to [`QUERY_MAX`], until the origin knows.
+pub(super) const QUERY_AFTER: Duration = Duration::from_secs(2);
 const QUERY_MAX: Duration = Duration::from_secs(10);
 
 /// One of the origin's services as this volunteer serves it, checked against its own
@@ -84,16 +87,27 @@ impl Agent {
                 info!(origin = %from, id, "origin aborted: {reason}");
                 self.forget_transfer(from, id);
             }
-            Msg::Outcome { id, handoff, clients } => {
+            Msg::Outcome { id, handoff, back, clients } => {
                 // Answered from the rules if need be: a blocking read, on its own task.
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
                 tokio::spawn(async move {
-                    let verdict = me.verdict_for(&from, handoff, &clients).await;
+                    let verdict = me.verdict_of(&from, handoff, if back { Dir::Back } else { Dir::Out }, &clients).await;
                     if reply.send_timeout(Msg::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
                         warn!(sibling = %from, handoff, "could not answer how the hand-over ended: the link is gone or stuck");
                     }
                 });
             }
+            Msg::HandBack { id, services, clients } => {
+                let Ok(permit) = transfers.clone().try_acquire_owned() else {
+                    return answer(Msg::Abort { id, reason: "too many hand-overs in progress from this sibling; ask again".into() }).await;
+                };
+                let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+                tokio::spawn(async move {
+                    me.hand_back_out(&from, id, services, clients, reply).await;
+                    drop(permit);
+                });
+            }
+            Msg::GiveBack { id, clients } => self.given_back(from, id, clients, reply),
             Msg::Release { clients } => {
                 let mut st = self.state();
                 let before = st.adopted.len();
@@ -106,28 +120,51 @@ impl Agent {
         Ok(())
     }
 
-    /// Forgets transfer (`from`, `id`), which will not be steered: its reservation, what
-    /// arrived of it, its adopted clients; the applications drop what they imported.
+    /// Hand-over (`from`, `id`) aborted. A transfer here: forgets its reservation, what
+    /// arrived of it, its adopted clients, and the applications drop what they imported. A
+    /// hand-back: the applications unfreeze what they exported; the clients stay here.
     fn forget_transfer(self: &Arc<Self>, from: &str, id: u64) {
         let acked = {
             let mut st = self.state();
-            st.take_reservation(from, id);
-            st.incoming.remove(&(from.to_string(), id));
-            // Clients of this transfer were not steered after all.
-            st.adopted.retain(|_, a| !(a.from == from && a.id == id));
-            st.acked.remove(&(from.to_string(), id))
+            let key = (from.to_string(), id);
+            let acked = st.acked.remove(&key);
+            if acked.as_ref().is_none_or(|a| a.role == Role::Import) {
+                st.take_reservation(from, id);
+                st.incoming.remove(&key);
+                // Clients of this transfer were not steered after all.
+                st.adopted.retain(|_, a| !(a.from == from && a.id == id));
+            }
+            acked
         };
-        if let Some(a) = acked {
+        match acked {
             // Nothing was steered: the imported sessions must not live here too.
-            self.settle_imports(a.apps, a.handoff, false);
+            Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, false),
+            // The rules still send the clients here: their sessions go on here.
+            Some(a) => self.settle_apps_back(a.apps, a.handoff, a.clients, false),
+            None => {}
         }
     }
 
-    /// Transfer (`from`, `id`) committed: the imported sessions are final.
+    /// Hand-over (`from`, `id`) committed. A transfer here: the imported sessions are final.
+    /// A hand-back: the clients live at their origin now; the applications drop their
+    /// sessions (and close their connections) and their room here is free.
     fn commit_acked(self: &Arc<Self>, from: &str, id: u64) {
         let acked = self.state().acked.remove(&(from.to_string(), id));
-        if let Some(a) = acked {
-            self.settle_imports(a.apps, a.handoff, true);
+        match acked {
+            Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, true),
+            Some(a) => {
+                {
+                    let mut st = self.state();
+                    let home: HashSet<IpAddr> = a.clients.iter().copied().collect();
+                    let before = st.adopted.len();
+                    st.adopted.retain(|c, x| !(x.from == from && home.contains(c)));
+                    // Their connections here still end here.
+                    st.returned.extend(home);
+                    info!(origin = %from, clients = before - st.adopted.len(), "clients given back: their room is free again");
+                }
+                self.settle_apps_back(a.apps, a.handoff, a.clients, true);
+            }
+            None => {}
         }
     }
 
@@ -145,10 +182,10 @@ impl Agent {
     /// Asks the origin of acknowledged transfer (`origin`, `id`) how it ended; acts on a
     /// definite answer, or asks again later.
     async fn ask_outcome(self: Arc<Self>, origin: String, id: u64) {
-        let Some((sample, handoff)) = self.state().acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone())) else { return };
+        let Some((sample, handoff, back)) = self.state().acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone(), a.role == Role::Export)) else { return };
         let req = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms.max(1000));
-        let verdict = match self.ask(&origin, Msg::Outcome { id: req, handoff: id, clients: sample }, req, timeout).await {
+        let verdict = match self.ask(&origin, Msg::Outcome { id: req, handoff: id, back, clients: sample }, req, timeout).await {
             Ok(Msg::OutcomeIs { verdict, .. }) => Ok(verdict),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(e) => Err(format!("{e:#}")),
@@ -159,7 +196,11 @@ impl Agent {
                 self.commit_acked(&origin, id);
             }
             Ok(Verdict::Aborted) => {
-                warn!(origin = %origin, id, handoff, "no Commit or Abort came; the origin says it aborted (nothing steered): settled as aborted, the imported sessions are dropped");
+                if back {
+                    warn!(origin = %origin, id, handoff, "no Commit or Abort came; the origin says the hand-back aborted: settled as aborted, the clients stay here with their sessions");
+                } else {
+                    warn!(origin = %origin, id, handoff, "no Commit or Abort came; the origin says it aborted (nothing steered): settled as aborted, the imported sessions are dropped");
+                }
                 self.forget_transfer(&origin, id);
             }
             other => {
@@ -171,7 +212,7 @@ impl Agent {
                     match other {
                         Ok(_) => debug!(origin = %origin, id, handoff, "the origin has not decided the hand-over yet; asking again in {} ms", a.backoff.as_millis()),
                         Err(e) => {
-                            info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", a.backoff.as_millis())
+                            info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", a.backoff.as_millis());
                         }
                     }
                 }
@@ -365,7 +406,9 @@ impl Agent {
                 Acked {
                     apps: imported_into.clone(),
                     handoff: handoff.clone(),
+                    role: Role::Import,
                     sample: sample(&addrs),
+                    clients: addrs,
                     next_query: now + QUERY_AFTER,
                     backoff: Duration::from_secs(1),
                     querying: false,
@@ -388,54 +431,26 @@ impl Agent {
         }
     }
 
-    /// The sessions of a transfer, checked: for each service the transfer lists, exactly the
-    /// sessions it counts (number and digest: none lost or added on the way), of its own
-    /// clients only, each once; those of a service go to the application of the local service
-    /// of the same port and family, which must be registered. Returns (local service,
-    /// sessions) to import.
+    /// The sessions of a transfer, checked (`check_received`, against this node's own
+    /// `max_session_bytes`); those of a service go to the application of the local service of
+    /// the same port and family, which must be registered. Returns (local service, sessions) to
+    /// import.
     async fn check_sessions(
         &self,
         plan: &[Adoption],
         clients: &[MovedClient],
         sets: &[SessionSet],
-        mut received: HashMap<SocketAddr, Vec<SessionBlob>>,
+        received: HashMap<SocketAddr, Vec<SessionBlob>>,
     ) -> Result<Vec<(SocketAddr, Vec<SessionBlob>)>, String> {
-        if let Some(svc) = received.keys().find(|s| !sets.iter().any(|x| x.service == **s)) {
-            return Err(format!("received sessions of {svc}, which the transfer does not list"));
+        if let Some(set) = sets.iter().find(|set| !plan.iter().any(|a| a.svc == set.service)) {
+            return Err(format!("sessions of {}, a service the transfer does not hand over", set.service));
         }
         let ours: HashSet<IpAddr> = clients.iter().map(|c| c.addr).collect();
-        let mut out: Vec<(SocketAddr, Vec<SessionBlob>)> = Vec::new();
-        for set in sets {
-            let got = received.remove(&set.service).unwrap_or_default();
-            let local =
-                plan.iter().find(|a| a.svc == set.service).map(|a| a.local).ok_or_else(|| format!("sessions of {}, a service the transfer does not hand over", set.service))?;
-            let n = u64::try_from(got.len()).unwrap_or(u64::MAX);
-            let (got, digest) = tokio::task::spawn_blocking(move || {
-                let d = peer::digest(&got);
-                (got, d)
-            })
-            .await
-            .map_err(|e| format!("digest task: {e}"))?;
-            if n != set.count || digest != set.digest {
-                return Err(format!(
-                    "received {n} of the {} sessions of {} (digest {}): some were lost or changed on the way; nothing imported",
-                    set.count,
-                    set.service,
-                    if digest == set.digest { "matches" } else { "differs" }
-                ));
-            }
-            let mut seen = HashSet::with_capacity(got.len());
-            for s in &got {
-                if !ours.contains(&s.client) {
-                    return Err(format!("a session of {}, a client the transfer does not hand over", s.client));
-                }
-                if !seen.insert(s.client) {
-                    return Err(format!("two sessions of {} for {}", s.client, set.service));
-                }
-            }
-            if got.is_empty() {
-                continue;
-            }
+        let (sets, max) = (sets.to_vec(), self.cfg.max_session_bytes);
+        let checked = tokio::task::spawn_blocking(move || check_received(&sets, received, &ours, max)).await.map_err(|e| format!("digest task: {e}"))??;
+        let mut out = Vec::new();
+        for (svc, got) in checked.into_iter().filter(|(_, s)| !s.is_empty()) {
+            let local = plan.iter().find(|a| a.svc == svc).map(|a| a.local).ok_or_else(|| format!("sessions of {svc}, a service the transfer does not hand over"))?;
             if !self.apps.has(local) {
                 return Err(format!("no application registered for {local} to import {} sessions into", got.len()));
             }
@@ -453,7 +468,9 @@ impl Agent {
         let promised = policy::promised(st.adopted.values().map(|a| (a.promised, a.connections)));
         let load = st.load.total;
         let room = policy::room(high, load, reserved, promised);
-        let why_not = if st.negotiating {
+        let why_not = if st.leaving {
+            Some("stopping".to_string())
+        } else if st.negotiating {
             Some("shedding itself".to_string())
         } else if load > high {
             Some(format!("over its own high watermark (load {load}, high {high})"))
@@ -484,6 +501,7 @@ impl Agent {
         let ask: Vec<(String, u64)> = {
             let mut st = self.state();
             st.reservations.retain(|r| r.until > now);
+            st.moved_at.retain(|_, t| now.duration_since(*t) < super::MOVE_DWELL);
             st.incoming.retain(|(from, id), i| {
                 let keep = i.last.is_some_and(|t| now.duration_since(t) < expiry);
                 if !keep {
@@ -512,6 +530,6 @@ impl Agent {
         for (origin, id) in ask {
             tokio::spawn(self.clone().ask_outcome(origin, id));
         }
-        self.forget_old_outcomes();
+        self.records().forget_old();
     }
 }

@@ -332,46 +332,61 @@ fn handoff(json: bool) {
     for (n, size, runs) in cases {
         let a_app = Arc::new(Synthetic { size, imported: 0.into() });
         let b_app = Arc::new(Synthetic { size, imported: 0.into() });
-        let _ha = redirector_sdk::Hook::start(c.dir.join("a-app.sock"), SocketAddr::new(IpAddr::V4(SERVICE4), 80), a_app);
+        let _ha = redirector_sdk::Hook::start(c.dir.join("a-app.sock"), SocketAddr::new(IpAddr::V4(SERVICE4), 80), a_app.clone());
         let _hb = redirector_sdk::Hook::start(c.dir.join("b-app.sock"), SocketAddr::new(IpAddr::V4(redirector_tests::net::SERVICE4_B), 80), b_app.clone());
         std::thread::sleep(Duration::from_millis(800));
-        let mut ms = Vec::new();
+        let (mut ms, mut back) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             // Client addresses from 198.19.0.1 up (inside 198.18.0.0/15; no packet is sent to
-            // them). Runs reuse them, so the rule map stays within its size.
+            // them). Runs reuse them, so the rule map stays within its size: each run moves them
+            // out, then gives them back.
             let clients: Vec<String> = (1..=n).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + u32::try_from(i).expect("small")).to_string()).collect();
+            let before = (b_app.imported.load(std::sync::atomic::Ordering::Relaxed), a_app.imported.load(std::sync::atomic::Ordering::Relaxed));
             let req = serde_json::json!({"op": "move", "clients": clients}).to_string();
-            let before = b_app.imported.load(std::sync::atomic::Ordering::Relaxed);
             let v = redirector::admin::ask(&c.sock("a"), &req, Duration::from_secs(300)).expect("move request");
             assert_eq!(v["moved"].as_u64(), Some(n as u64), "all {n} clients moved: {v}");
-            assert_eq!(b_app.imported.load(std::sync::atomic::Ordering::Relaxed) - before, n, "B's application imported every session");
+            assert_eq!(b_app.imported.load(std::sync::atomic::Ordering::Relaxed) - before.0, n, "B's application imported every session");
             ms.push(v["ms"].as_f64().expect("ms"));
+            // A client is not moved again at once (its waiting requests are answered first).
+            std::thread::sleep(redirector::agent::MOVE_DWELL + Duration::from_millis(200));
+            // Back home: B exports, A imports, A withdraws its rules, both commit.
+            let req = serde_json::json!({"op": "give-back", "clients": clients}).to_string();
+            let v = redirector::admin::ask(&c.sock("a"), &req, Duration::from_secs(300)).expect("give-back request");
+            assert_eq!(v["given_back"].as_u64(), Some(n as u64), "all {n} clients came back: {v}");
+            assert_eq!(a_app.imported.load(std::sync::atomic::Ordering::Relaxed) - before.1, n, "A's application imported every session");
+            back.push(v["ms"].as_f64().expect("ms"));
+            std::thread::sleep(redirector::agent::MOVE_DWELL + Duration::from_millis(200));
         }
-        eprintln!("  {n} x {} KiB: {ms:.1?} ms", size >> 10);
+        eprintln!("  {n} x {} KiB: out {ms:.1?} ms, back {back:.1?} ms", size >> 10);
         // Where the time went, from the origin agent's own log line per hand-over.
         let log = c.log("a");
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("hand-over committed")).collect();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("hand-over committed") || l.contains("hand-back committed")).collect();
         for l in &lines[printed.min(lines.len())..] {
             let phases: Vec<&str> = l.split_whitespace().filter(|w| w.contains("_ms=")).collect();
-            eprintln!("    {}", phases.join(" "));
+            eprintln!("    {} {}", if l.contains("hand-back") { "back:" } else { "out: " }, phases.join(" "));
         }
         printed = lines.len();
-        results.push((n, size, median(ms)));
+        results.push((n, size, median(ms), median(back)));
     }
-    println!("Hand-over: export -> transfer -> import -> rules installed -> commit (agent's clock, median):");
-    println!("  {:<10} {:>8} {:>10} {:>14}", "sessions", "size", "ms", "sessions/s");
-    for (n, size, ms) in &results {
+    println!("Hand-over out (export -> transfer -> import -> rules installed -> commit) and back (export -> import -> rules withdrawn -> commit), agent's clock, median:");
+    println!("  {:<10} {:>8} {:>10} {:>10} {:>10} {:>14}", "sessions", "size", "out ms", "back ms", "back/out", "sessions/s out");
+    for (n, size, ms, back) in &results {
         #[expect(clippy::cast_precision_loss, reason = "small counts")]
         let rate = *n as f64 / (ms / 1000.0);
-        println!("  {n:<10} {:>6}KiB {ms:>10.1} {rate:>14.0}", size >> 10);
+        println!("  {n:<10} {:>6}KiB {ms:>10.1} {back:>10.1} {:>9.2}x {rate:>14.0}", size >> 10, back / ms);
     }
-    if let Some(key) = results.iter().find(|r| r.0 == 10_000 && r.1 == 1 << 10).map(|r| r.2) {
-        println!("Goal: 10,000 x 1 KiB under 200 ms: {key:.1} ms {}", if key < 200.0 { "met" } else { "MISSED" });
+    if let Some((out, back)) = results.iter().find(|r| r.0 == 10_000 && r.1 == 1 << 10).map(|r| (r.2, r.3)) {
+        println!(
+            "Goal: 10,000 x 1 KiB under 200 ms each way: out {out:.1} ms {}, back {back:.1} ms {}",
+            if out < 200.0 { "met" } else { "MISSED" },
+            if back < 200.0 { "met" } else { "MISSED" }
+        );
     }
     if json {
         let mut m = serde_json::Map::new();
-        for (n, size, ms) in &results {
+        for (n, size, ms, back) in &results {
             m.insert(format!("ms_{n}x{}k", size >> 10), serde_json::json!(ms));
+            m.insert(format!("back_ms_{n}x{}k", size >> 10), serde_json::json!(back));
         }
         println!("{}", serde_json::Value::Object(m));
     }

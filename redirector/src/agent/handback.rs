@@ -1,0 +1,418 @@
+//! The hand-back: clients (and their sessions) come home from a volunteer. The mirror of the
+//! hand-over out, with the origin's rules still the only commit point:
+//!
+//! origin `HandBack` -> the volunteer's applications export (freeze) -> `Sessions` and
+//! `Returning` (counted and digested per service) -> the origin's applications import
+//! (tentative) -> the origin withdraws its rules (they drain: new connections stay home, open
+//! ones keep reaching the volunteer) -> `Commit` to the volunteer (its applications drop the
+//! sessions and close those clients' connections; their next request comes home) and to the
+//! origin's applications (final). Any failure before the rules are withdrawn aborts: the
+//! volunteer's applications unfreeze, the origin's drop what they imported, the clients stay
+//! on the volunteer with their sessions.
+//!
+//! The origin always runs it (its rules decide); a volunteer that wants its room back, or
+//! leaves, asks it to (`GiveBack`). A volunteer never passes clients on to a third node
+//! itself: the origin takes them home, and moves them on in its next round if it is over its
+//! own high watermark.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::anyhow;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    Acked, Agent,
+    handoff::{Busy, check_received, handoff_name, names, sample, session_frames, session_sets},
+    host_prefix,
+    records::{Dir, Record},
+    volunteer::QUERY_AFTER,
+};
+use crate::{
+    app::Role,
+    datapath::Prefix,
+    peer::{self, MovedClient, Msg, SessionBlob, Verdict},
+};
+
+/// Clients by the node they are with.
+type ByNode = HashMap<String, Vec<IpAddr>>;
+
+/// What arrived of a hand-back's answer before its `Returning`.
+#[derive(Default)]
+pub(super) struct Returned {
+    pub sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
+    /// When the volunteer was last heard on it: a long export keeps the wait alive.
+    pub last: Option<Instant>,
+}
+
+/// How long a volunteer whose clients an origin took back waits for that origin's Commit,
+/// which may arrive after its answer. Past it, they count as still here.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
+impl Agent {
+    /// Origin: takes `clients` home from volunteer `name`, with their sessions (those this
+    /// agent steers there and no hand-over holds), in as many hand-backs as frames need;
+    /// unless `urgent`, not before [`MOVE_DWELL`] has passed since they moved. Returns how
+    /// many came home.
+    pub(super) async fn take_home(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, why: &str, urgent: bool) -> usize {
+        let picked: Vec<IpAddr> = {
+            let mut st = self.state();
+            let mut c: Vec<IpAddr> = clients.into_iter().filter(|c| st.migrated.get(c).is_some_and(|m| m.to == name) && !st.busy.contains(c)).collect();
+            c.sort_unstable();
+            c.dedup();
+            st.busy.extend(c.iter().copied());
+            c
+        };
+        if picked.is_empty() {
+            return 0;
+        }
+        let guard = Busy::new(self.clone(), picked.clone());
+        let wait = if urgent {
+            Duration::ZERO
+        } else {
+            let st = self.state();
+            picked.iter().filter_map(|c| st.moved_at.get(c)).map(|t| super::MOVE_DWELL.saturating_sub(t.elapsed())).max().unwrap_or_default()
+        };
+        if !wait.is_zero() {
+            info!(sibling = %name, clients = picked.len(), wait_ms = wait.as_millis(), "some of these clients moved a moment ago: their waiting requests are answered first");
+            tokio::time::sleep(wait).await;
+        }
+        let mut guard = guard;
+        let _ = guard.take();
+        info!(sibling = %name, clients = picked.len(), "taking clients home ({why}): {}", names(&picked));
+        let families: BTreeSet<bool> = picked.iter().map(IpAddr::is_ipv4).collect();
+        let services: Vec<SocketAddr> = self.cfg.services.iter().map(|s| s.address).filter(|s| families.contains(&s.is_ipv4())).collect();
+        let mut groups: Vec<Busy> = peer::hand_back_groups(picked, &services, self.cfg.max_frame).into_iter().map(|g| Busy::new(self.clone(), g)).collect();
+        let mut home = 0;
+        while let Some(g) = groups.pop() {
+            home += self.hand_back(name, &services, g).await;
+        }
+        home
+    }
+
+    /// Origin: one hand-back of the (busy) clients of `busy` from `name`.
+    async fn hand_back(self: &Arc<Self>, name: &str, services: &[SocketAddr], mut busy: Busy) -> usize {
+        let clients = busy.clients().to_vec();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handoff = handoff_name(&self.cfg.node, id, name);
+        let t0 = Instant::now();
+        // Families of these clients only; a service that keeps sessions must have its
+        // application here to take them.
+        let families: BTreeSet<bool> = clients.iter().map(IpAddr::is_ipv4).collect();
+        let services: Vec<SocketAddr> = services.iter().copied().filter(|s| families.contains(&s.is_ipv4())).collect();
+        if let Some(svc) = services.iter().find(|s| self.keeps_sessions(**s) && !self.apps.has(**s)) {
+            warn!(sibling = %name, clients = clients.len(), "not taking clients home: {svc} keeps sessions (sessions = true) and no application is registered for it; they stay on {name}");
+            return 0;
+        }
+        let apps: Vec<SocketAddr> = services.iter().copied().filter(|s| self.apps.has(*s) || self.keeps_sessions(*s)).collect();
+        let targets = self.cfg.sibling(name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
+        let started = self.records().start(Record { id, dir: Dir::Back, volunteer: name.to_string(), targets, clients: clients.clone(), apps: apps.clone() });
+        let rec = match started {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(sibling = %name, handoff, "not taking clients home: the hand-back cannot be recorded: {e:#}");
+                return 0;
+            }
+        };
+        let (n_sessions, t_export) = match self.receive_back(name, id, &handoff, &services, &clients, t0).await {
+            Ok(r) => r,
+            Err(why) => {
+                self.conclude(&rec, Verdict::Aborted, why, busy.take()).await;
+                return 0;
+            }
+        };
+        let t_import = t0.elapsed();
+        self.faults.pause("pause-before-rules", &handoff).await;
+        // The commit point: the rules drain (new connections stay here, open ones finish there).
+        let period = Duration::from_secs(self.cfg.drain_secs);
+        let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
+        let withdrawn = super::flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await).map(|_| ());
+        let verdict = self.at_commit_point(&rec, withdrawn).await;
+        if verdict == Verdict::Aborted {
+            self.conclude(&rec, verdict, "rules not withdrawn".into(), busy.take()).await;
+            return 0;
+        }
+        let t_rules = t0.elapsed();
+        self.faults.pause("pause-before-commit", &handoff).await;
+        self.conclude(&rec, verdict, String::new(), busy.take()).await;
+        info!(
+            sibling = %name,
+            handoff,
+            clients = clients.len(),
+            sessions = n_sessions,
+            export_ms = t_export.as_millis(),
+            imported_ms = t_import.as_millis(),
+            withdrawn_ms = t_rules.as_millis(),
+            committed_ms = t0.elapsed().as_millis(),
+            "hand-back committed: the clients come home with their sessions"
+        );
+        self.state().last_home_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+        clients.len()
+    }
+
+    /// Origin: asks `name` for hand-back `id` of `clients`, checks what comes back (exactly the
+    /// clients asked for, exactly the sessions counted, of them only) and imports the sessions
+    /// into this node's applications (tentative). Returns the sessions imported and when the
+    /// volunteer's answer came; an error says why the hand-back aborts.
+    async fn receive_back(&self, name: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: &[IpAddr], t0: Instant) -> Result<(usize, Duration), String> {
+        let key = (name.to_string(), id);
+        self.state().returning.insert(key.clone(), Returned { last: Some(t0), ..Returned::default() });
+        let answer = self.ask_patiently(name, Msg::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
+        let got = self.state().returning.remove(&key).unwrap_or_default();
+        let (back, sets) = match answer {
+            Ok(Msg::Returning { clients, sessions, .. }) => (clients, sessions),
+            Ok(Msg::Abort { reason, .. } | Msg::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
+            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Err(e) => return Err(format!("no answer: {e:#}")),
+        };
+        let t_export = t0.elapsed();
+        let asked: HashSet<IpAddr> = clients.iter().copied().collect();
+        let returned: HashSet<IpAddr> = back.iter().map(|c| c.addr).collect();
+        if returned != asked || back.len() != asked.len() {
+            return Err(format!("the volunteer returns {} clients, not the {} asked for", back.len(), clients.len()));
+        }
+        let (max, sessions) = (self.cfg.max_session_bytes, got.sessions);
+        let imports = tokio::task::spawn_blocking(move || check_received(&sets, sessions, &asked, max)).await.unwrap_or_else(|e| Err(format!("checking the sessions: {e}")))?;
+        for (svc, sessions) in imports.iter().filter(|(_, s)| !s.is_empty()) {
+            if !services.contains(svc) {
+                return Err(format!("sessions of {svc}, which is not this node's service of these clients"));
+            }
+            if !self.apps.has(*svc) {
+                warn!(sibling = %name, service = %svc, sessions = sessions.len(), "no application registered for {svc} (sessions = false): the clients come home without their sessions");
+                continue;
+            }
+            self.apps.import(*svc, handoff, sessions).await.map_err(|e| format!("import failed: {e:#}"))?;
+        }
+        Ok((imports.iter().map(|(_, s)| s.len()).sum(), t_export))
+    }
+
+    /// Asks `name` for hand-back `id` and waits for its answer for as long as the volunteer
+    /// keeps sending (`Sessions` frames, empty ones while it exports), and at most
+    /// `negotiate_timeout_ms` plus `app_timeout_ms` between two of them.
+    async fn ask_patiently(&self, name: &str, msg: Msg, id: u64) -> anyhow::Result<Msg> {
+        let idle = Duration::from_millis(self.cfg.negotiate_timeout_ms).saturating_add(self.limits().timeout);
+        let key = (name.to_string(), id);
+        let ask = self.ask(name, msg, id, Duration::from_hours(24));
+        tokio::pin!(ask);
+        loop {
+            let last = self.state().returning.get(&key).and_then(|r| r.last).unwrap_or_else(Instant::now);
+            tokio::select! {
+                r = &mut ask => return r,
+                () = tokio::time::sleep_until((last + idle).into()) => {
+                    let now_last = self.state().returning.get(&key).and_then(|r| r.last);
+                    if now_last == Some(last) {
+                        return Err(anyhow!("{name} sent nothing for {} ms", idle.as_millis()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// An operator's give-back: of `clients`, those moved out from here come home from their
+    /// volunteers, and those adopted here go back to their origins, all with their sessions.
+    /// Returns how many came home or went back; an error names clients that are neither.
+    pub async fn give_back_clients(self: &Arc<Self>, clients: Vec<IpAddr>) -> anyhow::Result<usize> {
+        let (mut home, mut back): (ByNode, ByNode) = Default::default();
+        let mut neither = Vec::new();
+        {
+            let st = self.state();
+            for c in clients {
+                if let Some(m) = st.migrated.get(&c) {
+                    home.entry(m.to.clone()).or_default().push(c);
+                } else if let Some(a) = st.adopted.get(&c) {
+                    back.entry(a.from.clone()).or_default().push(c);
+                } else {
+                    neither.push(c);
+                }
+            }
+        }
+        if !neither.is_empty() {
+            anyhow::bail!("not moved out from here nor adopted here: {}", names(&neither));
+        }
+        let returning: Vec<IpAddr> = back.values().flatten().copied().collect();
+        let homes = home.into_iter().map(|(to, c)| async move { self.take_home(&to, c, "an operator asked", false).await });
+        let backs = back.into_iter().map(|(origin, c)| async move {
+            if let Err(e) = self.give_back(&origin, c).await {
+                warn!(origin, "cannot give clients back: {e:#}");
+            }
+        });
+        let (came, ()) = futures::future::join(futures::future::join_all(homes), async {
+            futures::future::join_all(backs).await;
+        })
+        .await;
+        let st = self.state();
+        Ok(came.into_iter().sum::<usize>() + returning.iter().filter(|c| !st.adopted.contains_key(c)).count())
+    }
+
+    /// Origin: a `Sessions` frame answering hand-back `id` of `name`.
+    pub(super) fn returned_sessions(&self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>) {
+        let mut st = self.state();
+        if let Some(r) = st.returning.get_mut(&(name.to_string(), id)) {
+            r.last = Some(Instant::now());
+            if !sessions.is_empty() {
+                r.sessions.entry(service).or_default().extend(sessions);
+            }
+        } else {
+            warn!(sibling = %name, id, "sessions of a hand-back this agent is not waiting for: dropped");
+        }
+    }
+
+    /// Origin: volunteer `from` gives `clients` back (`GiveBack` `id`); answered once the
+    /// hand-back ended.
+    pub(super) fn given_back(self: &Arc<Self>, from: &str, id: u64, clients: Vec<IpAddr>, reply: &mpsc::Sender<Msg>) {
+        let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+        tokio::spawn(async move {
+            let n = clients.len();
+            let home = me.take_home(&from, clients, "the volunteer gives them back", false).await;
+            info!(sibling = %from, asked = n, home, "a volunteer gave clients back");
+            let verdict = if home > 0 { Verdict::Committed } else { Verdict::Aborted };
+            if reply.send_timeout(Msg::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
+                warn!(sibling = %from, "could not answer a give-back: the link is gone or stuck");
+            }
+        });
+    }
+
+    /// Volunteer: asks origin `origin` to take `clients` back; whether it did. When it did, the
+    /// clients are no longer adopted here on return (or, past `SETTLE_WAIT`, still are).
+    pub(super) async fn give_back(self: &Arc<Self>, origin: &str, clients: Vec<IpAddr>) -> anyhow::Result<bool> {
+        let mut any = false;
+        for chunk in peer::addr_chunks(clients, self.cfg.max_frame) {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let n = chunk.len();
+            // The origin's hand-back may move a lot of data: bounded by the caller.
+            match self.ask(origin, Msg::GiveBack { id, clients: chunk.clone() }, id, Duration::from_hours(24)).await? {
+                Msg::OutcomeIs { verdict: Verdict::Committed, .. } => {
+                    any = true;
+                    // The origin answers once its hand-back is decided, but its Commit of it
+                    // comes on the other connection and may land a moment later: until then
+                    // the clients are still adopted (and busy) here.
+                    self.until_settled(&chunk, SETTLE_WAIT).await;
+                }
+                Msg::OutcomeIs { .. } => info!(origin, clients = n, "the origin did not take the clients back (they stay here)"),
+                Msg::Decline { reason, .. } => info!(origin, clients = n, "the origin declined to take the clients back: {reason}"),
+                other => warn!(origin, "unexpected answer {other:?}"),
+            }
+        }
+        Ok(any)
+    }
+
+    /// Volunteer: origin `from` takes `clients` home (`HandBack` `id`): this node's
+    /// applications export them (frozen), the sessions go back on `reply`, then `Returning`.
+    /// Any failure: the applications unfreeze and the origin is told why (`Abort`).
+    pub(super) async fn hand_back_out(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr>, reply: mpsc::Sender<Msg>) {
+        let handoff = handoff_name(from, id, &self.cfg.node);
+        let answer = self.export_back(from, id, &handoff, &services, clients, &reply).await;
+        let msg = answer.unwrap_or_else(|reason| {
+            warn!(origin = %from, handoff, "refusing to give clients back: {reason}");
+            Msg::Abort { id, reason }
+        });
+        if reply.send_timeout(msg, self.send_deadline()).await.is_err() {
+            warn!(origin = %from, handoff, "could not answer the hand-back: the link is gone or stuck (the origin aborts it)");
+        }
+    }
+
+    async fn export_back(self: &Arc<Self>, from: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: Vec<IpAddr>, reply: &mpsc::Sender<Msg>) -> Result<Msg, String> {
+        if self.cfg.sibling(from).is_none() {
+            return Err("not a configured sibling".into());
+        }
+        let mut busy = {
+            let mut st = self.state();
+            if let Some(c) = clients.iter().find(|c| st.migrated.contains_key(c)) {
+                return Err(format!("{c} is a client this node moved out itself"));
+            }
+            if let Some(c) = clients.iter().find(|c| st.busy.contains(c)) {
+                return Err(format!("{c} is in another hand-over here; ask again"));
+            }
+            st.busy.extend(clients.iter().copied());
+            Busy::new(self.clone(), clients.clone())
+        };
+        // The local services that serve the origin's services here, and their applications.
+        let families: BTreeSet<bool> = clients.iter().map(IpAddr::is_ipv4).collect();
+        let mut local_of: HashMap<SocketAddr, SocketAddr> = HashMap::new();
+        for svc in services.iter().filter(|s| families.contains(&s.is_ipv4())) {
+            let own = self.cfg.serving(*svc).ok_or_else(|| format!("no local service serves {svc} here"))?;
+            if own.sessions && !self.apps.has(own.address) {
+                return Err(format!("{} keeps sessions (sessions = true) and no application is registered for it", own.address));
+            }
+            local_of.insert(own.address, *svc);
+        }
+        let apps: Vec<SocketAddr> = local_of.keys().copied().filter(|s| self.apps.has(*s)).collect();
+        let exported = {
+            let work = self.export_all(handoff, &apps, &clients);
+            tokio::pin!(work);
+            // An empty `Sessions` frame every half lease keeps the origin waiting.
+            let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
+            keepalive.tick().await;
+            let any = services.first().copied();
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = keepalive.tick() => if let Some(service) = any {
+                        let _ = reply.send_timeout(Msg::Sessions { id, service, sessions: Vec::new() }, self.send_deadline()).await;
+                    },
+                }
+            }
+        };
+        let exported = match exported {
+            Ok(e) => e,
+            Err(e) => {
+                // Some may have frozen: they unfreeze (told until they confirm).
+                self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
+                return Err(format!("export failed: {e:#}"));
+            }
+        };
+        self.faults.pause("pause-after-export", handoff).await;
+        // The sessions under the origin's service addresses.
+        let mapped: Vec<(SocketAddr, Vec<SessionBlob>)> = exported.into_iter().map(|(local, s)| (local_of.get(&local).copied().unwrap_or(local), s)).collect();
+        let (mapped, sets) = tokio::task::spawn_blocking(move || {
+            let sets = session_sets(&mapped);
+            (mapped, sets)
+        })
+        .await
+        .map_err(|e| format!("digest task: {e}"))?;
+        let n_sessions: usize = mapped.iter().map(|(_, s)| s.len()).sum();
+        for f in session_frames(id, mapped, self.cfg.max_frame) {
+            if reply.send_timeout(f, self.send_deadline()).await.is_err() {
+                self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
+                return Err("the link to the origin is gone or stuck".into());
+            }
+        }
+        let here: HashMap<IpAddr, u64> = self.state().load.clients.iter().copied().collect();
+        let back: Vec<MovedClient> = clients.iter().map(|c| MovedClient { addr: *c, connections: here.get(c).copied().unwrap_or(0) }).collect();
+        // Recorded before the answer leaves, so that Commit and Abort find it.
+        {
+            let now = Instant::now();
+            let mut st = self.state();
+            st.acked.insert(
+                (from.to_string(), id),
+                Acked {
+                    apps,
+                    handoff: handoff.to_string(),
+                    role: Role::Export,
+                    sample: sample(&clients),
+                    clients: busy.take(),
+                    next_query: now + QUERY_AFTER,
+                    backoff: Duration::from_secs(1),
+                    querying: false,
+                },
+            );
+        }
+        info!(origin = %from, handoff, clients = back.len(), sessions = n_sessions, "giving clients back: exported (frozen until the origin commits)");
+        Ok(Msg::Returning { id, clients: back, sessions: sets })
+    }
+
+    /// Volunteer: tells the applications of `apps` how hand-back `handoff` ended; on commit
+    /// the clients' room here is free again. `clients` stay busy until they confirm.
+    pub(super) fn settle_apps_back(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, clients: Vec<IpAddr>, commit: bool) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &handoff, commit))).await;
+            me.unbusy(&clients);
+        });
+    }
+}

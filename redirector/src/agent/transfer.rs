@@ -1,0 +1,217 @@
+//! The hand-over out, on the origin: export (the sessions frozen in this node's applications)
+//! -> `Sessions`, `Clients` and `Transfer` -> `TransferAck` (the volunteer imported and is
+//! ready) -> the rules installed (the commit point) -> commit. Any failure before the rules
+//! are in aborts everywhere; a failure while installing them is decided by the rules.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::anyhow;
+use tracing::{info, warn};
+
+use super::{
+    Agent, MigratedOut,
+    handoff::{Busy, NAMED, handoff_name, session_frames, session_sets},
+    host_prefix,
+    records::{Dir, Record},
+    unix_now,
+};
+use crate::{
+    datapath::{Prefix, family_name},
+    peer::{self, MovedClient, Msg, SessionBlob, Verdict},
+};
+
+impl Agent {
+    /// One volunteer's share of a round, two-phase; returns the clients moved.
+    pub(super) async fn transfer(self: &Arc<Self>, name: &str, id: u64, clients: Vec<MovedClient>, timeout: Duration) -> usize {
+        let handoff = handoff_name(&self.cfg.node, id, name);
+        let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
+        let mut busy = Busy::new(self.clone(), addrs.clone());
+        let t0 = Instant::now();
+        let families: BTreeSet<bool> = clients.iter().map(|c| c.addr.is_ipv4()).collect();
+        let services: Vec<SocketAddr> = self.cfg.services.iter().map(|s| s.address).filter(|s| families.contains(&s.is_ipv4())).collect();
+        let tunnel_src: Vec<IpAddr> = self.cfg.control_addresses().into_iter().filter(|a| families.contains(&a.is_ipv4())).collect();
+        // Every application of these clients' services hands their sessions over (a service
+        // that keeps sessions must have one: `move_clients` checked).
+        let apps: Vec<SocketAddr> = services.iter().copied().filter(|s| self.apps.has(*s) || self.keeps_sessions(*s)).collect();
+        let targets = self.cfg.sibling(name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
+        let rec = Record { id, dir: Dir::Out, volunteer: name.to_string(), targets, clients: addrs.clone(), apps: apps.clone() };
+        let started = self.records().start(rec);
+        let rec = match started {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(sibling = %name, handoff, "not starting the hand-over: it cannot be recorded: {e:#}");
+                let _ = self.send_to(name, Msg::Abort { id, reason: "the origin cannot record the hand-over".into() }).await;
+                return 0;
+            }
+        };
+        // The export, and what the volunteer must receive of it, per service (count and
+        // digest), with the volunteer's reservation kept alive all along.
+        let prepared = self
+            .keep_lease(name, id, &apps, async {
+                let exported = self.export_all(&handoff, &apps, &addrs).await?;
+                let t_export = t0.elapsed();
+                let (exported, sets) = tokio::task::spawn_blocking(move || {
+                    let sets = session_sets(&exported);
+                    (exported, sets)
+                })
+                .await?;
+                Ok::<_, anyhow::Error>((exported, sets, t_export))
+            })
+            .await;
+        let (exported, sets, t_export) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.conclude(&rec, Verdict::Aborted, format!("export failed: {e:#}"), busy.take()).await;
+                return 0;
+            }
+        };
+        self.faults.pause("pause-after-export", &handoff).await;
+        let n_sessions: usize = exported.iter().map(|(_, s)| s.len()).sum();
+        // The time the volunteer's imports may take.
+        let allowance: Duration = exported.iter().filter(|(_, s)| !s.is_empty()).map(|(_, s)| self.limits().import_allowance(s)).sum();
+        // Session blobs and long client lists first, in frames under the peer limit.
+        let mut frames = session_frames(id, exported, self.cfg.max_frame);
+        let mut parts = peer::client_chunks(clients.clone(), &services, self.cfg.max_frame);
+        let last = parts.pop().unwrap_or_default();
+        frames.extend(parts.into_iter().map(|c| Msg::Clients { id, clients: c }));
+        let mut dropped = false;
+        for f in frames {
+            if self.faults.drop_sessions_frame && !dropped && matches!(&f, Msg::Sessions { sessions, .. } if !sessions.is_empty()) {
+                warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
+                dropped = true;
+                continue;
+            }
+            if let Err(e) = self.send_to(name, f).await {
+                self.conclude(&rec, Verdict::Aborted, format!("sending the transfer failed: {e:#}"), busy.take()).await;
+                return 0;
+            }
+        }
+        let msg = Msg::Transfer { id, services, tunnel_src, clients: last, sessions: sets };
+        let answer = self.ask(name, msg, id, timeout.saturating_add(allowance)).await;
+        let refused = match answer {
+            Ok(Msg::TransferAck { .. }) => None,
+            Ok(Msg::Abort { reason, .. }) => Some(format!("the volunteer refused: {reason}")),
+            Ok(other) => Some(format!("unexpected answer {other:?}")),
+            Err(e) => Some(format!("transfer failed: {e:#}")),
+        };
+        if let Some(why) = refused {
+            self.conclude(&rec, Verdict::Aborted, why, busy.take()).await;
+            return 0;
+        }
+        let t_ack = t0.elapsed();
+        self.faults.pause("pause-before-rules", &handoff).await;
+        let n = clients.len();
+        // All or nothing, unless something failed to clean up: then the rules decide.
+        let verdict = self.at_commit_point(&rec, self.steer(name, &clients).await.map_err(|e| format!("{e:#}"))).await;
+        if verdict == Verdict::Aborted {
+            self.conclude(&rec, verdict, "rules not installed".into(), busy.take()).await;
+            return 0;
+        }
+        let t_steer = t0.elapsed();
+        self.faults.pause("pause-before-commit", &handoff).await;
+        self.conclude(&rec, verdict, String::new(), busy.take()).await;
+        info!(
+            sibling = %name,
+            handoff,
+            clients = n,
+            sessions = n_sessions,
+            export_ms = t_export.as_millis(),
+            acked_ms = t_ack.as_millis(),
+            steered_ms = t_steer.as_millis(),
+            committed_ms = t0.elapsed().as_millis(),
+            "hand-over committed"
+        );
+        n
+    }
+
+    /// Exports the sessions of `clients` from every application in `apps` at once.
+    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr]) -> anyhow::Result<Vec<(SocketAddr, Vec<SessionBlob>)>> {
+        if let Some(svc) = apps.iter().find(|s| !self.apps.has(**s)) {
+            return Err(anyhow!("service {svc} keeps sessions (sessions = true) and no application is registered for it"));
+        }
+        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|s| (*svc, s)) })).await
+    }
+
+    /// Runs `work` while keeping volunteer `name`'s reservation for transfer `id` alive (an
+    /// empty `Sessions` frame every half lease): a big export outlasts a lease.
+    async fn keep_lease<T>(self: &Arc<Self>, name: &str, id: u64, apps: &[SocketAddr], work: impl Future<Output = T>) -> T {
+        let Some(service) = apps.first().copied() else { return work.await };
+        tokio::pin!(work);
+        let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
+        keepalive.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                _ = keepalive.tick() => {
+                    let _ = self.send_to(name, Msg::Sessions { id, service, sessions: Vec::new() }).await;
+                }
+            }
+        }
+    }
+
+    /// Installs the rules for clients a volunteer acknowledged: per family, one probe through
+    /// the tunnel to the volunteer's control address of that family, then every rule; all or
+    /// nothing.
+    pub(super) async fn steer(self: &Arc<Self>, name: &str, clients: &[MovedClient]) -> anyhow::Result<()> {
+        let sib = self.cfg.sibling(name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
+        let mut groups: Vec<(IpAddr, Vec<Prefix>)> = Vec::new();
+        for v4 in [true, false] {
+            let prefixes: Vec<Prefix> = clients.iter().filter(|c| c.addr.is_ipv4() == v4).map(|c| host_prefix(c.addr)).collect();
+            if let Some(first) = prefixes.first() {
+                let target = sib.control_address(first.addr).ok_or_else(|| anyhow!("{name} has no {} control address", family_name(first.addr.is_ipv4())))?;
+                groups.push((target, prefixes));
+            }
+        }
+        let steers = self.steers.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.faults.fail_probe_from.is_some_and(|n| steers >= n) {
+            warn!(sibling = %name, "TEST FAULT fail-probe-from: the probe of this hand-over's rules fails");
+            anyhow::bail!("TEST FAULT fail-probe-from: {name} did not answer the probe");
+        }
+        let (faults, name_s) = (self.faults.clone(), name.to_string());
+        self.with_dp(move |dp| {
+            let mut done: Vec<Prefix> = Vec::new();
+            for (i, (target, prefixes)) in groups.into_iter().enumerate() {
+                if i > 0 {
+                    faults.pause_blocking("pause-between-families", &name_s);
+                }
+                if let Err(e) = dp.migrate_many(&prefixes, target, Some(Duration::from_secs(1)), false) {
+                    for p in done {
+                        let _ = dp.release(p);
+                    }
+                    return Err(e);
+                }
+                done.extend(prefixes);
+            }
+            Ok(())
+        })
+        .await??;
+        self.state().rules_installed_ns = Some(crate::datapath::monotonic_ns());
+        if clients.len() > NAMED {
+            info!(to = %name, clients = clients.len(), "clients moved");
+        }
+        let now = Instant::now();
+        let mut before: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        {
+            let mut st = self.state();
+            for c in clients {
+                if clients.len() <= NAMED {
+                    info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
+                }
+                let m = MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now };
+                if let Some(old) = st.migrated.insert(c.addr, m).filter(|old| old.to != name) {
+                    before.entry(old.to).or_default().push(c.addr);
+                }
+            }
+        }
+        // A client moved again (operator move) no longer needs room where it was.
+        for (old, moved) in before {
+            self.release(&old, moved).await;
+        }
+        Ok(())
+    }
+}
