@@ -280,6 +280,29 @@ pub fn wait_status(sock: &Path, secs: u64, what: &str, mut cond: impl FnMut(&ser
     }
 }
 
+/// Waits up to `secs` for the agent at `sock` to have moved at least `min` clients and
+/// finished shedding: no round running, no hand-over in progress, the same clients moved for a
+/// second. A status read as soon as `min` clients are moved can come between the hand-overs of
+/// one round (one volunteer committed, the next not yet), so a test that acts on "who is
+/// moved" waits for this.
+pub fn wait_shed(sock: &Path, min: usize, secs: u64, what: &str) -> serde_json::Value {
+    let mut last: Option<(Vec<(String, String)>, Instant)> = None;
+    wait_status(sock, secs, what, |v| {
+        let m = migrated(v);
+        if m.len() < min || v["shedding"] != false || v["handoffs"]["clients_in_progress"] != 0 {
+            last = None;
+            return false;
+        }
+        match &last {
+            Some((before, since)) if *before == m => since.elapsed() >= Duration::from_secs(1),
+            _ => {
+                last = Some((m, Instant::now()));
+                false
+            }
+        }
+    })
+}
+
 /// The IPv6 service of node `name` in a dual-stack cluster: A's is [`crate::net::SERVICE6`],
 /// B's and C's are `2001:db8::20` and `2001:db8::30` (port 80).
 #[must_use]

@@ -106,7 +106,7 @@ impl Crowd {
                 continue;
             }
             let want = after.get(&cl.src).map_or_else(|| home.to_string(), |to| to.to_uppercase());
-            assert_eq!(cl.last_server.as_deref(), Some(want.as_str()), "{} ends where the rules send it ({want})", cl.src);
+            assert_eq!(cl.last_server.as_deref(), Some(want.as_str()), "{} ends where the rules send it ({want}): {}", cl.src, cl.history());
         }
         clients
     }

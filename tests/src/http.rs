@@ -421,6 +421,26 @@ impl HttpClient {
         self.failures.is_empty() && self.breaks.is_empty() && self.answered == self.requests && self.last == Some(self.requests)
     }
 
+    /// Its story, for a test's message: requests, answers per server, every connection opened
+    /// (its port and who answered on it) and what went wrong.
+    #[must_use]
+    pub fn history(&self) -> String {
+        let conns: Vec<String> = self.opened.iter().map(|o| format!("{}:{}", o.port, o.server.as_deref().unwrap_or("-"))).collect();
+        let problems = self.problems();
+        format!(
+            "{}: {} requests, {} answered, {} retried, last count {:?} from {:?}, servers {:?}, connections [{}]{}",
+            self.src,
+            self.requests,
+            self.answered,
+            self.retries,
+            self.last,
+            self.last_server,
+            self.servers,
+            conns.join(" "),
+            if problems.is_empty() { String::new() } else { format!("; {problems}") }
+        )
+    }
+
     /// What went wrong, for a test's message.
     #[must_use]
     pub fn problems(&self) -> String {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, adopted, migrated, wait_status},
+    agents::{Cluster, DemoApp, NodeOpts, Options, adopted, migrated, wait_shed, wait_status},
     crowd::{Crowd, broken},
     http::HttpClient,
     net::{SERVICE4, SERVICE4_B, client4},
@@ -68,7 +68,7 @@ fn moved_to(v: &serde_json::Value) -> BTreeMap<IpAddr, String> {
 fn shed_half(kind: DemoApp, opts: Vec<(&str, NodeOpts)>) -> (Cluster, Crowd, serde_json::Value) {
     let c = cluster(kind, 200, &[("a", 150, 100), ("b", 70, 50), ("c", 70, 50)], opts);
     let crowd = crowd(&c, 1..=200, a_svc());
-    let a = wait_status(&c.sock("a"), 30, "A to shed clients to B and C", |v| migrated(v).len() >= 70);
+    let a = wait_shed(&c.sock("a"), 70, 30, "A to shed clients to B and C");
     (c, crowd, a)
 }
 

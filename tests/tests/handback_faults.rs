@@ -14,7 +14,7 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_log, wait_status},
+    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_log, wait_shed, wait_status},
     crowd::{Crowd, broken},
     http::HttpClient,
     net::{SERVICE4, client4},
@@ -48,24 +48,9 @@ fn crowd(c: &Cluster) -> Crowd {
     Crowd::start(&c.t.client.ns, &clients, Duration::from_secs(90), 20_000)
 }
 
-/// The clients A moved to B, once it has moved at least 10 and stopped shedding (the same
-/// clients for a second).
+/// The clients A moved to B, once it has moved at least 10 and stopped shedding.
 fn moved_to_b(c: &Cluster) -> Vec<IpAddr> {
-    let mut last: Option<(Vec<(String, String)>, Instant)> = None;
-    let a = wait_status(&c.sock("a"), 30, "A to move clients to B and stop shedding", |v| {
-        let m = migrated(v);
-        if m.len() < 10 || v["shedding"] != false {
-            last = None;
-            return false;
-        }
-        match &last {
-            Some((before, since)) if *before == m => since.elapsed() >= Duration::from_secs(1),
-            _ => {
-                last = Some((m, Instant::now()));
-                false
-            }
-        }
-    });
+    let a = wait_shed(&c.sock("a"), 10, 30, "A to move clients to B and stop shedding");
     migrated(&a).into_iter().map(|(c, _)| c.parse().expect("address")).collect()
 }
 
