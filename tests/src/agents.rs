@@ -303,6 +303,11 @@ pub fn wait_shed(sock: &Path, min: usize, secs: u64, what: &str) -> serde_json::
     })
 }
 
+/// Waits up to `secs` for node `name`'s agent to have an application registered on its hook.
+pub fn wait_registered(c: &Cluster, name: &str, secs: u64) -> serde_json::Value {
+    wait_status(&c.sock(name), secs, &format!("an application to register with {name}'s agent"), |v| v["hook"]["registered"].as_array().is_some_and(|r| !r.is_empty()))
+}
+
 /// The IPv6 service of node `name` in a dual-stack cluster: A's is [`crate::net::SERVICE6`],
 /// B's and C's are `2001:db8::20` and `2001:db8::30` (port 80).
 #[must_use]

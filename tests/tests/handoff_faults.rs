@@ -18,7 +18,7 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_app_log, wait_log, wait_status},
+    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_app_log, wait_log, wait_registered, wait_status},
     hook::{Action, Dir, HookProxy},
     http::HttpClient,
     net::{SERVICE4, client4},
@@ -177,7 +177,7 @@ fn a_volunteer_killed_mid_transfer_loses_nothing_steers_nothing_and_drops_its_im
     let b = NodeOpts { hook_via: Some("b-proxy.sock".into()), ..NodeOpts::default() };
     let mut c = cluster(&[("b", b)], "");
     let proxy = HookProxy::start(&c.dir.join("b-proxy.sock"), &c.dir.join("b-app.sock"), on_answers("import", |_, _, _| Action::Delay(Duration::from_secs(3))));
-    wait_log(&c, "b", "application registered", 10);
+    wait_registered(&c, "b", 10);
     let driver = Driver::start(&c, 30);
     wait_app_log(&c, "b", "hook: import", 20);
     c.kill_agent("b");
@@ -193,8 +193,7 @@ fn a_volunteer_killed_mid_transfer_loses_nothing_steers_nothing_and_drops_its_im
     // B's agent comes back; the application reports the unfinished import; B asks A, which
     // aborted: the import is dropped.
     c.start_again("b", None);
-    wait_log(&c, "b", "settled as aborted", 20);
-    wait_app_log(&c, "b", "hook: abort", 10);
+    wait_app_log(&c, "b", "hook: abort", 30);
     assert!(c.app_log("b").contains("registering with 1 unfinished"), "{}", c.app_log("b"));
     assert!(imported_sessions(&c.app_log("b"), "abort") > 0, "the imported sessions were dropped:\n{}", c.app_log("b"));
     drop(proxy);
@@ -209,8 +208,7 @@ fn a_volunteer_that_acknowledges_too_late_gets_the_abort_and_drops_its_copy() {
     let b = NodeOpts { faults: Some("delay-ack=5000".into()), ..NodeOpts::default() };
     let c = cluster(&[("b", b)], "");
     let driver = Driver::start(&c, 30);
-    wait_log(&c, "b", "origin aborted", 20);
-    wait_app_log(&c, "b", "hook: abort", 10);
+    wait_app_log(&c, "b", "hook: abort", 30);
     let clients = driver.stop();
     assert_intact(&c, &clients);
     assert_eq!(moved(&clients), 0, "nobody moved");
@@ -232,8 +230,7 @@ fn a_lost_abort_is_settled_by_asking_the_origin() {
     let c = cluster(&[("a", a), ("b", b)], "");
     let driver = Driver::start(&c, 30);
     wait_log(&c, "a", "TEST FAULT drop-abort", 20);
-    wait_log(&c, "b", "settled as aborted", 20);
-    wait_app_log(&c, "b", "hook: abort", 10);
+    wait_app_log(&c, "b", "hook: abort", 30);
     let clients = driver.stop();
     assert_intact(&c, &clients);
     assert_nothing_steered(&c);
@@ -286,18 +283,17 @@ fn the_volunteer_agent_killed_before_its_application_heard_the_commit_confirms_w
     let filter =
         Arc::new(move |dir, line: &str| if dir == Dir::ToApp && !p.load(Ordering::Relaxed) && request_id(line, "commit").is_some() { Action::Drop } else { Action::Forward });
     let proxy = HookProxy::start(&c.dir.join("b-proxy.sock"), &c.dir.join("b-app.sock"), filter);
-    wait_log(&c, "b", "application registered", 10);
+    wait_registered(&c, "b", 10);
     let driver = Driver::start(&c, 30);
-    wait_log(&c, "a", "hand-over committed", 20);
-    wait_log(&c, "b", "commit not confirmed by the application yet", 10);
+    wait_status(&c.sock("a"), 20, "A to commit a hand-over", |v| !migrated(v).is_empty() && v["handoffs"]["clients_in_progress"] == 0);
+    wait_status(&c.sock("b"), 10, "B to owe its application the commit", |v| v["hook"]["unconfirmed"].as_u64() >= Some(1));
     c.kill_agent("b");
     std::thread::sleep(Duration::from_secs(1));
     // The moved clients are served by B's application with their imported sessions all along.
     assert!(!c.app_log("b").contains("hook: abort"), "B's application decided by itself:\n{}", c.app_log("b"));
     pass.store(true, Ordering::Relaxed);
     c.start_again("b", None);
-    wait_log(&c, "b", "settled as committed", 20);
-    wait_app_log(&c, "b", "hook: commit", 10);
+    wait_app_log(&c, "b", "hook: commit", 30);
     let clients = driver.stop();
     assert_intact(&c, &clients);
     assert!(moved(&clients) >= 10, "clients moved to B with their sessions: {}", moved(&clients));
@@ -318,10 +314,10 @@ fn hooks_that_drop_and_reconnect_mid_hand_over_lose_nothing() {
     let cut_once = |n: usize, _: &Value, _: &str| if n == 0 { Action::ForwardThenCut } else { Action::Forward };
     let pa = HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), on_answers("export", cut_once));
     let pb = HookProxy::start(&c.dir.join("b-proxy.sock"), &c.dir.join("b-app.sock"), on_answers("import", cut_once));
-    wait_log(&c, "a", "application registered", 10);
-    wait_log(&c, "b", "application registered", 10);
+    wait_registered(&c, "a", 10);
+    wait_registered(&c, "b", 10);
     let driver = Driver::start(&c, 30);
-    wait_log(&c, "a", "hand-over committed", 20);
+    wait_status(&c.sock("a"), 20, "A to commit a hand-over", |v| !migrated(v).is_empty() && v["handoffs"]["clients_in_progress"] == 0);
     wait_app_log(&c, "a", "hook: commit", 10);
     wait_app_log(&c, "b", "hook: commit", 10);
     std::thread::sleep(Duration::from_secs(1));
@@ -366,12 +362,12 @@ fn with_sessions_on_no_client_moves_until_an_application_registers() {
     let a = NodeOpts { hook_via: Some("a-late.sock".into()), ..NodeOpts::default() };
     let c = cluster(&[("a", a)], "");
     let driver = Driver::start(&c, 30);
-    wait_log(&c, "a", "over the high watermark", 20);
+    wait_status(&c.sock("a"), 20, "A over its high watermark", |v| v["load"].as_u64() > v["high_watermark"].as_u64());
     std::thread::sleep(Duration::from_secs(3));
     assert!(migrated(&c.status("a")).is_empty(), "nothing moved without an application: {}", c.status("a"));
     assert!(c.log("a").contains("keeps sessions (sessions = true) and no application is registered"), "A said why:\n{}", c.log("a"));
     let proxy = HookProxy::start(&c.dir.join("a-late.sock"), &c.dir.join("a-app.sock"), Arc::new(|_, _: &str| Action::Forward));
-    wait_log(&c, "a", "application registered", 10);
+    wait_registered(&c, "a", 10);
     wait_status(&c.sock("a"), 20, "A to move clients once its application registered", |v| migrated(v).len() >= 10);
     std::thread::sleep(Duration::from_secs(1));
     let clients = driver.stop();
@@ -485,7 +481,7 @@ fn invalid_export_answers_abort_at_once_with_a_clear_log_line() {
     let c = cluster(&[("a", a), ("b", b)], "");
     let proxy =
         HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), on_answers("export", |n, req, answer| Action::Replace((BAD[n % BAD.len()].answer)(req, answer))));
-    wait_log(&c, "a", "application registered", 10);
+    wait_registered(&c, "a", 10);
     let t0 = Instant::now();
     let driver = Driver::start(&c, 30);
     for bad in BAD {
@@ -515,10 +511,10 @@ fn an_export_that_times_out_aborts_the_hand_over() {
     let a = NodeOpts { hook_via: Some("a-proxy.sock".into()), ..NodeOpts::default() };
     let c = cluster(&[("a", a)], "");
     let proxy = HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), on_answers("export", |_, _, _| Action::Drop));
-    wait_log(&c, "a", "application registered", 10);
+    wait_registered(&c, "a", 10);
     let driver = Driver::start(&c, 30);
-    wait_log(&c, "a", "did not answer export", 20);
-    wait_app_log(&c, "a", "hook: abort", 10);
+    wait_app_log(&c, "a", "hook: abort", 30);
+    assert!(c.log("a").contains("did not answer export"), "A gave up on the export:\n{}", c.log("a"));
     let clients = driver.stop();
     assert_intact(&c, &clients);
     assert_nothing_steered(&c);
