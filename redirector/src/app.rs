@@ -378,10 +378,10 @@ impl Apps {
     /// Services with an application registered, and how many commits or aborts are not
     /// confirmed yet: for the status.
     #[must_use]
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> (Vec<String>, usize) {
         let mut services: Vec<String> = self.by_service.lock().expect("lock").keys().map(ToString::to_string).collect();
         services.sort();
-        json!({"registered": services, "unconfirmed": self.owed.lock().expect("lock").len()})
+        (services, self.owed.lock().expect("lock").len())
     }
 
     /// Whether a commit (`Some(true)`) or abort of `handoff` is on its way to the application

@@ -11,100 +11,73 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::{
+    admin::api::Status,
     config::Config,
     datapath::{self, Datapath, Location, Prefix},
 };
 
 /// The status of an agent as tables for people; `now` is the current Unix time (ages are
 /// counted from it).
-fn format_status(v: &serde_json::Value, now: u64) -> String {
+fn format_status(s: &Status, now: u64) -> String {
     use std::fmt::Write as _;
 
     use crate::agent::ago;
     let mut out = String::new();
-    let since = |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".to_string(), |t| ago(now.saturating_sub(t)));
-    let ms_ago =
-        |x: &serde_json::Value| x.as_u64().map_or_else(|| "never".to_string(), |m| if m < 10_000 { format!("{}.{}s ago", m / 1000, m % 1000 / 100) } else { ago(m / 1000) });
-    let _ = writeln!(
-        out,
-        "node {}  load {} (high {}, low {}){}",
-        v["node"].as_str().unwrap_or("?"),
-        v["load"],
-        v["high_watermark"],
-        v["low_watermark"],
-        if v["shedding"].as_bool() == Some(true) { "  shedding" } else { "" }
-    );
-    if let Some(r) = v["last_round"].as_str() {
+    let since = |t: u64| ago(now.saturating_sub(t));
+    let ms_ago = |x: Option<u64>| x.map_or_else(|| "never".to_string(), |m| if m < 10_000 { format!("{}.{}s ago", m / 1000, m % 1000 / 100) } else { ago(m / 1000) });
+    let _ = writeln!(out, "node {}  load {} (high {}, low {}){}", s.node, s.load, s.high_watermark, s.low_watermark, if s.shedding { "  shedding" } else { "" });
+    if let Some(r) = &s.last_round {
         let _ = writeln!(out, "last shedding round: {r}");
     }
-    if v["promised"].as_u64().is_some_and(|p| p > 0) {
-        let _ = writeln!(out, "room promised to adopted clients not arrived yet: {} connections", v["promised"]);
+    if s.promised > 0 {
+        let _ = writeln!(out, "room promised to adopted clients not arrived yet: {} connections", s.promised);
     }
-    let hook = &v["hook"];
-    if hook.is_object() {
-        let apps: Vec<&str> = hook["registered"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_str).collect();
-        let _ = writeln!(out, "applications registered: {}", if apps.is_empty() { "none".to_string() } else { apps.join(", ") });
-        let h = &v["handoffs"];
-        let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
-        let (unconfirmed, awaiting, undecided, busy) = (n(&hook["unconfirmed"]), n(&h["awaiting_outcome"]), n(&h["undecided"]), n(&h["clients_in_progress"]));
-        if unconfirmed + awaiting + undecided + busy > 0 {
-            let _ = writeln!(
-                out,
-                "hand-overs unfinished: {undecided} in progress here, {awaiting} awaiting their origin's outcome, {unconfirmed} outcomes not confirmed by an application yet ({busy} clients held)"
-            );
-        }
+    let apps = &s.hook.registered;
+    let _ = writeln!(out, "applications registered: {}", if apps.is_empty() { "none".to_string() } else { apps.join(", ") });
+    let (unconfirmed, h) = (s.hook.unconfirmed, &s.handoffs);
+    if unconfirmed + h.awaiting_outcome + h.undecided + h.clients_in_progress > 0 {
+        let _ = writeln!(
+            out,
+            "hand-overs unfinished: {} in progress here, {} awaiting their origin's outcome, {unconfirmed} outcomes not confirmed by an application yet ({} clients held)",
+            h.undecided, h.awaiting_outcome, h.clients_in_progress
+        );
     }
-    if let Some(n) = v["handoffs"]["handed_back"].as_u64().filter(|n| *n > 0) {
-        let _ = writeln!(out, "clients that came home with their sessions: {n}");
+    if h.handed_back > 0 {
+        let _ = writeln!(out, "clients that came home with their sessions: {}", h.handed_back);
     }
-    if let Some(n) = v["sessions_lost"].as_u64().filter(|n| *n > 0) {
-        let _ = writeln!(out, "sessions lost (their clients came home from a sibling that stayed unreachable): {n}");
+    if s.sessions_lost > 0 {
+        let _ = writeln!(out, "sessions lost (their clients came home from a sibling that stayed unreachable): {}", s.sessions_lost);
     }
-    if v["leaving"].as_bool() == Some(true) {
+    if s.leaving {
         let _ = writeln!(out, "stopping: handing clients back");
     }
     let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
-    for s in v["siblings"].as_array().into_iter().flatten() {
-        rows.push(vec![
-            s["name"].as_str().unwrap_or("?").into(),
-            s["address"].as_str().unwrap_or("?").into(),
-            if s["up"].as_bool() == Some(true) { "up".into() } else { "down".into() },
-            ms_ago(&s["last_heartbeat_ms"]),
-            s["load"].to_string(),
-        ]);
+    for x in &s.siblings {
+        rows.push(vec![x.name.clone(), x.address.to_string(), if x.up { "up".into() } else { "down".into() }, ms_ago(x.last_heartbeat_ms), x.load.to_string()]);
     }
     out.push_str(&table(&rows));
     let mut rows = vec![vec!["MIGRATED-OUT".into(), "TO".into(), "SINCE".into(), "CONNECTIONS".into()]];
-    for m in v["migrated_out"].as_array().into_iter().flatten() {
-        rows.push(vec![m["client"].as_str().unwrap_or("?").into(), m["to"].as_str().unwrap_or("?").into(), since(&m["since_unix"]), m["connections"].to_string()]);
+    for m in &s.migrated_out {
+        rows.push(vec![m.client.to_string(), m.to.clone(), since(m.since_unix), m.connections.to_string()]);
     }
     out.push_str(&table(&rows));
     let mut rows = vec![vec!["ADOPTED".into(), "FROM".into(), "SINCE".into(), "PROMISED".into(), "HERE".into()]];
-    for m in v["adopted"].as_array().into_iter().flatten() {
-        rows.push(vec![
-            m["client"].as_str().unwrap_or("?").into(),
-            m["from"].as_str().unwrap_or("?").into(),
-            since(&m["since_unix"]),
-            m["promised"].to_string(),
-            m["connections"].to_string(),
-        ]);
+    for a in &s.adopted {
+        rows.push(vec![a.client.to_string(), a.from.clone(), since(a.since_unix), a.promised.to_string(), a.connections.to_string()]);
     }
     out.push_str(&table(&rows));
-    if v["draining"].as_u64().is_some_and(|n| n > 0) {
-        let _ = writeln!(out, "rules draining: {}", v["draining"]);
+    if s.draining > 0 {
+        let _ = writeln!(out, "rules draining: {}", s.draining);
     }
-    let orphans = v["orphaned"].as_array().cloned().unwrap_or_default();
-    if !orphans.is_empty() {
+    if !s.orphaned.is_empty() {
         let mut rows = vec![vec!["ORPHANED-RULE".into(), "TARGET".into(), "WHY".into()]];
-        for o in &orphans {
-            rows.push(vec![o["prefix"].as_str().unwrap_or("?").into(), o["target"].as_str().unwrap_or("?").into(), o["why"].as_str().unwrap_or("?").into()]);
+        for o in &s.orphaned {
+            rows.push(vec![o.prefix.clone(), o.target.to_string(), o.why.clone()]);
         }
         out.push_str(&table(&rows));
     }
     let mut rows = vec![vec!["COUNTER".into(), "PACKETS".into()]];
-    if let Some(m) = v["counters"].as_object() {
-        rows.extend(m.iter().map(|(n, c)| vec![n.clone(), c.to_string()]));
-    }
+    rows.extend(s.counters.iter().map(|(n, c)| vec![n.clone(), c.to_string()]));
     out.push_str(&table(&rows));
     out
 }
@@ -234,13 +207,9 @@ impl AgentSocket {
         }
     }
 
-    /// Sends `req` to the agent; its answer, or the error it gives.
-    fn ask(&self, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let v = crate::admin::ask(&self.path()?, &req.to_string(), std::time::Duration::from_secs(self.timeout_secs))?;
-        if let Some(e) = v["error"].as_str() {
-            bail!("the agent says: {e}");
-        }
-        Ok(v)
+    /// How long to wait for the agent's answer.
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
     }
 }
 
@@ -512,9 +481,15 @@ fn run_agent(cfg: Config) -> anyhow::Result<()> {
     if let Some(ns) = &cfg.netns {
         enter_netns(ns)?;
     }
+    let admin_socket = cfg.admin_socket();
     let agent = crate::agent::Agent::new(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(agent.run())
+    let ran = rt.block_on(async {
+        tokio::spawn(crate::admin::serve(agent.clone(), admin_socket.clone()));
+        agent.run().await
+    });
+    let _ = std::fs::remove_file(&admin_socket);
+    ran
 }
 
 /// Runs one CLI command.
@@ -545,31 +520,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Status { agent } => {
-            let v = crate::admin::query(&agent.path()?)?;
+            let s = crate::admin::status(&agent.path()?)?;
             if cli.global.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&s)?);
             } else {
-                print!("{}", format_status(&v, datapath::unix_now()));
+                print!("{}", format_status(&s, datapath::unix_now()));
             }
             return Ok(());
         }
         Command::Move { clients, agent } => {
-            let v = agent.ask(&serde_json::json!({"op": "move", "clients": clients}))?;
+            let m = crate::admin::move_clients(&agent.path()?, clients.clone(), agent.timeout())?;
             if cli.global.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&m)?);
             } else {
-                println!("moved {} of {} client(s) with their sessions in {:.0} ms", v["moved"], clients.len(), v["ms"].as_f64().unwrap_or(0.0));
+                println!("moved {} of {} client(s) with their sessions in {:.0} ms", m.moved, clients.len(), m.ms);
             }
             return Ok(());
         }
         Command::GiveBack { clients, agent } => {
-            let v = agent.ask(&serde_json::json!({"op": "give-back", "clients": clients}))?;
+            let g = crate::admin::give_back(&agent.path()?, clients.clone(), agent.timeout())?;
             if cli.global.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&g)?);
             } else {
-                println!("{} of {} client(s) given back with their sessions in {:.0} ms", v["given_back"], clients.len(), v["ms"].as_f64().unwrap_or(0.0));
+                println!("{} of {} client(s) given back with their sessions in {:.0} ms", g.given_back, g.asked, g.ms);
             }
-            if v["given_back"].as_u64() == Some(0) {
+            if g.given_back == 0 {
                 bail!("no client was given back (see the agent's log for why)");
             }
             return Ok(());
@@ -783,9 +758,11 @@ mod tests {
             "orphaned": [{"prefix": "198.18.1.39/32", "target": "198.18.0.99", "why": "target 198.18.0.99 is not a configured sibling"}],
             "counters": {"forwarded-new": 17, "passed": 3},
             "hook": {"registered": ["198.18.0.10:80"], "unconfirmed": 1},
-            "handoffs": {"clients_in_progress": 2, "awaiting_outcome": 0, "undecided": 0},
+            "handoffs": {"clients_in_progress": 2, "awaiting_outcome": 0, "undecided": 0, "handed_back": 0},
+            "sessions_lost": 0, "leaving": false,
         });
-        let t = format_status(&v, 1012);
+        let s: Status = serde_json::from_value(v).expect("a status as the agent writes it");
+        let t = format_status(&s, 1012);
         for want in [
             "0.2s ago",
             "198.18.1.5    b   12s ago",

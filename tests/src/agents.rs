@@ -245,13 +245,19 @@ pub fn start_agent_with(config: &Path, faults: Option<&str>) -> Proc {
     Proc { child, log }
 }
 
+/// The agent's [`redirector::admin::api::Status`] as JSON (tests read it by name, as scripts
+/// read `redirector status --json`; it comes through the typed struct, so it has its shape).
+fn query(sock: &Path) -> anyhow::Result<serde_json::Value> {
+    redirector::admin::status(sock).map(|s| serde_json::to_value(s).expect("a status encodes"))
+}
+
 /// The status of the agent behind admin socket `sock`, waiting up to 30 s for it to answer
 /// (many agents starting at once on two cores take a while to verify their programs).
 #[must_use]
 pub fn status(sock: &Path) -> serde_json::Value {
     let start = Instant::now();
     loop {
-        match redirector::admin::query(sock) {
+        match query(sock) {
             Ok(v) => return v,
             Err(e) => {
                 if start.elapsed() >= Duration::from_secs(30) {
@@ -681,7 +687,7 @@ impl Sampler {
             let mut seen: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
             while !s.load(Ordering::Relaxed) {
                 for (n, sock) in &socks {
-                    if let Ok(v) = redirector::admin::query(sock) {
+                    if let Ok(v) = query(sock) {
                         seen.entry(n.clone()).or_default().push(v);
                     }
                 }

@@ -326,3 +326,56 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     }
     send(&mut s, &Msg::Abort { id: 200, reason: "test over".into() });
 }
+
+/// One line in, one line out, on the agent's admin socket.
+fn admin_line(sock: &std::path::Path, line: &[u8]) -> String {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the admin socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    // A line over the limit is cut short: the agent answers and closes before taking the
+    // rest, so the end of this write may fail.
+    let _ = s.write_all(line);
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).expect("an answer");
+    answer
+}
+
+/// The admin socket answers with the types both ends share: the typed client, the CLI's
+/// `--json` and an earlier client's bare `status` read the same status. What it cannot read
+/// (not JSON, an unknown operation or field, a client that is not an address, a line over
+/// 1 MiB) gets a one-line reason, changes nothing, and the agent goes on answering.
+#[test]
+fn the_admin_socket_answers_typed_requests_and_refuses_what_it_cannot_read() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::with_config(1, &[("a", 100, 50), ("b", 100, 50)], "");
+    wait_status(&c.sock("a"), 20, "B up in A's agent", |v| v["siblings"][0]["up"] == true);
+    let typed = redirector::admin::status(&c.sock("a")).expect("a typed status");
+    assert_eq!((typed.node.as_str(), typed.high_watermark, typed.siblings.len()), ("a", 100, 1), "{typed:?}");
+    let bare: redirector::admin::api::Status = serde_json::from_str(&admin_line(&c.sock("a"), b"status\n")).expect("the bare word status reads as a Status");
+    assert_eq!(bare.node, "a");
+    let cli: redirector::admin::api::Status =
+        serde_json::from_str(&c.t.redirector_ok(&c.t.a, &["status", "--socket", &c.sock("a").display().to_string(), "--json"])).expect("the CLI prints a Status");
+    assert_eq!(cli.node, "a");
+    let mut huge = br#"{"op":"move","clients":[""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'1', 2 << 20));
+    huge.extend(b"\"]}\n");
+    for (line, why) in [
+        (&b"hello\n"[..], "unknown request"),
+        (b"{\"op\":\"explode\"}\n", "malformed request"),
+        (b"{\"op\":\"move\",\"clients\":[\"nobody\"]}\n", "malformed request"),
+        (b"{\"op\":\"give-back\",\"clients\":[],\"all\":true}\n", "malformed request"),
+        (&huge[..], "malformed request"),
+    ] {
+        let answer = admin_line(&c.sock("a"), line);
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert!(v["error"].as_str().is_some_and(|e| e.contains(why) && e.len() < 400), "{why}: {answer}");
+    }
+    let e = redirector::admin::give_back(&c.sock("a"), vec!["198.18.1.1".parse().expect("address")], Duration::from_secs(10)).map(|g| g.given_back);
+    assert!(e.as_ref().is_err_and(|e| e.to_string().contains("not moved out from here nor adopted here")), "a client that was never moved is refused, with the reason: {e:?}");
+    let after = redirector::admin::status(&c.sock("a")).expect("the agent still answers");
+    assert!(after.migrated_out.is_empty() && after.adopted.is_empty(), "nothing moved: {after:?}");
+    let gone = c.t.redirector(&c.t.a, &["status", "--socket", "/nonexistent/redirector.sock"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("is the agent running?"), "{gone:?}");
+}

@@ -53,6 +53,7 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 use crate::{
+    admin::api::{self, Status},
     app::{Apps, Limits, Registration, Role},
     config::Config,
     datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
@@ -445,7 +446,6 @@ impl Agent {
         tokio::spawn(self.clone().load_events());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(self.clone().finish_unfinished());
-        tokio::spawn(crate::admin::serve(self.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -460,7 +460,6 @@ impl Agent {
             _ = tokio::signal::ctrl_c() => warn!("stopping at once (second signal)"),
             _ = term.recv() => warn!("stopping at once (second signal)"),
         }
-        let _ = std::fs::remove_file(self.cfg.admin_socket());
         let _ = std::fs::remove_file(self.cfg.app_socket());
         Ok(())
     }
@@ -528,70 +527,64 @@ impl Agent {
 
     // ---- status --------------------------------------------------------------------------
 
-    /// Path of the admin socket.
-    #[must_use]
-    pub fn admin_socket(&self) -> std::path::PathBuf {
-        self.cfg.admin_socket()
-    }
-
     /// The node's status, for `redirector status`.
-    pub async fn status(self: &Arc<Self>) -> serde_json::Value {
-        let counters = self
-            .with_reader(Datapath::stats)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|s| s.counters.into_iter().map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>())
-            .unwrap_or_default();
+    pub async fn status(self: &Arc<Self>) -> Status {
+        let counters =
+            self.with_reader(Datapath::stats).await.ok().and_then(Result::ok).map(|s| s.counters.into_iter().map(|(n, v)| (n.to_string(), v)).collect()).unwrap_or_default();
         let st = self.state();
         let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let siblings: Vec<serde_json::Value> = self
+        let siblings = self
             .cfg
             .siblings
             .iter()
             .map(|s| {
                 let x = st.siblings.get(&s.name);
                 let last = x.and_then(|x| x.last_heartbeat).map(ms);
-                serde_json::json!({
-                    "name": s.name,
-                    "address": s.address,
-                    "up": x.is_some_and(|x| x.out.is_some()) && last.is_some_and(|l| l < self.cfg.liveness_ms),
-                    "last_heartbeat_ms": last,
-                    "last_seen_ms": x.and_then(|x| x.last_seen).map(ms),
-                    "load": x.map_or(0, |x| x.load),
-                })
+                api::SiblingStatus {
+                    name: s.name.clone(),
+                    address: s.address,
+                    up: x.is_some_and(|x| x.out.is_some()) && last.is_some_and(|l| l < self.cfg.liveness_ms),
+                    last_heartbeat_ms: last,
+                    last_seen_ms: x.and_then(|x| x.last_seen).map(ms),
+                    load: x.map_or(0, |x| x.load),
+                }
             })
             .collect();
-        let mut migrated: Vec<&MigratedOut> = st.migrated.values().collect();
-        migrated.sort_by_key(|m| m.client);
-        let mut adopted: Vec<&AdoptedIn> = st.adopted.values().collect();
+        let mut migrated_out: Vec<api::MovedOut> =
+            st.migrated.values().map(|m| api::MovedOut { client: m.client, to: m.to.clone(), since_unix: m.since_unix, connections: m.connections }).collect();
+        migrated_out.sort_by_key(|m| m.client);
+        let mut adopted: Vec<api::Adopted> = st
+            .adopted
+            .values()
+            .map(|a| api::Adopted { client: a.client, from: a.from.clone(), since_unix: a.since_unix, promised: a.promised, connections: a.connections })
+            .collect();
         adopted.sort_by_key(|a| a.client);
-        let promised = policy::promised(st.adopted.values().map(|a| (a.promised, a.connections)));
-        serde_json::json!({
-            "node": self.cfg.node,
-            "load": st.load.total,
-            "high_watermark": self.cfg.high_watermark,
-            "low_watermark": self.cfg.low_watermark,
-            "shedding": st.negotiating,
-            "last_shed_ms": st.last_shed_ms,
-            "last_round": st.last_round,
-            "promised": promised,
-            "siblings": siblings,
-            "migrated_out": migrated,
-            "adopted": adopted,
-            "draining": st.draining,
-            "orphaned": st.orphans,
-            "hook": self.apps.status(),
-            "handoffs": {
-                "clients_in_progress": st.busy.len(),
-                "awaiting_outcome": st.acked.len(),
-                "undecided": self.records().undecided(),
-                "handed_back": st.handed_back,
-                "last_home_ms": st.last_home_ms,
+        let (registered, unconfirmed) = self.apps.status();
+        Status {
+            node: self.cfg.node.clone(),
+            load: st.load.total,
+            high_watermark: self.cfg.high_watermark,
+            low_watermark: self.cfg.low_watermark,
+            shedding: st.negotiating,
+            last_shed_ms: st.last_shed_ms,
+            last_round: st.last_round.clone(),
+            promised: policy::promised(st.adopted.values().map(|a| (a.promised, a.connections))),
+            siblings,
+            migrated_out,
+            adopted,
+            draining: st.draining,
+            orphaned: st.orphans.iter().map(|o| api::OrphanRule { prefix: o.prefix.clone(), target: o.target, why: o.why.clone() }).collect(),
+            hook: api::HookStatus { registered, unconfirmed },
+            handoffs: api::HandoffStatus {
+                clients_in_progress: st.busy.len(),
+                awaiting_outcome: st.acked.len(),
+                undecided: self.records().undecided(),
+                handed_back: st.handed_back,
+                last_home_ms: st.last_home_ms,
             },
-            "sessions_lost": st.sessions_lost,
-            "leaving": st.leaving,
-            "counters": counters,
-        })
+            sessions_lost: st.sessions_lost,
+            leaving: st.leaving,
+            counters,
+        }
     }
 }

@@ -340,21 +340,19 @@ fn handoff(json: bool) {
             // Client addresses from 198.19.0.1 up (inside 198.18.0.0/15; no packet is sent to
             // them). Runs reuse them, so the rule map stays within its size: each run moves them
             // out, then gives them back.
-            let clients: Vec<String> = (1..=n).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + u32::try_from(i).expect("small")).to_string()).collect();
+            let clients: Vec<IpAddr> = (1..=n).map(|i| IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + u32::try_from(i).expect("small")))).collect();
             let before = (b_app.imported.load(std::sync::atomic::Ordering::Relaxed), a_app.imported.load(std::sync::atomic::Ordering::Relaxed));
-            let req = serde_json::json!({"op": "move", "clients": clients}).to_string();
-            let v = redirector::admin::ask(&c.sock("a"), &req, Duration::from_secs(300)).expect("move request");
-            assert_eq!(v["moved"].as_u64(), Some(n as u64), "all {n} clients moved: {v}");
+            let v = redirector::admin::move_clients(&c.sock("a"), clients.clone(), Duration::from_secs(300)).expect("move request");
+            assert_eq!(v.moved, n, "all {n} clients moved: {v:?}");
             assert_eq!(b_app.imported.load(std::sync::atomic::Ordering::Relaxed) - before.0, n, "B's application imported every session");
-            ms.push(v["ms"].as_f64().expect("ms"));
+            ms.push(v.ms);
             // A client is not moved again at once (its waiting requests are answered first).
             std::thread::sleep(redirector::agent::MOVE_DWELL + Duration::from_millis(200));
             // Back home: B exports, A imports, A withdraws its rules, both commit.
-            let req = serde_json::json!({"op": "give-back", "clients": clients}).to_string();
-            let v = redirector::admin::ask(&c.sock("a"), &req, Duration::from_secs(300)).expect("give-back request");
-            assert_eq!(v["given_back"].as_u64(), Some(n as u64), "all {n} clients came back: {v}");
+            let v = redirector::admin::give_back(&c.sock("a"), clients.clone(), Duration::from_secs(300)).expect("give-back request");
+            assert_eq!(v.given_back, n, "all {n} clients came back: {v:?}");
             assert_eq!(a_app.imported.load(std::sync::atomic::Ordering::Relaxed) - before.1, n, "A's application imported every session");
-            back.push(v["ms"].as_f64().expect("ms"));
+            back.push(v.ms);
             std::thread::sleep(redirector::agent::MOVE_DWELL + Duration::from_millis(200));
         }
         eprintln!("  {n} x {} KiB: out {ms:.1?} ms, back {back:.1?} ms", size >> 10);

@@ -1,0 +1,61 @@
+//! Asking a running agent over its admin socket (the CLI, scripts through it, the tests).
+
+use std::{
+    io::{BufRead as _, Write as _},
+    net::IpAddr,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::de::DeserializeOwned;
+
+use super::api::{GivenBack, Moved, Request, Status};
+
+/// How long a status may take to come.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends `req` to the agent behind `path` and reads its answer as a `T`, waiting at most
+/// `timeout` for it.
+///
+/// # Errors
+/// No agent answers there, the agent refused the request (its reason), or its answer is not a
+/// `T`.
+pub fn ask<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) -> anyhow::Result<T> {
+    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req).context("encoding the request")?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).context("sending the request to the agent")?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).context("reading the agent's answer")?;
+    let v: serde_json::Value = serde_json::from_str(&answer).with_context(|| format!("the agent's answer is not JSON: {:?}", answer.chars().take(200).collect::<String>()))?;
+    if let Some(e) = v.get("error") {
+        bail!("the agent says: {}", e.as_str().unwrap_or_default());
+    }
+    serde_json::from_value(v).context("reading the agent's answer (is it another version?)")
+}
+
+/// The status of the agent behind `path`.
+///
+/// # Errors
+/// As [`ask`].
+pub fn status(path: &Path) -> anyhow::Result<Status> {
+    ask(path, &Request::Status, STATUS_TIMEOUT)
+}
+
+/// Asks the agent behind `path` to move `clients` now, with their sessions.
+///
+/// # Errors
+/// As [`ask`].
+pub fn move_clients(path: &Path, clients: Vec<IpAddr>, timeout: Duration) -> anyhow::Result<Moved> {
+    ask(path, &Request::Move { clients }, timeout)
+}
+
+/// Asks the agent behind `path` to bring `clients` back, with their sessions.
+///
+/// # Errors
+/// As [`ask`].
+pub fn give_back(path: &Path, clients: Vec<IpAddr>, timeout: Duration) -> anyhow::Result<GivenBack> {
+    ask(path, &Request::GiveBack { clients }, timeout)
+}
