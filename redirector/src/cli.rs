@@ -485,7 +485,11 @@ fn run_agent(cfg: Config) -> anyhow::Result<()> {
     let agent = crate::agent::Agent::new(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ran = rt.block_on(async {
-        tokio::spawn(crate::admin::serve(agent.clone(), admin_socket.clone()));
+        let (a, path) = (agent.clone(), admin_socket.clone());
+        tokio::spawn(async move {
+            a.running().await;
+            crate::admin::serve(a, path).await;
+        });
         agent.run().await
     });
     let _ = std::fs::remove_file(&admin_socket);

@@ -341,7 +341,8 @@ fn admin_line(sock: &std::path::Path, line: &[u8]) -> String {
 }
 
 /// The admin socket answers with the types both ends share: the typed client, the CLI's
-/// `--json` and an earlier client's bare `status` read the same status. What it cannot read
+/// `--json` and an earlier client's bare `status` read the same status, and only once the
+/// agent runs. What it cannot read
 /// (not JSON, an unknown operation or field, a client that is not an address, a line over
 /// 1 MiB) gets a one-line reason, changes nothing, and the agent goes on answering.
 #[test]
@@ -352,6 +353,8 @@ fn the_admin_socket_answers_typed_requests_and_refuses_what_it_cannot_read() {
     let c = Cluster::with_config(1, &[("a", 100, 50), ("b", 100, 50)], "");
     wait_status(&c.sock("a"), 20, "B up in A's agent", |v| v["siblings"][0]["up"] == true);
     let typed = redirector::admin::status(&c.sock("a")).expect("a typed status");
+    // The admin socket appears once the agent runs: its hook socket is there too.
+    assert!(c.dir.join("a-app.sock").exists(), "the hook socket exists once the agent answers");
     assert_eq!((typed.node.as_str(), typed.high_watermark, typed.siblings.len()), ("a", 100, 1), "{typed:?}");
     let bare: redirector::admin::api::Status = serde_json::from_str(&admin_line(&c.sock("a"), b"status\n")).expect("the bare word status reads as a Status");
     assert_eq!(bare.node, "a");

@@ -281,6 +281,8 @@ pub struct Agent {
     deciding: tokio::sync::Mutex<()>,
     /// Rule installations started (test faults count them).
     steers: std::sync::atomic::AtomicUsize,
+    /// Set once `run` has bound its sockets and started its tasks ([`Agent::running`]).
+    running: tokio::sync::watch::Sender<bool>,
 }
 
 /// A datapath call made on a blocking thread, as one result: the datapath's error, or the
@@ -398,6 +400,7 @@ impl Agent {
             load_wake: tokio::sync::Notify::new(),
             records: Mutex::new(records),
             deciding: tokio::sync::Mutex::new(()),
+            running: tokio::sync::watch::Sender::new(false),
             steers: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
@@ -446,6 +449,7 @@ impl Agent {
         tokio::spawn(self.clone().load_events());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(self.clone().finish_unfinished());
+        self.running.send_replace(true);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -462,6 +466,12 @@ impl Agent {
         }
         let _ = std::fs::remove_file(self.cfg.app_socket());
         Ok(())
+    }
+
+    /// Resolves once [`Agent::run`] has bound its sockets and started its work: what watches the
+    /// agent (the admin socket) appears only then, so that an answer means the agent runs.
+    pub async fn running(&self) {
+        let _ = self.running.subscribe().wait_for(|r| *r).await;
     }
 
     /// On SIGTERM: gives the clients adopted here back to their origins and takes the clients
