@@ -132,14 +132,7 @@ impl Agent {
         let period = Duration::from_secs(self.cfg.drain_secs);
         let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
         let withdrawn = super::flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await).map(|_| ());
-        let verdict = self.at_commit_point(&rec, withdrawn).await;
-        if verdict == Verdict::Aborted {
-            self.conclude(&rec, verdict, "rules not withdrawn".into(), busy.take()).await;
-            return 0;
-        }
-        let t_rules = t0.elapsed();
-        self.faults.pause("pause-before-commit", &handoff).await;
-        self.conclude(&rec, verdict, String::new(), busy.take()).await;
+        let Some(t_rules) = self.at_commit_point(&rec, withdrawn, &mut busy, t0).await else { return 0 };
         info!(
             sibling = %name,
             handoff,

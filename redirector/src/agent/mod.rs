@@ -33,7 +33,6 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use serde::Serialize;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
@@ -53,7 +52,7 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 use crate::{
-    admin::api::{self, Status},
+    admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration, Role},
     config::Config,
     datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
@@ -61,7 +60,7 @@ use crate::{
 };
 
 /// What an origin moved to a volunteer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct MigratedOut {
     pub client: IpAddr,
     pub to: String,
@@ -70,12 +69,11 @@ pub struct MigratedOut {
     pub connections: u64,
     /// When this agent recorded it: reconciliation with the kernel only forgets entries older
     /// than the rule listing it compares with.
-    #[serde(skip)]
     pub recorded: Instant,
 }
 
 /// What a volunteer took from an origin.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct AdoptedIn {
     pub client: IpAddr,
     pub from: String,
@@ -85,22 +83,11 @@ pub struct AdoptedIn {
     /// The client's connections here now.
     pub connections: u64,
     /// The origin's request id of the transfer that brought it.
-    #[serde(skip)]
     pub id: u64,
     /// Whether the client was ever seen here: proof that the origin steers it.
-    #[serde(skip)]
     pub arrived: bool,
     /// When it last had a connection here (or was adopted).
-    #[serde(skip)]
     pub last_seen: Instant,
-}
-
-/// A rule in the kernel that this agent does not manage, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Orphan {
-    pub prefix: String,
-    pub target: IpAddr,
-    pub why: String,
 }
 
 #[derive(Default)]
@@ -207,7 +194,7 @@ struct State {
     /// What the last shedding round decided, in words.
     last_round: Option<String>,
     /// Rules in the kernel this agent does not manage (last reconciliation).
-    orphans: Vec<Orphan>,
+    orphans: Vec<OrphanRule>,
     /// Rules draining in the kernel (last reconciliation).
     draining: usize,
     /// Since when the load this node could shed has been at or under the low watermark (for
@@ -301,7 +288,7 @@ fn host_prefix(a: IpAddr) -> Prefix {
 
 /// Sorts the kernel's rules for an agent: (client, sibling) of the active rules it manages,
 /// rules it leaves alone (and why), and how many are draining.
-fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64)>, Vec<Orphan>, usize) {
+fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64)>, Vec<OrphanRule>, usize) {
     let (mut managed, mut orphans, mut draining) = (Vec::new(), Vec::new(), 0);
     for r in rules {
         match r.state {
@@ -311,8 +298,10 @@ fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64
                 let host = r.prefix == host_prefix(r.prefix.addr);
                 match cfg.sibling_at(r.target) {
                     Some(s) if host => managed.push((r.prefix.addr, s.name.clone(), r.since_unix)),
-                    Some(_) => orphans.push(Orphan { prefix: r.prefix.to_string(), target: r.target, why: "a prefix rule (the agent moves single clients): left alone".into() }),
-                    None => orphans.push(Orphan {
+                    Some(_) => {
+                        orphans.push(OrphanRule { prefix: r.prefix.to_string(), target: r.target, why: "a prefix rule (the agent moves single clients): left alone".into() });
+                    }
+                    None => orphans.push(OrphanRule {
                         prefix: r.prefix.to_string(),
                         target: r.target,
                         why: format!("target {} is not a configured sibling: left alone, not watched", r.target),
@@ -583,7 +572,7 @@ impl Agent {
             migrated_out,
             adopted,
             draining: st.draining,
-            orphaned: st.orphans.iter().map(|o| api::OrphanRule { prefix: o.prefix.clone(), target: o.target, why: o.why.clone() }).collect(),
+            orphaned: st.orphans.clone(),
             hook: api::HookStatus { registered, unconfirmed },
             handoffs: api::HandoffStatus {
                 clients_in_progress: st.busy.len(),

@@ -107,14 +107,8 @@ impl Agent {
         self.faults.pause("pause-before-rules", &handoff).await;
         let n = clients.len();
         // All or nothing, unless something failed to clean up: then the rules decide.
-        let verdict = self.at_commit_point(&rec, self.steer(name, &clients).await.map_err(|e| format!("{e:#}"))).await;
-        if verdict == Verdict::Aborted {
-            self.conclude(&rec, verdict, "rules not installed".into(), busy.take()).await;
-            return 0;
-        }
-        let t_steer = t0.elapsed();
-        self.faults.pause("pause-before-commit", &handoff).await;
-        self.conclude(&rec, verdict, String::new(), busy.take()).await;
+        let steered = self.steer(name, &clients).await.map_err(|e| format!("{e:#}"));
+        let Some(t_steer) = self.at_commit_point(&rec, steered, &mut busy, t0).await else { return 0 };
         info!(
             sibling = %name,
             handoff,

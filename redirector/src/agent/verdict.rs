@@ -13,7 +13,7 @@ use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::anyhow;
@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Acked, Agent, MigratedOut, flat,
-    handoff::{names, parse_handoff, sample},
+    handoff::{Busy, handoff_name, names, parse_handoff, sample},
     host_prefix,
     records::{Dir, Record},
     unix_now,
@@ -115,10 +115,11 @@ impl Agent {
         }
     }
 
-    /// The verdict of hand-over `rec` once its rules were to change (its commit point):
-    /// committed when `changed` says they all did; otherwise whatever the rules say now. The
-    /// agent's own view follows.
-    pub(super) async fn at_commit_point(self: &Arc<Self>, rec: &Record, changed: Result<(), String>) -> Verdict {
+    /// Hand-over `rec` (either way) at its commit point, once its rules were to change, and
+    /// what follows: committed when `changed` says they all did, otherwise whatever the rules
+    /// say now; the agent's own view follows, and everyone is told (`conclude`, which also frees
+    /// `busy`). Returns when the rules had changed (since `t0`), or `None`: it aborted.
+    pub(super) async fn at_commit_point(self: &Arc<Self>, rec: &Arc<Record>, changed: Result<(), String>, busy: &mut Busy, t0: Instant) -> Option<Duration> {
         let verdict = match changed {
             Ok(()) => Verdict::Committed,
             Err(e) => {
@@ -128,7 +129,18 @@ impl Agent {
             }
         };
         self.after_rules(rec, verdict);
-        verdict
+        if verdict == Verdict::Aborted {
+            let why = match rec.dir {
+                Dir::Out => "rules not installed",
+                Dir::Back => "rules not withdrawn",
+            };
+            self.conclude(rec, verdict, why.into(), busy.take()).await;
+            return None;
+        }
+        let t_rules = t0.elapsed();
+        self.faults.pause("pause-before-commit", &handoff_name(&self.cfg.node, rec.id, &rec.volunteer)).await;
+        self.conclude(rec, verdict, String::new(), busy.take()).await;
+        Some(t_rules)
     }
 
     /// How hand-over `id` with `volunteer` stands: its record, or else (no record: it is older
