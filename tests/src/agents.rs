@@ -547,6 +547,32 @@ impl Cluster {
         node_host(&self.t, name).0
     }
 
+    /// The rules in node `name`'s kernel (`rule list --json`).
+    #[must_use]
+    pub fn rules(&self, name: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&self.t.redirector_ok(self.host(name), &["rule", "list", "--json"])).expect("rule list --json");
+        v["rules"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Checks that every client had every request answered and its session continued; if
+    /// not, prints the applications' logs and fails with the first 20 clients' problems.
+    pub fn assert_intact(&self, clients: &[crate::http::HttpClient]) {
+        let bad = crate::crowd::broken(clients);
+        if !bad.is_empty() {
+            for a in &self.apps {
+                eprintln!("--- {} ---\n{}", a.log.display(), a.log());
+            }
+        }
+        let total: u64 = clients.iter().map(|c| c.requests).sum();
+        assert!(
+            bad.is_empty(),
+            "{} of {} clients lost a request or broke their session ({total} requests):\n{}",
+            bad.len(),
+            clients.len(),
+            bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+
     /// Runs `redirector ARGS --socket <name's admin socket> --json` (a command that asks the
     /// running agent); its JSON answer, or the error it printed.
     pub fn ask_agent(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String> {
@@ -643,6 +669,12 @@ pub fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
 #[must_use]
 pub fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
     v["migrated_out"].as_array().into_iter().flatten().map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string())).collect()
+}
+
+/// Where a status says each moved-out client is steered (client -> sibling).
+#[must_use]
+pub fn moved_to(v: &serde_json::Value) -> std::collections::BTreeMap<IpAddr, String> {
+    migrated(v).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect()
 }
 
 /// Clients a status lists as adopted.

@@ -26,11 +26,6 @@ fn clients_to(v: &serde_json::Value, to: &str) -> BTreeSet<String> {
     migrated(v).into_iter().filter(|m| m.1 == to).map(|m| m.0).collect()
 }
 
-fn rules(c: &Cluster) -> Vec<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_str(&c.t.redirector_ok(&c.t.a, &["rule", "list", "--json"])).expect("rules JSON");
-    v["rules"].as_array().cloned().unwrap_or_default()
-}
-
 #[test]
 fn restarting_the_origin_agent_keeps_its_clients_steered() {
     if !require_root() {
@@ -78,7 +73,7 @@ fn restarting_the_origin_agent_keeps_its_clients_steered() {
     let v = samples.last().expect("a sample");
     assert_eq!(v["orphaned"][0]["prefix"], format!("{orphan}/32"), "the rule to a stranger is reported, not managed: {v}");
     assert!(c.log("a").contains("not a configured sibling"), "and logged:\n{}", c.log("a"));
-    let rules = rules(&c);
+    let rules = c.rules("a");
     let state = |client: &str| rules.iter().find(|r| r["prefix"] == format!("{client}/32")).map(|r| r["state"].as_str().unwrap_or_default().to_string());
     for m in &moved {
         assert_eq!(state(m).as_deref(), Some("active"), "{m}'s rule was not drained by the restart: {rules:?}");

@@ -12,9 +12,8 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, adopted, migrated, wait_shed, wait_status},
-    crowd::{Crowd, broken},
-    http::HttpClient,
+    agents::{Cluster, DemoApp, NodeOpts, Options, adopted, migrated, moved_to, wait_shed, wait_status},
+    crowd::Crowd,
     net::{SERVICE4, SERVICE4_B, client4},
     require_root,
 };
@@ -42,28 +41,6 @@ fn crowd(c: &Cluster, range: std::ops::RangeInclusive<u16>, dst: SocketAddr) -> 
     Crowd::start(&c.t.client.ns, &clients, Duration::from_secs(60), 6000)
 }
 
-fn assert_intact(c: &Cluster, clients: &[HttpClient]) {
-    let bad = broken(clients);
-    if !bad.is_empty() {
-        for a in &c.apps {
-            eprintln!("--- {} ---\n{}", a.log.display(), a.log());
-        }
-    }
-    let total: u64 = clients.iter().map(|c| c.requests).sum();
-    assert!(
-        bad.is_empty(),
-        "{} of {} clients lost a request or broke their session ({total} requests):\n{}",
-        bad.len(),
-        clients.len(),
-        bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
-}
-
-/// Where A steers each client now (client -> volunteer), by its own status.
-fn moved_to(v: &serde_json::Value) -> BTreeMap<IpAddr, String> {
-    migrated(v).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect()
-}
-
 /// A (150/100) with 200 busy clients sheds about half of them to B and C (70/50 each).
 fn shed_half(kind: DemoApp, opts: Vec<(&str, NodeOpts)>) -> (Cluster, Crowd, serde_json::Value) {
     let c = cluster(kind, 200, &[("a", 150, 100), ("b", 70, 50), ("c", 70, 50)], opts);
@@ -88,7 +65,7 @@ fn operator_gives_clients_back(kind: DemoApp) {
     assert!(home.iter().all(|h| !on_b.contains(&h.to_string())), "B gave them up (their room is free): {b}");
     std::thread::sleep(Duration::from_secs(2));
     let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     for cl in clients.iter().filter(|cl| home.contains(&cl.src)) {
         assert!(cl.servers.contains_key("B"), "{} was on B first", cl.src);
     }
@@ -129,8 +106,8 @@ fn a_volunteer_over_its_high_watermark_gives_adopted_clients_back() {
     std::thread::sleep(Duration::from_secs(2));
     let mut clients = to_a.finish_where_steered("A", || moved_to(&c.status("a")));
     let theirs = own.finish();
-    assert_intact(&c, &clients);
-    assert_intact(&c, &theirs);
+    c.assert_intact(&clients);
+    c.assert_intact(&theirs);
     assert!(migrated(&c.status("b")).is_empty(), "B moved none of its own clients: giving back was enough: {b}");
     clients.retain(|cl| cl.servers.contains_key("B") && cl.last_server.as_deref() == Some("A"));
     assert!(clients.len() >= 20, "at least 20 clients came home from B with their sessions: {} (A: {a})", clients.len());
@@ -152,7 +129,7 @@ fn an_origin_with_room_takes_its_clients_home() {
     assert!(a["load"].as_u64() <= Some(100), "it took no more than keeps it under its low watermark: {a}");
     std::thread::sleep(Duration::from_secs(2));
     let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     let now = moved_to(&c.status("a"));
     assert!(now.len() + 40 <= steered.len(), "clients came home: {} moved before, {} now", steered.len(), now.len());
     let home = clients.iter().filter(|cl| steered.contains_key(&cl.src) && !now.contains_key(&cl.src)).count();
@@ -175,7 +152,7 @@ fn a_volunteer_stopped_with_sigterm_gives_its_clients_back_first() {
     assert!(c.log("b").contains("every client is home or back with its origin"), "B said it handed everything back:\n{}", c.log("b"));
     std::thread::sleep(Duration::from_secs(2));
     let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
 }
 
 /// SIGTERM on the origin: it takes its clients home before it exits (no rule is left pointing
@@ -196,7 +173,7 @@ fn an_origin_stopped_with_sigterm_takes_its_clients_home_first() {
     std::thread::sleep(Duration::from_secs(2));
     // A's agent is gone: nothing steers anyone.
     let clients = crowd.finish_where_steered("A", BTreeMap::new);
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     let home = clients.iter().filter(|cl| steered.contains_key(&cl.src)).count();
     assert!(home >= 70, "{home} clients came home with their sessions");
     let by: HashMap<&str, usize> = clients.iter().flat_map(|cl| cl.servers.keys()).fold(HashMap::new(), |mut m, s| {

@@ -14,8 +14,8 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_log, wait_shed, wait_status},
-    crowd::{Crowd, broken},
+    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, moved_to, wait_log, wait_shed, wait_status},
+    crowd::Crowd,
     http::HttpClient,
     net::{SERVICE4, client4},
     require_root,
@@ -54,32 +54,12 @@ fn moved_to_b(c: &Cluster) -> Vec<IpAddr> {
     migrated(&a).into_iter().map(|(c, _)| c.parse().expect("address")).collect()
 }
 
-fn steered(c: &Cluster) -> BTreeMap<IpAddr, String> {
-    migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect()
-}
-
-fn assert_intact(c: &Cluster, clients: &[HttpClient]) {
-    let bad = broken(clients);
-    if !bad.is_empty() {
-        for n in ["a", "b"] {
-            eprintln!("--- {n}'s application ---\n{}", c.app_log(n));
-        }
-    }
-    assert!(bad.is_empty(), "{} of {} clients lost a request or broke their session:\n{}", bad.len(), clients.len(), bad.join("\n"));
-}
-
-/// A's rules (`rule list --json`).
-fn rules(c: &Cluster) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&c.t.redirector_ok(&c.t.a, &["rule", "list", "--json"])).expect("rule list --json");
-    v["rules"].as_array().cloned().unwrap_or_default()
-}
-
 /// Waits until A's rules for `clients` are all in `state`.
 fn wait_rules_of(c: &Cluster, clients: &[IpAddr], state: &str, secs: u64) {
     let want: HashSet<String> = clients.iter().map(|c| format!("{c}/{}", if c.is_ipv4() { 32 } else { 128 })).collect();
     let start = Instant::now();
     loop {
-        let r = rules(c);
+        let r = c.rules("a");
         let n = r.iter().filter(|r| r["state"] == state && r["prefix"].as_str().is_some_and(|p| want.contains(p))).count();
         if n == want.len() {
             return;
@@ -136,15 +116,15 @@ fn a_volunteer_killed_while_exporting_a_hand_back_keeps_its_clients_with_their_s
     c.kill_agent("b");
     let answer = asked.join().expect("give-back thread");
     assert!(answer.is_err(), "nothing came home: {answer:?}");
-    assert_eq!(steered(&c).len(), moved.len(), "A still steers every client to B");
+    assert_eq!(moved_to(&c.status("a")).len(), moved.len(), "A still steers every client to B");
     wait_rules_of(&c, &moved, "active", 5);
     // B's agent comes back: its application reports the unfinished export, B asks A, which
     // aborted: the clients unfreeze and carry on on B.
     c.start_again("b", None);
     wait_settled(&c, 30);
     std::thread::sleep(Duration::from_secs(1));
-    let clients = crowd.finish_where_steered("A", || steered(&c));
-    assert_intact(&c, &clients);
+    let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&clients);
 }
 
 #[test]
@@ -166,10 +146,10 @@ fn the_origin_killed_after_importing_a_hand_back_aborts_it_when_it_restarts() {
     // application drops what it imported, B's unfreezes the clients, which stay on B.
     wait_settled(&c, 30);
     std::thread::sleep(Duration::from_secs(1));
-    let now = steered(&c);
+    let now = moved_to(&c.status("a"));
     assert!(moved.iter().all(|m| now.get(m).is_some_and(|to| to == "b")), "every client stays on B: {now:?}");
-    let clients = crowd.finish_where_steered("A", || steered(&c));
-    assert_intact(&c, &clients);
+    let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&clients);
 }
 
 /// A, restarted with `pause`, takes five clients home (it stays under its high watermark, so it
@@ -190,10 +170,10 @@ fn five_past_the_commit_point(pause: &str) -> (Cluster, Crowd, Vec<IpAddr>, std:
 fn assert_home(c: &Cluster, crowd: Crowd, home: &[IpAddr]) {
     wait_settled(c, 30);
     std::thread::sleep(Duration::from_secs(1));
-    let now = steered(c);
+    let now = moved_to(&c.status("a"));
     assert!(home.iter().all(|m| !now.contains_key(m)), "every client is home: {now:?}");
-    let clients = crowd.finish_where_steered("A", || steered(c));
-    assert_intact(c, &clients);
+    let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&clients);
     for cl in clients.iter().filter(|cl| home.contains(&cl.src)) {
         assert_eq!(cl.last_server.as_deref(), Some("A"), "{} came home with its session", cl.src);
     }
@@ -255,12 +235,12 @@ fn a_draining_rule_and_a_failed_probe_abort_the_hand_over_and_keep_the_sessions(
     let answer = c.ask_agent("a", &args).expect("move");
     assert_eq!(answer["moved"], 0, "nothing moved: {answer}");
     wait_rules_of(&c, &some, "draining", 5);
-    let now = steered(&c);
+    let now = moved_to(&c.status("a"));
     assert!(some.iter().all(|s| !now.contains_key(s)), "A steers none of them: {now:?}");
     wait_settled(&c, 20);
     std::thread::sleep(Duration::from_secs(1));
-    let clients = crowd.finish_where_steered("A", || steered(&c));
-    assert_intact(&c, &clients);
+    let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&clients);
 }
 
 /// After A restarts, B waits 15 s before it links up again (ten times the 1.5 s liveness
@@ -286,8 +266,8 @@ fn a_volunteer_slower_to_reconnect_than_the_liveness_timeout_keeps_its_clients()
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_rules_of(&c, &moved, "active", 1);
-    let clients = crowd.finish_where_steered("A", || steered(&c));
-    assert_intact(&c, &clients);
+    let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&clients);
 }
 
 /// B's agent restarts and sends no heartbeats at all, but answers: A suspects it and takes its
@@ -307,8 +287,8 @@ fn a_suspected_but_reachable_volunteer_gives_its_clients_back_with_their_session
     assert!(a["handoffs"]["handed_back"].as_u64() >= Some(u64::try_from(moved.len()).expect("small")), "{a}");
     wait_settled(&c, 20);
     std::thread::sleep(Duration::from_secs(1));
-    let clients = crowd.finish_where_steered("A", || steered(&c));
-    assert_intact(&c, &clients);
+    let clients = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&clients);
 }
 
 /// B dies for good: A drains its rules, its clients come home without their sessions, and A
@@ -333,7 +313,7 @@ fn a_volunteer_that_stays_unreachable_loses_its_sessions_and_they_are_counted() 
     // The clients that stayed on A lost nothing; each moved one starts a new session on A.
     let lost: HashSet<IpAddr> = moved.iter().copied().collect();
     let (theirs, ours): (Vec<HttpClient>, Vec<HttpClient>) = clients.into_iter().partition(|cl| lost.contains(&cl.src));
-    assert_intact(&c, &ours);
+    c.assert_intact(&ours);
     for cl in &theirs {
         assert_eq!(cl.last_server.as_deref(), Some("A"), "{} is served by A again", cl.src);
         assert!(cl.breaks.iter().any(|b| b.contains("count 1 ")), "{} started a new session on A: {:?}", cl.src, cl.breaks);
@@ -351,16 +331,16 @@ fn an_origin_stopped_in_the_middle_of_a_hand_over_finishes_it_then_takes_everyon
     let mut c = cluster(Some("pause-before-commit=1500"), None, "");
     let crowd = crowd(&c);
     let start = Instant::now();
-    while !rules(&c).iter().any(|r| r["state"] == "active") {
+    while !c.rules("a").iter().any(|r| r["state"] == "active") {
         assert!(start.elapsed() < Duration::from_secs(30), "A never installed rules");
         std::thread::sleep(Duration::from_millis(20));
     }
     let took = c.term_agent("a", 20);
     assert!(took < Duration::from_secs(11), "within exit_timeout_ms (10 s): {took:?}");
-    let r = rules(&c);
+    let r = c.rules("a");
     assert!(!r.iter().any(|r| r["state"] == "active"), "no rule of A steers anyone any more: {r:?}");
     assert!(c.log("a").contains("every client is home"), "A says it took everyone home:\n{}", c.log("a"));
     std::thread::sleep(Duration::from_secs(1));
     let clients = crowd.finish_where_steered("A", BTreeMap::new);
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
 }

@@ -77,29 +77,8 @@ impl Driver {
 }
 
 /// Every request answered, every session continuous, across whatever happened.
-fn assert_intact(c: &Cluster, clients: &[HttpClient]) {
-    let broken: Vec<String> = clients.iter().filter(|c| !c.intact()).map(HttpClient::problems).collect();
-    if !broken.is_empty() {
-        for n in ["a", "b"] {
-            eprintln!("--- {n}'s application ---\n{}", c.app_log(n));
-        }
-    }
-    assert!(broken.is_empty(), "{} of {} clients lost a request or broke their session:\n{}", broken.len(), clients.len(), broken.join("\n"));
-}
-
 fn moved(clients: &[HttpClient]) -> usize {
     clients.iter().filter(|c| c.servers.contains_key("B")).count()
-}
-
-/// The rules in `node`'s kernel (`rule list --json`).
-fn rules(c: &Cluster, node: &str) -> Vec<Value> {
-    let host = match node {
-        "a" => &c.t.a,
-        "b" => &c.t.b,
-        _ => &c.t.c,
-    };
-    let v: Value = serde_json::from_str(&c.t.redirector_ok(host, &["rule", "list", "--json"])).expect("rule list --json");
-    v["rules"].as_array().cloned().unwrap_or_default()
 }
 
 fn active_rules(rules: &[Value]) -> usize {
@@ -110,7 +89,7 @@ fn active_rules(rules: &[Value]) -> usize {
 fn wait_rules(c: &Cluster, node: &str, secs: u64, what: &str, cond: impl Fn(&[Value]) -> bool) -> usize {
     let start = Instant::now();
     loop {
-        let r = rules(c, node);
+        let r = c.rules(node);
         if cond(&r) {
             return active_rules(&r);
         }
@@ -183,7 +162,7 @@ fn a_volunteer_killed_mid_transfer_loses_nothing_steers_nothing_and_drops_its_im
     c.kill_agent("b");
     std::thread::sleep(Duration::from_secs(2));
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert_eq!(moved(&clients), 0, "nobody moved");
     assert_nothing_steered(&c);
     assert!(c.log("a").contains("nothing steered"), "A logged why:\n{}", c.log("a"));
@@ -210,7 +189,7 @@ fn a_volunteer_that_acknowledges_too_late_gets_the_abort_and_drops_its_copy() {
     let driver = Driver::start(&c, 30);
     wait_app_log(&c, "b", "hook: abort", 30);
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert_eq!(moved(&clients), 0, "nobody moved");
     assert_nothing_steered(&c);
     assert!(c.log("a").contains("did not answer within"), "A gave up waiting:\n{}", c.log("a"));
@@ -232,7 +211,7 @@ fn a_lost_abort_is_settled_by_asking_the_origin() {
     wait_log(&c, "a", "TEST FAULT drop-abort", 20);
     wait_app_log(&c, "b", "hook: abort", 30);
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert_nothing_steered(&c);
     assert!(!c.log("b").contains("origin aborted"), "no Abort reached B:\n{}", c.log("b"));
     assert!(imported_sessions(&c.app_log("b"), "abort") > 0, "B's application dropped its copy:\n{}", c.app_log("b"));
@@ -262,7 +241,7 @@ fn the_origin_agent_killed_after_its_rules_went_in_commits_when_it_restarts() {
     wait_status(&c.sock("b"), 30, "B to learn how the hand-over ended", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
     std::thread::sleep(Duration::from_secs(1));
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert!(moved(&clients) >= 10, "clients moved to B with their sessions: {}", moved(&clients));
     assert!(imported_sessions(&c.app_log("b"), "commit") > 0, "{}", c.app_log("b"));
     assert!(!c.app_log("a").contains("hook: abort") && !c.app_log("b").contains("hook: abort"), "nothing aborted");
@@ -295,7 +274,7 @@ fn the_volunteer_agent_killed_before_its_application_heard_the_commit_confirms_w
     c.start_again("b", None);
     wait_app_log(&c, "b", "hook: commit", 30);
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert!(moved(&clients) >= 10, "clients moved to B with their sessions: {}", moved(&clients));
     assert!(imported_sessions(&c.app_log("b"), "commit") > 0, "B's application confirmed its import:\n{}", c.app_log("b"));
     assert!(!c.app_log("b").contains("hook: abort"), "{}", c.app_log("b"));
@@ -322,7 +301,7 @@ fn hooks_that_drop_and_reconnect_mid_hand_over_lose_nothing() {
     wait_app_log(&c, "b", "hook: commit", 10);
     std::thread::sleep(Duration::from_secs(1));
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert!(moved(&clients) >= 10, "clients moved to B with their sessions: {}", moved(&clients));
     for n in ["a", "b"] {
         let log = c.app_log(n);
@@ -345,7 +324,7 @@ fn lost_session_frames_make_the_volunteer_refuse_the_transfer() {
     wait_log(&c, "a", "TEST FAULT drop-sessions-frame", 20);
     std::thread::sleep(Duration::from_secs(2));
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert_nothing_steered(&c);
     assert!(c.log("b").contains("some were lost or changed on the way"), "B said why it refused:\n{}", c.log("b"));
     assert!(c.log("a").contains("nothing steered"), "{}", c.log("a"));
@@ -371,7 +350,7 @@ fn with_sessions_on_no_client_moves_until_an_application_registers() {
     wait_status(&c.sock("a"), 20, "A to move clients once its application registered", |v| migrated(v).len() >= 10);
     std::thread::sleep(Duration::from_secs(1));
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert!(moved(&clients) >= 10, "clients moved, with their sessions: {}", moved(&clients));
     drop(proxy);
 }
@@ -493,7 +472,7 @@ fn invalid_export_answers_abort_at_once_with_a_clear_log_line() {
         }
     }
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert_nothing_steered(&c);
     let log = c.log("a");
     assert!(!log.contains("did not answer"), "every one aborted at once, none by a timeout:\n{log}");
@@ -516,7 +495,7 @@ fn an_export_that_times_out_aborts_the_hand_over() {
     wait_app_log(&c, "a", "hook: abort", 30);
     assert!(c.log("a").contains("did not answer export"), "A gave up on the export:\n{}", c.log("a"));
     let clients = driver.stop();
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert_nothing_steered(&c);
     drop(proxy);
 }
@@ -546,7 +525,7 @@ fn killed_between_families(volunteer_first: bool) {
     let clients4: Vec<(IpAddr, SocketAddr)> = (1..=15).map(|i| (IpAddr::V4(client4(i)), v4)).collect();
     let crowd4 = Crowd::start(&c.t.client.ns, &clients4, Duration::from_secs(90), 20_000);
     wait_log(&c, "a", "TEST FAULT pause-between-families", 30);
-    let half = rules(&c, "a");
+    let half = c.rules("a");
     assert!(half.iter().all(|r| r["prefix"].as_str().is_some_and(|p| p.contains('.'))), "only IPv4 rules are in: {half:?}");
     c.kill_agent("a");
     let proxy = if volunteer_first {
@@ -568,14 +547,14 @@ fn killed_between_families(volunteer_first: bool) {
     wait_status(&c.sock("b"), 30, "B to settle the hand-over", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
     let moved: Vec<(String, String)> = migrated(&a);
     assert!(moved.iter().any(|(c, _)| c.contains(':')), "the IPv6 clients of the hand-over are steered too: {a}");
-    let active = rules(&c, "a").iter().filter(|r| r["state"] == "active").count();
-    assert_eq!(active, moved.len(), "a rule for every moved client, both families: {:?}", rules(&c, "a"));
+    let active = c.rules("a").iter().filter(|r| r["state"] == "active").count();
+    assert_eq!(active, moved.len(), "a rule for every moved client, both families: {:?}", c.rules("a"));
     std::thread::sleep(Duration::from_secs(1));
     let steered: std::collections::BTreeMap<IpAddr, String> = migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect();
     let steering = || migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect();
     let mut clients = crowd4.finish_where_steered("A", steering);
     clients.extend(crowd6.finish_where_steered("A", steering));
-    assert_intact(&c, &clients);
+    c.assert_intact(&clients);
     assert!(
         clients.iter().filter(|cl| cl.src.is_ipv6() && steered.contains_key(&cl.src)).all(|cl| cl.last_server.as_deref() == Some("B")),
         "moved IPv6 clients are served by B with their sessions"
