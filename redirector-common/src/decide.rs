@@ -24,13 +24,41 @@ pub enum Step {
     CheckSocket,
 }
 
+/// Where a rule is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    /// Not withdrawn: new connections go to the target.
+    Active,
+    /// Withdrawn, for `left_ns` more: new connections stay here, flows living on the target
+    /// still go there.
+    Draining { left_ns: u64 },
+    /// The drain period ended: the rule is inert (as if there were none) until user space
+    /// removes it.
+    Drained,
+}
+
+/// Where `rule` is in its life at `now_ns` (`CLOCK_MONOTONIC`, as `bpf_ktime_get_ns`): the one
+/// place that decides whether a rule has drained, for the classifier, the listing and the
+/// removal of drained rules.
+#[must_use]
+pub const fn drain_state(rule: &RuleValue, now_ns: u64) -> Drain {
+    if rule.drain_until_ns == 0 {
+        Drain::Active
+    } else if now_ns >= rule.drain_until_ns {
+        Drain::Drained
+    } else {
+        Drain::Draining { left_ns: rule.drain_until_ns - now_ns }
+    }
+}
+
 /// Decides the first step for a TCP packet with `tcp_flags` from a migrated client.
 #[must_use]
 pub const fn migrated_step(tcp_flags: u8, rule: &RuleValue, now_ns: u64) -> Step {
-    let draining = rule.drain_until_ns != 0;
-    if draining && now_ns >= rule.drain_until_ns {
-        return Step::Inert;
-    }
+    let draining = match drain_state(rule, now_ns) {
+        Drain::Drained => return Step::Inert,
+        Drain::Draining { .. } => true,
+        Drain::Active => false,
+    };
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN { if draining { Step::KeepDraining } else { Step::ForwardNew } } else { Step::CheckSocket }
 }
 
@@ -218,6 +246,19 @@ mod tests {
 
     fn rule(drain_until_ns: u64) -> RuleValue {
         RuleValue { target: [0; 16], drain_until_ns, since_unix: 0 }
+    }
+
+    #[test]
+    fn a_rule_drains_at_its_deadline() {
+        for now in [0, 1, u64::MAX] {
+            assert_eq!(drain_state(&rule(0), now), Drain::Active, "a rule without deadline is active at {now}");
+        }
+        assert_eq!(drain_state(&rule(1), 0), Drain::Draining { left_ns: 1 });
+        assert_eq!(drain_state(&rule(100), 50), Drain::Draining { left_ns: 50 });
+        assert_eq!(drain_state(&rule(100), 99), Drain::Draining { left_ns: 1 });
+        assert_eq!(drain_state(&rule(100), 100), Drain::Drained, "drained at the deadline itself");
+        assert_eq!(drain_state(&rule(100), 101), Drain::Drained);
+        assert_eq!(drain_state(&rule(u64::MAX), u64::MAX), Drain::Drained);
     }
 
     #[test]

@@ -72,3 +72,32 @@ pub struct IcmpHdr {
     pub csum: [u8; 2],
     pub rest: [u8; 4],
 }
+
+/// Header lengths (without options).
+pub const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
+pub const IP4_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
+pub const IP6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
+pub const TCP_LEN: usize = core::mem::size_of::<TcpHdr>();
+/// Offset of the TCP checksum in its header.
+pub const TCP_CSUM_OFF: usize = 16;
+
+/// EtherTypes.
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+/// IP protocol numbers (and IPv6 extension headers).
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ESP: u8 = 50;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// Address families as socket contexts report them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;

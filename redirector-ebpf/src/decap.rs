@@ -1,0 +1,104 @@
+//! Decapsulation on the target: tunnelled packets from configured siblings, for services
+//! adopted here, lose their outer header; every other tunnelled packet is dropped.
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    macros::map,
+    maps::HashMap,
+    programs::TcContext,
+};
+use redirector_common::{Addr, Counter, MAX_SIBLINGS, ServiceKey, SiblingValue, v4_mapped};
+
+use crate::{
+    adopted::is_adopted,
+    hdr::{self, ETH_LEN, IP4_LEN, IP6_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
+    packet::{ptr_at, subprogram_ctx},
+    verdict::{Error, Verdict, pass},
+};
+
+/// The configured siblings: the only outer sources whose tunnelled packets are accepted.
+#[map]
+static SIBLINGS: HashMap<Addr, SiblingValue> = HashMap::pinned(MAX_SIBLINGS, 0);
+
+/// Strips the outer header of a tunnelled packet (IP-in-IP, or IPv6-in-IPv6 when `v6`) from
+/// a configured sibling whose inner packet is for a service adopted here; drops the rest.
+#[inline(never)]
+pub fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
+    let ctx = &subprogram_ctx(skb);
+    let v6 = V6;
+    let (outer_src, outer_len, flags) = if v6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        (unsafe { (*ip).src }, IP6_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV6)
+    } else {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (vihl, frag, src) = unsafe { ((*ip).vihl, (*ip).frag, (*ip).src) };
+        if vihl != 0x45 || hdr::is_fragment(frag) {
+            return Err(Error::BadTunnel);
+        }
+        (v4_mapped(src), IP4_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
+    };
+    if SIBLINGS.get_ptr(outer_src).is_none() {
+        return Err(Error::BadTunnel);
+    }
+    let key = if v6 { inner_target_v6(ctx, ETH_LEN + IP6_LEN)? } else { inner_target_v4(ctx, ETH_LEN + IP4_LEN)? };
+    if !is_adopted(key) {
+        return Err(Error::NotAdopted);
+    }
+    ctx.adjust_room(-(outer_len as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | flags)).map_err(|_| Error::BadTunnel)?;
+    Ok(pass(Counter::Decapsulated))
+}
+
+/// The adopted service a tunnelled IPv4 packet at `off` is for: the destination and TCP port
+/// of a steered segment or probe, or of the flow quoted by a relayed ICMP error.
+#[inline(always)]
+fn inner_target_v4(ctx: &TcContext, off: usize) -> Result<ServiceKey, Error> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off).map_err(|_| Error::BadTunnel)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { *ip };
+    if h.vihl != 0x45 || h.is_fragment() {
+        return Err(Error::BadTunnel);
+    }
+    let l4 = off + IP4_LEN;
+    let port = match h.proto {
+        IPPROTO_TCP => quoted_port(ctx, l4 + 2)?,
+        IPPROTO_ICMP => {
+            let q: *const Ipv4Hdr = ptr_at(ctx, l4 + mem::size_of::<IcmpHdr>()).map_err(|_| Error::BadTunnel)?;
+            // SAFETY: bounds checked by ptr_at.
+            if unsafe { (*q).vihl } != 0x45 {
+                return Err(Error::NotAdopted);
+            }
+            quoted_port(ctx, l4 + mem::size_of::<IcmpHdr>() + IP4_LEN)?
+        }
+        _ => return Err(Error::NotAdopted),
+    };
+    Ok(ServiceKey { addr: v4_mapped(h.dst), port, _pad: [0; 2] })
+}
+
+/// [`inner_target_v4`] for IPv6.
+#[inline(always)]
+fn inner_target_v6(ctx: &TcContext, off: usize) -> Result<ServiceKey, Error> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off).map_err(|_| Error::BadTunnel)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { *ip };
+    if h.vtc >> 4 != 6 {
+        return Err(Error::BadTunnel);
+    }
+    let l4 = off + IP6_LEN;
+    let port = match h.next {
+        IPPROTO_TCP => quoted_port(ctx, l4 + 2)?,
+        IPPROTO_ICMPV6 => quoted_port(ctx, l4 + mem::size_of::<IcmpHdr>() + IP6_LEN)?,
+        _ => return Err(Error::NotAdopted),
+    };
+    Ok(ServiceKey { addr: h.dst, port, _pad: [0; 2] })
+}
+
+#[inline(always)]
+fn quoted_port(ctx: &TcContext, off: usize) -> Result<[u8; 2], Error> {
+    let p: *const [u8; 2] = ptr_at(ctx, off).map_err(|_| Error::BadTunnel)?;
+    // SAFETY: bounds checked by ptr_at.
+    Ok(unsafe { *p })
+}

@@ -1,0 +1,54 @@
+//! The egress clamp on a target's uplink: SYN-ACKs of adopted services announce an MSS that
+//! fits the tunnel.
+
+use aya_ebpf::programs::TcContext;
+use redirector_common::{
+    ServiceKey,
+    decide::{TCP_ACK, TCP_SYN},
+    v4_mapped,
+};
+
+use crate::{
+    adopted::mss_clamp,
+    clamp::clamp_syn,
+    hdr::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP4_LEN, IP6_LEN, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr},
+    packet::ptr_at,
+    verdict::Error,
+};
+
+/// Whether the packet is a SYN-ACK of an adopted service whose MSS was clamped.
+pub fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (src, l4) = match u16::from_be_bytes(unsafe { (*eth).proto }) {
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { *ip };
+            if h.proto != IPPROTO_TCP || h.vihl != 0x45 || h.is_fragment() {
+                return Ok(false);
+            }
+            (v4_mapped(h.src), ETH_LEN + IP4_LEN)
+        }
+        ETH_P_IPV6 => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { *ip };
+            if h.next != IPPROTO_TCP {
+                return Ok(false);
+            }
+            (h.src, ETH_LEN + IP6_LEN)
+        }
+        _ => return Ok(false),
+    };
+    let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let t = unsafe { *tcp };
+    if t.flags & (TCP_SYN | TCP_ACK) != (TCP_SYN | TCP_ACK) {
+        return Ok(false);
+    }
+    let Some(clamp) = mss_clamp(ServiceKey { addr: src, port: t.sport, _pad: [0; 2] }) else {
+        return Ok(false);
+    };
+    Ok(clamp_syn(ctx, l4, clamp))
+}
