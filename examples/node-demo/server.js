@@ -1,11 +1,11 @@
 #!/usr/bin/env node
-// The redirector demo application in plain Node.js (no packages): an HTTP/1.1 server with a
+// The redirector demo application in Node.js (no npm packages): an HTTP/1.1 server with a
 // session per client address (a counter and the last few counts), whose sessions move with
-// their clients through the redirector agent's application hook (docs/app-protocol.md,
-// version 1).
+// their clients through the redirector agent's application hook (docs/app-protocol.md), which
+// this repository's Node.js SDK (redirector-sdk-node) speaks for it.
 //
 //   node server.js --name A --listen 198.18.0.10:80 [--hook /run/redirector/a-app.sock --service ADDR]
-//                  [--freeze-wait-ms MS] [--idle-close-ms MS]
+//                  [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]
 //
 // Connections persist as HTTP/1.1 says (RFC 9112 section 9.3): an HTTP/1.1 connection stays
 // open for the next request unless the request says `Connection: close`; an HTTP/1.0 one only
@@ -16,14 +16,14 @@
 // keepAliveTimeout (to which Node 20 adds 1 s of its own; the demo times the wait itself).
 //
 // The application never decides how a hand-over ends: if the hook drops, frozen clients stay
-// frozen and imported sessions stay tentative; on reconnecting it reports them (`pending`)
-// and the agent answers each with commit or abort. A request of a frozen client waits for
-// the outcome up to --freeze-wait-ms (default 10000), then gets a 503 (never the frozen
-// session). Hook events are logged to stderr as `hook: ...` lines.
+// frozen and imported sessions stay tentative (the SDK reports them when it reconnects, and the
+// agent answers each with commit or abort). A request of a frozen client waits for the outcome
+// up to --freeze-wait-ms (default 10000), then gets a 503 (never the frozen session). Hook
+// events are logged to stderr as `hook: ...` lines.
 'use strict';
 
 const http = require('http');
-const net = require('net');
+const { attach, normalizeClient } = require('../../redirector-sdk-node');
 
 function arg(name) {
   const i = process.argv.indexOf(name);
@@ -33,7 +33,7 @@ function arg(name) {
 const name = arg('--name');
 const listen = arg('--listen');
 if (!name || !listen) {
-  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS]');
+  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]');
   process.exit(2);
 }
 const hookPath = arg('--hook');
@@ -44,26 +44,13 @@ if (!Number.isInteger(idleClose) || idleClose < 0) {
   console.error(`bad --idle-close-ms ${arg('--idle-close-ms')}: a number of milliseconds`);
   process.exit(2);
 }
-const HISTORY = 5;
-const VERSION = 1;
-
-// A client address in the agent's form: IPv4 as a.b.c.d (a dual-stack listener reports IPv4
-// clients as ::ffff:a.b.c.d), IPv6 compressed and lower-case (RFC 5952). null if not one.
-function canon(addr) {
-  if (typeof addr !== 'string') return null;
-  const m = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(addr);
-  if (m) addr = m[1];
-  if (net.isIPv4(addr)) return addr;
-  if (!net.isIPv6(addr)) return null;
-  // The URL parser writes IPv6 hosts in the canonical form.
-  const host = new URL(`http://[${addr}]/`).hostname.slice(1, -1);
-  const hex = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(host);
-  if (hex) {
-    const [hi, lo] = [parseInt(hex[1], 16), parseInt(hex[2], 16)];
-    return `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`;
-  }
-  return host;
+// Without --hook-version, the newest version the agent speaks.
+const hookVersion = arg('--hook-version') === undefined ? undefined : Number(arg('--hook-version'));
+if (hookVersion !== undefined && hookVersion !== 1 && hookVersion !== 2) {
+  console.error(`bad --hook-version ${arg('--hook-version')}: 1 or 2`);
+  process.exit(2);
 }
+const HISTORY = 5;
 
 // client address -> { session: null | { count, history }, frozen, moved, imported, waiters, sockets }
 const clients = new Map();
@@ -95,7 +82,7 @@ function wake(e) {
 
 const server = http.createServer((req, res) => {
   const socket = req.socket;
-  const client = canon(socket.remoteAddress);
+  const client = normalizeClient(socket.remoteAddress);
   const e = entry(client);
   socket.busy = true;
   if (socket.idleTimer) {
@@ -184,7 +171,7 @@ function idleFrom(socket) {
 }
 
 server.on('connection', (socket) => {
-  const e = entry(canon(socket.remoteAddress));
+  const e = entry(normalizeClient(socket.remoteAddress));
   e.moved = false;
   socket.busy = false;
   idleFrom(socket);
@@ -195,145 +182,80 @@ server.on('connection', (socket) => {
 const [host, port] = [listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, ''), Number(listen.slice(listen.lastIndexOf(':') + 1))];
 server.listen(port, host, () => console.error(`listening on ${listen} as ${name}`));
 
-// ---- the hook ----------------------------------------------------------------------------
+// ---- the hook: the sessions' side of hand-overs, through redirector-sdk ------------------
 
 function blob(s) {
-  return Buffer.from(JSON.stringify({ count: s.count, history: s.history })).toString('base64');
+  return Buffer.from(JSON.stringify({ count: s.count, history: s.history }));
 }
 
-// Hand-overs not seen end, from the sessions' own state: reported when registering.
-function pending() {
-  const byHandoff = new Map();
-  const add = (h, role, c) => {
-    if (!byHandoff.has(h)) byHandoff.set(h, { handoff: h, role, clients: [] });
-    byHandoff.get(h).clients.push(c);
-  };
-  for (const [c, e] of clients) {
-    if (e.frozen) add(e.frozen, 'export', c);
-    if (e.imported) add(e.imported, 'import', c);
-  }
-  return [...byHandoff.values()];
-}
-
-function handle(req) {
-  const h = req.handoff;
-  switch (req.op) {
-    case 'export': {
-      // Freeze every listed client (no session may be created for one meanwhile); send the
-      // sessions of those that have one.
-      const sessions = [];
-      for (const c of req.clients || []) {
-        const client = canon(c);
-        if (!client) continue;
-        const e = entry(client);
-        e.frozen = h;
-        if (e.session) sessions.push({ client, blob: blob(e.session) });
-      }
-      console.error(`hook: export ${h}: froze ${(req.clients || []).length} clients, ${sessions.length} sessions`);
-      return { id: req.id, ok: true, sessions };
+const sessions = {
+  // Freeze every listed client (no session may be created for one meanwhile); send the
+  // sessions of those that have one.
+  export(h, list) {
+    const out = [];
+    for (const client of list) {
+      const e = entry(client);
+      e.frozen = h;
+      if (e.session) out.push([client, blob(e.session)]);
     }
-    case 'import': {
-      const parsed = [];
-      for (const s of req.sessions || []) {
-        const client = canon(s.client);
-        let v;
-        try {
-          v = JSON.parse(Buffer.from(s.blob, 'base64').toString());
-        } catch (err) {
-          return { id: req.id, ok: false, error: `bad session blob for ${s.client}` };
-        }
-        if (!client || typeof v.count !== 'number' || !Array.isArray(v.history)) {
-          return { id: req.id, ok: false, error: `bad session for ${s.client}` };
-        }
-        parsed.push([client, v]);
-      }
-      for (const [c, v] of parsed) {
-        const e = entry(c);
-        e.session = { count: v.count, history: v.history };
-        e.moved = false;
-        e.frozen = null;
-        e.imported = h;
-      }
-      console.error(`hook: import ${h}: ${parsed.length} sessions (tentative until the commit)`);
-      return { id: req.id, ok: true };
-    }
-    case 'commit': {
-      let [out, confirmed] = [0, 0];
-      for (const e of clients.values()) {
-        if (e.frozen === h) {
-          out += 1;
-          e.frozen = null;
-          e.moved = true;
-          e.session = null;
-          for (const s of e.sockets) if (!s.busy) s.destroy();
-          wake(e);
-        }
-        if (e.imported === h) {
-          confirmed += 1;
-          e.imported = null;
-        }
-      }
-      console.error(`hook: commit ${h}: ${out} clients moved out, ${confirmed} imported sessions confirmed`);
-      return { id: req.id, ok: true };
-    }
-    case 'abort': {
-      let [unfrozen, dropped] = [0, 0];
-      for (const e of clients.values()) {
-        if (e.frozen === h) {
-          unfrozen += 1;
-          e.frozen = null;
-          wake(e);
-        }
-        if (e.imported === h) {
-          dropped += 1;
-          e.imported = null;
-          e.session = null;
-        }
-      }
-      console.error(`hook: abort ${h}: ${unfrozen} clients unfrozen, ${dropped} imported sessions dropped`);
-      return { id: req.id, ok: true };
-    }
-    default:
-      return { id: req.id, ok: false, error: `unknown op ${req.op}` };
-  }
-}
-
-function connectHook() {
-  const sock = net.connect(hookPath);
-  let buf = '';
-  sock.on('connect', () => {
-    const p = pending();
-    sock.write(JSON.stringify({ op: 'register', service, version: VERSION, pending: p }) + '\n');
-    if (p.length) console.error(`hook: registering with ${p.length} unfinished hand-over(s)`);
-  });
-  sock.on('data', (d) => {
-    buf += d;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i);
-      buf = buf.slice(i + 1);
-      let req;
+    console.error(`hook: export ${h}: froze ${list.length} clients, ${out.length} sessions`);
+    return out;
+  },
+  // All or nothing: a session that is not ours refuses the whole hand-over.
+  import(h, list) {
+    const parsed = list.map(([client, b]) => {
+      let v;
       try {
-        req = JSON.parse(line);
+        v = JSON.parse(b.toString());
       } catch (err) {
-        console.error('hook: ignoring a line that is not JSON from the agent');
-        continue;
+        throw new Error(`bad session blob for ${client}`);
       }
-      if (req.op === 'registered') continue;
-      if (req.op === 'error') {
-        // Refused or replaced: reconnect (and register again).
-        console.error(`hook: the agent says: ${req.error}`);
-        sock.destroy();
-        return;
-      }
-      sock.write(JSON.stringify(handle(req)) + '\n');
+      if (typeof v?.count !== 'number' || !Array.isArray(v.history)) throw new Error(`bad session for ${client}`);
+      return [client, v];
+    });
+    for (const [c, v] of parsed) {
+      const e = entry(c);
+      e.session = { count: v.count, history: v.history };
+      e.moved = false;
+      e.frozen = null;
+      e.imported = h;
     }
-  });
-  sock.on('error', () => {});
-  sock.on('close', () => {
-    // Unfinished hand-overs stay as they are (frozen, tentative) until the agent says.
-    setTimeout(connectHook, 500);
-  });
-}
+    console.error(`hook: import ${h}: ${parsed.length} sessions (tentative until the commit)`);
+  },
+  commit(h) {
+    let [out, confirmed] = [0, 0];
+    for (const e of clients.values()) {
+      if (e.frozen === h) {
+        out += 1;
+        e.frozen = null;
+        e.moved = true;
+        e.session = null;
+        for (const s of e.sockets) if (!s.busy) s.destroy();
+        wake(e);
+      }
+      if (e.imported === h) {
+        confirmed += 1;
+        e.imported = null;
+      }
+    }
+    console.error(`hook: commit ${h}: ${out} clients moved out, ${confirmed} imported sessions confirmed`);
+  },
+  abort(h) {
+    let [unfrozen, dropped] = [0, 0];
+    for (const e of clients.values()) {
+      if (e.frozen === h) {
+        unfrozen += 1;
+        e.frozen = null;
+        wake(e);
+      }
+      if (e.imported === h) {
+        dropped += 1;
+        e.imported = null;
+        e.session = null;
+      }
+    }
+    console.error(`hook: abort ${h}: ${unfrozen} clients unfrozen, ${dropped} imported sessions dropped`);
+  },
+};
 
-if (hookPath) connectHook();
+if (hookPath) attach({ socket: hookPath, service, sessions, version: hookVersion, log: (m) => console.error(`hook: ${m}`) });

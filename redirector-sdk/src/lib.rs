@@ -1,15 +1,16 @@
 //! The application side of redirector's session hook: connect to the local agent's Unix
 //! socket, register the service, and answer its requests by implementing [`Sessions`].
 //!
-//! The wire protocol (newline-delimited JSON, base64 blobs, version 1) is specified in
-//! `docs/app-protocol.md`; this crate is one implementation of it. The application never
-//! decides how a hand-over ends: when the connection to the agent drops, exported sessions
-//! stay frozen and imported ones tentative; on reconnecting, the hook reports them (`pending`)
-//! and the agent answers each with a commit or an abort.
+//! The protocol is `redirector-hook` (specified in `docs/app-protocol.md`): this crate speaks
+//! version 2 (session blobs as raw bytes after their line) and falls back to version 1 with an
+//! agent that only knows that one. The application never decides how a hand-over ends: when
+//! the connection to the agent drops, exported sessions stay frozen and imported ones
+//! tentative; on reconnecting, the hook reports them (`pending`) and the agent answers each
+//! with a commit or an abort.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, BufWriter, Write},
+    io::{BufRead as _, BufReader, BufWriter, Read, Write},
     net::{IpAddr, SocketAddr},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
@@ -21,11 +22,12 @@ use std::{
     time::Duration,
 };
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
-use serde_json::{Value, json};
-
-/// Version of the hook protocol this crate speaks.
-pub const VERSION: u64 = 1;
+use redirector_hook::{
+    AgentMsg, Answer, frame,
+    register::Register,
+    session::{from_wire, raw_parts, to_wire},
+};
+pub use redirector_hook::{Role, Version, parse_client};
 
 /// What an application does when the agent moves its clients' sessions. Calls come one at a
 /// time, in the order the agent sent them.
@@ -54,13 +56,6 @@ pub trait Sessions: Send + Sync + 'static {
     fn abort(&self, handoff: &str);
 }
 
-/// Which side of a hand-over this application is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Export,
-    Import,
-}
-
 /// Hand-overs this application has taken part in and not seen end: (role, clients), by name.
 /// They outlive a connection: reported when registering again.
 pub type Unfinished = BTreeMap<String, (Role, Vec<IpAddr>)>;
@@ -73,17 +68,32 @@ pub struct Hook {
 
 impl Hook {
     /// Connects to the agent's hook socket at `socket` and serves `sessions` for `service`
-    /// (the address and port clients use). Reconnects every half second if the agent is away.
+    /// (the address and port clients use), in the newest protocol version the agent speaks.
+    /// Reconnects every half second if the agent is away.
     pub fn start(socket: impl Into<PathBuf>, service: SocketAddr, sessions: Arc<dyn Sessions>) -> Self {
+        Self::start_version(socket, service, None, sessions)
+    }
+
+    /// As [`Hook::start`], speaking `version` only if it is given.
+    pub fn start_version(socket: impl Into<PathBuf>, service: SocketAddr, version: Option<Version>, sessions: Arc<dyn Sessions>) -> Self {
         let socket = socket.into();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let unfinished = Mutex::new(Unfinished::new());
+            let mut speak = version.unwrap_or(Version::NEWEST);
             while !s.load(Ordering::Relaxed) {
-                if let Err(e) = serve(&socket, service, sessions.as_ref(), &s, &unfinished) {
-                    let n = unfinished.lock().expect("lock").len();
-                    eprintln!("redirector hook: {e}; reconnecting ({n} hand-over(s) unfinished, kept as they are)");
+                match serve(&socket, service, sessions.as_ref(), &s, &unfinished, speak) {
+                    Err(Ended::OlderAgent(why)) if version.is_none() && speak > Version::V1 => {
+                        eprintln!("redirector hook: the agent refused version {} ({why}); speaking version 1", speak.number());
+                        speak = Version::V1;
+                        continue;
+                    }
+                    Err(e) => {
+                        let n = unfinished.lock().expect("lock").len();
+                        eprintln!("redirector hook: {e}; reconnecting ({n} hand-over(s) unfinished, kept as they are)");
+                    }
+                    Ok(()) => {}
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -101,23 +111,37 @@ impl Drop for Hook {
     }
 }
 
-/// The register line, with the hand-overs not seen end.
-#[must_use]
-pub fn register_line(service: SocketAddr, unfinished: &Unfinished) -> String {
-    let pending: Vec<Value> = unfinished
-        .iter()
-        .map(|(h, (role, clients))| {
-            let role = match role {
-                Role::Export => "export",
-                Role::Import => "import",
-            };
-            json!({"handoff": h, "role": role, "clients": clients.iter().map(ToString::to_string).collect::<Vec<_>>()})
-        })
-        .collect();
-    json!({"op": "register", "service": service.to_string(), "version": VERSION, "pending": pending}).to_string()
+/// Why a connection to the agent ended.
+#[derive(Debug)]
+enum Ended {
+    Io(std::io::Error),
+    /// The agent refused the registration's version (it speaks an older one).
+    OlderAgent(String),
 }
 
-fn serve(socket: &Path, service: SocketAddr, sessions: &dyn Sessions, stop: &AtomicBool, unfinished: &Mutex<Unfinished>) -> std::io::Result<()> {
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::OlderAgent(why) => write!(f, "the agent says: {why}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for Ended {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// The register line, with the hand-overs not seen end (sorted by name).
+#[must_use]
+pub fn register_line(service: SocketAddr, version: Version, unfinished: &Unfinished) -> String {
+    let reg = Register::new(service, version, unfinished.iter().map(|(h, (role, clients))| (h.as_str(), *role, clients.as_slice())));
+    serde_json::to_string(&reg).expect("a register line encodes")
+}
+
+fn serve(socket: &Path, service: SocketAddr, sessions: &dyn Sessions, stop: &AtomicBool, unfinished: &Mutex<Unfinished>, version: Version) -> Result<(), Ended> {
     let stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_millis(200)))?;
     // An agent that stops reading is as good as gone: reconnect.
@@ -125,182 +149,122 @@ fn serve(socket: &Path, service: SocketAddr, sessions: &dyn Sessions, stop: &Ato
     let mut w = stream.try_clone()?;
     let (line, n) = {
         let u = unfinished.lock().expect("lock");
-        (register_line(service, &u), u.len())
+        (register_line(service, version, &u), u.len())
     };
     w.write_all(format!("{line}\n").as_bytes())?;
     if n > 0 {
         eprintln!("redirector hook: registering with {n} unfinished hand-over(s): the agent says how each ended");
     }
     let mut r = BufReader::with_capacity(1 << 16, stream);
-    let mut line = Vec::new();
+    let (mut line, mut raw) = (Vec::new(), Vec::new());
+    let mut registered = false;
     while !stop.load(Ordering::Relaxed) {
         // read_until keeps what it read before a timeout: a long line arrives in pieces.
         match r.read_until(b'\n', &mut line) {
-            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the agent closed the hook")),
+            Ok(0) => return Err(eof("the agent closed the hook").into()),
             Ok(_) if line.last() == Some(&b'\n') => {}
-            Ok(_) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the agent closed the hook mid-line")),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
-            Err(e) => return Err(e),
+            Ok(_) => return Err(eof("the agent closed the hook mid-line").into()),
+            Err(e) if timed_out(&e) => continue,
+            Err(e) => return Err(e.into()),
         }
         line.pop();
+        if version > Version::V1 {
+            let bytes = frame::Head::parse(&line).map_or(0, |h| h.bytes);
+            read_raw(&mut r, usize::try_from(bytes).unwrap_or(usize::MAX), &mut raw, stop)?;
+        }
+        if !registered {
+            match serde_json::from_slice::<AgentMsg>(&line) {
+                Ok(AgentMsg::Registered { .. }) => registered = true,
+                Ok(AgentMsg::Error { error }) if version > Version::V1 && error.contains("version") => return Err(Ended::OlderAgent(error)),
+                _ => {}
+            }
+        }
         let mut out = BufWriter::with_capacity(1 << 16, &mut w);
-        handle(sessions, unfinished, &line, &mut out)?;
+        handle(sessions, unfinished, version, &line, &raw, &mut out)?;
         out.flush()?;
         line.clear();
+        raw.clear();
     }
     Ok(())
 }
 
-#[derive(serde::Deserialize)]
-struct Head {
-    id: Option<Value>,
-    op: Option<String>,
-    handoff: Option<String>,
-    error: Option<Value>,
+fn eof(why: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why)
 }
 
-#[derive(serde::Deserialize)]
-struct ExportRequest {
-    clients: Vec<String>,
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
-#[derive(serde::Deserialize)]
-struct WireSession {
-    client: String,
-    blob: String,
+/// Reads the `n` raw bytes that follow a line into `raw`, across read timeouts (straight
+/// from the socket once the reader's buffer is drained, without zeroing first).
+fn read_raw(r: &mut impl Read, n: usize, raw: &mut Vec<u8>, stop: &AtomicBool) -> Result<(), Ended> {
+    raw.reserve(n);
+    while raw.len() < n {
+        let want = u64::try_from(n - raw.len()).unwrap_or(u64::MAX);
+        // On a timeout, what was read so far stays in `raw`.
+        match r.by_ref().take(want).read_to_end(raw) {
+            Ok(0) => return Err(eof("the agent closed the hook in the middle of a message's bytes").into()),
+            Ok(_) => {}
+            Err(e) if timed_out(&e) && !stop.load(Ordering::Relaxed) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
-#[derive(serde::Deserialize)]
-struct ImportRequest {
-    sessions: Vec<WireSession>,
+fn answer(out: &mut impl Write, a: &Answer) -> std::io::Result<()> {
+    frame::write(out, a, [])
 }
 
-/// A client address in the agent's form (IPv4-mapped IPv6 addresses are IPv4).
-#[must_use]
-pub fn parse_client(s: &str) -> Option<IpAddr> {
-    s.parse::<IpAddr>().ok().map(|a| a.to_canonical())
-}
-
-fn answer(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *out, v)?;
-    out.write_all(b"\n")
-}
-
-/// Handles one line from the agent (without its `\n`), writing the answer (if any) to `out`
-/// as one line. An `error` from the agent (the registration refused or replaced) is an
-/// error: the caller reconnects.
-pub fn handle(sessions: &dyn Sessions, unfinished: &Mutex<Unfinished>, line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
-    let head: Head = match serde_json::from_slice(line) {
-        Ok(h) => h,
+/// Handles one line from the agent (without its `\n`) and the raw bytes that followed it,
+/// writing the answer (if any) to `out`. An `error` from the agent (the registration refused
+/// or replaced) is an error: the caller reconnects.
+pub fn handle(sessions: &dyn Sessions, unfinished: &Mutex<Unfinished>, version: Version, line: &[u8], raw: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    let msg = match serde_json::from_slice::<AgentMsg>(line) {
+        Ok(m) => m,
         Err(e) => {
-            eprintln!("redirector hook: ignoring a line that is not JSON from the agent: {e}");
+            if let Ok(frame::Head { id: Some(id), .. }) = frame::Head::parse(line) {
+                return answer(out, &Answer::refused(id, format!("malformed or unknown request: {e}")));
+            }
+            eprintln!("redirector hook: ignoring a line from the agent that is not a request: {}", frame::preview(line));
             return Ok(());
         }
     };
-    let id = head.id.unwrap_or(Value::Null);
-    let handoff = head.handoff.unwrap_or_default();
-    match head.op.as_deref() {
-        Some("registered") => Ok(()),
-        Some("error") => Err(std::io::Error::other(format!("the agent says: {}", head.error.unwrap_or(Value::Null)))),
-        Some("export") => {
-            let clients: Vec<IpAddr> = match serde_json::from_slice::<ExportRequest>(line) {
-                Ok(r) => r.clients.iter().filter_map(|c| parse_client(c)).collect(),
-                Err(e) => return answer(out, &json!({"id": id, "ok": false, "error": format!("malformed export: {e}")})),
-            };
+    match msg {
+        AgentMsg::Registered { .. } => Ok(()),
+        AgentMsg::Error { error } => Err(std::io::Error::other(format!("the agent says: {error}"))),
+        AgentMsg::Export { id, handoff, clients } => {
+            let clients: Vec<IpAddr> = clients.iter().filter_map(|c| parse_client(c)).collect();
             unfinished.lock().expect("lock").insert(handoff.clone(), (Role::Export, clients.clone()));
             let exported = sessions.export(&handoff, &clients);
-            // Written as it is encoded: a big answer starts flowing at once.
-            write!(out, "{{\"id\":{id},\"ok\":true,\"sessions\":[")?;
-            for (i, (c, b)) in exported.iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b",")?;
-                }
-                write!(out, "{{\"client\":\"{c}\",\"blob\":\"{}\"}}", STANDARD.encode(b))?;
-            }
-            out.write_all(b"]}\n")
+            let (list, bytes) = to_wire(exported.iter().map(|(c, b)| (*c, b.as_slice())), version);
+            let a = Answer { id, ok: true, error: None, bytes, sessions: Some(list) };
+            frame::write(out, &a, raw_parts(exported.iter().map(|s| s.1.as_slice()), version))
         }
-        Some("import") => {
-            let req = match serde_json::from_slice::<ImportRequest>(line) {
-                Ok(r) => r,
-                Err(e) => return answer(out, &json!({"id": id, "ok": false, "error": format!("malformed import: {e}")})),
+        AgentMsg::Import { id, handoff, bytes, sessions: list } => {
+            let list = match from_wire(list, bytes, raw, version, usize::MAX) {
+                Ok(l) => l,
+                Err(e) => return answer(out, &Answer::refused(id, format!("malformed import: {e}"))),
             };
-            let mut list = Vec::with_capacity(req.sessions.len());
-            for s in req.sessions {
-                match (parse_client(&s.client), STANDARD.decode(s.blob.as_bytes())) {
-                    (Some(c), Ok(b)) => list.push((c, b)),
-                    _ => return answer(out, &json!({"id": id, "ok": false, "error": format!("malformed session of {:?} in import", s.client)})),
-                }
-            }
-            unfinished.lock().expect("lock").insert(handoff.clone(), (Role::Import, list.iter().map(|s| s.0).collect()));
-            match sessions.import(&handoff, list) {
-                Ok(()) => answer(out, &json!({"id": id, "ok": true})),
-                Err(e) => answer(out, &json!({"id": id, "ok": false, "error": e})),
+            unfinished.lock().expect("lock").insert(handoff.clone(), (Role::Import, list.iter().map(|s| s.client).collect()));
+            match sessions.import(&handoff, list.into_iter().map(|s| (s.client, s.blob)).collect()) {
+                Ok(()) => answer(out, &Answer::ok(id)),
+                Err(e) => answer(out, &Answer::refused(id, e)),
             }
         }
-        Some("commit") => {
+        AgentMsg::Commit { id, handoff } => {
             unfinished.lock().expect("lock").remove(&handoff);
             sessions.commit(&handoff);
-            answer(out, &json!({"id": id, "ok": true}))
+            answer(out, &Answer::ok(id))
         }
-        Some("abort") => {
+        AgentMsg::Abort { id, handoff } => {
             unfinished.lock().expect("lock").remove(&handoff);
             sessions.abort(&handoff);
-            answer(out, &json!({"id": id, "ok": true}))
+            answer(out, &Answer::ok(id))
         }
-        other => answer(out, &json!({"id": id, "ok": false, "error": format!("unknown op {other:?}")})),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Default)]
-    struct Log(Mutex<Vec<String>>);
-
-    impl Sessions for Log {
-        fn export(&self, handoff: &str, clients: &[IpAddr]) -> Vec<(IpAddr, Vec<u8>)> {
-            self.0.lock().unwrap().push(format!("export {handoff} {clients:?}"));
-            clients.iter().take(1).map(|c| (*c, b"hi".to_vec())).collect()
-        }
-        fn import(&self, handoff: &str, sessions: Vec<(IpAddr, Vec<u8>)>) -> Result<(), String> {
-            self.0.lock().unwrap().push(format!("import {handoff} {}", sessions.len()));
-            Ok(())
-        }
-        fn commit(&self, handoff: &str) {
-            self.0.lock().unwrap().push(format!("commit {handoff}"));
-        }
-        fn abort(&self, handoff: &str) {
-            self.0.lock().unwrap().push(format!("abort {handoff}"));
-        }
-    }
-
-    fn run(s: &Log, u: &Mutex<Unfinished>, line: &str) -> Value {
-        let mut out = Vec::new();
-        handle(s, u, line.as_bytes(), &mut out).unwrap();
-        assert_eq!(out.split(|b| *b == b'\n').count(), 2, "one line");
-        serde_json::from_slice(&out).unwrap()
-    }
-
-    #[test]
-    fn unfinished_hand_overs_are_kept_and_reported_until_they_end() {
-        let (s, u) = (Log::default(), Mutex::new(Unfinished::new()));
-        let a = run(&s, &u, r#"{"id":1,"op":"export","handoff":"a/1/b","clients":["198.18.1.5","::ffff:198.18.1.6"]}"#);
-        assert_eq!(a, json!({"id":1,"ok":true,"sessions":[{"client":"198.18.1.5","blob":"aGk="}]}));
-        let a = run(&s, &u, r#"{"id":2,"op":"import","handoff":"c/9/a","sessions":[{"client":"2001:db8::5","blob":"aGk="}]}"#);
-        assert_eq!(a, json!({"id":2,"ok":true}));
-        let reg: Value = serde_json::from_str(&register_line("198.18.0.10:80".parse().unwrap(), &u.lock().unwrap())).unwrap();
-        assert_eq!(reg["version"], 1);
-        assert_eq!(
-            reg["pending"],
-            json!([{"handoff":"a/1/b","role":"export","clients":["198.18.1.5","198.18.1.6"]},{"handoff":"c/9/a","role":"import","clients":["2001:db8::5"]}])
-        );
-        assert_eq!(run(&s, &u, r#"{"id":3,"op":"commit","handoff":"a/1/b"}"#), json!({"id":3,"ok":true}));
-        assert_eq!(run(&s, &u, r#"{"id":4,"op":"abort","handoff":"never/seen/this"}"#), json!({"id":4,"ok":true}), "unknown hand-overs are answered ok");
-        assert_eq!(u.lock().unwrap().keys().collect::<Vec<_>>(), ["c/9/a"]);
-        assert_eq!(run(&s, &u, r#"{"id":5,"op":"dance"}"#)["ok"], false);
-        let mut out = Vec::new();
-        assert!(handle(&s, &u, br#"{"op":"error","error":"replaced"}"#, &mut out).is_err(), "an error from the agent ends the connection");
-        assert!(handle(&s, &u, br#"{"op":"registered","service":"x","version":1}"#, &mut out).is_ok() && out.is_empty());
-    }
-}
+mod tests;

@@ -213,7 +213,10 @@ impl Service {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads a config file (unknown keys are refused); [`Config::validate`] checks its values.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not such a configuration.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -309,17 +312,20 @@ impl Config {
         Ok(())
     }
 
-    /// Every problem with the configuration, one line each (empty: valid).
-    #[must_use]
+    /// Checks the configuration once, for the agent: the configuration with what the checks
+    /// proved, or every problem with it, one line each, in file order.
+    ///
+    /// # Errors
+    /// [`Invalid`], with every problem found.
     #[expect(clippy::too_many_lines, reason = "one short check per rule, in file order")]
-    pub fn problems(&self) -> Vec<String> {
+    pub fn validate(self) -> Result<Valid, Invalid> {
         let mut p = Vec::new();
         if let Err(e) = check_name(&self.node) {
             p.push(format!("node: {e}"));
         }
         let Some(listen) = self.listen else {
             p.push("listen: the peer channel address (this node's control address) is required".into());
-            return p;
+            return Err(Invalid { problems: p });
         };
         if listen.ip().is_unspecified() || listen.ip().is_multicast() {
             p.push(format!(
@@ -349,9 +355,10 @@ impl Config {
         if self.max_session_bytes == 0 || self.max_session_bytes + 4096 > self.max_frame {
             p.push(format!("max_session_bytes ({}) must be above 0 and leave 4096 bytes of room under max_frame ({})", self.max_session_bytes, self.max_frame));
         }
-        if let Err(e) = self.app_socket_owner() {
+        let app_socket_owner = self.app_socket_owner().unwrap_or_else(|e| {
             p.push(e);
-        }
+            None
+        });
         for (name, f) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if f.as_os_str().is_empty() {
                 p.push(format!("{name}: required (make them with `redirector tls ca` and `redirector tls node`)"));
@@ -402,6 +409,7 @@ impl Config {
                 p.push(format!("sibling {}: dual_stack_address {d} must be of the other family than its address", s.name));
             }
         }
+        let mut tunnel_sources = Vec::with_capacity(self.services.len());
         for s in &self.services {
             if s.address.port() == 0 {
                 p.push(format!("service {}: port must not be 0", s.address));
@@ -415,21 +423,77 @@ impl Config {
             if s.listener().port() != s.address.port() {
                 p.push(format!("service {}: listener {} must use the same port", s.address, s.listener()));
             }
-            if self.control_address(s.address.ip()).is_none() {
-                p.push(format!(
+            match self.control_address(s.address.ip()) {
+                Some(c) => tunnel_sources.push(c),
+                None => p.push(format!(
                     "service {}: this node has no {} control address (listen is {listen}; set dual_stack_address), so its clients could never move",
                     s.address,
                     crate::datapath::family_name(s.address.is_ipv4())
-                ));
+                )),
             }
         }
-        p
+        if !p.is_empty() {
+            return Err(Invalid { problems: p });
+        }
+        Ok(Valid { config: self, listen, app_socket_owner, tunnel_sources })
     }
+}
+
+/// A configuration without problems ([`Config::validate`]), with the values its checks
+/// proved. It reads as the [`Config`] it was made from, which it never changes, so what was
+/// proved stays true.
+#[derive(Clone, Debug)]
+pub struct Valid {
+    config: Config,
+    listen: SocketAddr,
+    app_socket_owner: Option<(u32, u32)>,
+    /// The tunnel source of each service, in the order of `config.services`.
+    tunnel_sources: Vec<IpAddr>,
+}
+
+impl Valid {
+    /// The peer channel address.
+    #[must_use]
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The app socket's owner, if configured: (uid, gid).
+    #[must_use]
+    pub fn app_socket_owner(&self) -> Option<(u32, u32)> {
+        self.app_socket_owner
+    }
+
+    /// Each service with its tunnel source: this node's control address of its family.
+    pub fn services_with_tunnel_source(&self) -> impl Iterator<Item = (&Service, IpAddr)> {
+        self.config.services.iter().zip(self.tunnel_sources.iter().copied())
+    }
+}
+
+/// The agent reads every other value as the file (and flags) gave it.
+impl std::ops::Deref for Valid {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// Why a configuration cannot run an agent: every problem, one line each.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {}", problems.join("; "))]
+pub struct Invalid {
+    pub problems: Vec<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every problem `c` has, as `config check` lists them (empty: valid).
+    fn problems(c: &Config) -> Vec<String> {
+        c.clone().validate().err().map(|e| e.problems).unwrap_or_default()
+    }
 
     const GOOD: &str = r#"
 node = "a"
@@ -452,7 +516,7 @@ cgroup = "/sys/fs/cgroup/app"
     #[test]
     fn a_good_config_has_no_problems_and_defaults() {
         let c: Config = toml::from_str(GOOD).unwrap();
-        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
         assert_eq!(c.drain_secs, 60);
         assert_eq!(c.liveness_ms, 3000);
         assert_eq!(c.instance(), "a");
@@ -461,6 +525,20 @@ cgroup = "/sys/fs/cgroup/app"
         assert_eq!((c.app_timeout_ms, c.app_timeout_per_mib_ms), (2000, 100));
         let c: Config = toml::from_str(&GOOD.replace("cgroup = \"/sys/fs/cgroup/app\"", "cgroup = \"/sys/fs/cgroup/app\"\nsessions = true")).unwrap();
         assert!(c.services[0].sessions);
+    }
+
+    /// What validation proved is there to read, without a second check.
+    #[test]
+    fn a_valid_config_carries_what_was_checked() {
+        let v = toml::from_str::<Config>(&GOOD.replace("node = \"a\"", "node = \"a\"\napp_socket_owner = \"1000:1001\"")).unwrap().validate().unwrap();
+        assert_eq!(v.listen(), "198.18.0.1:7470".parse().unwrap());
+        assert_eq!(v.app_socket_owner(), Some((1000, 1001)));
+        let tunnel: Vec<_> = v.services_with_tunnel_source().map(|(s, t)| (s.address, t)).collect();
+        assert_eq!(tunnel, ["198.18.0.10:80".parse().unwrap()].into_iter().zip(["198.18.0.1".parse().unwrap()]).collect::<Vec<(SocketAddr, IpAddr)>>());
+        assert_eq!(v.node, "a", "the file's values read through");
+        let e = toml::from_str::<Config>(&GOOD.replace("low_watermark = 70", "low_watermark = 100\napp_socket_owner = \"x\"")).unwrap().validate().unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert!(e.to_string().starts_with("invalid configuration: low_watermark (100) must be above 0 and below high_watermark (100); app_socket_owner"), "{e}");
     }
 
     #[test]
@@ -474,18 +552,18 @@ cgroup = "/sys/fs/cgroup/app"
     #[test]
     fn a_sibling_on_a_service_address_is_refused() {
         let c: Config = toml::from_str(&GOOD.replace("198.18.0.2:7470", "198.18.0.10:7470")).unwrap();
-        let p = c.problems();
+        let p = problems(&c);
         assert!(p.iter().any(|l| l.contains("sibling b") && l.contains("service address")), "{p:?}");
     }
 
     #[test]
     fn watermarks_and_names_are_checked() {
         let c: Config = toml::from_str(&GOOD.replace("low_watermark = 70", "low_watermark = 100")).unwrap();
-        assert!(c.problems().iter().any(|l| l.contains("low_watermark")));
+        assert!(problems(&c).iter().any(|l| l.contains("low_watermark")));
         let c: Config = toml::from_str(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap();
-        assert!(c.problems().iter().any(|l| l.contains("own name")));
+        assert!(problems(&c).iter().any(|l| l.contains("own name")));
         let c: Config = toml::from_str(&GOOD.replace("listen = \"198.18.0.1:7470\"", "listen = \"198.18.0.10:7470\"")).unwrap();
-        assert!(c.problems().iter().any(|l| l.contains("198.18.0.10 is a service address")), "{:?}", c.problems());
+        assert!(problems(&c).iter().any(|l| l.contains("198.18.0.10 is a service address")), "{:?}", problems(&c));
     }
 
     /// `tls node` and `config check` agree on names: '_' makes no certificate, so no config.
@@ -494,9 +572,9 @@ cgroup = "/sys/fs/cgroup/app"
         for bad in ["a_b", "", "-a", "a-", "a.b", &"x".repeat(64)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
             let c: Config = toml::from_str(&GOOD.replace("node = \"a\"", &format!("node = {bad:?}"))).unwrap();
-            assert!(c.problems().iter().any(|l| l.starts_with("node:")), "node {bad:?}: {:?}", c.problems());
+            assert!(problems(&c).iter().any(|l| l.starts_with("node:")), "node {bad:?}: {:?}", problems(&c));
             let c: Config = toml::from_str(&GOOD.replace("name = \"b\"", &format!("name = {bad:?}"))).unwrap();
-            assert!(c.problems().iter().any(|l| l.starts_with("sibling")), "sibling {bad:?}: {:?}", c.problems());
+            assert!(problems(&c).iter().any(|l| l.starts_with("sibling")), "sibling {bad:?}: {:?}", problems(&c));
         }
         for good in ["a", "node-1", "B2"] {
             assert!(check_name(good).is_ok(), "{good:?}");
@@ -507,28 +585,28 @@ cgroup = "/sys/fs/cgroup/app"
     fn the_peer_channel_needs_a_specific_control_address() {
         for any in ["0.0.0.0:7470", "[::]:7470"] {
             let c: Config = toml::from_str(&GOOD.replace("198.18.0.1:7470", any)).unwrap();
-            assert!(c.problems().iter().any(|l| l.starts_with("listen:") && l.contains("not a specific address")), "{any}: {:?}", c.problems());
+            assert!(problems(&c).iter().any(|l| l.starts_with("listen:") && l.contains("not a specific address")), "{any}: {:?}", problems(&c));
         }
     }
 
     #[test]
     fn two_nodes_on_one_ip_are_refused() {
         let c: Config = toml::from_str(&format!("{GOOD}\n[[sibling]]\nname = \"c\"\naddress = \"198.18.0.2:7471\"\n")).unwrap();
-        assert!(c.problems().iter().any(|l| l.contains("also b's address")), "{:?}", c.problems());
+        assert!(problems(&c).iter().any(|l| l.contains("also b's address")), "{:?}", problems(&c));
         let c: Config = toml::from_str(&GOOD.replace("198.18.0.2:7470", "198.18.0.1:7471")).unwrap();
-        assert!(c.problems().iter().any(|l| l.contains("also a's address")), "{:?}", c.problems());
+        assert!(problems(&c).iter().any(|l| l.contains("also a's address")), "{:?}", problems(&c));
     }
 
     #[test]
     fn a_service_of_a_family_without_control_address_is_refused() {
         let v6 = format!("{GOOD}\n[[service]]\naddress = \"[2001:db8::10]:80\"\ndev = \"eth0\"\ncgroup = \"/sys/fs/cgroup/app\"\n");
         let c: Config = toml::from_str(&v6).unwrap();
-        assert!(c.problems().iter().any(|l| l.contains("no IPv6 control address")), "{:?}", c.problems());
+        assert!(problems(&c).iter().any(|l| l.contains("no IPv6 control address")), "{:?}", problems(&c));
         let c: Config = toml::from_str(&v6.replace("listen = ", "dual_stack_address = \"2001:db8::1\"\nlisten = ")).unwrap();
-        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
         assert_eq!(c.control_address("2001:db8::5".parse().unwrap()), Some("2001:db8::1".parse().unwrap()));
         let c: Config = toml::from_str(&v6.replace("listen = ", "dual_stack_address = \"198.18.0.9\"\nlisten = ")).unwrap();
-        assert!(c.problems().iter().any(|l| l.starts_with("dual_stack_address")), "{:?}", c.problems());
+        assert!(problems(&c).iter().any(|l| l.starts_with("dual_stack_address")), "{:?}", problems(&c));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod agent;
 pub mod app;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod datapath;

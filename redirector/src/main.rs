@@ -1,4 +1,4 @@
-//! The `redirector` binary: operator CLI (and, later, the agent).
+//! The `redirector` binary: the operator CLI, and the agent (`redirector agent`).
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {

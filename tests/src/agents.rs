@@ -160,9 +160,9 @@ pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, add
 /// The cluster's certificates: a CA and one certificate per node name, in `dir`.
 pub fn make_certs(dir: &Path, names: &[&str]) {
     fs::create_dir_all(dir).expect("tls dir");
-    redirector::peer::make_ca(dir).expect("make CA");
+    redirector::certs::make_ca(dir).expect("make CA");
     for n in names {
-        redirector::peer::make_node(dir, n).expect("make node certificate");
+        redirector::certs::make_node(dir, n).expect("make node certificate");
     }
 }
 

@@ -2,6 +2,8 @@
 //! the proxy's socket, the proxy to the agent's, and every line passes through a filter that
 //! may forward, change, drop, hold it or cut the connection. So tests exercise the real
 //! applications' sessions (frozen, imported, unfrozen, dropped) while the hook misbehaves.
+//! A line of a version 2 connection travels with the raw bytes it announces: forwarded,
+//! held or dropped with it (a replacement line goes without them).
 
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
@@ -28,8 +30,8 @@ pub enum Dir {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     Forward,
-    /// Sends this line instead.
-    Replace(String),
+    /// Sends this line instead, and these raw bytes after it (version 2; empty: none).
+    Replace(String, Vec<u8>),
     Drop,
     /// Forwards it, then closes the connection on both sides (the application reconnects).
     ForwardThenCut,
@@ -99,7 +101,9 @@ impl HookProxy {
 fn pump(r: UnixStream, mut w: UnixStream, both: &[UnixStream; 2], dir: Dir, filter: &Filter, seen: &Mutex<Vec<(Dir, String)>>, stop: &AtomicBool) {
     let _ = r.set_read_timeout(Some(Duration::from_millis(200)));
     let mut r = BufReader::new(r);
-    let mut line = Vec::new();
+    let (mut line, mut raw) = (Vec::new(), Vec::new());
+    // Learnt from the register line (to the agent) or its answer (to the application).
+    let mut v2 = false;
     let cut = || {
         for s in both {
             let _ = s.shutdown(std::net::Shutdown::Both);
@@ -114,10 +118,27 @@ fn pump(r: UnixStream, mut w: UnixStream, both: &[UnixStream; 2], dir: Dir, filt
             Err(_) => break,
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+        let head = redirector_hook::frame::Head::parse(&line[..line.len() - 1]);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && (v["op"] == "register" || v["op"] == "registered")
+        {
+            v2 = v["version"] == 2;
+        }
+        raw.clear();
+        if v2
+            && let Ok(h) = head
+            && h.bytes > 0
+        {
+            raw.resize(usize::try_from(h.bytes).expect("a size"), 0);
+            if read_patiently(&mut r, &mut raw, stop).is_err() {
+                break;
+            }
+        }
+        line.extend_from_slice(&raw);
         seen.lock().expect("lock").push((dir, text.chars().take(4096).collect()));
         let ok = match filter(dir, &text) {
             Action::Forward => w.write_all(&line).is_ok(),
-            Action::Replace(s) => w.write_all(format!("{s}\n").as_bytes()).is_ok(),
+            Action::Replace(s, raw) => w.write_all(format!("{s}\n").as_bytes()).and_then(|()| w.write_all(&raw)).is_ok(),
             Action::Drop => true,
             Action::ForwardThenCut => {
                 // What was written reaches the other side before it sees the end.
@@ -140,6 +161,20 @@ fn pump(r: UnixStream, mut w: UnixStream, both: &[UnixStream; 2], dir: Dir, filt
         line.clear();
     }
     cut();
+}
+
+/// Fills `buf` from `r` across read timeouts.
+fn read_patiently(r: &mut impl std::io::Read, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match r.read(&mut buf[at..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) && !stop.load(Ordering::Relaxed) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Drop for HookProxy {

@@ -9,12 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirector::peer::{MovedClient, Msg};
+use redirector::peer::{Answer, MovedClient, Request};
 use redirector_sdk::{Hook, Sessions};
 use redirector_tests::{
     agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
     net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4},
-    peer::{connect_as, read_msg, send},
+    peer::{connect_as, read_answer, send},
     require_root,
 };
 
@@ -301,12 +301,12 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
     // The test plays origin A on a connection of its own, and never commits nor aborts.
     let mut s = connect_as(&c.t.client.ns, &c.dir.join("tls"), "a", "b", b_addr);
     let transfer = |s: &mut redirector_tests::peer::TlsStream, id: u64, client: u16| {
-        send(s, &Msg::HelpRequest { id, connections: 1, clients: 1 });
-        assert!(matches!(read_msg(s), Ok(Msg::Offer { .. })), "B offers room");
+        send(s, Request::HelpRequest { id, connections: 1, clients: 1 });
+        assert!(matches!(read_answer(s), Ok(Answer::Offer { .. })), "B offers room");
         let clients = vec![MovedClient { addr: IpAddr::V4(client4(client)), connections: 1 }];
-        send(s, &Msg::Transfer { id, services: vec![svc(SERVICE4)], tunnel_src: vec![IpAddr::V4(c.t.a.v4[0])], clients, sessions: Vec::new() });
-        match read_msg(s) {
-            Ok(Msg::TransferAck { .. }) => {}
+        send(s, Request::Transfer { id, services: vec![svc(SERVICE4)], tunnel_src: vec![IpAddr::V4(c.t.a.v4[0])], clients, sessions: Vec::new() });
+        match read_answer(s) {
+            Ok(Answer::TransferAck { .. }) => {}
             other => panic!("B acknowledges transfer {id}: {other:?}"),
         }
     };
@@ -318,9 +318,9 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
     let mut six = redirector_tests::Client::connect(&c.t.client.ns, IpAddr::V4(client4(6)), svc(SERVICE4));
     assert_eq!(six.who(), "B");
     // Transfer 3: clients sent ahead, then no Transfer.
-    send(&mut s, &Msg::HelpRequest { id: 3, connections: 1, clients: 1 });
-    assert!(matches!(read_msg(&mut s), Ok(Msg::Offer { .. })));
-    send(&mut s, &Msg::Clients { id: 3, clients: vec![MovedClient { addr: IpAddr::V4(client4(7)), connections: 1 }] });
+    send(&mut s, Request::HelpRequest { id: 3, connections: 1, clients: 1 });
+    assert!(matches!(read_answer(&mut s), Ok(Answer::Offer { .. })));
+    send(&mut s, Request::Clients { id: 3, clients: vec![MovedClient { addr: IpAddr::V4(client4(7)), connections: 1 }] });
     // No Commit or Abort comes: B asks A how each ended (A keeps no record of what the test
     // did in its name, so its kernel's rules decide: client 6 is steered to B, client 5 is
     // not), and drops the clients sent ahead of a Transfer that never came after

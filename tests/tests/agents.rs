@@ -8,12 +8,12 @@ use std::{
     time::Duration,
 };
 
-use redirector::peer::{MovedClient, Msg, PROTOCOL_VERSION};
+use redirector::peer::{Answer, Frame, MovedClient, PROTOCOL_VERSION, Request};
 use redirector_tests::{
     Client,
     agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
     net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4, client6},
-    peer::{TlsStream, connect_as, hello, read_msg, send, send_frame, tls_connect},
+    peer::{TlsStream, connect_as, hello, read_answer, read_msg, send, send_frame, tls_connect},
     require_root,
 };
 
@@ -222,31 +222,31 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     assert!(c.log("a").lines().any(|l| l.contains("TLS handshake refused") && l.contains(&client_ip)), "A logged the refusal with the peer's address {client_ip}:\n{}", c.log("a"));
     // A certificate from the cluster CA for a name that is not a sibling: refused, with the
     // reason sent before the connection closes.
-    redirector::peer::make_node(&tls, "mallory").expect("mallory cert");
+    redirector::certs::make_node(&tls, "mallory").expect("mallory cert");
     let mut m = tls_connect(&c.t.client.ns, &ca, &tls.join("mallory"), "a", a_addr);
-    send(&mut m, &hello("mallory"));
+    send(&mut m, hello("mallory"));
     match read_msg(&mut m) {
-        Ok(Msg::Refused { reason }) => assert!(reason.contains("not for a configured sibling"), "{reason}"),
+        Ok(Frame::Refused { reason }) => assert!(reason.contains("not for a configured sibling"), "{reason}"),
         other => panic!("mallory should be told why it is refused: {other:?}"),
     }
     wait_log(&c, "a", "not for a configured sibling", 5);
     // The right certificate, but another protocol version: A answers with its own hello (any
     // version can read it) so the peer can say which versions differ, and logs the reason.
     let mut s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
-    send(&mut s, &Msg::Hello { version: 99, node: "b".into() });
+    send(&mut s, Frame::Hello { version: 99, node: "b".into() });
     match read_msg(&mut s) {
-        Ok(Msg::Hello { version, node }) => assert_eq!((version, node.as_str()), (PROTOCOL_VERSION, "a"), "A says its version"),
+        Ok(Frame::Hello { version, node }) => assert_eq!((version, node.as_str()), (PROTOCOL_VERSION, "a"), "A says its version"),
         other => panic!("a peer of another version should get A's hello: {other:?}"),
     }
     assert!(read_msg(&mut s).is_err(), "then the connection closes");
     wait_log(&c, "a", "protocol version 99", 5);
     // A malformed frame and an oversized frame close only that connection.
     s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
-    send(&mut s, &hello("b"));
+    send(&mut s, hello("b"));
     send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
     wait_log(&c, "a", "malformed message", 5);
     s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
-    send(&mut s, &hello("b"));
+    send(&mut s, hello("b"));
     let _ = s.write_all(&(1u32 << 30).to_be_bytes());
     let _ = s.flush();
     wait_log(&c, "a", "bad frame", 5);
@@ -261,8 +261,8 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
 }
 
 /// A transfer of one client (`client4(3)`) of `services`, from `tunnel_src`.
-fn transfer_msg(id: u64, services: &[&str], tunnel_src: &str) -> Msg {
-    Msg::Transfer {
+fn transfer_msg(id: u64, services: &[&str], tunnel_src: &str) -> Request {
+    Request::Transfer {
         id,
         services: services.iter().map(|a| a.parse().expect("service")).collect(),
         tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
@@ -273,14 +273,14 @@ fn transfer_msg(id: u64, services: &[&str], tunnel_src: &str) -> Msg {
 
 /// Asks A for room as "b" on a connection of the test's own, then transfers `services` with
 /// `tunnel_src`; returns A's answer to the transfer.
-fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &str) -> Msg {
-    send(s, &Msg::HelpRequest { id, connections: 1, clients: 1 });
-    match read_msg(s) {
-        Ok(Msg::Offer { .. }) => {}
+fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &str) -> Answer {
+    send(s, Request::HelpRequest { id, connections: 1, clients: 1 });
+    match read_answer(s) {
+        Ok(Answer::Offer { .. }) => {}
         other => panic!("A should offer room: {other:?}"),
     }
-    send(s, &transfer_msg(id, services, tunnel_src));
-    read_msg(s).expect("A answers the transfer")
+    send(s, transfer_msg(id, services, tunnel_src));
+    read_answer(s).expect("A answers the transfer")
 }
 
 #[test]
@@ -302,7 +302,7 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     ];
     for (i, (services, src, why)) in cases.iter().enumerate() {
         match forged_transfer(&mut s, 100 + i as u64, services, src) {
-            Msg::Abort { reason, .. } => assert!(reason.contains(why), "{services:?} from {src}: refused because {why:?}, said {reason:?}"),
+            Answer::Abort { reason, .. } => assert!(reason.contains(why), "{services:?} from {src}: refused because {why:?}, said {reason:?}"),
             other => panic!("{services:?} from {src} must be refused: {other:?}"),
         }
     }
@@ -313,18 +313,18 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     assert_eq!(c.status("a")["adopted"], serde_json::json!([]));
     // A transfer A never offered room for (or whose lease ran out) is refused, and A goes on
     // serving: its status answers.
-    send(&mut s, &transfer_msg(150, &["198.18.0.20:80"], "198.18.0.2"));
-    match read_msg(&mut s) {
-        Ok(Msg::Abort { reason, .. }) => assert!(reason.contains("no reservation"), "refused for want of a reservation: {reason:?}"),
+    send(&mut s, transfer_msg(150, &["198.18.0.20:80"], "198.18.0.2"));
+    match read_answer(&mut s) {
+        Ok(Answer::Abort { reason, .. }) => assert!(reason.contains("no reservation"), "refused for want of a reservation: {reason:?}"),
         other => panic!("a transfer without a reservation must be refused: {other:?}"),
     }
     assert_eq!(c.status("a")["adopted"], serde_json::json!([]), "A still answers and adopted nothing");
     // The genuine article is accepted: B's own service, from B's control address.
     match forged_transfer(&mut s, 200, &["198.18.0.20:80"], "198.18.0.2") {
-        Msg::TransferAck { .. } => {}
+        Answer::TransferAck { .. } => {}
         other => panic!("a transfer A's configuration confirms is accepted: {other:?}"),
     }
-    send(&mut s, &Msg::Abort { id: 200, reason: "test over".into() });
+    send(&mut s, Request::Abort { id: 200, reason: "test over".into() });
 }
 
 /// One line in, one line out, on the agent's admin socket.

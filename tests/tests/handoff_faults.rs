@@ -18,7 +18,7 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, wait_app_log, wait_log, wait_registered, wait_status},
+    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, moved_to, wait_app_log, wait_log, wait_registered, wait_status},
     hook::{Action, Dir, HookProxy},
     http::HttpClient,
     net::{SERVICE4, client4},
@@ -361,7 +361,13 @@ struct Bad {
     log_says: &'static str,
     /// On B's log rather than A's.
     volunteer: bool,
-    answer: fn(&Value, &str) -> String,
+    /// The spoiled answer to the request, from the real answer's line: a line and the raw
+    /// bytes after it.
+    answer: fn(&Value, &str) -> (String, Vec<u8>),
+}
+
+fn line(s: String) -> (String, Vec<u8>) {
+    (s, Vec::new())
 }
 
 fn first_client(req: &Value) -> String {
@@ -381,7 +387,7 @@ const BAD: &[Bad] = &[
         what: "a session of a client that was not requested",
         log_says: "which was not requested",
         volunteer: false,
-        answer: |_, a| with_sessions(a, |s| s.push(json!({"client": "198.18.200.1", "blob": ""}))),
+        answer: |_, a| line(with_sessions(a, |s| s.push(json!({"client": "198.18.200.1", "blob": ""})))),
     },
     Bad {
         what: "two sessions of one client",
@@ -389,14 +395,14 @@ const BAD: &[Bad] = &[
         volunteer: false,
         answer: |r, a| {
             let c = first_client(r);
-            with_sessions(a, |s| {
+            line(with_sessions(a, |s| {
                 s.retain(|x| x["client"] != c.as_str());
                 s.push(json!({"client": c, "blob": "e30="}));
                 s.push(json!({"client": c, "blob": "e30="}));
-            })
+            }))
         },
     },
-    Bad { what: "a line that is not JSON", log_says: "not a JSON object", volunteer: false, answer: |_, _| "this is not JSON".into() },
+    Bad { what: "a line that is not JSON", log_says: "not a JSON object", volunteer: false, answer: |_, _| line("this is not JSON".into()) },
     Bad {
         what: "an answer without an id",
         log_says: "without a numeric id",
@@ -404,7 +410,7 @@ const BAD: &[Bad] = &[
         answer: |_, a| {
             let mut v: Value = serde_json::from_str(a).expect("JSON");
             v.as_object_mut().expect("object").remove("id");
-            v.to_string()
+            line(v.to_string())
         },
     },
     Bad {
@@ -413,10 +419,10 @@ const BAD: &[Bad] = &[
         volunteer: false,
         answer: |r, a| {
             let c = first_client(r);
-            with_sessions(a, |s| {
+            line(with_sessions(a, |s| {
                 s.retain(|x| x["client"] != c.as_str());
                 s.push(json!({"client": c, "blob": "%%% not base64 %%%"}));
-            })
+            }))
         },
     },
     Bad {
@@ -426,10 +432,10 @@ const BAD: &[Bad] = &[
         answer: |r, a| {
             use base64::Engine as _;
             let (c, big) = (first_client(r), base64::engine::general_purpose::STANDARD.encode(vec![7u8; 300 << 10]));
-            with_sessions(a, |s| {
+            line(with_sessions(a, |s| {
                 s.retain(|x| x["client"] != c.as_str());
                 s.push(json!({"client": c, "blob": big}));
-            })
+            }))
         },
     },
     Bad {
@@ -439,31 +445,98 @@ const BAD: &[Bad] = &[
         answer: |r, a| {
             use base64::Engine as _;
             let (c, big) = (first_client(r), base64::engine::general_purpose::STANDARD.encode(vec![7u8; 4096]));
-            with_sessions(a, |s| {
+            line(with_sessions(a, |s| {
                 s.retain(|x| x["client"] != c.as_str());
                 s.push(json!({"client": c, "blob": big}));
-            })
+            }))
         },
     },
 ];
 
-/// A's real application answers every export; the proxy spoils each answer in another way.
-/// Every one aborts the hand-over at once (no timeout), says why, and the application's
-/// frozen sessions are unfrozen: nothing lost, nothing steered.
+/// A version 2 export answer with `sessions` and the raw bytes after it.
+fn answer_v2(a: &str, sessions: &[(&str, usize)], bytes: usize) -> (String, Vec<u8>) {
+    let id = serde_json::from_str::<Value>(a).expect("the demo's answer is JSON")["id"].clone();
+    let list: Vec<Value> = sessions.iter().map(|(c, len)| json!({"client": c, "len": len})).collect();
+    (json!({"id": id, "ok": true, "bytes": bytes, "sessions": list}).to_string(), vec![b'7'; bytes])
+}
+
+/// Spoiled answers of version 2 (raw bytes after the line): the real sessions are dropped,
+/// these go instead.
+const BAD_V2: &[Bad] = &[
+    Bad {
+        what: "lengths that do not add up to the bytes that follow",
+        log_says: "add up to 3, not the 4",
+        volunteer: false,
+        answer: |r, a| answer_v2(a, &[(&first_client(r), 3)], 4),
+    },
+    Bad { what: "a session of a client that was not requested", log_says: "which was not requested", volunteer: false, answer: |_, a| answer_v2(a, &[("198.18.200.1", 2)], 2) },
+    Bad {
+        what: "a base64 blob, as in version 1",
+        log_says: "lacks a client or a len",
+        volunteer: false,
+        answer: |r, a| {
+            let id = serde_json::from_str::<Value>(a).expect("JSON")["id"].clone();
+            line(json!({"id": id, "ok": true, "sessions": [{"client": first_client(r), "blob": "e30="}]}).to_string())
+        },
+    },
+    Bad {
+        what: "a session over A's max_session_bytes",
+        log_says: "307200 bytes, over the limit of 262144",
+        volunteer: false,
+        answer: |r, a| answer_v2(a, &[(&first_client(r), 300 << 10)], 300 << 10),
+    },
+    Bad {
+        what: "more raw bytes announced than the export may take (the connection closes)",
+        log_says: "its outstanding exports may take",
+        volunteer: false,
+        answer: |_, a| {
+            let id = serde_json::from_str::<Value>(a).expect("JSON")["id"].clone();
+            line(json!({"id": id, "ok": true, "bytes": 1u64 << 40, "sessions": []}).to_string())
+        },
+    },
+    Bad { what: "a line that is not JSON (the connection closes)", log_says: "not a JSON object", volunteer: false, answer: |_, _| line("this is not JSON".into()) },
+    Bad {
+        what: "a session over B's max_session_bytes (but not A's)",
+        log_says: "a session is over max_session_bytes (1024)",
+        volunteer: true,
+        answer: |r, a| answer_v2(a, &[(&first_client(r), 4096)], 4096),
+    },
+];
+
+/// A's real application answers every export in version 1; the proxy spoils each answer in
+/// another way. Every one aborts the hand-over at once (no timeout), says why, and the
+/// application's frozen sessions are unfrozen: nothing lost, nothing steered.
 #[test]
 fn invalid_export_answers_abort_at_once_with_a_clear_log_line() {
+    spoiled_export_answers(BAD, "1");
+}
+
+/// The same in version 2, with what can go wrong in raw bytes; an answer after which the
+/// stream cannot be read further closes the connection (the application registers again).
+#[test]
+fn invalid_version_2_export_answers_abort_at_once_with_a_clear_log_line() {
+    spoiled_export_answers(BAD_V2, "2");
+}
+
+fn spoiled_export_answers(bad: &'static [Bad], version: &str) {
     if !require_root() {
         return;
     }
-    let a = NodeOpts { hook_via: Some("a-proxy.sock".into()), ..NodeOpts::default() };
+    let a = NodeOpts { hook_via: Some("a-proxy.sock".into()), app_args: vec!["--hook-version".into(), version.into()], ..NodeOpts::default() };
     let b = NodeOpts { extra: "max_session_bytes = 1024\n".into(), ..NodeOpts::default() };
     let c = cluster(&[("a", a), ("b", b)], "");
-    let proxy =
-        HookProxy::start(&c.dir.join("a-proxy.sock"), &c.dir.join("a-app.sock"), on_answers("export", |n, req, answer| Action::Replace((BAD[n % BAD.len()].answer)(req, answer))));
+    let proxy = HookProxy::start(
+        &c.dir.join("a-proxy.sock"),
+        &c.dir.join("a-app.sock"),
+        on_answers("export", move |n, req, answer| {
+            let (line, raw) = (bad[n % bad.len()].answer)(req, answer);
+            Action::Replace(line, raw)
+        }),
+    );
     wait_registered(&c, "a", 10);
     let t0 = Instant::now();
     let driver = Driver::start(&c, 30);
-    for bad in BAD {
+    for bad in bad {
         let node = if bad.volunteer { "b" } else { "a" };
         let start = Instant::now();
         while !c.log(node).contains(bad.log_says) {
@@ -478,7 +551,7 @@ fn invalid_export_answers_abort_at_once_with_a_clear_log_line() {
     assert!(!log.contains("did not answer"), "every one aborted at once, none by a timeout:\n{log}");
     let exports = proxy.lines(Dir::ToApp, "\"op\":\"export\"").len();
     let aborts = c.app_log("a").matches("hook: abort").count();
-    assert!(exports >= BAD.len() && aborts >= BAD.len(), "each of the {exports} exports was aborted in the application ({aborts} aborts) in {:?}", t0.elapsed());
+    assert!(exports >= bad.len() && aborts >= bad.len(), "each of the {exports} exports was aborted in the application ({aborts} aborts) in {:?}", t0.elapsed());
     assert_eq!(c.app_log("a").matches("hook: commit").count(), 0);
 }
 
@@ -550,8 +623,8 @@ fn killed_between_families(volunteer_first: bool) {
     let active = c.rules("a").iter().filter(|r| r["state"] == "active").count();
     assert_eq!(active, moved.len(), "a rule for every moved client, both families: {:?}", c.rules("a"));
     std::thread::sleep(Duration::from_secs(1));
-    let steered: std::collections::BTreeMap<IpAddr, String> = migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect();
-    let steering = || migrated(&c.status("a")).into_iter().map(|(c, to)| (c.parse().expect("address"), to)).collect();
+    let steered = moved_to(&c.status("a"));
+    let steering = || moved_to(&c.status("a"));
     let mut clients = crowd4.finish_where_steered("A", steering);
     clients.extend(crowd6.finish_where_steered("A", steering));
     c.assert_intact(&clients);

@@ -85,10 +85,16 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<()> {
+/// The cargo feature the tests' agent is built with: faults a test can inject.
+const TEST_FAULTS: &str = "redirector/test-faults";
+
+fn build(release: bool, features: &[&str]) -> Result<()> {
     let mut c = cargo();
     // The eBPF crate builds only for the BPF target (through redirector/build.rs).
     c.args(["build", "--workspace", "--exclude", "redirector-ebpf", "--bins"]);
+    for f in features {
+        c.args(["--features", f]);
+    }
     if release {
         c.arg("--release");
     }
@@ -102,12 +108,17 @@ fn bin_path(release: bool) -> PathBuf {
 fn test(args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
     checks::run_all()?;
-    build(false)?;
+    node_sdk_tests()?;
+    build(false, &[TEST_FAULTS])?;
     // Tests that cannot run say so in this file (libtest hides a passing test's output).
     let skip_log = std::env::temp_dir().join(format!("redirector-skips-{}", std::process::id()));
     let _ = std::fs::remove_file(&skip_log);
     let mut c = cargo();
-    c.args(["test", "--workspace", "--exclude", "redirector-ebpf", "--no-fail-fast"]).args(args).env("REDIRECTOR_BIN", bin_path(false)).env("REDIRECTOR_SKIP_LOG", &skip_log);
+    // The same features as the build above, or this would build the agent again without them.
+    c.args(["test", "--workspace", "--exclude", "redirector-ebpf", "--no-fail-fast", "--features", TEST_FAULTS])
+        .args(args)
+        .env("REDIRECTOR_BIN", bin_path(false))
+        .env("REDIRECTOR_SKIP_LOG", &skip_log);
     let status = c.status().context("starting cargo test")?;
     let skipped: Vec<String> = std::fs::read_to_string(&skip_log).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default();
     let _ = std::fs::remove_file(&skip_log);
@@ -123,23 +134,37 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The Node.js SDK's tests, with Node's own test runner (no packages to install).
+fn node_sdk_tests() -> Result<()> {
+    let mut c = Command::new("node");
+    c.arg("--test").current_dir(root().join("redirector-sdk-node"));
+    match c.status() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("`node` (Node.js 20 or newer) is not installed: the Node.js SDK's tests (redirector-sdk-node) and the Node.js demo's need it")
+        }
+        Err(e) => Err(e).context("starting `node --test` in redirector-sdk-node"),
+        Ok(status) if !status.success() => bail!("the Node.js SDK's tests (node --test in redirector-sdk-node) failed ({status})"),
+        Ok(_) => Ok(()),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Cmd::Setup);
     setup::setup(quiet)?;
     match cli.command {
         Cmd::Setup => Ok(()),
-        Cmd::Build { release } => build(release),
+        Cmd::Build { release } => build(release, &[]),
         Cmd::Test { args } => test(&args),
         Cmd::Run { args } => {
-            build(false)?;
+            build(false, &[])?;
             let mut c = Command::new(bin_path(false));
             c.args(&args);
             run(c, "redirector")
         }
         Cmd::Demo { args } => {
             require_root("cargo xtask demo")?;
-            build(false)?;
+            build(false, &[])?;
             let mut c = cargo();
             c.args(["run", "--quiet", "-p", "redirector-tests", "--bin", "redirector-demo", "--"]).args(&args).env("REDIRECTOR_BIN", bin_path(false));
             run(c, "the demo")
@@ -150,7 +175,7 @@ fn main() -> Result<()> {
                 "datapath" | "negotiate" | "handoff" => {}
                 other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`, `negotiate` or `handoff`"),
             }
-            build(true)?;
+            build(true, &[])?;
             let mut c = cargo();
             c.args(["run", "--quiet", "--release", "-p", "redirector-tests", "--bin", "redirector-bench", "--", &which]).args(&args).env("REDIRECTOR_BIN", bin_path(true));
             run(c, "the benchmark")

@@ -1,5 +1,5 @@
 //! `redirector-demo-app --name A --listen 198.18.0.10:80 [--hook SOCKET --service ADDR]
-//! [--freeze-wait-ms MS] [--idle-close-ms MS]`
+//! [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]`
 //!
 //! An HTTP/1.1 server with a session per client address: a counter and the last few counts.
 //! Every response says who served it, the client, and the session's count, as JSON:
@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirector_sdk::{Hook, Sessions};
+use redirector_sdk::{Hook, Sessions, Version};
 use serde_json::json;
 
 const HISTORY: usize = 5;
@@ -394,7 +394,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(name), Some(listen)) = (arg(&args, "--name"), arg(&args, "--listen")) else {
-        eprintln!("usage: redirector-demo-app --name NAME --listen ADDR [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS]");
+        eprintln!("usage: redirector-demo-app --name NAME --listen ADDR [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]");
         std::process::exit(2);
     };
     let millis = |name: &str| {
@@ -410,10 +410,17 @@ fn main() {
         eprintln!("bad --listen: {e}");
         std::process::exit(2);
     });
+    // Without --hook-version, the newest version the agent speaks.
+    let version = arg(&args, "--hook-version").map(|v| {
+        v.parse().ok().and_then(Version::from_number).unwrap_or_else(|| {
+            eprintln!("bad --hook-version {v:?}: 1 or 2");
+            std::process::exit(2);
+        })
+    });
     let store = Arc::new(Store::default());
     let _hook = arg(&args, "--hook").map(|sock| {
         let service: SocketAddr = arg(&args, "--service").and_then(|s| s.parse().ok()).unwrap_or(listen);
-        Hook::start(sock, service, store.clone())
+        Hook::start_version(sock, service, version, store.clone())
     });
     let listener = TcpListener::bind(listen).unwrap_or_else(|e| {
         eprintln!("cannot listen on {listen}: {e}");

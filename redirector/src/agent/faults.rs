@@ -1,6 +1,8 @@
 //! Faults a test can inject into an agent (environment variable `REDIRECTOR_TEST_FAULTS`, a
-//! comma-separated list), to reach the hand-over's failure paths with real processes. Never
-//! set in production: the agent warns at start when any is.
+//! comma-separated list), to reach the hand-over's failure paths with real processes. Only a
+//! build with the cargo feature `test-faults` (what `cargo xtask test` builds) reads them; any
+//! other agent refuses to start while the variable is set, so that a production agent can
+//! never misbehave on purpose. An agent that reads them warns at start.
 //!
 //! Pauses, each `NAME=MS` (the agent waits MS ms there, logging `TEST FAULT NAME`), in the
 //! order a hand-over reaches them; they apply to both directions unless said otherwise:
@@ -78,7 +80,16 @@ impl Faults {
 
     /// The faults the environment asks for.
     pub fn from_env() -> Result<Self, String> {
-        std::env::var(ENV).map_or_else(|_| Ok(Self::default()), |v| Self::parse(&v))
+        Self::from_setting(std::env::var(ENV).ok().as_deref(), cfg!(feature = "test-faults"))
+    }
+
+    /// The faults `setting` asks for, in a build that has them (`built_in`) or not.
+    fn from_setting(setting: Option<&str>, built_in: bool) -> Result<Self, String> {
+        match setting {
+            None => Ok(Self::default()),
+            Some(v) if built_in => Self::parse(v),
+            Some(_) => Err("set, but this agent is built without test faults (they come with the cargo feature `test-faults`, which `cargo xtask test` builds); unset it".into()),
+        }
     }
 
     #[must_use]
@@ -122,5 +133,14 @@ mod tests {
         assert!(Faults::parse("delay-ack").is_err());
         assert!(Faults::parse("fail-probe-from=0").is_err());
         assert!(Faults::parse("drop-everything").is_err());
+    }
+
+    #[test]
+    fn only_a_test_build_reads_faults() {
+        assert_eq!(Faults::from_setting(None, false), Ok(Faults::default()));
+        assert!(Faults::from_setting(Some("drop-abort"), true).unwrap().drop_abort);
+        let e = Faults::from_setting(Some("drop-abort"), false).unwrap_err();
+        assert!(e.contains("built without test faults"), "{e}");
+        assert!(Faults::from_setting(Some(""), false).is_err(), "even an empty list: the variable says a test meant this agent");
     }
 }

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::{
     Acked, Agent,
-    handoff::{Busy, check_received, handoff_name, names, sample, session_frames, session_sets},
+    handoff::{Busy, check_received, names, sample, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
     volunteer::QUERY_AFTER,
@@ -36,7 +36,7 @@ use super::{
 use crate::{
     app::Role,
     datapath::Prefix,
-    peer::{self, MovedClient, Msg, SessionBlob, Verdict},
+    peer::{self, Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, Verdict},
 };
 
 /// Clients by the node they are with.
@@ -99,7 +99,7 @@ impl Agent {
     async fn hand_back(self: &Arc<Self>, name: &str, services: &[SocketAddr], mut busy: Busy) -> usize {
         let clients = busy.clients().to_vec();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let handoff = handoff_name(&self.cfg.node, id, name);
+        let handoff = HandoffId::new(self.cfg.node.as_str(), id, name).to_string();
         let t0 = Instant::now();
         // Families of these clients only; a service that keeps sessions must have its
         // application here to take them.
@@ -153,13 +153,13 @@ impl Agent {
     /// into this node's applications (tentative). Returns the sessions imported and when the
     /// volunteer's answer came; an error says why the hand-back aborts.
     async fn receive_back(&self, name: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: &[IpAddr], t0: Instant) -> Result<(usize, Duration), String> {
-        let key = (name.to_string(), id);
+        let key = (NodeName::from(name), id);
         self.state().returning.insert(key.clone(), Returned { last: Some(t0), ..Returned::default() });
-        let answer = self.ask_patiently(name, Msg::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
+        let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
         let got = self.state().returning.remove(&key).unwrap_or_default();
         let (back, sets) = match answer {
-            Ok(Msg::Returning { clients, sessions, .. }) => (clients, sessions),
-            Ok(Msg::Abort { reason, .. } | Msg::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
+            Ok(Answer::Returning { clients, sessions, .. }) => (clients, sessions),
+            Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(format!("no answer: {e:#}")),
         };
@@ -171,25 +171,26 @@ impl Agent {
         }
         let (max, sessions) = (self.cfg.max_session_bytes, got.sessions);
         let imports = tokio::task::spawn_blocking(move || check_received(&sets, sessions, &asked, max)).await.unwrap_or_else(|e| Err(format!("checking the sessions: {e}")))?;
-        for (svc, sessions) in imports.iter().filter(|(_, s)| !s.is_empty()) {
-            if !services.contains(svc) {
+        let moved = imports.iter().map(|(_, s)| s.len()).sum();
+        for (svc, sessions) in imports.into_iter().filter(|(_, s)| !s.is_empty()) {
+            if !services.contains(&svc) {
                 return Err(format!("sessions of {svc}, which is not this node's service of these clients"));
             }
-            if !self.apps.has(*svc) {
+            if !self.apps.has(svc) {
                 warn!(sibling = %name, service = %svc, sessions = sessions.len(), "no application registered for {svc} (sessions = false): the clients come home without their sessions");
                 continue;
             }
-            self.apps.import(*svc, handoff, sessions).await.map_err(|e| format!("import failed: {e:#}"))?;
+            self.apps.import(svc, handoff, sessions.into_iter().map(Into::into).collect()).await.map_err(|e| format!("import failed: {e:#}"))?;
         }
-        Ok((imports.iter().map(|(_, s)| s.len()).sum(), t_export))
+        Ok((moved, t_export))
     }
 
     /// Asks `name` for hand-back `id` and waits for its answer for as long as the volunteer
     /// keeps sending (`Sessions` frames, empty ones while it exports), and at most
     /// `negotiate_timeout_ms` plus `app_timeout_ms` between two of them.
-    async fn ask_patiently(&self, name: &str, msg: Msg, id: u64) -> anyhow::Result<Msg> {
+    async fn ask_patiently(&self, name: &str, msg: Request, id: u64) -> anyhow::Result<Answer> {
         let idle = Duration::from_millis(self.cfg.negotiate_timeout_ms).saturating_add(self.limits().timeout);
-        let key = (name.to_string(), id);
+        let key = (NodeName::from(name), id);
         let ask = self.ask(name, msg, id, Duration::from_hours(24));
         tokio::pin!(ask);
         loop {
@@ -245,7 +246,7 @@ impl Agent {
     /// Origin: a `Sessions` frame answering hand-back `id` of `name`.
     pub(super) fn returned_sessions(&self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>) {
         let mut st = self.state();
-        if let Some(r) = st.returning.get_mut(&(name.to_string(), id)) {
+        if let Some(r) = st.returning.get_mut(&(NodeName::from(name), id)) {
             r.last = Some(Instant::now());
             if !sessions.is_empty() {
                 r.sessions.entry(service).or_default().extend(sessions);
@@ -257,14 +258,14 @@ impl Agent {
 
     /// Origin: volunteer `from` gives `clients` back (`GiveBack` `id`); answered once the
     /// hand-back ended.
-    pub(super) fn given_back(self: &Arc<Self>, from: &str, id: u64, clients: Vec<IpAddr>, reply: &mpsc::Sender<Msg>) {
+    pub(super) fn given_back(self: &Arc<Self>, from: &str, id: u64, clients: Vec<IpAddr>, reply: &mpsc::Sender<Answer>) {
         let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
         tokio::spawn(async move {
             let n = clients.len();
             let home = me.take_home(&from, clients, "the volunteer gives them back", false).await;
             info!(sibling = %from, asked = n, home, "a volunteer gave clients back");
             let verdict = if home > 0 { Verdict::Committed } else { Verdict::Aborted };
-            if reply.send_timeout(Msg::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
+            if reply.send_timeout(Answer::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
                 warn!(sibling = %from, "could not answer a give-back: the link is gone or stuck");
             }
         });
@@ -278,16 +279,16 @@ impl Agent {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let n = chunk.len();
             // The origin's hand-back may move a lot of data: bounded by the caller.
-            match self.ask(origin, Msg::GiveBack { id, clients: chunk.clone() }, id, Duration::from_hours(24)).await? {
-                Msg::OutcomeIs { verdict: Verdict::Committed, .. } => {
+            match self.ask(origin, Request::GiveBack { id, clients: chunk.clone() }, id, Duration::from_hours(24)).await? {
+                Answer::OutcomeIs { verdict: Verdict::Committed, .. } => {
                     any = true;
                     // The origin answers once its hand-back is decided, but its Commit of it
                     // comes on the other connection and may land a moment later: until then
                     // the clients are still adopted (and busy) here.
                     self.until_settled(&chunk, SETTLE_WAIT).await;
                 }
-                Msg::OutcomeIs { .. } => info!(origin, clients = n, "the origin did not take the clients back (they stay here)"),
-                Msg::Decline { reason, .. } => info!(origin, clients = n, "the origin declined to take the clients back: {reason}"),
+                Answer::OutcomeIs { .. } => info!(origin, clients = n, "the origin did not take the clients back (they stay here)"),
+                Answer::Decline { reason, .. } => info!(origin, clients = n, "the origin declined to take the clients back: {reason}"),
                 other => warn!(origin, "unexpected answer {other:?}"),
             }
         }
@@ -297,19 +298,27 @@ impl Agent {
     /// Volunteer: origin `from` takes `clients` home (`HandBack` `id`): this node's
     /// applications export them (frozen), the sessions go back on `reply`, then `Returning`.
     /// Any failure: the applications unfreeze and the origin is told why (`Abort`).
-    pub(super) async fn hand_back_out(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr>, reply: mpsc::Sender<Msg>) {
-        let handoff = handoff_name(from, id, &self.cfg.node);
+    pub(super) async fn hand_back_out(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr>, reply: mpsc::Sender<Answer>) {
+        let handoff = HandoffId::new(from, id, self.cfg.node.as_str()).to_string();
         let answer = self.export_back(from, id, &handoff, &services, clients, &reply).await;
         let msg = answer.unwrap_or_else(|reason| {
             warn!(origin = %from, handoff, "refusing to give clients back: {reason}");
-            Msg::Abort { id, reason }
+            Answer::Abort { id, reason }
         });
         if reply.send_timeout(msg, self.send_deadline()).await.is_err() {
             warn!(origin = %from, handoff, "could not answer the hand-back: the link is gone or stuck (the origin aborts it)");
         }
     }
 
-    async fn export_back(self: &Arc<Self>, from: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: Vec<IpAddr>, reply: &mpsc::Sender<Msg>) -> Result<Msg, String> {
+    async fn export_back(
+        self: &Arc<Self>,
+        from: &str,
+        id: u64,
+        handoff: &str,
+        services: &[SocketAddr],
+        clients: Vec<IpAddr>,
+        reply: &mpsc::Sender<Answer>,
+    ) -> Result<Answer, String> {
         if self.cfg.sibling(from).is_none() {
             return Err("not a configured sibling".into());
         }
@@ -346,7 +355,7 @@ impl Agent {
                 tokio::select! {
                     r = &mut work => break r,
                     _ = keepalive.tick() => if let Some(service) = any {
-                        let _ = reply.send_timeout(Msg::Sessions { id, service, sessions: Vec::new() }, self.send_deadline()).await;
+                        let _ = reply.send_timeout(Answer::Sessions { id, service, sessions: Vec::new() }, self.send_deadline()).await;
                     },
                 }
             }
@@ -369,7 +378,7 @@ impl Agent {
         .await
         .map_err(|e| format!("digest task: {e}"))?;
         let n_sessions: usize = mapped.iter().map(|(_, s)| s.len()).sum();
-        for f in session_frames(id, mapped, self.cfg.max_frame) {
+        for f in session_frames(mapped, self.cfg.max_frame, |service, sessions| Answer::Sessions { id, service, sessions }) {
             if reply.send_timeout(f, self.send_deadline()).await.is_err() {
                 self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
                 return Err("the link to the origin is gone or stuck".into());
@@ -382,7 +391,7 @@ impl Agent {
             let now = Instant::now();
             let mut st = self.state();
             st.acked.insert(
-                (from.to_string(), id),
+                (NodeName::from(from), id),
                 Acked {
                     apps,
                     handoff: handoff.to_string(),
@@ -396,7 +405,7 @@ impl Agent {
             );
         }
         info!(origin = %from, handoff, clients = back.len(), sessions = n_sessions, "giving clients back: exported (frozen until the origin commits)");
-        Ok(Msg::Returning { id, clients: back, sessions: sets })
+        Ok(Answer::Returning { id, clients: back, sessions: sets })
     }
 
     /// Volunteer: tells the applications of `apps` how hand-back `handoff` ended; on commit

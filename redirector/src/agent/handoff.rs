@@ -1,6 +1,6 @@
-//! What both directions of a hand-over share: its name as applications see it, the clients it
-//! keeps busy, its session frames and their checks, and how it ends (recorded, the volunteer
-//! told, the origin's applications told until they confirm).
+//! What both directions of a hand-over share: the clients it keeps busy, its session frames and
+//! their checks, and how it ends (recorded, the volunteer told, the origin's applications told
+//! until they confirm). Its name, as applications see it, is a [`crate::peer::HandoffId`].
 //!
 //! Two phases each way. Out (`transfer.rs`): the origin's applications export (freeze) ->
 //! `Sessions` and `Transfer` -> the volunteer imports (tentative) and acknowledges -> the
@@ -24,23 +24,10 @@ use super::{
     Agent,
     records::{Dir, Record},
 };
-use crate::peer::{self, Msg, OUTCOME_SAMPLE, SessionBlob, SessionSet, Verdict};
+use crate::peer::{self, HandoffId, OUTCOME_SAMPLE, Request, SessionBlob, SessionSet, Verdict};
 
 /// At most this many clients are named in one log line.
 pub(super) const NAMED: usize = 16;
-
-/// A hand-over's name, as applications see it: `ORIGIN/ID/VOLUNTEER` (node names never
-/// contain '/'; the id is the origin's transfer id, unique across its restarts).
-pub(super) fn handoff_name(origin: &str, id: u64, volunteer: &str) -> String {
-    format!("{origin}/{id}/{volunteer}")
-}
-
-/// (origin, id, volunteer) of a hand-over name.
-pub(super) fn parse_handoff(h: &str) -> Option<(&str, u64, &str)> {
-    let mut it = h.split('/');
-    let (o, id, v) = (it.next()?, it.next()?.parse().ok()?, it.next()?);
-    (it.next().is_none() && !o.is_empty() && !v.is_empty()).then_some((o, id, v))
-}
 
 /// Some of `clients`, of each family, for an `Outcome` question.
 pub(super) fn sample(clients: &[IpAddr]) -> Vec<IpAddr> {
@@ -86,23 +73,24 @@ impl Drop for Busy {
     }
 }
 
-/// The `Sessions` frames of hand-over `id`: each service's sessions in frames under
-/// `max_frame`.
-pub(super) fn session_frames(id: u64, exported: Vec<(SocketAddr, Vec<SessionBlob>)>, max_frame: usize) -> Vec<Msg> {
-    let mut frames: Vec<Msg> = Vec::new();
+/// The `Sessions` frames of a hand-over (`Request::Sessions` out, `Answer::Sessions` back),
+/// made by `frame` from a service and some of its sessions: each service's sessions in frames
+/// under `max_frame`.
+pub(super) fn session_frames<M>(exported: Vec<(SocketAddr, Vec<SessionBlob>)>, max_frame: usize, frame: impl Fn(SocketAddr, Vec<SessionBlob>) -> M) -> Vec<M> {
+    let mut frames: Vec<M> = Vec::new();
     let budget = max_frame.saturating_sub(4096).max(1);
     for (service, sessions) in exported {
         let (mut chunk, mut size): (Vec<SessionBlob>, usize) = (Vec::new(), 0);
         for s in sessions {
             if size + s.blob.len() + 64 > budget && !chunk.is_empty() {
-                frames.push(Msg::Sessions { id, service, sessions: std::mem::take(&mut chunk) });
+                frames.push(frame(service, std::mem::take(&mut chunk)));
                 size = 0;
             }
             size += s.blob.len() + 64;
             chunk.push(s);
         }
         if !chunk.is_empty() {
-            frames.push(Msg::Sessions { id, service, sessions: chunk });
+            frames.push(frame(service, chunk));
         }
     }
     frames
@@ -223,7 +211,7 @@ impl Agent {
                 st.moved_at.insert(*c, now);
             }
         }
-        let handoff = handoff_name(&self.cfg.node, rec.id, &rec.volunteer);
+        let handoff = HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string();
         let me = self.clone();
         let (apps, h) = (rec.apps.clone(), handoff.clone());
         let settled = tokio::spawn(async move {
@@ -231,7 +219,7 @@ impl Agent {
             me.unbusy(&clients);
         });
         if commit {
-            self.tell(&rec.volunteer, &handoff, Msg::Commit { id: rec.id }).await;
+            self.tell(&rec.volunteer, &handoff, Request::Commit { id: rec.id }).await;
         } else {
             match rec.dir {
                 Dir::Out => warn!(sibling = %rec.volunteer, handoff, "hand-over aborted, nothing steered: {why}"),
@@ -240,7 +228,7 @@ impl Agent {
             if self.faults.drop_abort {
                 warn!(sibling = %rec.volunteer, handoff, "TEST FAULT drop-abort: not telling the volunteer");
             } else {
-                self.tell(&rec.volunteer, &handoff, Msg::Abort { id: rec.id, reason: why }).await;
+                self.tell(&rec.volunteer, &handoff, Request::Abort { id: rec.id, reason: why }).await;
             }
         }
         // The applications normally confirm at once: the hand-over ends with them (and its
@@ -264,16 +252,6 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hand_over_names_carry_origin_id_and_volunteer() {
-        let h = handoff_name("node-1", 12345, "b");
-        assert_eq!(h, "node-1/12345/b");
-        assert_eq!(parse_handoff(&h), Some(("node-1", 12345, "b")));
-        for bad in ["a-1-b", "a/x/b", "a/1", "a/1/b/c", "/1/b", "a/1/"] {
-            assert_eq!(parse_handoff(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn log_lines_name_a_few_clients_and_count_the_rest() {

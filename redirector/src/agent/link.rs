@@ -23,7 +23,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::{debug, info, warn};
 
 use super::{Agent, policy};
-use crate::peer::{self, Msg, PROTOCOL_VERSION};
+use crate::peer::{self, Answer, Frame, Half, Heard, Heartbeat, NodeName, PROTOCOL_VERSION, Request};
 
 /// Transfers one inbound connection may have in progress at once (imports run concurrently;
 /// past this, the sibling is told to wait).
@@ -48,7 +48,7 @@ fn tune(tcp: &TcpStream, liveness: Duration) -> anyhow::Result<()> {
 }
 
 /// Sends one frame within `deadline`.
-async fn send_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>, msg: &Msg, deadline: Duration) -> anyhow::Result<()> {
+async fn send_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>, msg: &Frame, deadline: Duration) -> anyhow::Result<()> {
     tokio::time::timeout(deadline, framed.send(msg.frame()))
         .await
         .map_err(|_| anyhow!("sending timed out after {} ms (the peer does not read)", deadline.as_millis()))?
@@ -65,7 +65,7 @@ struct LinkEnd {
 /// Removes a pending request when its asker stops waiting, however it stops.
 struct PendingGuard<'a> {
     agent: &'a Agent,
-    key: (String, u64),
+    key: (NodeName, u64),
 }
 
 impl Drop for PendingGuard<'_> {
@@ -84,7 +84,7 @@ impl Agent {
     /// Records a heartbeat from `name` (on either connection) and the load it says.
     pub(super) fn heartbeat(&self, name: &str, load: u64) {
         let mut st = self.state();
-        let s = st.siblings.entry(name.to_string()).or_default();
+        let s = st.siblings.entry(NodeName::from(name)).or_default();
         s.load = load;
         s.last_heartbeat = Some(Instant::now());
     }
@@ -132,9 +132,9 @@ impl Agent {
         let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned().ok_or_else(|| anyhow!("no client certificate"))?;
         let mut framed = Framed::new(tls, peer::codec(self.cfg.max_frame));
         let deadline = self.send_deadline();
-        let hello = tokio::time::timeout(HANDSHAKE, next_msg(&mut framed)).await.map_err(|_| anyhow!("no hello in time"))??;
-        let me_hello = Msg::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.clone() };
-        let checked = peer::identity(&cert, self.cfg.siblings.iter().map(|s| s.name.as_str()))
+        let hello = tokio::time::timeout(HANDSHAKE, next_frame(&mut framed)).await.map_err(|_| anyhow!("no hello in time"))??;
+        let me_hello = Frame::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.as_str().into() };
+        let checked = peer::tls::identity(&cert, self.cfg.siblings.iter().map(|s| s.name.as_str()))
             .map(str::to_string)
             .ok_or_else(|| anyhow!("refused: the certificate is not for a configured sibling"))
             .and_then(|name| peer::check_hello(&hello, &name).map(|()| name));
@@ -144,8 +144,8 @@ impl Agent {
                 // Tell the peer why before closing: our hello if versions differ (a peer of
                 // any version reads it and says so), otherwise a refusal with the reason.
                 let answer = match hello {
-                    Msg::Hello { version, .. } if version != PROTOCOL_VERSION => me_hello,
-                    _ => Msg::Refused { reason: format!("{e:#}") },
+                    Frame::Hello { version, .. } if version != PROTOCOL_VERSION => me_hello,
+                    _ => Frame::Refused { reason: format!("{e:#}") },
                 };
                 if send_frame(&mut framed, &answer, deadline).await.is_ok() {
                     let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
@@ -157,43 +157,44 @@ impl Agent {
         self.heard(&name);
         info!(sibling = %name, "sibling connected");
         let (mut sink, mut stream) = framed.split();
-        let (reply, mut replies) = mpsc::channel::<Msg>(64);
-        let writer = async move {
-            while let Some(m) = replies.recv().await {
-                tokio::time::timeout(deadline, sink.send(m.frame()))
-                    .await
-                    .map_err(|_| anyhow!("answering timed out after {} ms (the peer does not read)", deadline.as_millis()))??;
-            }
-            Ok::<(), anyhow::Error>(())
-        };
-        // Heartbeats on this connection too: the sibling hears this node even while its own
-        // connection here is down.
-        let beats = {
-            let (reply, me) = (reply.clone(), self.clone());
+        let (reply, mut replies) = mpsc::channel::<Answer>(64);
+        // Answers, and heartbeats on this connection too: the sibling hears this node even
+        // while its own connection here is down.
+        let writer = {
+            let me = self.clone();
             async move {
                 let mut beat = tokio::time::interval(Duration::from_millis(me.cfg.heartbeat_ms));
                 loop {
-                    beat.tick().await;
-                    if let Some(hb) = me.heartbeat_msg()
-                        && reply.send_timeout(hb, deadline).await.is_err()
-                    {
-                        return Err(anyhow!("the answers to this sibling are stuck"));
-                    }
+                    let frame = tokio::select! {
+                        m = replies.recv() => match m {
+                            Some(a) => Frame::Answer(a),
+                            None => return Ok::<(), anyhow::Error>(()),
+                        },
+                        _ = beat.tick() => match me.heartbeat_msg() {
+                            Some(hb) => hb,
+                            None => continue,
+                        },
+                    };
+                    tokio::time::timeout(deadline, sink.send(frame.frame()))
+                        .await
+                        .map_err(|_| anyhow!("answering timed out after {} ms (the peer does not read)", deadline.as_millis()))??;
                 }
             }
         };
         let transfers = Arc::new(Semaphore::new(TRANSFERS_PER_LINK));
         let reader = async {
             loop {
-                let msg = decode_frame(stream.next().await)?;
+                let heard = decode_heard(stream.next().await)?;
                 self.heard(&name);
-                self.clone().handle_request(&name, msg, &reply, &transfers).await?;
+                match heard {
+                    Heard::Heartbeat(hb) => self.heartbeat(&name, hb.load),
+                    Heard::Said(r) => self.clone().handle_request(&name, r, &reply, &transfers).await?,
+                }
             }
         };
         tokio::select! {
             r = writer => r,
             r = reader => r,
-            r = beats => r,
         }
         .with_context(|| format!("link from {name}"))
     }
@@ -206,11 +207,11 @@ impl Agent {
             let end = self.clone().connect_once(&connector, &name, addr).await;
             {
                 let mut st = self.state();
-                if let Some(s) = st.siblings.get_mut(&name) {
+                if let Some(s) = st.siblings.get_mut(name.as_str()) {
                     s.out = None;
                 }
                 // Requests waiting for an answer on this link will not get one: fail them now.
-                st.pending.retain(|(n, _), _| *n != name);
+                st.pending.retain(|(n, _), _| n.as_str() != name);
                 if st.closing {
                     return;
                 }
@@ -237,8 +238,8 @@ impl Agent {
     }
 
     /// This node's heartbeat (none with the `mute-heartbeats` test fault).
-    fn heartbeat_msg(&self) -> Option<Msg> {
-        (!self.faults.mute_heartbeats).then(|| Msg::Heartbeat { load: self.state().load.total, high: self.cfg.high_watermark, low: self.cfg.low_watermark })
+    fn heartbeat_msg(&self) -> Option<Frame> {
+        (!self.faults.mute_heartbeats).then(|| Frame::Heartbeat(Heartbeat { load: self.state().load.total, high: self.cfg.high_watermark, low: self.cfg.low_watermark }))
     }
 
     async fn connect_once(self: Arc<Self>, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> LinkEnd {
@@ -262,21 +263,21 @@ impl Agent {
         let mut framed = Framed::new(tls, peer::codec(self.cfg.max_frame));
         let deadline = self.send_deadline();
         let hello = async {
-            send_frame(&mut framed, &Msg::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.clone() }, deadline).await?;
-            match tokio::time::timeout(HANDSHAKE, next_msg(&mut framed)).await.map_err(|_| anyhow!("no hello from {name} in time"))?? {
-                Msg::Refused { reason } => bail!("{name} refused this node: {reason}"),
+            send_frame(&mut framed, &Frame::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.as_str().into() }, deadline).await?;
+            match tokio::time::timeout(HANDSHAKE, next_frame(&mut framed)).await.map_err(|_| anyhow!("no hello from {name} in time"))?? {
+                Frame::Refused { reason } => bail!("{name} refused this node: {reason}"),
                 m => peer::check_hello(&m, name),
             }
         };
         if let Err(e) = hello.await {
             return fail(e);
         }
-        let (tx, mut rx) = mpsc::channel::<Msg>(64);
+        let (tx, mut rx) = mpsc::channel::<Request>(64);
         // Dropped when this connection ends: `close_links` waits for that.
         let (_ended, ended) = oneshot::channel::<()>();
         let unreleased = {
             let mut st = self.state();
-            let s = st.siblings.entry(name.to_string()).or_default();
+            let s = st.siblings.entry(NodeName::from(name)).or_default();
             s.out = Some(tx);
             s.ended = Some(ended);
             s.last_seen = Some(Instant::now());
@@ -293,13 +294,13 @@ impl Agent {
         &self,
         name: &str,
         framed: &mut Framed<T, LengthDelimitedCodec>,
-        rx: &mut mpsc::Receiver<Msg>,
+        rx: &mut mpsc::Receiver<Request>,
         unreleased: Vec<IpAddr>,
     ) -> anyhow::Error {
         let deadline = self.send_deadline();
         let n = unreleased.len();
         for chunk in peer::addr_chunks(unreleased, self.cfg.max_frame) {
-            if let Err(e) = send_frame(framed, &Msg::Release { clients: chunk }, deadline).await {
+            if let Err(e) = send_frame(framed, &Request::Release { clients: chunk }.into(), deadline).await {
                 return e;
             }
         }
@@ -314,19 +315,22 @@ impl Agent {
                     None => Ok(()),
                 },
                 out = rx.recv() => if let Some(m) = out {
-                    if let (Msg::Commit { .. }, Some(d)) = (&m, self.faults.delay_commit) {
+                    if let (Request::Commit { .. }, Some(d)) = (&m, self.faults.delay_commit) {
                         warn!(sibling = %name, "TEST FAULT delay-commit: this Commit leaves in {} ms", d.as_millis());
                         tokio::time::sleep(d).await;
                     }
-                    send_frame(framed, &m, deadline).await
+                    send_frame(framed, &m.into(), deadline).await
                 } else {
                     // Everything queued has left: close cleanly (TLS close_notify).
                     let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
                     Err(anyhow!("link closed by this agent"))
                 },
-                frame = framed.next() => decode_frame(frame).map(|msg| {
+                frame = framed.next() => decode_heard(frame).map(|heard| {
                     self.heard(name);
-                    self.handle_answer(name, msg);
+                    match heard {
+                        Heard::Heartbeat(hb) => self.heartbeat(name, hb.load),
+                        Heard::Said(a) => self.handle_answer(name, a),
+                    }
                 }),
             };
             if let Err(e) = r {
@@ -335,27 +339,21 @@ impl Agent {
         }
     }
 
-    fn handle_answer(&self, name: &str, msg: Msg) {
-        let id = match msg {
-            Msg::Offer { id, .. } | Msg::Decline { id, .. } | Msg::TransferAck { id } | Msg::Abort { id, .. } | Msg::OutcomeIs { id, .. } | Msg::Returning { id, .. } => id,
-            Msg::Heartbeat { load, .. } => return self.heartbeat(name, load),
-            // The sessions of a hand-back, ahead of its `Returning`.
-            Msg::Sessions { id, service, sessions } => return self.returned_sessions(name, id, service, sessions),
-            ref other => {
-                warn!(sibling = %name, "unexpected answer {other:?}");
-                return;
-            }
-        };
-        if let Some(tx) = self.state().pending.remove(&(name.to_string(), id)) {
-            let _ = tx.send(msg);
+    fn handle_answer(&self, name: &str, answer: Answer) {
+        // The sessions of a hand-back, ahead of its `Returning`.
+        if let Answer::Sessions { id, service, sessions } = answer {
+            return self.returned_sessions(name, id, service, sessions);
+        }
+        if let Some(tx) = self.state().pending.remove(&(NodeName::from(name), answer.id())) {
+            let _ = tx.send(answer);
         }
     }
 
     /// Sends a request to `name` and waits for its answer, all within `timeout` (queueing the
     /// request included).
-    pub(super) async fn ask(&self, name: &str, msg: Msg, id: u64, timeout: Duration) -> anyhow::Result<Msg> {
+    pub(super) async fn ask(&self, name: &str, msg: Request, id: u64, timeout: Duration) -> anyhow::Result<Answer> {
         let (tx, rx) = oneshot::channel();
-        let key = (name.to_string(), id);
+        let key = (NodeName::from(name), id);
         let out = {
             let mut st = self.state();
             st.pending.insert(key.clone(), tx);
@@ -372,7 +370,7 @@ impl Agent {
     }
 
     /// Queues `msg` for `name` on its link, within the send deadline.
-    pub(super) async fn send_to(&self, name: &str, msg: Msg) -> anyhow::Result<()> {
+    pub(super) async fn send_to(&self, name: &str, msg: Request) -> anyhow::Result<()> {
         let out = self.state().siblings.get(name).and_then(|s| s.out.clone()).ok_or_else(|| anyhow!("no link to {name}"))?;
         out.send_timeout(msg, self.send_deadline()).await.map_err(|e| match e {
             mpsc::error::SendTimeoutError::Timeout(_) => anyhow!("the link to {name} is stuck"),
@@ -400,10 +398,10 @@ impl Agent {
 
     /// Tells `name` the outcome of hand-over `handoff` (`Commit` or `Abort`); a loss is logged:
     /// the volunteer asks how it ended (`Outcome`) when neither comes.
-    pub(super) async fn tell(&self, name: &str, handoff: &str, msg: Msg) {
+    pub(super) async fn tell(&self, name: &str, handoff: &str, msg: Request) {
         let what = match &msg {
-            Msg::Commit { .. } => "Commit",
-            Msg::Abort { .. } => "Abort",
+            Request::Commit { .. } => "Commit",
+            Request::Abort { .. } => "Abort",
             _ => "message",
         };
         if let Err(e) = self.send_to(name, msg).await {
@@ -419,7 +417,7 @@ impl Agent {
         }
         let mut undelivered = Vec::new();
         for chunk in peer::addr_chunks(clients, self.cfg.max_frame) {
-            if !undelivered.is_empty() || self.send_to(name, Msg::Release { clients: chunk.clone() }).await.is_err() {
+            if !undelivered.is_empty() || self.send_to(name, Request::Release { clients: chunk.clone() }).await.is_err() {
                 undelivered.extend(chunk);
             }
         }
@@ -432,14 +430,19 @@ impl Agent {
     }
 }
 
-pub(super) async fn next_msg<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>) -> anyhow::Result<Msg> {
+async fn next_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>) -> anyhow::Result<Frame> {
     decode_frame(framed.next().await)
 }
 
-pub(super) fn decode_frame(frame: Option<Result<bytes::BytesMut, std::io::Error>>) -> anyhow::Result<Msg> {
+fn decode_frame(frame: Option<Result<bytes::BytesMut, std::io::Error>>) -> anyhow::Result<Frame> {
     match frame {
         None => bail!("connection closed by the peer"),
         Some(Err(e)) => bail!("bad frame: {e}"),
-        Some(Ok(b)) => Msg::decode(&b),
+        Some(Ok(b)) => Frame::decode(&b),
     }
+}
+
+/// A frame read after the hellos, by the side that receives `T`.
+fn decode_heard<T: Half>(frame: Option<Result<bytes::BytesMut, std::io::Error>>) -> anyhow::Result<Heard<T>> {
+    decode_frame(frame)?.heard()
 }

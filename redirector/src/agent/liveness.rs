@@ -15,7 +15,10 @@ use std::{
 use tracing::{debug, info, warn};
 
 use super::{Agent, MigratedOut, classify_rules, flat, host_prefix};
-use crate::datapath::{Datapath, Prefix};
+use crate::{
+    datapath::{Datapath, Prefix},
+    peer::NodeName,
+};
 
 impl Agent {
     pub(super) async fn liveness_loop(self: Arc<Self>) {
@@ -105,7 +108,7 @@ impl Agent {
             .siblings
             .iter()
             .filter_map(|s| {
-                let since = st.siblings.get(&s.name).and_then(|x| x.last_seen).unwrap_or(self.started);
+                let since = st.siblings.get(s.name.as_str()).and_then(|x| x.last_seen).unwrap_or(self.started);
                 let silent = since.elapsed();
                 if silent < live {
                     return None;
@@ -210,7 +213,7 @@ impl Agent {
     /// link that does go down releases them first thing when it is up again).
     async fn flush_unreleased(self: &Arc<Self>) {
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        let owed: Vec<(String, Vec<IpAddr>)> = {
+        let owed: Vec<(NodeName, Vec<IpAddr>)> = {
             let mut st = self.state();
             st.siblings.iter_mut().filter(|(_, s)| !s.unreleased.is_empty() && s.reachable(live)).map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased))).collect()
         };

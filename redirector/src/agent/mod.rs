@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
@@ -54,9 +54,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 use crate::{
     admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration, Role},
-    config::Config,
+    config::{Config, Valid},
     datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
-    peer::{MovedClient, Msg, SessionBlob, Tls},
+    peer::{Answer, MovedClient, NodeName, Request, SessionBlob, tls::Tls},
 };
 
 /// What an origin moved to a volunteer.
@@ -92,7 +92,7 @@ pub struct AdoptedIn {
 
 #[derive(Default)]
 struct SiblingState {
-    out: Option<mpsc::Sender<Msg>>,
+    out: Option<mpsc::Sender<Request>>,
     /// Resolves once the outbound link's connection has ended (its task drops the sender).
     ended: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Last frame received from it, on either connection; `None` until it is first heard.
@@ -161,20 +161,20 @@ struct State {
     /// `sk_lookup`, or `None` while nothing listens (warned once).
     listeners: BTreeMap<SocketAddr, Option<u64>>,
     load: Load,
-    siblings: HashMap<String, SiblingState>,
-    pending: HashMap<(String, u64), oneshot::Sender<Msg>>,
+    siblings: HashMap<NodeName, SiblingState>,
+    pending: HashMap<(NodeName, u64), oneshot::Sender<Answer>>,
     reservations: Vec<Reservation>,
     migrated: HashMap<IpAddr, MigratedOut>,
     adopted: HashMap<IpAddr, AdoptedIn>,
     negotiating: bool,
     /// Transfers in the making, by (origin, id).
-    incoming: HashMap<(String, u64), Incoming>,
+    incoming: HashMap<(NodeName, u64), Incoming>,
     /// Transfers acknowledged, awaiting `Commit` or `Abort`, by (origin, id).
-    acked: HashMap<(String, u64), Acked>,
+    acked: HashMap<(NodeName, u64), Acked>,
     /// Transfers whose import is in progress here, by (origin, id).
-    importing: HashSet<(String, u64)>,
+    importing: HashSet<(NodeName, u64)>,
     /// Sessions arriving for hand-backs this node (the origin) asked for, by (volunteer, id).
-    returning: HashMap<(String, u64), handback::Returned>,
+    returning: HashMap<(NodeName, u64), handback::Returned>,
     /// Clients in a hand-over that has not ended here (applications included): never picked
     /// for another one meanwhile.
     busy: HashSet<IpAddr>,
@@ -241,7 +241,7 @@ impl State {
 
 /// A running agent.
 pub struct Agent {
-    cfg: Config,
+    cfg: Valid,
     tls: Tls,
     /// Changes to the datapath (rules, adoption; a probe holds it up to a second): only ever
     /// locked on blocking threads.
@@ -316,16 +316,11 @@ fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64
 impl Agent {
     /// Opens the datapath, steers the configured services and starts counting the load;
     /// re-adopts the active rules a previous run left.
-    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
-        let problems = cfg.problems();
-        if !problems.is_empty() {
-            bail!("invalid configuration: {}", problems.join("; "));
-        }
+    pub fn new(cfg: Valid) -> anyhow::Result<Arc<Self>> {
         let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         let loc = Location { bpffs: cfg.bpffs.clone(), instance: cfg.instance() };
         let mut dp = Datapath::open(&loc).context("opening the datapath")?;
-        for s in &cfg.services {
-            let tunnel_src = cfg.control_address(s.address.ip()).expect("validated: a control address of every service's family");
+        for (s, tunnel_src) in cfg.services_with_tunnel_source() {
             dp.add_service((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None).with_context(|| format!("steering service {}", s.address))?;
             dp.attach_load(&s.cgroup).with_context(|| format!("counting the load of {}", s.cgroup.display()))?;
             // Ready to volunteer at once: adoption then only touches maps and a route.
@@ -339,7 +334,7 @@ impl Agent {
         let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
         let mut state = State::default();
         for s in &cfg.siblings {
-            state.siblings.insert(s.name.clone(), SiblingState::default());
+            state.siblings.insert(s.name.as_str().into(), SiblingState::default());
             for svc in &cfg.services {
                 if s.control_address(svc.address.ip()).is_none() {
                     warn!(sibling = %s.name, service = %svc.address, "{} clients never move to this sibling: it has no {} control address (dual_stack_address)", family_name(svc.address.is_ipv4()), family_name(svc.address.is_ipv4()));
@@ -420,12 +415,11 @@ impl Agent {
 
     /// Runs until ctrl-c / SIGTERM.
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
-        let listen = self.cfg.listen.expect("validated");
+        let listen = self.cfg.listen();
         let listener = TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         // The hook socket is bound before anything can move: an agent whose applications
         // cannot reach it must not run (their clients would move without their sessions).
-        let owner = self.cfg.app_socket_owner().map_err(|e| anyhow!(e))?;
-        let hook = crate::app::bind(&self.cfg.app_socket(), owner)?;
+        let hook = crate::app::bind(&self.cfg.app_socket(), self.cfg.app_socket_owner())?;
         let registrations = self.registrations.lock().expect("lock").take().ok_or_else(|| anyhow!("the agent runs once"))?;
         tokio::spawn(self.clone().registrations(registrations));
         tokio::spawn(crate::app::serve(self.apps.clone(), hook));
@@ -537,7 +531,7 @@ impl Agent {
             .siblings
             .iter()
             .map(|s| {
-                let x = st.siblings.get(&s.name);
+                let x = st.siblings.get(s.name.as_str());
                 let last = x.and_then(|x| x.last_heartbeat).map(ms);
                 api::SiblingStatus {
                     name: s.name.clone(),

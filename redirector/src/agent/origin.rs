@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, Load},
-    peer::Msg,
+    peer::{Answer, Request},
 };
 
 impl Agent {
@@ -198,7 +198,7 @@ impl Agent {
     fn live_siblings(&self) -> Vec<String> {
         let st = self.state();
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        self.cfg.siblings.iter().filter(|s| st.siblings.get(&s.name).is_some_and(|x| x.reachable(live))).map(|s| s.name.clone()).collect()
+        self.cfg.siblings.iter().filter(|s| st.siblings.get(s.name.as_str()).is_some_and(|x| x.reachable(live))).map(|s| s.name.clone()).collect()
     }
 
     /// Sheds load: clients adopted from siblings are given back to their origins first (this
@@ -367,7 +367,7 @@ impl Agent {
                 return None;
             }
             let need = mine.iter().fold(0u64, |s, c| s.saturating_add(policy::weight(c.1)));
-            let req = Msg::HelpRequest { id, connections: need, clients: u32::try_from(mine.len()).unwrap_or(u32::MAX) };
+            let req = Request::HelpRequest { id, connections: need, clients: u32::try_from(mine.len()).unwrap_or(u32::MAX) };
             let me = self.clone();
             let n = n.clone();
             Some(async move { (n.clone(), need, f, me.ask(&n, req, id, timeout).await) })
@@ -378,8 +378,8 @@ impl Agent {
         for (name, need, families, a) in answers {
             match a {
                 // Never plan with more than was asked, whatever a peer says.
-                Ok(Msg::Offer { capacity, .. }) if capacity > 0 => offers.push(policy::Offer { sibling: name, capacity: capacity.min(need), families }),
-                Ok(Msg::Decline { reason, .. }) => {
+                Ok(Answer::Offer { capacity, .. }) if capacity > 0 => offers.push(policy::Offer { sibling: name, capacity: capacity.min(need), families }),
+                Ok(Answer::Decline { reason, .. }) => {
                     declined += 1;
                     info!(sibling = %name, "declined: {reason}");
                 }
@@ -403,7 +403,7 @@ impl Agent {
                 info!(sibling = %o.sibling, offered = o.capacity, clients = c.len(), connections = n, "offer taken");
             } else {
                 info!(sibling = %o.sibling, offered = o.capacity, "offer not needed: the other offers took every client that fits");
-                let _ = self.send_to(&o.sibling, Msg::Abort { id, reason: "offer not needed".into() }).await;
+                let _ = self.send_to(&o.sibling, Request::Abort { id, reason: "offer not needed".into() }).await;
             }
         }
         if !plan.unplaced.is_empty() {

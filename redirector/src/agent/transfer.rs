@@ -15,20 +15,20 @@ use tracing::{info, warn};
 
 use super::{
     Agent, MigratedOut,
-    handoff::{Busy, NAMED, handoff_name, session_frames, session_sets},
+    handoff::{Busy, NAMED, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
     unix_now,
 };
 use crate::{
     datapath::{Prefix, family_name},
-    peer::{self, MovedClient, Msg, SessionBlob, Verdict},
+    peer::{self, Answer, HandoffId, MovedClient, Request, SessionBlob, Verdict},
 };
 
 impl Agent {
     /// One volunteer's share of a round, two-phase; returns the clients moved.
     pub(super) async fn transfer(self: &Arc<Self>, name: &str, id: u64, clients: Vec<MovedClient>, timeout: Duration) -> usize {
-        let handoff = handoff_name(&self.cfg.node, id, name);
+        let handoff = HandoffId::new(self.cfg.node.as_str(), id, name).to_string();
         let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
         let mut busy = Busy::new(self.clone(), addrs.clone());
         let t0 = Instant::now();
@@ -45,7 +45,7 @@ impl Agent {
             Ok(r) => r,
             Err(e) => {
                 warn!(sibling = %name, handoff, "not starting the hand-over: it cannot be recorded: {e:#}");
-                let _ = self.send_to(name, Msg::Abort { id, reason: "the origin cannot record the hand-over".into() }).await;
+                let _ = self.send_to(name, Request::Abort { id, reason: "the origin cannot record the hand-over".into() }).await;
                 return 0;
             }
         };
@@ -73,15 +73,15 @@ impl Agent {
         self.faults.pause("pause-after-export", &handoff).await;
         let n_sessions: usize = exported.iter().map(|(_, s)| s.len()).sum();
         // The time the volunteer's imports may take.
-        let allowance: Duration = exported.iter().filter(|(_, s)| !s.is_empty()).map(|(_, s)| self.limits().import_allowance(s)).sum();
+        let allowance: Duration = exported.iter().filter(|(_, s)| !s.is_empty()).map(|(_, s)| self.limits().import_allowance(s.iter().map(|s| s.blob.len()))).sum();
         // Session blobs and long client lists first, in frames under the peer limit.
-        let mut frames = session_frames(id, exported, self.cfg.max_frame);
+        let mut frames = session_frames(exported, self.cfg.max_frame, |service, sessions| Request::Sessions { id, service, sessions });
         let mut parts = peer::client_chunks(clients.clone(), &services, self.cfg.max_frame);
         let last = parts.pop().unwrap_or_default();
-        frames.extend(parts.into_iter().map(|c| Msg::Clients { id, clients: c }));
+        frames.extend(parts.into_iter().map(|c| Request::Clients { id, clients: c }));
         let mut dropped = false;
         for f in frames {
-            if self.faults.drop_sessions_frame && !dropped && matches!(&f, Msg::Sessions { sessions, .. } if !sessions.is_empty()) {
+            if self.faults.drop_sessions_frame && !dropped && matches!(&f, Request::Sessions { sessions, .. } if !sessions.is_empty()) {
                 warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
                 dropped = true;
                 continue;
@@ -91,11 +91,11 @@ impl Agent {
                 return 0;
             }
         }
-        let msg = Msg::Transfer { id, services, tunnel_src, clients: last, sessions: sets };
+        let msg = Request::Transfer { id, services, tunnel_src, clients: last, sessions: sets };
         let answer = self.ask(name, msg, id, timeout.saturating_add(allowance)).await;
         let refused = match answer {
-            Ok(Msg::TransferAck { .. }) => None,
-            Ok(Msg::Abort { reason, .. }) => Some(format!("the volunteer refused: {reason}")),
+            Ok(Answer::TransferAck { .. }) => None,
+            Ok(Answer::Abort { reason, .. }) => Some(format!("the volunteer refused: {reason}")),
             Ok(other) => Some(format!("unexpected answer {other:?}")),
             Err(e) => Some(format!("transfer failed: {e:#}")),
         };
@@ -128,7 +128,8 @@ impl Agent {
         if let Some(svc) = apps.iter().find(|s| !self.apps.has(**s)) {
             return Err(anyhow!("service {svc} keeps sessions (sessions = true) and no application is registered for it"));
         }
-        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|s| (*svc, s)) })).await
+        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|s| (*svc, s.into_iter().map(Into::into).collect())) }))
+            .await
     }
 
     /// Runs `work` while keeping volunteer `name`'s reservation for transfer `id` alive (an
@@ -142,7 +143,7 @@ impl Agent {
             tokio::select! {
                 r = &mut work => return r,
                 _ = keepalive.tick() => {
-                    let _ = self.send_to(name, Msg::Sessions { id, service, sessions: Vec::new() }).await;
+                    let _ = self.send_to(name, Request::Sessions { id, service, sessions: Vec::new() }).await;
                 }
             }
         }
@@ -207,5 +208,19 @@ impl Agent {
             self.release(&old, moved).await;
         }
         Ok(())
+    }
+}
+
+// A session goes between the application hook and the peer channel as it is: each side has
+// its own type (its own wire format), the agent moves the bytes from one to the other.
+impl From<crate::app::Session> for SessionBlob {
+    fn from(s: crate::app::Session) -> Self {
+        Self { client: s.client, blob: s.blob }
+    }
+}
+
+impl From<SessionBlob> for crate::app::Session {
+    fn from(s: SessionBlob) -> Self {
+        Self { client: s.client, blob: s.blob }
     }
 }

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Acked, Agent, MigratedOut, flat,
-    handoff::{Busy, handoff_name, names, parse_handoff, sample},
+    handoff::{Busy, names, sample},
     host_prefix,
     records::{Dir, Record},
     unix_now,
@@ -30,7 +30,7 @@ use super::{
 use crate::{
     app::{PendingHandoff, Registration, Role},
     datapath::{Datapath, Prefix, RuleInfo, RuleState},
-    peer::Verdict,
+    peer::{HandoffId, NodeName, Verdict},
 };
 
 /// What the rules say of a hand-over: its verdict, and the clients whose rules must still
@@ -138,7 +138,7 @@ impl Agent {
             return None;
         }
         let t_rules = t0.elapsed();
-        self.faults.pause("pause-before-commit", &handoff_name(&self.cfg.node, rec.id, &rec.volunteer)).await;
+        self.faults.pause("pause-before-commit", &HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string()).await;
         self.conclude(rec, verdict, String::new(), busy.take()).await;
         Some(t_rules)
     }
@@ -233,17 +233,17 @@ impl Agent {
     /// (an export out, an import back): the record or the rules say how it ended. Or its
     /// volunteer (an import out, an export back): the origin is asked until it knows.
     async fn resolve_pending(self: &Arc<Self>, service: SocketAddr, p: PendingHandoff) {
-        let Some((origin, id, volunteer)) = parse_handoff(&p.handoff).map(|(o, i, v)| (o.to_string(), i, v.to_string())) else {
+        let Ok(HandoffId { origin, id, volunteer }) = p.handoff.parse::<HandoffId>() else {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished hand-over this agent cannot have asked for (not ORIGIN/ID/VOLUNTEER): left unfinished");
             return;
         };
         if self.apps.owes(service, &p.handoff).is_some() {
             return;
         }
-        let node = self.cfg.node.clone();
+        let node = self.cfg.node.as_str();
         if origin == node {
             let dir = if p.role == Role::Export { Dir::Out } else { Dir::Back };
-            let entry = self.records().get(id).map(|e| (e.verdict, e.rec.volunteer == volunteer));
+            let entry = self.records().get(id).map(|e| (e.verdict, e.rec.volunteer == volunteer.as_str()));
             if entry == Some((Verdict::Pending, true)) {
                 info!(%service, handoff = p.handoff, "the application reports a hand-over still in progress: it is told when it ends");
                 self.settle_when_decided(service, p, id);
@@ -285,7 +285,7 @@ impl Agent {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished hand-over with {origin}, not a sibling: cannot ask it, left unfinished");
             return;
         }
-        let key = (origin.to_string(), id);
+        let key = (NodeName::from(origin), id);
         let mut st = self.state();
         if st.importing.contains(&key) {
             return;

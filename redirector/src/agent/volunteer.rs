@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, AdoptedIn, Agent, Incoming, Reservation,
-    handoff::{check_received, handoff_name, sample},
+    handoff::{check_received, sample},
     policy,
     records::Dir,
     unix_now,
@@ -25,7 +25,7 @@ use crate::{
     app::Role,
     config::Sibling,
     datapath::family_name,
-    peer::{MovedClient, Msg, SessionBlob, SessionSet, Verdict},
+    peer::{Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, SessionSet, Verdict},
 };
 
 /// A volunteer asks the origin how a hand-over it took part in ended when neither `Commit`
@@ -51,24 +51,23 @@ impl Agent {
     /// Handles one request from sibling `from`. Quick ones are answered at once; transfers,
     /// commits and aborts (which wait on the application) run on their own tasks, so this
     /// connection keeps reading heartbeats. An error closes the connection.
-    pub(super) async fn handle_request(self: Arc<Self>, from: &str, msg: Msg, reply: &mpsc::Sender<Msg>, transfers: &Arc<Semaphore>) -> anyhow::Result<()> {
-        let answer = |m: Msg| {
+    pub(super) async fn handle_request(self: Arc<Self>, from: &str, msg: Request, reply: &mpsc::Sender<Answer>, transfers: &Arc<Semaphore>) -> anyhow::Result<()> {
+        let answer = |m: Answer| {
             let reply = reply.clone();
             let deadline = self.send_deadline();
             async move { reply.send_timeout(m, deadline).await.map_err(|_| anyhow!("the answers to this sibling are stuck")) }
         };
         match msg {
-            Msg::Heartbeat { load, .. } => self.heartbeat(from, load),
-            Msg::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
-            Msg::Sessions { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
-            Msg::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
-            Msg::Transfer { id, services, tunnel_src, clients, sessions } => {
+            Request::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
+            Request::Sessions { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
+            Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
+            Request::Transfer { id, services, tunnel_src, clients, sessions } => {
                 self.receive(from, id, None, Vec::new(), clients);
-                let incoming = self.state().incoming.remove(&(from.to_string(), id)).unwrap_or_default();
+                let incoming = self.state().incoming.remove(&(NodeName::from(from), id)).unwrap_or_default();
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
-                    return answer(Msg::Abort { id, reason: "too many transfers in progress from this sibling; ask again".into() }).await;
+                    return answer(Answer::Abort { id, reason: "too many transfers in progress from this sibling; ask again".into() }).await;
                 };
-                let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+                let (me, from, reply) = (self.clone(), NodeName::from(from), reply.clone());
                 me.state().importing.insert((from.clone(), id));
                 tokio::spawn(async move {
                     let a = me.clone().accept_transfer(&from, id, services, tunnel_src, sessions, incoming).await;
@@ -79,27 +78,27 @@ impl Agent {
                     }
                 });
             }
-            Msg::Commit { id } => {
+            Request::Commit { id } => {
                 info!(origin = %from, id, "origin committed the hand-over");
                 self.commit_acked(from, id);
             }
-            Msg::Abort { id, reason } => {
+            Request::Abort { id, reason } => {
                 info!(origin = %from, id, "origin aborted: {reason}");
                 self.forget_transfer(from, id);
             }
-            Msg::Outcome { id, handoff, back, clients } => {
+            Request::Outcome { id, handoff, back, clients } => {
                 // Answered from the rules if need be: a blocking read, on its own task.
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
                 tokio::spawn(async move {
                     let verdict = me.verdict_of(&from, handoff, if back { Dir::Back } else { Dir::Out }, &clients).await;
-                    if reply.send_timeout(Msg::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
+                    if reply.send_timeout(Answer::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
                         warn!(sibling = %from, handoff, "could not answer how the hand-over ended: the link is gone or stuck");
                     }
                 });
             }
-            Msg::HandBack { id, services, clients } => {
+            Request::HandBack { id, services, clients } => {
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
-                    return answer(Msg::Abort { id, reason: "too many hand-overs in progress from this sibling; ask again".into() }).await;
+                    return answer(Answer::Abort { id, reason: "too many hand-overs in progress from this sibling; ask again".into() }).await;
                 };
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
                 tokio::spawn(async move {
@@ -107,15 +106,14 @@ impl Agent {
                     drop(permit);
                 });
             }
-            Msg::GiveBack { id, clients } => self.given_back(from, id, clients, reply),
-            Msg::Release { clients } => {
+            Request::GiveBack { id, clients } => self.given_back(from, id, clients, reply),
+            Request::Release { clients } => {
                 let mut st = self.state();
                 let before = st.adopted.len();
                 let gone: std::collections::HashSet<IpAddr> = clients.into_iter().collect();
                 st.adopted.retain(|c, a| !(a.from == from && gone.contains(c)));
                 info!(origin = %from, clients = before - st.adopted.len(), "origin took clients back: their room is free again");
             }
-            other => warn!(sibling = %from, "unexpected message {other:?}"),
         }
         Ok(())
     }
@@ -126,7 +124,7 @@ impl Agent {
     fn forget_transfer(self: &Arc<Self>, from: &str, id: u64) {
         let acked = {
             let mut st = self.state();
-            let key = (from.to_string(), id);
+            let key = (NodeName::from(from), id);
             let acked = st.acked.remove(&key);
             if acked.as_ref().is_none_or(|a| a.role == Role::Import) {
                 st.take_reservation(from, id);
@@ -149,7 +147,7 @@ impl Agent {
     /// A hand-back: the clients live at their origin now; the applications drop their
     /// sessions (and close their connections) and their room here is free.
     fn commit_acked(self: &Arc<Self>, from: &str, id: u64) {
-        let acked = self.state().acked.remove(&(from.to_string(), id));
+        let acked = self.state().acked.remove(&(NodeName::from(from), id));
         match acked {
             Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, true),
             Some(a) => {
@@ -181,12 +179,12 @@ impl Agent {
 
     /// Asks the origin of acknowledged transfer (`origin`, `id`) how it ended; acts on a
     /// definite answer, or asks again later.
-    async fn ask_outcome(self: Arc<Self>, origin: String, id: u64) {
+    async fn ask_outcome(self: Arc<Self>, origin: NodeName, id: u64) {
         let Some((sample, handoff, back)) = self.state().acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone(), a.role == Role::Export)) else { return };
         let req = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms.max(1000));
-        let verdict = match self.ask(&origin, Msg::Outcome { id: req, handoff: id, back, clients: sample }, req, timeout).await {
-            Ok(Msg::OutcomeIs { verdict, .. }) => Ok(verdict),
+        let verdict = match self.ask(&origin, Request::Outcome { id: req, handoff: id, back, clients: sample }, req, timeout).await {
+            Ok(Answer::OutcomeIs { verdict, .. }) => Ok(verdict),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(e) => Err(format!("{e:#}")),
         };
@@ -231,12 +229,12 @@ impl Agent {
             r.until = r.until.max(now + lease);
             r.capacity
         });
-        if cap == 0 && !st.incoming.contains_key(&(from.to_string(), id)) {
+        if cap == 0 && !st.incoming.contains_key(&(NodeName::from(from), id)) {
             // Nothing to keep: the Transfer will be refused for want of a reservation.
             warn!(origin = %from, id, "ignoring sessions or clients of a transfer with no reservation (lease expired?)");
             return;
         }
-        let held = st.incoming.entry((from.to_string(), id)).or_default();
+        let held = st.incoming.entry((NodeName::from(from), id)).or_default();
         held.last = Some(now);
         if held.refused.is_some() {
             return;
@@ -302,12 +300,12 @@ impl Agent {
     /// into the local applications (tentatively), then prepares delivery; only then
     /// acknowledges. Any failure undoes the imports and answers `Abort`.
     #[expect(clippy::too_many_lines, reason = "one check after another, in order")]
-    async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, sets: Vec<SessionSet>, incoming: Incoming) -> Msg {
+    async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, sets: Vec<SessionSet>, incoming: Incoming) -> Answer {
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
             // The room it reserved is free again.
             self.state().take_reservation(from, id);
-            Msg::Abort { id, reason }
+            Answer::Abort { id, reason }
         };
         let Some(origin) = self.cfg.sibling(from).cloned() else {
             return abort("not a configured sibling".into());
@@ -316,10 +314,10 @@ impl Agent {
             return abort(why);
         }
         let Incoming { sessions, clients, .. } = incoming;
-        let handoff = handoff_name(from, id, &self.cfg.node);
+        let handoff = HandoffId::new(from, id, self.cfg.node.as_str()).to_string();
         // The transfer owns its reservation now: it must not expire during a long import.
         let capacity = {
-            let allowance: Duration = sessions.values().map(|s| self.limits().import_allowance(s)).sum();
+            let allowance: Duration = sessions.values().map(|s| self.limits().import_allowance(s.iter().map(|s| s.blob.len()))).sum();
             let now = Instant::now();
             let hold = now + allowance + Duration::from_mins(1);
             // The state's lock is let go before `abort`, which takes it again.
@@ -346,14 +344,15 @@ impl Agent {
             Err(why) => return abort(why),
         };
         let mut imported_into: Vec<SocketAddr> = Vec::new();
-        for (local, s) in &imports {
-            imported_into.push(*local);
-            if let Err(e) = self.apps.import(*local, &handoff, s).await {
+        for (local, s) in imports {
+            let n = s.len();
+            imported_into.push(local);
+            if let Err(e) = self.apps.import(local, &handoff, s.into_iter().map(Into::into).collect()).await {
                 // It may have taken some: it drops them (told until it confirms).
                 self.settle_imports(imported_into, handoff.clone(), false);
                 return abort(format!("import failed: {e:#}"));
             }
-            info!(origin = %from, id, service = %local, sessions = s.len(), "sessions imported into the application (tentative until the origin commits)");
+            info!(origin = %from, id, service = %local, sessions = n, "sessions imported into the application (tentative until the origin commits)");
         }
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
@@ -402,7 +401,7 @@ impl Agent {
             }
             let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
             st.acked.insert(
-                (from.to_string(), id),
+                (NodeName::from(from), id),
                 Acked {
                     apps: imported_into.clone(),
                     handoff: handoff.clone(),
@@ -422,7 +421,7 @@ impl Agent {
                 warn!(origin = %from, id, "TEST FAULT delay-ack: acknowledging in {} ms", d.as_millis());
                 tokio::time::sleep(d).await;
             }
-            return Msg::TransferAck { id };
+            return Answer::TransferAck { id };
         }
         self.settle_imports(imported_into, handoff, false);
         match adopted {
@@ -459,7 +458,7 @@ impl Agent {
         Ok(out)
     }
 
-    fn offer(&self, from: &str, id: u64, connections: u64, clients: u32) -> Msg {
+    fn offer(&self, from: &str, id: u64, connections: u64, clients: u32) -> Answer {
         let now = Instant::now();
         let high = self.cfg.high_watermark;
         let mut st = self.state();
@@ -483,12 +482,12 @@ impl Agent {
         };
         if let Some(reason) = why_not {
             info!(origin = %from, id, load, reserved, promised, "declining help: {reason}");
-            return Msg::Decline { id, reason };
+            return Answer::Decline { id, reason };
         }
         let capacity = room.min(connections);
         st.reservations.push(Reservation { origin: from.to_string(), id, capacity, until: now + Duration::from_millis(self.cfg.lease_ms) });
         info!(origin = %from, id, capacity, asked = connections, clients, load, reserved, promised, "offering help");
-        Msg::Offer { id, capacity, lease_ms: self.cfg.lease_ms }
+        Answer::Offer { id, capacity, lease_ms: self.cfg.lease_ms }
     }
 
     /// Volunteer bookkeeping that would otherwise grow without end (transfers whose
@@ -498,7 +497,7 @@ impl Agent {
         let now = Instant::now();
         let expiry = Duration::from_millis(self.cfg.handoff_expiry_ms);
         let idle = Duration::from_secs(self.cfg.adopted_expiry_secs);
-        let ask: Vec<(String, u64)> = {
+        let ask: Vec<(NodeName, u64)> = {
             let mut st = self.state();
             st.reservations.retain(|r| r.until > now);
             st.moved_at.retain(|_, t| now.duration_since(*t) < super::MOVE_DWELL);
@@ -509,9 +508,9 @@ impl Agent {
                 }
                 keep
             });
-            let acked: HashSet<(String, u64)> = st.acked.keys().cloned().collect();
+            let acked: HashSet<(NodeName, u64)> = st.acked.keys().cloned().collect();
             st.adopted.retain(|c, a| {
-                let keep = acked.contains(&(a.from.clone(), a.id)) || now.duration_since(a.last_seen) < idle;
+                let keep = acked.contains(&(NodeName::from(a.from.as_str()), a.id)) || now.duration_since(a.last_seen) < idle;
                 if !keep {
                     info!(client = %c, origin = %a.from, "forgetting an adopted client: never released by its origin and no connection here for {} s", idle.as_secs());
                 }

@@ -1,6 +1,7 @@
-//! Interface facts, routes and sysctls the datapath needs (through iproute2 and /proc/sys).
+//! Interface facts and sysctls the datapath needs (interface calls and /proc/sys; routes and
+//! sockets are in `netlink`).
 
-use std::{fs, net::IpAddr, process::Command};
+use std::{fs, net::IpAddr};
 
 use nix::ifaddrs::getifaddrs;
 
@@ -74,26 +75,6 @@ pub fn is_interface_address(addr: IpAddr) -> Result<bool> {
     Ok(addresses_of(None)?.contains(&addr))
 }
 
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| Error::io("running ip (iproute2)", e))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(Error::invalid(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
-    }
-}
-
-fn host_route(addr: IpAddr) -> String {
-    match addr {
-        IpAddr::V4(_) => format!("{addr}/32"),
-        IpAddr::V6(_) => format!("{addr}/128"),
-    }
-}
-
-fn family(addr: IpAddr) -> &'static str {
-    if addr.is_ipv4() { "-4" } else { "-6" }
-}
-
 /// The IPv4 settings a target's uplink needs, with the value each must have. The kernel uses
 /// the larger of `all` and the interface's value for all of them, so only the interface's
 /// value is changed (and put back when no adopted service uses the interface).
@@ -119,21 +100,4 @@ pub fn read_sysctl_v4(ifname: &str, name: &str) -> Result<u32> {
 pub fn write_sysctl_v4(ifname: &str, name: &str, value: u32) -> Result<()> {
     let path = sysctl_path(ifname, name);
     fs::write(&path, value.to_string()).map_err(|e| Error::io(format!("setting {path} to {value}"), e))
-}
-
-/// Adds the `local` route of an adopted address (idempotent): it lets this host accept
-/// packets for `addr` and send replies from it (direct server return) while no interface has
-/// the address, so nothing answers ARP/ND for it.
-pub fn add_local_route(addr: IpAddr) -> Result<()> {
-    ip(&[family(addr), "route", "replace", "local", &host_route(addr), "dev", "lo", "table", "local"])?;
-    Ok(())
-}
-
-/// Removes the `local` route of an adopted address (missing is fine).
-pub fn remove_local_route(addr: IpAddr) -> Result<()> {
-    match ip(&[family(addr), "route", "del", "local", &host_route(addr), "dev", "lo", "table", "local"]) {
-        Ok(_) => Ok(()),
-        Err(Error::Invalid { what }) if what.contains("No such process") || what.contains("not found") => Ok(()),
-        Err(e) => Err(e),
-    }
 }

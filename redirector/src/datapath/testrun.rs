@@ -2,6 +2,8 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
+use aya::programs::SchedClassifier;
+
 use super::{Datapath, Error, Result};
 
 /// Result of running a classifier on one packet.
@@ -19,14 +21,14 @@ impl Datapath {
     /// Cumulative (run time in ns, run count) of program `name`, as the kernel accounts them
     /// while BPF statistics are enabled (`aya::sys::enable_stats`).
     pub fn run_stats(&mut self, name: &str) -> Result<(u64, u64)> {
-        let prog = self.classifier(name)?;
+        let prog = self.program::<SchedClassifier>(name)?;
         let info = prog.info().map_err(|e| Error::bpf(format!("reading info of {name}"), e))?;
         Ok((u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX), info.run_count()))
     }
 
     /// Loads (if needed) classifier `name` and runs it `repeat` times on `packet`.
     pub fn test_run(&mut self, name: &str, packet: &[u8], repeat: u32) -> Result<TestRun> {
-        let prog = self.classifier(name)?;
+        let prog = self.program::<SchedClassifier>(name)?;
         let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?.as_fd().as_raw_fd();
         let mut out = vec![0u8; packet.len() + 256];
         let mut attr = [0u64; 16];

@@ -6,7 +6,11 @@ use std::{
     str::FromStr,
 };
 
-use redirector_common::{Addr, RuleValue, as_v4, v4_mapped};
+use redirector_common::{
+    Addr, RuleValue, as_v4,
+    decide::{Drain, drain_state},
+    v4_mapped,
+};
 use serde::Serialize;
 
 pub(crate) fn to16(a: IpAddr) -> Addr {
@@ -124,12 +128,10 @@ fn ser_display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::
 
 impl RuleInfo {
     pub(crate) fn new(prefix: Prefix, v: &RuleValue, now_ns: u64) -> Self {
-        let (state, left) = if v.drain_until_ns == 0 {
-            (RuleState::Active, 0)
-        } else if v.drain_until_ns > now_ns {
-            (RuleState::Draining, (v.drain_until_ns - now_ns) / 1_000_000)
-        } else {
-            (RuleState::Drained, 0)
+        let (state, left) = match drain_state(v, now_ns) {
+            Drain::Active => (RuleState::Active, 0),
+            Drain::Draining { left_ns } => (RuleState::Draining, left_ns / 1_000_000),
+            Drain::Drained => (RuleState::Drained, 0),
         };
         Self { prefix, target: from16(&v.target), state, drain_left_ms: left, since_unix: v.since_unix }
     }

@@ -329,11 +329,17 @@ fn handoff(json: bool) {
         Some((n, size)) => vec![(n, size, 1)],
         None => cases.to_vec(),
     };
-    for (n, size, runs) in cases {
+    // Each case in both hook protocol versions, side by side: version 1 (base64 in JSON) is
+    // the baseline of version 2 (raw bytes after the line).
+    let versions = [redirector_sdk::Version::V1, redirector_sdk::Version::V2];
+    for ((n, size, runs), version) in cases.iter().copied().flat_map(|c| versions.map(|v| (c, v))) {
         let a_app = Arc::new(Synthetic { size, imported: 0.into() });
         let b_app = Arc::new(Synthetic { size, imported: 0.into() });
-        let _ha = redirector_sdk::Hook::start(c.dir.join("a-app.sock"), SocketAddr::new(IpAddr::V4(SERVICE4), 80), a_app.clone());
-        let _hb = redirector_sdk::Hook::start(c.dir.join("b-app.sock"), SocketAddr::new(IpAddr::V4(redirector_tests::net::SERVICE4_B), 80), b_app.clone());
+        let hook = |node: &str, service: Ipv4Addr, app: &Arc<Synthetic>| {
+            let app: Arc<dyn redirector_sdk::Sessions> = app.clone();
+            redirector_sdk::Hook::start_version(c.dir.join(format!("{node}-app.sock")), SocketAddr::new(IpAddr::V4(service), 80), Some(version), app)
+        };
+        let (ha, hb) = (hook("a", SERVICE4, &a_app), hook("b", redirector_tests::net::SERVICE4_B, &b_app));
         std::thread::sleep(Duration::from_millis(800));
         let (mut ms, mut back) = (Vec::new(), Vec::new());
         for _ in 0..runs {
@@ -355,7 +361,8 @@ fn handoff(json: bool) {
             back.push(v.ms);
             std::thread::sleep(redirector::agent::MOVE_DWELL + Duration::from_millis(200));
         }
-        eprintln!("  {n} x {} KiB: out {ms:.1?} ms, back {back:.1?} ms", size >> 10);
+        drop((ha, hb));
+        eprintln!("  {n} x {} KiB, hook version {}: out {ms:.1?} ms, back {back:.1?} ms", size >> 10, version.number());
         // Where the time went, from the origin agent's own log line per hand-over.
         let log = c.log("a");
         let lines: Vec<&str> = log.lines().filter(|l| l.contains("hand-over committed") || l.contains("hand-back committed")).collect();
@@ -364,27 +371,28 @@ fn handoff(json: bool) {
             eprintln!("    {} {}", if l.contains("hand-back") { "back:" } else { "out: " }, phases.join(" "));
         }
         printed = lines.len();
-        results.push((n, size, median(ms), median(back)));
+        results.push((version.number(), n, size, median(ms), median(back)));
     }
-    println!("Hand-over out (export -> transfer -> import -> rules installed -> commit) and back (export -> import -> rules withdrawn -> commit), agent's clock, median:");
-    println!("  {:<10} {:>8} {:>10} {:>10} {:>10} {:>14}", "sessions", "size", "out ms", "back ms", "back/out", "sessions/s out");
-    for (n, size, ms, back) in &results {
-        #[expect(clippy::cast_precision_loss, reason = "small counts")]
-        let rate = *n as f64 / (ms / 1000.0);
-        println!("  {n:<10} {:>6}KiB {ms:>10.1} {back:>10.1} {:>9.2}x {rate:>14.0}", size >> 10, back / ms);
+    println!("Hand-over out (export -> transfer -> import -> rules installed -> commit) and back (export -> import -> rules withdrawn -> commit), agent's clock, median;");
+    println!("hook protocol version 2 (raw blobs) against version 1 (base64 in JSON) in the same run:");
+    println!("  {:<10} {:>8} {:>4} {:>10} {:>10} {:>9} {:>10} {:>10}", "sessions", "size", "hook", "out ms", "back ms", "back/out", "out v2/v1", "back v2/v1");
+    let find = |v: u64, n: usize, size: usize| results.iter().find(|r| (r.0, r.1, r.2) == (v, n, size)).map(|r| (r.3, r.4));
+    for (v, n, size, ms, back) in &results {
+        let vs = if *v == 2 { find(1, *n, *size).map(|(o, b)| (format!("{:.2}x", ms / o), format!("{:.2}x", back / b))) } else { None };
+        let (vo, vb) = vs.unwrap_or_default();
+        println!("  {n:<10} {:>6}KiB {v:>4} {ms:>10.1} {back:>10.1} {:>8.2}x {vo:>10} {vb:>10}", size >> 10, back / ms);
     }
-    if let Some((out, back)) = results.iter().find(|r| r.0 == 10_000 && r.1 == 1 << 10).map(|r| (r.2, r.3)) {
-        println!(
-            "Goal: 10,000 x 1 KiB under 200 ms each way: out {out:.1} ms {}, back {back:.1} ms {}",
-            if out < 200.0 { "met" } else { "MISSED" },
-            if back < 200.0 { "met" } else { "MISSED" }
-        );
+    for (n, size, goal) in [(10_000, 1 << 10, 100.0), (10_000, 64 << 10, 1500.0)] {
+        if let Some((out, back)) = find(2, n, size) {
+            let met = |ms: f64| if ms < goal { "met" } else { "MISSED" };
+            println!("Goal: {n} x {} KiB under {goal} ms each way (version 2): out {out:.1} ms {}, back {back:.1} ms {}", size >> 10, met(out), met(back));
+        }
     }
     if json {
         let mut m = serde_json::Map::new();
-        for (n, size, ms, back) in &results {
-            m.insert(format!("ms_{n}x{}k", size >> 10), serde_json::json!(ms));
-            m.insert(format!("back_ms_{n}x{}k", size >> 10), serde_json::json!(back));
+        for (v, n, size, ms, back) in &results {
+            m.insert(format!("v{v}_ms_{n}x{}k", size >> 10), serde_json::json!(ms));
+            m.insert(format!("v{v}_back_ms_{n}x{}k", size >> 10), serde_json::json!(back));
         }
         println!("{}", serde_json::Value::Object(m));
     }

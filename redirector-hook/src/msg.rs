@@ -1,0 +1,139 @@
+//! Every message of the hook protocol (docs/app-protocol.md), for both ends. What the agent
+//! sends is tagged by `op`; what the application sends is its register line
+//! ([`crate::register::Register`]) and then answers, which carry the request's `id`.
+
+use serde::{Deserialize, Serialize};
+
+/// Which side of a hand-over an application was on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// It exported (froze) the sessions: the side the clients leave.
+    Export,
+    /// It imported them: the side the clients come to.
+    Import,
+}
+
+/// A session as it travels in a line: its blob in base64 (version 1) or its length, the
+/// bytes following the line (version 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSession {
+    /// Empty when a session lacks one (refused by the reader).
+    #[serde(default)]
+    pub client: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
+}
+
+/// A line the agent sends an application. Applications ignore fields they do not know.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum AgentMsg {
+    /// The registration is accepted; `version` is what the connection speaks.
+    Registered { service: String, version: u64 },
+    /// The registration is refused or replaced: the connection ends.
+    Error { error: String },
+    /// Freeze these clients and answer with their sessions.
+    Export { id: u64, handoff: String, clients: Vec<String> },
+    /// Take these sessions, tentatively. Version 2: `bytes` raw bytes follow the line.
+    Import {
+        id: u64,
+        handoff: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        bytes: u64,
+        sessions: Vec<WireSession>,
+    },
+    /// The hand-over took effect.
+    Commit { id: u64, handoff: String },
+    /// The hand-over failed: nobody's connections go elsewhere.
+    Abort { id: u64, handoff: String },
+}
+
+impl AgentMsg {
+    /// The raw bytes that follow this line (version 2 imports).
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Self::Import { bytes, .. } => *bytes,
+            _ => 0,
+        }
+    }
+}
+
+/// An application's answer to a request. Version 2 export answers: `bytes` raw bytes follow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    /// Required in export answers (possibly empty), absent in the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<Vec<WireSession>>,
+}
+
+impl Answer {
+    /// `ok:true`, nothing else (import, commit, abort).
+    #[must_use]
+    pub fn ok(id: u64) -> Self {
+        Self { id, ok: true, error: None, bytes: 0, sessions: None }
+    }
+
+    /// `ok:false` with why.
+    #[must_use]
+    pub fn refused(id: u64, why: impl Into<String>) -> Self {
+        Self { id, ok: false, error: Some(why.into()), bytes: 0, sessions: None }
+    }
+
+    /// Reads an answer the way the agent does: `ok` must be a boolean, and `ok:false` is the
+    /// application's refusal (with its `error`). Returns the answer when `ok` is true.
+    pub fn parse(line: &[u8]) -> Result<Self, String> {
+        // Lenient first, so that a wrong `ok` is named as such rather than as a type error.
+        #[derive(Deserialize)]
+        struct Loose {
+            ok: Option<serde_json::Value>,
+            error: Option<serde_json::Value>,
+        }
+        let loose: Loose = serde_json::from_slice(line).map_err(|e| format!("with malformed JSON: {e}"))?;
+        match loose.ok {
+            Some(serde_json::Value::Bool(true)) => serde_json::from_slice(line).map_err(|e| format!("malformed: {e}")),
+            Some(serde_json::Value::Bool(false)) => Err(format!("refused: {}", loose.error.as_ref().and_then(serde_json::Value::as_str).unwrap_or("no reason given"))),
+            _ => Err(format!("without a boolean \"ok\": {}", crate::frame::preview(line))),
+        }
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_by_op_and_bytes_appear_only_when_raw_data_follows() {
+        let m = AgentMsg::Import { id: 2, handoff: "a/1/b".into(), bytes: 0, sessions: vec![] };
+        assert_eq!(serde_json::to_value(&m).unwrap(), json!({"op":"import","id":2,"handoff":"a/1/b","sessions":[]}));
+        let m: AgentMsg = serde_json::from_value(json!({"op":"commit","id":3,"handoff":"x","later":true})).unwrap();
+        assert_eq!(m, AgentMsg::Commit { id: 3, handoff: "x".into() }, "unknown fields are ignored");
+        assert!(serde_json::from_value::<AgentMsg>(json!({"op":"dance","id":1})).is_err());
+    }
+
+    #[test]
+    fn answers_say_why_they_are_not_ok() {
+        assert_eq!(Answer::parse(br#"{"id":3,"ok":true}"#), Ok(Answer::ok(3)));
+        assert!(Answer::parse(br#"{"id":3}"#).unwrap_err().contains("without a boolean \"ok\""));
+        assert!(Answer::parse(br#"{"id":3,"ok":"yes"}"#).unwrap_err().contains("without a boolean \"ok\""));
+        assert_eq!(Answer::parse(br#"{"id":3,"ok":false,"error":"busy"}"#), Err("refused: busy".into()));
+        assert!(Answer::parse(b"not json").unwrap_err().contains("malformed"));
+        assert_eq!(serde_json::to_value(Answer::refused(4, "no")).unwrap(), json!({"id":4,"ok":false,"error":"no"}));
+    }
+}

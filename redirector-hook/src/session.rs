@@ -1,0 +1,131 @@
+//! A client's session and how a list of them travels: version 1 puts each blob in base64 in
+//! the line; version 2 puts each blob's length in the line and the blobs, in list order, in
+//! the raw bytes after it.
+
+use std::net::IpAddr;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+
+use crate::{Version, client::parse_client, msg::WireSession};
+
+/// A client's session as the application exported it: opaque bytes to redirector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub client: IpAddr,
+    pub blob: Vec<u8>,
+}
+
+/// Length of `n` bytes in base64 with padding.
+#[must_use]
+pub fn base64_len(n: usize) -> usize {
+    n.div_ceil(3).saturating_mul(4)
+}
+
+/// The line's list for `sessions` in `version`, and its `bytes` (the raw bytes that follow).
+#[must_use]
+pub fn to_wire<'a>(sessions: impl IntoIterator<Item = (IpAddr, &'a [u8])>, version: Version) -> (Vec<WireSession>, u64) {
+    let mut bytes = 0u64;
+    let list = sessions
+        .into_iter()
+        .map(|(client, blob)| match version {
+            Version::V1 => WireSession { client: client.to_string(), blob: Some(STANDARD.encode(blob)), len: None },
+            Version::V2 => {
+                let len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
+                bytes = bytes.saturating_add(len);
+                WireSession { client: client.to_string(), blob: None, len: Some(len) }
+            }
+        })
+        .collect();
+    (list, bytes)
+}
+
+/// The raw bytes that follow the line of `blobs` in `version`, in order (none in version 1):
+/// borrowed to write them, or owned to send them on.
+#[must_use]
+pub fn raw_parts<B>(blobs: impl IntoIterator<Item = B>, version: Version) -> Vec<B> {
+    if version == Version::V2 { blobs.into_iter().collect() } else { Vec::new() }
+}
+
+/// Reads the sessions of a line: its list, its `bytes` and the raw bytes that followed it.
+/// Every session needs a client address and a blob (version 1) or a length (version 2) of
+/// at most `max` bytes; in version 2 the lengths add up to `bytes`, which is `raw`'s length.
+pub fn from_wire(list: Vec<WireSession>, bytes: u64, raw: &[u8], version: Version, max: usize) -> Result<Vec<Session>, String> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut at = 0usize;
+    if u64::try_from(raw.len()).ok() != Some(bytes) {
+        return Err(format!("{} raw bytes followed a line announcing {bytes}", raw.len()));
+    }
+    for (i, s) in list.into_iter().enumerate() {
+        if s.client.is_empty() {
+            return Err(format!("session #{i} lacks a client or a blob"));
+        }
+        let client = parse_client(&s.client).ok_or_else(|| format!("session #{i} is for {:?}, not an address", s.client))?;
+        let blob = match version {
+            Version::V1 => {
+                let Some(b64) = s.blob else { return Err(format!("session #{i} lacks a client or a blob")) };
+                if base64_len(max) < b64.len() {
+                    return Err(format!("session of {client} is over the limit of {max} bytes (max_session_bytes)"));
+                }
+                STANDARD.decode(&b64).map_err(|e| format!("session of {client}: blob is not base64: {e}"))?
+            }
+            Version::V2 => {
+                let Some(len) = s.len else { return Err(format!("session #{i} lacks a client or a len")) };
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > max {
+                    return Err(format!("session of {client} is {len} bytes, over the limit of {max} (max_session_bytes)"));
+                }
+                let end = at.checked_add(len).filter(|e| *e <= raw.len()).ok_or_else(|| format!("the sessions' lengths add up to more than the {bytes} bytes announced"))?;
+                let blob = raw[at..end].to_vec();
+                at = end;
+                blob
+            }
+        };
+        if blob.len() > max {
+            return Err(format!("session of {client} is {} bytes, over the limit of {max} (max_session_bytes)", blob.len()));
+        }
+        out.push(Session { client, blob });
+    }
+    if at != raw.len() {
+        return Err(format!("the sessions' lengths add up to {at}, not the {bytes} bytes announced"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sessions_travel_in_both_versions() {
+        let s = [(a("198.18.1.5"), &b"abcd"[..]), (a("2001:db8::5"), b"hello")];
+        for v in [Version::V1, Version::V2] {
+            let (list, bytes) = to_wire(s.iter().copied(), v);
+            let raw: Vec<u8> = raw_parts(s.iter().map(|s| s.1), v).concat();
+            let back = from_wire(list, bytes, &raw, v, 5).unwrap();
+            assert_eq!(back.iter().map(|s| (s.client, s.blob.as_slice())).collect::<Vec<_>>(), s, "{v:?}");
+        }
+        let (list, bytes) = to_wire(s.iter().copied(), Version::V2);
+        assert_eq!((list[1].len, bytes), (Some(5), 9));
+        assert_eq!(to_wire(s.iter().copied(), Version::V1).0[0].blob.as_deref(), Some("YWJjZA=="));
+    }
+
+    #[test]
+    fn what_does_not_add_up_is_refused() {
+        let w = |c: &str, blob: Option<&str>, len: Option<u64>| WireSession { client: c.into(), blob: blob.map(Into::into), len };
+        let err = |list, bytes, raw: &[u8], v| from_wire(list, bytes, raw, v, 4).unwrap_err();
+        assert!(err(vec![w("198.18.1.5", None, Some(3))], 4, b"abcd", Version::V2).contains("add up to 3, not the 4"));
+        assert!(err(vec![w("198.18.1.5", None, Some(5))], 5, b"abcde", Version::V2).contains("over the limit"));
+        assert!(err(vec![w("198.18.1.5", None, Some(4)), w("198.18.1.6", None, Some(1))], 4, b"abcd", Version::V2).contains("more than the 4"));
+        assert!(err(vec![w("198.18.1.5", None, None)], 0, b"", Version::V2).contains("lacks"));
+        assert!(err(vec![], 3, b"ab", Version::V2).contains("2 raw bytes followed a line announcing 3"));
+        assert!(err(vec![w("", Some("eA=="), None)], 0, b"", Version::V1).contains("lacks a client"));
+        assert!(err(vec![w("nobody", Some("eA=="), None)], 0, b"", Version::V1).contains("not an address"));
+        assert!(err(vec![w("198.18.1.5", Some("%%"), None)], 0, b"", Version::V1).contains("not base64"));
+        assert!(err(vec![w("198.18.1.5", Some("eHl6eHl6eHl6"), None)], 0, b"", Version::V1).contains("over the limit"));
+        assert!(err(vec![w("198.18.1.5", Some("eHl6eHk="), None)], 0, b"", Version::V1).contains("5 bytes, over the limit"));
+    }
+}

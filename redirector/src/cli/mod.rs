@@ -1,0 +1,166 @@
+//! The operator CLI (see docs/cli.md): one module per command group, each doing its work with
+//! the library and returning a [`render::Report`], which [`render`] prints as text for people
+//! or as JSON for scripts.
+
+mod adopt;
+mod agent;
+mod ask;
+mod config;
+mod instance;
+mod render;
+mod rule;
+mod service;
+mod sibling;
+mod tls;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+
+pub use self::{adopt::AdoptCmd, agent::AgentArgs, ask::AgentSocket, config::ConfigCmd, rule::RuleCmd, service::ServiceCmd, sibling::SiblingCmd, tls::TlsCmd};
+
+/// redirector: servers that share load among themselves. Operator commands on the kernel
+/// datapath's pinned state.
+#[derive(Debug, Parser)]
+#[command(name = "redirector", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// bpffs to pin in, mounted there if it is not a bpffs yet [default: /sys/fs/bpf].
+    #[arg(long, global = true)]
+    pub bpffs: Option<PathBuf>,
+    /// Instance name: pins live in <bpffs>/redirector/<instance>/ [default: default; for the
+    /// agent, its node name].
+    #[arg(long, global = true)]
+    pub instance: Option<String>,
+    /// Enter network namespace /run/netns/<NAME> first (like `ip -n`).
+    #[arg(long, global = true)]
+    pub netns: Option<String>,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Services this host steers (origin side).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Migrated client prefixes (origin side).
+    #[command(subcommand)]
+    Rule(RuleCmd),
+    /// Siblings allowed to send tunnelled packets here (target side).
+    #[command(subcommand)]
+    Sibling(SiblingCmd),
+    /// Siblings' services served here (target side).
+    #[command(subcommand)]
+    Adopt(AdoptCmd),
+    /// Per-decision counters of the kernel programs.
+    Stats,
+    /// Established connections per client, counted in the kernel for the application's cgroup.
+    Load {
+        /// Start counting for the application in this cgroup v2 folder (idempotent).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Load and attach the programs (idempotent); --replace swaps in this binary's programs.
+    Attach {
+        /// Uplink interface.
+        #[arg(long)]
+        dev: String,
+        /// Replace the attached programs atomically, keeping the pinned maps.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Detach everything, give adopted services back (routes, interface settings) and remove
+    /// the instance's pins.
+    Teardown {
+        /// Only remove the pins (detaching the programs), without reading the maps: for an
+        /// instance this version cannot open. Routes of services it adopted stay.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the agent: negotiate with siblings and shed load by itself.
+    Agent(AgentArgs),
+    /// Validate an agent configuration file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Make the cluster CA and node certificates for the peer channel.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+    /// Ask a running agent for its status (admin socket).
+    Status {
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Ask the running agent to move clients to siblings with room now, with their sessions
+    /// (never a client adopted here, nor one already moved out).
+    Move {
+        /// Client addresses.
+        #[arg(required = true)]
+        clients: Vec<std::net::IpAddr>,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Ask the running agent to bring clients back with their sessions: clients moved out
+    /// from here come home, clients adopted here go back to their origin. (`rule del` changes
+    /// the pinned rules without an agent: the clients come home without their sessions.)
+    GiveBack {
+        /// Client addresses.
+        #[arg(required = true)]
+        clients: Vec<std::net::IpAddr>,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+}
+
+/// Runs one CLI command and prints what it reports.
+///
+/// # Errors
+/// The command failed: the error says what was being done.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli { global, command } = cli;
+    let report = match command {
+        Command::Agent(args) => return agent::execute(&args, &global),
+        Command::Config(cmd) => cmd.execute()?,
+        Command::Tls(cmd) => cmd.execute()?,
+        Command::Status { agent } => ask::status(&agent)?,
+        Command::Move { clients, agent } => ask::move_clients(&agent, clients)?,
+        Command::GiveBack { clients, agent } => ask::give_back(&agent, clients)?,
+        Command::Service(cmd) => cmd.execute(&global)?,
+        Command::Rule(cmd) => cmd.execute(&global)?,
+        Command::Sibling(cmd) => cmd.execute(&global)?,
+        Command::Adopt(cmd) => cmd.execute(&global)?,
+        Command::Stats => instance::stats(&global)?,
+        Command::Load { cgroup } => instance::load(&global, cgroup.as_deref())?,
+        Command::Attach { dev, replace } => instance::attach(&global, &dev, replace)?,
+        Command::Teardown { force } => instance::teardown(&global, force)?,
+    };
+    render::print(&report, global.json)?;
+    // The agent answered, and its answer is printed, but it did nothing.
+    if let render::Report::GivenBack(g) = &report
+        && g.given_back == 0
+    {
+        bail!("no client was given back (see the agent's log for why)");
+    }
+    Ok(())
+}
+
+/// Enters network namespace /run/netns/`name`, for this thread and the ones it starts after.
+fn enter_netns(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains('/') {
+        bail!("bad network namespace name {name:?}");
+    }
+    let path = format!("/run/netns/{name}");
+    let f = std::fs::File::open(&path).with_context(|| format!("network namespace {name} not found ({path})"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering network namespace {name}"))?;
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! The origin's side: steered services, the rules that migrate clients to targets, and their
+//! drain; the slot tables kept in line with them.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    net::IpAddr,
+    time::Duration,
+};
+
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use redirector_common::{PortData, RuleValue, ServiceKey, ServiceValue, as_v4, decide, maps};
+
+use super::{
+    Datapath, Error, Prefix, Result, RuleInfo, ServiceInfo, family_name, monotonic_ns, net, probe,
+    slots::{self, Want},
+    types, unix_now,
+};
+
+impl Datapath {
+    /// The rule trie of the family whose addresses have `N` bytes.
+    fn trie<const N: usize>(&mut self) -> Result<LpmTrie<&mut MapData, [u8; N], RuleValue>> {
+        self.open_map(trie_name(N))
+    }
+
+    fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceValue>> {
+        self.open_map(maps::SERVICES)
+    }
+
+    /// Steers `service` (this host's service address and port): attaches the classifier to
+    /// `ifname` and records how to tunnel the service's packets.
+    pub fn add_service(&mut self, service: (IpAddr, u16), ifname: &str, tunnel_src: Option<IpAddr>, mtu: Option<u32>) -> Result<ServiceInfo> {
+        let (addr, port) = service;
+        if port == 0 {
+            return Err(Error::invalid("service port must not be 0"));
+        }
+        if addr.is_unspecified() || addr.is_multicast() {
+            return Err(Error::invalid(format!("service address {addr} is not a unicast address")));
+        }
+        let ifindex = net::ifindex(ifname)?;
+        let tunnel_src = match tunnel_src {
+            Some(t) if t.is_ipv4() != addr.is_ipv4() => {
+                return Err(Error::invalid(format!("tunnel source {t} and service {addr} are of different families")));
+            }
+            Some(t) => t,
+            None => net::control_address(ifname, addr)?,
+        };
+        let mtu = match mtu {
+            Some(m) => m,
+            None => net::mtu(ifname)?,
+        };
+        let value = ServiceValue { tunnel_src: types::to16(tunnel_src), mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 2], ifindex };
+        let _lock = self.lock()?;
+        self.attach_ingress(ifname, false)?;
+        let key = ServiceKey::new(types::to16(addr), port);
+        self.services()?.insert(key, value, 0).map_err(|e| Error::bpf(format!("adding service {}", types::sock(addr, port)), e))?;
+        self.sync_ports()?;
+        Ok(ServiceInfo { addr, port, tunnel_src, mss_clamp: value.mss_clamp, ifindex })
+    }
+
+    /// Stops steering `service`. Rules stay (they apply to every steered service).
+    pub fn del_service(&mut self, service: (IpAddr, u16)) -> Result<()> {
+        let _lock = self.lock()?;
+        let key = ServiceKey::new(types::to16(service.0), service.1);
+        self.services()?.remove(&key).map_err(|e| match e {
+            MapError::KeyNotFound => Error::invalid(format!("service {} is not steered", types::sock(service.0, service.1))),
+            e => Error::bpf("removing service", e),
+        })?;
+        self.sync_ports()
+    }
+
+    /// Brings `PORT_SLOTS_*` in line with `SERVICES`: a port with one service (of the table's
+    /// family) holds it, a port with several sends the classifier to `SERVICES`.
+    pub(super) fn sync_ports(&mut self) -> Result<()> {
+        let entries = self.service_entries()?;
+        for v6 in [false, true] {
+            let mut wanted: BTreeMap<u32, Want<PortData>> = BTreeMap::new();
+            for (k, v) in entries.iter().filter(|(k, _)| as_v4(&k.addr).is_none() == v6) {
+                let one = Want::One(PortData { addr: k.addr, service: *v });
+                wanted.entry(u32::from(k.port())).and_modify(|w| *w = Want::Many).or_insert(one);
+            }
+            if v6 { &self.ports_v6 } else { &self.ports_v4 }.apply(&wanted);
+        }
+        Ok(())
+    }
+
+    /// Brings `HOSTS_V4` and `HOSTS_V6` in line with `rules` (all rules of the instance).
+    fn sync_hosts(&mut self, rules: &[(Prefix, RuleValue)]) {
+        self.hosts_v4.apply(&slots::want_hosts(rules, false));
+        self.hosts_v6.apply(&slots::want_hosts(rules, true));
+    }
+
+    /// Every entry of `SERVICES`, as stored.
+    fn service_entries(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        let map = self.services()?;
+        map.iter().map(|item| item.map_err(|e| Error::bpf("reading SERVICES", e))).collect()
+    }
+
+    /// Steered services.
+    pub fn list_services(&mut self) -> Result<Vec<ServiceInfo>> {
+        let mut out = Vec::new();
+        for (k, v) in self.service_entries()? {
+            out.push(ServiceInfo { addr: types::from16(&k.addr), port: k.port(), tunnel_src: types::from16(&v.tunnel_src), mss_clamp: v.mss_clamp, ifindex: v.ifindex });
+        }
+        out.sort_by_key(|s| (s.addr, s.port));
+        Ok(out)
+    }
+
+    /// Migrates the clients of `prefix` to `target`: their new connections to every steered
+    /// service of the family go there. With `probe`, the target must first answer a probe
+    /// through the real tunnel for each such service (make before break).
+    pub fn migrate(&mut self, prefix: Prefix, target: IpAddr, probe: Option<Duration>) -> Result<()> {
+        self.migrate_many(&[prefix], target, probe, false)
+    }
+
+    /// [`Datapath::migrate`] for many prefixes to one target: one probe, then every rule, all or
+    /// nothing. A prefix already migrated to `target` stays (a draining one becomes active
+    /// again); one migrated elsewhere is refused unless `replace` (its flows living on the
+    /// other target would break).
+    pub fn migrate_many(&mut self, prefixes: &[Prefix], target: IpAddr, probe: Option<Duration>, replace: bool) -> Result<()> {
+        if let Some(p) = prefixes.iter().find(|p| p.addr.is_ipv4() != target.is_ipv4()) {
+            return Err(Error::invalid(format!("target {target} and prefix {p} are of different families")));
+        }
+        // The probe runs before the lock: it can take up to its timeout per service.
+        match probe {
+            Some(timeout) => self.probe_target(target, timeout)?,
+            None => {
+                self.steered_services(target)?;
+            }
+        }
+        let _lock = self.lock()?;
+        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
+        let target16 = types::to16(target);
+        let now = unix_now();
+        let mut changes = Vec::new();
+        for p in prefixes {
+            let value = match rules.get(p) {
+                Some(old) if old.target == target16 && old.drain_until_ns == 0 => continue,
+                Some(old) if old.target == target16 => RuleValue { drain_until_ns: 0, ..*old },
+                Some(old) if !replace => {
+                    return Err(Error::invalid(format!(
+                        "{p} is already migrated to {}{}: withdraw it first (`rule del`), or replace it (its flows living there break)",
+                        types::from16(&old.target),
+                        if old.drain_until_ns == 0 { "" } else { " (draining)" }
+                    )));
+                }
+                _ => RuleValue { target: target16, drain_until_ns: 0, since_unix: now },
+            };
+            changes.push((*p, value));
+        }
+        let mut previous: Previous = Vec::new();
+        for (p, value) in &changes {
+            if let Err(e) = self.insert_rule(*p, *value) {
+                self.restore(&previous);
+                return Err(e);
+            }
+            previous.push((*p, rules.insert(*p, *value)));
+        }
+        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
+        self.sync_hosts(&all);
+        Ok(())
+    }
+
+    /// The steered services of `target`'s family (an error if there is none, or `target` is
+    /// not a unicast address).
+    fn steered_services(&mut self, target: IpAddr) -> Result<Vec<ServiceInfo>> {
+        if target.is_unspecified() || target.is_multicast() || target.is_loopback() {
+            return Err(Error::invalid(format!("target {target} is not a unicast address")));
+        }
+        let services: Vec<ServiceInfo> = self.list_services()?.into_iter().filter(|s| s.addr.is_ipv4() == target.is_ipv4()).collect();
+        if services.is_empty() {
+            return Err(Error::invalid(format!("no steered {} service: add one with `redirector service add` first", family_name(target.is_ipv4()))));
+        }
+        Ok(services)
+    }
+
+    /// Probes `target` through the real tunnel, for every steered service of its family: Ok
+    /// once its listener answered each (its datapath serves those services; a reset means
+    /// nothing listens there, silence that the target is not ready or gone).
+    pub fn probe_target(&mut self, target: IpAddr, timeout: Duration) -> Result<()> {
+        for s in &self.steered_services(target)? {
+            let mut probes: HashMap<&mut MapData, u32, redirector_common::ProbeValue> = self.open_map(maps::PROBES)?;
+            probe::probe(&mut probes, s, target, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Puts back what a failed call changed.
+    fn restore(&mut self, previous: &Previous) {
+        for (p, old) in previous.iter().rev() {
+            let _ = match old {
+                Some(v) => self.insert_rule(*p, *v),
+                None => self.remove_rule(*p),
+            };
+        }
+    }
+
+    fn insert_rule(&mut self, prefix: Prefix, value: RuleValue) -> Result<()> {
+        let len = u32::from(prefix.len);
+        match prefix.addr {
+            IpAddr::V4(a) => self.trie()?.insert(&Key::new(len, a.octets()), value, 0),
+            IpAddr::V6(a) => self.trie()?.insert(&Key::new(len, a.octets()), value, 0),
+        }
+        .map_err(|e| Error::bpf(format!("installing rule {prefix}"), e))
+    }
+
+    fn remove_rule(&mut self, prefix: Prefix) -> Result<()> {
+        let len = u32::from(prefix.len);
+        match prefix.addr {
+            IpAddr::V4(a) => self.trie()?.remove(&Key::new(len, a.octets())),
+            IpAddr::V6(a) => self.trie()?.remove(&Key::new(len, a.octets())),
+        }
+        .map_err(|e| match e {
+            MapError::KeyNotFound => Error::invalid(format!("no rule for {prefix}")),
+            e => Error::bpf(format!("removing rule {prefix}"), e),
+        })
+    }
+
+    /// Every rule of both tries, as stored.
+    fn rules(&mut self) -> Result<Vec<(Prefix, RuleValue)>> {
+        let mut out = self.trie_rules::<4>()?;
+        out.extend(self.trie_rules::<16>()?);
+        Ok(out)
+    }
+
+    /// Every rule of the trie of `N`-byte addresses, as stored.
+    fn trie_rules<const N: usize>(&mut self) -> Result<Vec<(Prefix, RuleValue)>>
+    where
+        IpAddr: From<[u8; N]>,
+    {
+        let full = u8::try_from(N * 8).unwrap_or(u8::MAX);
+        let mut out = Vec::new();
+        for item in &self.trie::<N>()? {
+            let (k, v) = item.map_err(|e| Error::bpf(format!("reading {}", trie_name(N)), e))?;
+            let len = u8::try_from(k.prefix_len()).unwrap_or(full);
+            out.push((Prefix { addr: IpAddr::from(k.data()), len }, v));
+        }
+        Ok(out)
+    }
+
+    /// Withdraws the rule for `prefix` gracefully: for `period`, new connections stay here while
+    /// packets of flows living on the target still go there; then the rule is inert and removed
+    /// by the next `collect_drained` (the agent runs it every few seconds, every command on open).
+    pub fn drain(&mut self, prefix: Prefix, period: Duration) -> Result<()> {
+        if self.drain_many(&[prefix], period)? == 0 {
+            return Err(Error::invalid(format!("no rule for {prefix}")));
+        }
+        Ok(())
+    }
+
+    /// [`Datapath::drain`] for many prefixes at once (those without a rule are skipped).
+    /// Returns how many rules drain now.
+    pub fn drain_many(&mut self, prefixes: &[Prefix], period: Duration) -> Result<usize> {
+        if period.is_zero() {
+            return self.release_many(prefixes);
+        }
+        let _lock = self.lock()?;
+        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
+        let until = monotonic_ns().saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
+        let mut previous: Previous = Vec::new();
+        for p in prefixes {
+            let Some(old) = rules.get(p).copied() else { continue };
+            let value = RuleValue { drain_until_ns: if old.drain_until_ns == 0 { until } else { old.drain_until_ns.min(until) }, ..old };
+            if let Err(e) = self.insert_rule(*p, value) {
+                self.restore(&previous);
+                return Err(e);
+            }
+            previous.push((*p, rules.insert(*p, value)));
+        }
+        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
+        self.sync_hosts(&all);
+        Ok(previous.len())
+    }
+
+    /// Removes the rule for `prefix` at once: flows living on the target break.
+    pub fn release(&mut self, prefix: Prefix) -> Result<()> {
+        if self.release_many(&[prefix])? == 0 {
+            return Err(Error::invalid(format!("no rule for {prefix}")));
+        }
+        Ok(())
+    }
+
+    /// [`Datapath::release`] for many prefixes (those without a rule are skipped). Returns how
+    /// many were removed.
+    pub fn release_many(&mut self, prefixes: &[Prefix]) -> Result<usize> {
+        let _lock = self.lock()?;
+        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
+        let mut n = 0;
+        for p in prefixes {
+            if rules.remove(p).is_some() {
+                self.remove_rule(*p)?;
+                n += 1;
+            }
+        }
+        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
+        self.sync_hosts(&all);
+        Ok(n)
+    }
+
+    /// All rules, active and draining, sorted by prefix.
+    pub fn list_rules(&mut self) -> Result<Vec<RuleInfo>> {
+        let now = monotonic_ns();
+        let mut out: Vec<RuleInfo> = self.rules()?.into_iter().map(|(p, v)| RuleInfo::new(p, &v, now)).collect();
+        out.sort_by_key(|r| (r.prefix.addr, r.prefix.len));
+        Ok(out)
+    }
+
+    /// Removes rules whose drain period has ended. Returns how many were removed.
+    pub fn collect_drained(&mut self) -> Result<usize> {
+        let now = monotonic_ns();
+        // Cheap check first, without the lock: most calls find nothing to do.
+        if !self.rules()?.iter().any(|(_, v)| decide::drain_state(v, now) == decide::Drain::Drained) {
+            return Ok(0);
+        }
+        let _lock = self.lock()?;
+        self.remove_drained_and_sync()
+    }
+
+    /// Under the instance lock: removes rules whose drain ended and brings the host tables in
+    /// line with the rest. Returns how many were removed.
+    pub(super) fn remove_drained_and_sync(&mut self) -> Result<usize> {
+        let now = monotonic_ns();
+        let (live, drained): (Vec<_>, Vec<_>) = self.rules()?.into_iter().partition(|(_, v)| decide::drain_state(v, now) != decide::Drain::Drained);
+        for (p, _) in &drained {
+            match self.remove_rule(*p) {
+                Ok(()) | Err(Error::Invalid { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.sync_hosts(&live);
+        Ok(drained.len())
+    }
+}
+
+/// Migrations whose rules a call changes, with what was there before (for rollback).
+type Previous = Vec<(Prefix, Option<RuleValue>)>;
+
+/// The rule trie of the family whose addresses have `n` bytes (4: IPv4, 16: IPv6).
+const fn trie_name(n: usize) -> &'static str {
+    if n == 4 { maps::MIGRATED_V4 } else { maps::MIGRATED_V6 }
+}
