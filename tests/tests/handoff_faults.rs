@@ -8,7 +8,7 @@
 //! the agent (`REDIRECTOR_TEST_FAULTS`) makes each failure happen.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -620,8 +620,19 @@ fn killed_between_families(volunteer_first: bool) {
     wait_status(&c.sock("b"), 30, "B to settle the hand-over", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
     let moved: Vec<(String, String)> = migrated(&a);
     assert!(moved.iter().any(|(c, _)| c.contains(':')), "the IPv6 clients of the hand-over are steered too: {a}");
-    let active = c.rules("a").iter().filter(|r| r["state"] == "active").count();
-    assert_eq!(active, moved.len(), "a rule for every moved client, both families: {:?}", c.rules("a"));
+    // A, still above its low watermark once the hand-over is settled, may move more clients in
+    // a next round at any moment, so the kernel's rules are read between two statuses: every
+    // client moved before has its rule, and every rule is of a client moved by then.
+    let rules = c.rules("a");
+    let after = moved_to(&c.status("a"));
+    let ruled: BTreeSet<IpAddr> = rules
+        .iter()
+        .filter(|r| r["state"] == "active")
+        .map(|r| r["prefix"].as_str().and_then(|p| p.split('/').next()).and_then(|ip| ip.parse().ok()).expect("a rule's prefix"))
+        .collect();
+    let before: BTreeSet<IpAddr> = moved.iter().map(|(c, _)| c.parse().expect("address")).collect();
+    assert!(before.is_subset(&ruled), "a rule for every moved client, both families: moved {before:?}, rules {rules:?}");
+    assert!(ruled.iter().all(|ip| after.contains_key(ip)), "every rule is of a moved client: rules {rules:?}, moved {after:?}");
     std::thread::sleep(Duration::from_secs(1));
     let steered = moved_to(&c.status("a"));
     let steering = || moved_to(&c.status("a"));
