@@ -7,6 +7,7 @@ use crate::{
     counters::count,
     hdr::{TCP_CSUM_OFF, TCP_LEN, TcpHdr},
     packet::{ptr_at, subprogram_ctx},
+    report,
 };
 
 /// Lowers the MSS option of the SYN (or SYN-ACK) at `l4` to `clamp` so tunnelled packets fit
@@ -21,6 +22,7 @@ pub fn clamp_syn(ctx: &TcContext, l4: usize, clamp: u16) -> bool {
     };
     r.unwrap_or_else(|()| {
         count(Counter::ErrorClamp);
+        report::clamp_failed();
         false
     })
 }

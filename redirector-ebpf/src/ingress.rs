@@ -16,7 +16,7 @@ use crate::{
     rules::{host_rule_v4, host_rule_v6},
     services::{service_at_v4, service_at_v6},
     steer::steer,
-    verdict::{Error, Verdict, drop, pass},
+    verdict::{Error, Verdict, pass},
 };
 
 /// Which concern the packet is, by its EtherType first.
@@ -43,7 +43,8 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
     }
     match proto {
         IPPROTO_IPIP => return decap::<false>(ctx.skb.skb),
-        IPPROTO_IPV6 => return Ok(drop(Counter::DroppedBad)),
+        // A tunnel of the other family is never one of ours.
+        IPPROTO_IPV6 => return Err(Error::BadTunnel),
         IPPROTO_TCP | IPPROTO_ICMP => {}
         _ => return Ok(pass(Counter::Passed)),
     }
@@ -84,7 +85,7 @@ fn ingress_v6(skb: *mut __sk_buff) -> Result<Verdict, Error> {
     }
     match next {
         IPPROTO_IPV6 => return decap::<true>(ctx.skb.skb),
-        IPPROTO_IPIP => return Ok(drop(Counter::DroppedBad)),
+        IPPROTO_IPIP => return Err(Error::BadTunnel),
         IPPROTO_TCP => {}
         IPPROTO_ICMPV6 => return icmp::<true>(ctx.skb.skb),
         IPPROTO_FRAGMENT => return Ok(pass(Counter::PassedFragment)),

@@ -33,6 +33,7 @@ mod ingress;
 mod load;
 mod packet;
 mod probe;
+mod report;
 mod rules;
 mod services;
 mod sk_lookup;
@@ -53,7 +54,13 @@ use crate::{counters::count, verdict::TCX_NEXT};
 pub fn redirector_ingress(ctx: TcContext) -> i32 {
     let verdict = match ingress::try_ingress(&ctx) {
         Ok(v) => v,
-        Err(e) => e.verdict(),
+        Err(e) => {
+            // Only on the error path: the common packet pays nothing for the report.
+            if e.reported() {
+                report::ingress(ctx.skb.skb, e.verdict().counter);
+            }
+            e.verdict()
+        }
     };
     count(verdict.counter);
     verdict.action

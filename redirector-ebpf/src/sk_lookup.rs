@@ -10,6 +10,7 @@ use crate::{
     addr::from_words,
     adopted::is_adopted,
     hdr::{AF_INET, AF_INET6, IPPROTO_TCP},
+    report,
 };
 
 /// The listening socket registered for each adopted service.
@@ -55,6 +56,7 @@ pub fn deliver(ctx: &SkLookupContext) -> Option<Counter> {
         Some(Counter::SkAssigned)
     } else {
         // Adopted, but no listener registered (or it closed): the connection is refused.
+        report::no_listener(&addr, key.port());
         Some(Counter::SkNoListener)
     }
 }

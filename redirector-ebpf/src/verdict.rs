@@ -49,4 +49,10 @@ impl Error {
             Error::ForwardLost => drop(Counter::ErrorForward),
         }
     }
+
+    /// Whether the kernel reports it in the agent's log ([`crate::report`]): every error but a
+    /// truncated packet, which is the sender's problem, not this host's.
+    pub const fn reported(self) -> bool {
+        !matches!(self, Error::Truncated)
+    }
 }

@@ -295,6 +295,11 @@ pub fn offloads(ns: &str, ifname: &str) -> Offloads {
 /// Sends `payload` from namespace `ns` over a raw IPv4 socket of protocol `proto` bound to
 /// `src` (the kernel adds the IP header).
 pub fn send_raw4(ns: &str, proto: i32, src: Ipv4Addr, dst: Ipv4Addr, payload: Vec<u8>) {
+    send_raw4_burst(ns, proto, src, dst, payload, 1);
+}
+
+/// [`send_raw4`] `copies` times back to back, from one socket.
+pub fn send_raw4_burst(ns: &str, proto: i32, src: Ipv4Addr, dst: Ipv4Addr, payload: Vec<u8>, copies: usize) {
     in_netns(ns, move || {
         // SAFETY: plain socket calls on a fresh descriptor, closed at the end.
         unsafe {
@@ -304,8 +309,10 @@ pub fn send_raw4(ns: &str, proto: i32, src: Ipv4Addr, dst: Ipv4Addr, payload: Ve
             let rc = libc::bind(fd, nix::sys::socket::SockaddrLike::as_ptr(&bind), nix::sys::socket::SockaddrLike::len(&bind));
             assert_eq!(rc, 0, "bind raw socket to {src}: {}", std::io::Error::last_os_error());
             let to = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
-            let n = libc::sendto(fd, payload.as_ptr().cast(), payload.len(), 0, nix::sys::socket::SockaddrLike::as_ptr(&to), nix::sys::socket::SockaddrLike::len(&to));
-            assert!(n >= 0, "sendto {dst}: {}", std::io::Error::last_os_error());
+            for _ in 0..copies {
+                let n = libc::sendto(fd, payload.as_ptr().cast(), payload.len(), 0, nix::sys::socket::SockaddrLike::as_ptr(&to), nix::sys::socket::SockaddrLike::len(&to));
+                assert!(n >= 0, "sendto {dst}: {}", std::io::Error::last_os_error());
+            }
             libc::close(fd);
         }
     });

@@ -5,14 +5,15 @@ use std::{
     collections::{BTreeSet, HashMap},
     io::Write as _,
     net::{IpAddr, SocketAddr},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use redirector::peer::{Answer, Frame, MovedClient, PROTOCOL_VERSION, Request};
 use redirector_tests::{
     Client,
     agents::{Cluster, Sampler, max_load, migrated, open, served_by, wait_log, wait_status},
-    net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4, client6},
+    net::{SERVICE4, SERVICE4_B, SERVICE4_C, client4, client6, send_raw4_burst},
+    packets::{self, Ip, Pkt},
     peer::{TlsStream, connect_as, hello, read_answer, read_msg, send, send_frame, tls_connect},
     require_root,
 };
@@ -261,6 +262,33 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
 }
 
 /// A transfer of one client (`client4(3)`) of `services`, from `tunnel_src`.
+/// The kernel's own word on a rare event reaches the agent's log: a burst of tunnelled packets
+/// from a stranger is dropped and counted packet by packet, and B's agent logs it, with the
+/// stranger's address, at most once a second per CPU (a flood costs no flood of log lines).
+#[test]
+fn the_kernel_reports_a_strangers_tunnel_in_the_agents_log_at_most_once_a_second_per_cpu() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(10, &[("a", 30, 20), ("b", 20, 10)]);
+    let dropped = |v: &serde_json::Value| v["counters"]["dropped-bad"].as_u64().unwrap_or(0);
+    let before = dropped(&c.status("b"));
+    let stranger = client4(9);
+    let syn = Pkt::tcp(Ip::V4(stranger, SERVICE4_B), 40_000, 80, packets::SYN).build_ip();
+    let t0 = Instant::now();
+    send_raw4_burst(&c.t.client.ns, libc::IPPROTO_IPIP, stranger, c.t.b.v4[0], syn, 300);
+    let burst = t0.elapsed();
+    wait_status(&c.sock("b"), 10, "B to count every dropped packet", |v| dropped(v) == before + 300);
+    let said = format!("dropped a tunnelled packet from {stranger}");
+    wait_log(&c, "b", &said, 10);
+    let lines = c.log("b").lines().filter(|l| l.contains("from=\"kernel\"") && l.contains(&said)).count();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // A CPU writes at most one line a second: the packets of a burst of `burst` are decided in
+    // at most `burst` + 1 s on each (+ 1 s more for the last packets still in flight).
+    let most = cpus * (usize::try_from(burst.as_secs()).unwrap_or(usize::MAX - 2) + 2);
+    assert!(lines <= most, "{lines} kernel lines for a burst of 300 in {burst:?} on {cpus} CPUs (at most {most}):\n{}", c.log("b"));
+}
+
 fn transfer_msg(id: u64, services: &[&str], tunnel_src: &str) -> Request {
     Request::Transfer {
         id,

@@ -16,6 +16,7 @@
 pub mod faults;
 mod handback;
 mod handoff;
+mod kernel_log;
 mod link;
 mod liveness;
 mod origin;
@@ -430,6 +431,7 @@ impl Agent {
         }
         tokio::spawn(self.clone().load_loop());
         tokio::spawn(self.clone().load_events());
+        tokio::spawn(self.clone().kernel_log());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(self.clone().finish_unfinished());
         self.running.send_replace(true);

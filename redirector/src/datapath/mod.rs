@@ -12,6 +12,7 @@
 //! `links` (programs and their attachments).
 
 mod bpffs;
+mod kernel_log;
 mod links;
 mod listener;
 mod load;
@@ -39,11 +40,11 @@ use aya::{
 use redirector_common::{BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, PORT_SLOT_COUNT, PortData, maps};
 pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_name};
 
+pub use self::{kernel_log::KernelLog, load::LoadEvents, probe::ProbeError};
 use self::{
     links::{LINKS_DIR, LinkPin},
     slots::SlotTable,
 };
-pub use self::{load::LoadEvents, probe::ProbeError};
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
