@@ -91,6 +91,7 @@ impl Agent {
                 return 0;
             }
         }
+        let t_sent = t0.elapsed();
         let msg = Request::Transfer { id, services, tunnel_src, clients: last, sessions: sets };
         let answer = self.ask(name, msg, id, timeout.saturating_add(allowance)).await;
         let refused = match answer {
@@ -115,6 +116,7 @@ impl Agent {
             clients = n,
             sessions = n_sessions,
             export_ms = t_export.as_millis(),
+            sent_ms = t_sent.as_millis(),
             acked_ms = t_ack.as_millis(),
             steered_ms = t_steer.as_millis(),
             committed_ms = t0.elapsed().as_millis(),

@@ -339,20 +339,30 @@ impl Agent {
             Ok(p) => p,
             Err(why) => return abort(why),
         };
+        let t_check = Instant::now();
         let imports = match self.check_sessions(&plan, &clients, &sets, sessions).await {
             Ok(i) => i,
             Err(why) => return abort(why),
         };
         let mut imported_into: Vec<SocketAddr> = Vec::new();
+        let check_ms = t_check.elapsed().as_millis();
         for (local, s) in imports {
-            let n = s.len();
+            let (n, t_import) = (s.len(), Instant::now());
             imported_into.push(local);
             if let Err(e) = self.apps.import(local, &handoff, s.into_iter().map(Into::into).collect()).await {
                 // It may have taken some: it drops them (told until it confirms).
                 self.settle_imports(imported_into, handoff.clone(), false);
                 return abort(format!("import failed: {e:#}"));
             }
-            info!(origin = %from, id, service = %local, sessions = n, "sessions imported into the application (tentative until the origin commits)");
+            info!(
+                origin = %from,
+                id,
+                service = %local,
+                sessions = n,
+                check_ms,
+                import_ms = t_import.elapsed().as_millis(),
+                "sessions imported into the application (tentative until the origin commits)"
+            );
         }
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {

@@ -319,7 +319,7 @@ fn handoff(json: bool) {
     eprintln!("hand-over: starting agents A and B (default timeouts: they grow with the data)...");
     let c = redirector_tests::agents::Cluster::with_config(2, &[("a", 1_000_000, 900_000), ("b", 1_000_000, 900_000)], "");
     let mut results = Vec::new();
-    let mut printed = 0;
+    let (mut printed, mut printed_b) = (0, 0);
     // HANDOFF_CASE=NxKIB runs that one case once (for investigating).
     let only: Option<(usize, usize)> = std::env::var("HANDOFF_CASE").ok().and_then(|v| {
         let (n, k) = v.split_once('x')?;
@@ -331,8 +331,13 @@ fn handoff(json: bool) {
     };
     // Each case in both hook protocol versions, side by side: version 1 (base64 in JSON) is
     // the baseline of version 2 (raw bytes after the line).
-    let versions = [redirector_sdk::Version::V1, redirector_sdk::Version::V2];
-    for ((n, size, runs), version) in cases.iter().copied().flat_map(|c| versions.map(|v| (c, v))) {
+    // HANDOFF_VERSION=1 or 2 runs that version only (for investigating).
+    let versions: Vec<redirector_sdk::Version> = match std::env::var("HANDOFF_VERSION").as_deref() {
+        Ok("1") => vec![redirector_sdk::Version::V1],
+        Ok("2") => vec![redirector_sdk::Version::V2],
+        _ => vec![redirector_sdk::Version::V1, redirector_sdk::Version::V2],
+    };
+    for ((n, size, runs), version) in cases.iter().copied().flat_map(|c| versions.iter().map(move |v| (c, *v))) {
         let a_app = Arc::new(Synthetic { size, imported: 0.into() });
         let b_app = Arc::new(Synthetic { size, imported: 0.into() });
         let hook = |node: &str, service: Ipv4Addr, app: &Arc<Synthetic>| {
@@ -371,6 +376,14 @@ fn handoff(json: bool) {
             eprintln!("    {} {}", if l.contains("hand-back") { "back:" } else { "out: " }, phases.join(" "));
         }
         printed = lines.len();
+        // And the volunteer's part of each hand-over out: checking what arrived, importing it.
+        let log = c.log("b");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("sessions imported into the application")).collect();
+        for l in &lines[printed_b.min(lines.len())..] {
+            let phases: Vec<&str> = l.split_whitespace().filter(|w| w.contains("_ms=")).collect();
+            eprintln!("    B:   {}", phases.join(" "));
+        }
+        printed_b = lines.len();
         results.push((version.number(), n, size, median(ms), median(back)));
     }
     println!("Hand-over out (export -> transfer -> import -> rules installed -> commit) and back (export -> import -> rules withdrawn -> commit), agent's clock, median;");
