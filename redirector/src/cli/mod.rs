@@ -6,6 +6,7 @@ mod adopt;
 mod agent;
 mod ask;
 mod config;
+mod generate;
 mod instance;
 mod render;
 mod rule;
@@ -120,6 +121,18 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentSocket,
     },
+    /// Print the shell completion script for SHELL (docs/cli.md says where to put it).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, or write one page per command into --dir.
+    Man {
+        /// Folder to write redirector.1, redirector-rule.1, ... into (created if missing).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Runs one CLI command and prints what it reports.
@@ -130,6 +143,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli { global, command } = cli;
     let report = match command {
         Command::Agent(args) => return agent::execute(&args, &global),
+        Command::Completions { shell } => return generate::completions(shell),
+        Command::Man { dir } => return generate::man(dir.as_deref()),
         Command::Config(cmd) => cmd.execute()?,
         Command::Tls(cmd) => cmd.execute()?,
         Command::Status { agent } => ask::status(&agent)?,
