@@ -231,13 +231,20 @@ pub fn start_agent(config: &Path) -> Proc {
 /// as `<config>.prev.log`.
 #[must_use]
 pub fn start_agent_with(config: &Path, faults: Option<&str>) -> Proc {
+    let mut c = Command::new(redirector_bin());
+    c.args(["agent", "--config"]).arg(config);
+    spawn_agent(c, config, faults)
+}
+
+/// Starts agent command `c` of `config`, logging to `<config>.log` (a previous log is kept as
+/// `<config>.prev.log`).
+fn spawn_agent(mut c: Command, config: &Path, faults: Option<&str>) -> Proc {
     let log = config.with_extension("log");
     if log.exists() {
         let _ = fs::rename(&log, config.with_extension("prev.log"));
     }
     let file = fs::File::create(&log).expect("agent log");
-    let mut c = Command::new(redirector_bin());
-    c.args(["agent", "--config"]).arg(config).env("RUST_LOG", "info").env_remove(redirector::agent::faults::ENV);
+    c.env("RUST_LOG", "info").env_remove(redirector::agent::faults::ENV);
     if let Some(f) = faults {
         c.env(redirector::agent::faults::ENV, f);
     }
@@ -356,6 +363,32 @@ pub struct NodeOpts {
     pub hook_via: Option<String>,
     /// More arguments for its demo application.
     pub app_args: Vec<String>,
+    /// Start its agent as a service manager would (see [`Launch`]) instead of plainly.
+    pub launch: Option<Launch>,
+}
+
+/// How a service manager starts the agent: the arguments after the binary (`{config}` stands
+/// for the configuration's path) with only `capabilities` (names as `CAP_BPF`), as root, in
+/// the node's namespace entered beforehand (the configuration then has no `netns`: entering
+/// one takes a capability production does not need).
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub args: Vec<String>,
+    pub capabilities: Vec<String>,
+}
+
+impl Launch {
+    /// The command: `nsenter` into `netns`, then `setpriv` down to the capabilities, then the
+    /// binary (each replaces the one before: the child's pid is the agent's).
+    fn command(&self, netns: &str, config: &Path) -> Command {
+        let caps: Vec<String> = self.capabilities.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{netns}"))
+            .args(["setpriv", &format!("--bounding-set=-all,{}", caps.join(",")), "--inh-caps=-all", "--"])
+            .arg(redirector_bin())
+            .args(self.args.iter().map(|a| if a == "{config}" { config.as_os_str().to_owned() } else { a.into() }));
+        c
+    }
 }
 
 /// How to build a [`Cluster`].
@@ -380,6 +413,8 @@ pub struct Cluster {
     pub t: Topology,
     /// Every application's process, by node name (also in `apps`, in start order).
     pub app_of: HashMap<String, usize>,
+    /// Nodes whose agents are launched as a service manager would: their namespace and how.
+    launches: HashMap<String, (String, Launch)>,
 }
 
 impl Cluster {
@@ -467,12 +502,25 @@ impl Cluster {
             .collect();
         let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();
         let mut agents = std::collections::HashMap::new();
+        let mut launches = HashMap::new();
         for s in &specs {
             let cfg = agent_config(&t, &dir, s, &refs, extra);
-            agents.insert(s.name.to_string(), start_agent_with(&cfg, node_opts(s.name).faults.as_deref()));
+            let o = node_opts(s.name);
+            if let Some(l) = o.launch.clone() {
+                // Launched in its namespace already: no `netns` in its configuration.
+                let text = fs::read_to_string(&cfg).expect("agent config");
+                let text: String = text.lines().filter(|l| !l.starts_with("netns = ")).map(|l| format!("{l}\n")).collect();
+                fs::write(&cfg, text).expect("agent config");
+                launches.insert(s.name.to_string(), (s.host.ns.clone(), l));
+            }
+            let agent = match launches.get(s.name) {
+                Some((ns, l)) => spawn_agent(l.command(ns, &cfg), &cfg, o.faults.as_deref()),
+                None => start_agent_with(&cfg, o.faults.as_deref()),
+            };
+            agents.insert(s.name.to_string(), agent);
         }
         drop(specs);
-        let c = Self { agents, apps, dir, cgroups, t, app_of };
+        let c = Self { agents, apps, dir, cgroups, t, app_of, launches };
         if demo.is_some() {
             for n in names.iter().filter(|n| node_opts(n).hook_via.is_none()) {
                 // The agent answers first (within the budget of `status`: agents starting at
@@ -601,7 +649,12 @@ impl Cluster {
     /// Starts node `name`'s agent again (same configuration, `faults` if any) and waits for
     /// it to answer.
     pub fn start_again(&mut self, name: &str, faults: Option<&str>) {
-        self.agents.insert(name.to_string(), start_agent_with(&self.dir.join(format!("{name}.toml")), faults));
+        let cfg = self.dir.join(format!("{name}.toml"));
+        let agent = match self.launches.get(name) {
+            Some((ns, l)) => spawn_agent(l.command(ns, &cfg), &cfg, faults),
+            None => start_agent_with(&cfg, faults),
+        };
+        self.agents.insert(name.to_string(), agent);
         let _ = status(&self.sock(name));
     }
 
