@@ -490,6 +490,35 @@ pub struct Invalid {
 mod tests {
     use super::*;
 
+    /// The keys a table of docs/operations.md lists (the first column of the table under
+    /// `heading`).
+    fn documented(heading: &str) -> std::collections::BTreeSet<String> {
+        let doc = include_str!("../../docs/operations.md");
+        let start = doc.find(&format!("### {heading}")).unwrap_or_else(|| panic!("docs/operations.md has no section {heading}"));
+        let section = &doc[start + 4..];
+        let section = &section[..section.find("\n### ").unwrap_or(section.len())];
+        section.lines().filter_map(|l| l.strip_prefix("| `")).filter_map(|l| l.split('`').next()).map(str::to_string).collect()
+    }
+
+    /// The keys the parser accepts in the table that `probe` (with an unknown key) opens, as
+    /// its refusal lists them.
+    fn accepted(probe: &str) -> std::collections::BTreeSet<String> {
+        let e = toml::from_str::<Config>(probe).expect_err("an unknown key is refused").to_string();
+        let expected = e.split_once("expected").unwrap_or_else(|| panic!("the refusal lists the keys: {e}")).1;
+        expected.split('`').skip(1).step_by(2).map(str::to_string).filter(|k| !["tls", "sibling", "service"].contains(&k.as_str())).collect()
+    }
+
+    #[test]
+    fn the_operations_guide_lists_exactly_the_keys_the_parser_accepts() {
+        for (heading, probe) in
+            [("Top level", "zzz = 1\n"), ("`[tls]`", "[tls]\nzzz = 1\n"), ("`[[sibling]]`", "[[sibling]]\nzzz = 1\n"), ("`[[service]]`", "[[service]]\nzzz = 1\n")]
+        {
+            let (doc, parser) = (documented(heading), accepted(probe));
+            assert!(parser.len() >= 3, "{heading}: read the parser's keys: {parser:?}");
+            assert_eq!(doc, parser, "{heading}: docs/operations.md (left) and the parser (right) disagree");
+        }
+    }
+
     /// Every problem `c` has, as `config check` lists them (empty: valid).
     fn problems(c: &Config) -> Vec<String> {
         c.clone().validate().err().map(|e| e.problems).unwrap_or_default()
