@@ -31,6 +31,7 @@ use super::{
     handoff::{Busy, check_received, names, sample, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
+    state::Returned,
     volunteer::QUERY_AFTER,
 };
 use crate::{
@@ -41,14 +42,6 @@ use crate::{
 
 /// Clients by the node they are with.
 type ByNode = HashMap<String, Vec<IpAddr>>;
-
-/// What arrived of a hand-back's answer before its `Returning`.
-#[derive(Default)]
-pub(super) struct Returned {
-    pub sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
-    /// When the volunteer was last heard on it: a long export keeps the wait alive.
-    pub last: Option<Instant>,
-}
 
 /// How long a volunteer whose clients an origin took back waits for that origin's Commit,
 /// which may arrive after its answer. Past it, they count as still here.
@@ -62,7 +55,7 @@ impl Agent {
     pub(super) async fn take_home(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, why: &str, urgent: bool) -> usize {
         let picked: Vec<IpAddr> = {
             let mut st = self.state();
-            let mut c: Vec<IpAddr> = clients.into_iter().filter(|c| st.migrated.get(c).is_some_and(|m| m.to == name) && !st.busy.contains(c)).collect();
+            let mut c: Vec<IpAddr> = clients.into_iter().filter(|c| st.moved.clients.get(c).is_some_and(|m| m.to == name) && !st.busy.contains(c)).collect();
             c.sort_unstable();
             c.dedup();
             st.busy.extend(c.iter().copied());
@@ -76,7 +69,7 @@ impl Agent {
             Duration::ZERO
         } else {
             let st = self.state();
-            picked.iter().filter_map(|c| st.moved_at.get(c)).map(|t| super::MOVE_DWELL.saturating_sub(t.elapsed())).max().unwrap_or_default()
+            picked.iter().filter_map(|c| st.moved.last_move.get(c)).map(|t| super::MOVE_DWELL.saturating_sub(t.elapsed())).max().unwrap_or_default()
         };
         if !wait.is_zero() {
             info!(sibling = %name, clients = picked.len(), wait_ms = wait.as_millis(), "some of these clients moved a moment ago: their waiting requests are answered first");
@@ -144,7 +137,7 @@ impl Agent {
             committed_ms = t0.elapsed().as_millis(),
             "hand-back committed: the clients come home with their sessions"
         );
-        self.state().last_home_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+        self.state().moved.last_home_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
         clients.len()
     }
 
@@ -154,9 +147,9 @@ impl Agent {
     /// volunteer's answer came; an error says why the hand-back aborts.
     async fn receive_back(&self, name: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: &[IpAddr], t0: Instant) -> Result<(usize, Duration), String> {
         let key = (NodeName::from(name), id);
-        self.state().returning.insert(key.clone(), Returned { last: Some(t0), ..Returned::default() });
+        self.state().moved.returning.insert(key.clone(), Returned { last: Some(t0), ..Returned::default() });
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
-        let got = self.state().returning.remove(&key).unwrap_or_default();
+        let got = self.state().moved.returning.remove(&key).unwrap_or_default();
         let (back, sets) = match answer {
             Ok(Answer::Returning { clients, sessions, .. }) => (clients, sessions),
             Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
@@ -194,11 +187,11 @@ impl Agent {
         let ask = self.ask(name, msg, id, Duration::from_hours(24));
         tokio::pin!(ask);
         loop {
-            let last = self.state().returning.get(&key).and_then(|r| r.last).unwrap_or_else(Instant::now);
+            let last = self.state().moved.returning.get(&key).and_then(|r| r.last).unwrap_or_else(Instant::now);
             tokio::select! {
                 r = &mut ask => return r,
                 () = tokio::time::sleep_until((last + idle).into()) => {
-                    let now_last = self.state().returning.get(&key).and_then(|r| r.last);
+                    let now_last = self.state().moved.returning.get(&key).and_then(|r| r.last);
                     if now_last == Some(last) {
                         return Err(anyhow!("{name} sent nothing for {} ms", idle.as_millis()));
                     }
@@ -216,9 +209,9 @@ impl Agent {
         {
             let st = self.state();
             for c in clients {
-                if let Some(m) = st.migrated.get(&c) {
+                if let Some(m) = st.moved.clients.get(&c) {
                     home.entry(m.to.clone()).or_default().push(c);
-                } else if let Some(a) = st.adopted.get(&c) {
+                } else if let Some(a) = st.volunteer.adopted.get(&c) {
                     back.entry(a.from.clone()).or_default().push(c);
                 } else {
                     neither.push(c);
@@ -240,13 +233,13 @@ impl Agent {
         })
         .await;
         let st = self.state();
-        Ok(came.into_iter().sum::<usize>() + returning.iter().filter(|c| !st.adopted.contains_key(c)).count())
+        Ok(came.into_iter().sum::<usize>() + returning.iter().filter(|c| !st.volunteer.adopted.contains_key(c)).count())
     }
 
     /// Origin: a `Sessions` frame answering hand-back `id` of `name`.
     pub(super) fn returned_sessions(&self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>) {
         let mut st = self.state();
-        if let Some(r) = st.returning.get_mut(&(NodeName::from(name), id)) {
+        if let Some(r) = st.moved.returning.get_mut(&(NodeName::from(name), id)) {
             r.last = Some(Instant::now());
             if !sessions.is_empty() {
                 r.sessions.entry(service).or_default().extend(sessions);
@@ -324,7 +317,7 @@ impl Agent {
         }
         let mut busy = {
             let mut st = self.state();
-            if let Some(c) = clients.iter().find(|c| st.migrated.contains_key(c)) {
+            if let Some(c) = clients.iter().find(|c| st.moved.clients.contains_key(c)) {
                 return Err(format!("{c} is a client this node moved out itself"));
             }
             if let Some(c) = clients.iter().find(|c| st.busy.contains(c)) {
@@ -390,7 +383,7 @@ impl Agent {
         {
             let now = Instant::now();
             let mut st = self.state();
-            st.acked.insert(
+            st.volunteer.acked.insert(
                 (NodeName::from(from), id),
                 Acked {
                     apps,

@@ -208,7 +208,7 @@ impl Agent {
             let now = Instant::now();
             let mut st = self.state();
             for c in &rec.clients {
-                st.moved_at.insert(*c, now);
+                st.moved.last_move.insert(*c, now);
             }
         }
         let handoff = HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string();

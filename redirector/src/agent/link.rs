@@ -70,7 +70,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.agent.state().pending.remove(&self.key);
+        self.agent.state().links.pending.remove(&self.key);
     }
 }
 
@@ -84,7 +84,7 @@ impl Agent {
     /// Records a heartbeat from `name` (on either connection) and the load it says.
     pub(super) fn heartbeat(&self, name: &str, load: u64) {
         let mut st = self.state();
-        let s = st.siblings.entry(NodeName::from(name)).or_default();
+        let s = st.links.siblings.entry(NodeName::from(name)).or_default();
         s.load = load;
         s.last_heartbeat = Some(Instant::now());
     }
@@ -92,10 +92,10 @@ impl Agent {
     /// Records that `name` was heard from (any frame, on either connection).
     pub(super) fn heard(&self, name: &str) {
         let mut st = self.state();
-        if let Some(s) = st.siblings.get_mut(name) {
+        if let Some(s) = st.links.siblings.get_mut(name) {
             s.last_seen = Some(Instant::now());
         }
-        if st.unreachable_agents.remove(name) {
+        if st.links.unreachable.remove(name) {
             info!(sibling = %name, "the sibling's agent is back");
         }
     }
@@ -207,12 +207,12 @@ impl Agent {
             let end = self.clone().connect_once(&connector, &name, addr).await;
             {
                 let mut st = self.state();
-                if let Some(s) = st.siblings.get_mut(name.as_str()) {
+                if let Some(s) = st.links.siblings.get_mut(name.as_str()) {
                     s.out = None;
                 }
                 // Requests waiting for an answer on this link will not get one: fail them now.
-                st.pending.retain(|(n, _), _| n.as_str() != name);
-                if st.closing {
+                st.links.pending.retain(|(n, _), _| n.as_str() != name);
+                if st.links.closing {
                     return;
                 }
             }
@@ -277,7 +277,7 @@ impl Agent {
         let (_ended, ended) = oneshot::channel::<()>();
         let unreleased = {
             let mut st = self.state();
-            let s = st.siblings.entry(NodeName::from(name)).or_default();
+            let s = st.links.siblings.entry(NodeName::from(name)).or_default();
             s.out = Some(tx);
             s.ended = Some(ended);
             s.last_seen = Some(Instant::now());
@@ -344,7 +344,7 @@ impl Agent {
         if let Answer::Sessions { id, service, sessions } = answer {
             return self.returned_sessions(name, id, service, sessions);
         }
-        if let Some(tx) = self.state().pending.remove(&(NodeName::from(name), answer.id())) {
+        if let Some(tx) = self.state().links.pending.remove(&(NodeName::from(name), answer.id())) {
             let _ = tx.send(answer);
         }
     }
@@ -356,8 +356,8 @@ impl Agent {
         let key = (NodeName::from(name), id);
         let out = {
             let mut st = self.state();
-            st.pending.insert(key.clone(), tx);
-            st.siblings.get(name).and_then(|s| s.out.clone())
+            st.links.pending.insert(key.clone(), tx);
+            st.links.siblings.get(name).and_then(|s| s.out.clone())
         };
         let _guard = PendingGuard { agent: self, key };
         let out = out.ok_or_else(|| anyhow!("no link to {name}"))?;
@@ -371,7 +371,7 @@ impl Agent {
 
     /// Queues `msg` for `name` on its link, within the send deadline.
     pub(super) async fn send_to(&self, name: &str, msg: Request) -> anyhow::Result<()> {
-        let out = self.state().siblings.get(name).and_then(|s| s.out.clone()).ok_or_else(|| anyhow!("no link to {name}"))?;
+        let out = self.state().links.siblings.get(name).and_then(|s| s.out.clone()).ok_or_else(|| anyhow!("no link to {name}"))?;
         out.send_timeout(msg, self.send_deadline()).await.map_err(|e| match e {
             mpsc::error::SendTimeoutError::Timeout(_) => anyhow!("the link to {name} is stuck"),
             mpsc::error::SendTimeoutError::Closed(_) => anyhow!("link to {name} closed"),
@@ -383,8 +383,8 @@ impl Agent {
     pub(super) async fn close_links(&self, limit: Duration) {
         let ended: Vec<oneshot::Receiver<()>> = {
             let mut st = self.state();
-            st.closing = true;
-            st.siblings.values_mut().filter_map(|s| s.out.take().and(s.ended.take())).collect()
+            st.links.closing = true;
+            st.links.siblings.values_mut().filter_map(|s| s.out.take().and(s.ended.take())).collect()
         };
         let n = ended.len();
         if tokio::time::timeout(limit, futures::future::join_all(ended)).await.is_err() {
@@ -423,7 +423,7 @@ impl Agent {
         }
         if !undelivered.is_empty() {
             debug!(sibling = %name, clients = undelivered.len(), "release deferred until the link is up");
-            if let Some(s) = self.state().siblings.get_mut(name) {
+            if let Some(s) = self.state().links.siblings.get_mut(name) {
                 s.owe_release(undelivered);
             }
         }

@@ -185,7 +185,7 @@ impl Agent {
             Ok(())
         })
         .await??;
-        self.state().rules_installed_ns = Some(crate::datapath::monotonic_ns());
+        self.state().rounds.rules_installed_ns = Some(crate::datapath::monotonic_ns());
         if clients.len() > NAMED {
             info!(to = %name, clients = clients.len(), "clients moved");
         }
@@ -198,7 +198,7 @@ impl Agent {
                     info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
                 }
                 let m = MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now };
-                if let Some(old) = st.migrated.insert(c.addr, m).filter(|old| old.to != name) {
+                if let Some(old) = st.moved.clients.insert(c.addr, m).filter(|old| old.to != name) {
                     before.entry(old.to).or_default().push(c.addr);
                 }
             }

@@ -187,16 +187,16 @@ impl Agent {
             (Dir::Out, Verdict::Committed) => {
                 let now = std::time::Instant::now();
                 for c in &rec.clients {
-                    st.migrated.entry(*c).or_insert_with(|| MigratedOut { client: *c, to: rec.volunteer.clone(), since_unix: unix_now(), connections: 0, recorded: now });
+                    st.moved.clients.entry(*c).or_insert_with(|| MigratedOut { client: *c, to: rec.volunteer.clone(), since_unix: unix_now(), connections: 0, recorded: now });
                 }
             }
             (Dir::Back, Verdict::Committed) => {
                 for c in &rec.clients {
-                    if st.migrated.get(c).is_some_and(|m| m.to == rec.volunteer) {
-                        st.migrated.remove(c);
+                    if st.moved.clients.get(c).is_some_and(|m| m.to == rec.volunteer) {
+                        st.moved.clients.remove(c);
                     }
                 }
-                st.handed_back += u64::try_from(rec.clients.len()).unwrap_or(u64::MAX);
+                st.moved.handed_back += u64::try_from(rec.clients.len()).unwrap_or(u64::MAX);
             }
             _ => {}
         }
@@ -287,10 +287,10 @@ impl Agent {
         }
         let key = (NodeName::from(origin), id);
         let mut st = self.state();
-        if st.importing.contains(&key) {
+        if st.volunteer.importing.contains(&key) {
             return;
         }
-        if let Some(a) = st.acked.get_mut(&key) {
+        if let Some(a) = st.volunteer.acked.get_mut(&key) {
             if !a.apps.contains(&service) {
                 a.apps.push(service);
             }
@@ -301,7 +301,7 @@ impl Agent {
             st.busy.extend(p.clients.iter().copied());
         }
         let now = std::time::Instant::now();
-        st.acked.insert(
+        st.volunteer.acked.insert(
             key,
             Acked {
                 apps: vec![service],

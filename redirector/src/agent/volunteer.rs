@@ -63,15 +63,15 @@ impl Agent {
             Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
             Request::Transfer { id, services, tunnel_src, clients, sessions } => {
                 self.receive(from, id, None, Vec::new(), clients);
-                let incoming = self.state().incoming.remove(&(NodeName::from(from), id)).unwrap_or_default();
+                let incoming = self.state().volunteer.incoming.remove(&(NodeName::from(from), id)).unwrap_or_default();
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
                     return answer(Answer::Abort { id, reason: "too many transfers in progress from this sibling; ask again".into() }).await;
                 };
                 let (me, from, reply) = (self.clone(), NodeName::from(from), reply.clone());
-                me.state().importing.insert((from.clone(), id));
+                me.state().volunteer.importing.insert((from.clone(), id));
                 tokio::spawn(async move {
                     let a = me.clone().accept_transfer(&from, id, services, tunnel_src, sessions, incoming).await;
-                    me.state().importing.remove(&(from.clone(), id));
+                    me.state().volunteer.importing.remove(&(from.clone(), id));
                     drop(permit);
                     if reply.send_timeout(a, me.send_deadline()).await.is_err() {
                         warn!(origin = %from, id, "could not answer the transfer: the link is gone or stuck");
@@ -109,10 +109,10 @@ impl Agent {
             Request::GiveBack { id, clients } => self.given_back(from, id, clients, reply),
             Request::Release { clients } => {
                 let mut st = self.state();
-                let before = st.adopted.len();
+                let before = st.volunteer.adopted.len();
                 let gone: std::collections::HashSet<IpAddr> = clients.into_iter().collect();
-                st.adopted.retain(|c, a| !(a.from == from && gone.contains(c)));
-                info!(origin = %from, clients = before - st.adopted.len(), "origin took clients back: their room is free again");
+                st.volunteer.adopted.retain(|c, a| !(a.from == from && gone.contains(c)));
+                info!(origin = %from, clients = before - st.volunteer.adopted.len(), "origin took clients back: their room is free again");
             }
         }
         Ok(())
@@ -125,12 +125,12 @@ impl Agent {
         let acked = {
             let mut st = self.state();
             let key = (NodeName::from(from), id);
-            let acked = st.acked.remove(&key);
+            let acked = st.volunteer.acked.remove(&key);
             if acked.as_ref().is_none_or(|a| a.role == Role::Import) {
-                st.take_reservation(from, id);
-                st.incoming.remove(&key);
+                st.volunteer.take_reservation(from, id);
+                st.volunteer.incoming.remove(&key);
                 // Clients of this transfer were not steered after all.
-                st.adopted.retain(|_, a| !(a.from == from && a.id == id));
+                st.volunteer.adopted.retain(|_, a| !(a.from == from && a.id == id));
             }
             acked
         };
@@ -147,18 +147,18 @@ impl Agent {
     /// A hand-back: the clients live at their origin now; the applications drop their
     /// sessions (and close their connections) and their room here is free.
     fn commit_acked(self: &Arc<Self>, from: &str, id: u64) {
-        let acked = self.state().acked.remove(&(NodeName::from(from), id));
+        let acked = self.state().volunteer.acked.remove(&(NodeName::from(from), id));
         match acked {
             Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, true),
             Some(a) => {
                 {
                     let mut st = self.state();
                     let home: HashSet<IpAddr> = a.clients.iter().copied().collect();
-                    let before = st.adopted.len();
-                    st.adopted.retain(|c, x| !(x.from == from && home.contains(c)));
+                    let before = st.volunteer.adopted.len();
+                    st.volunteer.adopted.retain(|c, x| !(x.from == from && home.contains(c)));
                     // Their connections here still end here.
-                    st.returned.extend(home);
-                    info!(origin = %from, clients = before - st.adopted.len(), "clients given back: their room is free again");
+                    st.volunteer.returned.extend(home);
+                    info!(origin = %from, clients = before - st.volunteer.adopted.len(), "clients given back: their room is free again");
                 }
                 self.settle_apps_back(a.apps, a.handoff, a.clients, true);
             }
@@ -180,7 +180,9 @@ impl Agent {
     /// Asks the origin of acknowledged transfer (`origin`, `id`) how it ended; acts on a
     /// definite answer, or asks again later.
     async fn ask_outcome(self: Arc<Self>, origin: NodeName, id: u64) {
-        let Some((sample, handoff, back)) = self.state().acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone(), a.role == Role::Export)) else { return };
+        let Some((sample, handoff, back)) = self.state().volunteer.acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone(), a.role == Role::Export)) else {
+            return;
+        };
         let req = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms.max(1000));
         let verdict = match self.ask(&origin, Request::Outcome { id: req, handoff: id, back, clients: sample }, req, timeout).await {
@@ -203,7 +205,7 @@ impl Agent {
             }
             other => {
                 let mut st = self.state();
-                if let Some(a) = st.acked.get_mut(&(origin.clone(), id)) {
+                if let Some(a) = st.volunteer.acked.get_mut(&(origin.clone(), id)) {
                     a.querying = false;
                     a.next_query = Instant::now() + a.backoff;
                     a.backoff = (a.backoff * 2).min(QUERY_MAX);
@@ -225,16 +227,16 @@ impl Agent {
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let max_blob = self.cfg.max_session_bytes;
         let mut st = self.state();
-        let cap = st.live_reservation(from, id, now).map_or(0, |r| {
+        let cap = st.volunteer.live_reservation(from, id, now).map_or(0, |r| {
             r.until = r.until.max(now + lease);
             r.capacity
         });
-        if cap == 0 && !st.incoming.contains_key(&(NodeName::from(from), id)) {
+        if cap == 0 && !st.volunteer.incoming.contains_key(&(NodeName::from(from), id)) {
             // Nothing to keep: the Transfer will be refused for want of a reservation.
             warn!(origin = %from, id, "ignoring sessions or clients of a transfer with no reservation (lease expired?)");
             return;
         }
-        let held = st.incoming.entry((NodeName::from(from), id)).or_default();
+        let held = st.volunteer.incoming.entry((NodeName::from(from), id)).or_default();
         held.last = Some(now);
         if held.refused.is_some() {
             return;
@@ -275,7 +277,7 @@ impl Agent {
         let families: BTreeSet<bool> = clients.iter().map(|c| c.addr.is_ipv4()).collect();
         {
             let st = self.state();
-            let ours: Vec<String> = clients.iter().filter(|c| st.migrated.contains_key(&c.addr)).map(|c| c.addr.to_string()).collect();
+            let ours: Vec<String> = clients.iter().filter(|c| st.moved.clients.contains_key(&c.addr)).map(|c| c.addr.to_string()).collect();
             if !ours.is_empty() {
                 return Err(format!("this node moved some of these clients out itself ({}): a client is never both", ours.join(", ")));
             }
@@ -304,7 +306,7 @@ impl Agent {
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
             // The room it reserved is free again.
-            self.state().take_reservation(from, id);
+            self.state().volunteer.take_reservation(from, id);
             Answer::Abort { id, reason }
         };
         let Some(origin) = self.cfg.sibling(from).cloned() else {
@@ -321,7 +323,7 @@ impl Agent {
             let now = Instant::now();
             let hold = now + allowance + Duration::from_mins(1);
             // The state's lock is let go before `abort`, which takes it again.
-            self.state().live_reservation(from, id, now).map(|r| {
+            self.state().volunteer.live_reservation(from, id, now).map(|r| {
                 r.until = hold;
                 r.capacity
             })
@@ -380,12 +382,12 @@ impl Agent {
         // Abort that came during the import took the reservation: then nothing is recorded.
         let recorded = adopted.as_ref().is_ok_and(|()| {
             let mut st = self.state();
-            if !st.take_reservation(from, id) {
+            if !st.volunteer.take_reservation(from, id) {
                 return false;
             }
             let now = Instant::now();
             for c in &clients {
-                st.adopted.insert(
+                st.volunteer.adopted.insert(
                     c.addr,
                     AdoptedIn {
                         client: c.addr,
@@ -400,7 +402,7 @@ impl Agent {
                 );
             }
             let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
-            st.acked.insert(
+            st.volunteer.acked.insert(
                 (NodeName::from(from), id),
                 Acked {
                     apps: imported_into.clone(),
@@ -462,14 +464,14 @@ impl Agent {
         let now = Instant::now();
         let high = self.cfg.high_watermark;
         let mut st = self.state();
-        st.reservations.retain(|r| r.until > now);
-        let reserved = st.reservations.iter().fold(0u64, |s, r| s.saturating_add(r.capacity));
-        let promised = policy::promised(st.adopted.values().map(|a| (a.promised, a.connections)));
+        st.volunteer.reservations.retain(|r| r.until > now);
+        let reserved = st.volunteer.reservations.iter().fold(0u64, |s, r| s.saturating_add(r.capacity));
+        let promised = policy::promised(st.volunteer.adopted.values().map(|a| (a.promised, a.connections)));
         let load = st.load.total;
         let room = policy::room(high, load, reserved, promised);
         let why_not = if st.leaving {
             Some("stopping".to_string())
-        } else if st.negotiating {
+        } else if st.rounds.negotiating {
             Some("shedding itself".to_string())
         } else if load > high {
             Some(format!("over its own high watermark (load {load}, high {high})"))
@@ -485,7 +487,7 @@ impl Agent {
             return Answer::Decline { id, reason };
         }
         let capacity = room.min(connections);
-        st.reservations.push(Reservation { origin: from.to_string(), id, capacity, until: now + Duration::from_millis(self.cfg.lease_ms) });
+        st.volunteer.reservations.push(Reservation { origin: from.to_string(), id, capacity, until: now + Duration::from_millis(self.cfg.lease_ms) });
         info!(origin = %from, id, capacity, asked = connections, clients, load, reserved, promised, "offering help");
         Answer::Offer { id, capacity, lease_ms: self.cfg.lease_ms }
     }
@@ -499,17 +501,17 @@ impl Agent {
         let idle = Duration::from_secs(self.cfg.adopted_expiry_secs);
         let ask: Vec<(NodeName, u64)> = {
             let mut st = self.state();
-            st.reservations.retain(|r| r.until > now);
-            st.moved_at.retain(|_, t| now.duration_since(*t) < super::MOVE_DWELL);
-            st.incoming.retain(|(from, id), i| {
+            st.volunteer.reservations.retain(|r| r.until > now);
+            st.moved.last_move.retain(|_, t| now.duration_since(*t) < super::MOVE_DWELL);
+            st.volunteer.incoming.retain(|(from, id), i| {
                 let keep = i.last.is_some_and(|t| now.duration_since(t) < expiry);
                 if !keep {
                     warn!(origin = %from, id, "dropping a transfer's sessions and clients: its Transfer never came");
                 }
                 keep
             });
-            let acked: HashSet<(NodeName, u64)> = st.acked.keys().cloned().collect();
-            st.adopted.retain(|c, a| {
+            let acked: HashSet<(NodeName, u64)> = st.volunteer.acked.keys().cloned().collect();
+            st.volunteer.adopted.retain(|c, a| {
                 let keep = acked.contains(&(NodeName::from(a.from.as_str()), a.id)) || now.duration_since(a.last_seen) < idle;
                 if !keep {
                     info!(client = %c, origin = %a.from, "forgetting an adopted client: never released by its origin and no connection here for {} s", idle.as_secs());
@@ -517,7 +519,8 @@ impl Agent {
                 keep
             });
             // A lost Commit or Abort (or a restart here): the origin knows, from its rules.
-            st.acked
+            st.volunteer
+                .acked
                 .iter_mut()
                 .filter(|(_, a)| !a.querying && a.next_query <= now)
                 .map(|(k, a)| {
