@@ -15,10 +15,7 @@ use std::{
 use tracing::{debug, info, warn};
 
 use super::{Agent, MigratedOut, classify_rules, flat, host_prefix};
-use crate::{
-    datapath::{Datapath, Prefix},
-    peer::NodeName,
-};
+use crate::datapath::{Datapath, Prefix};
 
 impl Agent {
     pub(super) async fn liveness_loop(self: Arc<Self>) {
@@ -108,7 +105,7 @@ impl Agent {
             .siblings
             .iter()
             .filter_map(|s| {
-                let since = st.links.siblings.get(s.name.as_str()).and_then(|x| x.last_seen).unwrap_or(self.started);
+                let since = st.links.last_seen(&s.name).unwrap_or(self.started);
                 let silent = since.elapsed();
                 if silent < live {
                     return None;
@@ -121,13 +118,13 @@ impl Agent {
 
     fn suspect_silent(self: &Arc<Self>) {
         for (name, clients, silent) in self.silent_siblings() {
-            if !self.state().links.suspected.insert(name.clone()) {
+            if !self.state().links.suspect(&name) {
                 continue;
             }
             let me = self.clone();
             tokio::spawn(async move {
                 me.suspect(&name, clients, silent).await;
-                me.state().links.suspected.remove(&name);
+                me.state().links.unsuspect(&name);
             });
         }
     }
@@ -140,7 +137,7 @@ impl Agent {
     /// rules drained: the clients come home without their sessions (counted as lost).
     async fn suspect(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, silent: Duration) {
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        let linked = self.state().links.siblings.get(name).is_some_and(|s| s.out.is_some());
+        let linked = self.state().links.linked(name);
         if linked {
             warn!(sibling = %name, clients = clients.len(), silent_ms = silent.as_millis(), "sibling silent past the liveness timeout: suspected; taking its clients home with their sessions");
             self.take_home(name, clients, "suspected: silent past the liveness timeout", true).await;
@@ -148,7 +145,7 @@ impl Agent {
         let (left, heard): (Vec<IpAddr>, bool) = {
             let st = self.state();
             let left = st.moved.clients.values().filter(|m| m.to == name && !st.busy.contains(&m.client)).map(|m| m.client).collect();
-            let heard = st.links.siblings.get(name).and_then(|s| s.last_seen).is_some_and(|t| t.elapsed() < live);
+            let heard = st.links.last_seen(name).is_some_and(|t| t.elapsed() < live);
             (left, heard)
         };
         if left.is_empty() {
@@ -173,7 +170,7 @@ impl Agent {
         let timeout = Duration::from_millis((self.cfg.liveness_ms / 3).clamp(200, 1000));
         let probed = flat(self.with_dp(move |dp| targets.iter().try_for_each(|t| dp.probe_target(*t, timeout))).await);
         if probed.is_ok() {
-            if self.state().links.unreachable.insert(name.to_string()) {
+            if self.state().links.agent_unreachable(name) {
                 warn!(sibling = %name, clients = left.len(), silent_ms = silent.as_millis(), "sibling's agent unreachable, but its datapath serves its clients: they stay on it with their sessions until it is back");
             }
             return;
@@ -204,19 +201,14 @@ impl Agent {
         }
         st.moved.sessions_lost += lost;
         warn!(sibling = %name, sessions_lost = lost, total_lost = st.moved.sessions_lost, "sessions lost: their clients came home from an unreachable sibling and start new sessions here");
-        if let Some(s) = st.links.siblings.get_mut(name) {
-            s.owe_release(left);
-        }
+        st.links.owe_release(name, left);
     }
 
     /// Releases owed to siblings that are heard again on a link that never went down (a
     /// link that does go down releases them first thing when it is up again).
     async fn flush_unreleased(self: &Arc<Self>) {
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        let owed: Vec<(NodeName, Vec<IpAddr>)> = {
-            let mut st = self.state();
-            st.links.siblings.iter_mut().filter(|(_, s)| !s.unreleased.is_empty() && s.reachable(live)).map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased))).collect()
-        };
+        let owed = self.state().links.take_owed(live);
         for (name, clients) in owed {
             info!(sibling = %name, clients = clients.len(), "sibling heard again: releasing the clients taken back meanwhile");
             self.release(&name, clients).await;

@@ -49,7 +49,7 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-use self::state::{Acked, AdoptedIn, Incoming, MigratedOut, Reservation, SiblingState, State};
+use self::state::{Acked, AdoptedIn, Incoming, Links, MigratedOut, Reservation, State};
 use crate::{
     admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration},
@@ -151,9 +151,8 @@ impl Agent {
         let replaced = dp.upgrade().context("putting this version's programs in place")?;
         info!(programs = replaced, "this version's programs attached (atomically, pinned maps kept)");
         let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
-        let mut state = State::default();
+        let mut state = State { links: Links::new(cfg.siblings.iter().map(|s| s.name.as_str().into())), ..State::default() };
         for s in &cfg.siblings {
-            state.links.siblings.insert(s.name.as_str().into(), SiblingState::default());
             for svc in &cfg.services {
                 if s.control_address(svc.address.ip()).is_none() {
                     warn!(sibling = %s.name, service = %svc.address, "{} clients never move to this sibling: it has no {} control address (dual_stack_address)", family_name(svc.address.is_ipv4()), family_name(svc.address.is_ipv4()));

@@ -198,7 +198,7 @@ impl Agent {
     fn live_siblings(&self) -> Vec<String> {
         let st = self.state();
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        self.cfg.siblings.iter().filter(|s| st.links.siblings.get(s.name.as_str()).is_some_and(|x| x.reachable(live))).map(|s| s.name.clone()).collect()
+        self.cfg.siblings.iter().filter(|s| st.links.reachable(&s.name, live)).map(|s| s.name.clone()).collect()
     }
 
     /// Sheds load: clients adopted from siblings are given back to their origins first (this

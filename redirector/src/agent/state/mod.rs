@@ -12,7 +12,7 @@ mod volunteer;
 use std::{collections::HashSet, net::IpAddr};
 
 pub use self::{
-    links::{Links, SiblingState},
+    links::Links,
     moved::{MigratedOut, Moved, Returned},
     rounds::Rounds,
     volunteer::{Acked, AdoptedIn, Incoming, Reservation, Volunteer},
