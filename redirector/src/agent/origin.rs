@@ -17,6 +17,7 @@ use super::{
     Agent, flat,
     handoff::{Busy, names},
     pick_clients, policy,
+    state::Seen,
 };
 use crate::{
     datapath::{Datapath, Load},
@@ -46,7 +47,7 @@ impl Agent {
             ready.clear_ready();
             if let Some(ev) = last {
                 debug!(total = ev.total, "the kernel reports the load over the armed watermark");
-                self.state().rounds.crossing_ns = Some(ev.at_ns);
+                self.state().rounds.crossed(ev.at_ns);
                 self.load_wake.notify_one();
             }
         }
@@ -87,20 +88,11 @@ impl Agent {
                 let staying: u64 = load.clients.iter().filter(|(a, _)| st.moved.clients.contains_key(a) || st.volunteer.returned.contains(a)).map(|c| c.1).sum();
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();
-                if projected <= self.cfg.low_watermark {
-                    st.rounds.shed_until = None;
-                    st.rounds.low_since.get_or_insert(now);
-                } else {
-                    st.rounds.low_since = None;
-                }
-                let over = projected > self.cfg.high_watermark;
-                let continuing = projected > self.cfg.low_watermark && st.rounds.shed_until.is_some_and(|t| now < t);
-                let waiting = st.rounds.backoff_until.is_some_and(|t| now < t);
-                let start = !st.leaving && !st.rounds.negotiating && !waiting && (over || continuing);
+                let leaving = st.leaving;
+                let Seen { start, over } = st.rounds.see(projected, self.cfg.low_watermark, self.cfg.high_watermark, leaving, now);
                 // Under low for long enough: clients come home, as many as keep it under low.
                 let home_after = Duration::from_secs(self.cfg.home_after_secs);
-                if !start && !st.leaving && !home_after.is_zero() && st.rounds.low_since.is_some_and(|t| now.duration_since(t) >= home_after) && !st.moved.clients.is_empty() {
-                    st.rounds.low_since = Some(now);
+                if !start && !leaving && !st.moved.clients.is_empty() && st.rounds.home_due(home_after, now) {
                     let moved: Vec<(IpAddr, u64)> = st.moved.clients.values().filter(|m| !st.busy.contains(&m.client)).map(|m| (m.client, m.connections)).collect();
                     let home = policy::pick_home(&moved, projected, self.cfg.low_watermark);
                     if !home.is_empty() {
@@ -124,13 +116,7 @@ impl Agent {
                     }
                 }
                 // The crossing a round starts from: the kernel's report, or now.
-                let crossing = if start {
-                    st.rounds.negotiating = true;
-                    let now_ns = crate::datapath::monotonic_ns();
-                    Some(st.rounds.crossing_ns.take().filter(|c| now_ns.saturating_sub(*c) < 1_000_000_000).unwrap_or(now_ns))
-                } else {
-                    None
-                };
+                let crossing = start.then(|| st.rounds.begin(crate::datapath::monotonic_ns()));
                 // Armed at the total where the load this node can shed passes high.
                 let at = self.cfg.high_watermark.saturating_add(staying);
                 let arm = (!st.rounds.negotiating && armed != Some(at)).then_some(at);
@@ -158,14 +144,9 @@ impl Agent {
         let moved = match self.clone().shed(&load, projected).await {
             Ok(n) => {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                let mut st = self.state();
                 // Threshold crossing (the kernel's clock) to the round's rules installed.
-                #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a round")]
-                let steered_ms = st.rounds.rules_installed_ns.map(|r| r.saturating_sub(crossing_ns) as f64 / 1e6);
+                let steered_ms = self.state().rounds.shed(n, crossing_ns);
                 info!(moved = n, round_ms = format!("{ms:.1}"), crossing_to_rules_ms = steered_ms.map(|m| format!("{m:.1}")), "shedding done");
-                if n > 0 {
-                    st.rounds.last_shed_ms = steered_ms;
-                }
                 n
             }
             Err(e) => {
@@ -189,10 +170,7 @@ impl Agent {
         if let Some(w) = wait {
             info!(next_in_ms = w.as_millis(), "shedding round {reason}; backing off");
         }
-        let mut st = self.state();
-        st.rounds.negotiating = false;
-        st.rounds.shed_until = Some(Instant::now() + Duration::from_secs(2));
-        st.rounds.backoff_until = wait.map(|w| Instant::now() + w);
+        self.state().rounds.end(wait, Instant::now());
     }
 
     fn live_siblings(&self) -> Vec<String> {

@@ -185,7 +185,7 @@ impl Agent {
             Ok(())
         })
         .await??;
-        self.state().rounds.rules_installed_ns = Some(crate::datapath::monotonic_ns());
+        self.state().rounds.rules_installed(crate::datapath::monotonic_ns());
         if clients.len() > NAMED {
             info!(to = %name, clients = clients.len(), "clients moved");
         }

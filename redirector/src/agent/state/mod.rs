@@ -14,7 +14,7 @@ use std::{collections::HashSet, net::IpAddr};
 pub use self::{
     links::Links,
     moved::{MigratedOut, Moved, Returned},
-    rounds::Rounds,
+    rounds::{Rounds, Seen},
     volunteer::{Acked, AdoptedIn, Incoming, Reservation, Volunteer},
 };
 use crate::datapath::Load;
