@@ -31,7 +31,7 @@ use super::{
     handoff::{Busy, check_received, names, sample, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
-    state::Returned,
+    state::ByNode,
     volunteer::QUERY_AFTER,
 };
 use crate::{
@@ -39,9 +39,6 @@ use crate::{
     datapath::Prefix,
     peer::{self, Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, Verdict},
 };
-
-/// Clients by the node they are with.
-type ByNode = HashMap<String, Vec<IpAddr>>;
 
 /// How long a volunteer whose clients an origin took back waits for that origin's Commit,
 /// which may arrive after its answer. Past it, they count as still here.
@@ -53,24 +50,12 @@ impl Agent {
     /// unless `urgent`, not before [`MOVE_DWELL`] has passed since they moved. Returns how
     /// many came home.
     pub(super) async fn take_home(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, why: &str, urgent: bool) -> usize {
-        let picked: Vec<IpAddr> = {
-            let mut st = self.state();
-            let mut c: Vec<IpAddr> = clients.into_iter().filter(|c| st.moved.clients.get(c).is_some_and(|m| m.to == name) && !st.busy.contains(c)).collect();
-            c.sort_unstable();
-            c.dedup();
-            st.busy.extend(c.iter().copied());
-            c
-        };
+        let picked = self.state().hold_moved_to(name, clients);
         if picked.is_empty() {
             return 0;
         }
         let guard = Busy::new(self.clone(), picked.clone());
-        let wait = if urgent {
-            Duration::ZERO
-        } else {
-            let st = self.state();
-            picked.iter().filter_map(|c| st.moved.last_move.get(c)).map(|t| super::MOVE_DWELL.saturating_sub(t.elapsed())).max().unwrap_or_default()
-        };
+        let wait = if urgent { Duration::ZERO } else { self.state().moved.dwell_left(&picked, Instant::now()) };
         if !wait.is_zero() {
             info!(sibling = %name, clients = picked.len(), wait_ms = wait.as_millis(), "some of these clients moved a moment ago: their waiting requests are answered first");
             tokio::time::sleep(wait).await;
@@ -146,10 +131,9 @@ impl Agent {
     /// into this node's applications (tentative). Returns the sessions imported and when the
     /// volunteer's answer came; an error says why the hand-back aborts.
     async fn receive_back(&self, name: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: &[IpAddr], t0: Instant) -> Result<(usize, Duration), String> {
-        let key = (NodeName::from(name), id);
-        self.state().moved.returning.insert(key.clone(), Returned { last: Some(t0), ..Returned::default() });
+        self.state().moved.await_back(name, id, t0);
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
-        let got = self.state().moved.returning.remove(&key).unwrap_or_default();
+        let got = self.state().moved.take_back(name, id);
         let (back, sets) = match answer {
             Ok(Answer::Returning { clients, sessions, .. }) => (clients, sessions),
             Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
@@ -183,15 +167,14 @@ impl Agent {
     /// `negotiate_timeout_ms` plus `app_timeout_ms` between two of them.
     async fn ask_patiently(&self, name: &str, msg: Request, id: u64) -> anyhow::Result<Answer> {
         let idle = Duration::from_millis(self.cfg.negotiate_timeout_ms).saturating_add(self.limits().timeout);
-        let key = (NodeName::from(name), id);
         let ask = self.ask(name, msg, id, Duration::from_hours(24));
         tokio::pin!(ask);
         loop {
-            let last = self.state().moved.returning.get(&key).and_then(|r| r.last).unwrap_or_else(Instant::now);
+            let last = self.state().moved.back_heard(name, id).unwrap_or_else(Instant::now);
             tokio::select! {
                 r = &mut ask => return r,
                 () = tokio::time::sleep_until((last + idle).into()) => {
-                    let now_last = self.state().moved.returning.get(&key).and_then(|r| r.last);
+                    let now_last = self.state().moved.back_heard(name, id);
                     if now_last == Some(last) {
                         return Err(anyhow!("{name} sent nothing for {} ms", idle.as_millis()));
                     }
@@ -238,13 +221,7 @@ impl Agent {
 
     /// Origin: a `Sessions` frame answering hand-back `id` of `name`.
     pub(super) fn returned_sessions(&self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>) {
-        let mut st = self.state();
-        if let Some(r) = st.moved.returning.get_mut(&(NodeName::from(name), id)) {
-            r.last = Some(Instant::now());
-            if !sessions.is_empty() {
-                r.sessions.entry(service).or_default().extend(sessions);
-            }
-        } else {
+        if !self.state().moved.back_sessions(name, id, service, sessions, Instant::now()) {
             warn!(sibling = %name, id, "sessions of a hand-back this agent is not waiting for: dropped");
         }
     }

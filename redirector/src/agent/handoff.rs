@@ -205,11 +205,7 @@ impl Agent {
         let commit = verdict == Verdict::Committed;
         self.records().decide(rec, verdict);
         if commit {
-            let now = Instant::now();
-            let mut st = self.state();
-            for c in &rec.clients {
-                st.moved.last_move.insert(*c, now);
-            }
+            self.state().moved.just_moved(&rec.clients, Instant::now());
         }
         let handoff = HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string();
         let me = self.clone();

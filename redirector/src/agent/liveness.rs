@@ -14,7 +14,7 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use super::{Agent, MigratedOut, classify_rules, flat, host_prefix};
+use super::{Agent, classify_rules, flat, host_prefix};
 use crate::datapath::{Datapath, Prefix};
 
 impl Agent {
@@ -110,7 +110,7 @@ impl Agent {
                 if silent < live {
                     return None;
                 }
-                let clients: Vec<IpAddr> = st.moved.clients.values().filter(|m| m.to == s.name).map(|m| m.client).collect();
+                let clients = st.moved.on(&s.name);
                 (!clients.is_empty()).then(|| (s.name.clone(), clients, silent))
             })
             .collect()
@@ -144,7 +144,7 @@ impl Agent {
         }
         let (left, heard): (Vec<IpAddr>, bool) = {
             let st = self.state();
-            let left = st.moved.clients.values().filter(|m| m.to == name && !st.busy.contains(&m.client)).map(|m| m.client).collect();
+            let left = st.moved.on(name).into_iter().filter(|c| !st.busy.contains(c)).collect();
             let heard = st.links.last_seen(name).is_some_and(|t| t.elapsed() < live);
             (left, heard)
         };
@@ -193,13 +193,7 @@ impl Agent {
         let mut st = self.state();
         // Every one of them was served there, so whatever session it had there is gone; which
         // of them had none by then only the dead sibling knew.
-        let mut lost = 0u64;
-        for c in &left {
-            if st.moved.clients.remove(c).is_some() {
-                lost += 1;
-            }
-        }
-        st.moved.sessions_lost += lost;
+        let lost = st.moved.lost(&left);
         warn!(sibling = %name, sessions_lost = lost, total_lost = st.moved.sessions_lost, "sessions lost: their clients came home from an unreachable sibling and start new sessions here");
         st.links.owe_release(name, left);
     }
@@ -227,35 +221,15 @@ impl Agent {
         };
         let (managed, orphans, draining) = classify_rules(&self.cfg, &rules);
         let active: HashMap<IpAddr, (String, u64)> = managed.into_iter().map(|(c, to, since)| (c, (to, since))).collect();
-        let mut released: HashMap<String, Vec<IpAddr>> = HashMap::new();
-        {
+        let released = {
             let mut st = self.state();
             let super::State { moved, busy, .. } = &mut *st;
-            moved.clients.retain(|c, m| {
-                // Recorded after the listing: the listing cannot know of it yet. In a hand-over:
-                // its rules are changing, it decides.
-                if m.recorded >= listed_at || busy.contains(c) || active.get(c).is_some_and(|(to, _)| *to == m.to) {
-                    return true;
-                }
-                info!(client = %c, to = %m.to, "client no longer steered: its rule was removed, drained or retargeted outside the agent");
-                released.entry(m.to.clone()).or_default().push(*c);
-                false
-            });
-            for (c, (to, since_unix)) in &active {
-                // A client in a hand-over: its rules are going in now, the hand-over records it.
-                if !st.moved.clients.contains_key(c) && !st.busy.contains(c) {
-                    info!(client = %c, to = %to, "watching a rule made outside the agent: it is drained if its sibling goes silent");
-                    st.moved.clients.insert(*c, MigratedOut { client: *c, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: listed_at });
-                }
+            let released = moved.reconcile(&active, listed_at, busy);
+            for o in moved.rules_left(orphans, draining) {
+                warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
             }
-            if st.moved.orphans != orphans {
-                for o in orphans.iter().filter(|o| !st.moved.orphans.contains(o)) {
-                    warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
-                }
-                st.moved.orphans = orphans;
-            }
-            st.moved.draining = draining;
-        }
+            released
+        };
         for (name, clients) in released {
             self.release(&name, clients).await;
         }

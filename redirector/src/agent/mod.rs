@@ -49,7 +49,7 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-use self::state::{Acked, AdoptedIn, Incoming, Links, MigratedOut, Reservation, State};
+use self::state::{Acked, AdoptedIn, Incoming, Links, Reservation, State};
 use crate::{
     admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration},
@@ -164,7 +164,7 @@ impl Agent {
         let (managed, orphans, draining) = classify_rules(&cfg, &dp.list_rules()?);
         let now = Instant::now();
         for (client, to, since_unix) in &managed {
-            state.moved.clients.insert(*client, MigratedOut { client: *client, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: now });
+            state.moved.watch(*client, to, *since_unix, now);
         }
         for o in &orphans {
             warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
@@ -172,8 +172,8 @@ impl Agent {
         if !managed.is_empty() || draining > 0 {
             info!(active = managed.len(), draining, "re-adopted the rules of a previous run (draining ones finish draining)");
         }
-        state.moved.orphans = orphans;
-        state.moved.draining = draining;
+        // Reported above.
+        let _ = state.moved.rules_left(orphans, draining);
         // Request ids never repeat across restarts: a volunteer may still hold state of ours.
         let first_id = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())).unwrap_or(0) << 16;
         let faults = faults::Faults::from_env().map_err(|e| anyhow!("{}: {e}", faults::ENV))?;
@@ -299,11 +299,7 @@ impl Agent {
             for a in st.volunteer.adopted.values() {
                 adopted.entry(a.from.clone()).or_default().push(a.client);
             }
-            let mut migrated: HashMap<String, Vec<IpAddr>> = HashMap::new();
-            for m in st.moved.clients.values() {
-                migrated.entry(m.to.clone()).or_default().push(m.client);
-            }
-            (adopted, migrated)
+            (adopted, st.moved.by_volunteer())
         };
         let (n_adopted, n_migrated): (usize, usize) = (adopted.values().map(Vec::len).sum(), migrated.values().map(Vec::len).sum());
         info!(

@@ -85,7 +85,7 @@ impl Agent {
                 // clients given back to their origin: not load to shed. Those of adopted
                 // clients are load this node cannot shed.
                 st.volunteer.returned.retain(|c| here.contains_key(c));
-                let staying: u64 = load.clients.iter().filter(|(a, _)| st.moved.clients.contains_key(a) || st.volunteer.returned.contains(a)).map(|c| c.1).sum();
+                let staying = st.staying(&load);
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();
                 let leaving = st.leaving;
@@ -96,12 +96,7 @@ impl Agent {
                     let moved: Vec<(IpAddr, u64)> = st.moved.clients.values().filter(|m| !st.busy.contains(&m.client)).map(|m| (m.client, m.connections)).collect();
                     let home = policy::pick_home(&moved, projected, self.cfg.low_watermark);
                     if !home.is_empty() {
-                        let mut by: HashMap<String, Vec<IpAddr>> = HashMap::new();
-                        for c in home {
-                            if let Some(m) = st.moved.clients.get(&c) {
-                                by.entry(m.to.clone()).or_default().push(c);
-                            }
-                        }
+                        let by = st.moved.by_volunteer_of(home);
                         info!(
                             load = load.total,
                             projected,
@@ -273,7 +268,8 @@ impl Agent {
         }
         // A client that moved a moment ago stays put a while: its requests that waited when it
         // moved are answered on their retry first.
-        let (recent, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.moved.last_move.get(a).is_some_and(|t| t.elapsed() < super::MOVE_DWELL));
+        let now = Instant::now();
+        let (recent, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.moved.dwelling(a, now));
         if !recent.is_empty() {
             info!(
                 clients = recent.len(),

@@ -14,11 +14,10 @@ use anyhow::anyhow;
 use tracing::{info, warn};
 
 use super::{
-    Agent, MigratedOut,
+    Agent,
     handoff::{Busy, NAMED, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
-    unix_now,
 };
 use crate::{
     datapath::{Prefix, family_name},
@@ -197,9 +196,8 @@ impl Agent {
                 if clients.len() <= NAMED {
                     info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
                 }
-                let m = MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now };
-                if let Some(old) = st.moved.clients.insert(c.addr, m).filter(|old| old.to != name) {
-                    before.entry(old.to).or_default().push(c.addr);
+                if let Some(old) = st.moved.steered(c.addr, name, c.connections, now) {
+                    before.entry(old).or_default().push(c.addr);
                 }
             }
         }

@@ -21,11 +21,10 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::{
-    Acked, Agent, MigratedOut, flat,
+    Acked, Agent, flat,
     handoff::{Busy, names, sample},
     host_prefix,
     records::{Dir, Record},
-    unix_now,
 };
 use crate::{
     app::{PendingHandoff, Registration, Role},
@@ -182,24 +181,7 @@ impl Agent {
     /// The agent's own view after hand-over `rec` was decided from the rules: the clients it
     /// steers now, and those that came home.
     pub(super) fn after_rules(&self, rec: &Record, verdict: Verdict) {
-        let mut st = self.state();
-        match (rec.dir, verdict) {
-            (Dir::Out, Verdict::Committed) => {
-                let now = std::time::Instant::now();
-                for c in &rec.clients {
-                    st.moved.clients.entry(*c).or_insert_with(|| MigratedOut { client: *c, to: rec.volunteer.clone(), since_unix: unix_now(), connections: 0, recorded: now });
-                }
-            }
-            (Dir::Back, Verdict::Committed) => {
-                for c in &rec.clients {
-                    if st.moved.clients.get(c).is_some_and(|m| m.to == rec.volunteer) {
-                        st.moved.clients.remove(c);
-                    }
-                }
-                st.moved.handed_back += u64::try_from(rec.clients.len()).unwrap_or(u64::MAX);
-            }
-            _ => {}
-        }
+        self.state().moved.decided(rec, verdict, Instant::now());
     }
 
     /// At start: the hand-overs a previous run left undecided are decided from the rules (for

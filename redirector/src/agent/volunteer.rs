@@ -502,7 +502,7 @@ impl Agent {
         let ask: Vec<(NodeName, u64)> = {
             let mut st = self.state();
             st.volunteer.reservations.retain(|r| r.until > now);
-            st.moved.last_move.retain(|_, t| now.duration_since(*t) < super::MOVE_DWELL);
+            st.moved.forget_dwelled(now);
             st.volunteer.incoming.retain(|(from, id), i| {
                 let keep = i.last.is_some_and(|t| now.duration_since(t) < expiry);
                 if !keep {
