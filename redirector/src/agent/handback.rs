@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::{
     Acked, Agent,
-    handoff::{Busy, check_received, names, sample, session_frames, session_sets},
+    handoff::{Busy, check_received, names, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
@@ -358,21 +358,8 @@ impl Agent {
         let back: Vec<MovedClient> = clients.iter().map(|c| MovedClient { addr: *c, connections: here.get(c).copied().unwrap_or(0) }).collect();
         // Recorded before the answer leaves, so that Commit and Abort find it.
         {
-            let now = Instant::now();
-            let mut st = self.state();
-            st.volunteer.acked.insert(
-                (NodeName::from(from), id),
-                Acked {
-                    apps,
-                    handoff: handoff.to_string(),
-                    role: Role::Export,
-                    sample: sample(&clients),
-                    clients: busy.take(),
-                    next_query: now + QUERY_AFTER,
-                    backoff: Duration::from_secs(1),
-                    querying: false,
-                },
-            );
+            let acked = Acked::new(apps, handoff.to_string(), Role::Export, busy.take(), Instant::now() + QUERY_AFTER);
+            self.state().volunteer.acked.insert((NodeName::from(from), id), acked);
         }
         info!(origin = %from, handoff, clients = back.len(), sessions = n_sessions, "giving clients back: exported (frozen until the origin commits)");
         Ok(Answer::Returning { id, clients: back, sessions: sets })

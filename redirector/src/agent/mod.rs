@@ -27,7 +27,6 @@ mod verdict;
 mod volunteer;
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -49,7 +48,7 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-use self::state::{Acked, AdoptedIn, Incoming, Links, Reservation, State};
+use self::state::{Acked, Incoming, Links, Received, State};
 use crate::{
     admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration},
@@ -295,11 +294,7 @@ impl Agent {
         }
         let (adopted, migrated) = {
             let st = self.state();
-            let mut adopted: HashMap<String, Vec<IpAddr>> = HashMap::new();
-            for a in st.volunteer.adopted.values() {
-                adopted.entry(a.from.clone()).or_default().push(a.client);
-            }
-            (adopted, st.moved.by_volunteer())
+            (st.volunteer.by_origin(), st.moved.by_volunteer())
         };
         let (n_adopted, n_migrated): (usize, usize) = (adopted.values().map(Vec::len).sum(), migrated.values().map(Vec::len).sum());
         info!(
@@ -376,7 +371,7 @@ impl Agent {
             shedding: st.rounds.negotiating,
             last_shed_ms: st.rounds.last_shed_ms,
             last_round: st.rounds.last_round.clone(),
-            promised: policy::promised(st.volunteer.adopted.values().map(|a| (a.promised, a.connections))),
+            promised: st.volunteer.adopted_promised(),
             siblings,
             migrated_out,
             adopted,

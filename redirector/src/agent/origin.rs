@@ -74,17 +74,10 @@ impl Agent {
                 let mut st = self.state();
                 let now = Instant::now();
                 let here: HashMap<IpAddr, u64> = load.clients.iter().copied().collect();
-                for (c, a) in &mut st.volunteer.adopted {
-                    a.connections = here.get(c).copied().unwrap_or(0);
-                    if a.connections > 0 {
-                        a.arrived = true;
-                        a.last_seen = now;
-                    }
-                }
+                st.volunteer.observe(&here, now);
                 // Connections of moved clients still here end where they are, as do those of
                 // clients given back to their origin: not load to shed. Those of adopted
                 // clients are load this node cannot shed.
-                st.volunteer.returned.retain(|c| here.contains_key(c));
                 let staying = st.staying(&load);
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();

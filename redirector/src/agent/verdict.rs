@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Acked, Agent, flat,
-    handoff::{Busy, names, sample},
+    handoff::{Busy, names},
     host_prefix,
     records::{Dir, Record},
 };
@@ -267,35 +267,15 @@ impl Agent {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished hand-over with {origin}, not a sibling: cannot ask it, left unfinished");
             return;
         }
-        let key = (NodeName::from(origin), id);
         let mut st = self.state();
-        if st.volunteer.importing.contains(&key) {
-            return;
-        }
-        if let Some(a) = st.volunteer.acked.get_mut(&key) {
-            if !a.apps.contains(&service) {
-                a.apps.push(service);
-            }
+        if st.volunteer.knows(origin, id, service) {
             return;
         }
         info!(%service, handoff = p.handoff, clients = p.clients.len(), "the application reports an unfinished hand-over: asking {origin} how it ended");
         if p.role == Role::Export {
             st.busy.extend(p.clients.iter().copied());
         }
-        let now = std::time::Instant::now();
-        st.volunteer.acked.insert(
-            key,
-            Acked {
-                apps: vec![service],
-                handoff: p.handoff,
-                role: p.role,
-                sample: sample(&p.clients),
-                clients: p.clients,
-                next_query: now,
-                backoff: Duration::from_secs(1),
-                querying: false,
-            },
-        );
+        st.volunteer.acked.insert((NodeName::from(origin), id), Acked::new(vec![service], p.handoff, p.role, p.clients, Instant::now()));
     }
 }
 

@@ -15,7 +15,7 @@ pub use self::{
     links::Links,
     moved::{ByNode, Moved},
     rounds::{Rounds, Seen},
-    volunteer::{Acked, AdoptedIn, Incoming, Reservation, Volunteer},
+    volunteer::{Acked, Incoming, Received, Volunteer},
 };
 use crate::datapath::Load;
 
