@@ -293,14 +293,7 @@ impl Agent {
             return Err("not a configured sibling".into());
         }
         let mut busy = {
-            let mut st = self.state();
-            if let Some(c) = clients.iter().find(|c| st.moved.clients.contains_key(c)) {
-                return Err(format!("{c} is a client this node moved out itself"));
-            }
-            if let Some(c) = clients.iter().find(|c| st.busy.contains(c)) {
-                return Err(format!("{c} is in another hand-over here; ask again"));
-            }
-            st.busy.extend(clients.iter().copied());
+            self.state().hold_to_give_back(&clients)?;
             Busy::new(self.clone(), clients.clone())
         };
         // The local services that serve the origin's services here, and their applications.

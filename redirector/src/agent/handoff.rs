@@ -176,19 +176,13 @@ impl Agent {
         if clients.is_empty() {
             return;
         }
-        let mut st = self.state();
-        for c in clients {
-            st.busy.remove(c);
-        }
+        self.state().free(clients);
     }
 
     /// Waits, at most `limit`, until none of `clients` is in a hand-over here any more.
     pub(super) async fn until_settled(&self, clients: &[IpAddr], limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline && {
-            let st = self.state();
-            clients.iter().any(|c| st.busy.contains(c))
-        } {
+        while Instant::now() < deadline && { self.state().any_busy(clients) } {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -236,7 +230,7 @@ impl Agent {
     /// Tells the application of `service` how hand-over `handoff` ended, `clients` busy until
     /// it confirms.
     pub(super) fn settle_app(self: &Arc<Self>, service: SocketAddr, handoff: String, clients: Vec<IpAddr>, commit: bool) {
-        self.state().busy.extend(clients.iter().copied());
+        self.state().hold(clients.iter().copied());
         let me = self.clone();
         tokio::spawn(async move {
             me.apps.settle(service, &handoff, commit).await;

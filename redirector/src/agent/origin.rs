@@ -17,7 +17,7 @@ use super::{
     Agent, flat,
     handoff::{Busy, names},
     pick_clients, policy,
-    state::Seen,
+    state::{Picked, Seen},
 };
 use crate::{
     datapath::{Datapath, Load},
@@ -251,7 +251,7 @@ impl Agent {
     fn movable(self: &Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<(Vec<(IpAddr, u64)>, Busy)> {
         let blocked: Vec<SocketAddr> = self.cfg.services.iter().filter(|s| s.sessions && !self.apps.has(s.address)).map(|s| s.address).collect();
         let mut st = self.state();
-        let (adopted, rest): (Vec<_>, Vec<_>) = picked.into_iter().partition(|(a, _)| st.volunteer.adopted.contains_key(a));
+        let Picked { adopted, recent, moved, in_handoff, rest } = st.sort_picked(picked, Instant::now());
         if !adopted.is_empty() {
             info!(
                 clients = adopted.len(),
@@ -259,10 +259,6 @@ impl Agent {
                 names(&adopted)
             );
         }
-        // A client that moved a moment ago stays put a while: its requests that waited when it
-        // moved are answered on their retry first.
-        let now = Instant::now();
-        let (recent, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.moved.dwelling(a, now));
         if !recent.is_empty() {
             info!(
                 clients = recent.len(),
@@ -271,13 +267,9 @@ impl Agent {
                 names(&recent)
             );
         }
-        // A client lives on one node at a time: one moved out comes home before it moves again,
-        // and one given back to its origin is not this node's to move.
-        let (moved, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.moved.clients.contains_key(a) || st.volunteer.returned.contains(a));
         if !moved.is_empty() {
             info!(clients = moved.len(), "not moving clients already moved out (give them back first): {}", names(&moved));
         }
-        let (in_handoff, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.busy.contains(a));
         if !in_handoff.is_empty() {
             info!(clients = in_handoff.len(), "not moving clients whose previous hand-over has not ended (an application has not confirmed it yet): {}", names(&in_handoff));
         }
@@ -294,7 +286,7 @@ impl Agent {
                 bail!("nothing can move: {} keeps sessions and no application is registered for it", services.join(", "));
             }
         }
-        st.busy.extend(rest.iter().map(|c| c.0));
+        st.hold(rest.iter().map(|c| c.0));
         let busy = Busy::new(self.clone(), rest.iter().map(|c| c.0).collect());
         Ok((rest, busy))
     }

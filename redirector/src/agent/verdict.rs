@@ -192,7 +192,7 @@ impl Agent {
             info!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "a hand-over the previous run left undecided: the kernel's rules decide it");
             {
                 let mut st = self.state();
-                st.busy.extend(rec.clients.iter().copied());
+                st.hold(rec.clients.iter().copied());
             }
             let verdict = self.decide_until_done(&rec).await;
             self.after_rules(&rec, verdict);
@@ -273,7 +273,7 @@ impl Agent {
         }
         info!(%service, handoff = p.handoff, clients = p.clients.len(), "the application reports an unfinished hand-over: asking {origin} how it ended");
         if p.role == Role::Export {
-            st.busy.extend(p.clients.iter().copied());
+            st.hold(p.clients.iter().copied());
         }
         st.volunteer.acked.insert((NodeName::from(origin), id), Acked::new(vec![service], p.handoff, p.role, p.clients, Instant::now()));
     }
