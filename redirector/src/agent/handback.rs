@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::{
     Acked, Agent,
-    handoff::{Busy, check_received, names, session_frames, session_sets},
+    handoff::{Busy, Handover, check_received, names, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
@@ -74,7 +74,7 @@ impl Agent {
     }
 
     /// Origin: one hand-back of the (busy) clients of `busy` from `name`.
-    async fn hand_back(self: &Arc<Self>, name: &str, services: &[SocketAddr], mut busy: Busy) -> usize {
+    async fn hand_back(self: &Arc<Self>, name: &str, services: &[SocketAddr], busy: Busy) -> usize {
         let clients = busy.clients().to_vec();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handoff = HandoffId::new(self.cfg.node.as_str(), id, name).to_string();
@@ -97,10 +97,11 @@ impl Agent {
                 return 0;
             }
         };
+        let h = Handover { rec, busy, t0 };
         let (n_sessions, t_export) = match self.receive_back(name, id, &handoff, &services, &clients, t0).await {
             Ok(r) => r,
             Err(why) => {
-                self.conclude(&rec, Verdict::Aborted, why, busy.take()).await;
+                self.conclude(h, Verdict::Aborted, why).await;
                 return 0;
             }
         };
@@ -110,7 +111,7 @@ impl Agent {
         let period = Duration::from_secs(self.cfg.drain_secs);
         let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
         let withdrawn = super::flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await).map(|_| ());
-        let Some(t_rules) = self.at_commit_point(&rec, withdrawn, &mut busy, t0).await else { return 0 };
+        let Some(t_rules) = self.at_commit_point(h, withdrawn).await else { return 0 };
         info!(
             sibling = %name,
             handoff,

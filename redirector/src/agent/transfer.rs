@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     Agent,
-    handoff::{Busy, NAMED, session_frames, session_sets},
+    handoff::{Busy, Handover, NAMED, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
 };
@@ -29,7 +29,7 @@ impl Agent {
     pub(super) async fn transfer(self: &Arc<Self>, name: &str, id: u64, clients: Vec<MovedClient>, timeout: Duration) -> usize {
         let handoff = HandoffId::new(self.cfg.node.as_str(), id, name).to_string();
         let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
-        let mut busy = Busy::new(self.clone(), addrs.clone());
+        let busy = Busy::new(self.clone(), addrs.clone());
         let t0 = Instant::now();
         let families: BTreeSet<bool> = clients.iter().map(|c| c.addr.is_ipv4()).collect();
         let services: Vec<SocketAddr> = self.cfg.services.iter().map(|s| s.address).filter(|s| families.contains(&s.is_ipv4())).collect();
@@ -48,6 +48,7 @@ impl Agent {
                 return 0;
             }
         };
+        let h = Handover { rec, busy, t0 };
         // The export, and what the volunteer must receive of it, per service (count and
         // digest), with the volunteer's reservation kept alive all along.
         let prepared = self
@@ -65,7 +66,7 @@ impl Agent {
         let (exported, sets, t_export) = match prepared {
             Ok(p) => p,
             Err(e) => {
-                self.conclude(&rec, Verdict::Aborted, format!("export failed: {e:#}"), busy.take()).await;
+                self.conclude(h, Verdict::Aborted, format!("export failed: {e:#}")).await;
                 return 0;
             }
         };
@@ -86,7 +87,7 @@ impl Agent {
                 continue;
             }
             if let Err(e) = self.send_to(name, f).await {
-                self.conclude(&rec, Verdict::Aborted, format!("sending the transfer failed: {e:#}"), busy.take()).await;
+                self.conclude(h, Verdict::Aborted, format!("sending the transfer failed: {e:#}")).await;
                 return 0;
             }
         }
@@ -99,7 +100,7 @@ impl Agent {
             Err(e) => Some(format!("transfer failed: {e:#}")),
         };
         if let Some(why) = refused {
-            self.conclude(&rec, Verdict::Aborted, why, busy.take()).await;
+            self.conclude(h, Verdict::Aborted, why).await;
             return 0;
         }
         let t_ack = t0.elapsed();
@@ -107,7 +108,7 @@ impl Agent {
         let n = clients.len();
         // All or nothing, unless something failed to clean up: then the rules decide.
         let steered = self.steer(name, &clients).await.map_err(|e| format!("{e:#}"));
-        let Some(t_steer) = self.at_commit_point(&rec, steered, &mut busy, t0).await else { return 0 };
+        let Some(t_steer) = self.at_commit_point(h, steered).await else { return 0 };
         info!(
             sibling = %name,
             handoff,

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Acked, Agent, flat,
-    handoff::{Busy, names},
+    handoff::{Busy, Handover, names},
     host_prefix,
     records::{Dir, Record},
 };
@@ -114,11 +114,13 @@ impl Agent {
         }
     }
 
-    /// Hand-over `rec` (either way) at its commit point, once its rules were to change, and
+    /// Hand-over `h` (either way) at its commit point, once its rules were to change, and
     /// what follows: committed when `changed` says they all did, otherwise whatever the rules
     /// say now; the agent's own view follows, and everyone is told (`conclude`, which also frees
-    /// `busy`). Returns when the rules had changed (since `t0`), or `None`: it aborted.
-    pub(super) async fn at_commit_point(self: &Arc<Self>, rec: &Arc<Record>, changed: Result<(), String>, busy: &mut Busy, t0: Instant) -> Option<Duration> {
+    /// its clients). Returns when the rules had changed (since it started), or `None`: it
+    /// aborted.
+    pub(super) async fn at_commit_point(self: &Arc<Self>, h: Handover, changed: Result<(), String>) -> Option<Duration> {
+        let rec = &h.rec.clone();
         let verdict = match changed {
             Ok(()) => Verdict::Committed,
             Err(e) => {
@@ -133,12 +135,12 @@ impl Agent {
                 Dir::Out => "rules not installed",
                 Dir::Back => "rules not withdrawn",
             };
-            self.conclude(rec, verdict, why.into(), busy.take()).await;
+            self.conclude(h, verdict, why.into()).await;
             return None;
         }
-        let t_rules = t0.elapsed();
-        self.faults.pause("pause-before-commit", &HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string()).await;
-        self.conclude(rec, verdict, String::new(), busy.take()).await;
+        let t_rules = h.t0.elapsed();
+        self.faults.pause("pause-before-commit", &h.name(self.cfg.node.as_str())).await;
+        self.conclude(h, verdict, String::new()).await;
         Some(t_rules)
     }
 
@@ -190,13 +192,11 @@ impl Agent {
         let unfinished = self.records().unfinished();
         for rec in unfinished {
             info!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "a hand-over the previous run left undecided: the kernel's rules decide it");
-            {
-                let mut st = self.state();
-                st.hold(rec.clients.iter().copied());
-            }
-            let verdict = self.decide_until_done(&rec).await;
-            self.after_rules(&rec, verdict);
-            self.conclude(&rec, verdict, "decided after a restart, from the rules".into(), rec.clients.clone()).await;
+            self.state().hold(rec.clients.iter().copied());
+            let h = Handover { busy: Busy::new(self.clone(), rec.clients.clone()), rec, t0: Instant::now() };
+            let verdict = self.decide_until_done(&h.rec).await;
+            self.after_rules(&h.rec, verdict);
+            self.conclude(h, verdict, "decided after a restart, from the rules".into()).await;
         }
     }
 
