@@ -98,7 +98,7 @@ impl Agent {
             }
         };
         let h = Handover { rec, busy, t0 };
-        let (n_sessions, t_export) = match self.receive_back(name, id, &handoff, &services, &clients, t0).await {
+        let (n_sessions, t_export) = match self.receive_back(&h, &services).await {
             Ok(r) => r,
             Err(why) => {
                 self.conclude(h, Verdict::Aborted, why).await;
@@ -127,11 +127,13 @@ impl Agent {
         clients.len()
     }
 
-    /// Origin: asks `name` for hand-back `id` of `clients`, checks what comes back (exactly the
-    /// clients asked for, exactly the sessions counted, of them only) and imports the sessions
-    /// into this node's applications (tentative). Returns the sessions imported and when the
+    /// Origin: asks the volunteer of hand-back `h` for its clients (of `services`), checks what
+    /// comes back (exactly the clients asked for, exactly the sessions counted, of them only)
+    /// and imports the sessions into this node's applications (tentative). Returns the sessions imported and when the
     /// volunteer's answer came; an error says why the hand-back aborts.
-    async fn receive_back(&self, name: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: &[IpAddr], t0: Instant) -> Result<(usize, Duration), String> {
+    async fn receive_back(&self, h: &Handover, services: &[SocketAddr]) -> Result<(usize, Duration), String> {
+        let (name, id, clients, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.rec.clients.as_slice(), h.t0);
+        let handoff = &h.name(self.cfg.node.as_str());
         self.state().moved.await_back(name, id, t0);
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
         let got = self.state().moved.take_back(name, id);

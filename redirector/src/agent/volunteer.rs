@@ -40,6 +40,18 @@ struct Adoption {
     src: IpAddr,
 }
 
+/// A transfer as it reached this volunteer: its origin and id, what its `Transfer` frame says
+/// (the services handed over, the origin's tunnel sources, the count and digest of each
+/// service's sessions), and what arrived of it before that frame.
+struct TransferIn {
+    from: NodeName,
+    id: u64,
+    services: Vec<SocketAddr>,
+    tunnel_src: Vec<IpAddr>,
+    sets: Vec<SessionSet>,
+    incoming: Incoming,
+}
+
 impl Agent {
     /// Handles one request from sibling `from`. Quick ones are answered at once; transfers,
     /// commits and aborts (which wait on the application) run on their own tasks, so this
@@ -63,7 +75,8 @@ impl Agent {
                 let (me, from, reply) = (self.clone(), NodeName::from(from), reply.clone());
                 me.state().volunteer.importing.insert((from.clone(), id));
                 tokio::spawn(async move {
-                    let a = me.clone().accept_transfer(&from, id, services, tunnel_src, sessions, incoming).await;
+                    let t = TransferIn { from: from.clone(), id, services, tunnel_src, sets: sessions, incoming };
+                    let a = me.clone().accept_transfer(t).await;
                     me.state().volunteer.importing.remove(&(from.clone(), id));
                     drop(permit);
                     if reply.send_timeout(a, me.send_deadline()).await.is_err() {
@@ -236,7 +249,9 @@ impl Agent {
     /// Volunteer: checks the transfer and its sessions (exactly those it counts), imports them
     /// into the local applications (tentatively), then prepares delivery; only then
     /// acknowledges. Any failure undoes the imports and answers `Abort`.
-    async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, sets: Vec<SessionSet>, incoming: Incoming) -> Answer {
+    async fn accept_transfer(self: Arc<Self>, t: TransferIn) -> Answer {
+        let TransferIn { from, id, services, tunnel_src, sets, incoming } = t;
+        let from = from.as_str();
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
             // The room it reserved is free again.
