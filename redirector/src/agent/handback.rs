@@ -28,9 +28,10 @@ use tracing::{info, warn};
 
 use super::{
     Acked, Agent,
-    handoff::{Busy, check_received, names, sample, session_frames, session_sets},
+    handoff::{Busy, Handover, check_received, names, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
+    state::ByNode,
     volunteer::QUERY_AFTER,
 };
 use crate::{
@@ -38,17 +39,6 @@ use crate::{
     datapath::Prefix,
     peer::{self, Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, Verdict},
 };
-
-/// Clients by the node they are with.
-type ByNode = HashMap<String, Vec<IpAddr>>;
-
-/// What arrived of a hand-back's answer before its `Returning`.
-#[derive(Default)]
-pub(super) struct Returned {
-    pub sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
-    /// When the volunteer was last heard on it: a long export keeps the wait alive.
-    pub last: Option<Instant>,
-}
 
 /// How long a volunteer whose clients an origin took back waits for that origin's Commit,
 /// which may arrive after its answer. Past it, they count as still here.
@@ -60,24 +50,12 @@ impl Agent {
     /// unless `urgent`, not before [`MOVE_DWELL`] has passed since they moved. Returns how
     /// many came home.
     pub(super) async fn take_home(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, why: &str, urgent: bool) -> usize {
-        let picked: Vec<IpAddr> = {
-            let mut st = self.state();
-            let mut c: Vec<IpAddr> = clients.into_iter().filter(|c| st.migrated.get(c).is_some_and(|m| m.to == name) && !st.busy.contains(c)).collect();
-            c.sort_unstable();
-            c.dedup();
-            st.busy.extend(c.iter().copied());
-            c
-        };
+        let picked = self.state().hold_moved_to(name, clients);
         if picked.is_empty() {
             return 0;
         }
         let guard = Busy::new(self.clone(), picked.clone());
-        let wait = if urgent {
-            Duration::ZERO
-        } else {
-            let st = self.state();
-            picked.iter().filter_map(|c| st.moved_at.get(c)).map(|t| super::MOVE_DWELL.saturating_sub(t.elapsed())).max().unwrap_or_default()
-        };
+        let wait = if urgent { Duration::ZERO } else { self.state().moved.dwell_left(&picked, Instant::now()) };
         if !wait.is_zero() {
             info!(sibling = %name, clients = picked.len(), wait_ms = wait.as_millis(), "some of these clients moved a moment ago: their waiting requests are answered first");
             tokio::time::sleep(wait).await;
@@ -96,7 +74,7 @@ impl Agent {
     }
 
     /// Origin: one hand-back of the (busy) clients of `busy` from `name`.
-    async fn hand_back(self: &Arc<Self>, name: &str, services: &[SocketAddr], mut busy: Busy) -> usize {
+    async fn hand_back(self: &Arc<Self>, name: &str, services: &[SocketAddr], busy: Busy) -> usize {
         let clients = busy.clients().to_vec();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handoff = HandoffId::new(self.cfg.node.as_str(), id, name).to_string();
@@ -119,10 +97,11 @@ impl Agent {
                 return 0;
             }
         };
-        let (n_sessions, t_export) = match self.receive_back(name, id, &handoff, &services, &clients, t0).await {
+        let h = Handover { rec, busy, t0 };
+        let (n_sessions, t_export) = match self.receive_back(&h, &services).await {
             Ok(r) => r,
             Err(why) => {
-                self.conclude(&rec, Verdict::Aborted, why, busy.take()).await;
+                self.conclude(h, Verdict::Aborted, why).await;
                 return 0;
             }
         };
@@ -132,7 +111,7 @@ impl Agent {
         let period = Duration::from_secs(self.cfg.drain_secs);
         let prefixes: Vec<Prefix> = clients.iter().map(|c| host_prefix(*c)).collect();
         let withdrawn = super::flat(self.with_dp(move |dp| dp.drain_many(&prefixes, period)).await).map(|_| ());
-        let Some(t_rules) = self.at_commit_point(&rec, withdrawn, &mut busy, t0).await else { return 0 };
+        let Some(t_rules) = self.at_commit_point(h, withdrawn).await else { return 0 };
         info!(
             sibling = %name,
             handoff,
@@ -144,19 +123,20 @@ impl Agent {
             committed_ms = t0.elapsed().as_millis(),
             "hand-back committed: the clients come home with their sessions"
         );
-        self.state().last_home_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+        self.state().moved.last_home_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
         clients.len()
     }
 
-    /// Origin: asks `name` for hand-back `id` of `clients`, checks what comes back (exactly the
-    /// clients asked for, exactly the sessions counted, of them only) and imports the sessions
-    /// into this node's applications (tentative). Returns the sessions imported and when the
+    /// Origin: asks the volunteer of hand-back `h` for its clients (of `services`), checks what
+    /// comes back (exactly the clients asked for, exactly the sessions counted, of them only)
+    /// and imports the sessions into this node's applications (tentative). Returns the sessions imported and when the
     /// volunteer's answer came; an error says why the hand-back aborts.
-    async fn receive_back(&self, name: &str, id: u64, handoff: &str, services: &[SocketAddr], clients: &[IpAddr], t0: Instant) -> Result<(usize, Duration), String> {
-        let key = (NodeName::from(name), id);
-        self.state().returning.insert(key.clone(), Returned { last: Some(t0), ..Returned::default() });
+    async fn receive_back(&self, h: &Handover, services: &[SocketAddr]) -> Result<(usize, Duration), String> {
+        let (name, id, clients, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.rec.clients.as_slice(), h.t0);
+        let handoff = &h.name(self.cfg.node.as_str());
+        self.state().moved.await_back(name, id, t0);
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
-        let got = self.state().returning.remove(&key).unwrap_or_default();
+        let got = self.state().moved.take_back(name, id);
         let (back, sets) = match answer {
             Ok(Answer::Returning { clients, sessions, .. }) => (clients, sessions),
             Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
@@ -190,15 +170,14 @@ impl Agent {
     /// `negotiate_timeout_ms` plus `app_timeout_ms` between two of them.
     async fn ask_patiently(&self, name: &str, msg: Request, id: u64) -> anyhow::Result<Answer> {
         let idle = Duration::from_millis(self.cfg.negotiate_timeout_ms).saturating_add(self.limits().timeout);
-        let key = (NodeName::from(name), id);
         let ask = self.ask(name, msg, id, Duration::from_hours(24));
         tokio::pin!(ask);
         loop {
-            let last = self.state().returning.get(&key).and_then(|r| r.last).unwrap_or_else(Instant::now);
+            let last = self.state().moved.back_heard(name, id).unwrap_or_else(Instant::now);
             tokio::select! {
                 r = &mut ask => return r,
                 () = tokio::time::sleep_until((last + idle).into()) => {
-                    let now_last = self.state().returning.get(&key).and_then(|r| r.last);
+                    let now_last = self.state().moved.back_heard(name, id);
                     if now_last == Some(last) {
                         return Err(anyhow!("{name} sent nothing for {} ms", idle.as_millis()));
                     }
@@ -216,9 +195,9 @@ impl Agent {
         {
             let st = self.state();
             for c in clients {
-                if let Some(m) = st.migrated.get(&c) {
+                if let Some(m) = st.moved.clients.get(&c) {
                     home.entry(m.to.clone()).or_default().push(c);
-                } else if let Some(a) = st.adopted.get(&c) {
+                } else if let Some(a) = st.volunteer.adopted.get(&c) {
                     back.entry(a.from.clone()).or_default().push(c);
                 } else {
                     neither.push(c);
@@ -240,18 +219,12 @@ impl Agent {
         })
         .await;
         let st = self.state();
-        Ok(came.into_iter().sum::<usize>() + returning.iter().filter(|c| !st.adopted.contains_key(c)).count())
+        Ok(came.into_iter().sum::<usize>() + returning.iter().filter(|c| !st.volunteer.adopted.contains_key(c)).count())
     }
 
     /// Origin: a `Sessions` frame answering hand-back `id` of `name`.
     pub(super) fn returned_sessions(&self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>) {
-        let mut st = self.state();
-        if let Some(r) = st.returning.get_mut(&(NodeName::from(name), id)) {
-            r.last = Some(Instant::now());
-            if !sessions.is_empty() {
-                r.sessions.entry(service).or_default().extend(sessions);
-            }
-        } else {
+        if !self.state().moved.back_sessions(name, id, service, sessions, Instant::now()) {
             warn!(sibling = %name, id, "sessions of a hand-back this agent is not waiting for: dropped");
         }
     }
@@ -323,14 +296,7 @@ impl Agent {
             return Err("not a configured sibling".into());
         }
         let mut busy = {
-            let mut st = self.state();
-            if let Some(c) = clients.iter().find(|c| st.migrated.contains_key(c)) {
-                return Err(format!("{c} is a client this node moved out itself"));
-            }
-            if let Some(c) = clients.iter().find(|c| st.busy.contains(c)) {
-                return Err(format!("{c} is in another hand-over here; ask again"));
-            }
-            st.busy.extend(clients.iter().copied());
+            self.state().hold_to_give_back(&clients)?;
             Busy::new(self.clone(), clients.clone())
         };
         // The local services that serve the origin's services here, and their applications.
@@ -388,21 +354,8 @@ impl Agent {
         let back: Vec<MovedClient> = clients.iter().map(|c| MovedClient { addr: *c, connections: here.get(c).copied().unwrap_or(0) }).collect();
         // Recorded before the answer leaves, so that Commit and Abort find it.
         {
-            let now = Instant::now();
-            let mut st = self.state();
-            st.acked.insert(
-                (NodeName::from(from), id),
-                Acked {
-                    apps,
-                    handoff: handoff.to_string(),
-                    role: Role::Export,
-                    sample: sample(&clients),
-                    clients: busy.take(),
-                    next_query: now + QUERY_AFTER,
-                    backoff: Duration::from_secs(1),
-                    querying: false,
-                },
-            );
+            let acked = Acked::new(apps, handoff.to_string(), Role::Export, busy.take(), Instant::now() + QUERY_AFTER);
+            self.state().volunteer.acked.insert((NodeName::from(from), id), acked);
         }
         info!(origin = %from, handoff, clients = back.len(), sessions = n_sessions, "giving clients back: exported (frozen until the origin commits)");
         Ok(Answer::Returning { id, clients: back, sessions: sets })

@@ -67,6 +67,22 @@ impl Busy {
     }
 }
 
+/// A hand-over this node runs as its origin (either way), until it ends: its record (what is
+/// decided and told), the clients it holds busy until the applications confirm its end, and
+/// when it started.
+pub(super) struct Handover {
+    pub rec: Arc<Record>,
+    pub busy: Busy,
+    pub t0: Instant,
+}
+
+impl Handover {
+    /// Its name as applications see it, with `node` its origin.
+    pub(super) fn name(&self, node: &str) -> String {
+        HandoffId::new(node, self.rec.id, self.rec.volunteer.as_str()).to_string()
+    }
+}
+
 impl Drop for Busy {
     fn drop(&mut self) {
         self.agent.unbusy(&self.clients);
@@ -176,19 +192,13 @@ impl Agent {
         if clients.is_empty() {
             return;
         }
-        let mut st = self.state();
-        for c in clients {
-            st.busy.remove(c);
-        }
+        self.state().free(clients);
     }
 
     /// Waits, at most `limit`, until none of `clients` is in a hand-over here any more.
     pub(super) async fn until_settled(&self, clients: &[IpAddr], limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline && {
-            let st = self.state();
-            clients.iter().any(|c| st.busy.contains(c))
-        } {
+        while Instant::now() < deadline && { self.state().any_busy(clients) } {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -198,20 +208,18 @@ impl Agent {
         self.cfg.services.iter().any(|s| s.address == svc && s.sessions)
     }
 
-    /// Ends hand-over `rec` as `verdict` (committed or aborted; the rules already say it):
+    /// Ends hand-over `h` as `verdict` (committed or aborted, `why`; the rules already say it):
     /// records it, tells the volunteer, and tells this node's applications that took part until
-    /// they confirm; `clients` stay busy until then.
-    pub(super) async fn conclude(self: &Arc<Self>, rec: &Arc<Record>, verdict: Verdict, why: String, clients: Vec<IpAddr>) {
+    /// they confirm; its clients stay busy until then.
+    pub(super) async fn conclude(self: &Arc<Self>, h: Handover, verdict: Verdict, why: String) {
+        let handoff = h.name(self.cfg.node.as_str());
+        let Handover { rec, mut busy, .. } = h;
+        let clients = busy.take();
         let commit = verdict == Verdict::Committed;
-        self.records().decide(rec, verdict);
+        self.records().decide(&rec, verdict);
         if commit {
-            let now = Instant::now();
-            let mut st = self.state();
-            for c in &rec.clients {
-                st.moved_at.insert(*c, now);
-            }
+            self.state().moved.just_moved(&rec.clients, Instant::now());
         }
-        let handoff = HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string();
         let me = self.clone();
         let (apps, h) = (rec.apps.clone(), handoff.clone());
         let settled = tokio::spawn(async move {
@@ -240,7 +248,7 @@ impl Agent {
     /// Tells the application of `service` how hand-over `handoff` ended, `clients` busy until
     /// it confirms.
     pub(super) fn settle_app(self: &Arc<Self>, service: SocketAddr, handoff: String, clients: Vec<IpAddr>, commit: bool) {
-        self.state().busy.extend(clients.iter().copied());
+        self.state().hold(clients.iter().copied());
         let me = self.clone();
         tokio::spawn(async move {
             me.apps.settle(service, &handoff, commit).await;

@@ -70,7 +70,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.agent.state().pending.remove(&self.key);
+        self.agent.state().links.take_waiter(&self.key.0, self.key.1);
     }
 }
 
@@ -83,19 +83,12 @@ impl Agent {
 
     /// Records a heartbeat from `name` (on either connection) and the load it says.
     pub(super) fn heartbeat(&self, name: &str, load: u64) {
-        let mut st = self.state();
-        let s = st.siblings.entry(NodeName::from(name)).or_default();
-        s.load = load;
-        s.last_heartbeat = Some(Instant::now());
+        self.state().links.heartbeat(name, load, Instant::now());
     }
 
     /// Records that `name` was heard from (any frame, on either connection).
     pub(super) fn heard(&self, name: &str) {
-        let mut st = self.state();
-        if let Some(s) = st.siblings.get_mut(name) {
-            s.last_seen = Some(Instant::now());
-        }
-        if st.unreachable_agents.remove(name) {
+        if self.state().links.heard(name, Instant::now()) {
             info!(sibling = %name, "the sibling's agent is back");
         }
     }
@@ -205,16 +198,9 @@ impl Agent {
         let mut failures = 0u32;
         loop {
             let end = self.clone().connect_once(&connector, &name, addr).await;
-            {
-                let mut st = self.state();
-                if let Some(s) = st.siblings.get_mut(name.as_str()) {
-                    s.out = None;
-                }
-                // Requests waiting for an answer on this link will not get one: fail them now.
-                st.pending.retain(|(n, _), _| n.as_str() != name);
-                if st.closing {
-                    return;
-                }
+            // Requests waiting for an answer on this link will not get one: they fail now.
+            if self.state().links.down(&name) {
+                return;
             }
             if end.established {
                 // A session that was up: start over quickly, and say once that it ended.
@@ -275,14 +261,7 @@ impl Agent {
         let (tx, mut rx) = mpsc::channel::<Request>(64);
         // Dropped when this connection ends: `close_links` waits for that.
         let (_ended, ended) = oneshot::channel::<()>();
-        let unreleased = {
-            let mut st = self.state();
-            let s = st.siblings.entry(NodeName::from(name)).or_default();
-            s.out = Some(tx);
-            s.ended = Some(ended);
-            s.last_seen = Some(Instant::now());
-            std::mem::take(&mut s.unreleased)
-        };
+        let unreleased = self.state().links.up(name, tx, ended, Instant::now());
         info!(sibling = %name, %addr, "link up");
         let error = self.run_link(name, &mut framed, &mut rx, unreleased).await;
         LinkEnd { established: true, error }
@@ -344,7 +323,7 @@ impl Agent {
         if let Answer::Sessions { id, service, sessions } = answer {
             return self.returned_sessions(name, id, service, sessions);
         }
-        if let Some(tx) = self.state().pending.remove(&(NodeName::from(name), answer.id())) {
+        if let Some(tx) = self.state().links.take_waiter(name, answer.id()) {
             let _ = tx.send(answer);
         }
     }
@@ -356,8 +335,8 @@ impl Agent {
         let key = (NodeName::from(name), id);
         let out = {
             let mut st = self.state();
-            st.pending.insert(key.clone(), tx);
-            st.siblings.get(name).and_then(|s| s.out.clone())
+            st.links.await_answer(name, id, tx);
+            st.links.sender(name)
         };
         let _guard = PendingGuard { agent: self, key };
         let out = out.ok_or_else(|| anyhow!("no link to {name}"))?;
@@ -371,7 +350,7 @@ impl Agent {
 
     /// Queues `msg` for `name` on its link, within the send deadline.
     pub(super) async fn send_to(&self, name: &str, msg: Request) -> anyhow::Result<()> {
-        let out = self.state().siblings.get(name).and_then(|s| s.out.clone()).ok_or_else(|| anyhow!("no link to {name}"))?;
+        let out = self.state().links.sender(name).ok_or_else(|| anyhow!("no link to {name}"))?;
         out.send_timeout(msg, self.send_deadline()).await.map_err(|e| match e {
             mpsc::error::SendTimeoutError::Timeout(_) => anyhow!("the link to {name} is stuck"),
             mpsc::error::SendTimeoutError::Closed(_) => anyhow!("link to {name} closed"),
@@ -381,11 +360,7 @@ impl Agent {
     /// The agent exits: each outbound link sends what is queued on it (a hand-over's last
     /// `Commit`, say), then closes cleanly; waits for that at most `limit`. None opens again.
     pub(super) async fn close_links(&self, limit: Duration) {
-        let ended: Vec<oneshot::Receiver<()>> = {
-            let mut st = self.state();
-            st.closing = true;
-            st.siblings.values_mut().filter_map(|s| s.out.take().and(s.ended.take())).collect()
-        };
+        let ended = self.state().links.close();
         let n = ended.len();
         if tokio::time::timeout(limit, futures::future::join_all(ended)).await.is_err() {
             warn!(
@@ -423,9 +398,7 @@ impl Agent {
         }
         if !undelivered.is_empty() {
             debug!(sibling = %name, clients = undelivered.len(), "release deferred until the link is up");
-            if let Some(s) = self.state().siblings.get_mut(name) {
-                s.owe_release(undelivered);
-            }
+            self.state().links.owe_release(name, undelivered);
         }
     }
 }

@@ -14,11 +14,8 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use super::{Agent, MigratedOut, classify_rules, flat, host_prefix};
-use crate::{
-    datapath::{Datapath, Prefix},
-    peer::NodeName,
-};
+use super::{Agent, classify_rules, flat, host_prefix};
+use crate::datapath::{Datapath, Prefix};
 
 impl Agent {
     pub(super) async fn liveness_loop(self: Arc<Self>) {
@@ -72,9 +69,9 @@ impl Agent {
             Ok(c) => c,
             Err(_) => return,
         };
-        self.state().listeners.retain(|svc, _| checks.iter().any(|c| c.0 == *svc));
+        self.state().volunteer.listeners.retain(|svc, _| checks.iter().any(|c| c.0 == *svc));
         for (svc, listener, inode) in checks {
-            let known = self.state().listeners.get(&svc).copied();
+            let known = self.state().volunteer.listeners.get(&svc).copied();
             let registered = match inode {
                 Ok(ino) if known == Some(Some(ino)) => continue,
                 Ok(ino) => flat(self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await).map(|()| ino),
@@ -86,13 +83,13 @@ impl Agent {
                     if known == Some(None) {
                         info!(service = %svc, %listener, "the application listens again: its clients are served");
                     }
-                    st.listeners.insert(svc, Some(ino));
+                    st.volunteer.listeners.insert(svc, Some(ino));
                 }
                 Err(why) => {
                     if known != Some(None) {
                         warn!(service = %svc, %listener, "clients steered here for {svc} are refused until the application listens again: {why}");
                     }
-                    st.listeners.insert(svc, None);
+                    st.volunteer.listeners.insert(svc, None);
                 }
             }
         }
@@ -108,12 +105,12 @@ impl Agent {
             .siblings
             .iter()
             .filter_map(|s| {
-                let since = st.siblings.get(s.name.as_str()).and_then(|x| x.last_seen).unwrap_or(self.started);
+                let since = st.links.last_seen(&s.name).unwrap_or(self.started);
                 let silent = since.elapsed();
                 if silent < live {
                     return None;
                 }
-                let clients: Vec<IpAddr> = st.migrated.values().filter(|m| m.to == s.name).map(|m| m.client).collect();
+                let clients = st.moved.on(&s.name);
                 (!clients.is_empty()).then(|| (s.name.clone(), clients, silent))
             })
             .collect()
@@ -121,13 +118,13 @@ impl Agent {
 
     fn suspect_silent(self: &Arc<Self>) {
         for (name, clients, silent) in self.silent_siblings() {
-            if !self.state().suspected.insert(name.clone()) {
+            if !self.state().links.suspect(&name) {
                 continue;
             }
             let me = self.clone();
             tokio::spawn(async move {
                 me.suspect(&name, clients, silent).await;
-                me.state().suspected.remove(&name);
+                me.state().links.unsuspect(&name);
             });
         }
     }
@@ -140,15 +137,15 @@ impl Agent {
     /// rules drained: the clients come home without their sessions (counted as lost).
     async fn suspect(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, silent: Duration) {
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        let linked = self.state().siblings.get(name).is_some_and(|s| s.out.is_some());
+        let linked = self.state().links.linked(name);
         if linked {
             warn!(sibling = %name, clients = clients.len(), silent_ms = silent.as_millis(), "sibling silent past the liveness timeout: suspected; taking its clients home with their sessions");
             self.take_home(name, clients, "suspected: silent past the liveness timeout", true).await;
         }
         let (left, heard): (Vec<IpAddr>, bool) = {
             let st = self.state();
-            let left = st.migrated.values().filter(|m| m.to == name && !st.busy.contains(&m.client)).map(|m| m.client).collect();
-            let heard = st.siblings.get(name).and_then(|s| s.last_seen).is_some_and(|t| t.elapsed() < live);
+            let left = st.moved.on(name).into_iter().filter(|c| !st.busy.contains(c)).collect();
+            let heard = st.links.last_seen(name).is_some_and(|t| t.elapsed() < live);
             (left, heard)
         };
         if left.is_empty() {
@@ -173,7 +170,7 @@ impl Agent {
         let timeout = Duration::from_millis((self.cfg.liveness_ms / 3).clamp(200, 1000));
         let probed = flat(self.with_dp(move |dp| targets.iter().try_for_each(|t| dp.probe_target(*t, timeout))).await);
         if probed.is_ok() {
-            if self.state().unreachable_agents.insert(name.to_string()) {
+            if self.state().links.agent_unreachable(name) {
                 warn!(sibling = %name, clients = left.len(), silent_ms = silent.as_millis(), "sibling's agent unreachable, but its datapath serves its clients: they stay on it with their sessions until it is back");
             }
             return;
@@ -196,27 +193,16 @@ impl Agent {
         let mut st = self.state();
         // Every one of them was served there, so whatever session it had there is gone; which
         // of them had none by then only the dead sibling knew.
-        let mut lost = 0u64;
-        for c in &left {
-            if st.migrated.remove(c).is_some() {
-                lost += 1;
-            }
-        }
-        st.sessions_lost += lost;
-        warn!(sibling = %name, sessions_lost = lost, total_lost = st.sessions_lost, "sessions lost: their clients came home from an unreachable sibling and start new sessions here");
-        if let Some(s) = st.siblings.get_mut(name) {
-            s.owe_release(left);
-        }
+        let lost = st.moved.lost(&left);
+        warn!(sibling = %name, sessions_lost = lost, total_lost = st.moved.sessions_lost, "sessions lost: their clients came home from an unreachable sibling and start new sessions here");
+        st.links.owe_release(name, left);
     }
 
     /// Releases owed to siblings that are heard again on a link that never went down (a
     /// link that does go down releases them first thing when it is up again).
     async fn flush_unreleased(self: &Arc<Self>) {
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        let owed: Vec<(NodeName, Vec<IpAddr>)> = {
-            let mut st = self.state();
-            st.siblings.iter_mut().filter(|(_, s)| !s.unreleased.is_empty() && s.reachable(live)).map(|(n, s)| (n.clone(), std::mem::take(&mut s.unreleased))).collect()
-        };
+        let owed = self.state().links.take_owed(live);
         for (name, clients) in owed {
             info!(sibling = %name, clients = clients.len(), "sibling heard again: releasing the clients taken back meanwhile");
             self.release(&name, clients).await;
@@ -235,35 +221,15 @@ impl Agent {
         };
         let (managed, orphans, draining) = classify_rules(&self.cfg, &rules);
         let active: HashMap<IpAddr, (String, u64)> = managed.into_iter().map(|(c, to, since)| (c, (to, since))).collect();
-        let mut released: HashMap<String, Vec<IpAddr>> = HashMap::new();
-        {
+        let released = {
             let mut st = self.state();
-            let super::State { migrated, busy, .. } = &mut *st;
-            migrated.retain(|c, m| {
-                // Recorded after the listing: the listing cannot know of it yet. In a hand-over:
-                // its rules are changing, it decides.
-                if m.recorded >= listed_at || busy.contains(c) || active.get(c).is_some_and(|(to, _)| *to == m.to) {
-                    return true;
-                }
-                info!(client = %c, to = %m.to, "client no longer steered: its rule was removed, drained or retargeted outside the agent");
-                released.entry(m.to.clone()).or_default().push(*c);
-                false
-            });
-            for (c, (to, since_unix)) in &active {
-                // A client in a hand-over: its rules are going in now, the hand-over records it.
-                if !st.migrated.contains_key(c) && !st.busy.contains(c) {
-                    info!(client = %c, to = %to, "watching a rule made outside the agent: it is drained if its sibling goes silent");
-                    st.migrated.insert(*c, MigratedOut { client: *c, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: listed_at });
-                }
+            let super::State { moved, busy, .. } = &mut *st;
+            let released = moved.reconcile(&active, listed_at, busy);
+            for o in moved.rules_left(orphans, draining) {
+                warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
             }
-            if st.orphans != orphans {
-                for o in orphans.iter().filter(|o| !st.orphans.contains(o)) {
-                    warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
-                }
-                st.orphans = orphans;
-            }
-            st.draining = draining;
-        }
+            released
+        };
         for (name, clients) in released {
             self.release(&name, clients).await;
         }

@@ -22,22 +22,19 @@ mod liveness;
 mod origin;
 mod policy;
 mod records;
+mod state;
 mod transfer;
 mod verdict;
 mod volunteer;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, anyhow};
-use tokio::{
-    net::TcpListener,
-    sync::{mpsc, oneshot},
-};
+use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{info, warn};
 
 pub use self::{
@@ -52,193 +49,14 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+use self::state::{Acked, Incoming, Links, Received, State};
 use crate::{
     admin::api::{self, OrphanRule, Status},
-    app::{Apps, Limits, Registration, Role},
+    app::{Apps, Limits, Registration},
     config::{Config, Valid},
-    datapath::{Datapath, Load, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
-    peer::{Answer, MovedClient, NodeName, Request, SessionBlob, tls::Tls},
+    datapath::{Datapath, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
+    peer::tls::Tls,
 };
-
-/// What an origin moved to a volunteer.
-#[derive(Clone, Debug)]
-pub struct MigratedOut {
-    pub client: IpAddr,
-    pub to: String,
-    pub since_unix: u64,
-    /// Connections the client had here when it moved.
-    pub connections: u64,
-    /// When this agent recorded it: reconciliation with the kernel only forgets entries older
-    /// than the rule listing it compares with.
-    pub recorded: Instant,
-}
-
-/// What a volunteer took from an origin.
-#[derive(Clone, Debug)]
-pub struct AdoptedIn {
-    pub client: IpAddr,
-    pub from: String,
-    pub since_unix: u64,
-    /// Connections the origin said the client had: room is kept for them until they arrive.
-    pub promised: u64,
-    /// The client's connections here now.
-    pub connections: u64,
-    /// The origin's request id of the transfer that brought it.
-    pub id: u64,
-    /// Whether the client was ever seen here: proof that the origin steers it.
-    pub arrived: bool,
-    /// When it last had a connection here (or was adopted).
-    pub last_seen: Instant,
-}
-
-#[derive(Default)]
-struct SiblingState {
-    out: Option<mpsc::Sender<Request>>,
-    /// Resolves once the outbound link's connection has ended (its task drops the sender).
-    ended: Option<tokio::sync::oneshot::Receiver<()>>,
-    /// Last frame received from it, on either connection; `None` until it is first heard.
-    last_seen: Option<Instant>,
-    last_heartbeat: Option<Instant>,
-    load: u64,
-    /// Clients taken back while the link was down: released when it is up again.
-    unreleased: Vec<IpAddr>,
-}
-
-impl SiblingState {
-    /// Linked (its outbound connection is up) and heard from within `live`.
-    fn reachable(&self, live: Duration) -> bool {
-        self.out.is_some() && self.last_seen.is_some_and(|t| t.elapsed() < live)
-    }
-
-    /// Owes it the release of `clients` (each once), sent when the link allows.
-    fn owe_release(&mut self, clients: impl IntoIterator<Item = IpAddr>) {
-        self.unreleased.extend(clients);
-        self.unreleased.sort_unstable();
-        self.unreleased.dedup();
-    }
-}
-
-struct Reservation {
-    origin: String,
-    id: u64,
-    capacity: u64,
-    until: Instant,
-}
-
-/// What a volunteer received of a transfer before its `Transfer` frame.
-#[derive(Default)]
-struct Incoming {
-    /// Sessions by the origin's service they belong to.
-    sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
-    clients: Vec<MovedClient>,
-    /// Why the rest of this transfer will be refused.
-    refused: Option<String>,
-    last: Option<Instant>,
-}
-
-/// A hand-over a volunteer took part in (it acknowledged a transfer, or gave clients back; or
-/// its application reported one unfinished), awaiting the origin's `Commit` or `Abort`;
-/// asked for with `Outcome` when they are late.
-struct Acked {
-    /// The local services whose applications imported (out) or exported (back) the sessions.
-    apps: Vec<SocketAddr>,
-    handoff: String,
-    /// Import: a transfer out to this node; export: a hand-back from it.
-    role: Role,
-    /// Its clients (a hand-back's stay busy here until it ends).
-    clients: Vec<IpAddr>,
-    /// Some of its clients, for the origin to check its rules with.
-    sample: Vec<IpAddr>,
-    /// When to ask the origin next, and how long to wait after that.
-    next_query: Instant,
-    backoff: Duration,
-    /// An `Outcome` question is on its way.
-    querying: bool,
-}
-
-#[derive(Default)]
-struct State {
-    /// Adopted services' local listeners as last checked: the socket inode registered for
-    /// `sk_lookup`, or `None` while nothing listens (warned once).
-    listeners: BTreeMap<SocketAddr, Option<u64>>,
-    load: Load,
-    siblings: HashMap<NodeName, SiblingState>,
-    pending: HashMap<(NodeName, u64), oneshot::Sender<Answer>>,
-    reservations: Vec<Reservation>,
-    migrated: HashMap<IpAddr, MigratedOut>,
-    adopted: HashMap<IpAddr, AdoptedIn>,
-    negotiating: bool,
-    /// Transfers in the making, by (origin, id).
-    incoming: HashMap<(NodeName, u64), Incoming>,
-    /// Transfers acknowledged, awaiting `Commit` or `Abort`, by (origin, id).
-    acked: HashMap<(NodeName, u64), Acked>,
-    /// Transfers whose import is in progress here, by (origin, id).
-    importing: HashSet<(NodeName, u64)>,
-    /// Sessions arriving for hand-backs this node (the origin) asked for, by (volunteer, id).
-    returning: HashMap<(NodeName, u64), handback::Returned>,
-    /// Clients in a hand-over that has not ended here (applications included): never picked
-    /// for another one meanwhile.
-    busy: HashSet<IpAddr>,
-    /// After a shedding round, until when a load still above the low watermark (clients still
-    /// arriving in the same burst) keeps shedding: the hysteresis goes down to low, not high.
-    shed_until: Option<Instant>,
-    /// After rounds that moved nothing, no round starts before this.
-    backoff_until: Option<Instant>,
-    /// Time of the last successful shedding, threshold crossing (the kernel's clock of the
-    /// connection that crossed it) to the round's rules installed.
-    last_shed_ms: Option<f64>,
-    /// When the kernel reported the last crossing of the armed watermark (`CLOCK_MONOTONIC` ns),
-    /// until a round starts from it.
-    crossing_ns: Option<u64>,
-    /// When the last rules of a round went into the kernel (`CLOCK_MONOTONIC` ns).
-    rules_installed_ns: Option<u64>,
-    /// What the last shedding round decided, in words.
-    last_round: Option<String>,
-    /// Rules in the kernel this agent does not manage (last reconciliation).
-    orphans: Vec<OrphanRule>,
-    /// Rules draining in the kernel (last reconciliation).
-    draining: usize,
-    /// Since when the load this node could shed has been at or under the low watermark (for
-    /// taking clients home after `home_after_secs`).
-    low_since: Option<Instant>,
-    /// When clients last moved (a hand-over either way committed), for [`MOVE_DWELL`].
-    moved_at: HashMap<IpAddr, Instant>,
-    /// Clients this node gave back to their origin whose connections here go on (they end
-    /// where they are): load it cannot shed, and no client of its own to move; forgotten when
-    /// they have no connection here.
-    returned: HashSet<IpAddr>,
-    /// Siblings being taken clients home from because they were suspected.
-    suspected: HashSet<String>,
-    /// Siblings whose agent is unreachable while their datapath serves (said once).
-    unreachable_agents: HashSet<String>,
-    /// The agent is leaving (SIGTERM): it offers no room and starts no round.
-    leaving: bool,
-    /// Links are closing for good (the agent exits): none is opened again.
-    closing: bool,
-    /// Clients that came home with their sessions (hand-backs committed).
-    handed_back: u64,
-    /// Sessions lost: clients that came home without them because their volunteer stayed
-    /// unreachable (counting those re-adopted from a previous run, whose sessions this agent
-    /// cannot know of).
-    sessions_lost: u64,
-    /// Time of the last hand-back, asked to committed.
-    last_home_ms: Option<f64>,
-}
-
-impl State {
-    /// The reservation of transfer (`origin`, `id`) if its lease has not run out at `now`.
-    fn live_reservation(&mut self, origin: &str, id: u64, now: Instant) -> Option<&mut Reservation> {
-        self.reservations.iter_mut().find(|r| r.origin == origin && r.id == id && r.until > now)
-    }
-
-    /// Removes the reservation of transfer (`origin`, `id`), expired or not; whether there was
-    /// one.
-    fn take_reservation(&mut self, origin: &str, id: u64) -> bool {
-        let before = self.reservations.len();
-        self.reservations.retain(|r| !(r.origin == origin && r.id == id));
-        self.reservations.len() != before
-    }
-}
 
 /// A running agent.
 pub struct Agent {
@@ -333,9 +151,8 @@ impl Agent {
         let replaced = dp.upgrade().context("putting this version's programs in place")?;
         info!(programs = replaced, "this version's programs attached (atomically, pinned maps kept)");
         let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
-        let mut state = State::default();
+        let mut state = State { links: Links::new(cfg.siblings.iter().map(|s| s.name.as_str().into())), ..State::default() };
         for s in &cfg.siblings {
-            state.siblings.insert(s.name.as_str().into(), SiblingState::default());
             for svc in &cfg.services {
                 if s.control_address(svc.address.ip()).is_none() {
                     warn!(sibling = %s.name, service = %svc.address, "{} clients never move to this sibling: it has no {} control address (dual_stack_address)", family_name(svc.address.is_ipv4()), family_name(svc.address.is_ipv4()));
@@ -347,7 +164,7 @@ impl Agent {
         let (managed, orphans, draining) = classify_rules(&cfg, &dp.list_rules()?);
         let now = Instant::now();
         for (client, to, since_unix) in &managed {
-            state.migrated.insert(*client, MigratedOut { client: *client, to: to.clone(), since_unix: *since_unix, connections: 0, recorded: now });
+            state.moved.watch(*client, to, *since_unix, now);
         }
         for o in &orphans {
             warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
@@ -355,8 +172,8 @@ impl Agent {
         if !managed.is_empty() || draining > 0 {
             info!(active = managed.len(), draining, "re-adopted the rules of a previous run (draining ones finish draining)");
         }
-        state.orphans = orphans;
-        state.draining = draining;
+        // Reported above.
+        let _ = state.moved.rules_left(orphans, draining);
         // Request ids never repeat across restarts: a volunteer may still hold state of ours.
         let first_id = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())).unwrap_or(0) << 16;
         let faults = faults::Faults::from_env().map_err(|e| anyhow!("{}: {e}", faults::ENV))?;
@@ -473,21 +290,13 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.exit_timeout_ms);
         while Instant::now() < deadline && {
             let st = self.state();
-            st.negotiating || !st.busy.is_empty()
+            st.rounds.negotiating || !st.busy.is_empty()
         } {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (adopted, migrated) = {
             let st = self.state();
-            let mut adopted: HashMap<String, Vec<IpAddr>> = HashMap::new();
-            for a in st.adopted.values() {
-                adopted.entry(a.from.clone()).or_default().push(a.client);
-            }
-            let mut migrated: HashMap<String, Vec<IpAddr>> = HashMap::new();
-            for m in st.migrated.values() {
-                migrated.entry(m.to.clone()).or_default().push(m.client);
-            }
-            (adopted, migrated)
+            (st.volunteer.by_origin(), st.moved.by_volunteer())
         };
         let (n_adopted, n_migrated): (usize, usize) = (adopted.values().map(Vec::len).sum(), migrated.values().map(Vec::len).sum());
         info!(
@@ -507,7 +316,7 @@ impl Agent {
         let all = futures::future::join(futures::future::join_all(gives), futures::future::join_all(homes));
         let timed_out = tokio::time::timeout_at(deadline.into(), all).await.is_err();
         let st = self.state();
-        let (left_adopted, left_out) = (st.adopted.len(), st.migrated.len());
+        let (left_adopted, left_out) = (st.volunteer.adopted.len(), st.moved.clients.len());
         if left_adopted + left_out == 0 {
             info!("agent stopped: every client is home or back with its origin");
         } else {
@@ -533,7 +342,7 @@ impl Agent {
             .siblings
             .iter()
             .map(|s| {
-                let x = st.siblings.get(s.name.as_str());
+                let x = st.links.siblings.get(s.name.as_str());
                 let last = x.and_then(|x| x.last_heartbeat).map(ms);
                 api::SiblingStatus {
                     name: s.name.clone(),
@@ -546,9 +355,10 @@ impl Agent {
             })
             .collect();
         let mut migrated_out: Vec<api::MovedOut> =
-            st.migrated.values().map(|m| api::MovedOut { client: m.client, to: m.to.clone(), since_unix: m.since_unix, connections: m.connections }).collect();
+            st.moved.clients.values().map(|m| api::MovedOut { client: m.client, to: m.to.clone(), since_unix: m.since_unix, connections: m.connections }).collect();
         migrated_out.sort_by_key(|m| m.client);
         let mut adopted: Vec<api::Adopted> = st
+            .volunteer
             .adopted
             .values()
             .map(|a| api::Adopted { client: a.client, from: a.from.clone(), since_unix: a.since_unix, promised: a.promised, connections: a.connections })
@@ -560,24 +370,24 @@ impl Agent {
             load: st.load.total,
             high_watermark: self.cfg.high_watermark,
             low_watermark: self.cfg.low_watermark,
-            shedding: st.negotiating,
-            last_shed_ms: st.last_shed_ms,
-            last_round: st.last_round.clone(),
-            promised: policy::promised(st.adopted.values().map(|a| (a.promised, a.connections))),
+            shedding: st.rounds.negotiating,
+            last_shed_ms: st.rounds.last_shed_ms,
+            last_round: st.rounds.last_round.clone(),
+            promised: st.volunteer.adopted_promised(),
             siblings,
             migrated_out,
             adopted,
-            draining: st.draining,
-            orphaned: st.orphans.clone(),
+            draining: st.moved.draining,
+            orphaned: st.moved.orphans.clone(),
             hook: api::HookStatus { registered, unconfirmed },
             handoffs: api::HandoffStatus {
                 clients_in_progress: st.busy.len(),
-                awaiting_outcome: st.acked.len(),
+                awaiting_outcome: st.volunteer.acked.len(),
                 undecided: self.records().undecided(),
-                handed_back: st.handed_back,
-                last_home_ms: st.last_home_ms,
+                handed_back: st.moved.handed_back,
+                last_home_ms: st.moved.last_home_ms,
             },
-            sessions_lost: st.sessions_lost,
+            sessions_lost: st.moved.sessions_lost,
             leaving: st.leaving,
             counters,
         }

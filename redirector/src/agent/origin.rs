@@ -17,6 +17,7 @@ use super::{
     Agent, flat,
     handoff::{Busy, names},
     pick_clients, policy,
+    state::{Picked, Seen},
 };
 use crate::{
     datapath::{Datapath, Load},
@@ -46,7 +47,7 @@ impl Agent {
             ready.clear_ready();
             if let Some(ev) = last {
                 debug!(total = ev.total, "the kernel reports the load over the armed watermark");
-                self.state().crossing_ns = Some(ev.at_ns);
+                self.state().rounds.crossed(ev.at_ns);
                 self.load_wake.notify_one();
             }
         }
@@ -73,43 +74,22 @@ impl Agent {
                 let mut st = self.state();
                 let now = Instant::now();
                 let here: HashMap<IpAddr, u64> = load.clients.iter().copied().collect();
-                for (c, a) in &mut st.adopted {
-                    a.connections = here.get(c).copied().unwrap_or(0);
-                    if a.connections > 0 {
-                        a.arrived = true;
-                        a.last_seen = now;
-                    }
-                }
+                st.volunteer.observe(&here, now);
                 // Connections of moved clients still here end where they are, as do those of
                 // clients given back to their origin: not load to shed. Those of adopted
                 // clients are load this node cannot shed.
-                st.returned.retain(|c| here.contains_key(c));
-                let staying: u64 = load.clients.iter().filter(|(a, _)| st.migrated.contains_key(a) || st.returned.contains(a)).map(|c| c.1).sum();
+                let staying = st.staying(&load);
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();
-                if projected <= self.cfg.low_watermark {
-                    st.shed_until = None;
-                    st.low_since.get_or_insert(now);
-                } else {
-                    st.low_since = None;
-                }
-                let over = projected > self.cfg.high_watermark;
-                let continuing = projected > self.cfg.low_watermark && st.shed_until.is_some_and(|t| now < t);
-                let waiting = st.backoff_until.is_some_and(|t| now < t);
-                let start = !st.leaving && !st.negotiating && !waiting && (over || continuing);
+                let leaving = st.leaving;
+                let Seen { start, over } = st.rounds.see(projected, self.cfg.low_watermark, self.cfg.high_watermark, leaving, now);
                 // Under low for long enough: clients come home, as many as keep it under low.
                 let home_after = Duration::from_secs(self.cfg.home_after_secs);
-                if !start && !st.leaving && !home_after.is_zero() && st.low_since.is_some_and(|t| now.duration_since(t) >= home_after) && !st.migrated.is_empty() {
-                    st.low_since = Some(now);
-                    let moved: Vec<(IpAddr, u64)> = st.migrated.values().filter(|m| !st.busy.contains(&m.client)).map(|m| (m.client, m.connections)).collect();
+                if !start && !leaving && !st.moved.clients.is_empty() && st.rounds.home_due(home_after, now) {
+                    let moved: Vec<(IpAddr, u64)> = st.moved.clients.values().filter(|m| !st.busy.contains(&m.client)).map(|m| (m.client, m.connections)).collect();
                     let home = policy::pick_home(&moved, projected, self.cfg.low_watermark);
                     if !home.is_empty() {
-                        let mut by: HashMap<String, Vec<IpAddr>> = HashMap::new();
-                        for c in home {
-                            if let Some(m) = st.migrated.get(&c) {
-                                by.entry(m.to.clone()).or_default().push(c);
-                            }
-                        }
+                        let by = st.moved.by_volunteer_of(home);
                         info!(
                             load = load.total,
                             projected,
@@ -124,16 +104,10 @@ impl Agent {
                     }
                 }
                 // The crossing a round starts from: the kernel's report, or now.
-                let crossing = if start {
-                    st.negotiating = true;
-                    let now_ns = crate::datapath::monotonic_ns();
-                    Some(st.crossing_ns.take().filter(|c| now_ns.saturating_sub(*c) < 1_000_000_000).unwrap_or(now_ns))
-                } else {
-                    None
-                };
+                let crossing = start.then(|| st.rounds.begin(crate::datapath::monotonic_ns()));
                 // Armed at the total where the load this node can shed passes high.
                 let at = self.cfg.high_watermark.saturating_add(staying);
-                let arm = (!st.negotiating && armed != Some(at)).then_some(at);
+                let arm = (!st.rounds.negotiating && armed != Some(at)).then_some(at);
                 (crossing.map(|c| (projected, over, c)), arm)
             };
             if let Some(at) = arm {
@@ -158,18 +132,13 @@ impl Agent {
         let moved = match self.clone().shed(&load, projected).await {
             Ok(n) => {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                let mut st = self.state();
                 // Threshold crossing (the kernel's clock) to the round's rules installed.
-                #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a round")]
-                let steered_ms = st.rules_installed_ns.map(|r| r.saturating_sub(crossing_ns) as f64 / 1e6);
+                let steered_ms = self.state().rounds.shed(n, crossing_ns);
                 info!(moved = n, round_ms = format!("{ms:.1}"), crossing_to_rules_ms = steered_ms.map(|m| format!("{m:.1}")), "shedding done");
-                if n > 0 {
-                    st.last_shed_ms = steered_ms;
-                }
                 n
             }
             Err(e) => {
-                self.state().last_round = Some(format!("moved nothing: {e:#}"));
+                self.state().rounds.last_round = Some(format!("moved nothing: {e:#}"));
                 0
             }
         };
@@ -185,20 +154,17 @@ impl Agent {
                 Some(b.next_wait())
             }
         };
-        let reason = self.state().last_round.clone().unwrap_or_default();
+        let reason = self.state().rounds.last_round.clone().unwrap_or_default();
         if let Some(w) = wait {
             info!(next_in_ms = w.as_millis(), "shedding round {reason}; backing off");
         }
-        let mut st = self.state();
-        st.negotiating = false;
-        st.shed_until = Some(Instant::now() + Duration::from_secs(2));
-        st.backoff_until = wait.map(|w| Instant::now() + w);
+        self.state().rounds.end(wait, Instant::now());
     }
 
     fn live_siblings(&self) -> Vec<String> {
         let st = self.state();
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        self.cfg.siblings.iter().filter(|s| st.siblings.get(s.name.as_str()).is_some_and(|x| x.reachable(live))).map(|s| s.name.clone()).collect()
+        self.cfg.siblings.iter().filter(|s| st.links.reachable(&s.name, live)).map(|s| s.name.clone()).collect()
     }
 
     /// Sheds load: clients adopted from siblings are given back to their origins first (this
@@ -207,10 +173,14 @@ impl Agent {
     async fn shed(self: Arc<Self>, load: &Load, projected: u64) -> anyhow::Result<usize> {
         let (candidates, adopted, origin_of) = {
             let st = self.state();
-            let candidates: Vec<(IpAddr, u64)> =
-                load.clients.iter().filter(|(a, _)| !st.migrated.contains_key(a) && !st.adopted.contains_key(a) && !st.returned.contains(a)).copied().collect();
-            let adopted: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| st.adopted.contains_key(a) && !st.busy.contains(a)).copied().collect();
-            let origin_of: HashMap<IpAddr, String> = adopted.iter().filter_map(|(a, _)| Some((*a, st.adopted.get(a)?.from.clone()))).collect();
+            let candidates: Vec<(IpAddr, u64)> = load
+                .clients
+                .iter()
+                .filter(|(a, _)| !st.moved.clients.contains_key(a) && !st.volunteer.adopted.contains_key(a) && !st.volunteer.returned.contains(a))
+                .copied()
+                .collect();
+            let adopted: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| st.volunteer.adopted.contains_key(a) && !st.busy.contains(a)).copied().collect();
+            let origin_of: HashMap<IpAddr, String> = adopted.iter().filter_map(|(a, _)| Some((*a, st.volunteer.adopted.get(a)?.from.clone()))).collect();
             (candidates, adopted, origin_of)
         };
         let give = pick_clients(&adopted, projected, self.cfg.low_watermark);
@@ -241,7 +211,7 @@ impl Agent {
                 }
             });
             futures::future::join_all(asks).await;
-            let still: HashSet<IpAddr> = self.state().adopted.keys().copied().collect();
+            let still: HashSet<IpAddr> = self.state().volunteer.adopted.keys().copied().collect();
             for (c, n) in &give {
                 if !still.contains(c) {
                     given += 1;
@@ -281,7 +251,7 @@ impl Agent {
     fn movable(self: &Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<(Vec<(IpAddr, u64)>, Busy)> {
         let blocked: Vec<SocketAddr> = self.cfg.services.iter().filter(|s| s.sessions && !self.apps.has(s.address)).map(|s| s.address).collect();
         let mut st = self.state();
-        let (adopted, rest): (Vec<_>, Vec<_>) = picked.into_iter().partition(|(a, _)| st.adopted.contains_key(a));
+        let Picked { adopted, recent, moved, in_handoff, rest } = st.sort_picked(picked, Instant::now());
         if !adopted.is_empty() {
             info!(
                 clients = adopted.len(),
@@ -289,9 +259,6 @@ impl Agent {
                 names(&adopted)
             );
         }
-        // A client that moved a moment ago stays put a while: its requests that waited when it
-        // moved are answered on their retry first.
-        let (recent, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.moved_at.get(a).is_some_and(|t| t.elapsed() < super::MOVE_DWELL));
         if !recent.is_empty() {
             info!(
                 clients = recent.len(),
@@ -300,13 +267,9 @@ impl Agent {
                 names(&recent)
             );
         }
-        // A client lives on one node at a time: one moved out comes home before it moves again,
-        // and one given back to its origin is not this node's to move.
-        let (moved, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.migrated.contains_key(a) || st.returned.contains(a));
         if !moved.is_empty() {
             info!(clients = moved.len(), "not moving clients already moved out (give them back first): {}", names(&moved));
         }
-        let (in_handoff, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| st.busy.contains(a));
         if !in_handoff.is_empty() {
             info!(clients = in_handoff.len(), "not moving clients whose previous hand-over has not ended (an application has not confirmed it yet): {}", names(&in_handoff));
         }
@@ -323,7 +286,7 @@ impl Agent {
                 bail!("nothing can move: {} keeps sessions and no application is registered for it", services.join(", "));
             }
         }
-        st.busy.extend(rest.iter().map(|c| c.0));
+        st.hold(rest.iter().map(|c| c.0));
         let busy = Busy::new(self.clone(), rest.iter().map(|c| c.0).collect());
         Ok((rest, busy))
     }
@@ -418,7 +381,7 @@ impl Agent {
             async move { me.transfer(&name, id, clients, timeout).await }
         });
         let moved: usize = futures::future::join_all(transfers).await.into_iter().sum();
-        self.state().last_round = Some(if moved > 0 { format!("moved {moved} client(s)") } else { "moved nothing: every hand-over failed".to_string() });
+        self.state().rounds.last_round = Some(if moved > 0 { format!("moved {moved} client(s)") } else { "moved nothing: every hand-over failed".to_string() });
         Ok(moved)
     }
 }

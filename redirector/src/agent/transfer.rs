@@ -14,11 +14,10 @@ use anyhow::anyhow;
 use tracing::{info, warn};
 
 use super::{
-    Agent, MigratedOut,
-    handoff::{Busy, NAMED, session_frames, session_sets},
+    Agent,
+    handoff::{Busy, Handover, NAMED, session_frames, session_sets},
     host_prefix,
     records::{Dir, Record},
-    unix_now,
 };
 use crate::{
     datapath::{Prefix, family_name},
@@ -30,7 +29,7 @@ impl Agent {
     pub(super) async fn transfer(self: &Arc<Self>, name: &str, id: u64, clients: Vec<MovedClient>, timeout: Duration) -> usize {
         let handoff = HandoffId::new(self.cfg.node.as_str(), id, name).to_string();
         let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
-        let mut busy = Busy::new(self.clone(), addrs.clone());
+        let busy = Busy::new(self.clone(), addrs.clone());
         let t0 = Instant::now();
         let families: BTreeSet<bool> = clients.iter().map(|c| c.addr.is_ipv4()).collect();
         let services: Vec<SocketAddr> = self.cfg.services.iter().map(|s| s.address).filter(|s| families.contains(&s.is_ipv4())).collect();
@@ -49,6 +48,7 @@ impl Agent {
                 return 0;
             }
         };
+        let h = Handover { rec, busy, t0 };
         // The export, and what the volunteer must receive of it, per service (count and
         // digest), with the volunteer's reservation kept alive all along.
         let prepared = self
@@ -66,7 +66,7 @@ impl Agent {
         let (exported, sets, t_export) = match prepared {
             Ok(p) => p,
             Err(e) => {
-                self.conclude(&rec, Verdict::Aborted, format!("export failed: {e:#}"), busy.take()).await;
+                self.conclude(h, Verdict::Aborted, format!("export failed: {e:#}")).await;
                 return 0;
             }
         };
@@ -87,7 +87,7 @@ impl Agent {
                 continue;
             }
             if let Err(e) = self.send_to(name, f).await {
-                self.conclude(&rec, Verdict::Aborted, format!("sending the transfer failed: {e:#}"), busy.take()).await;
+                self.conclude(h, Verdict::Aborted, format!("sending the transfer failed: {e:#}")).await;
                 return 0;
             }
         }
@@ -101,7 +101,7 @@ impl Agent {
             Err(e) => Some(format!("transfer failed: {e:#}")),
         };
         if let Some(why) = refused {
-            self.conclude(&rec, Verdict::Aborted, why, busy.take()).await;
+            self.conclude(h, Verdict::Aborted, why).await;
             return 0;
         }
         let t_ack = t0.elapsed();
@@ -109,7 +109,7 @@ impl Agent {
         let n = clients.len();
         // All or nothing, unless something failed to clean up: then the rules decide.
         let steered = self.steer(name, &clients).await.map_err(|e| format!("{e:#}"));
-        let Some(t_steer) = self.at_commit_point(&rec, steered, &mut busy, t0).await else { return 0 };
+        let Some(t_steer) = self.at_commit_point(h, steered).await else { return 0 };
         info!(
             sibling = %name,
             handoff,
@@ -187,7 +187,7 @@ impl Agent {
             Ok(())
         })
         .await??;
-        self.state().rules_installed_ns = Some(crate::datapath::monotonic_ns());
+        self.state().rounds.rules_installed(crate::datapath::monotonic_ns());
         if clients.len() > NAMED {
             info!(to = %name, clients = clients.len(), "clients moved");
         }
@@ -199,9 +199,8 @@ impl Agent {
                 if clients.len() <= NAMED {
                     info!(client = %c.addr, to = %name, connections = c.connections, "client moved");
                 }
-                let m = MigratedOut { client: c.addr, to: name.to_string(), since_unix: unix_now(), connections: c.connections, recorded: now };
-                if let Some(old) = st.migrated.insert(c.addr, m).filter(|old| old.to != name) {
-                    before.entry(old.to).or_default().push(c.addr);
+                if let Some(old) = st.moved.steered(c.addr, name, c.connections, now) {
+                    before.entry(old).or_default().push(c.addr);
                 }
             }
         }

@@ -21,11 +21,10 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::{
-    Acked, Agent, MigratedOut, flat,
-    handoff::{Busy, names, sample},
+    Acked, Agent, flat,
+    handoff::{Busy, Handover, names},
     host_prefix,
     records::{Dir, Record},
-    unix_now,
 };
 use crate::{
     app::{PendingHandoff, Registration, Role},
@@ -115,11 +114,13 @@ impl Agent {
         }
     }
 
-    /// Hand-over `rec` (either way) at its commit point, once its rules were to change, and
+    /// Hand-over `h` (either way) at its commit point, once its rules were to change, and
     /// what follows: committed when `changed` says they all did, otherwise whatever the rules
     /// say now; the agent's own view follows, and everyone is told (`conclude`, which also frees
-    /// `busy`). Returns when the rules had changed (since `t0`), or `None`: it aborted.
-    pub(super) async fn at_commit_point(self: &Arc<Self>, rec: &Arc<Record>, changed: Result<(), String>, busy: &mut Busy, t0: Instant) -> Option<Duration> {
+    /// its clients). Returns when the rules had changed (since it started), or `None`: it
+    /// aborted.
+    pub(super) async fn at_commit_point(self: &Arc<Self>, h: Handover, changed: Result<(), String>) -> Option<Duration> {
+        let rec = &h.rec.clone();
         let verdict = match changed {
             Ok(()) => Verdict::Committed,
             Err(e) => {
@@ -134,12 +135,12 @@ impl Agent {
                 Dir::Out => "rules not installed",
                 Dir::Back => "rules not withdrawn",
             };
-            self.conclude(rec, verdict, why.into(), busy.take()).await;
+            self.conclude(h, verdict, why.into()).await;
             return None;
         }
-        let t_rules = t0.elapsed();
-        self.faults.pause("pause-before-commit", &HandoffId::new(self.cfg.node.as_str(), rec.id, rec.volunteer.as_str()).to_string()).await;
-        self.conclude(rec, verdict, String::new(), busy.take()).await;
+        let t_rules = h.t0.elapsed();
+        self.faults.pause("pause-before-commit", &h.name(self.cfg.node.as_str())).await;
+        self.conclude(h, verdict, String::new()).await;
         Some(t_rules)
     }
 
@@ -182,24 +183,7 @@ impl Agent {
     /// The agent's own view after hand-over `rec` was decided from the rules: the clients it
     /// steers now, and those that came home.
     pub(super) fn after_rules(&self, rec: &Record, verdict: Verdict) {
-        let mut st = self.state();
-        match (rec.dir, verdict) {
-            (Dir::Out, Verdict::Committed) => {
-                let now = std::time::Instant::now();
-                for c in &rec.clients {
-                    st.migrated.entry(*c).or_insert_with(|| MigratedOut { client: *c, to: rec.volunteer.clone(), since_unix: unix_now(), connections: 0, recorded: now });
-                }
-            }
-            (Dir::Back, Verdict::Committed) => {
-                for c in &rec.clients {
-                    if st.migrated.get(c).is_some_and(|m| m.to == rec.volunteer) {
-                        st.migrated.remove(c);
-                    }
-                }
-                st.handed_back += u64::try_from(rec.clients.len()).unwrap_or(u64::MAX);
-            }
-            _ => {}
-        }
+        self.state().moved.decided(rec, verdict, Instant::now());
     }
 
     /// At start: the hand-overs a previous run left undecided are decided from the rules (for
@@ -208,13 +192,11 @@ impl Agent {
         let unfinished = self.records().unfinished();
         for rec in unfinished {
             info!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "a hand-over the previous run left undecided: the kernel's rules decide it");
-            {
-                let mut st = self.state();
-                st.busy.extend(rec.clients.iter().copied());
-            }
-            let verdict = self.decide_until_done(&rec).await;
-            self.after_rules(&rec, verdict);
-            self.conclude(&rec, verdict, "decided after a restart, from the rules".into(), rec.clients.clone()).await;
+            self.state().hold(rec.clients.iter().copied());
+            let h = Handover { busy: Busy::new(self.clone(), rec.clients.clone()), rec, t0: Instant::now() };
+            let verdict = self.decide_until_done(&h.rec).await;
+            self.after_rules(&h.rec, verdict);
+            self.conclude(h, verdict, "decided after a restart, from the rules".into()).await;
         }
     }
 
@@ -285,35 +267,15 @@ impl Agent {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished hand-over with {origin}, not a sibling: cannot ask it, left unfinished");
             return;
         }
-        let key = (NodeName::from(origin), id);
         let mut st = self.state();
-        if st.importing.contains(&key) {
-            return;
-        }
-        if let Some(a) = st.acked.get_mut(&key) {
-            if !a.apps.contains(&service) {
-                a.apps.push(service);
-            }
+        if st.volunteer.knows(origin, id, service) {
             return;
         }
         info!(%service, handoff = p.handoff, clients = p.clients.len(), "the application reports an unfinished hand-over: asking {origin} how it ended");
         if p.role == Role::Export {
-            st.busy.extend(p.clients.iter().copied());
+            st.hold(p.clients.iter().copied());
         }
-        let now = std::time::Instant::now();
-        st.acked.insert(
-            key,
-            Acked {
-                apps: vec![service],
-                handoff: p.handoff,
-                role: p.role,
-                sample: sample(&p.clients),
-                clients: p.clients,
-                next_query: now,
-                backoff: Duration::from_secs(1),
-                querying: false,
-            },
-        );
+        st.volunteer.acked.insert((NodeName::from(origin), id), Acked::new(vec![service], p.handoff, p.role, p.clients, Instant::now()));
     }
 }
 

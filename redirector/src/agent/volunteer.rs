@@ -14,13 +14,7 @@ use anyhow::anyhow;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
-use super::{
-    Acked, AdoptedIn, Agent, Incoming, Reservation,
-    handoff::{check_received, sample},
-    policy,
-    records::Dir,
-    unix_now,
-};
+use super::{Acked, Agent, Incoming, Received, handoff::check_received, policy, records::Dir, unix_now};
 use crate::{
     app::Role,
     config::Sibling,
@@ -30,9 +24,8 @@ use crate::{
 
 /// A volunteer asks the origin how a hand-over it took part in ended when neither `Commit`
 /// nor `Abort` came this long after its acknowledgement (or its `Returning`); then again and
-/// again, backing off up to [`QUERY_MAX`], until the origin knows.
+/// again, backing off (up to 10 s, `state::volunteer`), until the origin knows.
 pub(super) const QUERY_AFTER: Duration = Duration::from_secs(2);
-const QUERY_MAX: Duration = Duration::from_secs(10);
 
 /// One of the origin's services as this volunteer serves it, checked against its own
 /// configuration.
@@ -45,6 +38,18 @@ struct Adoption {
     listener: SocketAddr,
     /// The origin's tunnel source of that family (from this node's configuration).
     src: IpAddr,
+}
+
+/// A transfer as it reached this volunteer: its origin and id, what its `Transfer` frame says
+/// (the services handed over, the origin's tunnel sources, the count and digest of each
+/// service's sessions), and what arrived of it before that frame.
+struct TransferIn {
+    from: NodeName,
+    id: u64,
+    services: Vec<SocketAddr>,
+    tunnel_src: Vec<IpAddr>,
+    sets: Vec<SessionSet>,
+    incoming: Incoming,
 }
 
 impl Agent {
@@ -63,15 +68,16 @@ impl Agent {
             Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
             Request::Transfer { id, services, tunnel_src, clients, sessions } => {
                 self.receive(from, id, None, Vec::new(), clients);
-                let incoming = self.state().incoming.remove(&(NodeName::from(from), id)).unwrap_or_default();
+                let incoming = self.state().volunteer.take_incoming(from, id);
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
                     return answer(Answer::Abort { id, reason: "too many transfers in progress from this sibling; ask again".into() }).await;
                 };
                 let (me, from, reply) = (self.clone(), NodeName::from(from), reply.clone());
-                me.state().importing.insert((from.clone(), id));
+                me.state().volunteer.importing.insert((from.clone(), id));
                 tokio::spawn(async move {
-                    let a = me.clone().accept_transfer(&from, id, services, tunnel_src, sessions, incoming).await;
-                    me.state().importing.remove(&(from.clone(), id));
+                    let t = TransferIn { from: from.clone(), id, services, tunnel_src, sets: sessions, incoming };
+                    let a = me.clone().accept_transfer(t).await;
+                    me.state().volunteer.importing.remove(&(from.clone(), id));
                     drop(permit);
                     if reply.send_timeout(a, me.send_deadline()).await.is_err() {
                         warn!(origin = %from, id, "could not answer the transfer: the link is gone or stuck");
@@ -108,11 +114,8 @@ impl Agent {
             }
             Request::GiveBack { id, clients } => self.given_back(from, id, clients, reply),
             Request::Release { clients } => {
-                let mut st = self.state();
-                let before = st.adopted.len();
-                let gone: std::collections::HashSet<IpAddr> = clients.into_iter().collect();
-                st.adopted.retain(|c, a| !(a.from == from && gone.contains(c)));
-                info!(origin = %from, clients = before - st.adopted.len(), "origin took clients back: their room is free again");
+                let n = self.state().volunteer.released(from, clients);
+                info!(origin = %from, clients = n, "origin took clients back: their room is free again");
             }
         }
         Ok(())
@@ -122,18 +125,7 @@ impl Agent {
     /// arrived of it, its adopted clients, and the applications drop what they imported. A
     /// hand-back: the applications unfreeze what they exported; the clients stay here.
     fn forget_transfer(self: &Arc<Self>, from: &str, id: u64) {
-        let acked = {
-            let mut st = self.state();
-            let key = (NodeName::from(from), id);
-            let acked = st.acked.remove(&key);
-            if acked.as_ref().is_none_or(|a| a.role == Role::Import) {
-                st.take_reservation(from, id);
-                st.incoming.remove(&key);
-                // Clients of this transfer were not steered after all.
-                st.adopted.retain(|_, a| !(a.from == from && a.id == id));
-            }
-            acked
-        };
+        let acked = self.state().volunteer.aborted(from, id);
         match acked {
             // Nothing was steered: the imported sessions must not live here too.
             Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, false),
@@ -147,19 +139,11 @@ impl Agent {
     /// A hand-back: the clients live at their origin now; the applications drop their
     /// sessions (and close their connections) and their room here is free.
     fn commit_acked(self: &Arc<Self>, from: &str, id: u64) {
-        let acked = self.state().acked.remove(&(NodeName::from(from), id));
+        let acked = self.state().volunteer.committed(from, id);
         match acked {
-            Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, true),
-            Some(a) => {
-                {
-                    let mut st = self.state();
-                    let home: HashSet<IpAddr> = a.clients.iter().copied().collect();
-                    let before = st.adopted.len();
-                    st.adopted.retain(|c, x| !(x.from == from && home.contains(c)));
-                    // Their connections here still end here.
-                    st.returned.extend(home);
-                    info!(origin = %from, clients = before - st.adopted.len(), "clients given back: their room is free again");
-                }
+            Some((a, _)) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, true),
+            Some((a, n)) => {
+                info!(origin = %from, clients = n, "clients given back: their room is free again");
                 self.settle_apps_back(a.apps, a.handoff, a.clients, true);
             }
             None => {}
@@ -180,7 +164,9 @@ impl Agent {
     /// Asks the origin of acknowledged transfer (`origin`, `id`) how it ended; acts on a
     /// definite answer, or asks again later.
     async fn ask_outcome(self: Arc<Self>, origin: NodeName, id: u64) {
-        let Some((sample, handoff, back)) = self.state().acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone(), a.role == Role::Export)) else { return };
+        let Some((sample, handoff, back)) = self.state().volunteer.acked.get(&(origin.clone(), id)).map(|a| (a.sample.clone(), a.handoff.clone(), a.role == Role::Export)) else {
+            return;
+        };
         let req = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms.max(1000));
         let verdict = match self.ask(&origin, Request::Outcome { id: req, handoff: id, back, clients: sample }, req, timeout).await {
@@ -202,16 +188,11 @@ impl Agent {
                 self.forget_transfer(&origin, id);
             }
             other => {
-                let mut st = self.state();
-                if let Some(a) = st.acked.get_mut(&(origin.clone(), id)) {
-                    a.querying = false;
-                    a.next_query = Instant::now() + a.backoff;
-                    a.backoff = (a.backoff * 2).min(QUERY_MAX);
-                    match other {
-                        Ok(_) => debug!(origin = %origin, id, handoff, "the origin has not decided the hand-over yet; asking again in {} ms", a.backoff.as_millis()),
-                        Err(e) => {
-                            info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", a.backoff.as_millis());
-                        }
+                let Some(backoff) = self.state().volunteer.ask_again(&origin, id, Instant::now()) else { return };
+                match other {
+                    Ok(_) => debug!(origin = %origin, id, handoff, "the origin has not decided the hand-over yet; asking again in {} ms", backoff.as_millis()),
+                    Err(e) => {
+                        info!(origin = %origin, id, handoff, "cannot ask the origin how the hand-over ended ({e}); the imported sessions stay tentative, asking again in {} ms", backoff.as_millis());
                     }
                 }
             }
@@ -221,43 +202,12 @@ impl Agent {
     /// Sessions and clients of a transfer, arriving ahead of (or in) its `Transfer`: kept
     /// within the reservation (which they keep alive: big hand-overs outlast a lease).
     fn receive(&self, from: &str, id: u64, service: Option<SocketAddr>, sessions: Vec<SessionBlob>, clients: Vec<MovedClient>) {
-        let now = Instant::now();
         let lease = Duration::from_millis(self.cfg.lease_ms);
-        let max_blob = self.cfg.max_session_bytes;
-        let mut st = self.state();
-        let cap = st.live_reservation(from, id, now).map_or(0, |r| {
-            r.until = r.until.max(now + lease);
-            r.capacity
-        });
-        if cap == 0 && !st.incoming.contains_key(&(NodeName::from(from), id)) {
-            // Nothing to keep: the Transfer will be refused for want of a reservation.
-            warn!(origin = %from, id, "ignoring sessions or clients of a transfer with no reservation (lease expired?)");
-            return;
-        }
-        let held = st.incoming.entry((NodeName::from(from), id)).or_default();
-        held.last = Some(now);
-        if held.refused.is_some() {
-            return;
-        }
-        let n_sessions = u64::try_from(held.sessions.values().map(Vec::len).sum::<usize>() + sessions.len()).unwrap_or(u64::MAX);
-        let weight = policy::transfer_weight(&held.clients).zip(policy::transfer_weight(&clients)).and_then(|(a, b)| a.checked_add(b));
-        let refused = if cap == 0 {
-            Some(format!("no reservation for request {id} (lease expired?)"))
-        } else if sessions.iter().any(|s| s.blob.len() > max_blob) {
-            Some(format!("a session is over max_session_bytes ({max_blob})"))
-        } else if n_sessions > cap || weight.is_none_or(|w| w > cap) {
-            Some(format!("more sessions or clients than the {cap} connections reserved"))
-        } else {
-            None
-        };
-        if let Some(why) = refused {
-            warn!(origin = %from, id, "refusing the transfer: {why}");
-            *held = Incoming { refused: Some(why), last: Some(now), ..Incoming::default() };
-        } else {
-            if let Some(svc) = service.filter(|_| !sessions.is_empty()) {
-                held.sessions.entry(svc).or_default().extend(sessions);
-            }
-            held.clients.extend(clients);
+        let received = self.state().volunteer.receive(from, id, service, sessions, clients, Instant::now(), lease, self.cfg.max_session_bytes);
+        match received {
+            Received::Kept => {}
+            Received::Ignored => warn!(origin = %from, id, "ignoring sessions or clients of a transfer with no reservation (lease expired?)"),
+            Received::Refused(why) => warn!(origin = %from, id, "refusing the transfer: {why}"),
         }
     }
 
@@ -275,7 +225,7 @@ impl Agent {
         let families: BTreeSet<bool> = clients.iter().map(|c| c.addr.is_ipv4()).collect();
         {
             let st = self.state();
-            let ours: Vec<String> = clients.iter().filter(|c| st.migrated.contains_key(&c.addr)).map(|c| c.addr.to_string()).collect();
+            let ours: Vec<String> = clients.iter().filter(|c| st.moved.clients.contains_key(&c.addr)).map(|c| c.addr.to_string()).collect();
             if !ours.is_empty() {
                 return Err(format!("this node moved some of these clients out itself ({}): a client is never both", ours.join(", ")));
             }
@@ -299,12 +249,13 @@ impl Agent {
     /// Volunteer: checks the transfer and its sessions (exactly those it counts), imports them
     /// into the local applications (tentatively), then prepares delivery; only then
     /// acknowledges. Any failure undoes the imports and answers `Abort`.
-    #[expect(clippy::too_many_lines, reason = "one check after another, in order")]
-    async fn accept_transfer(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, sets: Vec<SessionSet>, incoming: Incoming) -> Answer {
+    async fn accept_transfer(self: Arc<Self>, t: TransferIn) -> Answer {
+        let TransferIn { from, id, services, tunnel_src, sets, incoming } = t;
+        let from = from.as_str();
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
             // The room it reserved is free again.
-            self.state().take_reservation(from, id);
+            self.state().volunteer.take_reservation(from, id);
             Answer::Abort { id, reason }
         };
         let Some(origin) = self.cfg.sibling(from).cloned() else {
@@ -321,10 +272,7 @@ impl Agent {
             let now = Instant::now();
             let hold = now + allowance + Duration::from_mins(1);
             // The state's lock is let go before `abort`, which takes it again.
-            self.state().live_reservation(from, id, now).map(|r| {
-                r.until = hold;
-                r.capacity
-            })
+            self.state().volunteer.hold_reservation(from, id, now, hold)
         };
         let Some(capacity) = capacity else {
             return abort(format!("no reservation for request {id} (lease expired?)"));
@@ -354,15 +302,8 @@ impl Agent {
                 self.settle_imports(imported_into, handoff.clone(), false);
                 return abort(format!("import failed: {e:#}"));
             }
-            info!(
-                origin = %from,
-                id,
-                service = %local,
-                sessions = n,
-                check_ms,
-                import_ms = t_import.elapsed().as_millis(),
-                "sessions imported into the application (tentative until the origin commits)"
-            );
+            let import_ms = t_import.elapsed().as_millis();
+            info!(origin = %from, id, service = %local, sessions = n, check_ms, import_ms, "sessions imported into the application (tentative until the origin commits)");
         }
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
@@ -389,41 +330,10 @@ impl Agent {
         // Recorded before the acknowledgement leaves, so that Commit and Abort find it. An
         // Abort that came during the import took the reservation: then nothing is recorded.
         let recorded = adopted.as_ref().is_ok_and(|()| {
-            let mut st = self.state();
-            if !st.take_reservation(from, id) {
-                return false;
-            }
             let now = Instant::now();
-            for c in &clients {
-                st.adopted.insert(
-                    c.addr,
-                    AdoptedIn {
-                        client: c.addr,
-                        from: from.to_string(),
-                        since_unix: unix_now(),
-                        promised: policy::weight(c.connections),
-                        connections: 0,
-                        id,
-                        arrived: false,
-                        last_seen: now,
-                    },
-                );
-            }
             let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
-            st.acked.insert(
-                (NodeName::from(from), id),
-                Acked {
-                    apps: imported_into.clone(),
-                    handoff: handoff.clone(),
-                    role: Role::Import,
-                    sample: sample(&addrs),
-                    clients: addrs,
-                    next_query: now + QUERY_AFTER,
-                    backoff: Duration::from_secs(1),
-                    querying: false,
-                },
-            );
-            true
+            let acked = Acked::new(imported_into.clone(), handoff.clone(), Role::Import, addrs, now + QUERY_AFTER);
+            self.state().volunteer.adopt(from, id, &clients, acked, unix_now(), now)
         });
         if recorded {
             info!(origin = %from, id, clients = clients.len(), connections = want, "adopted clients (ready: sibling, route, listener); room kept for them until they arrive");
@@ -472,14 +382,12 @@ impl Agent {
         let now = Instant::now();
         let high = self.cfg.high_watermark;
         let mut st = self.state();
-        st.reservations.retain(|r| r.until > now);
-        let reserved = st.reservations.iter().fold(0u64, |s, r| s.saturating_add(r.capacity));
-        let promised = policy::promised(st.adopted.values().map(|a| (a.promised, a.connections)));
+        let (reserved, promised) = st.volunteer.promised(now);
         let load = st.load.total;
         let room = policy::room(high, load, reserved, promised);
         let why_not = if st.leaving {
             Some("stopping".to_string())
-        } else if st.negotiating {
+        } else if st.rounds.negotiating {
             Some("shedding itself".to_string())
         } else if load > high {
             Some(format!("over its own high watermark (load {load}, high {high})"))
@@ -495,7 +403,7 @@ impl Agent {
             return Answer::Decline { id, reason };
         }
         let capacity = room.min(connections);
-        st.reservations.push(Reservation { origin: from.to_string(), id, capacity, until: now + Duration::from_millis(self.cfg.lease_ms) });
+        st.volunteer.reserve(from, id, capacity, now + Duration::from_millis(self.cfg.lease_ms));
         info!(origin = %from, id, capacity, asked = connections, clients, load, reserved, promised, "offering help");
         Answer::Offer { id, capacity, lease_ms: self.cfg.lease_ms }
     }
@@ -507,34 +415,10 @@ impl Agent {
         let now = Instant::now();
         let expiry = Duration::from_millis(self.cfg.handoff_expiry_ms);
         let idle = Duration::from_secs(self.cfg.adopted_expiry_secs);
-        let ask: Vec<(NodeName, u64)> = {
+        let ask = {
             let mut st = self.state();
-            st.reservations.retain(|r| r.until > now);
-            st.moved_at.retain(|_, t| now.duration_since(*t) < super::MOVE_DWELL);
-            st.incoming.retain(|(from, id), i| {
-                let keep = i.last.is_some_and(|t| now.duration_since(t) < expiry);
-                if !keep {
-                    warn!(origin = %from, id, "dropping a transfer's sessions and clients: its Transfer never came");
-                }
-                keep
-            });
-            let acked: HashSet<(NodeName, u64)> = st.acked.keys().cloned().collect();
-            st.adopted.retain(|c, a| {
-                let keep = acked.contains(&(NodeName::from(a.from.as_str()), a.id)) || now.duration_since(a.last_seen) < idle;
-                if !keep {
-                    info!(client = %c, origin = %a.from, "forgetting an adopted client: never released by its origin and no connection here for {} s", idle.as_secs());
-                }
-                keep
-            });
-            // A lost Commit or Abort (or a restart here): the origin knows, from its rules.
-            st.acked
-                .iter_mut()
-                .filter(|(_, a)| !a.querying && a.next_query <= now)
-                .map(|(k, a)| {
-                    a.querying = true;
-                    k.clone()
-                })
-                .collect()
+            st.moved.forget_dwelled(now);
+            st.volunteer.expire(now, expiry, idle)
         };
         for (origin, id) in ask {
             tokio::spawn(self.clone().ask_outcome(origin, id));

@@ -1,0 +1,339 @@
+//! The origin's clients on other nodes: the clients it moved out (and steers), when clients last
+//! moved either way, the hand-backs it asked for, what came home, and the kernel's rules it
+//! leaves alone.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use tracing::info;
+
+use crate::{
+    admin::api::OrphanRule,
+    agent::{
+        MOVE_DWELL,
+        records::{Dir, Record},
+    },
+    datapath::unix_now,
+    peer::{NodeName, SessionBlob, Verdict},
+};
+
+/// Clients by the node they are with.
+pub type ByNode = HashMap<String, Vec<IpAddr>>;
+
+/// What an origin moved to a volunteer.
+#[derive(Clone, Debug)]
+pub struct MigratedOut {
+    /// The client.
+    pub client: IpAddr,
+    /// The volunteer its new connections go to.
+    pub to: String,
+    /// When it moved (wall clock, for the status).
+    pub since_unix: u64,
+    /// Connections the client had here when it moved.
+    pub connections: u64,
+    /// When this agent recorded it: reconciliation with the kernel only forgets entries older
+    /// than the rule listing it compares with.
+    pub recorded: Instant,
+}
+
+/// What arrived of a hand-back's answer before its `Returning`.
+#[derive(Default)]
+pub struct Returned {
+    /// Sessions by the service they belong to.
+    pub sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
+    /// When the volunteer was last heard on it: a long export keeps the wait alive.
+    pub last: Option<Instant>,
+}
+
+/// The origin's clients on other nodes, and their hand-backs.
+#[derive(Default)]
+pub struct Moved {
+    /// The clients this node moved out, by address.
+    pub clients: HashMap<IpAddr, MigratedOut>,
+    /// When clients last moved (a hand-over either way committed), for [`MOVE_DWELL`].
+    pub last_move: HashMap<IpAddr, Instant>,
+    /// Sessions arriving for hand-backs this node asked for, by (volunteer, id).
+    pub returning: HashMap<(NodeName, u64), Returned>,
+    /// Clients that came home with their sessions (hand-backs committed).
+    pub handed_back: u64,
+    /// Sessions lost: clients that came home without them because their volunteer stayed
+    /// unreachable (counting those re-adopted from a previous run, whose sessions this agent
+    /// cannot know of).
+    pub sessions_lost: u64,
+    /// Time of the last hand-back, asked to committed.
+    pub last_home_ms: Option<f64>,
+    /// Rules in the kernel this agent does not manage (last reconciliation).
+    pub orphans: Vec<OrphanRule>,
+    /// Rules draining in the kernel (last reconciliation).
+    pub draining: usize,
+}
+
+impl Moved {
+    /// Watches `client`, steered to `to` since `since_unix` (wall clock) by a rule this agent
+    /// did not make now (a previous run's, or one made outside it), as listed at `listed_at`.
+    pub fn watch(&mut self, client: IpAddr, to: &str, since_unix: u64, listed_at: Instant) {
+        self.clients.insert(client, MigratedOut { client, to: to.to_string(), since_unix, connections: 0, recorded: listed_at });
+    }
+
+    /// `client` (with `connections` here) is steered to `to` now; returns the volunteer it was
+    /// steered to before, if another (it no longer needs room there).
+    pub fn steered(&mut self, client: IpAddr, to: &str, connections: u64, now: Instant) -> Option<String> {
+        let m = MigratedOut { client, to: to.to_string(), since_unix: unix_now(), connections, recorded: now };
+        self.clients.insert(client, m).filter(|old| old.to != to).map(|old| old.to)
+    }
+
+    /// Hand-over `rec` was decided `verdict` (from the rules, or at its commit point): the
+    /// clients it steers now, and those that came home (counted).
+    pub fn decided(&mut self, rec: &Record, verdict: Verdict, now: Instant) {
+        match (rec.dir, verdict) {
+            (Dir::Out, Verdict::Committed) => {
+                for c in &rec.clients {
+                    self.clients.entry(*c).or_insert_with(|| MigratedOut { client: *c, to: rec.volunteer.clone(), since_unix: unix_now(), connections: 0, recorded: now });
+                }
+            }
+            (Dir::Back, Verdict::Committed) => {
+                for c in &rec.clients {
+                    if self.clients.get(c).is_some_and(|m| m.to == rec.volunteer) {
+                        self.clients.remove(c);
+                    }
+                }
+                self.handed_back += u64::try_from(rec.clients.len()).unwrap_or(u64::MAX);
+            }
+            _ => {}
+        }
+    }
+
+    /// `clients` moved (a hand-over either way committed) at `now`.
+    pub fn just_moved(&mut self, clients: &[IpAddr], now: Instant) {
+        for c in clients {
+            self.last_move.insert(*c, now);
+        }
+    }
+
+    /// Whether `client` moved less than [`MOVE_DWELL`] before `now`.
+    pub fn dwelling(&self, client: &IpAddr, now: Instant) -> bool {
+        self.last_move.get(client).is_some_and(|t| now.duration_since(*t) < MOVE_DWELL)
+    }
+
+    /// How long until none of `clients` moved less than [`MOVE_DWELL`] ago.
+    pub fn dwell_left(&self, clients: &[IpAddr], now: Instant) -> Duration {
+        clients.iter().filter_map(|c| self.last_move.get(c)).map(|t| MOVE_DWELL.saturating_sub(now.duration_since(*t))).max().unwrap_or_default()
+    }
+
+    /// Forgets the moves older than [`MOVE_DWELL`].
+    pub fn forget_dwelled(&mut self, now: Instant) {
+        self.last_move.retain(|_, t| now.duration_since(*t) < MOVE_DWELL);
+    }
+
+    /// The clients steered to `name`.
+    pub fn on(&self, name: &str) -> Vec<IpAddr> {
+        self.clients.values().filter(|m| m.to == name).map(|m| m.client).collect()
+    }
+
+    /// Every client moved out, by the volunteer it is with.
+    pub fn by_volunteer(&self) -> ByNode {
+        let mut by = ByNode::new();
+        for m in self.clients.values() {
+            by.entry(m.to.clone()).or_default().push(m.client);
+        }
+        by
+    }
+
+    /// Those of `clients` moved out, by the volunteer they are with.
+    pub fn by_volunteer_of(&self, clients: impl IntoIterator<Item = IpAddr>) -> ByNode {
+        let mut by = ByNode::new();
+        for c in clients {
+            if let Some(m) = self.clients.get(&c) {
+                by.entry(m.to.clone()).or_default().push(c);
+            }
+        }
+        by
+    }
+
+    /// `clients`' rules were drained because their volunteer stayed unreachable: they are home
+    /// without their sessions. Returns how many of them were moved out (their sessions lost).
+    pub fn lost(&mut self, clients: &[IpAddr]) -> u64 {
+        let lost = clients.iter().filter(|c| self.clients.remove(c).is_some()).count();
+        let lost = u64::try_from(lost).unwrap_or(u64::MAX);
+        self.sessions_lost += lost;
+        lost
+    }
+
+    /// Compares the clients moved out with the kernel's `active` rules (client to (sibling,
+    /// since), listed at `listed_at`): a client whose rule was removed, drained or retargeted
+    /// outside the agent is forgotten (returned by volunteer, to release there); an active rule
+    /// to a sibling not known of is watched from now on. Clients in a hand-over (`busy`) and
+    /// those recorded after the listing are left to it.
+    pub fn reconcile(&mut self, active: &HashMap<IpAddr, (String, u64)>, listed_at: Instant, busy: &HashSet<IpAddr>) -> ByNode {
+        let mut released = ByNode::new();
+        self.clients.retain(|c, m| {
+            // Recorded after the listing: the listing cannot know of it yet. In a hand-over:
+            // its rules are changing, it decides.
+            if m.recorded >= listed_at || busy.contains(c) || active.get(c).is_some_and(|(to, _)| *to == m.to) {
+                return true;
+            }
+            info!(client = %c, to = %m.to, "client no longer steered: its rule was removed, drained or retargeted outside the agent");
+            released.entry(m.to.clone()).or_default().push(*c);
+            false
+        });
+        for (c, (to, since_unix)) in active {
+            // A client in a hand-over: its rules are going in now, the hand-over records it.
+            if !self.clients.contains_key(c) && !busy.contains(c) {
+                info!(client = %c, to = %to, "watching a rule made outside the agent: it is drained if its sibling goes silent");
+                self.watch(*c, to, *since_unix, listed_at);
+            }
+        }
+        released
+    }
+
+    /// The kernel's rules this agent leaves alone and how many drain, as last listed; returns
+    /// the orphans not reported before.
+    pub fn rules_left(&mut self, orphans: Vec<OrphanRule>, draining: usize) -> Vec<OrphanRule> {
+        self.draining = draining;
+        if self.orphans == orphans {
+            return Vec::new();
+        }
+        let new = orphans.iter().filter(|o| !self.orphans.contains(o)).cloned().collect();
+        self.orphans = orphans;
+        new
+    }
+
+    /// Hand-back `id` of `name` was asked for at `t0`: its sessions may arrive.
+    pub fn await_back(&mut self, name: &str, id: u64, t0: Instant) {
+        self.returning.insert((NodeName::from(name), id), Returned { last: Some(t0), ..Returned::default() });
+    }
+
+    /// A `Sessions` frame of hand-back `id` of `name` (maybe empty: the volunteer still
+    /// exports); false when no such hand-back is awaited.
+    pub fn back_sessions(&mut self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>, now: Instant) -> bool {
+        let Some(r) = self.returning.get_mut(&(NodeName::from(name), id)) else { return false };
+        r.last = Some(now);
+        if !sessions.is_empty() {
+            r.sessions.entry(service).or_default().extend(sessions);
+        }
+        true
+    }
+
+    /// When the volunteer of hand-back `id` of `name` was last heard on it.
+    pub fn back_heard(&self, name: &str, id: u64) -> Option<Instant> {
+        self.returning.get(&(NodeName::from(name), id)).and_then(|r| r.last)
+    }
+
+    /// What arrived of hand-back `id` of `name`, no longer awaited.
+    pub fn take_back(&mut self, name: &str, id: u64) -> Returned {
+        self.returning.remove(&(NodeName::from(name), id)).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(i: u8) -> IpAddr {
+        IpAddr::from([198, 18, 1, i])
+    }
+
+    fn rec(dir: Dir, to: &str, clients: &[IpAddr]) -> Record {
+        Record { id: 1, dir, volunteer: to.into(), targets: Vec::new(), clients: clients.to_vec(), apps: Vec::new() }
+    }
+
+    #[test]
+    fn a_client_steered_elsewhere_is_released_where_it_was() {
+        let (mut m, now) = (Moved::default(), Instant::now());
+        assert_eq!(m.steered(ip(1), "b", 3, now), None);
+        assert_eq!(m.steered(ip(1), "b", 3, now), None, "the same volunteer");
+        assert_eq!(m.steered(ip(1), "c", 3, now).as_deref(), Some("b"));
+        assert_eq!(m.on("c"), vec![ip(1)]);
+        assert_eq!(m.clients[&ip(1)].connections, 3);
+    }
+
+    #[test]
+    fn decided_hand_overs_change_what_is_moved_out() {
+        let (mut m, now) = (Moved::default(), Instant::now());
+        m.steered(ip(1), "b", 5, now);
+        m.decided(&rec(Dir::Out, "c", &[ip(1), ip(2)]), Verdict::Committed, now);
+        assert_eq!(m.clients[&ip(1)].to, "b", "a client already known stays as it is");
+        assert_eq!(m.clients[&ip(2)].to, "c");
+        m.decided(&rec(Dir::Out, "c", &[ip(3)]), Verdict::Aborted, now);
+        assert!(!m.clients.contains_key(&ip(3)));
+        m.decided(&rec(Dir::Back, "c", &[ip(1), ip(2)]), Verdict::Committed, now);
+        assert_eq!(m.by_volunteer(), ByNode::from([("b".to_string(), vec![ip(1)])]), "only those with that volunteer come home");
+        assert_eq!(m.handed_back, 2);
+        m.decided(&rec(Dir::Back, "b", &[ip(1)]), Verdict::Aborted, now);
+        assert_eq!(m.handed_back, 2);
+    }
+
+    #[test]
+    fn clients_that_just_moved_dwell() {
+        let (mut m, now) = (Moved::default(), Instant::now());
+        m.just_moved(&[ip(1)], now);
+        assert!(m.dwelling(&ip(1), now) && !m.dwelling(&ip(2), now));
+        assert_eq!(m.dwell_left(&[ip(2), ip(1)], now + Duration::from_millis(500)), MOVE_DWELL.saturating_sub(Duration::from_millis(500)));
+        assert_eq!(m.dwell_left(&[ip(1)], now + MOVE_DWELL * 2), Duration::ZERO);
+        m.forget_dwelled(now + MOVE_DWELL);
+        assert!(m.last_move.is_empty());
+    }
+
+    #[test]
+    fn clients_of_an_unreachable_volunteer_count_as_lost_once() {
+        let (mut m, now) = (Moved::default(), Instant::now());
+        m.steered(ip(1), "b", 1, now);
+        m.steered(ip(2), "b", 1, now);
+        assert_eq!(m.lost(&[ip(1), ip(2), ip(3)]), 2);
+        assert_eq!(m.lost(&[ip(1)]), 0);
+        assert_eq!(m.sessions_lost, 2);
+        assert!(m.clients.is_empty());
+    }
+
+    #[test]
+    fn reconciling_forgets_rules_gone_and_watches_rules_made_outside() {
+        let now = Instant::now();
+        let listed = now + Duration::from_secs(1);
+        let mut m = Moved::default();
+        for c in 1..=4 {
+            m.steered(ip(c), "b", 1, now);
+        }
+        m.steered(ip(5), "b", 1, listed + Duration::from_secs(1));
+        let active = HashMap::from([(ip(1), ("b".to_string(), 7)), (ip(3), ("c".to_string(), 7)), (ip(6), ("c".to_string(), 8)), (ip(7), ("c".to_string(), 9))]);
+        let busy = HashSet::from([ip(4), ip(7)]);
+        let mut released = m.reconcile(&active, listed, &busy);
+        for v in released.values_mut() {
+            v.sort_unstable();
+        }
+        assert_eq!(released, ByNode::from([("b".to_string(), vec![ip(2), ip(3)])]), "removed, and retargeted");
+        let mut kept: Vec<IpAddr> = m.clients.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![ip(1), ip(3), ip(4), ip(5), ip(6)], "steered, retargeted, in a hand-over, recorded after the listing, made outside");
+        assert_eq!((m.clients[&ip(3)].to.as_str(), m.clients[&ip(3)].since_unix), ("c", 7), "watched where its rule sends it now");
+        assert_eq!((m.clients[&ip(6)].to.as_str(), m.clients[&ip(6)].since_unix), ("c", 8));
+    }
+
+    #[test]
+    fn new_orphans_are_reported_once() {
+        let mut m = Moved::default();
+        let o = |p: &str| OrphanRule { prefix: p.into(), target: ip(9), why: String::new() };
+        assert_eq!(m.rules_left(vec![o("a")], 2), vec![o("a")]);
+        assert_eq!(m.rules_left(vec![o("a")], 1), vec![]);
+        assert_eq!(m.rules_left(vec![o("a"), o("b")], 1), vec![o("b")]);
+        assert_eq!(m.rules_left(vec![], 0), vec![]);
+        assert!(m.orphans.is_empty() && m.draining == 0);
+    }
+
+    #[test]
+    fn hand_back_sessions_gather_until_taken() {
+        let (mut m, now) = (Moved::default(), Instant::now());
+        let svc: SocketAddr = "198.18.0.10:80".parse().unwrap();
+        let s = SessionBlob { client: ip(1), blob: b"x".to_vec() };
+        assert!(!m.back_sessions("b", 1, svc, vec![s.clone()], now), "not awaited");
+        m.await_back("b", 1, now);
+        let later = now + Duration::from_secs(1);
+        assert!(m.back_sessions("b", 1, svc, Vec::new(), later));
+        assert_eq!(m.back_heard("b", 1), Some(later), "an empty frame keeps the wait alive");
+        assert!(m.back_sessions("b", 1, svc, vec![s.clone()], later));
+        assert_eq!(m.take_back("b", 1).sessions, HashMap::from([(svc, vec![s])]));
+        assert!(m.back_heard("b", 1).is_none() && m.take_back("b", 1).sessions.is_empty());
+    }
+}
