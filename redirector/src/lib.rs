@@ -6,5 +6,6 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod doctor;
 pub mod peer;
 pub mod sock;

@@ -6,6 +6,7 @@ mod adopt;
 mod agent;
 mod ask;
 mod config;
+mod doctor;
 mod generate;
 mod instance;
 mod render;
@@ -121,6 +122,13 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentSocket,
     },
+    /// Check that this host has what the agent needs (kernel, BPF, cgroup, uplink MTU,
+    /// neighbour table, certificates, siblings), each failure with its fix; exit 1 if any fails.
+    Doctor {
+        /// The agent's configuration: also check its services, certificates and siblings.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print the shell completion script for SHELL (docs/cli.md says where to put it).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -143,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli { global, command } = cli;
     let report = match command {
         Command::Agent(args) => return agent::execute(&args, &global),
+        Command::Doctor { config } => doctor::execute(config.as_deref(), &global)?,
         Command::Completions { shell } => return generate::completions(shell),
         Command::Man { dir } => return generate::man(dir.as_deref()),
         Command::Config(cmd) => cmd.execute()?,
@@ -160,6 +169,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Teardown { force } => instance::teardown(&global, force)?,
     };
     render::print(&report, global.json)?;
+    if let render::Report::Doctor(checks) = &report {
+        doctor::verdict(checks)?;
+    }
     // The agent answered, and its answer is printed, but it did nothing.
     if let render::Report::GivenBack(g) = &report
         && g.given_back == 0

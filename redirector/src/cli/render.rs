@@ -68,6 +68,8 @@ pub(super) enum Report {
         name: String,
         dir: PathBuf,
     },
+    /// What `doctor` found.
+    Doctor(Vec<crate::doctor::Check>),
 }
 
 /// What `--json` prints of a report.
@@ -147,6 +149,18 @@ impl Report {
             Self::ConfigOk { file, node, siblings, services } => format!("{}: ok (node {node}, {siblings} sibling(s), {services} service(s))\n", file.display()),
             Self::CaWritten { dir } => format!("cluster CA written to {}/ca.pem and ca.key (keep ca.key secret)\n", dir.display()),
             Self::NodeCertWritten { name, dir } => format!("certificate for {name} written to {}/{name}.pem and {name}.key\n", dir.display()),
+            Self::Doctor(checks) => checks.iter().fold(String::new(), |mut out, c| {
+                let word = match c.outcome {
+                    crate::doctor::Outcome::Pass => "PASS",
+                    crate::doctor::Outcome::Warn => "WARN",
+                    crate::doctor::Outcome::Fail => "FAIL",
+                };
+                let _ = writeln!(out, "{word}  {}: {}", c.name, c.detail);
+                if let Some(fix) = &c.fix {
+                    let _ = writeln!(out, "      fix: {fix}");
+                }
+                out
+            }),
         }
     }
 
@@ -174,6 +188,7 @@ impl Report {
             Self::Status { status, .. } => serde_json::to_string(status)?,
             Self::Moved { moved, .. } => serde_json::to_string(moved)?,
             Self::GivenBack(g) => serde_json::to_string(g)?,
+            Self::Doctor(checks) => json!({ "ok": !checks.iter().any(|c| c.outcome == crate::doctor::Outcome::Fail), "checks": checks }).to_string(),
         };
         Ok(ForScripts::Json(doc))
     }

@@ -24,6 +24,7 @@ mod slots;
 mod target;
 pub mod testrun;
 mod types;
+mod verify;
 
 use std::{
     fs, io,
@@ -40,7 +41,7 @@ use aya::{
 use redirector_common::{BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, PORT_SLOT_COUNT, PortData, maps};
 pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_name};
 
-pub use self::{kernel_log::KernelLog, load::LoadEvents, probe::ProbeError};
+pub use self::{kernel_log::KernelLog, load::LoadEvents, probe::ProbeError, verify::verify_programs};
 use self::{
     links::{LINKS_DIR, LinkPin},
     slots::SlotTable,
@@ -330,6 +331,14 @@ pub fn listener_inode(listener: (IpAddr, u16)) -> Result<u64> {
 /// is none).
 pub fn interface_index(name: &str) -> Result<u32> {
     net::ifindex(name)
+}
+
+/// The MTU of interface `name`.
+///
+/// # Errors
+/// No such interface.
+pub fn interface_mtu(name: &str) -> Result<u32> {
+    net::mtu(name)
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.

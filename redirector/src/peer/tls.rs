@@ -65,3 +65,41 @@ pub fn identity<'a>(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = &
     let ee = webpki::EndEntityCert::try_from(cert).ok()?;
     names.into_iter().find(|n| ServerName::try_from(*n).is_ok_and(|sn| ee.verify_is_valid_for_subject_name(&sn).is_ok()))
 }
+
+/// Checks that `cert` is this node's certificate as its siblings will check it: issued by the
+/// CA in `ca`, valid now, for the name `node`. The reason when it is not.
+pub fn check_node_cert(ca: &Path, cert: &Path, node: &str) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier as _;
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(ca).map_err(|e| format!("{e:#}"))? {
+        roots.add(c).map_err(|e| format!("the CA in {}: {e}", ca.display()))?;
+    }
+    let chain = read_certs(cert).map_err(|e| format!("{e:#}"))?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(|e| format!("building the verifier: {e}"))?;
+    let name = ServerName::try_from(node.to_string()).map_err(|e| format!("node name {node:?}: {e}"))?;
+    verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls::pki_types::UnixTime::now()).map(drop).map_err(|e| format!("{}: {e}", cert.display()))
+}
+
+/// Opens a TCP connection to sibling `name` at `addr` and completes a mutual TLS handshake,
+/// within `timeout`: the sibling listens, presents a certificate of the cluster CA for its
+/// name, and accepts this node's.
+pub fn handshake(tls: &Tls, name: &str, addr: std::net::SocketAddr, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    let server = ServerName::try_from(name.to_string()).with_context(|| format!("sibling name {name:?}"))?;
+    let conn = rustls::ClientConnection::new(tls.client.clone(), server).context("starting TLS")?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).with_context(|| format!("TLS handshake with {addr}"))?;
+    }
+    // The server's verdict on this node's certificate arrives after the client's handshake
+    // ends (TLS 1.3): wait a moment for an alert, or for nothing (accepted).
+    let _ = stream.sock.set_read_timeout(Some(std::time::Duration::from_millis(300)));
+    let mut byte = [0u8; 1];
+    match std::io::Read::read(&mut stream, &mut byte) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{addr} refused this node's certificate: {e}")),
+        Ok(_) => Ok(()),
+    }
+}
