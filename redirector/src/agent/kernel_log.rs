@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::{Agent, flat};
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, KernelLog};
 
 impl Agent {
     /// Writes the lines of the programs this agent attached into its log as they come.
@@ -14,16 +14,6 @@ impl Agent {
             Ok(l) => l,
             Err(e) => return warn!("the kernel programs' log lines will not be shown (their counters still count): {e}"),
         };
-        // SAFETY: `KernelLog` owns its ring buffer's fd for its whole life and always returns
-        // that same fd; the AsyncFd owns the `KernelLog`.
-        let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE) } {
-            Ok(fd) => fd,
-            Err(e) => return warn!("watching the kernel programs' log: {e}"),
-        };
-        loop {
-            let Ok(mut ready) = fd.readable_mut().await else { return };
-            ready.get_inner_mut().flush();
-            ready.clear_ready();
-        }
+        super::ring::each_time_readable("the kernel programs' log", log, KernelLog::flush).await;
     }
 }

@@ -22,6 +22,7 @@ mod liveness;
 mod origin;
 mod policy;
 mod records;
+mod ring;
 mod state;
 mod transfer;
 mod verdict;

@@ -32,25 +32,18 @@ impl Agent {
             Ok(e) => e,
             Err(e) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e}"),
         };
-        // SAFETY: `LoadEvents` owns its ring buffer's fd for its whole life and always returns
-        // that same fd; the AsyncFd owns the `LoadEvents`.
-        let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
-            Ok(fd) => fd,
-            Err(e) => return warn!("watching the load events: {e}"),
-        };
-        loop {
-            let Ok(mut ready) = fd.readable_mut().await else { return };
+        super::ring::each_time_readable("the load events", events, |events| {
             let mut last = None;
-            while let Some(ev) = ready.get_inner_mut().next_event() {
+            while let Some(ev) = events.next_event() {
                 last = Some(ev);
             }
-            ready.clear_ready();
             if let Some(ev) = last {
                 debug!(total = ev.total, "the kernel reports the load over the armed watermark");
                 self.state().rounds.crossed(ev.at_ns);
                 self.load_wake.notify_one();
             }
-        }
+        })
+        .await;
     }
 
     pub(super) async fn load_loop(self: Arc<Self>) {
