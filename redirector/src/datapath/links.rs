@@ -91,13 +91,7 @@ impl Datapath {
     where
         for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
     {
-        let program = self.ebpf.program_mut(name).ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?;
-        let loaded = program.fd().is_ok();
-        let prog: &mut P = program.try_into().map_err(|e| Error::bpf(format!("{name} is not a {} program", P::KIND), e))?;
-        if !loaded {
-            prog.load_into_kernel().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
-        }
-        Ok(prog)
+        load_program(&mut self.ebpf, name)
     }
 
     fn attach_tc(&mut self, ifname: &str, name: &str, hook: TcAttachType, pin: fn(u32) -> LinkPin, replace: bool) -> Result<u32> {
@@ -181,6 +175,21 @@ impl Datapath {
 }
 
 /// A program type this instance loads: each has its own `load` (none takes arguments here).
+/// Program `name` of `ebpf` as its type `P`, loaded into the kernel (verified) if it was not
+/// yet.
+pub(crate) fn load_program<'e, P: Loadable>(ebpf: &'e mut aya::Ebpf, name: &str) -> Result<&'e mut P>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| Error::invalid(format!("eBPF object has no program {name}")))?;
+    let loaded = program.fd().is_ok();
+    let prog: &mut P = program.try_into().map_err(|e| Error::bpf(format!("{name} is not a {} program", P::KIND), e))?;
+    if !loaded {
+        prog.load_into_kernel().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+    }
+    Ok(prog)
+}
+
 pub(crate) trait Loadable {
     /// What the type is called in messages.
     const KIND: &'static str;
