@@ -31,15 +31,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The cluster CA in `ca`, as the roots both directions trust.
+fn roots(ca: &Path) -> anyhow::Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(ca)? {
+        roots.add(c).with_context(|| format!("adding the CA in {}", ca.display()))?;
+    }
+    Ok(Arc::new(roots))
+}
+
 impl Tls {
     /// Loads the node's certificate and key and the CA; both directions require a certificate
     /// issued by the CA.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
-        let mut roots = RootCertStore::empty();
-        for c in read_certs(ca)? {
-            roots.add(c).with_context(|| format!("adding the CA in {}", ca.display()))?;
-        }
-        let roots = Arc::new(roots);
+        let roots = roots(ca)?;
         let chain = read_certs(cert)?;
         let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build().context("building the client-certificate verifier")?;
@@ -70,12 +75,9 @@ pub fn identity<'a>(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = &
 /// CA in `ca`, valid now, for the name `node`. The reason when it is not.
 pub fn check_node_cert(ca: &Path, cert: &Path, node: &str) -> Result<(), String> {
     use rustls::client::danger::ServerCertVerifier as _;
-    let mut roots = RootCertStore::empty();
-    for c in read_certs(ca).map_err(|e| format!("{e:#}"))? {
-        roots.add(c).map_err(|e| format!("the CA in {}: {e}", ca.display()))?;
-    }
+    let roots = roots(ca).map_err(|e| format!("{e:#}"))?;
     let chain = read_certs(cert).map_err(|e| format!("{e:#}"))?;
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(|e| format!("building the verifier: {e}"))?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider()).build().map_err(|e| format!("building the verifier: {e}"))?;
     let name = ServerName::try_from(node.to_string()).map_err(|e| format!("node name {node:?}: {e}"))?;
     verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls::pki_types::UnixTime::now()).map(drop).map_err(|e| format!("{}: {e}", cert.display()))
 }
