@@ -44,7 +44,7 @@ impl Check {
         Self { name: name.into(), outcome: Outcome::Warn, detail: detail.into(), fix: Some(fix.into()) }
     }
 
-    fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Self { name: name.into(), outcome: Outcome::Fail, detail: detail.into(), fix: Some(fix.into()) }
     }
 }
@@ -72,8 +72,9 @@ pub fn host(cfg: Option<&Valid>) -> Vec<Check> {
 /// `cfg`) its services, certificates and siblings. Run them in `cfg`'s namespace.
 #[must_use]
 pub fn run(bpffs: &Path, cfg: Option<&Valid>) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let fs_ok = bpffs_check(bpffs, &mut checks);
+    let fs = bpffs_check(bpffs);
+    let fs_ok = fs.outcome == Outcome::Pass;
+    let mut checks = vec![fs];
     if fs_ok {
         checks.push(match datapath::verify_programs(bpffs) {
             Ok(names) => Check::pass("programs", format!("the verifier accepts all {} programs on this kernel ({})", names.len(), names.join(", "))),
@@ -132,24 +133,15 @@ fn btf() -> Check {
 }
 
 /// Whether `bpffs` is a mounted bpffs (the pins need one).
-fn bpffs_check(bpffs: &Path, checks: &mut Vec<Check>) -> bool {
+fn bpffs_check(bpffs: &Path) -> Check {
     match nix::sys::statfs::statfs(bpffs) {
-        Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => {
-            checks.push(Check::pass("bpffs", format!("{} is a bpffs", bpffs.display())));
-            true
-        }
-        Ok(_) => {
-            checks.push(Check::fail(
-                "bpffs",
-                format!("{} is not a bpffs", bpffs.display()),
-                format!("mount -t bpf bpf {} (the agent mounts it itself only with CAP_SYS_ADMIN)", bpffs.display()),
-            ));
-            false
-        }
-        Err(e) => {
-            checks.push(Check::fail("bpffs", format!("{}: {e}", bpffs.display()), format!("mkdir -p {0} && mount -t bpf bpf {0}", bpffs.display())));
-            false
-        }
+        Ok(st) if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Check::pass("bpffs", format!("{} is a bpffs", bpffs.display())),
+        Ok(_) => Check::fail(
+            "bpffs",
+            format!("{} is not a bpffs", bpffs.display()),
+            format!("mount -t bpf bpf {} (the agent mounts it itself only with CAP_SYS_ADMIN)", bpffs.display()),
+        ),
+        Err(e) => Check::fail("bpffs", format!("{}: {e}", bpffs.display()), format!("mkdir -p {0} && mount -t bpf bpf {0}", bpffs.display())),
     }
 }
 

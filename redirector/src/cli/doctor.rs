@@ -12,17 +12,12 @@ use crate::{config::Config, doctor, doctor::Check};
 /// host's checks still run.
 pub(super) fn execute(config: Option<&Path>, global: &Global) -> anyhow::Result<Report> {
     let mut checks: Vec<Check> = Vec::new();
-    let valid = match config.map(Config::load).transpose()? {
+    let valid = match config {
         None => None,
-        Some(c) => match c.validate() {
+        Some(path) => match Config::load(path)?.validate() {
             Ok(v) => Some(v),
             Err(invalid) => {
-                checks.push(Check {
-                    name: "configuration".into(),
-                    outcome: doctor::Outcome::Fail,
-                    detail: invalid.problems.join("; "),
-                    fix: Some(format!("redirector config check {}", config.map(Path::display).map(|d| d.to_string()).unwrap_or_default())),
-                });
+                checks.push(Check::fail("configuration", invalid.problems.join("; "), format!("redirector config check {}", path.display())));
                 None
             }
         },
