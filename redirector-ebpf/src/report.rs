@@ -48,12 +48,17 @@ fn due(counter: Counter) -> Option<u64> {
     }
 }
 
-/// Reports a packet the ingress classifier dropped or could not forward (`counter` is its
-/// verdict's), with the sender's address when the packet still has its own header.
+/// Reports a packet the ingress classifier dropped (with its sender's address) or could not
+/// forward; `counter` is its verdict's.
 #[inline(never)]
 pub fn ingress(skb: *mut __sk_buff, counter: Counter) {
     let ctx = &subprogram_ctx(skb);
     let Some(held) = due(counter) else { return };
+    if counter == Counter::ErrorForward {
+        // The packet may carry the tunnel's header already: its source says nothing.
+        warn!(ctx, "could not tunnel a packet of a migrated client to its target (the packet was kept here or dropped) ({} more on this CPU since the last line)", held);
+        return;
+    }
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return };
     // SAFETY: bounds checked by ptr_at.
     let src: Addr = match u16::from_be_bytes(unsafe { (*eth).proto }) {
@@ -81,9 +86,6 @@ pub fn ingress(skb: *mut __sk_buff, counter: Counter) {
         }
         (Counter::DroppedNotAdopted, None) => {
             warn!(ctx, "dropped a tunnelled packet from sibling {:i}: not for a service adopted here ({} more on this CPU since the last line)", src, held);
-        }
-        (Counter::ErrorForward, _) => {
-            warn!(ctx, "could not tunnel a packet of a migrated client to its target (the packet was kept here or dropped) ({} more on this CPU since the last line)", held);
         }
         _ => {}
     }
