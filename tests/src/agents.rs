@@ -180,6 +180,8 @@ pub struct NodeSpec<'a> {
     pub sessions: bool,
     /// More lines for this node's configuration only.
     pub extra: String,
+    /// Its agent is started in its namespace already ([`Launch`]): no `netns` line.
+    pub launched: bool,
 }
 
 /// Writes the TOML config of node `me` among `nodes` and returns its path.
@@ -191,10 +193,10 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
     // Clients come home after a lull only in the tests that say so.
     let home = if extra.contains("home_after_secs") || me.extra.contains("home_after_secs") { "" } else { "home_after_secs = 0\n" };
     let mut s = format!(
-        "node = \"{}\"\nlisten = \"{}:7470\"\nnetns = \"{}\"\ninstance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nstate_dir = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\n{liveness}{home}{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        "node = \"{}\"\nlisten = \"{}:7470\"\n{}instance = \"{}\"\nbpffs = \"{}\"\nadmin_socket = \"{}\"\napp_socket = \"{}\"\nstate_dir = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\n{liveness}{home}{}{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         me.name,
         me.host.v4[0],
-        me.host.ns,
+        if me.launched { String::new() } else { format!("netns = \"{}\"\n", me.host.ns) },
         me.host.ns,
         t.bpffs.display(),
         dir.join(format!("{}.sock", me.name)).display(),
@@ -234,6 +236,14 @@ pub fn start_agent_with(config: &Path, faults: Option<&str>) -> Proc {
     let mut c = Command::new(redirector_bin());
     c.args(["agent", "--config"]).arg(config);
     spawn_agent(c, config, faults)
+}
+
+/// Starts a node's agent: as `launch` says (in its namespace, named first), else plainly.
+fn start_node_agent(config: &Path, launch: Option<&(String, Launch)>, faults: Option<&str>) -> Proc {
+    match launch {
+        Some((ns, l)) => spawn_agent(l.command(ns, config), config, faults),
+        None => start_agent_with(config, faults),
+    }
 }
 
 /// Starts agent command `c` of `config`, logging to `<config>.log` (a previous log is kept as
@@ -497,7 +507,7 @@ impl Cluster {
                         apps.push(start_app(host, &cgroup, app, s6, &dir));
                     }
                 }
-                NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low, sessions: demo.is_some(), extra: o.extra.clone() }
+                NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low, sessions: demo.is_some(), extra: o.extra.clone(), launched: o.launch.is_some() }
             })
             .collect();
         let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();
@@ -507,17 +517,9 @@ impl Cluster {
             let cfg = agent_config(&t, &dir, s, &refs, extra);
             let o = node_opts(s.name);
             if let Some(l) = o.launch.clone() {
-                // Launched in its namespace already: no `netns` in its configuration.
-                let text = fs::read_to_string(&cfg).expect("agent config");
-                let text: String = text.lines().filter(|l| !l.starts_with("netns = ")).map(|l| format!("{l}\n")).collect();
-                fs::write(&cfg, text).expect("agent config");
                 launches.insert(s.name.to_string(), (s.host.ns.clone(), l));
             }
-            let agent = match launches.get(s.name) {
-                Some((ns, l)) => spawn_agent(l.command(ns, &cfg), &cfg, o.faults.as_deref()),
-                None => start_agent_with(&cfg, o.faults.as_deref()),
-            };
-            agents.insert(s.name.to_string(), agent);
+            agents.insert(s.name.to_string(), start_node_agent(&cfg, launches.get(s.name), o.faults.as_deref()));
         }
         drop(specs);
         let c = Self { agents, apps, dir, cgroups, t, app_of, launches };
@@ -649,11 +651,7 @@ impl Cluster {
     /// Starts node `name`'s agent again (same configuration, `faults` if any) and waits for
     /// it to answer.
     pub fn start_again(&mut self, name: &str, faults: Option<&str>) {
-        let cfg = self.dir.join(format!("{name}.toml"));
-        let agent = match self.launches.get(name) {
-            Some((ns, l)) => spawn_agent(l.command(ns, &cfg), &cfg, faults),
-            None => start_agent_with(&cfg, faults),
-        };
+        let agent = start_node_agent(&self.dir.join(format!("{name}.toml")), self.launches.get(name), faults);
         self.agents.insert(name.to_string(), agent);
         let _ = status(&self.sock(name));
     }

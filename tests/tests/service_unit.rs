@@ -4,13 +4,12 @@
 //! stop within the unit's `TimeoutStopSec` with every client home.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use redirector_tests::{
-    agents::{Cluster, Launch, NodeOpts, Options, migrated, open, served_by, wait_status},
+    agents::{Cluster, Launch, NodeOpts, Options, migrated, moved_to, open, served_by, wait_status},
     net::{SERVICE4, client4},
     require_root,
 };
@@ -72,13 +71,13 @@ fn the_units_exec_start_with_only_its_capabilities_sheds_load_and_stops_in_time(
     let svc = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
     let conns = open(&c, 1..=45, svc);
     let a = wait_status(&c.sock("a"), 30, "A to move clients under its low watermark", |v| migrated(v).len() >= 25);
-    let moved: HashMap<String, String> = migrated(&a).into_iter().collect();
+    let moved = moved_to(&a);
     assert!(moved.values().all(|to| to == "b"));
     drop(conns);
     std::thread::sleep(Duration::from_millis(300));
     let conns = open(&c, 1..=45, svc);
     for (i, _, who) in &conns {
-        let expected = if moved.contains_key(&client4(*i).to_string()) { "B" } else { "A" };
+        let expected = if moved.contains_key(&IpAddr::V4(client4(*i))) { "B" } else { "A" };
         assert_eq!(who, expected, "client {} is served by {expected}", client4(*i));
     }
     assert_eq!(served_by(&conns).get("B").copied().unwrap_or(0), moved.len());
