@@ -166,12 +166,7 @@ impl Agent {
     async fn shed(self: Arc<Self>, load: &Load, projected: u64) -> anyhow::Result<usize> {
         let (candidates, adopted, origin_of) = {
             let st = self.state();
-            let candidates: Vec<(IpAddr, u64)> = load
-                .clients
-                .iter()
-                .filter(|(a, _)| !st.moved.clients.contains_key(a) && !st.volunteer.adopted.contains_key(a) && !st.volunteer.returned.contains(a))
-                .copied()
-                .collect();
+            let candidates: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| !st.stays(a) && !st.volunteer.adopted.contains_key(a)).copied().collect();
             let adopted: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| st.volunteer.adopted.contains_key(a) && !st.busy.contains(a)).copied().collect();
             let origin_of: HashMap<IpAddr, String> = adopted.iter().filter_map(|(a, _)| Some((*a, st.volunteer.adopted.get(a)?.from.clone()))).collect();
             (candidates, adopted, origin_of)

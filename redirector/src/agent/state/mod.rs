@@ -80,7 +80,7 @@ impl State {
         let (recent, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.moved.dwelling(a, now));
         // A client lives on one node at a time: one moved out comes home before it moves again,
         // and one given back to its origin is not this node's to move.
-        let (moved, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.moved.clients.contains_key(a) || self.volunteer.returned.contains(a));
+        let (moved, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.stays(a));
         let (in_handoff, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.busy.contains(a));
         Picked { adopted, recent, moved, in_handoff, rest }
     }
@@ -108,10 +108,16 @@ impl State {
         c
     }
 
-    /// The connections in `load` that end where they are, not load this node can shed: those of
-    /// clients it moved out, and of clients it gave back to their origin.
+    /// Whether `client`'s connections here end where they are, the client being another node's
+    /// now: this node moved it out, or gave it back to its origin.
+    pub fn stays(&self, client: &IpAddr) -> bool {
+        self.moved.clients.contains_key(client) || self.volunteer.returned.contains(client)
+    }
+
+    /// The connections in `load` that end where they are ([`State::stays`]), not load this
+    /// node can shed.
     pub fn staying(&self, load: &Load) -> u64 {
-        load.clients.iter().filter(|(a, _)| self.moved.clients.contains_key(a) || self.volunteer.returned.contains(a)).map(|c| c.1).sum()
+        load.clients.iter().filter(|(a, _)| self.stays(a)).map(|c| c.1).sum()
     }
 }
 
