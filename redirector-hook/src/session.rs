@@ -46,49 +46,75 @@ pub fn raw_parts<B>(blobs: impl IntoIterator<Item = B>, version: Version) -> Vec
     if version == Version::V2 { blobs.into_iter().collect() } else { Vec::new() }
 }
 
-/// Reads the sessions of a line: its list, its `bytes` and the raw bytes that followed it.
-/// Every session needs a client address and a blob (version 1) or a length (version 2) of
-/// at most `max` bytes; in version 2 the lengths add up to `bytes`, which is `raw`'s length.
-pub fn from_wire(list: Vec<WireSession>, bytes: u64, raw: &[u8], version: Version, max: usize) -> Result<Vec<Session>, String> {
+/// A session as its line lists it: its blob (version 1, decoded from the base64), or the
+/// length of its blob among the raw bytes after the line (version 2, in list order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listed {
+    Blob(Vec<u8>),
+    Len(usize),
+}
+
+/// Reads the sessions a line lists, before (or without) the raw bytes that follow it: every
+/// session needs a client address and a blob (version 1) or a length (version 2) of at most
+/// `max` bytes; in version 2 the lengths add up to `bytes`. A reader that streams the raw
+/// bytes checks the line with this first.
+pub fn listed(list: Vec<WireSession>, bytes: u64, version: Version, max: usize) -> Result<Vec<(IpAddr, Listed)>, String> {
     let mut out = Vec::with_capacity(list.len());
-    let mut at = 0usize;
-    if u64::try_from(raw.len()).ok() != Some(bytes) {
-        return Err(format!("{} raw bytes followed a line announcing {bytes}", raw.len()));
-    }
+    let mut at = 0u64;
     for (i, s) in list.into_iter().enumerate() {
         if s.client.is_empty() {
             return Err(format!("session #{i} lacks a client or a blob"));
         }
         let client = parse_client(&s.client).ok_or_else(|| format!("session #{i} is for {:?}, not an address", s.client))?;
-        let blob = match version {
+        let listed = match version {
             Version::V1 => {
                 let Some(b64) = s.blob else { return Err(format!("session #{i} lacks a client or a blob")) };
                 if base64_len(max) < b64.len() {
                     return Err(format!("session of {client} is over the limit of {max} bytes (max_session_bytes)"));
                 }
-                STANDARD.decode(&b64).map_err(|e| format!("session of {client}: blob is not base64: {e}"))?
+                let blob = STANDARD.decode(&b64).map_err(|e| format!("session of {client}: blob is not base64: {e}"))?;
+                if blob.len() > max {
+                    return Err(format!("session of {client} is {} bytes, over the limit of {max} (max_session_bytes)", blob.len()));
+                }
+                Listed::Blob(blob)
             }
             Version::V2 => {
                 let Some(len) = s.len else { return Err(format!("session #{i} lacks a client or a len")) };
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                if len > max {
+                if usize::try_from(len).map_or(true, |l| l > max) {
                     return Err(format!("session of {client} is {len} bytes, over the limit of {max} (max_session_bytes)"));
                 }
-                let end = at.checked_add(len).filter(|e| *e <= raw.len()).ok_or_else(|| format!("the sessions' lengths add up to more than the {bytes} bytes announced"))?;
-                let blob = raw[at..end].to_vec();
-                at = end;
-                blob
+                at = at.checked_add(len).filter(|e| *e <= bytes).ok_or_else(|| format!("the sessions' lengths add up to more than the {bytes} bytes announced"))?;
+                Listed::Len(usize::try_from(len).unwrap_or(usize::MAX))
             }
         };
-        if blob.len() > max {
-            return Err(format!("session of {client} is {} bytes, over the limit of {max} (max_session_bytes)", blob.len()));
-        }
-        out.push(Session { client, blob });
+        out.push((client, listed));
     }
-    if at != raw.len() {
+    if version == Version::V2 && at != bytes {
         return Err(format!("the sessions' lengths add up to {at}, not the {bytes} bytes announced"));
     }
     Ok(out)
+}
+
+/// Reads the sessions of a line: its list, its `bytes` and the raw bytes that followed it
+/// (checked as [`listed`] says; `raw` is `bytes` long).
+pub fn from_wire(list: Vec<WireSession>, bytes: u64, raw: &[u8], version: Version, max: usize) -> Result<Vec<Session>, String> {
+    if u64::try_from(raw.len()).ok() != Some(bytes) {
+        return Err(format!("{} raw bytes followed a line announcing {bytes}", raw.len()));
+    }
+    let mut at = 0usize;
+    let sessions = listed(list, bytes, version, max)?
+        .into_iter()
+        .map(|(client, l)| match l {
+            Listed::Blob(blob) => Session { client, blob },
+            Listed::Len(len) => {
+                // In bounds: the lengths add up to `bytes`, which is `raw`'s length.
+                let blob = raw[at..at + len].to_vec();
+                at += len;
+                Session { client, blob }
+            }
+        })
+        .collect();
+    Ok(sessions)
 }
 
 #[cfg(test)]

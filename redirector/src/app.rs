@@ -10,7 +10,7 @@
 //! unfinished hand-overs an application reports when it registers.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -23,7 +23,7 @@ use anyhow::{Context as _, anyhow, bail};
 use redirector_hook::{
     AgentMsg, Answer, frame,
     register::Register,
-    session::{base64_len, from_wire, raw_parts, to_wire},
+    session::{Listed, base64_len, listed, raw_parts, to_wire},
 };
 pub use redirector_hook::{Role, Session, Version, parse_client, register::PendingHandoff};
 use tokio::{
@@ -100,8 +100,29 @@ pub fn import_line_len(blob_lens: impl IntoIterator<Item = usize>) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
+/// The raw bytes of version 2 export answers travel from the connection's reader to the
+/// exporting hand-over in pieces of this size at most, a few at a time: they go on to the
+/// sibling while the application is still writing, and never sit in memory all at once.
+const PIECE: usize = 1 << 16;
+
+/// Pieces read ahead of the hand-over that takes them.
+const PIECES_AHEAD: usize = 16;
+
+/// The raw bytes after an answer's line: all of them, or (an export answer) a stream of
+/// pieces that ends early if the connection breaks.
+enum Raw {
+    Whole(Vec<u8>),
+    Stream(mpsc::Receiver<std::io::Result<Vec<u8>>>),
+}
+
 /// An answer to a request (its line and the raw bytes after it), or why there is none.
-type Reply = Result<(Vec<u8>, Vec<u8>), String>;
+type Reply = Result<(Vec<u8>, Raw), String>;
+
+/// Who waits for the answer to a request, and whether it takes the raw bytes as a stream.
+struct Waiter {
+    reply: oneshot::Sender<Reply>,
+    stream: bool,
+}
 
 enum Out {
     /// A message: its line, then its raw bytes (version 2 blobs, written as they are, not
@@ -115,7 +136,7 @@ struct AppConn {
     /// The version the application registered with.
     version: Version,
     tx: mpsc::Sender<Out>,
-    waiters: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    waiters: Mutex<HashMap<u64, Waiter>>,
     next: AtomicU64,
     /// Bytes received from the application so far: progress that extends deadlines.
     received: AtomicU64,
@@ -126,7 +147,7 @@ struct AppConn {
 impl AppConn {
     fn fail_all(&self, why: &str) {
         for (_, w) in self.waiters.lock().expect("lock").drain() {
-            let _ = w.send(Err(why.to_string()));
+            let _ = w.reply.send(Err(why.to_string()));
         }
     }
 }
@@ -162,23 +183,103 @@ pub struct Apps {
     limits: Limits,
 }
 
-/// Checks an export answer against the request: sessions (possibly none) for requested
-/// clients only, each once, of at most `max` bytes.
-fn parse_export(line: &[u8], raw: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<Session>> {
+/// Checks an export answer's line against the request: sessions (possibly none) for
+/// requested clients only, each once, of at most `max` bytes. Returns them as the line lists
+/// them (version 2: their blobs are the raw bytes after it, in order).
+fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<(IpAddr, Listed)>> {
     let a = Answer::parse(line).map_err(|e| anyhow!("{e}"))?;
     let list = a.sessions.ok_or_else(|| anyhow!("the export answer has no sessions list (required, even when empty)"))?;
-    let sessions = from_wire(list, a.bytes, raw, version, max).map_err(|e| anyhow!("{e}"))?;
+    let sessions = listed(list, a.bytes, version, max).map_err(|e| anyhow!("{e}"))?;
     let requested: HashSet<IpAddr> = requested.iter().copied().collect();
     let mut seen = HashSet::with_capacity(sessions.len());
-    for s in &sessions {
-        if !requested.contains(&s.client) {
-            bail!("the application exported a session for {}, which was not requested", s.client);
+    for (client, _) in &sessions {
+        if !requested.contains(client) {
+            bail!("the application exported a session for {client}, which was not requested");
         }
-        if !seen.insert(s.client) {
-            bail!("the application exported two sessions for {}", s.client);
+        if !seen.insert(*client) {
+            bail!("the application exported two sessions for {client}");
         }
     }
     Ok(sessions)
+}
+
+/// An application's answer to an export: the sessions it lists, in order, whose blobs
+/// (version 2) may still be on their way from the application.
+pub struct Exported {
+    service: SocketAddr,
+    what: String,
+    listed: VecDeque<(IpAddr, Listed)>,
+    /// The raw bytes at hand, read up to `at`.
+    piece: Vec<u8>,
+    at: usize,
+    /// The rest of them, as the connection's reader gets them.
+    pieces: Option<mpsc::Receiver<std::io::Result<Vec<u8>>>>,
+    /// How long the application may stop sending in the middle of its sessions.
+    stall: Duration,
+}
+
+impl Exported {
+    /// The service whose application exported.
+    #[must_use]
+    pub fn service(&self) -> SocketAddr {
+        self.service
+    }
+
+    /// The sessions still to come: each client and the length of its blob.
+    pub fn sizes(&self) -> impl Iterator<Item = (IpAddr, usize)> + '_ {
+        self.listed.iter().map(|(c, l)| (*c, listed_len(l)))
+    }
+
+    /// The next sessions, in order, as many as fit in `budget` bytes (each counted with 64
+    /// bytes for its address and framing; at least one); `None` once all were taken.
+    pub async fn next_batch(&mut self, budget: usize) -> anyhow::Result<Option<Vec<Session>>> {
+        let mut batch = Vec::new();
+        let mut size = 0usize;
+        while let Some((_, l)) = self.listed.front() {
+            let len = listed_len(l).saturating_add(64);
+            if !batch.is_empty() && size.saturating_add(len) > budget {
+                break;
+            }
+            size = size.saturating_add(len);
+            let Some((client, l)) = self.listed.pop_front() else { break };
+            let blob = match l {
+                Listed::Blob(b) => b,
+                Listed::Len(n) => self.take(n).await?,
+            };
+            batch.push(Session { client, blob });
+        }
+        Ok(if batch.is_empty() { None } else { Some(batch) })
+    }
+
+    /// The next `n` raw bytes.
+    async fn take(&mut self, n: usize) -> anyhow::Result<Vec<u8>> {
+        let mut blob = Vec::with_capacity(n);
+        while blob.len() < n {
+            if self.at == self.piece.len() {
+                let (service, what) = (self.service, &self.what);
+                // The lengths add up to the raw bytes the reader frames: a whole answer has them all.
+                let Some(rx) = self.pieces.as_mut() else { bail!("the application for {service} answered {what} with fewer raw bytes than it listed") };
+                self.piece = match tokio::time::timeout(self.stall, rx.recv()).await {
+                    Err(_) => bail!("the application for {service} stopped sending the sessions of {what} for {} ms", self.stall.as_millis()),
+                    Ok(None) => bail!("the application for {service} went away in the middle of the sessions of {what}"),
+                    Ok(Some(Err(e))) => bail!("reading the sessions of {what} from the application for {service}: {e}"),
+                    Ok(Some(Ok(p))) => p,
+                };
+                self.at = 0;
+            }
+            let k = (n - blob.len()).min(self.piece.len() - self.at);
+            blob.extend_from_slice(&self.piece[self.at..self.at + k]);
+            self.at += k;
+        }
+        Ok(blob)
+    }
+}
+
+fn listed_len(l: &Listed) -> usize {
+    match l {
+        Listed::Blob(b) => b.len(),
+        Listed::Len(n) => *n,
+    }
 }
 
 /// The import request `id` of `sessions`: its line, and the blobs that follow it (version 2).
@@ -284,13 +385,20 @@ impl Apps {
 
     /// Sends the request `make(id)` and waits for its answer: `allowance` of the line's size
     /// from now, extended by the answer's progress. `room`: extra line length its answer may
-    /// take.
-    async fn call(&self, service: SocketAddr, what: &str, room: usize, make: impl FnOnce(u64, Version) -> (Vec<u8>, Vec<Vec<u8>>)) -> anyhow::Result<(Vec<u8>, Vec<u8>, Version)> {
+    /// take; `stream`: its raw bytes come as a stream, once its line is here.
+    async fn call(
+        &self,
+        service: SocketAddr,
+        what: &str,
+        room: usize,
+        stream: bool,
+        make: impl FnOnce(u64, Version) -> (Vec<u8>, Vec<Vec<u8>>),
+    ) -> anyhow::Result<(Vec<u8>, Raw, Version)> {
         let conn = self.conn(service).ok_or_else(|| anyhow!("no application registered for {service}"))?;
         let id = conn.next.fetch_add(1, Ordering::Relaxed);
         let (line, blobs) = make(id, conn.version);
         let (tx, rx) = oneshot::channel();
-        conn.waiters.lock().expect("lock").insert(id, tx);
+        conn.waiters.lock().expect("lock").insert(id, Waiter { reply: tx, stream });
         conn.export_room.fetch_add(room, Ordering::Relaxed);
         let _guard = WaiterGuard { conn: &conn, id, room };
         let start = Instant::now();
@@ -320,25 +428,34 @@ impl Apps {
         Ok((text, raw, conn.version))
     }
 
-    /// Exports (and freezes) the sessions of `clients`; checks the answer against the request.
-    /// The answer (possibly hundreds of MiB) is checked on a blocking thread.
-    pub async fn export(&self, service: SocketAddr, handoff: &str, clients: &[IpAddr]) -> anyhow::Result<Vec<Session>> {
+    /// Exports (and freezes) the sessions of `clients`; checks the answer's line against the
+    /// request. The blobs follow as the caller takes them ([`Exported::next_batch`]): a big
+    /// export goes on to a sibling while the application is still sending it.
+    pub async fn export(&self, service: SocketAddr, handoff: &str, clients: &[IpAddr]) -> anyhow::Result<Exported> {
         let names: Vec<String> = clients.iter().map(ToString::to_string).collect();
         let room = self.limits.export_room(clients.len());
         let what = format!("export {handoff}");
-        let (text, raw, version) = self.call(service, &what, room, |id, _| (message(&AgentMsg::Export { id, handoff: handoff.to_string(), clients: names }), Vec::new())).await?;
+        let (text, raw, version) =
+            self.call(service, &what, room, true, |id, _| (message(&AgentMsg::Export { id, handoff: handoff.to_string(), clients: names }), Vec::new())).await?;
         let (requested, max) = (clients.to_vec(), self.limits.max_session_bytes);
-        tokio::task::spawn_blocking(move || parse_export(&text, &raw, version, &requested, max))
+        // A version 1 answer (possibly hundreds of MiB of base64) is decoded on a blocking thread.
+        let listed = tokio::task::spawn_blocking(move || check_export(&text, version, &requested, max))
             .await
             .map_err(|e| anyhow!("checking the export: {e}"))?
-            .map_err(|e| anyhow!("the application for {service} answered {what}: {e:#}"))
+            .map_err(|e| anyhow!("the application for {service} answered {what}: {e:#}"))?;
+        let (piece, pieces) = match raw {
+            Raw::Whole(r) => (r, None),
+            Raw::Stream(rx) => (Vec::new(), Some(rx)),
+        };
+        let stall = self.limits.allowance(u64::try_from(PIECE).unwrap_or(u64::MAX));
+        Ok(Exported { service, what, listed: listed.into(), piece, at: 0, pieces, stall })
     }
 
     /// Imports sessions moved here (tentatively, until [`Apps::settle`]). The message is
     /// encoded in place of the async worker (`block_in_place`: a multi-threaded runtime only).
     pub async fn import(&self, service: SocketAddr, handoff: &str, sessions: Vec<Session>) -> anyhow::Result<()> {
         let what = format!("import {handoff}");
-        let (text, _, _) = self.call(service, &what, 0, |id, version| tokio::task::block_in_place(|| import_message(id, handoff, sessions, version))).await?;
+        let (text, _, _) = self.call(service, &what, 0, false, |id, version| tokio::task::block_in_place(|| import_message(id, handoff, sessions, version))).await?;
         Answer::parse(&text).map(drop).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))
     }
 
@@ -376,7 +493,7 @@ impl Apps {
                 let what = format!("{op} {handoff}");
                 let name = handoff.to_string();
                 let request = |id, _| (message(&if commit { AgentMsg::Commit { id, handoff: name } } else { AgentMsg::Abort { id, handoff: name } }), Vec::new());
-                let answer = self.call(service, &what, 0, request).await;
+                let answer = self.call(service, &what, 0, false, request).await;
                 match answer.and_then(|(t, _, _)| Answer::parse(&t).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))) {
                     Ok(_) => break,
                     Err(e) => {
@@ -497,7 +614,7 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
             let Some((id, line, raw)) = read_answer(&mut r, &mut buf, &conn, service).await? else { continue };
             let waiter = conn.waiters.lock().expect("lock").remove(&id);
             if let Some(w) = waiter {
-                let _ = w.send(Ok((line, raw)));
+                let _ = w.reply.send(Ok((line, raw)));
             } else {
                 warn!(%service, id, "the application answered a request that is not outstanding (answered too late?): ignored");
             }
@@ -518,9 +635,10 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
 }
 
 /// Reads the application's next message: its id, line and raw bytes. `None`: a line the
-/// connection survives but that answers nothing (it failed the outstanding requests); an
-/// error: the connection cannot go on (it failed them too).
-async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn: &AppConn, service: SocketAddr) -> anyhow::Result<Option<(u64, Vec<u8>, Vec<u8>)>> {
+/// connection survives but that answers nothing (it failed the outstanding requests), or an
+/// answer already delivered with its raw bytes as a stream; an error: the connection cannot
+/// go on (it failed them too).
+async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn: &AppConn, service: SocketAddr) -> anyhow::Result<Option<(u64, Vec<u8>, Raw)>> {
     let cap = || MAX_LINE.saturating_add(conn.export_room.load(Ordering::Relaxed));
     match read_line_capped(r, buf, cap, &conn.received).await {
         Ok(true) => {}
@@ -557,6 +675,22 @@ async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn
             conn.fail_all(&format!("it announced {n} raw bytes, over the {cap} its outstanding exports may take: connection closed"));
             bail!("the application announced {n} raw bytes, over the {cap} its outstanding exports may take: closing its connection");
         }
+        // An export's sessions go to the hand-over as they arrive.
+        let streamed = head.id.and_then(|id| {
+            let mut waiters = conn.waiters.lock().expect("lock");
+            if waiters.get(&id).is_some_and(|w| w.stream) { waiters.remove(&id) } else { None }
+        });
+        if let Some(w) = streamed {
+            let (tx, rx) = mpsc::channel(PIECES_AHEAD);
+            let _ = w.reply.send(Ok((line, Raw::Stream(rx))));
+            if let Err(e) = stream_raw(r, n, &tx, &conn.received).await {
+                let why = format!("reading its raw bytes: {e}");
+                let _ = tx.try_send(Err(e));
+                conn.fail_all(&why);
+                bail!("reading the application's raw bytes: {why}");
+            }
+            return Ok(None);
+        }
         match read_raw(r, n, &conn.received).await {
             Ok(raw) => raw,
             Err(e) => {
@@ -570,7 +704,22 @@ async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn
         conn.fail_all("it sent a line without a numeric id");
         return Ok(None);
     };
-    Ok(Some((id, line, raw)))
+    Ok(Some((id, line, Raw::Whole(raw))))
+}
+
+/// Reads the `n` raw bytes that follow a line into pieces for `tx`, counting them as
+/// progress; once `tx`'s receiver is gone (the hand-over failed), the rest is read and
+/// dropped, so the connection stays framed.
+async fn stream_raw<R: AsyncBufRead + Unpin>(r: &mut R, n: usize, tx: &mpsc::Sender<std::io::Result<Vec<u8>>>, received: &AtomicU64) -> std::io::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let piece = read_raw(r, left.min(PIECE), received).await?;
+        left -= piece.len();
+        if !tx.is_closed() {
+            let _ = tx.send(Ok(piece)).await;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -579,6 +728,127 @@ mod tests {
 
     fn a(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// An export answer as a hand-over takes it: its line checked, its raw bytes arriving in
+    /// pieces of `piece` bytes (then the stream ends), read in batches of `budget`.
+    fn exported(line: &[u8], raw: &[u8], version: Version, requested: &[IpAddr], max: usize, piece: usize) -> anyhow::Result<(Exported, mpsc::Sender<std::io::Result<Vec<u8>>>)> {
+        let listed = check_export(line, version, requested, max)?;
+        let (tx, rx) = mpsc::channel(raw.len() / piece + 2);
+        for p in raw.chunks(piece) {
+            tx.try_send(Ok(p.to_vec())).unwrap();
+        }
+        let e = Exported {
+            service: "198.18.0.10:80".parse().unwrap(),
+            what: "export h".into(),
+            listed: listed.into(),
+            piece: Vec::new(),
+            at: 0,
+            pieces: Some(rx),
+            stall: Duration::from_millis(200),
+        };
+        Ok((e, tx))
+    }
+
+    async fn batches(e: &mut Exported, budget: usize) -> anyhow::Result<Vec<Vec<Session>>> {
+        let mut all = Vec::new();
+        while let Some(b) = e.next_batch(budget).await? {
+            all.push(b);
+        }
+        Ok(all)
+    }
+
+    fn parse_export(line: &[u8], raw: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<Session>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let (mut e, tx) = exported(line, raw, version, requested, max, 2)?;
+            drop(tx);
+            Ok(batches(&mut e, 1).await?.concat())
+        })
+    }
+
+    /// A hand-over takes an export's sessions in batches under its frame budget, whatever
+    /// pieces the bytes arrive in; a stream that ends or stalls in the middle is an error.
+    #[tokio::test]
+    async fn exported_sessions_are_taken_in_batches_as_their_bytes_arrive() {
+        let req = [a("198.18.1.5"), a("198.18.1.9"), a("2001:db8::5")];
+        let line = br#"{"id":1,"ok":true,"bytes":9,"sessions":[{"client":"198.18.1.5","len":4},{"client":"198.18.1.9","len":0},{"client":"2001:db8::5","len":5}]}"#;
+        for piece in [1, 3, 9] {
+            let (mut e, tx) = exported(line, b"abcdhello", Version::V2, &req, 10, piece).unwrap();
+            drop(tx);
+            assert_eq!(e.sizes().collect::<Vec<_>>(), vec![(req[0], 4), (req[1], 0), (req[2], 5)]);
+            // Each session counts 64 bytes more than its blob: 68 and 64 fit in 140, 69 does not.
+            let got = batches(&mut e, 140).await.unwrap();
+            let shape: Vec<Vec<(IpAddr, &[u8])>> = got.iter().map(|b| b.iter().map(|s| (s.client, s.blob.as_slice())).collect()).collect();
+            assert_eq!(shape, vec![vec![(req[0], &b"abcd"[..]), (req[1], &b""[..])], vec![(req[2], &b"hello"[..])]], "pieces of {piece}");
+            assert!(e.next_batch(140).await.unwrap().is_none(), "nothing after the last");
+        }
+        // A session bigger than the budget still goes, alone.
+        let (mut e, _tx) = exported(line, b"abcdhello", Version::V2, &req, 10, 4).unwrap();
+        assert_eq!(batches(&mut e, 1).await.unwrap().len(), 3);
+        // The connection breaks after 6 of the 9 bytes.
+        let (mut e, tx) = exported(line, b"abcdhe", Version::V2, &req, 10, 4).unwrap();
+        drop(tx);
+        let err = format!("{:#}", batches(&mut e, 1000).await.unwrap_err());
+        assert!(err.contains("went away in the middle of the sessions of export h"), "{err}");
+        // The reader failed.
+        let (mut e, tx) = exported(line, b"abcdhe", Version::V2, &req, 10, 4).unwrap();
+        tx.try_send(Err(std::io::Error::other("reset"))).unwrap();
+        let err = format!("{:#}", batches(&mut e, 1000).await.unwrap_err());
+        assert!(err.contains("reset"), "{err}");
+        // The application stops sending for longer than allowed.
+        let (mut e, _tx) = exported(line, b"abcdhe", Version::V2, &req, 10, 4).unwrap();
+        let err = format!("{:#}", batches(&mut e, 1000).await.unwrap_err());
+        assert!(err.contains("stopped sending the sessions of export h for 200 ms"), "{err}");
+    }
+
+    /// The reader hands an export's raw bytes over in pieces as they come; a hand-over that
+    /// gave up on them leaves the connection framed: the next answer is read as it should be.
+    #[tokio::test]
+    async fn an_exports_raw_bytes_stream_and_the_connection_stays_framed() {
+        let (tx, _rx) = mpsc::channel(1);
+        let conn = AppConn { version: Version::V2, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received: AtomicU64::new(0), export_room: AtomicUsize::new(8 << 20) };
+        let service: SocketAddr = "198.18.0.10:80".parse().unwrap();
+        let raw = vec![7u8; 3 * PIECE + 5];
+        let mut data = format!("{{\"id\":1,\"ok\":true,\"bytes\":{},\"sessions\":[]}}\n", raw.len()).into_bytes();
+        data.extend_from_slice(&raw);
+        // More pieces than are read ahead: the reader waits for a hand-over that then gives up.
+        let raw2 = vec![8u8; (PIECES_AHEAD + 4) * PIECE];
+        data.extend_from_slice(format!("{{\"id\":2,\"ok\":true,\"bytes\":{},\"sessions\":[]}}\n", raw2.len()).as_bytes());
+        data.extend_from_slice(&raw2);
+        data.extend_from_slice(b"{\"id\":3,\"ok\":true}\n");
+        let mut r = BufReader::with_capacity(1 << 10, &data[..]);
+        let mut buf = Vec::new();
+        let mut waiting = Vec::new();
+        for (id, stream) in [(1, true), (2, true), (3, false)] {
+            let (reply, rx) = oneshot::channel();
+            conn.waiters.lock().unwrap().insert(id, Waiter { reply, stream });
+            waiting.push(rx);
+        }
+        let mut waiting = waiting.into_iter();
+        // Export 1 is taken piece by piece, all of it (the channel holds them all here).
+        assert!(read_answer(&mut r, &mut buf, &conn, service).await.unwrap().is_none(), "delivered as a stream");
+        let Ok((line, Raw::Stream(mut pieces))) = waiting.next().unwrap().await.unwrap() else { panic!("a stream") };
+        assert!(line.starts_with(br#"{"id":1,"#));
+        let mut got = Vec::new();
+        while let Some(p) = pieces.recv().await {
+            let p = p.unwrap();
+            assert!(p.len() <= PIECE);
+            got.extend(p);
+        }
+        assert_eq!(got, raw);
+        // Export 2's hand-over gave up before its bytes came: they are read and dropped.
+        let second = waiting.next().unwrap();
+        let reading = tokio::spawn(async move {
+            let (_, raw) = second.await.unwrap().unwrap();
+            drop(raw);
+        });
+        assert!(read_answer(&mut r, &mut buf, &conn, service).await.unwrap().is_none());
+        reading.await.unwrap();
+        let (id, line, raw) = read_answer(&mut r, &mut buf, &conn, service).await.unwrap().expect("the next answer");
+        assert_eq!((id, line.as_slice()), (3, &br#"{"id":3,"ok":true}"#[..]));
+        assert!(matches!(raw, Raw::Whole(r) if r.is_empty()));
+        assert_eq!(conn.received.load(Ordering::Relaxed), u64::try_from(data.len()).unwrap());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! Pauses, each `NAME=MS` (the agent waits MS ms there, logging `TEST FAULT NAME`), in the
 //! order a hand-over reaches them; they apply to both directions unless said otherwise:
 //! - `pause-after-export`: the exporting side (the origin out, the volunteer back), after its
-//!   applications exported, before the sessions leave.
+//!   applications exported and their sessions left (they go as they arrive), before the
+//!   `Transfer` or `Returning` that counts them.
 //! - `pause-before-rules`: the origin, after the volunteer acknowledged (out) or its own
 //!   applications imported (back), before it changes its rules (the commit point).
 //! - `pause-between-families`: the origin, after a hand-over's IPv4 rules went in, before its

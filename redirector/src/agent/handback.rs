@@ -28,14 +28,14 @@ use tracing::{info, warn};
 
 use super::{
     Acked, Agent,
-    handoff::{Busy, Handover, check_received, names, session_frames, session_sets},
+    handoff::{Busy, Handover, check_received, names, send_sessions},
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
     volunteer::QUERY_AFTER,
 };
 use crate::{
-    app::Role,
+    app::{Exported, Role},
     datapath::Prefix,
     peer::{self, Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, Verdict},
 };
@@ -310,8 +310,22 @@ impl Agent {
             local_of.insert(own.address, *svc);
         }
         let apps: Vec<SocketAddr> = local_of.keys().copied().filter(|s| self.apps.has(*s)).collect();
-        let exported = {
-            let work = self.export_all(handoff, &apps, &clients);
+        // The export, then the sessions on their way home as they arrive, under the origin's
+        // service addresses, counted and digested per service.
+        let (max_frame, deadline) = (self.cfg.max_frame, self.send_deadline());
+        let sent = {
+            let work = async {
+                let exports = self.export_all(handoff, &apps, &clients).await.map_err(|e| anyhow!("export failed: {e:#}"))?;
+                let exports: Vec<(SocketAddr, Exported)> = exports.into_iter().map(|(local, e)| (local_of.get(&local).copied().unwrap_or(local), e)).collect();
+                let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
+                let sets = send_sessions(exports, max_frame, |service, sessions| {
+                    Box::pin(async move {
+                        reply.send_timeout(Answer::Sessions { id, service, sessions }, deadline).await.map_err(|_| anyhow!("the link to the origin is gone or stuck"))
+                    })
+                })
+                .await?;
+                Ok::<_, anyhow::Error>((sets, n_sessions))
+            };
             tokio::pin!(work);
             // An empty `Sessions` frame every half lease keeps the origin waiting.
             let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
@@ -321,35 +335,20 @@ impl Agent {
                 tokio::select! {
                     r = &mut work => break r,
                     _ = keepalive.tick() => if let Some(service) = any {
-                        let _ = reply.send_timeout(Answer::Sessions { id, service, sessions: Vec::new() }, self.send_deadline()).await;
+                        let _ = reply.send_timeout(Answer::Sessions { id, service, sessions: Vec::new() }, deadline).await;
                     },
                 }
             }
         };
-        let exported = match exported {
-            Ok(e) => e,
+        let (sets, n_sessions) = match sent {
+            Ok(s) => s,
             Err(e) => {
                 // Some may have frozen: they unfreeze (told until they confirm).
                 self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
-                return Err(format!("export failed: {e:#}"));
+                return Err(format!("{e:#}"));
             }
         };
         self.faults.pause("pause-after-export", handoff).await;
-        // The sessions under the origin's service addresses.
-        let mapped: Vec<(SocketAddr, Vec<SessionBlob>)> = exported.into_iter().map(|(local, s)| (local_of.get(&local).copied().unwrap_or(local), s)).collect();
-        let (mapped, sets) = tokio::task::spawn_blocking(move || {
-            let sets = session_sets(&mapped);
-            (mapped, sets)
-        })
-        .await
-        .map_err(|e| format!("digest task: {e}"))?;
-        let n_sessions: usize = mapped.iter().map(|(_, s)| s.len()).sum();
-        for f in session_frames(mapped, self.cfg.max_frame, |service, sessions| Answer::Sessions { id, service, sessions }) {
-            if reply.send_timeout(f, self.send_deadline()).await.is_err() {
-                self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
-                return Err("the link to the origin is gone or stuck".into());
-            }
-        }
         let here: HashMap<IpAddr, u64> = self.state().load.clients.iter().copied().collect();
         let back: Vec<MovedClient> = clients.iter().map(|c| MovedClient { addr: *c, connections: here.get(c).copied().unwrap_or(0) }).collect();
         // Recorded before the answer leaves, so that Commit and Abort find it.

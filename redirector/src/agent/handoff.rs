@@ -18,13 +18,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::future::BoxFuture;
 use tracing::warn;
 
 use super::{
     Agent,
     records::{Dir, Record},
 };
-use crate::peer::{self, HandoffId, OUTCOME_SAMPLE, Request, SessionBlob, SessionSet, Verdict};
+use crate::{
+    app::Exported,
+    peer::{self, HandoffId, OUTCOME_SAMPLE, Request, SessionBlob, SessionSet, Verdict},
+};
 
 /// At most this many clients are named in one log line.
 pub(super) const NAMED: usize = 16;
@@ -89,27 +93,29 @@ impl Drop for Busy {
     }
 }
 
-/// The `Sessions` frames of a hand-over (`Request::Sessions` out, `Answer::Sessions` back),
-/// made by `frame` from a service and some of its sessions: each service's sessions in frames
-/// under `max_frame`.
-pub(super) fn session_frames<M>(exported: Vec<(SocketAddr, Vec<SessionBlob>)>, max_frame: usize, frame: impl Fn(SocketAddr, Vec<SessionBlob>) -> M) -> Vec<M> {
-    let mut frames: Vec<M> = Vec::new();
+/// Sends the sessions of `exports` on as they arrive from the applications (`Request::Sessions`
+/// out, `Answer::Sessions` back, made and sent by `send` from a service as the peer knows it
+/// and some of its sessions): each service's sessions in frames under `max_frame`, one service
+/// after the other. Returns the count and digest of each service's sessions, which the
+/// `Transfer` or `Returning` after them carries.
+pub(super) async fn send_sessions<'a>(
+    exports: Vec<(SocketAddr, Exported)>,
+    max_frame: usize,
+    mut send: impl FnMut(SocketAddr, Vec<SessionBlob>) -> BoxFuture<'a, anyhow::Result<()>>,
+) -> anyhow::Result<Vec<SessionSet>> {
     let budget = max_frame.saturating_sub(4096).max(1);
-    for (service, sessions) in exported {
-        let (mut chunk, mut size): (Vec<SessionBlob>, usize) = (Vec::new(), 0);
-        for s in sessions {
-            if size + s.blob.len() + 64 > budget && !chunk.is_empty() {
-                frames.push(frame(service, std::mem::take(&mut chunk)));
-                size = 0;
-            }
-            size += s.blob.len() + 64;
-            chunk.push(s);
+    let mut sets = Vec::with_capacity(exports.len());
+    for (service, mut exported) in exports {
+        let mut set = SessionSet { service, count: 0, digest: 0 };
+        while let Some(batch) = exported.next_batch(budget).await.map_err(|e| anyhow::anyhow!("export failed: {e:#}"))? {
+            let blobs: Vec<SessionBlob> = batch.into_iter().map(Into::into).collect();
+            set.count += u64::try_from(blobs.len()).unwrap_or(u64::MAX);
+            set.digest = set.digest.wrapping_add(peer::digest(&blobs));
+            send(service, blobs).await?;
         }
-        if !chunk.is_empty() {
-            frames.push(frame(service, chunk));
-        }
+        sets.push(set);
     }
-    frames
+    Ok(sets)
 }
 
 /// How a client appears in a log line: its address, with its connections when known.
@@ -136,12 +142,6 @@ pub(super) fn names<T: Named>(clients: &[T]) -> String {
         s.push(format!("and {} more", clients.len() - NAMED));
     }
     s.join(" ")
-}
-
-/// The count and digest of each service's sessions, as a `Transfer` or `Returning` carries
-/// them (the digest reads every byte: run it off the async workers).
-pub(super) fn session_sets(exported: &[(SocketAddr, Vec<SessionBlob>)]) -> Vec<SessionSet> {
-    exported.iter().map(|(svc, s)| SessionSet { service: *svc, count: u64::try_from(s.len()).unwrap_or(u64::MAX), digest: peer::digest(s) }).collect()
 }
 
 /// Checks the sessions that arrived for a hand-over against what its last frame counts: for
@@ -282,8 +282,10 @@ mod tests {
         let svc: SocketAddr = "198.18.0.10:80".parse().unwrap();
         let s = |c: u8, b: &[u8]| SessionBlob { client: IpAddr::from([198, 18, 1, c]), blob: b.to_vec() };
         let clients: HashSet<IpAddr> = (1..=3).map(|i| IpAddr::from([198, 18, 1, i])).collect();
-        let sent = vec![(svc, vec![s(1, b"one"), s(2, b"two")])];
-        let sets = session_sets(&sent);
+        let session_sets = |sent: &[(SocketAddr, Vec<SessionBlob>)]| -> Vec<SessionSet> {
+            sent.iter().map(|(service, v)| SessionSet { service: *service, count: v.len() as u64, digest: peer::digest(v) }).collect()
+        };
+        let sets = session_sets(&[(svc, vec![s(1, b"one"), s(2, b"two")])]);
         let got = |v: Vec<SessionBlob>| HashMap::from([(svc, v)]);
         assert_eq!(check_received(&sets, got(vec![s(2, b"two"), s(1, b"one")]), &clients, 10).unwrap()[0].1.len(), 2);
         let err = |v, max| check_received(&sets, got(v), &clients, max).unwrap_err();

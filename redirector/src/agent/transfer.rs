@@ -15,11 +15,12 @@ use tracing::{info, warn};
 
 use super::{
     Agent,
-    handoff::{Busy, Handover, NAMED, session_frames, session_sets},
+    handoff::{Busy, Handover, NAMED, send_sessions},
     host_prefix,
     records::{Dir, Record},
 };
 use crate::{
+    app::Exported,
     datapath::{Prefix, family_name},
     peer::{self, Answer, HandoffId, MovedClient, Request, SessionBlob, Verdict},
 };
@@ -49,44 +50,43 @@ impl Agent {
             }
         };
         let h = Handover { rec, busy, t0 };
-        // The export, and what the volunteer must receive of it, per service (count and
-        // digest), with the volunteer's reservation kept alive all along.
-        let prepared = self
+        // The export, then the sessions on their way to the volunteer as they arrive, counted
+        // and digested per service, with the volunteer's reservation kept alive all along.
+        let mut dropped = false;
+        let (max_frame, faults) = (self.cfg.max_frame, self.faults.clone());
+        let sent = self
             .keep_lease(name, id, &apps, async {
-                let exported = self.export_all(&handoff, &apps, &addrs).await?;
+                let exports = self.export_all(&handoff, &apps, &addrs).await.map_err(|e| anyhow!("export failed: {e:#}"))?;
                 let t_export = t0.elapsed();
-                let (exported, sets) = tokio::task::spawn_blocking(move || {
-                    let sets = session_sets(&exported);
-                    (exported, sets)
+                let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
+                // The time the volunteer's imports may take.
+                let allowance: Duration =
+                    exports.iter().filter(|(_, e)| e.sizes().next().is_some()).map(|(_, e)| self.limits().import_allowance(e.sizes().map(|(_, len)| len))).sum();
+                let sets = send_sessions(exports, max_frame, |service, sessions| {
+                    if faults.drop_sessions_frame && !dropped && !sessions.is_empty() {
+                        warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
+                        dropped = true;
+                        return Box::pin(std::future::ready(Ok(())));
+                    }
+                    Box::pin(async move { self.send_to(name, Request::Sessions { id, service, sessions }).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}")) })
                 })
                 .await?;
-                Ok::<_, anyhow::Error>((exported, sets, t_export))
+                Ok::<_, anyhow::Error>((sets, n_sessions, allowance, t_export))
             })
             .await;
-        let (exported, sets, t_export) = match prepared {
+        let (sets, n_sessions, allowance, t_export) = match sent {
             Ok(p) => p,
             Err(e) => {
-                self.conclude(h, Verdict::Aborted, format!("export failed: {e:#}")).await;
+                self.conclude(h, Verdict::Aborted, format!("{e:#}")).await;
                 return 0;
             }
         };
         self.faults.pause("pause-after-export", &handoff).await;
-        let n_sessions: usize = exported.iter().map(|(_, s)| s.len()).sum();
-        // The time the volunteer's imports may take.
-        let allowance: Duration = exported.iter().filter(|(_, s)| !s.is_empty()).map(|(_, s)| self.limits().import_allowance(s.iter().map(|s| s.blob.len()))).sum();
-        // Session blobs and long client lists first, in frames under the peer limit.
-        let mut frames = session_frames(exported, self.cfg.max_frame, |service, sessions| Request::Sessions { id, service, sessions });
+        // Long client lists in frames under the peer limit, the last one in the `Transfer`.
         let mut parts = peer::client_chunks(clients.clone(), &services, self.cfg.max_frame);
         let last = parts.pop().unwrap_or_default();
-        frames.extend(parts.into_iter().map(|c| Request::Clients { id, clients: c }));
-        let mut dropped = false;
-        for f in frames {
-            if self.faults.drop_sessions_frame && !dropped && matches!(&f, Request::Sessions { sessions, .. } if !sessions.is_empty()) {
-                warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
-                dropped = true;
-                continue;
-            }
-            if let Err(e) = self.send_to(name, f).await {
+        for c in parts {
+            if let Err(e) = self.send_to(name, Request::Clients { id, clients: c }).await {
                 self.conclude(h, Verdict::Aborted, format!("sending the transfer failed: {e:#}")).await;
                 return 0;
             }
@@ -125,13 +125,13 @@ impl Agent {
         n
     }
 
-    /// Exports the sessions of `clients` from every application in `apps` at once.
-    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr]) -> anyhow::Result<Vec<(SocketAddr, Vec<SessionBlob>)>> {
+    /// Asks every application in `apps` at once to export the sessions of `clients`: their
+    /// answers, whose sessions follow as they are taken.
+    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr]) -> anyhow::Result<Vec<(SocketAddr, Exported)>> {
         if let Some(svc) = apps.iter().find(|s| !self.apps.has(**s)) {
             return Err(anyhow!("service {svc} keeps sessions (sessions = true) and no application is registered for it"));
         }
-        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|s| (*svc, s.into_iter().map(Into::into).collect())) }))
-            .await
+        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|e| (*svc, e)) })).await
     }
 
     /// Runs `work` while keeping volunteer `name`'s reservation for transfer `id` alive (an
