@@ -288,12 +288,21 @@ impl Config {
         self.siblings.iter().find(|s| s.control_addresses().contains(&ip))
     }
 
-    /// Whether this node may serve `svc` for sibling `origin`: a unicast address that is none
-    /// of this node's own addresses, no sibling's control address, and one of the origin's
-    /// services when the configuration lists them. A sibling cannot make this node take over
-    /// an address that is not its to give.
+    /// Whether this node may serve `svc` for sibling `origin`: one of the services this
+    /// configuration lists for that sibling (nothing when it lists none), a unicast address
+    /// that is not link-local, broadcast or IPv4-mapped, none of this node's own addresses, no
+    /// sibling's control address and no other sibling's service. A sibling cannot make this
+    /// node take over an address that is not its to give (adopting an address makes it local
+    /// here, for every port).
     pub fn check_adoptable(&self, origin: &Sibling, svc: SocketAddr) -> Result<(), String> {
         let ip = svc.ip();
+        let special = match ip {
+            IpAddr::V4(a) => a.is_link_local().then_some("link-local").or(a.is_broadcast().then_some("broadcast")).or((a.octets()[0] == 0).then_some("\"this network\"")),
+            IpAddr::V6(a) => a.is_unicast_link_local().then_some("link-local").or(a.to_ipv4_mapped().is_some().then_some("IPv4-mapped")),
+        };
+        if let Some(kind) = special {
+            return Err(format!("{svc} is a {kind} address, never a sibling's service"));
+        }
         if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || svc.port() == 0 {
             return Err(format!("{svc} is not a unicast service address"));
         }
@@ -306,7 +315,13 @@ impl Config {
         if let Some(s) = self.sibling_at(ip) {
             return Err(format!("{svc} is the control address of sibling {}", s.name));
         }
-        if !origin.services.is_empty() && !origin.services.contains(&svc) {
+        if let Some(s) = self.siblings.iter().find(|s| s.name != origin.name && s.services.iter().any(|x| x.ip() == ip)) {
+            return Err(format!("{svc} is an address of sibling {}'s services, not {}'s", s.name, origin.name));
+        }
+        if origin.services.is_empty() {
+            return Err(format!("this node's configuration lists no services for {}: nothing is adopted from it ([[sibling]] services)", origin.name));
+        }
+        if !origin.services.contains(&svc) {
             return Err(format!("{svc} is not one of {}'s configured services", origin.name));
         }
         Ok(())
@@ -640,19 +655,31 @@ cgroup = "/sys/fs/cgroup/app"
 
     #[test]
     fn a_volunteer_adopts_only_what_is_the_origins_to_give() {
-        let mut c: Config = toml::from_str(&format!("{GOOD}\n[[sibling]]\nname = \"c\"\naddress = \"198.18.0.3:7470\"\n")).unwrap();
-        let b = c.siblings[0].clone();
-        let ok = |c: &Config, b: &Sibling, a: &str| c.check_adoptable(b, a.parse().unwrap());
-        assert!(ok(&c, &b, "198.18.0.20:80").is_ok());
-        assert!(ok(&c, &b, "198.18.0.1:80").unwrap_err().contains("own control address"));
-        assert!(ok(&c, &b, "198.18.0.10:80").unwrap_err().contains("own service"));
-        assert!(ok(&c, &b, "198.18.0.3:80").unwrap_err().contains("sibling c"));
-        assert!(ok(&c, &b, "198.18.0.2:80").unwrap_err().contains("sibling b"));
-        assert!(ok(&c, &b, "0.0.0.0:80").is_err());
-        assert!(ok(&c, &b, "127.0.0.1:80").is_err());
-        c.siblings[0].services = vec!["198.18.0.20:80".parse().unwrap()];
-        let b = c.siblings[0].clone();
-        assert!(ok(&c, &b, "198.18.0.20:80").is_ok());
-        assert!(ok(&c, &b, "198.18.0.21:80").unwrap_err().contains("not one of b's configured services"));
+        let mut c: Config = toml::from_str(&format!("{GOOD}\n[[sibling]]\nname = \"c\"\naddress = \"198.18.0.3:7470\"\nservices = [\"198.18.0.30:80\"]\n")).unwrap();
+        let ok = |c: &Config, a: &str| c.check_adoptable(&c.siblings[0].clone(), a.parse().unwrap());
+        // A sibling whose services this configuration does not list gets nothing adopted.
+        assert!(c.siblings[0].services.is_empty());
+        assert!(ok(&c, "198.18.0.20:80").unwrap_err().contains("lists no services for b"));
+        c.siblings[0].services = ["198.18.0.20:80", "169.254.169.254:80", "[fe80::1]:80", "255.255.255.255:80", "[::ffff:198.18.0.20]:80", "198.18.0.30:80", "0.1.2.3:80"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert!(ok(&c, "198.18.0.20:80").is_ok());
+        assert!(ok(&c, "198.18.0.21:80").unwrap_err().contains("not one of b's configured services"));
+        // Whatever the configuration lists, some addresses are never a sibling's to give.
+        assert!(ok(&c, "198.18.0.1:80").unwrap_err().contains("own control address"));
+        assert!(ok(&c, "198.18.0.10:80").unwrap_err().contains("own service"));
+        assert!(ok(&c, "198.18.0.3:80").unwrap_err().contains("sibling c"));
+        assert!(ok(&c, "198.18.0.2:80").unwrap_err().contains("sibling b"));
+        assert!(ok(&c, "198.18.0.30:80").unwrap_err().contains("sibling c's services"), "another sibling's service");
+        assert!(ok(&c, "169.254.169.254:80").unwrap_err().contains("link-local"), "a metadata address");
+        assert!(ok(&c, "[fe80::1]:80").unwrap_err().contains("link-local"));
+        assert!(ok(&c, "255.255.255.255:80").unwrap_err().contains("broadcast"));
+        assert!(ok(&c, "[::ffff:198.18.0.20]:80").unwrap_err().contains("IPv4-mapped"));
+        assert!(ok(&c, "0.1.2.3:80").unwrap_err().contains("this network"));
+        assert!(ok(&c, "0.0.0.0:80").is_err());
+        assert!(ok(&c, "127.0.0.1:80").is_err());
+        assert!(ok(&c, "[::1]:80").is_err());
+        assert!(ok(&c, "224.0.0.1:80").is_err());
     }
 }

@@ -210,7 +210,9 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         tls.join(format!("{}.key", me.name)).display(),
     );
     for n in nodes.iter().filter(|n| n.name != me.name) {
-        s.push_str(&format!("[[sibling]]\nname = \"{}\"\naddress = \"{}:7470\"\n", n.name, n.host.v4[0]));
+        // Its services: only these are ever adopted from it.
+        let services: Vec<String> = std::iter::once(n.service).chain(n.service6).map(|a| format!("\"{a}\"")).collect();
+        s.push_str(&format!("[[sibling]]\nname = \"{}\"\naddress = \"{}:7470\"\nservices = [{}]\n", n.name, n.host.v4[0], services.join(", ")));
         if n.service6.is_some() {
             s.push_str(&format!("dual_stack_address = \"{}\"\n", n.host.v6[0]));
         }

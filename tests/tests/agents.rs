@@ -327,6 +327,9 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
         (["198.18.0.10:80"], "198.18.0.2", "own service addresses"),
         (["198.18.0.2:80"], "198.18.0.2", "control address of sibling b"),
         (["198.18.0.20:80"], "198.18.0.99", "not b's control address"),
+        // A metadata address, and a third party's host: never b's to give.
+        (["169.254.169.254:80"], "198.18.0.2", "link-local"),
+        (["198.18.0.50:80"], "198.18.0.2", "not one of b's configured services"),
     ];
     for (i, (services, src, why)) in cases.iter().enumerate() {
         match forged_transfer(&mut s, 100 + i as u64, services, src) {

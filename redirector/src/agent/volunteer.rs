@@ -387,6 +387,8 @@ impl Agent {
         let room = policy::room(high, load, reserved, promised);
         let why_not = if st.leaving {
             Some("stopping".to_string())
+        } else if self.cfg.sibling(from).is_some_and(|s| s.services.is_empty()) {
+            Some("this node's configuration lists no services of yours to adopt ([[sibling]] services)".to_string())
         } else if st.rounds.negotiating {
             Some("shedding itself".to_string())
         } else if load > high {
