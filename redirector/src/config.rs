@@ -181,7 +181,15 @@ impl Sibling {
 /// `node` and every `[[sibling]]`.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !name.starts_with('-') && !name.ends_with('-');
-    if ok { Ok(()) } else { Err(format!("{name:?} is not a node name: use 1 to 63 letters, digits and '-' (not first or last)")) }
+    if !ok {
+        return Err(format!("{name:?} is not a node name: use 1 to 63 letters, digits and '-' (not first or last)"));
+    }
+    // Siblings check each other's certificates for the name as a TLS server name, which an
+    // all-numeric name (`123`) cannot be: refused here rather than never linking.
+    match rustls::pki_types::ServerName::try_from(name) {
+        Ok(rustls::pki_types::ServerName::DnsName(_)) => Ok(()),
+        _ => Err(format!("{name:?} is not a node name: it cannot be a TLS server name (a name of digits only is not; add a letter)")),
+    }
 }
 
 /// A service this node serves.
@@ -613,14 +621,14 @@ cgroup = "/sys/fs/cgroup/app"
     /// `tls node` and `config check` agree on names: '_' makes no certificate, so no config.
     #[test]
     fn node_and_sibling_names_follow_the_certificate_rule() {
-        for bad in ["a_b", "", "-a", "a-", "a.b", &"x".repeat(64)] {
+        for bad in ["a_b", "", "-a", "a-", "a.b", &"x".repeat(64), "123", "7"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
             let c: Config = toml::from_str(&GOOD.replace("node = \"a\"", &format!("node = {bad:?}"))).unwrap();
             assert!(problems(&c).iter().any(|l| l.starts_with("node:")), "node {bad:?}: {:?}", problems(&c));
             let c: Config = toml::from_str(&GOOD.replace("name = \"b\"", &format!("name = {bad:?}"))).unwrap();
             assert!(problems(&c).iter().any(|l| l.starts_with("sibling")), "sibling {bad:?}: {:?}", problems(&c));
         }
-        for good in ["a", "node-1", "B2"] {
+        for good in ["a", "node-1", "B2", "1a", "10-0-0-1x"] {
             assert!(check_name(good).is_ok(), "{good:?}");
         }
     }

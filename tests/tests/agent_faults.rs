@@ -299,7 +299,7 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
     let c = Cluster::with_config(10, &[("a", 100, 50), ("b", 100, 50)], "handoff_expiry_ms = 1500\n");
     let b_addr = SocketAddr::new(IpAddr::V4(c.t.b.v4[0]), 7470);
     // The test plays origin A on a connection of its own, and never commits nor aborts.
-    let mut s = connect_as(&c.t.client.ns, &c.dir.join("tls"), "a", "b", b_addr);
+    let mut s = connect_as(&c.t.a.ns, &c.dir.join("tls"), "a", "b", b_addr);
     let transfer = |s: &mut redirector_tests::peer::TlsStream, id: u64, client: u16| {
         send(s, Request::HelpRequest { id, connections: 1, clients: 1 });
         assert!(matches!(read_answer(s), Ok(Answer::Offer { .. })), "B offers room");

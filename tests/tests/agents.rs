@@ -231,9 +231,17 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
         other => panic!("mallory should be told why it is refused: {other:?}"),
     }
     wait_log(&c, "a", "not for a configured sibling", 5);
-    // The right certificate, but another protocol version: A answers with its own hello (any
-    // version can read it) so the peer can say which versions differ, and logs the reason.
+    // B's genuine certificate, from an address that is not B's: refused, with the reason.
     let mut s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
+    send(&mut s, hello("b"));
+    match read_msg(&mut s) {
+        Ok(Frame::Refused { reason }) => assert!(reason.contains(&format!("comes from {client_ip}, not b's configured control address")), "{reason}"),
+        other => panic!("b's certificate from a client's address should be refused: {other:?}"),
+    }
+    // The right certificate from B's address (a connection of the test's own, in B's
+    // namespace), but another protocol version: A answers with its own hello (any version can
+    // read it) so the peer can say which versions differ, and logs the reason.
+    let mut s = tls_connect(&c.t.b.ns, &ca, &tls.join("b"), "a", a_addr);
     send(&mut s, Frame::Hello { version: 99, node: "b".into() });
     match read_msg(&mut s) {
         Ok(Frame::Hello { version, node }) => assert_eq!((version, node.as_str()), (PROTOCOL_VERSION, "a"), "A says its version"),
@@ -242,11 +250,11 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     assert!(read_msg(&mut s).is_err(), "then the connection closes");
     wait_log(&c, "a", "protocol version 99", 5);
     // A malformed frame and an oversized frame close only that connection.
-    s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
+    s = tls_connect(&c.t.b.ns, &ca, &tls.join("b"), "a", a_addr);
     send(&mut s, hello("b"));
     send_frame(&mut s, &[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]).expect("send garbage");
     wait_log(&c, "a", "malformed message", 5);
-    s = tls_connect(&c.t.client.ns, &ca, &tls.join("b"), "a", a_addr);
+    s = tls_connect(&c.t.b.ns, &ca, &tls.join("b"), "a", a_addr);
     send(&mut s, hello("b"));
     let _ = s.write_all(&(1u32 << 30).to_be_bytes());
     let _ = s.flush();
@@ -321,7 +329,7 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     let tls = c.dir.join("tls");
     // A real sibling's certificate, but forged requests: A checks them against its own
     // configuration, not against what the message says.
-    let mut s = connect_as(&c.t.client.ns, &tls, "b", "a", a_addr);
+    let mut s = connect_as(&c.t.b.ns, &tls, "b", "a", a_addr);
     let cases = [
         (["198.18.0.1:80"], "198.18.0.2", "own control address"),
         (["198.18.0.10:80"], "198.18.0.2", "own service addresses"),

@@ -109,14 +109,17 @@ impl Agent {
             };
             let (me, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
-                if let Err(e) = me.serve_inbound(acceptor, tcp).await {
+                if let Err(e) = me.serve_inbound(acceptor, tcp, peer_addr.ip()).await {
                     warn!(peer = %peer_addr, "peer connection closed: {e:#}");
                 }
             });
         }
     }
 
-    async fn serve_inbound(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> anyhow::Result<()> {
+    /// Serves a connection a sibling opened from `peer_ip`: its certificate must name a
+    /// configured sibling, and the connection come from that sibling's configured control
+    /// address (its agent binds to it).
+    async fn serve_inbound(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer_ip: IpAddr) -> anyhow::Result<()> {
         tune(&tcp, Duration::from_millis(self.cfg.liveness_ms))?;
         let tls = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp))
             .await
@@ -130,6 +133,14 @@ impl Agent {
         let checked = peer::tls::identity(&cert, self.cfg.siblings.iter().map(|s| s.name.as_str()))
             .map(str::to_string)
             .ok_or_else(|| anyhow!("refused: the certificate is not for a configured sibling"))
+            .and_then(|name| {
+                let configured = self.cfg.sibling(&name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
+                if configured.contains(&peer_ip.to_canonical()) {
+                    Ok(name)
+                } else {
+                    Err(anyhow!("refused: {name}'s certificate, but the connection comes from {peer_ip}, not {name}'s configured control address ({})", list(&configured)))
+                }
+            })
             .and_then(|name| peer::check_hello(&hello, &name).map(|()| name));
         let name = match checked {
             Ok(name) => name,
@@ -230,7 +241,9 @@ impl Agent {
 
     async fn connect_once(self: Arc<Self>, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> LinkEnd {
         let fail = |error: anyhow::Error| LinkEnd { established: false, error };
-        let tcp = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+        // From this node's own control address of the sibling's family: the sibling accepts
+        // this node from that address only.
+        let tcp = match tokio::time::timeout(Duration::from_secs(2), connect_from(self.cfg.control_address(addr.ip()), addr)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return fail(anyhow!(e).context(format!("connecting to {addr}"))),
             Err(_) => return fail(anyhow!("connecting to {addr} timed out")),
@@ -418,4 +431,17 @@ fn decode_frame(frame: Option<Result<bytes::BytesMut, std::io::Error>>) -> anyho
 /// A frame read after the hellos, by the side that receives `T`.
 fn decode_heard<T: Half>(frame: Option<Result<bytes::BytesMut, std::io::Error>>) -> anyhow::Result<Heard<T>> {
     decode_frame(frame)?.heard()
+}
+
+/// Connects to `addr` from `local` (any port), or from whatever address routing picks.
+async fn connect_from(local: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    if let Some(ip) = local {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+fn list(addrs: &[IpAddr]) -> String {
+    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
