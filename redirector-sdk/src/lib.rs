@@ -25,7 +25,7 @@ use std::{
 use redirector_hook::{
     AgentMsg, Answer, frame,
     register::Register,
-    session::{from_wire, raw_parts, to_wire},
+    session::{Listed, from_wire, listed, raw_parts, to_wire},
 };
 pub use redirector_hook::{Role, Version, parse_client};
 
@@ -170,6 +170,21 @@ fn serve(socket: &Path, service: SocketAddr, sessions: &dyn Sessions, stop: &Ato
         line.pop();
         if version > Version::V1 {
             let bytes = frame::Head::parse(&line).map_or(0, |h| h.bytes);
+            // An import's blobs are read each into its own buffer, the one the application
+            // keeps: no copy, and no buffer the size of the whole import kept afterwards.
+            if let Some(Listing { id, handoff, lens }) = import_listing(&line, bytes).filter(|_| registered) {
+                let mut list = Vec::with_capacity(lens.len());
+                for (client, len) in lens {
+                    let mut blob = Vec::new();
+                    read_raw(&mut r, len, &mut blob, stop)?;
+                    list.push((client, blob));
+                }
+                let mut out = BufWriter::with_capacity(1 << 16, &mut w);
+                import(sessions, unfinished, id, &handoff, list, &mut out)?;
+                out.flush()?;
+                line.clear();
+                continue;
+            }
             read_raw(&mut r, usize::try_from(bytes).unwrap_or(usize::MAX), &mut raw, stop)?;
         }
         if !registered {
@@ -213,6 +228,33 @@ fn read_raw(r: &mut impl Read, n: usize, raw: &mut Vec<u8>, stop: &AtomicBool) -
     Ok(())
 }
 
+/// Imports `list` for hand-over `handoff` (request `id`) and answers.
+fn import(sessions: &dyn Sessions, unfinished: &Mutex<Unfinished>, id: u64, handoff: &str, list: Vec<(IpAddr, Vec<u8>)>, out: &mut impl Write) -> std::io::Result<()> {
+    unfinished.lock().expect("lock").insert(handoff.to_string(), (Role::Import, list.iter().map(|s| s.0).collect()));
+    match sessions.import(handoff, list) {
+        Ok(()) => answer(out, &Answer::ok(id)),
+        Err(e) => answer(out, &Answer::refused(id, e)),
+    }
+}
+
+/// A version 2 import whose line lists its sessions correctly.
+struct Listing {
+    id: u64,
+    handoff: String,
+    /// Each client with the length of its blob (the raw bytes after the line, in order).
+    lens: Vec<(IpAddr, usize)>,
+}
+
+fn import_listing(line: &[u8], bytes: u64) -> Option<Listing> {
+    let Ok(AgentMsg::Import { id, handoff, bytes: b, sessions: list }) = serde_json::from_slice::<AgentMsg>(line) else { return None };
+    let listed = listed(list, b, Version::V2, usize::MAX).ok().filter(|_| b == bytes)?;
+    let lens = listed.into_iter().map(|(c, l)| match l {
+        Listed::Len(n) => Some((c, n)),
+        Listed::Blob(_) => None,
+    });
+    Some(Listing { id, handoff, lens: lens.collect::<Option<Vec<_>>>()? })
+}
+
 fn answer(out: &mut impl Write, a: &Answer) -> std::io::Result<()> {
     frame::write(out, a, [])
 }
@@ -242,17 +284,10 @@ pub fn handle(sessions: &dyn Sessions, unfinished: &Mutex<Unfinished>, version: 
             let a = Answer { id, ok: true, error: None, bytes, sessions: Some(list) };
             frame::write(out, &a, raw_parts(exported.iter().map(|s| s.1.as_slice()), version))
         }
-        AgentMsg::Import { id, handoff, bytes, sessions: list } => {
-            let list = match from_wire(list, bytes, raw, version, usize::MAX) {
-                Ok(l) => l,
-                Err(e) => return answer(out, &Answer::refused(id, format!("malformed import: {e}"))),
-            };
-            unfinished.lock().expect("lock").insert(handoff.clone(), (Role::Import, list.iter().map(|s| s.client).collect()));
-            match sessions.import(&handoff, list.into_iter().map(|s| (s.client, s.blob)).collect()) {
-                Ok(()) => answer(out, &Answer::ok(id)),
-                Err(e) => answer(out, &Answer::refused(id, e)),
-            }
-        }
+        AgentMsg::Import { id, handoff, bytes, sessions: list } => match from_wire(list, bytes, raw, version, usize::MAX) {
+            Ok(l) => import(sessions, unfinished, id, &handoff, l.into_iter().map(|s| (s.client, s.blob)).collect(), out),
+            Err(e) => answer(out, &Answer::refused(id, format!("malformed import: {e}"))),
+        },
         AgentMsg::Commit { id, handoff } => {
             unfinished.lock().expect("lock").remove(&handoff);
             sessions.commit(&handoff);

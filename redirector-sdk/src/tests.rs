@@ -91,3 +91,78 @@ fn an_error_from_the_agent_ends_the_connection() {
     handle(&s, &u, Version::V2, br#"{"noise":1}"#, b"", &mut out).unwrap();
     assert!(out.is_empty(), "a line without an id is not answered");
 }
+
+/// An import as the application got it: its hand-over and its sessions.
+type Imported = (String, Vec<(IpAddr, Vec<u8>)>);
+
+/// Records what it imports.
+#[derive(Default)]
+struct Importer(Mutex<Vec<Imported>>);
+
+impl Sessions for Importer {
+    fn export(&self, _: &str, _: &[IpAddr]) -> Vec<(IpAddr, Vec<u8>)> {
+        Vec::new()
+    }
+    fn import(&self, handoff: &str, sessions: Vec<(IpAddr, Vec<u8>)>) -> Result<(), String> {
+        self.0.lock().unwrap().push((handoff.to_string(), sessions));
+        Ok(())
+    }
+    fn commit(&self, _: &str) {}
+    fn abort(&self, _: &str) {}
+}
+
+/// Over a real socket, an import's blobs reach the application each as its own buffer,
+/// whatever pieces they arrive in; an import whose lengths do not add up is refused and the
+/// connection stays framed.
+#[test]
+fn imported_blobs_arrive_whole_over_the_socket() {
+    use std::os::unix::net::UnixListener;
+    let dir = std::env::temp_dir().join(format!("redirector-sdk-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("hook.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).unwrap();
+    let app = Arc::new(Importer::default());
+    let hook = Hook::start_version(&sock, "198.18.0.10:80".parse().unwrap(), Some(Version::V2), app.clone());
+    let (conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut w = conn;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"register\""), "{line}");
+    w.write_all(b"{\"op\":\"registered\",\"service\":\"198.18.0.10:80\",\"version\":2}\n").unwrap();
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut msg = format!(
+        "{{\"id\":1,\"op\":\"import\",\"handoff\":\"a/1/b\",\"bytes\":{},\"sessions\":[{{\"client\":\"198.18.1.5\",\"len\":5}},{{\"client\":\"2001:db8::5\",\"len\":0}},{{\"client\":\"198.18.1.6\",\"len\":{}}}]}}\n",
+        5 + big.len(),
+        big.len()
+    )
+    .into_bytes();
+    msg.extend_from_slice(b"hello");
+    msg.extend_from_slice(&big);
+    // Malformed: the lengths add up to 3, the line announces 4 (and 4 follow).
+    msg.extend_from_slice(b"{\"id\":2,\"op\":\"import\",\"handoff\":\"a/2/b\",\"bytes\":4,\"sessions\":[{\"client\":\"198.18.1.7\",\"len\":3}]}\nwxyz");
+    msg.extend_from_slice(b"{\"id\":3,\"op\":\"commit\",\"handoff\":\"a/1/b\"}\n");
+    for piece in msg.chunks(7_777) {
+        w.write_all(piece).unwrap();
+    }
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        answers.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    drop(hook);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(answers[0], serde_json::json!({"id":1,"ok":true}));
+    assert_eq!(answers[1]["ok"], false);
+    assert!(answers[1]["error"].as_str().unwrap().contains("malformed import"), "{}", answers[1]);
+    assert_eq!(answers[2], serde_json::json!({"id":3,"ok":true}));
+    let got = app.0.lock().unwrap();
+    assert_eq!(got.len(), 1, "only the well-formed import reached the application");
+    let (handoff, sessions) = &got[0];
+    assert_eq!(handoff, "a/1/b");
+    let want: Vec<(IpAddr, Vec<u8>)> = vec![("198.18.1.5".parse().unwrap(), b"hello".to_vec()), ("2001:db8::5".parse().unwrap(), Vec::new()), ("198.18.1.6".parse().unwrap(), big)];
+    assert!(*sessions == want, "the blobs, each whole and in order");
+}
