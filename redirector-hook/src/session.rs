@@ -32,11 +32,30 @@ pub fn to_wire<'a>(sessions: impl IntoIterator<Item = (IpAddr, &'a [u8])>, versi
             Version::V2 => {
                 let len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
                 bytes = bytes.saturating_add(len);
-                WireSession { client: client.to_string(), blob: None, len: Some(len) }
+                listed_len(client, len)
             }
         })
         .collect();
     (list, bytes)
+}
+
+/// The line's list (version 2) for sessions whose blobs are not at hand yet, each a client
+/// and the length of its blob, and its `bytes`: what [`to_wire`] makes of the same blobs.
+#[must_use]
+pub fn lengths_to_wire(sessions: impl IntoIterator<Item = (IpAddr, u64)>) -> (Vec<WireSession>, u64) {
+    let mut bytes = 0u64;
+    let list = sessions
+        .into_iter()
+        .map(|(client, len)| {
+            bytes = bytes.saturating_add(len);
+            listed_len(client, len)
+        })
+        .collect();
+    (list, bytes)
+}
+
+fn listed_len(client: IpAddr, len: u64) -> WireSession {
+    WireSession { client: client.to_string(), blob: None, len: Some(len) }
 }
 
 /// The raw bytes that follow the line of `blobs` in `version`, in order (none in version 1):
@@ -136,6 +155,7 @@ mod tests {
         }
         let (list, bytes) = to_wire(s.iter().copied(), Version::V2);
         assert_eq!((list[1].len, bytes), (Some(5), 9));
+        assert_eq!(lengths_to_wire(s.iter().map(|(c, b)| (*c, b.len() as u64))), (list, bytes), "the same list from the lengths alone");
         assert_eq!(to_wire(s.iter().copied(), Version::V1).0[0].blob.as_deref(), Some("YWJjZA=="));
     }
 

@@ -23,7 +23,7 @@ use anyhow::{Context as _, anyhow, bail};
 use redirector_hook::{
     AgentMsg, Answer, frame,
     register::Register,
-    session::{Listed, base64_len, listed, raw_parts, to_wire},
+    session::{Listed, base64_len, lengths_to_wire, listed, raw_parts, to_wire},
 };
 pub use redirector_hook::{Role, Session, Version, parse_client, register::PendingHandoff};
 use tokio::{
@@ -118,6 +118,24 @@ enum Raw {
 /// An answer to a request (its line and the raw bytes after it), or why there is none.
 type Reply = Result<(Vec<u8>, Raw), String>;
 
+/// The raw bytes after a request's line (version 2 blobs, written as they are, not copied
+/// into one buffer first).
+enum Body {
+    Blobs(Vec<Vec<u8>>),
+    /// `total` bytes, as they come: if they stop coming before that, zeros make up the rest
+    /// (the connection stays framed; the hand-over aborts the import).
+    Stream(u64, mpsc::Receiver<Vec<u8>>),
+}
+
+impl Body {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Blobs(b) => b.iter().fold(0u64, |n, b| n.saturating_add(u64::try_from(b.len()).unwrap_or(u64::MAX))),
+            Body::Stream(total, _) => *total,
+        }
+    }
+}
+
 /// Who waits for the answer to a request, and whether it takes the raw bytes as a stream.
 struct Waiter {
     reply: oneshot::Sender<Reply>,
@@ -125,9 +143,8 @@ struct Waiter {
 }
 
 enum Out {
-    /// A message: its line, then its raw bytes (version 2 blobs, written as they are, not
-    /// copied into one buffer first).
-    Frame(Vec<u8>, Vec<Vec<u8>>),
+    /// A message: its line, then its raw bytes.
+    Frame(Vec<u8>, Body),
     /// Write this message, then close the connection.
     Close(Vec<u8>),
 }
@@ -275,6 +292,50 @@ impl Exported {
     }
 }
 
+/// An import whose sessions are on their way ([`Apps::import_stream`]): the application has
+/// its line (version 2) and takes the blobs as they are pushed; a version 1 application gets
+/// the whole import once every blob is here (its line holds them).
+pub struct Importing {
+    inner: Streaming,
+}
+
+enum Streaming {
+    Stream { sink: mpsc::Sender<Vec<u8>>, answer: tokio::task::JoinHandle<anyhow::Result<()>> },
+    Gather { apps: Arc<Apps>, service: SocketAddr, handoff: String, listed: Vec<(IpAddr, usize)>, blobs: Vec<Vec<u8>> },
+}
+
+impl Importing {
+    /// The next session's blob, in the order listed. An error: the import failed (its answer
+    /// says why once [`Importing::finish`] is called).
+    pub async fn push(&mut self, blob: Vec<u8>) -> Result<(), ()> {
+        match &mut self.inner {
+            Streaming::Stream { sink, .. } => sink.send(blob).await.map_err(drop),
+            Streaming::Gather { blobs, .. } => {
+                blobs.push(blob);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every blob was pushed: waits for the application's answer. (Dropped before that, the
+    /// import is padded with zeros to its announced length; the hand-over aborts it.)
+    pub async fn finish(self) -> anyhow::Result<()> {
+        match self.inner {
+            Streaming::Stream { sink, answer } => {
+                drop(sink);
+                answer.await.map_err(|e| anyhow!("import task: {e}"))?
+            }
+            Streaming::Gather { apps, service, handoff, listed, blobs } => {
+                if blobs.len() != listed.len() {
+                    bail!("{} of the {} sessions listed arrived", blobs.len(), listed.len());
+                }
+                let sessions = listed.into_iter().zip(blobs).map(|((client, _), blob)| Session { client, blob }).collect();
+                apps.import(service, &handoff, sessions).await
+            }
+        }
+    }
+}
+
 fn listed_len(l: &Listed) -> usize {
     match l {
         Listed::Blob(b) => b.len(),
@@ -392,24 +453,24 @@ impl Apps {
         what: &str,
         room: usize,
         stream: bool,
-        make: impl FnOnce(u64, Version) -> (Vec<u8>, Vec<Vec<u8>>),
+        make: impl FnOnce(u64, Version) -> (Vec<u8>, Body),
     ) -> anyhow::Result<(Vec<u8>, Raw, Version)> {
         let conn = self.conn(service).ok_or_else(|| anyhow!("no application registered for {service}"))?;
         let id = conn.next.fetch_add(1, Ordering::Relaxed);
-        let (line, blobs) = make(id, conn.version);
+        let (line, body) = make(id, conn.version);
         let (tx, rx) = oneshot::channel();
         conn.waiters.lock().expect("lock").insert(id, Waiter { reply: tx, stream });
         conn.export_room.fetch_add(room, Ordering::Relaxed);
         let _guard = WaiterGuard { conn: &conn, id, room };
         let start = Instant::now();
         let received0 = conn.received.load(Ordering::Relaxed);
-        let size = blobs.iter().fold(line.len(), |n, b| n.saturating_add(b.len()));
-        let allowance = self.limits.allowance(u64::try_from(size).unwrap_or(u64::MAX));
+        let size = u64::try_from(line.len()).unwrap_or(u64::MAX).saturating_add(body.len());
+        let allowance = self.limits.allowance(size);
         let gone = || anyhow!("the application for {service} disconnected");
         // Queueing the request counts against the time too: an application that stops reading
         // never holds the agent up.
         let exchange = async {
-            conn.tx.send(Out::Frame(line, blobs)).await.map_err(|_| gone())?;
+            conn.tx.send(Out::Frame(line, body)).await.map_err(|_| gone())?;
             rx.await.map_err(|_| gone())?.map_err(|e| anyhow!("the application for {service}: {e}"))
         };
         tokio::pin!(exchange);
@@ -436,7 +497,7 @@ impl Apps {
         let room = self.limits.export_room(clients.len());
         let what = format!("export {handoff}");
         let (text, raw, version) =
-            self.call(service, &what, room, true, |id, _| (message(&AgentMsg::Export { id, handoff: handoff.to_string(), clients: names }), Vec::new())).await?;
+            self.call(service, &what, room, true, |id, _| (message(&AgentMsg::Export { id, handoff: handoff.to_string(), clients: names }), Body::Blobs(Vec::new()))).await?;
         let (requested, max) = (clients.to_vec(), self.limits.max_session_bytes);
         // A version 1 answer (possibly hundreds of MiB of base64) is decoded on a blocking thread.
         let listed = tokio::task::spawn_blocking(move || check_export(&text, version, &requested, max))
@@ -455,8 +516,36 @@ impl Apps {
     /// encoded in place of the async worker (`block_in_place`: a multi-threaded runtime only).
     pub async fn import(&self, service: SocketAddr, handoff: &str, sessions: Vec<Session>) -> anyhow::Result<()> {
         let what = format!("import {handoff}");
-        let (text, _, _) = self.call(service, &what, 0, false, |id, version| tokio::task::block_in_place(|| import_message(id, handoff, sessions, version))).await?;
+        let (text, _, _) = self
+            .call(service, &what, 0, false, |id, version| {
+                let (line, blobs) = tokio::task::block_in_place(|| import_message(id, handoff, sessions, version));
+                (line, Body::Blobs(blobs))
+            })
+            .await?;
         Answer::parse(&text).map(drop).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))
+    }
+
+    /// Starts importing (tentatively, until [`Apps::settle`]) the sessions `listed` (each
+    /// client and the length of its blob) into the application of `service`: in version 2 the
+    /// import's line goes out now and the blobs follow as they are pushed, so a big import
+    /// reaches the application while it is still arriving here.
+    pub fn import_stream(self: &Arc<Self>, service: SocketAddr, handoff: &str, listed: Vec<(IpAddr, usize)>) -> anyhow::Result<Importing> {
+        let conn = self.conn(service).ok_or_else(|| anyhow!("no application registered for {service}"))?;
+        if conn.version == Version::V1 {
+            let blobs = Vec::with_capacity(listed.len());
+            return Ok(Importing { inner: Streaming::Gather { apps: self.clone(), service, handoff: handoff.to_string(), listed, blobs } });
+        }
+        let (sink, rx) = mpsc::channel(PIECES_AHEAD);
+        let (apps, handoff) = (self.clone(), handoff.to_string());
+        let answer = tokio::spawn(async move {
+            let what = format!("import {handoff}");
+            let (list, total) = lengths_to_wire(listed.iter().map(|(client, len)| (*client, u64::try_from(*len).unwrap_or(u64::MAX))));
+            let (text, _, _) = apps
+                .call(service, &what, 0, false, |id, _| (message(&AgentMsg::Import { id, handoff: handoff.clone(), bytes: total, sessions: list }), Body::Stream(total, rx)))
+                .await?;
+            Answer::parse(&text).map(drop).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))
+        });
+        Ok(Importing { inner: Streaming::Stream { sink, answer } })
     }
 
     /// Tells the application of `service` that hand-over `handoff` committed (`true`) or
@@ -492,7 +581,7 @@ impl Apps {
             if self.has(service) {
                 let what = format!("{op} {handoff}");
                 let name = handoff.to_string();
-                let request = |id, _| (message(&if commit { AgentMsg::Commit { id, handoff: name } } else { AgentMsg::Abort { id, handoff: name } }), Vec::new());
+                let request = |id, _| (message(&if commit { AgentMsg::Commit { id, handoff: name } } else { AgentMsg::Abort { id, handoff: name } }), Body::Blobs(Vec::new()));
                 let answer = self.call(service, &what, 0, false, request).await;
                 match answer.and_then(|(t, _, _)| Answer::parse(&t).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))) {
                     Ok(_) => break,
@@ -578,7 +667,7 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     if apps.registrations.send(Registration { service, pending, done: done_tx }).is_ok() && tokio::time::timeout(Duration::from_secs(10), done_rx).await.is_err() {
         warn!(%service, "the agent took over 10 s to look at the unfinished hand-overs of a registration; going on");
     }
-    let (tx, mut rx) = mpsc::channel::<Out>(64);
+    let (tx, rx) = mpsc::channel::<Out>(64);
     let conn = Arc::new(AppConn { version, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received, export_room: AtomicUsize::new(0) });
     let old = apps.by_service.lock().expect("lock").insert(service, conn.clone());
     if let Some(old) = old {
@@ -589,26 +678,7 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     w.write_all(&message(&AgentMsg::Registered { service: service.to_string(), version: version.number() })).await?;
     info!(%service, pending = n_pending, version = version.number(), "application registered");
     apps.registered.notify_waiters();
-    let writer = async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Out::Frame(line, blobs) => {
-                    w.write_all(&line).await?;
-                    for b in &blobs {
-                        w.write_all(b).await?;
-                    }
-                    w.flush().await?;
-                }
-                Out::Close(bytes) => {
-                    let _ = w.write_all(&bytes).await;
-                    let _ = w.flush().await;
-                    let _ = w.shutdown().await;
-                    return Ok(());
-                }
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    };
+    let writer = write_out(w, rx);
     let reader = async {
         loop {
             let Some((id, line, raw)) = read_answer(&mut r, &mut buf, &conn, service).await? else { continue };
@@ -632,6 +702,49 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     drop(map);
     conn.fail_all("the connection closed");
     result
+}
+
+/// Writes what is queued for an application, in order, until the queue ends or says close.
+async fn write_out(mut w: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>, mut rx: mpsc::Receiver<Out>) -> anyhow::Result<()> {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Frame(line, body) => {
+                w.write_all(&line).await?;
+                match body {
+                    Body::Blobs(blobs) => {
+                        for b in &blobs {
+                            w.write_all(b).await?;
+                        }
+                    }
+                    Body::Stream(total, mut rx) => {
+                        let mut left = usize::try_from(total).unwrap_or(usize::MAX);
+                        while left > 0 {
+                            if let Some(b) = rx.recv().await {
+                                let n = b.len().min(left);
+                                w.write_all(&b[..n]).await?;
+                                left -= n;
+                            } else {
+                                let zeros = vec![0u8; left.min(PIECE)];
+                                while left > 0 {
+                                    let n = left.min(zeros.len());
+                                    w.write_all(&zeros[..n]).await?;
+                                    left -= n;
+                                }
+                            }
+                        }
+                    }
+                }
+                w.flush().await?;
+            }
+            Out::Close(bytes) => {
+                let _ = w.write_all(&bytes).await;
+                let _ = w.flush().await;
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the application's next message: its id, line and raw bytes. `None`: a line the

@@ -304,7 +304,8 @@ fn a_volunteer_settles_transfers_whose_outcome_never_came() {
         send(s, Request::HelpRequest { id, connections: 1, clients: 1 });
         assert!(matches!(read_answer(s), Ok(Answer::Offer { .. })), "B offers room");
         let clients = vec![MovedClient { addr: IpAddr::V4(client4(client)), connections: 1 }];
-        send(s, Request::Transfer { id, services: vec![svc(SERVICE4)], tunnel_src: vec![IpAddr::V4(c.t.a.v4[0])], clients, sessions: Vec::new() });
+        send(s, Request::Transfer { id, services: vec![svc(SERVICE4)], tunnel_src: vec![IpAddr::V4(c.t.a.v4[0])], clients });
+        send(s, Request::Sealed { id, sessions: Vec::new() });
         match read_answer(s) {
             Ok(Answer::TransferAck { .. }) => {}
             other => panic!("B acknowledges transfer {id}: {other:?}"),

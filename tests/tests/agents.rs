@@ -303,7 +303,6 @@ fn transfer_msg(id: u64, services: &[&str], tunnel_src: &str) -> Request {
         services: services.iter().map(|a| a.parse().expect("service")).collect(),
         tunnel_src: vec![tunnel_src.parse().expect("tunnel source")],
         clients: vec![MovedClient { addr: IpAddr::V4(client4(3)), connections: 1 }],
-        sessions: Vec::new(),
     }
 }
 
@@ -316,6 +315,8 @@ fn forged_transfer(s: &mut TlsStream, id: u64, services: &[&str], tunnel_src: &s
         other => panic!("A should offer room: {other:?}"),
     }
     send(s, transfer_msg(id, services, tunnel_src));
+    // No sessions: sealed at once (a refused transfer's answer came already).
+    send(s, Request::Sealed { id, sessions: Vec::new() });
     read_answer(s).expect("A answers the transfer")
 }
 

@@ -24,11 +24,11 @@ use std::{
 
 use anyhow::anyhow;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
-    Acked, Agent,
-    handoff::{Busy, Handover, check_received, names, send_sessions},
+    Acked, Agent, Streamed,
+    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, names, send_sessions, take_sessions},
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
@@ -37,7 +37,7 @@ use super::{
 use crate::{
     app::{Exported, Role},
     datapath::Prefix,
-    peer::{self, Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, Verdict},
+    peer::{self, Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Verdict},
 };
 
 /// How long a volunteer whose clients an origin took back waits for that origin's Commit,
@@ -128,17 +128,25 @@ impl Agent {
     }
 
     /// Origin: asks the volunteer of hand-back `h` for its clients (of `services`), checks what
-    /// comes back (exactly the clients asked for, exactly the sessions counted, of them only)
-    /// and imports the sessions into this node's applications (tentative). Returns the sessions imported and when the
-    /// volunteer's answer came; an error says why the hand-back aborts.
+    /// comes back (exactly the clients asked for; sessions of them only, exactly as listed and
+    /// sealed) and imports the sessions into this node's applications (tentative) as they
+    /// arrive. Returns the sessions imported and when the volunteer's answer came; an error
+    /// says why the hand-back aborts.
     async fn receive_back(&self, h: &Handover, services: &[SocketAddr]) -> Result<(usize, Duration), String> {
+        let (name, id, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.t0);
+        let (tx, mut frames) = mpsc::channel(FRAMES_AHEAD);
+        self.state().moved.await_back(name, id, t0, tx);
+        let r = self.import_back(h, services, &mut frames).await;
+        self.state().moved.end_back(name, id);
+        r
+    }
+
+    async fn import_back(&self, h: &Handover, services: &[SocketAddr], frames: &mut mpsc::Receiver<Streamed>) -> Result<(usize, Duration), String> {
         let (name, id, clients, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.rec.clients.as_slice(), h.t0);
         let handoff = &h.name(self.cfg.node.as_str());
-        self.state().moved.await_back(name, id, t0);
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
-        let got = self.state().moved.take_back(name, id);
-        let (back, sets) = match answer {
-            Ok(Answer::Returning { clients, sessions, .. }) => (clients, sessions),
+        let back = match answer {
+            Ok(Answer::Returning { clients, .. }) => clients,
             Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(format!("no answer: {e:#}")),
@@ -149,18 +157,46 @@ impl Agent {
         if returned != asked || back.len() != asked.len() {
             return Err(format!("the volunteer returns {} clients, not the {} asked for", back.len(), clients.len()));
         }
-        let (max, sessions) = (self.cfg.max_session_bytes, got.sessions);
-        let imports = tokio::task::spawn_blocking(move || check_received(&sets, sessions, &asked, max)).await.unwrap_or_else(|e| Err(format!("checking the sessions: {e}")))?;
-        let moved = imports.iter().map(|(_, s)| s.len()).sum();
-        for (svc, sessions) in imports.into_iter().filter(|(_, s)| !s.is_empty()) {
+        // The sessions listed go to this node's applications as they arrive (tentatively: any
+        // failure from here on aborts the hand-back, and the applications drop them).
+        let listed = self.state().moved.take_listed(name, id);
+        let mut arriving: HashMap<SocketAddr, Arriving> = HashMap::new();
+        let mut moved = 0;
+        for (svc, list) in listed.into_iter().filter(|(_, l)| !l.is_empty()) {
             if !services.contains(&svc) {
                 return Err(format!("sessions of {svc}, which is not this node's service of these clients"));
             }
-            if !self.apps.has(svc) {
-                warn!(sibling = %name, service = %svc, sessions = sessions.len(), "no application registered for {svc} (sessions = false): the clients come home without their sessions");
-                continue;
+            let mut seen = HashSet::with_capacity(list.len());
+            for l in &list {
+                if !asked.contains(&l.client) {
+                    return Err(format!("a session of {}, a client the hand-back does not bring home", l.client));
+                }
+                if !seen.insert(l.client) {
+                    return Err(format!("two sessions of {} for {svc}", l.client));
+                }
+                if usize::try_from(l.len).map_or(true, |n| n > self.cfg.max_session_bytes) {
+                    return Err(format!("a session is over max_session_bytes ({})", self.cfg.max_session_bytes));
+                }
             }
-            self.apps.import(svc, handoff, sessions.into_iter().map(Into::into).collect()).await.map_err(|e| format!("import failed: {e:#}"))?;
+            let import = if self.apps.has(svc) {
+                let lens = list.iter().map(|l| (l.client, usize::try_from(l.len).unwrap_or(usize::MAX))).collect();
+                Some(self.apps.import_stream(svc, handoff, lens).map_err(|e| format!("import failed: {e:#}"))?)
+            } else {
+                warn!(sibling = %name, service = %svc, sessions = list.len(), "no application registered for {svc} (sessions = false): the clients come home without their sessions");
+                None
+            };
+            moved += list.len();
+            let n = u64::try_from(list.len()).unwrap_or(u64::MAX);
+            arriving.insert(svc, Arriving { local: svc, expected: list.into(), listed: n, digest: 0, import });
+        }
+        // The volunteer sends as its applications export: it may pause as long as an
+        // application may stall, and a send on the link may take its deadline.
+        let stall = self.limits().allowance(u64::try_from(self.cfg.max_frame).unwrap_or(u64::MAX)).saturating_mul(2).saturating_add(self.send_deadline());
+        take_sessions(frames, &mut arriving, stall).await?;
+        for (_, a) in arriving.drain() {
+            if let Some(Err(e)) = a.finish().await {
+                return Err(format!("import failed: {e:#}"));
+            }
         }
         Ok((moved, t_export))
     }
@@ -222,10 +258,11 @@ impl Agent {
         Ok(came.into_iter().sum::<usize>() + returning.iter().filter(|c| !st.volunteer.adopted.contains_key(c)).count())
     }
 
-    /// Origin: a `Sessions` frame answering hand-back `id` of `name`.
-    pub(super) fn returned_sessions(&self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>) {
-        if !self.state().moved.back_sessions(name, id, service, sessions, Instant::now()) {
-            warn!(sibling = %name, id, "sessions of a hand-back this agent is not waiting for: dropped");
+    /// Origin: sessions listed for hand-back `id` of `name` (none: an empty `Sessions` frame,
+    /// the volunteer still exports).
+    pub(super) fn returned_listed(&self, name: &str, id: u64, service: SocketAddr, listed: Vec<ListedSession>) {
+        if !self.state().moved.back_listed(name, id, service, listed, Instant::now()) {
+            debug!(sibling = %name, id, "sessions of a hand-back this agent is not waiting for: dropped");
         }
     }
 
@@ -310,24 +347,12 @@ impl Agent {
             local_of.insert(own.address, *svc);
         }
         let apps: Vec<SocketAddr> = local_of.keys().copied().filter(|s| self.apps.has(*s)).collect();
-        // The export, then the sessions on their way home as they arrive, under the origin's
-        // service addresses, counted and digested per service.
+        // The export (the applications' answers list their sessions), under the origin's
+        // service addresses; an empty `Sessions` frame every half lease keeps the origin waiting.
         let (max_frame, deadline) = (self.cfg.max_frame, self.send_deadline());
-        let sent = {
-            let work = async {
-                let exports = self.export_all(handoff, &apps, &clients).await.map_err(|e| anyhow!("export failed: {e:#}"))?;
-                let exports: Vec<(SocketAddr, Exported)> = exports.into_iter().map(|(local, e)| (local_of.get(&local).copied().unwrap_or(local), e)).collect();
-                let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
-                let sets = send_sessions(exports, max_frame, |service, sessions| {
-                    Box::pin(async move {
-                        reply.send_timeout(Answer::Sessions { id, service, sessions }, deadline).await.map_err(|_| anyhow!("the link to the origin is gone or stuck"))
-                    })
-                })
-                .await?;
-                Ok::<_, anyhow::Error>((sets, n_sessions))
-            };
+        let exported = {
+            let work = self.export_all(handoff, &apps, &clients);
             tokio::pin!(work);
-            // An empty `Sessions` frame every half lease keeps the origin waiting.
             let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
             keepalive.tick().await;
             let any = services.first().copied();
@@ -340,24 +365,43 @@ impl Agent {
                 }
             }
         };
-        let (sets, n_sessions) = match sent {
-            Ok(s) => s,
+        let exports: Vec<(SocketAddr, Exported)> = match exported {
+            Ok(e) => e.into_iter().map(|(local, e)| (local_of.get(&local).copied().unwrap_or(local), e)).collect(),
             Err(e) => {
                 // Some may have frozen: they unfreeze (told until they confirm).
                 self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
-                return Err(format!("{e:#}"));
+                return Err(format!("export failed: {e:#}"));
             }
         };
-        self.faults.pause("pause-after-export", handoff).await;
+        let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
         let here: HashMap<IpAddr, u64> = self.state().load.clients.iter().copied().collect();
         let back: Vec<MovedClient> = clients.iter().map(|c| MovedClient { addr: *c, connections: here.get(c).copied().unwrap_or(0) }).collect();
-        // Recorded before the answer leaves, so that Commit and Abort find it.
+        // Recorded before the answer leaves, so that Commit and Abort find it (and an
+        // interrupted hand-back is settled by asking the origin).
         {
             let acked = Acked::new(apps, handoff.to_string(), Role::Export, busy.take(), Instant::now() + QUERY_AFTER);
             self.state().volunteer.acked.insert((NodeName::from(from), id), acked);
         }
-        info!(origin = %from, handoff, clients = back.len(), sessions = n_sessions, "giving clients back: exported (frozen until the origin commits)");
-        Ok(Answer::Returning { id, clients: back, sessions: sets })
+        // The sessions listed, `Returning`, then the sessions as they arrive from the
+        // applications, and `Sealed` with their count and digest per service.
+        let mut frames: Vec<Answer> = Vec::new();
+        for (service, e) in &exports {
+            let listed = e.sizes().map(|(client, len)| ListedSession { client, len: u64::try_from(len).unwrap_or(u64::MAX) }).collect();
+            frames.extend(peer::listed_chunks(listed, max_frame).into_iter().map(|sessions| Answer::Listed { id, service: *service, sessions }));
+        }
+        let n_back = back.len();
+        frames.push(Answer::Returning { id, clients: back });
+        for f in frames {
+            reply.send_timeout(f, deadline).await.map_err(|_| "the link to the origin is gone or stuck".to_string())?;
+        }
+        info!(origin = %from, handoff, clients = n_back, sessions = n_sessions, "giving clients back: exported (frozen until the origin commits), sessions on their way");
+        let sets = send_sessions(exports, max_frame, |service, sessions| {
+            Box::pin(async move { reply.send_timeout(Answer::Sessions { id, service, sessions }, deadline).await.map_err(|_| anyhow!("the link to the origin is gone or stuck")) })
+        })
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+        self.faults.pause("pause-after-export", handoff).await;
+        Ok(Answer::Sealed { id, sessions: sets })
     }
 
     /// Volunteer: tells the applications of `apps` how hand-back `handoff` ended; on commit

@@ -12,22 +12,23 @@
 //! until they confirm them.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::{
-    Agent,
+    Agent, Streamed,
     records::{Dir, Record},
 };
 use crate::{
-    app::Exported,
-    peer::{self, HandoffId, OUTCOME_SAMPLE, Request, SessionBlob, SessionSet, Verdict},
+    app::{Exported, Importing},
+    peer::{self, HandoffId, ListedSession, OUTCOME_SAMPLE, Request, SessionBlob, SessionSet, Verdict},
 };
 
 /// At most this many clients are named in one log line.
@@ -118,6 +119,95 @@ pub(super) async fn send_sessions<'a>(
     Ok(sets)
 }
 
+/// `Sessions` frames of a hand-over read ahead of its import (either way): past them, the link
+/// waits (the sender slows down) rather than the receiving agent holding the sessions.
+pub(super) const FRAMES_AHEAD: usize = 4;
+
+/// One service's sessions of a transfer, as they arrive: checked against their listing and
+/// digested, on their way into the application that imports them.
+pub(super) struct Arriving {
+    /// The local service whose application imports them.
+    pub local: SocketAddr,
+    /// The sessions listed and not arrived yet, in order.
+    pub expected: VecDeque<ListedSession>,
+    pub listed: u64,
+    pub digest: u64,
+    /// Where they go (none: no application takes them, they are dropped).
+    pub import: Option<Importing>,
+}
+
+impl Arriving {
+    /// Every session arrived: the application's answer to the import, if it had one.
+    pub async fn finish(self) -> Option<anyhow::Result<()>> {
+        match self.import {
+            Some(i) => Some(i.finish().await),
+            None => None,
+        }
+    }
+}
+
+/// Takes a hand-over's sessions as they arrive, each checked against the one listed next
+/// and pushed on to its import, until `Sealed`, which must count and digest exactly what
+/// arrived; `stall`: the longest wait for the next frame. An error: why the hand-over is
+/// refused.
+pub(super) async fn take_sessions(frames: &mut mpsc::Receiver<Streamed>, arriving: &mut HashMap<SocketAddr, Arriving>, stall: Duration) -> Result<(), String> {
+    loop {
+        let frame = match tokio::time::timeout(stall, frames.recv()).await {
+            Err(_) => return Err(format!("no sessions came for {} ms", stall.as_millis())),
+            Ok(None) => return Err("the hand-over was aborted, or the link went away, before every session arrived".into()),
+            Ok(Some(f)) => f,
+        };
+        match frame {
+            Streamed::Sessions(svc, blobs) => {
+                if blobs.is_empty() {
+                    continue;
+                }
+                let Some(a) = arriving.get_mut(&svc) else {
+                    return Err(format!("sessions of {svc}, which the transfer does not list: some were lost or changed on the way"));
+                };
+                for b in blobs {
+                    let next = a.expected.pop_front();
+                    if next.is_none_or(|l| l.client != b.client || usize::try_from(l.len).ok() != Some(b.blob.len())) {
+                        return Err(format!("a session of {} for {svc} that is not the one listed next: some were lost or changed on the way", b.client));
+                    }
+                    a.digest = a.digest.wrapping_add(peer::session_digest(&b));
+                    let pushed = match a.import.as_mut() {
+                        Some(i) => i.push(b.blob).await,
+                        None => Ok(()),
+                    };
+                    if pushed.is_err() {
+                        let a = arriving.remove(&svc).expect("present");
+                        let why = match a.finish().await {
+                            Some(Err(e)) => format!("{e:#}"),
+                            _ => "it stopped taking them".to_string(),
+                        };
+                        return Err(format!("import failed: {why}"));
+                    }
+                }
+            }
+            Streamed::Abort(reason) => return Err(format!("the sender aborted: {reason}")),
+            Streamed::Sealed(sets) => {
+                for (svc, a) in arriving.iter() {
+                    let set = sets.iter().find(|s| s.service == *svc);
+                    if !set.is_some_and(|s| s.count == a.listed && s.digest == a.digest && a.expected.is_empty()) {
+                        let arrived = a.listed - u64::try_from(a.expected.len()).unwrap_or(0);
+                        return Err(format!(
+                            "{arrived} of the {} sessions of {svc} listed arrived, and the origin counts {} (digest {}): some were lost or changed on the way",
+                            a.listed,
+                            set.map_or(0, |s| s.count),
+                            if set.is_some_and(|s| s.digest == a.digest) { "matches" } else { "differs" }
+                        ));
+                    }
+                }
+                if let Some(set) = sets.iter().find(|s| s.count > 0 && !arriving.contains_key(&s.service)) {
+                    return Err(format!("the origin counts {} sessions of {}, which the transfer does not list: some were lost or changed on the way", set.count, set.service));
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// How a client appears in a log line: its address, with its connections when known.
 pub(super) trait Named {
     fn named(&self) -> String;
@@ -142,49 +232,6 @@ pub(super) fn names<T: Named>(clients: &[T]) -> String {
         s.push(format!("and {} more", clients.len() - NAMED));
     }
     s.join(" ")
-}
-
-/// Checks the sessions that arrived for a hand-over against what its last frame counts: for
-/// each service listed, exactly the sessions it counts (number and digest: none lost or added
-/// on the way), of `clients` only, each once, each within `max` bytes; no service unlisted.
-/// Returns them by service. Reads every byte: run it off the async workers.
-pub(super) fn check_received(
-    sets: &[SessionSet],
-    mut received: HashMap<SocketAddr, Vec<SessionBlob>>,
-    clients: &HashSet<IpAddr>,
-    max: usize,
-) -> Result<Vec<(SocketAddr, Vec<SessionBlob>)>, String> {
-    if let Some(svc) = received.keys().find(|s| !sets.iter().any(|x| x.service == **s)) {
-        return Err(format!("received sessions of {svc}, which the hand-over does not list"));
-    }
-    let mut out = Vec::with_capacity(sets.len());
-    for set in sets {
-        let got = received.remove(&set.service).unwrap_or_default();
-        let n = u64::try_from(got.len()).unwrap_or(u64::MAX);
-        let digest = peer::digest(&got);
-        if n != set.count || digest != set.digest {
-            return Err(format!(
-                "received {n} of the {} sessions of {} (digest {}): some were lost or changed on the way; nothing imported",
-                set.count,
-                set.service,
-                if digest == set.digest { "matches" } else { "differs" }
-            ));
-        }
-        let mut seen = HashSet::with_capacity(got.len());
-        for s in &got {
-            if !clients.contains(&s.client) {
-                return Err(format!("a session of {}, a client the hand-over does not hand over", s.client));
-            }
-            if !seen.insert(s.client) {
-                return Err(format!("two sessions of {} for {}", s.client, set.service));
-            }
-            if s.blob.len() > max {
-                return Err(format!("a session is over max_session_bytes ({max})"));
-            }
-        }
-        out.push((set.service, got));
-    }
-    Ok(out)
 }
 
 impl Agent {
@@ -277,26 +324,59 @@ mod tests {
         assert_eq!(s.len(), OUTCOME_SAMPLE / 2 + 1, "both families are in the sample");
     }
 
-    #[test]
-    fn received_sessions_are_exactly_those_counted() {
+    /// Sessions are taken as listed, in order, until `Sealed` counts and digests exactly
+    /// them; anything else refuses the hand-over.
+    #[tokio::test]
+    async fn streamed_sessions_are_exactly_those_listed_and_sealed() {
         let svc: SocketAddr = "198.18.0.10:80".parse().unwrap();
         let s = |c: u8, b: &[u8]| SessionBlob { client: IpAddr::from([198, 18, 1, c]), blob: b.to_vec() };
-        let clients: HashSet<IpAddr> = (1..=3).map(|i| IpAddr::from([198, 18, 1, i])).collect();
-        let session_sets = |sent: &[(SocketAddr, Vec<SessionBlob>)]| -> Vec<SessionSet> {
-            sent.iter().map(|(service, v)| SessionSet { service: *service, count: v.len() as u64, digest: peer::digest(v) }).collect()
+        let sent = [s(1, b"one"), s(2, b""), s(3, b"three")];
+        let sealed = |v: &[SessionBlob]| Streamed::Sealed(vec![SessionSet { service: svc, count: v.len() as u64, digest: peer::digest(v) }]);
+        let listed: VecDeque<ListedSession> = sent.iter().map(|s| ListedSession { client: s.client, len: s.blob.len() as u64 }).collect();
+        let run = |frames: Vec<Streamed>, keep_open: bool| {
+            let listed = listed.clone();
+            async move {
+                let mut arriving = HashMap::from([(svc, Arriving { local: svc, expected: listed, listed: 3, digest: 0, import: None })]);
+                let (tx, mut rx) = mpsc::channel(16);
+                for f in frames {
+                    tx.try_send(f).unwrap();
+                }
+                let _open = keep_open.then_some(tx);
+                take_sessions(&mut rx, &mut arriving, Duration::from_millis(100)).await
+            }
         };
-        let sets = session_sets(&[(svc, vec![s(1, b"one"), s(2, b"two")])]);
-        let got = |v: Vec<SessionBlob>| HashMap::from([(svc, v)]);
-        assert_eq!(check_received(&sets, got(vec![s(2, b"two"), s(1, b"one")]), &clients, 10).unwrap()[0].1.len(), 2);
-        let err = |v, max| check_received(&sets, got(v), &clients, max).unwrap_err();
-        assert!(err(vec![s(1, b"one")], 10).contains("lost or changed"));
-        assert!(err(vec![s(1, b"one"), s(2, b"twO")], 10).contains("lost or changed"));
-        assert!(err(vec![s(1, b"one"), s(2, b"two")], 2).contains("max_session_bytes"));
-        let stranger = session_sets(&[(svc, vec![s(9, b"x")])]);
-        assert!(check_received(&stranger, got(vec![s(9, b"x")]), &clients, 10).unwrap_err().contains("does not hand over"));
-        let twice = session_sets(&[(svc, vec![s(1, b"x"), s(1, b"x")])]);
-        assert!(check_received(&twice, got(vec![s(1, b"x"), s(1, b"x")]), &clients, 10).unwrap_err().contains("two sessions"));
-        let other: SocketAddr = "198.18.0.11:80".parse().unwrap();
-        assert!(check_received(&sets, HashMap::from([(other, vec![])]), &clients, 10).unwrap_err().contains("does not list"));
+        let frames = |parts: &[&[SessionBlob]]| parts.iter().map(|p| Streamed::Sessions(svc, p.to_vec())).collect::<Vec<_>>();
+        // In any frames, then sealed: taken.
+        let mut ok = frames(&[&sent[..1], &[], &sent[1..]]);
+        ok.push(sealed(&sent));
+        assert_eq!(run(ok, false).await, Ok(()));
+        let err = |r: Result<(), String>| r.unwrap_err();
+        // A frame lost on the way: the next session is not the one listed.
+        let mut lost = frames(&[&sent[1..]]);
+        lost.push(sealed(&sent));
+        assert!(err(run(lost, false).await).contains("not the one listed next: some were lost or changed"));
+        // One changed in flight: its length, or only its bytes (the digest sees it).
+        let changed = [s(1, b"onE"), s(2, b""), s(3, b"three")];
+        let mut bytes = frames(&[&changed]);
+        bytes.push(sealed(&sent));
+        assert!(err(run(bytes, false).await).contains("digest differs"));
+        let mut longer = frames(&[&[s(1, b"one!")]]);
+        longer.push(sealed(&sent));
+        assert!(err(run(longer, false).await).contains("not the one listed next"));
+        // Sealed before all arrived, or counting another service.
+        let mut short = frames(&[&sent[..2]]);
+        short.push(sealed(&sent[..2]));
+        assert!(err(run(short, false).await).contains("2 of the 3 sessions"));
+        let mut other = frames(&[&sent]);
+        other.push(sealed(&sent));
+        other.push(Streamed::Sessions("198.18.0.11:80".parse().unwrap(), vec![s(4, b"x")]));
+        assert_eq!(run(other, false).await, Ok(()), "nothing is read after Sealed");
+        let mut stranger = frames(&[&sent]);
+        stranger.insert(0, Streamed::Sessions("198.18.0.11:80".parse().unwrap(), vec![s(4, b"x")]));
+        assert!(err(run(stranger, false).await).contains("does not list"));
+        // The sender aborts, goes away, or stops sending.
+        assert!(err(run(vec![Streamed::Abort("no room".into())], false).await).contains("aborted: no room"));
+        assert!(err(run(frames(&[&sent[..1]]), false).await).contains("before every session arrived"));
+        assert!(err(run(frames(&[&sent[..1]]), true).await).contains("no sessions came for 100 ms"));
     }
 }

@@ -22,7 +22,7 @@ use tokio::{
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::{debug, info, warn};
 
-use super::{Agent, policy};
+use super::{Agent, Streamed, policy};
 use crate::peer::{self, Answer, Frame, Half, Heard, Heartbeat, NodeName, PROTOCOL_VERSION, Request};
 
 /// Transfers one inbound connection may have in progress at once (imports run concurrently;
@@ -210,7 +210,13 @@ impl Agent {
         loop {
             let end = self.clone().connect_once(&connector, &name, addr).await;
             // Requests waiting for an answer on this link will not get one: they fail now.
-            if self.state().links.down(&name) {
+            let closing = {
+                let mut st = self.state();
+                // Hand-backs waiting for what this link brought will not get it.
+                st.moved.link_down(&name);
+                st.links.down(&name)
+            };
+            if closing {
                 return;
             }
             if end.established {
@@ -317,13 +323,17 @@ impl Agent {
                     let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
                     Err(anyhow!("link closed by this agent"))
                 },
-                frame = framed.next() => decode_heard(frame).map(|heard| {
-                    self.heard(name);
-                    match heard {
-                        Heard::Heartbeat(hb) => self.heartbeat(name, hb.load),
-                        Heard::Said(a) => self.handle_answer(name, a),
+                frame = framed.next() => match decode_heard(frame) {
+                    Ok(heard) => {
+                        self.heard(name);
+                        match heard {
+                            Heard::Heartbeat(hb) => self.heartbeat(name, hb.load),
+                            Heard::Said(a) => self.handle_answer(name, a).await,
+                        }
+                        Ok(())
                     }
-                }),
+                    Err(e) => Err(e),
+                },
             };
             if let Err(e) = r {
                 return e;
@@ -331,13 +341,34 @@ impl Agent {
         }
     }
 
-    fn handle_answer(&self, name: &str, answer: Answer) {
-        // The sessions of a hand-back, ahead of its `Returning`.
-        if let Answer::Sessions { id, service, sessions } = answer {
-            return self.returned_sessions(name, id, service, sessions);
-        }
-        if let Some(tx) = self.state().links.take_waiter(name, answer.id()) {
-            let _ = tx.send(answer);
+    /// An answer from `name`: to the request waiting for it, or (what comes around a
+    /// hand-back's `Returning`) to the hand-back. The sessions that follow a `Returning` go on
+    /// to its import as they come: this link waits while the import is behind.
+    async fn handle_answer(&self, name: &str, answer: Answer) {
+        let now = Instant::now();
+        let (id, to) = match answer {
+            Answer::Listed { id, service, sessions } => return self.returned_listed(name, id, service, sessions),
+            Answer::Sessions { id, service, sessions } if sessions.is_empty() => return self.returned_listed(name, id, service, Vec::new()),
+            Answer::Sessions { id, service, sessions } => (id, Streamed::Sessions(service, sessions)),
+            Answer::Sealed { id, sessions } => (id, Streamed::Sealed(sessions)),
+            answer => {
+                let waiter = self.state().links.take_waiter(name, answer.id());
+                match (waiter, answer) {
+                    (Some(tx), answer) => {
+                        let _ = tx.send(answer);
+                        return;
+                    }
+                    // A volunteer that gives up on a hand-back after its `Returning`.
+                    (None, Answer::Abort { id, reason }) => (id, Streamed::Abort(reason)),
+                    (None, _) => return,
+                }
+            }
+        };
+        let stream = self.state().moved.back_stream(name, id, now);
+        if let Some(s) = stream {
+            let _ = s.send(to).await;
+        } else {
+            debug!(sibling = %name, id, "dropping what came of a hand-back that is not in progress here");
         }
     }
 
@@ -355,6 +386,25 @@ impl Agent {
         let out = out.ok_or_else(|| anyhow!("no link to {name}"))?;
         tokio::time::timeout(timeout, async {
             out.send(msg).await.map_err(|_| anyhow!("link to {name} closed"))?;
+            rx.await.map_err(|_| anyhow!("link to {name} closed"))
+        })
+        .await
+        .map_err(|_| anyhow!("{name} did not answer within {} ms", timeout.as_millis()))?
+    }
+
+    /// Runs `work` (which sends request `id` to `name`, and maybe more after it) and waits for
+    /// the answer to `id`, all within `timeout`. An answer that comes while `work` still runs
+    /// (a refusal) ends it; so does an error of `work`.
+    pub(super) async fn ask_while(&self, name: &str, id: u64, timeout: Duration, work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<Answer> {
+        let (tx, mut rx) = oneshot::channel();
+        let key = (NodeName::from(name), id);
+        self.state().links.await_answer(name, id, tx);
+        let _guard = PendingGuard { agent: self, key };
+        tokio::time::timeout(timeout, async {
+            tokio::select! {
+                r = work => r?,
+                a = &mut rx => return a.map_err(|_| anyhow!("link to {name} closed")),
+            }
             rx.await.map_err(|_| anyhow!("link to {name} closed"))
         })
         .await

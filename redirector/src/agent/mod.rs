@@ -50,7 +50,7 @@ pub const MOVE_DWELL: Duration = Duration::from_secs(2);
 
 /// How long an exiting agent waits for its links to send what is queued on them and close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-use self::state::{Acked, Incoming, Links, Received, State};
+use self::state::{Acked, Incoming, Links, Received, State, Streamed};
 use crate::{
     admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration},

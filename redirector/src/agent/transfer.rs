@@ -22,7 +22,7 @@ use super::{
 use crate::{
     app::Exported,
     datapath::{Prefix, family_name},
-    peer::{self, Answer, HandoffId, MovedClient, Request, SessionBlob, Verdict},
+    peer::{self, Answer, HandoffId, ListedSession, MovedClient, Request, SessionBlob, Verdict},
 };
 
 impl Agent {
@@ -50,50 +50,53 @@ impl Agent {
             }
         };
         let h = Handover { rec, busy, t0 };
-        // The export, then the sessions on their way to the volunteer as they arrive, counted
-        // and digested per service, with the volunteer's reservation kept alive all along.
-        let mut dropped = false;
-        let (max_frame, faults) = (self.cfg.max_frame, self.faults.clone());
-        let sent = self
-            .keep_lease(name, id, &apps, async {
-                let exports = self.export_all(&handoff, &apps, &addrs).await.map_err(|e| anyhow!("export failed: {e:#}"))?;
-                let t_export = t0.elapsed();
-                let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
-                // The time the volunteer's imports may take.
-                let allowance: Duration =
-                    exports.iter().filter(|(_, e)| e.sizes().next().is_some()).map(|(_, e)| self.limits().import_allowance(e.sizes().map(|(_, len)| len))).sum();
-                let sets = send_sessions(exports, max_frame, |service, sessions| {
-                    if faults.drop_sessions_frame && !dropped && !sessions.is_empty() {
-                        warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
-                        dropped = true;
-                        return Box::pin(std::future::ready(Ok(())));
-                    }
-                    Box::pin(async move { self.send_to(name, Request::Sessions { id, service, sessions }).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}")) })
-                })
-                .await?;
-                Ok::<_, anyhow::Error>((sets, n_sessions, allowance, t_export))
-            })
-            .await;
-        let (sets, n_sessions, allowance, t_export) = match sent {
-            Ok(p) => p,
+        // The export: the applications' answers list their sessions (the volunteer's
+        // reservation is kept alive meanwhile).
+        let exported = self.keep_lease(name, id, &apps, self.export_all(&handoff, &apps, &addrs)).await;
+        let exports = match exported {
+            Ok(e) => e,
             Err(e) => {
-                self.conclude(h, Verdict::Aborted, format!("{e:#}")).await;
+                self.conclude(h, Verdict::Aborted, format!("export failed: {e:#}")).await;
                 return 0;
             }
         };
-        self.faults.pause("pause-after-export", &handoff).await;
-        // Long client lists in frames under the peer limit, the last one in the `Transfer`.
-        let mut parts = peer::client_chunks(clients.clone(), &services, self.cfg.max_frame);
+        let t_export = t0.elapsed();
+        let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
+        // The time the volunteer's imports may take.
+        let allowance: Duration = exports.iter().filter(|(_, e)| e.sizes().next().is_some()).map(|(_, e)| self.limits().import_allowance(e.sizes().map(|(_, len)| len))).sum();
+        // The clients and the sessions listed, in frames under the peer limit, then the
+        // `Transfer`, which the volunteer checks before it starts importing; then the sessions
+        // as they arrive from the applications, counted and digested per service (`Sealed`).
+        // The volunteer answers once they are all in, or refuses at any time.
+        let max_frame = self.cfg.max_frame;
+        let mut parts = peer::client_chunks(clients.clone(), &services, max_frame);
         let last = parts.pop().unwrap_or_default();
-        for c in parts {
-            if let Err(e) = self.send_to(name, Request::Clients { id, clients: c }).await {
-                self.conclude(h, Verdict::Aborted, format!("sending the transfer failed: {e:#}")).await;
-                return 0;
-            }
+        let mut frames: Vec<Request> = parts.into_iter().map(|c| Request::Clients { id, clients: c }).collect();
+        for (service, e) in &exports {
+            let listed = e.sizes().map(|(client, len)| ListedSession { client, len: u64::try_from(len).unwrap_or(u64::MAX) }).collect();
+            frames.extend(peer::listed_chunks(listed, max_frame).into_iter().map(|sessions| Request::Listed { id, service: *service, sessions }));
         }
-        let t_sent = t0.elapsed();
-        let msg = Request::Transfer { id, services, tunnel_src, clients: last, sessions: sets };
-        let answer = self.ask(name, msg, id, timeout.saturating_add(allowance)).await;
+        frames.push(Request::Transfer { id, services, tunnel_src, clients: last });
+        let (faults, mut dropped, mut t_sent) = (self.faults.clone(), false, t0.elapsed());
+        let send = async {
+            for f in frames {
+                self.send_to(name, f).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}"))?;
+            }
+            let sets = send_sessions(exports, max_frame, |service, sessions| {
+                if faults.drop_sessions_frame && !dropped && !sessions.is_empty() {
+                    warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
+                    dropped = true;
+                    return Box::pin(std::future::ready(Ok(())));
+                }
+                Box::pin(async move { self.send_to(name, Request::Sessions { id, service, sessions }).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}")) })
+            })
+            .await?;
+            self.faults.pause("pause-after-export", &handoff).await;
+            self.send_to(name, Request::Sealed { id, sessions: sets }).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}"))?;
+            t_sent = t0.elapsed();
+            Ok(())
+        };
+        let answer = self.ask_while(name, id, timeout.saturating_add(allowance), send).await;
         let refused = match answer {
             Ok(Answer::TransferAck { .. }) => None,
             Ok(Answer::Abort { reason, .. }) => Some(format!("the volunteer refused: {reason}")),

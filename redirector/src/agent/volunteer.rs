@@ -14,12 +14,18 @@ use anyhow::anyhow;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
-use super::{Acked, Agent, Incoming, Received, handoff::check_received, policy, records::Dir, unix_now};
+use super::{
+    Acked, Agent, Incoming, Received, Streamed,
+    handoff::{Arriving, FRAMES_AHEAD, take_sessions},
+    policy,
+    records::Dir,
+    unix_now,
+};
 use crate::{
     app::Role,
     config::Sibling,
     datapath::family_name,
-    peer::{Answer, HandoffId, MovedClient, NodeName, Request, SessionBlob, SessionSet, Verdict},
+    peer::{Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Verdict},
 };
 
 /// A volunteer asks the origin how a hand-over it took part in ended when neither `Commit`
@@ -41,15 +47,16 @@ struct Adoption {
 }
 
 /// A transfer as it reached this volunteer: its origin and id, what its `Transfer` frame says
-/// (the services handed over, the origin's tunnel sources, the count and digest of each
-/// service's sessions), and what arrived of it before that frame.
+/// (the services handed over, the origin's tunnel sources), what arrived of it before that
+/// frame (its clients, its sessions listed), and what comes after it (the sessions, then
+/// their count and digest per service).
 struct TransferIn {
     from: NodeName,
     id: u64,
     services: Vec<SocketAddr>,
     tunnel_src: Vec<IpAddr>,
-    sets: Vec<SessionSet>,
     incoming: Incoming,
+    frames: mpsc::Receiver<Streamed>,
 }
 
 impl Agent {
@@ -64,20 +71,31 @@ impl Agent {
         };
         match msg {
             Request::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
-            Request::Sessions { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
+            Request::Sessions { id, service, sessions } => self.stream(from, id, Streamed::Sessions(service, sessions)).await,
+            Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,
+            Request::Listed { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
             Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
-            Request::Transfer { id, services, tunnel_src, clients, sessions } => {
+            Request::Transfer { id, services, tunnel_src, clients } => {
                 self.receive(from, id, None, Vec::new(), clients);
                 let incoming = self.state().volunteer.take_incoming(from, id);
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
                     return answer(Answer::Abort { id, reason: "too many transfers in progress from this sibling; ask again".into() }).await;
                 };
                 let (me, from, reply) = (self.clone(), NodeName::from(from), reply.clone());
-                me.state().volunteer.importing.insert((from.clone(), id));
+                let (tx, frames) = mpsc::channel(FRAMES_AHEAD);
+                {
+                    let mut st = me.state();
+                    st.volunteer.importing.insert((from.clone(), id));
+                    st.volunteer.streams.insert((from.clone(), id), tx);
+                }
                 tokio::spawn(async move {
-                    let t = TransferIn { from: from.clone(), id, services, tunnel_src, sets: sessions, incoming };
+                    let t = TransferIn { from: from.clone(), id, services, tunnel_src, incoming, frames };
                     let a = me.clone().accept_transfer(t).await;
-                    me.state().volunteer.importing.remove(&(from.clone(), id));
+                    {
+                        let mut st = me.state();
+                        st.volunteer.importing.remove(&(from.clone(), id));
+                        st.volunteer.streams.remove(&(from.clone(), id));
+                    }
                     drop(permit);
                     if reply.send_timeout(a, me.send_deadline()).await.is_err() {
                         warn!(origin = %from, id, "could not answer the transfer: the link is gone or stuck");
@@ -199,9 +217,24 @@ impl Agent {
         }
     }
 
-    /// Sessions and clients of a transfer, arriving ahead of (or in) its `Transfer`: kept
-    /// within the reservation (which they keep alive: big hand-overs outlast a lease).
-    fn receive(&self, from: &str, id: u64, service: Option<SocketAddr>, sessions: Vec<SessionBlob>, clients: Vec<MovedClient>) {
+    /// What follows the `Transfer` of (`from`, `id`): on to the task importing it, waiting
+    /// while it is behind. Before the `Transfer`, only empty `Sessions` frames come (they keep
+    /// the reservation alive); after the transfer ended (refused, aborted), frames are dropped.
+    async fn stream(&self, from: &str, id: u64, frame: Streamed) {
+        let to = self.state().volunteer.streams.get(&(NodeName::from(from), id)).cloned();
+        match (to, frame) {
+            (Some(to), frame) => {
+                // An error: the transfer just ended; what it was sent does not matter any more.
+                let _ = to.send(frame).await;
+            }
+            (None, Streamed::Sessions(_, s)) if s.is_empty() => self.receive(from, id, None, Vec::new(), Vec::new()),
+            (None, _) => debug!(origin = %from, id, "dropping sessions of a transfer that is not in progress here (refused or aborted)"),
+        }
+    }
+
+    /// Clients and listed sessions of a transfer, arriving ahead of (or in) its `Transfer`:
+    /// kept within the reservation (which they keep alive: big hand-overs outlast a lease).
+    fn receive(&self, from: &str, id: u64, service: Option<SocketAddr>, sessions: Vec<ListedSession>, clients: Vec<MovedClient>) {
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let received = self.state().volunteer.receive(from, id, service, sessions, clients, Instant::now(), lease, self.cfg.max_session_bytes);
         match received {
@@ -250,7 +283,7 @@ impl Agent {
     /// into the local applications (tentatively), then prepares delivery; only then
     /// acknowledges. Any failure undoes the imports and answers `Abort`.
     async fn accept_transfer(self: Arc<Self>, t: TransferIn) -> Answer {
-        let TransferIn { from, id, services, tunnel_src, sets, incoming } = t;
+        let TransferIn { from, id, services, tunnel_src, incoming, mut frames } = t;
         let from = from.as_str();
         let abort = |reason: String| {
             warn!(origin = %from, id, "transfer refused: {reason}");
@@ -268,7 +301,7 @@ impl Agent {
         let handoff = HandoffId::new(from, id, self.cfg.node.as_str()).to_string();
         // The transfer owns its reservation now: it must not expire during a long import.
         let capacity = {
-            let allowance: Duration = sessions.values().map(|s| self.limits().import_allowance(s.iter().map(|s| s.blob.len()))).sum();
+            let allowance: Duration = sessions.values().map(|s| self.limits().import_allowance(s.iter().map(|s| usize::try_from(s.len).unwrap_or(usize::MAX)))).sum();
             let now = Instant::now();
             let hold = now + allowance + Duration::from_mins(1);
             // The state's lock is let go before `abort`, which takes it again.
@@ -287,23 +320,17 @@ impl Agent {
             Ok(p) => p,
             Err(why) => return abort(why),
         };
-        let t_check = Instant::now();
-        let imports = match self.check_sessions(&plan, &clients, &sets, sessions).await {
-            Ok(i) => i,
+        // The sessions listed go to the applications as they arrive (tentatively: any failure
+        // from here on aborts what they imported).
+        let listed = match self.check_listed(&plan, &clients, sessions) {
+            Ok(l) => l,
             Err(why) => return abort(why),
         };
-        let mut imported_into: Vec<SocketAddr> = Vec::new();
-        let check_ms = t_check.elapsed().as_millis();
-        for (local, s) in imports {
-            let (n, t_import) = (s.len(), Instant::now());
-            imported_into.push(local);
-            if let Err(e) = self.apps.import(local, &handoff, s.into_iter().map(Into::into).collect()).await {
-                // It may have taken some: it drops them (told until it confirms).
-                self.settle_imports(imported_into, handoff.clone(), false);
-                return abort(format!("import failed: {e:#}"));
-            }
-            let import_ms = t_import.elapsed().as_millis();
-            info!(origin = %from, id, service = %local, sessions = n, check_ms, import_ms, "sessions imported into the application (tentative until the origin commits)");
+        let (imported_into, imported) = self.import_arriving(from, id, &handoff, listed, &mut frames).await;
+        if let Err(why) = imported {
+            // They may have taken some: they drop them (told until they confirm).
+            self.settle_imports(imported_into, handoff.clone(), false);
+            return abort(why);
         }
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
@@ -350,30 +377,78 @@ impl Agent {
         }
     }
 
-    /// The sessions of a transfer, checked (`check_received`, against this node's own
-    /// `max_session_bytes`); those of a service go to the application of the local service of
-    /// the same port and family, which must be registered. Returns (local service, sessions) to
-    /// import.
-    async fn check_sessions(
+    /// Imports the sessions `listed` (origin's service, local service, sessions) into the
+    /// local applications as they arrive in `frames`, until they are sealed and the
+    /// applications confirm. Returns the local services whose applications were asked to
+    /// import, and whether all went well (if not, those must drop what they took; an import cut
+    /// short is padded out first, so the hook stays framed).
+    async fn import_arriving(
+        &self,
+        from: &str,
+        id: u64,
+        handoff: &str,
+        listed: Vec<(SocketAddr, SocketAddr, Vec<ListedSession>)>,
+        frames: &mut mpsc::Receiver<Streamed>,
+    ) -> (Vec<SocketAddr>, Result<(), String>) {
+        let t_stream = Instant::now();
+        let mut imported_into: Vec<SocketAddr> = Vec::new();
+        let mut arriving: HashMap<SocketAddr, Arriving> = HashMap::new();
+        for (svc, local, list) in listed {
+            imported_into.push(local);
+            let lens = list.iter().map(|l| (l.client, usize::try_from(l.len).unwrap_or(usize::MAX))).collect();
+            match self.apps.import_stream(local, handoff, lens) {
+                Ok(import) => {
+                    let n = u64::try_from(list.len()).unwrap_or(u64::MAX);
+                    arriving.insert(svc, Arriving { local, expected: list.into(), listed: n, digest: 0, import: Some(import) });
+                }
+                Err(e) => return (imported_into, Err(format!("import failed: {e:#}"))),
+            }
+        }
+        // The origin sends as its applications export: it may pause as long as an application
+        // may stall, and a send on the link may take its deadline.
+        let stall = self.limits().allowance(u64::try_from(self.cfg.max_frame).unwrap_or(u64::MAX)).saturating_mul(2).saturating_add(self.send_deadline());
+        if let Err(why) = take_sessions(frames, &mut arriving, stall).await {
+            return (imported_into, Err(why));
+        }
+        let stream_ms = t_stream.elapsed().as_millis();
+        let t_import = Instant::now();
+        for (_, a) in arriving.drain() {
+            let (local, n) = (a.local, a.listed);
+            if let Some(Err(e)) = a.finish().await {
+                return (imported_into, Err(format!("import failed: {e:#}")));
+            }
+            info!(origin = %from, id, service = %local, sessions = n, stream_ms, import_ms = t_import.elapsed().as_millis(), "sessions imported into the application (tentative until the origin commits)");
+        }
+        (imported_into, Ok(()))
+    }
+
+    /// The sessions a transfer lists, checked: of its clients only, each once per service,
+    /// of services it hands over, whose local services (of the same port and family) have a
+    /// registered application to import them. Returns (origin's service, local service,
+    /// sessions) to import.
+    fn check_listed(
         &self,
         plan: &[Adoption],
         clients: &[MovedClient],
-        sets: &[SessionSet],
-        received: HashMap<SocketAddr, Vec<SessionBlob>>,
-    ) -> Result<Vec<(SocketAddr, Vec<SessionBlob>)>, String> {
-        if let Some(set) = sets.iter().find(|set| !plan.iter().any(|a| a.svc == set.service)) {
-            return Err(format!("sessions of {}, a service the transfer does not hand over", set.service));
-        }
+        listed: HashMap<SocketAddr, Vec<ListedSession>>,
+    ) -> Result<Vec<(SocketAddr, SocketAddr, Vec<ListedSession>)>, String> {
         let ours: HashSet<IpAddr> = clients.iter().map(|c| c.addr).collect();
-        let (sets, max) = (sets.to_vec(), self.cfg.max_session_bytes);
-        let checked = tokio::task::spawn_blocking(move || check_received(&sets, received, &ours, max)).await.map_err(|e| format!("digest task: {e}"))??;
         let mut out = Vec::new();
-        for (svc, got) in checked.into_iter().filter(|(_, s)| !s.is_empty()) {
+        for (svc, list) in listed.into_iter().filter(|(_, l)| !l.is_empty()) {
             let local = plan.iter().find(|a| a.svc == svc).map(|a| a.local).ok_or_else(|| format!("sessions of {svc}, a service the transfer does not hand over"))?;
-            if !self.apps.has(local) {
-                return Err(format!("no application registered for {local} to import {} sessions into", got.len()));
+            let mut seen = HashSet::with_capacity(list.len());
+            for l in &list {
+                if !ours.contains(&l.client) {
+                    return Err(format!("a session of {}, a client the hand-over does not hand over", l.client));
+                }
+                if !seen.insert(l.client) {
+                    return Err(format!("two sessions of {} for {svc}", l.client));
+                }
             }
-            out.push((local, got));
+            if !self.apps.has(local) {
+                return Err(format!("no application registered for {local} to import {} sessions into", list.len()));
+            }
+            out.push((svc, local, list));
         }
         Ok(out)
     }

@@ -20,8 +20,10 @@ pub use self::names::{HandoffId, NodeName, NotAHandoff};
 /// to, a transfer counts and digests them per service, and a volunteer can ask the origin for
 /// the outcome of a hand-over (`Outcome`, `OutcomeIs`). Version 4: a frame says which half of
 /// the protocol it is (`Frame::Request`, `Frame::Answer`), heartbeats are their own frame,
-/// and the sessions' digest is XXH3 rather than SHA-256 ([`digest`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// and the sessions' digest is XXH3 rather than SHA-256 ([`digest`]). Version 5: a transfer
+/// lists its sessions (`Listed`) and comes before them, so the volunteer checks it and starts
+/// importing while the sessions are still on their way; `Sealed` counts and digests them.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
 const FRAME_OVERHEAD: usize = 4096;
@@ -41,6 +43,13 @@ pub struct SessionBlob {
     /// one copy rather than a call per byte (640 MiB in a big hand-over).
     #[serde(with = "serde_bytes")]
     pub blob: Vec<u8>,
+}
+
+/// A session as a transfer lists it before sending it: its client and the length of its blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedSession {
+    pub client: IpAddr,
+    pub len: u64,
 }
 
 /// The sessions of one of the origin's services in a transfer: how many, and their digest
@@ -76,7 +85,9 @@ pub fn digest<'a>(sessions: impl IntoIterator<Item = &'a SessionBlob>) -> u64 {
     sessions.into_iter().fold(0u64, |sum, s| sum.wrapping_add(session_digest(s)))
 }
 
-fn session_digest(s: &SessionBlob) -> u64 {
+/// One session's part of [`digest`] (a list's digest is the wrapping sum of its sessions').
+#[must_use]
+pub fn session_digest(s: &SessionBlob) -> u64 {
     let addr = match s.client {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
@@ -123,20 +134,21 @@ pub struct Heartbeat {
 pub enum Request {
     /// An overloaded origin asks for room for `connections` connections of `clients` clients.
     HelpRequest { id: u64, connections: u64, clients: u32 },
-    /// Session blobs of clients about to be transferred, exported by the application of the
-    /// origin's `service` (several frames may precede the `Transfer` of the same id; an empty
-    /// one keeps the volunteer's reservation alive during a long export).
+    /// Session blobs of the `Transfer` of the same id, exported by the application of the
+    /// origin's `service`, in the order `Listed` listed them, after the `Transfer` (an empty
+    /// one before it keeps the volunteer's reservation alive during a long export).
     Sessions { id: u64, service: SocketAddr, sessions: Vec<SessionBlob> },
     /// Part of the clients of the `Transfer` with the same id, sent before it when they do not
     /// fit in one frame.
     Clients { id: u64, clients: Vec<MovedClient> },
-    /// The origin hands clients over (these and those of the `Clients` chunks before it): the
-    /// volunteer serves `services` (the origin's service addresses) and accepts tunnels from
-    /// the origin's control addresses before it acknowledges. `tunnel_src` are the origin's
-    /// tunnel sources; the volunteer refuses them unless they are the ones it has configured
-    /// for that sibling. `sessions` counts and digests, per service, the sessions sent before
-    /// it: the volunteer refuses the transfer unless it received exactly those.
-    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, clients: Vec<MovedClient>, sessions: Vec<SessionSet> },
+    /// The origin hands clients over (these and those of the `Clients` chunks before it), with
+    /// the sessions `Listed` before it: the volunteer serves `services` (the origin's service
+    /// addresses) and accepts tunnels from the origin's control addresses before it
+    /// acknowledges. `tunnel_src` are the origin's tunnel sources; the volunteer refuses them
+    /// unless they are the ones it has configured for that sibling. The sessions follow
+    /// (`Sessions`), then `Sealed`; the volunteer answers `TransferAck` or `Abort` (at any
+    /// time: an `Abort` may come before `Sealed`).
+    Transfer { id: u64, services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, clients: Vec<MovedClient> },
     /// The origin steered the clients of hand-over `id`: the volunteer's imported sessions are
     /// final (or, for a hand-back, its exported ones are gone).
     Commit { id: u64 },
@@ -157,6 +169,13 @@ pub enum Request {
     /// A volunteer asks the origin to take `clients` back (it needs the room, or it leaves);
     /// the origin hands them back and answers `OutcomeIs` once that ended (or `Decline`).
     GiveBack { id: u64, clients: Vec<IpAddr> },
+    /// Part of the sessions of the `Transfer` with the same id, as the origin's application of
+    /// `service` exported them: each client and the length of its blob, in the order the
+    /// `Sessions` frames after the `Transfer` bring them. Sent before the `Transfer`.
+    Listed { id: u64, service: SocketAddr, sessions: Vec<ListedSession> },
+    /// Every session of transfer `id` was sent: per service, their count and digest. The
+    /// volunteer acknowledges only if it received exactly those, as listed.
+    Sealed { id: u64, sessions: Vec<SessionSet> },
 }
 
 /// What a node answers on a sibling's connection, to the request of the same id.
@@ -174,11 +193,19 @@ pub enum Answer {
     /// home.
     OutcomeIs { id: u64, verdict: Verdict },
     /// Session blobs of the clients of `HandBack` `id`, exported by the volunteer's
-    /// application of the origin's `service`, sent before `Returning`.
+    /// application of the origin's `service`, in the order `Listed` listed them, after
+    /// `Returning` (an empty one before it keeps the origin waiting during a long export).
     Sessions { id: u64, service: SocketAddr, sessions: Vec<SessionBlob> },
     /// The volunteer's answer to `HandBack` `id`: the clients it gives back, with their
-    /// connections there, and per service the count and digest of the `Sessions` sent before.
-    Returning { id: u64, clients: Vec<MovedClient>, sessions: Vec<SessionSet> },
+    /// connections there, and the sessions `Listed` before it; they follow (`Sessions`), then
+    /// `Sealed` (or `Abort`).
+    Returning { id: u64, clients: Vec<MovedClient> },
+    /// Part of the sessions of the `Returning` of `HandBack` `id`, as the volunteer's
+    /// application of the origin's `service` exported them: each client and the length of its
+    /// blob, in the order the `Sessions` after the `Returning` bring them. Sent before it.
+    Listed { id: u64, service: SocketAddr, sessions: Vec<ListedSession> },
+    /// Every session of hand-back `id` was sent: per service, their count and digest.
+    Sealed { id: u64, sessions: Vec<SessionSet> },
 }
 
 impl Answer {
@@ -192,7 +219,9 @@ impl Answer {
             | Answer::Abort { id, .. }
             | Answer::OutcomeIs { id, .. }
             | Answer::Sessions { id, .. }
-            | Answer::Returning { id, .. } => *id,
+            | Answer::Returning { id, .. }
+            | Answer::Listed { id, .. }
+            | Answer::Sealed { id, .. } => *id,
         }
     }
 }
@@ -263,6 +292,13 @@ pub fn client_chunks(clients: Vec<MovedClient>, services: &[SocketAddr], max_fra
         c.push(Vec::new());
     }
     c
+}
+
+/// Listed sessions in chunks that fit in `Listed` frames of `max_frame` bytes.
+#[must_use]
+pub fn listed_chunks(listed: Vec<ListedSession>, max_frame: usize) -> Vec<Vec<ListedSession>> {
+    // An address: a tag and 16 bytes at most; a u64: 10 bytes at most; the service: 24.
+    chunks(listed, max_frame, 24, 28)
 }
 
 /// At most this many clients are named in an `Outcome` query (the origin's rules for a
@@ -353,17 +389,23 @@ mod tests {
         let ip = any::<[u8; 4]>().prop_map(IpAddr::from);
         prop_oneof![
             (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, connections, clients)| Request::HelpRequest { id, connections, clients }),
-            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(
-                |(id, tunnel_src, c, sets)| {
-                    Request::Transfer {
-                        id,
-                        services: vec![SocketAddr::new(tunnel_src, 80)],
-                        tunnel_src: vec![tunnel_src],
-                        clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
-                        sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(tunnel_src, 80), count, digest }).collect(),
-                    }
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, tunnel_src, c)| {
+                Request::Transfer {
+                    id,
+                    services: vec![SocketAddr::new(tunnel_src, 80)],
+                    tunnel_src: vec![tunnel_src],
+                    clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
                 }
-            ),
+            }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, svc, l)| Request::Listed {
+                id,
+                service: SocketAddr::new(svc, 80),
+                sessions: l.into_iter().map(|(client, len)| ListedSession { client, len }).collect()
+            }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(|(id, svc, sets)| Request::Sealed {
+                id,
+                sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest }).collect()
+            }),
             (any::<u64>(), any::<u64>(), any::<bool>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, handoff, back, clients)| Request::Outcome {
                 id,
                 handoff,
@@ -400,13 +442,17 @@ mod tests {
             (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), proptest::collection::vec(any::<u8>(), 0..64)), 0..8)).prop_map(|(id, svc, s)| {
                 Answer::Sessions { id, service: SocketAddr::new(svc, 443), sessions: s.into_iter().map(|(client, blob)| SessionBlob { client, blob }).collect() }
             }),
-            (any::<u64>(), ip.clone(), proptest::collection::vec((ip, any::<u64>()), 0..20), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(
-                |(id, svc, c, sets)| Answer::Returning {
-                    id,
-                    clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect(),
-                    sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest }).collect(),
-                }
-            ),
+            (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20))
+                .prop_map(|(id, c)| Answer::Returning { id, clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect() }),
+            (any::<u64>(), ip.clone(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20)).prop_map(|(id, svc, l)| Answer::Listed {
+                id,
+                service: SocketAddr::new(svc, 80),
+                sessions: l.into_iter().map(|(client, len)| ListedSession { client, len }).collect()
+            }),
+            (any::<u64>(), ip, proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(|(id, svc, sets)| Answer::Sealed {
+                id,
+                sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest }).collect()
+            }),
         ]
     }
 
@@ -500,12 +546,19 @@ mod tests {
             assert!(chunks.len() > 1, "{max_frame}: one frame would not do");
             assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), clients.len(), "nobody lost");
             for c in &chunks {
-                let sessions = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX }).collect();
-                let last = Frame::from(Request::Transfer { id: u64::MAX, services: services.clone(), tunnel_src: vec![v6(0), v6(1)], clients: c.clone(), sessions });
+                let last = Frame::from(Request::Transfer { id: u64::MAX, services: services.clone(), tunnel_src: vec![v6(0), v6(1)], clients: c.clone() });
                 assert!(last.encode().len() <= max_frame, "{max_frame}: a transfer of {} clients is {} bytes", c.len(), last.encode().len());
                 let part = Frame::from(Request::Clients { id: u64::MAX, clients: c.clone() });
                 assert!(part.encode().len() <= max_frame);
             }
+            let listed: Vec<ListedSession> = (0..60_000).map(|i| ListedSession { client: v6(i), len: u64::MAX }).collect();
+            let chunks = listed_chunks(listed.clone(), max_frame);
+            assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), listed.len(), "nobody lost");
+            for c in chunks {
+                assert!(Frame::from(Request::Listed { id: u64::MAX, service: services[0], sessions: c }).encode().len() <= max_frame);
+            }
+            let sealed = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX }).collect();
+            assert!(Frame::from(Request::Sealed { id: u64::MAX, sessions: sealed }).encode().len() <= max_frame);
             let addrs: Vec<IpAddr> = (0..60_000).map(v6).collect();
             for c in addr_chunks(addrs, max_frame) {
                 assert!(Frame::from(Request::Release { clients: c }).encode().len() <= max_frame);
@@ -521,8 +574,7 @@ mod tests {
             let groups = hand_back_groups(addrs.clone(), &services, max_frame);
             assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), addrs.len(), "nobody lost");
             for g in groups {
-                let sessions = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX }).collect();
-                let back = Frame::from(Answer::Returning { id: u64::MAX, clients: g.iter().map(|a| MovedClient { addr: *a, connections: u64::MAX }).collect(), sessions });
+                let back = Frame::from(Answer::Returning { id: u64::MAX, clients: g.iter().map(|a| MovedClient { addr: *a, connections: u64::MAX }).collect() });
                 assert!(back.encode().len() <= max_frame, "{max_frame}: a Returning of {} clients is {} bytes", g.len(), back.encode().len());
                 assert!(Frame::from(Request::HandBack { id: u64::MAX, services: services.clone(), clients: g.clone() }).encode().len() <= max_frame);
                 assert!(Frame::from(Request::GiveBack { id: u64::MAX, clients: g }).encode().len() <= max_frame);

@@ -15,7 +15,7 @@ pub use self::{
     links::Links,
     moved::{ByNode, Moved},
     rounds::{Rounds, Seen},
-    volunteer::{Acked, Incoming, Received, Volunteer},
+    volunteer::{Acked, Incoming, Received, Streamed, Volunteer},
 };
 use crate::datapath::Load;
 

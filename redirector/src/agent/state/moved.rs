@@ -10,6 +10,7 @@ use std::{
 
 use tracing::info;
 
+use super::Streamed;
 use crate::{
     admin::api::OrphanRule,
     agent::{
@@ -17,7 +18,7 @@ use crate::{
         records::{Dir, Record},
     },
     datapath::unix_now,
-    peer::{NodeName, SessionBlob, Verdict},
+    peer::{ListedSession, NodeName, Verdict},
 };
 
 /// Clients by the node they are with.
@@ -39,11 +40,13 @@ pub struct MigratedOut {
     pub recorded: Instant,
 }
 
-/// What arrived of a hand-back's answer before its `Returning`.
-#[derive(Default)]
+/// A hand-back in progress, as the origin receives it: the sessions listed before its
+/// `Returning`, where the sessions that follow it go, and when the volunteer was last heard.
 pub struct Returned {
-    /// Sessions by the service they belong to.
-    pub sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
+    /// The sessions listed, by the service they belong to.
+    pub listed: HashMap<SocketAddr, Vec<ListedSession>>,
+    /// Where its sessions go (the task that imports them).
+    pub stream: tokio::sync::mpsc::Sender<Streamed>,
     /// When the volunteer was last heard on it: a long export keeps the wait alive.
     pub last: Option<Instant>,
 }
@@ -201,20 +204,28 @@ impl Moved {
         new
     }
 
-    /// Hand-back `id` of `name` was asked for at `t0`: its sessions may arrive.
-    pub fn await_back(&mut self, name: &str, id: u64, t0: Instant) {
-        self.returning.insert((NodeName::from(name), id), Returned { last: Some(t0), ..Returned::default() });
+    /// Hand-back `id` of `name` was asked for at `t0`: its sessions may arrive (listed, then
+    /// into `stream`).
+    pub fn await_back(&mut self, name: &str, id: u64, t0: Instant, stream: tokio::sync::mpsc::Sender<Streamed>) {
+        self.returning.insert((NodeName::from(name), id), Returned { listed: HashMap::new(), stream, last: Some(t0) });
     }
 
-    /// A `Sessions` frame of hand-back `id` of `name` (maybe empty: the volunteer still
-    /// exports); false when no such hand-back is awaited.
-    pub fn back_sessions(&mut self, name: &str, id: u64, service: SocketAddr, sessions: Vec<SessionBlob>, now: Instant) -> bool {
+    /// A `Listed` frame of hand-back `id` of `name` (or an empty `Sessions` frame, `listed`
+    /// empty: the volunteer still exports); false when no such hand-back is awaited.
+    pub fn back_listed(&mut self, name: &str, id: u64, service: SocketAddr, listed: Vec<ListedSession>, now: Instant) -> bool {
         let Some(r) = self.returning.get_mut(&(NodeName::from(name), id)) else { return false };
         r.last = Some(now);
-        if !sessions.is_empty() {
-            r.sessions.entry(service).or_default().extend(sessions);
+        if !listed.is_empty() {
+            r.listed.entry(service).or_default().extend(listed);
         }
         true
+    }
+
+    /// Where what follows the `Returning` of hand-back `id` of `name` goes (heard now).
+    pub fn back_stream(&mut self, name: &str, id: u64, now: Instant) -> Option<tokio::sync::mpsc::Sender<Streamed>> {
+        let r = self.returning.get_mut(&(NodeName::from(name), id))?;
+        r.last = Some(now);
+        Some(r.stream.clone())
     }
 
     /// When the volunteer of hand-back `id` of `name` was last heard on it.
@@ -222,9 +233,20 @@ impl Moved {
         self.returning.get(&(NodeName::from(name), id)).and_then(|r| r.last)
     }
 
-    /// What arrived of hand-back `id` of `name`, no longer awaited.
-    pub fn take_back(&mut self, name: &str, id: u64) -> Returned {
-        self.returning.remove(&(NodeName::from(name), id)).unwrap_or_default()
+    /// The sessions listed for hand-back `id` of `name` (its `Returning` came; its sessions
+    /// still go to its stream).
+    pub fn take_listed(&mut self, name: &str, id: u64) -> HashMap<SocketAddr, Vec<ListedSession>> {
+        self.returning.get_mut(&(NodeName::from(name), id)).map(|r| std::mem::take(&mut r.listed)).unwrap_or_default()
+    }
+
+    /// Hand-back `id` of `name` is no longer awaited.
+    pub fn end_back(&mut self, name: &str, id: u64) {
+        self.returning.remove(&(NodeName::from(name), id));
+    }
+
+    /// The link to `name` went down: what its hand-backs still wait for will not come.
+    pub fn link_down(&mut self, name: &str) {
+        self.returning.retain(|(n, _), _| n.as_str() != name);
     }
 }
 
@@ -323,17 +345,28 @@ mod tests {
     }
 
     #[test]
-    fn hand_back_sessions_gather_until_taken() {
+    fn hand_back_listings_gather_until_taken_and_its_stream_lasts_until_it_ends() {
         let (mut m, now) = (Moved::default(), Instant::now());
         let svc: SocketAddr = "198.18.0.10:80".parse().unwrap();
-        let s = SessionBlob { client: ip(1), blob: b"x".to_vec() };
-        assert!(!m.back_sessions("b", 1, svc, vec![s.clone()], now), "not awaited");
-        m.await_back("b", 1, now);
+        let l = ListedSession { client: ip(1), len: 1 };
+        assert!(!m.back_listed("b", 1, svc, vec![l], now), "not awaited");
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        m.await_back("b", 1, now, tx);
         let later = now + Duration::from_secs(1);
-        assert!(m.back_sessions("b", 1, svc, Vec::new(), later));
+        assert!(m.back_listed("b", 1, svc, Vec::new(), later));
         assert_eq!(m.back_heard("b", 1), Some(later), "an empty frame keeps the wait alive");
-        assert!(m.back_sessions("b", 1, svc, vec![s.clone()], later));
-        assert_eq!(m.take_back("b", 1).sessions, HashMap::from([(svc, vec![s])]));
-        assert!(m.back_heard("b", 1).is_none() && m.take_back("b", 1).sessions.is_empty());
+        assert!(m.back_listed("b", 1, svc, vec![l], later));
+        assert_eq!(m.take_listed("b", 1), HashMap::from([(svc, vec![l])]));
+        let latest = later + Duration::from_secs(1);
+        assert!(m.back_stream("b", 1, latest).is_some(), "its sessions still go to its stream");
+        assert_eq!(m.back_heard("b", 1), Some(latest));
+        m.link_down("c");
+        assert!(m.back_stream("b", 1, latest).is_some(), "another sibling's link");
+        m.link_down("b");
+        assert!(m.back_stream("b", 1, latest).is_none() && m.back_heard("b", 1).is_none());
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        m.await_back("b", 2, now, tx);
+        m.end_back("b", 2);
+        assert!(m.take_listed("b", 2).is_empty() && m.back_stream("b", 2, now).is_none());
     }
 }

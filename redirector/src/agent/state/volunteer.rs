@@ -14,7 +14,7 @@ use super::ByNode;
 use crate::{
     agent::{handoff::sample, policy},
     app::Role,
-    peer::{MovedClient, NodeName, SessionBlob},
+    peer::{ListedSession, MovedClient, NodeName, SessionBlob, SessionSet},
 };
 
 /// The longest wait between two `Outcome` questions about one hand-over.
@@ -56,8 +56,8 @@ pub struct Reservation {
 /// What a volunteer received of a transfer before its `Transfer` frame.
 #[derive(Default)]
 pub struct Incoming {
-    /// Sessions by the origin's service they belong to.
-    pub sessions: HashMap<SocketAddr, Vec<SessionBlob>>,
+    /// The sessions listed, by the origin's service they belong to.
+    pub sessions: HashMap<SocketAddr, Vec<ListedSession>>,
     /// The clients listed so far.
     pub clients: Vec<MovedClient>,
     /// Why the rest of this transfer will be refused.
@@ -96,6 +96,17 @@ impl Acked {
     }
 }
 
+/// What follows a transfer's `Transfer` frame, on its way to the task that imports it.
+#[derive(Debug)]
+pub enum Streamed {
+    /// Sessions of one of the origin's services, in the order listed.
+    Sessions(SocketAddr, Vec<SessionBlob>),
+    /// Every session was sent: their count and digest per service.
+    Sealed(Vec<SessionSet>),
+    /// The sender gave up, for this reason.
+    Abort(String),
+}
+
 /// What became of a frame of a transfer's sessions or clients.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received {
@@ -118,6 +129,9 @@ pub struct Volunteer {
     pub acked: HashMap<(NodeName, u64), Acked>,
     /// Transfers whose import is in progress here, by (origin, id).
     pub importing: HashSet<(NodeName, u64)>,
+    /// Where the sessions of a transfer in progress go (to the task that imports them), by
+    /// (origin, id); gone once it ended or aborted.
+    pub streams: HashMap<(NodeName, u64), tokio::sync::mpsc::Sender<Streamed>>,
     /// The clients adopted from origins, by address.
     pub adopted: HashMap<IpAddr, AdoptedIn>,
     /// Adopted services' local listeners as last checked: the socket inode registered for
@@ -172,7 +186,7 @@ impl Volunteer {
         from: &str,
         id: u64,
         service: Option<SocketAddr>,
-        sessions: Vec<SessionBlob>,
+        sessions: Vec<ListedSession>,
         clients: Vec<MovedClient>,
         now: Instant,
         lease: Duration,
@@ -196,7 +210,7 @@ impl Volunteer {
         let weight = policy::transfer_weight(&held.clients).zip(policy::transfer_weight(&clients)).and_then(|(a, b)| a.checked_add(b));
         let refused = if cap == 0 {
             Some(format!("no reservation for request {id} (lease expired?)"))
-        } else if sessions.iter().any(|s| s.blob.len() > max_blob) {
+        } else if sessions.iter().any(|s| usize::try_from(s.len).map_or(true, |l| l > max_blob)) {
             Some(format!("a session is over max_session_bytes ({max_blob})"))
         } else if n_sessions > cap || weight.is_none_or(|w| w > cap) {
             Some(format!("more sessions or clients than the {cap} connections reserved"))
@@ -252,6 +266,8 @@ impl Volunteer {
         if acked.as_ref().is_none_or(|a| a.role == Role::Import) {
             self.take_reservation(from, id);
             self.incoming.remove(&key);
+            // A transfer still importing sees its stream end: it aborts its imports.
+            self.streams.remove(&key);
             self.adopted.retain(|_, a| !(a.from == from && a.id == id));
         }
         acked
@@ -376,8 +392,8 @@ mod tests {
         MovedClient { addr: ip(i), connections }
     }
 
-    fn blob(i: u8, n: usize) -> SessionBlob {
-        SessionBlob { client: ip(i), blob: vec![0; n] }
+    fn blob(i: u8, n: u64) -> ListedSession {
+        ListedSession { client: ip(i), len: n }
     }
 
     fn svc() -> SocketAddr {
