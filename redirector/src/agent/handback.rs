@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Streamed,
-    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, names, send_sessions, take_sessions},
+    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, check_listed, names, send_sessions, take_sessions},
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
@@ -166,18 +166,7 @@ impl Agent {
             if !services.contains(&svc) {
                 return Err(format!("sessions of {svc}, which is not this node's service of these clients"));
             }
-            let mut seen = HashSet::with_capacity(list.len());
-            for l in &list {
-                if !asked.contains(&l.client) {
-                    return Err(format!("a session of {}, a client the hand-back does not bring home", l.client));
-                }
-                if !seen.insert(l.client) {
-                    return Err(format!("two sessions of {} for {svc}", l.client));
-                }
-                if usize::try_from(l.len).map_or(true, |n| n > self.cfg.max_session_bytes) {
-                    return Err(format!("a session is over max_session_bytes ({})", self.cfg.max_session_bytes));
-                }
-            }
+            check_listed(svc, &list, &asked, self.cfg.max_session_bytes)?;
             let import = if self.apps.has(svc) {
                 let lens = list.iter().map(|l| (l.client, usize::try_from(l.len).unwrap_or(usize::MAX))).collect();
                 Some(self.apps.import_stream(svc, handoff, lens).map_err(|e| format!("import failed: {e:#}"))?)

@@ -12,7 +12,7 @@
 //! until they confirm them.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -117,6 +117,24 @@ pub(super) async fn send_sessions<'a>(
         sets.push(set);
     }
     Ok(sets)
+}
+
+/// Checks the sessions a hand-over lists for `svc`: of its `clients` only, each once, each
+/// within `max` bytes.
+pub(super) fn check_listed(svc: SocketAddr, list: &[ListedSession], clients: &HashSet<IpAddr>, max: usize) -> Result<(), String> {
+    let mut seen = HashSet::with_capacity(list.len());
+    for l in list {
+        if !clients.contains(&l.client) {
+            return Err(format!("a session of {}, a client the hand-over does not move", l.client));
+        }
+        if !seen.insert(l.client) {
+            return Err(format!("two sessions of {} for {svc}", l.client));
+        }
+        if usize::try_from(l.len).map_or(true, |n| n > max) {
+            return Err(format!("a session is over max_session_bytes ({max})"));
+        }
+    }
+    Ok(())
 }
 
 /// `Sessions` frames of a hand-over read ahead of its import (either way): past them, the link

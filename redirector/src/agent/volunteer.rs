@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Incoming, Received, Streamed,
-    handoff::{Arriving, FRAMES_AHEAD, take_sessions},
+    handoff::{Arriving, FRAMES_AHEAD, check_listed, take_sessions},
     policy,
     records::Dir,
     unix_now,
@@ -322,7 +322,7 @@ impl Agent {
         };
         // The sessions listed go to the applications as they arrive (tentatively: any failure
         // from here on aborts what they imported).
-        let listed = match self.check_listed(&plan, &clients, sessions) {
+        let listed = match self.check_transfer_listed(&plan, &clients, sessions) {
             Ok(l) => l,
             Err(why) => return abort(why),
         };
@@ -426,7 +426,7 @@ impl Agent {
     /// of services it hands over, whose local services (of the same port and family) have a
     /// registered application to import them. Returns (origin's service, local service,
     /// sessions) to import.
-    fn check_listed(
+    fn check_transfer_listed(
         &self,
         plan: &[Adoption],
         clients: &[MovedClient],
@@ -436,15 +436,7 @@ impl Agent {
         let mut out = Vec::new();
         for (svc, list) in listed.into_iter().filter(|(_, l)| !l.is_empty()) {
             let local = plan.iter().find(|a| a.svc == svc).map(|a| a.local).ok_or_else(|| format!("sessions of {svc}, a service the transfer does not hand over"))?;
-            let mut seen = HashSet::with_capacity(list.len());
-            for l in &list {
-                if !ours.contains(&l.client) {
-                    return Err(format!("a session of {}, a client the hand-over does not hand over", l.client));
-                }
-                if !seen.insert(l.client) {
-                    return Err(format!("two sessions of {} for {svc}", l.client));
-                }
-            }
+            check_listed(svc, &list, &ours, self.cfg.max_session_bytes)?;
             if !self.apps.has(local) {
                 return Err(format!("no application registered for {local} to import {} sessions into", list.len()));
             }
