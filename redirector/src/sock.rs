@@ -3,7 +3,7 @@
 //! And how every accept loop of the agent copes with failures.
 
 use std::{
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -44,6 +44,7 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 pub fn bind(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> anyhow::Result<std::os::unix::net::UnixListener> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    check_folder(dir)?;
     // Short, so that the temporary path is no longer than the final one (sun_path is small).
     let tmp = dir.join(format!(".{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -61,6 +62,26 @@ pub fn bind(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> anyhow::Result
     let _ = std::fs::remove_file(&inner);
     let _ = std::fs::remove_dir(&tmp);
     r
+}
+
+/// A socket's folder must be this process's user's (or root's) and writable by no one else
+/// (unless sticky, like /tmp): whoever can write there can replace the socket with their own
+/// and hear what applications or operators say to the agent.
+fn check_folder(dir: &Path) -> anyhow::Result<()> {
+    let md = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me && md.uid() != 0 {
+        anyhow::bail!("{} is owned by uid {}, neither root nor this process's user ({me}): a socket there could be replaced by its owner", dir.display(), md.uid());
+    }
+    let sticky = md.mode() & 0o1000 != 0;
+    if md.mode() & 0o022 != 0 && !sticky {
+        anyhow::bail!(
+            "{} is writable by group or others (mode {:o}): anyone who can write there could replace the socket; use a folder only root can write (chmod go-w)",
+            dir.display(),
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -84,6 +105,20 @@ mod tests {
         drop(l);
         let left: Vec<_> = std::fs::read_dir(dir.join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("app.sock")], "no temporary folder left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_socket_is_not_bound_in_a_folder_others_can_write() {
+        let dir = std::env::temp_dir().join(format!("redirector-sock-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = bind(&dir.join("app.sock"), 0o660, None).unwrap_err();
+        assert!(format!("{e:#}").contains("writable by group or others (mode 777)"), "{e:#}");
+        // Sticky, like /tmp: others cannot remove or rename what is not theirs.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(bind(&dir.join("app.sock"), 0o660, None).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

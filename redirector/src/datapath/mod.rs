@@ -16,6 +16,7 @@ mod kernel_log;
 mod links;
 mod listener;
 mod load;
+mod lock;
 mod net;
 mod netlink;
 mod origin;
@@ -29,7 +30,6 @@ mod verify;
 use std::{
     fs, io,
     net::IpAddr,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -44,6 +44,7 @@ pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_na
 pub use self::{kernel_log::KernelLog, load::LoadEvents, probe::ProbeError, verify::verify_programs};
 use self::{
     links::{LINKS_DIR, LinkPin},
+    lock::{LOCK_WAIT, Lock},
     slots::SlotTable,
 };
 
@@ -129,22 +130,6 @@ impl Location {
     }
 }
 
-/// The instance lock: an exclusive `flock` on the instance directory, released on drop.
-struct Lock {
-    _dir: fs::File,
-}
-
-impl Lock {
-    fn take(dir: &Path) -> Result<Self> {
-        let f = fs::File::open(dir).map_err(|e| Error::io(format!("opening {} to lock it", dir.display()), e))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(format!("locking {}", dir.display()), io::Error::last_os_error()));
-        }
-        Ok(Self { _dir: f })
-    }
-}
-
 /// An open instance: the programs loaded against the pinned maps.
 pub struct Datapath {
     dir: PathBuf,
@@ -163,11 +148,11 @@ impl Datapath {
         check_root_and_name(loc)?;
         bpffs::ensure_mounted(&loc.bpffs)?;
         let dir = loc.dir();
-        fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let lock = Lock::take(&dir)?;
+        bpffs::private_dir(&dir)?;
+        let lock = Lock::take(&dir, LOCK_WAIT)?;
         // Pins of another layout are refused here, before anything is added to the instance.
         let mut dp = Self::load_instance(dir)?;
-        fs::create_dir_all(dp.links_dir()).map_err(|e| Error::io(format!("creating {}", dp.dir.display()), e))?;
+        bpffs::private_dir(&dp.links_dir())?;
         dp.sync_ports()?;
         dp.remove_drained_and_sync()?;
         drop(lock);
@@ -209,7 +194,7 @@ impl Datapath {
     }
 
     fn lock(&self) -> Result<Lock> {
-        Lock::take(&self.dir)
+        Lock::take(&self.dir, LOCK_WAIT)
     }
 
     /// The instance directory in the bpffs.
