@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Version, client::parse_client, msg::Role};
 
+/// Most unfinished hand-overs a register line may report: an application takes part in one
+/// hand-over per service at a time, so even a long outage of its agent leaves a few.
+pub const MAX_PENDING: usize = 1024;
+
 /// The register line as it travels. The agent refuses fields it does not know here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,6 +77,9 @@ impl Register {
             Some(n) => Version::from_number(n).ok_or_else(|| format!("this agent speaks hook protocol versions 1 and 2, not {n}"))?,
             None => return Err("no version: register with \"version\":2 (or 1)".to_string()),
         };
+        if r.pending.len() > MAX_PENDING {
+            return Err(format!("{} pending hand-overs: at most {MAX_PENDING} are reported", r.pending.len()));
+        }
         let mut pending = Vec::with_capacity(r.pending.len());
         for p in r.pending {
             let role = match p.role.as_str() {
@@ -98,6 +105,9 @@ mod tests {
 
     #[test]
     fn registrations_need_a_known_version_and_well_formed_pending_hand_overs() {
+        let one = r#"{"handoff":"a/1/b","role":"export","clients":[]}"#;
+        let too_many = format!(r#"{{"op":"register","service":"198.18.0.10:80","version":2,"pending":[{}]}}"#, vec![one; MAX_PENDING + 1].join(","));
+        assert!(Register::parse(too_many.replacen(&format!("{one},"), "", 1).as_bytes()).is_ok(), "{MAX_PENDING} are fine");
         let r = Register::parse(br#"{"op":"register","service":"198.18.0.10:80","version":1}"#).unwrap();
         assert_eq!((r.service, r.version, r.pending.len()), ("198.18.0.10:80".parse().unwrap(), Version::V1, 0));
         let r = Register::parse(
@@ -116,6 +126,7 @@ mod tests {
             (r#"{"op":"register","service":"198.18.0.10:80","version":1,"pending":[{"handoff":"x","role":"export"}]}"#, "malformed"),
             (r#"{"op":"register","service":"198.18.0.10:80","version":1,"pending":[{"handoff":"x","role":"export","clients":["nobody"]}]}"#, "not an address"),
             (r#"{"op":"register","service":"198.18.0.10:80","version":1,"servce":1}"#, "unknown field"),
+            (&too_many, "at most 1024"),
         ] {
             let e = Register::parse(bad.as_bytes()).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

@@ -132,7 +132,7 @@ class Hook extends EventEmitter {
       return;
     }
     if (msg.op === 'error') {
-      // Refused or replaced: this connection is done. An agent that speaks only version 1
+      // Refused: this connection is done. An agent that speaks only version 1
       // refuses a version-2 registration: register again with 1, at once, and stay with it.
       const text = String(msg.error);
       if (!conn.registered && conn.version === 2 && this.version === undefined && text.includes('version')) {

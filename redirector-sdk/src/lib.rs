@@ -260,8 +260,8 @@ fn answer(out: &mut impl Write, a: &Answer) -> std::io::Result<()> {
 }
 
 /// Handles one line from the agent (without its `\n`) and the raw bytes that followed it,
-/// writing the answer (if any) to `out`. An `error` from the agent (the registration refused
-/// or replaced) is an error: the caller reconnects.
+/// writing the answer (if any) to `out`. An `error` from the agent (the registration refused,
+/// e.g. while another instance serves the service) is an error: the caller reconnects.
 pub fn handle(sessions: &dyn Sessions, unfinished: &Mutex<Unfinished>, version: Version, line: &[u8], raw: &[u8], out: &mut impl Write) -> std::io::Result<()> {
     let msg = match serde_json::from_slice::<AgentMsg>(line) {
         Ok(m) => m,

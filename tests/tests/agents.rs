@@ -367,6 +367,51 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     send(&mut s, Request::Abort { id: 200, reason: "test over".into() });
 }
 
+/// A process on the hook reports, as unfinished, a hand-over A keeps no record of, naming a
+/// client A steers to B along with two it does not: A answers from its rules and steers no
+/// one new. A second instance of the service is refused while the first is connected.
+#[test]
+fn an_application_cannot_make_the_agent_steer_clients_it_names() {
+    use std::io::{BufRead as _, BufReader};
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let (x, y, z) = (IpAddr::V4(client4(1)), IpAddr::V4(client4(3)), IpAddr::V4(client4(4)));
+    let answer = c.ask_agent("a", &["move".into(), x.to_string()]).expect("move");
+    assert_eq!(answer["moved"], 1, "{answer}");
+    // The test application does not use the hook: this process registers A's service.
+    let hook = c.dir.join("a-app.sock");
+    let mut app = std::os::unix::net::UnixStream::connect(&hook).expect("connect to A's hook");
+    app.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let pending = serde_json::json!([{"handoff": "a/987654321/b", "role": "export", "clients": [x, y, z]}]);
+    writeln!(app, r#"{{"op":"register","service":"{}","version":2,"pending":{pending}}}"#, svc(SERVICE4)).expect("register");
+    let mut lines = BufReader::new(app.try_clone().expect("clone"));
+    let mut line = String::new();
+    let mut next = || -> serde_json::Value {
+        line.clear();
+        lines.read_line(&mut line).expect("a line from the agent");
+        serde_json::from_str(&line).expect("JSON")
+    };
+    assert_eq!(next()["op"], "registered");
+    // x is steered to B: for the rules, a hand-over to B of x committed.
+    let req = next();
+    assert_eq!((req["op"].as_str(), req["handoff"].as_str()), (Some("commit"), Some("a/987654321/b")), "{req}");
+    writeln!(app, r#"{{"id":{},"ok":true}}"#, req["id"]).expect("answer");
+    std::thread::sleep(Duration::from_secs(1));
+    let steered: BTreeSet<String> = c.rules("a").iter().filter_map(|r| r["prefix"].as_str().map(|p| p.trim_end_matches("/32").to_string())).collect();
+    assert_eq!(steered, BTreeSet::from([x.to_string()]), "A steers x only");
+    let moved: Vec<IpAddr> = redirector_tests::agents::moved_to(&c.status("a")).into_keys().collect();
+    assert_eq!(moved, vec![x], "A's status says x only");
+    // A second instance of the service is refused, and says which process holds it.
+    let mut second = std::os::unix::net::UnixStream::connect(&hook).expect("connect to A's hook");
+    second.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    writeln!(second, r#"{{"op":"register","service":"{}","version":2}}"#, svc(SERVICE4)).expect("register");
+    let mut refused = String::new();
+    BufReader::new(second).read_line(&mut refused).expect("an answer");
+    assert!(refused.contains("served by another application connection") && refused.contains(&format!("pid {}", std::process::id())), "{refused}");
+}
+
 /// One line in, one line out, on the agent's admin socket.
 fn admin_line(sock: &std::path::Path, line: &[u8]) -> String {
     use std::io::{BufRead as _, Write as _};

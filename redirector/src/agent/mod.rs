@@ -187,7 +187,7 @@ impl Agent {
             warn!(handoffs = unfinished, dir = %cfg.state_dir().display(), "hand-overs a previous run left undecided: the kernel's rules decide them at start");
         }
         let limits = Limits { timeout: Duration::from_millis(cfg.app_timeout_ms), per_mib_ms: cfg.app_timeout_per_mib_ms, max_session_bytes: cfg.max_session_bytes };
-        let (apps, registrations) = Apps::new(limits);
+        let (apps, registrations) = Apps::new(limits, cfg.services.iter().map(|s| s.address));
         Ok(Arc::new(Self {
             cfg,
             tls,

@@ -147,6 +147,10 @@ impl Agent {
     /// How hand-over `id` with `volunteer` stands: its record, or else (no record: it is older
     /// than the records, or they were lost) the rules for `clients`, recorded from then on.
     /// `Pending`: not decided yet (it is in progress, or the rules cannot be read): ask again.
+    /// Without a record nothing says which clients the hand-over moved, and `clients` comes from
+    /// whoever asks (an application, a sibling): no rule changes, and only the clients whose
+    /// rules say the verdict are recorded as its own. (Completing the rules for all of
+    /// `clients` would steer any client an asker lists along with one that is steered.)
     pub(super) async fn verdict_of(self: &Arc<Self>, volunteer: &str, id: u64, dir: Dir, clients: &[IpAddr]) -> Verdict {
         if let Some(v) = self.recorded(volunteer, id) {
             return v;
@@ -159,19 +163,43 @@ impl Agent {
             warn!(sibling = volunteer, id, "a hand-over with a node that is no longer a sibling, of which no record is left: it cannot be decided here");
             return Verdict::Pending;
         };
-        let rec = Arc::new(Record { id, dir, volunteer: volunteer.to_string(), targets, clients: clients.to_vec(), apps: Vec::new() });
-        match self.decide_from_rules(&rec).await {
-            Ok(v) => {
-                info!(sibling = volunteer, id, ?dir, clients = clients.len(), verdict = ?v, "a hand-over this agent keeps no record of: the kernel's rules say");
-                self.after_rules(&rec, v);
-                self.records().decide(&rec, v);
-                v
+        let rules = match self.with_reader(Datapath::list_rules).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!(sibling = volunteer, id, "cannot tell how a hand-over ended: {e:#}");
+                return Verdict::Pending;
             }
             Err(e) => {
                 warn!(sibling = volunteer, id, "cannot tell how a hand-over ended: {e:#}");
-                Verdict::Pending
+                return Verdict::Pending;
             }
+        };
+        let j = judge(dir, &rules, &targets, clients);
+        let (counted, left) = counted(clients, &j);
+        if !left.is_empty() {
+            warn!(
+                sibling = volunteer,
+                id,
+                ?dir,
+                "a hand-over this agent keeps no record of: {} of the clients named for it have rules that do not say so; left as they are: {}",
+                left.len(),
+                names(&left)
+            );
         }
+        let rec = Arc::new(Record { id, dir, volunteer: volunteer.to_string(), targets, clients: counted, apps: Vec::new() });
+        info!(sibling = volunteer, id, ?dir, clients = rec.clients.len(), verdict = ?j.verdict, "a hand-over this agent keeps no record of: the kernel's rules say");
+        self.after_rules(&rec, j.verdict);
+        self.records().decide(&rec, j.verdict);
+        j.verdict
+    }
+
+    /// Of the `clients` an application reports for hand-over `id` with `volunteer`, those its
+    /// record holds (none without a record).
+    fn recorded_clients(&self, volunteer: &str, id: u64, clients: &[IpAddr]) -> Vec<IpAddr> {
+        let records = self.records();
+        let Some(e) = records.get(id).filter(|e| e.rec.volunteer == volunteer) else { return Vec::new() };
+        let ours: HashSet<&IpAddr> = e.rec.clients.iter().collect();
+        clients.iter().filter(|c| ours.contains(c)).copied().collect()
     }
 
     /// The recorded verdict of hand-over `id`, if this agent recorded it with `volunteer`: a
@@ -228,7 +256,7 @@ impl Agent {
             let entry = self.records().get(id).map(|e| (e.verdict, e.rec.volunteer == volunteer.as_str()));
             if entry == Some((Verdict::Pending, true)) {
                 info!(%service, handoff = p.handoff, "the application reports a hand-over still in progress: it is told when it ends");
-                self.settle_when_decided(service, p, id);
+                self.settle_when_decided(service, p, id, volunteer);
             } else {
                 let verdict = self.verdict_of(&volunteer, id, dir, &p.clients).await;
                 if verdict == Verdict::Pending {
@@ -236,7 +264,8 @@ impl Agent {
                     return;
                 }
                 info!(%service, handoff = p.handoff, ?verdict, "the application reports a hand-over it did not see end: telling it");
-                self.settle_app(service, p.handoff, p.clients, verdict == Verdict::Committed);
+                let clients = self.recorded_clients(&volunteer, id, &p.clients);
+                self.settle_app(service, p.handoff, clients, verdict == Verdict::Committed);
             }
         } else if volunteer == node {
             self.ask_origin_later(service, &origin, id, p);
@@ -246,13 +275,14 @@ impl Agent {
     }
 
     /// Tells the application of `service` how hand-over `id` ended once it is decided.
-    fn settle_when_decided(self: &Arc<Self>, service: SocketAddr, p: PendingHandoff, id: u64) {
+    fn settle_when_decided(self: &Arc<Self>, service: SocketAddr, p: PendingHandoff, id: u64, volunteer: NodeName) {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
                 let v = me.records().get(id).map_or(Verdict::Aborted, |e| e.verdict);
                 if v != Verdict::Pending {
-                    me.settle_app(service, p.handoff, p.clients, v == Verdict::Committed);
+                    let clients = me.recorded_clients(volunteer.as_str(), id, &p.clients);
+                    me.settle_app(service, p.handoff, clients, v == Verdict::Committed);
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -277,6 +307,12 @@ impl Agent {
         }
         st.volunteer.acked.insert((NodeName::from(origin), id), Acked::new(vec![service], p.handoff, p.role, p.clients, Instant::now()));
     }
+}
+
+/// Of `clients`, those a judgement counts as the hand-over's (their rules say its verdict), and
+/// those it does not (their rules would have to change).
+fn counted(clients: &[IpAddr], j: &Judgement) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    clients.iter().partition(|c| !j.to_fix.contains(c))
 }
 
 #[cfg(test)]

@@ -33,6 +33,11 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+mod served;
+
+pub use served::Peer;
+use served::{RECONNECT_WAIT, Served};
+
 /// Longest line accepted from an application, except an export answer, which may also take
 /// its sessions' room (see [`Limits::export_room`]).
 pub const MAX_LINE: usize = 16 << 20;
@@ -142,12 +147,8 @@ struct Waiter {
     stream: bool,
 }
 
-enum Out {
-    /// A message: its line, then its raw bytes.
-    Frame(Vec<u8>, Body),
-    /// Write this message, then close the connection.
-    Close(Vec<u8>),
-}
+/// A message to an application: its line, then its raw bytes.
+struct Out(Vec<u8>, Body);
 
 struct AppConn {
     /// The version the application registered with.
@@ -192,7 +193,9 @@ struct Owed {
 /// Registered applications, by the service they serve, and the outcomes they owe a
 /// confirmation of.
 pub struct Apps {
-    by_service: Mutex<HashMap<SocketAddr, Arc<AppConn>>>,
+    /// The services applications may register: this node's own.
+    services: HashSet<SocketAddr>,
+    served: Served,
     owed: Mutex<HashMap<(SocketAddr, String), Owed>>,
     /// Woken on every registration.
     registered: Notify,
@@ -404,19 +407,19 @@ async fn read_raw<R: AsyncBufRead + Unpin>(r: &mut R, n: usize, received: &Atomi
 }
 
 impl Apps {
-    /// The hook's registry; registrations (with the hand-overs they report unfinished) come
-    /// out of the receiver, for the agent to decide.
+    /// The hook's registry for applications of `services`; registrations (with the
+    /// hand-overs they report unfinished) come out of the receiver, for the agent to decide.
     #[must_use]
-    pub fn new(limits: Limits) -> (Arc<Self>, mpsc::UnboundedReceiver<Registration>) {
+    pub fn new(limits: Limits, services: impl IntoIterator<Item = SocketAddr>) -> (Arc<Self>, mpsc::UnboundedReceiver<Registration>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let apps = Self { by_service: Mutex::default(), owed: Mutex::default(), registered: Notify::new(), registrations: tx, limits };
+        let apps = Self { services: services.into_iter().collect(), served: Served::default(), owed: Mutex::default(), registered: Notify::new(), registrations: tx, limits };
         (Arc::new(apps), rx)
     }
 
     /// Whether an application registered for `service`.
     #[must_use]
     pub fn has(&self, service: SocketAddr) -> bool {
-        self.by_service.lock().expect("lock").contains_key(&service)
+        self.served.conn(service).is_some()
     }
 
     #[must_use]
@@ -428,7 +431,7 @@ impl Apps {
     /// confirmed yet: for the status.
     #[must_use]
     pub fn status(&self) -> (Vec<String>, usize) {
-        let mut services: Vec<String> = self.by_service.lock().expect("lock").keys().map(ToString::to_string).collect();
+        let mut services: Vec<String> = self.served.ready().iter().map(|(s, _)| s.to_string()).collect();
         services.sort();
         (services, self.owed.lock().expect("lock").len())
     }
@@ -441,7 +444,7 @@ impl Apps {
     }
 
     fn conn(&self, service: SocketAddr) -> Option<Arc<AppConn>> {
-        self.by_service.lock().expect("lock").get(&service).cloned()
+        self.served.conn(service)
     }
 
     /// Sends the request `make(id)` and waits for its answer: `allowance` of the line's size
@@ -470,7 +473,7 @@ impl Apps {
         // Queueing the request counts against the time too: an application that stops reading
         // never holds the agent up.
         let exchange = async {
-            conn.tx.send(Out::Frame(line, body)).await.map_err(|_| gone())?;
+            conn.tx.send(Out(line, body)).await.map_err(|_| gone())?;
             rx.await.map_err(|_| gone())?.map_err(|e| anyhow!("the application for {service}: {e}"))
         };
         tokio::pin!(exchange);
@@ -639,6 +642,8 @@ pub async fn serve(apps: Arc<Apps>, listener: UnixListener) {
 }
 
 async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
+    let peer = Peer::of(&stream);
+    let who = peer.map_or_else(|| "credentials unknown".to_string(), |p| p.to_string());
     let (r, w) = stream.into_split();
     // Small blobs of an import go out together, big ones straight through.
     let mut w = tokio::io::BufWriter::with_capacity(1 << 18, w);
@@ -652,14 +657,25 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
         Ok(Ok(false)) => bail!("closed before registering"),
         Ok(Ok(true)) => {}
     }
+    let refuse = async |w: &mut tokio::io::BufWriter<_>, why: String| {
+        let _ = w.write_all(&message(&AgentMsg::Error { error: why.clone() })).await;
+        let _ = w.flush().await;
+        anyhow!("refused a registration ({who}): {why}")
+    };
     let (service, version, pending) = match Register::parse(&buf) {
         Ok(r) => (r.service, r.version, r.pending),
-        Err(why) => {
-            let _ = w.write_all(&message(&AgentMsg::Error { error: why.clone() })).await;
-            bail!("refused a registration: {why}");
-        }
+        Err(why) => return Err(refuse(&mut w, why).await),
     };
     buf.clear();
+    if !apps.services.contains(&service) {
+        let mut ours: Vec<String> = apps.services.iter().map(ToString::to_string).collect();
+        ours.sort();
+        return Err(refuse(&mut w, format!("{service} is not a service of this node (its services: {})", ours.join(", "))).await);
+    }
+    let hold = match apps.served.hold(service, peer, RECONNECT_WAIT).await {
+        Ok(h) => h,
+        Err(taken) => return Err(refuse(&mut w, format!("{service} is {taken}")).await),
+    };
     // The agent decides the hand-overs the application did not see end before it gets any
     // new request: their clients are not exported again meanwhile.
     let n_pending = pending.len();
@@ -669,14 +685,10 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     }
     let (tx, rx) = mpsc::channel::<Out>(64);
     let conn = Arc::new(AppConn { version, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received, export_room: AtomicUsize::new(0) });
-    let old = apps.by_service.lock().expect("lock").insert(service, conn.clone());
-    if let Some(old) = old {
-        info!(%service, "a new registration replaces the application's previous connection");
-        let _ = old.tx.try_send(Out::Close(message(&AgentMsg::Error { error: "replaced by a newer registration of this service".into() })));
-        old.fail_all("replaced by a newer registration of this service");
-    }
     w.write_all(&message(&AgentMsg::Registered { service: service.to_string(), version: version.number() })).await?;
-    info!(%service, pending = n_pending, version = version.number(), "application registered");
+    w.flush().await?;
+    hold.ready(conn.clone());
+    info!(%service, pending = n_pending, version = version.number(), peer = who, "application registered");
     apps.registered.notify_waiters();
     let writer = write_out(w, rx);
     let reader = async {
@@ -694,55 +706,41 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
         r = writer => r,
         r = reader => r,
     };
-    let mut map = apps.by_service.lock().expect("lock");
-    if map.get(&service).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
-        map.remove(&service);
-        info!(%service, "application unregistered (hook connection closed)");
-    }
-    drop(map);
+    drop(hold);
+    info!(%service, peer = who, "application unregistered (hook connection closed)");
     conn.fail_all("the connection closed");
     result
 }
 
-/// Writes what is queued for an application, in order, until the queue ends or says close.
+/// Writes what is queued for an application, in order.
 async fn write_out(mut w: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>, mut rx: mpsc::Receiver<Out>) -> anyhow::Result<()> {
-    while let Some(out) = rx.recv().await {
-        match out {
-            Out::Frame(line, body) => {
-                w.write_all(&line).await?;
-                match body {
-                    Body::Blobs(blobs) => {
-                        for b in &blobs {
-                            w.write_all(b).await?;
-                        }
-                    }
-                    Body::Stream(total, mut rx) => {
-                        let mut left = usize::try_from(total).unwrap_or(usize::MAX);
+    while let Some(Out(line, body)) = rx.recv().await {
+        w.write_all(&line).await?;
+        match body {
+            Body::Blobs(blobs) => {
+                for b in &blobs {
+                    w.write_all(b).await?;
+                }
+            }
+            Body::Stream(total, mut rx) => {
+                let mut left = usize::try_from(total).unwrap_or(usize::MAX);
+                while left > 0 {
+                    if let Some(b) = rx.recv().await {
+                        let n = b.len().min(left);
+                        w.write_all(&b[..n]).await?;
+                        left -= n;
+                    } else {
+                        let zeros = vec![0u8; left.min(PIECE)];
                         while left > 0 {
-                            if let Some(b) = rx.recv().await {
-                                let n = b.len().min(left);
-                                w.write_all(&b[..n]).await?;
-                                left -= n;
-                            } else {
-                                let zeros = vec![0u8; left.min(PIECE)];
-                                while left > 0 {
-                                    let n = left.min(zeros.len());
-                                    w.write_all(&zeros[..n]).await?;
-                                    left -= n;
-                                }
-                            }
+                            let n = left.min(zeros.len());
+                            w.write_all(&zeros[..n]).await?;
+                            left -= n;
                         }
                     }
                 }
-                w.flush().await?;
-            }
-            Out::Close(bytes) => {
-                let _ = w.write_all(&bytes).await;
-                let _ = w.flush().await;
-                let _ = w.shutdown().await;
-                return Ok(());
             }
         }
+        w.flush().await?;
     }
     Ok(())
 }
@@ -1056,6 +1054,72 @@ mod tests {
         assert_eq!(l.allowance(u64::MAX), Duration::from_secs(2) + Duration::from_millis(u64::try_from(u128::from(u64::MAX) * 100 / MIB).unwrap()));
         assert!(l.import_allowance([3 << 20]) >= Duration::from_millis(2400), "4 MiB of base64: {:?}", l.import_allowance([3 << 20]));
         assert_eq!(l.export_room(2), 2 * (4 + 128) + 4096);
+    }
+
+    /// A test hook: `services` configured, served at a fresh socket; registrations are let
+    /// through at once (none reports pending hand-overs).
+    fn hook(name: &str, services: &[SocketAddr]) -> (Arc<Apps>, std::path::PathBuf) {
+        let limits = Limits { timeout: Duration::from_secs(2), per_mib_ms: 100, max_session_bytes: 1 << 20 };
+        let (apps, mut registrations) = Apps::new(limits, services.iter().copied());
+        tokio::spawn(async move {
+            while let Some(r) = registrations.recv().await {
+                let _ = r.done.send(());
+            }
+        });
+        let path = std::env::temp_dir().join(format!("redirector-unit-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        tokio::spawn(serve(apps.clone(), bind(&path, None).unwrap()));
+        (apps, path)
+    }
+
+    /// Connects to the hook at `path`, registers `service` and returns the connection with the
+    /// agent's answer.
+    async fn register(path: &std::path::Path, service: &str) -> (BufReader<UnixStream>, serde_json::Value) {
+        let mut c = BufReader::new(UnixStream::connect(path).await.unwrap());
+        c.get_mut().write_all(format!("{{\"op\":\"register\",\"service\":\"{service}\",\"version\":2}}\n").as_bytes()).await.unwrap();
+        let answer = next_line(&mut c).await;
+        (c, answer)
+    }
+
+    async fn next_line(c: &mut BufReader<UnixStream>) -> serde_json::Value {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_line(&mut line)).await.expect("an answer within 5 s").unwrap();
+        serde_json::from_str(&line).unwrap_or(serde_json::Value::Null)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_application_registers_each_configured_service_and_no_other_replaces_it() {
+        let svc: SocketAddr = "198.18.0.10:80".parse().unwrap();
+        let (apps, path) = hook("one-app", &[svc]);
+
+        let (mut first, answer) = register(&path, "198.18.0.10:80").await;
+        assert_eq!(answer["op"], "registered", "{answer}");
+        let (_, answer) = register(&path, "198.18.0.11:80").await;
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains("198.18.0.11:80 is not a service of this node (its services: 198.18.0.10:80)")), "{answer}");
+
+        // A second instance is refused while the first is connected, and says who holds it.
+        let t0 = Instant::now();
+        let (_, answer) = register(&path, "198.18.0.10:80").await;
+        let pid = format!("pid {}", std::process::id());
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains("served by another application connection") && e.contains(&pid)), "{answer}");
+        assert!(t0.elapsed() >= served::RECONNECT_WAIT, "it waited for the first one to go first");
+        // Requests still go to the first.
+        let settle = tokio::spawn({
+            let apps = apps.clone();
+            async move { apps.settle(svc, "a/1/b", true).await }
+        });
+        let req = next_line(&mut first).await;
+        assert_eq!((req["op"].as_str(), req["handoff"].as_str()), (Some("commit"), Some("a/1/b")), "{req}");
+        first.get_mut().write_all(format!("{{\"id\":{},\"ok\":true}}\n", req["id"]).as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), settle).await.expect("confirmed").unwrap();
+
+        // An application that reconnects takes the service over as soon as its old connection
+        // is gone (the agent may see the close after the new registration).
+        drop(first);
+        let (_second, answer) = register(&path, "198.18.0.10:80").await;
+        assert_eq!(answer["op"], "registered", "{answer}");
+        assert!(apps.has(svc));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[tokio::test]
