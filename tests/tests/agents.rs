@@ -364,7 +364,15 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
         Answer::TransferAck { .. } => {}
         other => panic!("a transfer A's configuration confirms is accepted: {other:?}"),
     }
-    send(&mut s, Request::Abort { id: 200, reason: "test over".into() });
+    // The origin aborts it with a reason made to forge a line of A's log and flood it: A
+    // repeats it on one line, cut short.
+    let reason = format!("test over\nFORGED ERROR line {}", "x".repeat(100_000));
+    send(&mut s, Request::Abort { id: 200, reason });
+    wait_log(&c, "a", "origin aborted: test over", 10);
+    let log = c.log("a");
+    let line = log.lines().find(|l| l.contains("origin aborted: test over")).expect("the abort's line");
+    assert!(line.contains("test over\\u{a}FORGED ERROR") && line.len() < 1000, "escaped and cut: {line}");
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "no line of the sibling's own in A's log");
 }
 
 /// A process on the hook reports, as unfinished, a hand-over A keeps no record of, naming a
@@ -410,6 +418,34 @@ fn an_application_cannot_make_the_agent_steer_clients_it_names() {
     let mut refused = String::new();
     BufReader::new(second).read_line(&mut refused).expect("an answer");
     assert!(refused.contains("served by another application connection") && refused.contains(&format!("pid {}", std::process::id())), "{refused}");
+}
+
+/// A client A holds for one origin cannot be handed to it by another: its session here would
+/// be replaced.
+#[test]
+fn a_volunteer_refuses_a_client_it_holds_for_another_origin() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50), ("c", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let tls = c.dir.join("tls");
+    // As C, from C's control address: C's service, client4(3) (committed: A adopts it).
+    let mut from_c = connect_as(&c.t.c.ns, &tls, "c", "a", a_addr);
+    match forged_transfer(&mut from_c, 300, &["198.18.0.30:80"], "198.18.0.3") {
+        Answer::TransferAck { .. } => {}
+        other => panic!("C's transfer of its own service is accepted: {other:?}"),
+    }
+    send(&mut from_c, Request::Commit { id: 300 });
+    wait_status(&c.sock("a"), 10, "A to adopt client4(3) from C", |v| adopted_by(v).contains(&client4(3).to_string()));
+    // As B, the same client.
+    let mut from_b = connect_as(&c.t.b.ns, &tls, "b", "a", a_addr);
+    match forged_transfer(&mut from_b, 301, &["198.18.0.20:80"], "198.18.0.2") {
+        Answer::Abort { reason, .. } => assert!(reason.contains("adopted from c"), "refused because A holds it for C: {reason:?}"),
+        other => panic!("a client A holds for C must be refused to B: {other:?}"),
+    }
+    let adopted = c.status("a")["adopted"].clone();
+    assert!(adopted.as_array().is_some_and(|a| a.len() == 1 && a[0]["from"] == "c"), "A still holds it for C only: {adopted}");
 }
 
 /// One line in, one line out, on the agent's admin socket.

@@ -37,7 +37,7 @@ use super::{
 use crate::{
     app::{Exported, Role},
     datapath::Prefix,
-    peer::{self, Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Verdict},
+    peer::{self, Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Said, Verdict},
 };
 
 /// How long a volunteer whose clients an origin took back waits for that origin's Commit,
@@ -147,8 +147,8 @@ impl Agent {
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
         let back = match answer {
             Ok(Answer::Returning { clients, .. }) => clients,
-            Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {reason}")),
-            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {}", Said(&reason))),
+            Ok(other) => return Err(format!("unexpected answer: {}", other.what())),
             Err(e) => return Err(format!("no answer: {e:#}")),
         };
         let t_export = t0.elapsed();
@@ -287,8 +287,8 @@ impl Agent {
                     self.until_settled(&chunk, SETTLE_WAIT).await;
                 }
                 Answer::OutcomeIs { .. } => info!(origin, clients = n, "the origin did not take the clients back (they stay here)"),
-                Answer::Decline { reason, .. } => info!(origin, clients = n, "the origin declined to take the clients back: {reason}"),
-                other => warn!(origin, "unexpected answer {other:?}"),
+                Answer::Decline { reason, .. } => info!(origin, clients = n, "the origin declined to take the clients back: {}", Said(&reason)),
+                other => warn!(origin, "unexpected answer: {}", other.what()),
             }
         }
         Ok(any)

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     app::{Exported, Importing},
-    peer::{self, HandoffId, ListedSession, OUTCOME_SAMPLE, Request, SessionBlob, SessionSet, Verdict},
+    peer::{self, HandoffId, ListedSession, OUTCOME_SAMPLE, Request, Said, SessionBlob, SessionSet, Verdict},
 };
 
 /// At most this many clients are named in one log line.
@@ -203,7 +203,7 @@ pub(super) async fn take_sessions(frames: &mut mpsc::Receiver<Streamed>, arrivin
                     }
                 }
             }
-            Streamed::Abort(reason) => return Err(format!("the sender aborted: {reason}")),
+            Streamed::Abort(reason) => return Err(format!("the sender aborted: {}", Said(&reason))),
             Streamed::Sealed(sets) => {
                 for (svc, a) in arriving.iter() {
                     let set = sets.iter().find(|s| s.service == *svc);

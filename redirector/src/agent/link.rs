@@ -270,7 +270,7 @@ impl Agent {
         let hello = async {
             send_frame(&mut framed, &Frame::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.as_str().into() }, deadline).await?;
             match tokio::time::timeout(HANDSHAKE, next_frame(&mut framed)).await.map_err(|_| anyhow!("no hello from {name} in time"))?? {
-                Frame::Refused { reason } => bail!("{name} refused this node: {reason}"),
+                Frame::Refused { reason } => bail!("{name} refused this node: {}", crate::peer::Said(&reason)),
                 m => peer::check_hello(&m, name),
             }
         };

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, Load},
-    peer::{Answer, Request},
+    peer::{Answer, Request, Said},
 };
 
 impl Agent {
@@ -332,11 +332,11 @@ impl Agent {
                 Ok(Answer::Offer { capacity, .. }) if capacity > 0 => offers.push(policy::Offer { sibling: name, capacity: capacity.min(need), families }),
                 Ok(Answer::Decline { reason, .. }) => {
                     declined += 1;
-                    info!(sibling = %name, "declined: {reason}");
+                    info!(sibling = %name, "declined: {}", Said(&reason));
                 }
                 Ok(other) => {
                     silent += 1;
-                    warn!(sibling = %name, "unexpected answer {other:?}");
+                    warn!(sibling = %name, "unexpected answer: {}", other.what());
                 }
                 Err(e) => {
                     silent += 1;

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     app::Exported,
     datapath::{Prefix, family_name},
-    peer::{self, Answer, HandoffId, ListedSession, MovedClient, Request, SessionBlob, Verdict},
+    peer::{self, Answer, HandoffId, ListedSession, MovedClient, Request, Said, SessionBlob, Verdict},
 };
 
 impl Agent {
@@ -99,8 +99,8 @@ impl Agent {
         let answer = self.ask_while(name, id, timeout.saturating_add(allowance), send).await;
         let refused = match answer {
             Ok(Answer::TransferAck { .. }) => None,
-            Ok(Answer::Abort { reason, .. }) => Some(format!("the volunteer refused: {reason}")),
-            Ok(other) => Some(format!("unexpected answer {other:?}")),
+            Ok(Answer::Abort { reason, .. }) => Some(format!("the volunteer refused: {}", Said(&reason))),
+            Ok(other) => Some(format!("unexpected answer: {}", other.what())),
             Err(e) => Some(format!("transfer failed: {e:#}")),
         };
         if let Some(why) = refused {

@@ -25,7 +25,7 @@ use crate::{
     app::Role,
     config::Sibling,
     datapath::family_name,
-    peer::{Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Verdict},
+    peer::{Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Said, Verdict},
 };
 
 /// A volunteer asks the origin how a hand-over it took part in ended when neither `Commit`
@@ -107,7 +107,7 @@ impl Agent {
                 self.commit_acked(from, id);
             }
             Request::Abort { id, reason } => {
-                info!(origin = %from, id, "origin aborted: {reason}");
+                info!(origin = %from, id, "origin aborted: {}", Said(&reason));
                 self.forget_transfer(from, id);
             }
             Request::Outcome { id, handoff, back, clients } => {
@@ -189,7 +189,7 @@ impl Agent {
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms.max(1000));
         let verdict = match self.ask(&origin, Request::Outcome { id: req, handoff: id, back, clients: sample }, req, timeout).await {
             Ok(Answer::OutcomeIs { verdict, .. }) => Ok(verdict),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Ok(other) => Err(format!("unexpected answer: {}", other.what())),
             Err(e) => Err(format!("{e:#}")),
         };
         match verdict {
@@ -261,6 +261,14 @@ impl Agent {
             let ours: Vec<String> = clients.iter().filter(|c| st.moved.clients.contains_key(&c.addr)).map(|c| c.addr.to_string()).collect();
             if !ours.is_empty() {
                 return Err(format!("this node moved some of these clients out itself ({}): a client is never both", ours.join(", ")));
+            }
+            // Importing a client this node holds for another origin, or one in a hand-over
+            // here, would replace the session it has here.
+            if let Some((c, other)) = clients.iter().find_map(|c| st.volunteer.adopted.get(&c.addr).filter(|a| a.from != origin.name).map(|a| (c.addr, a.from.clone()))) {
+                return Err(format!("{c} is a client this node adopted from {other}: a client has one origin"));
+            }
+            if let Some(c) = clients.iter().find(|c| st.busy.contains(&c.addr)) {
+                return Err(format!("{} is in another hand-over here; ask again", c.addr));
             }
         }
         let mut plan = Vec::new();

@@ -4,6 +4,7 @@
 //! be a configured sibling.
 
 mod names;
+mod said;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +13,10 @@ use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
-pub use self::names::{HandoffId, NodeName, NotAHandoff};
+pub use self::{
+    names::{HandoffId, NodeName, NotAHandoff},
+    said::Said,
+};
 
 /// Version of the sibling protocol; a peer speaking another one is refused. Version 2:
 /// transfers name every tunnel source, long client lists travel in `Clients` chunks, and a
@@ -209,6 +213,22 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// What kind of answer this is, for a log line (its contents are the sibling's).
+    #[must_use]
+    pub fn what(&self) -> &'static str {
+        match self {
+            Answer::Offer { .. } => "an offer",
+            Answer::Decline { .. } => "a decline",
+            Answer::TransferAck { .. } => "a transfer acknowledgement",
+            Answer::Abort { .. } => "an abort",
+            Answer::OutcomeIs { .. } => "an outcome",
+            Answer::Sessions { .. } => "sessions",
+            Answer::Returning { .. } => "a returning",
+            Answer::Listed { .. } => "a listing",
+            Answer::Sealed { .. } => "a seal",
+        }
+    }
+
     /// The id of the request this answers.
     #[must_use]
     pub fn id(&self) -> u64 {
