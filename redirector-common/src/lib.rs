@@ -241,9 +241,14 @@ pub struct LoadEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeValue {
-    /// TCP flags of the answer (SYN|ACK: a listener answered; RST: nothing listens).
+    /// TCP flags of the answer (SYN|ACK: a listener answered; RST: nothing listens); 0 until
+    /// an answer with the expected acknowledgement number came.
     pub tcp_flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// The acknowledgement number the target's answer carries (the probe's sequence number
+    /// plus one), set by user space. Anyone can send a SYN-ACK or a reset from the service's
+    /// address; only the target, which saw the probe, knows this number.
+    pub ack: u32,
     pub seen_ns: u64,
 }
 

@@ -18,15 +18,16 @@ use crate::{
 static PROBES: HashMap<u32, ProbeValue> = HashMap::pinned(MAX_PROBES, 0);
 
 /// A SYN-ACK or RST (not for a steered service) from one of our service addresses to that
-/// service's tunnel source is a target's answer to a readiness probe: recorded for user space
-/// and dropped. Anything else passes.
+/// service's tunnel source, acknowledging an outstanding probe's sequence number, is a
+/// target's answer to that readiness probe: recorded for user space and dropped. Anything else
+/// passes (an answer with another acknowledgement number is not the target's).
 #[inline(never)]
 pub fn probe_answer<const V6: bool>(skb: *mut __sk_buff) -> Verdict {
     let ctx = &subprogram_ctx(skb);
     let l4 = if V6 { ETH_LEN + IP6_LEN } else { ETH_LEN + IP4_LEN };
     let Ok(tcp) = ptr_at::<TcpHdr>(ctx, l4) else { return pass(Counter::Passed) };
     // SAFETY: bounds checked by ptr_at.
-    let (sport, dport, flags) = unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).flags) };
+    let (sport, dport, flags, ack) = unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).flags, (*tcp).ack) };
     // (service, whether the packet's destination is its tunnel source)
     let found = if V6 {
         let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else { return pass(Counter::Passed) };
@@ -48,6 +49,9 @@ pub fn probe_answer<const V6: bool>(skb: *mut __sk_buff) -> Verdict {
     };
     // SAFETY: entry created by user space for this probe.
     unsafe {
+        if (*probe).ack != u32::from_be_bytes(ack) {
+            return pass(Counter::Passed);
+        }
         (*probe).tcp_flags = flags;
         (*probe).seen_ns = bpf_ktime_get_ns();
     }

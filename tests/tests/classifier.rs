@@ -627,3 +627,33 @@ fn icmp_errors_about_local_flows_stay() {
         expect(dp, &icmp, TCX_NEXT, "kept-local");
     });
 }
+
+#[test]
+fn probe_answers_count_only_when_they_acknowledge_the_probe() {
+    with_datapath(|dp| {
+        use aya::maps::{HashMap, Map, MapData};
+        use redirector_common::ProbeValue;
+        let pin = dp.dir().join(redirector_common::maps::PROBES);
+        let mut probes: HashMap<MapData, u32, ProbeValue> = HashMap::try_from(Map::HashMap(MapData::from_pin(&pin).expect("PROBES pinned"))).expect("PROBES");
+        let isn = 0x1234_5678_u32;
+        for port in [45_000u16, 45_001, 45_002] {
+            probes.insert(u32::from(port), ProbeValue { tcp_flags: 0, _pad: [0; 3], ack: isn + 1, seen_ns: 0 }, 0).expect("probe entry");
+        }
+        let answer = |port: u16, flags: u8, ack: u32| Pkt::tcp(Ip::V4(SVC4, CTL4), 80, port, flags).seq(7).ack(ack).build();
+        let syn_ack = packets::SYN | packets::ACK;
+        // Anyone may send a SYN-ACK from the service's address: one that does not acknowledge
+        // the probe's sequence number passes on and is not recorded.
+        expect(dp, &answer(45_000, syn_ack, isn), TCX_NEXT, "passed");
+        expect(dp, &answer(45_001, packets::RST | packets::ACK, 0), TCX_NEXT, "passed");
+        assert_eq!(probes.get(&45_000, 0).expect("entry").tcp_flags, 0, "a wrong SYN-ACK is not an answer");
+        assert_eq!(probes.get(&45_001, 0).expect("entry").tcp_flags, 0, "a wrong reset is not an answer");
+        // The target's answers acknowledge it.
+        expect(dp, &answer(45_000, syn_ack, isn + 1), TC_ACT_SHOT, "probe-answer");
+        assert_eq!(probes.get(&45_000, 0).expect("entry").tcp_flags, syn_ack);
+        expect(dp, &answer(45_001, packets::RST | packets::ACK, isn + 1), TC_ACT_SHOT, "probe-answer");
+        assert_eq!(probes.get(&45_001, 0).expect("entry").tcp_flags, packets::RST | packets::ACK);
+        // A recorded answer is not overwritten by a forged one.
+        expect(dp, &answer(45_000, packets::RST | packets::ACK, 1), TCX_NEXT, "passed");
+        assert_eq!(probes.get(&45_000, 0).expect("entry").tcp_flags, syn_ack);
+    });
+}

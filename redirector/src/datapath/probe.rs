@@ -177,7 +177,7 @@ pub fn probe(probes: &mut HashMap<&mut MapData, u32, ProbeValue>, service: &Serv
     let sport = u16::try_from(40_000 + random_u32() % 20_000).unwrap_or(40_000);
     let isn = random_u32();
     let key = u32::from(sport);
-    let empty = ProbeValue { tcp_flags: 0, _pad: [0; 7], seen_ns: 0 };
+    let empty = ProbeValue { tcp_flags: 0, _pad: [0; 3], ack: isn.wrapping_add(1), seen_ns: 0 };
     probes.insert(key, empty, 0).map_err(|e| ProbeError::Io { target, what: "registering the probe", source: std::io::Error::other(e) })?;
     let syn = inner_packet(service.tunnel_src, service, sport, isn, TCP_SYN);
     let start = Instant::now();
