@@ -86,6 +86,10 @@ pub struct Config {
     /// How long the hand-backs on exit may take, in ms; what is left is logged and stays
     /// steered by the pinned rules.
     pub exit_timeout_ms: u64,
+    /// The control port closes connections from anything but a configured sibling's control
+    /// address at once, before any TLS (false: they are refused after the handshake, with the
+    /// reason, which helps find a misconfigured sibling).
+    pub control_siblings_only: bool,
     pub tls: TlsFiles,
     #[serde(rename = "sibling")]
     pub siblings: Vec<Sibling>,
@@ -122,6 +126,7 @@ impl Default for Config {
             home_after_secs: 60,
             hand_back_on_exit: true,
             exit_timeout_ms: 10_000,
+            control_siblings_only: false,
             tls: TlsFiles::default(),
             siblings: Vec::new(),
             services: Vec::new(),
@@ -139,6 +144,18 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
+    /// SHA-256 fingerprints of certificates refused although the CA issued them (a node's key
+    /// that leaked, a node retired before its certificate expires), either way.
+    pub deny: Vec<String>,
+}
+
+impl TlsFiles {
+    /// Whether `cert` is on the deny list.
+    #[must_use]
+    pub fn denies(&self, cert: &rustls::pki_types::CertificateDer<'_>) -> bool {
+        let f = crate::peer::tls::fingerprint(cert);
+        self.deny.iter().any(|d| crate::peer::tls::parse_fingerprint(d).is_some_and(|d| d == f))
+    }
 }
 
 /// A sibling server.
@@ -386,6 +403,9 @@ impl Config {
             if f.as_os_str().is_empty() {
                 p.push(format!("{name}: required (make them with `redirector tls ca` and `redirector tls node`)"));
             }
+        }
+        for d in self.tls.deny.iter().filter(|d| crate::peer::tls::parse_fingerprint(d).is_none()) {
+            p.push(format!("tls.deny: {d:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed: `openssl x509 -noout -fingerprint -sha256 -in NODE.pem`)"));
         }
         if self.services.is_empty() {
             p.push("service: at least one [[service]] is required".into());

@@ -29,6 +29,17 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    // A panic ends the process, whichever thread or task it happens in (`panic = "abort"`,
+    // for every build): the agent must never go on without the task that panicked (no accept
+    // loop, no liveness checks) or with a lock it poisoned. Its state is pinned in the kernel
+    // and its records on disk, so a service manager that restarts it loses nothing
+    // (contrib/redirector.service: Restart=on-failure).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("panic: {info}; exiting (the pinned rules stay in place; restart the agent)");
+        std::process::abort();
+    }));
     match redirector::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -160,9 +160,9 @@ pub fn start_demo_app(kind: DemoApp, host: &Host, cgroup: &Path, name: &str, add
 /// The cluster's certificates: a CA and one certificate per node name, in `dir`.
 pub fn make_certs(dir: &Path, names: &[&str]) {
     fs::create_dir_all(dir).expect("tls dir");
-    redirector::certs::make_ca(dir).expect("make CA");
+    redirector::certs::make_ca(dir, redirector::certs::CA_DAYS).expect("make CA");
     for n in names {
-        redirector::certs::make_node(dir, n).expect("make node certificate");
+        redirector::certs::make_node(dir, n, redirector::certs::NODE_DAYS).expect("make node certificate");
     }
 }
 
@@ -360,6 +360,24 @@ fn node_host<'a>(t: &'a Topology, name: &str) -> (&'a Host, SocketAddr, &'static
             (h, svc(h.v4[1]), "S")
         }
     }
+}
+
+/// A certificate for node `name` from the CA in `tls`, valid only in 2020, in a folder of its
+/// own (with its key).
+pub fn expired_cert(tls: &Path, name: &str) -> PathBuf {
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(tls.join("ca.key")).expect("ca.key")).expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(tls.join("ca.pem")).expect("ca.pem"), ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).expect("signing");
+    let dir = tls.with_file_name("tls-expired");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("cert");
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("key");
+    dir
 }
 
 /// Settings of one node of a [`Cluster`] beyond the defaults.

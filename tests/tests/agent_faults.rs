@@ -359,3 +359,28 @@ fn a_volunteer_whose_application_restarts_serves_its_adopted_clients_again() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A task of the agent panics (a bug): the whole agent ends, with the reason in its log, so its
+/// service manager restarts it, rather than going on without that task. Restarted, it takes
+/// its pinned state over and links up again.
+#[test]
+fn an_agent_whose_task_panics_ends_so_that_it_is_restarted() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    c.kill_agent("a");
+    c.start_again("a", Some("panic-after=1500"));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = c.agents.get_mut("a").expect("a").child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "an agent with a panicked task must end:\n{}", c.log("a"));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "it ended with a failure: {status}");
+    assert!(c.log("a").contains("panic: ") && c.log("a").contains("TEST FAULT panic-after"), "it said why:\n{}", c.log("a"));
+    c.start_again("a", None);
+    wait_status(&c.sock("a"), 15, "A, restarted, to link up with B", |v| v["siblings"][0]["up"] == true);
+}

@@ -223,7 +223,7 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     assert!(c.log("a").lines().any(|l| l.contains("TLS handshake refused") && l.contains(&client_ip)), "A logged the refusal with the peer's address {client_ip}:\n{}", c.log("a"));
     // A certificate from the cluster CA for a name that is not a sibling: refused, with the
     // reason sent before the connection closes.
-    redirector::certs::make_node(&tls, "mallory").expect("mallory cert");
+    redirector::certs::make_node(&tls, "mallory", redirector::certs::NODE_DAYS).expect("mallory cert");
     let mut m = tls_connect(&c.t.client.ns, &ca, &tls.join("mallory"), "a", a_addr);
     send(&mut m, hello("mallory"));
     match read_msg(&mut m) {
@@ -267,6 +267,163 @@ fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connectio
     assert_eq!(v["adopted"], serde_json::json!([]), "nothing adopted: {v}");
     let siblings = c.t.redirector_ok(&c.t.a, &["sibling", "list", "--json"]);
     assert!(siblings.contains("\"siblings\":[]"), "A accepts tunnels from nobody: {siblings}");
+}
+
+/// A connection from `src` (a local address of the current namespace) to `dst`.
+fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let SocketAddr::V4(dst) = dst else { panic!("IPv4 only") };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst))?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+/// Descriptors process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Connections that never start a handshake, from four client addresses, flooding A's
+/// control port: A holds a bounded number of them (each would otherwise keep a descriptor and
+/// a task for the 5 s handshake window), and meanwhile a restarted sibling links up, an
+/// application registers on the hook and the admin socket answers.
+#[test]
+fn a_flood_of_unauthenticated_connections_does_not_stop_siblings_the_hook_or_the_admin_socket() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    c.kill_agent("b");
+    let a_pid = c.agents["a"].child.id();
+    let before = open_fds(a_pid);
+    // The flood's sockets are this process's: room for them (A keeps the limit it started with).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain calls on a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        lim.rlim_cur = lim.rlim_max.min(8192);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0, "RLIMIT_NOFILE");
+    }
+    assert!(lim.rlim_cur >= 4096, "room for the flood: {}", lim.rlim_cur);
+    let (stop, opened) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let a_ctl = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let flood = {
+        let (ns, stop, opened) = (c.t.client.ns.clone(), stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            redirector_tests::net::in_netns(&ns, move || {
+                let t0 = Instant::now();
+                let mut held = std::collections::VecDeque::new();
+                // Bounded: 60,000 connections or 30 s (2,000 a second at most), at most 2,000
+                // held at once.
+                for i in 0..60_000u32 {
+                    if stop.load(Ordering::Relaxed) || t0.elapsed() > Duration::from_secs(30) {
+                        break;
+                    }
+                    if i % 4 == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if let Ok(s) = connect_from(client4(1 + u16::try_from(i % 4).expect("small")), a_ctl) {
+                        held.push_back(s);
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if held.len() > 2_000 {
+                        held.pop_front();
+                    }
+                }
+                held.len()
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while opened.load(Ordering::Relaxed) < 1_500 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(opened.load(Ordering::Relaxed) >= 1_500, "the flood is under way");
+    let during = open_fds(a_pid);
+    assert!(during < before + 100, "A holds a bounded number of strangers' connections: {before} descriptors before, {during} during the flood");
+    // B comes back and links up; an application registers; the admin socket answers.
+    c.start_again("b", None);
+    wait_status(&c.sock("a"), 15, "B to link up with A during the flood", |v| v["siblings"][0]["up"] == true);
+    let mut app = std::os::unix::net::UnixStream::connect(c.dir.join("a-app.sock")).expect("connect to A's hook");
+    app.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    writeln!(app, r#"{{"op":"register","service":"{}","version":2}}"#, svc(SERVICE4)).expect("register");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(app), &mut line).expect("an answer");
+    assert!(line.contains("registered"), "{line}");
+    assert!(!stop.load(Ordering::Relaxed) && !flood.is_finished(), "all of it happened during the flood");
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("flood");
+    let log = c.log("a");
+    let refusals = log.lines().filter(|l| l.contains("control connection closed at once")).count();
+    assert!((1..=60).contains(&refusals), "A logged the refusals at a bounded rate: {refusals} lines");
+}
+
+/// A node's certificate on the deny list is refused both ways although the cluster CA issued
+/// it; an expired one is refused in the handshake, and an agent whose own has expired does not
+/// start, saying why.
+#[test]
+fn denied_and_expired_certificates_are_refused_both_ways() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let tls = c.dir.join("tls");
+    let b_cert = redirector::peer::tls::read_certs(&tls.join("b.pem")).expect("b.pem").remove(0);
+    // Listed as openssl prints it: upper case, with colons.
+    let fp = redirector::peer::tls::fingerprint(&b_cert);
+    let openssl = fp.as_bytes().chunks(2).map(|p| String::from_utf8_lossy(p).to_uppercase()).collect::<Vec<_>>().join(":");
+    let a_toml = c.dir.join("a.toml");
+    let text = std::fs::read_to_string(&a_toml).expect("a.toml");
+    let key_line = format!("key = \"{}\"\n", tls.join("a.key").display());
+    assert!(text.contains(&key_line), "{text}");
+    std::fs::write(&a_toml, text.replace(&key_line, &format!("{key_line}deny = [\"{openssl}\"]\n"))).expect("a.toml");
+    c.restart("a");
+    wait_log(&c, "a", "b's certificate is on this node's deny list", 15);
+    wait_log(&c, "a", "presents a certificate on this node's deny list", 15);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.status("a")["siblings"][0]["up"], false, "A never links with B: {}", c.status("a"));
+    // A certificate of the cluster CA for b that has expired, from B's address.
+    let expired = redirector_tests::agents::expired_cert(&tls, "b");
+    let mut s = tls_connect(&c.t.b.ns, &tls.join("ca.pem"), &expired.join("b"), "a", a_addr);
+    let e = read_msg(&mut s).expect_err("an expired certificate gets no answer");
+    assert!(e.to_string().contains("alert"), "refused in the handshake: {e}");
+    // B's agent with that certificate does not start.
+    let b_toml = c.dir.join("b.toml");
+    let text = std::fs::read_to_string(&b_toml).expect("b.toml");
+    let swapped = text
+        .replace(&tls.join("b.pem").display().to_string(), &expired.join("b.pem").display().to_string())
+        .replace(&tls.join("b.key").display().to_string(), &expired.join("b.key").display().to_string());
+    let expired_toml = c.dir.join("b-expired.toml");
+    std::fs::write(&expired_toml, swapped).expect("config");
+    let mut child = std::process::Command::new(redirector_tests::net::redirector_bin())
+        .args(["agent", "--config"])
+        .arg(&expired_toml)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("an agent with an expired certificate kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(!status.success() && err.contains("expired on 2020-12-31"), "{status}: {err}");
 }
 
 /// A transfer of one client (`client4(3)`) of `services`, from `tunnel_src`.

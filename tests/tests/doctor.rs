@@ -2,11 +2,15 @@
 //! each requirement taken away in turn makes its own check fail with what to do.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
 };
 
-use redirector_tests::{agents::Cluster, net::redirector_bin, require_root};
+use redirector_tests::{
+    agents::{Cluster, expired_cert},
+    net::redirector_bin,
+    require_root,
+};
 use serde_json::Value;
 
 /// Runs `doctor --json` (through `sh -c` when `shell` wraps it); whether it exited 0, and what
@@ -37,24 +41,6 @@ fn only_failed(v: &Value, name: &str, says: &str) {
     let c = check(v, name);
     assert!(c["detail"].as_str().is_some_and(|d| d.contains(says)), "{name} says {says:?}: {c}");
     assert!(c["fix"].as_str().is_some_and(|f| !f.is_empty()), "{name} says how to fix it: {c}");
-}
-
-/// A certificate for node `name` from the CA in `tls`, valid only in 2020, in a folder of its
-/// own (with its key).
-fn expired_cert(tls: &Path, name: &str) -> PathBuf {
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(tls.join("ca.key")).expect("ca.key")).expect("CA key");
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(tls.join("ca.pem")).expect("ca.pem"), ca_key).expect("CA");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2020, 12, 31);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).expect("signing");
-    let dir = tls.with_file_name("tls-expired");
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("cert");
-    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("key");
-    dir
 }
 
 #[test]

@@ -30,6 +30,8 @@
 //!   siblings suspect it while it is reachable.
 //! - `reconnect-delay=MS`: after one of its outbound links ends, the agent waits MS ms before
 //!   it tries to link up again.
+//! - `panic-after=MS`: one of the agent's tasks panics MS ms after it started (a bug): the
+//!   whole agent must end, not go on without that task.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -52,6 +54,7 @@ pub struct Faults {
     pub fail_probe_from: Option<usize>,
     pub mute_heartbeats: bool,
     pub reconnect_delay: Option<Duration>,
+    pub panic_after: Option<Duration>,
 }
 
 impl Faults {
@@ -73,6 +76,7 @@ impl Faults {
                 "fail-probe-from" => f.fail_probe_from = Some(v.and_then(|v| v.parse().ok()).filter(|n| *n > 0).ok_or("fail-probe-from needs =N (from 1)")?),
                 "mute-heartbeats" => f.mute_heartbeats = true,
                 "reconnect-delay" => f.reconnect_delay = Some(ms(k, v)?),
+                "panic-after" => f.panic_after = Some(ms(k, v)?),
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -122,7 +126,8 @@ mod tests {
     #[test]
     fn faults_parse() {
         assert_eq!(Faults::parse("").unwrap(), Faults::default());
-        let f = Faults::parse("drop-abort, pause-before-commit=1500,delay-ack=20,delay-commit=30,fail-probe-from=2,mute-heartbeats,reconnect-delay=5000").unwrap();
+        let f = Faults::parse("drop-abort, pause-before-commit=1500,delay-ack=20,delay-commit=30,fail-probe-from=2,mute-heartbeats,reconnect-delay=5000,panic-after=9").unwrap();
+        assert_eq!(f.panic_after, Some(Duration::from_millis(9)));
         assert!(f.drop_abort && !f.drop_sessions_frame && f.mute_heartbeats);
         assert_eq!(f.pauses.get("pause-before-commit"), Some(&Duration::from_millis(1500)));
         assert_eq!(f.delay_ack, Some(Duration::from_millis(20)));

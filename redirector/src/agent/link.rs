@@ -107,10 +107,23 @@ impl Agent {
                     continue;
                 }
             };
+            let source = peer_addr.ip().to_canonical();
+            let sibling = self.cfg.siblings.iter().any(|s| s.control_addresses().contains(&source));
+            let pass = match self.gate.admit(source, sibling, self.cfg.control_siblings_only) {
+                Ok(p) => p,
+                Err(why) => {
+                    if let Some(held_back) = self.gate.may_log() {
+                        warn!(peer = %peer_addr, held_back, "control connection closed at once: {why}");
+                    }
+                    continue;
+                }
+            };
             let (me, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
-                if let Err(e) = me.serve_inbound(acceptor, tcp, peer_addr.ip()).await {
-                    warn!(peer = %peer_addr, "peer connection closed: {e:#}");
+                if let Err(e) = me.clone().serve_inbound(acceptor, tcp, source, pass).await
+                    && let Some(held_back) = me.gate.may_log()
+                {
+                    warn!(peer = %peer_addr, held_back, "peer connection closed: {e:#}");
                 }
             });
         }
@@ -118,8 +131,8 @@ impl Agent {
 
     /// Serves a connection a sibling opened from `peer_ip`: its certificate must name a
     /// configured sibling, and the connection come from that sibling's configured control
-    /// address (its agent binds to it).
-    async fn serve_inbound(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer_ip: IpAddr) -> anyhow::Result<()> {
+    /// address (its agent binds to it). `pass`: its place at the gate, until it proved that.
+    async fn serve_inbound(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer_ip: IpAddr, pass: super::gate::Pass) -> anyhow::Result<()> {
         tune(&tcp, Duration::from_millis(self.cfg.liveness_ms))?;
         let tls = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp))
             .await
@@ -133,6 +146,7 @@ impl Agent {
         let checked = peer::tls::identity(&cert, self.cfg.siblings.iter().map(|s| s.name.as_str()))
             .map(str::to_string)
             .ok_or_else(|| anyhow!("refused: the certificate is not for a configured sibling"))
+            .and_then(|name| if self.cfg.tls.denies(&cert) { Err(anyhow!("refused: {name}'s certificate is on this node's deny list")) } else { Ok(name) })
             .and_then(|name| {
                 let configured = self.cfg.sibling(&name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
                 if configured.contains(&peer_ip.to_canonical()) {
@@ -158,6 +172,7 @@ impl Agent {
             }
         };
         send_frame(&mut framed, &me_hello, deadline).await?;
+        drop(pass);
         self.heard(&name);
         info!(sibling = %name, "sibling connected");
         let (mut sink, mut stream) = framed.split();
@@ -265,6 +280,9 @@ impl Agent {
             Ok(Err(e)) => return fail(anyhow!(e).context(format!("TLS handshake with {name} at {addr}"))),
             Err(_) => return fail(anyhow!("TLS handshake with {addr} timed out")),
         };
+        if tls.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| self.cfg.tls.denies(c)) {
+            return fail(anyhow!("{name} at {addr} presents a certificate on this node's deny list ([tls] deny): not linking"));
+        }
         let mut framed = Framed::new(tls, peer::codec(self.cfg.max_frame));
         let deadline = self.send_deadline();
         let hello = async {

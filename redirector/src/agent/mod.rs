@@ -13,7 +13,9 @@
 //! one handle, reads (load, counters, rule listings) through a second handle of the same pinned
 //! maps, so the load is read every 50 ms even while a probe holds the first.
 
+mod expiry;
 pub mod faults;
+mod gate;
 mod handback;
 mod handoff;
 mod kernel_log;
@@ -86,6 +88,8 @@ pub struct Agent {
     records: Mutex<records::Records>,
     /// Hand-overs decided without a record are decided one at a time.
     deciding: tokio::sync::Mutex<()>,
+    /// Connections on the control port until they proved who they are.
+    gate: Arc<gate::Gate>,
     /// Rule installations started (test faults count them).
     steers: std::sync::atomic::AtomicUsize,
     /// Set once `run` has bound its sockets and started its tasks ([`Agent::running`]).
@@ -138,6 +142,10 @@ impl Agent {
     /// re-adopts the active rules a previous run left.
     pub fn new(cfg: Valid) -> anyhow::Result<Arc<Self>> {
         let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+        // Siblings refuse an expired certificate: an agent with one could never link.
+        for path in [&cfg.tls.cert, &cfg.tls.ca] {
+            crate::peer::tls::expiry(path).map_err(|e| anyhow!("{e}: make a new one with `redirector tls`"))?;
+        }
         let loc = Location { bpffs: cfg.bpffs.clone(), instance: cfg.instance() };
         let mut dp = Datapath::open(&loc).context("opening the datapath")?;
         for (s, tunnel_src) in cfg.services_with_tunnel_source() {
@@ -203,6 +211,7 @@ impl Agent {
             load_wake: tokio::sync::Notify::new(),
             records: Mutex::new(records),
             deciding: tokio::sync::Mutex::new(()),
+            gate: gate::Gate::new(),
             running: tokio::sync::watch::Sender::new(false),
             steers: std::sync::atomic::AtomicUsize::new(0),
         }))
@@ -252,6 +261,13 @@ impl Agent {
         tokio::spawn(self.clone().kernel_log());
         tokio::spawn(self.clone().liveness_loop());
         tokio::spawn(self.clone().finish_unfinished());
+        tokio::spawn(expiry::warn_daily(self.cfg.tls.clone()));
+        if let Some(after) = self.faults.panic_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                panic!("TEST FAULT panic-after");
+            });
+        }
         self.running.send_replace(true);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

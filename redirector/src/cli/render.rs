@@ -63,10 +63,15 @@ pub(super) enum Report {
     },
     CaWritten {
         dir: PathBuf,
+        /// When it expires (Unix seconds).
+        until: i64,
     },
     NodeCertWritten {
         name: String,
         dir: PathBuf,
+        until: i64,
+        /// SHA-256 of the certificate, as `[tls] deny` would list it.
+        fingerprint: String,
     },
     /// What `doctor` found.
     Doctor(Vec<crate::doctor::Check>),
@@ -147,8 +152,12 @@ impl Report {
             Self::Moved { moved: m, asked } => format!("moved {} of {asked} client(s) with their sessions in {:.0} ms\n", m.moved, m.ms),
             Self::GivenBack(g) => format!("{} of {} client(s) given back with their sessions in {:.0} ms\n", g.given_back, g.asked, g.ms),
             Self::ConfigOk { file, node, siblings, services } => format!("{}: ok (node {node}, {siblings} sibling(s), {services} service(s))\n", file.display()),
-            Self::CaWritten { dir } => format!("cluster CA written to {}/ca.pem and ca.key (keep ca.key secret)\n", dir.display()),
-            Self::NodeCertWritten { name, dir } => format!("certificate for {name} written to {}/{name}.pem and {name}.key\n", dir.display()),
+            Self::CaWritten { dir, until } => {
+                format!("cluster CA written to {}/ca.pem and ca.key (keep ca.key secret), valid until {}\n", dir.display(), crate::peer::tls::date(*until))
+            }
+            Self::NodeCertWritten { name, dir, until, fingerprint } => {
+                format!("certificate for {name} written to {}/{name}.pem and {name}.key, valid until {} (sha256 {fingerprint})\n", dir.display(), crate::peer::tls::date(*until))
+            }
             Self::Doctor(checks) => checks.iter().fold(String::new(), |mut out, c| {
                 let word = match c.outcome {
                     crate::doctor::Outcome::Pass => "PASS",
@@ -349,6 +358,6 @@ mod tests {
         assert_eq!(scripts(&Report::RuleAdded { prefix, to: "198.18.0.2".parse().unwrap() }), "(silent)");
         assert_eq!(scripts(&Report::Draining { prefix, period: Duration::from_mins(1) }), "(silent)");
         assert_eq!(scripts(&Report::Done), "(silent)");
-        assert_eq!(scripts(&Report::CaWritten { dir: ".".into() }), "(text)");
+        assert_eq!(scripts(&Report::CaWritten { dir: ".".into(), until: 0 }), "(text)");
     }
 }

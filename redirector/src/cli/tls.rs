@@ -12,25 +12,32 @@ pub enum TlsCmd {
     Ca {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Days it is valid.
+        #[arg(long, default_value_t = crate::certs::CA_DAYS)]
+        days: u32,
     },
     /// Make the certificate of node NAME (NAME.pem, NAME.key), signed by the CA in DIR.
     Node {
         name: String,
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Days it is valid (never past the CA).
+        #[arg(long, default_value_t = crate::certs::NODE_DAYS)]
+        days: u32,
     },
 }
 
 impl TlsCmd {
     pub(super) fn execute(self) -> anyhow::Result<Report> {
         match self {
-            Self::Ca { dir } => {
-                crate::certs::make_ca(&dir)?;
-                Ok(Report::CaWritten { dir })
+            Self::Ca { dir, days } => {
+                let until = crate::certs::make_ca(&dir, days)?.unix_timestamp();
+                Ok(Report::CaWritten { dir, until })
             }
-            Self::Node { name, dir } => {
-                crate::certs::make_node(&dir, &name)?;
-                Ok(Report::NodeCertWritten { name, dir })
+            Self::Node { name, dir, days } => {
+                let until = crate::certs::make_node(&dir, &name, days)?.unix_timestamp();
+                let cert = crate::peer::tls::read_certs(&dir.join(format!("{name}.pem")))?;
+                Ok(Report::NodeCertWritten { fingerprint: crate::peer::tls::fingerprint(&cert[0]), name, dir, until })
             }
         }
     }

@@ -12,7 +12,7 @@ use rustls::{
 };
 
 /// Reads every certificate in a PEM file (at least one).
-pub(crate) fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path).with_context(|| format!("reading certificates from {}", path.display()))?.collect();
     let certs = certs.with_context(|| format!("parsing certificates in {}", path.display()))?;
     if certs.is_empty() {
@@ -64,6 +64,55 @@ impl Tls {
     }
 }
 
+/// A node certificate this close to its expiry is warned about, at start and every day.
+pub const WARN_DAYS: i64 = 30;
+
+/// When `cert` expires, in Unix seconds (`None`: it cannot be read).
+#[must_use]
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(c.validity().not_after.timestamp())
+}
+
+/// A Unix time as a UTC date, `2027-12-05`.
+#[must_use]
+pub fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix).map_or_else(|_| format!("@{unix}"), |t| t.date().to_string())
+}
+
+/// How the certificate in `path` stands on expiry: the days it has left when fewer than
+/// [`WARN_DAYS`]; an error when it has expired (or cannot be read).
+pub fn expiry(path: &Path) -> Result<Option<i64>, String> {
+    let chain = read_certs(path).map_err(|e| format!("{e:#}"))?;
+    let until = not_after(&chain[0]).ok_or_else(|| format!("{}: the certificate cannot be read", path.display()))?;
+    let left = until - time::OffsetDateTime::now_utc().unix_timestamp();
+    if left <= 0 {
+        return Err(format!("{} expired on {}", path.display(), date(until)));
+    }
+    Ok((left < WARN_DAYS * 86_400).then_some(left / 86_400))
+}
+
+/// The SHA-256 fingerprint of `cert`: lower-case hex, as `[tls] deny` lists it.
+#[must_use]
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(cert.as_ref()).iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+        s
+    })
+}
+
+/// A fingerprint as an operator writes it (`openssl x509 -fingerprint -sha256` prints
+/// `AB:CD:...`; any case, colons or not), as [`fingerprint`] spells it; `None` if it is not 32
+/// bytes of hex.
+#[must_use]
+pub fn parse_fingerprint(s: &str) -> Option<String> {
+    let s = s.trim();
+    let s = s.strip_prefix("sha256:").or_else(|| s.strip_prefix("SHA256:")).unwrap_or(s);
+    let hex: String = s.chars().filter(|c| *c != ':').map(|c| c.to_ascii_lowercase()).collect();
+    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
+}
+
 /// Which of `names` the (already CA-verified) certificate `cert` was issued for.
 #[must_use]
 pub fn identity<'a>(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
@@ -103,5 +152,23 @@ pub fn handshake(tls: &Tls, name: &str, addr: std::net::SocketAddr, timeout: std
         Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(()),
         Err(e) => Err(anyhow::anyhow!("{addr} refused this node's certificate: {e}")),
         Ok(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_read_as_operators_write_them() {
+        let hex = "ab".repeat(32);
+        let openssl = vec!["AB"; 32].join(":");
+        assert_eq!(parse_fingerprint(&openssl).as_deref(), Some(hex.as_str()));
+        assert_eq!(parse_fingerprint(&format!("sha256:{hex}")).as_deref(), Some(hex.as_str()));
+        assert_eq!(parse_fingerprint(&format!(" {} ", hex.to_uppercase())).as_deref(), Some(hex.as_str()));
+        for bad in ["", "ab", &"ab".repeat(31), &"zz".repeat(32), &"ab".repeat(33)] {
+            assert_eq!(parse_fingerprint(bad), None, "{bad}");
+        }
+        assert_eq!(date(0), "1970-01-01");
     }
 }
