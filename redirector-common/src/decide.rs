@@ -1,6 +1,6 @@
 //! Packet decisions as pure functions, shared by the classifier and host unit tests.
 
-use crate::RuleValue;
+use crate::{Addr, RuleValue, as_v4};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -60,6 +60,25 @@ pub const fn migrated_step(tcp_flags: u8, rule: &RuleValue, now_ns: u64) -> Step
         Drain::Active => false,
     };
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN { if draining { Step::KeepDraining } else { Step::ForwardNew } } else { Step::CheckSocket }
+}
+
+/// A source no client has: loopback, unspecified or "this network" (`0.0.0.0/8`), IPv4 or IPv6
+/// (`a` in the 16-byte form). A tunnelled packet from such a source is a forgery.
+#[must_use]
+pub const fn never_a_client(a: &Addr) -> bool {
+    match as_v4(a) {
+        Some([b0, ..]) => b0 == 127 || b0 == 0,
+        None => {
+            let mut i = 0;
+            while i < 15 {
+                if a[i] != 0 {
+                    return false;
+                }
+                i += 1;
+            }
+            a[15] <= 1
+        }
+    }
 }
 
 /// Whether TCP `flags` are those of an answer to a connection attempt (SYN-ACK or RST): what
@@ -243,6 +262,17 @@ pub const fn icmp6_is_error(ty: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_and_unspecified_sources_are_never_clients() {
+        let v6 = |s: &str| s.parse::<core::net::Ipv6Addr>().unwrap().octets();
+        for a in [crate::v4_mapped([127, 0, 0, 1]), crate::v4_mapped([127, 9, 9, 9]), crate::v4_mapped([0, 0, 0, 0]), crate::v4_mapped([0, 1, 2, 3]), v6("::1"), v6("::")] {
+            assert!(never_a_client(&a), "{a:?}");
+        }
+        for a in [crate::v4_mapped([198, 18, 1, 5]), crate::v4_mapped([128, 0, 0, 1]), v6("2001:db8::1"), v6("::2")] {
+            assert!(!never_a_client(&a), "{a:?}");
+        }
+    }
 
     fn rule(drain_until_ns: u64) -> RuleValue {
         RuleValue { target: [0; 16], drain_until_ns, since_unix: 0 }

@@ -300,11 +300,14 @@ pub enum Counter {
     /// sent to the target: the connection that ended here is over, and a new one on the same
     /// ports lives on the target.
     ForwardedTimeWait,
+    /// A tunnelled packet from a sibling whose inner source is one of this node's addresses,
+    /// a sibling's, or loopback: a forgery, dropped.
+    DroppedSpoofed,
 }
 
 impl Counter {
     /// Number of counters.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Size of the pinned `COUNTERS` array: the counters before this index. It never grows: a
     /// pinned map of another size is refused (another layout), so a larger one would make an
@@ -339,6 +342,7 @@ impl Counter {
         Counter::ErrorClamp,
         Counter::SkNoListener,
         Counter::ForwardedTimeWait,
+        Counter::DroppedSpoofed,
     ];
 
     /// The counter's entry in `COUNTERS_EXTRA`, or `None` for an entry of `COUNTERS` (at its
@@ -374,6 +378,7 @@ impl Counter {
             Counter::ErrorClamp => "error-clamp",
             Counter::SkNoListener => "sk-no-listener",
             Counter::ForwardedTimeWait => "forwarded-time-wait",
+            Counter::DroppedSpoofed => "dropped-spoofed",
         }
     }
 }

@@ -87,6 +87,18 @@ pub fn ingress(skb: *mut __sk_buff, counter: Counter) {
         (Counter::DroppedNotAdopted, None) => {
             warn!(ctx, "dropped a tunnelled packet from sibling {:i}: not for a service adopted here ({} more on this CPU since the last line)", src, held);
         }
+        (Counter::DroppedSpoofed, Some(v4)) => {
+            warn!(
+                ctx,
+                "dropped a tunnelled packet from sibling {:i}: its inner source is this node's, a sibling's or loopback ({} more on this CPU since the last line)", v4, held
+            );
+        }
+        (Counter::DroppedSpoofed, None) => {
+            warn!(
+                ctx,
+                "dropped a tunnelled packet from sibling {:i}: its inner source is this node's, a sibling's or loopback ({} more on this CPU since the last line)", src, held
+            );
+        }
         _ => {}
     }
 }

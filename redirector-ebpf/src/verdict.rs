@@ -33,6 +33,9 @@ pub enum Error {
     BadTunnel,
     /// Tunnelled packet from a sibling for something not adopted here.
     NotAdopted,
+    /// Tunnelled packet from a sibling whose inner source is this node's, a sibling's or
+    /// loopback.
+    Spoofed,
     /// Encapsulation failed before the packet was changed: keep it here.
     ForwardKept,
     /// Encapsulation or redirect failed after the packet was changed: drop.
@@ -45,6 +48,7 @@ impl Error {
             Error::Truncated => pass(Counter::PassedMalformed),
             Error::BadTunnel => drop(Counter::DroppedBad),
             Error::NotAdopted => drop(Counter::DroppedNotAdopted),
+            Error::Spoofed => drop(Counter::DroppedSpoofed),
             Error::ForwardKept => pass(Counter::ErrorForward),
             Error::ForwardLost => drop(Counter::ErrorForward),
         }

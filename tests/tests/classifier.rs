@@ -657,3 +657,34 @@ fn probe_answers_count_only_when_they_acknowledge_the_probe() {
         assert_eq!(probes.get(&45_000, 0).expect("entry").tcp_flags, syn_ack);
     });
 }
+
+#[test]
+fn tunnelled_segments_from_this_nodes_or_a_siblings_addresses_are_dropped() {
+    with_datapath(|dp| {
+        let other_sibling = Ipv4Addr::new(198, 18, 0, 3);
+        for s in [IpAddr::V4(CTL4), IpAddr::V4(other_sibling), IpAddr::V6(CTL6)] {
+            dp.add_sibling(s, "lo").expect("sibling");
+        }
+        dp.adopt((IpAddr::V4(ADOPTED4), 80), "lo", None, Some(1500)).expect("adopt v4");
+        dp.adopt((IpAddr::V6(ADOPTED6), 80), "lo", None, Some(1500)).expect("adopt v6");
+        let seg4 = |src: Ipv4Addr, flags: u8| packets::encap4(CTL4, TGT4, &Pkt::tcp(Ip::V4(src, ADOPTED4), 45_000, 80, flags).build());
+        expect(dp, &seg4(CLIENT4, packets::ACK), TCX_NEXT, "decapsulated");
+        // This node's addresses (the adopted one, the tunnel's destination, its own service),
+        // another sibling's, loopback and "this network": forged.
+        for src in [ADOPTED4, TGT4, SVC4, other_sibling, Ipv4Addr::LOCALHOST, Ipv4Addr::new(0, 1, 2, 3)] {
+            expect(dp, &seg4(src, packets::SYN), TC_ACT_SHOT, "dropped-spoofed");
+        }
+        // The sending sibling's own address: its readiness probe (a SYN, then a reset) passes;
+        // anything else from it would be a connection in its name.
+        expect(dp, &seg4(CTL4, packets::SYN), TCX_NEXT, "decapsulated");
+        expect(dp, &seg4(CTL4, packets::RST), TCX_NEXT, "decapsulated");
+        expect(dp, &seg4(CTL4, packets::ACK), TC_ACT_SHOT, "dropped-spoofed");
+        let seg6 = |src: Ipv6Addr, flags: u8| packets::encap6(CTL6, TGT6, &Pkt::tcp(Ip::V6(src, ADOPTED6), 45_000, 80, flags).build());
+        expect(dp, &seg6(CLIENT6, packets::ACK), TCX_NEXT, "decapsulated");
+        for src in [ADOPTED6, TGT6, SVC6, Ipv6Addr::LOCALHOST] {
+            expect(dp, &seg6(src, packets::SYN), TC_ACT_SHOT, "dropped-spoofed");
+        }
+        expect(dp, &seg6(CTL6, packets::SYN), TCX_NEXT, "decapsulated");
+        expect(dp, &seg6(CTL6, packets::ACK), TC_ACT_SHOT, "dropped-spoofed");
+    });
+}

@@ -1,10 +1,7 @@
 //! `redirector doctor --config FILE` on a node of a working cluster: every check passes; then
 //! each requirement taken away in turn makes its own check fail with what to do.
 
-use std::{
-    path::Path,
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use redirector_tests::{
     agents::{Cluster, expired_cert},
