@@ -29,6 +29,18 @@ use crate::peer::{self, Answer, Frame, Half, Heard, Heartbeat, NodeName, PROTOCO
 /// past this, the sibling is told to wait).
 const TRANSFERS_PER_LINK: usize = 4;
 
+/// `Outcome` questions one inbound connection may have answered at once (each reads the
+/// kernel's rules); past this, the sibling is told `Pending` and asks again later.
+const OUTCOMES_PER_LINK: usize = 4;
+
+/// What a sibling may have in progress at once on one inbound connection.
+pub(super) struct LinkLimits {
+    /// Transfers and hand-backs ([`TRANSFERS_PER_LINK`]).
+    pub transfers: Arc<Semaphore>,
+    /// `Outcome` questions being answered ([`OUTCOMES_PER_LINK`]).
+    pub outcomes: Arc<Semaphore>,
+}
+
 /// How long a TLS handshake and the hellos may take.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
@@ -200,14 +212,14 @@ impl Agent {
                 }
             }
         };
-        let transfers = Arc::new(Semaphore::new(TRANSFERS_PER_LINK));
+        let limits = LinkLimits { transfers: Arc::new(Semaphore::new(TRANSFERS_PER_LINK)), outcomes: Arc::new(Semaphore::new(OUTCOMES_PER_LINK)) };
         let reader = async {
             loop {
                 let heard = decode_heard(stream.next().await)?;
                 self.heard(&name);
                 match heard {
                     Heard::Heartbeat(hb) => self.heartbeat(&name, hb.load),
-                    Heard::Said(r) => self.clone().handle_request(&name, r, &reply, &transfers).await?,
+                    Heard::Said(r) => self.clone().handle_request(&name, r, &reply, &limits).await?,
                 }
             }
         };

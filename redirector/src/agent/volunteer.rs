@@ -11,12 +11,13 @@ use std::{
 };
 
 use anyhow::anyhow;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Incoming, Received, Streamed,
     handoff::{Arriving, FRAMES_AHEAD, check_listed, take_sessions},
+    link::LinkLimits,
     policy,
     records::Dir,
     unix_now,
@@ -59,11 +60,17 @@ struct TransferIn {
     frames: mpsc::Receiver<Streamed>,
 }
 
+/// Offers of room one sibling may hold at once. An origin asks each sibling once per round, and
+/// an offer it did not take lives out its lease (rounds can follow each other faster); more
+/// would let one sibling keep all the room reserved by asking again and again.
+const RESERVATIONS_PER_SIBLING: usize = 4;
+
 impl Agent {
     /// Handles one request from sibling `from`. Quick ones are answered at once; transfers,
     /// commits and aborts (which wait on the application) run on their own tasks, so this
     /// connection keeps reading heartbeats. An error closes the connection.
-    pub(super) async fn handle_request(self: Arc<Self>, from: &str, msg: Request, reply: &mpsc::Sender<Answer>, transfers: &Arc<Semaphore>) -> anyhow::Result<()> {
+    pub(super) async fn handle_request(self: Arc<Self>, from: &str, msg: Request, reply: &mpsc::Sender<Answer>, limits: &LinkLimits) -> anyhow::Result<()> {
+        let transfers = &limits.transfers;
         let answer = |m: Answer| {
             let reply = reply.clone();
             let deadline = self.send_deadline();
@@ -111,9 +118,14 @@ impl Agent {
                 self.forget_transfer(from, id);
             }
             Request::Outcome { id, handoff, back, clients } => {
-                // Answered from the rules if need be: a blocking read, on its own task.
+                // Answered from the rules if need be: a blocking read, on its own task; a few
+                // at once per link (the sibling asks again when told it is not known yet).
+                let Ok(permit) = limits.outcomes.clone().try_acquire_owned() else {
+                    return answer(Answer::OutcomeIs { id, verdict: Verdict::Pending }).await;
+                };
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let verdict = me.verdict_of(&from, handoff, if back { Dir::Back } else { Dir::Out }, &clients).await;
                     if reply.send_timeout(Answer::OutcomeIs { id, verdict }, me.send_deadline()).await.is_err() {
                         warn!(sibling = %from, handoff, "could not answer how the hand-over ended: the link is gone or stuck");
@@ -472,6 +484,8 @@ impl Agent {
             Some(format!("no room: load {load} + reserved for offers {reserved} + promised to adopted clients not arrived yet {promised} vs high {high}"))
         } else if connections == 0 {
             Some("asked for no connections".to_string())
+        } else if st.volunteer.reservations_of(from, now) >= RESERVATIONS_PER_SIBLING {
+            Some(format!("already holds {RESERVATIONS_PER_SIBLING} offers of room here: take them or let them run out first"))
         } else {
             None
         };
@@ -480,7 +494,10 @@ impl Agent {
             return Answer::Decline { id, reason };
         }
         let capacity = room.min(connections);
-        st.volunteer.reserve(from, id, capacity, now + Duration::from_millis(self.cfg.lease_ms));
+        // Frames before the `Transfer` keep the lease alive, up to the time a transfer's frames
+        // are kept at all.
+        let (lease, expiry) = (Duration::from_millis(self.cfg.lease_ms), Duration::from_millis(self.cfg.handoff_expiry_ms));
+        st.volunteer.reserve(from, id, capacity, now + lease, now + expiry);
         info!(origin = %from, id, capacity, asked = connections, clients, load, reserved, promised, "offering help");
         Answer::Offer { id, capacity, lease_ms: self.cfg.lease_ms }
     }

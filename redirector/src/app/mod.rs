@@ -205,8 +205,9 @@ pub struct Apps {
 
 /// Checks an export answer's line against the request: sessions (possibly none) for
 /// requested clients only, each once, of at most `max` bytes. Returns them as the line lists
-/// them (version 2: their blobs are the raw bytes after it, in order).
-fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<(IpAddr, Listed)>> {
+/// them (version 2: their blobs are the raw bytes after it, in order). Public for the fuzz
+/// targets (`fuzz/`).
+pub fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<(IpAddr, Listed)>> {
     let a = Answer::parse(line).map_err(|e| anyhow!("{e}"))?;
     let list = a.sessions.ok_or_else(|| anyhow!("the export answer has no sessions list (required, even when empty)"))?;
     let sessions = listed(list, a.bytes, version, max).map_err(|e| anyhow!("{e}"))?;

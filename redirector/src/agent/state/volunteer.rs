@@ -51,6 +51,9 @@ pub struct Reservation {
     pub capacity: u64,
     /// When the lease runs out.
     pub until: Instant,
+    /// The latest the transfer's frames can keep the lease alive to (before its `Transfer`):
+    /// a sibling cannot hold room by sending frames for ever.
+    pub latest: Instant,
 }
 
 /// What a volunteer received of a transfer before its `Transfer` frame.
@@ -157,9 +160,16 @@ impl Volunteer {
         policy::promised(self.adopted.values().map(|a| (a.promised, a.connections)))
     }
 
-    /// Reserves `capacity` connections for transfer (`origin`, `id`) until `until`.
-    pub fn reserve(&mut self, origin: &str, id: u64, capacity: u64, until: Instant) {
-        self.reservations.push(Reservation { origin: origin.to_string(), id, capacity, until });
+    /// Reserves `capacity` connections for transfer (`origin`, `id`) until `until`, which its
+    /// frames can extend to `latest` at most.
+    pub fn reserve(&mut self, origin: &str, id: u64, capacity: u64, until: Instant, latest: Instant) {
+        self.reservations.push(Reservation { origin: origin.to_string(), id, capacity, until, latest: latest.max(until) });
+    }
+
+    /// Reservations `origin` holds at `now`.
+    #[must_use]
+    pub fn reservations_of(&self, origin: &str, now: Instant) -> usize {
+        self.reservations.iter().filter(|r| r.origin == origin && r.until > now).count()
     }
 
     /// The reservation of transfer (`origin`, `id`) if its lease has not run out at `now`.
@@ -193,7 +203,7 @@ impl Volunteer {
         max_blob: usize,
     ) -> Received {
         let cap = self.live_reservation(from, id, now).map_or(0, |r| {
-            r.until = r.until.max(now + lease);
+            r.until = r.until.max(now + lease).min(r.latest);
             r.capacity
         });
         let key = (NodeName::from(from), id);
@@ -403,8 +413,8 @@ mod tests {
     #[test]
     fn reservations_run_out_with_their_lease() {
         let (mut v, now) = (Volunteer::default(), Instant::now());
-        v.reserve("a", 1, 5, now + LEASE);
-        v.reserve("a", 2, 7, now + LEASE * 2);
+        v.reserve("a", 1, 5, now + LEASE, now + LEASE * 100);
+        v.reserve("a", 2, 7, now + LEASE * 2, now + LEASE * 100);
         assert_eq!(v.promised(now), (12, 0));
         assert_eq!(v.promised(now + LEASE), (7, 0), "the first ran out");
         assert!(v.live_reservation("a", 2, now + LEASE * 2).is_none());
@@ -417,7 +427,7 @@ mod tests {
     fn frames_of_a_transfer_are_kept_within_its_reservation() {
         let (mut v, now) = (Volunteer::default(), Instant::now());
         assert_eq!(v.receive("a", 1, Some(svc()), vec![blob(1, 3)], vec![], now, LEASE, 10), Received::Ignored, "no reservation");
-        v.reserve("a", 1, 4, now + LEASE);
+        v.reserve("a", 1, 4, now + LEASE, now + LEASE * 100);
         let later = now + LEASE / 2;
         assert_eq!(v.receive("a", 1, Some(svc()), vec![blob(1, 3)], vec![moved(1, 1)], later, LEASE, 10), Received::Kept);
         assert!(v.live_reservation("a", 1, now + LEASE).is_some(), "kept alive a lease from the last frame");
@@ -428,13 +438,30 @@ mod tests {
     }
 
     #[test]
+    fn a_sibling_cannot_keep_room_reserved_by_sending_frames() {
+        let (mut v, now) = (Volunteer::default(), Instant::now());
+        v.reserve("a", 1, 100, now + LEASE, now + LEASE * 3);
+        // A frame every half lease, for ever: the lease ends at `latest` all the same.
+        let mut t = now;
+        for i in 0..20u8 {
+            t += LEASE / 2;
+            let _ = v.receive("a", 1, None, vec![], vec![moved(i, 1)], t, LEASE, 10);
+        }
+        assert!(v.live_reservation("a", 1, now + LEASE * 3).is_none(), "the lease ran out at its latest");
+        assert_eq!(v.reservations_of("a", now), 1);
+        v.reserve("a", 2, 1, now + LEASE, now + LEASE);
+        assert_eq!((v.reservations_of("a", now), v.reservations_of("b", now), v.reservations_of("a", now + LEASE * 4)), (2, 0, 0));
+        assert_eq!(v.promised(now + LEASE * 3), (0, 0), "the room is free again");
+    }
+
+    #[test]
     fn a_transfer_over_its_reservation_is_refused_and_stays_refused() {
         let (mut v, now) = (Volunteer::default(), Instant::now());
-        v.reserve("a", 1, 2, now + LEASE);
+        v.reserve("a", 1, 2, now + LEASE, now + LEASE * 100);
         assert!(matches!(v.receive("a", 1, Some(svc()), vec![blob(1, 11)], vec![], now, LEASE, 10), Received::Refused(w) if w.contains("max_session_bytes")));
         assert_eq!(v.receive("a", 1, Some(svc()), vec![blob(1, 1)], vec![], now, LEASE, 10), Received::Kept, "dropped quietly");
         assert!(v.take_incoming("a", 1).refused.is_some());
-        v.reserve("a", 2, 2, now + LEASE);
+        v.reserve("a", 2, 2, now + LEASE, now + LEASE * 100);
         assert!(matches!(v.receive("a", 2, None, vec![], vec![moved(1, 1), moved(2, 1), moved(3, 1)], now, LEASE, 10), Received::Refused(w) if w.contains("the 2 connections")));
         let i = v.take_incoming("a", 2);
         assert!(i.clients.is_empty() && i.sessions.is_empty(), "what it held is dropped");
@@ -446,7 +473,7 @@ mod tests {
         let acked = || Acked::new(vec![svc()], "a/1/b".into(), Role::Import, vec![ip(1)], now);
         assert!(!v.adopt("a", 1, &[moved(1, 3)], acked(), 0, now), "no reservation");
         assert!(v.adopted.is_empty() && v.acked.is_empty());
-        v.reserve("a", 1, 5, now + LEASE);
+        v.reserve("a", 1, 5, now + LEASE, now + LEASE * 100);
         assert!(v.adopt("a", 1, &[moved(1, 3)], acked(), 0, now));
         assert!(v.reservations.is_empty());
         assert_eq!((v.adopted[&ip(1)].promised, v.adopted[&ip(1)].arrived), (3, false));
@@ -459,13 +486,13 @@ mod tests {
     #[test]
     fn an_aborted_transfer_leaves_nothing_a_hand_back_keeps_its_clients() {
         let (mut v, now) = (Volunteer::default(), Instant::now());
-        v.reserve("a", 1, 5, now + LEASE);
+        v.reserve("a", 1, 5, now + LEASE, now + LEASE * 100);
         v.adopt("a", 1, &[moved(1, 1)], Acked::new(vec![], "a/1/b".into(), Role::Import, vec![ip(1)], now), 0, now);
-        v.reserve("a", 2, 5, now + LEASE);
+        v.reserve("a", 2, 5, now + LEASE, now + LEASE * 100);
         v.adopt("a", 2, &[moved(2, 1)], Acked::new(vec![], "a/2/b".into(), Role::Import, vec![ip(2)], now), 0, now);
         assert!(v.aborted("a", 1).is_some_and(|a| a.role == Role::Import));
         assert!(!v.adopted.contains_key(&ip(1)) && v.adopted.contains_key(&ip(2)), "only that transfer's clients");
-        v.reserve("a", 3, 5, now + LEASE);
+        v.reserve("a", 3, 5, now + LEASE, now + LEASE * 100);
         assert!(v.aborted("a", 3).is_none() && v.reservations.is_empty(), "not acknowledged yet: its room is free");
         v.acked.insert(("a".into(), 4), Acked::new(vec![], "a/4/b".into(), Role::Export, vec![ip(2)], now));
         assert!(v.aborted("a", 4).is_some_and(|a| a.role == Role::Export));
@@ -475,7 +502,7 @@ mod tests {
     #[test]
     fn a_committed_hand_back_frees_its_room_and_its_connections_stay() {
         let (mut v, now) = (Volunteer::default(), Instant::now());
-        v.reserve("a", 1, 5, now + LEASE);
+        v.reserve("a", 1, 5, now + LEASE, now + LEASE * 100);
         v.adopt("a", 1, &[moved(1, 1), moved(2, 1)], Acked::new(vec![], "a/1/b".into(), Role::Import, vec![ip(1), ip(2)], now), 0, now);
         assert!(v.committed("a", 1).is_some_and(|(a, n)| a.role == Role::Import && n == 0));
         assert!(v.committed("a", 1).is_none(), "once");
@@ -493,11 +520,11 @@ mod tests {
     fn expiry_forgets_what_never_came_and_asks_about_late_outcomes() {
         let (mut v, now) = (Volunteer::default(), Instant::now());
         let (expiry, idle) = (Duration::from_secs(5), Duration::from_mins(1));
-        v.reserve("a", 1, 5, now + LEASE);
+        v.reserve("a", 1, 5, now + LEASE, now + LEASE * 100);
         v.receive("a", 1, None, vec![], vec![moved(1, 1)], now, LEASE, 10);
-        v.reserve("a", 2, 5, now + LEASE);
+        v.reserve("a", 2, 5, now + LEASE, now + LEASE * 100);
         v.adopt("a", 2, &[moved(2, 1)], Acked::new(vec![], "a/2/b".into(), Role::Import, vec![ip(2)], now + LEASE), 0, now);
-        v.reserve("a", 3, 5, now + LEASE);
+        v.reserve("a", 3, 5, now + LEASE, now + LEASE * 100);
         v.adopt("a", 3, &[moved(3, 1)], Acked::new(vec![], "a/3/b".into(), Role::Import, vec![ip(3)], now + LEASE), 0, now);
         v.committed("a", 3);
         assert_eq!(v.expire(now, expiry, idle), vec![], "nothing due");
