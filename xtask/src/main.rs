@@ -4,6 +4,7 @@
 //! machine's Rust toolchains (stable and nightly) and root.
 
 mod checks;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -47,6 +48,14 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fuzz the decoders of the agent's inputs (fuzz/: peer frames, hook lines, admin
+    /// requests, configuration, packet decisions), each for SECS seconds.
+    Fuzz {
+        /// One target (default: all).
+        target: Option<String>,
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// Benchmarks: `cargo xtask bench datapath|negotiate|handoff [--json]`.
     Bench {
         /// Which benchmark.
@@ -85,6 +94,9 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test` (longer runs: `cargo xtask fuzz`).
+const FUZZ_SECS_IN_TESTS: u64 = 10;
+
 /// The cargo feature the tests' agent is built with: faults a test can inject.
 const TEST_FAULTS: &str = "redirector/test-faults";
 
@@ -109,6 +121,8 @@ fn test(args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
     checks::run_all()?;
     node_sdk_tests()?;
+    // Every decoder, briefly: a crash found here fails the run.
+    fuzz::run(None, FUZZ_SECS_IN_TESTS)?;
     build(false, &[TEST_FAULTS])?;
     // Tests that cannot run say so in this file (libtest hides a passing test's output).
     let skip_log = std::env::temp_dir().join(format!("redirector-skips-{}", std::process::id()));
@@ -156,6 +170,7 @@ fn main() -> Result<()> {
         Cmd::Setup => Ok(()),
         Cmd::Build { release } => build(release, &[]),
         Cmd::Test { args } => test(&args),
+        Cmd::Fuzz { target, secs } => fuzz::run(target.as_deref(), secs),
         Cmd::Run { args } => {
             build(false, &[])?;
             let mut c = Command::new(bin_path(false));
