@@ -452,6 +452,12 @@ impl Config {
                 p.push(format!("sibling {}: dual_stack_address {d} must be of the other family than its address", s.name));
             }
         }
+        // Every service siblings may hand over can be adopted at once: the kernel's table of
+        // adopted services never fills.
+        let adoptable: HashSet<SocketAddr> = self.siblings.iter().flat_map(|s| s.services.iter().copied()).collect();
+        if adoptable.len() > redirector_common::MAX_LISTENERS as usize {
+            p.push(format!("sibling services: {} listed in all, more than the {} services a node can adopt at once", adoptable.len(), redirector_common::MAX_LISTENERS));
+        }
         let mut tunnel_sources = Vec::with_capacity(self.services.len());
         for s in &self.services {
             if s.address.port() == 0 {
@@ -709,5 +715,11 @@ cgroup = "/sys/fs/cgroup/app"
         assert!(ok(&c, "127.0.0.1:80").is_err());
         assert!(ok(&c, "[::1]:80").is_err());
         assert!(ok(&c, "224.0.0.1:80").is_err());
+        // No more services than the kernel's table of adopted services holds.
+        // (c lists one.)
+        c.siblings[0].services = (0..1024u16).map(|p| SocketAddr::from(([198, 18, 0, 20], p + 1))).collect();
+        assert!(problems(&c).iter().any(|p| p.contains("1025 listed in all, more than the 1024")), "{:?}", problems(&c));
+        c.siblings[0].services.truncate(1023);
+        assert!(!problems(&c).iter().any(|p| p.contains("listed in all")), "{:?}", problems(&c));
     }
 }
