@@ -16,6 +16,11 @@ use crate::{
     datapath::{Load, Prefix, RuleInfo, ServiceInfo, Stats},
 };
 
+/// Now, in Unix seconds.
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// What a command did or found, for [`print`].
 #[derive(Debug)]
 #[expect(clippy::large_enum_variant, reason = "one report per run: its size does not matter")]
@@ -71,6 +76,13 @@ pub(super) enum Report {
         dir: PathBuf,
         until: i64,
         /// SHA-256 of the certificate, as `[tls] deny` would list it.
+        fingerprint: String,
+    },
+    /// `tls show`: a certificate's names, expiry and fingerprint.
+    CertShown {
+        file: PathBuf,
+        names: Vec<String>,
+        until: i64,
         fingerprint: String,
     },
     /// What `doctor` found.
@@ -158,6 +170,11 @@ impl Report {
             Self::NodeCertWritten { name, dir, until, fingerprint } => {
                 format!("certificate for {name} written to {}/{name}.pem and {name}.key, valid until {} (sha256 {fingerprint})\n", dir.display(), crate::peer::tls::date(*until))
             }
+            Self::CertShown { file, names, until, fingerprint } => {
+                let left = (*until - unix_secs()) / 86_400;
+                let state = if left < 0 { "EXPIRED".to_string() } else { format!("{left} days left") };
+                format!("{}: {}, valid until {} ({state}), sha256 {fingerprint}\n", file.display(), names.join(" "), crate::peer::tls::date(*until))
+            }
             Self::Doctor(checks) => checks.iter().fold(String::new(), |mut out, c| {
                 let word = match c.outcome {
                     crate::doctor::Outcome::Pass => "PASS",
@@ -178,6 +195,9 @@ impl Report {
         let doc = match self {
             Self::Done | Self::RuleAdded { .. } | Self::Draining { .. } | Self::Replaced(_) => return Ok(ForScripts::Silent),
             Self::ConfigOk { .. } | Self::CaWritten { .. } | Self::NodeCertWritten { .. } => return Ok(ForScripts::Text),
+            Self::CertShown { file, names, until, fingerprint } => {
+                json!({"file": file, "names": names, "not_after_unix": until, "expired": *until <= unix_secs(), "sha256": fingerprint}).to_string()
+            }
             Self::ServiceAdded { service: s, .. } => json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp}).to_string(),
             Self::Services(list) => {
                 let v: Vec<_> = list.iter().map(|s| json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "ifindex": s.ifindex})).collect();

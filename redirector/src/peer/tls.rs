@@ -74,6 +74,28 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     Some(c.validity().not_after.timestamp())
 }
 
+/// The DNS names `cert` is issued for (its subject alternative names), and when it expires.
+#[must_use]
+pub fn names_and_expiry(cert: &CertificateDer<'_>) -> Option<(Vec<String>, i64)> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let names = c
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((names, c.validity().not_after.timestamp()))
+}
+
 /// A Unix time as a UTC date, `2027-12-05`.
 #[must_use]
 pub fn date(unix: i64) -> String {
