@@ -686,9 +686,11 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     }
     let (tx, rx) = mpsc::channel::<Out>(64);
     let conn = Arc::new(AppConn { version, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received, export_room: AtomicUsize::new(0) });
+    // Ready before the application hears it is registered (it may ask the agent at once);
+    // requests queued meanwhile go out after this line.
+    hold.ready(conn.clone());
     w.write_all(&message(&AgentMsg::Registered { service: service.to_string(), version: version.number() })).await?;
     w.flush().await?;
-    hold.ready(conn.clone());
     info!(%service, pending = n_pending, version = version.number(), peer = who, "application registered");
     apps.registered.notify_waiters();
     let writer = write_out(w, rx);
