@@ -139,16 +139,30 @@ fn zero_failed_requests(kind: DemoApp, load: &Load) {
         }
         m
     });
+    // A volunteer that goes over its own high watermark gives adopted clients back (down to its
+    // low one), and a client home again may move again later: a client was served by the
+    // volunteer A steers it to now, if any, and otherwise only by volunteers it came home
+    // from, which A counts.
+    let handed_back = a["handoffs"]["handed_back"].as_u64().expect("A counts clients that came home");
+    let mut came_home = 0u64;
     for cl in clients.iter() {
-        let others: Vec<&String> = cl.servers.keys().filter(|s| *s != "A").collect();
-        match moved_to.get(&cl.src.to_string()) {
-            Some(to) => assert_eq!(others, vec![&to.to_uppercase()], "{} moved to {to}: its later requests were served there, and only there", cl.src),
-            None => assert!(others.is_empty(), "{} never moved but was served by {others:?}", cl.src),
+        let mut others: Vec<&String> = cl.servers.keys().filter(|s| *s != "A").collect();
+        if let Some(to) = moved_to.get(&cl.src.to_string()) {
+            let to = to.to_uppercase();
+            assert!(others.contains(&&to), "{} moved to {to}: its later requests were served there (served by {others:?})", cl.src);
+            others.retain(|s| **s != to);
         }
+        came_home += u64::try_from(others.len()).expect("small");
     }
+    assert!(came_home <= handed_back, "clients were served by {came_home} volunteers they are no longer at, but A counts {handed_back} that came home: {a}");
     let moved = moved_to.len();
     assert!(by.contains_key("B") && by.contains_key("C"), "both volunteers took clients (B and C have room for 70 each, 100 must move): {by:?}");
-    assert!((70..=130).contains(&moved), "about half of the 200 clients moved (A sheds down to its low watermark, 100): {moved} moved; by server {by:?}; A said {a}");
+    // (Counting those that moved and came home: a volunteer that gave clients back makes A shed
+    // again later, and the run may end in between.)
+    assert!(
+        moved <= 130 && moved + usize::try_from(handed_back).expect("small") >= 70,
+        "about half of the 200 clients moved (A sheds down to its low watermark, 100): {moved} out now, {handed_back} came home; by server {by:?}; A said {a}"
+    );
     let retries: u64 = clients.iter().map(|c| c.retries).sum();
     let connections: usize = clients.iter().map(HttpClient::connections).sum();
     eprintln!("{total} requests on {connections} connections, 0 failed, 0 broken sessions, {retries} retried once; {moved} clients moved; clients per server {by:?}");
