@@ -163,14 +163,10 @@ impl Agent {
             warn!(sibling = volunteer, id, "a hand-over with a node that is no longer a sibling, of which no record is left: it cannot be decided here");
             return Verdict::Pending;
         };
-        let rules = match self.with_reader(Datapath::list_rules).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                warn!(sibling = volunteer, id, "cannot tell how a hand-over ended: {e:#}");
-                return Verdict::Pending;
-            }
+        let rules = match flat(self.with_reader(Datapath::list_rules).await) {
+            Ok(r) => r,
             Err(e) => {
-                warn!(sibling = volunteer, id, "cannot tell how a hand-over ended: {e:#}");
+                warn!(sibling = volunteer, id, "cannot tell how a hand-over ended: {e}");
                 return Verdict::Pending;
             }
         };
