@@ -422,6 +422,27 @@ fn draining_rule_keeps_new_flows_and_forwards_old_ones() {
 }
 
 #[test]
+fn a_draining_rule_moved_again_to_its_target_is_active_again() {
+    // Starting and stopping a drain changes a host slot in place (no grace period): the
+    // classifier must see each state at once.
+    with_datapath(|dp| {
+        for round in 0..3 {
+            let p4 = Prefix { addr: IpAddr::V4(CLIENT4), len: 32 };
+            dp.drain(p4, Duration::from_secs(30)).expect("drain");
+            expect(dp, &syn4(CLIENT4, 4000 + round), TCX_NEXT, "kept-draining");
+            expect(dp, &ack4(CLIENT4, 4000 + round), TC_ACT_REDIRECT, "forwarded-existing");
+            dp.migrate(p4, IpAddr::V4(TGT4), None).expect("migrate again");
+            expect(dp, &syn4(CLIENT4, 4100 + round), TC_ACT_REDIRECT, "forwarded-new");
+            let p6 = Prefix { addr: IpAddr::V6(CLIENT6), len: 128 };
+            dp.drain(p6, Duration::from_secs(30)).expect("drain v6");
+            expect(dp, &syn6(CLIENT6, 4000 + round), TCX_NEXT, "kept-draining");
+            dp.migrate(p6, IpAddr::V6(TGT6), None).expect("migrate v6 again");
+            expect(dp, &syn6(CLIENT6, 4100 + round), TC_ACT_REDIRECT, "forwarded-new");
+        }
+    });
+}
+
+#[test]
 fn drained_rule_is_inert_and_collected() {
     with_datapath(|dp| {
         dp.drain(Prefix { addr: IpAddr::V4(CLIENT4), len: 32 }, Duration::from_millis(1)).expect("drain");
