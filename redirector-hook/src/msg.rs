@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::session::WireList;
+
 /// Which side of a hand-over an application was on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -107,6 +109,25 @@ impl Answer {
     }
 }
 
+/// An export's answer as the application writes it: an [`Answer`] with `ok:true`, whose
+/// sessions are serialized as they are written ([`WireList`]). The same JSON as the `Answer`
+/// built from [`crate::session::to_wire`]; its raw bytes (version 2) follow it.
+#[derive(Serialize)]
+pub struct ExportAnswer<'a> {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    pub sessions: WireList<'a>,
+}
+
+impl<'a> ExportAnswer<'a> {
+    #[must_use]
+    pub fn new(id: u64, sessions: WireList<'a>) -> Self {
+        Self { id, ok: true, bytes: sessions.bytes(), sessions }
+    }
+}
+
 #[allow(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -117,6 +138,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn an_export_answer_written_as_it_goes_is_the_answer() {
+        let owned = vec![("198.18.1.5".parse().unwrap(), b"abcd".to_vec()), ("2001:db8::5".parse().unwrap(), b"hello".to_vec())];
+        for v in [crate::Version::V1, crate::Version::V2] {
+            let (list, bytes) = crate::session::to_wire(owned.iter().map(|(c, b)| (*c, b.as_slice())), v);
+            let built = Answer { id: 9, ok: true, error: None, bytes, sessions: Some(list) };
+            let streamed = ExportAnswer::new(9, WireList { sessions: &owned, version: v });
+            assert_eq!(serde_json::to_string(&streamed).unwrap(), serde_json::to_string(&built).unwrap(), "{v:?}");
+        }
+    }
 
     #[test]
     fn requests_are_tagged_by_op_and_bytes_appear_only_when_raw_data_follows() {

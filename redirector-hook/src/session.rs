@@ -39,6 +39,57 @@ pub fn to_wire<'a>(sessions: impl IntoIterator<Item = (IpAddr, &'a [u8])>, versi
     (list, bytes)
 }
 
+/// The line's list for `sessions` in `version`, written as it is serialized: the same JSON
+/// as [`to_wire`]'s list, but version 1's base64 goes straight into the writer, so an
+/// application's first byte leaves once its sessions are at hand, not after all of them are
+/// encoded, and no copy of them a third larger is held (640 MiB of sessions would be 853 MiB
+/// of strings held before the first byte).
+pub struct WireList<'a> {
+    pub sessions: &'a [(IpAddr, Vec<u8>)],
+    pub version: Version,
+}
+
+impl WireList<'_> {
+    /// The raw bytes that follow the line (0 in version 1).
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        if self.version == Version::V1 { 0 } else { self.sessions.iter().fold(0u64, |n, s| n.saturating_add(u64::try_from(s.1.len()).unwrap_or(u64::MAX))) }
+    }
+}
+
+impl serde::Serialize for WireList<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq as _, SerializeStruct as _};
+        /// One element, with [`WireSession`]'s fields in its order.
+        struct One<'a>(IpAddr, &'a [u8], Version);
+        impl serde::Serialize for One<'_> {
+            fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let mut st = ser.serialize_struct("WireSession", 2)?;
+                st.serialize_field("client", &self.0.to_string())?;
+                match self.2 {
+                    Version::V1 => st.serialize_field("blob", &Base64(self.1))?,
+                    Version::V2 => st.serialize_field("len", &u64::try_from(self.1.len()).unwrap_or(u64::MAX))?,
+                }
+                st.end()
+            }
+        }
+        let mut seq = ser.serialize_seq(Some(self.sessions.len()))?;
+        for (client, blob) in self.sessions {
+            seq.serialize_element(&One(*client, blob, self.version))?;
+        }
+        seq.end()
+    }
+}
+
+/// Bytes serialized as a base64 string, encoded piece by piece into the serializer's writer.
+struct Base64<'a>(&'a [u8]);
+
+impl serde::Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_str(&base64::display::Base64Display::new(self.0, &STANDARD))
+    }
+}
+
 /// The line's list (version 2) for sessions whose blobs are not at hand yet, each a client
 /// and the length of its blob, and its `bytes`: what [`to_wire`] makes of the same blobs.
 #[must_use]
@@ -157,6 +208,17 @@ mod tests {
         assert_eq!((list[1].len, bytes), (Some(5), 9));
         assert_eq!(lengths_to_wire(s.iter().map(|(c, b)| (*c, b.len() as u64))), (list, bytes), "the same list from the lengths alone");
         assert_eq!(to_wire(s.iter().copied(), Version::V1).0[0].blob.as_deref(), Some("YWJjZA=="));
+    }
+
+    #[test]
+    fn the_streamed_list_is_the_same_json_as_the_built_one() {
+        let owned = vec![(a("198.18.1.5"), b"abcd".to_vec()), (a("2001:db8::5"), vec![0xff; 70_000]), (a("198.18.1.6"), Vec::new())];
+        for v in [Version::V1, Version::V2] {
+            let (list, bytes) = to_wire(owned.iter().map(|(c, b)| (*c, b.as_slice())), v);
+            let streamed = WireList { sessions: &owned, version: v };
+            assert_eq!(serde_json::to_string(&streamed).unwrap(), serde_json::to_string(&list).unwrap(), "{v:?}");
+            assert_eq!(streamed.bytes(), bytes, "{v:?}");
+        }
     }
 
     #[test]

@@ -24,8 +24,9 @@ use std::{
 
 use redirector_hook::{
     AgentMsg, Answer, frame,
+    msg::ExportAnswer,
     register::Register,
-    session::{Listed, from_wire, listed, raw_parts, to_wire},
+    session::{Listed, WireList, from_wire, listed, raw_parts},
 };
 pub use redirector_hook::{Role, Version, parse_client};
 
@@ -280,8 +281,7 @@ pub fn handle(sessions: &dyn Sessions, unfinished: &Mutex<Unfinished>, version: 
             let clients: Vec<IpAddr> = clients.iter().filter_map(|c| parse_client(c)).collect();
             unfinished.lock().expect("lock").insert(handoff.clone(), (Role::Export, clients.clone()));
             let exported = sessions.export(&handoff, &clients);
-            let (list, bytes) = to_wire(exported.iter().map(|(c, b)| (*c, b.as_slice())), version);
-            let a = Answer { id, ok: true, error: None, bytes, sessions: Some(list) };
+            let a = ExportAnswer::new(id, WireList { sessions: &exported, version });
             frame::write(out, &a, raw_parts(exported.iter().map(|s| s.1.as_slice()), version))
         }
         AgentMsg::Import { id, handoff, bytes, sessions: list } => match from_wire(list, bytes, raw, version, usize::MAX) {
