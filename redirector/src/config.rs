@@ -56,6 +56,11 @@ pub struct Config {
     /// has had no connection here, in seconds. Until then the room promised to it stays
     /// reserved.
     pub adopted_expiry_secs: u64,
+    /// How long a volunteer keeps an adopted service (its local route and listener entry)
+    /// that nothing needs any more, in seconds: no client of its origin is adopted, no
+    /// hand-over with that origin is under way, no given-back client's connection goes on
+    /// here. Then it goes back, so that the address is not local here for ever.
+    pub unadopt_after_secs: u64,
     /// The application hook: a Unix socket the local application connects to (see
     /// docs/app-protocol.md). Default: /run/redirector/<node>-app.sock.
     pub app_socket: Option<PathBuf>,
@@ -117,6 +122,7 @@ impl Default for Config {
             max_frame: 1 << 20,
             handoff_expiry_ms: 60_000,
             adopted_expiry_secs: 3600,
+            unadopt_after_secs: 60,
             app_socket: None,
             app_socket_owner: None,
             app_timeout_ms: 2000,
@@ -380,8 +386,8 @@ impl Config {
         if self.exit_timeout_ms == 0 {
             p.push("exit_timeout_ms must be above 0".into());
         }
-        if self.handoff_expiry_ms == 0 || self.adopted_expiry_secs == 0 {
-            p.push("handoff_expiry_ms and adopted_expiry_secs must be above 0".into());
+        if self.handoff_expiry_ms == 0 || self.adopted_expiry_secs == 0 || self.unadopt_after_secs == 0 {
+            p.push("handoff_expiry_ms, adopted_expiry_secs and unadopt_after_secs must be above 0".into());
         }
         if self.low_watermark == 0 || self.low_watermark >= self.high_watermark {
             p.push(format!("low_watermark ({}) must be above 0 and below high_watermark ({})", self.low_watermark, self.high_watermark));

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     io::Write as _,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -530,6 +531,85 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     let line = log.lines().find(|l| l.contains("origin aborted: test over")).expect("the abort's line");
     assert!(line.contains("test over\\u{a}FORGED ERROR") && line.len() < 1000, "escaped and cut: {line}");
     assert!(!log.lines().any(|l| l.starts_with("FORGED")), "no line of the sibling's own in A's log");
+}
+
+/// A sibling that asks without end (here a test's connection with b's certificate) is told to
+/// ask again past a burst, and its questions about hand-overs A never started leave a bounded
+/// number of records in A's state folder, each of a bounded sample of the clients named.
+#[test]
+fn a_sibling_that_asks_without_end_is_held_to_a_rate_and_leaves_few_records() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let mut s = connect_as(&c.t.b.ns, &c.dir.join("tls"), "b", "a", a_addr);
+    let n = 400u64;
+    for id in 0..n {
+        send(&mut s, Request::HelpRequest { id: 10_000 + id, connections: 1, clients: 1 });
+    }
+    let mut told_to_wait = 0;
+    for _ in 0..n {
+        if let Answer::Decline { reason, .. } = read_answer(&mut s).expect("A answers every request") {
+            told_to_wait += usize::from(reason.contains("too many requests"));
+        }
+    }
+    assert!(told_to_wait >= 200, "past a burst, A tells the sibling to wait: {told_to_wait} of {n}");
+    // Questions about 300 hand-overs A never started, each naming 2,000 clients (a real
+    // volunteer names a sample of 256 at most), paced to the rate A serves.
+    let many: Vec<IpAddr> = (0..2000u32).map(|i| IpAddr::V4(std::net::Ipv4Addr::from(u32::from(client4(1)) + i))).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    for id in 0..300u64 {
+        send(&mut s, Request::Outcome { id: 20_000 + id, handoff: 20_000 + id, back: false, clients: many.clone() });
+        let _ = read_answer(&mut s).expect("A answers every question");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let state = c.dir.join("a-state");
+    let records: Vec<PathBuf> =
+        std::fs::read_dir(&state).expect("A's state folder").map(|e| e.expect("entry").path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+    assert!(records.len() <= 64, "at most 64 records of b's questions are kept, not one per question: {}", records.len());
+    for r in &records {
+        let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(r).expect("record")).expect("JSON");
+        assert!(rec["clients"].as_array().is_some_and(|c| c.len() <= 256), "a record holds a sample of the clients: {}", r.display());
+    }
+    // Past its lease, A offers room to b again: the sibling is served, not shut out.
+    std::thread::sleep(Duration::from_secs(3));
+    send(&mut s, Request::HelpRequest { id: 30_000, connections: 1, clients: 1 });
+    assert!(matches!(read_answer(&mut s), Ok(Answer::Offer { .. })), "A serves b again");
+}
+
+/// A's service as B's kernel holds it: in B's ADOPTED map, and as a local route.
+fn b_holds_a_service(c: &Cluster) -> (bool, bool) {
+    let adopted = c.t.redirector_ok(&c.t.b, &["adopt", "list", "--json"]);
+    let routes = c.t.b.ip(&["route", "show", "table", "local"]);
+    (adopted.contains(&SERVICE4.to_string()), routes.lines().any(|l| l.split_whitespace().nth(1) == Some(&SERVICE4.to_string())))
+}
+
+/// A volunteer gives an origin's service back (its route and ADOPTED entry) once no client of
+/// that origin is adopted there any more, and adopts it again for the next one.
+#[test]
+fn a_volunteer_gives_an_adopted_service_back_once_no_client_of_it_is_left() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::with_config(4, &[("a", 100, 50), ("b", 100, 50)], "unadopt_after_secs = 2\n");
+    let x = IpAddr::V4(client4(1));
+    for round in 0..2 {
+        let answer = c.ask_agent("a", &["move".into(), x.to_string()]).expect("move");
+        assert_eq!(answer["moved"], 1, "round {round}: {answer}");
+        assert_eq!(b_holds_a_service(&c), (true, true), "round {round}: B adopted A's service for x");
+        // Past the linger, with x still adopted: B keeps it.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(b_holds_a_service(&c), (true, true), "round {round}: x is still adopted, B keeps A's service");
+        std::thread::sleep(redirector::agent::MOVE_DWELL);
+        let answer = c.give_back("a", &[x]).expect("give-back");
+        assert_eq!(answer["given_back"], 1, "round {round}: {answer}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while b_holds_a_service(&c) != (false, false) {
+            assert!(Instant::now() < deadline, "round {round}: B still holds A's service 15 s after its last client went home: {:?}\n{}", b_holds_a_service(&c), c.log("b"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// A process on the hook reports, as unfinished, a hand-over A keeps no record of, naming a

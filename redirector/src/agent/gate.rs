@@ -13,6 +13,8 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::policy::TokenBucket;
+
 /// Connections of sources that are not configured siblings in their handshake at once.
 pub const MAX_HANDSHAKES: usize = 64;
 
@@ -71,10 +73,9 @@ impl Drop for Pass {
     }
 }
 
-/// A token bucket for log lines, counting what it held back.
+/// Log lines' tokens, counting what they held back.
 struct Bucket {
-    tokens: f64,
-    at: Instant,
+    tokens: TokenBucket,
     held_back: u64,
 }
 
@@ -84,7 +85,7 @@ impl Gate {
         Arc::new(Self {
             strangers: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             per_source: Mutex::default(),
-            log: Mutex::new(Bucket { tokens: LOG_BURST, at: Instant::now(), held_back: 0 }),
+            log: Mutex::new(Bucket { tokens: TokenBucket::new(1.0, LOG_BURST, Instant::now()), held_back: 0 }),
         })
     }
 
@@ -108,12 +109,12 @@ impl Gate {
     /// Whether a line about a refused or failed handshake may be logged now, and how many
     /// were held back since the last one.
     pub fn may_log(&self) -> Option<u64> {
+        self.may_log_at(Instant::now())
+    }
+
+    fn may_log_at(&self, now: Instant) -> Option<u64> {
         let mut b = self.log.lock().expect("lock");
-        let now = Instant::now();
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64()).min(LOG_BURST);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens.take(now) {
             Some(std::mem::take(&mut b.held_back))
         } else {
             b.held_back += 1;
@@ -162,7 +163,8 @@ mod tests {
         let g = Gate::new();
         let burst = (0..100).filter(|_| g.may_log().is_some()).count();
         assert_eq!(burst, 10);
-        g.log.lock().unwrap().at -= std::time::Duration::from_secs(1);
-        assert_eq!(g.may_log(), Some(90), "the next line says how many were held back");
+        let later = Instant::now() + std::time::Duration::from_secs(1);
+        assert_eq!(g.may_log_at(later), Some(90), "the next line says how many were held back");
+        assert_eq!(g.may_log_at(later), None, "one a second");
     }
 }

@@ -33,12 +33,38 @@ const TRANSFERS_PER_LINK: usize = 4;
 /// kernel's rules); past this, the sibling is told `Pending` and asks again later.
 const OUTCOMES_PER_LINK: usize = 4;
 
-/// What a sibling may have in progress at once on one inbound connection.
+/// Requests that cost this node something (`HelpRequest`, `Outcome`, `HandBack`, `GiveBack`)
+/// one inbound connection may make: a burst of this many, then [`REQUESTS_PER_SEC`]. An origin
+/// asks once per round, a volunteer about each late hand-over with a growing back-off, so this
+/// is far above what a sibling needs, and far below what would keep this node busy.
+const REQUEST_BURST: f64 = 100.0;
+const REQUESTS_PER_SEC: f64 = 50.0;
+
+/// What a sibling may have in progress at once, and ask for how often, on one inbound
+/// connection.
 pub(super) struct LinkLimits {
     /// Transfers and hand-backs ([`TRANSFERS_PER_LINK`]).
     pub transfers: Arc<Semaphore>,
     /// `Outcome` questions being answered ([`OUTCOMES_PER_LINK`]).
     pub outcomes: Arc<Semaphore>,
+    /// Requests that cost something ([`REQUESTS_PER_SEC`]).
+    requests: std::sync::Mutex<policy::TokenBucket>,
+}
+
+impl LinkLimits {
+    pub fn new() -> Self {
+        Self {
+            transfers: Arc::new(Semaphore::new(TRANSFERS_PER_LINK)),
+            outcomes: Arc::new(Semaphore::new(OUTCOMES_PER_LINK)),
+            requests: std::sync::Mutex::new(policy::TokenBucket::new(REQUESTS_PER_SEC, REQUEST_BURST, std::time::Instant::now())),
+        }
+    }
+
+    /// Whether one more request that costs something may be served now; if not, it gets a
+    /// refusal that says so, and the sibling may ask again.
+    pub fn may_serve(&self) -> bool {
+        self.requests.lock().expect("lock").take(std::time::Instant::now())
+    }
 }
 
 /// How long a TLS handshake and the hellos may take.
@@ -212,7 +238,7 @@ impl Agent {
                 }
             }
         };
-        let limits = LinkLimits { transfers: Arc::new(Semaphore::new(TRANSFERS_PER_LINK)), outcomes: Arc::new(Semaphore::new(OUTCOMES_PER_LINK)) };
+        let limits = LinkLimits::new();
         let reader = async {
             loop {
                 let heard = decode_heard(stream.next().await)?;

@@ -2,7 +2,11 @@
 //! shed, how to split them over offers, how much room a volunteer has, how long to wait
 //! before trying again.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use crate::peer::MovedClient;
 
@@ -116,6 +120,35 @@ pub fn plan(picked: &[(IpAddr, u64)], offers: &[Offer]) -> Plan {
     p
 }
 
+/// A token bucket: `burst` at once, then `rate` a second.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// Full at `now`.
+    #[must_use]
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self { rate, burst, tokens: burst, at: now }
+    }
+
+    /// Takes a token at `now`, if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = self.at.max(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Exponential back-off: `start`, doubling up to `max`; `reset` after a success.
 #[derive(Debug)]
 pub struct Backoff {
@@ -167,6 +200,16 @@ mod tests {
 
     fn c(i: u8, n: u64) -> (IpAddr, u64) {
         (IpAddr::from([198, 18, 1, i]), n)
+    }
+
+    #[test]
+    fn a_token_bucket_gives_a_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 5.0, t0);
+        assert_eq!((0..8).filter(|_| b.take(t0)).count(), 5, "the burst");
+        assert!(!b.take(t0 + Duration::from_millis(50)), "half a token");
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert_eq!((0..20).filter(|_| b.take(t0 + Duration::from_mins(1))).count(), 5, "never more than the burst");
     }
 
     #[test]

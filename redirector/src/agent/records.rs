@@ -30,6 +30,12 @@ use crate::{datapath::unix_now, peer::Verdict};
 /// How long a decided hand-over is remembered (the rules decide after that).
 pub(super) const REMEMBER: Duration = Duration::from_hours(1);
 
+/// Hand-overs of one volunteer decided from the rules without a record of this node's (it asked
+/// about one this node does not know) that are remembered; older ones are forgotten first. Each
+/// question could otherwise leave a record in memory and in `state_dir` (a tmpfs) for an hour,
+/// and a sibling can ask as often as it likes.
+pub(super) const LEARNED_PER_VOLUNTEER: usize = 64;
+
 /// Which way a hand-over moves clients (and their sessions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +65,9 @@ pub(super) struct Entry {
     pub rec: Arc<Record>,
     pub verdict: Verdict,
     pub decided_unix: u64,
+    /// Decided from the rules at a volunteer's question, without a record of this node's
+    /// (as this run knows; a record read from a file counts as this node's).
+    pub learned: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -122,7 +131,7 @@ impl Records {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Verdict::Pending, 0),
             Err(e) => return Err(e.into()),
         };
-        Ok(Entry { rec: Arc::new(rec), verdict, decided_unix })
+        Ok(Entry { rec: Arc::new(rec), verdict, decided_unix, learned: false })
     }
 
     fn path(&self, id: u64) -> PathBuf {
@@ -138,17 +147,17 @@ impl Records {
     pub fn start(&mut self, rec: Record) -> anyhow::Result<Arc<Record>> {
         write_atomic(&self.path(rec.id), |w| serde_json::to_writer(w, &rec).context("encoding the record"))?;
         let rec = Arc::new(rec);
-        self.by_id.insert(rec.id, Entry { rec: rec.clone(), verdict: Verdict::Pending, decided_unix: 0 });
+        self.by_id.insert(rec.id, Entry { rec: rec.clone(), verdict: Verdict::Pending, decided_unix: 0, learned: false });
         Ok(rec)
     }
 
     /// Records how hand-over `id` ended. An unknown one (decided without a record: it is older
-    /// than the records, or they were lost) is recorded as `rec` from now on.
+    /// than the records, or they were lost) is recorded as `rec` from now on, with at most
+    /// [`LEARNED_PER_VOLUNTEER`] of its volunteer's kept.
     pub fn decide(&mut self, rec: &Arc<Record>, verdict: Verdict) {
         let now = unix_now();
-        if !self.by_id.contains_key(&rec.id)
-            && let Err(e) = write_atomic(&self.path(rec.id), |w| serde_json::to_writer(w, rec.as_ref()).context("encoding the record"))
-        {
+        let learned = !self.by_id.contains_key(&rec.id);
+        if learned && let Err(e) = write_atomic(&self.path(rec.id), |w| serde_json::to_writer(w, rec.as_ref()).context("encoding the record")) {
             warn!(id = rec.id, "cannot write the record of a hand-over (remembered until the agent stops): {e:#}");
         }
         let file = VerdictFile { verdict, decided_unix: now };
@@ -156,7 +165,36 @@ impl Records {
             // Only the verdict is lost across a restart: the rules still say it then.
             warn!(id = rec.id, "cannot write how a hand-over ended (remembered until the agent stops; the rules say it after a restart): {e:#}");
         }
-        self.by_id.insert(rec.id, Entry { rec: rec.clone(), verdict, decided_unix: now });
+        let learned = learned || self.by_id.get(&rec.id).is_some_and(|e| e.learned);
+        self.by_id.insert(rec.id, Entry { rec: rec.clone(), verdict, decided_unix: now, learned });
+        if learned {
+            self.forget_learned_beyond(&rec.volunteer, LEARNED_PER_VOLUNTEER);
+        }
+    }
+
+    /// Forgets all but the `keep` newest hand-overs of `volunteer` learned from the rules.
+    fn forget_learned_beyond(&mut self, volunteer: &str, keep: usize) {
+        let mut learned: Vec<(u64, u64)> = self.by_id.values().filter(|e| e.learned && e.rec.volunteer == volunteer).map(|e| (e.decided_unix, e.rec.id)).collect();
+        if learned.len() <= keep {
+            return;
+        }
+        learned.sort_unstable();
+        let n = learned.len() - keep;
+        for (_, id) in learned.into_iter().take(n) {
+            self.forget(id);
+        }
+    }
+
+    /// Forgets hand-over `id` and removes its files.
+    fn forget(&mut self, id: u64) {
+        self.by_id.remove(&id);
+        for p in [self.path(id), self.verdict_path(id)] {
+            if let Err(e) = fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(file = %p.display(), "removing an old hand-over record: {e}");
+            }
+        }
     }
 
     /// Hand-over `id` and how it stands.
@@ -181,14 +219,7 @@ impl Records {
         let cutoff = unix_now().saturating_sub(REMEMBER.as_secs());
         let old: Vec<u64> = self.by_id.values().filter(|e| e.verdict != Verdict::Pending && e.decided_unix < cutoff).map(|e| e.rec.id).collect();
         for id in old {
-            self.by_id.remove(&id);
-            for p in [self.path(id), self.verdict_path(id)] {
-                if let Err(e) = fs::remove_file(&p)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    warn!(file = %p.display(), "removing an old hand-over record: {e}");
-                }
-            }
+            self.forget(id);
         }
     }
 }
@@ -232,6 +263,27 @@ mod tests {
         let r = Records::open(&dir).unwrap();
         assert!(r.get(1).is_none() && !dir.join("1.json").exists() && !dir.join("1.verdict").exists());
         assert!(r.get(2).is_some() && r.get(3).is_some() && r.get(9).is_none(), "an unreadable file is ignored");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn questions_about_unknown_hand_overs_leave_a_bounded_number_of_records() {
+        let dir = std::env::temp_dir().join(format!("redirector-records-learned-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut r = Records::open(&dir).unwrap();
+        let own = r.start(rec(1)).unwrap();
+        r.decide(&own, Verdict::Committed);
+        // Sibling b asks about 200 hand-overs this node has no record of; c about one.
+        for id in 1000..1200 {
+            r.decide(&Arc::new(rec(id)), Verdict::Aborted);
+        }
+        r.decide(&Arc::new(Record { volunteer: "c".into(), ..rec(5000) }), Verdict::Aborted);
+        let ids: Vec<u64> = r.by_id.keys().copied().filter(|id| (1000..1200).contains(id)).collect();
+        assert_eq!(ids.len(), LEARNED_PER_VOLUNTEER, "at most {LEARNED_PER_VOLUNTEER} of b's");
+        assert!(r.get(1199).is_some(), "the newest stay");
+        assert!(r.get(1).is_some() && r.get(5000).is_some(), "this node's own records and another sibling's stay");
+        let files = fs::read_dir(&dir).unwrap().count();
+        assert_eq!(files, 2 * (LEARNED_PER_VOLUNTEER + 2), "and so do their files, no more");
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -76,7 +76,12 @@ impl Agent {
             let deadline = self.send_deadline();
             async move { reply.send_timeout(m, deadline).await.map_err(|_| anyhow!("the answers to this sibling are stuck")) }
         };
+        let busy = "too many requests from this sibling: ask again in a moment";
         match msg {
+            Request::HelpRequest { id, .. } if !limits.may_serve() => answer(Answer::Decline { id, reason: busy.into() }).await?,
+            Request::Outcome { id, .. } if !limits.may_serve() => answer(Answer::OutcomeIs { id, verdict: Verdict::Pending }).await?,
+            Request::HandBack { id, .. } if !limits.may_serve() => answer(Answer::Abort { id, reason: busy.into() }).await?,
+            Request::GiveBack { id, .. } if !limits.may_serve() => answer(Answer::Decline { id, reason: busy.into() }).await?,
             Request::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
             Request::Sessions { id, service, sessions } => self.stream(from, id, Streamed::Sessions(service, sessions)).await,
             Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,
@@ -124,6 +129,9 @@ impl Agent {
                     return answer(Answer::OutcomeIs { id, verdict: Verdict::Pending }).await;
                 };
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+                // A volunteer names a sample; more would only make the rules' reading and the
+                // record it may leave bigger.
+                let clients = super::handoff::sample(&clients);
                 tokio::spawn(async move {
                     let _permit = permit;
                     let verdict = me.verdict_of(&from, handoff, if back { Dir::Back } else { Dir::Out }, &clients).await;
@@ -352,6 +360,7 @@ impl Agent {
             self.settle_imports(imported_into, handoff.clone(), false);
             return abort(why);
         }
+        let services_adopted: Vec<SocketAddr> = plan.iter().map(|a| a.svc).collect();
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
                 let mut done: Vec<SocketAddr> = Vec::new();
@@ -380,7 +389,12 @@ impl Agent {
             let now = Instant::now();
             let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
             let acked = Acked::new(imported_into.clone(), handoff.clone(), Role::Import, addrs, now + QUERY_AFTER);
-            self.state().volunteer.adopt(from, id, &clients, acked, unix_now(), now)
+            let mut st = self.state();
+            let recorded = st.volunteer.adopt(from, id, &clients, acked, unix_now(), now);
+            for svc in &services_adopted {
+                st.volunteer.service_needed(*svc, from, now);
+            }
+            recorded
         });
         if recorded {
             info!(origin = %from, id, clients = clients.len(), connections = want, "adopted clients (ready: sibling, route, listener); room kept for them until they arrive");
@@ -509,14 +523,44 @@ impl Agent {
         let now = Instant::now();
         let expiry = Duration::from_millis(self.cfg.handoff_expiry_ms);
         let idle = Duration::from_secs(self.cfg.adopted_expiry_secs);
-        let ask = {
+        let (ask, unneeded) = {
             let mut st = self.state();
             st.moved.forget_dwelled(now);
-            st.volunteer.expire(now, expiry, idle)
+            let ask = st.volunteer.expire(now, expiry, idle);
+            (ask, st.volunteer.unneeded_services(now, Duration::from_secs(self.cfg.unadopt_after_secs)))
         };
         for (origin, id) in ask {
             tokio::spawn(self.clone().ask_outcome(origin, id));
         }
+        if !unneeded.is_empty() {
+            tokio::spawn(self.clone().unadopt(unneeded));
+        }
         self.records().forget_old();
+    }
+
+    /// Gives back adopted `services` that nothing has needed for `unadopt_after_secs`: their
+    /// local route and listener entry go. Checked again under the datapath's lock, which a
+    /// transfer holds to adopt: one that needs a service again either shows here first (it
+    /// holds a reservation from its offer on) or adopts it anew afterwards.
+    async fn unadopt(self: Arc<Self>, services: Vec<SocketAddr>) {
+        let me = self.clone();
+        let r = self
+            .with_dp(move |dp| {
+                let mut gone = Vec::new();
+                for svc in services {
+                    if !me.state().volunteer.still_unneeded(svc) {
+                        continue;
+                    }
+                    match dp.unadopt((svc.ip(), svc.port())) {
+                        Ok(()) => gone.push((svc, me.state().volunteer.services.remove(&svc).map(|u| u.origin))),
+                        Err(e) => warn!(service = %svc, "giving back an adopted service: {e}"),
+                    }
+                }
+                gone
+            })
+            .await;
+        for (svc, origin) in r.unwrap_or_default() {
+            info!(service = %svc, origin = origin.as_deref().unwrap_or("?"), after_secs = self.cfg.unadopt_after_secs, "gave back an adopted service: nothing of its origin is here any more");
+        }
     }
 }

@@ -144,6 +144,16 @@ pub struct Volunteer {
     /// where they are): load it cannot shed, and no client of its own to move; forgotten when
     /// they have no connection here.
     pub returned: HashSet<IpAddr>,
+    /// Services adopted for an origin since this agent started, and when something last
+    /// needed them (see [`Volunteer::unneeded_services`]).
+    pub services: BTreeMap<SocketAddr, ServiceUse>,
+}
+
+/// An adopted service (its local route and listener entry): whose, and when it was last
+/// needed.
+pub struct ServiceUse {
+    pub origin: String,
+    pub last_needed: Instant,
 }
 
 impl Volunteer {
@@ -299,12 +309,57 @@ impl Volunteer {
         Some((a, n))
     }
 
-    /// Origin `from` took `clients` back: no longer adopted here; how many were.
+    /// Origin `from` took `clients` back: no longer adopted here (their connections here go
+    /// on, as a given-back client's do); how many were.
     pub fn released(&mut self, from: &str, clients: Vec<IpAddr>) -> usize {
         let before = self.adopted.len();
         let gone: HashSet<IpAddr> = clients.into_iter().collect();
-        self.adopted.retain(|c, a| !(a.from == from && gone.contains(c)));
+        let mut left = Vec::new();
+        self.adopted.retain(|c, a| {
+            let keep = !(a.from == from && gone.contains(c));
+            if !keep {
+                left.push(*c);
+            }
+            keep
+        });
+        self.returned.extend(left);
         before - self.adopted.len()
+    }
+
+    /// A transfer from `origin` adopted `svc` (or found it adopted) at `now`.
+    pub fn service_needed(&mut self, svc: SocketAddr, origin: &str, now: Instant) {
+        self.services.insert(svc, ServiceUse { origin: origin.to_string(), last_needed: now });
+    }
+
+    /// Whether anything here may still need `origin`'s adopted services: a client adopted from
+    /// it, a hand-over with it in any stage, or a client whose connections go on here (any
+    /// origin's: they are not told apart).
+    fn needs(&self, origin: &str) -> bool {
+        self.adopted.values().any(|a| a.from == origin)
+            || self.reservations.iter().any(|r| r.origin == origin)
+            || self.incoming.keys().chain(self.acked.keys()).chain(self.importing.iter()).chain(self.streams.keys()).any(|(o, _)| o == origin)
+            || !self.returned.is_empty()
+    }
+
+    /// The adopted services nothing has needed for `after` at `now` (the others are marked
+    /// needed now): they go back (route and listener entry), so that an address a sibling
+    /// once had this node adopt does not stay local here for ever. Services adopted before
+    /// this agent started are not known here and stay.
+    pub fn unneeded_services(&mut self, now: Instant, after: Duration) -> Vec<SocketAddr> {
+        let needed: Vec<SocketAddr> = self.services.iter().filter(|(_, u)| self.needs(&u.origin)).map(|(s, _)| *s).collect();
+        for s in needed {
+            if let Some(u) = self.services.get_mut(&s) {
+                u.last_needed = now;
+            }
+        }
+        self.services.iter().filter(|(_, u)| now.duration_since(u.last_needed) >= after).map(|(s, _)| *s).collect()
+    }
+
+    /// Whether `svc` is adopted here for an origin and still unneeded: checked again, under
+    /// the datapath's lock, right before it goes.
+    #[must_use]
+    pub fn still_unneeded(&self, svc: SocketAddr) -> bool {
+        self.services.get(&svc).is_some_and(|u| !self.needs(&u.origin))
     }
 
     /// The clients' connections here now (`here`, read at `now`): adopted clients seen here
@@ -393,6 +448,35 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn an_adopted_service_is_unneeded_only_once_nothing_of_its_origin_is_left_for_long_enough() {
+        let (mut v, t0) = (Volunteer::default(), Instant::now());
+        let after = Duration::from_mins(1);
+        let svc: SocketAddr = "198.18.0.20:80".parse().unwrap();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        v.reserve("a", 1, 10, at(0) + LEASE, at(0) + LEASE);
+        let acked = Acked::new(vec![], "a/1/b".into(), Role::Import, vec![ip(1)], at(100));
+        assert!(v.adopt("a", 1, &[MovedClient { addr: ip(1), connections: 1 }], acked, 0, at(0)));
+        v.service_needed(svc, "a", at(0));
+        assert!(v.unneeded_services(at(0), after).is_empty());
+        // Committed, but its client is adopted still: needed, for as long as it takes.
+        assert!(v.committed("a", 1).is_some());
+        assert!(v.unneeded_services(at(120), after).is_empty(), "a client of a is adopted");
+        // Released: its connections here go on, then end.
+        assert_eq!(v.released("a", vec![ip(1)]), 1);
+        assert!(v.unneeded_services(at(200), after).is_empty(), "its connections here go on");
+        v.observe(&HashMap::new(), at(201));
+        assert!(v.still_unneeded(svc));
+        assert!(v.unneeded_services(at(230), after).is_empty(), "not for long enough yet");
+        // Another origin's business does not hold a's service.
+        v.reserve("c", 7, 10, at(240) + LEASE, at(240) + LEASE);
+        assert_eq!(v.unneeded_services(at(260), after), vec![svc]);
+        // A new offer to a, before it goes: needed again.
+        v.reserve("a", 2, 10, at(261) + LEASE, at(261) + LEASE);
+        assert!(!v.still_unneeded(svc), "a transfer of a may come");
+        assert!(v.unneeded_services(at(261), after).is_empty());
+    }
 
     fn ip(i: u8) -> IpAddr {
         IpAddr::from([198, 18, 1, i])
