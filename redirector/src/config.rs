@@ -29,6 +29,10 @@ pub struct Config {
     pub instance: Option<String>,
     /// Admin socket of `redirector status`.
     pub admin_socket: Option<PathBuf>,
+    /// Where to serve `/metrics` (Prometheus) and `/healthz` over HTTP, such as
+    /// `127.0.0.1:9477`. Default: nowhere. Anyone who can reach it can read the node's load,
+    /// siblings and counters: keep it on a local or management address.
+    pub metrics_listen: Option<SocketAddr>,
     /// Above this many established connections the node sheds clients.
     pub high_watermark: u64,
     /// Shedding moves clients until the projected load is at or below this.
@@ -112,6 +116,7 @@ impl Default for Config {
             bpffs: PathBuf::from(crate::datapath::DEFAULT_BPFFS),
             instance: None,
             admin_socket: None,
+            metrics_listen: None,
             high_watermark: 1000,
             low_watermark: 800,
             drain_secs: 60,
@@ -551,7 +556,7 @@ mod tests {
         let doc = include_str!("../../docs/operations.md");
         let start = doc.find(&format!("### {heading}")).unwrap_or_else(|| panic!("docs/operations.md has no section {heading}"));
         let section = &doc[start + 4..];
-        let section = &section[..section.find("\n### ").unwrap_or(section.len())];
+        let section = &section[..section.find("\n#").unwrap_or(section.len())];
         section.lines().filter_map(|l| l.strip_prefix("| `")).filter_map(|l| l.split('`').next()).map(str::to_string).collect()
     }
 

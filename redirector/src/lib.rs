@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod doctor;
+pub mod metrics;
 pub mod peer;
 pub mod sock;

@@ -32,6 +32,7 @@ use super::{
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
+    tally::{End, Stage},
     volunteer::QUERY_AFTER,
 };
 use crate::{
@@ -97,14 +98,16 @@ impl Agent {
                 return 0;
             }
         };
-        let h = Handover { rec, busy, t0 };
-        let (n_sessions, t_export) = match self.receive_back(&h, &services).await {
+        self.tally.started(Dir::Back);
+        let mut h = Handover::new(rec, busy, t0);
+        let (n_sessions, bytes, t_export) = match self.receive_back(&h, &services).await {
             Ok(r) => r,
             Err(why) => {
-                self.conclude(h, Verdict::Aborted, why).await;
+                self.conclude(h, End::Aborted(Stage::Transfer, why)).await;
                 return 0;
             }
         };
+        h.sessions = (n_sessions, bytes);
         let t_import = t0.elapsed();
         self.faults.pause("pause-before-rules", &handoff).await;
         // The commit point: the rules drain (new connections stay here, open ones finish there).
@@ -132,7 +135,7 @@ impl Agent {
     /// sealed) and imports the sessions into this node's applications (tentative) as they
     /// arrive. Returns the sessions imported and when the volunteer's answer came; an error
     /// says why the hand-back aborts.
-    async fn receive_back(&self, h: &Handover, services: &[SocketAddr]) -> Result<(usize, Duration), String> {
+    async fn receive_back(&self, h: &Handover, services: &[SocketAddr]) -> Result<(usize, u64, Duration), String> {
         let (name, id, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.t0);
         let (tx, mut frames) = mpsc::channel(FRAMES_AHEAD);
         self.state().moved.await_back(name, id, t0, tx);
@@ -141,7 +144,7 @@ impl Agent {
         r
     }
 
-    async fn import_back(&self, h: &Handover, services: &[SocketAddr], frames: &mut mpsc::Receiver<Streamed>) -> Result<(usize, Duration), String> {
+    async fn import_back(&self, h: &Handover, services: &[SocketAddr], frames: &mut mpsc::Receiver<Streamed>) -> Result<(usize, u64, Duration), String> {
         let (name, id, clients, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.rec.clients.as_slice(), h.t0);
         let handoff = &h.name(self.cfg.node.as_str());
         let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
@@ -161,7 +164,7 @@ impl Agent {
         // failure from here on aborts the hand-back, and the applications drop them).
         let listed = self.state().moved.take_listed(name, id);
         let mut arriving: HashMap<SocketAddr, Arriving> = HashMap::new();
-        let mut moved = 0;
+        let (mut moved, mut bytes) = (0, 0u64);
         for (svc, list) in listed.into_iter().filter(|(_, l)| !l.is_empty()) {
             if !services.contains(&svc) {
                 return Err(format!("sessions of {svc}, which is not this node's service of these clients"));
@@ -175,6 +178,7 @@ impl Agent {
                 None
             };
             moved += list.len();
+            bytes = list.iter().fold(bytes, |b, l| b.saturating_add(l.len));
             let n = u64::try_from(list.len()).unwrap_or(u64::MAX);
             arriving.insert(svc, Arriving { local: svc, expected: list.into(), listed: n, digest: 0, import });
         }
@@ -187,7 +191,7 @@ impl Agent {
                 return Err(format!("import failed: {e:#}"));
             }
         }
-        Ok((moved, t_export))
+        Ok((moved, bytes, t_export))
     }
 
     /// Asks `name` for hand-back `id` and waits for its answer for as long as the volunteer

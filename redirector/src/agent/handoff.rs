@@ -25,6 +25,7 @@ use tracing::warn;
 use super::{
     Agent, Streamed,
     records::{Dir, Record},
+    tally::End,
 };
 use crate::{
     app::{Exported, Importing},
@@ -79,9 +80,15 @@ pub(super) struct Handover {
     pub rec: Arc<Record>,
     pub busy: Busy,
     pub t0: Instant,
+    /// The sessions it carries and their bytes, once known (for the tally).
+    pub sessions: (usize, u64),
 }
 
 impl Handover {
+    pub(super) fn new(rec: Arc<Record>, busy: Busy, t0: Instant) -> Self {
+        Self { rec, busy, t0, sessions: (0, 0) }
+    }
+
     /// Its name as applications see it, with `node` its origin.
     pub(super) fn name(&self, node: &str) -> String {
         HandoffId::new(node, self.rec.id, self.rec.volunteer.as_str()).to_string()
@@ -273,12 +280,17 @@ impl Agent {
         self.cfg.services.iter().any(|s| s.address == svc && s.sessions)
     }
 
-    /// Ends hand-over `h` as `verdict` (committed or aborted, `why`; the rules already say it):
-    /// records it, tells the volunteer, and tells this node's applications that took part until
-    /// they confirm; its clients stay busy until then.
-    pub(super) async fn conclude(self: &Arc<Self>, h: Handover, verdict: Verdict, why: String) {
+    /// Ends hand-over `h` as `end` (the rules already say it): records and counts it, tells the
+    /// volunteer, and tells this node's applications that took part until they confirm; its
+    /// clients stay busy until then.
+    pub(super) async fn conclude(self: &Arc<Self>, h: Handover, end: End) {
         let handoff = h.name(self.cfg.node.as_str());
-        let Handover { rec, mut busy, .. } = h;
+        let Handover { rec, mut busy, t0, sessions: (n_sessions, bytes) } = h;
+        self.tally.ended(rec.dir, &end, t0.elapsed(), rec.clients.len(), n_sessions, bytes);
+        let (verdict, why) = match end {
+            End::Committed => (Verdict::Committed, String::new()),
+            End::Aborted(_, why) => (Verdict::Aborted, why),
+        };
         let clients = busy.take();
         let commit = verdict == Verdict::Committed;
         self.records().decide(&rec, verdict);

@@ -26,6 +26,7 @@ mod policy;
 mod records;
 mod ring;
 mod state;
+pub mod tally;
 mod transfer;
 mod verdict;
 mod volunteer;
@@ -94,6 +95,8 @@ pub struct Agent {
     steers: std::sync::atomic::AtomicUsize,
     /// Set once `run` has bound its sockets and started its tasks ([`Agent::running`]).
     running: tokio::sync::watch::Sender<bool>,
+    /// Hand-overs counted as they end.
+    tally: tally::Tally,
 }
 
 /// A datapath call made on a blocking thread, as one result: the datapath's error, or the
@@ -213,6 +216,7 @@ impl Agent {
             deciding: tokio::sync::Mutex::new(()),
             gate: gate::Gate::new(),
             running: tokio::sync::watch::Sender::new(false),
+            tally: tally::Tally::default(),
             steers: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
@@ -347,6 +351,39 @@ impl Agent {
     }
 
     // ---- status --------------------------------------------------------------------------
+
+    /// What keeps this node from doing its work now (empty: healthy): the classifier not
+    /// attached to a service's interface, or no application registered for a service that
+    /// keeps sessions (its clients cannot move).
+    pub async fn health(self: &Arc<Self>) -> Vec<String> {
+        let mut devs: Vec<String> = self.cfg.services.iter().map(|s| s.dev.clone()).collect();
+        devs.sort();
+        devs.dedup();
+        let attached = self.with_reader(move |dp| devs.into_iter().map(|d| (dp.ingress_attached_to(&d), d)).collect::<Vec<_>>()).await;
+        let mut problems = Vec::new();
+        match attached {
+            Ok(devs) => {
+                for (a, dev) in devs {
+                    match a {
+                        Ok(true) => {}
+                        Ok(false) => problems.push(format!("the classifier is not attached to {dev}")),
+                        Err(e) => problems.push(format!("{dev}: {e}")),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+        for s in self.cfg.services.iter().filter(|s| s.sessions && !self.apps.has(s.address)) {
+            problems.push(format!("no application registered for {} (sessions = true): its clients cannot move", s.address));
+        }
+        problems
+    }
+
+    /// The hand-overs counted as they ended (for the metrics).
+    #[must_use]
+    pub fn tally(&self) -> &tally::Tally {
+        &self.tally
+    }
 
     /// The node's status, for `redirector status`.
     pub async fn status(self: &Arc<Self>) -> Status {

@@ -18,11 +18,12 @@ use super::{
     handoff::{Busy, Handover, NAMED, send_sessions},
     host_prefix,
     records::{Dir, Record},
+    tally::{End, Stage},
 };
 use crate::{
     app::Exported,
     datapath::{Prefix, family_name},
-    peer::{self, Answer, HandoffId, ListedSession, MovedClient, Request, Said, SessionBlob, Verdict},
+    peer::{self, Answer, HandoffId, ListedSession, MovedClient, Request, Said, SessionBlob},
 };
 
 impl Agent {
@@ -49,19 +50,22 @@ impl Agent {
                 return 0;
             }
         };
-        let h = Handover { rec, busy, t0 };
+        self.tally.started(Dir::Out);
+        let mut h = Handover::new(rec, busy, t0);
         // The export: the applications' answers list their sessions (the volunteer's
         // reservation is kept alive meanwhile).
         let exported = self.keep_lease(name, id, &apps, self.export_all(&handoff, &apps, &addrs)).await;
         let exports = match exported {
             Ok(e) => e,
             Err(e) => {
-                self.conclude(h, Verdict::Aborted, format!("export failed: {e:#}")).await;
+                self.conclude(h, End::Aborted(Stage::Export, format!("export failed: {e:#}"))).await;
                 return 0;
             }
         };
         let t_export = t0.elapsed();
         let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
+        let bytes: u64 = exports.iter().flat_map(|(_, e)| e.sizes()).map(|(_, len)| u64::try_from(len).unwrap_or(u64::MAX)).fold(0, u64::saturating_add);
+        h.sessions = (n_sessions, bytes);
         // The time the volunteer's imports may take.
         let allowance: Duration = exports.iter().filter(|(_, e)| e.sizes().next().is_some()).map(|(_, e)| self.limits().import_allowance(e.sizes().map(|(_, len)| len))).sum();
         // The clients and the sessions listed, in frames under the peer limit, then the
@@ -104,7 +108,7 @@ impl Agent {
             Err(e) => Some(format!("transfer failed: {e:#}")),
         };
         if let Some(why) = refused {
-            self.conclude(h, Verdict::Aborted, why).await;
+            self.conclude(h, End::Aborted(Stage::Transfer, why)).await;
             return 0;
         }
         let t_ack = t0.elapsed();

@@ -25,6 +25,7 @@ use super::{
     handoff::{Busy, Handover, names},
     host_prefix,
     records::{Dir, Record},
+    tally::{End, Stage},
 };
 use crate::{
     app::{PendingHandoff, Registration, Role},
@@ -135,12 +136,12 @@ impl Agent {
                 Dir::Out => "rules not installed",
                 Dir::Back => "rules not withdrawn",
             };
-            self.conclude(h, verdict, why.into()).await;
+            self.conclude(h, End::Aborted(Stage::Rules, why.into())).await;
             return None;
         }
         let t_rules = h.t0.elapsed();
         self.faults.pause("pause-before-commit", &h.name(self.cfg.node.as_str())).await;
-        self.conclude(h, verdict, String::new()).await;
+        self.conclude(h, End::Committed).await;
         Some(t_rules)
     }
 
@@ -217,10 +218,11 @@ impl Agent {
         for rec in unfinished {
             info!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "a hand-over the previous run left undecided: the kernel's rules decide it");
             self.state().hold(rec.clients.iter().copied());
-            let h = Handover { busy: Busy::new(self.clone(), rec.clients.clone()), rec, t0: Instant::now() };
+            let h = Handover::new(rec.clone(), Busy::new(self.clone(), rec.clients.clone()), Instant::now());
             let verdict = self.decide_until_done(&h.rec).await;
             self.after_rules(&h.rec, verdict);
-            self.conclude(h, verdict, "decided after a restart, from the rules".into()).await;
+            let end = if verdict == Verdict::Committed { End::Committed } else { End::Aborted(Stage::Restart, "decided after a restart, from the rules".into()) };
+            self.conclude(h, end).await;
         }
     }
 

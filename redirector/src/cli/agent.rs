@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::Global;
@@ -138,6 +138,9 @@ pub(super) fn execute(args: &AgentArgs, global: &Global) -> anyhow::Result<()> {
         super::enter_netns(ns)?;
     }
     let admin_socket = cfg.admin_socket();
+    // Bound before anything starts: an address the operator asked for that cannot be had
+    // stops the agent with the reason.
+    let metrics = cfg.metrics_listen.map(|a| std::net::TcpListener::bind(a).with_context(|| format!("metrics_listen: binding {a}"))).transpose()?;
     let agent = crate::agent::Agent::new(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ran = rt.block_on(async {
@@ -146,6 +149,9 @@ pub(super) fn execute(args: &AgentArgs, global: &Global) -> anyhow::Result<()> {
             a.running().await;
             crate::admin::serve(a, path).await;
         });
+        if let Some(listener) = metrics {
+            tokio::spawn(crate::metrics::serve(agent.clone(), listener));
+        }
         agent.run().await
     });
     let _ = std::fs::remove_file(&admin_socket);

@@ -167,6 +167,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether the classifier is attached to interface `ifname` by this instance.
+    pub fn ingress_attached_to(&self, ifname: &str) -> Result<bool> {
+        Ok(self.ingress_attached(net::ifindex(ifname)?))
+    }
+
     /// Whether the classifier is attached to `ifindex` by this instance.
     #[must_use]
     pub fn ingress_attached(&self, ifindex: u32) -> bool {
