@@ -548,13 +548,16 @@ fn a_sibling_that_asks_without_end_is_held_to_a_rate_and_leaves_few_records() {
     for id in 0..n {
         send(&mut s, Request::HelpRequest { id: 10_000 + id, connections: 1, clients: 1 });
     }
-    let mut told_to_wait = 0;
+    let (mut told_to_wait, mut offers) = (0, 0);
     for _ in 0..n {
-        if let Answer::Decline { reason, .. } = read_answer(&mut s).expect("A answers every request") {
-            told_to_wait += usize::from(reason.contains("too many requests"));
+        match read_answer(&mut s).expect("A answers every request") {
+            Answer::Decline { reason, .. } => told_to_wait += usize::from(reason.contains("too many requests")),
+            Answer::Offer { .. } => offers += 1,
+            other => panic!("a help request is answered with an offer or a decline: {other:?}"),
         }
     }
     assert!(told_to_wait >= 200, "past a burst, A tells the sibling to wait: {told_to_wait} of {n}");
+    assert!(offers <= 4, "a sibling holds at most 4 offers of room at once, not all of it: {offers}");
     // Questions about 300 hand-overs A never started, each naming 2,000 clients (a real
     // volunteer names a sample of 256 at most), paced to the rate A serves.
     let many: Vec<IpAddr> = (0..2000u32).map(|i| IpAddr::V4(std::net::Ipv4Addr::from(u32::from(client4(1)) + i))).collect();
