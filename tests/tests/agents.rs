@@ -581,6 +581,26 @@ fn a_sibling_that_asks_without_end_is_held_to_a_rate_and_leaves_few_records() {
     assert!(matches!(read_answer(&mut s), Ok(Answer::Offer { .. })), "A serves b again");
 }
 
+/// `redirector move CLIENT --to NODE` moves the client to that sibling, even when another has
+/// more room; a node that is not a sibling is refused with a clear message.
+#[test]
+fn an_operator_moves_a_client_to_the_sibling_named() {
+    if !require_root() {
+        return;
+    }
+    // B has far more room than C: left to itself, A would pick B.
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 1000, 500), ("c", 100, 50)]);
+    let (x, y) = (IpAddr::V4(client4(1)), IpAddr::V4(client4(2)));
+    for (client, to) in [(x, "c"), (y, "b")] {
+        let answer = c.ask_agent("a", &["move".into(), client.to_string(), "--to".into(), to.into()]).expect("move --to");
+        assert_eq!(answer["moved"], 1, "{answer}");
+        let moved = redirector_tests::agents::moved_to(&c.status("a"));
+        assert_eq!(moved.get(&client).map(String::as_str), Some(to), "{client} is steered to {to}: {moved:?}");
+    }
+    let err = c.ask_agent("a", &["move".into(), IpAddr::V4(client4(3)).to_string(), "--to".into(), "mallory".into()]).expect_err("not a sibling");
+    assert!(err.contains("mallory is not a sibling of this node (its siblings: b, c)"), "{err}");
+}
+
 /// A's service as B's kernel holds it: in B's ADOPTED map, and as a local route.
 fn b_holds_a_service(c: &Cluster) -> (bool, bool) {
     let adopted = c.t.redirector_ok(&c.t.b, &["adopt", "list", "--json"]);

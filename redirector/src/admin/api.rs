@@ -17,8 +17,12 @@ pub enum Request {
     Status,
     /// `{"op":"move","clients":["198.18.1.5",...]}`: move these clients to siblings with room
     /// now, as shedding would (one connection each assumed), with their sessions; answered with
-    /// [`Moved`].
-    Move { clients: Vec<IpAddr> },
+    /// [`Moved`]. `"to":"NODE"`: to that sibling only.
+    Move {
+        clients: Vec<IpAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
     /// `{"op":"give-back","clients":[...]}`: bring these clients back with their sessions
     /// (moved-out ones come home, adopted ones go back to their origin); answered with
     /// [`GivenBack`].
@@ -181,8 +185,9 @@ mod tests {
         assert_eq!(Request::parse(r#"{"op":"status"}"#), Ok(Request::Status));
         assert_eq!(
             Request::parse(r#"{"op":"move","clients":["198.18.1.5","2001:db8::5"]}"#),
-            Ok(Request::Move { clients: vec!["198.18.1.5".parse().unwrap(), "2001:db8::5".parse().unwrap()] })
+            Ok(Request::Move { clients: vec!["198.18.1.5".parse().unwrap(), "2001:db8::5".parse().unwrap()], to: None })
         );
+        assert_eq!(Request::parse(r#"{"op":"move","clients":["198.18.1.5"],"to":"b"}"#), Ok(Request::Move { clients: vec!["198.18.1.5".parse().unwrap()], to: Some("b".into()) }));
         assert_eq!(Request::parse(r#"{"op":"give-back","clients":[]}"#), Ok(Request::GiveBack { clients: Vec::new() }));
         for bad in [r#"{"op":"move","clients":["nobody"]}"#, r#"{"op":"move","clients":[],"extra":1}"#, r#"{"op":"explode"}"#, "{", "hello"] {
             assert!(Request::parse(bad).is_err(), "{bad}");

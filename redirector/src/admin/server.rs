@@ -75,7 +75,7 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> String {
     match req {
         Request::Status => to_line(&agent.status().await),
         // Addresses in the agent's form: an IPv4-mapped IPv6 address is the IPv4 client.
-        Request::Move { clients } => match agent.clone().move_clients(clients.iter().map(|c| (c.to_canonical(), 1)).collect()).await {
+        Request::Move { clients, to } => match agent.clone().move_clients(clients.iter().map(|c| (c.to_canonical(), 1)).collect(), to.as_deref()).await {
             Ok(moved) => to_line(&Moved { moved, ms: ms() }),
             Err(e) => refused(e),
         },

@@ -229,7 +229,7 @@ impl Agent {
             "picked the largest clients to move: {}",
             names(&picked)
         );
-        Ok(given + self.move_clients(picked).await?)
+        Ok(given + self.move_clients(picked, None).await?)
     }
 
     /// Of `picked`, the clients that may move now, marked busy (freed when the guard drops):
@@ -279,17 +279,29 @@ impl Agent {
         Ok((rest, busy))
     }
 
-    /// Moves `picked` clients (address, connections) to siblings with room: negotiation,
-    /// hand-over, rules. Also the admin socket's `move` request (never an adopted client, nor
-    /// one already moved out).
-    pub async fn move_clients(self: Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<usize> {
+    /// Moves `picked` clients (address, connections) to siblings with room (`to`: to that
+    /// one only): negotiation, hand-over, rules. Also the admin socket's `move` request (never
+    /// an adopted client, nor one already moved out).
+    pub async fn move_clients(self: Arc<Self>, picked: Vec<(IpAddr, u64)>, to: Option<&str>) -> anyhow::Result<usize> {
+        if let Some(to) = to
+            && self.cfg.sibling(to).is_none()
+        {
+            let known: Vec<&str> = self.cfg.siblings.iter().map(|s| s.name.as_str()).collect();
+            bail!("{to} is not a sibling of this node (its siblings: {})", known.join(", "));
+        }
+        let mut siblings = self.live_siblings();
+        if let Some(to) = to {
+            siblings.retain(|s| s == to);
+            if siblings.is_empty() {
+                bail!("sibling {to} is not reachable now (no link, or no heartbeat for liveness_ms)");
+            }
+        }
+        if siblings.is_empty() {
+            bail!("no live sibling to ask");
+        }
         let (picked, mut busy) = self.movable(picked)?;
         if picked.is_empty() {
             bail!("no client left to move");
-        }
-        let siblings = self.live_siblings();
-        if siblings.is_empty() {
-            bail!("no live sibling to ask");
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms);

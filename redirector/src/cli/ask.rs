@@ -43,10 +43,14 @@ pub(super) fn status(agent: &AgentSocket) -> anyhow::Result<Report> {
     Ok(Report::Status { status, now: datapath::unix_now() })
 }
 
-/// `move`: asks the agent to move `clients` with their sessions.
-pub(super) fn move_clients(agent: &AgentSocket, clients: Vec<IpAddr>) -> anyhow::Result<Report> {
+/// `move`: asks the agent to move `clients` with their sessions (to sibling `to` only, if
+/// given).
+pub(super) fn move_clients(agent: &AgentSocket, clients: Vec<IpAddr>, to: Option<&str>) -> anyhow::Result<Report> {
     let asked = clients.len();
-    let moved = admin::move_clients(&agent.path()?, clients, agent.timeout())?;
+    let moved = match to {
+        Some(to) => admin::move_clients_to(&agent.path()?, clients, to, agent.timeout())?,
+        None => admin::move_clients(&agent.path()?, clients, agent.timeout())?,
+    };
     Ok(Report::Moved { moved, asked })
 }
 

@@ -109,6 +109,9 @@ pub enum Command {
         /// Client addresses.
         #[arg(required = true)]
         clients: Vec<std::net::IpAddr>,
+        /// Move them to this sibling (a node name), and no other.
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
         #[command(flatten)]
         agent: AgentSocket,
     },
@@ -157,7 +160,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(cmd) => cmd.execute()?,
         Command::Tls(cmd) => cmd.execute()?,
         Command::Status { agent } => ask::status(&agent)?,
-        Command::Move { clients, agent } => ask::move_clients(&agent, clients)?,
+        Command::Move { clients, to, agent } => ask::move_clients(&agent, clients, to.as_deref())?,
         Command::GiveBack { clients, agent } => ask::give_back(&agent, clients)?,
         Command::Service(cmd) => cmd.execute(&global)?,
         Command::Rule(cmd) => cmd.execute(&global)?,
