@@ -635,6 +635,41 @@ fn a_volunteer_gives_an_adopted_service_back_once_no_client_of_it_is_left() {
     }
 }
 
+/// B's application reports an import from C as unfinished (B's agent restarted, say) while C
+/// cannot be asked how it ended: until it is known, a transfer of the same client is refused
+/// (it would replace the tentative session, and the old hand-over's end would then drop or
+/// keep the wrong one). Seen in a fresh-clone run: the origin moved the same clients again
+/// while the restarted volunteer was still asking, and the abort of the first hand-over found
+/// nothing of its own to drop.
+#[test]
+fn a_client_whose_import_is_still_undecided_is_not_imported_again() {
+    use std::io::{BufRead as _, BufReader};
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50), ("c", 100, 50)]);
+    c.kill_agent("c");
+    let y = IpAddr::V4(client4(3));
+    // The test application does not use the hook: this process registers B's service, with
+    // an import from C it never heard the end of.
+    let mut app = std::os::unix::net::UnixStream::connect(c.dir.join("b-app.sock")).expect("connect to B's hook");
+    app.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let pending = serde_json::json!([{"handoff": "c/987654321/b", "role": "import", "clients": [y]}]);
+    writeln!(app, r#"{{"op":"register","service":"{}","version":2,"pending":{pending}}}"#, svc(SERVICE4_B)).expect("register");
+    let mut line = String::new();
+    BufReader::new(app.try_clone().expect("clone")).read_line(&mut line).expect("a line from the agent");
+    assert!(line.contains("registered"), "{line}");
+    wait_log(&c, "b", "asking c how it ended", 10);
+    // "C" (a connection of the test's own with c's certificate, from C's address) moves y to B.
+    let b_addr = SocketAddr::new(IpAddr::V4(c.t.b.v4[0]), 7470);
+    let mut s = connect_as(&c.t.c.ns, &c.dir.join("tls"), "c", "b", b_addr);
+    match forged_transfer(&mut s, 300, &[&svc(SERVICE4_C).to_string()], &c.t.c.v4[0].to_string()) {
+        Answer::Abort { reason, .. } => assert!(reason.contains(&format!("{y} is in another hand-over here")), "{reason}"),
+        other => panic!("y's import from C is undecided: a new transfer of y must be refused, got {other:?}"),
+    }
+    assert!(redirector_tests::agents::adopted(&c.status("b")).is_empty(), "B adopted nothing: {}", c.status("b"));
+}
+
 /// A process on the hook reports, as unfinished, a hand-over A keeps no record of, naming a
 /// client A steers to B along with two it does not: A answers from its rules and steers no
 /// one new. A second instance of the service is refused while the first is connected.

@@ -300,10 +300,11 @@ impl Agent {
             return;
         }
         info!(%service, handoff = p.handoff, clients = p.clients.len(), "the application reports an unfinished hand-over: asking {origin} how it ended");
-        if p.role == Role::Export {
-            st.hold(p.clients.iter().copied());
-        }
-        st.volunteer.acked.insert((NodeName::from(origin), id), Acked::new(vec![service], p.handoff, p.role, p.clients, Instant::now()));
+        // Its clients stay in this hand-over until it ends: an export's are frozen here, and an
+        // import's tentative sessions must not be replaced by another transfer of them.
+        st.hold(p.clients.iter().copied());
+        let acked = Acked { holds: p.role == Role::Import, ..Acked::new(vec![service], p.handoff, p.role, p.clients, Instant::now()) };
+        st.volunteer.acked.insert((NodeName::from(origin), id), acked);
     }
 }
 

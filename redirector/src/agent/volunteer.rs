@@ -166,7 +166,10 @@ impl Agent {
         let acked = self.state().volunteer.aborted(from, id);
         match acked {
             // Nothing was steered: the imported sessions must not live here too.
-            Some(a) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, false),
+            Some(a) if a.role == Role::Import => {
+                let held = a.held();
+                self.settle_imports(a.apps, a.handoff, false, held);
+            }
             // The rules still send the clients here: their sessions go on here.
             Some(a) => self.settle_apps_back(a.apps, a.handoff, a.clients, false),
             None => {}
@@ -179,7 +182,10 @@ impl Agent {
     fn commit_acked(self: &Arc<Self>, from: &str, id: u64) {
         let acked = self.state().volunteer.committed(from, id);
         match acked {
-            Some((a, _)) if a.role == Role::Import => self.settle_imports(a.apps, a.handoff, true),
+            Some((a, _)) if a.role == Role::Import => {
+                let held = a.held();
+                self.settle_imports(a.apps, a.handoff, true, held);
+            }
             Some((a, n)) => {
                 info!(origin = %from, clients = n, "clients given back: their room is free again");
                 self.settle_apps_back(a.apps, a.handoff, a.clients, true);
@@ -188,14 +194,16 @@ impl Agent {
         }
     }
 
-    /// Tells the applications of `apps` how import `handoff` ended, until they confirm.
-    fn settle_imports(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, commit: bool) {
-        if apps.is_empty() {
+    /// Tells the applications of `apps` how import `handoff` ended, until they confirm; then
+    /// `held` clients are free.
+    fn settle_imports(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, commit: bool, held: Vec<IpAddr>) {
+        if apps.is_empty() && held.is_empty() {
             return;
         }
         let me = self.clone();
         tokio::spawn(async move {
             futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &handoff, commit))).await;
+            me.unbusy(&held);
         });
     }
 
@@ -357,7 +365,7 @@ impl Agent {
         let (imported_into, imported) = self.import_arriving(from, id, &handoff, listed, &mut frames).await;
         if let Err(why) = imported {
             // They may have taken some: they drop them (told until they confirm).
-            self.settle_imports(imported_into, handoff.clone(), false);
+            self.settle_imports(imported_into, handoff.clone(), false, Vec::new());
             return abort(why);
         }
         let services_adopted: Vec<SocketAddr> = plan.iter().map(|a| a.svc).collect();
@@ -404,7 +412,7 @@ impl Agent {
             }
             return Answer::TransferAck { id };
         }
-        self.settle_imports(imported_into, handoff, false);
+        self.settle_imports(imported_into, handoff, false, Vec::new());
         match adopted {
             Err(e) => abort(format!("{e:#}")),
             Ok(()) => abort("the origin aborted during the import".into()),

@@ -89,13 +89,23 @@ pub struct Acked {
     pub backoff: Duration,
     /// An `Outcome` question is on its way.
     pub querying: bool,
+    /// Its clients are held busy here until it ends (an import an application reported
+    /// unfinished: a transfer of the same clients would replace its tentative sessions, and
+    /// its end would then drop or keep the wrong ones).
+    pub holds: bool,
 }
 
 impl Acked {
     /// A hand-over of `clients` with `role`, its applications `apps` so far; the origin is first
     /// asked how it ended at `next_query` (unless it says so before).
     pub fn new(apps: Vec<SocketAddr>, handoff: String, role: Role, clients: Vec<IpAddr>, next_query: Instant) -> Self {
-        Self { apps, handoff, role, sample: sample(&clients), clients, next_query, backoff: Duration::from_secs(1), querying: false }
+        Self { apps, handoff, role, sample: sample(&clients), clients, next_query, backoff: Duration::from_secs(1), querying: false, holds: false }
+    }
+
+    /// The clients it holds busy here ([`Acked::holds`]), to free once it is settled.
+    #[must_use]
+    pub fn held(&self) -> Vec<IpAddr> {
+        if self.holds { self.clients.clone() } else { Vec::new() }
     }
 }
 
