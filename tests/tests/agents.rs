@@ -198,13 +198,20 @@ fn clients_of_a_dead_volunteer_come_home() {
     assert!(c.log("a").contains("liveness"), "the decision is logged");
 }
 
+/// Two nodes, A and B, and A's peer channel address (the tests that speak to it as a sibling
+/// or a stranger with a connection of their own).
+fn a_and_b() -> (Cluster, SocketAddr) {
+    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
+    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    (c, a_addr)
+}
+
 #[test]
 fn strangers_are_refused_with_a_reason_and_bad_frames_only_close_their_connection() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
-    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let (c, a_addr) = a_and_b();
     let (tls, ca) = (c.dir.join("tls"), c.dir.join("tls/ca.pem"));
     // A client that trusts the cluster CA (so it accepts A's certificate) but presents a
     // certificate named "b" from another CA: A's verification of client certificates is
@@ -374,8 +381,7 @@ fn denied_and_expired_certificates_are_refused_both_ways() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
-    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let (mut c, a_addr) = a_and_b();
     let tls = c.dir.join("tls");
     let b_cert = redirector::peer::tls::read_certs(&tls.join("b.pem")).expect("b.pem").remove(0);
     // Listed as openssl prints it: upper case, with colons.
@@ -483,8 +489,7 @@ fn a_sibling_cannot_make_a_volunteer_adopt_what_is_not_its_to_give() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
-    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let (c, a_addr) = a_and_b();
     let tls = c.dir.join("tls");
     // A real sibling's certificate, but forged requests: A checks them against its own
     // configuration, not against what the message says.
@@ -541,8 +546,7 @@ fn a_sibling_that_asks_without_end_is_held_to_a_rate_and_leaves_few_records() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(4, &[("a", 100, 50), ("b", 100, 50)]);
-    let a_addr = SocketAddr::new(IpAddr::V4(c.t.a.v4[0]), 7470);
+    let (c, a_addr) = a_and_b();
     let mut s = connect_as(&c.t.b.ns, &c.dir.join("tls"), "b", "a", a_addr);
     let n = 400u64;
     for id in 0..n {

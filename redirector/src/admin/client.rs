@@ -49,12 +49,13 @@ pub fn status(path: &Path) -> anyhow::Result<Status> {
 /// # Errors
 /// As [`ask`].
 pub fn move_clients(path: &Path, clients: Vec<IpAddr>, timeout: Duration) -> anyhow::Result<Moved> {
-    ask(path, &Request::Move { clients, to: None }, timeout)
+    move_clients_to(path, clients, None, timeout)
 }
 
-/// Asks the agent at `path` to move `clients` to sibling `to` (only), with their sessions.
-pub fn move_clients_to(path: &Path, clients: Vec<IpAddr>, to: &str, timeout: Duration) -> anyhow::Result<Moved> {
-    ask(path, &Request::Move { clients, to: Some(to.to_string()) }, timeout)
+/// Asks the agent at `path` to move `clients` with their sessions, to sibling `to` only if
+/// one is named.
+pub fn move_clients_to(path: &Path, clients: Vec<IpAddr>, to: Option<&str>, timeout: Duration) -> anyhow::Result<Moved> {
+    ask(path, &Request::Move { clients, to: to.map(str::to_string) }, timeout)
 }
 
 /// Asks the agent behind `path` to bring `clients` back, with their sessions.

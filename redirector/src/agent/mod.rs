@@ -360,19 +360,17 @@ impl Agent {
         devs.sort();
         devs.dedup();
         let attached = self.with_reader(move |dp| devs.into_iter().map(|d| (dp.ingress_attached_to(&d), d)).collect::<Vec<_>>()).await;
-        let mut problems = Vec::new();
-        match attached {
-            Ok(devs) => {
-                for (a, dev) in devs {
-                    match a {
-                        Ok(true) => {}
-                        Ok(false) => problems.push(format!("the classifier is not attached to {dev}")),
-                        Err(e) => problems.push(format!("{dev}: {e}")),
-                    }
-                }
-            }
-            Err(e) => problems.push(format!("{e:#}")),
-        }
+        let mut problems: Vec<String> = match attached {
+            Ok(devs) => devs
+                .into_iter()
+                .filter_map(|(a, dev)| match a {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!("the classifier is not attached to {dev}")),
+                    Err(e) => Some(format!("{dev}: {e}")),
+                })
+                .collect(),
+            Err(e) => vec![format!("{e:#}")],
+        };
         for s in self.cfg.services.iter().filter(|s| s.sessions && !self.apps.has(s.address)) {
             problems.push(format!("no application registered for {} (sessions = true): its clients cannot move", s.address));
         }

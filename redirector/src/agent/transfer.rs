@@ -63,8 +63,8 @@ impl Agent {
             }
         };
         let t_export = t0.elapsed();
-        let n_sessions: usize = exports.iter().map(|(_, e)| e.sizes().count()).sum();
-        let bytes: u64 = exports.iter().flat_map(|(_, e)| e.sizes()).map(|(_, len)| u64::try_from(len).unwrap_or(u64::MAX)).fold(0, u64::saturating_add);
+        let (n_sessions, bytes) =
+            exports.iter().flat_map(|(_, e)| e.sizes()).fold((0usize, 0u64), |(n, b), (_, len)| (n + 1, b.saturating_add(u64::try_from(len).unwrap_or(u64::MAX))));
         h.sessions = (n_sessions, bytes);
         // The time the volunteer's imports may take.
         let allowance: Duration = exports.iter().filter(|(_, e)| e.sizes().next().is_some()).map(|(_, e)| self.limits().import_allowance(e.sizes().map(|(_, len)| len))).sum();

@@ -47,10 +47,7 @@ pub(super) fn status(agent: &AgentSocket) -> anyhow::Result<Report> {
 /// given).
 pub(super) fn move_clients(agent: &AgentSocket, clients: Vec<IpAddr>, to: Option<&str>) -> anyhow::Result<Report> {
     let asked = clients.len();
-    let moved = match to {
-        Some(to) => admin::move_clients_to(&agent.path()?, clients, to, agent.timeout())?,
-        None => admin::move_clients(&agent.path()?, clients, agent.timeout())?,
-    };
+    let moved = admin::move_clients_to(&agent.path()?, clients, to, agent.timeout())?;
     Ok(Report::Moved { moved, asked })
 }
 

@@ -322,18 +322,11 @@ impl Volunteer {
     /// Origin `from` took `clients` back: no longer adopted here (their connections here go
     /// on, as a given-back client's do); how many were.
     pub fn released(&mut self, from: &str, clients: Vec<IpAddr>) -> usize {
-        let before = self.adopted.len();
         let gone: HashSet<IpAddr> = clients.into_iter().collect();
-        let mut left = Vec::new();
-        self.adopted.retain(|c, a| {
-            let keep = !(a.from == from && gone.contains(c));
-            if !keep {
-                left.push(*c);
-            }
-            keep
-        });
+        let left: Vec<IpAddr> = self.adopted.extract_if(|c, a| a.from == from && gone.contains(c)).map(|(c, _)| c).collect();
+        let n = left.len();
         self.returned.extend(left);
-        before - self.adopted.len()
+        n
     }
 
     /// A transfer from `origin` adopted `svc` (or found it adopted) at `now`.
