@@ -799,6 +799,8 @@ fn the_admin_socket_answers_typed_requests_and_refuses_what_it_cannot_read() {
     assert!(e.as_ref().is_err_and(|e| e.to_string().contains("not moved out from here nor adopted here")), "a client that was never moved is refused, with the reason: {e:?}");
     let after = redirector::admin::status(&c.sock("a")).expect("the agent still answers");
     assert!(after.migrated_out.is_empty() && after.adopted.is_empty(), "nothing moved: {after:?}");
-    let gone = c.t.redirector(&c.t.a, &["status", "--socket", "/nonexistent/redirector.sock"]);
-    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("is the agent running?"), "{gone:?}");
+    for cmd in ["status", "drain", "undrain"] {
+        let gone = c.t.redirector(&c.t.a, &[cmd, "--socket", "/nonexistent/redirector.sock"]);
+        assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("is the agent running?"), "{cmd}: {gone:?}");
+    }
 }

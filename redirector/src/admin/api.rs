@@ -1,6 +1,6 @@
 //! What travels on the admin socket, for both ends: a [`Request`] (one JSON line, tagged by
 //! `op`; the bare word `status` is accepted too) and its answer, one JSON line: [`Status`],
-//! [`Moved`] or [`GivenBack`], or `{"error": "..."}` ([`Refused`]).
+//! [`Moved`], [`GivenBack`] or [`DrainState`], or `{"error": "..."}` ([`Refused`]).
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +27,14 @@ pub enum Request {
     /// (moved-out ones come home, adopted ones go back to their origin); answered with
     /// [`GivenBack`].
     GiveBack { clients: Vec<IpAddr> },
+    /// `{"op":"drain"}`: from now on, move every client of this node to its siblings with
+    /// its session, give adopted ones back, offer no room and take no client home, until
+    /// `undrain` (kept across restarts); answered at once with [`DrainState`]; the progress
+    /// shows in [`Status::drain`].
+    Drain {},
+    /// `{"op":"undrain"}`: take load again (offer room, take moved clients home after
+    /// `home_after_secs`); answered with [`DrainState`].
+    Undrain {},
 }
 
 impl Request {
@@ -69,6 +77,32 @@ pub struct GivenBack {
     pub ms: f64,
 }
 
+/// The answer to [`Request::Drain`] and [`Request::Undrain`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainState {
+    /// The node is drained now.
+    pub drained: bool,
+    /// It already was (drain) or was not (undrain): nothing changed.
+    pub already: bool,
+    /// Drained since then (Unix seconds).
+    pub since_unix: Option<u64>,
+}
+
+/// A drained node's progress: what is still here to move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// Drained since then (Unix seconds).
+    pub since_unix: u64,
+    /// Clients with connections here still to move: this node's own, and clients adopted
+    /// from siblings (they go back to their origins).
+    pub clients_left: usize,
+    /// Their connections.
+    pub connections_left: u64,
+    /// Nothing is left to move and no hand-over is in progress. Connections of clients that
+    /// moved may still be finishing here (`load`).
+    pub done: bool,
+}
+
 /// What the running agent reports of itself (`redirector status`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -102,6 +136,9 @@ pub struct Status {
     pub sessions_lost: u64,
     /// The agent is stopping (handing clients back).
     pub leaving: bool,
+    /// The node is drained (`redirector drain`), and how far it got; none: it takes load.
+    #[serde(default)]
+    pub drain: Option<Drain>,
     /// The datapath's decision counters (summed over CPUs), by name.
     pub counters: BTreeMap<String, u64>,
 }
@@ -189,7 +226,9 @@ mod tests {
         );
         assert_eq!(Request::parse(r#"{"op":"move","clients":["198.18.1.5"],"to":"b"}"#), Ok(Request::Move { clients: vec!["198.18.1.5".parse().unwrap()], to: Some("b".into()) }));
         assert_eq!(Request::parse(r#"{"op":"give-back","clients":[]}"#), Ok(Request::GiveBack { clients: Vec::new() }));
-        for bad in [r#"{"op":"move","clients":["nobody"]}"#, r#"{"op":"move","clients":[],"extra":1}"#, r#"{"op":"explode"}"#, "{", "hello"] {
+        assert_eq!(Request::parse(r#"{"op":"drain"}"#), Ok(Request::Drain {}));
+        assert_eq!(Request::parse(r#"{"op":"undrain"}"#), Ok(Request::Undrain {}));
+        for bad in [r#"{"op":"move","clients":["nobody"]}"#, r#"{"op":"move","clients":[],"extra":1}"#, r#"{"op":"explode"}"#, r#"{"op":"drain","now":true}"#, "{", "hello"] {
             assert!(Request::parse(bad).is_err(), "{bad}");
         }
         let long = "x".repeat(10_000);

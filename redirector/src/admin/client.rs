@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::de::DeserializeOwned;
 
-use super::api::{GivenBack, Moved, Request, Status};
+use super::api::{DrainState, GivenBack, Moved, Request, Status};
 
 /// How long a status may take to come.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,4 +64,12 @@ pub fn move_clients_to(path: &Path, clients: Vec<IpAddr>, to: Option<&str>, time
 /// As [`ask`].
 pub fn give_back(path: &Path, clients: Vec<IpAddr>, timeout: Duration) -> anyhow::Result<GivenBack> {
     ask(path, &Request::GiveBack { clients }, timeout)
+}
+
+/// Asks the agent behind `path` to drain its node (`drain`) or take load again.
+///
+/// # Errors
+/// As [`ask`].
+pub fn drain(path: &Path, drain: bool) -> anyhow::Result<DrainState> {
+    ask(path, if drain { &Request::Drain {} } else { &Request::Undrain {} }, STATUS_TIMEOUT)
 }

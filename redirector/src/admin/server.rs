@@ -79,6 +79,8 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> String {
             Ok(moved) => to_line(&Moved { moved, ms: ms() }),
             Err(e) => refused(e),
         },
+        Request::Drain {} => agent.drain().map_or_else(refused, |d| to_line(&d)),
+        Request::Undrain {} => agent.undrain().map_or_else(refused, |d| to_line(&d)),
         Request::GiveBack { clients } => {
             let asked = clients.len();
             match agent.give_back_clients(clients.iter().map(std::net::IpAddr::to_canonical).collect()).await {

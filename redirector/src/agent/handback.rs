@@ -236,6 +236,9 @@ impl Agent {
         if !neither.is_empty() {
             anyhow::bail!("not moved out from here nor adopted here: {}", names(&neither));
         }
+        if !home.is_empty() && self.state().drained.is_some() {
+            anyhow::bail!("this node is drained: its clients do not come home until `redirector undrain`");
+        }
         let returning: Vec<IpAddr> = back.values().flatten().copied().collect();
         let homes = home.into_iter().map(|(to, c)| async move { self.take_home(&to, c, "an operator asked", false).await });
         let backs = back.into_iter().map(|(origin, c)| async move {

@@ -13,6 +13,7 @@
 //! one handle, reads (load, counters, rule listings) through a second handle of the same pinned
 //! maps, so the load is read every 50 ms even while a probe holds the first.
 
+mod drain;
 mod expiry;
 pub mod faults;
 mod gate;
@@ -193,6 +194,10 @@ impl Agent {
             warn!(?faults, "TEST FAULTS ENABLED ({}): this agent misbehaves on purpose", faults::ENV);
         }
         let records = records::Records::open(&cfg.state_dir()).context("opening the hand-over records")?;
+        state.drained = drain::read(&cfg.state_dir())?;
+        if let Some(since) = state.drained {
+            warn!(since_unix = since, "this node is drained (`redirector drain`): every client moves to siblings, none comes home, until `redirector undrain`");
+        }
         let unfinished = records.undecided();
         if unfinished > 0 {
             warn!(handoffs = unfinished, dir = %cfg.state_dir().display(), "hand-overs a previous run left undecided: the kernel's rules decide them at start");
@@ -315,10 +320,16 @@ impl Agent {
         } {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (adopted, migrated) = {
+        let (adopted, migrated, drained) = {
             let st = self.state();
-            (st.volunteer.by_origin(), st.moved.by_volunteer())
+            // A drained node is usually stopped for maintenance: its clients stay away.
+            let drained = st.drained.is_some();
+            let migrated = if drained { state::ByNode::default() } else { st.moved.by_volunteer() };
+            (st.volunteer.by_origin(), migrated, drained)
         };
+        if drained {
+            info!("this node is drained: the clients moved out stay where they are (steered by the pinned rules; the next agent keeps them there until `redirector undrain`)");
+        }
         let (n_adopted, n_migrated): (usize, usize) = (adopted.values().map(Vec::len).sum(), migrated.values().map(Vec::len).sum());
         info!(
             adopted = n_adopted,
@@ -337,7 +348,7 @@ impl Agent {
         let all = futures::future::join(futures::future::join_all(gives), futures::future::join_all(homes));
         let timed_out = tokio::time::timeout_at(deadline.into(), all).await.is_err();
         let st = self.state();
-        let (left_adopted, left_out) = (st.volunteer.adopted.len(), st.moved.clients.len());
+        let (left_adopted, left_out) = (st.volunteer.adopted.len(), if drained { 0 } else { st.moved.clients.len() });
         if left_adopted + left_out == 0 {
             info!("agent stopped: every client is home or back with its origin");
         } else {
@@ -441,6 +452,7 @@ impl Agent {
             },
             sessions_lost: st.moved.sessions_lost,
             leaving: st.leaving,
+            drain: st.drained.map(|since| drain::progress(&st, since)),
             counters,
         }
     }

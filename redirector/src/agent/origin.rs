@@ -75,10 +75,14 @@ impl Agent {
                 let projected = load.total.saturating_sub(staying);
                 st.load = load.clone();
                 let leaving = st.leaving;
-                let Seen { start, over } = st.rounds.see(projected, self.cfg.low_watermark, self.cfg.high_watermark, leaving, now);
+                // A drained node sheds everything it can and takes nothing home: both its
+                // watermarks are zero.
+                let drained = st.drained.is_some();
+                let (low, high) = if drained { (0, 0) } else { (self.cfg.low_watermark, self.cfg.high_watermark) };
+                let Seen { start, over } = st.rounds.see(projected, low, high, leaving, now);
                 // Under low for long enough: clients come home, as many as keep it under low.
                 let home_after = Duration::from_secs(self.cfg.home_after_secs);
-                if !start && !leaving && !st.moved.clients.is_empty() && st.rounds.home_due(home_after, now) {
+                if !start && !leaving && !drained && !st.moved.clients.is_empty() && st.rounds.home_due(home_after, now) {
                     let moved: Vec<(IpAddr, u64)> = st.moved.clients.values().filter(|m| !st.busy.contains(&m.client)).map(|m| (m.client, m.connections)).collect();
                     let home = policy::pick_home(&moved, projected, self.cfg.low_watermark);
                     if !home.is_empty() {
@@ -101,7 +105,7 @@ impl Agent {
                 // Armed at the total where the load this node can shed passes high.
                 let at = self.cfg.high_watermark.saturating_add(staying);
                 let arm = (!st.rounds.negotiating && armed != Some(at)).then_some(at);
-                (crossing.map(|c| (projected, over, c)), arm)
+                (crossing.map(|c| (projected, over, c, drained.then_some(low))), arm)
             };
             if let Some(at) = arm {
                 match flat(self.with_reader(move |dp| dp.arm_load_event(at)).await) {
@@ -109,20 +113,25 @@ impl Agent {
                     Err(e) => warn!("arming the kernel's load watermark: {e}"),
                 }
             }
-            if let Some((projected, over, crossing)) = decision {
+            if let Some((projected, over, crossing, drained)) = decision {
                 armed = None;
-                let why = if over { "over the high watermark" } else { "still above the low watermark after the last round (hysteresis down to low)" };
+                let why = match (drained, over) {
+                    (Some(_), _) => "drained (`redirector drain`), clients still here",
+                    (None, true) => "over the high watermark",
+                    (None, false) => "still above the low watermark after the last round (hysteresis down to low)",
+                };
                 info!(load = load.total, projected, high = self.cfg.high_watermark, low = self.cfg.low_watermark, "{why}: asking siblings for help");
-                tokio::spawn(self.clone().round(load, projected, crossing));
+                let low = drained.unwrap_or(self.cfg.low_watermark);
+                tokio::spawn(self.clone().round(load, projected, low, crossing));
             }
         }
     }
 
-    /// One shedding round, then the pause before the next: short after moves, growing after
-    /// rounds that moved nothing (no sibling had room, nothing to move).
-    async fn round(self: Arc<Self>, load: Load, projected: u64, crossing_ns: u64) {
+    /// One shedding round down to `low`, then the pause before the next: short after moves,
+    /// growing after rounds that moved nothing (no sibling had room, nothing to move).
+    async fn round(self: Arc<Self>, load: Load, projected: u64, low: u64, crossing_ns: u64) {
         let t0 = Instant::now();
-        let moved = match self.clone().shed(&load, projected).await {
+        let moved = match self.clone().shed(&load, projected, low).await {
             Ok(n) => {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 // Threshold crossing (the kernel's clock) to the round's rules installed.
@@ -160,10 +169,11 @@ impl Agent {
         self.cfg.siblings.iter().filter(|s| st.links.reachable(&s.name, live)).map(|s| s.name.clone()).collect()
     }
 
-    /// Sheds load: clients adopted from siblings are given back to their origins first (this
-    /// node cannot steer them itself: their traffic comes through the origin's tunnel), then
-    /// its own clients move to siblings with room. Returns the clients given back and moved.
-    async fn shed(self: Arc<Self>, load: &Load, projected: u64) -> anyhow::Result<usize> {
+    /// Sheds load down to `low`: clients adopted from siblings are given back to their
+    /// origins first (this node cannot steer them itself: their traffic comes through the
+    /// origin's tunnel), then its own clients move to siblings with room. Returns the clients
+    /// given back and moved.
+    async fn shed(self: Arc<Self>, load: &Load, projected: u64, low: u64) -> anyhow::Result<usize> {
         let (candidates, adopted, origin_of) = {
             let st = self.state();
             let candidates: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| !st.stays(a) && !st.volunteer.adopted.contains_key(a)).copied().collect();
@@ -171,7 +181,7 @@ impl Agent {
             let origin_of: HashMap<IpAddr, String> = adopted.iter().filter_map(|(a, _)| Some((*a, st.volunteer.adopted.get(a)?.from.clone()))).collect();
             (candidates, adopted, origin_of)
         };
-        let give = pick_clients(&adopted, projected, self.cfg.low_watermark);
+        let give = pick_clients(&adopted, projected, low);
         let mut given = 0;
         let mut projected = projected;
         if !give.is_empty() {
@@ -180,8 +190,8 @@ impl Agent {
                 clients = give.len(),
                 connections,
                 projected,
-                low = self.cfg.low_watermark,
-                "over the high watermark with clients adopted from siblings: giving the largest back to their origins first: {}",
+                low,
+                "shedding with clients adopted from siblings: giving the largest back to their origins first: {}",
                 names(&give)
             );
             let mut by: HashMap<String, Vec<IpAddr>> = HashMap::new();
@@ -207,11 +217,11 @@ impl Agent {
                 }
             }
             info!(given, asked = give.len(), "adopted clients given back");
-            if projected <= self.cfg.low_watermark {
+            if projected <= low {
                 return Ok(given);
             }
         }
-        let picked = pick_clients(&candidates, projected, self.cfg.low_watermark);
+        let picked = pick_clients(&candidates, projected, low);
         if picked.is_empty() {
             if given > 0 {
                 return Ok(given);
@@ -220,15 +230,7 @@ impl Agent {
             bail!("nothing to move: the {adopted_load} connections of clients adopted from siblings could not be given back");
         }
         let connections: u64 = picked.iter().map(|c| c.1).sum();
-        info!(
-            clients = picked.len(),
-            connections,
-            projected,
-            after = projected.saturating_sub(connections),
-            low = self.cfg.low_watermark,
-            "picked the largest clients to move: {}",
-            names(&picked)
-        );
+        info!(clients = picked.len(), connections, projected, after = projected.saturating_sub(connections), low, "picked the largest clients to move: {}", names(&picked));
         Ok(given + self.move_clients(picked, None).await?)
     }
 

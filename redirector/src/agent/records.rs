@@ -82,7 +82,7 @@ pub(super) struct Records {
     by_id: HashMap<u64, Entry>,
 }
 
-fn write_atomic(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> anyhow::Result<()>) -> anyhow::Result<()> {
+pub(super) fn write_atomic(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = std::io::BufWriter::new(file);

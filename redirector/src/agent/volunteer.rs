@@ -496,6 +496,8 @@ impl Agent {
         let room = policy::room(high, load, reserved, promised);
         let why_not = if st.leaving {
             Some("stopping".to_string())
+        } else if st.drained.is_some() {
+            Some("drained for maintenance (`redirector drain`)".to_string())
         } else if self.cfg.sibling(from).is_some_and(|s| s.services.is_empty()) {
             Some("this node's configuration lists no services of yours to adopt ([[sibling]] services)".to_string())
         } else if st.rounds.negotiating {

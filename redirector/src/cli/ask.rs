@@ -23,7 +23,7 @@ pub struct AgentSocket {
 }
 
 impl AgentSocket {
-    fn path(&self) -> anyhow::Result<PathBuf> {
+    pub(super) fn path(&self) -> anyhow::Result<PathBuf> {
         match (&self.socket, &self.config) {
             (Some(s), _) => Ok(s.clone()),
             (None, Some(c)) => Ok(Config::load(c)?.admin_socket()),
@@ -32,7 +32,7 @@ impl AgentSocket {
     }
 
     /// How long to wait for the agent's answer.
-    fn timeout(&self) -> Duration {
+    pub(super) fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
     }
 }

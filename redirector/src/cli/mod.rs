@@ -7,6 +7,7 @@ mod agent;
 mod ask;
 mod config;
 mod doctor;
+mod drain;
 mod generate;
 mod instance;
 mod render;
@@ -125,6 +126,23 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentSocket,
     },
+    /// Ask the running agent to drain this node: move every client to siblings with its
+    /// session, give adopted clients back, offer no room and take no client home, until
+    /// `undrain` (kept across restarts of the agent). Waits until nothing is left to move
+    /// (up to --timeout-secs), showing the progress on a terminal.
+    Drain {
+        /// Only ask; do not wait (`status` shows the progress).
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Ask the running agent to take load again after a drain: it offers room at once, and
+    /// its moved clients come home after `home_after_secs` (or now with `give-back`).
+    Undrain {
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
     /// Check that this host has what the agent needs (kernel, BPF, cgroup, uplink MTU,
     /// neighbour table, certificates, siblings), each failure with its fix; exit 1 if any fails.
     Doctor {
@@ -162,6 +180,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { agent } => ask::status(&agent)?,
         Command::Move { clients, to, agent } => ask::move_clients(&agent, clients, to.as_deref())?,
         Command::GiveBack { clients, agent } => ask::give_back(&agent, clients)?,
+        Command::Drain { no_wait, agent } => drain::drain(&agent, no_wait, global.json)?,
+        Command::Undrain { agent } => drain::undrain(&agent)?,
         Command::Service(cmd) => cmd.execute(&global)?,
         Command::Rule(cmd) => cmd.execute(&global)?,
         Command::Sibling(cmd) => cmd.execute(&global)?,

@@ -11,7 +11,7 @@ use std::{
 use serde_json::json;
 
 use crate::{
-    admin::api::{GivenBack, Moved, Status},
+    admin::api::{DrainState, GivenBack, Moved, Status},
     agent::ago,
     datapath::{Load, Prefix, RuleInfo, ServiceInfo, Stats},
 };
@@ -59,6 +59,10 @@ pub(super) enum Report {
         asked: usize,
     },
     GivenBack(GivenBack),
+    /// What `drain --no-wait` or `undrain` changed.
+    DrainState(DrainState),
+    /// A drain that finished.
+    Drained(super::drain::DrainSummary),
     /// `config check` found no problem.
     ConfigOk {
         file: PathBuf,
@@ -163,6 +167,20 @@ impl Report {
             Self::Status { status, now } => status_text(status, *now),
             Self::Moved { moved: m, asked } => format!("moved {} of {asked} client(s) with their sessions in {:.0} ms\n", m.moved, m.ms),
             Self::GivenBack(g) => format!("{} of {} client(s) given back with their sessions in {:.0} ms\n", g.given_back, g.asked, g.ms),
+            Self::DrainState(d) => match (d.drained, d.already) {
+                (true, true) => "already drained: its clients are moving away (`redirector status`)\n".into(),
+                (true, false) => "drained: its clients are moving away (`redirector status` shows how far)\n".into(),
+                (false, true) => "not drained: nothing to do\n".into(),
+                (false, false) => "undrained: the node takes load again (moved clients come home after home_after_secs)\n".into(),
+            },
+            Self::Drained(d) => {
+                let mut out = format!("drained in {:.1} s: {} client(s) on siblings, nothing left to move", d.seconds, d.moved_out);
+                if d.connections_finishing > 0 {
+                    let _ = write!(out, "; {} connection(s) of moved clients still finishing here", d.connections_finishing);
+                }
+                out.push('\n');
+                out
+            }
             Self::ConfigOk { file, node, siblings, services } => format!("{}: ok (node {node}, {siblings} sibling(s), {services} service(s))\n", file.display()),
             Self::CaWritten { dir, until } => {
                 format!("cluster CA written to {}/ca.pem and ca.key (keep ca.key secret), valid until {}\n", dir.display(), crate::peer::tls::date(*until))
@@ -217,6 +235,8 @@ impl Report {
             Self::Status { status, .. } => serde_json::to_string(status)?,
             Self::Moved { moved, .. } => serde_json::to_string(moved)?,
             Self::GivenBack(g) => serde_json::to_string(g)?,
+            Self::DrainState(d) => serde_json::to_string(d)?,
+            Self::Drained(d) => serde_json::to_string(d)?,
             Self::Doctor(checks) => json!({ "ok": !checks.iter().any(|c| c.outcome == crate::doctor::Outcome::Fail), "checks": checks }).to_string(),
         };
         Ok(ForScripts::Json(doc))
@@ -254,6 +274,10 @@ fn status_text(s: &Status, now: u64) -> String {
     }
     if s.leaving {
         let _ = writeln!(out, "stopping: handing clients back");
+    }
+    if let Some(d) = &s.drain {
+        let left = if d.done { "nothing left to move".to_string() } else { format!("{} client(s) with {} connections left to move", d.clients_left, d.connections_left) };
+        let _ = writeln!(out, "DRAINED {} (`redirector undrain` to take load again): {left}", since(d.since_unix));
     }
     let mut rows = vec![vec!["SIBLING".into(), "ADDRESS".into(), "UP".into(), "LAST-HEARTBEAT".into(), "LOAD".into()]];
     for x in &s.siblings {

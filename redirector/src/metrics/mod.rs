@@ -31,6 +31,12 @@ pub fn render(status: &Status, tally: &Tally, healthy: bool) -> String {
     r.register("high_watermark", "Load above which this node sheds clients to its siblings", gauge(status.high_watermark));
     r.register("low_watermark", "Load this node sheds down to, and under which clients come home", gauge(status.low_watermark));
     r.register("shedding", "1 while this node negotiates with its siblings to shed load", gauge(u64::from(status.shedding)));
+    r.register("drained", "1 while this node is drained (`redirector drain`): its clients move away, none comes home", gauge(u64::from(status.drain.is_some())));
+    r.register(
+        "drain_clients_left",
+        "On a drained node, clients with connections here still to move (0 otherwise)",
+        gauge(len(status.drain.as_ref().map_or(0, |d| d.clients_left))),
+    );
     r.register("promised", "Connections kept for adopted clients that have not arrived yet", gauge(status.promised));
     r.register("healthy", "1 when /healthz passes: the classifier attached, an application for every service that keeps sessions", gauge(u64::from(healthy)));
     let (up, age, load) = (Labeled::default(), Labeled::default(), Labeled::default());

@@ -26,6 +26,9 @@ pub struct State {
     pub load: Load,
     /// The agent is leaving (SIGTERM): it offers no room and starts no round.
     pub leaving: bool,
+    /// Drained since then (Unix seconds): every client moves away, none comes home, no room
+    /// is offered (`drain.rs`).
+    pub drained: Option<u64>,
     /// Clients in a hand-over that has not ended here, either way (applications included):
     /// never picked for another one meanwhile.
     pub busy: HashSet<IpAddr>,
