@@ -99,10 +99,13 @@ pub fn run(bpffs: &Path, cfg: Option<&Valid>) -> Vec<Check> {
             (Ok(()), Ok(material)) => {
                 for s in &cfg.siblings {
                     let name = format!("sibling {}", s.name);
-                    checks.push(match tls::handshake(&material, &s.name, s.address, SIBLING_TIMEOUT) {
-                        Ok(()) => Check::pass(name, format!("{} answers with a certificate of the cluster CA for {} and accepts this node's", s.address, s.name)),
-                        Err(e) => Check::fail(name, format!("{e:#}"), format!("start its agent, or open TCP port {} from this node to it", s.address.port())),
-                    });
+                    match tls::handshake(&material, &s.name, s.address, SIBLING_TIMEOUT) {
+                        Ok(()) => {
+                            checks.push(Check::pass(name, format!("{} answers with a certificate of the cluster CA for {} and accepts this node's", s.address, s.name)));
+                            checks.extend(direct_server_return(cfg, &s.name));
+                        }
+                        Err(e) => checks.push(Check::fail(name, format!("{e:#}"), format!("start its agent, or open TCP port {} from this node to it", s.address.port()))),
+                    }
                 }
             }
             (Ok(()), Err(e)) => checks.push(Check::fail("key", format!("{e:#}"), format!("the key {} must be the certificate's", cfg.tls.key.display()))),
@@ -110,6 +113,51 @@ pub fn run(bpffs: &Path, cfg: Option<&Valid>) -> Vec<Check> {
         }
     }
     checks
+}
+
+/// Whether sibling `sibling` can send with this node's service addresses as source (one
+/// service per family), as a volunteer's replies to this node's clients do: the running
+/// agent here asks the sibling's to send the probe ([`crate::probe`]) and this watches for it.
+/// Without a running agent here there is nothing to ask with: a warning.
+fn direct_server_return(cfg: &Valid, sibling: &str) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for v4 in [true, false] {
+        let Some(service) = cfg.services.iter().find(|s| s.address.is_ipv4() == v4).map(|s| s.address) else { continue };
+        let name = format!("direct server return via {sibling} ({})", datapath::family_name(v4));
+        checks.push(match dsr_probe(cfg, sibling, service) {
+            Ok(Some(ms)) => Check::pass(name, format!("a datagram {sibling} sent with source {} reached this node ({ms:.0} ms)", service.ip())),
+            Ok(None) => Check::fail(
+                name,
+                format!("{sibling} sent a datagram with this node's service address {} as its source; it did not arrive within {} ms: the network drops what a sibling sends as this node, so its answers to moved clients would be lost", service.ip(), PROBE_WAIT.as_millis()),
+                format!("let {sibling} send with source {}: turn off source/destination checking or anti-spoofing for it (cloud: the instance's or interface's source/destination check; switch: IP source guard, uRPF on its port)", service.ip()),
+            ),
+            Err(Skip(why)) => Check::warn(name, why, "start this node's agent (and the sibling's), then run doctor again"),
+        });
+    }
+    checks
+}
+
+/// Why the probe could not be tried.
+struct Skip(String);
+
+/// How long the probe may take to arrive once the sibling sent it.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks sibling `sibling` (through this node's agent) for the probe from `service`; how long
+/// it took to arrive, or none if it did not.
+fn dsr_probe(cfg: &Valid, sibling: &str, service: std::net::SocketAddr) -> Result<Option<f64>, Skip> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let token = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let port = 40_000 + u16::try_from(token % 20_000).unwrap_or(0);
+    let capture = crate::probe::Capture::open(service.is_ipv4(), port).map_err(|e| Skip(format!("cannot watch for the probe: {e}")))?;
+    let t0 = std::time::Instant::now();
+    let sock = cfg.admin_socket();
+    crate::admin::probe(&sock, sibling, service, port, token).map_err(|e| Skip(format!("the probe could not be sent: {e:#}")))?;
+    match capture.wait(service.ip(), token, PROBE_WAIT) {
+        Ok(true) => Ok(Some(t0.elapsed().as_secs_f64() * 1000.0)),
+        Ok(false) => Ok(None),
+        Err(e) => Err(Skip(format!("watching for the probe: {e}"))),
+    }
 }
 
 fn kernel() -> Check {

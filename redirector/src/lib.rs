@@ -9,4 +9,5 @@ pub mod datapath;
 pub mod doctor;
 pub mod metrics;
 pub mod peer;
+pub mod probe;
 pub mod sock;

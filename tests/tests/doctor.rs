@@ -1,5 +1,6 @@
-//! `redirector doctor --config FILE` on a node of a working cluster: every check passes; then
-//! each requirement taken away in turn makes its own check fail with what to do.
+//! `redirector doctor --config FILE` on a node of a working cluster: every check passes (the
+//! direct-server-return probe through the running sibling included); then each requirement
+//! taken away in turn makes its own check fail with what to do.
 
 use std::{path::Path, process::Command};
 
@@ -49,9 +50,19 @@ fn doctor_passes_on_a_working_node_and_says_what_to_fix_when_a_requirement_goes(
     let config = c.dir.join("a.toml");
     let (ok, v) = doctor(&config, None);
     assert!(ok, "every check passes on a working node: {v}");
-    for name in ["kernel", "btf", "bpffs", "programs", "uplink eth0", "certificate", "sibling b", "neighbours ipv4"] {
+    for name in ["kernel", "btf", "bpffs", "programs", "uplink eth0", "certificate", "sibling b", "neighbours ipv4", "direct server return via b (IPv4)"] {
         assert_eq!(check(&v, name)["outcome"], "pass", "{name}: {v}");
     }
+
+    // The switch drops what B's port sends as A (anti-spoofing, as clouds and switches do).
+    let nft = |args: &[&str]| redirector_tests::net::sh(&[&["ip", "netns", "exec", &c.t.switch, "nft"], args].concat());
+    nft(&["add", "table", "bridge", "spoof"]);
+    nft(&["add", "chain", "bridge", "spoof", "ports", "{ type filter hook forward priority 0; }"]);
+    nft(&["add", "rule", "bridge", "spoof", "ports", "iifname", &c.t.b.ns, "ip", "saddr", "198.18.0.10", "drop"]);
+    let (ok, v) = doctor(&config, None);
+    nft(&["delete", "table", "bridge", "spoof"]);
+    assert!(!ok);
+    only_failed(&v, "direct server return via b (IPv4)", "did not arrive");
 
     // An uplink whose MTU leaves tunnelled segments too small an MSS.
     c.host("a").ip(&["link", "set", "eth0", "mtu", "560"]);

@@ -206,11 +206,12 @@ pub fn setup(quiet: bool) -> Result<()> {
     ensure_bpf_linker(quiet)?;
     check_kernel(quiet)?;
     // The Node.js demo application (its test and `cargo xtask demo -- --node`) needs `node`;
-    // `ss` and `ip` (iproute2) drive the test networks.
+    // `ss` and `ip` (iproute2) drive the test networks; `nft` plays a switch that drops
+    // spoofed sources (the doctor test).
     if is_root() {
-        ensure_debs(&[("node", "nodejs"), ("ss", "iproute2")])?;
+        ensure_debs(&[("node", "nodejs"), ("ss", "iproute2"), ("nft", "nftables")])?;
     }
-    say(quiet, "node, ss: present");
+    say(quiet, "node, ss, nft: present");
     say(quiet, "all set");
     Ok(())
 }

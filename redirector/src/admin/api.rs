@@ -1,6 +1,6 @@
 //! What travels on the admin socket, for both ends: a [`Request`] (one JSON line, tagged by
 //! `op`; the bare word `status` is accepted too) and its answer, one JSON line: [`Status`],
-//! [`Moved`], [`GivenBack`] or [`DrainState`], or `{"error": "..."}` ([`Refused`]).
+//! [`Moved`], [`GivenBack`], [`DrainState`] or [`ProbeSent`], or `{"error": "..."}` ([`Refused`]).
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +35,11 @@ pub enum Request {
     /// `{"op":"undrain"}`: take load again (offer room, take moved clients home after
     /// `home_after_secs`); answered with [`DrainState`].
     Undrain {},
+    /// `{"op":"probe","sibling":"b","service":"198.18.0.10:80","port":40000,"token":7}`: asks
+    /// sibling `sibling` to send the direct-server-return probe (`crate::probe`) from
+    /// `service`'s address to this node, port `port` (`redirector doctor` watches for it);
+    /// answered with [`ProbeSent`] once the sibling says it sent it.
+    Probe { sibling: String, service: SocketAddr, port: u16, token: u64 },
 }
 
 impl Request {
@@ -74,6 +79,13 @@ pub struct GivenBack {
     /// Clients asked for.
     pub asked: usize,
     /// How long it took, in milliseconds.
+    pub ms: f64,
+}
+
+/// The answer to [`Request::Probe`]: the sibling sent the probe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSent {
+    /// From the request to the sibling's answer, in milliseconds.
     pub ms: f64,
 }
 
@@ -228,6 +240,10 @@ mod tests {
         assert_eq!(Request::parse(r#"{"op":"give-back","clients":[]}"#), Ok(Request::GiveBack { clients: Vec::new() }));
         assert_eq!(Request::parse(r#"{"op":"drain"}"#), Ok(Request::Drain {}));
         assert_eq!(Request::parse(r#"{"op":"undrain"}"#), Ok(Request::Undrain {}));
+        assert_eq!(
+            Request::parse(r#"{"op":"probe","sibling":"b","service":"198.18.0.10:80","port":40000,"token":7}"#),
+            Ok(Request::Probe { sibling: "b".into(), service: "198.18.0.10:80".parse().unwrap(), port: 40000, token: 7 })
+        );
         for bad in [r#"{"op":"move","clients":["nobody"]}"#, r#"{"op":"move","clients":[],"extra":1}"#, r#"{"op":"explode"}"#, r#"{"op":"drain","now":true}"#, "{", "hello"] {
             assert!(Request::parse(bad).is_err(), "{bad}");
         }

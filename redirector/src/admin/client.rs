@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::de::DeserializeOwned;
 
-use super::api::{DrainState, GivenBack, Moved, Request, Status};
+use super::api::{DrainState, GivenBack, Moved, ProbeSent, Request, Status};
 
 /// How long a status may take to come.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,4 +72,13 @@ pub fn give_back(path: &Path, clients: Vec<IpAddr>, timeout: Duration) -> anyhow
 /// As [`ask`].
 pub fn drain(path: &Path, drain: bool) -> anyhow::Result<DrainState> {
     ask(path, if drain { &Request::Drain {} } else { &Request::Undrain {} }, STATUS_TIMEOUT)
+}
+
+/// Asks the agent behind `path` to have sibling `sibling` send the direct-server-return probe
+/// from `service` to this node's port `port`, holding `token`.
+///
+/// # Errors
+/// As [`ask`].
+pub fn probe(path: &Path, sibling: &str, service: std::net::SocketAddr, port: u16, token: u64) -> anyhow::Result<ProbeSent> {
+    ask(path, &Request::Probe { sibling: sibling.to_string(), service, port, token }, STATUS_TIMEOUT)
 }

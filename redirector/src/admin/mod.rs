@@ -9,5 +9,5 @@ pub mod api;
 mod client;
 mod server;
 
-pub use client::{ask, drain, give_back, move_clients, move_clients_to, status};
+pub use client::{ask, drain, give_back, move_clients, move_clients_to, probe, status};
 pub use server::serve;

@@ -11,7 +11,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::api::{GivenBack, Moved, Refused, Request};
+use super::api::{GivenBack, Moved, ProbeSent, Refused, Request};
 use crate::agent::Agent;
 
 /// The longest request line read: a move of 10,000 IPv6 clients fits.
@@ -77,6 +77,10 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> String {
         // Addresses in the agent's form: an IPv4-mapped IPv6 address is the IPv4 client.
         Request::Move { clients, to } => match agent.clone().move_clients(clients.iter().map(|c| (c.to_canonical(), 1)).collect(), to.as_deref()).await {
             Ok(moved) => to_line(&Moved { moved, ms: ms() }),
+            Err(e) => refused(e),
+        },
+        Request::Probe { sibling, service, port, token } => match agent.probe_via(&sibling, service, port, token).await {
+            Ok(()) => to_line(&ProbeSent { ms: ms() }),
             Err(e) => refused(e),
         },
         Request::Drain {} => agent.drain().map_or_else(refused, |d| to_line(&d)),

@@ -33,7 +33,7 @@ const TRANSFERS_PER_LINK: usize = 4;
 /// kernel's rules); past this, the sibling is told `Pending` and asks again later.
 const OUTCOMES_PER_LINK: usize = 4;
 
-/// Requests that cost this node something (`HelpRequest`, `Outcome`, `HandBack`, `GiveBack`)
+/// Requests that cost this node something (`HelpRequest`, `Outcome`, `HandBack`, `GiveBack`, `Probe`)
 /// one inbound connection may make: a burst of this many, then [`REQUESTS_PER_SEC`]. An origin
 /// asks once per round, a volunteer about each late hand-over with a growing back-off, so this
 /// is far above what a sibling needs, and far below what would keep this node busy.

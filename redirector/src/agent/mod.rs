@@ -24,6 +24,7 @@ mod link;
 mod liveness;
 mod origin;
 mod policy;
+mod probe;
 mod records;
 mod ring;
 mod state;

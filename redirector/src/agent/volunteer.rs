@@ -82,6 +82,16 @@ impl Agent {
             Request::Outcome { id, .. } if !limits.may_serve() => answer(Answer::OutcomeIs { id, verdict: Verdict::Pending }).await?,
             Request::HandBack { id, .. } if !limits.may_serve() => answer(Answer::Abort { id, reason: busy.into() }).await?,
             Request::GiveBack { id, .. } if !limits.may_serve() => answer(Answer::Decline { id, reason: busy.into() }).await?,
+            Request::Probe { id, .. } if !limits.may_serve() => answer(Answer::Probed { id, error: Some(busy.into()) }).await?,
+            Request::Probe { id, service, port, token } => {
+                let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
+                tokio::spawn(async move {
+                    let error = me.probe_for(&from, service, port, token).await;
+                    if reply.send_timeout(Answer::Probed { id, error }, me.send_deadline()).await.is_err() {
+                        warn!(origin = %from, "could not answer a probe: the link is gone or stuck");
+                    }
+                });
+            }
             Request::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
             Request::Sessions { id, service, sessions } => self.stream(from, id, Streamed::Sessions(service, sessions)).await,
             Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,

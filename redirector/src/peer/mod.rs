@@ -27,7 +27,9 @@ pub use self::{
 /// and the sessions' digest is XXH3 rather than SHA-256 ([`digest`]). Version 5: a transfer
 /// lists its sessions (`Listed`) and comes before them, so the volunteer checks it and starts
 /// importing while the sessions are still on their way; `Sealed` counts and digests them.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Version 6: an origin can ask a sibling to send the direct-server-return probe (`Probe`,
+/// `Probed`; `redirector doctor`).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
 const FRAME_OVERHEAD: usize = 4096;
@@ -180,6 +182,11 @@ pub enum Request {
     /// Every session of transfer `id` was sent: per service, their count and digest. The
     /// volunteer acknowledges only if it received exactly those, as listed.
     Sealed { id: u64, sessions: Vec<SessionSet> },
+    /// The origin asks the sibling to send the direct-server-return probe ([`crate::probe`]):
+    /// one UDP datagram holding `token` from the address of the origin's `service` (one the
+    /// sibling may adopt from it) to the origin's own control address of that family, port
+    /// `port`. The sibling answers `Probed`.
+    Probe { id: u64, service: SocketAddr, port: u16, token: u64 },
 }
 
 /// What a node answers on a sibling's connection, to the request of the same id.
@@ -210,6 +217,8 @@ pub enum Answer {
     Listed { id: u64, service: SocketAddr, sessions: Vec<ListedSession> },
     /// Every session of hand-back `id` was sent: per service, their count and digest.
     Sealed { id: u64, sessions: Vec<SessionSet> },
+    /// The probe of `Probe` `id` was sent, or why not.
+    Probed { id: u64, error: Option<String> },
 }
 
 impl Answer {
@@ -226,6 +235,7 @@ impl Answer {
             Answer::Returning { .. } => "a returning",
             Answer::Listed { .. } => "a listing",
             Answer::Sealed { .. } => "a seal",
+            Answer::Probed { .. } => "a probe's result",
         }
     }
 
@@ -241,7 +251,8 @@ impl Answer {
             | Answer::Sessions { id, .. }
             | Answer::Returning { id, .. }
             | Answer::Listed { id, .. }
-            | Answer::Sealed { id, .. } => *id,
+            | Answer::Sealed { id, .. }
+            | Answer::Probed { id, .. } => *id,
         }
     }
 }
@@ -438,6 +449,7 @@ mod tests {
                 clients
             }),
             (any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, clients)| Request::GiveBack { id, clients }),
+            (any::<u64>(), ip.clone(), any::<u16>(), any::<u64>()).prop_map(|(id, svc, port, token)| Request::Probe { id, service: SocketAddr::new(svc, 80), port, token }),
             (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20))
                 .prop_map(|(id, c)| Request::Clients { id, clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect() }),
             any::<u64>().prop_map(|id| Request::Commit { id }),
@@ -456,6 +468,7 @@ mod tests {
         prop_oneof![
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, capacity, lease_ms)| Answer::Offer { id, capacity, lease_ms }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Answer::Decline { id, reason }),
+            (any::<u64>(), proptest::option::of(".{0,20}")).prop_map(|(id, error)| Answer::Probed { id, error }),
             any::<u64>().prop_map(|id| Answer::TransferAck { id }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Answer::Abort { id, reason }),
             (any::<u64>(), prop_oneof![Just(Verdict::Committed), Just(Verdict::Aborted), Just(Verdict::Pending)]).prop_map(|(id, verdict)| Answer::OutcomeIs { id, verdict }),
