@@ -10,4 +10,6 @@ pub mod doctor;
 pub mod metrics;
 pub mod peer;
 pub mod probe;
+pub mod repair;
 pub mod sock;
+pub mod sockopt;

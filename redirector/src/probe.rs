@@ -10,11 +10,12 @@
 
 use std::{
     io,
-    mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
+
+use crate::sockopt;
 
 /// What the datagram carries: this, then the token (8 bytes, big-endian).
 const MAGIC: &[u8; 16] = b"redirector-probe";
@@ -23,10 +24,6 @@ fn payload(token: u64) -> Vec<u8> {
     let mut p = MAGIC.to_vec();
     p.extend_from_slice(&token.to_be_bytes());
     p
-}
-
-fn check(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
 /// Sends the probe datagram holding `token` from `source` (an address of another node: the
@@ -38,29 +35,14 @@ pub fn send(source: IpAddr, to: SocketAddr, token: u64) -> io::Result<()> {
     if source.is_ipv4() != to.is_ipv4() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{source} and {to} are of different families")));
     }
-    let fd = new_socket(if source.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 }, libc::SOCK_DGRAM, 0)?;
+    let fd = sockopt::socket(if source.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 }, libc::SOCK_DGRAM, 0)?;
     let (level, name) = if source.is_ipv4() { (libc::SOL_IP, libc::IP_TRANSPARENT) } else { (libc::SOL_IPV6, libc::IPV6_TRANSPARENT) };
     let one: libc::c_int = 1;
-    set_option(&fd, level, name, &one).map_err(|e| io::Error::new(e.kind(), format!("making the socket transparent (CAP_NET_ADMIN): {e}")))?;
+    sockopt::set(&fd, level, name, &one).map_err(|e| io::Error::new(e.kind(), format!("making the socket transparent (CAP_NET_ADMIN): {e}")))?;
     nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(SocketAddr::new(source, 0)))
         .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("binding to {source}: {e}")))?;
     std::net::UdpSocket::from(fd).send_to(&payload(token), to).map_err(|e| io::Error::new(e.kind(), format!("sending to {to}: {e}")))?;
     Ok(())
-}
-
-/// Sets socket option `name` of `level` to `value` (the kernel reads `size_of::<T>()` bytes).
-fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
-    let len = libc::socklen_t::try_from(size_of::<T>()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `value` is valid for `len` bytes for the duration of the call.
-    check(unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, std::ptr::from_ref(value).cast(), len) }).map(drop)
-}
-
-/// A socket of the kernel's `socket(2)`, owned.
-fn new_socket(domain: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: a plain syscall; the descriptor it returns is owned from here on.
-    let fd = check(unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) })?;
-    // SAFETY: `fd` was just opened and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Watches every interface of this network namespace for the probe datagrams of one family
@@ -111,12 +93,12 @@ impl Capture {
     /// The packet socket could not be opened or filtered.
     pub fn open(v4: bool, port: u16) -> io::Result<Self> {
         let proto = u16::try_from(if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 }).expect("an ethertype fits in 16 bits").to_be();
-        let fd =
-            new_socket(libc::AF_PACKET, libc::SOCK_DGRAM, libc::c_int::from(proto)).map_err(|e| io::Error::new(e.kind(), format!("opening a packet socket (CAP_NET_RAW): {e}")))?;
+        let fd = sockopt::socket(libc::AF_PACKET, libc::SOCK_DGRAM, libc::c_int::from(proto))
+            .map_err(|e| io::Error::new(e.kind(), format!("opening a packet socket (CAP_NET_RAW): {e}")))?;
         let code = filter(v4, port);
         let prog = libc::sock_fprog { len: u16::try_from(code.len()).expect("a short filter"), filter: code.as_ptr().cast_mut() };
         // `prog` points at `code`, alive for the call; the kernel copies it.
-        set_option(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
         Ok(Self { fd, v4, port })
     }
 
@@ -136,7 +118,11 @@ impl Capture {
             let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
             // SAFETY: one valid pollfd.
-            if check(unsafe { libc::poll(&raw mut pfd, 1, ms) })? == 0 {
+            let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+            if ready < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if ready == 0 {
                 continue;
             }
             // SAFETY: `buf` is writable for its length.
@@ -176,7 +162,7 @@ mod tests {
 
     #[test]
     fn the_probe_is_recognised_only_from_its_source_to_its_port_with_its_token() {
-        let c = Capture { fd: new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap(), v4: true, port: 4000 };
+        let c = Capture { fd: sockopt::socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap(), v4: true, port: 4000 };
         let source: IpAddr = "198.18.0.10".parse().unwrap();
         let packet = |src: [u8; 4], port: u16, token: u64| {
             let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];

@@ -1,0 +1,122 @@
+//! Reading a connection out of its socket.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
+};
+
+use super::{TcpState, Window, sys};
+use crate::sockopt;
+
+fn repair(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &libc::c_int::from(on))
+}
+
+fn queue(fd: BorrowedFd<'_>, which: libc::c_int) -> io::Result<()> {
+    sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &which)
+}
+
+fn address(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
+    let raw = fd.as_raw_fd();
+    let a: nix::sys::socket::SockaddrStorage = if peer { nix::sys::socket::getpeername(raw) } else { nix::sys::socket::getsockname(raw) }.map_err(io::Error::from)?;
+    a.as_sockaddr_in()
+        .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
+        .or_else(|| a.as_sockaddr_in6().map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a))))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IPv4 or IPv6 socket"))
+}
+
+/// The `len` bytes at the head of queue `which` (the socket in repair mode), copied.
+fn peek(fd: BorrowedFd<'_>, which: libc::c_int, len: usize) -> io::Result<Vec<u8>> {
+    queue(fd, which)?;
+    let mut buf = vec![0u8; len];
+    // One peek returns the whole queue (peeking again would start over at its head); a short
+    // one means the queue is not what the kernel said a moment ago.
+    // SAFETY: `buf` is writable for `len` bytes.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), len, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let Ok(n) = usize::try_from(n) else { return Err(io::Error::last_os_error()) };
+    if n != len {
+        return Err(io::Error::other(format!("a queue of {len} bytes gave {n} on peeking")));
+    }
+    Ok(buf)
+}
+
+/// Whether the peer sent urgent data not read yet (its byte here, or announced): the kernel
+/// says "invalid" to peeking out of band only when there is none.
+fn urgent_pending(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: one writable byte.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_OOB | libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+}
+
+fn int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<usize> {
+    usize::try_from(sockopt::ioctl_int(&fd, request)?).map_err(|_| io::Error::other("a negative queue length"))
+}
+
+/// Puts `fd` in repair mode and reads its connection. From then on the socket sends nothing
+/// (packets that arrive are still acknowledged: stop them first). On an error the socket
+/// leaves repair mode again and goes on as before.
+///
+/// # Errors
+/// Not an established TCP connection, urgent data pending, or the kernel's refusal (repair
+/// takes `CAP_NET_ADMIN`).
+pub fn dump(fd: &impl AsFd) -> io::Result<TcpState> {
+    let fd = fd.as_fd();
+    repair(fd, true).map_err(|e| io::Error::new(e.kind(), format!("TCP_REPAIR (CAP_NET_ADMIN): {e}")))?;
+    let r = read(fd);
+    if r.is_err() {
+        let _ = resume(&fd);
+    }
+    r
+}
+
+fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
+    let info: libc::tcp_info = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    if info.tcpi_state != sys::ESTABLISHED {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("the connection is not established (TCP state {})", info.tcpi_state)));
+    }
+    if urgent_pending(fd) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "urgent (out-of-band) data is pending: such a connection does not move"));
+    }
+    let (recv_len, send_len, unsent) = (int(fd, sys::SIOCINQ)?, int(fd, sys::SIOCOUTQ)?, int(fd, sys::SIOCOUTQNSD)?);
+    let window: Window = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW)?;
+    queue(fd, sys::TCP_SEND_QUEUE)?;
+    let snd_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+    queue(fd, sys::TCP_RECV_QUEUE)?;
+    let rcv_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+    let mss: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?;
+    let timestamp: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?;
+    let opts = info.tcpi_options;
+    let scales = info.tcpi_snd_rcv_wscale;
+    Ok(TcpState {
+        local: address(fd, false)?,
+        peer: address(fd, true)?,
+        snd_seq,
+        rcv_seq,
+        mss,
+        wscale: (opts & sys::TCPI_OPT_WSCALE != 0).then_some((scales & 0x0f, scales >> 4)),
+        sack: opts & sys::TCPI_OPT_SACK != 0,
+        timestamps: opts & sys::TCPI_OPT_TIMESTAMPS != 0,
+        timestamp,
+        window,
+        recv_queue: if recv_len > 0 { peek(fd, sys::TCP_RECV_QUEUE, recv_len)? } else { Vec::new() },
+        send_queue: if send_len > 0 { peek(fd, sys::TCP_SEND_QUEUE, send_len)? } else { Vec::new() },
+        unsent: u32::try_from(unsent).map_err(|_| io::Error::other("an unsent tail over 4 GiB"))?,
+    })
+}
+
+/// Takes a dumped socket out of repair mode: the connection goes on here (a move that did
+/// not happen).
+///
+/// # Errors
+/// The kernel's.
+pub fn resume(fd: &impl AsFd) -> io::Result<()> {
+    repair(fd.as_fd(), false)
+}
+
+/// Closes a dumped socket without a word to the peer (no FIN, no reset: it is in repair
+/// mode): its connection lives on in the restored socket.
+pub fn discard(fd: OwnedFd) {
+    drop(fd);
+}

@@ -1,0 +1,97 @@
+//! Moving an established TCP connection between sockets, hosts included, with `TCP_REPAIR`
+//! (Linux; `CAP_NET_ADMIN`): [`dump`] reads everything the peer has agreed on with this
+//! end (sequence numbers, both queues, the negotiated options, the timestamp clock, the
+//! window), [`restore`] makes a socket at the same 4-tuple that carries on from there. The
+//! peer notices nothing: no handshake, no reset, no byte lost or repeated. Both ends are
+//! two-phase: the dumped socket can [`resume`] or be [`discard`]ed, the restored one can go
+//! live or be discarded ([`Restored`]), so a move that fails leaves the connection where it
+//! was and never in two places. What is not moved:
+//! congestion state and RTT estimates (they start fresh), urgent data (such a connection is
+//! refused), and anything above TCP (TLS state is the application's).
+//!
+//! A socket being dumped is in repair mode: it sends nothing, but it still accepts and
+//! acknowledges what arrives, so whoever moves a busy connection stops its packets first
+//! (the agent's freeze) or the bytes that arrive meanwhile are acknowledged and lost with the
+//! old socket.
+
+mod dump;
+mod restore;
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::{
+    dump::{discard, dump, resume},
+    restore::{Restored, restore},
+};
+
+/// The kernel's `struct tcp_repair_window`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+/// Everything a connection's new socket needs to carry on where the old one stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpState {
+    /// This end's address (the service's, for a server).
+    pub local: SocketAddr,
+    /// The peer's (the client's).
+    pub peer: SocketAddr,
+    /// The sequence number after the last byte written to the send queue.
+    pub snd_seq: u32,
+    /// The sequence number after the last byte received.
+    pub rcv_seq: u32,
+    /// The largest segment this end sends (`TCP_MAXSEG`).
+    pub mss: u32,
+    /// Options negotiated in the handshake: window scaling (with each direction's shift),
+    /// selective acknowledgements, timestamps.
+    pub wscale: Option<(u8, u8)>,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// This end's timestamp clock (`TCP_TIMESTAMP`): the peer drops segments whose
+    /// timestamp goes back.
+    pub timestamp: u32,
+    pub window: Window,
+    /// Received, not read by the application yet.
+    #[serde(with = "serde_bytes")]
+    pub recv_queue: Vec<u8>,
+    /// Written by the application, not acknowledged by the peer yet; the last `unsent` bytes
+    /// were never sent.
+    #[serde(with = "serde_bytes")]
+    pub send_queue: Vec<u8>,
+    pub unsent: u32,
+}
+
+/// Socket-level constants of the repair interface (linux/tcp.h) the libc crate lacks.
+mod sys {
+    pub const TCP_RECV_QUEUE: libc::c_int = 1;
+    pub const TCP_SEND_QUEUE: libc::c_int = 2;
+    pub const TCPOPT_MAXSEG: u32 = 2;
+    pub const TCPOPT_WINDOW: u32 = 3;
+    pub const TCPOPT_SACK_PERM: u32 = 4;
+    pub const TCPOPT_TIMESTAMP: u32 = 8;
+    pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
+    pub const TCPI_OPT_SACK: u8 = 2;
+    pub const TCPI_OPT_WSCALE: u8 = 4;
+    /// `SIOCINQ`, `SIOCOUTQ` (the tty names are the same numbers), `SIOCOUTQNSD`.
+    pub const SIOCINQ: libc::Ioctl = libc::FIONREAD;
+    pub const SIOCOUTQ: libc::Ioctl = libc::TIOCOUTQ;
+    pub const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+    /// `TCP_ESTABLISHED` in `tcpi_state`.
+    pub const ESTABLISHED: u8 = 1;
+
+    /// The kernel's `struct tcp_repair_opt`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct RepairOpt {
+        pub code: u32,
+        pub val: u32,
+    }
+}

@@ -1,0 +1,144 @@
+//! Making a socket that carries a dumped connection on.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use super::{TcpState, sys};
+use crate::sockopt;
+
+/// The largest piece of a queue written at once; a piece the kernel has no memory for is
+/// written again in halves, down to this.
+const PIECE: usize = 1 << 20;
+const SMALLEST_PIECE: usize = 4096;
+
+/// How long sending the never-sent tail may wait for room in the new socket.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn tcp<T>(fd: &OwnedFd, name: libc::c_int, v: &T) -> io::Result<()> {
+    sockopt::set(fd, libc::IPPROTO_TCP, name, v)
+}
+
+fn with(what: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Writes `data` into the socket's queue (repair mode: it goes into the queue as is,
+/// nothing is sent) or, out of repair mode, sends it; in pieces.
+fn write_all(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
+    let mut piece = PIECE;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + piece).min(data.len());
+        // SAFETY: `data[at..end]` is readable.
+        let n = unsafe { libc::send(fd.as_raw_fd(), data[at..end].as_ptr().cast(), end - at, libc::MSG_NOSIGNAL) };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::Error::other("the socket took no bytes")),
+            Ok(n) => at += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::ENOMEM) if piece > SMALLEST_PIECE => piece /= 2,
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A socket restored from a dump, still in repair mode: it sends nothing until
+/// [`Restored::go_live`] (what arrives meanwhile is queued and acknowledged, so the
+/// connection must not reach it before its move is decided), and [`Restored::discard`]
+/// closes it without a word to the peer. A move is two-phase: restore, then either.
+pub struct Restored {
+    fd: OwnedFd,
+    window: super::Window,
+    /// The tail of the send queue that was never sent: sent once live.
+    tail: Vec<u8>,
+}
+
+/// Restores `state`'s connection into a new socket, in repair mode ([`Restored`]). Its local
+/// address need not be this host's (the socket binds freely: a volunteer serves the origin's
+/// service address).
+///
+/// # Errors
+/// The kernel refused a step (repair takes `CAP_NET_ADMIN`; the 4-tuple may be in use here).
+pub fn restore(state: &TcpState) -> io::Result<Restored> {
+    let v4 = state.local.is_ipv4();
+    let fd = sockopt::socket(if v4 { libc::AF_INET } else { libc::AF_INET6 }, libc::SOCK_STREAM, 0)?;
+    // Repair mode also lets the socket bind the port of a listener (the server's own).
+    tcp(&fd, libc::TCP_REPAIR, &1).map_err(with("TCP_REPAIR (CAP_NET_ADMIN)"))?;
+    let (level, freebind) = if v4 { (libc::SOL_IP, libc::IP_FREEBIND) } else { (libc::SOL_IPV6, libc::IPV6_FREEBIND) };
+    sockopt::set(&fd, level, freebind, &1).map_err(with("FREEBIND"))?;
+    bind_connect(&fd, state.local, false)?;
+    // Sequence numbers of each queue's head: the queues are written next.
+    let head = |end: u32, len: usize| end.wrapping_sub(u32::try_from(len).unwrap_or(u32::MAX));
+    tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_SEND_QUEUE)?;
+    tcp(&fd, libc::TCP_QUEUE_SEQ, &head(state.snd_seq, state.send_queue.len())).map_err(with("the send queue's sequence"))?;
+    tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;
+    tcp(&fd, libc::TCP_QUEUE_SEQ, &head(state.rcv_seq, state.recv_queue.len())).map_err(with("the receive queue's sequence"))?;
+    // In repair mode, connect() sends no SYN: the socket is established at once.
+    bind_connect(&fd, state.peer, true)?;
+    let mut opts = vec![sys::RepairOpt { code: sys::TCPOPT_MAXSEG, val: state.mss }];
+    if let Some((snd, rcv)) = state.wscale {
+        opts.push(sys::RepairOpt { code: sys::TCPOPT_WINDOW, val: u32::from(snd) | (u32::from(rcv) << 16) });
+    }
+    if state.sack {
+        opts.push(sys::RepairOpt { code: sys::TCPOPT_SACK_PERM, val: 0 });
+    }
+    if state.timestamps {
+        opts.push(sys::RepairOpt { code: sys::TCPOPT_TIMESTAMP, val: 0 });
+    }
+    sockopt::set_slice(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts).map_err(with("the negotiated options"))?;
+    if state.timestamps {
+        tcp(&fd, libc::TCP_TIMESTAMP, &state.timestamp).map_err(with("the timestamp clock"))?;
+    }
+    tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;
+    write_all(&fd, &state.recv_queue).map_err(with("the receive queue"))?;
+    // Only what was sent goes into the send queue in repair mode; the tail that never was
+    // goes out once the socket is live (sent before the window is set, it hung in passt).
+    let unsent = usize::try_from(state.unsent).unwrap_or(usize::MAX).min(state.send_queue.len());
+    let (sent, tail) = state.send_queue.split_at(state.send_queue.len() - unsent);
+    tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_SEND_QUEUE)?;
+    write_all(&fd, sent).map_err(with("the send queue"))?;
+    Ok(Restored { fd, window: state.window, tail: tail.to_vec() })
+}
+
+impl Restored {
+    /// The connection goes on from this socket: its window is set, it leaves repair mode and
+    /// sends the tail that was never sent. Blocking.
+    ///
+    /// # Errors
+    /// The kernel refused a step, or the tail found no room within 2 s.
+    pub fn go_live(self) -> io::Result<OwnedFd> {
+        let Self { fd, window, tail } = self;
+        tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
+        // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
+        // at once (-1 stalled the connection about 260 ms).
+        tcp(&fd, libc::TCP_REPAIR, &0).map_err(with("leaving repair mode"))?;
+        if !tail.is_empty() {
+            let t = libc::timeval { tv_sec: libc::time_t::try_from(SEND_TIMEOUT.as_secs()).unwrap_or(2), tv_usec: 0 };
+            sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &t)?;
+            write_all(&fd, &tail).map_err(with("the never-sent tail"))?;
+            sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &libc::timeval { tv_sec: 0, tv_usec: 0 })?;
+        }
+        Ok(fd)
+    }
+
+    /// Closes the socket in repair mode: nothing reaches the peer (the move did not happen;
+    /// the connection goes on where it was).
+    pub fn discard(self) {
+        drop(self.fd);
+    }
+}
+
+fn bind_connect(fd: &OwnedFd, a: SocketAddr, connect: bool) -> io::Result<()> {
+    let addr = nix::sys::socket::SockaddrStorage::from(a);
+    let r = if connect { nix::sys::socket::connect(fd.as_raw_fd(), &addr) } else { nix::sys::socket::bind(fd.as_raw_fd(), &addr) };
+    r.map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{} {a}: {e}", if connect { "connecting (repair) to" } else { "binding to" })))
+}

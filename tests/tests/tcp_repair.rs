@@ -1,0 +1,145 @@
+//! `redirector::repair`: a busy TCP connection's server end moves to a new socket (dumped,
+//! the old one closed in repair mode, restored from the serialized state in the server's
+//! namespace) with data waiting in both directions: bytes the server has not read yet, bytes
+//! it wrote that the client has not read, and a tail never sent (the client's window is
+//! full). The client notices nothing: every byte arrives once and in order, then the
+//! connection goes on both ways and ends with a normal FIN. IPv4 and IPv6.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener},
+    os::fd::{AsRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use redirector::repair::{self, TcpState};
+use redirector_tests::{
+    Topology,
+    app::{connect_tcp, pattern},
+    net::{client4, client6, in_netns},
+    require_root,
+};
+
+const REQUEST: &[u8] = b"GET /big\n";
+/// Sent by the client right after its request, not read by the server before the move.
+const PENDING: usize = 32 << 10;
+/// Offered by the server before the move: far more than the client's window takes.
+const RESPONSE: usize = 16 << 20;
+
+/// Polls `cond` every 5 ms for up to 5 s.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{what} within 5 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ioctl(fd: &impl std::os::fd::AsRawFd, req: libc::Ioctl) -> usize {
+    usize::try_from(redirector::sockopt::ioctl_int(fd, req).expect("ioctl")).expect("a length")
+}
+
+fn moves_with_both_queues_and_an_unsent_tail(v6: bool) {
+    let t = Topology::new(1);
+    let (server, client) = if v6 { (IpAddr::V6(t.a.v6[0]), IpAddr::V6(client6(1))) } else { (IpAddr::V4(t.a.v4[0]), IpAddr::V4(client4(1))) };
+    let addr = SocketAddr::new(server, 8080);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut c = connect_tcp(&t.client.ns, client, addr).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+
+    // The client asks, and sends more the server leaves in its receive queue.
+    let pending = pattern(1, PENDING);
+    c.write_all(&[REQUEST, &pending].concat()).expect("request");
+    let mut req = vec![0; REQUEST.len()];
+    s.read_exact(&mut req).expect("read the request");
+    wait_for("the pending bytes to arrive", || ioctl(&s, libc::FIONREAD) == PENDING);
+
+    // The server answers far more than the client (not reading) has room for: part of it
+    // waits in the client's receive queue, the rest in the server's send queue, unsent.
+    let response = pattern(2, RESPONSE);
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut offered = 0;
+    while offered < RESPONSE {
+        match s.write(&response[offered..]) {
+            Ok(n) => offered += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("writing the response: {e}"),
+        }
+    }
+    assert!(offered < RESPONSE, "the client's window filled up");
+    // Everything sent is acknowledged (the client's window is closed): nothing is in flight
+    // while the socket is dumped, so nothing arriving then is acknowledged and lost (the
+    // agent freezes a busy flow for that).
+    wait_for("the sent part to be acknowledged", || ioctl(&s, libc::TIOCOUTQ) == ioctl(&s, 0x894B));
+
+    let state = repair::dump(&s).expect("dump");
+    repair::discard(OwnedFd::from(s));
+    assert_eq!((state.local, state.peer), (addr, c.local_addr().expect("local")));
+    assert_eq!(state.recv_queue, pending, "the bytes the server had not read");
+    assert!(state.unsent > 0 && state.send_queue.len() >= state.unsent as usize, "a tail never sent: {} of {}", state.unsent, state.send_queue.len());
+    assert!(state.timestamps && state.sack && state.wscale.is_some(), "the options Linux negotiates: {state:?}");
+    // Across the wire (the agents send it serialized).
+    let state: TcpState = serde_json::from_str(&serde_json::to_string(&state).expect("encode")).expect("decode");
+    let restored = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore"));
+    let fd = restored.go_live().expect("live");
+    let mut s = std::net::TcpStream::from(fd);
+    assert!(s.as_raw_fd() >= 0);
+
+    // The client reads the whole response (every byte once, in order), asks again, and reads
+    // the answer and the end of the connection.
+    let client = std::thread::spawn(move || {
+        let mut got = vec![0; offered];
+        c.read_exact(&mut got).expect("the response, across the move");
+        assert!(got == response[..offered], "the response arrived intact");
+        c.write_all(b"again\n").expect("second request");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("the second answer and a FIN, no reset");
+        rest
+    });
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut got = vec![0; PENDING + 6];
+    s.read_exact(&mut got).expect("the pending bytes and the second request, on the new socket");
+    assert!(got[..PENDING] == pattern(1, PENDING)[..], "the pending bytes, restored");
+    assert_eq!(&got[PENDING..], b"again\n");
+    s.write_all(b"bye\n").expect("answer");
+    drop(s);
+    assert_eq!(client.join().expect("client"), b"bye\n");
+}
+
+#[test]
+fn an_ipv4_connection_moves_to_a_new_socket_with_both_queues_and_an_unsent_tail() {
+    if require_root() {
+        moves_with_both_queues_and_an_unsent_tail(false);
+    }
+}
+
+#[test]
+fn an_ipv6_connection_moves_to_a_new_socket_with_both_queues_and_an_unsent_tail() {
+    if require_root() {
+        moves_with_both_queues_and_an_unsent_tail(true);
+    }
+}
+
+/// A dump whose move does not happen: the socket leaves repair mode and the connection goes
+/// on from it, both ways.
+#[test]
+fn a_dumped_connection_that_does_not_move_goes_on_where_it_was() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(1);
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8081);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    c.write_all(b"one\n").expect("write");
+    let state = repair::dump(&s).expect("dump");
+    assert_eq!(state.recv_queue, b"one\n");
+    repair::resume(&s).expect("resume");
+    let mut got = [0; 4];
+    s.read_exact(&mut got).expect("read after resuming");
+    assert_eq!(&got, b"one\n");
+    s.write_all(b"two\n").expect("write after resuming");
+    c.read_exact(&mut got).expect("the client reads");
+    assert_eq!(&got, b"two\n");
+}
