@@ -20,6 +20,8 @@ pub const MAX_LISTENERS: u32 = 1024;
 pub const MAX_CLIENTS: u32 = 131_072;
 /// Maximum number of outstanding readiness probes.
 pub const MAX_PROBES: u32 = 256;
+/// Maximum number of TCP flows frozen at once (connections being moved live).
+pub const MAX_FROZEN: u32 = 16_384;
 
 /// Names of the pinned maps, as declared in the eBPF object.
 pub mod maps {
@@ -42,6 +44,8 @@ pub mod maps {
     /// Counters added after `COUNTERS`' size was fixed (see [`crate::Counter::IN_COUNTERS`]).
     pub const COUNTERS_EXTRA: &str = "COUNTERS_EXTRA";
     pub const SYSCTLS: &str = "SYSCTLS";
+    pub const FROZEN: &str = "FROZEN";
+    pub const FROZEN_COUNT: &str = "FROZEN_COUNT";
     /// Maps of earlier versions, no longer used: their pins are removed on open.
     pub const OBSOLETE: [&str; 2] = ["PORTS", "NETS_V4"];
 }
@@ -124,6 +128,18 @@ pub const fn host_slot(a: &Addr) -> u32 {
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
 pub type Addr = [u8; 16];
+
+/// A TCP flow of a steered service as it arrives at the origin: frozen (its packets
+/// dropped) while its connection moves to another host, in `FROZEN` with the
+/// `CLOCK_MONOTONIC` time the freeze ends by itself (should the agent never lift it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: Addr,
+    pub service: Addr,
+    pub client_port: [u8; 2],
+    pub service_port: [u8; 2],
+}
 
 /// Maps an IPv4 address (network order bytes) to the 16-byte form.
 #[must_use]
@@ -303,11 +319,14 @@ pub enum Counter {
     /// A tunnelled packet from a sibling whose inner source is one of this node's addresses,
     /// a sibling's, or loopback: a forgery, dropped.
     DroppedSpoofed,
+    /// A packet of a flow frozen while its connection moves to another host, dropped (the
+    /// client sends it again).
+    DroppedFrozen,
 }
 
 impl Counter {
     /// Number of counters.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Size of the pinned `COUNTERS` array: the counters before this index. It never grows: a
     /// pinned map of another size is refused (another layout), so a larger one would make an
@@ -343,6 +362,7 @@ impl Counter {
         Counter::SkNoListener,
         Counter::ForwardedTimeWait,
         Counter::DroppedSpoofed,
+        Counter::DroppedFrozen,
     ];
 
     /// The counter's entry in `COUNTERS_EXTRA`, or `None` for an entry of `COUNTERS` (at its
@@ -379,6 +399,7 @@ impl Counter {
             Counter::SkNoListener => "sk-no-listener",
             Counter::ForwardedTimeWait => "forwarded-time-wait",
             Counter::DroppedSpoofed => "dropped-spoofed",
+            Counter::DroppedFrozen => "dropped-frozen",
         }
     }
 }
@@ -420,4 +441,5 @@ mod pod {
     unsafe impl aya::Pod for super::LoadCtl {}
     unsafe impl aya::Pod for super::LoadEvent {}
     unsafe impl aya::Pod for super::HostSlot {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }

@@ -5,7 +5,9 @@ use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use redirector_common::{Counter, decide::is_answer};
 
 use crate::{
+    counters::count_extra,
     decap::decap,
+    frozen,
     hdr::{
         self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP4_LEN, IP6_LEN, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_ESP, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6,
         IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_ROUTING, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr,
@@ -16,7 +18,7 @@ use crate::{
     rules::{host_rule_v4, host_rule_v6},
     services::{service_at_v4, service_at_v6},
     steer::steer,
-    verdict::{Error, Verdict, pass},
+    verdict::{Error, Verdict, drop, pass},
 };
 
 /// Which concern the packet is, by its EtherType first.
@@ -66,6 +68,11 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
         // SAFETY: as above.
         return Ok(if is_answer(unsafe { (*tcp).flags }) { probe_answer::<false>(ctx.skb.skb) } else { pass(Counter::Passed) });
     };
+    if frozen::any() && frozen::frozen_v4(ctx.skb.skb) {
+        // Past `COUNTERS`: counted here (see `counters::count_extra`).
+        count_extra(Counter::DroppedFrozen);
+        return Ok(drop(Counter::DroppedFrozen));
+    }
     // SAFETY: as above.
     let Some(rule) = host_rule_v4(unsafe { (*ip).src }) else {
         return Ok(pass(Counter::PassedNotMigrated));
@@ -102,6 +109,11 @@ fn ingress_v6(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         // SAFETY: as above.
         return Ok(if is_answer(unsafe { (*tcp).flags }) { probe_answer::<true>(ctx.skb.skb) } else { pass(Counter::Passed) });
     };
+    if frozen::any() && frozen::frozen_v6(ctx.skb.skb) {
+        // Past `COUNTERS`: counted here (see `counters::count_extra`).
+        count_extra(Counter::DroppedFrozen);
+        return Ok(drop(Counter::DroppedFrozen));
+    }
     // SAFETY: as above.
     let Some(rule) = host_rule_v6(unsafe { &(*ip).src }) else {
         return Ok(pass(Counter::PassedNotMigrated));

@@ -27,6 +27,7 @@ mod decap;
 mod egress;
 mod flow;
 mod forward;
+mod frozen;
 mod hdr;
 mod icmp;
 mod ingress;

@@ -709,3 +709,34 @@ fn tunnelled_segments_from_this_nodes_or_a_siblings_addresses_are_dropped() {
         expect(dp, &seg6(CTL6, packets::ACK), TC_ACT_SHOT, "dropped-spoofed");
     });
 }
+
+/// A frozen flow's packets are dropped, both families, with or without a rule for its
+/// client; other ports of the same client are not; thawed, the flow is decided as before;
+/// a freeze nobody lifts ends by itself.
+#[test]
+fn frozen_flows_are_dropped_until_thawed_or_their_freeze_ends() {
+    with_datapath(|dp| {
+        let svc4 = SocketAddr::new(IpAddr::V4(SVC4), 80);
+        let svc6 = SocketAddr::new(IpAddr::V6(SVC6), 80);
+        let flows = [(SocketAddr::new(IpAddr::V4(OTHER4), 4000), svc4), (SocketAddr::new(IpAddr::V4(CLIENT4), 4000), svc4), (SocketAddr::new(IpAddr::V6(CLIENT6), 4000), svc6)];
+        dp.freeze(&flows, Duration::from_secs(60)).expect("freeze");
+        assert_eq!(dp.frozen_count().expect("count"), 3);
+        expect(dp, &ack4(OTHER4, 4000), TC_ACT_SHOT, "dropped-frozen");
+        expect(dp, &ack4(CLIENT4, 4000), TC_ACT_SHOT, "dropped-frozen");
+        expect(dp, &ack6(CLIENT6, 4000), TC_ACT_SHOT, "dropped-frozen");
+        expect(dp, &ack4(OTHER4, 4001), TCX_NEXT, "passed-not-migrated");
+        expect(dp, &ack4(CLIENT4, 4001), TC_ACT_REDIRECT, "forwarded-existing");
+        dp.thaw(&flows[..2]).expect("thaw");
+        expect(dp, &ack4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
+        expect(dp, &ack4(CLIENT4, 4000), TC_ACT_REDIRECT, "forwarded-existing");
+        expect(dp, &ack6(CLIENT6, 4000), TC_ACT_SHOT, "dropped-frozen");
+        dp.thaw(&flows[2..]).expect("thaw");
+        assert_eq!(dp.frozen_count().expect("count"), 0);
+        expect(dp, &ack6(CLIENT6, 4000), TC_ACT_REDIRECT, "forwarded-existing");
+        // Nobody thaws it: the freeze ends by itself.
+        dp.freeze(&flows[..1], Duration::from_millis(50)).expect("freeze");
+        expect(dp, &ack4(OTHER4, 4000), TC_ACT_SHOT, "dropped-frozen");
+        std::thread::sleep(Duration::from_millis(60));
+        expect(dp, &ack4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
+    });
+}

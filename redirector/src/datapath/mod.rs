@@ -12,6 +12,7 @@
 //! `links` (programs and their attachments).
 
 mod bpffs;
+mod frozen;
 mod kernel_log;
 mod links;
 mod listener;

@@ -1,0 +1,64 @@
+//! Flows frozen on the origin while their connections move to another host: their packets
+//! are dropped until the move is decided, because a socket being dumped still acknowledges
+//! what arrives, and what it acknowledged would be lost with it. The client sends them again.
+//! No flow frozen (the usual case): one array read per packet of a service.
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::generated::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, HashMap},
+};
+use redirector_common::{FlowKey, MAX_FROZEN, v4_mapped};
+
+use crate::{
+    hdr::{ETH_LEN, IP4_LEN, IP6_LEN, Ipv4Hdr, Ipv6Hdr, TcpHdr},
+    packet::{ptr_at, subprogram_ctx},
+};
+
+/// Frozen flows, with the `CLOCK_MONOTONIC` time each freeze ends by itself.
+#[map]
+static FROZEN: HashMap<FlowKey, u64> = HashMap::pinned(MAX_FROZEN, 0);
+/// `[0]`: whether any flow is frozen (user space sets it with the first and clears it with
+/// the last): otherwise nothing is looked up.
+#[map]
+static FROZEN_COUNT: Array<u32> = Array::pinned(1, 0);
+
+/// Whether any flow is frozen.
+#[inline(always)]
+pub fn any() -> bool {
+    FROZEN_COUNT.get(0).is_some_and(|n| *n != 0)
+}
+
+#[inline(always)]
+fn holds(key: &FlowKey) -> bool {
+    // SAFETY: map values are plain data.
+    match unsafe { FROZEN.get(key) } {
+        Some(until) => {
+            // SAFETY: a helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            now < *until
+        }
+        None => false,
+    }
+}
+
+/// Whether this IPv4 TCP packet (headers checked by the caller) belongs to a frozen flow.
+#[inline(never)]
+pub fn frozen_v4(skb: *mut __sk_buff) -> bool {
+    let ctx = &subprogram_ctx(skb);
+    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, ETH_LEN), ptr_at::<TcpHdr>(ctx, ETH_LEN + IP4_LEN)) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let key = unsafe { FlowKey { client: v4_mapped((*ip).src), service: v4_mapped((*ip).dst), client_port: (*tcp).sport, service_port: (*tcp).dport } };
+    holds(&key)
+}
+
+/// [`frozen_v4`] for IPv6.
+#[inline(never)]
+pub fn frozen_v6(skb: *mut __sk_buff) -> bool {
+    let ctx = &subprogram_ctx(skb);
+    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv6Hdr>(ctx, ETH_LEN), ptr_at::<TcpHdr>(ctx, ETH_LEN + IP6_LEN)) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let key = unsafe { FlowKey { client: (*ip).src, service: (*ip).dst, client_port: (*tcp).sport, service_port: (*tcp).dport } };
+    holds(&key)
+}
