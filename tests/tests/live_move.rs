@@ -1,8 +1,9 @@
 //! The building blocks of live connection migration, across hosts, driven by the test the
 //! way the agents will drive them: a client's busy keep-alive connection to A's service moves
-//! to B in the middle of its requests. A freezes the flow (its classifier drops the client's
-//! packets), dumps the socket, B restores it (in repair mode), A steers the client to B (the
-//! commit) and closes its socket without a word, B's socket goes live, A thaws the flow. From
+//! to B in the middle of its requests. A steers the client to B (the flow stays on A while A
+//! has its socket), freezes the flow (its classifier drops the client's packets, a packet
+//! socket keeps copies), dumps the socket, B restores it (in repair mode), A closes its socket
+//! without a word, B's socket goes live, the kept packets go to it, A thaws the flow. From
 //! then A's classifier finds no socket for the flow and forwards its packets to B, which
 //! answers the client directly. The client sees one TCP connection throughout: every request
 //! answered once, in order, first by A, then by B; no reset, no reconnect.
@@ -136,24 +137,32 @@ fn a_busy_connection_moves(v6: bool) {
     });
     wait_until("100 requests answered by A", || done.load(Ordering::SeqCst) >= 100);
 
-    // The move. A's application hands the socket over between two requests.
+    // The move. A steers the client to B first (B is ready: it adopted the service above;
+    // the agent probes it): the flow stays on A while A has its socket.
+    let host = Prefix { addr: client_ip, len: if v6 { 128 } else { 32 } };
+    dp.migrate(host, b_addr, None).expect("the rule");
+    let flow = [(client_end, service)];
+    // Copies of the flow's packets from before the freeze on: replayed to B once it is live.
+    let hold = in_netns(&t.a.ns, move || repair::Hold::start("eth0", &flow).expect("hold"));
+    // A's application hands the socket over between two requests.
     hand_over.store(true, Ordering::SeqCst);
     let s = given.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|e| panic!("A hands the socket over: {e} (at {})", done.load(Ordering::SeqCst)));
     on_a.join().expect("A's server");
     let t0 = Instant::now();
-    let flow = [(client_end, service)];
     dp.freeze(&flow, Duration::from_secs(2)).expect("freeze");
     let state = repair::dump(&s).expect("dump on A");
     let restored = in_netns(&t.b.ns, move || repair::restore(&state).expect("restore on B"));
     let restored_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    // The commit: A steers the client to B (its connections without a socket on A go there).
-    // B is ready (it adopted the service above); the agent probes it before freezing.
-    let host = Prefix { addr: client_ip, len: if v6 { 128 } else { 32 } };
-    dp.migrate(host, b_addr, None).expect("the rule");
+    // From here the flow has no socket on A: its packets go to B.
     repair::discard(OwnedFd::from(s));
     // B's socket is live before the flow's packets reach it: its window is set first.
     let fd = restored.go_live().expect("live on B");
+    let tunnel_src = if v6 { IpAddr::V6(t.a.v6[0]) } else { IpAddr::V4(t.a.v4[0]) };
+    let a_ns = t.a.ns.clone();
+    let replay = |held: Vec<Vec<u8>>| in_netns(&a_ns, move || repair::replay(&held, tunnel_src, b_addr).expect("replay"));
+    let mut replayed = replay(hold.take().expect("held"));
     dp.thaw(&flow).expect("thaw");
+    replayed += replay(hold.take().expect("held"));
     let moved_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let at_move = done.load(Ordering::SeqCst);
     let on_b = std::thread::spawn({
@@ -167,7 +176,12 @@ fn a_busy_connection_moves(v6: bool) {
     let first_b = by.iter().position(|s| s == "B").expect("B answered");
     assert!(by[..first_b].iter().all(|s| s == "A") && by[first_b..].iter().all(|s| s == "B"), "A answered, then only B: {by:?}");
     assert!(first_b >= 100 && by.len() >= first_b + 100, "{} by A, {} by B", first_b, by.len() - first_b);
-    eprintln!("moved after {first_b} requests: restored in {restored_ms:.2} ms, live in {moved_ms:.2} ms (frozen until then); the client's longest wait {:.2} ms", worst.as_secs_f64() * 1000.0);
+    eprintln!(
+        "moved after {first_b} requests: restored in {restored_ms:.2} ms, live in {moved_ms:.2} ms (frozen until then, {replayed} packets held and replayed); the client's longest wait {:.2} ms",
+        worst.as_secs_f64() * 1000.0
+    );
+    // Not its retransmission timeout (200 ms and more): what arrived while frozen was replayed.
+    assert!(worst < Duration::from_millis(100), "the client waited {worst:?} for an answer");
     assert!(t.counter(&t.a, "forwarded-existing") > 0, "A forwarded the flow's packets to B");
 }
 

@@ -11,10 +11,12 @@
 //!
 //! A socket being dumped is in repair mode: it sends nothing, but it still accepts and
 //! acknowledges what arrives, so whoever moves a busy connection stops its packets first
-//! (the agent's freeze) or the bytes that arrive meanwhile are acknowledged and lost with the
-//! old socket.
+//! (the origin's freeze) or the bytes that arrive meanwhile are acknowledged and lost with the
+//! old socket. The frozen packets are kept meanwhile ([`Hold`]) and replayed to the new
+//! socket ([`replay`]), so the client does not wait for its retransmission timeout.
 
 mod dump;
+mod hold;
 mod restore;
 
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     dump::{discard, dump, resume},
+    hold::{Hold, replay},
     restore::{Restored, restore},
 };
 

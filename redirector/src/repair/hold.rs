@@ -1,0 +1,177 @@
+//! Packets of frozen flows, kept and replayed: the origin's classifier drops a frozen flow's
+//! packets (the dumped socket must not take them), and a dropped segment would cost the client
+//! its retransmission timeout (200 ms or more, and its tail-loss probe is dropped too when
+//! the freeze lasts). So while the flows are frozen, a packet socket on the uplink copies
+//! their packets (it sees them before the classifier: taps come first), and once the
+//! restored socket is live they go to it through the tunnel, as the classifier would have
+//! sent them. Duplicates of what the dump already held are harmless (TCP drops them).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, OwnedFd},
+};
+
+use crate::sockopt;
+
+/// `PACKET_IGNORE_OUTGOING` (from `linux/if_packet.h`): our own packets are not copied back.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// A classic BPF load of `skb->protocol` (`SKF_AD_OFF + SKF_AD_PROTOCOL`).
+const SKF_AD_PROTOCOL: u32 = 0xffff_f000;
+
+/// Copies of the packets of some flows arriving on one interface.
+pub struct Hold {
+    fd: OwnedFd,
+    flows: Vec<(SocketAddr, SocketAddr)>,
+}
+
+const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// TCP to `port` of either family, unfragmented IPv4 (the flows are told apart in user
+/// space; the filter keeps the rest of the uplink's traffic out of the socket).
+fn filter(port: u16) -> Vec<libc::sock_filter> {
+    const LDH_ABS: u16 = 0x28;
+    const LDB_ABS: u16 = 0x30;
+    const LDXB_MSH: u16 = 0xb1;
+    const LDH_IND: u16 = 0x48;
+    const JEQ: u16 = 0x15;
+    const JSET: u16 = 0x45;
+    const RET: u16 = 0x06;
+    let port = u32::from(port);
+    vec![
+        /* 0 */ op(LDH_ABS, 0, 0, SKF_AD_PROTOCOL),
+        /* 1 */ op(JEQ, 0, 7, 0x0800),
+        /* 2 */ op(LDB_ABS, 0, 0, 9),
+        /* 3 */ op(JEQ, 0, 10, 6),
+        /* 4 */ op(LDH_ABS, 0, 0, 6),
+        // A fragment past the first: the classifier passes those, never frozen.
+        /* 5 */ op(JSET, 8, 0, 0x1fff),
+        /* 6 */ op(LDXB_MSH, 0, 0, 0),
+        /* 7 */ op(LDH_IND, 0, 0, 2),
+        /* 8 */ op(JEQ, 6, 5, port),
+        /* 9 */ op(JEQ, 0, 4, 0x86dd),
+        /* 10 */ op(LDB_ABS, 0, 0, 6),
+        /* 11 */ op(JEQ, 0, 2, 6),
+        /* 12 */ op(LDH_ABS, 0, 0, 42),
+        /* 13 */ op(JEQ, 1, 0, port),
+        /* 14 */ op(RET, 0, 0, 0),
+        /* 15 */ op(RET, 0, 0, 0x0004_0000),
+    ]
+}
+
+impl Hold {
+    /// Starts copying the packets of `flows` (client, service; all to one service port)
+    /// arriving on interface `dev`: before the flows are frozen, so none is missed.
+    ///
+    /// # Errors
+    /// No such interface, the flows are not of one port, or the packet socket could not be
+    /// made (`CAP_NET_RAW`).
+    pub fn start(dev: &str, flows: &[(SocketAddr, SocketAddr)]) -> io::Result<Self> {
+        let Some(port) = flows.first().map(|f| f.1.port()) else { return Err(io::Error::new(io::ErrorKind::InvalidInput, "no flows to hold")) };
+        if flows.iter().any(|f| f.1.port() != port) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "flows of several service ports"));
+        }
+        let index = nix::net::if_::if_nametoindex(dev).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("interface {dev}: {e}")))?;
+        let all = u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL fits in 16 bits").to_be();
+        let fd = sockopt::socket(libc::AF_PACKET, libc::SOCK_DGRAM, libc::c_int::from(all)).map_err(|e| io::Error::new(e.kind(), format!("a packet socket (CAP_NET_RAW): {e}")))?;
+        sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
+        let code = filter(port);
+        let prog = libc::sock_fprog { len: u16::try_from(code.len()).expect("a short filter"), filter: code.as_ptr().cast_mut() };
+        // `prog` points at `code`, alive for the call; the kernel copies it.
+        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields set make it this interface's.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET fits");
+        sll.sll_protocol = all;
+        sll.sll_ifindex = i32::try_from(index).map_err(|_| io::Error::other("interface index out of range"))?;
+        let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).expect("fits");
+        // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sll).cast(), len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Bound to the interface only now: what the socket took before binding is of any
+        // interface, and is read past by `take` like anything not of the flows.
+        Ok(Self { fd, flows: flows.to_vec() })
+    }
+
+    /// The packets of the flows copied so far (whole IP packets, in arrival order).
+    ///
+    /// # Errors
+    /// Reading the packet socket failed.
+    pub fn take(&self) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let Ok(n) = usize::try_from(n) else {
+                let e = io::Error::last_os_error();
+                return if e.kind() == io::ErrorKind::WouldBlock { Ok(out) } else { Err(e) };
+            };
+            let p = &buf[..n];
+            if flow_of(p).is_some_and(|f| self.flows.contains(&f)) {
+                out.push(p.to_vec());
+            }
+        }
+    }
+}
+
+/// The (client, service) of a TCP packet, from its IP header on.
+fn flow_of(p: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let port = |b: &[u8], at: usize| Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]));
+    match p.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let (s, d): ([u8; 4], [u8; 4]) = (p.get(12..16)?.try_into().ok()?, p.get(16..20)?.try_into().ok()?);
+            Some((SocketAddr::new(IpAddr::V4(Ipv4Addr::from(s)), port(p, ihl)?), SocketAddr::new(IpAddr::V4(Ipv4Addr::from(d)), port(p, ihl + 2)?)))
+        }
+        6 => {
+            let (s, d): ([u8; 16], [u8; 16]) = (p.get(8..24)?.try_into().ok()?, p.get(24..40)?.try_into().ok()?);
+            Some((SocketAddr::new(IpAddr::V6(Ipv6Addr::from(s)), port(p, 40)?), SocketAddr::new(IpAddr::V6(Ipv6Addr::from(d)), port(p, 42)?)))
+        }
+        _ => None,
+    }
+}
+
+/// Sends `packets` (whole IP packets of one family) to `target` through the tunnel from
+/// `tunnel_src`, as the origin's classifier forwards a moved flow: IP-in-IP, or
+/// IPv6-in-IPv6. Returns how many went.
+///
+/// # Errors
+/// The raw socket could not be made (`CAP_NET_RAW`) or bound, or a send failed.
+pub fn replay(packets: &[Vec<u8>], tunnel_src: IpAddr, target: IpAddr) -> io::Result<usize> {
+    if packets.is_empty() {
+        return Ok(0);
+    }
+    let (domain, proto) = if target.is_ipv4() { (libc::AF_INET, libc::IPPROTO_IPIP) } else { (libc::AF_INET6, libc::IPPROTO_IPV6) };
+    let fd = sockopt::socket(domain, libc::SOCK_RAW, proto).map_err(|e| io::Error::new(e.kind(), format!("a raw tunnel socket (CAP_NET_RAW): {e}")))?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(SocketAddr::new(tunnel_src, 0)))
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("binding to the tunnel source {tunnel_src}: {e}")))?;
+    let to = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(target, 0));
+    for p in packets {
+        nix::sys::socket::sendto(fd.as_raw_fd(), p, &to, nix::sys::socket::MsgFlags::empty())
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("replaying to {target}: {e}")))?;
+    }
+    Ok(packets.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_are_read_from_both_families() {
+        let mut v4 = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 198, 18, 1, 5, 198, 18, 0, 10];
+        v4.extend([0x9c, 0x40, 0, 80]);
+        assert_eq!(flow_of(&v4), Some(("198.18.1.5:40000".parse().unwrap(), "198.18.0.10:80".parse().unwrap())));
+        let mut v6 = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+        v6.extend("2001:db8::1:5".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend("2001:db8::10".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend([0x9c, 0x40, 0, 80]);
+        assert_eq!(flow_of(&v6), Some(("[2001:db8::1:5]:40000".parse().unwrap(), "[2001:db8::10]:80".parse().unwrap())));
+        assert_eq!(flow_of(&v4[..22]), None, "truncated");
+        assert_eq!(flow_of(&[]), None);
+    }
+}
