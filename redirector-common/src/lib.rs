@@ -188,10 +188,18 @@ pub struct ServiceValue {
     pub tunnel_src: Addr,
     /// Largest MSS a steered SYN may announce (uplink MTU minus inner and outer headers).
     pub mss_clamp: u16,
-    pub _pad: [u8; 2],
+    /// [`SERVICE_LIVE_MOVES`], or 0.
+    pub flags: u8,
+    pub _pad: u8,
     /// Interface the programs are attached to, for information.
     pub ifindex: u32,
 }
+
+/// [`ServiceValue::flags`]: the service's own SYN-ACKs announce an MSS that fits the tunnel
+/// (the origin's egress program lowers it to `mss_clamp`), so that any of its connections can
+/// later move live to another host: the client's segments then reach it through the tunnel,
+/// which has no room for a full-size one.
+pub const SERVICE_LIVE_MOVES: u8 = 1;
 
 /// Where a migrated client prefix goes.
 #[repr(C)]

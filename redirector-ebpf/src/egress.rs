@@ -1,9 +1,9 @@
-//! The egress clamp on a target's uplink: SYN-ACKs of adopted services announce an MSS that
-//! fits the tunnel.
+//! The egress clamp: SYN-ACKs of adopted services (on a target), and of an origin's services
+//! whose connections may move live, announce an MSS that fits the tunnel.
 
 use aya_ebpf::programs::TcContext;
 use redirector_common::{
-    ServiceKey,
+    SERVICE_LIVE_MOVES, ServiceKey,
     decide::{TCP_ACK, TCP_SYN},
     v4_mapped,
 };
@@ -13,10 +13,11 @@ use crate::{
     clamp::clamp_syn,
     hdr::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP4_LEN, IP6_LEN, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr},
     packet::ptr_at,
+    services::service,
     verdict::Error,
 };
 
-/// Whether the packet is a SYN-ACK of an adopted service whose MSS was clamped.
+/// Whether the packet is a SYN-ACK whose MSS was clamped (an adopted service's, or a live-moving one's).
 pub fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
@@ -47,7 +48,9 @@ pub fn try_egress(ctx: &TcContext) -> Result<bool, Error> {
     if t.flags & (TCP_SYN | TCP_ACK) != (TCP_SYN | TCP_ACK) {
         return Ok(false);
     }
-    let Some(clamp) = mss_clamp(ServiceKey { addr: src, port: t.sport, _pad: [0; 2] }) else {
+    let key = ServiceKey { addr: src, port: t.sport, _pad: [0; 2] };
+    // An adopted service's, or one of this origin's own whose connections may move live.
+    let Some(clamp) = mss_clamp(key).or_else(|| service(key).filter(|s| s.flags & SERVICE_LIVE_MOVES != 0).map(|s| s.mss_clamp)) else {
         return Ok(false);
     };
     Ok(clamp_syn(ctx, l4, clamp))

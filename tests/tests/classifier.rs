@@ -740,3 +740,27 @@ fn frozen_flows_are_dropped_until_thawed_or_their_freeze_ends() {
         expect(dp, &ack4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
     });
 }
+
+/// An origin's own service whose connections may move live announces an MSS that fits the
+/// tunnel in its SYN-ACKs; without that, its SYN-ACKs are untouched.
+#[test]
+fn syn_acks_of_services_whose_connections_move_live_get_their_mss_clamped_on_egress() {
+    with_datapath(|dp| {
+        let own4 = Pkt::tcp(Ip::V4(SVC4, CLIENT4), 80, 4000, packets::SYN | packets::ACK).mss(1460).build();
+        let own6 = Pkt::tcp(Ip::V6(SVC6, CLIENT6), 80, 4000, packets::SYN | packets::ACK).mss(1440).build();
+        assert_eq!(dp.test_run(programs::EGRESS, &own4, 1).expect("run egress").data_out, own4, "not without live moves");
+        dp.set_live_moves((IpAddr::V4(SVC4), 80), true).expect("live moves v4");
+        dp.set_live_moves((IpAddr::V6(SVC6), 80), true).expect("live moves v6");
+        let before = dp.stats().expect("stats").get("clamped-syn-ack");
+        let run = dp.test_run(programs::EGRESS, &own4, 1).expect("run egress");
+        assert_eq!(packets::tcp_mss(&run.data_out[14..]), Some(1440), "clamped to 1500 - 60");
+        assert!(packets::tcp_checksum_ok(&run.data_out[14..]), "checksum fixed");
+        let run = dp.test_run(programs::EGRESS, &own6, 1).expect("run egress");
+        assert_eq!(packets::tcp_mss(&run.data_out[14..]), Some(1400), "clamped to 1500 - 100");
+        assert_eq!(dp.stats().expect("stats").get("clamped-syn-ack"), before + 2);
+        // The classifier still steers the service as before.
+        expect(dp, &syn4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
+        dp.set_live_moves((IpAddr::V4(SVC4), 80), false).expect("off");
+        assert_eq!(dp.test_run(programs::EGRESS, &own4, 1).expect("run egress").data_out, own4, "off again");
+    });
+}

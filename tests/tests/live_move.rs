@@ -99,7 +99,7 @@ fn client(mut c: TcpStream, done: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> (Vec
     (by, worst)
 }
 
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
         assert!(t0.elapsed() < Duration::from_secs(10), "{what} within 10 s");
@@ -107,24 +107,93 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-fn a_busy_connection_moves(v6: bool) {
-    let t = Topology::new(1);
-    // B adopts A's service with listeners of its own (for new connections; the moved one
-    // needs none).
-    let b4 = SocketAddr::new(IpAddr::V4(t.b.v4[0]), 8080);
-    let b6 = SocketAddr::new(IpAddr::V6(t.b.v6[0]), 8080);
-    let _b_listeners = in_netns(&t.b.ns, move || (TcpListener::bind(b4).expect("listen on B"), TcpListener::bind(b6).expect("listen on B (IPv6)")));
-    t.steer_a_to_b(PORT, 8080);
-    let service = SocketAddr::new(if v6 { IpAddr::V6(SERVICE6) } else { IpAddr::V4(SERVICE4) }, PORT);
-    let client_ip = if v6 { IpAddr::V6(client6(1)) } else { IpAddr::V4(client4(1)) };
-    let b_addr = if v6 { IpAddr::V6(t.b.v6[0]) } else { IpAddr::V4(t.b.v4[0]) };
-    let listener = in_netns(&t.a.ns, move || TcpListener::bind(service).expect("listen on A"));
-    let c = connect_tcp(&t.client.ns, client_ip, service).expect("connect");
-    let client_end = c.local_addr().expect("client address");
-    let (s, _) = listener.accept().expect("accept");
+/// A client's connection to A's service, and everything a move of it needs: B adopted the
+/// service (with listeners of its own, for new connections), A's datapath is open.
+struct Moving {
+    t: Topology,
+    v6: bool,
+    service: SocketAddr,
+    b_addr: IpAddr,
+    dp: Datapath,
+    _b_listeners: (TcpListener, TcpListener),
+}
 
-    let loc = Location { bpffs: t.bpffs.clone(), instance: t.a.ns.clone() };
-    let mut dp = in_netns(&t.a.ns, move || Datapath::open(&loc).expect("A's datapath"));
+/// What a move took.
+struct Moved {
+    restored_ms: f64,
+    live_ms: f64,
+    replayed: usize,
+    /// The dumped socket's send and receive queues, in bytes.
+    queued: (usize, usize),
+}
+
+impl Moving {
+    /// The topology, and a connection from the client to A: (client's end, A's end).
+    fn connect(v6: bool) -> (Self, TcpStream, TcpStream) {
+        let t = Topology::new(1);
+        let b4 = SocketAddr::new(IpAddr::V4(t.b.v4[0]), 8080);
+        let b6 = SocketAddr::new(IpAddr::V6(t.b.v6[0]), 8080);
+        let b_listeners = in_netns(&t.b.ns, move || (TcpListener::bind(b4).expect("listen on B"), TcpListener::bind(b6).expect("listen on B (IPv6)")));
+        t.steer_a_to_b(PORT, 8080);
+        let service = SocketAddr::new(if v6 { IpAddr::V6(SERVICE6) } else { IpAddr::V4(SERVICE4) }, PORT);
+        let client_ip = if v6 { IpAddr::V6(client6(1)) } else { IpAddr::V4(client4(1)) };
+        let b_addr = if v6 { IpAddr::V6(t.b.v6[0]) } else { IpAddr::V4(t.b.v4[0]) };
+        let loc = Location { bpffs: t.bpffs.clone(), instance: t.a.ns.clone() };
+        // The service's connections may move live: its SYN-ACKs announce an MSS that fits
+        // the tunnel (a full-size segment of the client would not fit once it goes through).
+        let dp = in_netns(&t.a.ns, move || {
+            let mut dp = Datapath::open(&loc).expect("A's datapath");
+            dp.attach_egress("eth0", false).expect("egress");
+            dp.set_live_moves((service.ip(), service.port()), true).expect("live moves");
+            dp
+        });
+        let listener = in_netns(&t.a.ns, move || TcpListener::bind(service).expect("listen on A"));
+        let c = connect_tcp(&t.client.ns, client_ip, service).expect("connect");
+        let (s, _) = listener.accept().expect("accept");
+        (Self { t, v6, service, b_addr, dp, _b_listeners: b_listeners }, c, s)
+    }
+
+    /// Before A's application hands the socket over: A steers the client to B (B is ready:
+    /// it adopted the service; the agent probes it), the flow staying on A while A has its
+    /// socket; copies of the flow's packets are kept from now on.
+    fn prepare(&mut self, client_end: SocketAddr) -> repair::Hold {
+        let host = Prefix { addr: client_end.ip(), len: if self.v6 { 128 } else { 32 } };
+        self.dp.migrate(host, self.b_addr, None).expect("the rule");
+        let flow = [(client_end, self.service)];
+        in_netns(&self.t.a.ns, move || repair::Hold::start("eth0", &flow).expect("hold"))
+    }
+
+    /// The move of A's socket `s` to B: freeze, dump, restore on B (repair mode), close A's
+    /// without a word (from here the flow's packets go to B), B's goes live, the kept packets
+    /// go to it, thaw. B's socket.
+    fn finish(&mut self, s: TcpStream, hold: &repair::Hold) -> (TcpStream, Moved) {
+        self.finish_with(s, hold, |_| {})
+    }
+
+    /// [`Moving::finish`], running `frozen` once A's socket is dumped (the flow frozen).
+    fn finish_with(&mut self, s: TcpStream, hold: &repair::Hold, frozen: impl FnOnce(&mut Datapath)) -> (TcpStream, Moved) {
+        let flow = [(s.peer_addr().expect("peer"), self.service)];
+        let t0 = Instant::now();
+        self.dp.freeze(&flow, Duration::from_secs(2)).expect("freeze");
+        let state = repair::dump(&s).expect("dump on A");
+        frozen(&mut self.dp);
+        let queued = (state.send_queue.len(), state.recv_queue.len());
+        let restored = in_netns(&self.t.b.ns, move || repair::restore(&state).expect("restore on B"));
+        let restored_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        repair::discard(OwnedFd::from(s));
+        let fd = restored.go_live().expect("live on B");
+        let (tunnel_src, target) = (if self.v6 { IpAddr::V6(self.t.a.v6[0]) } else { IpAddr::V4(self.t.a.v4[0]) }, self.b_addr);
+        let replay = |held: Vec<Vec<u8>>| in_netns(&self.t.a.ns, move || repair::replay(&held, tunnel_src, target).expect("replay"));
+        let mut replayed = replay(hold.take().expect("held"));
+        self.dp.thaw(&flow).expect("thaw");
+        replayed += replay(hold.take().expect("held"));
+        (TcpStream::from(fd), Moved { restored_ms, live_ms: t0.elapsed().as_secs_f64() * 1000.0, replayed, queued })
+    }
+}
+
+fn a_busy_connection_moves(v6: bool) {
+    let (mut m, c, s) = Moving::connect(v6);
+    let client_end = c.local_addr().expect("client address");
     let (done, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
     let (hand_over, (give, given)) = (Arc::new(AtomicBool::new(false)), mpsc::channel());
     let on_a = std::thread::spawn({
@@ -137,37 +206,16 @@ fn a_busy_connection_moves(v6: bool) {
     });
     wait_until("100 requests answered by A", || done.load(Ordering::SeqCst) >= 100);
 
-    // The move. A steers the client to B first (B is ready: it adopted the service above;
-    // the agent probes it): the flow stays on A while A has its socket.
-    let host = Prefix { addr: client_ip, len: if v6 { 128 } else { 32 } };
-    dp.migrate(host, b_addr, None).expect("the rule");
-    let flow = [(client_end, service)];
-    // Copies of the flow's packets from before the freeze on: replayed to B once it is live.
-    let hold = in_netns(&t.a.ns, move || repair::Hold::start("eth0", &flow).expect("hold"));
+    let hold = m.prepare(client_end);
     // A's application hands the socket over between two requests.
     hand_over.store(true, Ordering::SeqCst);
     let s = given.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|e| panic!("A hands the socket over: {e} (at {})", done.load(Ordering::SeqCst)));
     on_a.join().expect("A's server");
-    let t0 = Instant::now();
-    dp.freeze(&flow, Duration::from_secs(2)).expect("freeze");
-    let state = repair::dump(&s).expect("dump on A");
-    let restored = in_netns(&t.b.ns, move || repair::restore(&state).expect("restore on B"));
-    let restored_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    // From here the flow has no socket on A: its packets go to B.
-    repair::discard(OwnedFd::from(s));
-    // B's socket is live before the flow's packets reach it: its window is set first.
-    let fd = restored.go_live().expect("live on B");
-    let tunnel_src = if v6 { IpAddr::V6(t.a.v6[0]) } else { IpAddr::V4(t.a.v4[0]) };
-    let a_ns = t.a.ns.clone();
-    let replay = |held: Vec<Vec<u8>>| in_netns(&a_ns, move || repair::replay(&held, tunnel_src, b_addr).expect("replay"));
-    let mut replayed = replay(hold.take().expect("held"));
-    dp.thaw(&flow).expect("thaw");
-    replayed += replay(hold.take().expect("held"));
-    let moved_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let (s, moved) = m.finish(s, &hold);
     let at_move = done.load(Ordering::SeqCst);
     let on_b = std::thread::spawn({
         let hand_over = Arc::new(AtomicBool::new(false));
-        move || serve(TcpStream::from(fd), "B", hand_over, give)
+        move || serve(s, "B", hand_over, give)
     });
     wait_until("100 more requests answered", || done.load(Ordering::SeqCst) >= at_move + 100);
     stop.store(true, Ordering::SeqCst);
@@ -177,12 +225,151 @@ fn a_busy_connection_moves(v6: bool) {
     assert!(by[..first_b].iter().all(|s| s == "A") && by[first_b..].iter().all(|s| s == "B"), "A answered, then only B: {by:?}");
     assert!(first_b >= 100 && by.len() >= first_b + 100, "{} by A, {} by B", first_b, by.len() - first_b);
     eprintln!(
-        "moved after {first_b} requests: restored in {restored_ms:.2} ms, live in {moved_ms:.2} ms (frozen until then, {replayed} packets held and replayed); the client's longest wait {:.2} ms",
+        "moved after {first_b} requests: restored in {:.2} ms, live in {:.2} ms (frozen until then, {} packets held and replayed); the client's longest wait {:.2} ms",
+        moved.restored_ms,
+        moved.live_ms,
+        moved.replayed,
         worst.as_secs_f64() * 1000.0
     );
     // Not its retransmission timeout (200 ms and more): what arrived while frozen was replayed.
     assert!(worst < Duration::from_millis(100), "the client waited {worst:?} for an answer");
-    assert!(t.counter(&t.a, "forwarded-existing") > 0, "A forwarded the flow's packets to B");
+    assert!(m.t.counter(&m.t.a, "forwarded-existing") > 0, "A forwarded the flow's packets to B");
+}
+
+/// A request the client sends while its flow is frozen (its packets dropped on A) is kept
+/// and replayed: B answers it at once, not after the client's retransmission timeout.
+fn a_request_sent_while_frozen_is_answered_at_once(v6: bool) {
+    let (mut m, mut c, mut s) = Moving::connect(v6);
+    let client_end = c.local_addr().expect("client address");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c.write_all(b"ping 1\n").expect("request");
+    assert_eq!(read_line(&mut s).expect("A reads").as_deref(), Some("ping 1"));
+    s.write_all(b"pong 1 A\n").expect("answer");
+    assert_eq!(read_line(&mut c).expect("the client reads").as_deref(), Some("pong 1 A"));
+    let hold = m.prepare(client_end);
+    let mut asked = Instant::now();
+    let (mut s, moved) = m.finish_with(s, &hold, |dp| {
+        let before = dp.stats().expect("stats").get("dropped-frozen");
+        asked = Instant::now();
+        c.write_all(b"ping 2\n").expect("request while frozen");
+        wait_until("A to drop the request", || dp.stats().expect("stats").get("dropped-frozen") > before);
+    });
+    assert_eq!(read_line(&mut s).expect("B reads").as_deref(), Some("ping 2"), "the request reached B");
+    s.write_all(b"pong 2 B\n").expect("answer");
+    assert_eq!(read_line(&mut c).expect("the client reads").as_deref(), Some("pong 2 B"));
+    let waited = asked.elapsed();
+    eprintln!("a request sent while frozen: {} packets replayed, answered after {:.2} ms", moved.replayed, waited.as_secs_f64() * 1000.0);
+    assert!(moved.replayed > 0, "the request was kept");
+    // Not the client's retransmission timeout (200 ms and more).
+    assert!(waited < Duration::from_millis(100), "the client waited {waited:?}");
+}
+
+#[test]
+fn a_request_sent_while_frozen_is_answered_at_once_ipv4() {
+    if require_root() {
+        a_request_sent_while_frozen_is_answered_at_once(false);
+    }
+}
+
+#[test]
+fn a_request_sent_while_frozen_is_answered_at_once_ipv6() {
+    if require_root() {
+        a_request_sent_while_frozen_is_answered_at_once(true);
+    }
+}
+
+/// Bytes each way in the transfer test.
+const DOWN: usize = 10 << 20;
+const UP: usize = 4 << 20;
+
+/// One end of the transfer test: its bytes to send, the bytes it expects, how far it got.
+struct Ends<'a> {
+    out: &'a [u8],
+    sent: usize,
+    want: &'a [u8],
+    got: usize,
+}
+
+/// Moves bytes both ways on `s` (nonblocking) until both are done or `stop` is set: writes
+/// `out[sent..]`, checks what arrives against `want[got..]` (and reports `got` in
+/// `progress`), pausing `pace` after each step that moved bytes. Returns whether both are
+/// done.
+fn pump(s: &mut TcpStream, e: &mut Ends<'_>, stop: &AtomicBool, progress: &AtomicU64, deadline: Instant, pace: Duration) -> bool {
+    let Ends { out, sent, want, got } = e;
+    let (out, want) = (*out, *want);
+    let mut buf = vec![0u8; 1 << 16];
+    while !(*sent == out.len() && *got == want.len()) {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "the transfer stalled: sent {sent} of {}, got {got} of {}", out.len(), want.len());
+        let mut progress_made = false;
+        if *sent < out.len() {
+            match s.write(&out[*sent..(*sent + (1 << 16)).min(out.len())]) {
+                Ok(n) => {
+                    *sent += n;
+                    progress_made = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("writing at {sent}: {e}"),
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the connection closed at {got} of {}", want.len()),
+            Ok(n) => {
+                assert!(*got + n <= want.len() && buf[..n] == want[*got..*got + n], "the bytes at {got}..{} are not what was sent", *got + n);
+                *got += n;
+                progress_made = true;
+                progress.store(*got as u64, Ordering::SeqCst);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("reading at {got}: {e}"),
+        }
+        std::thread::sleep(if progress_made { pace } else { Duration::from_micros(200) });
+    }
+    true
+}
+
+fn a_transfer_both_ways_moves(v6: bool) {
+    let (mut m, mut c, s) = Moving::connect(v6);
+    let client_end = c.local_addr().expect("client address");
+    let (down, up) = (Arc::new(redirector_tests::app::pattern(3, DOWN)), Arc::new(redirector_tests::app::pattern(4, UP)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (hand_over, got_down, got_up) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // A sends `down` and checks `up` until asked to hand over; then B goes on from there.
+    let on_a = std::thread::spawn({
+        let (down, up, hand_over, got_up) = (down.clone(), up.clone(), hand_over.clone(), got_up.clone());
+        move || {
+            let mut s = s;
+            s.set_nonblocking(true).expect("nonblocking");
+            let mut e = Ends { out: &down, sent: 0, want: &up, got: 0 };
+            assert!(!pump(&mut s, &mut e, &hand_over, &got_up, deadline, Duration::ZERO), "A finished before the move");
+            (s, e.sent, e.got)
+        }
+    });
+    let client = std::thread::spawn({
+        let (down, up, got_down) = (down.clone(), up.clone(), got_down.clone());
+        move || {
+            c.set_nonblocking(true).expect("nonblocking");
+            let mut e = Ends { out: &up, sent: 0, want: &down, got: 0 };
+            // Paced (about 64 MB/s each way): the transfer lasts long enough to be moved.
+            assert!(pump(&mut c, &mut e, &AtomicBool::new(false), &got_down, deadline, Duration::from_millis(1)));
+        }
+    });
+    wait_until("2 MiB downloaded from A and 1 MiB uploaded", || got_down.load(Ordering::SeqCst) >= 2 << 20 && got_up.load(Ordering::SeqCst) >= 1 << 20);
+    let hold = m.prepare(client_end);
+    hand_over.store(true, Ordering::SeqCst);
+    let (s, sent, got) = on_a.join().expect("A's server");
+    let (mut s, moved) = m.finish(s, &hold);
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut e = Ends { out: &down, sent, want: &up, got };
+    assert!(pump(&mut s, &mut e, &AtomicBool::new(false), &AtomicU64::new(0), deadline, Duration::ZERO), "B finished the transfer");
+    client.join().expect("the client got every byte once, in order, and sent all of its own");
+    eprintln!(
+        "moved with {sent} of {DOWN} bytes written and {got} of {UP} read by A, {} bytes in its send queue: restored in {:.2} ms, live in {:.2} ms, {} packets held and replayed",
+        moved.queued.0, moved.restored_ms, moved.live_ms, moved.replayed
+    );
+    assert!(moved.queued.0 > 0 && got < UP, "data was still on its way both ways at the move");
 }
 
 #[test]
@@ -196,5 +383,19 @@ fn a_busy_ipv4_connection_moves_to_another_host_without_the_client_noticing() {
 fn a_busy_ipv6_connection_moves_to_another_host_without_the_client_noticing() {
     if require_root() {
         a_busy_connection_moves(true);
+    }
+}
+
+#[test]
+fn a_transfer_in_flight_both_ways_moves_intact_ipv4() {
+    if require_root() {
+        a_transfer_both_ways_moves(false);
+    }
+}
+
+#[test]
+fn a_transfer_in_flight_both_ways_moves_intact_ipv6() {
+    if require_root() {
+        a_transfer_both_ways_moves(true);
     }
 }

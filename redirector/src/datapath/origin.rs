@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
-use redirector_common::{PortData, RuleValue, ServiceKey, ServiceValue, as_v4, decide, maps};
+use redirector_common::{PortData, RuleValue, SERVICE_LIVE_MOVES, ServiceKey, ServiceValue, as_v4, decide, maps};
 
 use super::{
     Datapath, Error, Prefix, Result, RuleInfo, ServiceInfo, family_name, monotonic_ns, net, probe,
@@ -48,13 +48,29 @@ impl Datapath {
             Some(m) => m,
             None => net::mtu(ifname)?,
         };
-        let value = ServiceValue { tunnel_src: types::to16(tunnel_src), mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), _pad: [0; 2], ifindex };
+        let value = ServiceValue { tunnel_src: types::to16(tunnel_src), mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), flags: 0, _pad: 0, ifindex };
         let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
         let key = ServiceKey::new(types::to16(addr), port);
         self.services()?.insert(key, value, 0).map_err(|e| Error::bpf(format!("adding service {}", types::sock(addr, port)), e))?;
         self.sync_ports()?;
         Ok(ServiceInfo { addr, port, tunnel_src, mss_clamp: value.mss_clamp, ifindex })
+    }
+
+    /// Whether `service`'s connections can move live ([`redirector_common::SERVICE_LIVE_MOVES`]):
+    /// its SYN-ACKs then announce an MSS that fits the tunnel, lowered by the egress program
+    /// on its interface ([`Datapath::attach_egress`]). Applies to connections made from now on.
+    pub fn set_live_moves(&mut self, service: (IpAddr, u16), on: bool) -> Result<()> {
+        let _lock = self.lock()?;
+        let key = ServiceKey::new(types::to16(service.0), service.1);
+        let mut services = self.services()?;
+        let mut value = services.get(&key, 0).map_err(|e| match e {
+            MapError::KeyNotFound => Error::invalid(format!("service {} is not steered", types::sock(service.0, service.1))),
+            e => Error::bpf("reading service", e),
+        })?;
+        value.flags = if on { value.flags | SERVICE_LIVE_MOVES } else { value.flags & !SERVICE_LIVE_MOVES };
+        services.insert(key, value, 0).map_err(|e| Error::bpf("updating service", e))?;
+        self.sync_ports()
     }
 
     /// Stops steering `service`. Rules stay (they apply to every steered service).

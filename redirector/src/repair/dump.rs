@@ -87,6 +87,9 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     let rcv_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
     let mss: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?;
     let timestamp: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?;
+    let buffer = |name| sockopt::get::<libc::c_int>(&fd, libc::SOL_SOCKET, name).map(|v| u32::try_from(v).unwrap_or(0));
+    let (sndbuf, rcvbuf) = (buffer(libc::SO_SNDBUF)?, buffer(libc::SO_RCVBUF)?);
+    let buffer_locks: libc::c_int = sockopt::get(&fd, libc::SOL_SOCKET, sys::SO_BUF_LOCK)?;
     let opts = info.tcpi_options;
     let scales = info.tcpi_snd_rcv_wscale;
     Ok(TcpState {
@@ -100,6 +103,9 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
         timestamps: opts & sys::TCPI_OPT_TIMESTAMPS != 0,
         timestamp,
         window,
+        sndbuf,
+        rcvbuf,
+        buffer_locks,
         recv_queue: if recv_len > 0 { peek(fd, sys::TCP_RECV_QUEUE, recv_len)? } else { Vec::new() },
         send_queue: if send_len > 0 { peek(fd, sys::TCP_SEND_QUEUE, send_len)? } else { Vec::new() },
         unsent: u32::try_from(unsent).map_err(|_| io::Error::other("an unsent tail over 4 GiB"))?,

@@ -4,7 +4,8 @@
 //! the freeze lasts). So while the flows are frozen, a packet socket on the uplink copies
 //! their packets (it sees them before the classifier: taps come first), and once the
 //! restored socket is live they go to it through the tunnel, as the classifier would have
-//! sent them. Duplicates of what the dump already held are harmless (TCP drops them).
+//! sent them, their TCP checksums set (a copy may carry the partial one its sender's offload
+//! left). Duplicates of what the dump already held are harmless (TCP drops them).
 
 use std::{
     io,
@@ -112,7 +113,11 @@ impl Hold {
             };
             let p = &buf[..n];
             if flow_of(p).is_some_and(|f| self.flows.contains(&f)) {
-                out.push(p.to_vec());
+                let mut p = p.to_vec();
+                // A copy taken on arrival may carry only the partial checksum its sender's
+                // offload left (veth does): the receiver would drop it as corrupt.
+                fix_tcp_checksum(&mut p);
+                out.push(p);
             }
         }
     }
@@ -133,6 +138,30 @@ fn flow_of(p: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
         }
         _ => None,
     }
+}
+
+/// Sets the TCP checksum of `p` (a whole IPv4 or IPv6 TCP packet, as [`flow_of`] reads it).
+fn fix_tcp_checksum(p: &mut [u8]) {
+    let v4 = p[0] >> 4 == 4;
+    // Where the segment starts and ends, and the pseudo-header's addresses.
+    let (l4, end, addrs) =
+        if v4 { (usize::from(p[0] & 0x0f) * 4, usize::from(u16::from_be_bytes([p[2], p[3]])), 12..20) } else { (40, 40 + usize::from(u16::from_be_bytes([p[4], p[5]])), 8..40) };
+    let end = end.min(p.len());
+    if end < l4 + 18 {
+        return;
+    }
+    p[l4 + 16..l4 + 18].fill(0);
+    let len = u32::try_from(end - l4).unwrap_or(0);
+    // The pseudo-header: addresses, protocol, segment length (as 16-bit words, summed).
+    let mut sum: u32 = 6 + (len >> 16) + (len & 0xffff);
+    for chunk in p[addrs].chunks(2).chain(p[l4..end].chunks(2)) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let c = !u16::try_from(sum).unwrap_or(0);
+    p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
 }
 
 /// Sends `packets` (whole IP packets of one family) to `target` through the tunnel from

@@ -62,6 +62,13 @@ pub struct TcpState {
     /// timestamp goes back.
     pub timestamp: u32,
     pub window: Window,
+    /// The socket's buffer sizes (`SO_SNDBUF`, `SO_RCVBUF`, as the kernel reports them): the
+    /// new socket gets room for at least as much, so the send queue's tail goes out without
+    /// waiting and what the peer may send within the window it was told fits.
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+    /// Which of them the application fixed (`SO_BUF_LOCK`): the others the kernel tunes.
+    pub buffer_locks: libc::c_int,
     /// Received, not read by the application yet.
     #[serde(with = "serde_bytes")]
     pub recv_queue: Vec<u8>,
@@ -87,6 +94,8 @@ mod sys {
     pub const SIOCINQ: libc::Ioctl = libc::FIONREAD;
     pub const SIOCOUTQ: libc::Ioctl = libc::TIOCOUTQ;
     pub const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+    /// `SO_BUF_LOCK` (Linux 5.14): whether the buffer sizes are fixed or tuned by the kernel.
+    pub const SO_BUF_LOCK: libc::c_int = 72;
     /// `TCP_ESTABLISHED` in `tcpi_state`.
     pub const ESTABLISHED: u8 = 1;
 

@@ -4,19 +4,15 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsRawFd as _, OwnedFd},
-    time::Duration,
 };
 
-use super::{TcpState, sys};
+use super::{TcpState, sys, sys::SO_BUF_LOCK};
 use crate::sockopt;
 
 /// The largest piece of a queue written at once; a piece the kernel has no memory for is
 /// written again in halves, down to this.
 const PIECE: usize = 1 << 20;
 const SMALLEST_PIECE: usize = 4096;
-
-/// How long sending the never-sent tail may wait for room in the new socket.
-const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn tcp<T>(fd: &OwnedFd, name: libc::c_int, v: &T) -> io::Result<()> {
     sockopt::set(fd, libc::IPPROTO_TCP, name, v)
@@ -28,13 +24,13 @@ fn with(what: &'static str) -> impl Fn(io::Error) -> io::Error {
 
 /// Writes `data` into the socket's queue (repair mode: it goes into the queue as is,
 /// nothing is sent) or, out of repair mode, sends it; in pieces.
-fn write_all(fd: &OwnedFd, data: &[u8]) -> io::Result<()> {
+fn write_all(fd: &OwnedFd, data: &[u8], flags: libc::c_int) -> io::Result<()> {
     let mut piece = PIECE;
     let mut at = 0;
     while at < data.len() {
         let end = (at + piece).min(data.len());
         // SAFETY: `data[at..end]` is readable.
-        let n = unsafe { libc::send(fd.as_raw_fd(), data[at..end].as_ptr().cast(), end - at, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::send(fd.as_raw_fd(), data[at..end].as_ptr().cast(), end - at, libc::MSG_NOSIGNAL | flags) };
         match usize::try_from(n) {
             Ok(0) => return Err(io::Error::other("the socket took no bytes")),
             Ok(n) => at += n,
@@ -76,6 +72,13 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
     let (level, freebind) = if v4 { (libc::SOL_IP, libc::IP_FREEBIND) } else { (libc::SOL_IPV6, libc::IPV6_FREEBIND) };
     sockopt::set(&fd, level, freebind, &1).map_err(with("FREEBIND"))?;
     bind_connect(&fd, state.local, false)?;
+    // Room for the queues where the new socket's own buffer is too small: the tail must go
+    // out at once when live (the peer's acknowledgements are still frozen on the origin), and
+    // the receive queue must fit.
+    grow(&fd, libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, state.sndbuf, state.send_queue.len()).map_err(with("SO_SNDBUFFORCE"))?;
+    grow(&fd, libc::SO_RCVBUF, libc::SO_RCVBUFFORCE, state.rcvbuf, state.recv_queue.len()).map_err(with("SO_RCVBUFFORCE"))?;
+    // The kernel tunes both buffers again from there, as it did the old socket's.
+    sockopt::set(&fd, libc::SOL_SOCKET, SO_BUF_LOCK, &state.buffer_locks).map_err(with("SO_BUF_LOCK"))?;
     // Sequence numbers of each queue's head: the queues are written next.
     let head = |end: u32, len: usize| end.wrapping_sub(u32::try_from(len).unwrap_or(u32::MAX));
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_SEND_QUEUE)?;
@@ -99,34 +102,31 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
         tcp(&fd, libc::TCP_TIMESTAMP, &state.timestamp).map_err(with("the timestamp clock"))?;
     }
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;
-    write_all(&fd, &state.recv_queue).map_err(with("the receive queue"))?;
+    write_all(&fd, &state.recv_queue, 0).map_err(with("the receive queue"))?;
     // Only what was sent goes into the send queue in repair mode; the tail that never was
     // goes out once the socket is live (sent before the window is set, it hung in passt).
     let unsent = usize::try_from(state.unsent).unwrap_or(usize::MAX).min(state.send_queue.len());
     let (sent, tail) = state.send_queue.split_at(state.send_queue.len() - unsent);
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_SEND_QUEUE)?;
-    write_all(&fd, sent).map_err(with("the send queue"))?;
+    write_all(&fd, sent, 0).map_err(with("the send queue"))?;
     Ok(Restored { fd, window: state.window, tail: tail.to_vec() })
 }
 
 impl Restored {
     /// The connection goes on from this socket: its window is set, it leaves repair mode and
-    /// sends the tail that was never sent. Blocking.
+    /// sends the tail that was never sent.
     ///
     /// # Errors
-    /// The kernel refused a step, or the tail found no room within 2 s.
+    /// The kernel refused a step.
     pub fn go_live(self) -> io::Result<OwnedFd> {
         let Self { fd, window, tail } = self;
         tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
         // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
         // at once (-1 stalled the connection about 260 ms).
         tcp(&fd, libc::TCP_REPAIR, &0).map_err(with("leaving repair mode"))?;
-        if !tail.is_empty() {
-            let t = libc::timeval { tv_sec: libc::time_t::try_from(SEND_TIMEOUT.as_secs()).unwrap_or(2), tv_usec: 0 };
-            sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &t)?;
-            write_all(&fd, &tail).map_err(with("the never-sent tail"))?;
-            sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &libc::timeval { tv_sec: 0, tv_usec: 0 })?;
-        }
+        // Never waiting: the buffer has room for it (restore), and waiting for room could
+        // wait for acknowledgements still frozen on the origin.
+        write_all(&fd, &tail, libc::MSG_DONTWAIT).map_err(with("the never-sent tail"))?;
         Ok(fd)
     }
 
@@ -135,6 +135,18 @@ impl Restored {
     pub fn discard(self) {
         drop(self.fd);
     }
+}
+
+/// Makes buffer `get` (set through `force`) as large as the old socket's (`reported`, as the
+/// kernel reported it) if `queue` bytes do not fit in it now.
+fn grow(fd: &OwnedFd, get: libc::c_int, force: libc::c_int, reported: u32, queue: usize) -> io::Result<()> {
+    let now = usize::try_from(sockopt::get::<libc::c_int>(fd, libc::SOL_SOCKET, get)?).unwrap_or(0);
+    // The kernel counts overhead against the buffer too: half of it holds data.
+    if queue <= now / 2 {
+        return Ok(());
+    }
+    let want = (reported / 2).max(u32::try_from(queue).unwrap_or(u32::MAX));
+    sockopt::set(fd, libc::SOL_SOCKET, force, &libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX))
 }
 
 fn bind_connect(fd: &OwnedFd, a: SocketAddr, connect: bool) -> io::Result<()> {

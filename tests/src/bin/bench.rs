@@ -107,7 +107,11 @@ fn classifier_costs() -> Vec<Cost> {
                 ("kept: flow living here (ACK)", programs::INGRESS, frame(client4(5), local_port, SERVICE4, 80, 0x10)),
                 ("pass: not migrated, IPv6", programs::INGRESS, frame6(client6(6), SERVICE6, 80, 0x02)),
                 ("steered: new (SYN), IPv6", programs::INGRESS, frame6(client6(5), SERVICE6, 80, 0x02)),
+                // While another flow moves: the frozen flows are looked up.
+                ("pass: not migrated, a flow frozen", programs::INGRESS, frame(client4(6), 40_000, SERVICE4, 80, 0x02)),
             ];
+            let frozen = [(SocketAddr::new(IpAddr::V4(client4(7)), 40_000), SocketAddr::new(IpAddr::V4(SERVICE4), 80))];
+            let freezes = |name: &str| name.ends_with("a flow frozen");
             // Each case must take the path it is named for.
             let expected = [
                 None,
@@ -119,23 +123,32 @@ fn classifier_costs() -> Vec<Cost> {
                 Some("kept-local"),
                 Some("passed-not-migrated"),
                 Some("forwarded-new"),
+                Some("passed-not-migrated"),
             ];
             for ((name, prog, pkt), want) in cases.iter().zip(expected) {
+                if freezes(name) {
+                    dp.freeze(&frozen, Duration::from_secs(600)).expect("freeze");
+                }
                 let before = dp.stats().expect("stats");
                 dp.test_run(prog, pkt, 1).expect("test run");
                 let after = dp.stats().expect("stats");
+                dp.thaw(&frozen).expect("thaw");
                 if let Some(counter) = want {
                     assert_eq!(after.get(counter), before.get(counter) + 1, "case {name:?} must be decided as {counter}");
                 }
             }
             let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
             for _ in 0..ROUNDS {
-                for (i, (_, prog, pkt)) in cases.iter().enumerate() {
+                for (i, (name, prog, pkt)) in cases.iter().enumerate() {
+                    if freezes(name) {
+                        dp.freeze(&frozen, Duration::from_secs(600)).expect("freeze");
+                    }
                     let (t0, n0) = dp.run_stats(prog).expect("stats");
                     for _ in 0..RUNS_PER_ROUND {
                         dp.test_run(prog, pkt, 1).expect("test run");
                     }
                     let (t1, n1) = dp.run_stats(prog).expect("stats");
+                    dp.thaw(&frozen).expect("thaw");
                     #[expect(clippy::cast_precision_loss, reason = "ns and counts are small")]
                     samples[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
                 }
