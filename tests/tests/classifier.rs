@@ -732,6 +732,7 @@ fn frozen_flows_are_dropped_until_thawed_or_their_freeze_ends() {
         expect(dp, &ack6(CLIENT6, 4000), TC_ACT_SHOT, "dropped-frozen");
         dp.thaw(&flows[2..]).expect("thaw");
         assert_eq!(dp.frozen_count().expect("count"), 0);
+        dp.thaw(&flows).expect("thawing flows that are not frozen changes nothing");
         expect(dp, &ack6(CLIENT6, 4000), TC_ACT_REDIRECT, "forwarded-existing");
         // Nobody thaws it: the freeze ends by itself.
         dp.freeze(&flows[..1], Duration::from_millis(50)).expect("freeze");

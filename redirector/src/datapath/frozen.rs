@@ -42,6 +42,8 @@ impl Datapath {
             for (c, s) in flows {
                 match frozen.remove(&key(*c, *s)) {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    // How aya reports a key that is not there.
+                    Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(Error::bpf(format!("thawing {c} -> {s}"), e)),
                 }
             }
