@@ -1,7 +1,10 @@
 //! Flows frozen on the origin while their connections move to another host: their packets
 //! are dropped until the move is decided, because a socket being dumped still acknowledges
-//! what arrives, and what it acknowledged would be lost with it. The client sends them again.
-//! No flow frozen (the usual case): one array read per packet of a service.
+//! what arrives, and what it acknowledged would be lost with it (the origin keeps copies and
+//! replays them). Only flows of steered clients are looked at: a move steers the client
+//! first (its flows stay here while they have a socket here), so the common packet of a
+//! client with no rule pays nothing, and a steered one's one array read while no flow is
+//! frozen.
 
 use aya_ebpf::{
     bindings::__sk_buff,

@@ -107,10 +107,10 @@ fn classifier_costs() -> Vec<Cost> {
                 ("kept: flow living here (ACK)", programs::INGRESS, frame(client4(5), local_port, SERVICE4, 80, 0x10)),
                 ("pass: not migrated, IPv6", programs::INGRESS, frame6(client6(6), SERVICE6, 80, 0x02)),
                 ("steered: new (SYN), IPv6", programs::INGRESS, frame6(client6(5), SERVICE6, 80, 0x02)),
-                // While another flow moves: the frozen flows are looked up.
-                ("pass: not migrated, a flow frozen", programs::INGRESS, frame(client4(6), 40_000, SERVICE4, 80, 0x02)),
+                // While another flow moves: a steered client's flows are looked up.
+                ("steered: existing, a flow frozen", programs::INGRESS, frame(client4(5), 40_000, SERVICE4, 80, 0x10)),
             ];
-            let frozen = [(SocketAddr::new(IpAddr::V4(client4(7)), 40_000), SocketAddr::new(IpAddr::V4(SERVICE4), 80))];
+            let frozen = [(SocketAddr::new(IpAddr::V4(client4(5)), 40_001), SocketAddr::new(IpAddr::V4(SERVICE4), 80))];
             let freezes = |name: &str| name.ends_with("a flow frozen");
             // Each case must take the path it is named for.
             let expected = [
@@ -123,7 +123,7 @@ fn classifier_costs() -> Vec<Cost> {
                 Some("kept-local"),
                 Some("passed-not-migrated"),
                 Some("forwarded-new"),
-                Some("passed-not-migrated"),
+                Some("forwarded-existing"),
             ];
             for ((name, prog, pkt), want) in cases.iter().zip(expected) {
                 if freezes(name) {
