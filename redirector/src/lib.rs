@@ -13,3 +13,4 @@ pub mod probe;
 pub mod repair;
 pub mod sock;
 pub mod sockopt;
+pub mod tunnel;

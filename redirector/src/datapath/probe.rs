@@ -6,20 +6,19 @@
 use std::{
     fs::File,
     io::Read as _,
-    net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::IpAddr,
     thread,
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData};
-use nix::sys::socket::{SockaddrIn, SockaddrIn6, SockaddrLike};
 use redirector_common::{
     ProbeValue,
     decide::{TCP_ACK, TCP_RST, TCP_SYN},
 };
 
 use super::{ServiceInfo, types::sock};
+use crate::tunnel::Tunnel;
 
 /// Why a target is not ready.
 #[derive(Debug, thiserror::Error)]
@@ -49,23 +48,6 @@ fn random_u32() -> u32 {
     u32::from_ne_bytes(b)
 }
 
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
-    let s = sum as u16;
-    !s
-}
-
-fn add_bytes(mut sum: u32, b: &[u8]) -> u32 {
-    for chunk in b.chunks(2) {
-        let w = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
-        sum += u32::from(w);
-    }
-    sum
-}
-
 /// Builds the inner packet: IP header from `src` to the service, TCP segment with `flags`.
 fn inner_packet(src: IpAddr, service: &ServiceInfo, sport: u16, seq: u32, flags: u8) -> Vec<u8> {
     let mut tcp = [0u8; 20];
@@ -78,11 +60,6 @@ fn inner_packet(src: IpAddr, service: &ServiceInfo, sport: u16, seq: u32, flags:
     let mut pkt = Vec::with_capacity(60);
     match (src, service.addr) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut sum = add_bytes(0, &s.octets());
-            sum = add_bytes(sum, &d.octets());
-            sum += 6 + 20;
-            sum = add_bytes(sum, &tcp);
-            tcp[16..18].copy_from_slice(&fold(sum).to_be_bytes());
             let mut ip = [0u8; 20];
             ip[0] = 0x45;
             ip[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -96,11 +73,6 @@ fn inner_packet(src: IpAddr, service: &ServiceInfo, sport: u16, seq: u32, flags:
             pkt.extend_from_slice(&ip);
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut sum = add_bytes(0, &s.octets());
-            sum = add_bytes(sum, &d.octets());
-            sum += 20 + 6;
-            sum = add_bytes(sum, &tcp);
-            tcp[16..18].copy_from_slice(&fold(sum).to_be_bytes());
             let mut ip = [0u8; 40];
             ip[0] = 0x60;
             ip[4..6].copy_from_slice(&20u16.to_be_bytes());
@@ -113,67 +85,14 @@ fn inner_packet(src: IpAddr, service: &ServiceInfo, sport: u16, seq: u32, flags:
         _ => unreachable!("families checked by the caller"),
     }
     pkt.extend_from_slice(&tcp);
+    redirector_common::decide::set_tcp_checksum(&mut pkt);
     pkt
-}
-
-/// A raw socket that sends IP-in-IP (or IPv6-in-IPv6) from `src`.
-fn tunnel_socket(src: IpAddr, target: IpAddr) -> Result<OwnedFd, ProbeError> {
-    let io = |what, source| ProbeError::Io { target, what, source };
-    let (domain, proto) = if src.is_ipv4() { (libc::AF_INET, libc::IPPROTO_IPIP) } else { (libc::AF_INET6, libc::IPPROTO_IPV6) };
-    // SAFETY: plain syscall; the descriptor is owned below.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(io("opening a raw tunnel socket", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just created.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let bound = match src {
-        IpAddr::V4(_) => {
-            let a = SockaddrIn::from(std::net::SocketAddrV4::new(
-                match src {
-                    IpAddr::V4(v) => v,
-                    IpAddr::V6(_) => unreachable!(),
-                },
-                0,
-            ));
-            // SAFETY: a valid sockaddr of its own length.
-            unsafe { libc::bind(fd.as_raw_fd(), a.as_ptr(), a.len()) }
-        }
-        IpAddr::V6(v) => {
-            let a = SockaddrIn6::from(std::net::SocketAddrV6::new(v, 0, 0, 0));
-            // SAFETY: a valid sockaddr of its own length.
-            unsafe { libc::bind(fd.as_raw_fd(), a.as_ptr(), a.len()) }
-        }
-    };
-    if bound < 0 {
-        return Err(io("binding the tunnel socket to the tunnel source", std::io::Error::last_os_error()));
-    }
-    Ok(fd)
-}
-
-fn send(fd: &OwnedFd, target: IpAddr, pkt: &[u8]) -> Result<(), ProbeError> {
-    let dst = SocketAddr::new(target, 0);
-    let rc = match dst {
-        SocketAddr::V4(v4) => {
-            let a = SockaddrIn::from(v4);
-            // SAFETY: valid buffer and sockaddr.
-            unsafe { libc::sendto(fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0, a.as_ptr(), a.len()) }
-        }
-        SocketAddr::V6(v6) => {
-            let a = SockaddrIn6::from(v6);
-            // SAFETY: valid buffer and sockaddr.
-            unsafe { libc::sendto(fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0, a.as_ptr(), a.len()) }
-        }
-    };
-    if rc < 0 {
-        return Err(ProbeError::Io { target, what: "sending the probe", source: std::io::Error::last_os_error() });
-    }
-    Ok(())
 }
 
 /// Probes `service` on `target`; Ok once the target's listener answered with a SYN-ACK.
 pub fn probe(probes: &mut HashMap<&mut MapData, u32, ProbeValue>, service: &ServiceInfo, target: IpAddr, timeout: Duration) -> Result<(), ProbeError> {
-    let fd = tunnel_socket(service.tunnel_src, target)?;
+    let tunnel = Tunnel::open(service.tunnel_src, target).map_err(|source| ProbeError::Io { target, what: "opening the tunnel", source })?;
+    let send = |pkt: &[u8]| tunnel.send(pkt).map_err(|source| ProbeError::Io { target, what: "sending the probe", source });
     let sport = u16::try_from(40_000 + random_u32() % 20_000).unwrap_or(40_000);
     let isn = random_u32();
     let key = u32::from(sport);
@@ -184,7 +103,7 @@ pub fn probe(probes: &mut HashMap<&mut MapData, u32, ProbeValue>, service: &Serv
     let mut next_send = start;
     let result = loop {
         if Instant::now() >= next_send {
-            if let Err(e) = send(&fd, target, &syn) {
+            if let Err(e) = send(&syn) {
                 break Err(e);
             }
             next_send = Instant::now() + Duration::from_millis(200);
@@ -193,7 +112,7 @@ pub fn probe(probes: &mut HashMap<&mut MapData, u32, ProbeValue>, service: &Serv
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
             // Reset the target's half-open connection.
             let rst = inner_packet(service.tunnel_src, service, sport, isn.wrapping_add(1), TCP_RST);
-            let _ = send(&fd, target, &rst);
+            let _ = send(&rst);
             break Ok(());
         }
         if flags & TCP_RST != 0 {

@@ -13,7 +13,7 @@ use std::{
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
-use crate::sockopt;
+use crate::{sockopt, tunnel::Tunnel};
 
 /// `PACKET_IGNORE_OUTGOING` (from `linux/if_packet.h`): our own packets are not copied back.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
@@ -116,7 +116,7 @@ impl Hold {
                 let mut p = p.to_vec();
                 // A copy taken on arrival may carry only the partial checksum its sender's
                 // offload left (veth does): the receiver would drop it as corrupt.
-                fix_tcp_checksum(&mut p);
+                redirector_common::decide::set_tcp_checksum(&mut p);
                 out.push(p);
             }
         }
@@ -140,30 +140,6 @@ fn flow_of(p: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     }
 }
 
-/// Sets the TCP checksum of `p` (a whole IPv4 or IPv6 TCP packet, as [`flow_of`] reads it).
-fn fix_tcp_checksum(p: &mut [u8]) {
-    let v4 = p[0] >> 4 == 4;
-    // Where the segment starts and ends, and the pseudo-header's addresses.
-    let (l4, end, addrs) =
-        if v4 { (usize::from(p[0] & 0x0f) * 4, usize::from(u16::from_be_bytes([p[2], p[3]])), 12..20) } else { (40, 40 + usize::from(u16::from_be_bytes([p[4], p[5]])), 8..40) };
-    let end = end.min(p.len());
-    if end < l4 + 18 {
-        return;
-    }
-    p[l4 + 16..l4 + 18].fill(0);
-    let len = u32::try_from(end - l4).unwrap_or(0);
-    // The pseudo-header: addresses, protocol, segment length (as 16-bit words, summed).
-    let mut sum: u32 = 6 + (len >> 16) + (len & 0xffff);
-    for chunk in p[addrs].chunks(2).chain(p[l4..end].chunks(2)) {
-        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let c = !u16::try_from(sum).unwrap_or(0);
-    p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-}
-
 /// Sends `packets` (whole IP packets of one family) to `target` through the tunnel from
 /// `tunnel_src`, as the origin's classifier forwards a moved flow: IP-in-IP, or
 /// IPv6-in-IPv6. Returns how many went.
@@ -174,14 +150,9 @@ pub fn replay(packets: &[Vec<u8>], tunnel_src: IpAddr, target: IpAddr) -> io::Re
     if packets.is_empty() {
         return Ok(0);
     }
-    let (domain, proto) = if target.is_ipv4() { (libc::AF_INET, libc::IPPROTO_IPIP) } else { (libc::AF_INET6, libc::IPPROTO_IPV6) };
-    let fd = sockopt::socket(domain, libc::SOCK_RAW, proto).map_err(|e| io::Error::new(e.kind(), format!("a raw tunnel socket (CAP_NET_RAW): {e}")))?;
-    nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(SocketAddr::new(tunnel_src, 0)))
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("binding to the tunnel source {tunnel_src}: {e}")))?;
-    let to = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(target, 0));
+    let tunnel = Tunnel::open(tunnel_src, target)?;
     for p in packets {
-        nix::sys::socket::sendto(fd.as_raw_fd(), p, &to, nix::sys::socket::MsgFlags::empty())
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("replaying to {target}: {e}")))?;
+        tunnel.send(p)?;
     }
     Ok(packets.len())
 }
