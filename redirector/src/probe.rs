@@ -53,21 +53,10 @@ pub struct Capture {
     port: u16,
 }
 
-/// A classic BPF instruction.
-const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
 /// The filter: UDP to `port`, unfragmented (IPv4; the packet socket delivers from the
 /// network header on).
 fn filter(v4: bool, port: u16) -> Vec<libc::sock_filter> {
-    const LDB: u16 = 0x30; // ld byte [k]
-    const LDH: u16 = 0x28; // ld half [k]
-    const LDXB_MSH: u16 = 0xb1; // ldx 4 * ([k] & 0xf)
-    const LDH_IND: u16 = 0x48; // ld half [x + k]
-    const JEQ: u16 = 0x15;
-    const JSET: u16 = 0x45;
-    const RET: u16 = 0x06;
+    use sockopt::cbpf::{JEQ, JSET, LDB, LDH, LDH_IND, LDXB_MSH, RET, op};
     let port = u32::from(port);
     if v4 {
         vec![
@@ -92,13 +81,7 @@ impl Capture {
     /// # Errors
     /// The packet socket could not be opened or filtered.
     pub fn open(v4: bool, port: u16) -> io::Result<Self> {
-        let proto = u16::try_from(if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 }).expect("an ethertype fits in 16 bits").to_be();
-        let fd = sockopt::socket(libc::AF_PACKET, libc::SOCK_DGRAM, libc::c_int::from(proto))
-            .map_err(|e| io::Error::new(e.kind(), format!("opening a packet socket (CAP_NET_RAW): {e}")))?;
-        let code = filter(v4, port);
-        let prog = libc::sock_fprog { len: u16::try_from(code.len()).expect("a short filter"), filter: code.as_ptr().cast_mut() };
-        // `prog` points at `code`, alive for the call; the kernel copies it.
-        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+        let fd = sockopt::packet_socket(if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 }, &filter(v4, port))?;
         Ok(Self { fd, v4, port })
     }
 

@@ -68,3 +68,42 @@ pub fn ioctl_int(fd: &impl AsRawFd, request: libc::Ioctl) -> io::Result<libc::c_
     check(unsafe { libc::ioctl(fd.as_raw_fd(), request, &raw mut v) })?;
     Ok(v)
 }
+
+/// A packet socket (`AF_PACKET`, from the network header on) for ethertype `proto`
+/// (`ETH_P_IP`, `ETH_P_ALL`, ...), with the classic BPF filter `code` attached, so that only
+/// what it passes is queued.
+///
+/// # Errors
+/// No `CAP_NET_RAW`, or a filter the kernel refuses.
+pub fn packet_socket(proto: libc::c_int, code: &[libc::sock_filter]) -> io::Result<OwnedFd> {
+    let proto = u16::try_from(proto).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?.to_be();
+    let fd = socket(libc::AF_PACKET, libc::SOCK_DGRAM, libc::c_int::from(proto)).map_err(|e| io::Error::new(e.kind(), format!("opening a packet socket (CAP_NET_RAW): {e}")))?;
+    let len = u16::try_from(code.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let prog = libc::sock_fprog { len, filter: code.as_ptr().cast_mut() };
+    // `prog` points at `code`, alive for the call; the kernel copies it.
+    set(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog).map_err(|e| io::Error::new(e.kind(), format!("attaching the packet filter: {e}")))?;
+    Ok(fd)
+}
+
+/// Classic BPF, for [`packet_socket`]'s filters: the opcodes they use and one instruction.
+pub mod cbpf {
+    /// `ld [k]`, a byte.
+    pub const LDB: u16 = 0x30;
+    /// `ld [k]`, a half word.
+    pub const LDH: u16 = 0x28;
+    /// `ldx 4 * ([k] & 0xf)`: an IPv4 header's length.
+    pub const LDXB_MSH: u16 = 0xb1;
+    /// `ld [x + k]`, a half word.
+    pub const LDH_IND: u16 = 0x48;
+    pub const JEQ: u16 = 0x15;
+    pub const JSET: u16 = 0x45;
+    pub const RET: u16 = 0x06;
+    /// The `k` of a load of `skb->protocol` (`SKF_AD_OFF + SKF_AD_PROTOCOL`).
+    pub const SKF_AD_PROTOCOL: u32 = 0xffff_f000;
+
+    /// One instruction.
+    #[must_use]
+    pub const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+        libc::sock_filter { code, jt, jf, k }
+    }
+}

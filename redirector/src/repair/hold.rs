@@ -17,45 +17,32 @@ use crate::{sockopt, tunnel::Tunnel};
 
 /// `PACKET_IGNORE_OUTGOING` (from `linux/if_packet.h`): our own packets are not copied back.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
-/// A classic BPF load of `skb->protocol` (`SKF_AD_OFF + SKF_AD_PROTOCOL`).
-const SKF_AD_PROTOCOL: u32 = 0xffff_f000;
-
 /// Copies of the packets of some flows arriving on one interface.
 pub struct Hold {
     fd: OwnedFd,
     flows: Vec<(SocketAddr, SocketAddr)>,
 }
 
-const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
 /// TCP to `port` of either family, unfragmented IPv4 (the flows are told apart in user
 /// space; the filter keeps the rest of the uplink's traffic out of the socket).
 fn filter(port: u16) -> Vec<libc::sock_filter> {
-    const LDH_ABS: u16 = 0x28;
-    const LDB_ABS: u16 = 0x30;
-    const LDXB_MSH: u16 = 0xb1;
-    const LDH_IND: u16 = 0x48;
-    const JEQ: u16 = 0x15;
-    const JSET: u16 = 0x45;
-    const RET: u16 = 0x06;
+    use sockopt::cbpf::{JEQ, JSET, LDB, LDH, LDH_IND, LDXB_MSH, RET, SKF_AD_PROTOCOL, op};
     let port = u32::from(port);
     vec![
-        /* 0 */ op(LDH_ABS, 0, 0, SKF_AD_PROTOCOL),
+        /* 0 */ op(LDH, 0, 0, SKF_AD_PROTOCOL),
         /* 1 */ op(JEQ, 0, 7, 0x0800),
-        /* 2 */ op(LDB_ABS, 0, 0, 9),
+        /* 2 */ op(LDB, 0, 0, 9),
         /* 3 */ op(JEQ, 0, 10, 6),
-        /* 4 */ op(LDH_ABS, 0, 0, 6),
+        /* 4 */ op(LDH, 0, 0, 6),
         // A fragment past the first: the classifier passes those, never frozen.
         /* 5 */ op(JSET, 8, 0, 0x1fff),
         /* 6 */ op(LDXB_MSH, 0, 0, 0),
         /* 7 */ op(LDH_IND, 0, 0, 2),
         /* 8 */ op(JEQ, 6, 5, port),
         /* 9 */ op(JEQ, 0, 4, 0x86dd),
-        /* 10 */ op(LDB_ABS, 0, 0, 6),
+        /* 10 */ op(LDB, 0, 0, 6),
         /* 11 */ op(JEQ, 0, 2, 6),
-        /* 12 */ op(LDH_ABS, 0, 0, 42),
+        /* 12 */ op(LDH, 0, 0, 42),
         /* 13 */ op(JEQ, 1, 0, port),
         /* 14 */ op(RET, 0, 0, 0),
         /* 15 */ op(RET, 0, 0, 0x0004_0000),
@@ -75,17 +62,12 @@ impl Hold {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "flows of several service ports"));
         }
         let index = nix::net::if_::if_nametoindex(dev).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("interface {dev}: {e}")))?;
-        let all = u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL fits in 16 bits").to_be();
-        let fd = sockopt::socket(libc::AF_PACKET, libc::SOCK_DGRAM, libc::c_int::from(all)).map_err(|e| io::Error::new(e.kind(), format!("a packet socket (CAP_NET_RAW): {e}")))?;
+        let fd = sockopt::packet_socket(libc::ETH_P_ALL, &filter(port))?;
         sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
-        let code = filter(port);
-        let prog = libc::sock_fprog { len: u16::try_from(code.len()).expect("a short filter"), filter: code.as_ptr().cast_mut() };
-        // `prog` points at `code`, alive for the call; the kernel copies it.
-        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
         // SAFETY: an all-zero sockaddr_ll is valid; the fields set make it this interface's.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET fits");
-        sll.sll_protocol = all;
+        sll.sll_protocol = u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL fits in 16 bits").to_be();
         sll.sll_ifindex = i32::try_from(index).map_err(|_| io::Error::other("interface index out of range"))?;
         let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).expect("fits");
         // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
