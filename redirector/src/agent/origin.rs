@@ -105,7 +105,7 @@ impl Agent {
                 // Armed at the total where the load this node can shed passes high.
                 let at = self.cfg.high_watermark.saturating_add(staying);
                 let arm = (!st.rounds.negotiating && armed != Some(at)).then_some(at);
-                (crossing.map(|c| (projected, over, c, drained.then_some(low))), arm)
+                (crossing.map(|c| (projected, over, c, low, drained)), arm)
             };
             if let Some(at) = arm {
                 match flat(self.with_reader(move |dp| dp.arm_load_event(at)).await) {
@@ -113,15 +113,14 @@ impl Agent {
                     Err(e) => warn!("arming the kernel's load watermark: {e}"),
                 }
             }
-            if let Some((projected, over, crossing, drained)) = decision {
+            if let Some((projected, over, crossing, low, drained)) = decision {
                 armed = None;
                 let why = match (drained, over) {
-                    (Some(_), _) => "drained (`redirector drain`), clients still here",
-                    (None, true) => "over the high watermark",
-                    (None, false) => "still above the low watermark after the last round (hysteresis down to low)",
+                    (true, _) => "drained (`redirector drain`), clients still here",
+                    (false, true) => "over the high watermark",
+                    (false, false) => "still above the low watermark after the last round (hysteresis down to low)",
                 };
                 info!(load = load.total, projected, high = self.cfg.high_watermark, low = self.cfg.low_watermark, "{why}: asking siblings for help");
-                let low = drained.unwrap_or(self.cfg.low_watermark);
                 tokio::spawn(self.clone().round(load, projected, low, crossing));
             }
         }
