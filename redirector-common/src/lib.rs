@@ -45,7 +45,7 @@ pub mod maps {
     pub const COUNTERS_EXTRA: &str = "COUNTERS_EXTRA";
     pub const SYSCTLS: &str = "SYSCTLS";
     pub const FROZEN: &str = "FROZEN";
-    pub const FROZEN_COUNT: &str = "FROZEN_COUNT";
+    pub const FROZEN_ANY: &str = "FROZEN_ANY";
     /// Maps of earlier versions, no longer used: their pins are removed on open.
     pub const OBSOLETE: [&str; 2] = ["PORTS", "NETS_V4"];
 }
@@ -328,7 +328,7 @@ pub enum Counter {
     /// a sibling's, or loopback: a forgery, dropped.
     DroppedSpoofed,
     /// A packet of a flow frozen while its connection moves to another host, dropped (the
-    /// client sends it again).
+    /// origin keeps a copy for the new host, `repair::Hold`).
     DroppedFrozen,
 }
 

@@ -25,12 +25,12 @@ static FROZEN: HashMap<FlowKey, u64> = HashMap::pinned(MAX_FROZEN, 0);
 /// `[0]`: whether any flow is frozen (user space sets it with the first and clears it with
 /// the last): otherwise nothing is looked up.
 #[map]
-static FROZEN_COUNT: Array<u32> = Array::pinned(1, 0);
+static FROZEN_ANY: Array<u32> = Array::pinned(1, 0);
 
 /// Whether any flow is frozen.
 #[inline(always)]
 pub fn any() -> bool {
-    FROZEN_COUNT.get(0).is_some_and(|n| *n != 0)
+    FROZEN_ANY.get(0).is_some_and(|n| *n != 0)
 }
 
 #[inline(always)]

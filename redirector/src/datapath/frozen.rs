@@ -64,7 +64,7 @@ impl Datapath {
 
     /// Tells the classifier whether to look flows up at all.
     fn set_frozen_flag(&mut self, any: bool) -> Result<()> {
-        let mut flag: Array<&mut MapData, u32> = self.open_map(maps::FROZEN_COUNT)?;
-        flag.set(0, u32::from(any), 0).map_err(|e| Error::bpf("setting FROZEN_COUNT", e))
+        let mut flag: Array<&mut MapData, u32> = self.open_map(maps::FROZEN_ANY)?;
+        flag.set(0, u32::from(any), 0).map_err(|e| Error::bpf("setting FROZEN_ANY", e))
     }
 }
