@@ -16,6 +16,15 @@ pub mod peer;
 pub use app::{Client, Server};
 pub use net::{Host, Topology, in_netns};
 
+/// Polls `cond` every 5 ms until it holds; fails the test, naming `what`, after `limit`.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Whether privileged tests can run. Without root: on CI (env `CI` set) this panics, elsewhere
 /// it reports a skip (see [`skip`]) and the test returns.
 #[must_use]

@@ -28,7 +28,7 @@ use redirector_tests::{
     Topology,
     app::connect_tcp,
     net::{SERVICE4, SERVICE6, client4, client6, in_netns},
-    require_root,
+    require_root, wait_until,
 };
 
 const PORT: u16 = 80;
@@ -97,14 +97,6 @@ fn client(mut c: TcpStream, done: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> (Vec
         std::thread::sleep(PACE);
     }
     (by, worst)
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{what} within 10 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A client's connection to A's service, and everything a move of it needs: B adopted the
@@ -204,7 +196,7 @@ fn a_busy_connection_moves(v6: bool) {
         let (done, stop) = (done.clone(), stop.clone());
         move || client(c, done, stop)
     });
-    wait_until("100 requests answered by A", || done.load(Ordering::SeqCst) >= 100);
+    wait_until("100 requests answered by A", Duration::from_secs(10), || done.load(Ordering::SeqCst) >= 100);
 
     let hold = m.prepare(client_end);
     // A's application hands the socket over between two requests.
@@ -217,7 +209,7 @@ fn a_busy_connection_moves(v6: bool) {
         let hand_over = Arc::new(AtomicBool::new(false));
         move || serve(s, "B", hand_over, give)
     });
-    wait_until("100 more requests answered", || done.load(Ordering::SeqCst) >= at_move + 100);
+    wait_until("100 more requests answered", Duration::from_secs(10), || done.load(Ordering::SeqCst) >= at_move + 100);
     stop.store(true, Ordering::SeqCst);
     let (by, worst) = asking.join().expect("client");
     on_b.join().expect("B's server");
@@ -252,7 +244,7 @@ fn a_request_sent_while_frozen_is_answered_at_once(v6: bool) {
         let before = dp.stats().expect("stats").get("dropped-frozen");
         asked = Instant::now();
         c.write_all(b"ping 2\n").expect("request while frozen");
-        wait_until("A to drop the request", || dp.stats().expect("stats").get("dropped-frozen") > before);
+        wait_until("A to drop the request", Duration::from_secs(10), || dp.stats().expect("stats").get("dropped-frozen") > before);
     });
     assert_eq!(read_line(&mut s).expect("B reads").as_deref(), Some("ping 2"), "the request reached B");
     s.write_all(b"pong 2 B\n").expect("answer");
@@ -356,7 +348,7 @@ fn a_transfer_both_ways_moves(v6: bool) {
             assert!(pump(&mut c, &mut e, &AtomicBool::new(false), &got_down, deadline, Duration::from_millis(1)));
         }
     });
-    wait_until("2 MiB downloaded from A and 1 MiB uploaded", || got_down.load(Ordering::SeqCst) >= 2 << 20 && got_up.load(Ordering::SeqCst) >= 1 << 20);
+    wait_until("2 MiB downloaded from A and 1 MiB uploaded", Duration::from_secs(10), || got_down.load(Ordering::SeqCst) >= 2 << 20 && got_up.load(Ordering::SeqCst) >= 1 << 20);
     let hold = m.prepare(client_end);
     hand_over.store(true, Ordering::SeqCst);
     let (s, sent, got) = on_a.join().expect("A's server");

@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use redirector_tests::{
@@ -16,19 +16,11 @@ use redirector_tests::{
     app::try_connect_from,
     net::{SERVICE4, SERVICE6, Tap, client4, client6, mac_string, netns_exists, send_raw4},
     packets::{self, Ip, Pkt},
-    require_root,
+    require_root, wait_until,
 };
 
 fn svc4(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(SERVICE4), port)
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -43,15 +35,15 @@ fn tunnelled_packets_from_strangers_are_dropped() {
     let (dropped, decap) = (t.counter(&t.b, "dropped-bad"), t.counter(&t.b, "decapsulated"));
     // From the client namespace, outer source 198.18.1.9: not a sibling of B.
     send_raw4(&t.client.ns, libc::IPPROTO_IPIP, stranger, t.b.v4[0], syn.clone());
-    wait_for("B to count the dropped tunnel", || t.counter(&t.b, "dropped-bad") == dropped + 1);
+    wait_until("B to count the dropped tunnel", Duration::from_secs(5), || t.counter(&t.b, "dropped-bad") == dropped + 1);
     assert_eq!(t.counter(&t.b, "decapsulated"), decap, "nothing from the stranger was decapsulated");
     assert_eq!(t.counter(&t.b, "sk-assigned"), 0, "nothing reached B's listener");
     // The very same packet from A's control address (a sibling) is decapsulated and reaches B's
     // listener: the drop above was about the sender, not the packet.
     let assigned = t.counter(&t.b, "sk-assigned");
     send_raw4(&t.a.ns, libc::IPPROTO_IPIP, t.a.v4[0], t.b.v4[0], syn);
-    wait_for("B to decapsulate the sibling's tunnel", || t.counter(&t.b, "decapsulated") == decap + 1);
-    wait_for("B's listener to get the SYN", || t.counter(&t.b, "sk-assigned") == assigned + 1);
+    wait_until("B to decapsulate the sibling's tunnel", Duration::from_secs(5), || t.counter(&t.b, "decapsulated") == decap + 1);
+    wait_until("B's listener to get the SYN", Duration::from_secs(5), || t.counter(&t.b, "sk-assigned") == assigned + 1);
     assert_eq!(t.counter(&t.b, "dropped-bad"), dropped + 1);
     assert_eq!(b.accepted(), 0, "a lone SYN never completes a connection");
 }
@@ -152,9 +144,9 @@ fn icmp_fragmentation_needed_for_flows_on_the_target_reaches_the_target() {
     t.client.ip(&["addr", "add", &format!("{router}/16"), "dev", "eth0"]);
     let relayed = t.counter(&t.a, "icmp-relayed");
     send_raw4(&t.client.ns, libc::IPPROTO_ICMP, router, SERVICE4, icmp);
-    wait_for("A to relay the ICMP error", || t.counter(&t.a, "icmp-relayed") == relayed + 1);
+    wait_until("A to relay the ICMP error", Duration::from_secs(5), || t.counter(&t.a, "icmp-relayed") == relayed + 1);
     // B's socket for the flow learnt the smaller path MTU.
-    wait_for("B's connection to lower its path MTU", || {
+    wait_until("B's connection to lower its path MTU", Duration::from_secs(5), || {
         let ss = t.b.exec(&["ss", "-tin", "dst", &c5.to_string()]);
         ss.contains("pmtu:1300")
     });
@@ -191,8 +183,8 @@ fn ended_by_the_origin(t: &Topology, src: SocketAddr, svc: SocketAddr) {
     assert_eq!(c.who(), "A", "before the rule the client is served by A");
     c.bye().expect("A's server closes the connection");
     drop(c);
-    wait_for("A to hold the connection in TIME_WAIT", || has_socket(&t.a, "time-wait", svc, src));
-    wait_for("the client's socket to close", || !has_socket(&t.client, "all", src, svc));
+    wait_until("A to hold the connection in TIME_WAIT", Duration::from_secs(5), || has_socket(&t.a, "time-wait", svc, src));
+    wait_until("the client's socket to close", Duration::from_secs(5), || !has_socket(&t.client, "all", src, svc));
 }
 
 #[test]

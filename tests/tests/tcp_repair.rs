@@ -9,7 +9,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener},
     os::fd::{AsRawFd as _, OwnedFd},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use redirector::repair::{self, TcpState};
@@ -17,7 +17,7 @@ use redirector_tests::{
     Topology,
     app::{connect_tcp, pattern},
     net::{client4, client6, in_netns},
-    require_root,
+    require_root, wait_until,
 };
 
 const REQUEST: &[u8] = b"GET /big\n";
@@ -25,15 +25,6 @@ const REQUEST: &[u8] = b"GET /big\n";
 const PENDING: usize = 32 << 10;
 /// Offered by the server before the move: far more than the client's window takes.
 const RESPONSE: usize = 16 << 20;
-
-/// Polls `cond` every 5 ms for up to 5 s.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "{what} within 5 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn ioctl(fd: &impl std::os::fd::AsRawFd, req: libc::Ioctl) -> usize {
     usize::try_from(redirector::sockopt::ioctl_int(fd, req).expect("ioctl")).expect("a length")
@@ -52,7 +43,7 @@ fn moves_with_both_queues_and_an_unsent_tail(v6: bool) {
     c.write_all(&[REQUEST, &pending].concat()).expect("request");
     let mut req = vec![0; REQUEST.len()];
     s.read_exact(&mut req).expect("read the request");
-    wait_for("the pending bytes to arrive", || ioctl(&s, libc::FIONREAD) == PENDING);
+    wait_until("the pending bytes to arrive", Duration::from_secs(5), || ioctl(&s, libc::FIONREAD) == PENDING);
 
     // The server answers far more than the client (not reading) has room for: part of it
     // waits in the client's receive queue, the rest in the server's send queue, unsent.
@@ -70,7 +61,7 @@ fn moves_with_both_queues_and_an_unsent_tail(v6: bool) {
     // Everything sent is acknowledged (the client's window is closed): nothing is in flight
     // while the socket is dumped, so nothing arriving then is acknowledged and lost (the
     // agent freezes a busy flow for that).
-    wait_for("the sent part to be acknowledged", || ioctl(&s, libc::TIOCOUTQ) == ioctl(&s, 0x894B));
+    wait_until("the sent part to be acknowledged", Duration::from_secs(5), || ioctl(&s, libc::TIOCOUTQ) == ioctl(&s, 0x894B));
 
     let state = repair::dump(&s).expect("dump");
     repair::discard(OwnedFd::from(s));
