@@ -1,10 +1,9 @@
 //! Flows frozen on the origin while their connections move to another host: their packets
 //! are dropped until the move is decided, because a socket being dumped still acknowledges
 //! what arrives, and what it acknowledged would be lost with it (the origin keeps copies and
-//! replays them). Only flows of steered clients are looked at: a move steers the client
-//! first (its flows stay here while they have a socket here), so the common packet of a
-//! client with no rule pays nothing, and a steered one's one array read while no flow is
-//! frozen.
+//! replays them). A hand-over freezes its clients' connections before its rules exist (the
+//! rules are its commit point, at its end), so every packet to a service is looked at: one
+//! array read while no flow is frozen, a hash lookup while any is.
 
 use aya_ebpf::{
     bindings::__sk_buff,

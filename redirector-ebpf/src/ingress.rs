@@ -68,16 +68,17 @@ fn ingress_v4(ctx: &TcContext) -> Result<Verdict, Error> {
         // SAFETY: as above.
         return Ok(if is_answer(unsafe { (*tcp).flags }) { probe_answer::<false>(ctx.skb.skb) } else { pass(Counter::Passed) });
     };
-    // SAFETY: as above.
-    let Some(rule) = host_rule_v4(unsafe { (*ip).src }) else {
-        return Ok(pass(Counter::PassedNotMigrated));
-    };
-    // A flow moving live: its client is steered already (the move steers it first).
+    // A flow moving live (its client may not be steered yet: the rules come at the end of
+    // the hand-over, the freeze before its start).
     if frozen::any() && frozen::frozen_v4(ctx.skb.skb) {
         // Past `COUNTERS`: counted here (see `counters::count_extra`).
         count_extra(Counter::DroppedFrozen);
         return Ok(drop(Counter::DroppedFrozen));
     }
+    // SAFETY: as above.
+    let Some(rule) = host_rule_v4(unsafe { (*ip).src }) else {
+        return Ok(pass(Counter::PassedNotMigrated));
+    };
     steer::<false>(ctx.skb.skb, &service, &rule)
 }
 
@@ -110,15 +111,15 @@ fn ingress_v6(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         // SAFETY: as above.
         return Ok(if is_answer(unsafe { (*tcp).flags }) { probe_answer::<true>(ctx.skb.skb) } else { pass(Counter::Passed) });
     };
-    // SAFETY: as above.
-    let Some(rule) = host_rule_v6(unsafe { &(*ip).src }) else {
-        return Ok(pass(Counter::PassedNotMigrated));
-    };
-    // A flow moving live: its client is steered already (the move steers it first).
+    // A flow moving live (as for IPv4).
     if frozen::any() && frozen::frozen_v6(ctx.skb.skb) {
         // Past `COUNTERS`: counted here (see `counters::count_extra`).
         count_extra(Counter::DroppedFrozen);
         return Ok(drop(Counter::DroppedFrozen));
     }
+    // SAFETY: as above.
+    let Some(rule) = host_rule_v6(unsafe { &(*ip).src }) else {
+        return Ok(pass(Counter::PassedNotMigrated));
+    };
     steer::<true>(ctx.skb.skb, &service, &rule)
 }
