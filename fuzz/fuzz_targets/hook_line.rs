@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = Answer::parse(data);
     let _ = Head::parse(data);
     let requested: [IpAddr; 3] = [IpAddr::from([198, 18, 1, 5]), IpAddr::from([198, 18, 1, 6]), "2001:db8::5".parse().expect("address")];
-    for version in [Version::V1, Version::V2] {
+    for version in [Version::V1, Version::V2, Version::V3] {
         let _ = redirector::app::check_export(data, version, &requested, 1 << 16);
     }
 });

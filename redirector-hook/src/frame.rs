@@ -1,6 +1,8 @@
 //! How messages travel: one JSON object per line (UTF-8, `\n`-terminated, no newline inside),
 //! and in version 2, right after a line whose top-level `bytes` is N, exactly N raw bytes.
 //! A reader frames every message without understanding it: read a line, read its `bytes`.
+//! In version 3 a line's top-level `fds` counts the descriptors that passed with its bytes
+//! ([`crate::fds`]).
 
 use std::io::Write;
 
@@ -14,6 +16,8 @@ pub struct Head {
     pub id: Option<u64>,
     /// Raw bytes that follow the line (version 2; 0 when absent).
     pub bytes: u64,
+    /// Descriptors that passed with the line (version 3; 0 when absent).
+    pub fds: u64,
 }
 
 impl Head {
@@ -24,13 +28,18 @@ impl Head {
         struct Loose {
             id: Option<serde_json::Value>,
             bytes: Option<serde_json::Value>,
+            fds: Option<serde_json::Value>,
         }
         let loose: Loose = serde_json::from_slice(line).map_err(|e| format!("a line that is not a JSON object ({e})"))?;
         let bytes = match loose.bytes {
             None => 0,
             Some(v) => v.as_u64().ok_or_else(|| format!("a line whose \"bytes\" is not a non-negative integer: {}", preview(line)))?,
         };
-        Ok(Self { id: loose.id.as_ref().and_then(serde_json::Value::as_u64), bytes })
+        let fds = match loose.fds {
+            None => 0,
+            Some(v) => v.as_u64().ok_or_else(|| format!("a line whose \"fds\" is not a non-negative integer: {}", preview(line)))?,
+        };
+        Ok(Self { id: loose.id.as_ref().and_then(serde_json::Value::as_u64), bytes, fds })
     }
 }
 
@@ -65,9 +74,11 @@ mod tests {
 
     #[test]
     fn heads_frame_lines_and_refuse_what_cannot_be_framed() {
-        assert_eq!(Head::parse(br#"{"id":7,"ok":true,"bytes":5,"sessions":[]}"#), Ok(Head { id: Some(7), bytes: 5 }));
-        assert_eq!(Head::parse(br#"{"op":"registered"}"#), Ok(Head { id: None, bytes: 0 }));
-        assert_eq!(Head::parse(br#"{"id":-1}"#), Ok(Head { id: None, bytes: 0 }));
+        assert_eq!(Head::parse(br#"{"id":7,"ok":true,"bytes":5,"sessions":[]}"#), Ok(Head { id: Some(7), bytes: 5, fds: 0 }));
+        assert_eq!(Head::parse(br#"{"op":"registered"}"#), Ok(Head { id: None, bytes: 0, fds: 0 }));
+        assert_eq!(Head::parse(br#"{"id":-1}"#), Ok(Head { id: None, bytes: 0, fds: 0 }));
+        assert_eq!(Head::parse(br#"{"id":2,"fds":3}"#), Ok(Head { id: Some(2), bytes: 0, fds: 3 }));
+        assert!(Head::parse(br#"{"id":2,"fds":"3"}"#).unwrap_err().contains("\"fds\""));
         assert!(Head::parse(br#"{"id":1,"bytes":-5}"#).unwrap_err().contains("\"bytes\""));
         assert!(Head::parse(b"[1]").is_err());
         assert!(Head::parse(b"x").unwrap_err().contains("not a JSON object"));

@@ -7,9 +7,11 @@
 //!   the raw bytes its `bytes` field announces (session blobs, not base64).
 //! - [`session`]: a client's session and how a list of them travels in each version.
 //! - [`register`]: the register line and the agent's rules for it.
+//! - [`fds`]: descriptors passed with a line (version 3: open connections).
 //! - [`transcript`]: the shared transcripts, for tests of every implementation.
 
 pub mod client;
+pub mod fds;
 pub mod frame;
 pub mod msg;
 pub mod register;
@@ -28,11 +30,14 @@ pub enum Version {
     V1 = 1,
     /// As version 1, but session blobs travel as raw bytes after their JSON line.
     V2 = 2,
+    /// As version 2, and open TCP connections move with their sessions: their descriptors
+    /// pass with a line (`SCM_RIGHTS`), each with a blob among the raw bytes.
+    V3 = 3,
 }
 
 impl Version {
     /// The newest version, which the SDKs try first.
-    pub const NEWEST: Self = Self::V2;
+    pub const NEWEST: Self = Self::V3;
 
     /// The version numbered `n`, if there is one.
     #[must_use]
@@ -40,6 +45,7 @@ impl Version {
         match n {
             1 => Some(Self::V1),
             2 => Some(Self::V2),
+            3 => Some(Self::V3),
             _ => None,
         }
     }
@@ -47,5 +53,17 @@ impl Version {
     #[must_use]
     pub fn number(self) -> u64 {
         self as u64
+    }
+
+    /// Whether blobs travel as raw bytes after their line (version 2 and later).
+    #[must_use]
+    pub fn raw_blobs(self) -> bool {
+        self >= Self::V2
+    }
+
+    /// Whether open connections move with their sessions (version 3 and later).
+    #[must_use]
+    pub fn moves_connections(self) -> bool {
+        self >= Self::V3
     }
 }

@@ -74,8 +74,8 @@ impl Register {
         }
         let service: SocketAddr = r.service.parse().map_err(|_| format!("service {:?} is not ADDRESS:PORT", r.service))?;
         let version = match r.version {
-            Some(n) => Version::from_number(n).ok_or_else(|| format!("this agent speaks hook protocol versions 1 and 2, not {n}"))?,
-            None => return Err("no version: register with \"version\":2 (or 1)".to_string()),
+            Some(n) => Version::from_number(n).ok_or_else(|| format!("this agent speaks hook protocol versions 1, 2 and 3, not {n}"))?,
+            None => return Err("no version: register with \"version\":3 (or 2, or 1)".to_string()),
         };
         if r.pending.len() > MAX_PENDING {
             return Err(format!("{} pending hand-overs: at most {MAX_PENDING} are reported", r.pending.len()));
@@ -119,7 +119,7 @@ mod tests {
         assert_eq!(r.pending[1].role, Role::Import);
         for (bad, why) in [
             (r#"{"op":"register","service":"198.18.0.10:80"}"#, "no version"),
-            (r#"{"op":"register","service":"198.18.0.10:80","version":3}"#, "versions 1 and 2, not 3"),
+            (r#"{"op":"register","service":"198.18.0.10:80","version":4}"#, "versions 1, 2 and 3, not 4"),
             (r#"{"op":"register","service":"198.18.0.10","version":1}"#, "not ADDRESS:PORT"),
             (r#"{"op":"hello","service":"198.18.0.10:80","version":1}"#, "expected op"),
             (r#"{"op":"register","service":"198.18.0.10:80","version":1,"pending":[{"handoff":"x","role":"both","clients":[]}]}"#, "neither"),

@@ -29,7 +29,7 @@ pub fn to_wire<'a>(sessions: impl IntoIterator<Item = (IpAddr, &'a [u8])>, versi
         .into_iter()
         .map(|(client, blob)| match version {
             Version::V1 => WireSession { client: client.to_string(), blob: Some(STANDARD.encode(blob)), len: None },
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
                 let len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
                 bytes = bytes.saturating_add(len);
                 listed_len(client, len)
@@ -68,7 +68,7 @@ impl serde::Serialize for WireList<'_> {
                 st.serialize_field("client", &self.0.to_string())?;
                 match self.2 {
                     Version::V1 => st.serialize_field("blob", &Base64(self.1))?,
-                    Version::V2 => st.serialize_field("len", &u64::try_from(self.1.len()).unwrap_or(u64::MAX))?,
+                    Version::V2 | Version::V3 => st.serialize_field("len", &u64::try_from(self.1.len()).unwrap_or(u64::MAX))?,
                 }
                 st.end()
             }
@@ -113,7 +113,7 @@ fn listed_len(client: IpAddr, len: u64) -> WireSession {
 /// borrowed to write them, or owned to send them on.
 #[must_use]
 pub fn raw_parts<B>(blobs: impl IntoIterator<Item = B>, version: Version) -> Vec<B> {
-    if version == Version::V2 { blobs.into_iter().collect() } else { Vec::new() }
+    if version.raw_blobs() { blobs.into_iter().collect() } else { Vec::new() }
 }
 
 /// A session as its line lists it: its blob (version 1, decoded from the base64), or the
@@ -148,7 +148,7 @@ pub fn listed(list: Vec<WireSession>, bytes: u64, version: Version, max: usize) 
                 }
                 Listed::Blob(blob)
             }
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
                 let Some(len) = s.len else { return Err(format!("session #{i} lacks a client or a len")) };
                 if usize::try_from(len).map_or(true, |l| l > max) {
                     return Err(format!("session of {client} is {len} bytes, over the limit of {max} (max_session_bytes)"));
@@ -159,7 +159,7 @@ pub fn listed(list: Vec<WireSession>, bytes: u64, version: Version, max: usize) 
         };
         out.push((client, listed));
     }
-    if version == Version::V2 && at != bytes {
+    if version.raw_blobs() && at != bytes {
         return Err(format!("the sessions' lengths add up to {at}, not the {bytes} bytes announced"));
     }
     Ok(out)

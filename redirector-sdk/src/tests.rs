@@ -1,6 +1,11 @@
 //! The SDK replays the shared transcripts (redirector-hook/transcripts): it must write every
 //! line the transcripts say an application writes, byte for byte after the line's JSON.
 
+use std::{
+    io::BufRead as _,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+};
+
 use redirector_hook::transcript::{self, Fixture, Step, Transcript, same_line};
 use serde_json::Value;
 
@@ -165,4 +170,227 @@ fn imported_blobs_arrive_whole_over_the_socket() {
     assert_eq!(handoff, "a/1/b");
     let want: Vec<(IpAddr, Vec<u8>)> = vec![("198.18.1.5".parse().unwrap(), b"hello".to_vec()), ("2001:db8::5".parse().unwrap(), Vec::new()), ("198.18.1.6".parse().unwrap(), big)];
     assert!(*sessions == want, "the blobs, each whole and in order");
+}
+
+/// A fresh folder for one test's hook socket (tests run side by side in one process).
+fn socket_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("redirector-sdk-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fake agent's end of one hook connection: it reads lines and raw bytes with the
+/// descriptors that came with them, as the agent does, and writes lines with descriptors.
+struct FakeAgent {
+    sock: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl FakeAgent {
+    fn accept(l: &std::os::unix::net::UnixListener) -> Self {
+        let (sock, _) = l.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Self { sock, buf: Vec::new(), fds: VecDeque::new() }
+    }
+
+    /// One more read; false at the end of the stream.
+    fn fill(&mut self) -> bool {
+        let mut b = [0u8; 4096];
+        let n = fds::recv_some(self.sock.as_fd(), &mut b, &mut self.fds).expect("the hook wrote within 10 s");
+        self.buf.extend_from_slice(&b[..n]);
+        n > 0
+    }
+
+    fn line(&mut self) -> Value {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return serde_json::from_slice(&line[..end]).unwrap();
+            }
+            assert!(self.fill(), "the hook closed mid-line: {}", String::from_utf8_lossy(&self.buf));
+        }
+    }
+
+    fn raw(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill(), "the hook closed in the middle of raw bytes");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Whether the hook closed this connection (nothing more to read).
+    fn closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill()
+    }
+
+    /// Sends `line` with `fds` attached to it, then `raw`.
+    fn send(&self, line: &Value, raw: &[u8], fds: &[BorrowedFd<'_>]) {
+        fds::send_all(self.sock.as_fd(), format!("{line}\n").as_bytes(), fds).unwrap();
+        (&self.sock).write_all(raw).unwrap();
+    }
+
+    /// Reads the register line (checking its version) and accepts it.
+    fn register(&mut self, version: u64) -> Value {
+        let reg = self.line();
+        assert_eq!((reg["op"].as_str(), reg["version"].as_u64()), (Some("register"), Some(version)), "{reg}");
+        self.send(&serde_json::json!({"op":"registered","service":reg["service"],"version":version}), b"", &[]);
+        reg
+    }
+}
+
+/// A loopback TCP connection: (the application's end, the client's end).
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (server, _) = l.accept().unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (server, client)
+}
+
+/// Says `what` through `from` and checks `to` reads it.
+fn says(from: &TcpStream, to: &TcpStream, what: &[u8]) {
+    (&*from).write_all(what).unwrap();
+    let mut got = vec![0u8; what.len()];
+    (&*to).read_exact(&mut got).unwrap();
+    assert_eq!(got, what);
+}
+
+/// Hands over its one TCP connection with an export (blob `GET /`), records what it adopts and
+/// the order of the calls.
+#[derive(Default)]
+struct Mover {
+    conn: Mutex<Option<TcpStream>>,
+    adopted: Mutex<Vec<(String, Connection)>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Sessions for Mover {
+    fn export(&self, handoff: &str, clients: &[IpAddr]) -> Vec<(IpAddr, Vec<u8>)> {
+        self.calls.lock().unwrap().push(format!("export {handoff}"));
+        clients.iter().map(|c| (*c, b"count=7".to_vec())).collect()
+    }
+    fn import(&self, _: &str, _: Vec<(IpAddr, Vec<u8>)>) -> Result<(), String> {
+        Ok(())
+    }
+    fn commit(&self, handoff: &str) {
+        self.calls.lock().unwrap().push(format!("commit {handoff}"));
+    }
+    fn abort(&self, handoff: &str) {
+        self.calls.lock().unwrap().push(format!("abort {handoff}"));
+    }
+    fn connections(&self, handoff: &str, clients: &[IpAddr]) -> Vec<Connection> {
+        self.calls.lock().unwrap().push(format!("connections {handoff} {clients:?}"));
+        self.conn.lock().unwrap().take().map(|socket| Connection { client: clients[0], socket, blob: b"GET /".to_vec() }).into_iter().collect()
+    }
+    fn adopt(&self, handoff: &str, connections: Vec<Connection>) {
+        self.calls.lock().unwrap().push(format!("adopt {handoff} {}", connections.len()));
+        self.adopted.lock().unwrap().extend(connections.into_iter().map(|c| (handoff.to_string(), c)));
+    }
+}
+
+/// Version 3 over a real socket: an export with `connections:true` hands over the
+/// application's idle TCP connection (its descriptor with the answer's line, its blob after
+/// the session's), the abort gives it back (`adopt`, then `abort`) and it still carries the
+/// same client; an outcome whose connections do not add up is confirmed all the same; a line
+/// announcing descriptors that did not come breaks the connection (the hook registers again).
+#[test]
+fn connections_move_with_an_export_and_come_back_with_its_abort() {
+    let dir = socket_dir("connections");
+    let sock = dir.join("hook.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (server, client) = tcp_pair();
+    let app = Arc::new(Mover { conn: Mutex::new(Some(server)), ..Mover::default() });
+    let hook = Hook::start(&sock, "198.18.0.10:80".parse().unwrap(), app.clone());
+    let mut agent = FakeAgent::accept(&listener);
+    agent.register(3);
+
+    agent.send(&serde_json::json!({"id":1,"op":"export","handoff":"a/1/b","clients":["127.0.0.1","198.18.1.9"],"connections":true}), b"", &[]);
+    let a = agent.line();
+    assert_eq!(
+        a,
+        serde_json::json!({"id":1,"ok":true,"bytes":19,"fds":1,
+            "sessions":[{"client":"127.0.0.1","len":7},{"client":"198.18.1.9","len":7}],
+            "connections":[{"client":"127.0.0.1","len":5}]})
+    );
+    assert_eq!(agent.raw(19), b"count=7count=7GET /", "the sessions' blobs, then the connection's");
+    let moved = TcpStream::from(fds::take(&mut agent.fds, 1).unwrap().remove(0));
+    assert!(agent.fds.is_empty(), "one descriptor, with the line that announced it");
+    assert_eq!(moved.peer_addr().unwrap(), client.local_addr().unwrap(), "the client's connection");
+    says(&moved, &client, b"through the agent's copy");
+
+    // The abort gives it back (the agent then closes its copy).
+    let back = serde_json::json!({"id":2,"op":"abort","handoff":"a/1/b","bytes":5,"fds":1,"connections":[{"client":"127.0.0.1","len":5}]});
+    agent.send(&back, b"GET /", &[moved.as_fd()]);
+    drop(moved);
+    assert_eq!(agent.line(), serde_json::json!({"id":2,"ok":true}));
+    assert_eq!(*app.calls.lock().unwrap(), ["export a/1/b", "connections a/1/b [127.0.0.1, 198.18.1.9]", "adopt a/1/b 1", "abort a/1/b"]);
+    {
+        let adopted = app.adopted.lock().unwrap();
+        let (handoff, c) = &adopted[0];
+        assert_eq!((handoff.as_str(), c.client, c.blob.as_slice()), ("a/1/b", IpAddr::from([127, 0, 0, 1]), &b"GET /"[..]));
+        c.socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        says(&client, &c.socket, b"ping");
+        says(&c.socket, &client, b"pong");
+    }
+
+    // Connections that do not add up (one listed, no descriptor): closed, the commit confirmed.
+    agent.send(&serde_json::json!({"id":3,"op":"commit","handoff":"c/3/a","connections":[{"client":"127.0.0.1","len":0}]}), b"", &[]);
+    assert_eq!(agent.line(), serde_json::json!({"id":3,"ok":true}));
+    assert_eq!(app.calls.lock().unwrap().last().unwrap(), "commit c/3/a", "no adopt");
+
+    // A line announcing a descriptor that did not come: the stream cannot be trusted.
+    agent.send(&serde_json::json!({"id":4,"op":"commit","handoff":"c/4/a","fds":1,"connections":[{"client":"127.0.0.1","len":0}]}), b"", &[]);
+    assert!(agent.closed(), "the hook closed the connection");
+    let mut again = FakeAgent::accept(&listener);
+    again.register(3);
+    drop(hook);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!app.calls.lock().unwrap().iter().any(|c| c.contains("c/4/a")), "nothing applied of the broken line");
+}
+
+/// An application that leaves `connections` and `adopt` as they are answers a version 3
+/// export as in version 2, and the connections that come to it are closed.
+#[test]
+fn an_application_that_moves_no_connection_answers_as_in_version_2() {
+    let dir = socket_dir("no-connections");
+    let sock = dir.join("hook.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let hook = Hook::start(&sock, "198.18.0.10:80".parse().unwrap(), Arc::new(Importer::default()));
+    let mut agent = FakeAgent::accept(&listener);
+    agent.register(3);
+    agent.send(&serde_json::json!({"id":1,"op":"export","handoff":"a/1/b","clients":["198.18.1.5"],"connections":true}), b"", &[]);
+    assert_eq!(agent.line(), serde_json::json!({"id":1,"ok":true,"sessions":[]}));
+    let (server, client) = tcp_pair();
+    agent.send(&serde_json::json!({"id":2,"op":"commit","handoff":"c/2/a","bytes":2,"fds":1,"connections":[{"client":"127.0.0.1","len":2}]}), b"xy", &[server.as_fd()]);
+    drop(server);
+    assert_eq!(agent.line(), serde_json::json!({"id":2,"ok":true}));
+    let mut b = [0u8; 1];
+    assert_eq!((&client).read(&mut b).unwrap(), 0, "the connection was closed");
+    drop(hook);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent that refuses version 3 gets version 2, and one that refuses 2 gets 1: one version
+/// older at a time.
+#[test]
+fn the_hook_falls_back_one_version_at_a_time() {
+    let dir = socket_dir("fallback");
+    let sock = dir.join("hook.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let hook = Hook::start(&sock, "198.18.0.10:80".parse().unwrap(), Arc::new(Importer::default()));
+    for (offered, refusal) in [(3, "this agent speaks hook protocol versions 1 and 2, not 3"), (2, "this agent speaks hook protocol version 1, not 2")] {
+        let mut agent = FakeAgent::accept(&listener);
+        let reg = agent.line();
+        assert_eq!(reg["version"], offered, "{reg}");
+        agent.send(&serde_json::json!({"op":"error","error":refusal}), b"", &[]);
+    }
+    let mut agent = FakeAgent::accept(&listener);
+    agent.register(1);
+    agent.send(&serde_json::json!({"id":1,"op":"export","handoff":"a/1/b","clients":["198.18.1.5"]}), b"", &[]);
+    assert_eq!(agent.line(), serde_json::json!({"id":1,"ok":true,"sessions":[]}));
+    drop(hook);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -239,6 +239,12 @@ pub struct Service {
     /// for it (the round says why), instead of moving without its session. Default false.
     #[serde(default)]
     pub sessions: bool,
+    /// Clients' open connections move with their sessions (`TCP_REPAIR`): applications that
+    /// speak hook protocol version 3 hand over their idle connections, which carry on at the
+    /// other server. Its SYN-ACKs then announce an MSS that leaves room for the tunnel.
+    /// Default false: open connections stay and the application closes them after the commit.
+    #[serde(default)]
+    pub live_moves: bool,
 }
 
 impl Service {

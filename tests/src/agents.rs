@@ -178,6 +178,8 @@ pub struct NodeSpec<'a> {
     pub low: u64,
     /// The services keep sessions (`sessions = true`).
     pub sessions: bool,
+    /// Open connections move with their clients (`live_moves = true`).
+    pub live_moves: bool,
     /// More lines for this node's configuration only.
     pub extra: String,
     /// Its agent is started in its namespace already ([`Launch`]): no `netns` line.
@@ -218,7 +220,12 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         }
     }
     for svc in std::iter::once(me.service).chain(me.service6) {
-        s.push_str(&format!("[[service]]\naddress = \"{svc}\"\ndev = \"eth0\"\ncgroup = \"{}\"\nsessions = {}\n", me.cgroup.display(), me.sessions));
+        s.push_str(&format!(
+            "[[service]]\naddress = \"{svc}\"\ndev = \"eth0\"\ncgroup = \"{}\"\nsessions = {}\nlive_moves = {}\n",
+            me.cgroup.display(),
+            me.sessions,
+            me.live_moves
+        ));
     }
     let path = dir.join(format!("{}.toml", me.name));
     fs::write(&path, s).expect("write agent config");
@@ -429,6 +436,8 @@ pub struct Options {
     /// More lines for every agent's configuration.
     pub extra: String,
     pub dual: bool,
+    /// Open connections move with their clients (`live_moves = true` on every service).
+    pub live_moves: bool,
     /// Per node name.
     pub nodes: HashMap<String, NodeOpts>,
 }
@@ -479,7 +488,7 @@ impl Cluster {
     }
 
     fn build_with(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>, extra: &str, dual: bool) -> Self {
-        Self::with_options(clients, nodes, &Options { demo, extra: extra.to_string(), dual, nodes: HashMap::new() })
+        Self::with_options(clients, nodes, &Options { demo, extra: extra.to_string(), dual, nodes: HashMap::new(), live_moves: false })
     }
 
     /// A cluster built with `opts`.
@@ -527,7 +536,19 @@ impl Cluster {
                         apps.push(start_app(host, &cgroup, app, s6, &dir));
                     }
                 }
-                NodeSpec { name, host, service, service6, cgroup, high: *high, low: *low, sessions: demo.is_some(), extra: o.extra.clone(), launched: o.launch.is_some() }
+                NodeSpec {
+                    name,
+                    host,
+                    service,
+                    service6,
+                    cgroup,
+                    high: *high,
+                    low: *low,
+                    sessions: demo.is_some(),
+                    live_moves: opts.live_moves,
+                    extra: o.extra.clone(),
+                    launched: o.launch.is_some(),
+                }
             })
             .collect();
         let refs: Vec<&NodeSpec<'_>> = specs.iter().collect();

@@ -1,5 +1,5 @@
 //! `redirector-demo-app --name A --listen 198.18.0.10:80 [--hook SOCKET --service ADDR]
-//! [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]`
+//! [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2|3]`
 //!
 //! An HTTP/1.1 server with a session per client address: a counter and the last few counts.
 //! Every response says who served it, the client, and the session's count, as JSON:
@@ -22,19 +22,29 @@
 //! request that waits longer than `--freeze-wait-ms` (default 10000) is answered 503 (the
 //! session is neither forked nor lost: the client may retry). Hook events are logged to
 //! stderr as `hook: ...` lines.
+//!
+//! In version 3 of the hook (the default when the agent speaks it; `--hook-version` picks one)
+//! idle keep-alive connections move too: right after an export that asks for them, every
+//! connection of the exported clients that is idle at a request boundary (its last request
+//! answered, nothing of the next one read) is handed over, with an empty blob; its thread lets
+//! go of it without a byte or a close. Connections that come with a commit or an abort (moved
+//! here, or given back) are served as if just accepted. A connection's thread waits for its
+//! next request with `poll(2)`, which reads nothing: only once it holds the store's lock and
+//! finds the connection still its own does it read, so a hand-over never loses a byte.
 
 use std::{
     collections::{HashMap, VecDeque},
-    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    io::{BufRead, BufReader, Chain, Cursor, Read, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     sync::{
-        Arc, Condvar, Mutex,
+        Arc, Condvar, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use redirector_sdk::{Hook, Sessions, Version};
+use redirector_sdk::{Connection, Hook, Sessions, Version};
 use serde_json::json;
 
 const HISTORY: usize = 5;
@@ -68,14 +78,33 @@ struct Client {
     moved: bool,
     /// Imported by hand-over (dropped if it aborts).
     imported: Option<String>,
-    /// Open connections: id -> (stream, idle).
-    conns: HashMap<u64, (TcpStream, Arc<AtomicBool>)>,
+    /// Open connections, by id.
+    conns: HashMap<u64, Conn>,
 }
 
-#[derive(Default)]
+/// An open connection, as the store knows it.
+struct Conn {
+    /// A copy of its socket: to close it (commit) or hand it over (export).
+    stream: TcpStream,
+    /// Its thread is reading a request, answering it or closing the connection. Not busy: idle
+    /// at a request boundary (the last request answered, nothing of the next one read), the
+    /// only time it may be closed by a commit or handed over. Changed under the store's lock.
+    busy: bool,
+    /// Its request waits on the client's frozen session: the bytes read of it and after it
+    /// (what the connection is handed over with, as its blob, to be answered elsewhere).
+    waiting: Option<Vec<u8>>,
+    /// Handed over (the entry is gone from the store): its thread lets go of it untouched.
+    gone: Arc<AtomicBool>,
+}
+
 struct Store {
     clients: Mutex<HashMap<IpAddr, Client>>,
     changed: Condvar,
+    /// The server's name, in every answer.
+    name: String,
+    settings: Settings,
+    /// Itself, to serve the connections it adopts.
+    me: Weak<Store>,
 }
 
 impl Sessions for Store {
@@ -122,11 +151,10 @@ impl Sessions for Store {
                 cl.moved = true;
                 cl.session = None;
                 // Idle connections close now; a busy one closes after its answer; a waiting
-                // request wakes up and closes its connection unanswered.
-                for (stream, idle) in cl.conns.values() {
-                    if idle.load(Ordering::SeqCst) {
-                        let _ = stream.shutdown(Shutdown::Both);
-                    }
+                // request wakes up and closes its connection unanswered. (Those handed over
+                // are no longer here.)
+                for c in cl.conns.values().filter(|c| !c.busy) {
+                    let _ = c.stream.shutdown(Shutdown::Both);
                 }
             }
             if cl.imported.as_deref() == Some(handoff) {
@@ -155,9 +183,60 @@ impl Sessions for Store {
         eprintln!("hook: abort {handoff}: {unfrozen} clients unfrozen, {dropped} imported sessions dropped");
         self.changed.notify_all();
     }
+
+    fn connections(&self, handoff: &str, clients: &[IpAddr]) -> Vec<Connection> {
+        // Under the lock a connection's thread takes before it reads a request: an idle one
+        // has read nothing of the next request (its blob is empty) and will not read now; one
+        // whose request waits on the frozen session goes with that request (its blob). One
+        // that is reading a request or writing an answer becomes one or the other in a moment
+        // (its client is frozen): waited for, a little.
+        let deadline = Instant::now() + HAND_OVER_WAIT;
+        let mut map = self.clients.lock().expect("lock");
+        let in_between = |map: &HashMap<IpAddr, Client>| clients.iter().filter_map(|c| map.get(c)).flat_map(|cl| cl.conns.values()).any(|k| k.busy && k.waiting.is_none());
+        while in_between(&map) && Instant::now() < deadline {
+            map = self.changed.wait_timeout(map, Duration::from_millis(5)).expect("lock").0;
+        }
+        let (mut out, mut waiting) = (Vec::new(), 0);
+        for c in clients {
+            let Some(cl) = map.get_mut(c) else { continue };
+            let ready: Vec<u64> = cl.conns.iter().filter(|(_, k)| !k.busy || k.waiting.is_some()).map(|(id, _)| *id).collect();
+            for id in ready {
+                let k = cl.conns.remove(&id).expect("listed just now");
+                k.gone.store(true, Ordering::SeqCst);
+                waiting += usize::from(k.waiting.is_some());
+                out.push(Connection { client: *c, socket: k.stream, blob: k.waiting.unwrap_or_default() });
+            }
+        }
+        self.changed.notify_all();
+        eprintln!("hook: hand over {handoff}: {} connections of {} clients ({waiting} with a request waiting)", out.len(), clients.len());
+        out
+    }
+
+    fn adopt(&self, handoff: &str, connections: Vec<Connection>) {
+        let Some(me) = self.me.upgrade() else { return };
+        let n = connections.len();
+        let mut served = 0;
+        for c in connections {
+            // In the store before the commit or abort that follows (a commit closes it if its
+            // client's session left), then served by a thread of its own.
+            let Some(conn) = me.enlist(c.client.to_canonical(), c.socket, c.blob, false) else { continue };
+            served += 1;
+            let me = me.clone();
+            std::thread::spawn(move || me.serve(conn));
+        }
+        eprintln!("hook: adopt {handoff}: {served} of {n} connections, served as if just accepted");
+    }
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
+
+/// How long a hand-over waits for connections in the middle of a request or an answer to
+/// reach a point where they can go.
+const HAND_OVER_WAIT: Duration = Duration::from_millis(200);
+
+/// How often a thread waiting for its connection's next request looks whether the connection
+/// was handed over (and lets go of it then).
+const TICK: Duration = Duration::from_millis(50);
 
 /// What the server needs from a request head.
 struct Request {
@@ -167,39 +246,81 @@ struct Request {
 
 /// How waiting for a connection's next request ended.
 enum Next {
-    /// A request (at least its first byte) is there.
+    /// A request (at least its first byte) is there, or the client closed: read it.
     Request,
     /// No byte within `--idle-close-ms`.
     Idle,
-    /// The client closed (or reset) the connection.
-    Closed,
+    /// Handed over to the agent: not this server's any more.
+    HandedOver,
 }
 
-/// Waits for the first byte of the next request, at most `idle` (none: as long as it takes).
-fn next_request(r: &mut BufReader<TcpStream>, idle: Option<Duration>) -> Next {
-    if !r.buffer().is_empty() {
-        return Next::Request;
+/// A connection's input: what was read of it before (an adopted connection's blob), then its
+/// socket.
+type Input = BufReader<Chain<Cursor<Vec<u8>>, TcpStream>>;
+
+/// Whether bytes of the connection were read but not used yet.
+/// What `r` holds that was read from the connection but not consumed yet.
+fn unread(r: &Input) -> Vec<u8> {
+    let (before, _) = r.get_ref().get_ref();
+    let rest = usize::try_from(before.position()).ok().and_then(|p| before.get_ref().get(p..)).unwrap_or_default();
+    [r.buffer(), rest].concat()
+}
+
+/// A reader that keeps a copy of what it consumes: a request's bytes, to hand over with it.
+struct Recorded<'a, R: BufRead> {
+    inner: &'a mut R,
+    raw: Vec<u8>,
+}
+
+impl<R: BufRead> Read for Recorded<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.raw.extend_from_slice(&buf[..n]);
+        Ok(n)
     }
-    let Some(idle) = idle else { return Next::Request };
-    if r.get_ref().set_read_timeout(Some(idle)).is_err() {
-        return Next::Closed;
+}
+
+impl<R: BufRead> BufRead for Recorded<'_, R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
     }
-    let next = match r.fill_buf() {
-        Ok([]) => Next::Closed,
-        Ok(_) => Next::Request,
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Next::Idle,
-        Err(_) => Next::Closed,
-    };
-    // The rest of the request (and a frozen session's wait) is not bound by the idle time.
-    if r.get_ref().set_read_timeout(None).is_err() {
-        return Next::Closed;
+
+    fn consume(&mut self, n: usize) {
+        // What is consumed was filled just before: no read happens here.
+        if let Ok(b) = self.inner.fill_buf() {
+            self.raw.extend_from_slice(&b[..n.min(b.len())]);
+        }
+        self.inner.consume(n);
     }
-    next
+}
+
+fn pending(r: &Input) -> bool {
+    let (before, _) = r.get_ref().get_ref();
+    !r.buffer().is_empty() || usize::try_from(before.position()).is_ok_and(|p| p < before.get_ref().len())
+}
+
+fn socket(r: &Input) -> &TcpStream {
+    r.get_ref().get_ref().1
+}
+
+/// Whether `s` has something to read (or its end, or an error) within `wait`, reading nothing.
+fn readable(s: &TcpStream, wait: Duration) -> std::io::Result<bool> {
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, borrowed for the call only.
+    match unsafe { libc::poll(&raw mut p, 1, ms) } {
+        n if n > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) }
+        }
+    }
 }
 
 /// Reads one request (its head, and a `Content-Length` body, which is ignored); None at end
 /// of stream or on an error.
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+fn read_request(r: &mut impl BufRead) -> Option<Request> {
     let mut line = String::new();
     // The request line (empty lines before it are ignored, RFC 9112 section 2.2).
     for _ in 0..8 {
@@ -254,8 +375,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
 /// Closes a connection the server is done with, first: sends its FIN, then reads (and
 /// ignores) what the client still sends until it closes too, for at most a second, so that
 /// the client reads the whole answer before any reset.
-fn close_first(r: &mut BufReader<TcpStream>) {
-    let s = r.get_ref();
+fn close_first(s: &TcpStream) {
     if s.shutdown(Shutdown::Write).is_err() {
         return;
     }
@@ -264,10 +384,10 @@ fn close_first(r: &mut BufReader<TcpStream>) {
     let mut left = 64 * 1024usize;
     loop {
         let now = Instant::now();
-        if now >= deadline || left == 0 || r.get_ref().set_read_timeout(Some(deadline - now)).is_err() {
+        if now >= deadline || left == 0 || s.set_read_timeout(Some(deadline - now)).is_err() {
             return;
         }
-        match r.get_mut().read(&mut buf) {
+        match (&*s).read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => left = left.saturating_sub(n),
         }
@@ -299,91 +419,171 @@ enum End {
     /// The server closes first: the client asked (`Connection: close`, HTTP/1.0) or the
     /// connection was idle too long.
     First,
+    /// Handed over to the agent: let go of it without touching it.
+    HandedOver,
 }
 
-fn serve(store: &Store, name: &str, stream: TcpStream, settings: Settings) {
-    let Settings { freeze_wait, idle_close } = settings;
-    let Ok(peer) = stream.peer_addr() else { return };
-    // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
-    let client = peer.ip().to_canonical();
-    let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    let idle = Arc::new(AtomicBool::new(true));
-    let _ = stream.set_nodelay(true);
-    // A client that does not read never holds a thread (or the store) for long.
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    {
-        let mut map = store.clients.lock().expect("lock");
-        let cl = map.entry(client).or_default();
-        cl.moved = false;
-        if let Ok(s) = stream.try_clone() {
-            cl.conns.insert(id, (s, idle.clone()));
+/// A connection in the store, ready to serve.
+struct Served {
+    id: u64,
+    client: IpAddr,
+    gone: Arc<AtomicBool>,
+    r: Input,
+    w: TcpStream,
+}
+
+impl Store {
+    /// Serves a connection just accepted.
+    fn accept(&self, stream: TcpStream) {
+        let Ok(peer) = stream.peer_addr() else { return };
+        // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
+        if let Some(conn) = self.enlist(peer.ip().to_canonical(), stream, Vec::new(), true) {
+            self.serve(conn);
         }
     }
-    let Ok(mut w) = stream.try_clone() else { return };
-    let mut r = BufReader::new(stream);
-    let end = loop {
-        match next_request(&mut r, idle_close) {
-            Next::Request => {}
-            Next::Idle => break End::First,
-            Next::Closed => break End::Now,
-        }
-        let Some(request) = read_request(&mut r) else { break End::Now };
-        idle.store(false, Ordering::SeqCst);
-        let reply = {
-            let mut map = store.clients.lock().expect("lock");
-            // Wait while the client is frozen by a hand-over (until it ends; the agent tells
-            // the outcome even across its own restarts, but the wait is bounded).
-            let deadline = std::time::Instant::now() + freeze_wait;
-            while map.get(&client).is_some_and(|c| c.frozen.is_some()) && std::time::Instant::now() < deadline {
-                map = store.changed.wait_timeout(map, Duration::from_millis(50)).expect("lock").0;
-            }
+
+    /// Puts a connection of `client` in the store, `before` being what was read of it already
+    /// (an adopted connection's blob). `accepted`: a new connection of the client (it came
+    /// here, so its session is not elsewhere).
+    fn enlist(&self, client: IpAddr, stream: TcpStream, before: Vec<u8>, accepted: bool) -> Option<Served> {
+        let _ = stream.set_nodelay(true);
+        // A client that does not read never holds a thread (or the store) for long.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+        let (kept, w) = (stream.try_clone().ok()?, stream.try_clone().ok()?);
+        let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let gone = Arc::new(AtomicBool::new(false));
+        {
+            let mut map = self.clients.lock().expect("lock");
             let cl = map.entry(client).or_default();
-            if cl.moved {
-                // The session lives elsewhere now: close without an answer; the client's retry
-                // opens a new connection, which is steered to the sibling.
-                eprintln!("closing a connection of {client}: its session moved");
-                Reply::Close
-            } else if let Some(h) = &cl.frozen {
-                eprintln!("answering 503 to {client}: frozen by hand-over {h} for over {} ms", freeze_wait.as_millis());
-                Reply::Busy(json!({"server": name, "client": client.to_string(), "error": format!("session frozen by hand-over {h}: retry later")}).to_string())
-            } else {
-                let s = cl.session.get_or_insert_default();
-                s.count += 1;
-                let n = s.count;
-                s.history.push_back(n);
-                if s.history.len() > HISTORY {
-                    s.history.pop_front();
+            if accepted {
+                cl.moved = false;
+            }
+            cl.conns.insert(id, Conn { stream: kept, busy: !before.is_empty(), waiting: None, gone: gone.clone() });
+        }
+        Some(Served { id, client, gone, r: BufReader::new(Cursor::new(before).chain(stream)), w })
+    }
+
+    /// Waits for the connection's next request without reading it, then makes the connection
+    /// busy under the store's lock unless it was handed over meanwhile.
+    fn next_request(&self, c: &Served) -> Next {
+        let since = Instant::now();
+        let mut next = Next::Request;
+        if !pending(&c.r) {
+            loop {
+                if c.gone.load(Ordering::SeqCst) {
+                    return Next::HandedOver;
                 }
-                Reply::Ok(json!({"server": name, "client": client.to_string(), "count": n, "history": s.history}).to_string())
+                let left = self.settings.idle_close.map(|d| d.saturating_sub(since.elapsed()));
+                if left.is_some_and(|l| l.is_zero()) {
+                    next = Next::Idle;
+                    break;
+                }
+                // An error: the read that follows sees it.
+                if readable(socket(&c.r), left.map_or(TICK, |l| l.min(TICK))).unwrap_or(true) {
+                    break;
+                }
+            }
+        }
+        let mut map = self.clients.lock().expect("lock");
+        match map.get_mut(&c.client).and_then(|cl| cl.conns.get_mut(&c.id)) {
+            Some(k) => {
+                k.busy = true;
+                next
+            }
+            None => Next::HandedOver,
+        }
+    }
+
+    fn serve(&self, mut c: Served) {
+        let (name, freeze_wait, client) = (self.name.as_str(), self.settings.freeze_wait, c.client);
+        let end = loop {
+            match self.next_request(&c) {
+                Next::Request => {}
+                Next::Idle => break End::First,
+                Next::HandedOver => break End::HandedOver,
+            }
+            let mut rec = Recorded { inner: &mut c.r, raw: Vec::new() };
+            let Some(request) = read_request(&mut rec) else { break End::Now };
+            let raw = rec.raw;
+            let reply = {
+                let mut map = self.clients.lock().expect("lock");
+                // Wait while the client is frozen by a hand-over (until it ends; the agent tells
+                // the outcome even across its own restarts, but the wait is bounded). Meanwhile
+                // the connection may go with the session, this request with it.
+                let deadline = Instant::now() + freeze_wait;
+                if map.get(&client).is_some_and(|c| c.frozen.is_some())
+                    && let Some(k) = map.get_mut(&client).and_then(|cl| cl.conns.get_mut(&c.id))
+                {
+                    k.waiting = Some([raw, unread(&c.r)].concat());
+                    self.changed.notify_all();
+                }
+                while map.get(&client).is_some_and(|c| c.frozen.is_some()) && Instant::now() < deadline && !c.gone.load(Ordering::SeqCst) {
+                    map = self.changed.wait_timeout(map, Duration::from_millis(50)).expect("lock").0;
+                }
+                if c.gone.load(Ordering::SeqCst) {
+                    break End::HandedOver;
+                }
+                if let Some(k) = map.get_mut(&client).and_then(|cl| cl.conns.get_mut(&c.id)) {
+                    k.waiting = None;
+                }
+                let cl = map.entry(client).or_default();
+                if cl.moved {
+                    // The session lives elsewhere now: close without an answer; the client's retry
+                    // opens a new connection, which is steered to the sibling.
+                    eprintln!("closing a connection of {client}: its session moved");
+                    Reply::Close
+                } else if let Some(h) = &cl.frozen {
+                    eprintln!("answering 503 to {client}: frozen by hand-over {h} for over {} ms", freeze_wait.as_millis());
+                    Reply::Busy(json!({"server": name, "client": client.to_string(), "error": format!("session frozen by hand-over {h}: retry later")}).to_string())
+                } else {
+                    let s = cl.session.get_or_insert_default();
+                    s.count += 1;
+                    let n = s.count;
+                    s.history.push_back(n);
+                    if s.history.len() > HISTORY {
+                        s.history.pop_front();
+                    }
+                    Reply::Ok(json!({"server": name, "client": client.to_string(), "count": n, "history": s.history}).to_string())
+                }
+            };
+            let connection = if request.keep_alive { "keep-alive" } else { "close" };
+            let resp = match reply {
+                Reply::Close => break End::Now,
+                Reply::Ok(body) => format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}", body.len()),
+                Reply::Busy(body) => format!(
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: {connection}\r\n\r\n{body}",
+                    body.len()
+                ),
+            };
+            let ok = c.w.write_all(resp.as_bytes()).is_ok();
+            let mut map = self.clients.lock().expect("lock");
+            let cl = map.get_mut(&client);
+            if !ok || cl.as_ref().is_some_and(|cl| cl.moved) {
+                break End::Now;
+            }
+            if !request.keep_alive {
+                break End::First;
+            }
+            // Idle again (a commit may close it, an export hand it over) unless the next
+            // request's first bytes are already read.
+            if !pending(&c.r)
+                && let Some(k) = cl.and_then(|cl| cl.conns.get_mut(&c.id))
+            {
+                k.busy = false;
+                self.changed.notify_all();
             }
         };
-        let connection = if request.keep_alive { "keep-alive" } else { "close" };
-        let resp = match reply {
-            Reply::Close => break End::Now,
-            Reply::Ok(body) => format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}", body.len()),
-            Reply::Busy(body) => format!(
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: {connection}\r\n\r\n{body}",
-                body.len()
-            ),
-        };
-        let ok = w.write_all(resp.as_bytes()).is_ok();
-        let moved = store.clients.lock().expect("lock").get(&client).is_some_and(|c| c.moved);
-        idle.store(true, Ordering::SeqCst);
-        if !ok || moved {
-            break End::Now;
+        match end {
+            // The agent holds the socket now: drop this thread's copies, nothing more.
+            End::HandedOver => return,
+            End::Now => {
+                let _ = c.w.shutdown(Shutdown::Both);
+            }
+            End::First => close_first(socket(&c.r)),
         }
-        if !request.keep_alive {
-            break End::First;
+        if let Some(cl) = self.clients.lock().expect("lock").get_mut(&client) {
+            cl.conns.remove(&c.id);
         }
-    };
-    match end {
-        End::Now => {
-            let _ = w.shutdown(Shutdown::Both);
-        }
-        End::First => close_first(&mut r),
-    }
-    if let Some(cl) = store.clients.lock().expect("lock").get_mut(&client) {
-        cl.conns.remove(&id);
     }
 }
 
@@ -394,7 +594,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(name), Some(listen)) = (arg(&args, "--name"), arg(&args, "--listen")) else {
-        eprintln!("usage: redirector-demo-app --name NAME --listen ADDR [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]");
+        eprintln!("usage: redirector-demo-app --name NAME --listen ADDR [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2|3]");
         std::process::exit(2);
     };
     let millis = |name: &str| {
@@ -413,11 +613,11 @@ fn main() {
     // Without --hook-version, the newest version the agent speaks.
     let version = arg(&args, "--hook-version").map(|v| {
         v.parse().ok().and_then(Version::from_number).unwrap_or_else(|| {
-            eprintln!("bad --hook-version {v:?}: 1 or 2");
+            eprintln!("bad --hook-version {v:?}: 1, 2 or 3");
             std::process::exit(2);
         })
     });
-    let store = Arc::new(Store::default());
+    let store = Arc::new_cyclic(|me| Store { clients: Mutex::default(), changed: Condvar::new(), name: name.clone(), settings, me: me.clone() });
     let _hook = arg(&args, "--hook").map(|sock| {
         let service: SocketAddr = arg(&args, "--service").and_then(|s| s.parse().ok()).unwrap_or(listen);
         Hook::start_version(sock, service, version, store.clone())
@@ -428,7 +628,7 @@ fn main() {
     });
     eprintln!("listening on {listen} as {name}");
     for conn in listener.incoming().flatten() {
-        let (store, name) = (store.clone(), name.clone());
-        std::thread::spawn(move || serve(&store, &name, conn, settings));
+        let store = store.clone();
+        std::thread::spawn(move || store.accept(conn));
     }
 }

@@ -185,7 +185,7 @@ impl Agent {
         // The volunteer sends as its applications export: it may pause as long as an
         // application may stall, and a send on the link may take its deadline.
         let stall = self.limits().allowance(u64::try_from(self.cfg.max_frame).unwrap_or(u64::MAX)).saturating_mul(2).saturating_add(self.send_deadline());
-        take_sessions(frames, &mut arriving, stall).await?;
+        take_sessions(frames, &mut arriving, &mut super::handoff::Restoring::default(), stall).await?;
         for (_, a) in arriving.drain() {
             if let Some(Err(e)) = a.finish().await {
                 return Err(format!("import failed: {e:#}"));
@@ -347,7 +347,7 @@ impl Agent {
         // service addresses; an empty `Sessions` frame every half lease keeps the origin waiting.
         let (max_frame, deadline) = (self.cfg.max_frame, self.send_deadline());
         let exported = {
-            let work = self.export_all(handoff, &apps, &clients);
+            let work = self.export_all(handoff, &apps, &clients, false);
             tokio::pin!(work);
             let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
             keepalive.tick().await;
@@ -391,7 +391,8 @@ impl Agent {
             reply.send_timeout(f, deadline).await.map_err(|_| "the link to the origin is gone or stuck".to_string())?;
         }
         info!(origin = %from, handoff, clients = n_back, sessions = n_sessions, "giving clients back: exported (frozen until the origin commits), sessions on their way");
-        let sets = send_sessions(exports, max_frame, |service, sessions| {
+        let mut exports = exports;
+        let sets = send_sessions(&mut exports, max_frame, |service, sessions| {
             Box::pin(async move { reply.send_timeout(Answer::Sessions { id, service, sessions }, deadline).await.map_err(|_| anyhow!("the link to the origin is gone or stuck")) })
         })
         .await

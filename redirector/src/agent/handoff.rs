@@ -24,6 +24,7 @@ use tracing::warn;
 
 use super::{
     Agent, Streamed,
+    live::{RestoredConn, restore_all},
     records::{Dir, Record},
     tally::End,
 };
@@ -82,11 +83,13 @@ pub(super) struct Handover {
     pub t0: Instant,
     /// The sessions it carries and their bytes, once known (for the tally).
     pub sessions: (usize, u64),
+    /// The open connections moving with its clients.
+    pub moving: Option<super::live::Moving>,
 }
 
 impl Handover {
     pub(super) fn new(rec: Arc<Record>, busy: Busy, t0: Instant) -> Self {
-        Self { rec, busy, t0, sessions: (0, 0) }
+        Self { rec, busy, t0, sessions: (0, 0), moving: None }
     }
 
     /// Its name as applications see it, with `node` its origin.
@@ -107,14 +110,15 @@ impl Drop for Busy {
 /// after the other. Returns the count and digest of each service's sessions, which the
 /// `Transfer` or `Returning` after them carries.
 pub(super) async fn send_sessions<'a>(
-    exports: Vec<(SocketAddr, Exported)>,
+    exports: &mut [(SocketAddr, Exported)],
     max_frame: usize,
     mut send: impl FnMut(SocketAddr, Vec<SessionBlob>) -> BoxFuture<'a, anyhow::Result<()>>,
 ) -> anyhow::Result<Vec<SessionSet>> {
     let budget = max_frame.saturating_sub(4096).max(1);
     let mut sets = Vec::with_capacity(exports.len());
-    for (service, mut exported) in exports {
-        let mut set = SessionSet { service, count: 0, digest: 0 };
+    for (service, exported) in exports.iter_mut() {
+        let service = *service;
+        let mut set = SessionSet { service, count: 0, digest: 0, connections: 0 };
         while let Some(batch) = exported.next_batch(budget).await.map_err(|e| anyhow::anyhow!("export failed: {e:#}"))? {
             let blobs: Vec<SessionBlob> = batch.into_iter().map(Into::into).collect();
             set.count += u64::try_from(blobs.len()).unwrap_or(u64::MAX);
@@ -173,9 +177,15 @@ impl Arriving {
 
 /// Takes a hand-over's sessions as they arrive, each checked against the one listed next
 /// and pushed on to its import, until `Sealed`, which must count and digest exactly what
-/// arrived; `stall`: the longest wait for the next frame. An error: why the hand-over is
-/// refused.
-pub(super) async fn take_sessions(frames: &mut mpsc::Receiver<Streamed>, arriving: &mut HashMap<SocketAddr, Arriving>, stall: Duration) -> Result<(), String> {
+/// arrived; open connections that move with them are restored into `restoring` (none may
+/// come where it lists no service). `stall`: the longest wait for the next frame. An error:
+/// why the hand-over is refused.
+pub(super) async fn take_sessions(
+    frames: &mut mpsc::Receiver<Streamed>,
+    arriving: &mut HashMap<SocketAddr, Arriving>,
+    restoring: &mut Restoring,
+    stall: Duration,
+) -> Result<(), String> {
     loop {
         let frame = match tokio::time::timeout(stall, frames.recv()).await {
             Err(_) => return Err(format!("no sessions came for {} ms", stall.as_millis())),
@@ -211,7 +221,19 @@ pub(super) async fn take_sessions(frames: &mut mpsc::Receiver<Streamed>, arrivin
                 }
             }
             Streamed::Abort(reason) => return Err(format!("the sender aborted: {}", Said(&reason))),
+            Streamed::Connections(svc, conns) => {
+                let Some(local) = restoring.locals.get(&svc).copied() else {
+                    return Err(format!("open connections of {svc}, which this hand-over does not move connections of"));
+                };
+                restore_all(local, conns, &mut restoring.out)?;
+            }
             Streamed::Sealed(sets) => {
+                for set in &sets {
+                    let here = restoring.out.iter().filter(|r| restoring.locals.get(&set.service) == Some(&r.local)).count();
+                    if u64::try_from(here).ok() != Some(set.connections) {
+                        return Err(format!("{here} open connections of {} arrived, and the origin counts {}: some were lost on the way", set.service, set.connections));
+                    }
+                }
                 for (svc, a) in arriving.iter() {
                     let set = sets.iter().find(|s| s.service == *svc);
                     if !set.is_some_and(|s| s.count == a.listed && s.digest == a.digest && a.expected.is_empty()) {
@@ -231,6 +253,14 @@ pub(super) async fn take_sessions(frames: &mut mpsc::Receiver<Streamed>, arrivin
             }
         }
     }
+}
+
+/// Where the open connections of a transfer go (the origin's service -> the local service
+/// whose application takes them), and those restored so far.
+#[derive(Default)]
+pub(super) struct Restoring {
+    pub locals: HashMap<SocketAddr, SocketAddr>,
+    pub out: Vec<RestoredConn>,
 }
 
 /// How a client appears in a log line: its address, with its connections when known.
@@ -285,7 +315,7 @@ impl Agent {
     /// clients stay busy until then.
     pub(super) async fn conclude(self: &Arc<Self>, h: Handover, end: End) {
         let handoff = h.name(self.cfg.node.as_str());
-        let Handover { rec, mut busy, t0, sessions: (n_sessions, bytes) } = h;
+        let Handover { rec, mut busy, t0, sessions: (n_sessions, bytes), moving } = h;
         self.tally.ended(rec.dir, &end, t0.elapsed(), rec.clients.len(), n_sessions, bytes);
         let (verdict, why) = match end {
             End::Committed => (Verdict::Committed, String::new()),
@@ -297,10 +327,16 @@ impl Agent {
         if commit {
             self.state().moved.just_moved(&rec.clients, Instant::now());
         }
+        // Open connections: live on the volunteer before anyone is told (committed), or back
+        // where they were.
+        let mut given = match moving {
+            Some(m) => self.end_moving(&rec.volunteer, rec.id, m, commit).await,
+            None => HashMap::new(),
+        };
         let me = self.clone();
         let (apps, h) = (rec.apps.clone(), handoff.clone());
         let settled = tokio::spawn(async move {
-            futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &h, commit))).await;
+            futures::future::join_all(apps.iter().map(|s| me.apps.settle_with(*s, &h, commit, given.remove(s).unwrap_or_default()))).await;
             me.unbusy(&clients);
         });
         if commit {
@@ -361,7 +397,7 @@ mod tests {
         let svc: SocketAddr = "198.18.0.10:80".parse().unwrap();
         let s = |c: u8, b: &[u8]| SessionBlob { client: IpAddr::from([198, 18, 1, c]), blob: b.to_vec() };
         let sent = [s(1, b"one"), s(2, b""), s(3, b"three")];
-        let sealed = |v: &[SessionBlob]| Streamed::Sealed(vec![SessionSet { service: svc, count: v.len() as u64, digest: peer::digest(v) }]);
+        let sealed = |v: &[SessionBlob]| Streamed::Sealed(vec![SessionSet { service: svc, count: v.len() as u64, digest: peer::digest(v), connections: 0 }]);
         let listed: VecDeque<ListedSession> = sent.iter().map(|s| ListedSession { client: s.client, len: s.blob.len() as u64 }).collect();
         let run = |frames: Vec<Streamed>, keep_open: bool| {
             let listed = listed.clone();
@@ -372,7 +408,7 @@ mod tests {
                     tx.try_send(f).unwrap();
                 }
                 let _open = keep_open.then_some(tx);
-                take_sessions(&mut rx, &mut arriving, Duration::from_millis(100)).await
+                take_sessions(&mut rx, &mut arriving, &mut Restoring::default(), Duration::from_millis(100)).await
             }
         };
         let frames = |parts: &[&[SessionBlob]]| parts.iter().map(|p| Streamed::Sessions(svc, p.to_vec())).collect::<Vec<_>>();

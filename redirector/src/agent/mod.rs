@@ -21,6 +21,7 @@ mod handback;
 mod handoff;
 mod kernel_log;
 mod link;
+mod live;
 mod liveness;
 mod origin;
 mod policy;
@@ -99,6 +100,8 @@ pub struct Agent {
     running: tokio::sync::watch::Sender<bool>,
     /// Hand-overs counted as they end.
     tally: tally::Tally,
+    /// Volunteer: connections moved here, by transfer, until its end ([`live`]).
+    restored: Mutex<std::collections::HashMap<(crate::peer::NodeName, u64), live::Incoming>>,
 }
 
 /// A datapath call made on a blocking thread, as one result: the datapath's error, or the
@@ -155,6 +158,7 @@ impl Agent {
         let mut dp = Datapath::open(&loc).context("opening the datapath")?;
         for (s, tunnel_src) in cfg.services_with_tunnel_source() {
             dp.add_service((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None).with_context(|| format!("steering service {}", s.address))?;
+            dp.set_live_moves((s.address.ip(), s.address.port()), s.live_moves).with_context(|| format!("live moves of service {}", s.address))?;
             dp.attach_load(&s.cgroup).with_context(|| format!("counting the load of {}", s.cgroup.display()))?;
             // Ready to volunteer at once: adoption then only touches maps and a route.
             dp.attach_egress(&s.dev, false)?;
@@ -223,6 +227,7 @@ impl Agent {
             gate: gate::Gate::new(),
             running: tokio::sync::watch::Sender::new(false),
             tally: tally::Tally::default(),
+            restored: Mutex::default(),
             steers: std::sync::atomic::AtomicUsize::new(0),
         }))
     }

@@ -54,14 +54,16 @@ impl Agent {
         let mut h = Handover::new(rec, busy, t0);
         // The export: the applications' answers list their sessions (the volunteer's
         // reservation is kept alive meanwhile).
-        let exported = self.keep_lease(name, id, &apps, self.export_all(&handoff, &apps, &addrs)).await;
-        let exports = match exported {
+        let exported = self.keep_lease(name, id, &apps, self.export_all(&handoff, &apps, &addrs, true)).await;
+        let mut exports = match exported {
             Ok(e) => e,
             Err(e) => {
                 self.conclude(h, End::Aborted(Stage::Export, format!("export failed: {e:#}"))).await;
                 return 0;
             }
         };
+        // Their open connections handed over: frozen and dumped, sent after the sessions.
+        h.moving = Some(self.freeze_connections(&mut exports, &handoff).await).filter(|m| !m.is_empty());
         let t_export = t0.elapsed();
         let (n_sessions, bytes) =
             exports.iter().flat_map(|(_, e)| e.sizes()).fold((0usize, 0u64), |(n, b), (_, len)| (n + 1, b.saturating_add(u64::try_from(len).unwrap_or(u64::MAX))));
@@ -82,11 +84,12 @@ impl Agent {
         }
         frames.push(Request::Transfer { id, services, tunnel_src, clients: last });
         let (faults, mut dropped, mut t_sent) = (self.faults.clone(), false, t0.elapsed());
+        let mut moving_ref = h.moving.take();
         let send = async {
             for f in frames {
                 self.send_to(name, f).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}"))?;
             }
-            let sets = send_sessions(exports, max_frame, |service, sessions| {
+            let mut sets = send_sessions(&mut exports, max_frame, |service, sessions| {
                 if faults.drop_sessions_frame && !dropped && !sessions.is_empty() {
                     warn!(sibling = %name, handoff, "TEST FAULT drop-sessions-frame: leaving out a Sessions frame");
                     dropped = true;
@@ -95,12 +98,17 @@ impl Agent {
                 Box::pin(async move { self.send_to(name, Request::Sessions { id, service, sessions }).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}")) })
             })
             .await?;
+            if let Some(m) = moving_ref.as_mut() {
+                let counts = self.send_connections(name, id, m, &mut exports).await.map_err(|e| anyhow!("sending the open connections failed: {e:#}"))?;
+                super::live::count_into(&mut sets, counts);
+            }
             self.faults.pause("pause-after-export", &handoff).await;
             self.send_to(name, Request::Sealed { id, sessions: sets }).await.map_err(|e| anyhow!("sending the transfer failed: {e:#}"))?;
             t_sent = t0.elapsed();
             Ok(())
         };
         let answer = self.ask_while(name, id, timeout.saturating_add(allowance), send).await;
+        h.moving = moving_ref;
         let refused = match answer {
             Ok(Answer::TransferAck { .. }) => None,
             Ok(Answer::Abort { reason, .. }) => Some(format!("the volunteer refused: {}", Said(&reason))),
@@ -134,11 +142,14 @@ impl Agent {
 
     /// Asks every application in `apps` at once to export the sessions of `clients`: their
     /// answers, whose sessions follow as they are taken.
-    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr]) -> anyhow::Result<Vec<(SocketAddr, Exported)>> {
+    /// `live`: the applications of services with `live_moves` hand over the clients' open
+    /// connections too.
+    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr], live: bool) -> anyhow::Result<Vec<(SocketAddr, Exported)>> {
         if let Some(svc) = apps.iter().find(|s| !self.apps.has(**s)) {
             return Err(anyhow!("service {svc} keeps sessions (sessions = true) and no application is registered for it"));
         }
-        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients).await.map(|e| (*svc, e)) })).await
+        let moves = |svc: SocketAddr| live && self.cfg.services.iter().any(|s| s.address == svc && s.live_moves);
+        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients, moves(*svc)).await.map(|e| (*svc, e)) })).await
     }
 
     /// Runs `work` while keeping volunteer `name`'s reservation for transfer `id` alive (an

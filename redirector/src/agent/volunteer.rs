@@ -16,14 +16,14 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Incoming, Received, Streamed,
-    handoff::{Arriving, FRAMES_AHEAD, check_listed, take_sessions},
+    handoff::{Arriving, FRAMES_AHEAD, Restoring, check_listed, take_sessions},
     link::LinkLimits,
     policy,
     records::Dir,
     unix_now,
 };
 use crate::{
-    app::Role,
+    app::{AppConnection, Role},
     config::Sibling,
     datapath::family_name,
     peer::{Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Said, Verdict},
@@ -95,6 +95,11 @@ impl Agent {
             Request::HelpRequest { id, connections, clients } => answer(self.offer(from, id, connections, clients)).await?,
             Request::Sessions { id, service, sessions } => self.stream(from, id, Streamed::Sessions(service, sessions)).await,
             Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,
+            Request::Connections { id, service, connections } => self.stream(from, id, Streamed::Connections(service, connections)).await,
+            Request::Live { id, handoff } => {
+                let live = self.go_live(from, handoff);
+                answer(Answer::Live { id, live }).await?;
+            }
             Request::Listed { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
             Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
             Request::Transfer { id, services, tunnel_src, clients } => {
@@ -178,6 +183,8 @@ impl Agent {
             // Nothing was steered: the imported sessions must not live here too.
             Some(a) if a.role == Role::Import => {
                 let held = a.held();
+                // Connections restored for it close without a word: they go on at the origin.
+                drop(self.take_restored(from, id, false));
                 self.settle_imports(a.apps, a.handoff, false, held);
             }
             // The rules still send the clients here: their sessions go on here.
@@ -194,7 +201,8 @@ impl Agent {
         match acked {
             Some((a, _)) if a.role == Role::Import => {
                 let held = a.held();
-                self.settle_imports(a.apps, a.handoff, true, held);
+                let given = self.take_restored(from, id, true);
+                self.settle_imports_with(a.apps, a.handoff, true, held, given);
             }
             Some((a, n)) => {
                 info!(origin = %from, clients = n, "clients given back: their room is free again");
@@ -207,12 +215,23 @@ impl Agent {
     /// Tells the applications of `apps` how import `handoff` ended, until they confirm; then
     /// `held` clients are free.
     fn settle_imports(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, commit: bool, held: Vec<IpAddr>) {
-        if apps.is_empty() && held.is_empty() {
+        self.settle_imports_with(apps, handoff, commit, held, HashMap::new());
+    }
+
+    /// [`Agent::settle_imports`], giving each application the connections in `given` for it.
+    fn settle_imports_with(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, commit: bool, held: Vec<IpAddr>, mut given: HashMap<SocketAddr, Vec<AppConnection>>) {
+        if apps.is_empty() && held.is_empty() && given.is_empty() {
             return;
+        }
+        let mut apps = apps;
+        for s in given.keys() {
+            if !apps.contains(s) {
+                apps.push(*s);
+            }
         }
         let me = self.clone();
         tokio::spawn(async move {
-            futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &handoff, commit))).await;
+            futures::future::join_all(apps.iter().map(|s| me.apps.settle_with(*s, &handoff, commit, given.remove(s).unwrap_or_default()))).await;
             me.unbusy(&held);
         });
     }
@@ -372,7 +391,9 @@ impl Agent {
             Ok(l) => l,
             Err(why) => return abort(why),
         };
-        let (imported_into, imported) = self.import_arriving(from, id, &handoff, listed, &mut frames).await;
+        // Connections of any service handed over are restored (the origin decides which move).
+        let mut restoring = Restoring { locals: plan.iter().map(|a| (a.svc, a.local)).collect(), out: Vec::new() };
+        let (imported_into, imported) = self.import_arriving(from, id, &handoff, listed, &mut frames, &mut restoring).await;
         if let Err(why) = imported {
             // They may have taken some: they drop them (told until they confirm).
             self.settle_imports(imported_into, handoff.clone(), false, Vec::new());
@@ -414,8 +435,13 @@ impl Agent {
             }
             recorded
         });
+        let n_conns = restoring.out.len();
         if recorded {
-            info!(origin = %from, id, clients = clients.len(), connections = want, "adopted clients (ready: sibling, route, listener); room kept for them until they arrive");
+            // Kept until the origin's rules are in (`Live`) or the hand-over ends.
+            self.keep_restored(from, id, std::mem::take(&mut restoring.out));
+        }
+        if recorded {
+            info!(origin = %from, id, clients = clients.len(), connections = want, open_connections = n_conns, "adopted clients (ready: sibling, route, listener); room kept for them until they arrive");
             if let Some(d) = self.faults.delay_ack {
                 warn!(origin = %from, id, "TEST FAULT delay-ack: acknowledging in {} ms", d.as_millis());
                 tokio::time::sleep(d).await;
@@ -441,6 +467,7 @@ impl Agent {
         handoff: &str,
         listed: Vec<(SocketAddr, SocketAddr, Vec<ListedSession>)>,
         frames: &mut mpsc::Receiver<Streamed>,
+        restoring: &mut Restoring,
     ) -> (Vec<SocketAddr>, Result<(), String>) {
         let t_stream = Instant::now();
         let mut imported_into: Vec<SocketAddr> = Vec::new();
@@ -459,7 +486,7 @@ impl Agent {
         // The origin sends as its applications export: it may pause as long as an application
         // may stall, and a send on the link may take its deadline.
         let stall = self.limits().allowance(u64::try_from(self.cfg.max_frame).unwrap_or(u64::MAX)).saturating_mul(2).saturating_add(self.send_deadline());
-        if let Err(why) = take_sessions(frames, &mut arriving, stall).await {
+        if let Err(why) = take_sessions(frames, &mut arriving, restoring, stall).await {
             return (imported_into, Err(why));
         }
         let stream_ms = t_stream.elapsed().as_millis();

@@ -2,8 +2,9 @@
 //! connects to. It registers its service (and reports the hand-overs it has not seen end),
 //! then answers the agent's requests: export (freeze and return session blobs), import,
 //! commit, abort. The protocol's messages and framing are `redirector-hook` (JSON lines;
-//! version 2 sends session blobs as raw bytes after their line), specified in
-//! docs/app-protocol.md; this module is the agent's end of it.
+//! version 2 sends session blobs as raw bytes after their line, version 3 passes open
+//! connections' descriptors with lines), specified in docs/app-protocol.md; this module is
+//! the agent's end of it.
 //!
 //! Applications never decide the outcome of a hand-over: commit and abort are retried until
 //! the application confirms them, on every connection it makes, and the agent answers the
@@ -12,6 +13,8 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -21,14 +24,15 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use redirector_hook::{
-    AgentMsg, Answer, frame,
+    AgentMsg, Answer, fds, frame,
+    msg::WireConn,
     register::Register,
     session::{Listed, base64_len, lengths_to_wire, listed, raw_parts, to_wire},
 };
 pub use redirector_hook::{Role, Session, Version, parse_client, register::PendingHandoff};
 use tokio::{
-    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
+    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader, Interest, ReadBuf},
+    net::{UnixListener, UnixStream, unix::OwnedReadHalf},
     sync::{Notify, mpsc, oneshot, watch},
 };
 use tracing::{debug, error, info, warn};
@@ -120,8 +124,48 @@ enum Raw {
     Stream(mpsc::Receiver<std::io::Result<Vec<u8>>>),
 }
 
-/// An answer to a request (its line and the raw bytes after it), or why there is none.
-type Reply = Result<(Vec<u8>, Raw), String>;
+/// An answer to a request (its line, the raw bytes after it and the descriptors that came
+/// with it), or why there is none.
+type Reply = Result<(Vec<u8>, Raw, Vec<OwnedFd>), String>;
+
+/// An open TCP connection going between the agent and an application (version 3): handed
+/// over with an export, or given with a commit or an abort. `blob` is the application's own
+/// state of it, opaque here.
+pub struct AppConnection {
+    pub client: IpAddr,
+    pub fd: OwnedFd,
+    pub blob: Vec<u8>,
+}
+
+/// The hook connection's reading half (version 3): every descriptor that comes with its bytes
+/// is kept, in arrival order, for the line that announces it.
+struct FdRead {
+    half: OwnedReadHalf,
+    fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+}
+
+impl AsyncRead for FdRead {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        loop {
+            std::task::ready!(me.half.as_ref().poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let (sock, queue) = (me.half.as_ref(), &me.fds);
+            let got = sock.try_io(Interest::READABLE, || {
+                let mut q = queue.lock().expect("lock");
+                fds::recv_some(sock.as_fd(), unfilled, &mut q)
+            });
+            match got {
+                Ok(n) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
 
 /// The raw bytes after a request's line (version 2 blobs, written as they are, not copied
 /// into one buffer first).
@@ -147,8 +191,9 @@ struct Waiter {
     stream: bool,
 }
 
-/// A message to an application: its line, then its raw bytes.
-struct Out(Vec<u8>, Body);
+/// A message to an application: its line (with the descriptors that pass with it), then its
+/// raw bytes.
+struct Out(Vec<u8>, Body, Vec<OwnedFd>);
 
 struct AppConn {
     /// The version the application registered with.
@@ -160,6 +205,8 @@ struct AppConn {
     received: AtomicU64,
     /// Room in the line limit for the export answers outstanding.
     export_room: AtomicUsize,
+    /// Descriptors received, not taken by a line yet.
+    fds: Arc<Mutex<VecDeque<OwnedFd>>>,
 }
 
 impl AppConn {
@@ -203,15 +250,46 @@ pub struct Apps {
     limits: Limits,
 }
 
+/// An export answer's line, checked: its sessions as the line lists them (version 2: their
+/// blobs are the raw bytes after it, in order), and (version 3) the connections it hands over,
+/// each client with the length of its blob (after the sessions' among the raw bytes).
+pub struct CheckedExport {
+    pub sessions: Vec<(IpAddr, Listed)>,
+    pub connections: Vec<(IpAddr, usize)>,
+    /// The descriptors the line announces.
+    pub fds: u64,
+}
+
 /// Checks an export answer's line against the request: sessions (possibly none) for
-/// requested clients only, each once, of at most `max` bytes. Returns them as the line lists
-/// them (version 2: their blobs are the raw bytes after it, in order). Public for the fuzz
-/// targets (`fuzz/`).
-pub fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<Vec<(IpAddr, Listed)>> {
+/// requested clients only, each once, of at most `max` bytes; connections (version 3, only
+/// when asked for) of requested clients, one descriptor each, blobs of at most `max` bytes.
+/// Public for the fuzz targets (`fuzz/`).
+pub fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: usize) -> anyhow::Result<CheckedExport> {
     let a = Answer::parse(line).map_err(|e| anyhow!("{e}"))?;
     let list = a.sessions.ok_or_else(|| anyhow!("the export answer has no sessions list (required, even when empty)"))?;
-    let sessions = listed(list, a.bytes, version, max).map_err(|e| anyhow!("{e}"))?;
     let requested: HashSet<IpAddr> = requested.iter().copied().collect();
+    let mut connections = Vec::new();
+    let mut conn_bytes = 0u64;
+    for (i, c) in a.connections.unwrap_or_default().into_iter().enumerate() {
+        if !version.moves_connections() {
+            bail!("connections in an export answer of version {}: only version 3 moves them", version.number());
+        }
+        let client = parse_client(&c.client).ok_or_else(|| anyhow!("connection #{i} is for {:?}, not an address", c.client))?;
+        if !requested.contains(&client) {
+            bail!("the application handed over a connection of {client}, which was not requested");
+        }
+        let len = usize::try_from(c.len)
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| anyhow!("the blob of a connection of {client} is over the limit of {max} bytes (max_session_bytes)"))?;
+        conn_bytes = conn_bytes.saturating_add(c.len);
+        connections.push((client, len));
+    }
+    if a.fds != u64::try_from(connections.len()).unwrap_or(u64::MAX) {
+        bail!("the export answer lists {} connections and passes {} descriptors", connections.len(), a.fds);
+    }
+    let bytes = a.bytes.checked_sub(conn_bytes).ok_or_else(|| anyhow!("the connections' blobs add up to more than the {} bytes announced", a.bytes))?;
+    let sessions = listed(list, bytes, version, max).map_err(|e| anyhow!("{e}"))?;
     let mut seen = HashSet::with_capacity(sessions.len());
     for (client, _) in &sessions {
         if !requested.contains(client) {
@@ -221,7 +299,7 @@ pub fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: us
             bail!("the application exported two sessions for {client}");
         }
     }
-    Ok(sessions)
+    Ok(CheckedExport { sessions, connections, fds: a.fds })
 }
 
 /// An application's answer to an export: the sessions it lists, in order, whose blobs
@@ -237,6 +315,10 @@ pub struct Exported {
     pieces: Option<mpsc::Receiver<std::io::Result<Vec<u8>>>>,
     /// How long the application may stop sending in the middle of its sessions.
     stall: Duration,
+    /// The connections it handed over (version 3): each client and its blob's length (the
+    /// raw bytes after the sessions'), and their descriptors, in order.
+    conns: Vec<(IpAddr, usize)>,
+    fds: Vec<OwnedFd>,
 }
 
 impl Exported {
@@ -270,6 +352,22 @@ impl Exported {
             batch.push(Session { client, blob });
         }
         Ok(if batch.is_empty() { None } else { Some(batch) })
+    }
+
+    /// The connections handed over (version 3), each client with its socket, in order: at
+    /// once, before the sessions' bytes are in (their blobs come after those).
+    pub fn take_sockets(&mut self) -> Vec<(IpAddr, OwnedFd)> {
+        self.conns.iter().map(|c| c.0).zip(std::mem::take(&mut self.fds)).collect()
+    }
+
+    /// The blobs of the connections handed over, in order: once every session was taken.
+    pub async fn connection_blobs(&mut self) -> anyhow::Result<Vec<Vec<u8>>> {
+        let lens: Vec<usize> = self.conns.iter().map(|c| c.1).collect();
+        let mut out = Vec::with_capacity(lens.len());
+        for n in lens {
+            out.push(self.take(n).await?);
+        }
+        Ok(out)
     }
 
     /// The next `n` raw bytes.
@@ -457,11 +555,11 @@ impl Apps {
         what: &str,
         room: usize,
         stream: bool,
-        make: impl FnOnce(u64, Version) -> (Vec<u8>, Body),
-    ) -> anyhow::Result<(Vec<u8>, Raw, Version)> {
+        make: impl FnOnce(u64, Version) -> Out,
+    ) -> anyhow::Result<(Vec<u8>, Raw, Version, Vec<OwnedFd>)> {
         let conn = self.conn(service).ok_or_else(|| anyhow!("no application registered for {service}"))?;
         let id = conn.next.fetch_add(1, Ordering::Relaxed);
-        let (line, body) = make(id, conn.version);
+        let Out(line, body, passed) = make(id, conn.version);
         let (tx, rx) = oneshot::channel();
         conn.waiters.lock().expect("lock").insert(id, Waiter { reply: tx, stream });
         conn.export_room.fetch_add(room, Ordering::Relaxed);
@@ -474,11 +572,11 @@ impl Apps {
         // Queueing the request counts against the time too: an application that stops reading
         // never holds the agent up.
         let exchange = async {
-            conn.tx.send(Out(line, body)).await.map_err(|_| gone())?;
+            conn.tx.send(Out(line, body, passed)).await.map_err(|_| gone())?;
             rx.await.map_err(|_| gone())?.map_err(|e| anyhow!("the application for {service}: {e}"))
         };
         tokio::pin!(exchange);
-        let (text, raw) = loop {
+        let (text, raw, fds) = loop {
             let progress = conn.received.load(Ordering::Relaxed) - received0;
             let deadline = start + allowance + self.limits.per_mib(progress);
             tokio::select! {
@@ -490,40 +588,49 @@ impl Apps {
                 }
             }
         };
-        Ok((text, raw, conn.version))
+        Ok((text, raw, conn.version, fds))
     }
 
     /// Exports (and freezes) the sessions of `clients`; checks the answer's line against the
     /// request. The blobs follow as the caller takes them ([`Exported::next_batch`]): a big
     /// export goes on to a sibling while the application is still sending it.
-    pub async fn export(&self, service: SocketAddr, handoff: &str, clients: &[IpAddr]) -> anyhow::Result<Exported> {
+    /// With `connections` (and an application of version 3), it also hands over those
+    /// clients' idle open connections ([`Exported::take_sockets`]).
+    pub async fn export(&self, service: SocketAddr, handoff: &str, clients: &[IpAddr], connections: bool) -> anyhow::Result<Exported> {
         let names: Vec<String> = clients.iter().map(ToString::to_string).collect();
         let room = self.limits.export_room(clients.len());
         let what = format!("export {handoff}");
-        let (text, raw, version) =
-            self.call(service, &what, room, true, |id, _| (message(&AgentMsg::Export { id, handoff: handoff.to_string(), clients: names }), Body::Blobs(Vec::new()))).await?;
+        let (text, raw, version, fds) = self
+            .call(service, &what, room, true, |id, version| {
+                let connections = connections && version.moves_connections();
+                Out(message(&AgentMsg::Export { id, handoff: handoff.to_string(), clients: names, connections }), Body::Blobs(Vec::new()), Vec::new())
+            })
+            .await?;
         let (requested, max) = (clients.to_vec(), self.limits.max_session_bytes);
         // A version 1 answer (possibly hundreds of MiB of base64) is decoded on a blocking thread.
-        let listed = tokio::task::spawn_blocking(move || check_export(&text, version, &requested, max))
+        let checked = tokio::task::spawn_blocking(move || check_export(&text, version, &requested, max))
             .await
             .map_err(|e| anyhow!("checking the export: {e}"))?
             .map_err(|e| anyhow!("the application for {service} answered {what}: {e:#}"))?;
+        if !connections && !checked.connections.is_empty() {
+            bail!("the application for {service} answered {what} with connections, which were not asked for");
+        }
         let (piece, pieces) = match raw {
             Raw::Whole(r) => (r, None),
             Raw::Stream(rx) => (Vec::new(), Some(rx)),
         };
         let stall = self.limits.allowance(u64::try_from(PIECE).unwrap_or(u64::MAX));
-        Ok(Exported { service, what, listed: listed.into(), piece, at: 0, pieces, stall })
+        Ok(Exported { service, what, listed: checked.sessions.into(), piece, at: 0, pieces, stall, conns: checked.connections, fds })
     }
 
     /// Imports sessions moved here (tentatively, until [`Apps::settle`]). The message is
     /// encoded in place of the async worker (`block_in_place`: a multi-threaded runtime only).
     pub async fn import(&self, service: SocketAddr, handoff: &str, sessions: Vec<Session>) -> anyhow::Result<()> {
         let what = format!("import {handoff}");
-        let (text, _, _) = self
+        let (text, ..) = self
             .call(service, &what, 0, false, |id, version| {
                 let (line, blobs) = tokio::task::block_in_place(|| import_message(id, handoff, sessions, version));
-                (line, Body::Blobs(blobs))
+                Out(line, Body::Blobs(blobs), Vec::new())
             })
             .await?;
         Answer::parse(&text).map(drop).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))
@@ -544,8 +651,10 @@ impl Apps {
         let answer = tokio::spawn(async move {
             let what = format!("import {handoff}");
             let (list, total) = lengths_to_wire(listed.iter().map(|(client, len)| (*client, u64::try_from(*len).unwrap_or(u64::MAX))));
-            let (text, _, _) = apps
-                .call(service, &what, 0, false, |id, _| (message(&AgentMsg::Import { id, handoff: handoff.clone(), bytes: total, sessions: list }), Body::Stream(total, rx)))
+            let (text, ..) = apps
+                .call(service, &what, 0, false, |id, _| {
+                    Out(message(&AgentMsg::Import { id, handoff: handoff.clone(), bytes: total, sessions: list }), Body::Stream(total, rx), Vec::new())
+                })
                 .await?;
             Answer::parse(&text).map(drop).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))
         });
@@ -557,6 +666,14 @@ impl Apps {
     /// it registers again. Returns once confirmed. A second call for the same hand-over waits
     /// for the first one's delivery.
     pub async fn settle(&self, service: SocketAddr, handoff: &str, commit: bool) {
+        self.settle_with(service, handoff, commit, Vec::new()).await;
+    }
+
+    /// [`Apps::settle`], giving the application `conns` with the outcome (version 3): moved
+    /// here, or given back. They go with the first delivery only: if it is not confirmed
+    /// (the connection dropped, the application is older), they are closed.
+    pub async fn settle_with(&self, service: SocketAddr, handoff: &str, commit: bool, conns: Vec<AppConnection>) {
+        let mut conns = Some(conns).filter(|c| !c.is_empty());
         let key = (service, handoff.to_string());
         let mine = {
             let mut owed = self.owed.lock().expect("lock");
@@ -574,6 +691,9 @@ impl Apps {
         let done = match mine {
             Ok(tx) => tx,
             Err(mut rx) => {
+                if let Some(c) = conns.take() {
+                    warn!(%service, handoff, connections = c.len(), "an outcome already on its way: closing the connections that came with this one");
+                }
                 let _ = rx.wait_for(|d| *d).await;
                 return;
             }
@@ -585,9 +705,19 @@ impl Apps {
             if self.has(service) {
                 let what = format!("{op} {handoff}");
                 let name = handoff.to_string();
-                let request = |id, _| (message(&if commit { AgentMsg::Commit { id, handoff: name } } else { AgentMsg::Abort { id, handoff: name } }), Body::Blobs(Vec::new()));
+                let given = conns.take();
+                let request = |id, version: Version| {
+                    let given = given.unwrap_or_default();
+                    if !given.is_empty() && !version.moves_connections() {
+                        warn!(%service, handoff = %name, connections = given.len(), "the application speaks hook protocol version {}: closing the connections it cannot be given", version.number());
+                        return Out(message(&AgentMsg::outcome(id, name, commit, Vec::new())), Body::Blobs(Vec::new()), Vec::new());
+                    }
+                    let list = given.iter().map(|c| WireConn { client: c.client.to_string(), len: u64::try_from(c.blob.len()).unwrap_or(u64::MAX) }).collect();
+                    let (fds, blobs): (Vec<OwnedFd>, Vec<Vec<u8>>) = given.into_iter().map(|c| (c.fd, c.blob)).unzip();
+                    Out(message(&AgentMsg::outcome(id, name, commit, list)), Body::Blobs(blobs), fds)
+                };
                 let answer = self.call(service, &what, 0, false, request).await;
-                match answer.and_then(|(t, _, _)| Answer::parse(&t).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))) {
+                match answer.and_then(|(t, ..)| Answer::parse(&t).map_err(|e| anyhow!("the application for {service} answered {what}: {e}"))) {
                     Ok(_) => break,
                     Err(e) => {
                         failures += 1;
@@ -648,7 +778,8 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     let (r, w) = stream.into_split();
     // Small blobs of an import go out together, big ones straight through.
     let mut w = tokio::io::BufWriter::with_capacity(1 << 18, w);
-    let mut r = BufReader::with_capacity(1 << 16, r);
+    let fds = Arc::new(Mutex::new(VecDeque::new()));
+    let mut r = BufReader::with_capacity(1 << 16, FdRead { half: r, fds: fds.clone() });
     let received = AtomicU64::new(0);
     let mut buf = Vec::new();
     let first = tokio::time::timeout(REGISTER_TIMEOUT, read_line_capped(&mut r, &mut buf, || MAX_LINE, &received)).await;
@@ -685,7 +816,7 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
         warn!(%service, "the agent took over 10 s to look at the unfinished hand-overs of a registration; going on");
     }
     let (tx, rx) = mpsc::channel::<Out>(64);
-    let conn = Arc::new(AppConn { version, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received, export_room: AtomicUsize::new(0) });
+    let conn = Arc::new(AppConn { version, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received, export_room: AtomicUsize::new(0), fds });
     // Ready before the application hears it is registered (it may ask the agent at once);
     // requests queued meanwhile go out after this line.
     hold.ready(conn.clone());
@@ -696,10 +827,10 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
     let writer = write_out(w, rx);
     let reader = async {
         loop {
-            let Some((id, line, raw)) = read_answer(&mut r, &mut buf, &conn, service).await? else { continue };
+            let Some((id, line, raw, fds)) = read_answer(&mut r, &mut buf, &conn, service).await? else { continue };
             let waiter = conn.waiters.lock().expect("lock").remove(&id);
             if let Some(w) = waiter {
-                let _ = w.reply.send(Ok((line, raw)));
+                let _ = w.reply.send(Ok((line, raw, fds)));
             } else {
                 warn!(%service, id, "the application answered a request that is not outstanding (answered too late?): ignored");
             }
@@ -717,8 +848,15 @@ async fn app_conn(apps: Arc<Apps>, stream: UnixStream) -> anyhow::Result<()> {
 
 /// Writes what is queued for an application, in order.
 async fn write_out(mut w: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>, mut rx: mpsc::Receiver<Out>) -> anyhow::Result<()> {
-    while let Some(Out(line, body)) = rx.recv().await {
-        w.write_all(&line).await?;
+    while let Some(Out(line, body, passed)) = rx.recv().await {
+        if passed.is_empty() {
+            w.write_all(&line).await?;
+        } else {
+            // The descriptors go with the line's own bytes, straight to the socket after what
+            // is buffered; ours are closed once they passed.
+            w.flush().await?;
+            send_with_fds(w.get_ref().as_ref(), &line, &passed).await?;
+        }
         match body {
             Body::Blobs(blobs) => {
                 for b in &blobs {
@@ -748,11 +886,26 @@ async fn write_out(mut w: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>
     Ok(())
 }
 
-/// Reads the application's next message: its id, line and raw bytes. `None`: a line the
-/// connection survives but that answers nothing (it failed the outstanding requests), or an
-/// answer already delivered with its raw bytes as a stream; an error: the connection cannot
-/// go on (it failed them too).
-async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn: &AppConn, service: SocketAddr) -> anyhow::Result<Option<(u64, Vec<u8>, Raw)>> {
+/// Writes `line` to `sock` with `passed` attached to its bytes.
+async fn send_with_fds(sock: &UnixStream, line: &[u8], passed: &[OwnedFd]) -> std::io::Result<()> {
+    let borrowed: Vec<std::os::fd::BorrowedFd<'_>> = passed.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let (mut at, mut left) = (0usize, &borrowed[..]);
+    while at < line.len() {
+        sock.writable().await?;
+        match sock.try_io(Interest::WRITABLE, || fds::send_some(sock.as_fd(), &line[at..], &mut left)) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if left.is_empty() { Ok(()) } else { Err(std::io::Error::other("a line too short to carry its descriptors")) }
+}
+
+/// Reads the application's next message: its id, line, raw bytes and descriptors. `None`: a
+/// line the connection survives but that answers nothing (it failed the outstanding
+/// requests), or an answer already delivered with its raw bytes as a stream; an error: the
+/// connection cannot go on (it failed them too).
+async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn: &AppConn, service: SocketAddr) -> anyhow::Result<Option<(u64, Vec<u8>, Raw, Vec<OwnedFd>)>> {
     let cap = || MAX_LINE.saturating_add(conn.export_room.load(Ordering::Relaxed));
     match read_line_capped(r, buf, cap, &conn.received).await {
         Ok(true) => {}
@@ -780,6 +933,15 @@ async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn
             bail!("the application sent {e}: closing its connection");
         }
     };
+    // The line's descriptors came with its bytes: they are in by now.
+    let passed = match fds::take(&mut conn.fds.lock().expect("lock"), head.fds) {
+        Ok(p) => p,
+        Err(e) => {
+            error!(%service, "the application sent {e}: closing its connection");
+            conn.fail_all(&format!("it sent {e}: connection closed"));
+            bail!("the application sent {e}: closing its connection");
+        }
+    };
     let raw = if conn.version == Version::V1 || head.bytes == 0 {
         Vec::new()
     } else {
@@ -796,7 +958,7 @@ async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn
         });
         if let Some(w) = streamed {
             let (tx, rx) = mpsc::channel(PIECES_AHEAD);
-            let _ = w.reply.send(Ok((line, Raw::Stream(rx))));
+            let _ = w.reply.send(Ok((line, Raw::Stream(rx), passed)));
             if let Err(e) = stream_raw(r, n, &tx, &conn.received).await {
                 let why = format!("reading its raw bytes: {e}");
                 let _ = tx.try_send(Err(e));
@@ -818,7 +980,7 @@ async fn read_answer<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, conn
         conn.fail_all("it sent a line without a numeric id");
         return Ok(None);
     };
-    Ok(Some((id, line, Raw::Whole(raw))))
+    Ok(Some((id, line, Raw::Whole(raw), passed)))
 }
 
 /// Reads the `n` raw bytes that follow a line into pieces for `tx`, counting them as
@@ -855,11 +1017,13 @@ mod tests {
         let e = Exported {
             service: "198.18.0.10:80".parse().unwrap(),
             what: "export h".into(),
-            listed: listed.into(),
+            listed: listed.sessions.into(),
             piece: Vec::new(),
             at: 0,
             pieces: Some(rx),
             stall: Duration::from_millis(200),
+            conns: listed.connections,
+            fds: Vec::new(),
         };
         Ok((e, tx))
     }
@@ -921,7 +1085,15 @@ mod tests {
     #[tokio::test]
     async fn an_exports_raw_bytes_stream_and_the_connection_stays_framed() {
         let (tx, _rx) = mpsc::channel(1);
-        let conn = AppConn { version: Version::V2, tx, waiters: Mutex::default(), next: AtomicU64::new(1), received: AtomicU64::new(0), export_room: AtomicUsize::new(8 << 20) };
+        let conn = AppConn {
+            version: Version::V2,
+            tx,
+            waiters: Mutex::default(),
+            next: AtomicU64::new(1),
+            received: AtomicU64::new(0),
+            export_room: AtomicUsize::new(8 << 20),
+            fds: Arc::default(),
+        };
         let service: SocketAddr = "198.18.0.10:80".parse().unwrap();
         let raw = vec![7u8; 3 * PIECE + 5];
         let mut data = format!("{{\"id\":1,\"ok\":true,\"bytes\":{},\"sessions\":[]}}\n", raw.len()).into_bytes();
@@ -942,7 +1114,7 @@ mod tests {
         let mut waiting = waiting.into_iter();
         // Export 1 is taken piece by piece, all of it (the channel holds them all here).
         assert!(read_answer(&mut r, &mut buf, &conn, service).await.unwrap().is_none(), "delivered as a stream");
-        let Ok((line, Raw::Stream(mut pieces))) = waiting.next().unwrap().await.unwrap() else { panic!("a stream") };
+        let Ok((line, Raw::Stream(mut pieces), _)) = waiting.next().unwrap().await.unwrap() else { panic!("a stream") };
         assert!(line.starts_with(br#"{"id":1,"#));
         let mut got = Vec::new();
         while let Some(p) = pieces.recv().await {
@@ -954,12 +1126,12 @@ mod tests {
         // Export 2's hand-over gave up before its bytes came: they are read and dropped.
         let second = waiting.next().unwrap();
         let reading = tokio::spawn(async move {
-            let (_, raw) = second.await.unwrap().unwrap();
+            let (_, raw, _) = second.await.unwrap().unwrap();
             drop(raw);
         });
         assert!(read_answer(&mut r, &mut buf, &conn, service).await.unwrap().is_none());
         reading.await.unwrap();
-        let (id, line, raw) = read_answer(&mut r, &mut buf, &conn, service).await.unwrap().expect("the next answer");
+        let (id, line, raw, _) = read_answer(&mut r, &mut buf, &conn, service).await.unwrap().expect("the next answer");
         assert_eq!((id, line.as_slice()), (3, &br#"{"id":3,"ok":true}"#[..]));
         assert!(matches!(raw, Raw::Whole(r) if r.is_empty()));
         assert_eq!(conn.received.load(Ordering::Relaxed), u64::try_from(data.len()).unwrap());

@@ -47,7 +47,7 @@ pub struct AgentArgs {
     /// Replace the siblings: NAME=ADDR:PORT, repeatable.
     #[arg(long = "sibling", value_parser = parse_sibling)]
     pub siblings: Vec<Sibling>,
-    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions], repeatable
+    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves], repeatable
     /// (`sessions`: the service's clients never move without their sessions).
     #[arg(long = "service", value_parser = parse_service)]
     pub services: Vec<Service>,
@@ -61,14 +61,19 @@ fn parse_sibling(s: &str) -> Result<Sibling, String> {
 
 fn parse_service(s: &str) -> Result<Service, String> {
     let mut parts: Vec<&str> = s.split(',').collect();
-    let sessions = parts.len() > 3 && parts.last() == Some(&"sessions");
-    if sessions {
+    let (mut sessions, mut live_moves) = (false, false);
+    while parts.len() > 3 {
+        match parts.last() {
+            Some(&"sessions") => sessions = true,
+            Some(&"live-moves") => live_moves = true,
+            _ => break,
+        }
         parts.pop();
     }
     let (addr, dev, cgroup, listener) = match parts.as_slice() {
         [addr, dev, cgroup] => (*addr, *dev, *cgroup, None),
         [addr, dev, cgroup, listener] => (*addr, *dev, *cgroup, Some(*listener)),
-        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions]")),
+        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves]")),
     };
     Ok(Service {
         address: addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?,
@@ -76,6 +81,7 @@ fn parse_service(s: &str) -> Result<Service, String> {
         cgroup: PathBuf::from(cgroup),
         listener: listener.map(|l| l.parse().map_err(|_| format!("{s:?}: {l:?} is not ADDR:PORT"))).transpose()?,
         sessions,
+        live_moves,
     })
 }
 

@@ -16,8 +16,8 @@ fn key(client: SocketAddr, service: SocketAddr) -> FlowKey {
 
 impl Datapath {
     /// Freezes `flows` (client, service): their inbound packets are dropped until
-    /// [`Datapath::thaw`], or for at most `max` (should nobody thaw them). Only flows of
-    /// clients with a rule (steered) are looked at: steer the client first.
+    /// [`Datapath::thaw`], or for at most `max` (should nobody thaw them), whether their
+    /// clients are steered or not.
     ///
     /// # Errors
     /// A map could not be written (the map holds at most `MAX_FROZEN` flows).

@@ -28,8 +28,9 @@ pub use self::{
 /// lists its sessions (`Listed`) and comes before them, so the volunteer checks it and starts
 /// importing while the sessions are still on their way; `Sealed` counts and digests them.
 /// Version 6: an origin can ask a sibling to send the direct-server-return probe (`Probe`,
-/// `Probed`; `redirector doctor`).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// `Probed`; `redirector doctor`). Version 7: open connections move with their clients
+/// (`Connections`, counted in `Sealed`; `Live` once the rules are in).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
 const FRAME_OVERHEAD: usize = 4096;
@@ -66,6 +67,17 @@ pub struct SessionSet {
     pub service: SocketAddr,
     pub count: u64,
     pub digest: u64,
+    /// Open connections of the service moving with the sessions (`Connections`).
+    pub connections: u64,
+}
+
+/// An open TCP connection moving with its client: everything its new socket needs (dumped
+/// on the side the client leaves), and the application's blob for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedConnection {
+    pub state: crate::repair::TcpState,
+    #[serde(with = "serde_bytes")]
+    pub blob: Vec<u8>,
 }
 
 /// The outcome of a hand-over, as its origin knows it.
@@ -187,6 +199,14 @@ pub enum Request {
     /// sibling may adopt from it) to the origin's own control address of that family, port
     /// `port`. The sibling answers `Probed`.
     Probe { id: u64, service: SocketAddr, port: u16, token: u64 },
+    /// Open connections of the clients of `Transfer` `id`, of the origin's `service`, after
+    /// its sessions and before `Sealed` (which counts them). The volunteer restores them (not
+    /// live yet) before it acknowledges.
+    Connections { id: u64, service: SocketAddr, connections: Vec<MovedConnection> },
+    /// The origin's rules for the clients of `Transfer` `handoff` are in (it committed): the
+    /// volunteer takes the connections it restored live and answers `Live`; only then does
+    /// the origin let their packets through again. `id` is the request's own.
+    Live { id: u64, handoff: u64 },
 }
 
 /// What a node answers on a sibling's connection, to the request of the same id.
@@ -219,6 +239,8 @@ pub enum Answer {
     Sealed { id: u64, sessions: Vec<SessionSet> },
     /// The probe of `Probe` `id` was sent, or why not.
     Probed { id: u64, error: Option<String> },
+    /// The connections of the transfer of `Live` `id` are live here: `live` of them.
+    Live { id: u64, live: u64 },
 }
 
 impl Answer {
@@ -236,6 +258,7 @@ impl Answer {
             Answer::Listed { .. } => "a listing",
             Answer::Sealed { .. } => "a seal",
             Answer::Probed { .. } => "a probe's result",
+            Answer::Live { .. } => "live connections",
         }
     }
 
@@ -252,7 +275,8 @@ impl Answer {
             | Answer::Returning { id, .. }
             | Answer::Listed { id, .. }
             | Answer::Sealed { id, .. }
-            | Answer::Probed { id, .. } => *id,
+            | Answer::Probed { id, .. }
+            | Answer::Live { id, .. } => *id,
         }
     }
 }
@@ -435,7 +459,7 @@ mod tests {
             }),
             (any::<u64>(), ip.clone(), proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(|(id, svc, sets)| Request::Sealed {
                 id,
-                sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest }).collect()
+                sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest, connections: count }).collect()
             }),
             (any::<u64>(), any::<u64>(), any::<bool>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, handoff, back, clients)| Request::Outcome {
                 id,
@@ -484,7 +508,7 @@ mod tests {
             }),
             (any::<u64>(), ip, proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(|(id, svc, sets)| Answer::Sealed {
                 id,
-                sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest }).collect()
+                sessions: sets.into_iter().map(|(count, digest)| SessionSet { service: SocketAddr::new(svc, 80), count, digest, connections: count }).collect()
             }),
         ]
     }
@@ -590,7 +614,7 @@ mod tests {
             for c in chunks {
                 assert!(Frame::from(Request::Listed { id: u64::MAX, service: services[0], sessions: c }).encode().len() <= max_frame);
             }
-            let sealed = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX }).collect();
+            let sealed = services.iter().map(|s| SessionSet { service: *s, count: u64::MAX, digest: u64::MAX, connections: u64::MAX }).collect();
             assert!(Frame::from(Request::Sealed { id: u64::MAX, sessions: sealed }).encode().len() <= max_frame);
             let addrs: Vec<IpAddr> = (0..60_000).map(v6).collect();
             for c in addr_chunks(addrs, max_frame) {

@@ -71,6 +71,10 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
     tcp(&fd, libc::TCP_REPAIR, &1).map_err(with("TCP_REPAIR (CAP_NET_ADMIN)"))?;
     let (level, freebind) = if v4 { (libc::SOL_IP, libc::IP_FREEBIND) } else { (libc::SOL_IPV6, libc::IPV6_FREEBIND) };
     sockopt::set(&fd, level, freebind, &1).map_err(with("FREEBIND"))?;
+    // And route from it before it is: a volunteer restores before it adopts the address
+    // (FREEBIND lets the socket bind it, only a transparent socket may connect from it).
+    let transparent = if v4 { libc::IP_TRANSPARENT } else { libc::IPV6_TRANSPARENT };
+    sockopt::set(&fd, level, transparent, &1).map_err(with("TRANSPARENT"))?;
     bind_connect(&fd, state.local, false)?;
     // Room for the queues where the new socket's own buffer is too small: the tail must go
     // out at once when live (the peer's acknowledgements are still frozen on the origin), and

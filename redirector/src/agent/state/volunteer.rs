@@ -114,6 +114,8 @@ impl Acked {
 pub enum Streamed {
     /// Sessions of one of the origin's services, in the order listed.
     Sessions(SocketAddr, Vec<SessionBlob>),
+    /// Open connections of one of the origin's services, moving with their clients.
+    Connections(SocketAddr, Vec<crate::peer::MovedConnection>),
     /// Every session was sent: their count and digest per service.
     Sealed(Vec<SessionSet>),
     /// The sender gave up, for this reason.

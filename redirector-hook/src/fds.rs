@@ -1,0 +1,145 @@
+//! Descriptors passed with a line (version 3): the open connections that move with their
+//! sessions. A writer attaches a line's descriptors (`SCM_RIGHTS`) to that line's own bytes,
+//! at most [`MAX_PER_SEND`] to one `sendmsg`; the line counts them in its `fds`. A reader
+//! keeps every descriptor it receives, in arrival order, and gives each line that announces
+//! N the first N it holds: the kernel never lets one read run past a message that carries
+//! descriptors, so a line's descriptors are always in by the time its last byte is.
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice, IoSliceMut},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// The most descriptors one `sendmsg` may carry (the kernel's `SCM_MAX_FD`).
+pub const MAX_PER_SEND: usize = 253;
+
+/// Writes all of `bytes` to the Unix stream socket `sock`, with `fds` attached to them
+/// (spread over the first writes, [`MAX_PER_SEND`] at a time: a line listing that many
+/// connections is always longer than the writes it takes). Blocks as the socket does; a
+/// non-blocking socket that is full returns `WouldBlock` with what was written so far lost
+/// to the caller, so use it on blocking sockets, or see [`send_some`].
+///
+/// # Errors
+/// The kernel's, or `bytes` too short to carry `fds`.
+pub fn send_all(sock: BorrowedFd<'_>, mut bytes: &[u8], mut fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n = send_some(sock, bytes, &mut fds)?;
+        bytes = &bytes[n..];
+    }
+    if fds.is_empty() { Ok(()) } else { Err(io::Error::new(io::ErrorKind::InvalidInput, "a line too short to carry its descriptors")) }
+}
+
+/// One `sendmsg` of (a first part of) `bytes`, carrying up to [`MAX_PER_SEND`] of `fds`
+/// (those it carried are taken off the front of `fds`). Returns the bytes written. A
+/// descriptor goes with the write's first byte, so a write that sent anything sent them.
+///
+/// # Errors
+/// The kernel's (`WouldBlock` on a full non-blocking socket: nothing was sent).
+pub fn send_some(sock: BorrowedFd<'_>, bytes: &[u8], fds: &mut &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let k = fds.len().min(MAX_PER_SEND);
+    // Each write carrying descriptors takes only as many bytes as leave one for each write
+    // the remaining descriptors still need.
+    let later = (fds.len() - k).div_ceil(MAX_PER_SEND);
+    let len = if fds.is_empty() { bytes.len() } else { bytes.len().saturating_sub(later).max(1).min(bytes.len()) };
+    let raw: Vec<RawFd> = fds[..k].iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [IoSlice::new(&bytes[..len])];
+    let n = loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, if k > 0 { &cmsg } else { &[] }, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            r => break r.map_err(io::Error::from)?,
+        }
+    };
+    if n > 0 {
+        *fds = &fds[k..];
+    }
+    Ok(n)
+}
+
+/// Room for the control message of one read: the most one message can carry.
+fn cmsg_room() -> Vec<u8> {
+    nix::cmsg_space!([RawFd; MAX_PER_SEND])
+}
+
+/// One `recvmsg` into `buf`; descriptors that came with it go to the back of `fds` (close on
+/// exec). Returns the bytes read (0: the end of the stream).
+///
+/// # Errors
+/// The kernel's (`WouldBlock` on a non-blocking socket with nothing to read), or a control
+/// message cut short (descriptors lost: the stream cannot be trusted any further).
+pub fn recv_some(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<usize> {
+    let mut room = cmsg_room();
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut room), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::errno::Errno::EINTR) => {}
+            r => break r.map_err(io::Error::from)?,
+        }
+    };
+    let n = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            // SAFETY: the kernel just installed these descriptors in this process for us.
+            fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    if truncated {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "descriptors were cut short on their way (control message truncated)"));
+    }
+    Ok(n)
+}
+
+/// The first `n` descriptors of `fds` for a line that announces them.
+///
+/// # Errors
+/// Fewer than `n` came: the writer did not attach what its line says.
+pub fn take(fds: &mut VecDeque<OwnedFd>, n: u64) -> Result<Vec<OwnedFd>, String> {
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    if fds.len() < n {
+        return Err(format!("a line announcing {n} descriptors came with {}", fds.len()));
+    }
+    Ok(fds.drain(..n).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::{fd::AsFd, unix::net::UnixStream};
+
+    use super::*;
+
+    fn read_all(r: &UnixStream, want: usize, fds: &mut VecDeque<OwnedFd>) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 100];
+        while got.len() < want {
+            let n = recv_some(r.as_fd(), &mut buf, fds).unwrap();
+            assert!(n > 0, "the stream ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[test]
+    fn descriptors_arrive_with_their_line_in_order_however_many() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // 600 descriptors (three writes' worth) on one line, then a line with none, then two.
+        let files: Vec<OwnedFd> = (0..600).map(|_| std::fs::File::open("/dev/null").unwrap().into()).collect();
+        let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
+        let line1 = format!("{}\n", "x".repeat(40));
+        send_all(a.as_fd(), line1.as_bytes(), &borrowed).unwrap();
+        send_all(a.as_fd(), b"plain\n", &[]).unwrap();
+        send_all(a.as_fd(), b"ab\n", &borrowed[..2]).unwrap();
+        let mut fds = VecDeque::new();
+        let got = read_all(&b, line1.len() + 6 + 3, &mut fds);
+        assert_eq!(got, [line1.as_bytes(), b"plain\n", b"ab\n"].concat());
+        assert_eq!(take(&mut fds, 600).unwrap().len(), 600);
+        assert_eq!(take(&mut fds, 0).unwrap().len(), 0);
+        assert_eq!(take(&mut fds, 2).unwrap().len(), 2);
+        assert!(take(&mut fds, 1).unwrap_err().contains("announcing 1 descriptors came with 0"));
+        // A line too short for its descriptors' writes.
+        assert!(send_all(a.as_fd(), b"x", &borrowed[..300]).is_err());
+    }
+}
