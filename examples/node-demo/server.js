@@ -5,7 +5,7 @@
 // this repository's Node.js SDK (redirector-sdk-node) speaks for it.
 //
 //   node server.js --name A --listen 198.18.0.10:80 [--hook /run/redirector/a-app.sock --service ADDR]
-//                  [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]
+//                  [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2|3]
 //
 // Connections persist as HTTP/1.1 says (RFC 9112 section 9.3): an HTTP/1.1 connection stays
 // open for the next request unless the request says `Connection: close`; an HTTP/1.0 one only
@@ -20,6 +20,17 @@
 // agent answers each with commit or abort). A request of a frozen client waits for the outcome
 // up to --freeze-wait-ms (default 10000), then gets a 503 (never the frozen session). Hook
 // events are logged to stderr as `hook: ...` lines.
+//
+// Open connections move with their sessions (hook protocol version 3, when the agent's
+// `live_moves` lets them): an export hands over the listed clients' connections that are idle
+// at a request boundary (every request begun on it was read to its end and answered, nothing
+// of a next one read: the HTTP parser counts the messages it begins), with an empty blob, and
+// those whose one request in progress waits on the frozen session (read to its end, nothing of
+// its answer written, nothing of a next one read), with that request as their blob (rebuilt
+// from what the parser made of it: request line, headers, body); the waiting handler lets go
+// of it without a byte, and the request is answered where the connection goes. The others stay
+// and are closed after the commit as before. Connections the agent brings (or gives back) are
+// served as if just accepted: their blob is parsed first, as bytes the client sent.
 'use strict';
 
 const http = require('http');
@@ -33,7 +44,7 @@ function arg(name) {
 const name = arg('--name');
 const listen = arg('--listen');
 if (!name || !listen) {
-  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2]');
+  console.error('usage: node server.js --name NAME --listen HOST:PORT [--hook SOCKET --service ADDR] [--freeze-wait-ms MS] [--idle-close-ms MS] [--hook-version 1|2|3]');
   process.exit(2);
 }
 const hookPath = arg('--hook');
@@ -46,11 +57,14 @@ if (!Number.isInteger(idleClose) || idleClose < 0) {
 }
 // Without --hook-version, the newest version the agent speaks.
 const hookVersion = arg('--hook-version') === undefined ? undefined : Number(arg('--hook-version'));
-if (hookVersion !== undefined && hookVersion !== 1 && hookVersion !== 2) {
-  console.error(`bad --hook-version ${arg('--hook-version')}: 1 or 2`);
+if (hookVersion !== undefined && hookVersion !== 1 && hookVersion !== 2 && hookVersion !== 3) {
+  console.error(`bad --hook-version ${arg('--hook-version')}: 1, 2 or 3`);
   process.exit(2);
 }
 const HISTORY = 5;
+// A request waiting on a frozen session keeps its body up to this many bytes, to move with its
+// connection; a longer one (dropped) keeps its connection here.
+const BODY_KEPT = 64 * 1024;
 
 // client address -> { session: null | { count, history }, frozen, moved, imported, waiters, sockets }
 const clients = new Map();
@@ -73,6 +87,113 @@ function keepAlive(req) {
   return req.httpVersionMajor === 1 && req.httpVersionMinor === 0 && tokens.includes('keep-alive');
 }
 
+// Per connection: the messages its HTTP parser began (a byte of a request other than the CR
+// and LF allowed between requests makes one), the requests the server was given and those it
+// finished answering, the last request; whether the count cannot be trusted, whether the
+// connection is being handed over, the request waiting on a frozen session.
+const kBegun = Symbol('messages begun');
+const kRequests = Symbol('requests');
+const kAnswered = Symbol('requests answered');
+const kLast = Symbol('last request');
+const kUntracked = Symbol('messages not counted');
+const kDetached = Symbol('handed to the hook');
+const kWaiting = Symbol('request waiting');
+
+// Counts the messages a connection's parser begins: Node's HTTP parser calls its
+// kOnMessageBegin slot (which the server leaves empty) with the parser as `this`, whose
+// `socket` is the connection (parsers are pooled: it is looked up at each call).
+function onMessageBegin() {
+  const socket = this.socket;
+  if (socket) socket[kBegun] = (socket[kBegun] ?? 0) + 1;
+}
+
+function trackMessages(socket) {
+  socket[kBegun] = 0;
+  socket[kRequests] = 0;
+  socket[kAnswered] = 0;
+  socket[kLast] = null;
+  const parser = socket.parser;
+  const slot = parser?.constructor?.kOnMessageBegin;
+  if (parser && typeof slot === 'number') parser[slot] = onMessageBegin;
+  else socket[kUntracked] = true;
+}
+
+// Whether a connection is idle at a request boundary, so that it may move: open both ways,
+// every message its parser began was a request read to its end and answered, nothing left to
+// write, nothing read and not parsed. Decided in one go with stopping its reading (`detach`):
+// what the client sends from then on stays in the kernel and moves with the connection.
+function atBoundary(socket) {
+  return !socket[kUntracked] && !socket[kDetached] && !socket.destroyed && !socket.connecting && socket.readable && socket.writable
+    && socket[kBegun] === socket[kRequests] && socket[kRequests] === socket[kAnswered]
+    && (socket[kLast] === null || socket[kLast].complete) && !socket._httpMessage
+    && socket.readableLength === 0 && socket.writableLength === 0;
+}
+
+// A connection's request that waits on its client's frozen session, and its bytes (its blob),
+// if the connection may move with it: open both ways, the only request in progress on it (every
+// message its parser began was a request, every one before it answered), read to its end (its
+// body kept), nothing of its answer written (no interim `100 Continue` either: no `Expect`),
+// nothing read and not parsed, nothing left to write. Else null. Decided in one go with
+// stopping its reading (`detach`), as for an idle one.
+function waitingRequest(socket) {
+  const w = socket[kWaiting];
+  if (!w || w.handed || socket[kUntracked] || socket[kDetached] || socket.destroyed || socket.connecting || !socket.readable || !socket.writable) return null;
+  const { req, res } = w;
+  if (socket[kBegun] !== socket[kRequests] || socket[kRequests] !== socket[kAnswered] + 1 || socket[kLast] !== req) return null;
+  if (!req.complete || !req.readableEnded || w.body === null || req.headers.expect !== undefined) return null;
+  // All its headers (the parser keeps at most maxHeaderPairs entries, names and values).
+  const most = socket.parser?.maxHeaderPairs ?? 0;
+  if (most > 0 && req.rawHeaders.length >= most) return null;
+  if (res.headersSent || res.writableEnded || socket._httpMessage !== res) return null;
+  if (socket.readableLength !== 0 || socket.writableLength !== 0) return null;
+  return { w, blob: requestBytes(req, w.body) };
+}
+
+// A request as HTTP/1.x text, as its client sent it but for the framing of a chunked body
+// (the parser took the chunks apart: one chunk, then the trailers). Header text is Latin-1, as
+// the parser read it.
+function requestBytes(req, body) {
+  let head = `${req.method} ${req.url} HTTP/${req.httpVersion}\r\n`;
+  for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) head += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+  const parts = [Buffer.from(`${head}\r\n`, 'latin1')];
+  const size = body.reduce((n, b) => n + b.length, 0);
+  if (req.headers['transfer-encoding'] !== undefined) {
+    if (size > 0) parts.push(Buffer.from(`${size.toString(16)}\r\n`), ...body, Buffer.from('\r\n'));
+    let tail = '0\r\n';
+    for (let i = 0; i + 1 < req.rawTrailers.length; i += 2) tail += `${req.rawTrailers[i]}: ${req.rawTrailers[i + 1]}\r\n`;
+    parts.push(Buffer.from(`${tail}\r\n`, 'latin1'));
+  } else {
+    parts.push(...body);
+  }
+  return Buffer.concat(parts);
+}
+
+// Takes a connection away from the HTTP server for the hook: no more reading (the server's own
+// pause handler stops the handle), no timeout, out of the server's list of connections (its
+// header and request timeouts, closeIdleConnections). The hook passes its descriptor on and
+// closes this copy (silently: the agent holds the connection).
+function detach(socket) {
+  socket[kDetached] = true;
+  socket.pause();
+  if (socket._handle) {
+    socket._handle.reading = false;
+    socket._handle.readStop();
+  }
+  socket.idleTimer = false;
+  socket.setTimeout(0);
+  socket.parser?.remove?.();
+}
+
+// A detached connection the hook kept after all (it could not leave as it was): served again,
+// its waiting request (if it went with one) waiting again, here.
+function reattach(socket, e) {
+  socket[kDetached] = false;
+  e.sockets.add(socket);
+  socket[kWaiting]?.takeBack();
+  socket.resume(); // the server's resume handler starts the handle's reading again
+  idleFrom(socket);
+}
+
 // Runs the requests waiting for this client's hand-over to end.
 function wake(e) {
   const waiters = [...e.waiters];
@@ -85,6 +206,13 @@ const server = http.createServer((req, res) => {
   const client = normalizeClient(socket.remoteAddress);
   const e = entry(client);
   socket.busy = true;
+  socket[kRequests] += 1;
+  // Each request begins a message: fewer counted means the count does not work here.
+  if (socket[kBegun] < socket[kRequests]) socket[kUntracked] = true;
+  socket[kLast] = req;
+  res.on('finish', () => {
+    socket[kAnswered] += 1;
+  });
   if (socket.idleTimer) {
     // A request arrived: the idle wait is over (a frozen session's wait is not bound by it).
     socket.idleTimer = false;
@@ -98,8 +226,11 @@ const server = http.createServer((req, res) => {
     // starts once the answer is sent.
     res.on('finish', () => idleFrom(socket));
   }
-  req.resume();
+  // Set once the connection went to the hook with this request: from then on nothing answers it
+  // here (its response is not attached to the connection either).
+  let handed = false;
   const go = () => {
+    if (handed) return;
     if (e.moved) {
       // The session lives elsewhere now: no answer; the client's retry opens a new
       // connection, which the kernel steers to the sibling.
@@ -127,22 +258,39 @@ const server = http.createServer((req, res) => {
     socket.busy = false;
   };
   if (e.frozen) {
-    // Wait for the hand-over to end, at most freezeWait; a waiter is removed when it runs or
-    // when its connection goes, so a later wake never answers (or counts) for nobody.
+    // Wait for the hand-over to end, at most freezeWait; a waiter is removed when it runs, when
+    // its connection goes, or when its connection goes to the hook with it, so a later wake
+    // never answers (or counts) for nobody. Its body is kept: the request may move with its
+    // connection (`waitingRequest`).
+    const w = { req, res, body: [], handed: false, handOver: null, takeBack: null };
+    let kept = 0;
+    req.on('data', (chunk) => {
+      if (w.body === null) return;
+      kept += chunk.length;
+      if (kept > BODY_KEPT) w.body = null;
+      else w.body.push(chunk);
+    });
     let timer = null;
+    const wait = () => {
+      timer = setTimeout(timeout, freezeWait);
+      e.waiters.add(waiter);
+      socket.once('close', done);
+      socket[kWaiting] = w;
+    };
     const done = () => {
       clearTimeout(timer);
       e.waiters.delete(waiter);
       socket.removeListener('close', done);
+      if (socket[kWaiting] === w) socket[kWaiting] = null;
     };
     const waiter = () => {
       done();
-      if (socket.destroyed) return;
+      if (socket.destroyed || handed) return;
       if (e.frozen) {
-        // Another hand-over froze it meanwhile: wait again (the bound counts from now).
-        e.waiters.add(waiter);
-        timer = setTimeout(timeout, freezeWait);
-        socket.once('close', done);
+        // Still frozen (given back by the hook), or frozen again by another hand-over
+        // meanwhile: wait again (the bound counts from now).
+        console.error(`a request of ${client} waits: frozen by hand-over ${e.frozen}`);
+        wait();
         return;
       }
       go();
@@ -151,10 +299,29 @@ const server = http.createServer((req, res) => {
       done();
       if (!socket.destroyed) go();
     };
-    timer = setTimeout(timeout, freezeWait);
-    e.waiters.add(waiter);
-    socket.once('close', done);
+    // The connection goes to the hook with this request (its blob): no answer from here, no
+    // timer, the response detached from the connection (nothing it is told can reach it).
+    w.handOver = () => {
+      done();
+      handed = true;
+      w.handed = true;
+      socket[kWaiting] = w; // until the hook passes it on (or gives it back: `takeBack`)
+      res.detachSocket(socket);
+    };
+    // It did not leave after all (given back before the outcome applies): the request waits
+    // here again, the bound counting from now, and the outcome decides as for any other.
+    w.takeBack = () => {
+      if (!w.handed) return;
+      handed = false;
+      w.handed = false;
+      socket[kWaiting] = null;
+      if (!socket.destroyed && !socket._httpMessage) res.assignSocket(socket);
+      waiter();
+    };
+    console.error(`a request of ${client} waits: frozen by hand-over ${e.frozen}`);
+    wait();
   } else {
+    req.resume();
     go();
   }
 });
@@ -170,10 +337,12 @@ function idleFrom(socket) {
   }
 }
 
+// Also the connections the hook brings: `server.emit('connection', socket)`.
 server.on('connection', (socket) => {
   const e = entry(normalizeClient(socket.remoteAddress));
   e.moved = false;
   socket.busy = false;
+  trackMessages(socket); // after the server's own listener, which gave it its parser
   idleFrom(socket);
   e.sockets.add(socket);
   socket.on('close', () => e.sockets.delete(socket));
@@ -221,6 +390,57 @@ const sessions = {
       e.imported = h;
     }
     console.error(`hook: import ${h}: ${parsed.length} sessions (tentative until the commit)`);
+  },
+  // Version 3, right after the export (its clients frozen): the listed clients' connections
+  // that are idle at a request boundary (empty blob) or whose request waits on the frozen
+  // session (that request's bytes), taken from the server; the others stay (closed after the
+  // commit, as in version 2).
+  connections(h, list) {
+    const out = [];
+    let [idle, waiting, busy] = [0, 0, 0];
+    for (const client of list) {
+      const e = clients.get(client);
+      if (!e) continue;
+      for (const socket of e.sockets) {
+        if (atBoundary(socket)) {
+          detach(socket);
+          e.sockets.delete(socket);
+          out.push({ client, socket, blob: Buffer.alloc(0) });
+          idle += 1;
+          continue;
+        }
+        const found = waitingRequest(socket);
+        if (found === null) {
+          busy += 1;
+          continue;
+        }
+        detach(socket);
+        found.w.handOver();
+        e.sockets.delete(socket);
+        out.push({ client, socket, blob: found.blob });
+        waiting += 1;
+      }
+    }
+    if (out.length || busy) console.error(`hook: export ${h}: handing over ${out.length} connections (${idle} idle, ${waiting} with a request waiting; ${busy} busy ones stay)`);
+    return out;
+  },
+  // Version 3, before a commit or an abort: connections that came here, came back, or could not
+  // leave; served as if just accepted, their blob (bytes the client sent, not parsed here: a
+  // request that waited where the connection was) first. One that never left is this server's
+  // still, as it was (its waiting request included).
+  adopt(h, conns) {
+    let [fresh, back] = [0, 0];
+    for (const { client, socket, blob } of conns) {
+      if (socket[kDetached]) {
+        reattach(socket, entry(client));
+        back += 1;
+        continue;
+      }
+      if (blob.length > 0) socket.unshift(blob);
+      server.emit('connection', socket);
+      fresh += 1;
+    }
+    console.error(`hook: ${h}: adopted ${fresh} connections${back ? `, ${back} kept` : ''}`);
   },
   commit(h) {
     let [out, confirmed] = [0, 0];

@@ -1,6 +1,6 @@
 //! Descriptors passed with a line (version 3): the open connections that move with their
 //! sessions. A writer attaches a line's descriptors (`SCM_RIGHTS`) to that line's own bytes,
-//! at most [`MAX_PER_SEND`] to one `sendmsg`; the line counts them in its `fds`. A reader
+//! one to each `sendmsg` ([`MAX_PER_SEND`]); the line counts them in its `fds`. A reader
 //! keeps every descriptor it receives, in arrival order, and gives each line that announces
 //! N the first N it holds: the kernel never lets one read run past a message that carries
 //! descriptors, so a line's descriptors are always in by the time its last byte is.
@@ -13,12 +13,18 @@ use std::{
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
-/// The most descriptors one `sendmsg` may carry (the kernel's `SCM_MAX_FD`).
-pub const MAX_PER_SEND: usize = 253;
+/// Descriptors one `sendmsg` carries: one. Node.js (libuv) takes one descriptor per read and
+/// delivers the others of a message only with later bytes, which may never come (the writer
+/// waits for an answer); one per message, the kernel ends each read at it.
+pub const MAX_PER_SEND: usize = 1;
+
+/// The most descriptors one message can carry (the kernel's `SCM_MAX_FD`): what a reader
+/// makes room for.
+pub const MAX_PER_MESSAGE: usize = 253;
 
 /// Writes all of `bytes` to the Unix stream socket `sock`, with `fds` attached to them
-/// (spread over the first writes, [`MAX_PER_SEND`] at a time: a line listing that many
-/// connections is always longer than the writes it takes). Blocks as the socket does; a
+/// (spread over the first writes, [`MAX_PER_SEND`] at a time: a line listing N connections is
+/// always longer than the N writes it takes). Blocks as the socket does; a
 /// non-blocking socket that is full returns `WouldBlock` with what was written so far lost
 /// to the caller, so use it on blocking sockets, or see [`send_some`].
 ///
@@ -61,7 +67,7 @@ pub fn send_some(sock: BorrowedFd<'_>, bytes: &[u8], fds: &mut &[BorrowedFd<'_>]
 
 /// Room for the control message of one read: the most one message can carry.
 fn cmsg_room() -> Vec<u8> {
-    nix::cmsg_space!([RawFd; MAX_PER_SEND])
+    nix::cmsg_space!([RawFd; MAX_PER_MESSAGE])
 }
 
 /// One `recvmsg` into `buf`; descriptors that came with it go to the back of `fds` (close on
@@ -125,21 +131,26 @@ mod tests {
     #[test]
     fn descriptors_arrive_with_their_line_in_order_however_many() {
         let (a, b) = UnixStream::pair().unwrap();
-        // 600 descriptors (three writes' worth) on one line, then a line with none, then two.
+        // 600 descriptors (600 writes) on one line, then a line with none, then two.
         let files: Vec<OwnedFd> = (0..600).map(|_| std::fs::File::open("/dev/null").unwrap().into()).collect();
         let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
-        let line1 = format!("{}\n", "x".repeat(40));
-        send_all(a.as_fd(), line1.as_bytes(), &borrowed).unwrap();
-        send_all(a.as_fd(), b"plain\n", &[]).unwrap();
-        send_all(a.as_fd(), b"ab\n", &borrowed[..2]).unwrap();
+        let line1 = format!("{}\n", "x".repeat(700));
         let mut fds = VecDeque::new();
-        let got = read_all(&b, line1.len() + 6 + 3, &mut fds);
+        // Read while writing: the socket holds a few hundred messages at most.
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                send_all(a.as_fd(), line1.as_bytes(), &borrowed).unwrap();
+                send_all(a.as_fd(), b"plain\n", &[]).unwrap();
+                send_all(a.as_fd(), b"ab\n", &borrowed[..2]).unwrap();
+            });
+            read_all(&b, line1.len() + 6 + 3, &mut fds)
+        });
         assert_eq!(got, [line1.as_bytes(), b"plain\n", b"ab\n"].concat());
         assert_eq!(take(&mut fds, 600).unwrap().len(), 600);
         assert_eq!(take(&mut fds, 0).unwrap().len(), 0);
         assert_eq!(take(&mut fds, 2).unwrap().len(), 2);
         assert!(take(&mut fds, 1).unwrap_err().contains("announcing 1 descriptors came with 0"));
         // A line too short for its descriptors' writes.
-        assert!(send_all(a.as_fd(), b"x", &borrowed[..300]).is_err());
+        assert!(send_all(a.as_fd(), b"xy", &borrowed[..3]).is_err());
     }
 }

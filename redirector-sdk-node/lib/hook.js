@@ -1,22 +1,24 @@
 'use strict';
 // The connection to the agent's hook socket: register, answer export/import/commit/abort
-// through the application's callbacks, reconnect, report unfinished hand-overs.
+// through the application's callbacks, hand over and adopt open connections (version 3),
+// reconnect, report unfinished hand-overs.
 
 const { EventEmitter } = require('events');
 const net = require('net');
 const path = require('path');
 const { MessageReader } = require('./framing');
 const { normalizeClient } = require('./client');
+const fds = require('./fds');
 
-/** The newest hook protocol version this package speaks (it speaks 1 too). */
-const VERSION = 2;
+/** The newest hook protocol version this package speaks (it speaks 2 and 1 too). */
+const VERSION = 3;
 const RECONNECT_MS = 500;
 // A big export answer leaves in pieces of about this size, the first as soon as it is ready.
 const PIECE = 1 << 20;
 const STALL_MS = 60_000;
 
-// The version that worked for each socket path, once an agent refused version 2 there: it
-// is not asked again until the process ends (docs: negotiation).
+// The version to offer on each socket path, once an agent refused a newer one there: the newer
+// one is not asked again until the process ends (docs: negotiation).
 const learned = new Map();
 
 function message(err) {
@@ -41,7 +43,13 @@ class Hook extends EventEmitter {
     for (const f of ['export', 'import', 'commit', 'abort']) {
       if (typeof sessions?.[f] !== 'function') throw new TypeError(`attach: \`sessions.${f}\` must be a function`);
     }
-    if (version !== undefined && version !== 1 && version !== 2) throw new TypeError(`attach: \`version\` is 1 or 2, not ${version}`);
+    for (const f of ['connections', 'adopt']) {
+      if (sessions[f] != null && typeof sessions[f] !== 'function') throw new TypeError(`attach: \`sessions.${f}\`, when given, must be a function`);
+    }
+    // The connections an application hands over come back when their hand-over aborts.
+    if (sessions.connections && !sessions.adopt) throw new TypeError('attach: an application that hands connections over (`sessions.connections`) takes them back: `sessions.adopt` must be a function too');
+    if (version !== undefined && version !== 1 && version !== 2 && version !== 3) throw new TypeError(`attach: \`version\` is 1, 2 or 3, not ${version}`);
+    if (version === 3 && fds.whyNot()) throw new TypeError(`attach: version 3 passes descriptors, which this Node.js cannot: ${fds.whyNot()}`);
     this.path = socket;
     this.key = path.resolve(socket);
     this.service = service;
@@ -49,8 +57,10 @@ class Hook extends EventEmitter {
     this.version = version;
     this.reconnectMs = reconnectMs;
     this.log = log || (() => {});
-    // Hand-overs this application took part in and has not seen end, by name: { role, clients }.
-    // They outlive a connection: reported when registering again.
+    if (version === undefined && fds.whyNot()) this.log(`hook protocol version 2 at most (connections do not move): ${fds.whyNot()}`);
+    // Hand-overs this application took part in and has not seen end, by name: { role, clients,
+    // kept }, `kept` the connections the application offered for an export that did not leave
+    // (given back with the outcome). They outlive a connection: reported when registering again.
     this.unfinished = new Map();
     // Requests run one at a time in arrival order, across connections too: an abort sent on a
     // new connection applies after the export still running from the old one.
@@ -84,13 +94,21 @@ class Hook extends EventEmitter {
   connect() {
     this.timer = null;
     if (this.closed) return;
-    const version = this.version ?? learned.get(this.key) ?? VERSION;
-    const sock = net.connect(this.path);
-    const conn = { sock, version, registered: false, problem: null, fallback: false };
+    // Without descriptor passing (a Node.js without libuv IPC pipes), 2 is the newest.
+    const version = this.version ?? learned.get(this.key) ?? (fds.whyNot() ? 2 : VERSION);
+    const conn = { sock: null, version, registered: false, problem: null, fallback: false };
     conn.reader = new MessageReader(
-      (msg, raw) => this.received(conn, msg, raw),
+      (msg, raw, handles) => this.received(conn, msg, raw, handles),
       (line, err) => this.unreadable(conn, line, err),
+      (err) => {
+        conn.problem ??= `a protocol error in the agent's lines (${err.message})`;
+        conn.sock.destroy();
+      },
     );
+    // Version 3 reads and writes descriptors: an IPC pipe (lib/fds.js).
+    const sock = version >= 3 ? fds.ipcSocket((h) => conn.reader.pushDescriptor(h)) : new net.Socket();
+    conn.sock = sock;
+    sock.connect(this.path);
     this.conn = conn;
     sock.on('connect', () => {
       const pending = this.pending();
@@ -101,7 +119,12 @@ class Hook extends EventEmitter {
     sock.on('error', (err) => {
       conn.problem ??= err.message;
     });
-    sock.on('close', () => this.lost(conn));
+    sock.on('close', () => {
+      // Descriptors no line claimed: closed (the agent closes its copies when the connection
+      // drops before the answer).
+      for (const h of conn.reader.takeDescriptors()) fds.closeHandle(h);
+      this.lost(conn);
+    });
   }
 
   lost(conn) {
@@ -117,35 +140,40 @@ class Hook extends EventEmitter {
     this.timer = setTimeout(() => this.connect(), conn.fallback ? 0 : this.reconnectMs);
   }
 
-  received(conn, msg, raw) {
-    if (conn.sock.destroyed) return;
-    if (msg === null || typeof msg !== 'object' || Array.isArray(msg)) {
-      this.log('ignoring a line from the agent that is not a JSON object');
+  received(conn, msg, raw, handles) {
+    if (conn.sock.destroyed || msg === null || typeof msg !== 'object' || Array.isArray(msg)) {
+      if (!conn.sock.destroyed) this.log('ignoring a line from the agent that is not a JSON object');
+      for (const h of handles) fds.closeHandle(h);
       return;
     }
     if (msg.op === 'registered') {
       conn.registered = true;
-      conn.version = conn.version === 2 && msg.version === 2 ? 2 : 1;
-      conn.reader.rawBytes = conn.version === 2;
+      // The agent answers with the version registered; anything else is taken for 1.
+      conn.version = Number.isInteger(msg.version) && msg.version >= 1 && msg.version <= conn.version ? msg.version : 1;
+      conn.reader.rawBytes = conn.version >= 2;
+      conn.reader.descriptors = conn.version >= 3;
       this.lastProblem = null;
       this.emit('registered', { version: conn.version, pending: this.unfinished.size });
+      for (const h of handles) fds.closeHandle(h);
       return;
     }
     if (msg.op === 'error') {
-      // Refused: this connection is done. An agent that speaks only version 1
-      // refuses a version-2 registration: register again with 1, at once, and stay with it.
+      // Refused: this connection is done. An agent that does not speak the version offered
+      // refuses the registration for it: register again with the one before, at once, and stay
+      // with it (3, then 2, then 1).
       const text = String(msg.error);
-      if (!conn.registered && conn.version === 2 && this.version === undefined && text.includes('version')) {
-        learned.set(this.key, 1);
+      if (!conn.registered && conn.version > 1 && this.version === undefined && text.includes('version')) {
+        learned.set(this.key, conn.version - 1);
         conn.fallback = true;
-        conn.problem = `the agent speaks an older hook protocol (it says: ${text}): version 1 from now on`;
+        conn.problem = `the agent does not speak hook protocol version ${conn.version} (it says: ${text}): version ${conn.version - 1} from now on`;
       } else {
         conn.problem = `the agent says: ${text}`;
       }
+      for (const h of handles) fds.closeHandle(h);
       conn.sock.destroy();
       return;
     }
-    this.queue = this.queue.then(() => this.serve(conn, msg, raw));
+    this.queue = this.queue.then(() => this.serve(conn, msg, raw, handles));
   }
 
   unreadable(conn, line, err) {
@@ -159,9 +187,14 @@ class Hook extends EventEmitter {
     this.queue = this.queue.then(() => write(conn.sock, `${JSON.stringify({ id: Number(id), ok: false, error })}\n`));
   }
 
-  async serve(conn, req, raw) {
+  async serve(conn, req, raw, handles) {
     const id = req.id ?? null;
     try {
+      // Only commit and abort carry connections; descriptors any other line brings are closed.
+      if (handles.length && (typeof req.handoff !== 'string' || (req.op !== 'commit' && req.op !== 'abort'))) {
+        for (const h of handles.splice(0)) fds.closeHandle(h);
+        this.log(`closed the descriptors a ${JSON.stringify(req.op)} line carried`);
+      }
       if (typeof req.handoff !== 'string' && ['export', 'import', 'commit', 'abort'].includes(req.op)) {
         throw new Error(`malformed ${req.op}: no handoff`);
       }
@@ -175,7 +208,7 @@ class Hook extends EventEmitter {
           return;
         case 'commit':
         case 'abort':
-          await this.end(conn, id, req.op, req.handoff);
+          await this.end(conn, id, req, raw, handles);
           return;
         default:
           throw new Error(`unknown op ${JSON.stringify(req.op)}`);
@@ -186,10 +219,12 @@ class Hook extends EventEmitter {
     }
   }
 
-  async exportSessions(conn, id, { handoff, clients: listed }) {
+  async exportSessions(conn, id, { handoff, clients: listed, connections: movable }) {
     if (!Array.isArray(listed)) throw new Error('malformed export: no clients');
     const clients = listed.map(normalizeClient).filter((c) => c !== null);
-    this.unfinished.set(handoff, { role: 'export', clients });
+    // A hand-over exported again (the agent retrying it) keeps what it kept.
+    const kept = this.unfinished.get(handoff)?.kept ?? [];
+    this.unfinished.set(handoff, { role: 'export', clients, kept });
     let result;
     try {
       result = await this.sessions.export(handoff, [...clients]);
@@ -209,11 +244,110 @@ class Hook extends EventEmitter {
       given.add(client);
       sessions.push([client, toBuffer(blob, client)]);
     }
-    await (conn.version === 2 ? writeExport2 : writeExport1)(conn.sock, id, sessions);
+    if (conn.version === 1) return writeExport1(conn.sock, id, sessions);
+    if (conn.version === 2) return writeExport2(conn.sock, id, sessions);
+    let handed = [];
+    if (movable === true && this.sessions.connections) {
+      // What this connection still has to write goes first, so that the descriptors leave in
+      // the tick their connections are checked (lib/fds.js: writeWithDescriptors).
+      await fds.flushed(conn.sock);
+      handed = await this.offered(handoff, clients, kept);
+    }
+    return this.writeExport3(conn, id, sessions, handed, kept);
+  }
+
+  // Version 3: the connections the application offers for an export, stopped reading. Those
+  // that cannot leave as they are stay with it (`kept`, given back with the outcome).
+  async offered(handoff, clients, kept) {
+    let list;
+    try {
+      list = await this.sessions.connections(handoff, [...clients]);
+    } catch (err) {
+      this.log(`export ${handoff}: the application's connections() failed (${message(err)}): no connection moves`);
+      return [];
+    }
+    if (list == null) return [];
+    if (typeof list[Symbol.iterator] !== 'function') {
+      this.log(`export ${handoff}: the application's connections() returned no list: no connection moves`);
+      return [];
+    }
+    const entries = [...list];
+    // Reading stops before anything is decided: from here on, no byte of these connections
+    // is read by this process.
+    for (const e of entries) if (e?.socket instanceof net.Socket) stopReading(e.socket);
+    const asked = new Set(clients);
+    const seen = new Set();
+    const handed = [];
+    for (const e of entries) {
+      const socket = e?.socket;
+      if (!(socket instanceof net.Socket)) {
+        this.log(`export ${handoff}: the application offered a connection without a net.Socket: ignored`);
+        continue;
+      }
+      if (seen.has(socket)) continue;
+      seen.add(socket);
+      const client = normalizeClient(e.client);
+      let blob;
+      try {
+        blob = e.blob == null ? Buffer.alloc(0) : toBuffer(e.blob, client);
+      } catch (err) {
+        blob = null;
+      }
+      const why = socket.destroyed || !socket._handle ? 'it is closed'
+        : !asked.has(client) ? `its client ${JSON.stringify(e.client)} is not one the export lists`
+          : blob === null ? 'its blob is not a Buffer, Uint8Array or string'
+            : notMovable(socket);
+      if (why === null) {
+        handed.push({ client, socket, blob });
+      } else if (socket.destroyed || !socket._handle) {
+        this.log(`export ${handoff}: not handing over a connection of ${e.client}: ${why}`);
+      } else {
+        this.log(`export ${handoff}: keeping a connection of ${e.client}: ${why} (given back with the outcome)`);
+        kept.push({ client: client ?? String(e.client), socket, blob: blob ?? Buffer.alloc(0) });
+      }
+    }
+    return handed;
+  }
+
+  // Version 3: the line (with the connections' descriptors), then the sessions' blobs and the
+  // connections', raw and in list order. The application's copies of descriptors that left are
+  // closed once they did (no FIN: the agent holds the connections); those that did not, it
+  // gets back with the outcome.
+  async writeExport3(conn, id, sessions, handed, kept) {
+    if (handed.length > 0 && conn.sock.writableLength > 0) {
+      // (Not expected: the connection was flushed before the application was asked.)
+      await fds.flushed(conn.sock);
+      handed = handed.filter((c) => !c.socket.destroyed && c.socket._handle);
+    }
+    const bytes = sessions.reduce((n, [, b]) => n + b.length, 0) + handed.reduce((n, c) => n + c.blob.length, 0);
+    const head = {
+      id,
+      ok: true,
+      ...(bytes > 0 ? { bytes } : {}),
+      ...(handed.length > 0 ? { fds: handed.length } : {}),
+      sessions: sessions.map(([client, b]) => ({ client, len: b.length })),
+      ...(handed.length > 0 ? { connections: handed.map((c) => ({ client: c.client, len: c.blob.length })) } : {}),
+    };
+    const line = Buffer.from(`${JSON.stringify(head)}\n`);
+    if (handed.length === 0) {
+      await write(conn.sock, line);
+    } else {
+      const left = await fds.writeWithDescriptors(conn.sock, line, handed.map((c) => c.socket._handle), STALL_MS);
+      handed.forEach((c, i) => {
+        if (left[i]) c.socket.destroy();
+        else kept.push(c);
+      });
+      if (!left.every(Boolean)) {
+        conn.problem ??= 'the answer carrying connections could not be written';
+        conn.sock.destroy();
+        return;
+      }
+    }
+    await writeBlobs(conn.sock, [...sessions.map(([, b]) => b), ...handed.map((c) => c.blob)]);
   }
 
   async importSessions(conn, id, req, raw) {
-    const sessions = conn.version === 2 ? parseImport2(req, raw) : parseImport1(req);
+    const sessions = conn.version >= 2 ? parseImport2(req, raw) : parseImport1(req);
     this.unfinished.set(req.handoff, { role: 'import', clients: sessions.map(([c]) => c) });
     try {
       await this.sessions.import(req.handoff, sessions);
@@ -223,7 +357,14 @@ class Hook extends EventEmitter {
     await write(conn.sock, `${JSON.stringify({ id, ok: true })}\n`);
   }
 
-  async end(conn, id, op, handoff) {
+  async end(conn, id, req, raw, handles) {
+    const { op, handoff } = req;
+    // Version 3: the connections the outcome brings (the agent's) and those the application
+    // offered for this hand-over that did not leave, adopted before the outcome applies.
+    const brought = conn.version >= 3 ? parseConnections(req, raw, handles) : [];
+    const entry = this.unfinished.get(handoff);
+    const back = [...brought, ...(entry?.kept?.splice(0) ?? [])];
+    if (back.length > 0) await this.adopt(handoff, back);
     // A hand-over this application never saw is the callback's to ignore; the answer is ok.
     // A callback that fails keeps the hand-over unfinished: the agent asks again.
     try {
@@ -233,6 +374,72 @@ class Hook extends EventEmitter {
     }
     this.unfinished.delete(handoff);
     await write(conn.sock, `${JSON.stringify({ id, ok: true })}\n`);
+  }
+
+  async adopt(handoff, connections) {
+    if (!this.sessions.adopt) {
+      // It takes none: closed, as its connections are in version 2.
+      this.log(`${handoff}: closing ${connections.length} connection(s) the agent gave: the application adopts none (no sessions.adopt)`);
+      for (const c of connections) c.socket.destroy();
+      return;
+    }
+    try {
+      await this.sessions.adopt(handoff, connections);
+    } catch (err) {
+      // The connections are the application's from the call on; the outcome applies anyway.
+      this.log(`${handoff}: the application's adopt() failed: ${message(err)}`);
+    }
+  }
+}
+
+// Stops reading a connection this process is to hand over: nothing more of it is read (what
+// arrives stays in the kernel, and moves with it), and no timer of its own closes it.
+function stopReading(socket) {
+  socket.pause();
+  const h = socket._handle;
+  if (h && typeof h.readStop === 'function') {
+    h.reading = false;
+    h.readStop();
+  }
+  socket.setTimeout(0);
+}
+
+// Why a connection (reading stopped) cannot leave as it is, or null: it must be an open TCP
+// connection with nothing read that its owner has not consumed and nothing left to write.
+function notMovable(socket) {
+  if (!fds.isTcp(socket)) return 'it is not a TCP connection';
+  if (socket.connecting) return 'it is not connected yet';
+  if (socket.readableLength > 0) return `${socket.readableLength} bytes of it were read and not consumed`;
+  if (socket._readableState?.ended || !socket.readable) return 'its client ended it';
+  if (socket.writableLength > 0) return `${socket.writableLength} bytes are still to be written to it`;
+  if (socket.writableEnded || !socket.writable) return 'it is being ended';
+  return null;
+}
+
+// The connections a version 3 commit or abort carries: each client, a live net.Socket and its
+// blob. A list that does not match what came is refused (ok:false: the agent logs it and sends
+// the outcome again); its descriptors are closed.
+function parseConnections(req, raw, handles) {
+  try {
+    const list = req.connections ?? [];
+    if (!Array.isArray(list)) throw new Error('connections is not a list');
+    if (list.length !== handles.length) throw new Error(`${list.length} connections came with ${handles.length} descriptors`);
+    let at = 0;
+    const parsed = list.map((c) => {
+      const client = normalizeClient(c?.client);
+      if (client === null) throw new Error(`the client ${JSON.stringify(c?.client)} of a connection is not an address`);
+      const len = c.len ?? 0;
+      if (!Number.isSafeInteger(len) || len < 0) throw new Error(`the connection of ${client} has no len`);
+      at += len;
+      return [client, at - len, at];
+    });
+    const data = raw ?? Buffer.alloc(0);
+    if (at !== data.length || (req.bytes ?? 0) !== data.length) throw new Error(`the connections' len add up to ${at}, the line announces ${req.bytes ?? 0} bytes`);
+    if (!handles.every(fds.isStream)) throw new Error('a descriptor that is not a stream socket');
+    return parsed.map(([client, from, to], i) => ({ client, socket: fds.socketFor(handles[i]), blob: data.subarray(from, to) }));
+  } catch (err) {
+    for (const h of handles) fds.closeHandle(h);
+    throw new Error(`malformed ${req.op}: ${err.message}`);
   }
 }
 
@@ -263,9 +470,14 @@ async function writeExport2(sock, id, sessions) {
   const bytes = sessions.reduce((n, [, b]) => n + b.length, 0);
   const head = { id, ok: true, ...(bytes > 0 ? { bytes } : {}), sessions: sessions.map(([client, b]) => ({ client, len: b.length })) };
   await write(sock, `${JSON.stringify(head)}\n`);
+  await writeBlobs(sock, sessions.map(([, b]) => b));
+}
+
+// Raw blobs after a line, in pieces of about PIECE bytes.
+async function writeBlobs(sock, blobs) {
   let group = [];
   let size = 0;
-  for (const [, blob] of sessions) {
+  for (const blob of blobs) {
     group.push(blob);
     size += blob.length;
     if (size >= PIECE) {

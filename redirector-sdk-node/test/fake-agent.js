@@ -56,8 +56,9 @@ class Conn {
 
   /** Sends `msg` as a line, then `raw` (a Buffer or string), as the agent would. */
   send(msg, raw) {
-    // A version-2 registration makes the application's `bytes` frame raw bytes from now on.
-    if (msg.op === 'registered' && msg.version === 2) this.reader.rawBytes = true;
+    // A version-2 (or 3) registration makes the application's `bytes` frame raw bytes from
+    // now on. (This agent passes no descriptors: test/fd-agent.py does.)
+    if (msg.op === 'registered' && msg.version >= 2) this.reader.rawBytes = true;
     this.sock.write(`${JSON.stringify(msg)}\n`);
     if (raw !== undefined && raw !== null) this.sock.write(raw);
   }

@@ -64,3 +64,44 @@ test('a line that is not JSON is reported and the next one read', () => {
   assert.equal(got[0].bad, 'this is not JSON');
   assert.deepEqual(got[1], { msg: { id: 1 }, raw: null });
 });
+
+test('version 3: each line announcing descriptors takes the first ones received, in order', () => {
+  const got = [];
+  const broken = [];
+  const r = new MessageReader((msg, raw, fds) => got.push([msg.id, raw && raw.toString(), fds]), () => {}, (err) => broken.push(err.message));
+  r.rawBytes = true;
+  r.descriptors = true;
+  // Descriptors come with (or before) the bytes of their line: a line's are in by its end.
+  r.pushDescriptor('a');
+  r.push(Buffer.from('{"id":1,"fds":2'));
+  r.pushDescriptor('b');
+  r.pushDescriptor('c');
+  r.push(Buffer.from(',"bytes":3}\nxy'));
+  assert.deepEqual(got, [], 'the line waits for its bytes');
+  r.push(Buffer.from('z{"id":2}\n{"id":3,"fds":0}\n{"id":4,"fds":1}\n'));
+  assert.deepEqual(got, [[1, 'xyz', ['a', 'b']], [2, null, []], [3, null, []], [4, null, ['c']]]);
+  assert.deepEqual(broken, []);
+  assert.deepEqual(r.takeDescriptors(), []);
+});
+
+test('version 3: a line announcing more descriptors than came, or a bad fds, breaks the stream', () => {
+  for (const [line, why] of [['{"id":1,"fds":2}\n', /announcing 2 descriptors came with 1/], ['{"id":1,"fds":"1"}\n', /"fds" is not a non-negative integer/], ['{"id":1,"fds":-1}\n', /not a non-negative integer/]]) {
+    const got = [];
+    const broken = [];
+    const r = new MessageReader((msg) => got.push(msg), () => {}, (err) => broken.push(err.message));
+    r.descriptors = true;
+    r.pushDescriptor('a');
+    r.push(Buffer.from(`${line}{"id":2}\n`));
+    assert.deepEqual(got, [], 'nothing more is read');
+    assert.equal(broken.length, 1);
+    assert.match(broken[0], why);
+    assert.deepEqual(r.takeDescriptors(), ['a'], 'what it holds, to close');
+  }
+});
+
+test('before version 3, fds is an ordinary field', () => {
+  const got = [];
+  const r = new MessageReader((msg, raw, fds) => got.push([msg, fds]), () => {});
+  r.push(Buffer.from('{"id":1,"fds":2}\n'));
+  assert.deepEqual(got, [[{ id: 1, fds: 2 }, []]]);
+});

@@ -29,7 +29,7 @@ async function connected(agent, sessions, { version = 2, force } = {}) {
   const hook = agent.attach({ service: SERVICE, sessions, version: force });
   const conn = await agent.accept();
   const { msg } = await conn.read();
-  assert.equal(msg.version, force ?? 2);
+  assert.equal(msg.version, force ?? 3);
   conn.send({ op: 'registered', service: SERVICE, version });
   return { hook, conn, register: msg };
 }
@@ -151,20 +151,26 @@ test('the hook waits for an agent that is away, registers once it is there, and 
   }
 });
 
-test('the version an agent refused is not offered again on that socket; a forced version is', () => withAgent(async (agent) => {
-  const forced = agent.attach({ service: SERVICE, sessions: app(), version: 2 });
-  for (let i = 0; i < 2; i++) {
-    const conn = await agent.accept();
-    assert.equal((await conn.read()).msg.version, 2, 'forced: no fallback');
-    conn.send({ op: 'error', error: 'this agent speaks hook protocol version 1, not 2' });
+test('the version an agent refused is not offered again on that socket, one version at a time; a forced version is', () => withAgent(async (agent) => {
+  for (const version of [3, 2]) {
+    const forced = agent.attach({ service: SERVICE, sessions: app(), version });
+    for (let i = 0; i < 2; i++) {
+      const conn = await agent.accept();
+      assert.equal((await conn.read()).msg.version, version, 'forced: no fallback');
+      conn.send({ op: 'error', error: `this agent speaks hook protocol version 1, not ${version}` });
+    }
+    await forced.close();
   }
-  await forced.close();
   const first = agent.attach({ service: SERVICE, sessions: app() });
   let conn = await agent.accept();
+  assert.equal((await conn.read()).msg.version, 3);
+  conn.send({ op: 'error', error: 'this agent speaks hook protocol versions 1 and 2, not 3' });
+  conn = await agent.accept();
   assert.equal((await conn.read()).msg.version, 2);
   conn.send({ op: 'error', error: 'this agent speaks hook protocol version 1, not 2' });
   conn = await agent.accept();
   assert.equal((await conn.read()).msg.version, 1);
+  conn.send({ op: 'registered', service: SERVICE, version: 1 });
   await first.close();
   const later = agent.attach({ service: SERVICE, sessions: app() });
   conn = await agent.accept();
@@ -172,8 +178,29 @@ test('the version an agent refused is not offered again on that socket; a forced
   await later.close();
 }));
 
-// 20 sessions of 1 MiB of random bytes each way, in both versions, through chunked sockets.
-for (const version of [1, 2]) {
+test('an agent that speaks versions 1 and 2 gets version 2, remembered for the socket', () => withAgent(async (agent) => {
+  const sessions = app({ export: (h, clients) => clients.map((c) => [c, 'five']) });
+  const first = agent.attach({ service: SERVICE, sessions });
+  let conn = await agent.accept();
+  assert.equal((await conn.read()).msg.version, 3);
+  conn.send({ op: 'error', error: 'this agent speaks hook protocol versions 1 and 2, not 3' });
+  conn = await agent.accept();
+  assert.equal((await conn.read()).msg.version, 2);
+  conn.send({ op: 'registered', service: SERVICE, version: 2 });
+  conn.send({ id: 1, op: 'export', handoff: 'a/1/b', clients: ['198.18.1.5'] });
+  const { msg, raw } = await conn.read();
+  assert.deepEqual(msg, { id: 1, ok: true, bytes: 4, sessions: [{ client: '198.18.1.5', len: 4 }] });
+  assert.equal(raw.toString(), 'five');
+  await first.close();
+  const later = agent.attach({ service: SERVICE, sessions: app() });
+  conn = await agent.accept();
+  assert.equal((await conn.read()).msg.version, 2, 'remembered for the socket');
+  await later.close();
+}));
+
+// 20 sessions of 1 MiB of random bytes each way, in every version (3: through the IPC pipe
+// that passes descriptors), through chunked sockets.
+for (const version of [1, 2, 3]) {
   test(`a 20 MB import and a 20 MB export (version ${version})`, () => withAgent(async (agent) => {
     const blobs = Array.from({ length: 20 }, (_, i) => [`198.18.2.${i}`, crypto.randomBytes(1 << 20)]);
     let imported = null;

@@ -16,7 +16,7 @@ const DIRS = [path.join(__dirname, '../../redirector-hook/transcripts'), path.jo
  * The fixture application: sessions are text by client, each imported one tagged with its
  * hand-over; export returns the listed clients' sessions in their order; commit of an
  * exported hand-over drops its clients' sessions; abort drops the sessions still tagged with
- * the aborted hand-over.
+ * the aborted hand-over. It hands no connection over (the fake agent passes no descriptors).
  */
 function fixture(initial) {
   const held = new Map(Object.entries(initial).map(([c, text]) => [c, { text, tag: null }]));
@@ -38,6 +38,11 @@ function fixture(initial) {
       exported.delete(handoff);
       for (const [c, s] of held) if (s.tag === handoff) held.delete(c);
     },
+    // Version 3: it has no open connection to hand over, and would serve those it is given.
+    connections() {
+      return [];
+    },
+    adopt() {},
     state() {
       return Object.fromEntries([...held].map(([c, s]) => [c, s.text]));
     },
@@ -59,8 +64,9 @@ async function replay(file) {
   const log = [];
   agent.attach({
     service: register.service,
-    // A transcript that registers with version 1 forces it; one with 2 lets the SDK negotiate.
-    version: register.version === 1 ? 1 : undefined,
+    // A transcript that registers with version 1 or 2 forces it; one with 3 lets the SDK
+    // negotiate (it offers 3 first).
+    version: register.version < 3 ? register.version : undefined,
     sessions: app,
     log: (m) => log.push(m),
   });

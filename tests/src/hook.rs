@@ -122,7 +122,9 @@ fn pump(r: UnixStream, mut w: UnixStream, both: &[UnixStream; 2], dir: Dir, filt
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
             && (v["op"] == "register" || v["op"] == "registered")
         {
-            v2 = v["version"] == 2;
+            // Version 2 and later send raw bytes after a line (descriptors of version 3 are
+            // not passed on: no connection moves through this proxy).
+            v2 = v["version"].as_u64().is_some_and(|n| n >= 2);
         }
         raw.clear();
         if v2

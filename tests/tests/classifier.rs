@@ -710,10 +710,10 @@ fn tunnelled_segments_from_this_nodes_or_a_siblings_addresses_are_dropped() {
     });
 }
 
-/// A frozen flow of a steered client has its packets dropped, both families; other ports of
-/// the same client are not, nor a client without a rule (a move steers its client first, so
-/// the common packet never looks frozen flows up); thawed, the flow is decided as before; a
-/// freeze nobody lifts ends by itself.
+/// A frozen flow has its packets dropped, both families, whether its client is steered or not
+/// (a hand-over freezes its clients' connections before its rules go in); other ports of the
+/// same clients are not; thawed, the flow is decided as before; a freeze nobody lifts ends by
+/// itself.
 #[test]
 fn frozen_flows_are_dropped_until_thawed_or_their_freeze_ends() {
     with_datapath(|dp| {
@@ -722,7 +722,7 @@ fn frozen_flows_are_dropped_until_thawed_or_their_freeze_ends() {
         let flows = [(SocketAddr::new(IpAddr::V4(OTHER4), 4000), svc4), (SocketAddr::new(IpAddr::V4(CLIENT4), 4000), svc4), (SocketAddr::new(IpAddr::V6(CLIENT6), 4000), svc6)];
         dp.freeze(&flows, Duration::from_secs(60)).expect("freeze");
         assert_eq!(dp.frozen_count().expect("count"), 3);
-        expect(dp, &ack4(OTHER4, 4000), TCX_NEXT, "passed-not-migrated");
+        expect(dp, &ack4(OTHER4, 4000), TC_ACT_SHOT, "dropped-frozen");
         expect(dp, &ack4(CLIENT4, 4000), TC_ACT_SHOT, "dropped-frozen");
         expect(dp, &ack6(CLIENT6, 4000), TC_ACT_SHOT, "dropped-frozen");
         expect(dp, &ack4(OTHER4, 4001), TCX_NEXT, "passed-not-migrated");

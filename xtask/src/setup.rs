@@ -207,11 +207,12 @@ pub fn setup(quiet: bool) -> Result<()> {
     check_kernel(quiet)?;
     // The Node.js demo application (its test and `cargo xtask demo -- --node`) needs `node`;
     // `ss` and `ip` (iproute2) drive the test networks; `nft` plays a switch that drops
-    // spoofed sources (the doctor test).
+    // spoofed sources (the doctor test); `python3` is the Node.js SDK tests' fake agent that
+    // passes descriptors (Node's own API cannot).
     if is_root() {
-        ensure_debs(&[("node", "nodejs"), ("ss", "iproute2"), ("nft", "nftables")])?;
+        ensure_debs(&[("node", "nodejs"), ("ss", "iproute2"), ("nft", "nftables"), ("python3", "python3")])?;
     }
-    say(quiet, "node, ss, nft: present");
+    say(quiet, "node, ss, nft, python3: present");
     say(quiet, "all set");
     Ok(())
 }

@@ -105,6 +105,10 @@ struct Store {
     settings: Settings,
     /// Itself, to serve the connections it adopts.
     me: Weak<Store>,
+    /// The listening socket (non-blocking), shared by the accepting loop and a hand-over,
+    /// which first takes the connections waiting to be accepted: the kernel counts them as the
+    /// clients' already, and a connection the application does not know cannot go along.
+    listener: std::sync::OnceLock<TcpListener>,
 }
 
 impl Sessions for Store {
@@ -185,6 +189,7 @@ impl Sessions for Store {
     }
 
     fn connections(&self, handoff: &str, clients: &[IpAddr]) -> Vec<Connection> {
+        self.accept_pending();
         // Under the lock a connection's thread takes before it reads a request: an idle one
         // has read nothing of the next request (its blob is empty) and will not read now; one
         // whose request waits on the frozen session goes with that request (its blob). One
@@ -196,10 +201,12 @@ impl Sessions for Store {
         while in_between(&map) && Instant::now() < deadline {
             map = self.changed.wait_timeout(map, Duration::from_millis(5)).expect("lock").0;
         }
-        let (mut out, mut waiting) = (Vec::new(), 0);
+        let waited = deadline.elapsed();
+        let (mut out, mut waiting, mut stay) = (Vec::new(), 0, 0);
         for c in clients {
             let Some(cl) = map.get_mut(c) else { continue };
             let ready: Vec<u64> = cl.conns.iter().filter(|(_, k)| !k.busy || k.waiting.is_some()).map(|(id, _)| *id).collect();
+            stay += cl.conns.len() - ready.len();
             for id in ready {
                 let k = cl.conns.remove(&id).expect("listed just now");
                 k.gone.store(true, Ordering::SeqCst);
@@ -208,7 +215,8 @@ impl Sessions for Store {
             }
         }
         self.changed.notify_all();
-        eprintln!("hook: hand over {handoff}: {} connections of {} clients ({waiting} with a request waiting)", out.len(), clients.len());
+        let late = if stay > 0 { format!("; {stay} still busy after {} ms stay", (HAND_OVER_WAIT + waited).as_millis()) } else { String::new() };
+        eprintln!("hook: hand over {handoff}: {} connections of {} clients ({waiting} with a request waiting{late})", out.len(), clients.len());
         out
     }
 
@@ -232,7 +240,7 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
 /// How long a hand-over waits for connections in the middle of a request or an answer to
 /// reach a point where they can go.
-const HAND_OVER_WAIT: Duration = Duration::from_millis(200);
+const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a thread waiting for its connection's next request looks whether the connection
 /// was handed over (and lets go of it then).
@@ -434,11 +442,29 @@ struct Served {
 
 impl Store {
     /// Serves a connection just accepted.
-    fn accept(&self, stream: TcpStream) {
-        let Ok(peer) = stream.peer_addr() else { return };
-        // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
-        if let Some(conn) = self.enlist(peer.ip().to_canonical(), stream, Vec::new(), true) {
-            self.serve(conn);
+    /// Accepts every connection waiting on the listener: each in the store at once, served
+    /// by a thread of its own.
+    fn accept_pending(&self) {
+        let (Some(l), Some(me)) = (self.listener.get(), self.me.upgrade()) else { return };
+        loop {
+            let stream = match l.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    eprintln!("accepting a connection: {e}");
+                    return;
+                }
+            };
+            let Ok(peer) = stream.peer_addr() else { continue };
+            if stream.set_nonblocking(false).is_err() {
+                continue;
+            }
+            // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
+            if let Some(conn) = self.enlist(peer.ip().to_canonical(), stream, Vec::new(), true) {
+                let me = me.clone();
+                std::thread::spawn(move || me.serve(conn));
+            }
         }
     }
 
@@ -617,7 +643,8 @@ fn main() {
             std::process::exit(2);
         })
     });
-    let store = Arc::new_cyclic(|me| Store { clients: Mutex::default(), changed: Condvar::new(), name: name.clone(), settings, me: me.clone() });
+    let store =
+        Arc::new_cyclic(|me| Store { clients: Mutex::default(), changed: Condvar::new(), name: name.clone(), settings, me: me.clone(), listener: std::sync::OnceLock::new() });
     let _hook = arg(&args, "--hook").map(|sock| {
         let service: SocketAddr = arg(&args, "--service").and_then(|s| s.parse().ok()).unwrap_or(listen);
         Hook::start_version(sock, service, version, store.clone())
@@ -627,8 +654,17 @@ fn main() {
         std::process::exit(1);
     });
     eprintln!("listening on {listen} as {name}");
-    for conn in listener.incoming().flatten() {
-        let store = store.clone();
-        std::thread::spawn(move || store.accept(conn));
+    if let Err(e) = listener.set_nonblocking(true) {
+        eprintln!("cannot make the listener non-blocking: {e}");
+        std::process::exit(1);
+    }
+    let _ = store.listener.set(listener);
+    let fd = store.listener.get().expect("just set").as_raw_fd();
+    loop {
+        // Woken by a connection to accept (or every second).
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, borrowed for the call only.
+        unsafe { libc::poll(&raw mut p, 1, 1000) };
+        store.accept_pending();
     }
 }

@@ -104,6 +104,22 @@ pub struct Agent {
     restored: Mutex<std::collections::HashMap<(crate::peer::NodeName, u64), live::Incoming>>,
 }
 
+/// Raises the soft limit of open descriptors to the hard one: connections moving live are a
+/// descriptor each here, in flight to an application too (a move of a thousand connections
+/// would pass the usual soft limit of 1024).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit to fill, then to set.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+                warn!("cannot raise the open descriptors' limit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+}
+
 /// A datapath call made on a blocking thread, as one result: the datapath's error, or the
 /// blocking task's failure (with its causes), as text for a log line.
 fn flat<T>(r: anyhow::Result<crate::datapath::Result<T>>) -> Result<T, String> {
@@ -149,6 +165,7 @@ impl Agent {
     /// Opens the datapath, steers the configured services and starts counting the load;
     /// re-adopts the active rules a previous run left.
     pub fn new(cfg: Valid) -> anyhow::Result<Arc<Self>> {
+        raise_fd_limit();
         let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         // Siblings refuse an expired certificate: an agent with one could never link.
         for path in [&cfg.tls.cert, &cfg.tls.ca] {
@@ -167,6 +184,12 @@ impl Agent {
         // A new version of the agent runs its own programs: swapped into the pinned links,
         // atomically per hook, with the pinned maps (and so the steering) kept.
         let replaced = dp.upgrade().context("putting this version's programs in place")?;
+        // Connections a predecessor froze while moving them: their moves are decided (or
+        // will be, from the rules), and a freeze left alone lasts its full limit.
+        let thawed = dp.thaw_all().context("thawing connections frozen by a previous run")?;
+        if thawed > 0 {
+            warn!(flows = thawed, "thawed connections a previous run froze while moving them");
+        }
         info!(programs = replaced, "this version's programs attached (atomically, pinned maps kept)");
         let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
         let mut state = State { links: Links::new(cfg.siblings.iter().map(|s| s.name.as_str().into())), ..State::default() };

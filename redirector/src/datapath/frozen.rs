@@ -53,6 +53,31 @@ impl Datapath {
         self.set_frozen_flag(any)
     }
 
+    /// Lets every frozen flow through again: for an agent that starts, whose predecessor's
+    /// moves are decided by now (their connections live on one side or the other, and
+    /// each freeze would otherwise last its full limit).
+    ///
+    /// # Errors
+    /// A map could not be read or written.
+    pub fn thaw_all(&mut self) -> Result<usize> {
+        let keys: Vec<FlowKey> = {
+            let frozen: HashMap<&mut MapData, FlowKey, u64> = self.open_map(maps::FROZEN)?;
+            frozen.keys().collect::<std::result::Result<_, _>>().map_err(|e| Error::bpf("reading FROZEN", e))?
+        };
+        {
+            let mut frozen: HashMap<&mut MapData, FlowKey, u64> = self.open_map(maps::FROZEN)?;
+            for k in &keys {
+                match frozen.remove(k) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(Error::bpf("thawing", e)),
+                }
+            }
+        }
+        self.set_frozen_flag(false)?;
+        Ok(keys.len())
+    }
+
     /// Flows frozen now (expired freezes included until thawed).
     ///
     /// # Errors
