@@ -395,7 +395,17 @@ const sessions = {
   // that are idle at a request boundary (empty blob) or whose request waits on the frozen
   // session (that request's bytes), taken from the server; the others stay (closed after the
   // commit, as in version 2).
-  connections(h, list) {
+  async connections(h, list) {
+    // First a few turns of the event loop (the clients are frozen: their requests wait): the
+    // connections the kernel accepted already, which this server has not taken yet, come in,
+    // and requests on their way are read. Then those in the middle of a request or an answer
+    // get up to a second to reach a point where they can go.
+    for (let i = 0; i < 3; i += 1) await new Promise((r) => setImmediate(r));
+    await new Promise((r) => setTimeout(r, 5));
+    const inBetween = () => list.some((c) => [...(clients.get(c)?.sockets ?? [])].some((s) => !atBoundary(s) && waitingRequest(s) === null));
+    const deadline = Date.now() + 1000;
+    while (inBetween() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    // From here on, synchronously: what is checked is what goes.
     const out = [];
     let [idle, waiting, busy] = [0, 0, 0];
     for (const client of list) {

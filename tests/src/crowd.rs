@@ -73,6 +73,13 @@ impl Crowd {
         self.gone.lock().expect("lock").extend(clients.iter().copied());
     }
 
+    /// Stops every client, as they are (each keeps the connections it had).
+    #[must_use]
+    pub fn stop(self) -> Vec<HttpClient> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().flat_map(|t| t.join().expect("client thread")).map(|(c, _)| c).collect()
+    }
+
     /// Stops every client; those still running make one more request on a fresh connection.
     #[must_use]
     pub fn finish(self) -> Vec<HttpClient> {

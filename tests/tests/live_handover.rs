@@ -10,15 +10,12 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use redirector_tests::{
     agents::{Cluster, DemoApp, NodeOpts, Options, migrated, service6, wait_log, wait_status},
+    crowd::Crowd,
     http::HttpClient,
     net::{SERVICE4, client4, client6},
     require_root,
@@ -49,34 +46,15 @@ fn moves_live(kind: DemoApp, v6: bool) {
     let opts = Options { demo: Some(kind), live_moves: true, dual: v6, ..Options::default() };
     let c = Cluster::with_options(200, &[("a", 150, 100), ("b", 150, 100), ("c", 150, 100)], &opts);
     let dst = if v6 { service6("a") } else { SocketAddr::new(IpAddr::V4(SERVICE4), 80) };
-    let ns = c.t.client.ns.clone();
-    // 200 clients, 20 threads of 10, each on one keep-alive connection. Bounded: at most 8 s
-    // (plus one round of bounded requests) and 400 requests per client.
-    let results = Arc::new(Mutex::new(Vec::new()));
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let threads: Vec<_> = (0..20u16)
-        .map(|t| {
-            let (ns, results) = (ns.clone(), results.clone());
-            std::thread::spawn(move || {
-                let src = |i: u16| if v6 { IpAddr::V6(client6(t * 10 + i)) } else { IpAddr::V4(client4(t * 10 + i)) };
-                let mut clients: Vec<HttpClient> = (1..=10).map(|i| HttpClient::new(&ns, src(i), dst)).collect();
-                let mut rounds = 0;
-                while Instant::now() < deadline && rounds < 400 {
-                    for cl in &mut clients {
-                        cl.request();
-                    }
-                    rounds += 1;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                results.lock().expect("lock").extend(clients);
-            })
-        })
-        .collect();
+    // 200 clients, each on one keep-alive connection. Bounded: at most 8 s and 400 requests
+    // per client.
+    let srcs: Vec<(IpAddr, SocketAddr)> = (1..=200u16).map(|i| (if v6 { IpAddr::V6(client6(i)) } else { IpAddr::V4(client4(i)) }, dst)).collect();
+    let (t0, run) = (Instant::now(), Duration::from_secs(8));
+    let crowd = Crowd::start(&c.t.client.ns, &srcs, run, 400);
     wait_status(&c.sock("a"), 20, "A to shed clients to B and C", |v| v["migrated_out"].as_array().is_some_and(|m| m.len() >= 50));
-    for t in threads {
-        t.join().expect("client thread");
-    }
-    let clients = results.lock().expect("lock");
+    // The clients stop by themselves at the end of their run.
+    std::thread::sleep(run.saturating_sub(t0.elapsed()));
+    let clients = crowd.stop();
     let a = c.status("a");
     let moved_to: BTreeMap<String, String> = migrated(&a).into_iter().collect();
     let problems: Vec<String> = clients
@@ -97,16 +75,21 @@ fn moves_live(kind: DemoApp, v6: bool) {
     for cl in clients.iter() {
         assert!(cl.requests >= 100, "{} made {} requests: the run was too short to mean anything", cl.src, cl.requests);
     }
-    // Every moved client was answered by A, then by its volunteer, on its one connection.
+    // Every moved client was answered by its volunteer on its one connection (by A before, if
+    // its first request came before the move: a connection A had accepted but not answered on
+    // yet moves too).
     assert!(moved_to.len() >= 50, "about half of the 200 clients moved: {} did", moved_to.len());
+    let mut both = 0;
     for cl in clients.iter() {
         if let Some(to) = moved_to.get(&cl.src.to_string()) {
             let to = to.to_uppercase();
-            assert!(cl.servers.contains_key("A") && cl.servers.contains_key(&to), "{} moved to {to} on its one connection: answered by {:?}", cl.src, cl.servers);
+            assert!(cl.servers.contains_key(&to), "{} moved to {to} on its one connection: answered by {:?}", cl.src, cl.servers);
+            both += usize::from(cl.servers.contains_key("A"));
         } else {
             assert_eq!(cl.servers.keys().collect::<Vec<_>>(), vec!["A"], "{} stayed on A", cl.src);
         }
     }
+    assert!(both * 2 >= moved_to.len(), "most moved clients were answered by A first, then by their volunteer: {both} of {}", moved_to.len());
     eprintln!("{total} requests on 200 connections, none failed, retried or reconnected; {} clients moved with their connections", moved_to.len());
 }
 
@@ -121,23 +104,11 @@ fn patient() -> Vec<String> {
     vec!["--freeze-wait-ms".into(), "30000".into()]
 }
 
-/// 30 keep-alive clients of A's service in a loop on a thread, until stopped (bounded: 60 s).
-fn drive(c: &Cluster) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<HttpClient>>) {
-    let (dst, ns) = (SocketAddr::new(IpAddr::V4(SERVICE4), 80), c.t.client.ns.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let mut clients: Vec<HttpClient> = (1..=30).map(|i| HttpClient::new(&ns, IpAddr::V4(client4(i)), dst)).collect();
-        let t0 = Instant::now();
-        while !s.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_mins(1) {
-            for cl in &mut clients {
-                cl.request();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        clients
-    });
-    (stop, thread)
+/// 30 keep-alive clients of A's service, until stopped (bounded: 60 s, 10,000 requests each).
+fn drive(c: &Cluster) -> Crowd {
+    let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
+    let srcs: Vec<(IpAddr, SocketAddr)> = (1..=30u16).map(|i| (IpAddr::V4(client4(i)), dst)).collect();
+    Crowd::start(&c.t.client.ns, &srcs, Duration::from_mins(1), 10_000)
 }
 
 /// Every client answered every time, on the one connection it opened.
@@ -164,14 +135,13 @@ fn a_volunteer_killed_after_restoring_leaves_the_connections_on_the_origin() {
     let b = NodeOpts { faults: Some("delay-ack=5000".into()), ..NodeOpts::default() };
     let a = NodeOpts { app_args: patient(), ..NodeOpts::default() };
     let mut c = pair(&[("a", a), ("b", b)]);
-    let (stop, thread) = drive(&c);
+    let crowd = drive(&c);
     wait_log(&c, "b", "TEST FAULT delay-ack", 30);
     assert!(c.log("b").contains("open_connections="), "B restored connections before the fault:\n{}", c.log("b"));
     c.kill_agent("b");
     wait_log(&c, "a", "its connections go on here", 20);
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let clients = thread.join().expect("clients");
+    let clients = crowd.stop();
     assert_one_connection_each(&c, &clients);
     for cl in &clients {
         assert_eq!(cl.servers.keys().collect::<Vec<_>>(), vec!["A"], "{} stayed on A", cl.src);
@@ -187,7 +157,7 @@ fn an_origin_killed_after_its_rules_leaves_the_connections_on_the_volunteer() {
     // A stops between installing the rules (the commit point) and anything after it.
     let a = NodeOpts { faults: Some("pause-before-commit=60000".into()), app_args: patient(), ..NodeOpts::default() };
     let mut c = pair(&[("a", a)]);
-    let (stop, thread) = drive(&c);
+    let crowd = drive(&c);
     wait_log(&c, "a", "TEST FAULT pause", 30);
     c.kill_agent("a");
     c.start_again("a", None);
@@ -195,8 +165,7 @@ fn an_origin_killed_after_its_rules_leaves_the_connections_on_the_volunteer() {
     // connections live, its application serves them.
     wait_status(&c.sock("b"), 30, "B to learn how the hand-over ended", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let clients = thread.join().expect("clients");
+    let clients = crowd.stop();
     assert_one_connection_each(&c, &clients);
     let moved_to: BTreeMap<String, String> = migrated(&c.status("a")).into_iter().collect();
     assert!(!moved_to.is_empty(), "clients moved to B");

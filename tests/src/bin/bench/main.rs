@@ -6,6 +6,8 @@
 //! enabled) over `BPF_PROG_TEST_RUN` calls of one run each: a steered packet is rewritten, so
 //! `repeat` cannot be used for it; every program is measured the same way for fairness.
 
+mod migrate;
+
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     time::{Duration, Instant},
@@ -435,8 +437,9 @@ fn main() {
         Some("datapath") => {}
         Some("negotiate") => return negotiate(json),
         Some("handoff") => return handoff(json),
+        Some("migrate") => return migrate::migrate(json),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate [--json]");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,186 @@
+//! `cargo xtask bench migrate`: open connections moving live with their clients. Agents A and
+//! B with the Rust demo application (`live_moves = true`, hook protocol version 3); 1, 100 and
+//! 1,000 clients (disjoint) each keep one connection to A busy with back-to-back requests
+//! while the operator moves them to B (`redirector move`). For each size: the agent's time for
+//! the whole move, the origin's freeze (first dump to last thaw, from its log), and the pause
+//! each client saw (its slowest request during the move), next to a plain request round trip
+//! measured in the same run. Every client must have been answered every time, by B at the
+//! end, on the one connection it opened.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use redirector_tests::{
+    agents::{Cluster, DemoApp, Options},
+    http::HttpClient,
+    net::{SERVICE4, client4},
+};
+
+const SIZES: [u16; 3] = [1, 100, 1000];
+/// Threads driving the clients of one size (each takes its share, round robin).
+const THREADS: u16 = 50;
+
+/// What one move measured.
+struct Run {
+    n: usize,
+    move_ms: f64,
+    /// Each client's slowest request while its connection moved, in ms.
+    pauses: Vec<f64>,
+    /// The origin's own account: dumping (µs) and from the rules to the thaw (ms).
+    dump_us: Option<f64>,
+    thawed_ms: Option<f64>,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// The value of `key=` in the last line of `log` that contains `what`.
+fn logged(log: &str, what: &str, key: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains(what))?;
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))?.trim_matches('"').parse().ok()
+}
+
+/// Clients `first..first + n` on threads: each makes a request, then (once `go` is set)
+/// requests back to back until `stop`, timing each. Returns the clients and each one's
+/// slowest request after `go`.
+fn drive(c: &Cluster, first: u16, n: u16, go: &Arc<AtomicBool>, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Vec<(HttpClient, f64)>>> {
+    let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
+    (0..THREADS.min(n))
+        .map(|t| {
+            let (ns, go, stop) = (c.t.client.ns.clone(), go.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut mine: Vec<(HttpClient, f64)> =
+                    (first..first + n).filter(|i| (i - first) % THREADS == t).map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), 0.0)).collect();
+                for (cl, _) in &mut mine {
+                    cl.request();
+                }
+                let t0 = Instant::now();
+                while !go.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Bounded: until stopped, at most a minute.
+                while !stop.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
+                    for (cl, worst) in &mut mine {
+                        let t = Instant::now();
+                        cl.request();
+                        *worst = f64::max(*worst, t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                mine
+            })
+        })
+        .collect()
+}
+
+/// A plain keep-alive request round trip to A, median of `n`, in ms.
+fn round_trip(c: &Cluster, client: u16, n: usize) -> f64 {
+    let mut cl = HttpClient::new(&c.t.client.ns, IpAddr::V4(client4(client)), SocketAddr::new(IpAddr::V4(SERVICE4), 80));
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            cl.request();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    assert!(cl.intact(), "the round-trip client: {}", cl.problems());
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn migrate(json: bool) {
+    let total: u16 = SIZES.iter().sum::<u16>() + 1;
+    eprintln!("migrate: agents A and B with the Rust demo, {total} client addresses...");
+    let opts = Options { demo: Some(DemoApp::Rust), live_moves: true, ..Options::default() };
+    let c = Cluster::with_options(total, &[("a", 1_000_000, 900_000), ("b", 1_000_000, 900_000)], &opts);
+    let rtt_before = round_trip(&c, total, 200);
+    let mut runs = Vec::new();
+    let mut first = 1u16;
+    for n in SIZES {
+        let (go, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let threads = drive(&c, first, n, &go, &stop);
+        // Every connection open and answered once, then busy.
+        std::thread::sleep(Duration::from_millis(500 + u64::from(n)));
+        go.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        let clients: Vec<IpAddr> = (first..first + n).map(|i| IpAddr::V4(client4(i))).collect();
+        let moved = redirector::admin::move_clients(&c.sock("a"), clients, Duration::from_mins(1)).expect("move request");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        let driven: Vec<(HttpClient, f64)> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
+        assert_eq!(moved.moved, usize::from(n), "all {n} clients moved: {moved:?}");
+        for (cl, _) in &driven {
+            assert!(
+                cl.intact() && cl.retries == 0 && cl.connections() == 1,
+                "{}: {} requests on {} connections, {} retried: {}",
+                cl.src,
+                cl.requests,
+                cl.connections(),
+                cl.retries,
+                cl.problems()
+            );
+            assert_eq!(cl.last_server.as_deref(), Some("B"), "{} ends on B, on its one connection", cl.src);
+        }
+        let log = c.log("a");
+        let run = Run {
+            n: usize::from(n),
+            move_ms: moved.ms,
+            pauses: driven.iter().map(|d| d.1).collect(),
+            dump_us: logged(&log, "connections frozen and dumped", "dump_us"),
+            thawed_ms: logged(&log, "connections moved live", "thawed_ms"),
+        };
+        eprintln!("  {n} connections: moved in {:.1} ms, pause p50 {:.2} ms, max {:.2} ms", run.move_ms, percentile(&run.pauses, 0.5), percentile(&run.pauses, 1.0));
+        runs.push(run);
+        first += n;
+    }
+    let rtt = (rtt_before + round_trip(&c, total, 200)) / 2.0;
+    println!("Open connections moved live with their clients, A -> B (release build; pause: each client's slowest request during the move):");
+    println!("  {:>6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}", "conns", "move ms", "ms/conn", "pause p50", "pause p99", "pause max", "dump ms", "rules->thaw");
+    for r in &runs {
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+        println!(
+            "  {:>6} {:>9.1} {:>9.3} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>12}",
+            r.n,
+            r.move_ms,
+            r.move_ms / r.n as f64,
+            percentile(&r.pauses, 0.5),
+            percentile(&r.pauses, 0.99),
+            percentile(&r.pauses, 1.0),
+            opt(r.dump_us.map(|u| u / 1e3)),
+            opt(r.thawed_ms)
+        );
+    }
+    let all: Vec<f64> = runs.iter().flat_map(|r| r.pauses.iter().copied()).collect();
+    let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+    let ms_1000 = runs.iter().find(|r| r.n == 1000).map_or(f64::NAN, |r| r.move_ms);
+    println!("Plain keep-alive request round trip, same run: {rtt:.3} ms (median); pause p50 / round trip: {:.1}x", p50 / rtt);
+    let met = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!(
+        "Goals: pause p50 under 2 ms: {p50:.2} ms {}; p99 under 10 ms: {p99:.2} ms {}; 1,000 connections moved in under 100 ms: {ms_1000:.1} ms {}",
+        met(p50 < 2.0),
+        met(p99 < 10.0),
+        met(ms_1000 < 100.0)
+    );
+    if json {
+        let mut m = serde_json::Map::new();
+        m.insert("pause_p50_ms".into(), serde_json::json!(p50));
+        m.insert("pause_p99_ms".into(), serde_json::json!(p99));
+        m.insert("ms_1000".into(), serde_json::json!(ms_1000));
+        m.insert("round_trip_ms".into(), serde_json::json!(rtt));
+        for r in &runs {
+            m.insert(format!("move_ms_{}", r.n), serde_json::json!(r.move_ms));
+            m.insert(format!("pause_p50_ms_{}", r.n), serde_json::json!(percentile(&r.pauses, 0.5)));
+            m.insert(format!("pause_p99_ms_{}", r.n), serde_json::json!(percentile(&r.pauses, 0.99)));
+        }
+        println!("{}", serde_json::Value::Object(m));
+    }
+}
