@@ -36,7 +36,7 @@ use std::{
     collections::{HashMap, VecDeque},
     io::{BufRead, BufReader, Chain, Cursor, Read, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Condvar, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -95,6 +95,10 @@ struct Conn {
     waiting: Option<Vec<u8>>,
     /// Handed over (the entry is gone from the store): its thread lets go of it untouched.
     gone: Arc<AtomicBool>,
+    /// Wakes its thread waiting for the next request (an eventfd).
+    wake: Arc<OwnedFd>,
+    /// Its thread let go of its copies of the socket.
+    released: Arc<AtomicBool>,
 }
 
 struct Store {
@@ -203,6 +207,7 @@ impl Sessions for Store {
         }
         let waited = deadline.elapsed();
         let (mut out, mut waiting, mut stay) = (Vec::new(), 0, 0);
+        let mut out_released = Vec::new();
         for c in clients {
             let Some(cl) = map.get_mut(c) else { continue };
             let ready: Vec<u64> = cl.conns.iter().filter(|(_, k)| !k.busy || k.waiting.is_some()).map(|(id, _)| *id).collect();
@@ -210,13 +215,25 @@ impl Sessions for Store {
             for id in ready {
                 let k = cl.conns.remove(&id).expect("listed just now");
                 k.gone.store(true, Ordering::SeqCst);
+                wake(&k.wake);
+                out_released.push(k.released.clone());
                 waiting += usize::from(k.waiting.is_some());
                 out.push(Connection { client: *c, socket: k.stream, blob: k.waiting.unwrap_or_default() });
             }
         }
         self.changed.notify_all();
+        // The threads of these connections let go of their copies first: a socket this
+        // application still held would stay open on this server after the agent closed its
+        // own, and take the client's packets here.
+        let until = Instant::now() + HAND_OVER_WAIT;
+        while out_released.iter().any(|r: &Arc<AtomicBool>| !r.load(Ordering::SeqCst)) && Instant::now() < until {
+            map = self.changed.wait_timeout(map, Duration::from_millis(2)).expect("lock").0;
+        }
+        drop(map);
+        let holding = out_released.iter().filter(|r| !r.load(Ordering::SeqCst)).count();
         let late = if stay > 0 { format!("; {stay} still busy after {} ms stay", (HAND_OVER_WAIT + waited).as_millis()) } else { String::new() };
-        eprintln!("hook: hand over {handoff}: {} connections of {} clients ({waiting} with a request waiting{late})", out.len(), clients.len());
+        let holding = if holding > 0 { format!("; {holding} still held by their threads") } else { String::new() };
+        eprintln!("hook: hand over {handoff}: {} connections of {} clients ({waiting} with a request waiting{late}{holding})", out.len(), clients.len());
         out
     }
 
@@ -312,11 +329,11 @@ fn socket(r: &Input) -> &TcpStream {
 }
 
 /// Whether `s` has something to read (or its end, or an error) within `wait`, reading nothing.
-fn readable(s: &TcpStream, wait: Duration) -> std::io::Result<bool> {
-    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+fn readable(s: &TcpStream, wake: &OwnedFd, wait: Duration) -> std::io::Result<bool> {
+    let mut p = [libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
     let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd, borrowed for the call only.
-    match unsafe { libc::poll(&raw mut p, 1, ms) } {
+    // SAFETY: two valid pollfds, borrowed for the call only.
+    match unsafe { libc::poll(p.as_mut_ptr(), 2, ms) } {
         n if n > 0 => Ok(true),
         0 => Ok(false),
         _ => {
@@ -324,6 +341,24 @@ fn readable(s: &TcpStream, wait: Duration) -> std::io::Result<bool> {
             if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) }
         }
     }
+}
+
+/// A descriptor that wakes a connection's thread out of its wait for the next request.
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: no pointers; a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just made, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Wakes the thread waiting on `fd` ([`eventfd`]).
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: eight readable bytes; a failure (the counter is full) still leaves it readable.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
 }
 
 /// Reads one request (its head, and a `Content-Length` body, which is ignored); None at end
@@ -436,6 +471,8 @@ struct Served {
     id: u64,
     client: IpAddr,
     gone: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+    released: Arc<AtomicBool>,
     r: Input,
     w: TcpStream,
 }
@@ -478,15 +515,16 @@ impl Store {
         let (kept, w) = (stream.try_clone().ok()?, stream.try_clone().ok()?);
         let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let gone = Arc::new(AtomicBool::new(false));
+        let (wake, released) = (Arc::new(eventfd().ok()?), Arc::new(AtomicBool::new(false)));
         {
             let mut map = self.clients.lock().expect("lock");
             let cl = map.entry(client).or_default();
             if accepted {
                 cl.moved = false;
             }
-            cl.conns.insert(id, Conn { stream: kept, busy: !before.is_empty(), waiting: None, gone: gone.clone() });
+            cl.conns.insert(id, Conn { stream: kept, busy: !before.is_empty(), waiting: None, gone: gone.clone(), wake: wake.clone(), released: released.clone() });
         }
-        Some(Served { id, client, gone, r: BufReader::new(Cursor::new(before).chain(stream)), w })
+        Some(Served { id, client, gone, wake, released, r: BufReader::new(Cursor::new(before).chain(stream)), w })
     }
 
     /// Waits for the connection's next request without reading it, then makes the connection
@@ -505,7 +543,7 @@ impl Store {
                     break;
                 }
                 // An error: the read that follows sees it.
-                if readable(socket(&c.r), left.map_or(TICK, |l| l.min(TICK))).unwrap_or(true) {
+                if readable(socket(&c.r), &c.wake, left.map_or(TICK, |l| l.min(TICK))).unwrap_or(true) {
                     break;
                 }
             }
@@ -600,8 +638,15 @@ impl Store {
             }
         };
         match end {
-            // The agent holds the socket now: drop this thread's copies, nothing more.
-            End::HandedOver => return,
+            // The agent holds the socket now: drop this thread's copies, nothing more, and
+            // say so (the hand-over waits for it).
+            End::HandedOver => {
+                let released = c.released.clone();
+                drop(c);
+                released.store(true, Ordering::SeqCst);
+                self.changed.notify_all();
+                return;
+            }
             End::Now => {
                 let _ = c.w.shutdown(Shutdown::Both);
             }

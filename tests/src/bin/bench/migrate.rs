@@ -1,7 +1,9 @@
 //! `cargo xtask bench migrate`: open connections moving live with their clients. Agents A and
 //! B with the Rust demo application (`live_moves = true`, hook protocol version 3); 1, 100 and
-//! 1,000 clients (disjoint) each keep one connection to A busy with back-to-back requests
-//! while the operator moves them to B (`redirector move`). For each size: the agent's time for
+//! 1,000 connections (1 client, 100 clients, 125 clients of 8 connections each, as browsers
+//! open several: a thousand client addresses would pass the kernel's 1,024 neighbours, a
+//! global limit) each busy with back-to-back requests while the operator moves their clients
+//! to B (`redirector move`). For each size: the agent's time for
 //! the whole move, the origin's freeze (first dump to last thaw, from its log), and the pause
 //! each client saw (its slowest request during the move), next to a plain request round trip
 //! measured in the same run. Every client must have been answered every time, by B at the
@@ -11,7 +13,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -22,7 +24,8 @@ use redirector_tests::{
     net::{SERVICE4, client4},
 };
 
-const SIZES: [u16; 3] = [1, 100, 1000];
+/// Clients, and connections each.
+const SIZES: [(u16, u16); 3] = [(1, 1), (100, 1), (125, 8)];
 /// Threads driving the clients of one size (each takes its share, round robin).
 const THREADS: u16 = 50;
 
@@ -53,16 +56,28 @@ fn logged(log: &str, what: &str, key: &str) -> Option<f64> {
 /// Clients `first..first + n` on threads: each makes a request, then (once `go` is set)
 /// requests back to back until `stop`, timing each. Returns the clients and each one's
 /// slowest request after `go`.
-fn drive(c: &Cluster, first: u16, n: u16, go: &Arc<AtomicBool>, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Vec<(HttpClient, f64)>>> {
+fn drive(
+    c: &Cluster,
+    first: u16,
+    n: u16,
+    per: u16,
+    ready: &Arc<AtomicUsize>,
+    go: &Arc<AtomicBool>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<(HttpClient, f64)>>> {
     let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
     (0..THREADS.min(n))
         .map(|t| {
-            let (ns, go, stop) = (c.t.client.ns.clone(), go.clone(), stop.clone());
+            let (ns, ready, go, stop) = (c.t.client.ns.clone(), ready.clone(), go.clone(), stop.clone());
             std::thread::spawn(move || {
-                let mut mine: Vec<(HttpClient, f64)> =
-                    (first..first + n).filter(|i| (i - first) % THREADS == t).map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), 0.0)).collect();
+                let mut mine: Vec<(HttpClient, f64)> = (first..first + n)
+                    .filter(|i| (i - first) % THREADS == t)
+                    .flat_map(|i| (0..per).map(move |_| i))
+                    .map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), 0.0))
+                    .collect();
                 for (cl, _) in &mut mine {
                     cl.request();
+                    ready.fetch_add(1, Ordering::SeqCst);
                 }
                 let t0 = Instant::now();
                 while !go.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
@@ -82,9 +97,8 @@ fn drive(c: &Cluster, first: u16, n: u16, go: &Arc<AtomicBool>, stop: &Arc<Atomi
         .collect()
 }
 
-/// A plain keep-alive request round trip to A, median of `n`, in ms.
-fn round_trip(c: &Cluster, client: u16, n: usize) -> f64 {
-    let mut cl = HttpClient::new(&c.t.client.ns, IpAddr::V4(client4(client)), SocketAddr::new(IpAddr::V4(SERVICE4), 80));
+/// A plain keep-alive request round trip to A on `cl`'s connection, median of `n`, in ms.
+fn round_trip(cl: &mut HttpClient, n: usize) -> f64 {
     let mut v: Vec<f64> = (0..n)
         .map(|_| {
             let t = Instant::now();
@@ -98,18 +112,24 @@ fn round_trip(c: &Cluster, client: u16, n: usize) -> f64 {
 }
 
 pub fn migrate(json: bool) {
-    let total: u16 = SIZES.iter().sum::<u16>() + 1;
+    let total: u16 = SIZES.iter().map(|s| s.0).sum::<u16>() + 1;
     eprintln!("migrate: agents A and B with the Rust demo, {total} client addresses...");
     let opts = Options { demo: Some(DemoApp::Rust), live_moves: true, ..Options::default() };
     let c = Cluster::with_options(total, &[("a", 1_000_000, 900_000), ("b", 1_000_000, 900_000)], &opts);
-    let rtt_before = round_trip(&c, total, 200);
+    let mut probe = HttpClient::new(&c.t.client.ns, IpAddr::V4(client4(total)), SocketAddr::new(IpAddr::V4(SERVICE4), 80));
+    let rtt_before = round_trip(&mut probe, 200);
     let mut runs = Vec::new();
     let mut first = 1u16;
-    for n in SIZES {
-        let (go, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let threads = drive(&c, first, n, &go, &stop);
-        // Every connection open and answered once, then busy.
-        std::thread::sleep(Duration::from_millis(500 + u64::from(n)));
+    for (n, per) in SIZES {
+        let conns = usize::from(n) * usize::from(per);
+        let (ready, go, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let threads = drive(&c, first, n, per, &ready, &go, &stop);
+        // Every connection open and answered once (a listener's backlog may drop some SYNs:
+        // their clients connect a second later), then busy.
+        let t0 = Instant::now();
+        while ready.load(Ordering::SeqCst) < conns && t0.elapsed() < Duration::from_mins(1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         go.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(200));
         let clients: Vec<IpAddr> = (first..first + n).map(|i| IpAddr::V4(client4(i))).collect();
@@ -118,31 +138,42 @@ pub fn migrate(json: bool) {
         stop.store(true, Ordering::SeqCst);
         let driven: Vec<(HttpClient, f64)> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
         assert_eq!(moved.moved, usize::from(n), "all {n} clients moved: {moved:?}");
-        for (cl, _) in &driven {
-            assert!(
-                cl.intact() && cl.retries == 0 && cl.connections() == 1,
-                "{}: {} requests on {} connections, {} retried: {}",
-                cl.src,
-                cl.requests,
-                cl.connections(),
-                cl.retries,
-                cl.problems()
-            );
-            assert_eq!(cl.last_server.as_deref(), Some("B"), "{} ends on B, on its one connection", cl.src);
+        let problems: Vec<String> = driven
+            .iter()
+            // Connections of one client share its session: their counts interleave.
+            .filter(|(cl, _)| {
+                !((if per == 1 { cl.intact() } else { cl.failures.is_empty() }) && cl.retries == 0 && cl.connections() == 1 && cl.last_server.as_deref() == Some("B"))
+            })
+            .map(|(cl, _)| {
+                format!("{}: {} requests on {} connections, {} retried, last answer by {:?}: {}", cl.src, cl.requests, cl.connections(), cl.retries, cl.last_server, cl.problems())
+            })
+            .collect();
+        if !problems.is_empty() {
+            for node in ["a", "b"] {
+                let log = c.app_log(node);
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- application {node} (last lines) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+            }
         }
+        assert!(
+            problems.is_empty(),
+            "{} of {conns} connections were not answered every time by A, then B, on one connection:\n{}",
+            problems.len(),
+            problems.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        );
         let log = c.log("a");
         let run = Run {
-            n: usize::from(n),
+            n: conns,
             move_ms: moved.ms,
             pauses: driven.iter().map(|d| d.1).collect(),
             dump_us: logged(&log, "connections frozen and dumped", "dump_us"),
             thawed_ms: logged(&log, "connections moved live", "thawed_ms"),
         };
-        eprintln!("  {n} connections: moved in {:.1} ms, pause p50 {:.2} ms, max {:.2} ms", run.move_ms, percentile(&run.pauses, 0.5), percentile(&run.pauses, 1.0));
+        eprintln!("  {conns} connections: moved in {:.1} ms, pause p50 {:.2} ms, max {:.2} ms", run.move_ms, percentile(&run.pauses, 0.5), percentile(&run.pauses, 1.0));
         runs.push(run);
         first += n;
     }
-    let rtt = (rtt_before + round_trip(&c, total, 200)) / 2.0;
+    let rtt = (rtt_before + round_trip(&mut probe, 200)) / 2.0;
     println!("Open connections moved live with their clients, A -> B (release build; pause: each client's slowest request during the move):");
     println!("  {:>6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}", "conns", "move ms", "ms/conn", "pause p50", "pause p99", "pause max", "dump ms", "rules->thaw");
     for r in &runs {
