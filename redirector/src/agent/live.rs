@@ -88,21 +88,71 @@ fn address(fd: &OwnedFd, peer: bool) -> Option<SocketAddr> {
     Some(SocketAddr::new(a.ip().to_canonical(), a.port()))
 }
 
+/// Packet copies opening while the applications export, one per uplink and port of the
+/// services whose connections move ([`Agent::open_holds`]).
+pub(super) type Opening = tokio::task::JoinHandle<Vec<((String, u16), std::io::Result<Hold>)>>;
+
+/// Closes packet copies on a blocking thread: closing one waits for the kernel's grace
+/// period, milliseconds nobody should wait for.
+fn close_later(holds: Vec<Hold>) {
+    if !holds.is_empty() {
+        drop(tokio::task::spawn_blocking(move || drop(holds)));
+    }
+}
+
+/// Closes the packet copies `o` opens, once they are open, off the async workers.
+pub(super) fn discard(o: Opening) {
+    tokio::spawn(async move {
+        if let Ok(v) = o.await {
+            close_later(v.into_iter().filter_map(|(_, h)| h.ok()).collect());
+        }
+    });
+}
+
 impl Agent {
+    /// Starts opening the packet copies a move of the connections of `apps`' services would
+    /// need, on a blocking thread, while their applications export (opening one takes
+    /// milliseconds). None: no such service moves its connections.
+    pub(super) fn open_holds(&self, apps: &[SocketAddr]) -> Option<Opening> {
+        let wanted: std::collections::BTreeSet<(String, u16)> =
+            self.cfg.services.iter().filter(|s| s.live_moves && apps.contains(&s.address)).map(|s| (s.dev.clone(), s.address.port())).collect();
+        if wanted.is_empty() {
+            return None;
+        }
+        Some(tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|(dev, port)| {
+                    let h = Hold::open(&dev, port);
+                    ((dev, port), h)
+                })
+                .collect()
+        }))
+    }
+
     /// Takes the connections the applications handed over with their exports: each must be a
     /// TCP connection of the export's service with one of the clients; their packets are kept
-    /// and frozen, then they are dumped. Connections that cannot move stay listed, to go back.
-    pub(super) async fn freeze_connections(self: &Arc<Self>, exports: &mut [(SocketAddr, Exported)], handoff: &str) -> Moving {
+    /// (by the copies `opening` opened) and frozen, then they are dumped. Connections that
+    /// cannot move stay listed, to go back.
+    pub(super) async fn freeze_connections(self: &Arc<Self>, exports: &mut [(SocketAddr, Exported)], handoff: &str, opening: Option<Opening>) -> Moving {
         let mut moving = Moving::default();
         for (service, e) in exports.iter_mut() {
             for (client, fd) in e.take_sockets() {
                 moving.conns.push(Conn { service: *service, client, fd, flow: None, state: None, blob: Vec::new() });
             }
         }
+        let t0 = Instant::now();
+        let mut opened: HashMap<(String, u16), std::io::Result<Hold>> = match opening {
+            Some(o) if !moving.conns.is_empty() => o.await.map(|v| v.into_iter().collect()).unwrap_or_default(),
+            Some(o) => {
+                discard(o);
+                HashMap::new()
+            }
+            None => HashMap::new(),
+        };
         if moving.conns.is_empty() {
             return moving;
         }
-        let t0 = Instant::now();
         let mut flows = Vec::new();
         for (i, c) in moving.conns.iter().enumerate() {
             let (local, peer) = (address(&c.fd, false), address(&c.fd, true));
@@ -122,9 +172,10 @@ impl Agent {
             by_dev.entry((dev, l.port())).or_default().push(*i);
         }
         let mut held = Vec::new();
-        for ((dev, _), idx) in by_dev {
+        for ((dev, port), idx) in by_dev {
             let f: Vec<(SocketAddr, SocketAddr)> = idx.iter().filter_map(|i| flows.iter().find(|(j, _)| j == i).map(|(_, f)| *f)).collect();
-            match Hold::start(&dev, &f) {
+            let copy = opened.remove(&(dev.clone(), port)).unwrap_or_else(|| Err(std::io::Error::other("no copy was opened for this uplink and port")));
+            match copy.and_then(|mut h| h.watch(&f).map(|()| h)) {
                 Ok(h) => {
                     moving.holds.push(h);
                     held.extend(idx.iter().copied().zip(f));
@@ -132,6 +183,8 @@ impl Agent {
                 Err(e) => warn!(dev, handoff, connections = f.len(), "cannot keep the packets of moving connections ({e}): they stay"),
             }
         }
+        close_later(opened.into_values().filter_map(Result::ok).collect());
+        let t_held = t0.elapsed();
         let frozen: Vec<(SocketAddr, SocketAddr)> = held.iter().map(|(_, f)| *f).collect();
         let flows_for_dp = frozen.clone();
         let freeze = self.with_dp(move |dp| dp.freeze(&flows_for_dp, FREEZE_LIMIT)).await;
@@ -139,10 +192,11 @@ impl Agent {
             warn!(handoff, connections = frozen.len(), "cannot freeze moving connections ({e}): they stay");
             let flows_for_dp = frozen.clone();
             let _ = self.with_dp(move |dp| dp.thaw(&flows_for_dp)).await;
-            moving.holds.clear();
+            close_later(std::mem::take(&mut moving.holds));
             return moving;
         }
         moving.frozen = frozen;
+        let t_frozen = t0.elapsed();
         let mut thaw = Vec::new();
         for (i, flow) in held {
             let c = &mut moving.conns[i];
@@ -161,7 +215,15 @@ impl Agent {
             let _ = self.with_dp(move |dp| dp.thaw(&thaw)).await;
         }
         let n = moving.conns.iter().filter(|c| c.state.is_some()).count();
-        info!(handoff, connections = n, handed_over = moving.conns.len(), dump_us = t0.elapsed().as_micros(), "connections frozen and dumped");
+        info!(
+            handoff,
+            connections = n,
+            handed_over = moving.conns.len(),
+            dump_us = t0.elapsed().as_micros(),
+            held_us = t_held.as_micros(),
+            frozen_us = t_frozen.as_micros(),
+            "connections frozen and dumped"
+        );
         moving
     }
 
@@ -258,17 +320,20 @@ impl Agent {
         // then what came between the two.
         let replay = |holds: &[Hold]| -> usize { if committed && moved > 0 { holds.iter().map(|h| self.replay_held(name, h)).sum() } else { 0 } };
         let mut replayed = replay(&holds);
+        let t_replayed = t0.elapsed();
         if !frozen.is_empty() {
             let flows = frozen.clone();
             if let Err(e) = self.with_dp(move |dp| dp.thaw(&flows)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 warn!(sibling = %name, id, "thawing moved connections failed ({e}); their freeze ends by itself within {} s", FREEZE_LIMIT.as_secs());
             }
         }
+        let t_thawed = t0.elapsed();
         replayed += replay(&holds);
-        drop(holds);
+        let t_again = t0.elapsed();
+        close_later(holds);
         match live {
             Some(Ok(n)) => {
-                info!(sibling = %name, id, connections = moved, live = n, replayed, live_ms = t_live.as_secs_f64() * 1e3, thawed_ms = t0.elapsed().as_secs_f64() * 1e3, "connections moved live");
+                info!(sibling = %name, id, connections = moved, live = n, replayed, live_ms = t_live.as_secs_f64() * 1e3, replayed_ms = t_replayed.as_secs_f64() * 1e3, thawed_ms = t_thawed.as_secs_f64() * 1e3, again_ms = t_again.as_secs_f64() * 1e3, done_ms = t0.elapsed().as_secs_f64() * 1e3, "connections moved live");
             }
             Some(Err(e)) => warn!(sibling = %name, id, connections = moved, "the volunteer did not say the moved connections are live ({e}); their packets go to it anyway"),
             None if !frozen.is_empty() => {

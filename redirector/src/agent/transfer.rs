@@ -54,8 +54,7 @@ impl Agent {
         let mut h = Handover::new(rec, busy, t0);
         // The export: the applications' answers list their sessions (the volunteer's
         // reservation is kept alive meanwhile).
-        let exported = self.keep_lease(name, id, &apps, self.export_all(&handoff, &apps, &addrs, true)).await;
-        let mut exports = match exported {
+        let (mut exports, opening) = match self.export_out(name, id, &handoff, &apps, &addrs).await {
             Ok(e) => e,
             Err(e) => {
                 self.conclude(h, End::Aborted(Stage::Export, format!("export failed: {e:#}"))).await;
@@ -63,7 +62,7 @@ impl Agent {
             }
         };
         // Their open connections handed over: frozen and dumped, sent after the sessions.
-        h.moving = Some(self.freeze_connections(&mut exports, &handoff).await).filter(|m| !m.is_empty());
+        h.moving = Some(self.freeze_connections(&mut exports, &handoff, opening).await).filter(|m| !m.is_empty());
         let t_export = t0.elapsed();
         let (n_sessions, bytes) =
             exports.iter().flat_map(|(_, e)| e.sizes()).fold((0usize, 0u64), |(n, b), (_, len)| (n + 1, b.saturating_add(u64::try_from(len).unwrap_or(u64::MAX))));
@@ -138,6 +137,29 @@ impl Agent {
             "hand-over committed"
         );
         n
+    }
+
+    /// The export of a hand-over out (volunteer `name`'s reservation for transfer `id` kept
+    /// alive meanwhile), with the packet copies a move of its connections needs opening
+    /// alongside.
+    async fn export_out(
+        self: &Arc<Self>,
+        name: &str,
+        id: u64,
+        handoff: &str,
+        apps: &[SocketAddr],
+        clients: &[IpAddr],
+    ) -> anyhow::Result<(Vec<(SocketAddr, Exported)>, Option<super::live::Opening>)> {
+        let opening = self.open_holds(apps);
+        match self.keep_lease(name, id, apps, self.export_all(handoff, apps, clients, true)).await {
+            Ok(e) => Ok((e, opening)),
+            Err(e) => {
+                if let Some(o) = opening {
+                    super::live::discard(o);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Asks every application in `apps` at once to export the sessions of `clients`: their

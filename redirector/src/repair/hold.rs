@@ -20,6 +20,7 @@ const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 /// Copies of the packets of some flows arriving on one interface.
 pub struct Hold {
     fd: OwnedFd,
+    port: u16,
     flows: Vec<(SocketAddr, SocketAddr)>,
 }
 
@@ -58,9 +59,19 @@ impl Hold {
     /// made (`CAP_NET_RAW`).
     pub fn start(dev: &str, flows: &[(SocketAddr, SocketAddr)]) -> io::Result<Self> {
         let Some(port) = flows.first().map(|f| f.1.port()) else { return Err(io::Error::new(io::ErrorKind::InvalidInput, "no flows to hold")) };
-        if flows.iter().any(|f| f.1.port() != port) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "flows of several service ports"));
-        }
+        let mut hold = Self::open(dev, port)?;
+        hold.watch(flows)?;
+        Ok(hold)
+    }
+
+    /// Starts copying the packets to service port `port` arriving on interface `dev`, to
+    /// keep those of the flows [`Hold::watch`] names. Opening (and closing) a packet socket
+    /// waits for the kernel's network-wide grace period, milliseconds: a move opens its copy
+    /// while its application exports, and closes it after the move.
+    ///
+    /// # Errors
+    /// No such interface, or the packet socket could not be made (`CAP_NET_RAW`).
+    pub fn open(dev: &str, port: u16) -> io::Result<Self> {
         let index = nix::net::if_::if_nametoindex(dev).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("interface {dev}: {e}")))?;
         let fd = sockopt::packet_socket(libc::ETH_P_ALL, &filter(port))?;
         sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
@@ -76,7 +87,19 @@ impl Hold {
         }
         // Bound to the interface only now: what the socket took before binding is of any
         // interface, and is read past by `take` like anything not of the flows.
-        Ok(Self { fd, flows: flows.to_vec() })
+        Ok(Self { fd, port, flows: Vec::new() })
+    }
+
+    /// The flows (client, service; all to the port it copies) whose packets it keeps.
+    ///
+    /// # Errors
+    /// A flow of another port.
+    pub fn watch(&mut self, flows: &[(SocketAddr, SocketAddr)]) -> io::Result<()> {
+        if flows.iter().any(|f| f.1.port() != self.port) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("flows of a service port other than {}", self.port)));
+        }
+        self.flows = flows.to_vec();
+        Ok(())
     }
 
     /// The packets of the flows copied so far (whole IP packets, in arrival order).

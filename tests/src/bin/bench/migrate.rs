@@ -162,6 +162,13 @@ pub fn migrate(json: bool) {
             problems.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
         );
         let log = c.log("a");
+        // Where the origin's time went, from its own log lines.
+        for what in ["connections frozen and dumped", "connections moved live", "hand-over committed"] {
+            if let Some(l) = log.lines().rev().find(|l| l.contains(what)) {
+                let phases: Vec<&str> = l.split_whitespace().filter(|w| w.contains("_ms=") || w.contains("_us=")).collect();
+                eprintln!("    {what}: {}", phases.join(" "));
+            }
+        }
         let run = Run {
             n: conns,
             move_ms: moved.ms,
