@@ -328,12 +328,14 @@ fn socket(r: &Input) -> &TcpStream {
     r.get_ref().get_ref().1
 }
 
-/// Whether `s` has something to read (or its end, or an error) within `wait`, reading nothing.
-fn readable(s: &TcpStream, wake: &OwnedFd, wait: Duration) -> std::io::Result<bool> {
-    let mut p = [libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+/// Whether any of `fds` has something to read (or its end, or an error) within `wait`,
+/// reading nothing.
+fn readable(fds: &[std::os::fd::RawFd], wait: Duration) -> std::io::Result<bool> {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|fd| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
     let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: two valid pollfds, borrowed for the call only.
-    match unsafe { libc::poll(p.as_mut_ptr(), 2, ms) } {
+    let n = libc::nfds_t::try_from(p.len()).unwrap_or(libc::nfds_t::MAX);
+    // SAFETY: `n` valid pollfds, borrowed for the call only.
+    match unsafe { libc::poll(p.as_mut_ptr(), n, ms) } {
         n if n > 0 => Ok(true),
         0 => Ok(false),
         _ => {
@@ -543,7 +545,7 @@ impl Store {
                     break;
                 }
                 // An error: the read that follows sees it.
-                if readable(socket(&c.r), &c.wake, left.map_or(TICK, |l| l.min(TICK))).unwrap_or(true) {
+                if readable(&[socket(&c.r).as_raw_fd(), c.wake.as_raw_fd()], left.map_or(TICK, |l| l.min(TICK))).unwrap_or(true) {
                     break;
                 }
             }
@@ -707,9 +709,7 @@ fn main() {
     let fd = store.listener.get().expect("just set").as_raw_fd();
     loop {
         // Woken by a connection to accept (or every second).
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, borrowed for the call only.
-        unsafe { libc::poll(&raw mut p, 1, 1000) };
+        let _ = readable(&[fd], Duration::from_secs(1));
         store.accept_pending();
     }
 }

@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -42,13 +42,16 @@ const FREEZE_LIMIT: Duration = Duration::from_secs(30);
 /// their packets through anyway.
 const LIVE_WAIT: Duration = Duration::from_secs(2);
 
+/// A flow as the classifier keys it: (client, service).
+type Flow = (SocketAddr, SocketAddr);
+
 /// A connection an application handed over, on the origin.
 struct Conn {
     service: SocketAddr,
     client: IpAddr,
     fd: OwnedFd,
-    /// Its flow (client, service), once checked.
-    flow: Option<(SocketAddr, SocketAddr)>,
+    /// Its flow, once checked.
+    flow: Option<Flow>,
     /// Its dump: it moves. None: it goes back to the application.
     state: Option<TcpState>,
     blob: Vec<u8>,
@@ -59,7 +62,7 @@ struct Conn {
 pub(super) struct Moving {
     conns: Vec<Conn>,
     holds: Vec<Hold>,
-    frozen: Vec<(SocketAddr, SocketAddr)>,
+    frozen: Vec<Flow>,
 }
 
 impl Moving {
@@ -79,13 +82,7 @@ impl Moving {
 
 /// A socket's local or peer address, canonical (an IPv4-mapped address is IPv4).
 fn address(fd: &OwnedFd, peer: bool) -> Option<SocketAddr> {
-    let raw = fd.as_raw_fd();
-    let a: nix::sys::socket::SockaddrStorage = if peer { nix::sys::socket::getpeername(raw) } else { nix::sys::socket::getsockname(raw) }.ok()?;
-    let a = a
-        .as_sockaddr_in()
-        .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
-        .or_else(|| a.as_sockaddr_in6().map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a))))?;
-    Some(SocketAddr::new(a.ip().to_canonical(), a.port()))
+    repair::address(fd.as_fd(), peer).ok().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
 }
 
 /// Packet copies opening while the applications export, one per uplink and port of the
@@ -166,19 +163,19 @@ impl Agent {
         }
         // Copies of their packets from before the freeze on, one packet socket per uplink and
         // port; the flows of an uplink whose copy cannot start do not move.
-        let mut by_dev: HashMap<(String, u16), Vec<usize>> = HashMap::new();
-        for (i, (_, l)) in &flows {
-            let dev = self.cfg.services.iter().find(|s| s.address == *l).map(|s| s.dev.clone()).unwrap_or_default();
-            by_dev.entry((dev, l.port())).or_default().push(*i);
+        let mut by_dev: HashMap<(String, u16), Vec<(usize, Flow)>> = HashMap::new();
+        for (i, flow) in flows {
+            let dev = self.cfg.services.iter().find(|s| s.address == flow.1).map(|s| s.dev.clone()).unwrap_or_default();
+            by_dev.entry((dev, flow.1.port())).or_default().push((i, flow));
         }
         let mut held = Vec::new();
-        for ((dev, port), idx) in by_dev {
-            let f: Vec<(SocketAddr, SocketAddr)> = idx.iter().filter_map(|i| flows.iter().find(|(j, _)| j == i).map(|(_, f)| *f)).collect();
+        for ((dev, port), group) in by_dev {
+            let f: Vec<(SocketAddr, SocketAddr)> = group.iter().map(|(_, flow)| *flow).collect();
             let copy = opened.remove(&(dev.clone(), port)).unwrap_or_else(|| Err(std::io::Error::other("no copy was opened for this uplink and port")));
             match copy.and_then(|mut h| h.watch(&f).map(|()| h)) {
                 Ok(h) => {
                     moving.holds.push(h);
-                    held.extend(idx.iter().copied().zip(f));
+                    held.extend(group);
                 }
                 Err(e) => warn!(dev, handoff, connections = f.len(), "cannot keep the packets of moving connections ({e}): they stay"),
             }
@@ -188,7 +185,7 @@ impl Agent {
         let frozen: Vec<(SocketAddr, SocketAddr)> = held.iter().map(|(_, f)| *f).collect();
         let flows_for_dp = frozen.clone();
         let freeze = self.with_dp(move |dp| dp.freeze(&flows_for_dp, FREEZE_LIMIT)).await;
-        if let Err(e) = flat_freeze(freeze) {
+        if let Err(e) = super::flat(freeze) {
             warn!(handoff, connections = frozen.len(), "cannot freeze moving connections ({e}): they stay");
             let flows_for_dp = frozen.clone();
             let _ = self.with_dp(move |dp| dp.thaw(&flows_for_dp)).await;
@@ -323,7 +320,7 @@ impl Agent {
         let t_replayed = t0.elapsed();
         if !frozen.is_empty() {
             let flows = frozen.clone();
-            if let Err(e) = self.with_dp(move |dp| dp.thaw(&flows)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            if let Err(e) = super::flat(self.with_dp(move |dp| dp.thaw(&flows)).await) {
                 warn!(sibling = %name, id, "thawing moved connections failed ({e}); their freeze ends by itself within {} s", FREEZE_LIMIT.as_secs());
             }
         }
@@ -354,12 +351,14 @@ impl Agent {
             }
         };
         let Some(sib) = self.cfg.sibling(name) else { return 0 };
+        let (v4, v6): (Vec<Vec<u8>>, Vec<Vec<u8>>) = packets.into_iter().partition(|p| p.first().is_some_and(|b| b >> 4 == 4));
         let mut sent = 0;
-        for v4 in [true, false] {
-            let fam: Vec<Vec<u8>> = packets.iter().filter(|p| p.first().is_some_and(|b| (b >> 4 == 4) == v4)).cloned().collect();
-            let Some(first) = fam.first() else { continue };
-            let probe: IpAddr = if first[0] >> 4 == 4 { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::from([0u16; 8]) };
-            let (Some(src), Some(target)) = (self.cfg.control_addresses().into_iter().find(|a| a.is_ipv4() == v4), sib.control_address(probe)) else { continue };
+        // Each family through the tunnel of that family (`of`: any address of it).
+        for (fam, of) in [(v4, IpAddr::from([0u8; 4])), (v6, IpAddr::from([0u16; 8]))] {
+            if fam.is_empty() {
+                continue;
+            }
+            let (Some(src), Some(target)) = (self.cfg.control_address(of), sib.control_address(of)) else { continue };
             match repair::replay(&fam, src, target) {
                 Ok(n) => sent += n,
                 Err(e) => warn!(sibling = %name, "replaying the kept packets of moved connections: {e}"),
@@ -425,14 +424,6 @@ pub(super) fn count_into(sets: &mut Vec<crate::peer::SessionSet>, counts: HashMa
             Some(s) => s.connections = n,
             None => sets.push(crate::peer::SessionSet { service, count: 0, digest: 0, connections: n }),
         }
-    }
-}
-
-fn flat_freeze(r: anyhow::Result<crate::datapath::Result<()>>) -> Result<(), String> {
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("{e:#}")),
     }
 }
 

@@ -256,8 +256,6 @@ pub struct Apps {
 pub struct CheckedExport {
     pub sessions: Vec<(IpAddr, Listed)>,
     pub connections: Vec<(IpAddr, usize)>,
-    /// The descriptors the line announces.
-    pub fds: u64,
 }
 
 /// Checks an export answer's line against the request: sessions (possibly none) for
@@ -299,7 +297,7 @@ pub fn check_export(line: &[u8], version: Version, requested: &[IpAddr], max: us
             bail!("the application exported two sessions for {client}");
         }
     }
-    Ok(CheckedExport { sessions, connections, fds: a.fds })
+    Ok(CheckedExport { sessions, connections })
 }
 
 /// An application's answer to an export: the sessions it lists, in order, whose blobs

@@ -17,7 +17,11 @@ fn queue(fd: BorrowedFd<'_>, which: libc::c_int) -> io::Result<()> {
     sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &which)
 }
 
-fn address(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
+/// A socket's own address, or (`peer`) its peer's, as the kernel reports it.
+///
+/// # Errors
+/// The kernel's, or not an IPv4 or IPv6 socket.
+pub fn address(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
     let raw = fd.as_raw_fd();
     let a: nix::sys::socket::SockaddrStorage = if peer { nix::sys::socket::getpeername(raw) } else { nix::sys::socket::getsockname(raw) }.map_err(io::Error::from)?;
     a.as_sockaddr_in()

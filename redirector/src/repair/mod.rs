@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    dump::{discard, dump, resume},
+    dump::{address, discard, dump, resume},
     hold::{Hold, replay},
     restore::{Restored, restore},
 };
