@@ -10,6 +10,7 @@ const { test } = require('node:test');
 const { once } = require('events');
 const { setTimeout: sleep } = require('timers/promises');
 const { attach } = require('..');
+const { recordingApp } = require('./recording-app');
 const { FdAgent, unavailable } = require('./fd-agent');
 
 const SERVICE = '198.18.0.10:80';
@@ -54,19 +55,17 @@ function readN(socket, n, ms = 5000) {
   });
 }
 
-// Every callback logs its call; each may be replaced by a test.
+// The tests' recording application, with the version 3 callbacks logged too.
 function app(over = {}) {
-  const calls = [];
-  return {
-    calls,
-    export: (h, clients) => (calls.push(['export', h, clients]), []),
-    import: (h) => void calls.push(['import', h]),
-    commit: (h) => void calls.push(['commit', h]),
-    abort: (h) => void calls.push(['abort', h]),
-    connections: (h, clients) => (calls.push(['connections', h, clients]), []),
-    adopt: (h, conns) => void calls.push(['adopt', h, conns.map((c) => [c.client, c.blob.toString()])]),
-    ...over,
-  };
+  const a = recordingApp();
+  return Object.assign(
+    a,
+    {
+      connections: (h, clients) => (a.calls.push(['connections', h, clients]), []),
+      adopt: (h, conns) => void a.calls.push(['adopt', h, conns.map((c) => [c.client, c.blob.toString()])]),
+    },
+    over,
+  );
 }
 
 // An agent, the SDK attached to it and registered with version 3.

@@ -11,18 +11,7 @@ const { FakeAgent } = require('./fake-agent');
 
 const SERVICE = '198.18.0.10:80';
 
-// Every callback logs its call; each may be replaced by a test.
-function app(over = {}) {
-  const calls = [];
-  return {
-    calls,
-    export: (h, clients) => (calls.push(['export', h, clients]), []),
-    import: (h, sessions) => void calls.push(['import', h, sessions.map(([c, b]) => [c, b.toString()])]),
-    commit: (h) => void calls.push(['commit', h]),
-    abort: (h) => void calls.push(['abort', h]),
-    ...over,
-  };
-}
+const app = require('./recording-app').recordingApp;
 
 // Attaches to `agent`, accepts the connection and registers it with `version`.
 async function connected(agent, sessions, { version = 2, force } = {}) {
