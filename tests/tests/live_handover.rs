@@ -3,9 +3,11 @@
 //! connection that neither side ever closes, driving A over its watermark. A sheds about half
 //! of them to B and C, and their connections go along: every client makes all its requests
 //! on the one connection it opened, answered first by A, then by its volunteer, with no
-//! request failed or retried and its session counter continuous. And when an agent dies in
-//! the middle: a volunteer killed after restoring leaves the connections on the origin, an
-//! origin killed after its rules (the commit point) leaves them on the volunteer.
+//! request failed or retried and its session counter continuous. They come home the same way
+//! (an operator's give-back). And when an agent dies in the middle: a volunteer killed after
+//! restoring leaves the connections on the origin, an origin killed after its rules (the
+//! commit point) leaves them on the volunteer, and one killed before withdrawing its rules
+//! in a hand-back leaves them on the volunteer too.
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +16,7 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, service6, wait_log, wait_status},
+    agents::{Cluster, DemoApp, NodeOpts, Options, migrated, moved_to, service6, wait_log, wait_status},
     crowd::Crowd,
     http::HttpClient,
     net::{SERVICE4, client4, client6},
@@ -95,7 +97,13 @@ fn moves_live(kind: DemoApp, v6: bool) {
 
 /// A (watermarks 20/10) and B (100/80), connections moving live, with these node options.
 fn pair(nodes: &[(&str, NodeOpts)]) -> Cluster {
-    let opts = Options { demo: Some(DemoApp::Rust), live_moves: true, nodes: nodes.iter().map(|(n, o)| ((*n).to_string(), o.clone())).collect(), ..Options::default() };
+    pair_of(DemoApp::Rust, nodes, false)
+}
+
+/// [`pair`] with demo application `kind`, and IPv6 service addresses too when `v6`.
+fn pair_of(kind: DemoApp, nodes: &[(&str, NodeOpts)], v6: bool) -> Cluster {
+    let nodes = nodes.iter().map(|(n, o)| ((*n).to_string(), o.clone())).collect();
+    let opts = Options { demo: Some(kind), live_moves: true, dual: v6, nodes, ..Options::default() };
     Cluster::with_options(40, &[("a", 20, 10), ("b", 100, 80)], &opts)
 }
 
@@ -106,9 +114,65 @@ fn patient() -> Vec<String> {
 
 /// 30 keep-alive clients of A's service, until stopped (bounded: 60 s, 10,000 requests each).
 fn drive(c: &Cluster) -> Crowd {
-    let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
-    let srcs: Vec<(IpAddr, SocketAddr)> = (1..=30u16).map(|i| (IpAddr::V4(client4(i)), dst)).collect();
+    drive_of(c, false)
+}
+
+/// [`drive`], over IPv6 when `v6`.
+fn drive_of(c: &Cluster, v6: bool) -> Crowd {
+    let dst = if v6 { service6("a") } else { SocketAddr::new(IpAddr::V4(SERVICE4), 80) };
+    let srcs: Vec<(IpAddr, SocketAddr)> = (1..=30u16).map(|i| (if v6 { IpAddr::V6(client6(i)) } else { IpAddr::V4(client4(i)) }, dst)).collect();
     Crowd::start(&c.t.client.ns, &srcs, Duration::from_mins(1), 10_000)
+}
+
+#[test]
+fn keep_alive_connections_come_home_with_their_clients() {
+    if require_root() {
+        comes_home(DemoApp::Rust, false);
+    }
+}
+
+#[test]
+fn keep_alive_connections_come_home_with_their_clients_over_ipv6() {
+    if require_root() {
+        comes_home(DemoApp::Rust, true);
+    }
+}
+
+#[test]
+fn the_node_js_demo_takes_its_connections_home_too() {
+    if require_root() {
+        comes_home(DemoApp::Node, false);
+    }
+}
+
+/// A sheds clients to B, their connections along; then the operator takes them home
+/// (`give-back` on A): their connections come home too. Every client makes all its requests on
+/// the one connection it opened; those that moved were answered by A, then B, and last by A
+/// again.
+fn comes_home(kind: DemoApp, v6: bool) {
+    let c = pair_of(kind, &[], v6);
+    let crowd = drive_of(&c, v6);
+    wait_status(&c.sock("a"), 30, "A to shed clients to B", |v| v["migrated_out"].as_array().is_some_and(|m| !m.is_empty()));
+    // Served by B for a while (and past the dwell after a move, which a give-back waits out).
+    std::thread::sleep(Duration::from_millis(2500));
+    let home: Vec<IpAddr> = moved_to(&c.status("a")).into_keys().collect();
+    let answer = c.give_back("a", &home).expect("give-back");
+    assert_eq!(answer["given_back"].as_u64(), Some(home.len() as u64), "every client came home: {answer}");
+    // Served by A again, for less than the dwell after which A may shed them again.
+    std::thread::sleep(Duration::from_secs(1));
+    let clients = crowd.stop();
+    assert_one_connection_each(&c, &clients);
+    for cl in clients.iter().filter(|cl| home.contains(&cl.src)) {
+        assert!(
+            cl.servers.contains_key("B") && cl.last_server.as_deref() == Some("A"),
+            "{} went to B and came home on its one connection: answered by {:?}, last by {:?}",
+            cl.src,
+            cl.servers,
+            cl.last_server
+        );
+    }
+    assert!(c.log("b").contains("connections went home"), "B sent the connections home:\n{}", c.log("b"));
+    eprintln!("{} clients came home with their connections", home.len());
 }
 
 /// Every client answered every time, on the one connection it opened.
@@ -174,4 +238,46 @@ fn an_origin_killed_after_its_rules_leaves_the_connections_on_the_volunteer() {
             assert!(cl.servers.contains_key("B"), "{} moved to B on its one connection: answered by {:?}", cl.src, cl.servers);
         }
     }
+}
+
+#[test]
+fn an_origin_killed_before_taking_connections_home_leaves_them_on_the_volunteer() {
+    if !require_root() {
+        return;
+    }
+    let patient_app = || NodeOpts { app_args: patient(), ..NodeOpts::default() };
+    let mut c = pair(&[("a", patient_app()), ("b", patient_app())]);
+    let crowd = drive(&c);
+    wait_status(&c.sock("a"), 30, "A to shed clients to B", |v| v["migrated_out"].as_array().is_some_and(|m| !m.is_empty()) && v["handoffs"]["clients_in_progress"] == 0);
+    std::thread::sleep(Duration::from_secs(1));
+    let home: Vec<IpAddr> = moved_to(&c.status("a")).into_keys().collect();
+    // A's agent again, now stopping before it withdraws the rules of a hand-back (the commit
+    // point): after it froze the flows and restored the connections that came.
+    c.kill_agent("a");
+    c.start_again("a", Some("pause-before-rules=60000"));
+    wait_status(&c.sock("a"), 30, "A to see B and its application again", |v| {
+        v["siblings"].as_array().is_some_and(|s| s.iter().all(|x| x["up"] == true)) && v["hook"]["registered"].as_array().is_some_and(|r| !r.is_empty())
+    });
+    let (sock, asked) = (c.sock("a"), home.clone());
+    // Answered by nobody: the agent asked dies.
+    let _give_back = std::thread::spawn(move || {
+        let mut args: Vec<String> = vec!["give-back".into()];
+        args.extend(asked.iter().map(ToString::to_string));
+        std::process::Command::new(redirector_tests::net::redirector_bin()).args(&args).arg("--socket").arg(sock).output()
+    });
+    wait_log(&c, "a", "TEST FAULT pause", 30);
+    assert!(c.log("a").contains("connections coming home frozen"), "A froze the connections coming home:\n{}", c.log("a"));
+    c.kill_agent("a");
+    c.start_again("a", None);
+    // A's new agent thaws the flows and finds the hand-back aborted (its rules still send the
+    // clients to B); B asks, resumes the connections it dumped and its application serves them.
+    wait_status(&c.sock("b"), 30, "B to learn how the hand-back ended", |v| v["handoffs"]["awaiting_outcome"] == 0 && v["hook"]["unconfirmed"] == 0);
+    std::thread::sleep(Duration::from_secs(2));
+    let clients = crowd.stop();
+    assert_one_connection_each(&c, &clients);
+    for cl in clients.iter().filter(|cl| home.contains(&cl.src)) {
+        assert_eq!(cl.last_server.as_deref(), Some("B"), "{} stayed on B on its one connection: answered by {:?}", cl.src, cl.servers);
+    }
+    let steered = moved_to(&c.status("a"));
+    assert!(home.iter().all(|h| steered.contains_key(h)), "A still steers them to B: {steered:?}");
 }

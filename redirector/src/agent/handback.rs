@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Streamed,
-    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, check_listed, names, send_sessions, take_sessions},
+    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, Restoring, check_listed, names, send_sessions, take_sessions},
     host_prefix,
     records::{Dir, Record},
     state::ByNode,
@@ -89,6 +89,9 @@ impl Agent {
             return 0;
         }
         let apps: Vec<SocketAddr> = services.iter().copied().filter(|s| self.apps.has(*s) || self.keeps_sessions(*s)).collect();
+        // The services whose open connections come home too: those that move them, with an
+        // application that takes them.
+        let live: Vec<SocketAddr> = services.iter().copied().filter(|s| self.moves_live(*s) && self.apps.takes_connections(*s)).collect();
         let targets = self.cfg.sibling(name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
         let started = self.records().start(Record { id, dir: Dir::Back, volunteer: name.to_string(), targets, clients: clients.clone(), apps: apps.clone() });
         let rec = match started {
@@ -100,7 +103,7 @@ impl Agent {
         };
         self.tally.started(Dir::Back);
         let mut h = Handover::new(rec, busy, t0);
-        let (n_sessions, bytes, t_export) = match self.receive_back(&h, &services).await {
+        let (n_sessions, bytes, t_export) = match self.receive_back(&mut h, &services, &live).await {
             Ok(r) => r,
             Err(why) => {
                 self.conclude(h, End::Aborted(Stage::Transfer, why)).await;
@@ -133,21 +136,31 @@ impl Agent {
     /// Origin: asks the volunteer of hand-back `h` for its clients (of `services`), checks what
     /// comes back (exactly the clients asked for; sessions of them only, exactly as listed and
     /// sealed) and imports the sessions into this node's applications (tentative) as they
-    /// arrive. Returns the sessions imported and when the volunteer's answer came; an error
-    /// says why the hand-back aborts.
-    async fn receive_back(&self, h: &Handover, services: &[SocketAddr]) -> Result<(usize, u64, Duration), String> {
-        let (name, id, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.t0);
+    /// arrive; the open connections of `live` services come too (frozen here, then restored:
+    /// `h.coming`). Returns the sessions imported and when the volunteer's answer came; an
+    /// error says why the hand-back aborts.
+    async fn receive_back(self: &Arc<Self>, h: &mut Handover, services: &[SocketAddr], live: &[SocketAddr]) -> Result<(usize, u64, Duration), String> {
+        let rec = h.rec.clone();
+        let (name, id, t0) = (rec.volunteer.as_str(), rec.id, h.t0);
         let (tx, mut frames) = mpsc::channel(FRAMES_AHEAD);
         self.state().moved.await_back(name, id, t0, tx);
-        let r = self.import_back(h, services, &mut frames).await;
+        let r = self.import_back(h, services, live, &mut frames).await;
         self.state().moved.end_back(name, id);
         r
     }
 
-    async fn import_back(&self, h: &Handover, services: &[SocketAddr], frames: &mut mpsc::Receiver<Streamed>) -> Result<(usize, u64, Duration), String> {
-        let (name, id, clients, t0) = (h.rec.volunteer.as_str(), h.rec.id, h.rec.clients.as_slice(), h.t0);
+    async fn import_back(
+        self: &Arc<Self>,
+        h: &mut Handover,
+        services: &[SocketAddr],
+        live: &[SocketAddr],
+        frames: &mut mpsc::Receiver<Streamed>,
+    ) -> Result<(usize, u64, Duration), String> {
+        let rec = h.rec.clone();
+        let (name, id, clients, t0) = (rec.volunteer.as_str(), rec.id, rec.clients.as_slice(), h.t0);
         let handoff = &h.name(self.cfg.node.as_str());
-        let answer = self.ask_patiently(name, Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec() }, id).await;
+        let request = Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec(), live: live.to_vec() };
+        let answer = self.ask_patiently(name, request, id).await;
         let back = match answer {
             Ok(Answer::Returning { clients, .. }) => clients,
             Ok(Answer::Abort { reason, .. } | Answer::Decline { reason, .. }) => return Err(format!("the volunteer refused: {}", Said(&reason))),
@@ -185,7 +198,32 @@ impl Agent {
         // The volunteer sends as its applications export: it may pause as long as an
         // application may stall, and a send on the link may take its deadline.
         let stall = self.limits().allowance(u64::try_from(self.cfg.max_frame).unwrap_or(u64::MAX)).saturating_mul(2).saturating_add(self.send_deadline());
-        take_sessions(frames, &mut arriving, &mut super::handoff::Restoring::default(), stall).await?;
+        // Open connections coming home: first the flows to freeze, right after `Returning`.
+        let mut restoring = Restoring { locals: live.iter().map(|s| (*s, *s)).collect(), out: Vec::new() };
+        if !live.is_empty() {
+            let opening = self.open_holds(live);
+            let flows = match tokio::time::timeout(stall, frames.recv()).await {
+                Ok(Some(Streamed::Freeze(flows))) => Ok(flows),
+                Ok(Some(Streamed::Abort(reason))) => Err(format!("the volunteer aborted: {}", Said(&reason))),
+                Ok(Some(_)) => Err("the volunteer sent sessions before the connections to freeze".to_string()),
+                Ok(None) => Err("the hand-back was aborted, or the link went away, before the connections to freeze came".to_string()),
+                Err(_) => Err(format!("no connections to freeze came for {} ms", stall.as_millis())),
+            };
+            let flows = match flows {
+                Ok(f) => f,
+                Err(e) => {
+                    if let Some(o) = opening {
+                        super::live::discard(o);
+                    }
+                    return Err(e);
+                }
+            };
+            h.coming = Some(self.freeze_home((name, id, handoff), flows, (&asked, live), opening).await?);
+        }
+        take_sessions(frames, &mut arriving, &mut restoring, stall).await?;
+        if let Some(home) = h.coming.as_mut() {
+            self.arrived_home(name, home, std::mem::take(&mut restoring.out)).await?;
+        }
         for (_, a) in arriving.drain() {
             if let Some(Err(e)) = a.finish().await {
                 return Err(format!("import failed: {e:#}"));
@@ -304,9 +342,9 @@ impl Agent {
     /// Volunteer: origin `from` takes `clients` home (`HandBack` `id`): this node's
     /// applications export them (frozen), the sessions go back on `reply`, then `Returning`.
     /// Any failure: the applications unfreeze and the origin is told why (`Abort`).
-    pub(super) async fn hand_back_out(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr>, reply: mpsc::Sender<Answer>) {
+    pub(super) async fn hand_back_out(self: Arc<Self>, from: &str, id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr>, live: Vec<SocketAddr>, reply: mpsc::Sender<Answer>) {
         let handoff = HandoffId::new(from, id, self.cfg.node.as_str()).to_string();
-        let answer = self.export_back(from, id, &handoff, &services, clients, &reply).await;
+        let answer = self.export_back(from, id, &services, clients, &live, &reply).await;
         let msg = answer.unwrap_or_else(|reason| {
             warn!(origin = %from, handoff, "refusing to give clients back: {reason}");
             Answer::Abort { id, reason }
@@ -320,11 +358,13 @@ impl Agent {
         self: &Arc<Self>,
         from: &str,
         id: u64,
-        handoff: &str,
         services: &[SocketAddr],
         clients: Vec<IpAddr>,
+        live: &[SocketAddr],
         reply: &mpsc::Sender<Answer>,
     ) -> Result<Answer, String> {
+        let handoff = HandoffId::new(from, id, self.cfg.node.as_str()).to_string();
+        let handoff = handoff.as_str();
         if self.cfg.sibling(from).is_none() {
             return Err("not a configured sibling".into());
         }
@@ -343,11 +383,13 @@ impl Agent {
             local_of.insert(own.address, *svc);
         }
         let apps: Vec<SocketAddr> = local_of.keys().copied().filter(|s| self.apps.has(*s)).collect();
+        // The origin takes the open connections of `live` home too.
+        let moves: Vec<SocketAddr> = apps.iter().copied().filter(|s| local_of.get(s).is_some_and(|svc| live.contains(svc))).collect();
         // The export (the applications' answers list their sessions), under the origin's
         // service addresses; an empty `Sessions` frame every half lease keeps the origin waiting.
         let (max_frame, deadline) = (self.cfg.max_frame, self.send_deadline());
         let exported = {
-            let work = self.export_all(handoff, &apps, &clients, false);
+            let work = self.export_all(handoff, &apps, &clients, &moves);
             tokio::pin!(work);
             let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
             keepalive.tick().await;
@@ -365,7 +407,7 @@ impl Agent {
             Ok(e) => e.into_iter().map(|(local, e)| (local_of.get(&local).copied().unwrap_or(local), e)).collect(),
             Err(e) => {
                 // Some may have frozen: they unfreeze (told until they confirm).
-                self.settle_apps_back(apps, handoff.to_string(), busy.take(), false);
+                self.settle_apps_back(apps, handoff.to_string(), busy.take(), false, HashMap::new());
                 return Err(format!("export failed: {e:#}"));
             }
         };
@@ -392,21 +434,34 @@ impl Agent {
         }
         info!(origin = %from, handoff, clients = n_back, sessions = n_sessions, "giving clients back: exported (frozen until the origin commits), sessions on their way");
         let mut exports = exports;
-        let sets = send_sessions(&mut exports, max_frame, |service, sessions| {
+        // Their open connections: frozen by the origin, then dumped here.
+        if !live.is_empty() {
+            self.leave_home(from, id, handoff, &mut exports, reply).await?;
+        }
+        let mut sets = send_sessions(&mut exports, max_frame, |service, sessions| {
             Box::pin(async move { reply.send_timeout(Answer::Sessions { id, service, sessions }, deadline).await.map_err(|_| anyhow!("the link to the origin is gone or stuck")) })
         })
         .await
         .map_err(|e| format!("{e:#}"))?;
+        self.send_home(from, id, &mut exports, reply, &mut sets).await?;
         self.faults.pause("pause-after-export", handoff).await;
         Ok(Answer::Sealed { id, sessions: sets })
     }
 
-    /// Volunteer: tells the applications of `apps` how hand-back `handoff` ended; on commit
-    /// the clients' room here is free again. `clients` stay busy until they confirm.
-    pub(super) fn settle_apps_back(self: &Arc<Self>, apps: Vec<SocketAddr>, handoff: String, clients: Vec<IpAddr>, commit: bool) {
+    /// Volunteer: tells the applications of `apps` how hand-back `handoff` ended, giving each
+    /// its connections in `given`; on commit the clients' room here is free again. `clients`
+    /// stay busy until they confirm.
+    pub(super) fn settle_apps_back(
+        self: &Arc<Self>,
+        apps: Vec<SocketAddr>,
+        handoff: String,
+        clients: Vec<IpAddr>,
+        commit: bool,
+        mut given: HashMap<SocketAddr, Vec<crate::app::AppConnection>>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
-            futures::future::join_all(apps.iter().map(|s| me.apps.settle(*s, &handoff, commit))).await;
+            futures::future::join_all(apps.iter().map(|s| me.apps.settle_with(*s, &handoff, commit, given.remove(s).unwrap_or_default()))).await;
             me.unbusy(&clients);
         });
     }

@@ -83,13 +83,14 @@ pub(super) struct Handover {
     pub t0: Instant,
     /// The sessions it carries and their bytes, once known (for the tally).
     pub sessions: (usize, u64),
-    /// The open connections moving with its clients.
+    /// The open connections moving with its clients: out, or home.
     pub moving: Option<super::live::Moving>,
+    pub coming: Option<super::live::Homecoming>,
 }
 
 impl Handover {
     pub(super) fn new(rec: Arc<Record>, busy: Busy, t0: Instant) -> Self {
-        Self { rec, busy, t0, sessions: (0, 0), moving: None }
+        Self { rec, busy, t0, sessions: (0, 0), moving: None, coming: None }
     }
 
     /// Its name as applications see it, with `node` its origin.
@@ -221,6 +222,7 @@ pub(super) async fn take_sessions(
                 }
             }
             Streamed::Abort(reason) => return Err(format!("the sender aborted: {}", Said(&reason))),
+            Streamed::Freeze(_) => return Err("connections to freeze after the sessions started".into()),
             Streamed::Connections(svc, conns) => {
                 let Some(local) = restoring.locals.get(&svc).copied() else {
                     return Err(format!("open connections of {svc}, which this hand-over does not move connections of"));
@@ -315,7 +317,7 @@ impl Agent {
     /// clients stay busy until then.
     pub(super) async fn conclude(self: &Arc<Self>, h: Handover, end: End) {
         let handoff = h.name(self.cfg.node.as_str());
-        let Handover { rec, mut busy, t0, sessions: (n_sessions, bytes), moving } = h;
+        let Handover { rec, mut busy, t0, sessions: (n_sessions, bytes), moving, coming } = h;
         self.tally.ended(rec.dir, &end, t0.elapsed(), rec.clients.len(), n_sessions, bytes);
         let (verdict, why) = match end {
             End::Committed => (Verdict::Committed, String::new()),
@@ -327,11 +329,12 @@ impl Agent {
         if commit {
             self.state().moved.just_moved(&rec.clients, Instant::now());
         }
-        // Open connections: live on the volunteer before anyone is told (committed), or back
+        // Open connections: live where they go before anyone is told (committed), or back
         // where they were.
-        let mut given = match moving {
-            Some(m) => self.end_moving(&rec.volunteer, rec.id, m, commit).await,
-            None => HashMap::new(),
+        let mut given = match (moving, coming) {
+            (Some(m), _) => self.end_moving(&rec.volunteer, rec.id, m, commit).await,
+            (None, Some(c)) => self.end_homecoming(&rec.volunteer, rec.id, c, commit).await,
+            (None, None) => HashMap::new(),
         };
         let me = self.clone();
         let (apps, h) = (rec.apps.clone(), handoff.clone());

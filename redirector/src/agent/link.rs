@@ -407,6 +407,8 @@ impl Agent {
             Answer::Sessions { id, service, sessions } if sessions.is_empty() => return self.returned_listed(name, id, service, Vec::new()),
             Answer::Sessions { id, service, sessions } => (id, Streamed::Sessions(service, sessions)),
             Answer::Sealed { id, sessions } => (id, Streamed::Sealed(sessions)),
+            Answer::Freeze { id, flows } => (id, Streamed::Freeze(flows)),
+            Answer::Connections { id, service, connections } => (id, Streamed::Connections(service, connections)),
             answer => {
                 let waiter = self.state().links.take_waiter(name, answer.id());
                 match (waiter, answer) {

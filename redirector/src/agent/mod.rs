@@ -101,7 +101,8 @@ pub struct Agent {
     /// Hand-overs counted as they end.
     tally: tally::Tally,
     /// Volunteer: connections moved here, by transfer, until its end ([`live`]).
-    restored: Mutex<std::collections::HashMap<(crate::peer::NodeName, u64), live::Incoming>>,
+    /// What live moves keep between the steps of hand-overs.
+    live: Mutex<live::Pending>,
 }
 
 /// Raises the soft limit of open descriptors to the hard one: connections moving live are a
@@ -250,7 +251,7 @@ impl Agent {
             gate: gate::Gate::new(),
             running: tokio::sync::watch::Sender::new(false),
             tally: tally::Tally::default(),
-            restored: Mutex::default(),
+            live: Mutex::default(),
             steers: std::sync::atomic::AtomicUsize::new(0),
         }))
     }

@@ -151,7 +151,8 @@ impl Agent {
         clients: &[IpAddr],
     ) -> anyhow::Result<(Vec<(SocketAddr, Exported)>, Option<super::live::Opening>)> {
         let opening = self.open_holds(apps);
-        match self.keep_lease(name, id, apps, self.export_all(handoff, apps, clients, true)).await {
+        let moves: Vec<SocketAddr> = apps.iter().copied().filter(|s| self.moves_live(*s)).collect();
+        match self.keep_lease(name, id, apps, self.export_all(handoff, apps, clients, &moves)).await {
             Ok(e) => Ok((e, opening)),
             Err(e) => {
                 if let Some(o) = opening {
@@ -163,15 +164,13 @@ impl Agent {
     }
 
     /// Asks every application in `apps` at once to export the sessions of `clients`: their
-    /// answers, whose sessions follow as they are taken.
-    /// `live`: the applications of services with `live_moves` hand over the clients' open
-    /// connections too.
-    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr], live: bool) -> anyhow::Result<Vec<(SocketAddr, Exported)>> {
+    /// answers, whose sessions follow as they are taken. The applications of `moves` hand over
+    /// the clients' open connections too.
+    pub(super) async fn export_all(self: &Arc<Self>, handoff: &str, apps: &[SocketAddr], clients: &[IpAddr], moves: &[SocketAddr]) -> anyhow::Result<Vec<(SocketAddr, Exported)>> {
         if let Some(svc) = apps.iter().find(|s| !self.apps.has(**s)) {
             return Err(anyhow!("service {svc} keeps sessions (sessions = true) and no application is registered for it"));
         }
-        let moves = |svc: SocketAddr| live && self.cfg.services.iter().any(|s| s.address == svc && s.live_moves);
-        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients, moves(*svc)).await.map(|e| (*svc, e)) })).await
+        futures::future::try_join_all(apps.iter().map(|svc| async move { self.apps.export(*svc, handoff, clients, moves.contains(svc)).await.map(|e| (*svc, e)) })).await
     }
 
     /// Runs `work` while keeping volunteer `name`'s reservation for transfer `id` alive (an

@@ -96,10 +96,8 @@ impl Agent {
             Request::Sessions { id, service, sessions } => self.stream(from, id, Streamed::Sessions(service, sessions)).await,
             Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,
             Request::Connections { id, service, connections } => self.stream(from, id, Streamed::Connections(service, connections)).await,
-            Request::Live { id, handoff } => {
-                let live = self.go_live(from, handoff);
-                answer(Answer::Live { id, live }).await?;
-            }
+            Request::Live { id, handoff } => answer(Answer::Live { id, live: self.go_live(from, handoff) }).await?,
+            Request::Frozen { id, flows } => self.frozen_for(from, id, flows),
             Request::Listed { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
             Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
             Request::Transfer { id, services, tunnel_src, clients } => {
@@ -155,13 +153,13 @@ impl Agent {
                     }
                 });
             }
-            Request::HandBack { id, services, clients } => {
+            Request::HandBack { id, services, clients, live } => {
                 let Ok(permit) = transfers.clone().try_acquire_owned() else {
                     return answer(Answer::Abort { id, reason: "too many hand-overs in progress from this sibling; ask again".into() }).await;
                 };
                 let (me, from, reply) = (self.clone(), from.to_string(), reply.clone());
                 tokio::spawn(async move {
-                    me.hand_back_out(&from, id, services, clients, reply).await;
+                    me.hand_back_out(&from, id, services, clients, live, reply).await;
                     drop(permit);
                 });
             }
@@ -187,8 +185,11 @@ impl Agent {
                 drop(self.take_restored(from, id, false));
                 self.settle_imports(a.apps, a.handoff, false, held);
             }
-            // The rules still send the clients here: their sessions go on here.
-            Some(a) => self.settle_apps_back(a.apps, a.handoff, a.clients, false),
+            // The rules still send the clients here: their sessions (and connections) go on here.
+            Some(a) => {
+                let given = self.end_leaving(from, id, false);
+                self.settle_apps_back(a.apps, a.handoff, a.clients, false, given);
+            }
             None => {}
         }
     }
@@ -206,7 +207,8 @@ impl Agent {
             }
             Some((a, n)) => {
                 info!(origin = %from, clients = n, "clients given back: their room is free again");
-                self.settle_apps_back(a.apps, a.handoff, a.clients, true);
+                let given = self.end_leaving(from, id, true);
+                self.settle_apps_back(a.apps, a.handoff, a.clients, true, given);
             }
             None => {}
         }

@@ -519,6 +519,13 @@ impl Apps {
         self.served.conn(service).is_some()
     }
 
+    /// Whether the application registered for `service` speaks a hook version that passes
+    /// open connections (3 and later).
+    #[must_use]
+    pub fn takes_connections(&self, service: SocketAddr) -> bool {
+        self.conn(service).is_some_and(|c| c.version.moves_connections())
+    }
+
     #[must_use]
     pub fn limits(&self) -> Limits {
         self.limits

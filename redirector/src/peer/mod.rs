@@ -29,8 +29,11 @@ pub use self::{
 /// importing while the sessions are still on their way; `Sealed` counts and digests them.
 /// Version 6: an origin can ask a sibling to send the direct-server-return probe (`Probe`,
 /// `Probed`; `redirector doctor`). Version 7: open connections move with their clients
-/// (`Connections`, counted in `Sealed`; `Live` once the rules are in).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// (`Connections`, counted in `Sealed`; `Live` once the rules are in). Version 8: they come
+/// home too (`HandBack` names the services whose connections the origin takes; the volunteer
+/// has the origin freeze them, `Freeze` and `Frozen`, before it dumps them and sends them back,
+/// `Answer::Connections`).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
 const FRAME_OVERHEAD: usize = 4096;
@@ -69,6 +72,14 @@ pub struct SessionSet {
     pub digest: u64,
     /// Open connections of the service moving with the sessions (`Connections`).
     pub connections: u64,
+}
+
+/// A connection as the origin's classifier knows it: the client's address and port, and the
+/// service's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Flow {
+    pub client: SocketAddr,
+    pub service: SocketAddr,
 }
 
 /// An open TCP connection moving with its client: everything its new socket needs (dumped
@@ -182,8 +193,11 @@ pub enum Request {
     /// The origin takes `clients` home: the volunteer exports (freezes) their sessions of the
     /// origin's `services` and answers with `Sessions` frames, then `Returning` (or `Abort` to
     /// refuse). The origin then imports them, withdraws its rules (the commit point) and sends
-    /// `Commit` (or `Abort`).
-    HandBack { id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr> },
+    /// `Commit` (or `Abort`). The open connections of `live` (some of `services`) come home
+    /// too: the volunteer asks the origin to freeze them first (`Freeze`, right after
+    /// `Returning`), dumps those it froze (`Frozen`) and sends them after the sessions
+    /// (`Answer::Connections`, counted in `Sealed`).
+    HandBack { id: u64, services: Vec<SocketAddr>, clients: Vec<IpAddr>, live: Vec<SocketAddr> },
     /// A volunteer asks the origin to take `clients` back (it needs the room, or it leaves);
     /// the origin hands them back and answers `OutcomeIs` once that ended (or `Decline`).
     GiveBack { id: u64, clients: Vec<IpAddr> },
@@ -207,6 +221,10 @@ pub enum Request {
     /// volunteer takes the connections it restored live and answers `Live`; only then does
     /// the origin let their packets through again. `id` is the request's own.
     Live { id: u64, handoff: u64 },
+    /// The origin froze these of the flows `Freeze` of `HandBack` `id` named (their packets
+    /// are dropped, and kept, from now on): the volunteer dumps their connections and sends
+    /// them; the others stay where they are.
+    Frozen { id: u64, flows: Vec<Flow> },
 }
 
 /// What a node answers on a sibling's connection, to the request of the same id.
@@ -241,6 +259,14 @@ pub enum Answer {
     Probed { id: u64, error: Option<String> },
     /// The connections of the transfer of `Live` `id` are live here: `live` of them.
     Live { id: u64, live: u64 },
+    /// The open connections of `HandBack` `id` the volunteer's applications handed over,
+    /// right after `Returning` (none: nothing to freeze, none follow): the origin freezes
+    /// them and answers `Frozen`.
+    Freeze { id: u64, flows: Vec<Flow> },
+    /// Open connections of the clients of `HandBack` `id`, of the origin's `service`, dumped
+    /// after the origin froze them: after the sessions, before `Sealed`, which counts them.
+    /// The origin restores them (not live yet) before its commit point.
+    Connections { id: u64, service: SocketAddr, connections: Vec<MovedConnection> },
 }
 
 impl Answer {
@@ -259,6 +285,8 @@ impl Answer {
             Answer::Sealed { .. } => "a seal",
             Answer::Probed { .. } => "a probe's result",
             Answer::Live { .. } => "live connections",
+            Answer::Freeze { .. } => "flows to freeze",
+            Answer::Connections { .. } => "open connections",
         }
     }
 
@@ -276,7 +304,9 @@ impl Answer {
             | Answer::Listed { id, .. }
             | Answer::Sealed { id, .. }
             | Answer::Probed { id, .. }
-            | Answer::Live { id, .. } => *id,
+            | Answer::Live { id, .. }
+            | Answer::Freeze { id, .. }
+            | Answer::Connections { id, .. } => *id,
         }
     }
 }
@@ -354,6 +384,13 @@ pub fn client_chunks(clients: Vec<MovedClient>, services: &[SocketAddr], max_fra
 pub fn listed_chunks(listed: Vec<ListedSession>, max_frame: usize) -> Vec<Vec<ListedSession>> {
     // An address: a tag and 16 bytes at most; a u64: 10 bytes at most; the service: 24.
     chunks(listed, max_frame, 24, 28)
+}
+
+/// How many flows a `Freeze` or `Frozen` frame of `max_frame` bytes holds.
+#[must_use]
+pub fn flows_per_frame(max_frame: usize) -> usize {
+    // A socket address: a tag, 16 bytes and a port at most (20); a flow is two.
+    (max_frame.saturating_sub(FRAME_OVERHEAD) / 40).max(1)
 }
 
 /// At most this many clients are named in an `Outcome` query (the origin's rules for a
@@ -470,7 +507,12 @@ mod tests {
             (any::<u64>(), ip.clone(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, svc, clients)| Request::HandBack {
                 id,
                 services: vec![SocketAddr::new(svc, 80)],
-                clients
+                clients,
+                live: vec![SocketAddr::new(svc, 80)],
+            }),
+            (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u16>()), 0..20)).prop_map(|(id, f)| Request::Frozen {
+                id,
+                flows: f.into_iter().map(|(c, port)| Flow { client: SocketAddr::new(c, port), service: SocketAddr::new(c, 80) }).collect()
             }),
             (any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, clients)| Request::GiveBack { id, clients }),
             (any::<u64>(), ip.clone(), any::<u16>(), any::<u64>()).prop_map(|(id, svc, port, token)| Request::Probe { id, service: SocketAddr::new(svc, 80), port, token }),
@@ -505,6 +547,10 @@ mod tests {
                 id,
                 service: SocketAddr::new(svc, 80),
                 sessions: l.into_iter().map(|(client, len)| ListedSession { client, len }).collect()
+            }),
+            (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u16>()), 0..20)).prop_map(|(id, f)| Answer::Freeze {
+                id,
+                flows: f.into_iter().map(|(c, port)| Flow { client: SocketAddr::new(c, port), service: SocketAddr::new(c, 80) }).collect()
             }),
             (any::<u64>(), ip, proptest::collection::vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(|(id, svc, sets)| Answer::Sealed {
                 id,
@@ -633,9 +679,14 @@ mod tests {
             for g in groups {
                 let back = Frame::from(Answer::Returning { id: u64::MAX, clients: g.iter().map(|a| MovedClient { addr: *a, connections: u64::MAX }).collect() });
                 assert!(back.encode().len() <= max_frame, "{max_frame}: a Returning of {} clients is {} bytes", g.len(), back.encode().len());
-                assert!(Frame::from(Request::HandBack { id: u64::MAX, services: services.clone(), clients: g.clone() }).encode().len() <= max_frame);
+                assert!(Frame::from(Request::HandBack { id: u64::MAX, services: services.clone(), clients: g.clone(), live: services.clone() }).encode().len() <= max_frame);
                 assert!(Frame::from(Request::GiveBack { id: u64::MAX, clients: g }).encode().len() <= max_frame);
             }
+            // As many flows as a frame holds, of the longest addresses.
+            let flow = Flow { client: SocketAddr::new(v6(u32::MAX), u16::MAX), service: SocketAddr::new(v6(u32::MAX - 1), u16::MAX) };
+            let flows = vec![flow; flows_per_frame(max_frame)];
+            assert!(Frame::from(Answer::Freeze { id: u64::MAX, flows: flows.clone() }).encode().len() <= max_frame);
+            assert!(Frame::from(Request::Frozen { id: u64::MAX, flows }).encode().len() <= max_frame);
         }
     }
 

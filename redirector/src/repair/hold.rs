@@ -3,9 +3,11 @@
 //! its retransmission timeout (200 ms or more, and its tail-loss probe is dropped too when
 //! the freeze lasts). So while the flows are frozen, a packet socket on the uplink copies
 //! their packets (it sees them before the classifier: taps come first), and once the
-//! restored socket is live they go to it through the tunnel, as the classifier would have
-//! sent them, their TCP checksums set (a copy may carry the partial one its sender's offload
-//! left). Duplicates of what the dump already held are harmless (TCP drops them).
+//! socket that takes the connection over is live they go to it: through the tunnel, as the
+//! classifier would have sent them, when it is on another host ([`replay`]); to this host's own
+//! stack when it is here ([`deliver`]: a connection that came home, or resumed after a move
+//! that failed). Their TCP checksums are set (a copy may carry the partial one its sender's
+//! offload left). Duplicates of what the dump already held are harmless (TCP drops them).
 
 use std::{
     io,
@@ -102,6 +104,12 @@ impl Hold {
         Ok(())
     }
 
+    /// The flows whose packets it keeps.
+    #[must_use]
+    pub fn flows(&self) -> &[(SocketAddr, SocketAddr)] {
+        &self.flows
+    }
+
     /// The packets of the flows copied so far (whole IP packets, in arrival order).
     ///
     /// # Errors
@@ -129,7 +137,8 @@ impl Hold {
 }
 
 /// The (client, service) of a TCP packet, from its IP header on.
-fn flow_of(p: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+#[must_use]
+pub fn flow_of(p: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     let port = |b: &[u8], at: usize| Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]));
     match p.first()? >> 4 {
         4 => {
@@ -160,6 +169,36 @@ pub fn replay(packets: &[Vec<u8>], tunnel_src: IpAddr, target: IpAddr) -> io::Re
         tunnel.send(p)?;
     }
     Ok(packets.len())
+}
+
+/// Delivers `packets` (whole IP packets, each to an address of this host) to this host's own
+/// stack, as if they had just arrived: the kept packets of connections restored here. A raw
+/// socket's packet to a local address loops back and is received like any other, to the
+/// socket of its 4-tuple. Returns how many went.
+///
+/// # Errors
+/// The raw socket could not be made (`CAP_NET_RAW`), or a send failed.
+pub fn deliver(packets: &[Vec<u8>]) -> io::Result<usize> {
+    let mut sockets: [Option<OwnedFd>; 2] = [None, None];
+    let mut sent = 0;
+    for p in packets {
+        let Some((_, to)) = flow_of(p) else { continue };
+        let slot = usize::from(to.is_ipv6());
+        let fd = match &mut sockets[slot] {
+            Some(fd) => fd,
+            empty => {
+                let domain = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+                // IPPROTO_RAW: the packet brings its own IP header (both families).
+                let fd = sockopt::socket(domain, libc::SOCK_RAW, libc::IPPROTO_RAW).map_err(|e| io::Error::new(e.kind(), format!("opening a raw socket (CAP_NET_RAW): {e}")))?;
+                empty.insert(fd)
+            }
+        };
+        let dst = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(to.ip(), 0));
+        nix::sys::socket::sendto(fd.as_raw_fd(), p, &dst, nix::sys::socket::MsgFlags::empty())
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("delivering a kept packet to {to}: {e}")))?;
+        sent += 1;
+    }
+    Ok(sent)
 }
 
 #[cfg(test)]

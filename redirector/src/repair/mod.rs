@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     dump::{address, discard, dump, resume},
-    hold::{Hold, replay},
+    hold::{Hold, deliver, flow_of, replay},
     restore::{Restored, restore},
 };
 

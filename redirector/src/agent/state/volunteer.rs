@@ -118,6 +118,8 @@ pub enum Streamed {
     Connections(SocketAddr, Vec<crate::peer::MovedConnection>),
     /// Every session was sent: their count and digest per service.
     Sealed(Vec<SessionSet>),
+    /// A hand-back's open connections, to freeze before the volunteer dumps them.
+    Freeze(Vec<crate::peer::Flow>),
     /// The sender gave up, for this reason.
     Abort(String),
 }

@@ -1,0 +1,245 @@
+//! Connections coming home with their clients (a hand-back). The volunteer's applications
+//! hand them over with their export; the volunteer names their flows right after `Returning`
+//! (`Freeze`); the origin, whose classifier sees their packets first, freezes them (keeping
+//! copies) and says which (`Frozen`); the volunteer dumps those and sends them after the
+//! sessions (`Answer::Connections`, counted in `Sealed`); the origin restores them before it
+//! withdraws its rules. Committed (the rules withdrawn), the origin takes them live, gives them
+//! the kept packets (to its own stack) and thaws the flows; the volunteer closes its dumped
+//! sockets without a word. Aborted, the restored sockets close, the kept packets go on to the
+//! volunteer through the tunnel, and its dumped sockets resume.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::{Flow, Freeze, Leaving, Opening, RestoredConn, arrive::go_live, deliver_here};
+use crate::{
+    agent::Agent,
+    app::{AppConnection, Exported},
+    peer::{self, Answer, NodeName, Request},
+};
+
+/// The connections of a hand-back, on the origin: their flows frozen here, then restored.
+#[derive(Default)]
+pub(in crate::agent) struct Homecoming {
+    freeze: Freeze,
+    restored: Vec<RestoredConn>,
+    /// Kept packets of the restored flows, taken when the other frozen flows were let go.
+    kept: Vec<Vec<u8>>,
+}
+
+fn wire(f: &Flow) -> peer::Flow {
+    peer::Flow { client: f.0, service: f.1 }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+impl Agent {
+    /// Volunteer, hand-back `id` of origin `from`: the connections the applications handed over
+    /// with `exports` are kept (to end with the hand-back); the origin is asked to freeze
+    /// those that may move (`Freeze` on `reply`), and those it froze (`Frozen`) are dumped.
+    /// An error: why the hand-back is refused (the connections end with it, given back).
+    pub(in crate::agent) async fn leave_home(
+        self: &Arc<Self>,
+        from: &str,
+        id: u64,
+        handoff: &str,
+        exports: &mut [(SocketAddr, Exported)],
+        reply: &mpsc::Sender<Answer>,
+    ) -> Result<(), String> {
+        let leaving = Leaving::take(exports);
+        let mut flows = if leaving.is_empty() { Vec::new() } else { leaving.flows(handoff) };
+        let most = peer::flows_per_frame(self.cfg.max_frame);
+        if flows.len() > most {
+            warn!(origin = %from, handoff, connections = flows.len(), most, "more open connections than a frame names: the others stay");
+            flows.truncate(most);
+        }
+        let key = (NodeName::from(from), id);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending();
+            p.leaving.insert(key.clone(), leaving);
+            if !flows.is_empty() {
+                p.freezing.insert(key.clone(), tx);
+            }
+        }
+        let sent = reply.send_timeout(Answer::Freeze { id, flows: flows.iter().map(wire).collect() }, self.send_deadline()).await;
+        if sent.is_err() {
+            self.pending().freezing.remove(&key);
+            return Err("the link to the origin is gone or stuck".into());
+        }
+        if flows.is_empty() {
+            return Ok(());
+        }
+        let wait = Duration::from_millis(self.cfg.negotiate_timeout_ms);
+        let frozen = tokio::time::timeout(wait, rx).await;
+        self.pending().freezing.remove(&key);
+        let frozen: Vec<Flow> = match frozen {
+            Ok(Ok(f)) => f.into_iter().filter(|f| flows.contains(f)).collect(),
+            Ok(Err(_)) => return Err("the hand-back ended while its connections were to freeze".into()),
+            Err(_) => return Err(format!("the origin did not freeze the connections within {} ms", wait.as_millis())),
+        };
+        // Aborted meanwhile: the connections went back to the applications already.
+        let mut p = self.pending();
+        let Some(l) = p.leaving.get_mut(&key) else { return Err("the hand-back ended while its connections were to freeze".into()) };
+        let t0 = std::time::Instant::now();
+        let failed = l.dump(&frozen, handoff);
+        info!(origin = %from, handoff, connections = frozen.len() - failed.len(), dump_us = t0.elapsed().as_micros(), "connections going home dumped");
+        Ok(())
+    }
+
+    /// Volunteer: sends the dumped connections of hand-back (`from`, `id`) to the origin
+    /// (`Connections` on `reply`), with the blobs the applications sent after the sessions of
+    /// `exports`; adds their counts to `sets`.
+    pub(in crate::agent) async fn send_home(
+        self: &Arc<Self>,
+        from: &str,
+        id: u64,
+        exports: &mut [(SocketAddr, Exported)],
+        reply: &mpsc::Sender<Answer>,
+        sets: &mut Vec<peer::SessionSet>,
+    ) -> Result<(), String> {
+        let key = (NodeName::from(from), id);
+        if !self.pending().leaving.contains_key(&key) {
+            return Ok(());
+        }
+        let blobs = super::blobs(exports).await.map_err(|e| format!("{e:#}"))?;
+        let (frames, counts) = {
+            let mut p = self.pending();
+            let Some(l) = p.leaving.get_mut(&key) else { return Err("the hand-back ended while its connections were on their way".into()) };
+            // One too big for a frame stays (its flow thaws on the origin, which sees it missing).
+            let (frames, _) = l.frames(blobs, self.cfg.max_frame);
+            (frames, l.counts())
+        };
+        for (service, list) in frames {
+            for connections in list {
+                reply
+                    .send_timeout(Answer::Connections { id, service, connections }, self.send_deadline())
+                    .await
+                    .map_err(|_| "the link to the origin is gone or stuck".to_string())?;
+            }
+        }
+        super::count_into(sets, counts);
+        Ok(())
+    }
+
+    /// Volunteer: the origin froze `flows` of hand-back (`from`, `id`).
+    pub(in crate::agent) fn frozen_for(&self, from: &str, id: u64, flows: Vec<peer::Flow>) {
+        let waiter = self.pending().freezing.remove(&(NodeName::from(from), id));
+        if let Some(tx) = waiter {
+            drop(tx.send(flows.into_iter().map(|f| (canonical(f.client), canonical(f.service))).collect()));
+        } else {
+            info!(origin = %from, id, "the origin froze the connections of a hand-back that is not waiting for it (it ended)");
+        }
+    }
+
+    /// Volunteer: ends the connections' side of hand-back (`from`, `id`): committed, the dumped
+    /// ones close without a word (they live at the origin); aborted, they go on here. Returns
+    /// the connections for the applications with the outcome, per local service.
+    pub(in crate::agent) fn end_leaving(&self, from: &str, id: u64, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
+        let leaving = self.pending().leaving.remove(&(NodeName::from(from), id));
+        let Some(l) = leaving else { return HashMap::new() };
+        let (back, moved) = l.end(committed);
+        if moved > 0 {
+            info!(origin = %from, id, connections = moved, "connections went home");
+        }
+        back
+    }
+
+    /// Origin, hand-back `id` from `name`: freezes the `flows` the volunteer named (of its
+    /// clients and services that move connections: `of`), their packets kept by the copies
+    /// `opening` opens, and tells it which (`Frozen`). An error: why the hand-back aborts.
+    pub(in crate::agent) async fn freeze_home(
+        self: &Arc<Self>,
+        (name, id, handoff): (&str, u64, &str),
+        flows: Vec<peer::Flow>,
+        of: (&HashSet<IpAddr>, &[SocketAddr]),
+        opening: Option<Opening>,
+    ) -> Result<Homecoming, String> {
+        let (clients, live) = of;
+        let flows: Vec<Flow> = flows.into_iter().map(|f| (canonical(f.client), canonical(f.service))).collect();
+        if let Some(f) = flows.iter().find(|f| !clients.contains(&f.0.ip()) || !live.contains(&f.1)) {
+            if let Some(o) = opening {
+                super::discard(o);
+            }
+            return Err(format!("the volunteer names a connection {} -> {} that is not of these clients and services", f.0, f.1));
+        }
+        let freeze = self.freeze(flows, opening, handoff).await;
+        let frozen: Vec<peer::Flow> = freeze.flows.iter().map(wire).collect();
+        let n = frozen.len();
+        let home = Homecoming { freeze, ..Homecoming::default() };
+        if !frozen.is_empty() {
+            self.send_to(name, Request::Frozen { id, flows: frozen }).await.map_err(|e| format!("telling the volunteer the connections are frozen: {e:#}"))?;
+            info!(sibling = %name, handoff, connections = n, "connections coming home frozen");
+        }
+        Ok(home)
+    }
+
+    /// Origin: the connections of hand-back `home` arrived and were `restored`: each must be
+    /// of a frozen flow. The frozen flows none came for go on at the volunteer: what was kept
+    /// of them goes there, and they thaw.
+    pub(in crate::agent) async fn arrived_home(self: &Arc<Self>, name: &str, home: &mut Homecoming, restored: Vec<RestoredConn>) -> Result<(), String> {
+        if let Some(r) = restored.iter().find(|r| !home.freeze.flows.contains(&r.flow)) {
+            return Err(format!("the volunteer sent a connection {} -> {} that was not frozen", r.flow.0, r.flow.1));
+        }
+        let here: HashSet<Flow> = restored.iter().map(|r| r.flow).collect();
+        home.restored = restored;
+        let stay: Vec<Flow> = home.freeze.flows.iter().copied().filter(|f| !here.contains(f)).collect();
+        if stay.is_empty() {
+            return Ok(());
+        }
+        let mut there = Vec::new();
+        for h in &mut home.freeze.holds {
+            match h.take() {
+                Ok(packets) => {
+                    for p in packets {
+                        if crate::repair::flow_of(&p).is_some_and(|f| here.contains(&(canonical(f.0), canonical(f.1)))) {
+                            home.kept.push(p);
+                        } else {
+                            there.push(p);
+                        }
+                    }
+                }
+                Err(e) => warn!(sibling = %name, "reading the kept packets of moving connections: {e}"),
+            }
+            let mine: Vec<Flow> = h.flows().iter().copied().filter(|f| here.contains(f)).collect();
+            let _ = h.watch(&mine);
+        }
+        self.replay_to(name, there);
+        home.freeze.flows.retain(|f| here.contains(f));
+        info!(sibling = %name, connections = stay.len(), "frozen connections that did not come home go on at the volunteer");
+        self.thaw(stay).await;
+        Ok(())
+    }
+
+    /// Origin: ends the connections' side of hand-back `home` with `name`: committed (the
+    /// rules withdrawn), the restored connections go live here and get their kept packets;
+    /// aborted, they close without a word and the kept packets go on to the volunteer. Returns
+    /// the connections for the applications with the commit, per service.
+    pub(in crate::agent) async fn end_homecoming(self: &Arc<Self>, name: &str, id: u64, home: Homecoming, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
+        let Homecoming { freeze, restored, kept } = home;
+        let mut given: HashMap<SocketAddr, Vec<AppConnection>> = HashMap::new();
+        let n = restored.len();
+        let sent = if committed {
+            for (local, c) in go_live(restored, name, id) {
+                given.entry(local).or_default().push(c);
+            }
+            deliver_here(&kept) + self.let_go(freeze, |p| deliver_here(&p)).await
+        } else {
+            drop(restored);
+            self.replay_to(name, kept) + self.let_go(freeze, |p| self.replay_to(name, p)).await
+        };
+        if n > 0 {
+            info!(sibling = %name, id, connections = n, committed, kept_packets = sent, "connections of a hand-back settled");
+        }
+        given
+    }
+}

@@ -1,0 +1,129 @@
+//! The origin's side of connections moving out to a volunteer: after the export, the
+//! connections handed over are frozen and dumped; their dumps go after the sessions
+//! (`Connections`), counted in `Sealed`. Committed (the rules are in), the dumped sockets close
+//! without a word, the volunteer takes its restored ones live (`Live`), the kept packets go to
+//! them through the tunnel and the flows thaw (from then the classifier forwards their packets,
+//! as the origin has no socket for them). Aborted, the dumped sockets resume, the kept packets
+//! go to them, and the flows thaw.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use super::{Freeze, Leaving, Opening, deliver_here};
+use crate::{
+    agent::Agent,
+    app::{AppConnection, Exported},
+    peer::{Answer, Request},
+};
+
+/// How long the origin waits for the volunteer to take the connections live before it lets
+/// their packets through anyway.
+const LIVE_WAIT: Duration = Duration::from_secs(2);
+
+/// The connections of a hand-over out, on the origin, from the export to its end.
+#[derive(Default)]
+pub(in crate::agent) struct Moving {
+    leaving: Leaving,
+    freeze: Freeze,
+}
+
+impl Moving {
+    pub(in crate::agent) fn is_empty(&self) -> bool {
+        self.leaving.is_empty()
+    }
+}
+
+impl Agent {
+    /// Takes the connections the applications handed over with their exports; those that may
+    /// move are frozen (their packets kept by the copies `opening` opens), then dumped.
+    pub(in crate::agent) async fn freeze_connections(self: &Arc<Self>, exports: &mut [(SocketAddr, Exported)], handoff: &str, opening: Option<Opening>) -> Moving {
+        let leaving = Leaving::take(exports);
+        let t0 = Instant::now();
+        let flows = if leaving.is_empty() { Vec::new() } else { leaving.flows(handoff) };
+        let freeze = self.freeze(flows, opening, handoff).await;
+        let mut m = Moving { leaving, freeze };
+        if m.leaving.is_empty() {
+            return m;
+        }
+        let t_frozen = t0.elapsed();
+        let failed = m.leaving.dump(&m.freeze.flows, handoff);
+        self.unfreeze(&mut m.freeze, failed).await;
+        info!(
+            handoff,
+            connections = m.freeze.flows.len(),
+            handed_over = m.leaving.conns.len(),
+            dump_us = t0.elapsed().as_micros(),
+            frozen_us = t_frozen.as_micros(),
+            "connections frozen and dumped"
+        );
+        m
+    }
+
+    /// Thaws `flows` of freeze `f` now (their connections do not move).
+    async fn unfreeze(self: &Arc<Self>, f: &mut Freeze, flows: Vec<crate::agent::live::Flow>) {
+        if !flows.is_empty() {
+            f.flows.retain(|x| !flows.contains(x));
+            self.thaw(flows).await;
+        }
+    }
+
+    /// Sends the moving connections to volunteer `name` (`Connections` of transfer `id`), with
+    /// the blobs their applications sent after the sessions. Returns how many of each service
+    /// went.
+    pub(in crate::agent) async fn send_connections(
+        self: &Arc<Self>,
+        name: &str,
+        id: u64,
+        moving: &mut Moving,
+        exports: &mut [(SocketAddr, Exported)],
+    ) -> anyhow::Result<HashMap<SocketAddr, u64>> {
+        let blobs = super::blobs(exports).await?;
+        let (frames, thaw) = moving.leaving.frames(blobs, self.cfg.max_frame);
+        self.unfreeze(&mut moving.freeze, thaw).await;
+        for (service, list) in frames {
+            for connections in list {
+                self.send_to(name, Request::Connections { id, service, connections }).await?;
+            }
+        }
+        Ok(moving.leaving.counts())
+    }
+
+    /// Ends the move of hand-over `id` with `name` on the origin: committed, the connections
+    /// go live on the volunteer and their packets follow; aborted, they go on here. Returns
+    /// the connections to give the applications with the outcome, per service.
+    pub(in crate::agent) async fn end_moving(self: &Arc<Self>, name: &str, id: u64, moving: Moving, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
+        let Moving { leaving, freeze } = moving;
+        let t0 = Instant::now();
+        let frozen = !freeze.flows.is_empty();
+        let (back, moved) = leaving.end(committed);
+        let mut live = None;
+        if committed && moved > 0 {
+            let req = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            live = Some(match self.ask(name, Request::Live { id: req, handoff: id }, req, LIVE_WAIT).await {
+                Ok(Answer::Live { live, .. }) => Ok(live),
+                Ok(other) => Err(format!("unexpected answer: {}", other.what())),
+                Err(e) => Err(format!("{e:#}")),
+            });
+        }
+        let t_live = t0.elapsed();
+        // The packets kept meanwhile: to the new sockets (committed) or to the resumed ones here.
+        let replayed = if committed { self.let_go(freeze, |p| self.replay_to(name, p)).await } else { self.let_go(freeze, |p| deliver_here(&p)).await };
+        match live {
+            Some(Ok(n)) => {
+                info!(sibling = %name, id, connections = moved, live = n, replayed, live_ms = t_live.as_secs_f64() * 1e3, done_ms = t0.elapsed().as_secs_f64() * 1e3, "connections moved live");
+            }
+            Some(Err(e)) => warn!(sibling = %name, id, connections = moved, "the volunteer did not say the moved connections are live ({e}); their packets go to it anyway"),
+            None if frozen => {
+                info!(sibling = %name, id, connections = back.values().map(Vec::len).sum::<usize>(), "the hand-over did not commit: its connections go on here");
+            }
+            None => {}
+        }
+        back
+    }
+}
