@@ -18,10 +18,11 @@ use redirector_common::{
 use crate::{
     adopted::is_adopted,
     counters::count_extra,
+    frozen,
     hdr::{self, ETH_LEN, IP4_LEN, IP6_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IcmpHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr},
     packet::{ptr_at, subprogram_ctx},
     services::{service_at_v4, service_at_v6},
-    verdict::{Error, Verdict, pass},
+    verdict::{Error, Verdict, drop, pass},
 };
 
 /// The configured siblings: the only outer sources whose tunnelled packets are accepted.
@@ -60,6 +61,11 @@ pub fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         // Past `COUNTERS`: counted here (see `counters::count_extra`).
         count_extra(Counter::DroppedSpoofed);
         return Err(Error::Spoofed);
+    }
+    // A connection going back to its origin, frozen here too (`frozen`).
+    if client.is_some() && frozen::any() && if v6 { frozen::frozen_v6_at(skb, ETH_LEN + outer_len) } else { frozen::frozen_v4_at(skb, ETH_LEN + outer_len) } {
+        count_extra(Counter::DroppedFrozen);
+        return Ok(drop(Counter::DroppedFrozen));
     }
     ctx.adjust_room(-(outer_len as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | flags)).map_err(|_| Error::BadTunnel)?;
     Ok(pass(Counter::Decapsulated))

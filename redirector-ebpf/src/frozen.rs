@@ -1,9 +1,12 @@
-//! Flows frozen on the origin while their connections move to another host: their packets
-//! are dropped until the move is decided, because a socket being dumped still acknowledges
-//! what arrives, and what it acknowledged would be lost with it (the origin keeps copies and
-//! replays them). A hand-over freezes its clients' connections before its rules exist (the
-//! rules are its commit point, at its end), so every packet to a service is looked at: one
-//! array read while no flow is frozen, a hash lookup while any is.
+//! Flows frozen while their connections move to another host: their packets are dropped until
+//! the move is decided, because a socket being dumped still acknowledges what arrives, and what
+//! it acknowledged would be lost with it. The origin freezes them as they arrive from clients
+//! (and keeps copies, which it replays); a volunteer giving connections back freezes them as
+//! they come out of the tunnel too, for a packet the origin forwarded just before its own
+//! freeze may arrive after the origin said it froze them. A hand-over freezes its clients'
+//! connections before its rules exist (the rules are its commit point, at its end), so every
+//! packet to a service is looked at: one array read while no flow is frozen, a hash lookup
+//! while any is.
 
 use aya_ebpf::{
     bindings::__sk_buff,
@@ -48,18 +51,31 @@ fn holds(key: &FlowKey) -> bool {
 /// Whether this IPv4 TCP packet (headers checked by the caller) belongs to a frozen flow.
 #[inline(never)]
 pub fn frozen_v4(skb: *mut __sk_buff) -> bool {
-    let ctx = &subprogram_ctx(skb);
-    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, ETH_LEN), ptr_at::<TcpHdr>(ctx, ETH_LEN + IP4_LEN)) else { return false };
-    // SAFETY: bounds checked by ptr_at.
-    let key = unsafe { FlowKey { client: v4_mapped((*ip).src), service: v4_mapped((*ip).dst), client_port: (*tcp).sport, service_port: (*tcp).dport } };
-    holds(&key)
+    frozen_v4_at(skb, ETH_LEN)
 }
 
 /// [`frozen_v4`] for IPv6.
 #[inline(never)]
 pub fn frozen_v6(skb: *mut __sk_buff) -> bool {
+    frozen_v6_at(skb, ETH_LEN)
+}
+
+/// Whether the IPv4 TCP packet inside a tunnelled one (its IP header at `off`, checked by the
+/// caller) belongs to a frozen flow.
+#[inline(never)]
+pub fn frozen_v4_at(skb: *mut __sk_buff, off: usize) -> bool {
     let ctx = &subprogram_ctx(skb);
-    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv6Hdr>(ctx, ETH_LEN), ptr_at::<TcpHdr>(ctx, ETH_LEN + IP6_LEN)) else { return false };
+    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, off), ptr_at::<TcpHdr>(ctx, off + IP4_LEN)) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let key = unsafe { FlowKey { client: v4_mapped((*ip).src), service: v4_mapped((*ip).dst), client_port: (*tcp).sport, service_port: (*tcp).dport } };
+    holds(&key)
+}
+
+/// [`frozen_v4_at`] for IPv6.
+#[inline(never)]
+pub fn frozen_v6_at(skb: *mut __sk_buff, off: usize) -> bool {
+    let ctx = &subprogram_ctx(skb);
+    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv6Hdr>(ctx, off), ptr_at::<TcpHdr>(ctx, off + IP6_LEN)) else { return false };
     // SAFETY: bounds checked by ptr_at.
     let key = unsafe { FlowKey { client: (*ip).src, service: (*ip).dst, client_port: (*tcp).sport, service_port: (*tcp).dport } };
     holds(&key)

@@ -743,6 +743,34 @@ fn frozen_flows_are_dropped_until_thawed_or_their_freeze_ends() {
     });
 }
 
+/// A volunteer giving connections back freezes them too, as they come out of the tunnel: a
+/// tunnelled segment of a frozen flow is dropped (a packet the origin forwarded just before its
+/// own freeze must not reach the socket being dumped), other ports of the client are not;
+/// thawed, it is decapsulated again. Both families.
+#[test]
+fn tunnelled_segments_of_frozen_flows_are_dropped_until_thawed() {
+    with_datapath(|dp| {
+        dp.add_sibling(IpAddr::V4(CTL4), "lo").expect("sibling v4");
+        dp.add_sibling(IpAddr::V6(CTL6), "lo").expect("sibling v6");
+        dp.adopt((IpAddr::V4(ADOPTED4), 80), "lo", None, Some(1500)).expect("adopt v4");
+        dp.adopt((IpAddr::V6(ADOPTED6), 80), "lo", None, Some(1500)).expect("adopt v6");
+        let seg4 = |port: u16| packets::encap4(CTL4, TGT4, &Pkt::tcp(Ip::V4(CLIENT4, ADOPTED4), port, 80, packets::ACK).build());
+        let seg6 = |port: u16| packets::encap6(CTL6, TGT6, &Pkt::tcp(Ip::V6(CLIENT6, ADOPTED6), port, 80, packets::ACK).build());
+        let flows = [
+            (SocketAddr::new(IpAddr::V4(CLIENT4), 45_000), SocketAddr::new(IpAddr::V4(ADOPTED4), 80)),
+            (SocketAddr::new(IpAddr::V6(CLIENT6), 45_000), SocketAddr::new(IpAddr::V6(ADOPTED6), 80)),
+        ];
+        dp.freeze(&flows, Duration::from_secs(60)).expect("freeze");
+        expect(dp, &seg4(45_000), TC_ACT_SHOT, "dropped-frozen");
+        expect(dp, &seg6(45_000), TC_ACT_SHOT, "dropped-frozen");
+        expect(dp, &seg4(45_001), TCX_NEXT, "decapsulated");
+        expect(dp, &seg6(45_001), TCX_NEXT, "decapsulated");
+        dp.thaw(&flows).expect("thaw");
+        expect(dp, &seg4(45_000), TCX_NEXT, "decapsulated");
+        expect(dp, &seg6(45_000), TCX_NEXT, "decapsulated");
+    });
+}
+
 /// An origin's own service whose connections may move live announces an MSS that fits the
 /// tunnel in its SYN-ACKs; without that, its SYN-ACKs are untouched.
 #[test]

@@ -162,6 +162,11 @@ fn comes_home(kind: DemoApp, v6: bool) {
     std::thread::sleep(Duration::from_secs(1));
     let clients = crowd.stop();
     assert_one_connection_each(&c, &clients);
+    if clients.iter().any(|cl| home.contains(&cl.src) && cl.last_server.as_deref() != Some("A")) {
+        for n in ["a", "b"] {
+            eprintln!("--- agent {n} ---\n{}\n--- app {n} ---\n{}", c.log(n), c.app_log(n));
+        }
+    }
     for cl in clients.iter().filter(|cl| home.contains(&cl.src)) {
         assert!(
             cl.servers.contains_key("B") && cl.last_server.as_deref() == Some("A"),

@@ -31,6 +31,9 @@
 //! here, or given back) are served as if just accepted. A connection's thread waits for its
 //! next request with `poll(2)`, which reads nothing: only once it holds the store's lock and
 //! finds the connection still its own does it read, so a hand-over never loses a byte.
+//!
+//! `GET /download/N` answers N bytes of a fixed pattern ([`download`]); a download moves in
+//! the middle with its connection.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -43,6 +46,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+mod download;
 
 use redirector_sdk::{Connection, Hook, Sessions, Version};
 use serde_json::json;
@@ -97,6 +102,8 @@ struct Conn {
     gone: Arc<AtomicBool>,
     /// Wakes its thread waiting for the next request (an eventfd).
     wake: Arc<OwnedFd>,
+    /// A hand-over asks its download to stop where it is (and go with the connection).
+    pause: Arc<AtomicBool>,
     /// Its thread let go of its copies of the socket.
     released: Arc<AtomicBool>,
 }
@@ -201,6 +208,11 @@ impl Sessions for Store {
         // (its client is frozen): waited for, a little.
         let deadline = Instant::now() + HAND_OVER_WAIT;
         let mut map = self.clients.lock().expect("lock");
+        // A download stops between two writes and goes in the middle (its thread sees this).
+        for k in clients.iter().filter_map(|c| map.get(c)).flat_map(|cl| cl.conns.values()).filter(|k| k.busy && k.waiting.is_none()) {
+            k.pause.store(true, Ordering::SeqCst);
+            wake(&k.wake);
+        }
         let in_between = |map: &HashMap<IpAddr, Client>| clients.iter().filter_map(|c| map.get(c)).flat_map(|cl| cl.conns.values()).any(|k| k.busy && k.waiting.is_none());
         while in_between(&map) && Instant::now() < deadline {
             map = self.changed.wait_timeout(map, Duration::from_millis(5)).expect("lock").0;
@@ -267,6 +279,8 @@ const TICK: Duration = Duration::from_millis(50);
 struct Request {
     /// The connection stays open after the answer.
     keep_alive: bool,
+    /// A download of this many bytes (`GET /download/N`, [`download`]).
+    download: Option<u64>,
 }
 
 /// How waiting for a connection's next request ended.
@@ -328,19 +342,19 @@ fn socket(r: &Input) -> &TcpStream {
     r.get_ref().get_ref().1
 }
 
-/// Whether any of `fds` has something to read (or its end, or an error) within `wait`,
-/// reading nothing.
-fn readable(fds: &[std::os::fd::RawFd], wait: Duration) -> std::io::Result<bool> {
-    let mut p: Vec<libc::pollfd> = fds.iter().map(|fd| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
+/// Which of `fds` (at most 32) have something to read (or their end, or an error) within
+/// `wait`, as a mask (bit `i`: `fds[i]`), reading nothing.
+fn readable(fds: &[std::os::fd::RawFd], wait: Duration) -> std::io::Result<u32> {
+    let mut p: Vec<libc::pollfd> = fds.iter().take(32).map(|fd| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
     let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
     let n = libc::nfds_t::try_from(p.len()).unwrap_or(libc::nfds_t::MAX);
     // SAFETY: `n` valid pollfds, borrowed for the call only.
     match unsafe { libc::poll(p.as_mut_ptr(), n, ms) } {
-        n if n > 0 => Ok(true),
-        0 => Ok(false),
+        n if n > 0 => Ok(p.iter().enumerate().filter(|(_, x)| x.revents != 0).fold(0, |m, (i, _)| m | (1 << i))),
+        0 => Ok(0),
         _ => {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) }
+            if e.kind() == std::io::ErrorKind::Interrupted { Ok(0) } else { Err(e) }
         }
     }
 }
@@ -363,6 +377,13 @@ fn wake(fd: &OwnedFd) {
     let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
 }
 
+/// Takes a wake-up of `fd` ([`eventfd`]), so that the next wait waits again.
+fn drain(fd: &OwnedFd) {
+    let mut v = [0u8; 8];
+    // SAFETY: eight writable bytes; the eventfd is non-blocking (nothing to take: an error).
+    let _ = unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+}
+
 /// Reads one request (its head, and a `Content-Length` body, which is ignored); None at end
 /// of stream or on an error.
 fn read_request(r: &mut impl BufRead) -> Option<Request> {
@@ -381,6 +402,7 @@ fn read_request(r: &mut impl BufRead) -> Option<Request> {
         return None;
     }
     let version = line.trim_end().rsplit(' ').next().unwrap_or_default().to_ascii_uppercase();
+    let download = line.split(' ').nth(1).and_then(download::requested);
     let (mut close, mut keep, mut length, mut chunked) = (false, false, 0u64, false);
     loop {
         line.clear();
@@ -414,7 +436,7 @@ fn read_request(r: &mut impl BufRead) -> Option<Request> {
         Some(minor) => minor.parse::<u32>().is_ok(),
         None => false,
     };
-    Some(Request { keep_alive: persistent && !close && !chunked })
+    Some(Request { keep_alive: persistent && !close && !chunked, download })
 }
 
 /// Closes a connection the server is done with, first: sends its FIN, then reads (and
@@ -474,9 +496,21 @@ struct Served {
     client: IpAddr,
     gone: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
+    pause: Arc<AtomicBool>,
     released: Arc<AtomicBool>,
     r: Input,
     w: TcpStream,
+    /// A download it came in the middle of (adopted), to finish first.
+    resume: Option<download::Resume>,
+}
+
+/// How a download (or the rest of one) went.
+enum Sent {
+    All,
+    /// The connection went with a hand-over, in the middle.
+    HandedOver,
+    /// The client went away.
+    Failed,
 }
 
 impl Store {
@@ -507,26 +541,28 @@ impl Store {
         }
     }
 
-    /// Puts a connection of `client` in the store, `before` being what was read of it already
-    /// (an adopted connection's blob). `accepted`: a new connection of the client (it came
-    /// here, so its session is not elsewhere).
-    fn enlist(&self, client: IpAddr, stream: TcpStream, before: Vec<u8>, accepted: bool) -> Option<Served> {
+    /// Puts a connection of `client` in the store, `blob` saying what was read of it already
+    /// and any download it is in the middle of (an adopted connection's). `accepted`: a new
+    /// connection of the client (it came here, so its session is not elsewhere).
+    fn enlist(&self, client: IpAddr, stream: TcpStream, blob: Vec<u8>, accepted: bool) -> Option<Served> {
+        let (resume, before) = download::from_blob(blob);
         let _ = stream.set_nodelay(true);
         // A client that does not read never holds a thread (or the store) for long.
         let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
         let (kept, w) = (stream.try_clone().ok()?, stream.try_clone().ok()?);
         let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let gone = Arc::new(AtomicBool::new(false));
-        let (wake, released) = (Arc::new(eventfd().ok()?), Arc::new(AtomicBool::new(false)));
+        let (wake, released, pause) = (Arc::new(eventfd().ok()?), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         {
             let mut map = self.clients.lock().expect("lock");
             let cl = map.entry(client).or_default();
             if accepted {
                 cl.moved = false;
             }
-            cl.conns.insert(id, Conn { stream: kept, busy: !before.is_empty(), waiting: None, gone: gone.clone(), wake: wake.clone(), released: released.clone() });
+            let busy = resume.is_some() || !before.is_empty();
+            cl.conns.insert(id, Conn { stream: kept, busy, waiting: None, gone: gone.clone(), wake: wake.clone(), pause: pause.clone(), released: released.clone() });
         }
-        Some(Served { id, client, gone, wake, released, r: BufReader::new(Cursor::new(before).chain(stream)), w })
+        Some(Served { id, client, gone, wake, pause, released, r: BufReader::new(Cursor::new(before).chain(stream)), w, resume })
     }
 
     /// Waits for the connection's next request without reading it, then makes the connection
@@ -545,7 +581,13 @@ impl Store {
                     break;
                 }
                 // An error: the read that follows sees it.
-                if readable(&[socket(&c.r).as_raw_fd(), c.wake.as_raw_fd()], left.map_or(TICK, |l| l.min(TICK))).unwrap_or(true) {
+                // Woken (a hand-over asks, or a download's stop came late): look again whether
+                // the connection is still this thread's, still waiting for a request.
+                let ready = readable(&[socket(&c.r).as_raw_fd(), c.wake.as_raw_fd()], left.map_or(TICK, |l| l.min(TICK))).unwrap_or(1);
+                if ready & 2 != 0 {
+                    drain(&c.wake);
+                }
+                if ready & 1 != 0 {
                     break;
                 }
             }
@@ -560,74 +602,139 @@ impl Store {
         }
     }
 
-    fn serve(&self, mut c: Served) {
-        let (name, freeze_wait, client) = (self.name.as_str(), self.settings.freeze_wait, c.client);
-        let end = loop {
-            match self.next_request(&c) {
-                Next::Request => {}
-                Next::Idle => break End::First,
-                Next::HandedOver => break End::HandedOver,
+    /// Writes download `r` (from where it got) to `c`; a hand-over that wants the connection
+    /// stops it between two writes, and takes it with a blob that says how far it got (or,
+    /// should the hand-over end without it, the download goes on).
+    fn download(&self, c: &Served, r: download::Resume) -> Sent {
+        let mut r = r;
+        loop {
+            match download::write(&c.w, &c.wake, r.sent, r.total, || c.pause.load(Ordering::SeqCst) || c.gone.load(Ordering::SeqCst)) {
+                Err(_) => return Sent::Failed,
+                Ok(download::Wrote::All) => return Sent::All,
+                Ok(download::Wrote::Stopped(at)) => r.sent = at,
             }
-            let mut rec = Recorded { inner: &mut c.r, raw: Vec::new() };
-            let Some(request) = read_request(&mut rec) else { break End::Now };
-            let raw = rec.raw;
-            let reply = {
-                let mut map = self.clients.lock().expect("lock");
-                // Wait while the client is frozen by a hand-over (until it ends; the agent tells
-                // the outcome even across its own restarts, but the wait is bounded). Meanwhile
-                // the connection may go with the session, this request with it.
-                let deadline = Instant::now() + freeze_wait;
-                if map.get(&client).is_some_and(|c| c.frozen.is_some())
-                    && let Some(k) = map.get_mut(&client).and_then(|cl| cl.conns.get_mut(&c.id))
-                {
-                    k.waiting = Some([raw, unread(&c.r)].concat());
-                    self.changed.notify_all();
+            // Ready to go with the hand-over from here: what it wrote is in the socket's send
+            // queue (which moves with it), what it read ahead goes in the blob.
+            let mut map = self.clients.lock().expect("lock");
+            let Some(k) = map.get_mut(&c.client).and_then(|cl| cl.conns.get_mut(&c.id)) else { return Sent::HandedOver };
+            k.waiting = Some(download::blob(r, &unread(&c.r)));
+            self.changed.notify_all();
+            let deadline = Instant::now() + self.settings.freeze_wait;
+            while map.get(&c.client).is_some_and(|cl| cl.frozen.is_some()) && Instant::now() < deadline && !c.gone.load(Ordering::SeqCst) {
+                map = self.changed.wait_timeout(map, Duration::from_millis(50)).expect("lock").0;
+            }
+            if c.gone.load(Ordering::SeqCst) {
+                return Sent::HandedOver;
+            }
+            if let Some(k) = map.get_mut(&c.client).and_then(|cl| cl.conns.get_mut(&c.id)) {
+                k.waiting = None;
+            }
+            c.pause.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits for the connection's next request, reads it and answers it: whether the answer
+    /// went out, and whether the connection stays open; or how the connection ends.
+    fn answer_next(&self, c: &mut Served) -> Result<(bool, bool), End> {
+        let (name, freeze_wait, client) = (self.name.as_str(), self.settings.freeze_wait, c.client);
+        match self.next_request(c) {
+            Next::Request => {}
+            Next::Idle => return Err(End::First),
+            Next::HandedOver => return Err(End::HandedOver),
+        }
+        let mut rec = Recorded { inner: &mut c.r, raw: Vec::new() };
+        let Some(request) = read_request(&mut rec) else { return Err(End::Now) };
+        let raw = rec.raw;
+        let reply = {
+            let mut map = self.clients.lock().expect("lock");
+            // Wait while the client is frozen by a hand-over (until it ends; the agent tells
+            // the outcome even across its own restarts, but the wait is bounded). Meanwhile
+            // the connection may go with the session, this request with it.
+            let deadline = Instant::now() + freeze_wait;
+            if map.get(&client).is_some_and(|c| c.frozen.is_some())
+                && let Some(k) = map.get_mut(&client).and_then(|cl| cl.conns.get_mut(&c.id))
+            {
+                k.waiting = Some([raw, unread(&c.r)].concat());
+                self.changed.notify_all();
+            }
+            while map.get(&client).is_some_and(|c| c.frozen.is_some()) && Instant::now() < deadline && !c.gone.load(Ordering::SeqCst) {
+                map = self.changed.wait_timeout(map, Duration::from_millis(50)).expect("lock").0;
+            }
+            if c.gone.load(Ordering::SeqCst) {
+                return Err(End::HandedOver);
+            }
+            if let Some(k) = map.get_mut(&client).and_then(|cl| cl.conns.get_mut(&c.id)) {
+                k.waiting = None;
+            }
+            let cl = map.entry(client).or_default();
+            if cl.moved {
+                // The session lives elsewhere now: close without an answer; the client's retry
+                // opens a new connection, which is steered to the sibling.
+                eprintln!("closing a connection of {client}: its session moved");
+                Reply::Close
+            } else if let Some(h) = &cl.frozen {
+                eprintln!("answering 503 to {client}: frozen by hand-over {h} for over {} ms", freeze_wait.as_millis());
+                Reply::Busy(json!({"server": name, "client": client.to_string(), "error": format!("session frozen by hand-over {h}: retry later")}).to_string())
+            } else {
+                let s = cl.session.get_or_insert_default();
+                s.count += 1;
+                let n = s.count;
+                s.history.push_back(n);
+                if s.history.len() > HISTORY {
+                    s.history.pop_front();
                 }
-                while map.get(&client).is_some_and(|c| c.frozen.is_some()) && Instant::now() < deadline && !c.gone.load(Ordering::SeqCst) {
-                    map = self.changed.wait_timeout(map, Duration::from_millis(50)).expect("lock").0;
+                Reply::Ok(json!({"server": name, "client": client.to_string(), "count": n, "history": s.history}).to_string())
+            }
+        };
+        let connection = if request.keep_alive { "keep-alive" } else { "close" };
+        let download = request.download.filter(|_| matches!(reply, Reply::Ok(_)));
+        let resp = match reply {
+            Reply::Close => return Err(End::Now),
+            // A download says who answered, and the session, in a header.
+            Reply::Ok(body) if download.is_some() => format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Session: {body}\r\nConnection: {connection}\r\n\r\n",
+                download.unwrap_or_default()
+            ),
+            Reply::Ok(body) => format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}", body.len()),
+            Reply::Busy(body) => format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: {connection}\r\n\r\n{body}",
+                body.len()
+            ),
+        };
+        let mut ok = c.w.write_all(resp.as_bytes()).is_ok();
+        if let Some(total) = download.filter(|_| ok) {
+            match self.download(c, download::Resume { total, sent: 0, keep_alive: request.keep_alive }) {
+                Sent::All => {}
+                Sent::HandedOver => return Err(End::HandedOver),
+                Sent::Failed => ok = false,
+            }
+        }
+        Ok((ok, request.keep_alive))
+    }
+
+    fn serve(&self, mut c: Served) {
+        let client = c.client;
+        let mut resume = c.resume.take();
+        let end = loop {
+            // The rest of a download the connection came in the middle of, or its next request.
+            let (ok, keep_alive) = if let Some(r) = resume.take() {
+                match self.download(&c, r) {
+                    Sent::All => (true, r.keep_alive),
+                    Sent::HandedOver => break End::HandedOver,
+                    Sent::Failed => (false, false),
                 }
-                if c.gone.load(Ordering::SeqCst) {
-                    break End::HandedOver;
-                }
-                if let Some(k) = map.get_mut(&client).and_then(|cl| cl.conns.get_mut(&c.id)) {
-                    k.waiting = None;
-                }
-                let cl = map.entry(client).or_default();
-                if cl.moved {
-                    // The session lives elsewhere now: close without an answer; the client's retry
-                    // opens a new connection, which is steered to the sibling.
-                    eprintln!("closing a connection of {client}: its session moved");
-                    Reply::Close
-                } else if let Some(h) = &cl.frozen {
-                    eprintln!("answering 503 to {client}: frozen by hand-over {h} for over {} ms", freeze_wait.as_millis());
-                    Reply::Busy(json!({"server": name, "client": client.to_string(), "error": format!("session frozen by hand-over {h}: retry later")}).to_string())
-                } else {
-                    let s = cl.session.get_or_insert_default();
-                    s.count += 1;
-                    let n = s.count;
-                    s.history.push_back(n);
-                    if s.history.len() > HISTORY {
-                        s.history.pop_front();
-                    }
-                    Reply::Ok(json!({"server": name, "client": client.to_string(), "count": n, "history": s.history}).to_string())
+            } else {
+                match self.answer_next(&mut c) {
+                    Ok(r) => r,
+                    Err(end) => break end,
                 }
             };
-            let connection = if request.keep_alive { "keep-alive" } else { "close" };
-            let resp = match reply {
-                Reply::Close => break End::Now,
-                Reply::Ok(body) => format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}", body.len()),
-                Reply::Busy(body) => format!(
-                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: {connection}\r\n\r\n{body}",
-                    body.len()
-                ),
-            };
-            let ok = c.w.write_all(resp.as_bytes()).is_ok();
             let mut map = self.clients.lock().expect("lock");
             let cl = map.get_mut(&client);
             if !ok || cl.as_ref().is_some_and(|cl| cl.moved) {
                 break End::Now;
             }
-            if !request.keep_alive {
+            if !keep_alive {
                 break End::First;
             }
             // Idle again (a commit may close it, an export hand it over) unless the next

@@ -28,8 +28,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Streamed,
-    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, Restoring, check_listed, names, send_sessions, take_sessions},
+    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, check_listed, names, send_sessions, take_sessions},
     host_prefix,
+    live::Restoring,
     records::{Dir, Record},
     state::ByNode,
     tally::{End, Stage},
@@ -199,7 +200,7 @@ impl Agent {
         // application may stall, and a send on the link may take its deadline.
         let stall = self.limits().allowance(u64::try_from(self.cfg.max_frame).unwrap_or(u64::MAX)).saturating_mul(2).saturating_add(self.send_deadline());
         // Open connections coming home: first the flows to freeze, right after `Returning`.
-        let mut restoring = Restoring { locals: live.iter().map(|s| (*s, *s)).collect(), out: Vec::new() };
+        let mut restoring = Restoring::to(live.iter().map(|s| (*s, *s)).collect());
         if !live.is_empty() {
             let opening = self.open_holds(live);
             let flows = match tokio::time::timeout(stall, frames.recv()).await {

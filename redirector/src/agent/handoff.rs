@@ -24,7 +24,7 @@ use tracing::warn;
 
 use super::{
     Agent, Streamed,
-    live::{RestoredConn, restore_all},
+    live::Restoring,
     records::{Dir, Record},
     tally::End,
 };
@@ -223,15 +223,12 @@ pub(super) async fn take_sessions(
             }
             Streamed::Abort(reason) => return Err(format!("the sender aborted: {}", Said(&reason))),
             Streamed::Freeze(_) => return Err("connections to freeze after the sessions started".into()),
-            Streamed::Connections(svc, conns) => {
-                let Some(local) = restoring.locals.get(&svc).copied() else {
-                    return Err(format!("open connections of {svc}, which this hand-over does not move connections of"));
-                };
-                restore_all(local, conns, &mut restoring.out)?;
-            }
+            Streamed::Connections(svc, conns) => restoring.take(svc, conns)?,
+            Streamed::ConnectionBytes(svc, bytes) => restoring.more(svc, &bytes)?,
             Streamed::Sealed(sets) => {
+                restoring.finish()?;
                 for set in &sets {
-                    let here = restoring.out.iter().filter(|r| restoring.locals.get(&set.service) == Some(&r.local)).count();
+                    let here = restoring.arrived(set.service);
                     if u64::try_from(here).ok() != Some(set.connections) {
                         return Err(format!("{here} open connections of {} arrived, and the origin counts {}: some were lost on the way", set.service, set.connections));
                     }
@@ -255,14 +252,6 @@ pub(super) async fn take_sessions(
             }
         }
     }
-}
-
-/// Where the open connections of a transfer go (the origin's service -> the local service
-/// whose application takes them), and those restored so far.
-#[derive(Default)]
-pub(super) struct Restoring {
-    pub locals: HashMap<SocketAddr, SocketAddr>,
-    pub out: Vec<RestoredConn>,
 }
 
 /// How a client appears in a log line: its address, with its connections when known.

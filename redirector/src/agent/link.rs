@@ -409,6 +409,7 @@ impl Agent {
             Answer::Sealed { id, sessions } => (id, Streamed::Sealed(sessions)),
             Answer::Freeze { id, flows } => (id, Streamed::Freeze(flows)),
             Answer::Connections { id, service, connections } => (id, Streamed::Connections(service, connections)),
+            Answer::ConnectionBytes { id, service, bytes } => (id, Streamed::ConnectionBytes(service, bytes)),
             answer => {
                 let waiter = self.state().links.take_waiter(name, answer.id());
                 match (waiter, answer) {

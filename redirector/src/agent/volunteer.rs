@@ -16,8 +16,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Incoming, Received, Streamed,
-    handoff::{Arriving, FRAMES_AHEAD, Restoring, check_listed, take_sessions},
+    handoff::{Arriving, FRAMES_AHEAD, check_listed, take_sessions},
     link::LinkLimits,
+    live::Restoring,
     policy,
     records::Dir,
     unix_now,
@@ -96,6 +97,7 @@ impl Agent {
             Request::Sessions { id, service, sessions } => self.stream(from, id, Streamed::Sessions(service, sessions)).await,
             Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,
             Request::Connections { id, service, connections } => self.stream(from, id, Streamed::Connections(service, connections)).await,
+            Request::ConnectionBytes { id, service, bytes } => self.stream(from, id, Streamed::ConnectionBytes(service, bytes)).await,
             Request::Live { id, handoff } => answer(Answer::Live { id, live: self.go_live(from, handoff) }).await?,
             Request::Frozen { id, flows } => self.frozen_for(from, id, flows),
             Request::Listed { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
@@ -394,7 +396,7 @@ impl Agent {
             Err(why) => return abort(why),
         };
         // Connections of any service handed over are restored (the origin decides which move).
-        let mut restoring = Restoring { locals: plan.iter().map(|a| (a.svc, a.local)).collect(), out: Vec::new() };
+        let mut restoring = Restoring::to(plan.iter().map(|a| (a.svc, a.local)).collect());
         let (imported_into, imported) = self.import_arriving(from, id, &handoff, listed, &mut frames, &mut restoring).await;
         if let Err(why) = imported {
             // They may have taken some: they drop them (told until they confirm).

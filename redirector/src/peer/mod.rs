@@ -32,7 +32,8 @@ pub use self::{
 /// (`Connections`, counted in `Sealed`; `Live` once the rules are in). Version 8: they come
 /// home too (`HandBack` names the services whose connections the origin takes; the volunteer
 /// has the origin freeze them, `Freeze` and `Frozen`, before it dumps them and sends them back,
-/// `Answer::Connections`).
+/// `Answer::Connections`), and a connection whose queues do not fit in a frame moves too, its
+/// queues' rest in `ConnectionBytes` frames.
 pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
@@ -89,6 +90,11 @@ pub struct MovedConnection {
     pub state: crate::repair::TcpState,
     #[serde(with = "serde_bytes")]
     pub blob: Vec<u8>,
+    /// Bytes of its send queue, then of its receive queue, still to come in `ConnectionBytes`
+    /// frames, before anything else of the transfer (its queues did not fit in one frame:
+    /// `state` holds their heads). Such a connection is the last of its frame.
+    pub more_send: u64,
+    pub more_recv: u64,
 }
 
 /// The outcome of a hand-over, as its origin knows it.
@@ -225,6 +231,14 @@ pub enum Request {
     /// are dropped, and kept, from now on): the volunteer dumps their connections and sends
     /// them; the others stay where they are.
     Frozen { id: u64, flows: Vec<Flow> },
+    /// The next bytes of the queues of the last connection of `Connections` (of transfer
+    /// `id`, the origin's `service`) whose queues did not fit in its frame.
+    ConnectionBytes {
+        id: u64,
+        service: SocketAddr,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// What a node answers on a sibling's connection, to the request of the same id.
@@ -267,6 +281,14 @@ pub enum Answer {
     /// after the origin froze them: after the sessions, before `Sealed`, which counts them.
     /// The origin restores them (not live yet) before its commit point.
     Connections { id: u64, service: SocketAddr, connections: Vec<MovedConnection> },
+    /// The next bytes of the queues of the last connection of `Connections` (of hand-back
+    /// `id`, the origin's `service`) whose queues did not fit in its frame.
+    ConnectionBytes {
+        id: u64,
+        service: SocketAddr,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 impl Answer {
@@ -287,6 +309,7 @@ impl Answer {
             Answer::Live { .. } => "live connections",
             Answer::Freeze { .. } => "flows to freeze",
             Answer::Connections { .. } => "open connections",
+            Answer::ConnectionBytes { .. } => "an open connection's queues",
         }
     }
 
@@ -306,7 +329,8 @@ impl Answer {
             | Answer::Probed { id, .. }
             | Answer::Live { id, .. }
             | Answer::Freeze { id, .. }
-            | Answer::Connections { id, .. } => *id,
+            | Answer::Connections { id, .. }
+            | Answer::ConnectionBytes { id, .. } => *id,
         }
     }
 }

@@ -18,7 +18,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::{Flow, Freeze, Leaving, Opening, RestoredConn, arrive::go_live, deliver_here};
+use super::{ConnFrame, Flow, Freeze, Leaving, Opening, RestoredConn, arrive::go_live, deliver_here};
 use crate::{
     agent::Agent,
     app::{AppConnection, Exported},
@@ -87,13 +87,29 @@ impl Agent {
             Ok(Err(_)) => return Err("the hand-back ended while its connections were to freeze".into()),
             Err(_) => return Err(format!("the origin did not freeze the connections within {} ms", wait.as_millis())),
         };
-        // Aborted meanwhile: the connections went back to the applications already.
-        let mut p = self.pending();
-        let Some(l) = p.leaving.get_mut(&key) else { return Err("the hand-back ended while its connections were to freeze".into()) };
-        let t0 = std::time::Instant::now();
-        let failed = l.dump(&frozen, handoff);
-        info!(origin = %from, handoff, connections = frozen.len() - failed.len(), dump_us = t0.elapsed().as_micros(), "connections going home dumped");
-        Ok(())
+        // Frozen here too: a packet the origin forwarded just before its freeze may arrive after
+        // its `Frozen` did (another CPU's queue), and the dumped socket would acknowledge it.
+        let flows_for_dp = frozen.clone();
+        super::super::flat(self.with_dp(move |dp| dp.freeze(&flows_for_dp, super::FREEZE_LIMIT)).await).map_err(|e| format!("cannot freeze the connections here too: {e}"))?;
+        tokio::time::sleep(super::SETTLE).await;
+        // Aborted meanwhile (None): the connections went back to the applications already.
+        let failed = {
+            let mut p = self.pending();
+            p.leaving.get_mut(&key).map(|l| {
+                let t0 = std::time::Instant::now();
+                let failed = l.dump(&frozen, handoff);
+                l.frozen_here = frozen.iter().copied().filter(|f| !failed.contains(f)).collect();
+                info!(origin = %from, handoff, connections = l.frozen_here.len(), dump_us = t0.elapsed().as_micros(), "connections going home dumped");
+                failed
+            })
+        };
+        if let Some(failed) = failed {
+            self.thaw(failed).await;
+            Ok(())
+        } else {
+            self.thaw(frozen).await;
+            Err("the hand-back ended while its connections were to freeze".into())
+        }
     }
 
     /// Volunteer: sends the dumped connections of hand-back (`from`, `id`) to the origin
@@ -115,17 +131,16 @@ impl Agent {
         let (frames, counts) = {
             let mut p = self.pending();
             let Some(l) = p.leaving.get_mut(&key) else { return Err("the hand-back ended while its connections were on their way".into()) };
-            // One too big for a frame stays (its flow thaws on the origin, which sees it missing).
+            // One that cannot go stays (its flow thaws on the origin, which sees it missing).
             let (frames, _) = l.frames(blobs, self.cfg.max_frame);
             (frames, l.counts())
         };
-        for (service, list) in frames {
-            for connections in list {
-                reply
-                    .send_timeout(Answer::Connections { id, service, connections }, self.send_deadline())
-                    .await
-                    .map_err(|_| "the link to the origin is gone or stuck".to_string())?;
-            }
+        for f in frames {
+            let a = match f {
+                ConnFrame::Conns(service, connections) => Answer::Connections { id, service, connections },
+                ConnFrame::Bytes(service, bytes) => Answer::ConnectionBytes { id, service, bytes },
+            };
+            reply.send_timeout(a, self.send_deadline()).await.map_err(|_| "the link to the origin is gone or stuck".to_string())?;
         }
         super::count_into(sets, counts);
         Ok(())
@@ -144,10 +159,16 @@ impl Agent {
     /// Volunteer: ends the connections' side of hand-back (`from`, `id`): committed, the dumped
     /// ones close without a word (they live at the origin); aborted, they go on here. Returns
     /// the connections for the applications with the outcome, per local service.
-    pub(in crate::agent) fn end_leaving(&self, from: &str, id: u64, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
+    pub(in crate::agent) fn end_leaving(self: &Arc<Self>, from: &str, id: u64, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
         let leaving = self.pending().leaving.remove(&(NodeName::from(from), id));
-        let Some(l) = leaving else { return HashMap::new() };
+        let Some(mut l) = leaving else { return HashMap::new() };
+        let frozen = std::mem::take(&mut l.frozen_here);
         let (back, moved) = l.end(committed);
+        // Their sockets closed or resumed: their packets may come here again.
+        if !frozen.is_empty() {
+            let me = self.clone();
+            tokio::spawn(async move { me.thaw(frozen).await });
+        }
         if moved > 0 {
             info!(origin = %from, id, connections = moved, "connections went home");
         }

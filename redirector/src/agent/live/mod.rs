@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 pub(super) use self::{
-    arrive::{Incoming, RestoredConn, restore_all},
+    arrive::{Incoming, RestoredConn, Restoring},
     home::Homecoming,
     out::Moving,
 };
@@ -47,6 +47,11 @@ use crate::{
 
 /// The longest a flow stays frozen should nobody thaw it (an agent that died mid-move).
 const FREEZE_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a freeze is left to settle before the sockets are dumped: a packet that passed the
+/// classifier just before the freeze is on its way to its socket (within one softirq run,
+/// microseconds), and must be in the dump rather than arrive after it.
+const SETTLE: Duration = Duration::from_millis(1);
 
 /// A flow as the classifier keys it: (client, service).
 type Flow = (SocketAddr, SocketAddr);
@@ -87,6 +92,8 @@ struct Conn {
 #[derive(Default)]
 pub(super) struct Leaving {
     conns: Vec<Conn>,
+    /// Their flows frozen on this node (a volunteer giving them back), until they end.
+    frozen_here: Vec<Flow>,
 }
 
 /// A socket's local or peer address, canonical (an IPv4-mapped address is IPv4).
@@ -105,7 +112,7 @@ impl Leaving {
                 conns.push(Conn { service: *service, app, client, fd, flow: None, state: None, blob: Vec::new() });
             }
         }
-        Self { conns }
+        Self { conns, frozen_here: Vec::new() }
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -157,40 +164,64 @@ impl Leaving {
         n
     }
 
-    /// The dumped connections in frames of at most `max_frame` bytes per service, with their
-    /// `blobs` ([`blobs`]). One too big for a frame does not move: it resumes, and its flow is
-    /// returned, to thaw.
-    fn frames(&mut self, mut blobs: HashMap<SocketAddr, Vec<Vec<u8>>>, max_frame: usize) -> (HashMap<SocketAddr, Vec<Vec<MovedConnection>>>, Vec<Flow>) {
+    /// The dumped connections in frames of at most `max_frame` bytes, in the order they go,
+    /// with their `blobs` ([`blobs`]). A connection whose queues do not fit in a frame goes
+    /// last in one, with their heads, and the rest follows ([`ConnFrame::Bytes`]). One whose
+    /// blob alone takes half a frame does not move: it resumes, and its flow is returned, to
+    /// thaw.
+    fn frames(&mut self, mut blobs: HashMap<SocketAddr, Vec<Vec<u8>>>, max_frame: usize) -> (Vec<ConnFrame>, Vec<Flow>) {
         for (service, list) in &mut blobs {
             let mut list = std::mem::take(list).into_iter();
             for c in self.conns.iter_mut().filter(|c| c.service == *service) {
                 c.blob = list.next().unwrap_or_default();
             }
         }
+        // Room in a frame for connections (or bytes), and for one connection's own fields.
         let budget = max_frame.saturating_sub(4096).max(1);
+        let fields = 512;
         let mut thaw = Vec::new();
-        let mut frames: HashMap<SocketAddr, Vec<Vec<MovedConnection>>> = HashMap::new();
-        let mut sizes: HashMap<SocketAddr, usize> = HashMap::new();
-        for c in &mut self.conns {
-            let Some(state) = c.state.as_ref() else { continue };
-            let size = state.send_queue.len() + state.recv_queue.len() + c.blob.len() + 256;
-            if size > budget {
-                warn!(service = %c.service, client = %c.client, bytes = size, max_frame, "a connection's queues do not fit in a frame: it stays");
-                if let Err(e) = repair::resume(&c.fd) {
-                    warn!(client = %c.client, "resuming it failed: {e}");
+        let mut frames = Vec::new();
+        let mut services: Vec<SocketAddr> = self.conns.iter().map(|c| c.service).collect();
+        services.sort_unstable();
+        services.dedup();
+        for service in services {
+            let (mut list, mut used) = (Vec::new(), 0usize);
+            for c in self.conns.iter_mut().filter(|c| c.service == service) {
+                let Some(state) = c.state.as_ref() else { continue };
+                if c.blob.len() + fields > budget / 2 {
+                    warn!(service = %c.service, client = %c.client, bytes = c.blob.len(), max_frame, "a connection's blob takes half a frame: it stays");
+                    if let Err(e) = repair::resume(&c.fd) {
+                        warn!(client = %c.client, "resuming it failed: {e}");
+                    }
+                    thaw.extend(c.flow);
+                    c.state = None;
+                    continue;
                 }
-                thaw.extend(c.flow);
-                c.state = None;
-                continue;
+                let size = state.send_queue.len() + state.recv_queue.len() + c.blob.len() + fields;
+                if used + size > budget && !list.is_empty() {
+                    frames.push(ConnFrame::Conns(service, std::mem::take(&mut list)));
+                    used = 0;
+                }
+                if size <= budget {
+                    used += size;
+                    list.push(MovedConnection { state: state.clone(), blob: c.blob.clone(), more_send: 0, more_recv: 0 });
+                    continue;
+                }
+                // Its queues' heads in a frame of its own, the rest after it.
+                let room = budget - c.blob.len() - fields;
+                let send = state.send_queue.len().min(room);
+                let recv = state.recv_queue.len().min(room - send);
+                let mut head = state.clone();
+                head.send_queue.truncate(send);
+                head.recv_queue.truncate(recv);
+                let (more_send, more_recv) = ((state.send_queue.len() - send) as u64, (state.recv_queue.len() - recv) as u64);
+                frames.push(ConnFrame::Conns(service, vec![MovedConnection { state: head, blob: c.blob.clone(), more_send, more_recv }]));
+                let rest: Vec<u8> = [&state.send_queue[send..], &state.recv_queue[recv..]].concat();
+                frames.extend(rest.chunks(budget).map(|b| ConnFrame::Bytes(service, b.to_vec())));
             }
-            let list = frames.entry(c.service).or_default();
-            let used = sizes.entry(c.service).or_insert(usize::MAX);
-            if used.saturating_add(size) > budget {
-                list.push(Vec::new());
-                *used = 0;
+            if !list.is_empty() {
+                frames.push(ConnFrame::Conns(service, list));
             }
-            *used += size;
-            list.last_mut().expect("pushed").push(MovedConnection { state: state.clone(), blob: c.blob.clone() });
         }
         (frames, thaw)
     }
@@ -220,6 +251,13 @@ impl Leaving {
         }
         (back, moved)
     }
+}
+
+/// A frame's worth of moving connections: some connections of a service, or the next bytes
+/// of the queues of the last one sent.
+enum ConnFrame {
+    Conns(SocketAddr, Vec<MovedConnection>),
+    Bytes(SocketAddr, Vec<u8>),
 }
 
 /// The blobs of the connections handed over with `exports`, per service: the applications

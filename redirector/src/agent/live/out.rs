@@ -15,7 +15,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Freeze, Leaving, Opening, deliver_here};
+use super::{ConnFrame, Freeze, Leaving, Opening, deliver_here};
 use crate::{
     agent::Agent,
     app::{AppConnection, Exported},
@@ -52,6 +52,7 @@ impl Agent {
             return m;
         }
         let t_frozen = t0.elapsed();
+        tokio::time::sleep(super::SETTLE).await;
         let failed = m.leaving.dump(&m.freeze.flows, handoff);
         self.unfreeze(&mut m.freeze, failed).await;
         info!(
@@ -86,10 +87,15 @@ impl Agent {
         let blobs = super::blobs(exports).await?;
         let (frames, thaw) = moving.leaving.frames(blobs, self.cfg.max_frame);
         self.unfreeze(&mut moving.freeze, thaw).await;
-        for (service, list) in frames {
-            for connections in list {
-                self.send_to(name, Request::Connections { id, service, connections }).await?;
-            }
+        for f in frames {
+            self.send_to(
+                name,
+                match f {
+                    ConnFrame::Conns(service, connections) => Request::Connections { id, service, connections },
+                    ConnFrame::Bytes(service, bytes) => Request::ConnectionBytes { id, service, bytes },
+                },
+            )
+            .await?;
         }
         Ok(moving.leaving.counts())
     }

@@ -116,6 +116,8 @@ pub enum Streamed {
     Sessions(SocketAddr, Vec<SessionBlob>),
     /// Open connections of one of the origin's services, moving with their clients.
     Connections(SocketAddr, Vec<crate::peer::MovedConnection>),
+    /// The rest of the queues of the last of them.
+    ConnectionBytes(SocketAddr, Vec<u8>),
     /// Every session was sent: their count and digest per service.
     Sealed(Vec<SessionSet>),
     /// A hand-back's open connections, to freeze before the volunteer dumps them.
