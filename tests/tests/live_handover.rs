@@ -160,11 +160,28 @@ fn comes_home(kind: DemoApp, v6: bool) {
     assert_eq!(answer["given_back"].as_u64(), Some(home.len() as u64), "every client came home: {answer}");
     // Served by A again, for less than the dwell after which A may shed them again.
     std::thread::sleep(Duration::from_secs(1));
+    // The TCP state of every connection now, should one not have come home.
+    let sockets = |ns: &str| {
+        redirector_tests::net::in_netns(ns, || {
+            std::process::Command::new("ss").args(["-tinoeH"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+        })
+    };
+    let snapshot = ["client", "a", "b"].map(|n| (n, sockets(if n == "client" { &c.t.client.ns } else { &c.host(n).ns })));
     let clients = crowd.stop();
     assert_one_connection_each(&c, &clients);
-    if clients.iter().any(|cl| home.contains(&cl.src) && cl.last_server.as_deref() != Some("A")) {
+    if let Some(cl) = clients.iter().find(|cl| home.contains(&cl.src) && cl.last_server.as_deref() != Some("A")) {
         for n in ["a", "b"] {
             eprintln!("--- agent {n} ---\n{}\n--- app {n} ---\n{}", c.log(n), c.app_log(n));
+        }
+        let needle = if v6 { format!("[{}]:", cl.src) } else { format!("{}:", cl.src) };
+        for (n, s) in &snapshot {
+            eprintln!("--- sockets of {} in {n} a second after the give-back ---", cl.src);
+            let mut lines = s.lines().peekable();
+            while let Some(l) = lines.next() {
+                if l.contains(&needle) {
+                    eprintln!("{l}\n{}", lines.peek().copied().unwrap_or_default());
+                }
+            }
         }
     }
     for cl in clients.iter().filter(|cl| home.contains(&cl.src)) {

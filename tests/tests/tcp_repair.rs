@@ -71,8 +71,12 @@ fn moves_with_both_queues_and_an_unsent_tail(v6: bool) {
     assert!(state.timestamps && state.sack && state.wscale.is_some(), "the options Linux negotiates: {state:?}");
     // Across the wire (the agents send it serialized).
     let state: TcpState = serde_json::from_str(&serde_json::to_string(&state).expect("encode")).expect("decode");
+    let dumped_clock = state.timestamp;
     let restored = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore"));
     let fd = restored.go_live().expect("live");
+    // Its clock runs ahead of the old socket's, which may still send until it is closed.
+    let clock: u32 = redirector::sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP).expect("TCP_TIMESTAMP");
+    assert!(clock.wrapping_sub(dumped_clock) >= repair::CLOCK_STEP_MS, "the restored clock {clock} is not a step ahead of {dumped_clock}");
     let mut s = std::net::TcpStream::from(fd);
     assert!(s.as_raw_fd() >= 0);
 

@@ -161,6 +161,9 @@ impl Agent {
         let (name, id, clients, t0) = (rec.volunteer.as_str(), rec.id, rec.clients.as_slice(), h.t0);
         let handoff = &h.name(self.cfg.node.as_str());
         let request = Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec(), live: live.to_vec() };
+        // The copies of the packets of connections coming home open while the volunteer's
+        // applications export (opening one waits for the kernel's grace period).
+        let opened = super::live::Opened::new(if live.is_empty() { None } else { self.open_holds(live) });
         let answer = self.ask_patiently(name, request, id).await;
         let back = match answer {
             Ok(Answer::Returning { clients, .. }) => clients,
@@ -202,24 +205,14 @@ impl Agent {
         // Open connections coming home: first the flows to freeze, right after `Returning`.
         let mut restoring = Restoring::to(live.iter().map(|s| (*s, *s)).collect());
         if !live.is_empty() {
-            let opening = self.open_holds(live);
             let flows = match tokio::time::timeout(stall, frames.recv()).await {
-                Ok(Some(Streamed::Freeze(flows))) => Ok(flows),
-                Ok(Some(Streamed::Abort(reason))) => Err(format!("the volunteer aborted: {}", Said(&reason))),
-                Ok(Some(_)) => Err("the volunteer sent sessions before the connections to freeze".to_string()),
-                Ok(None) => Err("the hand-back was aborted, or the link went away, before the connections to freeze came".to_string()),
-                Err(_) => Err(format!("no connections to freeze came for {} ms", stall.as_millis())),
+                Ok(Some(Streamed::Freeze(flows))) => flows,
+                Ok(Some(Streamed::Abort(reason))) => return Err(format!("the volunteer aborted: {}", Said(&reason))),
+                Ok(Some(_)) => return Err("the volunteer sent sessions before the connections to freeze".to_string()),
+                Ok(None) => return Err("the hand-back was aborted, or the link went away, before the connections to freeze came".to_string()),
+                Err(_) => return Err(format!("no connections to freeze came for {} ms", stall.as_millis())),
             };
-            let flows = match flows {
-                Ok(f) => f,
-                Err(e) => {
-                    if let Some(o) = opening {
-                        super::live::discard(o);
-                    }
-                    return Err(e);
-                }
-            };
-            h.coming = Some(self.freeze_home((name, id, handoff), flows, (&asked, live), opening).await?);
+            h.coming = Some(self.freeze_home((name, id, handoff), flows, (&asked, live), opened.take()).await?);
         }
         take_sessions(frames, &mut arriving, &mut restoring, stall).await?;
         if let Some(home) = h.coming.as_mut() {

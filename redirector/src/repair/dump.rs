@@ -59,7 +59,9 @@ fn int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<usize> {
 }
 
 /// Puts `fd` in repair mode and reads its connection. From then on the socket sends nothing
-/// (packets that arrive are still acknowledged: stop them first). On an error the socket
+/// new, but its timers may still resend what it sent (the restored socket's clock starts
+/// ahead for that, [`super::CLOCK_STEP_MS`]), and packets that arrive are still
+/// acknowledged: stop them first. On an error the socket
 /// leaves repair mode again and goes on as before.
 ///
 /// # Errors

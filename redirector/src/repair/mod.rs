@@ -79,6 +79,11 @@ pub struct TcpState {
     pub unsent: u32,
 }
 
+/// How far ahead of the dumped clock a restored socket's timestamp clock starts, in ms: more
+/// than the old socket lives after its dump (until the hand-over ends). Timestamps only have
+/// to move forward (the peer accepts any step under 2^31 ms).
+pub const CLOCK_STEP_MS: u32 = 60_000;
+
 /// Socket-level constants of the repair interface (linux/tcp.h) the libc crate lacks.
 mod sys {
     pub const TCP_RECV_QUEUE: libc::c_int = 1;

@@ -79,7 +79,9 @@ impl Agent {
         if flows.is_empty() {
             return Ok(());
         }
-        let wait = Duration::from_millis(self.cfg.negotiate_timeout_ms);
+        // The origin may have to open its packet copies first (they wait for the kernel's grace
+        // period, which a busy host can stretch to seconds).
+        let wait = Duration::from_millis(self.cfg.negotiate_timeout_ms).saturating_add(self.limits().timeout);
         let frozen = tokio::time::timeout(wait, rx).await;
         self.pending().freezing.remove(&key);
         let frozen: Vec<Flow> = match frozen {

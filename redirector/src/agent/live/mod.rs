@@ -282,6 +282,28 @@ fn close_later(holds: Vec<Hold>) {
     }
 }
 
+/// Packet copies opening ([`Opening`]) for whoever takes them; closed off the async workers
+/// if nobody does.
+pub(super) struct Opened(Option<Opening>);
+
+impl Opened {
+    pub(super) fn new(o: Option<Opening>) -> Self {
+        Self(o)
+    }
+
+    pub(super) fn take(mut self) -> Option<Opening> {
+        self.0.take()
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some(o) = self.0.take() {
+            discard(o);
+        }
+    }
+}
+
 /// Closes the packet copies `o` opens, once they are open, off the async workers.
 pub(super) fn discard(o: Opening) {
     tokio::spawn(async move {
