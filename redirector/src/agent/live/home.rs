@@ -130,13 +130,16 @@ impl Agent {
             return Ok(());
         }
         let blobs = super::blobs(exports).await.map_err(|e| format!("{e:#}"))?;
-        let (frames, counts) = {
+        let (frames, counts, stay) = {
             let mut p = self.pending();
             let Some(l) = p.leaving.get_mut(&key) else { return Err("the hand-back ended while its connections were on their way".into()) };
-            // One that cannot go stays (its flow thaws on the origin, which sees it missing).
-            let (frames, _) = l.frames(blobs, self.cfg.max_frame);
-            (frames, l.counts())
+            // One that cannot go stays, resumed: its flow thaws here now (and on the origin,
+            // which sees it missing).
+            let (frames, stay) = l.frames(blobs, self.cfg.max_frame);
+            l.frozen_here.retain(|f| !stay.contains(f));
+            (frames, l.counts(), stay)
         };
+        self.thaw(stay).await;
         for f in frames {
             let a = match f {
                 ConnFrame::Conns(service, connections) => Answer::Connections { id, service, connections },
