@@ -252,6 +252,7 @@ impl Agent {
     /// the connections for the applications with the commit, per service.
     pub(in crate::agent) async fn end_homecoming(self: &Arc<Self>, name: &str, id: u64, home: Homecoming, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
         let Homecoming { freeze, restored, kept } = home;
+        let t0 = std::time::Instant::now();
         let mut given: HashMap<SocketAddr, Vec<AppConnection>> = HashMap::new();
         let n = restored.len();
         let sent = if committed {
@@ -264,7 +265,7 @@ impl Agent {
             self.replay_to(name, kept) + self.let_go(freeze, |p| self.replay_to(name, p)).await
         };
         if n > 0 {
-            info!(sibling = %name, id, connections = n, committed, kept_packets = sent, "connections of a hand-back settled");
+            info!(sibling = %name, id, connections = n, committed, kept_packets = sent, done_ms = t0.elapsed().as_secs_f64() * 1e3, "connections of a hand-back settled");
         }
         given
     }

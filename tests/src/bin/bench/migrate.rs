@@ -3,11 +3,12 @@
 //! 1,000 connections (1 client, 100 clients, 125 clients of 8 connections each, as browsers
 //! open several: a thousand client addresses would pass the kernel's 1,024 neighbours, a
 //! global limit) each busy with back-to-back requests while the operator moves their clients
-//! to B (`redirector move`). For each size: the agent's time for
-//! the whole move, the origin's freeze (first dump to last thaw, from its log), and the pause
-//! each client saw (its slowest request during the move), next to a plain request round trip
-//! measured in the same run. Every client must have been answered every time, by B at the
-//! end, on the one connection it opened.
+//! to B (`redirector move`), then home again (`redirector give-back`, once the dwell after a
+//! move passed). For each size and way: the agent's time for the whole move, the origin's
+//! freeze (first dump to last thaw, from its log, out), and the pause each client saw (its
+//! slowest request during the move), next to a plain request round trip measured in the same
+//! run. Every client must have been answered every time, by B after the move out and by A at
+//! the end, on the one connection it opened.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -18,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redirector::agent::MOVE_DWELL;
 use redirector_tests::{
     agents::{Cluster, DemoApp, Options},
     http::HttpClient,
@@ -32,10 +34,13 @@ const THREADS: u16 = 50;
 /// What one move measured.
 struct Run {
     n: usize,
+    /// Out to B, or home.
+    home: bool,
     move_ms: f64,
     /// Each client's slowest request while its connection moved, in ms.
     pauses: Vec<f64>,
-    /// The origin's own account: dumping (µs) and from the rules to the thaw (ms).
+    /// The agents' own account: dumping (µs, on the side the connections leave) and from the
+    /// commit point to the thaw (ms, on the origin).
     dump_us: Option<f64>,
     thawed_ms: Option<f64>,
 }
@@ -53,42 +58,48 @@ fn logged(log: &str, what: &str, key: &str) -> Option<f64> {
     line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))?.trim_matches('"').parse().ok()
 }
 
+/// What the main thread tells the client threads: every connection answered once (`ready`
+/// counts them), then requests back to back (`go`), timed per `phase` (0: the move out, 1: the
+/// way home), until `stop`.
+#[derive(Clone, Default)]
+struct Signals {
+    ready: Arc<AtomicUsize>,
+    go: Arc<AtomicBool>,
+    phase: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A client, and its slowest request in each phase (ms).
+type Driven = (HttpClient, [f64; 2]);
+
 /// Clients `first..first + n` on threads: each makes a request, then (once `go` is set)
 /// requests back to back until `stop`, timing each. Returns the clients and each one's
-/// slowest request after `go`.
-fn drive(
-    c: &Cluster,
-    first: u16,
-    n: u16,
-    per: u16,
-    ready: &Arc<AtomicUsize>,
-    go: &Arc<AtomicBool>,
-    stop: &Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<Vec<(HttpClient, f64)>>> {
+/// slowest request in each phase.
+fn drive(c: &Cluster, first: u16, n: u16, per: u16, sig: &Signals) -> Vec<std::thread::JoinHandle<Vec<Driven>>> {
     let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
     (0..THREADS.min(n))
         .map(|t| {
-            let (ns, ready, go, stop) = (c.t.client.ns.clone(), ready.clone(), go.clone(), stop.clone());
+            let (ns, sig) = (c.t.client.ns.clone(), sig.clone());
             std::thread::spawn(move || {
-                let mut mine: Vec<(HttpClient, f64)> = (first..first + n)
+                let mut mine: Vec<Driven> = (first..first + n)
                     .filter(|i| (i - first) % THREADS == t)
                     .flat_map(|i| (0..per).map(move |_| i))
-                    .map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), 0.0))
+                    .map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), [0.0; 2]))
                     .collect();
                 for (cl, _) in &mut mine {
                     cl.request();
-                    ready.fetch_add(1, Ordering::SeqCst);
+                    sig.ready.fetch_add(1, Ordering::SeqCst);
                 }
                 let t0 = Instant::now();
-                while !go.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
+                while !sig.go.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 // Bounded: until stopped, at most a minute.
-                while !stop.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
+                while !sig.stop.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
                     for (cl, worst) in &mut mine {
-                        let t = Instant::now();
+                        let (t, phase) = (Instant::now(), sig.phase.load(Ordering::SeqCst).min(1));
                         cl.request();
-                        *worst = f64::max(*worst, t.elapsed().as_secs_f64() * 1e3);
+                        worst[phase] = f64::max(worst[phase], t.elapsed().as_secs_f64() * 1e3);
                     }
                 }
                 mine
@@ -122,27 +133,38 @@ pub fn migrate(json: bool) {
     let mut first = 1u16;
     for (n, per) in SIZES {
         let conns = usize::from(n) * usize::from(per);
-        let (ready, go, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let threads = drive(&c, first, n, per, &ready, &go, &stop);
+        let sig = Signals::default();
+        let threads = drive(&c, first, n, per, &sig);
         // Every connection open and answered once (a listener's backlog may drop some SYNs:
         // their clients connect a second later), then busy.
         let t0 = Instant::now();
-        while ready.load(Ordering::SeqCst) < conns && t0.elapsed() < Duration::from_mins(1) {
+        while sig.ready.load(Ordering::SeqCst) < conns && t0.elapsed() < Duration::from_mins(1) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        go.store(true, Ordering::SeqCst);
+        sig.go.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(200));
         let clients: Vec<IpAddr> = (first..first + n).map(|i| IpAddr::V4(client4(i))).collect();
-        let moved = redirector::admin::move_clients(&c.sock("a"), clients, Duration::from_mins(1)).expect("move request");
+        let moved = redirector::admin::move_clients(&c.sock("a"), clients.clone(), Duration::from_mins(1)).expect("move request");
+        let out_log = c.log("a");
+        // Home once the dwell after a move passed (a give-back waits it out first).
+        std::thread::sleep(MOVE_DWELL + Duration::from_millis(100));
+        sig.phase.store(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        let home = redirector::admin::give_back(&c.sock("a"), clients, Duration::from_mins(1)).expect("give-back request");
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
-        let driven: Vec<(HttpClient, f64)> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
+        sig.stop.store(true, Ordering::SeqCst);
+        let driven: Vec<Driven> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
         assert_eq!(moved.moved, usize::from(n), "all {n} clients moved: {moved:?}");
+        assert_eq!(home.given_back, usize::from(n), "all {n} clients came home: {home:?}");
         let problems: Vec<String> = driven
             .iter()
             // Connections of one client share its session: their counts interleave.
             .filter(|(cl, _)| {
-                !((if per == 1 { cl.intact() } else { cl.failures.is_empty() }) && cl.retries == 0 && cl.connections() == 1 && cl.last_server.as_deref() == Some("B"))
+                !((if per == 1 { cl.intact() } else { cl.failures.is_empty() })
+                    && cl.retries == 0
+                    && cl.connections() == 1
+                    && cl.servers.contains_key("B")
+                    && cl.last_server.as_deref() == Some("A"))
             })
             .map(|(cl, _)| {
                 format!("{}: {} requests on {} connections, {} retried, last answer by {:?}: {}", cl.src, cl.requests, cl.connections(), cl.retries, cl.last_server, cl.problems())
@@ -157,37 +179,46 @@ pub fn migrate(json: bool) {
         }
         assert!(
             problems.is_empty(),
-            "{} of {conns} connections were not answered every time by A, then B, on one connection:\n{}",
+            "{} of {conns} connections were not answered every time by A, then B, then A, on one connection:\n{}",
             problems.len(),
             problems.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
         );
-        let log = c.log("a");
         // Where the origin's time went, from its own log lines.
-        for what in ["connections frozen and dumped", "connections moved live", "hand-over committed"] {
+        for (log, what) in
+            [(&out_log, "connections frozen and dumped"), (&out_log, "connections moved live"), (&out_log, "hand-over committed"), (&c.log("a"), "hand-back committed")]
+        {
             if let Some(l) = log.lines().rev().find(|l| l.contains(what)) {
                 let phases: Vec<&str> = l.split_whitespace().filter(|w| w.contains("_ms=") || w.contains("_us=")).collect();
                 eprintln!("    {what}: {}", phases.join(" "));
             }
         }
-        let run = Run {
-            n: conns,
-            move_ms: moved.ms,
-            pauses: driven.iter().map(|d| d.1).collect(),
-            dump_us: logged(&log, "connections frozen and dumped", "dump_us"),
-            thawed_ms: logged(&log, "connections moved live", "thawed_ms"),
-        };
-        eprintln!("  {conns} connections: moved in {:.1} ms, pause p50 {:.2} ms, max {:.2} ms", run.move_ms, percentile(&run.pauses, 0.5), percentile(&run.pauses, 1.0));
-        runs.push(run);
+        for (way, ms) in [(0, moved.ms), (1, home.ms)] {
+            let run = Run {
+                n: conns,
+                home: way == 1,
+                move_ms: ms,
+                pauses: driven.iter().map(|d| d.1[way]).collect(),
+                dump_us: if way == 0 { logged(&out_log, "connections frozen and dumped", "dump_us") } else { logged(&c.log("b"), "connections going home dumped", "dump_us") },
+                thawed_ms: if way == 0 { logged(&out_log, "connections moved live", "done_ms") } else { logged(&c.log("a"), "connections of a hand-back settled", "done_ms") },
+            };
+            let to = if run.home { "home" } else { "out" };
+            eprintln!("  {conns} connections {to}: moved in {:.1} ms, pause p50 {:.2} ms, max {:.2} ms", run.move_ms, percentile(&run.pauses, 0.5), percentile(&run.pauses, 1.0));
+            runs.push(run);
+        }
         first += n;
     }
     let rtt = (rtt_before + round_trip(&mut probe, 200)) / 2.0;
-    println!("Open connections moved live with their clients, A -> B (release build; pause: each client's slowest request during the move):");
-    println!("  {:>6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}", "conns", "move ms", "ms/conn", "pause p50", "pause p99", "pause max", "dump ms", "rules->thaw");
+    println!("Open connections moved live with their clients, A -> B and home (release build; pause: each client's slowest request during the move):");
+    println!(
+        "  {:>6} {:>5} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "conns", "way", "move ms", "ms/conn", "pause p50", "pause p99", "pause max", "dump ms", "commit->thaw"
+    );
     for r in &runs {
         let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
         println!(
-            "  {:>6} {:>9.1} {:>9.3} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>12}",
+            "  {:>6} {:>5} {:>9.1} {:>9.3} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>12}",
             r.n,
+            if r.home { "home" } else { "out" },
             r.move_ms,
             r.move_ms / r.n as f64,
             percentile(&r.pauses, 0.5),
@@ -197,9 +228,13 @@ pub fn migrate(json: bool) {
             opt(r.thawed_ms)
         );
     }
-    let all: Vec<f64> = runs.iter().flat_map(|r| r.pauses.iter().copied()).collect();
+    let pauses = |home: bool| -> Vec<f64> { runs.iter().filter(|r| r.home == home).flat_map(|r| r.pauses.iter().copied()).collect() };
+    let (all, back) = (pauses(false), pauses(true));
     let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
-    let ms_1000 = runs.iter().find(|r| r.n == 1000).map_or(f64::NAN, |r| r.move_ms);
+    let ms_1000 = |home: bool| runs.iter().find(|r| r.n == 1000 && r.home == home).map_or(f64::NAN, |r| r.move_ms);
+    let (home_p50, home_p99, home_1000) = (percentile(&back, 0.5), percentile(&back, 0.99), ms_1000(true));
+    let ms_1000 = ms_1000(false);
+    println!("Home: pause p50 {home_p50:.2} ms ({:.1}x the round trip), p99 {home_p99:.2} ms; 1,000 connections home in {home_1000:.1} ms", home_p50 / rtt);
     println!("Plain keep-alive request round trip, same run: {rtt:.3} ms (median); pause p50 / round trip: {:.1}x", p50 / rtt);
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
     println!(
@@ -214,10 +249,14 @@ pub fn migrate(json: bool) {
         m.insert("pause_p99_ms".into(), serde_json::json!(p99));
         m.insert("ms_1000".into(), serde_json::json!(ms_1000));
         m.insert("round_trip_ms".into(), serde_json::json!(rtt));
+        m.insert("home_pause_p50_ms".into(), serde_json::json!(home_p50));
+        m.insert("home_pause_p99_ms".into(), serde_json::json!(home_p99));
+        m.insert("home_ms_1000".into(), serde_json::json!(home_1000));
         for r in &runs {
-            m.insert(format!("move_ms_{}", r.n), serde_json::json!(r.move_ms));
-            m.insert(format!("pause_p50_ms_{}", r.n), serde_json::json!(percentile(&r.pauses, 0.5)));
-            m.insert(format!("pause_p99_ms_{}", r.n), serde_json::json!(percentile(&r.pauses, 0.99)));
+            let way = if r.home { "home_" } else { "" };
+            m.insert(format!("{way}move_ms_{}", r.n), serde_json::json!(r.move_ms));
+            m.insert(format!("{way}pause_p50_ms_{}", r.n), serde_json::json!(percentile(&r.pauses, 0.5)));
+            m.insert(format!("{way}pause_p99_ms_{}", r.n), serde_json::json!(percentile(&r.pauses, 0.99)));
         }
         println!("{}", serde_json::Value::Object(m));
     }
