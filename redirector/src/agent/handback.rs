@@ -163,7 +163,7 @@ impl Agent {
         let request = Request::HandBack { id, services: services.to_vec(), clients: clients.to_vec(), live: live.to_vec() };
         // The copies of the packets of connections coming home open while the volunteer's
         // applications export (opening one waits for the kernel's grace period).
-        let opened = super::live::Opened::new(if live.is_empty() { None } else { self.open_holds(live) });
+        let holds = self.open_holds(live);
         let answer = self.ask_patiently(name, request, id).await;
         let back = match answer {
             Ok(Answer::Returning { clients, .. }) => clients,
@@ -212,7 +212,7 @@ impl Agent {
                 Ok(None) => return Err("the hand-back was aborted, or the link went away, before the connections to freeze came".to_string()),
                 Err(_) => return Err(format!("no connections to freeze came for {} ms", stall.as_millis())),
             };
-            h.coming = Some(self.freeze_home((name, id, handoff), flows, (&asked, live), opened.take()).await?);
+            h.coming = Some(self.freeze_home((name, id, handoff), flows, (&asked, live), holds).await?);
         }
         take_sessions(frames, &mut arriving, &mut restoring, stall).await?;
         if let Some(home) = h.coming.as_mut() {

@@ -54,7 +54,7 @@ impl Agent {
         let mut h = Handover::new(rec, busy, t0);
         // The export: the applications' answers list their sessions (the volunteer's
         // reservation is kept alive meanwhile).
-        let (mut exports, opening) = match self.export_out(name, id, &handoff, &apps, &addrs).await {
+        let (mut exports, holds) = match self.export_out(name, id, &handoff, &apps, &addrs).await {
             Ok(e) => e,
             Err(e) => {
                 self.conclude(h, End::Aborted(Stage::Export, format!("export failed: {e:#}"))).await;
@@ -62,7 +62,7 @@ impl Agent {
             }
         };
         // Their open connections handed over: frozen and dumped, sent after the sessions.
-        h.moving = Some(self.freeze_connections(&mut exports, &handoff, opening).await).filter(|m| !m.is_empty());
+        h.moving = Some(self.freeze_connections(&mut exports, &handoff, holds).await).filter(|m| !m.is_empty());
         let t_export = t0.elapsed();
         let (n_sessions, bytes) =
             exports.iter().flat_map(|(_, e)| e.sizes()).fold((0usize, 0u64), |(n, b), (_, len)| (n + 1, b.saturating_add(u64::try_from(len).unwrap_or(u64::MAX))));
@@ -149,18 +149,11 @@ impl Agent {
         handoff: &str,
         apps: &[SocketAddr],
         clients: &[IpAddr],
-    ) -> anyhow::Result<(Vec<(SocketAddr, Exported)>, Option<super::live::Opening>)> {
-        let opening = self.open_holds(apps);
+    ) -> anyhow::Result<(Vec<(SocketAddr, Exported)>, super::live::Opened)> {
+        let holds = self.open_holds(apps);
         let moves: Vec<SocketAddr> = apps.iter().copied().filter(|s| self.moves_live(*s)).collect();
-        match self.keep_lease(name, id, apps, self.export_all(handoff, apps, clients, &moves)).await {
-            Ok(e) => Ok((e, opening)),
-            Err(e) => {
-                if let Some(o) = opening {
-                    super::live::discard(o);
-                }
-                Err(e)
-            }
-        }
+        let exports = self.keep_lease(name, id, apps, self.export_all(handoff, apps, clients, &moves)).await?;
+        Ok((exports, holds))
     }
 
     /// Asks every application in `apps` at once to export the sessions of `clients`: their

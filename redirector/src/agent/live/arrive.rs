@@ -163,8 +163,7 @@ impl Assembly {
 /// Restores connection `c` for the application of `local`.
 fn restore_one(local: SocketAddr, c: MovedConnection, out: &mut Vec<RestoredConn>) -> Result<(), String> {
     let client = c.state.peer.ip().to_canonical();
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let flow = (canonical(c.state.peer), canonical(c.state.local));
+    let flow = (super::canonical(c.state.peer), super::canonical(c.state.local));
     let restored = repair::restore(&c.state).map_err(|e| format!("restoring a connection of {client}: {e}"))?;
     out.push(RestoredConn { local, client, restored, blob: c.blob, flow });
     Ok(())

@@ -18,7 +18,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::{ConnFrame, Flow, Freeze, Leaving, Opening, RestoredConn, arrive::go_live, deliver_here};
+use super::{ConnFrame, Flow, Freeze, Leaving, Opened, RestoredConn, arrive::go_live, canonical, deliver_here};
 use crate::{
     agent::Agent,
     app::{AppConnection, Exported},
@@ -38,8 +38,8 @@ fn wire(f: &Flow) -> peer::Flow {
     peer::Flow { client: f.0, service: f.1 }
 }
 
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+fn from_wire(f: peer::Flow) -> Flow {
+    (canonical(f.client), canonical(f.service))
 }
 
 impl Agent {
@@ -55,7 +55,7 @@ impl Agent {
         exports: &mut [(SocketAddr, Exported)],
         reply: &mpsc::Sender<Answer>,
     ) -> Result<(), String> {
-        let leaving = Leaving::take(exports);
+        let mut leaving = Leaving::take(exports);
         let mut flows = if leaving.is_empty() { Vec::new() } else { leaving.flows(handoff) };
         let most = peer::flows_per_frame(self.cfg.max_frame);
         if flows.len() > most {
@@ -155,7 +155,7 @@ impl Agent {
     pub(in crate::agent) fn frozen_for(&self, from: &str, id: u64, flows: Vec<peer::Flow>) {
         let waiter = self.pending().freezing.remove(&(NodeName::from(from), id));
         if let Some(tx) = waiter {
-            drop(tx.send(flows.into_iter().map(|f| (canonical(f.client), canonical(f.service))).collect()));
+            drop(tx.send(flows.into_iter().map(from_wire).collect()));
         } else {
             info!(origin = %from, id, "the origin froze the connections of a hand-back that is not waiting for it (it ended)");
         }
@@ -182,23 +182,20 @@ impl Agent {
 
     /// Origin, hand-back `id` from `name`: freezes the `flows` the volunteer named (of its
     /// clients and services that move connections: `of`), their packets kept by the copies
-    /// `opening` opens, and tells it which (`Frozen`). An error: why the hand-back aborts.
+    /// `holds` opens, and tells it which (`Frozen`). An error: why the hand-back aborts.
     pub(in crate::agent) async fn freeze_home(
         self: &Arc<Self>,
         (name, id, handoff): (&str, u64, &str),
         flows: Vec<peer::Flow>,
         of: (&HashSet<IpAddr>, &[SocketAddr]),
-        opening: Option<Opening>,
+        holds: Opened,
     ) -> Result<Homecoming, String> {
         let (clients, live) = of;
-        let flows: Vec<Flow> = flows.into_iter().map(|f| (canonical(f.client), canonical(f.service))).collect();
+        let flows: Vec<Flow> = flows.into_iter().map(from_wire).collect();
         if let Some(f) = flows.iter().find(|f| !clients.contains(&f.0.ip()) || !live.contains(&f.1)) {
-            if let Some(o) = opening {
-                super::discard(o);
-            }
             return Err(format!("the volunteer names a connection {} -> {} that is not of these clients and services", f.0, f.1));
         }
-        let freeze = self.freeze(flows, opening, handoff).await;
+        let freeze = self.freeze(flows, holds, handoff).await;
         let frozen: Vec<peer::Flow> = freeze.flows.iter().map(wire).collect();
         let n = frozen.len();
         let home = Homecoming { freeze, ..Homecoming::default() };

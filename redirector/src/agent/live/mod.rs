@@ -80,7 +80,7 @@ struct Conn {
     app: SocketAddr,
     client: IpAddr,
     fd: OwnedFd,
-    /// Its flow, once checked.
+    /// Its flow, once checked ([`Leaving::flows`]); it is frozen if it moves.
     flow: Option<Flow>,
     /// Its dump: it moves. None: it goes back to the application.
     state: Option<TcpState>,
@@ -96,9 +96,14 @@ pub(super) struct Leaving {
     frozen_here: Vec<Flow>,
 }
 
-/// A socket's local or peer address, canonical (an IPv4-mapped address is IPv4).
+/// `a` with an IPv4-mapped address as IPv4: how flows are compared and keyed here.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// A socket's local or peer address, canonical.
 fn address(fd: &OwnedFd, peer: bool) -> Option<SocketAddr> {
-    repair::address(fd.as_fd(), peer).ok().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+    repair::address(fd.as_fd(), peer).ok().map(canonical)
 }
 
 impl Leaving {
@@ -119,15 +124,18 @@ impl Leaving {
         self.conns.is_empty()
     }
 
-    /// The flows of the connections that may move: TCP connections of their service with
-    /// their client. The others stay listed, to go back.
-    fn flows(&self, handoff: &str) -> Vec<Flow> {
+    /// The flows of the connections that may move (each one's noted): TCP connections of
+    /// their service with their client. The others stay listed, to go back.
+    fn flows(&mut self, handoff: &str) -> Vec<Flow> {
         let mut flows = Vec::new();
-        for c in &self.conns {
+        for c in &mut self.conns {
             let (local, peer) = (address(&c.fd, false), address(&c.fd, true));
             let is_tcp = crate::sockopt::get::<libc::c_int>(&c.fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).is_ok_and(|p| p == libc::IPPROTO_TCP);
             match (local, peer) {
-                (Some(l), Some(p)) if is_tcp && l == c.service && p.ip() == c.client => flows.push((p, l)),
+                (Some(l), Some(p)) if is_tcp && l == c.service && p.ip() == c.client => {
+                    c.flow = Some((p, l));
+                    flows.push((p, l));
+                }
                 _ => {
                     warn!(service = %c.service, client = %c.client, handoff, "an application handed over a connection that is not one of this client with this service ({local:?} <- {peer:?}): it goes back");
                 }
@@ -142,8 +150,7 @@ impl Leaving {
     fn dump(&mut self, frozen: &[Flow], handoff: &str) -> Vec<Flow> {
         let mut failed = Vec::new();
         for c in &mut self.conns {
-            let Some(flow) = address(&c.fd, true).zip(address(&c.fd, false)).filter(|f| frozen.contains(f)) else { continue };
-            c.flow = Some(flow);
+            let Some(flow) = c.flow.filter(|f| frozen.contains(f)) else { continue };
             match repair::dump(&c.fd) {
                 Ok(state) => c.state = Some(state),
                 Err(e) => {
@@ -270,9 +277,8 @@ async fn blobs(exports: &mut [(SocketAddr, Exported)]) -> anyhow::Result<HashMap
     Ok(out)
 }
 
-/// Packet copies opening while the applications export, one per uplink and port of the
-/// services whose connections move ([`Agent::open_holds`]).
-pub(super) type Opening = tokio::task::JoinHandle<Vec<((String, u16), std::io::Result<Hold>)>>;
+/// Packet copies opening on a blocking thread, one per uplink and port.
+type Opening = tokio::task::JoinHandle<Vec<((String, u16), std::io::Result<Hold>)>>;
 
 /// Closes packet copies on a blocking thread: closing one waits for the kernel's grace
 /// period, milliseconds nobody should wait for.
@@ -282,35 +288,21 @@ fn close_later(holds: Vec<Hold>) {
     }
 }
 
-/// Packet copies opening ([`Opening`]) for whoever takes them; closed off the async workers
-/// if nobody does.
+/// The packet copies a move of connections needs, opening while the applications export
+/// ([`Agent::open_holds`]), for the freeze to take; closed off the async workers if it does
+/// not (the move ended first, or nothing is frozen).
 pub(super) struct Opened(Option<Opening>);
-
-impl Opened {
-    pub(super) fn new(o: Option<Opening>) -> Self {
-        Self(o)
-    }
-
-    pub(super) fn take(mut self) -> Option<Opening> {
-        self.0.take()
-    }
-}
 
 impl Drop for Opened {
     fn drop(&mut self) {
         if let Some(o) = self.0.take() {
-            discard(o);
+            tokio::spawn(async move {
+                if let Ok(v) = o.await {
+                    close_later(v.into_iter().filter_map(|(_, h)| h.ok()).collect());
+                }
+            });
         }
     }
-}
-
-/// Closes the packet copies `o` opens, once they are open, off the async workers.
-pub(super) fn discard(o: Opening) {
-    tokio::spawn(async move {
-        if let Ok(v) = o.await {
-            close_later(v.into_iter().filter_map(|(_, h)| h.ok()).collect());
-        }
-    });
 }
 
 /// Frozen flows of this node's classifier and the copies of their packets.
@@ -322,15 +314,15 @@ struct Freeze {
 
 impl Agent {
     /// Starts opening the packet copies a move of the connections of `services` would need,
-    /// on a blocking thread, while the applications export (opening one takes milliseconds).
-    /// None: no such service moves its connections.
-    pub(super) fn open_holds(&self, services: &[SocketAddr]) -> Option<Opening> {
+    /// on a blocking thread, while the applications export (opening one takes milliseconds):
+    /// none if no such service moves its connections.
+    pub(super) fn open_holds(&self, services: &[SocketAddr]) -> Opened {
         let wanted: std::collections::BTreeSet<(String, u16)> =
             self.cfg.services.iter().filter(|s| s.live_moves && services.contains(&s.address)).map(|s| (s.dev.clone(), s.address.port())).collect();
         if wanted.is_empty() {
-            return None;
+            return Opened(None);
         }
-        Some(tokio::task::spawn_blocking(move || {
+        Opened(Some(tokio::task::spawn_blocking(move || {
             wanted
                 .into_iter()
                 .map(|(dev, port)| {
@@ -338,20 +330,20 @@ impl Agent {
                     ((dev, port), h)
                 })
                 .collect()
-        }))
+        })))
     }
 
     /// Freezes `flows` (of this node's services) in the classifier, their packets kept from
-    /// before on by the copies `opening` opens for their uplinks and ports. The flows of an
+    /// before on by the copies `holds` opens for their uplinks and ports. The flows of an
     /// uplink whose copy cannot start are not frozen; the copies not needed close.
-    async fn freeze(self: &Arc<Self>, flows: Vec<Flow>, opening: Option<Opening>, handoff: &str) -> Freeze {
-        let mut opened: HashMap<(String, u16), std::io::Result<Hold>> = match opening {
+    async fn freeze(self: &Arc<Self>, flows: Vec<Flow>, mut holds: Opened, handoff: &str) -> Freeze {
+        let mut opened: HashMap<(String, u16), std::io::Result<Hold>> = match holds.0.take() {
             Some(o) if !flows.is_empty() => o.await.map(|v| v.into_iter().collect()).unwrap_or_default(),
-            Some(o) => {
-                discard(o);
+            // Closed as they open (nothing to freeze, or none opening).
+            other => {
+                drop(Opened(other));
                 HashMap::new()
             }
-            None => HashMap::new(),
         };
         let mut by_dev: HashMap<(String, u16), Vec<Flow>> = HashMap::new();
         for flow in flows {

@@ -15,7 +15,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{ConnFrame, Freeze, Leaving, Opening, deliver_here};
+use super::{ConnFrame, Freeze, Leaving, Opened, deliver_here};
 use crate::{
     agent::Agent,
     app::{AppConnection, Exported},
@@ -41,12 +41,12 @@ impl Moving {
 
 impl Agent {
     /// Takes the connections the applications handed over with their exports; those that may
-    /// move are frozen (their packets kept by the copies `opening` opens), then dumped.
-    pub(in crate::agent) async fn freeze_connections(self: &Arc<Self>, exports: &mut [(SocketAddr, Exported)], handoff: &str, opening: Option<Opening>) -> Moving {
-        let leaving = Leaving::take(exports);
+    /// move are frozen (their packets kept by the copies `holds` opens), then dumped.
+    pub(in crate::agent) async fn freeze_connections(self: &Arc<Self>, exports: &mut [(SocketAddr, Exported)], handoff: &str, holds: Opened) -> Moving {
+        let mut leaving = Leaving::take(exports);
         let t0 = Instant::now();
         let flows = if leaving.is_empty() { Vec::new() } else { leaving.flows(handoff) };
-        let freeze = self.freeze(flows, opening, handoff).await;
+        let freeze = self.freeze(flows, holds, handoff).await;
         let mut m = Moving { leaving, freeze };
         if m.leaving.is_empty() {
             return m;
