@@ -10,8 +10,11 @@ pub mod decide;
 
 /// Maximum number of steered services per instance.
 pub const MAX_SERVICES: u32 = 1024;
-/// Maximum number of client prefixes per address family.
-pub const MAX_RULES: u32 = 65_536;
+/// Maximum number of client rules per address family, of each kind (single addresses, and
+/// prefixes): a million migrated clients. Both kinds of map allocate per rule, not up front.
+pub const MAX_RULES: u32 = 1 << 20;
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates its entries as they are added.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// Maximum number of configured siblings (tunnel sources accepted on decapsulation).
 pub const MAX_SIBLINGS: u32 = 256;
 /// Maximum number of adopted services with a registered listener.
@@ -26,8 +29,12 @@ pub const MAX_FROZEN: u32 = 16_384;
 /// Names of the pinned maps, as declared in the eBPF object.
 pub mod maps {
     pub const SERVICES: &str = "SERVICES";
+    /// Prefix rules (shorter than one address).
     pub const MIGRATED_V4: &str = "MIGRATED_V4";
     pub const MIGRATED_V6: &str = "MIGRATED_V6";
+    /// Rules of single client addresses (/32, /128).
+    pub const HOST_RULES_V4: &str = "HOST_RULES_V4";
+    pub const HOST_RULES_V6: &str = "HOST_RULES_V6";
     pub const SIBLINGS: &str = "SIBLINGS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const PROBES: &str = "PROBES";
@@ -79,20 +86,23 @@ pub const SLOT_EMPTY: u32 = 0;
 /// Slot kind: exactly one entry maps here and its data is in the slot; the packet's address
 /// must still equal the slot's.
 pub const SLOT_ONE: u32 = 1;
-/// Slot kind: several entries (or a prefix) map here: consult the authoritative map (the
-/// LPM trie, or `SERVICES`). Data is ignored.
+/// Slot kind: several entries (or a prefix) map here: consult the authoritative maps
+/// (`SERVICES`; for clients the exact rules, then the prefix trie). Data is ignored.
 pub const SLOT_MANY: u32 = 2;
+/// Slot kind (host tables only): several exact rules map here and no prefix covers the slot:
+/// the exact rules alone decide, the trie is not consulted. Data is ignored.
+pub const SLOT_EXACT: u32 = 3;
 
 /// A direct-mapped cache entry in front of an authoritative map.
 ///
-/// The authoritative maps (`SERVICES`, `MIGRATED_*`) hold every entry; a slot table only
+/// The authoritative maps (`SERVICES`, `HOST_RULES_*` and `MIGRATED_*`) hold every entry; a slot table only
 /// lets the common packet decide after one array read. User space changes a slot so that
 /// the classifier never trusts half-written data: data changes only while the kind says
-/// "ignore data" (`SLOT_EMPTY` or `SLOT_MANY`), and the kind changes on its own.
+/// "ignore data" (`SLOT_EMPTY`, `SLOT_MANY` or `SLOT_EXACT`), and the kind changes on its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot<D> {
-    /// `SLOT_EMPTY`, `SLOT_ONE` or `SLOT_MANY`.
+    /// `SLOT_EMPTY`, `SLOT_ONE`, `SLOT_MANY` or `SLOT_EXACT`.
     pub kind: u32,
     pub _pad: u32,
     pub data: D,

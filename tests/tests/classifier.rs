@@ -487,6 +487,51 @@ fn prefixes_match_longest_first() {
 }
 
 #[test]
+fn single_addresses_sharing_a_slot_find_their_own_rule_which_beats_a_prefix() {
+    with_datapath(|dp| {
+        let other = Ipv4Addr::new(198, 18, 0, 3);
+        // Same low 16 bits: one host slot, two rules (the slot sends readers to their map).
+        let (a, b) = (Ipv4Addr::new(198, 18, 5, 9), Ipv4Addr::new(198, 19, 5, 9));
+        dp.migrate(Prefix { addr: IpAddr::V4(a), len: 32 }, IpAddr::V4(TGT4), None).expect("rule a");
+        dp.migrate(Prefix { addr: IpAddr::V4(b), len: 32 }, IpAddr::V4(other), None).expect("rule b");
+        let out = expect(dp, &syn4(a, 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], TGT4.octets(), "a's target");
+        let out = expect(dp, &syn4(b, 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], other.octets(), "b's target");
+        // A prefix over a's slot: a keeps its own rule, its neighbours take the prefix's.
+        let prefix_target = Ipv4Addr::new(198, 18, 0, 4);
+        dp.migrate(Prefix { addr: IpAddr::V4(Ipv4Addr::new(198, 18, 5, 0)), len: 24 }, IpAddr::V4(prefix_target), None).expect("/24 rule");
+        let out = expect(dp, &syn4(a, 4001), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], TGT4.octets(), "a single address's rule beats the prefix's");
+        let out = expect(dp, &syn4(Ipv4Addr::new(198, 18, 5, 10), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], prefix_target.octets(), "the /24's target");
+        let out = expect(dp, &syn4(b, 4001), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], other.octets(), "b, outside the /24, in a slot the /24 covers");
+        // Released: a falls back to the prefix; the prefix released, b alone is left.
+        dp.release(Prefix { addr: IpAddr::V4(a), len: 32 }).expect("release a");
+        let out = expect(dp, &syn4(a, 4002), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], prefix_target.octets(), "a under the /24 again");
+        dp.release(Prefix { addr: IpAddr::V4(Ipv4Addr::new(198, 18, 5, 0)), len: 24 }).expect("release /24");
+        expect(dp, &syn4(a, 4003), TCX_NEXT, "passed-not-migrated");
+        let out = expect(dp, &syn4(b, 4002), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], other.octets(), "b still");
+        // IPv6: three addresses in one slot, two migrated.
+        let v6 = |hi: u16| Ipv6Addr::new(0x2001, 0xdb8, 0, 5, 0, 0, hi, 0x0509);
+        dp.migrate(Prefix { addr: IpAddr::V6(v6(0xa)), len: 128 }, IpAddr::V6(TGT6), None).expect("rule v6 a");
+        let other6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3);
+        dp.migrate(Prefix { addr: IpAddr::V6(v6(0xb)), len: 128 }, IpAddr::V6(other6), None).expect("rule v6 b");
+        let out = expect(dp, &syn6(v6(0xa), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[14 + 24..14 + 40], TGT6.octets(), "v6 a's target");
+        let out = expect(dp, &syn6(v6(0xb), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[14 + 24..14 + 40], other6.octets(), "v6 b's target");
+        expect(dp, &syn6(v6(0xc), 4000), TCX_NEXT, "passed-not-migrated");
+        let listed: Vec<String> = dp.list_rules().expect("rules").iter().map(|r| r.prefix.to_string()).collect();
+        // with_datapath's two rules, b, and the two IPv6 ones: whichever map holds them.
+        assert_eq!(listed, ["198.18.1.5/32", "198.19.5.9/32", "2001:db8::1:5/128", "2001:db8:0:5::a:509/128", "2001:db8:0:5::b:509/128"], "every rule is listed");
+    });
+}
+
+#[test]
 fn fragments_and_options_are_never_steered() {
     with_datapath(|dp| {
         let frag = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).more_fragments().build();

@@ -22,6 +22,11 @@ impl Datapath {
         self.open_map(trie_name(N))
     }
 
+    /// The rules of single addresses of the family whose addresses have `N` bytes.
+    fn host_rules<const N: usize>(&mut self) -> Result<HashMap<&mut MapData, [u8; N], RuleValue>> {
+        self.open_map(host_rules_name(N))
+    }
+
     fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceValue>> {
         self.open_map(maps::SERVICES)
     }
@@ -210,9 +215,12 @@ impl Datapath {
         }
     }
 
+    /// A single address's rule goes to its hash map, a prefix's to the trie.
     fn insert_rule(&mut self, prefix: Prefix, value: RuleValue) -> Result<()> {
         let len = u32::from(prefix.len);
         match prefix.addr {
+            IpAddr::V4(a) if prefix.len == 32 => self.host_rules()?.insert(a.octets(), value, 0),
+            IpAddr::V6(a) if prefix.len == 128 => self.host_rules()?.insert(a.octets(), value, 0),
             IpAddr::V4(a) => self.trie()?.insert(&Key::new(len, a.octets()), value, 0),
             IpAddr::V6(a) => self.trie()?.insert(&Key::new(len, a.octets()), value, 0),
         }
@@ -222,6 +230,8 @@ impl Datapath {
     fn remove_rule(&mut self, prefix: Prefix) -> Result<()> {
         let len = u32::from(prefix.len);
         match prefix.addr {
+            IpAddr::V4(a) if prefix.len == 32 => self.host_rules::<4>()?.remove(&a.octets()),
+            IpAddr::V6(a) if prefix.len == 128 => self.host_rules::<16>()?.remove(&a.octets()),
             IpAddr::V4(a) => self.trie()?.remove(&Key::new(len, a.octets())),
             IpAddr::V6(a) => self.trie()?.remove(&Key::new(len, a.octets())),
         }
@@ -231,10 +241,26 @@ impl Datapath {
         })
     }
 
-    /// Every rule of both tries, as stored.
+    /// Every rule of both families, as stored.
     fn rules(&mut self) -> Result<Vec<(Prefix, RuleValue)>> {
         let mut out = self.trie_rules::<4>()?;
         out.extend(self.trie_rules::<16>()?);
+        out.extend(self.host_rule_entries::<4>()?);
+        out.extend(self.host_rule_entries::<16>()?);
+        Ok(out)
+    }
+
+    /// Every rule of a single address of the family whose addresses have `N` bytes.
+    fn host_rule_entries<const N: usize>(&mut self) -> Result<Vec<(Prefix, RuleValue)>>
+    where
+        IpAddr: From<[u8; N]>,
+    {
+        let len = u8::try_from(N * 8).unwrap_or(u8::MAX);
+        let mut out = Vec::new();
+        for item in &self.host_rules::<N>()? {
+            let (k, v) = item.map_err(|e| Error::bpf(format!("reading {}", host_rules_name(N)), e))?;
+            out.push((Prefix { addr: IpAddr::from(k), len }, v));
+        }
         Ok(out)
     }
 
@@ -353,4 +379,9 @@ type Previous = Vec<(Prefix, Option<RuleValue>)>;
 /// The rule trie of the family whose addresses have `n` bytes (4: IPv4, 16: IPv6).
 const fn trie_name(n: usize) -> &'static str {
     if n == 4 { maps::MIGRATED_V4 } else { maps::MIGRATED_V6 }
+}
+
+/// The map of single addresses' rules of the family whose addresses have `n` bytes.
+const fn host_rules_name(n: usize) -> &'static str {
+    if n == 4 { maps::HOST_RULES_V4 } else { maps::HOST_RULES_V6 }
 }

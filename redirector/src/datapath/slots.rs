@@ -1,14 +1,15 @@
 //! The direct-mapped slot tables (`PORT_SLOTS`, `HOSTS_V4`, `HOSTS_V6`) in front of the
-//! authoritative maps (`SERVICES`, the LPM tries).
+//! authoritative maps (`SERVICES`; the rules of single addresses and the LPM tries of prefixes).
 //!
 //! The classifier decides most packets after one read of a slot: `SLOT_EMPTY` (nothing here),
-//! `SLOT_ONE` (the one entry mapping here, whose address must still match), or `SLOT_MANY`
-//! (consult the authoritative map). User space keeps the tables in line with the authoritative
+//! `SLOT_ONE` (the one entry mapping here, whose address must still match), `SLOT_MANY`
+//! (consult the authoritative maps), or in the host tables `SLOT_EXACT` (several single
+//! addresses and no prefix: their hash map alone decides, the trie is not walked). User space keeps the tables in line with the authoritative
 //! maps by computing what every slot should be and writing the difference, through a shared
 //! mapping of the array so that it controls the order of its stores:
 //!
 //! - the kind and the data of a slot never change in the same step;
-//! - data is written only while the kind says "ignore data" (`SLOT_EMPTY`/`SLOT_MANY`), and the
+//! - data is written only while the kind says "ignore data" (`SLOT_EMPTY`/`SLOT_MANY`/`SLOT_EXACT`), and the
 //!   kind becomes `SLOT_ONE` afterwards (a release store);
 //! - a slot that left `SLOT_ONE` may still be read by a classifier run that saw it as `SLOT_ONE`
 //!   (it is *dirty*, since the time in `_pad`); its data is rewritten only after an RCU grace
@@ -34,7 +35,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use redirector_common::{Addr, HostData, RuleValue, SLOT_EMPTY, SLOT_MANY, SLOT_ONE, Slot, host_slot};
+use redirector_common::{Addr, HostData, RuleValue, SLOT_EMPTY, SLOT_EXACT, SLOT_MANY, SLOT_ONE, Slot, host_slot};
 
 use super::{Error, Prefix, Result, types::to16};
 
@@ -107,6 +108,8 @@ pub enum Want<D> {
     Empty,
     One(D),
     Many,
+    /// Several exact entries and nothing else (`SLOT_EXACT`, host tables only).
+    Exact,
 }
 
 /// A shared mapping of a `BPF_F_MMAPABLE` array of `Slot<D>`.
@@ -189,6 +192,7 @@ impl<D: SlotData> SlotTable<D> {
             let target = match w {
                 Want::Empty => SLOT_EMPTY,
                 Want::Many => SLOT_MANY,
+                Want::Exact => SLOT_EXACT,
                 Want::One(d) if kind == SLOT_ONE && data == d => continue,
                 // SAFETY: the data of slot `i`, which holds `data`.
                 Want::One(d) if kind == SLOT_ONE && unsafe { data.update_in_place(&raw mut (*self.at(i)).data, &d) } => {
@@ -278,20 +282,20 @@ pub fn want_hosts(rules: &[(Prefix, RuleValue)], v6: bool) -> BTreeMap<u32, Want
     let full: u8 = if v6 { 128 } else { 32 };
     let mut want: BTreeMap<u32, Want<HostData>> = BTreeMap::new();
     let mut all_many = false;
-    for (p, r) in rules.iter().filter(|(p, _)| p.addr.is_ipv6() == v6) {
-        if p.len == full {
-            let addr: Addr = to16(p.addr);
-            let one = Want::One(HostData { addr, rule: *r });
-            want.entry(host_slot(&addr)).and_modify(|w| *w = Want::Many).or_insert(one);
-        } else {
-            match covered(*p) {
-                Some(range) => {
-                    for i in range {
-                        want.insert(i, Want::Many);
-                    }
+    // Single addresses first: a slot several share is `Exact` unless a prefix covers it.
+    for (p, r) in rules.iter().filter(|(p, _)| p.addr.is_ipv6() == v6 && p.len == full) {
+        let addr: Addr = to16(p.addr);
+        let one = Want::One(HostData { addr, rule: *r });
+        want.entry(host_slot(&addr)).and_modify(|w| *w = Want::Exact).or_insert(one);
+    }
+    for (p, _) in rules.iter().filter(|(p, _)| p.addr.is_ipv6() == v6 && p.len != full) {
+        match covered(*p) {
+            Some(range) => {
+                for i in range {
+                    want.insert(i, Want::Many);
                 }
-                None => all_many = true,
             }
+            None => all_many = true,
         }
     }
     if all_many {
@@ -327,14 +331,21 @@ mod tests {
     }
 
     #[test]
-    fn colliding_hosts_and_prefixes_send_readers_to_the_trie() {
-        // Same low 16 bits, different addresses.
+    fn colliding_hosts_send_readers_to_their_map_and_prefixes_to_the_trie() {
+        // Same low 16 bits, different addresses: the hosts' map decides, no prefix is near.
         let w = want_hosts(&[(p("198.18.1.5"), rule(2)), (p("198.19.1.5"), rule(3))], false);
-        assert_eq!(w.get(&0x0105), Some(&Want::Many));
-        // A /24 covers 256 slots; a host inside stays MANY.
-        let w = want_hosts(&[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], false);
-        assert_eq!(w.len(), 256);
-        assert!((0x0200..0x0300).all(|i| w.get(&i) == Some(&Want::Many)));
+        assert_eq!(w.get(&0x0105), Some(&Want::Exact));
+        assert_eq!(w.len(), 1);
+        // A /24 covers 256 slots; a host inside stays MANY (its own rule, then the prefix's),
+        // in whichever order the rules come.
+        for rules in [[(p("198.18.2.0/24"), rule(2)), (p("198.18.2.9"), rule(3))], [(p("198.18.2.9"), rule(3)), (p("198.18.2.0/24"), rule(2))]] {
+            let w = want_hosts(&rules, false);
+            assert_eq!(w.len(), 256);
+            assert!((0x0200..0x0300).all(|i| w.get(&i) == Some(&Want::Many)));
+        }
+        // Colliding hosts under a prefix: MANY too (the trie must still be asked for others).
+        let w = want_hosts(&[(p("198.18.2.9"), rule(2)), (p("198.19.2.9"), rule(3)), (p("198.18.2.0/24"), rule(2))], false);
+        assert_eq!(w.get(&0x0209), Some(&Want::Many));
         // A /8 covers every slot.
         let w = want_hosts(&[(p("10.0.0.0/8"), rule(2))], false);
         assert_eq!(w.len(), 65_536);

@@ -7,6 +7,7 @@
 //! `repeat` cannot be used for it; every program is measured the same way for fairness.
 
 mod migrate;
+mod scale;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
@@ -438,8 +439,9 @@ fn main() {
         Some("negotiate") => return negotiate(json),
         Some("handoff") => return handoff(json),
         Some("migrate") => return migrate::migrate(json),
+        Some("scale") => return scale::scale(json),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale [--json]");
             std::process::exit(2);
         }
     }
