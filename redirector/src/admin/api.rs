@@ -9,6 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// The longest request line the agent reads (newline included): a move of 400,000 IPv6
+/// clients fits. The CLI refuses a longer one before sending it.
+pub const MAX_REQUEST: usize = 16 << 20;
+
 /// A request to the running agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::de::DeserializeOwned;
 
-use super::api::{DrainState, GivenBack, Moved, ProbeSent, Request, Status};
+use super::api::{DrainState, GivenBack, MAX_REQUEST, Moved, ProbeSent, Request, Status};
 
 /// How long a status may take to come.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,10 +22,13 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// No agent answers there, the agent refused the request (its reason), or its answer is not a
 /// `T`.
 pub fn ask<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) -> anyhow::Result<T> {
-    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
-    s.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req).context("encoding the request")?;
     line.push('\n');
+    if line.len() > MAX_REQUEST {
+        bail!("the request takes {} MiB, more than the agent reads ({} MiB): ask about fewer clients at once", line.len().div_ceil(1 << 20), MAX_REQUEST >> 20);
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("connecting to the agent's admin socket {} (is the agent running?)", path.display()))?;
+    s.set_read_timeout(Some(timeout))?;
     s.write_all(line.as_bytes()).context("sending the request to the agent")?;
     let mut answer = String::new();
     std::io::BufReader::new(s).read_line(&mut answer).context("reading the agent's answer")?;
@@ -81,4 +84,22 @@ pub fn drain(path: &Path, drain: bool) -> anyhow::Result<DrainState> {
 /// As [`ask`].
 pub fn probe(path: &Path, sibling: &str, service: std::net::SocketAddr, port: u16, token: u64) -> anyhow::Result<ProbeSent> {
     ask(path, &Request::Probe { sibling: sibling.to_string(), service, port, token }, STATUS_TIMEOUT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_longer_than_the_agent_reads_is_refused_before_it_is_sent() {
+        // 600,000 IPv6 clients: about 24 MiB of JSON. No agent listens at the path: the size
+        // is checked first.
+        let clients: Vec<IpAddr> = (0..600_000u128).map(|i| IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_ffff_ffff_ffff_ffff_u128 << 64) | i))).collect();
+        let e = move_clients(Path::new("/nonexistent/agent.sock"), clients, Duration::from_secs(1)).expect_err("too long");
+        assert!(e.to_string().contains("fewer clients"), "{e:#}");
+        // 100,000 IPv4 clients fit.
+        let clients: Vec<IpAddr> = (0..100_000u32).map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0xc612_4000 + i))).collect();
+        let e = move_clients(Path::new("/nonexistent/agent.sock"), clients, Duration::from_secs(1)).expect_err("no agent");
+        assert!(e.to_string().contains("is the agent running"), "{e:#}");
+    }
 }

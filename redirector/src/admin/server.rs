@@ -11,11 +11,8 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::api::{GivenBack, Moved, ProbeSent, Refused, Request};
+use super::api::{GivenBack, MAX_REQUEST, Moved, ProbeSent, Refused, Request};
 use crate::agent::Agent;
-
-/// The longest request line read: a move of 10,000 IPv6 clients fits.
-const MAX_LINE: u64 = 1 << 20;
 
 /// How long a client may take to send its request: one that says nothing does not hold a
 /// task forever.
@@ -48,9 +45,15 @@ async fn serve_inner(agent: Arc<Agent>, path: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            match tokio::time::timeout(READ_TIMEOUT, BufReader::new(r.take(MAX_LINE)).read_line(&mut line)).await {
+            let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX);
+            match tokio::time::timeout(READ_TIMEOUT, BufReader::new(r.take(limit)).read_line(&mut line)).await {
                 Ok(Ok(_)) => {}
                 _ => return,
+            }
+            if line.len() == MAX_REQUEST && !line.ends_with('\n') {
+                let error = format!("request longer than {} MiB: ask about fewer clients at once", MAX_REQUEST >> 20);
+                let _ = w.write_all(to_line(&Refused { error }).as_bytes()).await;
+                return;
             }
             let answer = match Request::parse(&line) {
                 Ok(req) => answer(&agent, req).await,
