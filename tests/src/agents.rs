@@ -90,7 +90,8 @@ impl Drop for Cgroups {
 }
 
 /// Path of a binary of this package (`redirector-test-app`), next to the test executable.
-fn sibling_bin(name: &str) -> PathBuf {
+#[must_use]
+pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
     if dir.ends_with("deps") {

@@ -180,9 +180,11 @@ fn check_kernel(quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Installs Debian packages a command needs, when their programs are missing.
+/// Installs Debian packages a command needs, when what they provide is missing: a program on
+/// the `PATH`, or a file named by its absolute path.
 pub fn ensure_debs(programs_and_packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = programs_and_packages.iter().filter(|(prog, _)| output("which", &[prog]).is_none()).map(|(_, pkg)| *pkg).collect();
+    let present = |what: &str| if what.starts_with('/') { std::path::Path::new(what).exists() } else { output("which", &[what]).is_some() };
+    let missing: Vec<&str> = programs_and_packages.iter().filter(|(what, _)| !present(what)).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }

@@ -6,7 +6,10 @@
 //! enabled) over `BPF_PROG_TEST_RUN` calls of one run each: a steered packet is rewritten, so
 //! `repeat` cannot be used for it; every program is measured the same way for fairness.
 
+mod agent_load;
+mod compare;
 mod migrate;
+mod plot;
 mod scale;
 
 use std::{
@@ -439,9 +442,10 @@ fn main() {
         Some("negotiate") => return negotiate(json),
         Some("handoff") => return handoff(json),
         Some("migrate") => return migrate::migrate(json),
+        Some("compare") => return compare::compare(json),
         Some("scale") => return scale::scale(json),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|compare|scale [--json]");
             std::process::exit(2);
         }
     }

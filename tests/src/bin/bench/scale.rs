@@ -1,5 +1,6 @@
 //! `cargo xtask bench scale [--json]`: the classifier's cost per packet with 10, 10,000 and
-//! 1,000,000 migrated clients of each family, and the kernel memory each migrated client takes.
+//! 1,000,000 migrated clients of each family, the kernel memory each migrated client takes,
+//! and the origin agent's CPU and memory with 100,000 clients out ([`crate::agent_load`]).
 //!
 //! Each case runs `BPF_PROG_TEST_RUN` (the kernel's own run-time accounting, as `bench
 //! datapath`) over [`DISTINCT`] different packets in turn, so that lookups spread over the
@@ -303,14 +304,20 @@ fn mib(b: u64) -> f64 {
 
 pub fn scale(json: bool) {
     eprintln!("measuring the classifier with {SIZES:?} migrated clients of each family...");
+    let agent = crate::agent_load::measure();
     let s = classifier_scale();
     print(&s);
+    crate::agent_load::print(&agent);
     if json {
         let mut m = serde_json::Map::new();
         m.insert("scale_1m_vs_10".into(), s.worst_growth(false).1.into());
         m.insert("scale_1m_vs_10_hot".into(), s.worst_growth(true).1.into());
         m.insert("existing_vs_empty".into(), s.existing_vs_empty().into());
         m.insert("bytes_per_client".into(), s.bytes_per_client().into());
+        m.insert("agent_cpu_ms_per_s".into(), agent.cpu_ms_per_s[0].into());
+        m.insert("agent_cpu_ms_per_s_100k".into(), agent.cpu_ms_per_s[1].into());
+        m.insert("agent_rss_kib".into(), agent.rss_kib[0].into());
+        m.insert("agent_rss_kib_100k".into(), agent.rss_kib[1].into());
         for size in &s.sizes {
             for c in &size.ns {
                 let name = c.name.replace(' ', "_");
