@@ -13,7 +13,10 @@
 //!   client ([`load`]).
 //! - `redirector_sk_lookup` (netns `sk_lookup`): hands connections to an adopted service address
 //!   to the listener registered for it ([`sk_lookup`]).
-//! - `redirector_empty`: the benchmark's baseline.
+//! - `redirector_xdp` (XDP on the origin's uplink, for services with `SERVICE_XDP`): the fast
+//!   path; forwards migrated clients' packets where it decides exactly as the classifier would,
+//!   passes everything else on to it ([`xdp`]).
+//! - `redirector_empty`, `redirector_xdp_empty`: the benchmarks' baselines.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -41,15 +44,19 @@ mod sk_lookup;
 mod slot;
 mod steer;
 mod verdict;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::sk_action,
-    macros::{classifier, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockOpsContext, TcContext},
+    bindings::{sk_action, xdp_action},
+    macros::{classifier, sk_lookup, sock_ops, xdp},
+    programs::{SkLookupContext, SockOpsContext, TcContext, XdpContext},
 };
 use redirector_common::Counter;
 
-use crate::{counters::count, verdict::TCX_NEXT};
+use crate::{
+    counters::{count, count_extra},
+    verdict::TCX_NEXT,
+};
 
 #[classifier]
 pub fn redirector_ingress(ctx: TcContext) -> i32 {
@@ -65,6 +72,32 @@ pub fn redirector_ingress(ctx: TcContext) -> i32 {
     };
     count(verdict.counter);
     verdict.action
+}
+
+/// On the origin's uplink, before the stack: forwards what it can decide as the classifier
+/// would, counted under the classifier's own counter and `xdp-forwarded`; passes the rest on to
+/// the classifier (`xdp-passed`).
+#[xdp]
+pub fn redirector_xdp(ctx: XdpContext) -> u32 {
+    match xdp::fast_path(&ctx) {
+        Ok(counter) => {
+            // `forwarded-time-wait` is one of `COUNTERS_EXTRA`, the others of `COUNTERS`.
+            count(counter);
+            count_extra(counter);
+            count_extra(Counter::XdpForwarded);
+            xdp_action::XDP_TX
+        }
+        Err(xdp::Pass) => {
+            count_extra(Counter::XdpPassed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Does nothing: the XDP benchmark's baseline.
+#[xdp]
+pub fn redirector_xdp_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// On a target's uplink egress: lowers the MSS announced by SYN-ACKs of adopted services, so

@@ -47,7 +47,7 @@ pub struct AgentArgs {
     /// Replace the siblings: NAME=ADDR:PORT, repeatable.
     #[arg(long = "sibling", value_parser = parse_sibling)]
     pub siblings: Vec<Sibling>,
-    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves], repeatable
+    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves][,xdp], repeatable
     /// (`sessions`: the service's clients never move without their sessions).
     #[arg(long = "service", value_parser = parse_service)]
     pub services: Vec<Service>,
@@ -61,11 +61,12 @@ fn parse_sibling(s: &str) -> Result<Sibling, String> {
 
 fn parse_service(s: &str) -> Result<Service, String> {
     let mut parts: Vec<&str> = s.split(',').collect();
-    let (mut sessions, mut live_moves) = (false, false);
+    let (mut sessions, mut live_moves, mut xdp) = (false, false, false);
     while parts.len() > 3 {
         match parts.last() {
             Some(&"sessions") => sessions = true,
             Some(&"live-moves") => live_moves = true,
+            Some(&"xdp") => xdp = true,
             _ => break,
         }
         parts.pop();
@@ -73,7 +74,7 @@ fn parse_service(s: &str) -> Result<Service, String> {
     let (addr, dev, cgroup, listener) = match parts.as_slice() {
         [addr, dev, cgroup] => (*addr, *dev, *cgroup, None),
         [addr, dev, cgroup, listener] => (*addr, *dev, *cgroup, Some(*listener)),
-        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves]")),
+        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves][,xdp]")),
     };
     Ok(Service {
         address: addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?,
@@ -82,6 +83,7 @@ fn parse_service(s: &str) -> Result<Service, String> {
         listener: listener.map(|l| l.parse().map_err(|_| format!("{s:?}: {l:?} is not ADDR:PORT"))).transpose()?,
         sessions,
         live_moves,
+        xdp,
     })
 }
 
