@@ -56,7 +56,7 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
-    /// Benchmarks: `cargo xtask bench datapath|negotiate|handoff|migrate [--json]`.
+    /// Benchmarks: `cargo xtask bench datapath|negotiate|handoff|migrate|xdp [--json]`.
     Bench {
         /// Which benchmark.
         which: String,
@@ -187,8 +187,8 @@ fn main() -> Result<()> {
         Cmd::Bench { which, args } => {
             require_root("cargo xtask bench")?;
             match which.as_str() {
-                "datapath" | "negotiate" | "handoff" | "migrate" => {}
-                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`, `negotiate`, `handoff` or `migrate`"),
+                "datapath" | "negotiate" | "handoff" | "migrate" | "xdp" => {}
+                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`, `negotiate`, `handoff`, `migrate` or `xdp`"),
             }
             build(true, &[])?;
             let mut c = cargo();

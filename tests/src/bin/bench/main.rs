@@ -7,6 +7,7 @@
 //! `repeat` cannot be used for it; every program is measured the same way for fairness.
 
 mod migrate;
+mod xdp;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
@@ -438,8 +439,9 @@ fn main() {
         Some("negotiate") => return negotiate(json),
         Some("handoff") => return handoff(json),
         Some("migrate") => return migrate::migrate(json),
+        Some("xdp") => return xdp::xdp(json),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|xdp [--json]");
             std::process::exit(2);
         }
     }
