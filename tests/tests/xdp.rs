@@ -185,3 +185,130 @@ fn an_interface_that_cannot_run_it_falls_back_to_the_classifier_with_a_warning()
     assert!(list.contains("\"xdp\":false") && !list.contains("\"xdp\":true"), "{list}");
     assert!(!t.a.ip(&["-d", "link", "show", "lo"]).contains("prog/xdp"));
 }
+
+/// `XDP_PASS` and `XDP_TX`; what the classifier returns for a packet it sends.
+const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// The counters of a decision, without XDP's own two.
+fn decisions(before: &redirector::datapath::Stats, after: &redirector::datapath::Stats) -> Vec<(&'static str, u64)> {
+    after.counters.iter().zip(&before.counters).filter(|((n, a), (_, b))| a != b && !n.starts_with("xdp-")).map(|((n, a), (_, b))| (*n, a - b)).collect()
+}
+
+/// The same crafted packets through the XDP program and through the classifier
+/// (`BPF_PROG_TEST_RUN`, in a namespace of their own whose uplink `v0` is a veth with the
+/// target's address resolved): XDP forwards exactly what the classifier forwards, with the
+/// same counter and the same bytes from the outer IP header on; everything else it passes on
+/// unchanged, for the classifier to decide.
+#[test]
+fn xdp_decides_as_the_classifier_or_passes() {
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
+
+    use redirector::datapath::Prefix;
+    use redirector_common::programs;
+    use redirector_tests::packets::{Ip, Pkt};
+    if !require_root() {
+        return;
+    }
+    std::thread::spawn(|| {
+        let sh = |args: &[&str]| {
+            redirector_tests::net::sh(args);
+        };
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        sh(&["ip", "link", "set", "lo", "up"]);
+        sh(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        sh(&["ip", "link", "set", "v0", "up"]);
+        sh(&["ip", "link", "set", "v1", "up"]);
+        for a in ["198.18.0.1/16", "198.18.0.10/32"] {
+            sh(&["ip", "addr", "add", a, "dev", "v0"]);
+        }
+        for a in ["2001:db8::1/64", "2001:db8::10/128"] {
+            sh(&["ip", "-6", "addr", "add", a, "dev", "v0", "nodad"]);
+        }
+        sh(&["ip", "addr", "add", "198.18.1.5/32", "dev", "lo"]);
+        sh(&["ip", "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
+        sh(&["ip", "-6", "neigh", "replace", "2001:db8::2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
+        std::fs::write("/proc/sys/net/ipv4/conf/v0/forwarding", "1").expect("forwarding");
+        std::fs::write("/proc/sys/net/ipv6/conf/v0/forwarding", "1").expect("forwarding");
+        let (svc4, svc6) = (Ipv4Addr::new(198, 18, 0, 10), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+        let listener = TcpListener::bind((svc4, 80)).expect("listener");
+        let _listener6 = TcpListener::bind((svc6, 80)).expect("listener v6");
+        // A flow of the migrated client that lives here.
+        let local = redirector_tests::app::connect_here(IpAddr::V4(client4(5)), SocketAddr::new(IpAddr::V4(svc4), 80)).expect("a connection living here");
+        let local_port = local.local_addr().expect("addr").port();
+        let _accepted = listener.accept().expect("accept");
+        let dir = std::env::temp_dir().join(format!("redirector-xdp-ct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bpffs dir");
+        sh(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]);
+        let result = std::panic::catch_unwind(|| {
+            let mut dp = Datapath::open(&Location { bpffs: dir.clone(), instance: "xct".into() }).expect("open");
+            let ifindex = redirector::datapath::interface_index("v0").expect("v0");
+            for (svc, ctl) in [(IpAddr::V4(svc4), IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))), (IpAddr::V6(svc6), IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)))] {
+                let s = dp.add_service_xdp((svc, 80), "v0", Some(ctl), Some(1500), true).expect("service");
+                assert!(s.xdp, "{:?}", s.xdp_unavailable);
+            }
+            let host = |a: IpAddr| Prefix { addr: a, len: if a.is_ipv4() { 32 } else { 128 } };
+            dp.migrate(host(IpAddr::V4(client4(5))), IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), None).expect("rule");
+            dp.migrate(host(IpAddr::V4(client4(7))), IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), None).expect("rule");
+            dp.drain(host(IpAddr::V4(client4(7))), Duration::from_secs(600)).expect("draining rule");
+            dp.migrate(host(IpAddr::V6(client6(5))), IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)), None).expect("rule v6");
+            let frozen = [(SocketAddr::new(IpAddr::V4(client4(5)), 40_009), SocketAddr::new(IpAddr::V4(svc4), 80))];
+            dp.freeze(&frozen, Duration::from_secs(600)).expect("freeze");
+            let v4 = |src: Ipv4Addr, sport: u16, flags: u8| Pkt::tcp(Ip::V4(src, svc4), sport, 80, flags);
+            let v6 = |src: Ipv6Addr, flags: u8| Pkt::tcp(Ip::V6(src, svc6), 40_000, 80, flags);
+            let (syn, ack, fin) = (0x02, 0x10, 0x11);
+            // (what, packet, whether XDP forwards it itself)
+            let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+                ("SYN of a migrated client (MSS lowered)", v4(client4(5), 40_000, syn).mss(1460).build(), true),
+                ("SYN whose MSS already fits", v4(client4(5), 40_001, syn).mss(1200).build(), true),
+                ("SYN without options", v4(client4(5), 40_002, syn).build(), true),
+                ("ACK of a flow living on the target", v4(client4(5), 40_003, ack).build(), true),
+                ("FIN of a flow living on the target", v4(client4(5), 40_004, fin).build(), true),
+                ("ACK of a flow living here", v4(client4(5), local_port, ack).build(), false),
+                ("ACK of a frozen flow", v4(client4(5), 40_009, ack).build(), false),
+                ("SYN of a draining rule's client", v4(client4(7), 40_000, syn).mss(1460).build(), false),
+                ("ACK of a draining rule's client, no socket", v4(client4(7), 40_000, ack).build(), true),
+                ("client with no rule", v4(client4(6), 40_000, syn).mss(1460).build(), false),
+                ("another port", Pkt::tcp(Ip::V4(client4(5), svc4), 40_000, 443, syn).build(), false),
+                ("fragment", v4(client4(5), 40_000, syn).more_fragments().build(), false),
+                ("IPv4 options", v4(client4(5), 40_000, syn).ip_options().build(), false),
+                ("IPv6 SYN of a migrated client", v6(client6(5), syn).mss(1440).build(), true),
+                ("IPv6 ACK of a flow living on the target", v6(client6(5), ack).build(), true),
+                ("IPv6 extension header", v6(client6(5), syn).ext_header(60).build(), false),
+                ("IPv6 client with no rule", v6(client6(6), syn).build(), false),
+                ("UDP", Pkt::udp(Ip::V4(client4(5), svc4), 40_000, 80).build(), false),
+                ("truncated TCP", v4(client4(5), 40_000, ack).build()[..40].to_vec(), false),
+            ];
+            for (what, pkt, forwards) in cases {
+                let s0 = dp.stats().expect("stats");
+                let x = dp.test_run_xdp(programs::XDP, &pkt, 1, ifindex).expect("XDP test run");
+                let s1 = dp.stats().expect("stats");
+                let tc = dp.test_run(programs::INGRESS, &pkt, 1).expect("TC test run");
+                let s2 = dp.stats().expect("stats");
+                let (by_xdp, by_tc) = (decisions(&s0, &s1), decisions(&s1, &s2));
+                if forwards {
+                    assert_eq!(x.retval, XDP_TX, "{what}: XDP forwards it (counted {by_xdp:?})");
+                    assert_eq!(tc.retval, TC_ACT_REDIRECT, "{what}: the classifier forwards it too");
+                    assert_eq!(by_xdp, by_tc, "{what}: counted as the classifier counts it");
+                    assert_eq!(s1.get("xdp-forwarded"), s0.get("xdp-forwarded") + 1, "{what}");
+                    assert_eq!(x.data_out[14..], tc.data_out[14..], "{what}: the same packet from the outer IP header on");
+                    assert_eq!(x.data_out[..6], [2, 0, 0, 0, 0, 2], "{what}: to the target's MAC address");
+                } else {
+                    assert_eq!(x.retval, XDP_PASS, "{what}: XDP passes it (counted {by_xdp:?})");
+                    assert!(by_xdp.is_empty(), "{what}: only xdp-passed counted by XDP, not {by_xdp:?}");
+                    assert_eq!(s1.get("xdp-passed"), s0.get("xdp-passed") + 1, "{what}");
+                    assert_eq!(x.data_out, pkt, "{what}: passed unchanged");
+                }
+            }
+            drop(local);
+        });
+        let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&dir);
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+}
