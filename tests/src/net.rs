@@ -292,6 +292,32 @@ impl Topology {
     }
 }
 
+/// Makes this thread's network namespace (a fresh one) an origin's uplink for the XDP fast
+/// path under `BPF_PROG_TEST_RUN`: loopback up, a veth `v0` (peer `v1`) with A's control and
+/// service addresses of both families, forwarding on, and the target's addresses (198.18.0.2,
+/// 2001:db8::2) resolved to `02:00:00:00:00:02`, so that XDP's next-hop lookup answers. Returns
+/// `v0`'s index.
+#[must_use]
+pub fn xdp_uplink_here() -> u32 {
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    sh(&["ip", "link", "set", "v0", "up"]);
+    sh(&["ip", "link", "set", "v1", "up"]);
+    for a in ["198.18.0.1/16", &format!("{SERVICE4}/32")] {
+        sh(&["ip", "addr", "add", a, "dev", "v0"]);
+    }
+    for a in ["2001:db8::1/64", &format!("{SERVICE6}/128")] {
+        sh(&["ip", "-6", "addr", "add", a, "dev", "v0", "nodad"]);
+    }
+    sh(&["ip", "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
+    sh(&["ip", "-6", "neigh", "replace", "2001:db8::2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/v0/forwarding");
+        fs::write(&path, "1").unwrap_or_else(|e| panic!("writing {path}: {e}"));
+    }
+    redirector::datapath::interface_index("v0").expect("v0")
+}
+
 /// Path of the `redirector` binary: `$REDIRECTOR_BIN`, else `target/debug/redirector`.
 #[must_use]
 pub fn redirector_bin() -> PathBuf {

@@ -212,26 +212,10 @@ fn xdp_decides_as_the_classifier_or_passes() {
         return;
     }
     std::thread::spawn(|| {
-        let sh = |args: &[&str]| {
-            redirector_tests::net::sh(args);
-        };
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        sh(&["ip", "link", "set", "lo", "up"]);
-        sh(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-        sh(&["ip", "link", "set", "v0", "up"]);
-        sh(&["ip", "link", "set", "v1", "up"]);
-        for a in ["198.18.0.1/16", "198.18.0.10/32"] {
-            sh(&["ip", "addr", "add", a, "dev", "v0"]);
-        }
-        for a in ["2001:db8::1/64", "2001:db8::10/128"] {
-            sh(&["ip", "-6", "addr", "add", a, "dev", "v0", "nodad"]);
-        }
-        sh(&["ip", "addr", "add", "198.18.1.5/32", "dev", "lo"]);
-        sh(&["ip", "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
-        sh(&["ip", "-6", "neigh", "replace", "2001:db8::2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
-        std::fs::write("/proc/sys/net/ipv4/conf/v0/forwarding", "1").expect("forwarding");
-        std::fs::write("/proc/sys/net/ipv6/conf/v0/forwarding", "1").expect("forwarding");
-        let (svc4, svc6) = (Ipv4Addr::new(198, 18, 0, 10), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+        let ifindex = redirector_tests::net::xdp_uplink_here();
+        redirector_tests::net::sh(&["ip", "addr", "add", "198.18.1.5/32", "dev", "lo"]);
+        let (svc4, svc6) = (SERVICE4, SERVICE6);
         let listener = TcpListener::bind((svc4, 80)).expect("listener");
         let _listener6 = TcpListener::bind((svc6, 80)).expect("listener v6");
         // A flow of the migrated client that lives here.
@@ -240,10 +224,9 @@ fn xdp_decides_as_the_classifier_or_passes() {
         let _accepted = listener.accept().expect("accept");
         let dir = std::env::temp_dir().join(format!("redirector-xdp-ct-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("bpffs dir");
-        sh(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]);
+        redirector_tests::net::sh(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]);
         let result = std::panic::catch_unwind(|| {
             let mut dp = Datapath::open(&Location { bpffs: dir.clone(), instance: "xct".into() }).expect("open");
-            let ifindex = redirector::datapath::interface_index("v0").expect("v0");
             for (svc, ctl) in [(IpAddr::V4(svc4), IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))), (IpAddr::V6(svc6), IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)))] {
                 let s = dp.add_service_xdp((svc, 80), "v0", Some(ctl), Some(1500), true).expect("service");
                 assert!(s.xdp, "{:?}", s.xdp_unavailable);

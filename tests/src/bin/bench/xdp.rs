@@ -34,7 +34,7 @@ use redirector::datapath::{Datapath, Location, Prefix};
 use redirector_common::programs;
 use redirector_tests::{
     Server, Topology, in_netns,
-    net::{SERVICE4, client4, sh},
+    net::{SERVICE4, client4, sh, xdp_uplink_here},
     packets::{Ip, Pkt},
 };
 
@@ -171,21 +171,13 @@ mod case {
     pub const XDP_PASS: usize = 6;
 }
 
-/// Per-packet cost of each case (ns, medians), in a namespace of its own: the uplink `v0` a
-/// veth, its next hop's address resolved, forwarding on, the service listening.
+/// Per-packet cost of each case (ns, medians), in a namespace of its own
+/// ([`xdp_uplink_here`]), the service listening.
 fn costs() -> Vec<f64> {
     std::thread::spawn(|| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        sh(&["ip", "link", "set", "lo", "up"]);
-        sh(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-        sh(&["ip", "link", "set", "v0", "up"]);
-        sh(&["ip", "link", "set", "v1", "up"]);
-        sh(&["ip", "addr", "add", "198.18.0.1/16", "dev", "v0"]);
-        sh(&["ip", "addr", "add", &format!("{SERVICE4}/32"), "dev", "v0"]);
-        sh(&["ip", "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
-        fs::write("/proc/sys/net/ipv4/conf/v0/forwarding", "1").expect("forwarding on v0");
+        let ifindex = xdp_uplink_here();
         let _listener = TcpListener::bind((SERVICE4, 80)).expect("listener");
-        let ifindex = redirector::datapath::interface_index("v0").expect("v0");
         let dir = std::env::temp_dir().join(format!("redirector-bench-xdp-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("bpffs dir");
         sh(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]);
