@@ -5,17 +5,21 @@
 //! namespace, sends ACKs of flows that live on B (the common packet of a migrated client: socket
 //! lookup on A, encapsulated, sent to B) from one migrated address to A's service, from a packet
 //! socket with `PACKET_QDISC_BYPASS` and `sendmmsg` (batches of 64 prebuilt frames, 1,024 flows),
-//! for `WINDOW` per round, rounds alternating TC and XDP. Its thread is pinned to one CPU. On veth
-//! nothing leaves that CPU: the frames' way through the client's veth, the bridge, A (its
-//! classifier, or its XDP program and the frames it sends back), the bridge again and B's
-//! receive (B has no tunnel of A's configured and drops them) all run there, in the sender's
-//! system call or in the softirq it raises. So that CPU's busy time in `/proc/stat` (user,
-//! system, irq, softirq) over the round is what the forwarding cost, and the figure is A's
-//! forwarded packets (its `forwarded-existing` counter, which both paths count) per second of
-//! that busy time. It is a per-core figure of the whole path on one host: the generator, the
-//! bridge and B's receive cost the same in both modes, so the ratio understates what A alone
-//! gains (and on veth XDP works on socket buffers the sender made: it copies each into a page
-//! of its own first, which a NIC's driver never needs).
+//! for `WINDOW` per round, rounds alternating TC and XDP, bounded in frames too. A's own work is
+//! counted apart: A's uplink receives in NAPI in both modes (GRO on, as on a NIC; XDP needs it
+//! anyway) and its NAPI runs threaded (`/sys/class/net/eth0/threaded`), in kernel threads pinned
+//! to CPU 0, while the generator and everything else that takes the frames there and away (the
+//! client's veth, the bridge, the switch's end of A's veth, also threaded, and B) runs on CPU 1.
+//! So the CPU time of A's NAPI threads (`/proc/PID/schedstat`) is what A spent receiving,
+//! deciding and sending the packets: the classifier's path (socket buffer, GRO, the stack's
+//! receive path to TC, the classifier, `bpf_redirect_neigh`, the transmit to the peer) or the
+//! XDP one (the XDP program, `XDP_TX` to the peer). The figure per core is A's forwarded packets
+//! (its `forwarded-existing` counter, which both paths count; every XDP round checks that
+//! `xdp-forwarded` moved as much) per second of that time. On veth, XDP gets socket buffers the
+//! sender made and copies each into a page of its own first (its headroom is smaller than
+//! XDP's): a NIC's driver never needs that copy, so XDP's figure here is lower than on a NIC.
+//! The whole path's figure (busy time of the generator's CPU in `/proc/stat`, which also holds
+//! the generator, the bridge and B) is printed next to it.
 //!
 //! Per-packet cost: `BPF_PROG_TEST_RUN`, the kernel's own `run_time_ns / run_cnt` with BPF
 //! statistics on, one run per call (a forwarded packet is rewritten), as `bench datapath` does,
@@ -34,7 +38,7 @@ use redirector::datapath::{Datapath, Location, Prefix};
 use redirector_common::programs;
 use redirector_tests::{
     Server, Topology, in_netns,
-    net::{SERVICE4, client4, sh, xdp_uplink_here},
+    net::{SERVICE4, client4, ethtool_set, sh, xdp_uplink_here},
     packets::{Ip, Pkt},
 };
 
@@ -46,8 +50,13 @@ const WINDOW: Duration = Duration::from_secs(2);
 const MAX_FRAMES: u64 = 20_000_000;
 /// Calls per `BPF_PROG_TEST_RUN` case per round.
 const RUNS: u32 = 20_000;
-/// The CPU the generator runs on.
+/// The CPU the generator (and the path to and from A) runs on.
 const GEN_CPU: usize = 1;
+/// The CPU A's NAPI threads run on.
+const A_CPU: usize = 0;
+/// `ETHTOOL_SGRO`, `ETHTOOL_STSO`.
+const ETHTOOL_SGRO: u32 = 0x2c;
+const ETHTOOL_STSO: u32 = 0x1f;
 const TCP_ACK: u8 = 0x10;
 const TCP_SYN: u8 = 0x02;
 /// `XDP_TX`.
@@ -56,12 +65,15 @@ const XDP_TX: i32 = 3;
 /// What `bench xdp` measured (also for `bench compare`).
 #[derive(Clone, Debug)]
 pub struct XdpFigures {
-    /// Forwarded packets per second of busy CPU, classifier alone.
+    /// Forwarded packets per second of A's own CPU time (its NAPI threads), classifier alone.
     pub tc_pps: f64,
     /// The same with the XDP fast path.
     pub xdp_pps: f64,
     /// `xdp_pps / tc_pps`.
     pub xdp_vs_tc_pps: f64,
+    /// Forwarded packets per second of the generator's CPU's busy time (the whole path but A).
+    pub tc_path_pps: f64,
+    pub xdp_path_pps: f64,
     /// Forwarded packets per second of wall-clock time (the generator's CPU saturated or not).
     pub tc_rate: f64,
     pub xdp_rate: f64,
@@ -96,7 +108,8 @@ pub fn measure() -> XdpFigures {
     let c = costs();
     eprintln!("measuring forwarded packets per second, TC and XDP alternating ({ROUNDS} rounds of {} s each)...", WINDOW.as_secs());
     let r = rates();
-    let per_core = |v: &[Round]| median(v.iter().map(|r| r.forwarded as f64 / r.busy_secs.max(1e-3)).collect());
+    let per_core = |v: &[Round]| median(v.iter().map(|r| r.forwarded as f64 / r.a_secs.max(1e-6)).collect());
+    let per_path_core = |v: &[Round]| median(v.iter().map(|r| r.forwarded as f64 / r.busy_secs.max(1e-3)).collect());
     let rate = |v: &[Round]| median(v.iter().map(|r| r.forwarded as f64 / r.secs).collect());
     let busy = |v: &[Round]| median(v.iter().map(|r| r.busy_secs / r.secs).collect());
     let sent = |v: &[Round]| median(v.iter().map(|r| r.sent as f64 / r.secs).collect());
@@ -105,6 +118,8 @@ pub fn measure() -> XdpFigures {
         tc_pps,
         xdp_pps,
         xdp_vs_tc_pps: xdp_pps / tc_pps,
+        tc_path_pps: per_path_core(&r.tc),
+        xdp_path_pps: per_path_core(&r.xdp),
         tc_rate: rate(&r.tc),
         xdp_rate: rate(&r.xdp),
         tc_sent: sent(&r.tc),
@@ -126,10 +141,12 @@ pub fn xdp(json: bool) {
     let f = measure();
     println!("XDP fast path vs the TC classifier, forwarding a migrated client's packets (same run):");
     println!("  {:<46} {:>12} {:>12} {:>8}", "", "TC", "XDP", "XDP/TC");
-    println!("  {:<46} {:>12.0} {:>12.0} {:>7.2}x", "forwarded packets/s per busy core", f.tc_pps, f.xdp_pps, f.xdp_vs_tc_pps);
+    println!("  {:<46} {:>12.0} {:>12.0} {:>7.2}x", "forwarded packets/s per core of A (NAPI threads)", f.tc_pps, f.xdp_pps, f.xdp_vs_tc_pps);
+    println!("  {:<46} {:>12.1} {:>12.1} {:>7.2}x", "A's CPU ns per forwarded packet", 1e9 / f.tc_pps, 1e9 / f.xdp_pps, f.tc_pps / f.xdp_pps);
+    println!("  {:<46} {:>12.0} {:>12.0} {:>7.2}x", "forwarded packets/s per busy core, rest of path", f.tc_path_pps, f.xdp_path_pps, f.xdp_path_pps / f.tc_path_pps);
     println!("  {:<46} {:>12.0} {:>12.0} {:>7.2}x", "forwarded packets/s (wall clock)", f.tc_rate, f.xdp_rate, f.xdp_rate / f.tc_rate);
     println!("  {:<46} {:>12.0} {:>12.0}", "frames sent/s by the generator", f.tc_sent, f.xdp_sent);
-    println!("  {:<46} {:>11.0}% {:>11.0}%", "generator's CPU busy", f.tc_busy * 100.0, f.xdp_busy * 100.0);
+    println!("  {:<46} {:>11.0}% {:>11.0}%", "generator's CPU busy (the rest of the path)", f.tc_busy * 100.0, f.xdp_busy * 100.0);
     println!("  {:<46} {:>12.1} {:>12.1} {:>7.2}x", "ns/packet, existing flow (BPF_PROG_TEST_RUN)", f.tc_ns, f.xdp_ns, f.xdp_ns / f.tc_ns);
     println!("  {:<46} {:>12.1} {:>12.1} {:>7.2}x", "ns/packet, new connection (SYN, MSS lowered)", f.tc_syn_ns, f.xdp_syn_ns, f.xdp_syn_ns / f.tc_syn_ns);
     println!("  {:<46} {:>12.1} {:>12.1}", "ns/packet, empty program", f.tc_empty_ns, f.xdp_empty_ns);
@@ -147,6 +164,8 @@ pub fn xdp(json: bool) {
                 "tc_ns": f.tc_ns,
                 "xdp_rate": f.xdp_rate,
                 "tc_rate": f.tc_rate,
+                "xdp_path_pps": f.xdp_path_pps,
+                "tc_path_pps": f.tc_path_pps,
                 "xdp_sent": f.xdp_sent,
                 "tc_sent": f.tc_sent,
                 "xdp_syn_ns": f.xdp_syn_ns,
@@ -246,7 +265,45 @@ struct Round {
     sent: u64,
     forwarded: u64,
     secs: f64,
+    /// Busy time of the generator's CPU.
     busy_secs: f64,
+    /// CPU time of A's NAPI threads.
+    a_secs: f64,
+}
+
+/// The kernel's NAPI threads (`napi/IFNAME-ID`) whose interface name is `ifname`.
+fn napi_threads(ifname: &str) -> Vec<i32> {
+    let prefix = format!("napi/{ifname}-");
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with(&prefix)) {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Turns threaded NAPI on for `ifname` in namespace `ns` and pins its new NAPI threads to
+/// `cpu`; their pids.
+fn threaded_napi(ns: &str, ifname: &str, cpu: usize) -> Vec<i32> {
+    let before = napi_threads(ifname);
+    // /sys/class/net shows the namespace sysfs was mounted in: `ip netns exec` mounts its own.
+    sh(&["ip", "netns", "exec", ns, "sh", "-c", &format!("echo 1 > /sys/class/net/{ifname}/threaded")]);
+    let threads: Vec<i32> = napi_threads(ifname).into_iter().filter(|p| !before.contains(p)).collect();
+    assert!(!threads.is_empty(), "no NAPI thread of {ifname} in {ns} appeared");
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).expect("cpu set");
+    for pid in &threads {
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(*pid), &set).unwrap_or_else(|e| panic!("pinning NAPI thread {pid}: {e}"));
+    }
+    threads
+}
+
+/// CPU time of threads `pids` so far, in ns (`/proc/PID/schedstat`).
+fn cpu_ns(pids: &[i32]) -> u64 {
+    pids.iter().map(|p| fs::read_to_string(format!("/proc/{p}/schedstat")).ok().and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0)).sum()
 }
 
 struct Rates {
@@ -280,6 +337,13 @@ fn rates() -> Rates {
     let b = t.b.v4[0].to_string();
     // B's address resolved on A, so that both paths find the next hop from the first packet.
     t.a.ip(&["neigh", "replace", &b, "lladdr", &t.b.mac(), "dev", "eth0", "nud", "permanent"]);
+    // A receives in NAPI in both modes, in threads on a CPU of their own; so does the switch's
+    // end of A's veth (it runs XDP: see `Topology::xdp_ready`), on the generator's CPU.
+    // (veth hands a packet to the receiver's NAPI only if the sender does no TSO.)
+    ethtool_set(&t.a.ns, "eth0", ETHTOOL_SGRO, true);
+    ethtool_set(&t.switch, &t.a.ns, ETHTOOL_STSO, false);
+    let a_threads = threaded_napi(&t.a.ns, "eth0", A_CPU);
+    threaded_napi(&t.switch, &t.a.ns, GEN_CPU);
     let service = svc.to_string();
     t.redirector_ok(&t.a, &["service", "add", &service, "--dev", "eth0"]);
     let client = client4(1);
@@ -305,7 +369,10 @@ fn rates() -> Rates {
         assert!(said.status.success() && said.stderr.is_empty(), "service add {args:?}: {}", String::from_utf8_lossy(&said.stderr));
         let (f0, x0) = (t.counter(&t.a, "forwarded-existing"), t.counter(&t.a, "xdp-forwarded"));
         let frames = frames.clone();
+        let a0 = cpu_ns(&a_threads);
         let (sent, secs, busy_secs) = in_netns(&t.client.ns, move || generate(&frames));
+        #[expect(clippy::cast_precision_loss, reason = "ns of a few seconds")]
+        let a_secs = (cpu_ns(&a_threads) - a0) as f64 / 1e9;
         let (f1, x1) = (t.counter(&t.a, "forwarded-existing"), t.counter(&t.a, "xdp-forwarded"));
         let forwarded = f1 - f0;
         if xdp {
@@ -313,7 +380,7 @@ fn rates() -> Rates {
         } else {
             assert_eq!(x1, x0, "nothing through XDP in a TC round");
         }
-        let r = Round { sent, forwarded, secs, busy_secs };
+        let r = Round { sent, forwarded, secs, busy_secs, a_secs };
         if xdp { &mut out.xdp } else { &mut out.tc }.push(r);
     }
     out
