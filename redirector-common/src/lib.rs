@@ -67,6 +67,11 @@ pub mod programs {
     pub const XDP: &str = "redirector_xdp";
     /// An empty XDP program: the XDP benchmark's baseline.
     pub const XDP_EMPTY: &str = "redirector_xdp_empty";
+    /// The XDP benchmark's traffic source: redirects every packet to the interface in its
+    /// global [`XDP_BENCH_TO`] (never attached by redirector).
+    pub const XDP_BENCH_SOURCE: &str = "redirector_xdp_bench_source";
+    /// The global of [`XDP_BENCH_SOURCE`]: the interface index it sends to.
+    pub const XDP_BENCH_TO: &str = "XDP_BENCH_TO";
 }
 
 /// `BPF_F_MMAPABLE`: the slot tables are arrays that user space maps into its memory, so it

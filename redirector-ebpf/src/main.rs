@@ -100,6 +100,23 @@ pub fn redirector_xdp_empty(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The interface [`redirector_xdp_bench_source`] sends to (set at load time).
+#[unsafe(no_mangle)]
+static XDP_BENCH_TO: u32 = 0;
+
+/// The XDP benchmark's traffic source, never attached by redirector: sends every packet on to
+/// interface `XDP_BENCH_TO` as an XDP frame, so that the origin's uplink (a veth) receives
+/// frames without a socket buffer, as a NIC's driver hands them to XDP.
+#[xdp]
+pub fn redirector_xdp_bench_source(_ctx: XdpContext) -> u32 {
+    // SAFETY: a global the loader sets; read once per packet.
+    let to = unsafe { core::ptr::read_volatile(&raw const XDP_BENCH_TO) };
+    // SAFETY: a plain helper call.
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "an XDP action")]
+    let action = unsafe { aya_ebpf::helpers::generated::bpf_redirect(to, 0) } as u32;
+    action
+}
+
 /// On a target's uplink egress: lowers the MSS announced by SYN-ACKs of adopted services, so
 /// the client's segments, tunnelled by the origin, fit the uplink. (The origin clamps the
 /// client's SYN, which bounds what the target sends; what the client sends is bounded only by

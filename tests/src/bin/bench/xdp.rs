@@ -5,21 +5,18 @@
 //! namespace, sends ACKs of flows that live on B (the common packet of a migrated client: socket
 //! lookup on A, encapsulated, sent to B) from one migrated address to A's service, from a packet
 //! socket with `PACKET_QDISC_BYPASS` and `sendmmsg` (batches of 64 prebuilt frames, 1,024 flows),
-//! for `WINDOW` per round, rounds alternating TC and XDP, bounded in frames too. A's own work is
-//! counted apart: A's uplink receives in NAPI in both modes (GRO on, as on a NIC; XDP needs it
-//! anyway) and its NAPI runs threaded (`/sys/class/net/eth0/threaded`), in kernel threads pinned
-//! to CPU 0, while the generator and everything else that takes the frames there and away (the
-//! client's veth, the bridge, the switch's end of A's veth, also threaded, and B) runs on CPU 1.
-//! So the CPU time of A's NAPI threads (`/proc/PID/schedstat`) is what A spent receiving,
-//! deciding and sending the packets: the classifier's path (socket buffer, GRO, the stack's
-//! receive path to TC, the classifier, `bpf_redirect_neigh`, the transmit to the peer) or the
-//! XDP one (the XDP program, `XDP_TX` to the peer). The figure per core is A's forwarded packets
-//! (its `forwarded-existing` counter, which both paths count; every XDP round checks that
-//! `xdp-forwarded` moved as much) per second of that time. On veth, XDP gets socket buffers the
-//! sender made and copies each into a page of its own first (its headroom is smaller than
-//! XDP's): a NIC's driver never needs that copy, so XDP's figure here is lower than on a NIC.
-//! The whole path's figure (busy time of the generator's CPU in `/proc/stat`, which also holds
-//! the generator, the bridge and B) is printed next to it.
+//! for `WINDOW` per round (bounded in frames too), rounds alternating TC and XDP. The switch
+//! passes them on to A's veth as XDP frames (`redirector_xdp_bench_source`, `XDP_REDIRECT`), so
+//! that A receives them without a socket buffer, as from a NIC's driver: the classifier's path
+//! then makes one (and runs GRO and the stack's receive path up to TC), XDP does not. A's own
+//! work is counted apart: its uplink receives in NAPI in both modes (GRO on), threaded
+//! (`/sys/class/net/eth0/threaded`) and pinned to CPU 0, while the generator and everything
+//! else on the way to A and from it (the client's veth, the switch, B) runs on CPU 1. So the CPU
+//! time of A's NAPI threads (`/proc/PID/schedstat`) is what A spent receiving, deciding and
+//! sending the packets on to the switch's queue, and the figure per core is A's forwarded
+//! packets (its `forwarded-existing` counter, which both paths count; every XDP round checks
+//! that `xdp-forwarded` moved as much) per second of that time. The busy time of CPU 1
+//! (`/proc/stat`) gives the rest of the path's figure, printed next to it.
 //!
 //! Per-packet cost: `BPF_PROG_TEST_RUN`, the kernel's own `run_time_ns / run_cnt` with BPF
 //! statistics on, one run per call (a forwarded packet is rewritten), as `bench datapath` does,
@@ -54,9 +51,8 @@ const RUNS: u32 = 20_000;
 const GEN_CPU: usize = 1;
 /// The CPU A's NAPI threads run on.
 const A_CPU: usize = 0;
-/// `ETHTOOL_SGRO`, `ETHTOOL_STSO`.
+/// `ETHTOOL_SGRO`.
 const ETHTOOL_SGRO: u32 = 0x2c;
-const ETHTOOL_STSO: u32 = 0x1f;
 const TCP_ACK: u8 = 0x10;
 const TCP_SYN: u8 = 0x02;
 /// `XDP_TX`.
@@ -301,6 +297,28 @@ fn threaded_napi(ns: &str, ifname: &str, cpu: usize) -> Vec<i32> {
     threads
 }
 
+/// Attaches the bench's traffic source to the switch's end of the client's veth: every frame
+/// the client sends goes on to A's veth as an XDP frame (`XDP_REDIRECT` to the switch's end of
+/// A's veth), so A receives it without a socket buffer, as from a NIC's driver. Keep the guard.
+fn source(t: &Topology) -> aya::Ebpf {
+    let pins = t.bpffs.join("bench-source");
+    fs::create_dir_all(&pins).expect("a folder for the source's maps");
+    let (from, to) = (t.client.ns.clone(), t.a.ns.clone());
+    in_netns(&t.switch, move || {
+        use aya::programs::{Xdp, XdpMode};
+        let to_index = redirector::datapath::interface_index(&to).expect("the switch's end of A's veth");
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .override_global(programs::XDP_BENCH_TO, &to_index, true)
+            .load(redirector::datapath::EBPF_OBJECT)
+            .expect("loading the eBPF object");
+        let prog: &mut Xdp = ebpf.program_mut(programs::XDP_BENCH_SOURCE).expect("the source program").try_into().expect("an XDP program");
+        prog.load().expect("loading the source program");
+        prog.attach(&from, XdpMode::Driver).unwrap_or_else(|e| panic!("attaching the source to {from}: {e}"));
+        ebpf
+    })
+}
+
 /// CPU time of threads `pids` so far, in ns (`/proc/PID/schedstat`).
 fn cpu_ns(pids: &[i32]) -> u64 {
     pids.iter().map(|p| fs::read_to_string(format!("/proc/{p}/schedstat")).ok().and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0)).sum()
@@ -338,12 +356,14 @@ fn rates() -> Rates {
     // B's address resolved on A, so that both paths find the next hop from the first packet.
     t.a.ip(&["neigh", "replace", &b, "lladdr", &t.b.mac(), "dev", "eth0", "nud", "permanent"]);
     // A receives in NAPI in both modes, in threads on a CPU of their own; so does the switch's
-    // end of A's veth (it runs XDP: see `Topology::xdp_ready`), on the generator's CPU.
-    // (veth hands a packet to the receiver's NAPI only if the sender does no TSO.)
+    // end of A's veth (it runs XDP: see `Topology::xdp_ready`), on the generator's CPU. (That
+    // XDP program also took TSO from A's veth, which is what lets veth hand A's packets to the
+    // switch's NAPI rather than run the switch's work in A's thread.)
     ethtool_set(&t.a.ns, "eth0", ETHTOOL_SGRO, true);
-    ethtool_set(&t.switch, &t.a.ns, ETHTOOL_STSO, false);
     let a_threads = threaded_napi(&t.a.ns, "eth0", A_CPU);
     threaded_napi(&t.switch, &t.a.ns, GEN_CPU);
+    // The client's frames reach A as XDP frames, as from a NIC (see `source`).
+    let _source = source(&t);
     let service = svc.to_string();
     t.redirector_ok(&t.a, &["service", "add", &service, "--dev", "eth0"]);
     let client = client4(1);
