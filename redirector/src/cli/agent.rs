@@ -210,4 +210,15 @@ mod tests {
         assert!(Cli::try_parse_from(["redirector", "agent", "--config", "x", "--sibling", "nonsense"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn service_flags_are_read_in_any_order() {
+        let s = parse_service("198.18.0.10:80,eth0,/sys/fs/cgroup/app,198.18.0.11:8080,xdp,sessions").unwrap();
+        assert!(s.xdp && s.sessions && !s.live_moves);
+        assert_eq!(s.listener, Some("198.18.0.11:8080".parse().unwrap()));
+        let s = parse_service("198.18.0.10:80,eth0,/sys/fs/cgroup/app").unwrap();
+        assert!(!s.xdp, "off unless asked for");
+        let cfg: Config = toml::from_str("[[service]]\naddress = \"198.18.0.10:80\"\ndev = \"eth0\"\ncgroup = \"/app\"\nxdp = true\n").unwrap();
+        assert!(cfg.services[0].xdp);
+    }
 }
