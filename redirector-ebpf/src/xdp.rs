@@ -161,10 +161,11 @@ fn mss_to_lower(ctx: &XdpContext, l4: usize, clamp: u16) -> Result<Option<Mss>, 
 
 /// Encapsulates the packet (IP-in-IP, or IPv6-in-IPv6 when `V6`) from `src` to `dst`, with the
 /// MSS of a SYN lowered to `clamp` (0: not a SYN), and turns it around out of the uplink
-/// (`XDP_TX`) to the next hop `bpf_fib_lookup` names. Nothing is changed unless it can be sent
-/// so: a next hop that is not resolved yet, is reached through another interface, or whose MTU
-/// is too small for the tunnelled packet leaves the packet to the classifier, which resolves
-/// and sends it (`bpf_redirect_neigh`).
+/// (`XDP_TX`) to the next hop `bpf_fib_lookup` names. A next hop that is not resolved yet, is
+/// reached through another interface, or whose MTU is too small for the tunnelled packet
+/// leaves the packet unchanged to the classifier, which resolves and sends it
+/// (`bpf_redirect_neigh`). (Should making the room fail after that, the packet goes on with its
+/// MSS already lowered, as the classifier would lower it.)
 #[inline(always)]
 fn forward<const V6: bool>(ctx: &XdpContext, src: &Addr, dst: &Addr, clamp: u16) -> Result<(), Pass> {
     let outer_len = if V6 { IP6_LEN } else { IP4_LEN };
