@@ -280,6 +280,61 @@ pub fn outer_v4_checksum(tos: u8, total: [u8; 2], id: [u8; 2], df: u8, src: [u8;
     !folded
 }
 
+/// The outer IPv4 header of a tunnelled packet from `src` to `dst` around an inner IPv4 packet
+/// of `inner_len` bytes whose first 8 header bytes are `first`: it keeps the inner header's
+/// TOS, id and DF bit (a non-DF outer datagram that gets fragmented on the way needs a real
+/// id). The classifier and the XDP fast path both write this header.
+#[must_use]
+#[inline(always)]
+pub fn outer_v4(first: [u8; 8], inner_len: u32, src: [u8; 4], dst: [u8; 4]) -> [u8; 20] {
+    let total = u16::try_from(inner_len + 20).unwrap_or(u16::MAX).to_be_bytes();
+    let (tos, id, df) = (first[1], [first[4], first[5]], first[6] & 0x40);
+    let csum = outer_v4_checksum(tos, total, id, df, src, dst).to_be_bytes();
+    [0x45, tos, total[0], total[1], id[0], id[1], df, 0, 64, 4, csum[0], csum[1], src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]]
+}
+
+/// The outer IPv6 header of a tunnelled packet from `src` to `dst` around an inner IPv6 packet
+/// of `inner_len` bytes whose first 4 header bytes (version, traffic class, flow label) are
+/// `first`, which it keeps.
+#[must_use]
+#[inline(always)]
+pub fn outer_v6(first: [u8; 4], inner_len: u32, src: &Addr, dst: &Addr) -> [u8; 40] {
+    let payload = u16::try_from(inner_len).unwrap_or(u16::MAX).to_be_bytes();
+    let mut outer = [0u8; 40];
+    outer[0..4].copy_from_slice(&first);
+    outer[4..6].copy_from_slice(&payload);
+    outer[6] = 41;
+    outer[7] = 64;
+    outer[8..24].copy_from_slice(src);
+    outer[24..40].copy_from_slice(dst);
+    outer
+}
+
+/// A checksum (as stored, network order value) after one 16-bit word it covers changed from
+/// `old` to `new` (RFC 1624: `~(~sum + ~old + new)`), for programs without the kernel's
+/// checksum helpers (XDP).
+#[must_use]
+#[inline(always)]
+pub const fn csum_replace16(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!csum) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// What the origin's XDP fast path does with a non-SYN packet of a migrated client, given where
+/// [`place`] puts it: forward it to the target (with the classifier's own counter), or `None`:
+/// the flow stays here (a socket, a SYN-cookie handshake), which the classifier keeps and
+/// counts, so the packet is passed on to it.
+#[must_use]
+pub const fn fast_forward(place: Place) -> Option<crate::Counter> {
+    match place {
+        Place::Target => Some(crate::Counter::ForwardedExisting),
+        Place::TargetPastTimeWait => Some(crate::Counter::ForwardedTimeWait),
+        Place::Local | Place::Syncookie => None,
+    }
+}
+
 /// ICMPv4 types that quote the offending packet and concern a flow.
 #[must_use]
 pub const fn icmp4_is_error(ty: u8) -> bool {
@@ -473,6 +528,46 @@ mod tests {
         assert_eq!(find_mss(&opts(&[1, 1, 1, 1]), 4), None);
         // A length claiming more than 40 bytes is capped.
         assert_eq!(find_mss(&opts(&[1; 40]), 255), None);
+    }
+
+    #[test]
+    fn outer_headers_are_the_inner_packets_own() {
+        let first = [0x45, 0xb8, 0, 60, 0x12, 0x34, 0x40, 0];
+        let h = outer_v4(first, 60, [198, 18, 0, 1], [198, 18, 0, 2]);
+        assert_eq!(&h[..10], &[0x45, 0xb8, 0, 80, 0x12, 0x34, 0x40, 0, 64, 4]);
+        assert_eq!(u16::from_be_bytes([h[10], h[11]]), outer_v4_checksum(0xb8, [0, 80], [0x12, 0x34], 0x40, [198, 18, 0, 1], [198, 18, 0, 2]));
+        assert_eq!(&h[12..], &[198, 18, 0, 1, 198, 18, 0, 2]);
+        assert_eq!(&outer_v4(first, 70_000, [0; 4], [0; 4])[2..4], &[0xff, 0xff], "capped");
+        let (src, dst) = ([1u8; 16], [2u8; 16]);
+        let h = outer_v6([0x60, 0x0a, 0xbc, 0xde], 1280, &src, &dst);
+        assert_eq!(&h[..8], &[0x60, 0x0a, 0xbc, 0xde, 0x05, 0x00, 41, 64]);
+        assert_eq!((&h[8..24], &h[24..]), (&src[..], &dst[..]));
+    }
+
+    #[test]
+    fn a_replaced_word_updates_the_checksum_as_a_full_sum_would() {
+        // A TCP-like segment: the checksum over the words, one of them changed.
+        let sum = |w: &[u16]| -> u16 {
+            let mut s: u32 = w.iter().map(|x| u32::from(*x)).sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !(s as u16)
+        };
+        for (words, i, new) in [([0x0204, 0x05b4, 0x1234, 0xffff], 1, 0x05a0), ([0, 0, 0xfffe, 0], 2, 0xffff), ([0x8000, 0x7fff, 1, 0], 0, 0)] {
+            let before = sum(&words);
+            let mut after = words;
+            after[i] = new;
+            assert_eq!(csum_replace16(before, words[i], new), sum(&after), "{words:x?}[{i}] -> {new:#x}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_forwards_only_what_the_classifier_forwards() {
+        assert_eq!(fast_forward(Place::Target), Some(crate::Counter::ForwardedExisting));
+        assert_eq!(fast_forward(Place::TargetPastTimeWait), Some(crate::Counter::ForwardedTimeWait));
+        assert_eq!(fast_forward(Place::Local), None);
+        assert_eq!(fast_forward(Place::Syncookie), None);
     }
 
     #[test]

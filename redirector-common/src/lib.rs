@@ -69,6 +69,16 @@ pub mod programs {
     pub const SOCK_OPS: &str = "redirector_sock_ops";
     /// An empty classifier: the benchmark's baseline.
     pub const EMPTY: &str = "redirector_empty";
+    /// XDP on the origin's uplink: forwards migrated clients' packets before the stack (the
+    /// fast path), passing everything else to [`INGRESS`].
+    pub const XDP: &str = "redirector_xdp";
+    /// An empty XDP program: the XDP benchmark's baseline.
+    pub const XDP_EMPTY: &str = "redirector_xdp_empty";
+    /// The XDP benchmark's traffic source: redirects every packet to the interface in its
+    /// global [`XDP_BENCH_TO`] (never attached by redirector).
+    pub const XDP_BENCH_SOURCE: &str = "redirector_xdp_bench_source";
+    /// The global of [`XDP_BENCH_SOURCE`]: the interface index it sends to.
+    pub const XDP_BENCH_TO: &str = "XDP_BENCH_TO";
 }
 
 /// `BPF_F_MMAPABLE`: the slot tables are arrays that user space maps into its memory, so it
@@ -198,7 +208,7 @@ pub struct ServiceValue {
     pub tunnel_src: Addr,
     /// Largest MSS a steered SYN may announce (uplink MTU minus inner and outer headers).
     pub mss_clamp: u16,
-    /// [`SERVICE_LIVE_MOVES`], or 0.
+    /// [`SERVICE_LIVE_MOVES`] and [`SERVICE_XDP`], or 0.
     pub flags: u8,
     pub _pad: u8,
     /// Interface the programs are attached to, for information.
@@ -210,6 +220,11 @@ pub struct ServiceValue {
 /// later move live to another host: the client's segments then reach it through the tunnel,
 /// which has no room for a full-size one.
 pub const SERVICE_LIVE_MOVES: u8 = 1;
+
+/// [`ServiceValue::flags`]: the XDP program on the service's uplink (`redirector_xdp`) forwards
+/// its migrated clients' packets itself where it can decide them as the classifier would;
+/// without it, XDP passes the service's packets on to the classifier.
+pub const SERVICE_XDP: u8 = 2;
 
 /// Where a migrated client prefix goes.
 #[repr(C)]
@@ -340,11 +355,18 @@ pub enum Counter {
     /// A packet of a flow frozen while its connection moves to another host, dropped (the
     /// origin keeps a copy for the new host, `repair::Hold`).
     DroppedFrozen,
+    /// A packet the origin's XDP fast path forwarded to its target itself (the classifier
+    /// never saw it); also counted under its decision (`forwarded-new`, `forwarded-existing`,
+    /// `forwarded-time-wait`).
+    XdpForwarded,
+    /// A packet the XDP fast path left to the classifier (anything it does not forward), which
+    /// decides and counts it as without XDP.
+    XdpPassed,
 }
 
 impl Counter {
     /// Number of counters.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 25;
 
     /// Size of the pinned `COUNTERS` array: the counters before this index. It never grows: a
     /// pinned map of another size is refused (another layout), so a larger one would make an
@@ -381,6 +403,8 @@ impl Counter {
         Counter::ForwardedTimeWait,
         Counter::DroppedSpoofed,
         Counter::DroppedFrozen,
+        Counter::XdpForwarded,
+        Counter::XdpPassed,
     ];
 
     /// The counter's entry in `COUNTERS_EXTRA`, or `None` for an entry of `COUNTERS` (at its
@@ -418,6 +442,8 @@ impl Counter {
             Counter::ForwardedTimeWait => "forwarded-time-wait",
             Counter::DroppedSpoofed => "dropped-spoofed",
             Counter::DroppedFrozen => "dropped-frozen",
+            Counter::XdpForwarded => "xdp-forwarded",
+            Counter::XdpPassed => "xdp-passed",
         }
     }
 }

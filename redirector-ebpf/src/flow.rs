@@ -1,25 +1,24 @@
-//! Looking a packet's flow up among this namespace's sockets: whether it lives here.
+//! Looking a packet's flow up among this namespace's sockets: whether it lives here (for the
+//! classifier and the XDP fast path alike).
 
 use core::{mem, ptr};
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
     helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
-    programs::TcContext,
 };
 use redirector_common::decide::{self, Found, TCP_ACK, TCP_RST, TCP_SYN};
 
 use crate::{
     addr::words,
     hdr::{ETH_LEN, IP4_LEN, IP6_LEN, Ipv4Hdr, Ipv6Hdr, TCP_LEN, TcpHdr},
-    packet::ptr_at,
+    packet::{Packet, ptr_at},
     verdict::Error,
 };
 
 /// Looks up this IPv4 packet's own flow (checking a listener match for a SYN-cookie ACK).
 #[inline(always)]
-pub fn lookup_packet_v4(ctx: &TcContext) -> Result<Found, Error> {
+pub fn lookup_packet_v4<P: Packet>(ctx: &P) -> Result<Found, Error> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
     let tcp: *const TcpHdr = ptr_at(ctx, ETH_LEN + IP4_LEN)?;
     // SAFETY: an all-zero tuple is valid; fields read within bounds checked by ptr_at.
@@ -37,7 +36,7 @@ pub fn lookup_packet_v4(ctx: &TcContext) -> Result<Found, Error> {
 
 /// [`lookup_packet_v4`] for IPv6.
 #[inline(always)]
-pub fn lookup_packet_v6(ctx: &TcContext) -> Result<Found, Error> {
+pub fn lookup_packet_v6<P: Packet>(ctx: &P) -> Result<Found, Error> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
     let tcp: *const TcpHdr = ptr_at(ctx, ETH_LEN + IP6_LEN)?;
     // SAFETY: as in lookup_packet_v4.
@@ -56,7 +55,7 @@ pub fn lookup_packet_v6(ctx: &TcContext) -> Result<Found, Error> {
 /// Looks the flow up among this namespace's sockets. With `cookie`, a listener match is
 /// checked for a SYN-cookie ACK of this host's own handshake. Every reference is released.
 #[inline(always)]
-pub fn lookup_flow(ctx: &TcContext, tuple: &mut bpf_sock_tuple, tuple_len: u32, cookie: Option<(*const u8, u32, *const TcpHdr, u8)>) -> Found {
+pub fn lookup_flow<P: Packet>(ctx: &P, tuple: &mut bpf_sock_tuple, tuple_len: u32, cookie: Option<(*const u8, u32, *const TcpHdr, u8)>) -> Found {
     // SAFETY: tuple is a valid stack object of tuple_len bytes; the returned reference is
     // released on every path below.
     let sk: *mut bpf_sock = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), ptr::from_mut(tuple), tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use redirector_common::{Addr, Counter, as_v4, decide};
 
 use crate::{
-    hdr::{ETH_LEN, EthHdr, IP4_LEN, IP6_LEN, IPPROTO_IPIP, IPPROTO_IPV6},
+    hdr::{ETH_LEN, EthHdr, IP4_LEN, IP6_LEN},
     packet::{ptr_at, subprogram_ctx},
     verdict::{Error, TC_ACT_REDIRECT, Verdict},
 };
@@ -47,32 +47,17 @@ pub fn forward<const V6: bool>(skb: *mut __sk_buff, src: &Addr, dst: &Addr, coun
         unsafe { ptr::write_unaligned(at.cast_mut(), mac) };
     }
     if V6 {
-        let payload = u16::try_from(inner_len).unwrap_or(u16::MAX).to_be_bytes();
-        // Version, traffic class and flow label of the inner header.
-        let mut outer = [0u8; IP6_LEN];
-        outer[0..4].copy_from_slice(&first[0..4]);
-        outer[4..6].copy_from_slice(&payload);
-        outer[6] = IPPROTO_IPV6;
-        outer[7] = 64;
-        outer[8..24].copy_from_slice(src);
-        outer[24..40].copy_from_slice(dst);
+        let first4 = [first[0], first[1], first[2], first[3]];
         let at: *const [u8; IP6_LEN] = ptr_at(ctx, ETH_LEN).map_err(|_| Error::ForwardLost)?;
         // SAFETY: bounds checked by ptr_at after the room was made.
-        unsafe { ptr::write_unaligned(at.cast_mut(), outer) };
+        unsafe { ptr::write_unaligned(at.cast_mut(), decide::outer_v6(first4, inner_len, src, dst)) };
     } else {
         let (Some(src4), Some(dst4)) = (as_v4(src), as_v4(dst)) else {
             return Err(Error::ForwardLost);
         };
-        let total = u16::try_from(inner_len + IP4_LEN as u32).unwrap_or(u16::MAX).to_be_bytes();
-        // The inner header's TOS, id and DF bit: a non-DF outer datagram that gets fragmented
-        // on the way needs a real id.
-        let (tos, id, df) = (first[1], [first[4], first[5]], first[6] & 0x40);
-        let csum = decide::outer_v4_checksum(tos, total, id, df, src4, dst4).to_be_bytes();
-        let outer: [u8; IP4_LEN] =
-            [0x45, tos, total[0], total[1], id[0], id[1], df, 0, 64, IPPROTO_IPIP, csum[0], csum[1], src4[0], src4[1], src4[2], src4[3], dst4[0], dst4[1], dst4[2], dst4[3]];
         let at: *const [u8; IP4_LEN] = ptr_at(ctx, ETH_LEN).map_err(|_| Error::ForwardLost)?;
         // SAFETY: bounds checked by ptr_at after the room was made.
-        unsafe { ptr::write_unaligned(at.cast_mut(), outer) };
+        unsafe { ptr::write_unaligned(at.cast_mut(), decide::outer_v4(first, inner_len, src4, dst4)) };
     }
     // SAFETY: plain helper call; ifindex is the interface the packet arrived on.
     let rc = unsafe { bpf_redirect_neigh((*skb).ifindex, ptr::null_mut(), 0, 0) };

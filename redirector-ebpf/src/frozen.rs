@@ -35,8 +35,9 @@ pub fn any() -> bool {
     FROZEN_ANY.get(0).is_some_and(|n| *n != 0)
 }
 
+/// Whether flow `key` is frozen (and its freeze has not ended by itself).
 #[inline(always)]
-fn holds(key: &FlowKey) -> bool {
+pub fn holds(key: &FlowKey) -> bool {
     // SAFETY: map values are plain data.
     match unsafe { FROZEN.get(key) } {
         Some(until) => {

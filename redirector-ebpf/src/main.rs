@@ -13,7 +13,10 @@
 //!   client ([`load`]).
 //! - `redirector_sk_lookup` (netns `sk_lookup`): hands connections to an adopted service address
 //!   to the listener registered for it ([`sk_lookup`]).
-//! - `redirector_empty`: the benchmark's baseline.
+//! - `redirector_xdp` (XDP on the origin's uplink, for services with `SERVICE_XDP`): the fast
+//!   path; forwards migrated clients' packets where it decides exactly as the classifier would,
+//!   passes everything else on to it ([`xdp`]).
+//! - `redirector_empty`, `redirector_xdp_empty`: the benchmarks' baselines.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -41,15 +44,19 @@ mod sk_lookup;
 mod slot;
 mod steer;
 mod verdict;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::sk_action,
-    macros::{classifier, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockOpsContext, TcContext},
+    bindings::{sk_action, xdp_action},
+    macros::{classifier, sk_lookup, sock_ops, xdp},
+    programs::{SkLookupContext, SockOpsContext, TcContext, XdpContext},
 };
 use redirector_common::Counter;
 
-use crate::{counters::count, verdict::TCX_NEXT};
+use crate::{
+    counters::{count, count_extra},
+    verdict::TCX_NEXT,
+};
 
 #[classifier]
 pub fn redirector_ingress(ctx: TcContext) -> i32 {
@@ -65,6 +72,49 @@ pub fn redirector_ingress(ctx: TcContext) -> i32 {
     };
     count(verdict.counter);
     verdict.action
+}
+
+/// On the origin's uplink, before the stack: forwards what it can decide as the classifier
+/// would, counted under the classifier's own counter and `xdp-forwarded`; passes the rest on to
+/// the classifier (`xdp-passed`).
+#[xdp]
+pub fn redirector_xdp(ctx: XdpContext) -> u32 {
+    match xdp::fast_path(&ctx) {
+        Ok(counter) => {
+            // `forwarded-time-wait` is one of `COUNTERS_EXTRA`, the others of `COUNTERS`.
+            count(counter);
+            count_extra(counter);
+            count_extra(Counter::XdpForwarded);
+            xdp_action::XDP_TX
+        }
+        Err(xdp::Pass) => {
+            count_extra(Counter::XdpPassed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Does nothing: the XDP benchmark's baseline.
+#[xdp]
+pub fn redirector_xdp_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The interface [`redirector_xdp_bench_source`] sends to (set at load time).
+#[unsafe(no_mangle)]
+static XDP_BENCH_TO: u32 = 0;
+
+/// The XDP benchmark's traffic source, never attached by redirector: sends every packet on to
+/// interface `XDP_BENCH_TO` as an XDP frame, so that the origin's uplink (a veth) receives
+/// frames without a socket buffer, as a NIC's driver hands them to XDP.
+#[xdp]
+pub fn redirector_xdp_bench_source(_ctx: XdpContext) -> u32 {
+    // SAFETY: a global the loader sets; read once per packet.
+    let to = unsafe { core::ptr::read_volatile(&raw const XDP_BENCH_TO) };
+    // SAFETY: a plain helper call.
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "an XDP action")]
+    let action = unsafe { aya_ebpf::helpers::generated::bpf_redirect(to, 0) } as u32;
+    action
 }
 
 /// On a target's uplink egress: lowers the MSS announced by SYN-ACKs of adopted services, so

@@ -245,6 +245,11 @@ pub struct Service {
     /// Default false: open connections stay and the application closes them after the commit.
     #[serde(default)]
     pub live_moves: bool,
+    /// The XDP fast path on `dev` forwards the migrated clients' packets before the stack
+    /// (`redirector service add --xdp`). Needs native XDP and forwarding on `dev`; otherwise the
+    /// agent warns and the classifier alone steers. Default false.
+    #[serde(default)]
+    pub xdp: bool,
 }
 
 impl Service {

@@ -219,12 +219,103 @@ impl Topology {
     /// The usual scenario: A steers `service` (its service address, port 80 of both families),
     /// B accepts A's tunnels and adopts the service with its own listener on `b_port`.
     pub fn steer_a_to_b(&self, port: u16, b_port: u16) {
-        self.steer_a_to_b_v4(port, b_port);
+        self.steer_a_to_b_with(port, b_port, &[]);
+    }
+
+    /// [`Topology::steer_a_to_b`] with more flags for A's `service add` (such as `--xdp`).
+    pub fn steer_a_to_b_with(&self, port: u16, b_port: u16, service_flags: &[&str]) {
         let p = port.to_string();
-        self.redirector_ok(&self.a, &["service", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0"]);
+        for service in [format!("{SERVICE4}:{p}"), format!("[{SERVICE6}]:{p}")] {
+            let mut args = vec!["service", "add", &service, "--dev", "eth0"];
+            args.extend_from_slice(service_flags);
+            self.redirector_ok(&self.a, &args);
+        }
+        self.redirector_ok(&self.b, &["sibling", "add", &self.a.v4[0].to_string(), "--dev", "eth0"]);
+        self.redirector_ok(&self.b, &["adopt", "add", &format!("{SERVICE4}:{p}"), "--dev", "eth0", "--listener", &format!("{}:{b_port}", self.b.v4[0])]);
         self.redirector_ok(&self.b, &["sibling", "add", &self.a.v6[0].to_string(), "--dev", "eth0"]);
         self.redirector_ok(&self.b, &["adopt", "add", &format!("[{SERVICE6}]:{p}"), "--dev", "eth0", "--listener", &format!("[{}]:{b_port}", self.b.v6[0])]);
     }
+}
+
+/// `SIOCETHTOOL` command of [`ethtool_set`]: transmit checksum offload.
+pub const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// Sets one on/off feature of `ifname` in namespace `ns` with `SIOCETHTOOL` (`ethtool -K`,
+/// which these hosts do not have): `cmd` is one of the `ETHTOOL_S*` commands above.
+pub fn ethtool_set(ns: &str, ifname: &str, cmd: u32, on: bool) {
+    let (ns_name, ifname) = (ns.to_string(), ifname.to_string());
+    in_netns(ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket for SIOCETHTOOL");
+        // struct ethtool_value { cmd, data }.
+        let mut value = [cmd, u32::from(on)];
+        // SAFETY: an all-zero ifreq is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+            *d = libc::c_char::from_ne_bytes([s]);
+        }
+        req.ifr_ifru.ifru_data = value.as_mut_ptr().cast();
+        // SAFETY: a valid ifreq whose data points at an ethtool_value that outlives the call.
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCETHTOOL, &mut req) };
+        assert!(rc == 0, "SIOCETHTOOL {cmd:#x}={on} on {ifname} in {ns_name}: {}", std::io::Error::last_os_error());
+    });
+}
+
+/// An XDP program that passes every packet, attached to an interface while this lives.
+pub struct PassXdp {
+    _ebpf: aya::Ebpf,
+}
+
+impl Topology {
+    /// Makes A's uplink ready for the XDP fast path, as a real uplink is: forwarding on `eth0`
+    /// (both families: `bpf_fib_lookup` answers only there); on veth, a frame sent back with
+    /// `XDP_TX` is delivered by the peer only when the peer runs XDP itself, so the switch's
+    /// end of A's veth gets a program that passes everything (as the kernel's own veth XDP
+    /// tests do); and the client sends complete checksums (a veth sender's offloaded, partial
+    /// checksum does not survive `XDP_TX`, which turns the packet into a frame without that
+    /// note). Keep the guard while the fast path is used.
+    #[must_use]
+    pub fn xdp_ready(&self) -> PassXdp {
+        self.a.sysctl("net.ipv4.conf.eth0.forwarding", "1");
+        self.a.sysctl("net.ipv6.conf.eth0.forwarding", "1");
+        ethtool_set(&self.client.ns, "eth0", ETHTOOL_STXCSUM, false);
+        let pins = self.bpffs.join("switch-xdp");
+        fs::create_dir_all(&pins).expect("a folder for the switch's XDP maps");
+        let port = self.a.ns.clone();
+        in_netns(&self.switch, move || {
+            use aya::programs::{Xdp, XdpMode};
+            let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(redirector::datapath::EBPF_OBJECT).expect("loading the eBPF object");
+            let prog: &mut Xdp = ebpf.program_mut(redirector_common::programs::XDP_EMPTY).expect("the empty XDP program").try_into().expect("an XDP program");
+            prog.load().expect("loading the empty XDP program");
+            prog.attach(&port, XdpMode::Driver).unwrap_or_else(|e| panic!("attaching XDP to the switch's port {port}: {e}"));
+            PassXdp { _ebpf: ebpf }
+        })
+    }
+}
+
+/// Makes this thread's network namespace (a fresh one) an origin's uplink for the XDP fast
+/// path under `BPF_PROG_TEST_RUN`: loopback up, a veth `v0` (peer `v1`) with A's control and
+/// service addresses of both families, forwarding on, and the target's addresses (198.18.0.2,
+/// 2001:db8::2) resolved to `02:00:00:00:00:02`, so that XDP's next-hop lookup answers. Returns
+/// `v0`'s index.
+#[must_use]
+pub fn xdp_uplink_here() -> u32 {
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    sh(&["ip", "link", "set", "v0", "up"]);
+    sh(&["ip", "link", "set", "v1", "up"]);
+    for a in ["198.18.0.1/16", &format!("{SERVICE4}/32")] {
+        sh(&["ip", "addr", "add", a, "dev", "v0"]);
+    }
+    for a in ["2001:db8::1/64", &format!("{SERVICE6}/128")] {
+        sh(&["ip", "-6", "addr", "add", a, "dev", "v0", "nodad"]);
+    }
+    sh(&["ip", "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
+    sh(&["ip", "-6", "neigh", "replace", "2001:db8::2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"]);
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/v0/forwarding");
+        fs::write(&path, "1").unwrap_or_else(|e| panic!("writing {path}: {e}"));
+    }
+    redirector::datapath::interface_index("v0").expect("v0")
 }
 
 /// Path of the `redirector` binary: `$REDIRECTOR_BIN`, else `target/debug/redirector`.

@@ -175,7 +175,11 @@ impl Agent {
         let loc = Location { bpffs: cfg.bpffs.clone(), instance: cfg.instance() };
         let mut dp = Datapath::open(&loc).context("opening the datapath")?;
         for (s, tunnel_src) in cfg.services_with_tunnel_source() {
-            dp.add_service((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None).with_context(|| format!("steering service {}", s.address))?;
+            let steered =
+                dp.add_service_xdp((s.address.ip(), s.address.port()), &s.dev, Some(tunnel_src), None, s.xdp).with_context(|| format!("steering service {}", s.address))?;
+            if let Some(why) = &steered.xdp_unavailable {
+                warn!(service = %s.address, "{why}: the TC classifier alone steers it");
+            }
             dp.set_live_moves((s.address.ip(), s.address.port()), s.live_moves).with_context(|| format!("live moves of service {}", s.address))?;
             dp.attach_load(&s.cgroup).with_context(|| format!("counting the load of {}", s.cgroup.display()))?;
             // Ready to volunteer at once: adoption then only touches maps and a route.

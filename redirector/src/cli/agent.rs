@@ -47,7 +47,7 @@ pub struct AgentArgs {
     /// Replace the siblings: NAME=ADDR:PORT, repeatable.
     #[arg(long = "sibling", value_parser = parse_sibling)]
     pub siblings: Vec<Sibling>,
-    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves], repeatable
+    /// Replace the services: ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves][,xdp], repeatable
     /// (`sessions`: the service's clients never move without their sessions).
     #[arg(long = "service", value_parser = parse_service)]
     pub services: Vec<Service>,
@@ -61,11 +61,12 @@ fn parse_sibling(s: &str) -> Result<Sibling, String> {
 
 fn parse_service(s: &str) -> Result<Service, String> {
     let mut parts: Vec<&str> = s.split(',').collect();
-    let (mut sessions, mut live_moves) = (false, false);
+    let (mut sessions, mut live_moves, mut xdp) = (false, false, false);
     while parts.len() > 3 {
         match parts.last() {
             Some(&"sessions") => sessions = true,
             Some(&"live-moves") => live_moves = true,
+            Some(&"xdp") => xdp = true,
             _ => break,
         }
         parts.pop();
@@ -73,7 +74,7 @@ fn parse_service(s: &str) -> Result<Service, String> {
     let (addr, dev, cgroup, listener) = match parts.as_slice() {
         [addr, dev, cgroup] => (*addr, *dev, *cgroup, None),
         [addr, dev, cgroup, listener] => (*addr, *dev, *cgroup, Some(*listener)),
-        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves]")),
+        _ => return Err(format!("{s:?}: expected ADDR:PORT,DEV,CGROUP[,LISTENER][,sessions][,live-moves][,xdp]")),
     };
     Ok(Service {
         address: addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?,
@@ -82,6 +83,7 @@ fn parse_service(s: &str) -> Result<Service, String> {
         listener: listener.map(|l| l.parse().map_err(|_| format!("{s:?}: {l:?} is not ADDR:PORT"))).transpose()?,
         sessions,
         live_moves,
+        xdp,
     })
 }
 
@@ -207,5 +209,16 @@ mod tests {
         assert_eq!(cfg.tls.ca, PathBuf::from("/ca.pem"));
         assert!(Cli::try_parse_from(["redirector", "agent", "--config", "x", "--sibling", "nonsense"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn service_flags_are_read_in_any_order() {
+        let s = parse_service("198.18.0.10:80,eth0,/sys/fs/cgroup/app,198.18.0.11:8080,xdp,sessions").unwrap();
+        assert!(s.xdp && s.sessions && !s.live_moves);
+        assert_eq!(s.listener, Some("198.18.0.11:8080".parse().unwrap()));
+        let s = parse_service("198.18.0.10:80,eth0,/sys/fs/cgroup/app").unwrap();
+        assert!(!s.xdp, "off unless asked for");
+        let cfg: Config = toml::from_str("[[service]]\naddress = \"198.18.0.10:80\"\ndev = \"eth0\"\ncgroup = \"/app\"\nxdp = true\n").unwrap();
+        assert!(cfg.services[0].xdp);
     }
 }

@@ -125,10 +125,14 @@ impl Report {
     fn text(&self) -> String {
         match self {
             Self::Done => String::new(),
-            Self::ServiceAdded { service: s, dev } => format!("steering {} on {dev} (tunnel source {}, MSS clamp {})\n", s.service(), s.tunnel_src, s.mss_clamp),
+            Self::ServiceAdded { service: s, dev } => {
+                format!("steering {} on {dev} (tunnel source {}, MSS clamp {}{})\n", s.service(), s.tunnel_src, s.mss_clamp, if s.xdp { ", XDP fast path" } else { "" })
+            }
             Self::Services(list) => {
-                let mut rows = vec![vec!["SERVICE".into(), "TUNNEL-SRC".into(), "MSS-CLAMP".into(), "IFINDEX".into()]];
-                rows.extend(list.iter().map(|s| vec![s.service(), s.tunnel_src.to_string(), s.mss_clamp.to_string(), s.ifindex.to_string()]));
+                let mut rows = vec![vec!["SERVICE".into(), "TUNNEL-SRC".into(), "MSS-CLAMP".into(), "IFINDEX".into(), "XDP".into()]];
+                rows.extend(
+                    list.iter().map(|s| vec![s.service(), s.tunnel_src.to_string(), s.mss_clamp.to_string(), s.ifindex.to_string(), if s.xdp { "yes" } else { "no" }.into()]),
+                );
                 table(&rows)
             }
             Self::RuleAdded { prefix, to } => format!("{prefix} -> {to}\n"),
@@ -216,9 +220,10 @@ impl Report {
             Self::CertShown { file, names, until, fingerprint } => {
                 json!({"file": file, "names": names, "not_after_unix": until, "expired": *until <= unix_secs(), "sha256": fingerprint}).to_string()
             }
-            Self::ServiceAdded { service: s, .. } => json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp}).to_string(),
+            Self::ServiceAdded { service: s, .. } => json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "xdp": s.xdp}).to_string(),
             Self::Services(list) => {
-                let v: Vec<_> = list.iter().map(|s| json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "ifindex": s.ifindex})).collect();
+                let v: Vec<_> =
+                    list.iter().map(|s| json!({"service": s.service(), "tunnel_src": s.tunnel_src, "mss_clamp": s.mss_clamp, "ifindex": s.ifindex, "xdp": s.xdp})).collect();
                 json!({ "services": v }).to_string()
             }
             Self::Rules(rules) => json!({ "rules": rules }).to_string(),

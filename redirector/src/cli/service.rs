@@ -20,6 +20,11 @@ pub enum ServiceCmd {
         /// Uplink MTU for the MSS clamp (default: the interface's).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Forward migrated clients' packets in XDP on the uplink too (the fast path; needs
+        /// native XDP and forwarding on the interface, else the classifier alone steers, with a
+        /// warning). Without it, the fast path leaves the service to the classifier.
+        #[arg(long)]
+        xdp: bool,
     },
     /// Stop steering a service.
     Del { service: SocketAddr },
@@ -30,8 +35,11 @@ pub enum ServiceCmd {
 impl ServiceCmd {
     pub(super) fn execute(self, global: &Global) -> anyhow::Result<Report> {
         match self {
-            Self::Add { service, dev, tunnel_src, mtu } => {
-                let service = instance::create(global, Some(&dev))?.add_service((service.ip(), service.port()), &dev, tunnel_src, mtu)?;
+            Self::Add { service, dev, tunnel_src, mtu, xdp } => {
+                let service = instance::create(global, Some(&dev))?.add_service_xdp((service.ip(), service.port()), &dev, tunnel_src, mtu, xdp)?;
+                if let Some(why) = &service.xdp_unavailable {
+                    eprintln!("warning: {why}; {} is steered by the TC classifier alone", service.service());
+                }
                 Ok(Report::ServiceAdded { service, dev })
             }
             Self::Del { service } => {

@@ -9,9 +9,10 @@ use std::{
 };
 
 use aya::programs::{
-    Program, ProgramError, SchedClassifier, SkLookup, SockOps, TcAttachType,
+    Program, ProgramError, SchedClassifier, SkLookup, SockOps, TcAttachType, Xdp, XdpMode,
     links::{FdLink, LinkOrder, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
+    xdp::XdpLink,
 };
 use redirector_common::programs;
 
@@ -31,12 +32,15 @@ pub(crate) enum LinkPin {
     SkLookup,
     /// `sock_ops` on the cgroup with this inode.
     SockOps(u64),
+    /// The XDP fast path on the interface with this index.
+    Xdp(u32),
 }
 
 const INGRESS: &str = "tc-ingress-";
 const EGRESS: &str = "tc-egress-";
 const SK_LOOKUP: &str = "sk-lookup";
 const SOCK_OPS: &str = "sock-ops-";
+const XDP: &str = "xdp-";
 
 impl fmt::Display for LinkPin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,6 +49,7 @@ impl fmt::Display for LinkPin {
             LinkPin::Egress(ifindex) => write!(f, "{EGRESS}{ifindex}"),
             LinkPin::SkLookup => f.write_str(SK_LOOKUP),
             LinkPin::SockOps(ino) => write!(f, "{SOCK_OPS}{ino}"),
+            LinkPin::Xdp(ifindex) => write!(f, "{XDP}{ifindex}"),
         }
     }
 }
@@ -62,6 +67,8 @@ impl LinkPin {
             Ok(Some(LinkPin::Egress(i.parse().map_err(|_| bad())?)))
         } else if let Some(i) = name.strip_prefix(SOCK_OPS) {
             Ok(Some(LinkPin::SockOps(i.parse().map_err(|_| bad())?)))
+        } else if let Some(i) = name.strip_prefix(XDP) {
+            Ok(Some(LinkPin::Xdp(i.parse().map_err(|_| bad())?)))
         } else {
             Ok(None)
         }
@@ -84,6 +91,58 @@ impl Datapath {
     /// Attaches the egress classifier (SYN-ACK MSS clamp of adopted services) to `ifname`.
     pub fn attach_egress(&mut self, ifname: &str, replace: bool) -> Result<u32> {
         self.attach_tc(ifname, programs::EGRESS, TcAttachType::Egress, LinkPin::Egress, replace)
+    }
+
+    /// Attaches the XDP fast path to `ifname` in native (driver) mode unless it already is; with
+    /// `replace`, swaps this binary's program into the existing link atomically. An interface
+    /// whose driver has no native XDP is refused (generic XDP would run after the socket
+    /// buffer is made, no faster than the classifier).
+    pub fn attach_xdp(&mut self, ifname: &str, replace: bool) -> Result<u32> {
+        let ifindex = net::ifindex(ifname)?;
+        let pin = self.link_path(LinkPin::Xdp(ifindex));
+        if pin.exists() && !replace {
+            return Ok(ifindex);
+        }
+        let prog: &mut Xdp = self.program(programs::XDP)?;
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| Error::bpf(format!("opening pinned link {}", pin.display()), e))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| Error::bpf("converting the pinned link", e))?;
+            prog.attach_to_link(link).map_err(|e| Error::bpf(format!("replacing {} on {ifname}", programs::XDP), e))?;
+            return Ok(ifindex);
+        }
+        let id = prog
+            .attach(ifname, XdpMode::Driver)
+            .map_err(|e| Error::KernelFeature { what: format!("native XDP on {ifname} (its driver runs no XDP program)"), source: Some(Box::new(e)) })?;
+        let link = prog.take_link(id).map_err(|e| Error::bpf("taking the link", e))?;
+        // A netlink attachment (no BPF link on this kernel) cannot be pinned: dropping it here
+        // detaches it.
+        let fd_link = FdLink::try_from(link).map_err(|e| Error::KernelFeature { what: format!("an XDP link on {ifname} (Linux 5.9 or newer)"), source: Some(Box::new(e)) })?;
+        fd_link.pin(&pin).map_err(|e| Error::bpf(format!("pinning the link at {}", pin.display()), e))?;
+        Ok(ifindex)
+    }
+
+    /// Detaches the XDP fast path from interface `ifindex` (its pinned link is the last
+    /// reference). Nothing to do when it is not attached.
+    pub(crate) fn detach_xdp(&mut self, ifindex: u32) -> Result<()> {
+        let pin = self.link_path(LinkPin::Xdp(ifindex));
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {}", pin.display()), e)),
+        }
+    }
+
+    /// The interfaces the XDP fast path is attached to by this instance.
+    pub fn xdp_interfaces(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(self.links_dir()).map_err(|e| Error::io("listing links", e))? {
+            let entry = entry.map_err(|e| Error::io("listing links", e))?;
+            if let Some(LinkPin::Xdp(ifindex)) = LinkPin::parse(&entry.file_name().to_string_lossy())? {
+                out.push(ifindex);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// Program `name` as its type `P`, loaded into the kernel (verified) if it was not yet.
@@ -134,6 +193,9 @@ impl Datapath {
                 }
                 LinkPin::Egress(ifindex) => {
                     self.attach_egress(&net::ifname(ifindex)?, true)?;
+                }
+                LinkPin::Xdp(ifindex) => {
+                    self.attach_xdp(&net::ifname(ifindex)?, true)?;
                 }
                 LinkPin::SockOps(_) => {
                     let prog: &mut SockOps = self.program(programs::SOCK_OPS)?;
@@ -208,6 +270,13 @@ impl Loadable for SchedClassifier {
     }
 }
 
+impl Loadable for Xdp {
+    const KIND: &'static str = "XDP";
+    fn load_into_kernel(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
 impl Loadable for SkLookup {
     const KIND: &'static str = "sk_lookup";
     fn load_into_kernel(&mut self) -> Result<(), ProgramError> {
@@ -257,13 +326,14 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for pin in [LinkPin::Ingress(3), LinkPin::Egress(17), LinkPin::SkLookup, LinkPin::SockOps(1 << 40)] {
+        for pin in [LinkPin::Ingress(3), LinkPin::Egress(17), LinkPin::SkLookup, LinkPin::SockOps(1 << 40), LinkPin::Xdp(5)] {
             assert_eq!(LinkPin::parse(&pin.to_string()).unwrap(), Some(pin), "{pin}");
         }
         assert_eq!(LinkPin::Ingress(3).to_string(), "tc-ingress-3", "the names of pins that exist on hosts");
         assert_eq!(LinkPin::Egress(3).to_string(), "tc-egress-3");
         assert_eq!(LinkPin::SkLookup.to_string(), "sk-lookup");
         assert_eq!(LinkPin::SockOps(9).to_string(), "sock-ops-9");
+        assert_eq!(LinkPin::Xdp(3).to_string(), "xdp-3");
     }
 
     #[test]

@@ -85,6 +85,16 @@ pub fn is_interface_address(addr: IpAddr) -> Result<bool> {
 ///   clients whose route may point elsewhere.
 pub const TARGET_SYSCTLS: [(&str, u32); 4] = [("arp_ignore", 1), ("arp_announce", 2), ("accept_local", 1), ("rp_filter", 2)];
 
+/// Whether `ifname` forwards packets of the family (`net.ipv4.conf.<ifname>.forwarding` or
+/// `net.ipv6.conf.<ifname>.forwarding`): `bpf_fib_lookup`, which finds the XDP fast path's next
+/// hop, answers only on an interface that does.
+pub fn forwarding(ifname: &str, v6: bool) -> Result<bool> {
+    ifindex(ifname)?;
+    let path = format!("/proc/sys/net/ipv{}/conf/{ifname}/forwarding", if v6 { 6 } else { 4 });
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    Ok(text.trim() != "0")
+}
+
 fn sysctl_path(ifname: &str, name: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{ifname}/{name}")
 }

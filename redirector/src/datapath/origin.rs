@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
-use redirector_common::{PortData, RuleValue, SERVICE_LIVE_MOVES, ServiceKey, ServiceValue, as_v4, decide, maps};
+use redirector_common::{PortData, RuleValue, SERVICE_LIVE_MOVES, SERVICE_XDP, ServiceKey, ServiceValue, as_v4, decide, maps};
 
 use super::{
     Datapath, Error, Prefix, Result, RuleInfo, ServiceInfo, family_name, monotonic_ns, net, probe,
@@ -32,8 +32,18 @@ impl Datapath {
     }
 
     /// Steers `service` (this host's service address and port): attaches the classifier to
-    /// `ifname` and records how to tunnel the service's packets.
+    /// `ifname` and records how to tunnel the service's packets; the XDP fast path leaves it to
+    /// the classifier ([`Datapath::add_service_xdp`] without `xdp`).
     pub fn add_service(&mut self, service: (IpAddr, u16), ifname: &str, tunnel_src: Option<IpAddr>, mtu: Option<u32>) -> Result<ServiceInfo> {
+        self.add_service_xdp(service, ifname, tunnel_src, mtu, false)
+    }
+
+    /// [`Datapath::add_service`], and with `xdp`, the XDP fast path
+    /// on `ifname` forwards its migrated clients' packets too, if the interface can run it
+    /// (native XDP, forwarding on): otherwise the classifier alone steers it, and
+    /// [`ServiceInfo::xdp_unavailable`] says why. Without, the fast path leaves the service to
+    /// the classifier (and leaves the interface once no service asks for it).
+    pub fn add_service_xdp(&mut self, service: (IpAddr, u16), ifname: &str, tunnel_src: Option<IpAddr>, mtu: Option<u32>, xdp: bool) -> Result<ServiceInfo> {
         let (addr, port) = service;
         if port == 0 {
             return Err(Error::invalid("service port must not be 0"));
@@ -53,13 +63,49 @@ impl Datapath {
             Some(m) => m,
             None => net::mtu(ifname)?,
         };
-        let value = ServiceValue { tunnel_src: types::to16(tunnel_src), mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), flags: 0, _pad: 0, ifindex };
+        let mut value = ServiceValue { tunnel_src: types::to16(tunnel_src), mss_clamp: decide::mss_clamp(mtu, addr.is_ipv6()), flags: 0, _pad: 0, ifindex };
         let _lock = self.lock()?;
         self.attach_ingress(ifname, false)?;
+        let xdp_unavailable = if xdp { self.xdp_for(ifname, addr.is_ipv6()).err() } else { None };
+        if xdp && xdp_unavailable.is_none() {
+            value.flags |= SERVICE_XDP;
+        }
         let key = ServiceKey::new(types::to16(addr), port);
         self.services()?.insert(key, value, 0).map_err(|e| Error::bpf(format!("adding service {}", types::sock(addr, port)), e))?;
         self.sync_ports()?;
-        Ok(ServiceInfo { addr, port, tunnel_src, mss_clamp: value.mss_clamp, ifindex })
+        self.sync_xdp()?;
+        Ok(ServiceInfo { addr, port, tunnel_src, mss_clamp: value.mss_clamp, ifindex, xdp: value.flags & SERVICE_XDP != 0, xdp_unavailable })
+    }
+
+    /// Attaches the XDP fast path to `ifname` for a service of the family (`v6`), or says why
+    /// it cannot run there.
+    fn xdp_for(&mut self, ifname: &str, v6: bool) -> Result<(), String> {
+        let family = family_name(!v6);
+        match net::forwarding(ifname, v6) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "the XDP fast path needs {ifname} to forward {family} (sysctl net.ipv{}.conf.{ifname}.forwarding=1): bpf_fib_lookup, which finds the next hop, answers nowhere else",
+                    if v6 { 6 } else { 4 }
+                ));
+            }
+            Err(e) => return Err(format!("the XDP fast path cannot check {ifname}: {e}")),
+        }
+        self.attach_xdp(ifname, false).map(|_| ()).map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|s| format!(" ({s})")).unwrap_or_default();
+            format!("{e}{cause}")
+        })
+    }
+
+    /// Detaches the XDP fast path from interfaces where no steered service asks for it.
+    fn sync_xdp(&mut self) -> Result<()> {
+        let wanted: Vec<u32> = self.service_entries()?.iter().filter(|(_, v)| v.flags & SERVICE_XDP != 0).map(|(_, v)| v.ifindex).collect();
+        for ifindex in self.xdp_interfaces()? {
+            if !wanted.contains(&ifindex) {
+                self.detach_xdp(ifindex)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether `service`'s connections can move live ([`redirector_common::SERVICE_LIVE_MOVES`]):
@@ -86,7 +132,8 @@ impl Datapath {
             MapError::KeyNotFound => Error::invalid(format!("service {} is not steered", types::sock(service.0, service.1))),
             e => Error::bpf("removing service", e),
         })?;
-        self.sync_ports()
+        self.sync_ports()?;
+        self.sync_xdp()
     }
 
     /// Brings `PORT_SLOTS_*` in line with `SERVICES`: a port with one service (of the table's
@@ -120,7 +167,15 @@ impl Datapath {
     pub fn list_services(&mut self) -> Result<Vec<ServiceInfo>> {
         let mut out = Vec::new();
         for (k, v) in self.service_entries()? {
-            out.push(ServiceInfo { addr: types::from16(&k.addr), port: k.port(), tunnel_src: types::from16(&v.tunnel_src), mss_clamp: v.mss_clamp, ifindex: v.ifindex });
+            out.push(ServiceInfo {
+                addr: types::from16(&k.addr),
+                port: k.port(),
+                tunnel_src: types::from16(&v.tunnel_src),
+                mss_clamp: v.mss_clamp,
+                ifindex: v.ifindex,
+                xdp: v.flags & SERVICE_XDP != 0,
+                xdp_unavailable: None,
+            });
         }
         out.sort_by_key(|s| (s.addr, s.port));
         Ok(out)

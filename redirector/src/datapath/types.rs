@@ -90,6 +90,12 @@ pub struct ServiceInfo {
     pub tunnel_src: IpAddr,
     pub mss_clamp: u16,
     pub ifindex: u32,
+    /// The XDP fast path forwards the service's migrated clients' packets
+    /// ([`redirector_common::SERVICE_XDP`]).
+    pub xdp: bool,
+    /// Why the XDP fast path was asked for and is not on (the classifier alone steers).
+    #[serde(skip)]
+    pub xdp_unavailable: Option<String>,
 }
 
 impl ServiceInfo {

@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 
 use aya::{
     EbpfLoader,
-    programs::{SchedClassifier, SkLookup, SockOps},
+    programs::{SchedClassifier, SkLookup, SockOps, Xdp},
 };
 use redirector_common::programs;
 
@@ -31,5 +31,6 @@ fn load_all(dir: &Path) -> Result<Vec<&'static str>> {
     load_program::<SchedClassifier>(&mut ebpf, programs::EGRESS)?;
     load_program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?;
     load_program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
-    Ok(vec![programs::INGRESS, programs::EGRESS, programs::SK_LOOKUP, programs::SOCK_OPS])
+    load_program::<Xdp>(&mut ebpf, programs::XDP)?;
+    Ok(vec![programs::INGRESS, programs::EGRESS, programs::SK_LOOKUP, programs::SOCK_OPS, programs::XDP])
 }

@@ -11,6 +11,7 @@ mod compare;
 mod migrate;
 mod plot;
 mod scale;
+mod xdp;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
@@ -444,8 +445,9 @@ fn main() {
         Some("migrate") => return migrate::migrate(json),
         Some("compare") => return compare::compare(json),
         Some("scale") => return scale::scale(json),
+        Some("xdp") => return xdp::xdp(json),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|compare|scale [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale|xdp|compare [--json]");
             std::process::exit(2);
         }
     }
