@@ -532,6 +532,27 @@ fn single_addresses_sharing_a_slot_find_their_own_rule_which_beats_a_prefix() {
 }
 
 #[test]
+fn ten_thousand_rules_are_listed_whole_and_released() {
+    with_datapath(|dp| {
+        // More than one batch of the hash maps' reads (4,096 entries each).
+        let v4: Vec<Prefix> = (0..10_000u32).map(|i| Prefix { addr: IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i)), len: 32 }).collect();
+        let v6: Vec<Prefix> = (0..5_000u16).map(|i| Prefix { addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 9, 0, 0, 1, i)), len: 128 }).collect();
+        dp.migrate_many(&v4, IpAddr::V4(TGT4), None, false).expect("v4 rules");
+        dp.migrate_many(&v6, IpAddr::V6(TGT6), None, false).expect("v6 rules");
+        let listed: std::collections::HashSet<Prefix> = dp.list_rules().expect("rules").iter().map(|r| r.prefix).collect();
+        // with_datapath's two rules, and every one of these, once.
+        assert_eq!(listed.len(), 2 + v4.len() + v6.len());
+        assert!(v4.iter().chain(&v6).all(|p| listed.contains(p)), "every rule listed");
+        let out = expect(dp, &syn4(Ipv4Addr::new(198, 19, 39, 15), 4000), TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(out[30..34], TGT4.octets(), "the 10,000th client (198.19.39.15) is steered");
+        assert_eq!(dp.release_many(&v4).expect("release v4"), v4.len());
+        assert_eq!(dp.release_many(&v6).expect("release v6"), v6.len());
+        assert_eq!(dp.list_rules().expect("rules").len(), 2, "only with_datapath's rules are left");
+        expect(dp, &syn4(Ipv4Addr::new(198, 19, 39, 15), 4001), TCX_NEXT, "passed-not-migrated");
+    });
+}
+
+#[test]
 fn fragments_and_options_are_never_steered() {
     with_datapath(|dp| {
         let frag = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).more_fragments().build();

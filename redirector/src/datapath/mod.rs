@@ -11,6 +11,7 @@
 //! rules, drains), `target` (siblings, adopted services), `load` (connection counting), and
 //! `links` (programs and their attachments).
 
+mod batch;
 mod bpffs;
 mod frozen;
 mod kernel_log;

@@ -311,12 +311,12 @@ impl Datapath {
         IpAddr: From<[u8; N]>,
     {
         let len = u8::try_from(N * 8).unwrap_or(u8::MAX);
-        let mut out = Vec::new();
-        for item in &self.host_rules::<N>()? {
-            let (k, v) = item.map_err(|e| Error::bpf(format!("reading {}", host_rules_name(N)), e))?;
-            out.push((Prefix { addr: IpAddr::from(k), len }, v));
-        }
-        Ok(out)
+        let name = host_rules_name(N);
+        let aya::maps::Map::HashMap(map) = self.map(name)? else {
+            return Err(Error::invalid(format!("{name} is not a hash map")));
+        };
+        let entries = super::batch::read_all::<[u8; N], RuleValue>(map, name)?;
+        Ok(entries.into_iter().map(|(k, v)| (Prefix { addr: IpAddr::from(k), len }, v)).collect())
     }
 
     /// Every rule of the trie of `N`-byte addresses, as stored.
