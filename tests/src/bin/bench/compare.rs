@@ -13,13 +13,22 @@
 //! connection per request (`Connection: close`, the server closes first), p50 and p99 latency,
 //! and A's CPU per 1,000 requests; then a bulk download of [`BULK`] bytes through each path.
 //!
-//! **A's CPU, counted apart.** On two cores everything shares the CPUs, so A gets one of its
-//! own, as a separate box would: receive packet steering (RPS) sends every packet that arrives
-//! at A's interface to CPU 1, where A's softirq (the classifier, the encapsulation, A's TCP
-//! stack for the proxy) runs, and HAProxy is pinned there; every other interface's packets are
-//! steered to CPU 0, where the load generator and B's application are pinned. A's CPU is then
-//! CPU 1's busy time in `/proc/stat` (user, system, irq and softirq), less what it spent when
-//! idle before the run. CPU 0 bounds the request rate of every path alike (client and B).
+//! Everything is measured twice, in two layouts ([`Layout`]):
+//!
+//! - **shared**: the kernel places the work (no pinning, no steering), as on one box that
+//!   runs all three hosts; the request rates, latencies and download speeds come from here;
+//! - **A apart**: A gets a CPU of its own, as a separate box would: receive packet steering
+//!   (RPS) sends every packet that arrives at A's interface to CPU 1, where A's softirq (the
+//!   classifier, the encapsulation, A's TCP stack for the proxy) runs, and HAProxy is pinned
+//!   there; every other interface's packets are steered to CPU 0, where the load generator and
+//!   B's application are pinned. A's CPU is CPU 1's busy time in `/proc/stat` (user, system,
+//!   irq and softirq), less what it spent when idle before; A's CPU figures come from here.
+//!   Every packet through A then crosses between the CPUs twice (on a VM an inter-processor
+//!   interrupt each way), which slows the paths through A; its rates are printed too.
+//!
+//! Then, in the same run, the classifier at scale ([`crate::scale::classifier_scale`]) and the
+//! XDP fast path next to the classifier ([`crate::xdp::measure`]), so that `--json` holds every
+//! headline of the comparison in one object.
 
 use std::{
     fs,
@@ -151,9 +160,10 @@ fn busy_ms(cpu: usize) -> f64 {
     ms
 }
 
-/// Steers the packets arriving at `dev` in `ns` to CPU `cpu` (RPS, every receive queue).
-fn steer_rx(ns: &str, dev: &str, cpu: usize) {
-    let mask = format!("{:x}", 1u32 << cpu);
+/// Steers the packets arriving at `dev` in `ns` to CPU `cpu` (RPS, every receive queue), or
+/// lets them be processed where they arrive.
+fn steer_rx(ns: &str, dev: &str, cpu: Option<usize>) {
+    let mask = cpu.map_or_else(|| "0".to_string(), |c| format!("{:x}", 1u32 << c));
     let script = format!("for q in /sys/class/net/{dev}/queues/rx-*; do echo {mask} > $q/rps_cpus; done");
     sh(&["ip", "netns", "exec", ns, "sh", "-c", &script]);
 }
@@ -189,9 +199,31 @@ fn parse_wrk(out: &str) -> (f64, f64, f64, u64) {
     (rps, wrk_ms(out, "50%"), wrk_ms(out, "99%"), errors)
 }
 
+/// Where the work runs (see the module's documentation).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    Shared,
+    Apart,
+}
+
+/// Sets the CPUs every thread of process `pid` may run on: `cpu`, or all of them.
+fn pin(pid: u32, cpu: Option<usize>) {
+    let mut set = nix::sched::CpuSet::new();
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    for c in (0..cpus).filter(|c| cpu.is_none_or(|x| x == *c)) {
+        set.set(c).expect("cpu set");
+    }
+    for task in fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads").flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else { continue };
+        // A thread that just ended cannot be pinned: nothing to do for it.
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+    }
+}
+
 struct Bench {
     /// B's application and HAProxy: stopped before the topology goes.
     procs: Vec<Running>,
+    layout: Layout,
     t: Topology,
     dir: PathBuf,
     /// CPU 1's busy ms per second while idle.
@@ -206,6 +238,39 @@ impl Drop for Bench {
 }
 
 impl Bench {
+    /// Puts every host's work where `layout` says, and measures A's CPU's idle rate there.
+    fn set_layout(&mut self, layout: Layout) {
+        let (a, rest) = match layout {
+            Layout::Shared => (None, None),
+            Layout::Apart => (Some(A_CPU), Some(REST_CPU)),
+        };
+        let t = &self.t;
+        steer_rx(&t.a.ns, "eth0", a);
+        for h in [&t.b, &t.c, &t.client] {
+            steer_rx(&h.ns, "eth0", rest);
+        }
+        for h in [&t.a, &t.b, &t.c, &t.client] {
+            steer_rx(&t.switch, &h.ns, rest);
+        }
+        // B's application, then HAProxy.
+        pin(self.procs[0].0.id(), rest);
+        pin(self.procs[1].0.id(), a);
+        self.layout = layout;
+        self.idle_rate = 0.0;
+        if layout == Layout::Apart {
+            let ((), idle) = self.a_cpu(|| std::thread::sleep(Duration::from_secs(2)));
+            self.idle_rate = idle / 2.0;
+            if self.idle_rate > 50.0 {
+                eprintln!("warning: CPU {A_CPU} is {:.0}% busy before the run; the machine is not quiet and A's CPU figures include that", self.idle_rate / 10.0);
+            }
+        }
+    }
+
+    /// The CPU the load generator and the downloading client run on.
+    fn client_cpu(&self) -> Option<usize> {
+        (self.layout == Layout::Apart).then_some(REST_CPU)
+    }
+
     fn url(&self, way: Way) -> String {
         match way {
             Way::Direct => format!("http://{}/", self.t.b.v4[0]),
@@ -235,7 +300,12 @@ impl Bench {
         let secs = format!("{}s", ROUND.as_secs());
         let conns = CONNS.to_string();
         let url = self.url(way);
-        let mut args = vec!["netns", "exec", &self.t.client.ns, "taskset", "-c", "0", "wrk", "-t1", "-c", &conns, "-d", &secs, "--latency"];
+        let cpu = self.client_cpu().map(|c| c.to_string());
+        let mut args = vec!["netns", "exec", &self.t.client.ns];
+        if let Some(cpu) = &cpu {
+            args.extend(["taskset", "-c", cpu]);
+        }
+        args.extend(["wrk", "-t1", "-c", &conns, "-d", &secs, "--latency"]);
         if new_conn {
             args.extend(["-H", "Connection: close"]);
         }
@@ -254,11 +324,14 @@ impl Bench {
         let dst = self.target(way);
         let src = IpAddr::V4(client4(1));
         let ns = self.t.client.ns.clone();
+        let client_cpu = self.client_cpu();
         let ((bytes, secs), cpu) = self.a_cpu(|| {
             std::thread::spawn(move || {
-                let mut cpus = nix::sched::CpuSet::new();
-                cpus.set(REST_CPU).expect("cpu set");
-                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin the client");
+                if let Some(c) = client_cpu {
+                    let mut cpus = nix::sched::CpuSet::new();
+                    cpus.set(c).expect("cpu set");
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin the client");
+                }
                 let mut s = connect_tcp(&ns, src, dst).expect("connect for the download");
                 s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
                 let t0 = Instant::now();
@@ -293,11 +366,10 @@ impl Bench {
     }
 }
 
-/// Runs `cmd` in namespace `ns` pinned to `cpu`, its output in `log`.
-fn spawn_pinned(ns: &str, cpu: usize, cmd: &[&str], log: &Path) -> Running {
-    let cpu = cpu.to_string();
+/// Runs `cmd` in namespace `ns`, its output in `log`.
+fn spawn(ns: &str, cmd: &[&str], log: &Path) -> Running {
     let child = Command::new("ip")
-        .args(["netns", "exec", ns, "taskset", "-c", &cpu])
+        .args(["netns", "exec", ns])
         .args(cmd)
         .stdin(Stdio::null())
         .stdout(fs::File::create(log).expect("log"))
@@ -321,27 +393,18 @@ pub fn compare(json: bool) {
     let t = Topology::new(1);
     let dir = std::env::temp_dir().join(format!("{}-compare", t.prefix));
     fs::create_dir_all(&dir).expect("bench dir");
-    // Every packet that reaches A is A's work on CPU 1; all others' on CPU 0.
-    steer_rx(&t.a.ns, "eth0", A_CPU);
-    for h in [&t.b, &t.c, &t.client] {
-        steer_rx(&h.ns, "eth0", REST_CPU);
-    }
-    for h in [&t.a, &t.b, &t.c, &t.client] {
-        steer_rx(&t.switch, &h.ns, REST_CPU);
-    }
     let b_addr = t.b.v4[0];
     let demo = redirector_tests::agents::sibling_bin("redirector-demo-app");
     let b_listen = format!("{b_addr}:80");
-    let b = spawn_pinned(&t.b.ns, REST_CPU, &[&demo.to_string_lossy(), "--name", "B", "--listen", &b_listen], &dir.join("demo-b.log"));
+    let b = spawn(&t.b.ns, &[&demo.to_string_lossy(), "--name", "B", "--listen", &b_listen], &dir.join("demo-b.log"));
     let cfg = HAPROXY_CFG.replace("{A}", &t.a.v4[0].to_string()).replace("{B}", &b_addr.to_string());
     let cfg_path = dir.join("haproxy.cfg");
     fs::write(&cfg_path, cfg).expect("haproxy config");
-    let proxy = spawn_pinned(&t.a.ns, A_CPU, &["haproxy", "-db", "-f", &cfg_path.to_string_lossy()], &dir.join("haproxy.log"));
+    let proxy = spawn(&t.a.ns, &["haproxy", "-db", "-f", &cfg_path.to_string_lossy()], &dir.join("haproxy.log"));
     // The redirector path: A steers its service, B adopted it, the client is migrated.
     t.steer_a_to_b_v4(80, 80);
     t.migrate(&client4(1).to_string(), IpAddr::V4(b_addr));
-    // Settle the idle rate of A's CPU while everything waits.
-    let mut bench = Bench { procs: vec![b, proxy], t, dir, idle_rate: 0.0 };
+    let mut bench = Bench { procs: vec![b, proxy], layout: Layout::Shared, t, dir, idle_rate: 0.0 };
     let deadline = Instant::now() + Duration::from_secs(5);
     for way in WAYS {
         loop {
@@ -356,54 +419,80 @@ pub fn compare(json: bool) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let ((), idle) = bench.a_cpu(|| std::thread::sleep(Duration::from_secs(2)));
-    bench.idle_rate = idle / 2.0;
-    eprintln!("A's CPU when idle: {:.1} ms/s", bench.idle_rate);
-    if bench.idle_rate > 50.0 {
-        eprintln!("warning: CPU {A_CPU} is {:.0}% busy before the run; the machine is not quiet and A's CPU figures include that", bench.idle_rate / 10.0);
-    }
-
-    let mut samples: Vec<[Vec<Sample>; 2]> = vec![[Vec::new(), Vec::new()]; WAYS.len()];
-    for round in 0..ROUNDS {
-        for mode in [false, true] {
-            for k in 0..WAYS.len() {
-                // Rotate which path goes first.
-                let i = (k + round) % WAYS.len();
-                let s = bench.wrk(WAYS[i], mode);
-                eprintln!(
-                    "  round {round} {:<10} {:<9} {:>9.0} req/s p50 {:.3} ms p99 {:.3} ms, A {:.1} ms CPU per 1k, {} errors",
-                    WAYS[i].name(),
-                    if mode { "new conn" } else { "keepalive" },
-                    s.rps,
-                    s.p50_ms,
-                    s.p99_ms,
-                    s.a_cpu_ms,
-                    s.errors
-                );
-                samples[i][usize::from(mode)].push(s);
-            }
-        }
-    }
-    let mut bulk: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); WAYS.len()];
-    for round in 0..ROUNDS {
-        for k in 0..WAYS.len() {
-            let i = (k + round) % WAYS.len();
-            let (mbs, cpu) = bench.bulk(WAYS[i]);
-            eprintln!("  round {round} {:<10} bulk {mbs:.0} MB/s, A {cpu:.0} ms CPU per GB", WAYS[i].name());
-            bulk[i].0.push(mbs);
-            bulk[i].1.push(cpu);
-        }
-    }
-    let figures: Vec<[Figures; 2]> = samples.iter().map(|m| [Figures::of(&m[0]), Figures::of(&m[1])]).collect();
-    let bulk: Vec<(f64, f64)> = bulk.into_iter().map(|(m, c)| (median(m), median(c))).collect();
-    drop(std::mem::take(&mut bench.procs));
-    report(&figures, &bulk, json);
+    let shared = bench.measure(Layout::Shared);
+    let apart = bench.measure(Layout::Apart);
+    drop(bench);
+    // The other headlines, measured in the same run: the classifier at scale, and the
+    // XDP fast path next to it.
+    eprintln!("measuring the classifier with {:?} migrated clients of each family...", crate::scale::SIZES);
+    let scale = crate::scale::classifier_scale();
+    eprintln!("measuring the XDP fast path next to the classifier...");
+    let xdp = crate::xdp::measure();
+    report(&shared, &apart, &Others { scale, xdp }, json);
 }
 
-fn report(f: &[[Figures; 2]], bulk: &[(f64, f64)], json: bool) {
+/// What one layout measured: per path, both modes; per path, the download (MB/s, A's CPU ms
+/// per GB).
+struct Measured {
+    f: Vec<[Figures; 2]>,
+    bulk: Vec<(f64, f64)>,
+}
+
+impl Bench {
+    fn measure(&mut self, layout: Layout) -> Measured {
+        self.set_layout(layout);
+        let bench = self;
+        eprintln!("layout {layout:?}:");
+        let mut samples: Vec<[Vec<Sample>; 2]> = vec![[Vec::new(), Vec::new()]; WAYS.len()];
+        for round in 0..ROUNDS {
+            for mode in [false, true] {
+                for k in 0..WAYS.len() {
+                    // Rotate which path goes first.
+                    let i = (k + round) % WAYS.len();
+                    let s = bench.wrk(WAYS[i], mode);
+                    eprintln!(
+                        "  round {round} {:<10} {:<9} {:>9.0} req/s p50 {:.3} ms p99 {:.3} ms, A {:.1} ms CPU per 1k, {} errors",
+                        WAYS[i].name(),
+                        if mode { "new conn" } else { "keepalive" },
+                        s.rps,
+                        s.p50_ms,
+                        s.p99_ms,
+                        s.a_cpu_ms,
+                        s.errors
+                    );
+                    samples[i][usize::from(mode)].push(s);
+                }
+            }
+        }
+        let mut bulk: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); WAYS.len()];
+        for round in 0..ROUNDS {
+            for k in 0..WAYS.len() {
+                let i = (k + round) % WAYS.len();
+                let (mbs, cpu) = bench.bulk(WAYS[i]);
+                eprintln!("  round {round} {:<10} bulk {mbs:.0} MB/s, A {cpu:.0} ms CPU per GB", WAYS[i].name());
+                bulk[i].0.push(mbs);
+                bulk[i].1.push(cpu);
+            }
+        }
+        let f: Vec<[Figures; 2]> = samples.iter().map(|m| [Figures::of(&m[0]), Figures::of(&m[1])]).collect();
+        let bulk: Vec<(f64, f64)> = bulk.into_iter().map(|(m, c)| (median(m), median(c))).collect();
+        Measured { f, bulk }
+    }
+}
+
+/// What the other benchmarks measured in this run.
+struct Others {
+    scale: crate::scale::Scale,
+    xdp: crate::xdp::XdpFigures,
+}
+
+fn report(shared: &Measured, apart: &Measured, o: &Others, json: bool) {
     let (d, r, p) = (0, 1, 2);
+    // Rates, latencies and speeds with the work where the kernel puts it; A's CPU with A apart.
+    let f: Vec<[Figures; 2]> = shared.f.iter().zip(&apart.f).map(|(s, a)| [0, 1].map(|m| Figures { a_cpu_ms: a[m].a_cpu_ms, ..s[m] })).collect();
+    let bulk: Vec<(f64, f64)> = shared.bulk.iter().zip(&apart.bulk).map(|(s, a)| (s.0, a.1)).collect();
     println!("Redirector next to direct connections and HAProxy (TCP mode), one run, medians of {ROUNDS} rounds of {} s, wrk -t1 -c{CONNS}:", ROUND.as_secs());
-    println!("A's CPU: its own core (RPS and pinning), busy time incl. softirq, ms per 1,000 requests.");
+    println!("Rates and latencies: the kernel places the work. A's CPU: with A on a CPU of its own (RPS and pinning), busy time incl. softirq, ms per 1,000 requests.");
     for (m, mode) in ["keep-alive", "new connection per request"].iter().enumerate() {
         println!("  {mode}:");
         println!("    {:<11} {:>10} {:>8} {:>9} {:>9} {:>12} {:>10} {:>9} {:>7}", "path", "req/s", "vs dir", "vs proxy", "p50 ms", "p99 ms", "A CPU/1k", "vs proxy", "errors");
@@ -428,8 +517,24 @@ fn report(f: &[[Figures; 2]], bulk: &[(f64, f64)], json: bool) {
     for (i, way) in WAYS.iter().enumerate() {
         println!("    {:<11} {:>10.0} {:>7.2}x {:>8.2}x {:>12.0}", way.name(), bulk[i].0, bulk[i].0 / bulk[d].0, bulk[i].0 / bulk[p].0, bulk[i].1);
     }
+    let a = &apart.f;
+    println!("  with A on a CPU of its own (where A's CPU was counted; every packet through A crosses between the CPUs twice):");
+    println!("    {:<11} {:>14} {:>8} {:>9} {:>14} {:>8} {:>9} {:>10}", "path", "keep-alive/s", "vs dir", "vs proxy", "new conn/s", "vs dir", "vs proxy", "bulk MB/s");
+    for (i, way) in WAYS.iter().enumerate() {
+        println!(
+            "    {:<11} {:>14.0} {:>7.2}x {:>8.2}x {:>14.0} {:>7.2}x {:>8.2}x {:>10.0}",
+            way.name(),
+            a[i][0].rps,
+            a[i][0].rps / a[d][0].rps,
+            a[i][0].rps / a[p][0].rps,
+            a[i][1].rps,
+            a[i][1].rps / a[d][1].rps,
+            a[i][1].rps / a[p][1].rps,
+            apart.bulk[i].0
+        );
+    }
     // The direct path never touches A: CPU 1's time in its rows is someone else's.
-    if (0..2).any(|m| f[d][m].a_cpu_ms > 0.1 * f[r][m].a_cpu_ms) {
+    if (0..2).any(|m| f[d][m].a_cpu_ms > 0.1 * f[p][m].a_cpu_ms) {
         eprintln!(
             "warning: CPU {A_CPU} was busy during the direct rounds too ({:.1} and {:.1} ms per 1,000 requests): something else ran there, and A's CPU figures include it; run on a quiet machine",
             f[d][0].a_cpu_ms, f[d][1].a_cpu_ms
@@ -446,6 +551,18 @@ fn report(f: &[[Figures; 2]], bulk: &[(f64, f64)], json: bool) {
         verdict(rps_vs_direct >= 0.9),
         verdict(rps_vs_proxy >= 2.0),
         verdict(cpu_vs_proxy <= 0.2)
+    );
+    let (scale_case, scale_growth) = o.scale.worst_growth(false);
+    let (_, scale_hot) = o.scale.worst_growth(true);
+    println!(
+        "Classifier at scale (bench scale): {} to {} migrated clients, worst case {scale_case:?} {scale_growth:.2}x over different packets, {scale_hot:.2}x one packet again and again (goal <= 1.2x); existing flow {:.2}x an empty program (goal <= 3x)",
+        crate::scale::SIZES[0],
+        crate::scale::SIZES[crate::scale::SIZES.len() - 1],
+        o.scale.existing_vs_empty()
+    );
+    println!(
+        "XDP fast path (bench xdp): {:.0} forwarded packets/s per core of A against {:.0} with the classifier alone: {:.2}x (goal >= 2x)",
+        o.xdp.xdp_pps, o.xdp.tc_pps, o.xdp.xdp_vs_tc_pps
     );
     let png = plot_path();
     let groups: Vec<&str> = WAYS.iter().map(|w| w.name()).collect();
@@ -465,6 +582,13 @@ fn report(f: &[[Figures; 2]], bulk: &[(f64, f64)], json: bool) {
         m.insert("rps_vs_proxy".into(), rps_vs_proxy.into());
         m.insert("cpu_vs_proxy".into(), cpu_vs_proxy.into());
         m.insert("bulk_vs_direct".into(), bulk_vs_direct.into());
+        m.insert("scale_1m_vs_10".into(), scale_growth.into());
+        m.insert("scale_1m_vs_10_hot".into(), scale_hot.into());
+        m.insert("existing_vs_empty".into(), o.scale.existing_vs_empty().into());
+        m.insert("bytes_per_client".into(), o.scale.bytes_per_client().into());
+        m.insert("xdp_vs_tc_pps".into(), o.xdp.xdp_vs_tc_pps.into());
+        m.insert("xdp_pps".into(), o.xdp.xdp_pps.into());
+        m.insert("tc_pps".into(), o.xdp.tc_pps.into());
         for (i, way) in WAYS.iter().enumerate() {
             for (k, mode) in ["keepalive", "new"].iter().enumerate() {
                 let x = f[i][k];
@@ -477,6 +601,10 @@ fn report(f: &[[Figures; 2]], bulk: &[(f64, f64)], json: bool) {
             }
             m.insert(format!("{}_bulk_mbs", way.name()), bulk[i].0.into());
             m.insert(format!("{}_bulk_a_cpu_ms_per_gb", way.name()), bulk[i].1.into());
+            for (k, mode) in ["keepalive", "new"].iter().enumerate() {
+                m.insert(format!("{}_{mode}_rps_a_apart", way.name()), a[i][k].rps.into());
+            }
+            m.insert(format!("{}_bulk_mbs_a_apart", way.name()), apart.bulk[i].0.into());
         }
         m.insert("plot".into(), png.to_string_lossy().into_owned().into());
         println!("{}", serde_json::Value::Object(m));

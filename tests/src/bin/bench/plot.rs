@@ -32,7 +32,8 @@ pub fn grouped_bars(png: &Path, groups: &[&str], panels: &[Panel]) -> Result<(),
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 fn draw_panel(area: &Area, groups: &[&str], panel: &Panel) -> Result<(), String> {
-    let top = panel.series.iter().flat_map(|(_, v)| v.iter().copied()).fold(0.0, f64::max) * 1.15;
+    // Room above the bars for the legend.
+    let top = panel.series.iter().flat_map(|(_, v)| v.iter().copied()).fold(0.0, f64::max) * 1.35;
     #[expect(clippy::cast_precision_loss, reason = "a handful of groups")]
     let n = groups.len() as f64;
     let mut chart = ChartBuilder::on(area)
@@ -51,7 +52,8 @@ fn draw_panel(area: &Area, groups: &[&str], panel: &Panel) -> Result<(), String>
             String::new()
         }
     };
-    chart.configure_mesh().disable_x_mesh().x_labels(groups.len() + 1).x_label_formatter(&label).label_style(("sans-serif", 14)).draw().map_err(text)?;
+    let value = |y: &f64| if top >= 100.0 { format!("{y:.0}") } else { format!("{y:.1}") };
+    chart.configure_mesh().disable_x_mesh().x_labels(groups.len() + 1).x_label_formatter(&label).y_label_formatter(&value).label_style(("sans-serif", 14)).draw().map_err(text)?;
     #[expect(clippy::cast_precision_loss, reason = "a handful of series")]
     let width = 0.8 / panel.series.len() as f64;
     for (k, (name, values)) in panel.series.iter().enumerate() {
@@ -63,7 +65,14 @@ fn draw_panel(area: &Area, groups: &[&str], panel: &Panel) -> Result<(), String>
         });
         chart.draw_series(bars).map_err(text)?.label(*name).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.85)).label_font(("sans-serif", 14)).draw().map_err(text)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(text)?;
     Ok(())
 }
 
