@@ -729,6 +729,12 @@ impl Drop for Cluster {
             for (n, a) in &self.agents {
                 eprintln!("--- agent {n} log ---\n{}", a.log());
             }
+            // The applications' own account (hook events, what they did with connections).
+            for a in &self.apps {
+                let log = a.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- application log {} (last 40 lines) ---\n{}", a.log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -58,9 +58,13 @@ pub struct TcpState {
     pub wscale: Option<(u8, u8)>,
     pub sack: bool,
     pub timestamps: bool,
-    /// This end's timestamp clock (`TCP_TIMESTAMP`): the peer drops segments whose
-    /// timestamp goes back.
+    /// This end's timestamp clock (`TCP_TIMESTAMP`, ms) when it was dumped: the peer drops
+    /// segments whose timestamp goes back.
     pub timestamp: u32,
+    /// When it was dumped, on this host's clock (not sent: [`TcpState::sent_now`] moves the
+    /// timestamp clock on by the time since).
+    #[serde(skip)]
+    pub dumped: Option<std::time::Instant>,
     pub window: Window,
     /// The socket's buffer sizes (`SO_SNDBUF`, `SO_RCVBUF`, as the kernel reports them): the
     /// new socket gets room for at least as much, so the send queue's tail goes out without
@@ -79,10 +83,28 @@ pub struct TcpState {
     pub unsent: u32,
 }
 
-/// How far ahead of the dumped clock a restored socket's timestamp clock starts, in ms: more
-/// than the old socket lives after its dump (until the hand-over ends). Timestamps only have
-/// to move forward (the peer accepts any step under 2^31 ms).
-pub const CLOCK_STEP_MS: u32 = 60_000;
+impl TcpState {
+    /// This state as it leaves the host now: its timestamp clock moved on by the time since
+    /// the dump, as the old socket's own clock did (which may still stamp a retransmission
+    /// until it is closed).
+    #[must_use]
+    pub fn sent_now(&self) -> Self {
+        let mut s = self.clone();
+        if let Some(t) = s.dumped.take() {
+            s.timestamp = s.timestamp.wrapping_add(u32::try_from(t.elapsed().as_millis()).unwrap_or(u32::MAX));
+        }
+        s
+    }
+}
+
+/// How far ahead of the clock it was sent with a restored socket's timestamp clock starts, in
+/// ms: the transfer and the restore (the sender already added the time since the dump,
+/// [`TcpState::sent_now`]). Timestamps only have to move forward, but not by much: a segment
+/// resent before the restore is acknowledged with an echo of the old clock, and the kernel
+/// takes the difference for a round trip (a minute's step made the restored socket's
+/// retransmission timeout over a minute, and a connection that lost a segment after its move
+/// stalled that long).
+pub const CLOCK_STEP_MS: u32 = 100;
 
 /// Socket-level constants of the repair interface (linux/tcp.h) the libc crate lacks.
 mod sys {

@@ -103,10 +103,11 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
     }
     sockopt::set_slice(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts).map_err(with("the negotiated options"))?;
     if state.timestamps {
-        // Ahead of the old socket's clock: until it is closed it may still send (its
+        // Not behind the old socket's clock: until it is closed it may still send (its
         // retransmission and loss-probe timers run in repair mode), and a segment from it
-        // stamped after the dump would make the peer drop this socket's first ones as old
-        // (PAWS); this socket has no RTT estimate yet, so it would resend them after 1 s.
+        // stamped later than this socket's would make the peer drop this socket's first ones
+        // as old (PAWS); this socket has no RTT estimate yet, so it would resend them after
+        // 1 s. The sender moved the clock on by the time since the dump (`sent_now`).
         tcp(&fd, libc::TCP_TIMESTAMP, &state.timestamp.wrapping_add(super::CLOCK_STEP_MS)).map_err(with("the timestamp clock"))?;
     }
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;

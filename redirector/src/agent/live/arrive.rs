@@ -230,6 +230,7 @@ mod tests {
             sack: true,
             timestamps: true,
             timestamp: 3,
+            dumped: None,
             window: Window::default(),
             sndbuf: 1 << 22,
             rcvbuf: 1 << 22,

@@ -211,14 +211,14 @@ impl Leaving {
                 }
                 if size <= budget {
                     used += size;
-                    list.push(MovedConnection { state: state.clone(), blob: c.blob.clone(), more_send: 0, more_recv: 0 });
+                    list.push(MovedConnection { state: state.sent_now(), blob: c.blob.clone(), more_send: 0, more_recv: 0 });
                     continue;
                 }
                 // Its queues' heads in a frame of its own, the rest after it.
                 let room = budget - c.blob.len() - fields;
                 let send = state.send_queue.len().min(room);
                 let recv = state.recv_queue.len().min(room - send);
-                let mut head = state.clone();
+                let mut head = state.sent_now();
                 head.send_queue.truncate(send);
                 head.recv_queue.truncate(recv);
                 let (more_send, more_recv) = ((state.send_queue.len() - send) as u64, (state.recv_queue.len() - recv) as u64);
