@@ -24,9 +24,8 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData, name: &str) -> Result<Vec<(K, V)>
     // The position between calls: opaque, a bucket index for hash maps (4 bytes; room for 8).
     let (mut token_in, mut token_out) = ([0u8; 8], [0u8; 8]);
     let mut first = true;
+    let (mut keys, mut values) = (vec![0u8; chunk * ks], vec![0u8; chunk * vs]);
     loop {
-        let mut keys = vec![0u8; chunk * ks];
-        let mut values = vec![0u8; chunk * vs];
         // union bpf_attr, batch: in_batch, out_batch, keys, values, count | map_fd << 32,
         // elem_flags, flags.
         let mut attr = [0u64; 16];
@@ -41,6 +40,8 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData, name: &str) -> Result<Vec<(K, V)>
         let err = (rc < 0).then(std::io::Error::last_os_error);
         if err.as_ref().and_then(std::io::Error::raw_os_error) == Some(libc::ENOSPC) {
             chunk *= 2;
+            keys.resize(chunk * ks, 0);
+            values.resize(chunk * vs, 0);
             continue;
         }
         // The kernel wrote how many entries it filled, also with ENOENT (the last ones).

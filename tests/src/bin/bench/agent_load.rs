@@ -28,20 +28,6 @@ pub struct AgentLoad {
     pub move_ms: f64,
 }
 
-/// The process's user + system time so far, ms.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent's stat");
-    // Fields after the command name (which may hold spaces): state is field 3; utime 14, stime 15.
-    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    #[expect(clippy::cast_precision_loss, reason = "ticks are small")]
-    let ms = ticks as f64 * 1000.0 / hz as f64;
-    ms
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmRSS")
@@ -49,9 +35,9 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// CPU ms per second over [`STEADY`].
 fn steady_cpu(pid: u32) -> f64 {
-    let (c0, t0) = (cpu_ms(pid), Instant::now());
+    let (c0, t0) = (crate::cpu::process_ms(pid), Instant::now());
     std::thread::sleep(STEADY);
-    (cpu_ms(pid) - c0) / t0.elapsed().as_secs_f64()
+    (crate::cpu::process_ms(pid) - c0) / t0.elapsed().as_secs_f64()
 }
 
 pub fn measure() -> AgentLoad {

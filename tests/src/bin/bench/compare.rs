@@ -45,6 +45,8 @@ use redirector_tests::{
     net::{SERVICE4, client4, sh},
 };
 
+use crate::median;
+
 /// Rounds of each measurement (each path once per round).
 const ROUNDS: usize = 3;
 /// Length of one `wrk` run.
@@ -119,11 +121,6 @@ struct Figures {
     errors: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 impl Figures {
     fn of(samples: &[Sample]) -> Self {
         Self {
@@ -148,16 +145,7 @@ impl Drop for Running {
 
 /// CPU `cpu`'s busy time so far (user, nice, system, irq, softirq), in ms.
 fn busy_ms(cpu: usize) -> f64 {
-    let stat = fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let line = stat.lines().find(|l| l.split_whitespace().next() == Some(&format!("cpu{cpu}"))).unwrap_or_else(|| panic!("no cpu{cpu} in /proc/stat"));
-    let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().expect("a number")).collect();
-    // user nice system idle iowait irq softirq steal ...
-    let ticks = f[0] + f[1] + f[2] + f[5] + f[6];
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    #[expect(clippy::cast_precision_loss, reason = "ticks are small")]
-    let ms = ticks as f64 * 1000.0 / hz as f64;
-    ms
+    crate::cpu::ticks_ms(crate::cpu::CpuTicks::of(cpu).busy())
 }
 
 /// Steers the packets arriving at `dev` in `ns` to CPU `cpu` (RPS, every receive queue), or

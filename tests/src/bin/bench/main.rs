@@ -8,6 +8,7 @@
 
 mod agent_load;
 mod compare;
+mod cpu;
 mod migrate;
 mod plot;
 mod scale;

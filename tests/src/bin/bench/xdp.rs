@@ -39,6 +39,8 @@ use redirector_tests::{
     packets::{Ip, Pkt},
 };
 
+use crate::median;
+
 /// Rounds of each mode, alternating.
 const ROUNDS: usize = 3;
 /// Length of one round of the generator.
@@ -90,11 +92,6 @@ pub struct XdpFigures {
     /// Empty programs of each kind, the measurement's own floor.
     pub tc_empty_ns: f64,
     pub xdp_empty_ns: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Measures everything `bench xdp` prints (needs root; about half a minute).
@@ -337,14 +334,10 @@ fn mac(s: &str) -> [u8; 6] {
     m
 }
 
-/// Busy jiffies (user, nice, system, irq, softirq, steal) of CPU `cpu` from `/proc/stat`.
+/// Busy ticks (user, nice, system, irq, softirq, steal) of CPU `cpu`.
 fn busy_jiffies(cpu: usize) -> u64 {
-    let stat = fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let name = format!("cpu{cpu}");
-    let line = stat.lines().find(|l| l.split_whitespace().next() == Some(name.as_str())).unwrap_or_else(|| panic!("no {name} in /proc/stat"));
-    let v: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
-    // user nice system idle iowait irq softirq steal
-    [0, 1, 2, 5, 6, 7].iter().map(|i| v.get(*i).copied().unwrap_or(0)).sum()
+    let t = crate::cpu::CpuTicks::of(cpu);
+    t.busy() + t.steal
 }
 
 fn rates() -> Rates {
@@ -456,8 +449,6 @@ fn generate(frames: &[Vec<u8>]) -> (u64, f64, f64) {
         at = (at + usize::try_from(rc).unwrap_or(0)) % msgs.len();
     }
     let secs = start.elapsed().as_secs_f64();
-    // USER_HZ: 100 on Linux.
-    #[expect(clippy::cast_precision_loss, reason = "jiffies of a few seconds")]
-    let busy = (busy_jiffies(GEN_CPU) - busy0) as f64 / 100.0;
+    let busy = crate::cpu::ticks_ms(busy_jiffies(GEN_CPU) - busy0) / 1000.0;
     (sent, secs, busy)
 }
