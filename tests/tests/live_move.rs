@@ -271,15 +271,20 @@ fn a_request_sent_while_frozen_is_answered_at_once_ipv6() {
 }
 
 /// Bytes each way in the transfer test.
-const DOWN: usize = 10 << 20;
-const UP: usize = 4 << 20;
+const DOWN: usize = 16 << 20;
+const UP: usize = 8 << 20;
+/// The tail of its upload the client keeps back until the move is done: A cannot have the
+/// whole upload before the move, however slow the machine (the test then moves nothing).
+const KEPT_BACK: usize = 64 << 10;
 
-/// One end of the transfer test: its bytes to send, the bytes it expects, how far it got.
+/// One end of the transfer test: its bytes to send, the bytes it expects, how far it got, and
+/// whether it may send its last `KEPT_BACK` bytes (an end that need not wait has it set).
 struct Ends<'a> {
     out: &'a [u8],
     sent: usize,
     want: &'a [u8],
     got: usize,
+    whole: &'a AtomicBool,
 }
 
 /// Moves bytes both ways on `s` (nonblocking) until both are done or `stop` is set: writes
@@ -287,7 +292,7 @@ struct Ends<'a> {
 /// `progress`), pausing `pace` after each step that moved bytes. Returns whether both are
 /// done.
 fn pump(s: &mut TcpStream, e: &mut Ends<'_>, stop: &AtomicBool, progress: &AtomicU64, deadline: Instant, pace: Duration) -> bool {
-    let Ends { out, sent, want, got } = e;
+    let Ends { out, sent, want, got, whole } = e;
     let (out, want) = (*out, *want);
     let mut buf = vec![0u8; 1 << 16];
     while !(*sent == out.len() && *got == want.len()) {
@@ -296,8 +301,9 @@ fn pump(s: &mut TcpStream, e: &mut Ends<'_>, stop: &AtomicBool, progress: &Atomi
         }
         assert!(Instant::now() < deadline, "the transfer stalled: sent {sent} of {}, got {got} of {}", out.len(), want.len());
         let mut progress_made = false;
-        if *sent < out.len() {
-            match s.write(&out[*sent..(*sent + (1 << 16)).min(out.len())]) {
+        let may_send = if whole.load(Ordering::SeqCst) { out.len() } else { out.len() - KEPT_BACK };
+        if *sent < may_send {
+            match s.write(&out[*sent..(*sent + (1 << 16)).min(may_send)]) {
                 Ok(n) => {
                     *sent += n;
                     progress_made = true;
@@ -328,24 +334,26 @@ fn a_transfer_both_ways_moves(v6: bool) {
     let (down, up) = (Arc::new(redirector_tests::app::pattern(3, DOWN)), Arc::new(redirector_tests::app::pattern(4, UP)));
     let deadline = Instant::now() + Duration::from_secs(30);
     let (hand_over, got_down, got_up) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let moved_yet = Arc::new(AtomicBool::new(false));
     // A sends `down` and checks `up` until asked to hand over; then B goes on from there.
     let on_a = std::thread::spawn({
         let (down, up, hand_over, got_up) = (down.clone(), up.clone(), hand_over.clone(), got_up.clone());
         move || {
             let mut s = s;
             s.set_nonblocking(true).expect("nonblocking");
-            let mut e = Ends { out: &down, sent: 0, want: &up, got: 0 };
+            let mut e = Ends { out: &down, sent: 0, want: &up, got: 0, whole: &AtomicBool::new(true) };
             assert!(!pump(&mut s, &mut e, &hand_over, &got_up, deadline, Duration::ZERO), "A finished before the move");
             (s, e.sent, e.got)
         }
     });
     let client = std::thread::spawn({
-        let (down, up, got_down) = (down.clone(), up.clone(), got_down.clone());
+        let (down, up, got_down, moved_yet) = (down.clone(), up.clone(), got_down.clone(), moved_yet.clone());
         move || {
             c.set_nonblocking(true).expect("nonblocking");
-            let mut e = Ends { out: &up, sent: 0, want: &down, got: 0 };
-            // Paced (about 64 MB/s each way): the transfer lasts long enough to be moved.
-            assert!(pump(&mut c, &mut e, &AtomicBool::new(false), &got_down, deadline, Duration::from_millis(1)));
+            let mut e = Ends { out: &up, sent: 0, want: &down, got: 0, whole: &moved_yet };
+            // Paced (at most 64 KiB each way per 5 ms, about 13 MB/s): the download lasts
+            // more than a second, so A's send queue is full at the move.
+            assert!(pump(&mut c, &mut e, &AtomicBool::new(false), &got_down, deadline, Duration::from_millis(5)));
         }
     });
     wait_until("2 MiB downloaded from A and 1 MiB uploaded", Duration::from_secs(10), || got_down.load(Ordering::SeqCst) >= 2 << 20 && got_up.load(Ordering::SeqCst) >= 1 << 20);
@@ -353,8 +361,9 @@ fn a_transfer_both_ways_moves(v6: bool) {
     hand_over.store(true, Ordering::SeqCst);
     let (s, sent, got) = on_a.join().expect("A's server");
     let (mut s, moved) = m.finish(s, &hold);
+    moved_yet.store(true, Ordering::SeqCst);
     s.set_nonblocking(true).expect("nonblocking");
-    let mut e = Ends { out: &down, sent, want: &up, got };
+    let mut e = Ends { out: &down, sent, want: &up, got, whole: &AtomicBool::new(true) };
     assert!(pump(&mut s, &mut e, &AtomicBool::new(false), &AtomicU64::new(0), deadline, Duration::ZERO), "B finished the transfer");
     client.join().expect("the client got every byte once, in order, and sent all of its own");
     eprintln!(
