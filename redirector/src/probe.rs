@@ -81,7 +81,7 @@ impl Capture {
     /// # Errors
     /// The packet socket could not be opened or filtered.
     pub fn open(v4: bool, port: u16) -> io::Result<Self> {
-        let fd = sockopt::packet_socket(if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 }, &filter(v4, port))?;
+        let fd = sockopt::packet_socket(if v4 { libc::ETH_P_IP } else { libc::ETH_P_IPV6 }, &filter(v4, port), None)?;
         Ok(Self { fd, v4, port })
     }
 

@@ -67,28 +67,16 @@ impl Hold {
     }
 
     /// Starts copying the packets to service port `port` arriving on interface `dev`, to
-    /// keep those of the flows [`Hold::watch`] names. Opening (and closing) a packet socket
-    /// waits for the kernel's network-wide grace period, milliseconds: a move opens its copy
-    /// while its application exports, and closes it after the move.
+    /// keep those of the flows [`Hold::watch`] names. Closing a packet socket waits for the
+    /// kernel's network-wide grace period (milliseconds): a move closes its copy after the
+    /// move, off its way.
     ///
     /// # Errors
     /// No such interface, or the packet socket could not be made (`CAP_NET_RAW`).
     pub fn open(dev: &str, port: u16) -> io::Result<Self> {
         let index = nix::net::if_::if_nametoindex(dev).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("interface {dev}: {e}")))?;
-        let fd = sockopt::packet_socket(libc::ETH_P_ALL, &filter(port))?;
+        let fd = sockopt::packet_socket(libc::ETH_P_ALL, &filter(port), Some(index))?;
         sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields set make it this interface's.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET fits");
-        sll.sll_protocol = u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL fits in 16 bits").to_be();
-        sll.sll_ifindex = i32::try_from(index).map_err(|_| io::Error::other("interface index out of range"))?;
-        let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).expect("fits");
-        // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
-        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sll).cast(), len) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Bound to the interface only now: what the socket took before binding is of any
-        // interface, and is read past by `take` like anything not of the flows.
         Ok(Self { fd, port, flows: Vec::new() })
     }
 
