@@ -204,14 +204,15 @@ impl Datapath {
             }
         }
         let _lock = self.lock()?;
-        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
         let target16 = types::to16(target);
         let now = unix_now();
-        let mut changes = Vec::new();
-        for p in prefixes {
-            let value = match rules.get(p) {
+        let mut tries = None;
+        let mut changes: Vec<Change> = Vec::new();
+        for p in unique(prefixes) {
+            let old = self.stored_rule(p, &mut tries)?;
+            let value = match old {
                 Some(old) if old.target == target16 && old.drain_until_ns == 0 => continue,
-                Some(old) if old.target == target16 => RuleValue { drain_until_ns: 0, ..*old },
+                Some(old) if old.target == target16 => RuleValue { drain_until_ns: 0, ..old },
                 Some(old) if !replace => {
                     return Err(Error::invalid(format!(
                         "{p} is already migrated to {}{}: withdraw it first (`rule del`), or replace it (its flows living there break)",
@@ -221,19 +222,9 @@ impl Datapath {
                 }
                 _ => RuleValue { target: target16, drain_until_ns: 0, since_unix: now },
             };
-            changes.push((*p, value));
+            changes.push((p, old, Some(value)));
         }
-        let mut previous: Previous = Vec::new();
-        for (p, value) in &changes {
-            if let Err(e) = self.insert_rule(*p, *value) {
-                self.restore(&previous);
-                return Err(e);
-            }
-            previous.push((*p, rules.insert(*p, *value)));
-        }
-        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
-        self.sync_hosts(&all);
-        Ok(())
+        self.change_rules(&changes)
     }
 
     /// The steered services of `target`'s family (an error if there is none, or `target` is
@@ -256,6 +247,68 @@ impl Datapath {
         for s in &self.steered_services(target)? {
             let mut probes: HashMap<&mut MapData, u32, redirector_common::ProbeValue> = self.open_map(maps::PROBES)?;
             probe::probe(&mut probes, s, target, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// The rule of `prefix` as stored: a single address's from its hash map, a prefix's from
+    /// `tries` (both tries' rules, read on first need: a trie lookup finds the longest prefix
+    /// that matches, not the one asked for).
+    fn stored_rule(&mut self, prefix: Prefix, tries: &mut Option<StdHashMap<Prefix, RuleValue>>) -> Result<Option<RuleValue>> {
+        let found = match prefix.addr {
+            IpAddr::V4(a) if prefix.is_host() => self.host_rules()?.get(&a.octets(), 0),
+            IpAddr::V6(a) if prefix.is_host() => self.host_rules()?.get(&a.octets(), 0),
+            _ => {
+                if tries.is_none() {
+                    let mut all = self.trie_rules::<4>()?;
+                    all.extend(self.trie_rules::<16>()?);
+                    *tries = Some(all.into_iter().collect());
+                }
+                return Ok(tries.as_ref().and_then(|t| t.get(&prefix).copied()));
+            }
+        };
+        match found {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::bpf(format!("reading the rule of {prefix}"), e)),
+        }
+    }
+
+    /// Makes the rules of `changes` their new values (`None`: removed), then the host slots,
+    /// all or nothing: what a failure leaves half done is put back.
+    fn change_rules(&mut self, changes: &[Change]) -> Result<()> {
+        let mut done: Previous = Vec::new();
+        for (p, old, new) in changes {
+            let written = match new {
+                Some(v) => self.insert_rule(*p, *v),
+                None => self.remove_rule(*p),
+            };
+            if let Err(e) = written {
+                self.restore(&done);
+                return Err(e);
+            }
+            done.push((*p, *old));
+        }
+        self.sync_changed(changes)
+    }
+
+    /// Brings the host tables in line after `changes`: from every rule if a prefix changed
+    /// (it covers many slots), else only the slots of the changed addresses, from what they
+    /// hold (reading every rule takes milliseconds with a million of them, or none: the hash
+    /// maps' batch read walks all their buckets; a move waits for its rules).
+    fn sync_changed(&mut self, changes: &[Change]) -> Result<()> {
+        if changes.iter().any(|(p, ..)| !p.is_host()) {
+            let all = self.rules()?;
+            self.sync_hosts(&all);
+            return Ok(());
+        }
+        for v6 in [false, true] {
+            let of: Vec<(redirector_common::Addr, Option<RuleValue>)> =
+                changes.iter().filter(|(p, ..)| p.addr.is_ipv6() == v6).map(|(p, _, new)| (types::to16(p.addr), *new)).collect();
+            if !of.is_empty() {
+                let table = if v6 { &self.hosts_v6 } else { &self.hosts_v4 };
+                table.apply_some(&slots::host_changes(|i| table.get(i), &of));
+            }
         }
         Ok(())
     }
@@ -351,21 +404,16 @@ impl Datapath {
             return self.release_many(prefixes);
         }
         let _lock = self.lock()?;
-        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
         let until = monotonic_ns().saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
-        let mut previous: Previous = Vec::new();
-        for p in prefixes {
-            let Some(old) = rules.get(p).copied() else { continue };
+        let mut tries = None;
+        let mut changes: Vec<Change> = Vec::new();
+        for p in unique(prefixes) {
+            let Some(old) = self.stored_rule(p, &mut tries)? else { continue };
             let value = RuleValue { drain_until_ns: if old.drain_until_ns == 0 { until } else { old.drain_until_ns.min(until) }, ..old };
-            if let Err(e) = self.insert_rule(*p, value) {
-                self.restore(&previous);
-                return Err(e);
-            }
-            previous.push((*p, rules.insert(*p, value)));
+            changes.push((p, Some(old), Some(value)));
         }
-        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
-        self.sync_hosts(&all);
-        Ok(previous.len())
+        self.change_rules(&changes)?;
+        Ok(changes.len())
     }
 
     /// Removes the rule for `prefix` at once: flows living on the target break.
@@ -380,17 +428,15 @@ impl Datapath {
     /// many were removed.
     pub fn release_many(&mut self, prefixes: &[Prefix]) -> Result<usize> {
         let _lock = self.lock()?;
-        let mut rules: StdHashMap<Prefix, RuleValue> = self.rules()?.into_iter().collect();
-        let mut n = 0;
-        for p in prefixes {
-            if rules.remove(p).is_some() {
-                self.remove_rule(*p)?;
-                n += 1;
+        let mut tries = None;
+        let mut changes: Vec<Change> = Vec::new();
+        for p in unique(prefixes) {
+            if let Some(old) = self.stored_rule(p, &mut tries)? {
+                changes.push((p, Some(old), None));
             }
         }
-        let all: Vec<(Prefix, RuleValue)> = rules.into_iter().collect();
-        self.sync_hosts(&all);
-        Ok(n)
+        self.change_rules(&changes)?;
+        Ok(changes.len())
     }
 
     /// All rules, active and draining, sorted by prefix.
@@ -430,6 +476,15 @@ impl Datapath {
 
 /// Migrations whose rules a call changes, with what was there before (for rollback).
 type Previous = Vec<(Prefix, Option<RuleValue>)>;
+
+/// A rule a call changes: its prefix, its rule before and after (`None`: none).
+type Change = (Prefix, Option<RuleValue>, Option<RuleValue>);
+
+/// `prefixes` without repeats, in their order.
+fn unique(prefixes: &[Prefix]) -> impl Iterator<Item = Prefix> + '_ {
+    let mut seen = std::collections::HashSet::new();
+    prefixes.iter().copied().filter(move |p| seen.insert(*p))
+}
 
 /// The rule trie of the family whose addresses have `n` bytes (4: IPv4, 16: IPv6).
 const fn trie_name(n: usize) -> &'static str {

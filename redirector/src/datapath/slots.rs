@@ -173,21 +173,30 @@ impl<D: SlotData> SlotTable<D> {
     pub fn apply(&self, wanted: &BTreeMap<u32, Want<D>>) -> usize {
         // Both in ascending order: one walk, no lookup per slot.
         let mut next = wanted.iter().peekable();
-        let mut want = |i: u32| match next.peek() {
+        self.apply_each((0..self.len).map(|i| match next.peek() {
             Some((j, w)) if **j == i => {
                 let w = **w;
                 next.next();
-                w
+                (i, w)
             }
-            _ => Want::Empty,
-        };
+            _ => (i, Want::Empty),
+        }))
+    }
+
+    /// Makes the slots of `wanted` what it says and leaves the others as they are (a change
+    /// of a few rules: the table is not walked). Returns how many slots changed.
+    pub fn apply_some(&self, wanted: &BTreeMap<u32, Want<D>>) -> usize {
+        self.apply_each(wanted.iter().map(|(i, w)| (*i, *w)))
+    }
+
+    /// [`SlotTable::apply`]'s steps for the slots `wanted` names, in ascending order.
+    fn apply_each(&self, wanted: impl Iterator<Item = (u32, Want<D>)>) -> usize {
         let mut ones: Vec<(u32, D)> = Vec::new();
         let mut changed = 0;
         let mut grace = false;
         let now = now_secs();
         // Step 1: kinds that ignore data; slots leaving SLOT_ONE become dirty.
-        for i in 0..self.len {
-            let w = want(i);
+        for (i, w) in wanted {
             let (kind, data) = self.get(i);
             let target = match w {
                 Want::Empty => SLOT_EMPTY,
@@ -263,6 +272,46 @@ fn synchronize_rcu() {
     }
 }
 
+/// What a host slot holding `now` (kind, data) should hold once the rule of the single address
+/// `addr` (of the slot) becomes `rule` (`None`: removed), with no prefix changing: the slot
+/// alone tells, no other rule is read. A slot another address holds goes to the hash map
+/// (`Exact`); one a prefix covers stays `Many`. A removal leaves a slot the address shared
+/// as it is: the maps behind it decide rightly, only more slowly than the slot could, until
+/// [`want_hosts`] recomputes the table from every rule.
+#[must_use]
+pub fn host_change(now: (u32, HostData), addr: Addr, rule: Option<RuleValue>) -> Want<HostData> {
+    let (kind, data) = now;
+    match (kind, rule) {
+        (SLOT_ONE, Some(rule)) if data.addr == addr => Want::One(HostData { addr, rule }),
+        (SLOT_EMPTY, Some(rule)) => Want::One(HostData { addr, rule }),
+        (SLOT_ONE, Some(_)) | (SLOT_EXACT, _) => Want::Exact,
+        (SLOT_ONE, None) if data.addr == addr => Want::Empty,
+        (SLOT_ONE, None) => Want::One(data),
+        (SLOT_EMPTY, None) => Want::Empty,
+        _ => Want::Many,
+    }
+}
+
+/// What the host slots of `changes` (single addresses of one family, each with its new rule,
+/// `None`: removed; no prefix changing) should hold, from what they hold now (`current`),
+/// by [`host_change`], in order: changes of one slot see each other.
+#[must_use]
+pub fn host_changes(current: impl Fn(u32) -> (u32, HostData), changes: &[(Addr, Option<RuleValue>)]) -> BTreeMap<u32, Want<HostData>> {
+    let mut want: BTreeMap<u32, Want<HostData>> = BTreeMap::new();
+    for (addr, rule) in changes {
+        let i = host_slot(addr);
+        let now = match want.get(&i) {
+            None => current(i),
+            Some(Want::One(d)) => (SLOT_ONE, *d),
+            Some(Want::Empty) => (SLOT_EMPTY, current(i).1),
+            Some(Want::Exact) => (SLOT_EXACT, current(i).1),
+            Some(Want::Many) => (SLOT_MANY, current(i).1),
+        };
+        want.insert(i, host_change(now, *addr, *rule));
+    }
+    want
+}
+
 /// The slots a prefix covers: `None` for all of them (too short to be one range).
 #[must_use]
 pub fn covered(prefix: Prefix) -> Option<std::ops::Range<u32>> {
@@ -309,6 +358,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
+    use crate::datapath::types;
 
     fn rule(t: u8) -> RuleValue {
         RuleValue { target: to16(IpAddr::V4(Ipv4Addr::new(198, 18, 0, t))), drain_until_ns: 0, since_unix: 0 }
@@ -358,5 +408,89 @@ mod tests {
         assert_eq!(covered(p("198.16.0.0/15")), None);
         assert_eq!(covered(p("2001:db8::100/120")), Some(0x0100..0x0200));
         assert_eq!(covered(p("2001:db8::/64")), None);
+    }
+
+    fn addr(s: &str) -> Addr {
+        to16(s.parse().unwrap())
+    }
+
+    fn one(a: &str, t: u8) -> HostData {
+        HostData { addr: addr(a), rule: rule(t) }
+    }
+
+    #[test]
+    fn a_changed_address_changes_its_slot_as_the_slot_says() {
+        let empty = HostData { addr: [0; 16], rule: rule(0) };
+        let (a, b) = ("198.18.1.5", "198.19.1.5");
+        assert_eq!(host_change((SLOT_EMPTY, empty), addr(a), Some(rule(2))), Want::One(one(a, 2)));
+        assert_eq!(host_change((SLOT_ONE, one(a, 2)), addr(a), Some(rule(3))), Want::One(one(a, 3)), "its own rule changes");
+        assert_eq!(host_change((SLOT_ONE, one(b, 2)), addr(a), Some(rule(3))), Want::Exact, "another address is there: the map decides");
+        assert_eq!(host_change((SLOT_ONE, one(a, 2)), addr(a), None), Want::Empty);
+        assert_eq!(host_change((SLOT_ONE, one(b, 2)), addr(a), None), Want::One(one(b, 2)), "not its slot's address: left alone");
+        assert_eq!(host_change((SLOT_EXACT, empty), addr(a), None), Want::Exact);
+        assert_eq!(host_change((SLOT_MANY, empty), addr(a), Some(rule(2))), Want::Many, "a prefix covers it");
+        // Changes of one slot in one call see each other.
+        let current = |_| (SLOT_EMPTY, empty);
+        assert_eq!(host_changes(current, &[(addr(a), Some(rule(2))), (addr(b), Some(rule(3)))]).get(&0x0105), Some(&Want::Exact));
+        assert_eq!(host_changes(current, &[(addr(a), Some(rule(2))), (addr(a), None)]).get(&0x0105), Some(&Want::Empty));
+    }
+
+    /// What the classifier finds for `a` with host slots `slots` over the hash map `map` (no
+    /// prefixes): a slot of one address answers for it alone; `Exact` and `Many` ask the map.
+    fn classify(slots: &BTreeMap<u32, Want<HostData>>, map: &BTreeMap<Addr, RuleValue>, a: Addr) -> Option<RuleValue> {
+        match slots.get(&host_slot(&a)) {
+            None | Some(Want::Empty) => None,
+            Some(Want::One(d)) => (d.addr == a).then_some(d.rule),
+            Some(Want::Exact | Want::Many) => map.get(&a).copied(),
+        }
+    }
+
+    #[test]
+    fn slots_changed_one_address_at_a_time_decide_as_the_rules_do() {
+        // 24 addresses over 4 slots (198.18-19.x.y with the same low 16 bits collide), random
+        // rules added, changed, drained and removed a few at a time: after every call, every
+        // address is decided by its slot as its rule says, and a full recomputation from the
+        // rules agrees on every decision.
+        let addrs: Vec<Addr> = (0..24u32).map(|i| addr(&format!("198.{}.{}.{}", 18 + i % 2, 1 + i / 8, 5 + (i / 2) % 4))).collect();
+        let (mut map, mut slots): (BTreeMap<Addr, RuleValue>, BTreeMap<u32, Want<HostData>>) = (BTreeMap::new(), BTreeMap::new());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..2_000 {
+            let calls = 1 + next(3);
+            let mut changes = Vec::new();
+            for _ in 0..calls {
+                let a = addrs[usize::try_from(next(24)).unwrap()];
+                let new = if next(3) == 0 { None } else { Some(rule(u8::try_from(1 + next(4)).unwrap())) };
+                changes.push((a, new));
+            }
+            let empty = HostData { addr: [0; 16], rule: rule(0) };
+            let want = host_changes(
+                |i| match slots.get(&i) {
+                    None | Some(Want::Empty) => (SLOT_EMPTY, empty),
+                    Some(Want::One(d)) => (SLOT_ONE, *d),
+                    Some(Want::Exact) => (SLOT_EXACT, empty),
+                    Some(Want::Many) => (SLOT_MANY, empty),
+                },
+                &changes,
+            );
+            for (a, new) in &changes {
+                match new {
+                    Some(r) => map.insert(*a, *r),
+                    None => map.remove(a),
+                };
+            }
+            slots.extend(want);
+            let rules: Vec<(Prefix, RuleValue)> = map.iter().map(|(a, r)| (Prefix { addr: types::from16(a), len: 32 }, *r)).collect();
+            let full = want_hosts(&rules, false);
+            for a in &addrs {
+                assert_eq!(classify(&slots, &map, *a), map.get(a).copied(), "{:?} after {changes:?}", types::from16(a));
+                assert_eq!(classify(&full, &map, *a), map.get(a).copied());
+            }
+        }
     }
 }

@@ -47,6 +47,14 @@ pub struct Prefix {
     pub len: u8,
 }
 
+impl Prefix {
+    /// Whether it is one address (/32, /128): its rule lives in a hash map, not in a trie.
+    #[must_use]
+    pub fn is_host(&self) -> bool {
+        self.len == if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+}
+
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
