@@ -19,11 +19,28 @@ use crate::{sockopt, tunnel::Tunnel};
 
 /// `PACKET_IGNORE_OUTGOING` (from `linux/if_packet.h`): our own packets are not copied back.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// `PACKET_STATISTICS`: what the socket took and what it dropped, since the last read.
+const PACKET_STATISTICS: libc::c_int = 6;
+/// The copies' buffer: what arrives while flows are frozen waits here until the move ends (a
+/// full buffer drops copies, and their senders wait for their retransmission timeouts). Only
+/// what arrives is charged.
+const KEEP_BYTES: libc::c_int = 32 << 20;
+
+/// The kernel's `struct tpacket_stats`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Stats {
+    packets: u32,
+    drops: u32,
+}
+
 /// Copies of the packets of some flows arriving on one interface.
 pub struct Hold {
     fd: OwnedFd,
     port: u16,
     flows: Vec<(SocketAddr, SocketAddr)>,
+    /// Copies the kernel dropped (the buffer full), counted so far.
+    lost: std::sync::atomic::AtomicU64,
 }
 
 /// TCP to `port` of either family, unfragmented IPv4 (the flows are told apart in user
@@ -77,7 +94,11 @@ impl Hold {
         let index = nix::net::if_::if_nametoindex(dev).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("interface {dev}: {e}")))?;
         let fd = sockopt::packet_socket(libc::ETH_P_ALL, &filter(port), Some(index))?;
         sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
-        Ok(Self { fd, port, flows: Vec::new() })
+        // Past the system's limit where allowed (CAP_NET_ADMIN, which moves need anyway).
+        if sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &KEEP_BYTES).is_err() {
+            sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &KEEP_BYTES)?;
+        }
+        Ok(Self { fd, port, flows: Vec::new(), lost: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// The flows (client, service; all to the port it copies) whose packets it keeps.
@@ -98,11 +119,27 @@ impl Hold {
         &self.flows
     }
 
+    /// How many copies the kernel dropped so far, its buffer full (of any flow to the port:
+    /// it cannot tell).
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.count_lost();
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_lost(&self) {
+        if let Ok(s) = sockopt::get::<Stats>(&self.fd, libc::SOL_PACKET, PACKET_STATISTICS) {
+            self.lost.fetch_add(u64::from(s.drops), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// The packets of the flows copied so far (whole IP packets, in arrival order).
     ///
     /// # Errors
     /// Reading the packet socket failed.
     pub fn take(&self) -> io::Result<Vec<Vec<u8>>> {
+        // Read before the queue is emptied: what it dropped, it dropped before.
+        self.count_lost();
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65_536];
         loop {

@@ -399,6 +399,10 @@ impl Agent {
         let mut went = take(&f.holds);
         self.thaw(f.flows).await;
         went += take(&f.holds);
+        let lost: u64 = f.holds.iter().map(Hold::lost).sum();
+        if lost > 0 {
+            warn!(lost, "packets of moving connections were not kept (the copy's buffer was full): their senders resend them after a timeout");
+        }
         close_later(f.holds);
         went
     }
