@@ -256,6 +256,46 @@ fn a_request_sent_while_frozen_is_answered_at_once(v6: bool) {
     assert!(waited < Duration::from_millis(100), "the client waited {waited:?}");
 }
 
+/// A connection restored long after its state left the old host (a big hand-over queues it
+/// behind others): meanwhile the old socket, frozen, got no acknowledgement and resent with
+/// its own clock, straight to the client. The new socket's clock must still be ahead of
+/// anything the old one sent, or the client drops the new socket's segments as old (PAWS)
+/// and the connection waits for retransmission timeouts of a second and more.
+#[test]
+fn a_connection_restored_long_after_its_dump_is_not_behind_its_old_socket() {
+    if !require_root() {
+        return;
+    }
+    let (mut m, mut c, mut s) = Moving::connect(false);
+    let client_end = c.local_addr().expect("client address");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c.write_all(b"ping 1\n").expect("request");
+    assert_eq!(read_line(&mut s).expect("A reads").as_deref(), Some("ping 1"));
+    let hold = m.prepare(client_end);
+    let flow = [(client_end, m.service)];
+    m.dp.freeze(&flow, Duration::from_secs(5)).expect("freeze");
+    // An answer the client's acknowledgement of which is frozen: the old socket resends it.
+    s.write_all(b"pong 1 A\n").expect("answer");
+    let state = repair::dump(&s).expect("dump on A");
+    // Waiting for its restore a while (as behind a big hand-over's other connections), the
+    // old socket resending meanwhile (its loss probe, then its retransmission timeout).
+    std::thread::sleep(Duration::from_millis(600));
+    let restored = in_netns(&m.t.b.ns, move || repair::restore(&state).expect("restore on B"));
+    repair::discard(OwnedFd::from(s));
+    let mut s = TcpStream::from(restored.go_live().expect("live on B"));
+    let (tunnel_src, target) = (IpAddr::V4(m.t.a.v4[0]), m.b_addr);
+    in_netns(&m.t.a.ns, move || repair::replay(&hold.take().expect("held"), tunnel_src, target).expect("replay"));
+    m.dp.thaw(&flow).expect("thaw");
+    assert_eq!(read_line(&mut c).expect("the client reads").as_deref(), Some("pong 1 A"));
+    let asked = Instant::now();
+    c.write_all(b"ping 2\n").expect("request");
+    assert_eq!(read_line(&mut s).expect("B reads").as_deref(), Some("ping 2"));
+    s.write_all(b"pong 2 B\n").expect("answer");
+    assert_eq!(read_line(&mut c).expect("the client reads").as_deref(), Some("pong 2 B"));
+    let waited = asked.elapsed();
+    assert!(waited < Duration::from_millis(100), "the client waited {waited:?} for B's answer");
+}
+
 #[test]
 fn a_request_sent_while_frozen_is_answered_at_once_ipv4() {
     if require_root() {

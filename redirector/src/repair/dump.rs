@@ -108,7 +108,7 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
         sack: opts & sys::TCPI_OPT_SACK != 0,
         timestamps: opts & sys::TCPI_OPT_TIMESTAMPS != 0,
         timestamp,
-        dumped: Some(std::time::Instant::now()),
+        clock_at: Some(std::time::Instant::now()),
         window,
         sndbuf,
         rcvbuf,

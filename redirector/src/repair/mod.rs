@@ -61,10 +61,11 @@ pub struct TcpState {
     /// This end's timestamp clock (`TCP_TIMESTAMP`, ms) when it was dumped: the peer drops
     /// segments whose timestamp goes back.
     pub timestamp: u32,
-    /// When it was dumped, on this host's clock (not sent: [`TcpState::sent_now`] moves the
-    /// timestamp clock on by the time since).
+    /// When `timestamp` was the clock's value, on this host: the dump where it was dumped, its
+    /// arrival where it is restored (not sent: [`TcpState::sent_now`] moves the timestamp
+    /// clock on by the time since, the restored socket's clock goes on from its arrival).
     #[serde(skip)]
-    pub dumped: Option<std::time::Instant>,
+    pub clock_at: Option<std::time::Instant>,
     pub window: Window,
     /// The socket's buffer sizes (`SO_SNDBUF`, `SO_RCVBUF`, as the kernel reports them): the
     /// new socket gets room for at least as much, so the send queue's tail goes out without
@@ -90,16 +91,17 @@ impl TcpState {
     #[must_use]
     pub fn sent_now(&self) -> Self {
         let mut s = self.clone();
-        if let Some(t) = s.dumped.take() {
+        if let Some(t) = s.clock_at.take() {
             s.timestamp = s.timestamp.wrapping_add(u32::try_from(t.elapsed().as_millis()).unwrap_or(u32::MAX));
         }
         s
     }
 }
 
-/// How far ahead of the clock it was sent with a restored socket's timestamp clock starts, in
-/// ms: the transfer and the restore (the sender already added the time since the dump,
-/// [`TcpState::sent_now`]). Timestamps only have to move forward, but not by much: a segment
+/// How far ahead of the old socket's clock a restored socket's timestamp clock starts, in ms:
+/// the time the state took between the hosts (the sender added the time since the dump,
+/// [`TcpState::sent_now`]; the receiver adds the time from its arrival to the socket going
+/// live). Timestamps only have to move forward, but not by much: a segment
 /// resent before the restore is acknowledged with an echo of the old clock, and the kernel
 /// takes the difference for a round trip (a minute's step made the restored socket's
 /// retransmission timeout over a minute, and a connection that lost a segment after its move

@@ -56,6 +56,9 @@ pub struct Restored {
     window: super::Window,
     /// The tail of the send queue that was never sent: sent once live.
     tail: Vec<u8>,
+    /// The old socket's timestamp clock, and when it had that value here (its arrival; none
+    /// without timestamps): the new socket's clock is set from them when it goes live.
+    clock: Option<(u32, std::time::Instant)>,
 }
 
 /// Restores `state`'s connection into a new socket, in repair mode ([`Restored`]). Its local
@@ -102,14 +105,7 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
         opts.push(sys::RepairOpt { code: sys::TCPOPT_TIMESTAMP, val: 0 });
     }
     sockopt::set_slice(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts).map_err(with("the negotiated options"))?;
-    if state.timestamps {
-        // Not behind the old socket's clock: until it is closed it may still send (its
-        // retransmission and loss-probe timers run in repair mode), and a segment from it
-        // stamped later than this socket's would make the peer drop this socket's first ones
-        // as old (PAWS); this socket has no RTT estimate yet, so it would resend them after
-        // 1 s. The sender moved the clock on by the time since the dump (`sent_now`).
-        tcp(&fd, libc::TCP_TIMESTAMP, &state.timestamp.wrapping_add(super::CLOCK_STEP_MS)).map_err(with("the timestamp clock"))?;
-    }
+    let clock = state.timestamps.then(|| (state.timestamp, state.clock_at.unwrap_or_else(std::time::Instant::now)));
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;
     write_all(&fd, &state.recv_queue, 0).map_err(with("the receive queue"))?;
     // Only what was sent goes into the send queue in repair mode; the tail that never was
@@ -118,7 +114,7 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
     let (sent, tail) = state.send_queue.split_at(state.send_queue.len() - unsent);
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_SEND_QUEUE)?;
     write_all(&fd, sent, 0).map_err(with("the send queue"))?;
-    Ok(Restored { fd, window: state.window, tail: tail.to_vec() })
+    Ok(Restored { fd, window: state.window, tail: tail.to_vec(), clock })
 }
 
 impl Restored {
@@ -128,7 +124,19 @@ impl Restored {
     /// # Errors
     /// The kernel refused a step.
     pub fn go_live(self) -> io::Result<OwnedFd> {
-        let Self { fd, window, tail } = self;
+        let Self { fd, window, tail, clock } = self;
+        if let Some((at_arrival, arrived)) = clock {
+            // Ahead of the old socket's clock, which runs on: until it is closed it may still
+            // send (its loss-probe and retransmission timers run in repair mode, and its
+            // peer's acknowledgements are frozen), and a segment of the old socket stamped
+            // later than this one's makes the peer drop this one's as old (PAWS) until it
+            // resends them, a second later (no RTT estimate yet). So the clock is set now,
+            // from the old one's as it arrived (the sender added the time since the dump,
+            // `TcpState::sent_now`) and the time since its arrival, however long it waited to
+            // be restored and for its move to be decided.
+            let elapsed = u32::try_from(arrived.elapsed().as_millis()).unwrap_or(u32::MAX);
+            tcp(&fd, libc::TCP_TIMESTAMP, &at_arrival.wrapping_add(elapsed).wrapping_add(super::CLOCK_STEP_MS)).map_err(with("the timestamp clock"))?;
+        }
         tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
         // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
         // at once (-1 stalled the connection about 260 ms).

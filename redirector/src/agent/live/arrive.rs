@@ -119,7 +119,10 @@ impl Assembly {
         }
         let n = conns.len();
         let mut whole = Vec::with_capacity(n);
-        for (i, c) in conns.into_iter().enumerate() {
+        let arrived = std::time::Instant::now();
+        for (i, mut c) in conns.into_iter().enumerate() {
+            // The restored socket's clock goes on from here, however long it waits.
+            c.state.clock_at = Some(arrived);
             let more = c.more_send.saturating_add(c.more_recv);
             if more == 0 {
                 whole.push(c);
@@ -230,7 +233,7 @@ mod tests {
             sack: true,
             timestamps: true,
             timestamp: 3,
-            dumped: None,
+            clock_at: None,
             window: Window::default(),
             sndbuf: 1 << 22,
             rcvbuf: 1 << 22,
@@ -281,7 +284,8 @@ mod tests {
             whole.extend(out);
         }
         a.finish().unwrap();
-        assert_eq!(whole.iter().map(|c| c.state.clone()).collect::<Vec<_>>(), states.to_vec(), "every connection whole, in order");
+        assert!(whole.iter().all(|c| c.state.clock_at.is_some()), "each one's arrival is when its clock goes on from");
+        assert_eq!(whole.iter().map(|c| TcpState { clock_at: None, ..c.state.clone() }).collect::<Vec<_>>(), states.to_vec(), "every connection whole, in order");
         assert!(whole.iter().all(|c| c.more_send == 0 && c.more_recv == 0));
         // Bytes nobody waits for, a connection that announces more and is not last, and a
         // transfer that ends before the rest came are refused.

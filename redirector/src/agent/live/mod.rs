@@ -314,8 +314,8 @@ struct Freeze {
 
 impl Agent {
     /// Starts opening the packet copies a move of the connections of `services` would need,
-    /// on a blocking thread, while the applications export (opening one takes milliseconds):
-    /// none if no such service moves its connections.
+    /// on a blocking thread, while the applications export: none if no such service moves its
+    /// connections.
     pub(super) fn open_holds(&self, services: &[SocketAddr]) -> Opened {
         let wanted: std::collections::BTreeSet<(String, u16)> =
             self.cfg.services.iter().filter(|s| s.live_moves && services.contains(&s.address)).map(|s| (s.dev.clone(), s.address.port())).collect();
