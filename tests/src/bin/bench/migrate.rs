@@ -60,12 +60,15 @@ fn logged(log: &str, what: &str, key: &str) -> Option<f64> {
 
 /// What the main thread tells the client threads: every connection answered once (`ready`
 /// counts them), then requests back to back (`go`), timed per `phase` (0: the move out, 1: the
-/// way home), until `stop`.
+/// way home), until `stop`; once the clients are `home` (the give-back returned), `settled`
+/// counts the connections with a request answered since.
 #[derive(Clone, Default)]
 struct Signals {
     ready: Arc<AtomicUsize>,
     go: Arc<AtomicBool>,
     phase: Arc<AtomicUsize>,
+    home: Arc<AtomicBool>,
+    settled: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -94,12 +97,17 @@ fn drive(c: &Cluster, first: u16, n: u16, per: u16, sig: &Signals) -> Vec<std::t
                 while !sig.go.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
+                let mut settled = vec![false; mine.len()];
                 // Bounded: until stopped, at most a minute.
                 while !sig.stop.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
-                    for (cl, worst) in &mut mine {
-                        let (t, phase) = (Instant::now(), sig.phase.load(Ordering::SeqCst).min(1));
+                    for ((cl, worst), settled) in mine.iter_mut().zip(&mut settled) {
+                        let (t, phase, home) = (Instant::now(), sig.phase.load(Ordering::SeqCst).min(1), sig.home.load(Ordering::SeqCst));
                         cl.request();
                         worst[phase] = f64::max(worst[phase], t.elapsed().as_secs_f64() * 1e3);
+                        if home && !*settled {
+                            *settled = true;
+                            sig.settled.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                 }
                 mine
@@ -151,7 +159,13 @@ pub fn migrate(json: bool) {
         sig.phase.store(1, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(200));
         let home = redirector::admin::give_back(&c.sock("a"), clients, Duration::from_mins(1)).expect("give-back request");
-        std::thread::sleep(Duration::from_millis(300));
+        // Until every connection had a request answered since (a thread drives 20 one after
+        // another: a fixed wait cut some short when the last requests of the move were slow).
+        sig.home.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while sig.settled.load(Ordering::SeqCst) < conns && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         sig.stop.store(true, Ordering::SeqCst);
         let driven: Vec<Driven> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
         assert_eq!(moved.moved, usize::from(n), "all {n} clients moved: {moved:?}");
