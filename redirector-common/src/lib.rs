@@ -149,6 +149,13 @@ pub const fn host_slot(a: &Addr) -> u32 {
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
 pub type Addr = [u8; 16];
 
+/// The socket mark (`SO_MARK`) of a socket whose connection was dumped to move: while its
+/// flow is frozen, the egress program drops what it sends (its retransmission and loss-probe
+/// timers still run in repair mode, and a segment of it stamped by its clock, later than the
+/// new socket's, would make the peer drop the new socket's segments as old). Only packets of
+/// frozen flows with this mark are dropped: another use of the same mark loses nothing else.
+pub const MUTED_MARK: u32 = 0x7264_6d75;
+
 /// A TCP flow of a steered service as it arrives at the origin: frozen (its packets
 /// dropped) while its connection moves to another host, in `FROZEN` with the
 /// `CLOCK_MONOTONIC` time the freeze ends by itself (should the agent never lift it).
@@ -362,11 +369,15 @@ pub enum Counter {
     /// A packet the XDP fast path left to the classifier (anything it does not forward), which
     /// decides and counts it as without XDP.
     XdpPassed,
+    /// A packet a dumped socket sent on its own (its timers run in repair mode), of a frozen
+    /// flow, dropped on egress: the socket that carries the connection on is elsewhere, and
+    /// the peer must not see the old one's clock (`MUTED_MARK`).
+    DroppedMuted,
 }
 
 impl Counter {
     /// Number of counters.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Size of the pinned `COUNTERS` array: the counters before this index. It never grows: a
     /// pinned map of another size is refused (another layout), so a larger one would make an
@@ -405,6 +416,7 @@ impl Counter {
         Counter::DroppedFrozen,
         Counter::XdpForwarded,
         Counter::XdpPassed,
+        Counter::DroppedMuted,
     ];
 
     /// The counter's entry in `COUNTERS_EXTRA`, or `None` for an entry of `COUNTERS` (at its
@@ -444,6 +456,7 @@ impl Counter {
             Counter::DroppedFrozen => "dropped-frozen",
             Counter::XdpForwarded => "xdp-forwarded",
             Counter::XdpPassed => "xdp-passed",
+            Counter::DroppedMuted => "dropped-muted",
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::TcContext;
 use redirector_common::{
-    SERVICE_LIVE_MOVES, ServiceKey,
+    MUTED_MARK, SERVICE_LIVE_MOVES, ServiceKey,
     decide::{TCP_ACK, TCP_SYN},
     v4_mapped,
 };
@@ -11,11 +11,28 @@ use redirector_common::{
 use crate::{
     adopted::mss_clamp,
     clamp::clamp_syn,
+    frozen,
     hdr::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP4_LEN, IP6_LEN, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr},
     packet::ptr_at,
     services::service,
     verdict::Error,
 };
+
+/// Whether the packet was sent by a dumped socket ([`MUTED_MARK`]) on a frozen flow: its
+/// connection moves, and what the old socket sends on its own must not reach the peer.
+pub fn muted(ctx: &TcContext) -> bool {
+    // SAFETY: the context's socket buffer, valid for the program's run.
+    if unsafe { (*ctx.skb.skb).mark } != MUTED_MARK || !frozen::any() {
+        return false;
+    }
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    match u16::from_be_bytes(unsafe { (*eth).proto }) {
+        ETH_P_IP => frozen::reply_v4_at(ctx.skb.skb, ETH_LEN),
+        ETH_P_IPV6 => frozen::reply_v6_at(ctx.skb.skb, ETH_LEN),
+        _ => false,
+    }
+}
 
 /// Whether the packet is a SYN-ACK whose MSS was clamped (an adopted service's, or a live-moving one's).
 pub fn try_egress(ctx: &TcContext) -> Result<bool, Error> {

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use redirector_common::{FlowKey, MAX_FROZEN, v4_mapped};
 
 use crate::{
-    hdr::{ETH_LEN, IP4_LEN, IP6_LEN, Ipv4Hdr, Ipv6Hdr, TcpHdr},
+    hdr::{ETH_LEN, IP4_LEN, IP6_LEN, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr},
     packet::{ptr_at, subprogram_ctx},
 };
 
@@ -70,6 +70,33 @@ pub fn frozen_v4_at(skb: *mut __sk_buff, off: usize) -> bool {
     // SAFETY: bounds checked by ptr_at.
     let key = unsafe { FlowKey { client: v4_mapped((*ip).src), service: v4_mapped((*ip).dst), client_port: (*tcp).sport, service_port: (*tcp).dport } };
     holds(&key)
+}
+
+/// Whether the IPv4 TCP packet at `off`, sent by the service (so its key is reversed: the
+/// destination is the client), belongs to a frozen flow. Checks its headers itself.
+#[inline(never)]
+pub fn reply_v4_at(skb: *mut __sk_buff, off: usize) -> bool {
+    let ctx = &subprogram_ctx(skb);
+    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, off), ptr_at::<TcpHdr>(ctx, off + IP4_LEN)) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let (ip, tcp) = unsafe { (*ip, *tcp) };
+    if ip.proto != IPPROTO_TCP || ip.vihl != 0x45 {
+        return false;
+    }
+    holds(&FlowKey { client: v4_mapped(ip.dst), service: v4_mapped(ip.src), client_port: tcp.dport, service_port: tcp.sport })
+}
+
+/// [`reply_v4_at`] for IPv6 (no extension headers).
+#[inline(never)]
+pub fn reply_v6_at(skb: *mut __sk_buff, off: usize) -> bool {
+    let ctx = &subprogram_ctx(skb);
+    let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv6Hdr>(ctx, off), ptr_at::<TcpHdr>(ctx, off + IP6_LEN)) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let (ip, tcp) = unsafe { (*ip, *tcp) };
+    if ip.next != IPPROTO_TCP {
+        return false;
+    }
+    holds(&FlowKey { client: ip.dst, service: ip.src, client_port: tcp.dport, service_port: tcp.sport })
 }
 
 /// [`frozen_v4_at`] for IPv6.

@@ -123,6 +123,10 @@ pub fn redirector_xdp_bench_source(_ctx: XdpContext) -> u32 {
 /// the SYN-ACK, which never passes the origin.)
 #[classifier]
 pub fn redirector_egress(ctx: TcContext) -> i32 {
+    if egress::muted(&ctx) {
+        count_extra(Counter::DroppedMuted);
+        return aya_ebpf::bindings::TC_ACT_SHOT;
+    }
     if egress::try_egress(&ctx).unwrap_or(false) {
         count(Counter::ClampedSynAck);
     }

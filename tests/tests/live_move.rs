@@ -294,6 +294,7 @@ fn a_connection_restored_long_after_its_dump_is_not_behind_its_old_socket() {
     assert_eq!(read_line(&mut c).expect("the client reads").as_deref(), Some("pong 2 B"));
     let waited = asked.elapsed();
     assert!(waited < Duration::from_millis(100), "the client waited {waited:?} for B's answer");
+    assert!(m.t.counter(&m.t.a, "dropped-muted") > 0, "what the old socket resent never left A");
 }
 
 #[test]

@@ -128,9 +128,14 @@ fn a_dumped_connection_that_does_not_move_goes_on_where_it_was() {
     let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
     let (mut s, _) = listener.accept().expect("accept");
     c.write_all(b"one\n").expect("write");
+    // The application's own mark, muted while dumped, is its own again once it resumes.
+    redirector::sockopt::set(&s, libc::SOL_SOCKET, libc::SO_MARK, &7u32).expect("mark");
     let state = repair::dump(&s).expect("dump");
     assert_eq!(state.recv_queue, b"one\n");
-    repair::resume(&s).expect("resume");
+    let mark = |s: &std::net::TcpStream| redirector::sockopt::get::<u32>(s, libc::SOL_SOCKET, libc::SO_MARK).expect("mark");
+    assert_eq!(mark(&s), redirector_common::MUTED_MARK, "dumped: muted");
+    repair::resume(&s, &state).expect("resume");
+    assert_eq!(mark(&s), 7, "resumed: its own mark");
     let mut got = [0; 4];
     s.read_exact(&mut got).expect("read after resuming");
     assert_eq!(&got, b"one\n");

@@ -59,20 +59,25 @@ fn int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<usize> {
 }
 
 /// Puts `fd` in repair mode and reads its connection. From then on the socket sends nothing
-/// new, but its timers may still resend what it sent (the restored socket's clock starts
-/// ahead for that, [`super::CLOCK_STEP_MS`]), and packets that arrive are still
-/// acknowledged: stop them first. On an error the socket
-/// leaves repair mode again and goes on as before.
+/// new, but its timers may still resend what it sent: it is marked
+/// ([`redirector_common::MUTED_MARK`]), and the egress program drops what it sends while
+/// its flow is frozen. Packets that arrive are still acknowledged: stop them first (freeze).
+/// On an error the socket leaves repair mode again and goes on as before.
 ///
 /// # Errors
 /// Not an established TCP connection, urgent data pending, or the kernel's refusal (repair
 /// takes `CAP_NET_ADMIN`).
 pub fn dump(fd: &impl AsFd) -> io::Result<TcpState> {
     let fd = fd.as_fd();
+    let own_mark: u32 = sockopt::get(&fd, libc::SOL_SOCKET, libc::SO_MARK)?;
     repair(fd, true).map_err(|e| io::Error::new(e.kind(), format!("TCP_REPAIR (CAP_NET_ADMIN): {e}")))?;
-    let r = read(fd);
+    let r = read(fd).and_then(|state| {
+        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &redirector_common::MUTED_MARK).map_err(|e| io::Error::new(e.kind(), format!("SO_MARK: {e}")))?;
+        Ok(TcpState { own_mark, ..state })
+    });
     if r.is_err() {
-        let _ = resume(&fd);
+        let _ = sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &own_mark);
+        let _ = repair(fd, false);
     }
     r
 }
@@ -109,6 +114,7 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
         timestamps: opts & sys::TCPI_OPT_TIMESTAMPS != 0,
         timestamp,
         clock_at: Some(std::time::Instant::now()),
+        own_mark: 0,
         window,
         sndbuf,
         rcvbuf,
@@ -119,13 +125,16 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     })
 }
 
-/// Takes a dumped socket out of repair mode: the connection goes on here (a move that did
-/// not happen).
+/// Takes a dumped socket (its dump `state`) out of repair mode, with its own mark again: the
+/// connection goes on here (a move that did not happen).
 ///
 /// # Errors
 /// The kernel's.
-pub fn resume(fd: &impl AsFd) -> io::Result<()> {
-    repair(fd.as_fd(), false)
+pub fn resume(fd: &impl AsFd, state: &TcpState) -> io::Result<()> {
+    let fd = fd.as_fd();
+    // Heard again before it leaves repair mode: leaving sends a window probe.
+    sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &state.own_mark)?;
+    repair(fd, false)
 }
 
 /// Closes a dumped socket without a word to the peer (no FIN, no reset: it is in repair

@@ -66,6 +66,10 @@ pub struct TcpState {
     /// clock on by the time since, the restored socket's clock goes on from its arrival).
     #[serde(skip)]
     pub clock_at: Option<std::time::Instant>,
+    /// The dumped socket's own mark (`SO_MARK`), given back if it resumes (not sent: the
+    /// restored socket starts unmarked).
+    #[serde(skip)]
+    pub own_mark: u32,
     pub window: Window,
     /// The socket's buffer sizes (`SO_SNDBUF`, `SO_RCVBUF`, as the kernel reports them): the
     /// new socket gets room for at least as much, so the send queue's tail goes out without

@@ -234,6 +234,7 @@ mod tests {
             timestamps: true,
             timestamp: 3,
             clock_at: None,
+            own_mark: 0,
             window: Window::default(),
             sndbuf: 1 << 22,
             rcvbuf: 1 << 22,

@@ -197,7 +197,7 @@ impl Leaving {
                 let Some(state) = c.state.as_ref() else { continue };
                 if c.blob.len() + fields > budget / 2 {
                     warn!(service = %c.service, client = %c.client, bytes = c.blob.len(), max_frame, "a connection's blob takes half a frame: it stays");
-                    if let Err(e) = repair::resume(&c.fd) {
+                    if let Err(e) = repair::resume(&c.fd, state) {
                         warn!(client = %c.client, "resuming it failed: {e}");
                     }
                     thaw.extend(c.flow);
@@ -247,8 +247,8 @@ impl Leaving {
                     moved += 1;
                 }
                 dumped => {
-                    if dumped.is_some()
-                        && let Err(e) = repair::resume(&c.fd)
+                    if let Some(state) = &dumped
+                        && let Err(e) = repair::resume(&c.fd, state)
                     {
                         warn!(client = %c.client, "resuming a connection that did not move failed: {e}");
                     }
