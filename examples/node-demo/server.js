@@ -403,8 +403,15 @@ const sessions = {
     for (let i = 0; i < 3; i += 1) await new Promise((r) => setImmediate(r));
     await new Promise((r) => setTimeout(r, 5));
     const inBetween = () => list.some((c) => [...(clients.get(c)?.sockets ?? [])].some((s) => !atBoundary(s) && waitingRequest(s) === null));
-    const deadline = Date.now() + 1000;
-    while (inBetween() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    // A listed client with no connection here yet: the agent lists clients by the connections
+    // the kernel counts, so its connection is most likely still in the listener's queue (a
+    // loaded machine accepts late). Left behind, it would be accepted after the hand-over, its
+    // request would wait on the moved session and the connection close after the commit (a
+    // CI run saw 3 of 200 clients retry so). Awaited up to 200 ms (a client listed with no
+    // connection at all costs the freeze that much).
+    const missing = () => list.some((c) => !(clients.get(c)?.sockets.size));
+    const [deadline, arrivals] = [Date.now() + 1000, Date.now() + 200];
+    while ((inBetween() || (missing() && Date.now() < arrivals)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
     // From here on, synchronously: what is checked is what goes.
     const out = [];
     let [idle, waiting, busy] = [0, 0, 0];
