@@ -4,6 +4,7 @@ pub mod agent;
 pub mod app;
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod doctor;

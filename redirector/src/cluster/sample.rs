@@ -1,0 +1,59 @@
+//! Whom an overloaded member asks for help: a few live members drawn at random among those
+//! with room (the power of d choices), the roomiest first. Asking all would make every request
+//! cost the whole cluster; asking only the globally least loaded would send every overloaded
+//! member to the same few at once.
+
+use std::net::SocketAddr;
+
+use rand::{Rng, seq::SliceRandom as _};
+
+/// Members to ask, from `(member, room)` of the live members with a known load: `d` drawn at
+/// random among those with at least `need` room, then ordered roomiest first.
+#[must_use]
+pub fn sample(candidates: &[(SocketAddr, u64)], need: u64, d: usize, rng: &mut impl Rng) -> Vec<(SocketAddr, u64)> {
+    let mut fit: Vec<(SocketAddr, u64)> = candidates.iter().copied().filter(|c| c.1 >= need.max(1)).collect();
+    fit.shuffle(rng);
+    fit.truncate(d);
+    fit.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    fit
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use rand::{SeedableRng as _, rngs::StdRng};
+
+    use super::*;
+
+    fn m(i: u16) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, 1], i))
+    }
+
+    #[test]
+    fn only_members_with_room_are_asked_roomiest_first() {
+        let c = [(m(1), 0), (m(2), 5), (m(3), 50), (m(4), 2)];
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(sample(&c, 3, 3, &mut rng), vec![(m(3), 50), (m(2), 5)]);
+        assert_eq!(sample(&c, 0, 9, &mut rng).len(), 3, "no need still needs some room");
+        assert!(sample(&c, 100, 3, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn requests_spread_over_the_members_with_room() {
+        // 1,000 members with the same room, 10,000 samples of 3: each member is asked about 30
+        // times; none is singled out.
+        let c: Vec<_> = (0..1000).map(|i| (m(i), 10)).collect();
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut asked: HashMap<SocketAddr, u32> = HashMap::new();
+        for _ in 0..10_000 {
+            let s = sample(&c, 1, 3, &mut rng);
+            assert_eq!(s.len(), 3);
+            for (a, _) in s {
+                *asked.entry(a).or_default() += 1;
+            }
+        }
+        let max = *asked.values().max().unwrap();
+        assert!(asked.len() > 990 && max < 70, "{} members asked, at most {max} times each", asked.len());
+    }
+}
