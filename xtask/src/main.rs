@@ -56,7 +56,7 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
-    /// Benchmarks: `cargo xtask bench datapath|negotiate|handoff|migrate|scale|xdp|compare [--json]`.
+    /// Benchmarks: `cargo xtask bench datapath|negotiate|handoff|migrate|scale|xdp|compare|cluster [--json]`.
     Bench {
         /// Which benchmark.
         which: String,
@@ -187,10 +187,10 @@ fn main() -> Result<()> {
         Cmd::Bench { which, args } => {
             require_root("cargo xtask bench")?;
             match which.as_str() {
-                "datapath" | "negotiate" | "handoff" | "migrate" | "scale" | "xdp" => {}
+                "datapath" | "negotiate" | "handoff" | "migrate" | "scale" | "xdp" | "cluster" => {}
                 // The load generator, the proxy it is compared with, and the plot's font.
                 "compare" => setup::ensure_debs(&[("wrk", "wrk"), ("haproxy", "haproxy"), ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core")])?,
-                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`, `negotiate`, `handoff`, `migrate`, `scale`, `xdp` or `compare`"),
+                other => bail!("unknown benchmark {other:?}: try `cargo xtask bench datapath`, `negotiate`, `handoff`, `migrate`, `scale`, `xdp`, `cluster` or `compare`"),
             }
             build(true, &[])?;
             let mut c = cargo();

@@ -7,6 +7,7 @@
 //! `repeat` cannot be used for it; every program is measured the same way for fairness.
 
 mod agent_load;
+mod cluster;
 mod compare;
 mod cpu;
 mod migrate;
@@ -447,8 +448,9 @@ fn main() {
         Some("compare") => return compare::compare(json),
         Some("scale") => return scale::scale(json),
         Some("xdp") => return xdp::xdp(json),
+        Some("cluster") => return cluster::cluster(json),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale|xdp|compare [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale|xdp|compare|cluster [--json]");
             std::process::exit(2);
         }
     }
