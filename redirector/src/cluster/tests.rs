@@ -71,7 +71,7 @@ async fn members_join_through_one_seed_learn_loads_refuse_strangers_and_find_the
     let victim_addr = victim.me().gossip;
     let killed = Instant::now();
     victim.kill();
-    let limit = SUSPICION + Duration::from_secs(5);
+    let limit = SUSPICION + Duration::from_secs(8);
     for (g, ev) in &mut members {
         loop {
             let left = limit.saturating_sub(killed.elapsed());
@@ -114,8 +114,9 @@ async fn a_member_declared_dead_while_alive_comes_back_with_its_load() {
     let _ = c.set_load(20, 100);
     until("A and B know C's room", Duration::from_secs(5), || [&a, &b].iter().all(|g| g.candidates().contains(&(c.me().gossip, 80)))).await;
 
-    // C stops answering past its suspicion: the others declare it dead and forget its load.
-    c.stall(SUSPICION + Duration::from_secs(3));
+    // C stops answering well past its suspicion (a probe of it by each of the others within
+    // two periods, then the suspicion): the others declare it dead and forget its load.
+    c.stall(SUSPICION + Duration::from_secs(6));
     until("C declared dead", Duration::from_secs(10), || a.member(&c.me().gossip).is_none()).await;
     assert!(a.candidates().iter().all(|(m, _)| *m != c.me().gossip));
     // It comes back as a newer identity, and its load with it.
@@ -133,4 +134,25 @@ async fn a_member_declared_dead_while_alive_comes_back_with_its_load() {
     // And a load it publishes now wins over what it published before.
     let _ = c.set_load(60, 100);
     until("A and B know C's new room", Duration::from_secs(5), || [&a, &b].iter().all(|g| g.candidates().contains(&(c.me().gossip, 40)))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_leaves_is_known_gone_without_waiting_for_suspicion() {
+    let key = [4u8; 32];
+    let (a, mut a_events) = start("a", &key, vec![]).await;
+    let (b, _) = start("b", &key, vec![a.me().gossip]).await;
+    until("A and B know each other", Duration::from_secs(5), || a.live().len() == 1 && b.live().len() == 1).await;
+    let b_addr = b.me().gossip;
+    let left = Instant::now();
+    b.leave().await;
+    // Well under a probe period and a suspicion.
+    let limit = SUSPICION / 2;
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(left.elapsed()), a_events.recv()).await {
+            Ok(Some(Event::Down(m))) if m.gossip == b_addr => break,
+            Ok(Some(_)) => {}
+            other => panic!("A did not learn that B left within {limit:?}: {other:?}"),
+        }
+    }
+    assert!(a.live().is_empty());
 }
