@@ -36,6 +36,8 @@ struct Run {
     join_s: f64,
     msgs_per_s: f64,
     bytes_per_s: f64,
+    /// This process's CPU time at rest, per member and second of rest.
+    cpu_us_per_s: f64,
     spread_p50_ms: f64,
     spread_p99_ms: f64,
     detect_first_s: f64,
@@ -66,6 +68,18 @@ async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     t.elapsed()
+}
+
+/// CPU time this process used (user and system), in seconds.
+fn cpu_seconds() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    let u = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()), 0, "getrusage");
+        u.assume_init()
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 fn sent(members: &[Gossip]) -> (u64, u64) {
@@ -99,9 +113,9 @@ async fn run(n: usize) -> Run {
     // At rest: no member has an update left to pass on.
     until("every member passed every update on", Duration::from_secs(120), || members.iter().all(|g| g.traffic().backlog.load(Ordering::Relaxed) == 0)).await;
 
-    let (m0, b0) = sent(&members);
+    let ((m0, b0), c0) = (sent(&members), cpu_seconds());
     tokio::time::sleep(REST).await;
-    let (m1, b1) = sent(&members);
+    let ((m1, b1), c1) = (sent(&members), cpu_seconds());
     let per = REST.as_secs_f64() * n as f64;
 
     // A tenth of the members pass their watermark: how long until each other member sees it.
@@ -164,6 +178,7 @@ async fn run(n: usize) -> Run {
         join_s: join.as_secs_f64(),
         msgs_per_s: (m1 - m0) as f64 / per,
         bytes_per_s: (b1 - b0) as f64 / per,
+        cpu_us_per_s: (c1 - c0) * 1e6 / per,
         spread_p50_ms: percentile(&mut spread, 0.5),
         spread_p99_ms: percentile(&mut spread, 0.99),
         detect_first_s: first,
@@ -195,16 +210,17 @@ pub fn cluster(json: bool) {
     }
     println!("Gossip membership, every member a task in this process over loopback (foca SWIM, HMAC-authenticated UDP):");
     println!(
-        "  {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
-        "members", "join s", "msgs/s", "bytes/s", "spread p50", "spread p99", "detected", "known all", "false", "refused"
+        "  {:>6} {:>8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
+        "members", "join s", "msgs/s", "bytes/s", "CPU us/s", "spread p50", "spread p99", "detected", "known all", "false", "refused"
     );
     for r in &runs {
         println!(
-            "  {:>6} {:>8.1} {:>10.2} {:>10.0} {:>8.0}ms {:>8.0}ms {:>9.2}s {:>9.2}s {:>7} {:>7}",
+            "  {:>6} {:>8.1} {:>10.2} {:>10.0} {:>8.0} {:>8.0}ms {:>8.0}ms {:>9.2}s {:>9.2}s {:>7} {:>7}",
             r.n,
             r.join_s,
             r.msgs_per_s,
             r.bytes_per_s,
+            r.cpu_us_per_s,
             r.spread_p50_ms,
             r.spread_p99_ms,
             r.detect_first_s,
@@ -218,6 +234,7 @@ pub fn cluster(json: bool) {
     let hours: f64 = runs.iter().map(|r| r.seconds * r.n as f64 / 3600.0).sum();
     let false_deaths: u64 = runs.iter().map(|r| r.false_deaths + r.rejoins).sum();
     println!("  traffic per member at rest, {} vs {} members: {traffic:.2}x (goal: at most 1.5x)", large.n, small.n);
+    println!("  CPU per member at rest, {} vs {} members: {:.2}x", large.n, small.n, large.cpu_us_per_s / small.cpu_us_per_s);
     println!(
         "  {KILLED} members killed at once: each declared dead within {:.2} s (goal: under 5 s), known dead by all {} others within {:.2} s",
         large.detect_first_s,
@@ -229,6 +246,7 @@ pub fn cluster(json: bool) {
     if json {
         let v = serde_json::json!({
             "traffic_1000_vs_10": traffic,
+            "cpu_1000_vs_10": large.cpu_us_per_s / small.cpu_us_per_s,
             "detect_s": large.detect_first_s,
             "known_by_all_s": large.detect_all_s,
             "false_deaths": false_deaths,
