@@ -33,6 +33,18 @@ pub fn set<T>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: &
     check(unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, std::ptr::from_ref(value).cast(), len) }).map(drop)
 }
 
+/// Asks for a receive buffer of `bytes`: past `net.core.rmem_max` where allowed
+/// (`SO_RCVBUFFORCE`, `CAP_NET_ADMIN`), else as far as that limit lets (`SO_RCVBUF`).
+///
+/// # Errors
+/// The kernel's, for `SO_RCVBUF`.
+pub fn receive_buffer(fd: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    if set(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes).is_err() {
+        set(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes)?;
+    }
+    Ok(())
+}
+
 /// Sets option `name` of `level` to the array `values`.
 ///
 /// # Errors

@@ -261,9 +261,7 @@ impl Drop for Gossip {
 /// of them never learned of the other half).
 fn widen(socket: &UdpSocket) {
     // The agent runs as root: past `net.core.rmem_max`.
-    if crate::sockopt::set(socket, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &RECEIVE_BUFFER).is_err()
-        && let Err(e) = crate::sockopt::set(socket, libc::SOL_SOCKET, libc::SO_RCVBUF, &RECEIVE_BUFFER)
-    {
+    if let Err(e) = crate::sockopt::receive_buffer(socket, RECEIVE_BUFFER) {
         warn!("cannot widen the gossip socket's receive buffer: {e}");
     }
 }

@@ -95,9 +95,7 @@ impl Hold {
         let fd = sockopt::packet_socket(libc::ETH_P_ALL, &filter(port), Some(index))?;
         sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
         // Past the system's limit where allowed (CAP_NET_ADMIN, which moves need anyway).
-        if sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &KEEP_BYTES).is_err() {
-            sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &KEEP_BYTES)?;
-        }
+        sockopt::receive_buffer(&fd, KEEP_BYTES)?;
         Ok(Self { fd, port, flows: Vec::new(), lost: std::sync::atomic::AtomicU64::new(0) })
     }
 
