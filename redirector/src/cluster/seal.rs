@@ -1,9 +1,10 @@
 //! Every membership datagram is authenticated: an HMAC-SHA256 tag keyed by the cluster's gossip
-//! key, which only holders of a certificate of the cluster CA receive (over mutual TLS, when
-//! they join). A datagram that fails the check is dropped before any of it is decoded.
+//! key (meant for holders of a certificate of the cluster CA only, handed over mutual TLS when
+//! they join: not built yet, the caller passes the key). A datagram that fails the check is
+//! dropped before any of it is decoded.
 //!
-//! Layout: version (1 byte), kind (1 byte), tag (32 bytes), body. The tag covers version, kind
-//! and body.
+//! Layout: version (1 byte), kind (1 byte), body, tag (32 bytes). The tag covers everything
+//! before it, so a datagram is checked where it lies, without a copy.
 
 use ring::hmac;
 
@@ -28,7 +29,7 @@ pub enum Kind {
 pub struct Key(hmac::Key);
 
 impl Key {
-    /// Key bytes: at least 32 (`redirector` makes 32 random ones).
+    /// Key bytes: 32 or more (HMAC-SHA256's block is 64; a shorter key is weaker).
     #[must_use]
     pub fn new(bytes: &[u8]) -> Self {
         Self(hmac::Key::new(hmac::HMAC_SHA256, bytes))
@@ -38,14 +39,11 @@ impl Key {
 /// Seals `body` as a datagram of `kind`.
 #[must_use]
 pub fn seal(key: &Key, kind: Kind, body: &[u8]) -> Vec<u8> {
-    let mut ctx = hmac::Context::with_key(&key.0);
-    ctx.update(&[VERSION, kind as u8]);
-    ctx.update(body);
-    let tag = ctx.sign();
     let mut out = Vec::with_capacity(OVERHEAD + body.len());
     out.extend_from_slice(&[VERSION, kind as u8]);
-    out.extend_from_slice(tag.as_ref());
     out.extend_from_slice(body);
+    let tag = hmac::sign(&key.0, &out);
+    out.extend_from_slice(tag.as_ref());
     out
 }
 
@@ -61,12 +59,9 @@ pub fn open<'a>(key: &Key, datagram: &'a [u8]) -> Option<(Kind, &'a [u8])> {
         2 => Kind::Load,
         _ => return None,
     };
-    let (tag, body) = datagram[2..].split_at(TAG);
-    let mut signed = Vec::with_capacity(2 + body.len());
-    signed.extend_from_slice(&datagram[..2]);
-    signed.extend_from_slice(body);
-    hmac::verify(&key.0, &signed, tag).ok()?;
-    Some((kind, body))
+    let (signed, tag) = datagram.split_at(datagram.len() - TAG);
+    hmac::verify(&key.0, signed, tag).ok()?;
+    Some((kind, &signed[2..]))
 }
 
 #[cfg(test)]
