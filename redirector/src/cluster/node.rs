@@ -112,6 +112,14 @@ struct View {
     boot: u64,
 }
 
+impl View {
+    /// This member's record of `load` and `room`, newer than any it published before.
+    fn stamp(&mut self, member: SocketAddr, load: u64, room: u64) -> LoadRecord {
+        self.version += 1;
+        LoadRecord { member, version: (self.boot, self.version), load, room }
+    }
+}
+
 /// How to start a member.
 pub struct Settings {
     pub me: Member,
@@ -201,8 +209,7 @@ impl Gossip {
             return false;
         }
         v.published = Some(room);
-        v.version += 1;
-        let r = LoadRecord { member: self.me.gossip, version: (v.boot, v.version), load, room };
+        let r = v.stamp(self.me.gossip, load, room);
         self.commands.send(Command::Publish(r)).is_ok()
     }
 
@@ -421,10 +428,9 @@ impl Driver {
                 // The others forgot this member's load when they declared it dead: publish it
                 // again, newer than before.
                 view.boot = me.boot;
-                view.version += 1;
                 let mine = self.board.records().get(&me.gossip).copied();
                 if let Some(r) = mine {
-                    let r = LoadRecord { version: (view.boot, view.version), ..r };
+                    let r = view.stamp(r.member, r.load, r.room);
                     if let Err(e) = self.foca.add_broadcast(&r.encode()) {
                         warn!("publishing this member's load again: {e}");
                     }
