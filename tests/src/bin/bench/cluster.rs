@@ -22,6 +22,8 @@ use rand::{RngExt as _, seq::SliceRandom as _};
 use redirector::cluster::{Event, Gossip, Member, Settings, seal::Key};
 use tokio::{net::UdpSocket, sync::mpsc};
 
+use crate::{cpu, percentile};
+
 const SIZES: [usize; 3] = [10, 100, 1000];
 /// The members' high watermark; every member starts with a load well under it.
 const HIGH: u64 = 100;
@@ -55,12 +57,6 @@ struct Heard {
     rejoins: AtomicU64,
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "an index into a short list")]
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
 async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
     while !done() {
@@ -68,18 +64,6 @@ async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     t.elapsed()
-}
-
-/// CPU time this process used (user and system), in seconds.
-fn cpu_seconds() -> f64 {
-    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given.
-    let u = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()), 0, "getrusage");
-        u.assume_init()
-    };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
 }
 
 fn sent(members: &[Gossip]) -> (u64, u64) {
@@ -113,9 +97,9 @@ async fn run(n: usize) -> Run {
     // At rest: no member has an update left to pass on.
     until("every member passed every update on", Duration::from_secs(120), || members.iter().all(|g| g.traffic().backlog.load(Ordering::Relaxed) == 0)).await;
 
-    let ((m0, b0), c0) = (sent(&members), cpu_seconds());
+    let ((m0, b0), c0) = (sent(&members), cpu::own_seconds());
     tokio::time::sleep(REST).await;
-    let ((m1, b1), c1) = (sent(&members), cpu_seconds());
+    let ((m1, b1), c1) = (sent(&members), cpu::own_seconds());
     let per = REST.as_secs_f64() * n as f64;
 
     // A tenth of the members pass their watermark: how long until each other member sees it.
@@ -147,7 +131,7 @@ async fn run(n: usize) -> Run {
         all
     })
     .await;
-    let mut spread: Vec<f64> = seen_at.iter().flatten().map(|d| d.as_secs_f64() * 1e3).collect();
+    let spread: Vec<f64> = seen_at.iter().flatten().map(|d| d.as_secs_f64() * 1e3).collect();
 
     // Members that are not the first nor overloaded are killed at once, as a rack would go.
     let victims: Vec<usize> = order[overloaded.len()..].iter().copied().filter(|&i| i != 0).take(KILLED).collect();
@@ -179,8 +163,8 @@ async fn run(n: usize) -> Run {
         msgs_per_s: (m1 - m0) as f64 / per,
         bytes_per_s: (b1 - b0) as f64 / per,
         cpu_us_per_s: (c1 - c0) * 1e6 / per,
-        spread_p50_ms: percentile(&mut spread, 0.5),
-        spread_p99_ms: percentile(&mut spread, 0.99),
+        spread_p50_ms: percentile(&spread, 0.5),
+        spread_p99_ms: percentile(&spread, 0.99),
         detect_first_s: first,
         detect_all_s: all,
         false_deaths,

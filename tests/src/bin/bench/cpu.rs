@@ -49,3 +49,17 @@ pub fn process_ms(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     ticks_ms(f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime"))
 }
+
+/// This process's user + system time so far, in seconds, to the microsecond (`getrusage`):
+/// finer than [`process_ms`]'s ticks, for a few milliseconds of CPU spread over many tasks.
+pub fn own_seconds() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    let u = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()), 0, "getrusage");
+        u.assume_init()
+    };
+    #[expect(clippy::cast_precision_loss, reason = "seconds and microseconds of a run")]
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}

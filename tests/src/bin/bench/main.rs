@@ -37,6 +37,14 @@ const RATE_ROUNDS: usize = 9;
 const RATE_ROUND: Duration = Duration::from_secs(1);
 const RUNS_PER_ROUND: u32 = 20_000;
 
+/// The `p`-quantile of `v` (nearest rank).
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

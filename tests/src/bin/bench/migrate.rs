@@ -26,6 +26,8 @@ use redirector_tests::{
     net::{SERVICE4, client4},
 };
 
+use crate::percentile;
+
 /// Clients, and connections each.
 const SIZES: [(u16, u16); 3] = [(1, 1), (100, 1), (125, 8)];
 /// Threads driving the clients of one size (each takes its share, round robin).
@@ -43,13 +45,6 @@ struct Run {
     /// commit point to the thaw (ms, on the origin).
     dump_us: Option<f64>,
     thawed_ms: Option<f64>,
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
 }
 
 /// The value of `key=` in the last line of `log` that contains `what`.
