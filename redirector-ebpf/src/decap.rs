@@ -25,6 +25,9 @@ use crate::{
     verdict::{Error, Verdict, drop, pass},
 };
 
+/// `PACKET_OTHERHOST` (`linux/if_packet.h`): a frame for another host's MAC address.
+const PACKET_OTHERHOST: u32 = 3;
+
 /// The configured siblings: the only outer sources whose tunnelled packets are accepted.
 #[map]
 static SIBLINGS: HashMap<Addr, SiblingValue> = HashMap::pinned(MAX_SIBLINGS, 0);
@@ -49,6 +52,14 @@ pub fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         (v4_mapped(src), v4_mapped(dst), IP4_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
     };
     if SIBLINGS.get_ptr(outer_src).is_none() {
+        // A switch floods frames whose destination it has not learnt (a volunteer that just
+        // went down) to every port: another host's tunnel is the stack's to drop, not a bad
+        // one to count and report. (A sibling's is decapsulated as ever: on a lower device of
+        // a bridge or macvlan, this node's own frames arrive for another address too.)
+        // SAFETY: the context of a classifier program is a valid `__sk_buff`.
+        if unsafe { (*skb).pkt_type } == PACKET_OTHERHOST {
+            return Ok(pass(Counter::Passed));
+        }
         return Err(Error::BadTunnel);
     }
     let (key, client) = if v6 { inner_target_v6(ctx, ETH_LEN + IP6_LEN)? } else { inner_target_v4(ctx, ETH_LEN + IP4_LEN)? };

@@ -9,6 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod cluster;
+
+pub use self::cluster::{Cluster, Mode, Seed};
+
 /// Everything an agent needs to know.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -100,6 +104,8 @@ pub struct Config {
     /// reason, which helps find a misconfigured sibling).
     pub control_siblings_only: bool,
     pub tls: TlsFiles,
+    /// How siblings are known: the `[[sibling]]` lists, or gossip.
+    pub cluster: Cluster,
     #[serde(rename = "sibling")]
     pub siblings: Vec<Sibling>,
     #[serde(rename = "service")]
@@ -139,6 +145,7 @@ impl Default for Config {
             exit_timeout_ms: 10_000,
             control_siblings_only: false,
             tls: TlsFiles::default(),
+            cluster: Cluster::default(),
             siblings: Vec::new(),
             services: Vec::new(),
         }
@@ -202,6 +209,12 @@ impl Sibling {
     pub fn control_address(&self, of: IpAddr) -> Option<IpAddr> {
         self.control_addresses().into_iter().find(|a| a.is_ipv4() == of.is_ipv4())
     }
+}
+
+/// The one of `siblings` whose control address is `ip` (configured siblings, or the members
+/// gossip brought).
+pub fn sibling_at<'a>(siblings: impl IntoIterator<Item = &'a Sibling>, ip: IpAddr) -> Option<&'a Sibling> {
+    siblings.into_iter().find(|s| s.control_addresses().contains(&ip))
 }
 
 /// Whether `name` can name a node: it goes into certificates as a DNS name, so letters,
@@ -332,7 +345,7 @@ impl Config {
     /// The sibling whose control address is `ip`.
     #[must_use]
     pub fn sibling_at(&self, ip: IpAddr) -> Option<&Sibling> {
-        self.siblings.iter().find(|s| s.control_addresses().contains(&ip))
+        sibling_at(&self.siblings, ip)
     }
 
     /// Whether this node may serve `svc` for sibling `origin`: one of the services this
@@ -342,6 +355,12 @@ impl Config {
     /// node take over an address that is not its to give (adopting an address makes it local
     /// here, for every port).
     pub fn check_adoptable(&self, origin: &Sibling, svc: SocketAddr) -> Result<(), String> {
+        self.check_adoptable_among(&self.siblings, origin, svc)
+    }
+
+    /// [`Config::check_adoptable`] among `siblings` (the configured ones, or the members
+    /// gossip brought).
+    pub fn check_adoptable_among(&self, siblings: &[Sibling], origin: &Sibling, svc: SocketAddr) -> Result<(), String> {
         let ip = svc.ip();
         let special = match ip {
             IpAddr::V4(a) => a.is_link_local().then_some("link-local").or(a.is_broadcast().then_some("broadcast")).or((a.octets()[0] == 0).then_some("\"this network\"")),
@@ -359,10 +378,10 @@ impl Config {
         if self.services.iter().any(|s| s.address.ip() == ip || s.listener().ip() == ip) {
             return Err(format!("{svc} is one of this node's own service addresses"));
         }
-        if let Some(s) = self.sibling_at(ip) {
+        if let Some(s) = sibling_at(siblings, ip) {
             return Err(format!("{svc} is the control address of sibling {}", s.name));
         }
-        if let Some(s) = self.siblings.iter().find(|s| s.name != origin.name && s.services.iter().any(|x| x.ip() == ip)) {
+        if let Some(s) = siblings.iter().find(|s| s.name != origin.name && s.services.iter().any(|x| x.ip() == ip)) {
             return Err(format!("{svc} is an address of sibling {}'s services, not {}'s", s.name, origin.name));
         }
         if origin.services.is_empty() {
@@ -399,6 +418,7 @@ impl Config {
         {
             p.push(format!("dual_stack_address: {d} must be a specific address of the other family than listen ({listen})"));
         }
+        p.extend(self.cluster.problems(&self.node, self.siblings.len(), self.control_siblings_only));
         if self.exit_timeout_ms == 0 {
             p.push("exit_timeout_ms must be above 0".into());
         }
@@ -576,16 +596,21 @@ mod tests {
     fn accepted(probe: &str) -> std::collections::BTreeSet<String> {
         let e = toml::from_str::<Config>(probe).expect_err("an unknown key is refused").to_string();
         let expected = e.split_once("expected").unwrap_or_else(|| panic!("the refusal lists the keys: {e}")).1;
-        expected.split('`').skip(1).step_by(2).map(str::to_string).filter(|k| !["tls", "sibling", "service"].contains(&k.as_str())).collect()
+        expected.split('`').skip(1).step_by(2).map(str::to_string).filter(|k| !["tls", "cluster", "seed", "sibling", "service"].contains(&k.as_str())).collect()
     }
 
     #[test]
     fn the_operations_guide_lists_exactly_the_keys_the_parser_accepts() {
-        for (heading, probe) in
-            [("Top level", "zzz = 1\n"), ("`[tls]`", "[tls]\nzzz = 1\n"), ("`[[sibling]]`", "[[sibling]]\nzzz = 1\n"), ("`[[service]]`", "[[service]]\nzzz = 1\n")]
-        {
+        for (heading, probe) in [
+            ("Top level", "zzz = 1\n"),
+            ("`[tls]`", "[tls]\nzzz = 1\n"),
+            ("`[[sibling]]`", "[[sibling]]\nzzz = 1\n"),
+            ("`[[service]]`", "[[service]]\nzzz = 1\n"),
+            ("`[cluster]`", "[cluster]\nzzz = 1\n"),
+            ("`[[cluster.seed]]`", "[[cluster.seed]]\nzzz = 1\n"),
+        ] {
             let (doc, parser) = (documented(heading), accepted(probe));
-            assert!(parser.len() >= 3, "{heading}: read the parser's keys: {parser:?}");
+            assert!(parser.len() >= 2, "{heading}: read the parser's keys: {parser:?}");
             assert_eq!(doc, parser, "{heading}: docs/operations.md (left) and the parser (right) disagree");
         }
     }

@@ -98,21 +98,30 @@ pub fn run(bpffs: &Path, cfg: Option<&Valid>) -> Vec<Check> {
         match (cert, tls::Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)) {
             (Ok(()), Ok(material)) => {
                 for s in &cfg.siblings {
-                    let name = format!("sibling {}", s.name);
-                    match tls::handshake(&material, &s.name, s.address, SIBLING_TIMEOUT) {
-                        Ok(()) => {
-                            checks.push(Check::pass(name, format!("{} answers with a certificate of the cluster CA for {} and accepts this node's", s.address, s.name)));
-                            checks.extend(direct_server_return(cfg, &s.name));
-                        }
-                        Err(e) => checks.push(Check::fail(name, format!("{e:#}"), format!("start its agent, or open TCP port {} from this node to it", s.address.port()))),
+                    let check = handshake(&material, format!("sibling {}", s.name), &s.name, s.address);
+                    let passed = check.outcome == Outcome::Pass;
+                    checks.push(check);
+                    if passed {
+                        checks.extend(direct_server_return(cfg, &s.name));
                     }
                 }
+                // Gossip mode: the seeds a node joins through answer as themselves.
+                checks.extend(cfg.cluster.seeds.iter().map(|s| handshake(&material, format!("seed {}", s.name), &s.name, s.address)));
             }
             (Ok(()), Err(e)) => checks.push(Check::fail("key", format!("{e:#}"), format!("the key {} must be the certificate's", cfg.tls.key.display()))),
             (Err(_), _) => {}
         }
     }
     checks
+}
+
+/// Check `what`: node `name`'s agent at `addr` completes a mutual TLS handshake with this
+/// node's certificate.
+fn handshake(material: &tls::Tls, what: String, name: &str, addr: std::net::SocketAddr) -> Check {
+    match tls::handshake(material, name, addr, SIBLING_TIMEOUT) {
+        Ok(()) => Check::pass(what, format!("{addr} answers with a certificate of the cluster CA for {name} and accepts this node's")),
+        Err(e) => Check::fail(what, format!("{e:#}"), format!("start its agent, or open TCP port {} from this node to it", addr.port())),
+    }
 }
 
 /// Whether sibling `sibling` can send with this node's service addresses as source (one

@@ -185,6 +185,11 @@ pub struct NodeSpec<'a> {
     pub extra: String,
     /// Its agent is started in its namespace already ([`Launch`]): no `netns` line.
     pub launched: bool,
+    /// Membership by gossip (`[cluster] mode = "gossip"`), joining through the first of
+    /// `nodes` (which starts the cluster), instead of `[[sibling]]` sections.
+    pub gossip: bool,
+    /// More lines for its `[cluster]` section (gossip mode).
+    pub cluster: String,
 }
 
 /// Writes the TOML config of node `me` among `nodes` and returns its path.
@@ -212,7 +217,14 @@ pub fn agent_config(t: &Topology, dir: &Path, me: &NodeSpec<'_>, nodes: &[&NodeS
         tls.join(format!("{}.pem", me.name)).display(),
         tls.join(format!("{}.key", me.name)).display(),
     );
-    for n in nodes.iter().filter(|n| n.name != me.name) {
+    if me.gossip {
+        s.push_str("[cluster]\nmode = \"gossip\"\n");
+        s.push_str(&me.cluster);
+        if let Some(seed) = nodes.first().filter(|n| n.name != me.name) {
+            s.push_str(&format!("[[cluster.seed]]\nname = \"{}\"\naddress = \"{}:7470\"\n", seed.name, seed.host.v4[0]));
+        }
+    }
+    for n in nodes.iter().filter(|n| n.name != me.name && !me.gossip) {
         // Its services: only these are ever adopted from it.
         let services: Vec<String> = std::iter::once(n.service).chain(n.service6).map(|a| format!("\"{a}\"")).collect();
         s.push_str(&format!("[[sibling]]\nname = \"{}\"\naddress = \"{}:7470\"\nservices = [{}]\n", n.name, n.host.v4[0], services.join(", ")));
@@ -365,7 +377,8 @@ fn node_host<'a>(t: &'a Topology, name: &str) -> (&'a Host, SocketAddr, &'static
         other => {
             let i: usize = other.strip_prefix('s').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no host for node {other}"));
             let h = &t.extra[i - 1];
-            (h, svc(h.v4[1]), "S")
+            // Each extra server's application answers with a name of its own ("S1", "S2", ...).
+            (h, svc(h.v4[1]), Box::leak(format!("S{i}").into_boxed_str()))
         }
     }
 }
@@ -395,6 +408,8 @@ pub struct NodeOpts {
     pub faults: Option<String>,
     /// More lines for its agent's configuration.
     pub extra: String,
+    /// More lines for its `[cluster]` section (gossip mode).
+    pub cluster: String,
     /// Its demo application connects to this socket (a file name in the cluster's folder, for
     /// a [`crate::hook::HookProxy`]) instead of the agent's; the cluster does not wait for it
     /// to register.
@@ -403,6 +418,9 @@ pub struct NodeOpts {
     pub app_args: Vec<String>,
     /// Start its agent as a service manager would (see [`Launch`]) instead of plainly.
     pub launch: Option<Launch>,
+    /// Its agent is not started with the cluster: the test starts it ([`Cluster::start_again`]),
+    /// as a server added later.
+    pub later: bool,
 }
 
 /// How a service manager starts the agent: the arguments after the binary (`{config}` stands
@@ -441,6 +459,8 @@ pub struct Options {
     pub live_moves: bool,
     /// Per node name.
     pub nodes: HashMap<String, NodeOpts>,
+    /// Membership by gossip ([`NodeSpec::gossip`]).
+    pub gossip: bool,
 }
 
 /// A topology with an application and an agent on each named server ("a", "b", "c"), with
@@ -489,7 +509,7 @@ impl Cluster {
     }
 
     fn build_with(clients: u16, nodes: &[(&str, u64, u64)], demo: Option<DemoApp>, extra: &str, dual: bool) -> Self {
-        Self::with_options(clients, nodes, &Options { demo, extra: extra.to_string(), dual, nodes: HashMap::new(), live_moves: false })
+        Self::with_options(clients, nodes, &Options { demo, extra: extra.to_string(), dual, nodes: HashMap::new(), live_moves: false, gossip: false })
     }
 
     /// A cluster built with `opts`.
@@ -549,6 +569,8 @@ impl Cluster {
                     live_moves: opts.live_moves,
                     extra: o.extra.clone(),
                     launched: o.launch.is_some(),
+                    gossip: opts.gossip,
+                    cluster: o.cluster.clone(),
                 }
             })
             .collect();
@@ -561,10 +583,14 @@ impl Cluster {
             if let Some(l) = o.launch.clone() {
                 launches.insert(s.name.to_string(), (s.host.ns.clone(), l));
             }
-            agents.insert(s.name.to_string(), start_node_agent(&cfg, launches.get(s.name), o.faults.as_deref()));
+            if !o.later {
+                agents.insert(s.name.to_string(), start_node_agent(&cfg, launches.get(s.name), o.faults.as_deref()));
+            }
         }
         drop(specs);
         let c = Self { agents, apps, dir, cgroups, t, app_of, launches };
+        // Nodes started later are not waited for.
+        let names: Vec<&str> = names.into_iter().filter(|n| !node_opts(n).later).collect();
         if demo.is_some() {
             for n in names.iter().filter(|n| node_opts(n).hook_via.is_none()) {
                 // The agent answers first (within the budget of `status`: agents starting at
@@ -578,12 +604,16 @@ impl Cluster {
                 });
             }
         }
-        // Every agent answers and sees all its siblings.
+        // Every agent answers and sees all its siblings (gossip: every other member live).
         for n in &names {
             let others = names.len() - 1;
-            wait_status(&c.sock(n), 30, &format!("{n} to see its {others} sibling(s) up"), |v| {
-                v["siblings"].as_array().is_some_and(|s| s.iter().filter(|x| x["up"] == true).count() == others)
-            });
+            if opts.gossip {
+                wait_status(&c.sock(n), 60, &format!("{n} to see the {others} other member(s) live"), |v| members(v).len() == others);
+            } else {
+                wait_status(&c.sock(n), 30, &format!("{n} to see its {others} sibling(s) up"), |v| {
+                    v["siblings"].as_array().is_some_and(|s| s.iter().filter(|x| x["up"] == true).count() == others)
+                });
+            }
         }
         c
     }
@@ -637,6 +667,12 @@ impl Cluster {
     #[must_use]
     pub fn host(&self, name: &str) -> &Host {
         node_host(&self.t, name).0
+    }
+
+    /// Node `name`'s (IPv4) service address.
+    #[must_use]
+    pub fn service(&self, name: &str) -> SocketAddr {
+        node_host(&self.t, name).1
     }
 
     /// The rules in node `name`'s kernel (`rule list --json`).
@@ -768,6 +804,12 @@ pub fn served_by(conns: &[(u16, Client, String)]) -> HashMap<String, usize> {
 #[must_use]
 pub fn migrated(v: &serde_json::Value) -> Vec<(String, String)> {
     v["migrated_out"].as_array().into_iter().flatten().map(|m| (m["client"].as_str().unwrap_or_default().to_string(), m["to"].as_str().unwrap_or_default().to_string())).collect()
+}
+
+/// The other members a status says gossip holds live, by name (none without gossip).
+#[must_use]
+pub fn members(v: &serde_json::Value) -> Vec<String> {
+    v["cluster"]["members"].as_array().map(|m| m.iter().filter_map(|x| x["name"].as_str().map(str::to_string)).collect()).unwrap_or_default()
 }
 
 /// Where a status says each moved-out client is steered (client -> sibling).

@@ -9,7 +9,10 @@ pub const SYN: u8 = 0x02;
 pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
-const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+/// The destination: `BPF_PROG_TEST_RUN` runs a packet as received by the loopback device,
+/// whose address is all zeros; a frame for another address is another host's
+/// (`PACKET_OTHERHOST`), which the classifier leaves to the stack ([`for_another_host`]).
+const MAC_HERE: [u8; 6] = [0; 6];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 
 /// Source and destination of a packet.
@@ -58,7 +61,7 @@ fn pseudo(ip: Ip, proto: u8, len: usize) -> u32 {
 
 fn eth(ethertype: u16) -> Vec<u8> {
     let mut v = Vec::new();
-    v.extend_from_slice(&MAC_A);
+    v.extend_from_slice(&MAC_HERE);
     v.extend_from_slice(&MAC_B);
     v.extend_from_slice(&ethertype.to_be_bytes());
     v
@@ -312,6 +315,14 @@ pub fn encap4(s: Ipv4Addr, d: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
     p.extend(ipv4_header(s, d, 4, inner.len() - 14, 0x4000, false));
     p.extend_from_slice(&inner[14..]);
     p
+}
+
+/// `frame` addressed to another host's MAC address, as a switch floods it to every port.
+#[must_use]
+pub fn for_another_host(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&MAC_B);
+    f
 }
 
 /// `inner` tunnelled IPv6-in-IPv6 from `s` to `d`.

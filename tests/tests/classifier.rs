@@ -638,6 +638,12 @@ fn tunnels_are_decapsulated_only_from_siblings_and_only_for_adopted_services() {
         assert_eq!(out, inner, "decapsulation gives back the client's packet");
         let stranger = packets::encap4(Ipv4Addr::new(198, 18, 1, 9), TGT4, &inner);
         expect(dp, &stranger, TC_ACT_SHOT, "dropped-bad");
+        // A stranger's tunnel flooded to this host for another's MAC address: the stack's to
+        // drop, not a bad tunnel. A sibling's is decapsulated as ever (this node's own frames
+        // arrive for another address on a lower device of a bridge or macvlan).
+        let flooded = packets::for_another_host(&stranger);
+        assert_eq!(expect(dp, &flooded, TCX_NEXT, "passed"), flooded, "left untouched");
+        expect(dp, &packets::for_another_host(&tunnelled), TCX_NEXT, "decapsulated");
         let inner6 = Pkt::tcp(Ip::V6(CLIENT6, ADOPTED6), 4000, 80, packets::ACK).build();
         let out = expect(dp, &packets::encap6(CTL6, TGT6, &inner6), TCX_NEXT, "decapsulated");
         assert_eq!(out, inner6);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use redirector_tests::{
-    agents::{Cluster, DemoApp, NodeOpts, Options, adopted, moved_to, wait_status},
+    agents::{Cluster, DemoApp, NodeOpts, Options, adopted, migrated, moved_to, wait_status},
     crowd::Crowd,
     net::{SERVICE4, client4},
     require_root,
@@ -64,4 +64,39 @@ fn a_drained_server_moves_every_busy_client_away_with_its_session_and_takes_load
     c.assert_intact(&clients);
     let home = clients.iter().filter(|cl| cl.servers.len() > 1 && cl.last_server.as_deref() == Some("A")).count();
     assert!(home >= 50, "{home} clients went away and came home, every session intact");
+}
+
+/// A volunteer drained for maintenance gives its adopted clients back to their origin; their
+/// rules drain to it for `drain_secs` (their open connections end there), and no other
+/// volunteer's rule may replace them meanwhile. The origin, over its high watermark again,
+/// sheds its other clients to the server that came up since. Before, it picked the clients
+/// that had just come home (the lowest addresses, as the first time), the kernel refused to
+/// steer them elsewhere, and every hand-over failed for the whole drain (60 s).
+#[test]
+fn an_origin_sheds_its_other_clients_while_those_a_drained_volunteer_gave_back_drain_to_it() {
+    if !require_root() {
+        return;
+    }
+    let opts = Options { demo: Some(DemoApp::Rust), nodes: vec![("c".to_string(), NodeOpts { later: true, ..NodeOpts::default() })].into_iter().collect(), ..Options::default() };
+    let mut c = Cluster::with_options(100, &[("a", 80, 60), ("b", 100, 60), ("c", 100, 60)], &opts);
+    let clients: Vec<(IpAddr, SocketAddr)> = (1..=100).map(|i| (IpAddr::V4(client4(i)), SocketAddr::new(IpAddr::V4(SERVICE4), 80))).collect();
+    let crowd = Crowd::start(&c.t.client.ns, &clients, Duration::from_secs(60), 6000);
+    let a = wait_status(&c.sock("a"), 30, "A to shed 40 clients to B", |v| migrated(v).len() == 40 && v["shedding"] == false);
+    let first: Vec<IpAddr> = moved_to(&a).into_keys().collect();
+    c.start_again("c", None);
+    wait_status(&c.sock("c"), 10, "C's application to register", |v| v["hook"]["registered"].as_array().is_some_and(|r| !r.is_empty()));
+    wait_status(&c.sock("a"), 10, "A to link to C", |v| v["siblings"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "c" && s["up"] == true)));
+    let done = c.ask_agent("b", &["drain".into(), "--timeout-secs".into(), "30".into()]).expect("drain B");
+    assert_eq!(done["adopted"], 0, "B gave every client back: {done}");
+    // A is over its high watermark again (100 > 80): the 40 it shed first drain to B, so it
+    // sheds 40 others to C, well within the drain.
+    let a = wait_status(&c.sock("a"), 20, "A to shed 40 other clients to C", |v| {
+        let to = moved_to(v);
+        to.len() == 40 && to.values().all(|n| n == "c") && v["load"].as_u64() <= Some(80)
+    });
+    let now = moved_to(&a);
+    assert!(first.iter().all(|cl| !now.contains_key(cl)), "the clients that came home stay home while their rules drain: {a}");
+    std::thread::sleep(Duration::from_secs(2));
+    let served = crowd.finish_where_steered("A", || moved_to(&c.status("a")));
+    c.assert_intact(&served);
 }

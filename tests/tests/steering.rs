@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use redirector_tests::{
     Client, Server, Topology,
-    net::{SERVICE4, SERVICE6, client4, client6},
+    net::{SERVICE4, SERVICE6, client4, client6, sh},
     require_root,
 };
 
@@ -303,4 +303,37 @@ fn adopting_sets_the_uplink_up_and_giving_back_restores_it() {
     t.redirector_ok(&t.b, &["adopt", "add", &svc4(80).to_string(), "--dev", "eth0", "--listener", &format!("{}:80", t.b.v4[0])]);
     t.redirector_ok(&t.b, &["teardown"]);
     assert_eq!(read("eth0"), ["0", "0", "0", "1"], "teardown restores them too");
+}
+
+/// A switch floods a frame whose destination it has not learnt (a volunteer that just went
+/// down, an entry aged out) to every port: a third server sees the origin's tunnelled packets
+/// for B, and the client's for A. Its classifier leaves frames for another host to the stack
+/// (which drops them): before, it took A's tunnel to B for a tunnel to itself and counted and
+/// logged every packet as a bad tunnel "not from a configured sibling" (on each server of a
+/// 12-server cluster when a volunteer died).
+#[test]
+fn frames_flooded_to_a_third_server_are_not_its_business() {
+    let Some((t, _s)) = steered() else { return };
+    // The bridge forgets every address at once: it floods every frame, like a hub.
+    sh(&["ip", "-n", &t.switch, "link", "set", "br0", "type", "bridge", "ageing_time", "0"]);
+    // C runs redirector for its own service, and takes tunnels from B only.
+    let _c = Server::start(&t.c.ns, "C", SocketAddr::new(IpAddr::V4(t.c.v4[0]), 80));
+    t.redirector_ok(&t.c, &["sibling", "add", &t.b.v4[0].to_string(), "--dev", "eth0"]);
+    t.redirector_ok(&t.c, &["service", "add", "198.18.0.30:80", "--dev", "eth0"]);
+    let rx = || -> u64 { t.c.exec(&["cat", "/sys/class/net/eth0/statistics/rx_packets"]).trim().parse().expect("rx_packets") };
+    let rx_before = rx();
+    let (c4, c6) = (client4(7), client6(7));
+    t.migrate(&c4.to_string(), IpAddr::V4(t.b.v4[0]));
+    t.migrate(&c6.to_string(), IpAddr::V6(t.b.v6[0]));
+    for (client, svc) in [(IpAddr::V4(c4), svc4(80)), (IpAddr::V6(c6), svc6(80))] {
+        for _ in 0..5 {
+            assert_eq!(Client::connect(&t.client.ns, client, svc).who(), "B");
+        }
+    }
+    assert!(t.counter(&t.a, "forwarded-new") >= 10, "A tunnelled them to B");
+    let flooded = rx() - rx_before;
+    assert!(flooded >= 40, "the bridge flooded the 10 connections' frames to C too: {flooded} packets");
+    for counter in ["dropped-bad", "decapsulated", "dropped-not-adopted"] {
+        assert_eq!(t.counter(&t.c, counter), 0, "C leaves frames for other hosts alone ({counter}; {flooded} flooded to it)");
+    }
 }

@@ -143,3 +143,62 @@ fn a_dumped_connection_that_does_not_move_goes_on_where_it_was() {
     c.read_exact(&mut got).expect("the client reads");
     assert_eq!(&got, b"two\n");
 }
+
+/// Data that reaches a restored socket before it goes live (a flow thawed early: an origin
+/// restarted mid-move, or tired of waiting) is queued and acknowledged in repair mode; the
+/// acknowledgement must carry the connection's clock, or the client takes the new socket's
+/// own clock for the latest and drops everything it sends after it (PAWS) for good. The old
+/// sockets' clocks are random, ahead of or behind the host's, so several connections move:
+/// about half of them stalled when the restored clock was only set as it went live.
+#[test]
+fn data_that_reaches_a_restored_connection_before_it_goes_live_is_answered() {
+    if !require_root() {
+        return;
+    }
+    const CONNECTIONS: u16 = 12;
+    let t = Topology::new(1);
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8082);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut pairs = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut got = [0; 4];
+        c.write_all(b"one\n").expect("write");
+        s.read_exact(&mut got).expect("read");
+        s.write_all(b"two\n").expect("answer");
+        c.read_exact(&mut got).expect("the client reads");
+        pairs.push((c, s));
+    }
+    let mut restored = Vec::new();
+    for (c, s) in pairs {
+        let state = repair::dump(&s).expect("dump");
+        repair::discard(OwnedFd::from(s));
+        let r = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore"));
+        restored.push((c, r));
+    }
+    // Each client asks while its server end is restored but not live: the socket in repair
+    // mode acknowledges it (half of them were dropped by their clients as old).
+    for (c, _) in &mut restored {
+        c.write_all(b"early\n").expect("early request");
+    }
+    for (c, _) in &restored {
+        wait_until("the early request to be acknowledged", Duration::from_secs(5), || ioctl(c, libc::TIOCOUTQ) == 0);
+    }
+    let mut stalled = Vec::new();
+    for (i, (mut c, r)) in restored.into_iter().enumerate() {
+        let mut s = std::net::TcpStream::from(r.go_live().expect("live"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = [0; 6];
+        s.read_exact(&mut got).expect("the early request, on the live socket");
+        assert_eq!(&got, b"early\n");
+        s.write_all(b"answer\n").expect("answer");
+        c.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let mut got = [0; 7];
+        match c.read_exact(&mut got) {
+            Ok(()) => assert_eq!(&got, b"answer\n"),
+            Err(e) => stalled.push(format!("connection {i}: {e}")),
+        }
+    }
+    assert!(stalled.is_empty(), "answers never reached their clients: {stalled:?}");
+}

@@ -157,6 +157,35 @@ pub struct Status {
     pub drain: Option<Drain>,
     /// The datapath's decision counters (summed over CPUs), by name.
     pub counters: BTreeMap<String, u64>,
+    /// Membership by gossip, once this node joined (gossip mode only).
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// This node in the gossip.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Where this node gossips.
+    pub gossip: SocketAddr,
+    /// The other members gossip holds live, by name.
+    pub members: Vec<MemberStatus>,
+    /// Gossip datagrams sent and received since the agent started.
+    pub sent: u64,
+    pub received: u64,
+    /// Datagrams dropped unread: not sealed with the cluster's gossip key.
+    pub refused: u64,
+    /// The members with room this node keeps linked in advance (`standby`).
+    #[serde(default)]
+    pub standby: Vec<String>,
+}
+
+/// A live member, as gossip says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub control: SocketAddr,
+    /// The room for connections it last published (none yet: unknown).
+    pub room: Option<u64>,
 }
 
 /// A configured sibling as this agent sees it.

@@ -93,7 +93,7 @@ impl Agent {
         // The services whose open connections come home too: those that move them, with an
         // application that takes them.
         let live: Vec<SocketAddr> = services.iter().copied().filter(|s| self.moves_live(*s) && self.apps.takes_connections(*s)).collect();
-        let targets = self.cfg.sibling(name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
+        let targets = self.sibling(name).map(|s| s.control_addresses()).unwrap_or_default();
         let started = self.records().start(Record { id, dir: Dir::Back, volunteer: name.to_string(), targets, clients: clients.clone(), apps: apps.clone() });
         let rec = match started {
             Ok(r) => r,
@@ -359,7 +359,7 @@ impl Agent {
     ) -> Result<Answer, String> {
         let handoff = HandoffId::new(from, id, self.cfg.node.as_str()).to_string();
         let handoff = handoff.as_str();
-        if self.cfg.sibling(from).is_none() {
+        if self.sibling(from).is_none() {
             return Err("not a configured sibling".into());
         }
         let mut busy = {

@@ -86,12 +86,20 @@ fn tune(tcp: &TcpStream, liveness: Duration) -> anyhow::Result<()> {
 }
 
 /// Sends one frame within `deadline`.
-async fn send_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>, msg: &Frame, deadline: Duration) -> anyhow::Result<()> {
+pub(super) async fn send_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>, msg: &Frame, deadline: Duration) -> anyhow::Result<()> {
     tokio::time::timeout(deadline, framed.send(msg.frame()))
         .await
         .map_err(|_| anyhow!("sending timed out after {} ms (the peer does not read)", deadline.as_millis()))?
         .context("sending")
 }
+
+/// Closes a connection cleanly (TLS `close_notify`, then FIN) within `deadline`, or gives up.
+pub(super) async fn close_gently<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>, deadline: Duration) {
+    let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
+}
+
+/// A connection this node opened to another, under TLS.
+pub(super) type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Why an outbound link ended.
 struct LinkEnd {
@@ -146,7 +154,7 @@ impl Agent {
                 }
             };
             let source = peer_addr.ip().to_canonical();
-            let sibling = self.cfg.siblings.iter().any(|s| s.control_addresses().contains(&source));
+            let sibling = self.sibling_at(source).is_some();
             let pass = match self.gate.admit(source, sibling, self.cfg.control_siblings_only) {
                 Ok(p) => p,
                 Err(why) => {
@@ -181,16 +189,31 @@ impl Agent {
         let deadline = self.send_deadline();
         let hello = tokio::time::timeout(HANDSHAKE, next_frame(&mut framed)).await.map_err(|_| anyhow!("no hello in time"))??;
         let me_hello = Frame::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.as_str().into() };
-        let checked = peer::tls::identity(&cert, self.cfg.siblings.iter().map(|s| s.name.as_str()))
+        // Static: a configured sibling. Gossip: any node the CA vouches for, under the name
+        // its hello gives; one gossip does not know yet may only ask to join.
+        let names: Vec<String> = if self.cfg.cluster.gossip() {
+            match &hello {
+                Frame::Hello { node, .. } => vec![node.to_string()],
+                _ => Vec::new(),
+            }
+        } else {
+            self.cfg.siblings.iter().map(|s| s.name.clone()).collect()
+        };
+        let mut joiner = false;
+        let checked = peer::tls::identity(&cert, names.iter().map(String::as_str))
             .map(str::to_string)
             .ok_or_else(|| anyhow!("refused: the certificate is not for a configured sibling"))
             .and_then(|name| if self.cfg.tls.denies(&cert) { Err(anyhow!("refused: {name}'s certificate is on this node's deny list")) } else { Ok(name) })
-            .and_then(|name| {
-                let configured = self.cfg.sibling(&name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
-                if configured.contains(&peer_ip.to_canonical()) {
+            .and_then(|name| match self.sibling(&name) {
+                Some(s) if s.control_addresses().contains(&peer_ip.to_canonical()) => Ok(name),
+                Some(s) => Err(anyhow!(
+                    "refused: {name}'s certificate, but the connection comes from {peer_ip}, not {name}'s {} control address ({})",
+                    if self.cfg.cluster.gossip() { "gossiped" } else { "configured" },
+                    list(&s.control_addresses())
+                )),
+                None => {
+                    joiner = true;
                     Ok(name)
-                } else {
-                    Err(anyhow!("refused: {name}'s certificate, but the connection comes from {peer_ip}, not {name}'s configured control address ({})", list(&configured)))
                 }
             })
             .and_then(|name| peer::check_hello(&hello, &name).map(|()| name));
@@ -204,13 +227,16 @@ impl Agent {
                     _ => Frame::Refused { reason: format!("{e:#}") },
                 };
                 if send_frame(&mut framed, &answer, deadline).await.is_ok() {
-                    let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
+                    close_gently(&mut framed, deadline).await;
                 }
                 return Err(e);
             }
         };
         send_frame(&mut framed, &me_hello, deadline).await?;
         drop(pass);
+        if joiner {
+            return self.serve_joiner(&mut framed, &name).await;
+        }
         self.heard(&name);
         info!(sibling = %name, "sibling connected");
         let (mut sink, mut stream) = framed.split();
@@ -238,38 +264,85 @@ impl Agent {
                 }
             }
         };
-        let limits = LinkLimits::new();
-        let reader = async {
-            loop {
-                let heard = decode_heard(stream.next().await)?;
-                self.heard(&name);
-                match heard {
-                    Heard::Heartbeat(hb) => self.heartbeat(&name, hb.load),
-                    Heard::Said(r) => self.clone().handle_request(&name, r, &reply, &limits).await?,
-                }
-            }
-        };
         tokio::select! {
             r = writer => r,
-            r = reader => r,
+            r = self.read_requests(&name, &mut stream, &reply) => r,
         }
         .with_context(|| format!("link from {name}"))
     }
 
-    pub(super) async fn connect_loop(self: Arc<Self>, name: String, addr: SocketAddr) {
+    /// What sibling `name` says on the connection it opened (heartbeats, requests), until it
+    /// closes it: cleanly (TLS `close_notify`: it exits, or retired an idle link) or not.
+    async fn read_requests<S>(self: &Arc<Self>, name: &str, stream: &mut S, reply: &mpsc::Sender<Answer>) -> anyhow::Result<()>
+    where
+        S: futures::Stream<Item = Result<bytes::BytesMut, std::io::Error>> + Unpin,
+    {
+        let limits = LinkLimits::new();
+        loop {
+            let Some(frame) = stream.next().await else {
+                info!(sibling = %name, "sibling closed its link");
+                return Ok(());
+            };
+            let heard = decode_heard(Some(frame))?;
+            self.heard(name);
+            match heard {
+                Heard::Heartbeat(hb) => self.heartbeat(name, hb.load),
+                Heard::Said(r) => self.clone().handle_request(name, r, reply, &limits).await?,
+            }
+        }
+    }
+
+    /// Keeps a link to `name` at `addr` from now on, unless one is kept already.
+    pub(super) fn dial_loop(self: Arc<Self>, name: &str, addr: SocketAddr) {
+        if self.state().links.dial(name) {
+            tokio::spawn(self.connect_loop(name.to_string(), addr));
+        }
+    }
+
+    /// A link to sibling `name`, opened if there is none (gossip mode: links are opened when
+    /// needed), waiting for it at most `wait`; whether it is up.
+    pub(super) async fn link_to(&self, name: &str, wait: Duration) -> bool {
+        if self.state().links.linked(name) {
+            return true;
+        }
+        let (Some(s), Some(me)) = (self.sibling(name), self.me.upgrade()) else { return false };
+        let t0 = Instant::now();
+        while t0.elapsed() < wait {
+            // Again each time: a link retired a moment ago ends its dialer only now.
+            me.clone().dial_loop(name, s.address);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.state().links.linked(name) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Links to `name` at `addr` again and again, until the agent exits or (gossip mode) a
+    /// link fails to a member gossip no longer holds live (it is opened again when needed).
+    async fn connect_loop(self: Arc<Self>, name: String, addr: SocketAddr) {
+        self.connect_until_gone(&name, addr).await;
+        self.state().links.dialing.remove(&name);
+    }
+
+    async fn connect_until_gone(self: &Arc<Self>, name: &str, addr: SocketAddr) {
         let connector = tokio_rustls::TlsConnector::from(self.tls.client.clone());
         let mut backoff = policy::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut failures = 0u32;
         loop {
-            let end = self.clone().connect_once(&connector, &name, addr).await;
+            let end = self.clone().connect_once(&connector, name, addr).await;
             // Requests waiting for an answer on this link will not get one: they fail now.
             let closing = {
                 let mut st = self.state();
                 // Hand-backs waiting for what this link brought will not get it.
-                st.moved.link_down(&name);
-                st.links.down(&name)
+                st.moved.link_down(name);
+                st.links.down(name)
             };
             if closing {
+                return;
+            }
+            if self.cfg.cluster.gossip() && !self.member_live(name) {
+                info!(sibling = %name, "not linking again: the member is not live in the cluster");
                 return;
             }
             if end.established {
@@ -298,41 +371,39 @@ impl Agent {
         (!self.faults.mute_heartbeats).then(|| Frame::Heartbeat(Heartbeat { load: self.state().load.total, high: self.cfg.high_watermark, low: self.cfg.low_watermark }))
     }
 
-    async fn connect_once(self: Arc<Self>, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> LinkEnd {
-        let fail = |error: anyhow::Error| LinkEnd { established: false, error };
-        // From this node's own control address of the sibling's family: the sibling accepts
-        // this node from that address only.
+    /// Opens a connection to node `name` at `addr` up to the hellos: from this node's own
+    /// control address of its family (it accepts this node from that address only), mutual
+    /// TLS for `name`, a certificate not on the deny list.
+    pub(super) async fn dial(&self, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> anyhow::Result<Framed<PeerStream, LengthDelimitedCodec>> {
         let tcp = match tokio::time::timeout(Duration::from_secs(2), connect_from(self.cfg.control_address(addr.ip()), addr)).await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return fail(anyhow!(e).context(format!("connecting to {addr}"))),
-            Err(_) => return fail(anyhow!("connecting to {addr} timed out")),
+            Ok(Err(e)) => return Err(anyhow!(e).context(format!("connecting to {addr}"))),
+            Err(_) => bail!("connecting to {addr} timed out"),
         };
-        if let Err(e) = tune(&tcp, Duration::from_millis(self.cfg.liveness_ms)) {
-            return fail(e);
-        }
-        let Ok(server_name) = rustls::pki_types::ServerName::try_from(name.to_string()) else {
-            return fail(anyhow!("{name:?} cannot be a certificate name"));
-        };
+        tune(&tcp, Duration::from_millis(self.cfg.liveness_ms))?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|_| anyhow!("{name:?} cannot be a certificate name"))?;
         let tls = match tokio::time::timeout(HANDSHAKE, connector.connect(server_name, tcp)).await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return fail(anyhow!(e).context(format!("TLS handshake with {name} at {addr}"))),
-            Err(_) => return fail(anyhow!("TLS handshake with {addr} timed out")),
+            Ok(Err(e)) => return Err(anyhow!(e).context(format!("TLS handshake with {name} at {addr}"))),
+            Err(_) => bail!("TLS handshake with {addr} timed out"),
         };
         if tls.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| self.cfg.tls.denies(c)) {
-            return fail(anyhow!("{name} at {addr} presents a certificate on this node's deny list ([tls] deny): not linking"));
+            bail!("{name} at {addr} presents a certificate on this node's deny list ([tls] deny): not linking");
         }
         let mut framed = Framed::new(tls, peer::codec(self.cfg.max_frame));
-        let deadline = self.send_deadline();
-        let hello = async {
-            send_frame(&mut framed, &Frame::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.as_str().into() }, deadline).await?;
-            match tokio::time::timeout(HANDSHAKE, next_frame(&mut framed)).await.map_err(|_| anyhow!("no hello from {name} in time"))?? {
-                Frame::Refused { reason } => bail!("{name} refused this node: {}", crate::peer::Said(&reason)),
-                m => peer::check_hello(&m, name),
-            }
-        };
-        if let Err(e) = hello.await {
-            return fail(e);
+        send_frame(&mut framed, &Frame::Hello { version: PROTOCOL_VERSION, node: self.cfg.node.as_str().into() }, self.send_deadline()).await?;
+        match tokio::time::timeout(HANDSHAKE, next_frame(&mut framed)).await.map_err(|_| anyhow!("no hello from {name} in time"))?? {
+            Frame::Refused { reason } => bail!("{name} refused this node: {}", crate::peer::Said(&reason)),
+            m => peer::check_hello(&m, name)?,
         }
+        Ok(framed)
+    }
+
+    async fn connect_once(self: Arc<Self>, connector: &tokio_rustls::TlsConnector, name: &str, addr: SocketAddr) -> LinkEnd {
+        let mut framed = match self.dial(connector, name, addr).await {
+            Ok(f) => f,
+            Err(error) => return LinkEnd { established: false, error },
+        };
         let (tx, mut rx) = mpsc::channel::<Request>(64);
         // Dropped when this connection ends: `close_links` waits for that.
         let (_ended, ended) = oneshot::channel::<()>();
@@ -376,7 +447,7 @@ impl Agent {
                     send_frame(framed, &m.into(), deadline).await
                 } else {
                     // Everything queued has left: close cleanly (TLS close_notify).
-                    let _ = tokio::time::timeout(deadline, tokio::io::AsyncWriteExt::shutdown(framed.get_mut())).await;
+                    close_gently(framed, deadline).await;
                     Err(anyhow!("link closed by this agent"))
                 },
                 frame = framed.next() => match decode_heard(frame) {
@@ -431,18 +502,35 @@ impl Agent {
         }
     }
 
+    /// The queue of the link to `name`, opened now if there is none (gossip mode: links are
+    /// opened when needed; static: they are kept to every sibling, and one that is down is
+    /// down).
+    async fn queue_to(&self, name: &str) -> anyhow::Result<mpsc::Sender<Request>> {
+        let out = {
+            let mut st = self.state();
+            st.links.used(name, Instant::now());
+            st.links.sender(name)
+        };
+        if let Some(out) = out {
+            return Ok(out);
+        }
+        if self.cfg.cluster.gossip()
+            && self.link_to(name, Duration::from_millis(self.cfg.negotiate_timeout_ms)).await
+            && let Some(out) = self.state().links.sender(name)
+        {
+            return Ok(out);
+        }
+        bail!("no link to {name}")
+    }
+
     /// Sends a request to `name` and waits for its answer, all within `timeout` (queueing the
     /// request included).
     pub(super) async fn ask(&self, name: &str, msg: Request, id: u64, timeout: Duration) -> anyhow::Result<Answer> {
         let (tx, rx) = oneshot::channel();
         let key = (NodeName::from(name), id);
-        let out = {
-            let mut st = self.state();
-            st.links.await_answer(name, id, tx);
-            st.links.sender(name)
-        };
+        self.state().links.await_answer(name, id, tx);
         let _guard = PendingGuard { agent: self, key };
-        let out = out.ok_or_else(|| anyhow!("no link to {name}"))?;
+        let out = self.queue_to(name).await?;
         tokio::time::timeout(timeout, async {
             out.send(msg).await.map_err(|_| anyhow!("link to {name} closed"))?;
             rx.await.map_err(|_| anyhow!("link to {name} closed"))
@@ -472,7 +560,7 @@ impl Agent {
 
     /// Queues `msg` for `name` on its link, within the send deadline.
     pub(super) async fn send_to(&self, name: &str, msg: Request) -> anyhow::Result<()> {
-        let out = self.state().links.sender(name).ok_or_else(|| anyhow!("no link to {name}"))?;
+        let out = self.queue_to(name).await?;
         out.send_timeout(msg, self.send_deadline()).await.map_err(|e| match e {
             mpsc::error::SendTimeoutError::Timeout(_) => anyhow!("the link to {name} is stuck"),
             mpsc::error::SendTimeoutError::Closed(_) => anyhow!("link to {name} closed"),
@@ -525,7 +613,7 @@ impl Agent {
     }
 }
 
-async fn next_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>) -> anyhow::Result<Frame> {
+pub(super) async fn next_frame<T: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<T, LengthDelimitedCodec>) -> anyhow::Result<Frame> {
     decode_frame(framed.next().await)
 }
 

@@ -100,9 +100,9 @@ impl Agent {
     /// timeout to link up again), with the clients moved to them.
     fn silent_siblings(&self) -> Vec<(String, Vec<IpAddr>, Duration)> {
         let live = Duration::from_millis(self.cfg.liveness_ms);
+        let siblings = self.siblings();
         let st = self.state();
-        self.cfg
-            .siblings
+        siblings
             .iter()
             .filter_map(|s| {
                 let since = st.links.last_seen(&s.name).unwrap_or(self.started);
@@ -135,7 +135,7 @@ impl Agent {
     /// only the control channel is cut), they stay where they are served, with their sessions.
     /// Only when that does not answer either (its clients' new connections would fail) are its
     /// rules drained: the clients come home without their sessions (counted as lost).
-    async fn suspect(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, silent: Duration) {
+    pub(super) async fn suspect(self: &Arc<Self>, name: &str, clients: Vec<IpAddr>, silent: Duration) {
         let live = Duration::from_millis(self.cfg.liveness_ms);
         let linked = self.state().links.linked(name);
         if linked {
@@ -157,7 +157,6 @@ impl Agent {
         }
         // Does its datapath still serve them? A probe through the tunnel, per family.
         let targets: Vec<IpAddr> = self
-            .cfg
             .sibling(name)
             .map(|s| {
                 [true, false]
@@ -168,7 +167,12 @@ impl Agent {
             })
             .unwrap_or_default();
         let timeout = Duration::from_millis((self.cfg.liveness_ms / 3).clamp(200, 1000));
-        let probed = flat(self.with_dp(move |dp| targets.iter().try_for_each(|t| dp.probe_target(*t, timeout))).await);
+        // Nothing to probe is no answer: only a datapath that answers keeps the clients there.
+        let probed = if targets.is_empty() {
+            Err(format!("no control address of {name} is known for the families of its clients"))
+        } else {
+            flat(self.with_dp(move |dp| targets.iter().try_for_each(|t| dp.probe_target(*t, timeout))).await)
+        };
         if probed.is_ok() {
             if self.state().links.agent_unreachable(name) {
                 warn!(sibling = %name, clients = left.len(), silent_ms = silent.as_millis(), "sibling's agent unreachable, but its datapath serves its clients: they stay on it with their sessions until it is back");
@@ -193,7 +197,7 @@ impl Agent {
         let mut st = self.state();
         // Every one of them was served there, so whatever session it had there is gone; which
         // of them had none by then only the dead sibling knew.
-        let lost = st.moved.lost(&left);
+        let lost = st.moved.lost(name, &left, Instant::now());
         warn!(sibling = %name, sessions_lost = lost, total_lost = st.moved.sessions_lost, "sessions lost: their clients came home from an unreachable sibling and start new sessions here");
         st.links.owe_release(name, left);
     }
@@ -219,13 +223,13 @@ impl Agent {
             Ok(r) => r,
             Err(e) => return debug!("listing rules to reconcile: {e}"),
         };
-        let (managed, orphans, draining) = classify_rules(&self.cfg, &rules);
+        let (managed, orphans, draining) = classify_rules(&self.siblings(), &rules);
         let active: HashMap<IpAddr, (String, u64)> = managed.into_iter().map(|(c, to, since)| (c, (to, since))).collect();
         let released = {
             let mut st = self.state();
             let super::State { moved, busy, .. } = &mut *st;
             let released = moved.reconcile(&active, listed_at, busy);
-            for o in moved.rules_left(orphans, draining) {
+            for o in moved.rules_left(orphans, &draining, listed_at) {
                 warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
             }
             released

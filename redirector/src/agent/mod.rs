@@ -17,6 +17,7 @@ mod drain;
 mod expiry;
 pub mod faults;
 mod gate;
+mod gossip;
 mod handback;
 mod handoff;
 mod kernel_log;
@@ -28,6 +29,8 @@ mod policy;
 mod probe;
 mod records;
 mod ring;
+mod siblings;
+mod standby;
 mod state;
 pub mod tally;
 mod transfer;
@@ -60,13 +63,15 @@ use self::state::{Acked, Incoming, Links, Received, State, Streamed};
 use crate::{
     admin::api::{self, OrphanRule, Status},
     app::{Apps, Limits, Registration},
-    config::{Config, Valid},
+    config::Valid,
     datapath::{Datapath, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
     peer::tls::Tls,
 };
 
 /// A running agent.
 pub struct Agent {
+    /// Itself, for what starts a task from a borrowed agent (a link opened on demand).
+    me: std::sync::Weak<Agent>,
     cfg: Valid,
     tls: Tls,
     /// Changes to the datapath (rules, adoption; a probe holds it up to a second): only ever
@@ -103,6 +108,10 @@ pub struct Agent {
     /// Volunteer: connections moved here, by transfer, until its end ([`live`]).
     /// What live moves keep between the steps of hand-overs.
     live: Mutex<live::Pending>,
+    /// Members gossip brought (gossip mode; [`siblings`]).
+    known: Mutex<siblings::Known>,
+    /// This node in the gossip, once it joined (gossip mode).
+    membership: std::sync::OnceLock<gossip::Membership>,
 }
 
 /// Raises the soft limit of open descriptors to the hard one: connections moving live are a
@@ -135,17 +144,25 @@ fn host_prefix(a: IpAddr) -> Prefix {
     Prefix { addr: a, len: if a.is_ipv4() { 32 } else { 128 } }
 }
 
-/// Sorts the kernel's rules for an agent: (client, sibling) of the active rules it manages,
-/// rules it leaves alone (and why), and how many are draining.
-fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64)>, Vec<OrphanRule>, usize) {
-    let (mut managed, mut orphans, mut draining) = (Vec::new(), Vec::new(), 0);
+/// An active rule the agent manages: the client, the sibling it is steered to, since when
+/// (wall clock).
+type ManagedRule = (IpAddr, String, u64);
+
+/// A rule draining: its prefix, and the sibling it drains to (none if its target is no known
+/// sibling).
+type DrainingRule = (Prefix, Option<String>);
+
+/// Sorts the kernel's rules for an agent: the active rules it manages, rules it leaves alone
+/// (and why), and those draining.
+fn classify_rules(siblings: &[crate::config::Sibling], rules: &[RuleInfo]) -> (Vec<ManagedRule>, Vec<OrphanRule>, Vec<DrainingRule>) {
+    let (mut managed, mut orphans, mut draining) = (Vec::new(), Vec::new(), Vec::new());
     for r in rules {
         match r.state {
             RuleState::Drained => {}
-            RuleState::Draining => draining += 1,
+            RuleState::Draining => draining.push((r.prefix, crate::config::sibling_at(siblings, r.target).map(|s| s.name.clone()))),
             RuleState::Active => {
                 let host = r.prefix == host_prefix(r.prefix.addr);
-                match cfg.sibling_at(r.target) {
+                match crate::config::sibling_at(siblings, r.target) {
                     Some(s) if host => managed.push((r.prefix.addr, s.name.clone(), r.since_unix)),
                     Some(_) => {
                         orphans.push(OrphanRule { prefix: r.prefix.to_string(), target: r.target, why: "a prefix rule (the agent moves single clients): left alone".into() });
@@ -153,7 +170,7 @@ fn classify_rules(cfg: &Config, rules: &[RuleInfo]) -> (Vec<(IpAddr, String, u64
                     None => orphans.push(OrphanRule {
                         prefix: r.prefix.to_string(),
                         target: r.target,
-                        why: format!("target {} is not a configured sibling: left alone, not watched", r.target),
+                        why: format!("target {} is not a known sibling: left alone, not watched", r.target),
                     }),
                 }
             }
@@ -207,7 +224,10 @@ impl Agent {
         }
         // Re-adopt the active rules a previous run left; drained ones are gone, draining ones
         // finish draining, and rules to unknown targets are reported, not managed.
-        let (managed, orphans, draining) = classify_rules(&cfg, &dp.list_rules()?);
+        // Gossip mode: the members a previous run knew (the rules name them).
+        let known = if cfg.cluster.gossip() { siblings::Known::read(&cfg.state_dir()) } else { siblings::Known::default() };
+        let siblings = if cfg.cluster.gossip() { known.list() } else { cfg.siblings.clone() };
+        let (managed, orphans, draining) = classify_rules(&siblings, &dp.list_rules()?);
         let now = Instant::now();
         for (client, to, since_unix) in &managed {
             state.moved.watch(*client, to, *since_unix, now);
@@ -215,11 +235,11 @@ impl Agent {
         for o in &orphans {
             warn!(prefix = %o.prefix, target = %o.target, "rule not managed by the agent: {}", o.why);
         }
-        if !managed.is_empty() || draining > 0 {
-            info!(active = managed.len(), draining, "re-adopted the rules of a previous run (draining ones finish draining)");
+        if !managed.is_empty() || !draining.is_empty() {
+            info!(active = managed.len(), draining = draining.len(), "re-adopted the rules of a previous run (draining ones finish draining)");
         }
         // Reported above.
-        let _ = state.moved.rules_left(orphans, draining);
+        let _ = state.moved.rules_left(orphans, &draining, now);
         // Request ids never repeat across restarts: a volunteer may still hold state of ours.
         let first_id = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())).unwrap_or(0) << 16;
         let faults = faults::Faults::from_env().map_err(|e| anyhow!("{}: {e}", faults::ENV))?;
@@ -237,7 +257,8 @@ impl Agent {
         }
         let limits = Limits { timeout: Duration::from_millis(cfg.app_timeout_ms), per_mib_ms: cfg.app_timeout_per_mib_ms, max_session_bytes: cfg.max_session_bytes };
         let (apps, registrations) = Apps::new(limits, cfg.services.iter().map(|s| s.address));
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             cfg,
             tls,
             dp: Mutex::new(dp),
@@ -257,6 +278,8 @@ impl Agent {
             tally: tally::Tally::default(),
             live: Mutex::default(),
             steers: std::sync::atomic::AtomicUsize::new(0),
+            known: Mutex::new(known),
+            membership: std::sync::OnceLock::new(),
         }))
     }
 
@@ -291,13 +314,26 @@ impl Agent {
         // The hook socket is bound before anything can move: an agent whose applications
         // cannot reach it must not run (their clients would move without their sessions).
         let hook = crate::app::bind(&self.cfg.app_socket(), self.cfg.app_socket_owner())?;
+        let gossip = self.bind_gossip_if_any()?;
         let registrations = self.registrations.lock().expect("lock").take().ok_or_else(|| anyhow!("the agent runs once"))?;
         tokio::spawn(self.clone().registrations(registrations));
         tokio::spawn(crate::app::serve(self.apps.clone(), hook));
         info!(node = %self.cfg.node, %listen, app_socket = %self.cfg.app_socket().display(), "agent started");
         tokio::spawn(self.clone().accept_loop(listener));
-        for s in self.cfg.siblings.clone() {
-            tokio::spawn(self.clone().connect_loop(s.name, s.address));
+        if let Some(gossip) = gossip {
+            // Links open when they are needed ([`Agent::link_to`]); to the volunteers of the
+            // rules a previous run left, now (their liveness is watched).
+            let volunteers: Vec<String> = self.state().moved.by_volunteer().into_keys().collect();
+            for name in volunteers {
+                if let Some(s) = self.sibling(&name) {
+                    self.clone().dial_loop(&name, s.address);
+                }
+            }
+            tokio::spawn(self.clone().gossip_loop(gossip));
+        } else {
+            for s in self.cfg.siblings.clone() {
+                self.clone().dial_loop(&s.name, s.address);
+            }
         }
         tokio::spawn(self.clone().load_loop());
         tokio::spawn(self.clone().load_events());
@@ -321,6 +357,7 @@ impl Agent {
         tokio::select! {
             () = async {
                 self.leave().await;
+                self.leave_cluster().await;
                 self.close_links(CLOSE_WAIT).await;
             } => {}
             _ = tokio::signal::ctrl_c() => warn!("stopping at once (second signal)"),
@@ -432,11 +469,11 @@ impl Agent {
     pub async fn status(self: &Arc<Self>) -> Status {
         let counters =
             self.with_reader(Datapath::stats).await.ok().and_then(Result::ok).map(|s| s.counters.into_iter().map(|(n, v)| (n.to_string(), v)).collect()).unwrap_or_default();
+        let cluster = self.members_status();
+        let known = self.siblings();
         let st = self.state();
         let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let siblings = self
-            .cfg
-            .siblings
+        let siblings = known
             .iter()
             .map(|s| {
                 let x = st.links.siblings.get(s.name.as_str());
@@ -488,6 +525,7 @@ impl Agent {
             leaving: st.leaving,
             drain: st.drained.map(|since| drain::progress(&st, since)),
             counters,
+            cluster,
         }
     }
 }

@@ -24,6 +24,16 @@ use crate::{
     peer::{Answer, Request, Said},
 };
 
+/// The clients of a round that may move ([`Agent::movable`]).
+struct Movable {
+    /// Address and connections.
+    clients: Vec<(IpAddr, u64)>,
+    /// Those that may only go to one sibling: the one their rule drains to.
+    bound: HashMap<IpAddr, String>,
+    /// Holds them busy until the round ends.
+    busy: Busy,
+}
+
 impl Agent {
     /// Waits for the kernel's reports of the load crossing the armed watermark and wakes the
     /// load loop at once: a round starts from the crossing itself, not from the next poll.
@@ -79,6 +89,8 @@ impl Agent {
                 // watermarks are zero.
                 let drained = st.drained.is_some();
                 let (low, high) = if drained { (0, 0) } else { (self.cfg.low_watermark, self.cfg.high_watermark) };
+                // Members looking for room see this node's: none while it drains or leaves.
+                self.publish_load(load.total, if leaving { 0 } else { high });
                 let Seen { start, over } = st.rounds.see(projected, low, high, leaving, now);
                 // Under low for long enough: clients come home, as many as keep it under low.
                 let home_after = Duration::from_secs(self.cfg.home_after_secs);
@@ -162,6 +174,33 @@ impl Agent {
         self.state().rounds.end(wait, Instant::now());
     }
 
+    /// The siblings to ask for room for `picked`, linked (`to`: that one only). Static: every
+    /// reachable sibling; gossip: a sample of the members with room.
+    async fn whom_to_ask(self: &Arc<Self>, picked: &[(IpAddr, u64)], to: Option<&str>) -> anyhow::Result<Vec<String>> {
+        if let Some(to) = to
+            && self.sibling(to).is_none()
+        {
+            let known: Vec<String> = self.siblings().into_iter().map(|s| s.name).collect();
+            bail!("{to} is not a sibling of this node (its siblings: {})", known.join(", "));
+        }
+        let mut siblings = if self.cfg.cluster.gossip() {
+            let need = picked.iter().fold(0u64, |s, c| s.saturating_add(policy::weight(c.1)));
+            self.ask_whom(need, to).await
+        } else {
+            self.live_siblings()
+        };
+        if let Some(to) = to {
+            siblings.retain(|s| s == to);
+            if siblings.is_empty() {
+                bail!("sibling {to} is not reachable now (no link, or no heartbeat for liveness_ms)");
+            }
+        }
+        if siblings.is_empty() {
+            bail!("no live sibling to ask");
+        }
+        Ok(siblings)
+    }
+
     fn live_siblings(&self) -> Vec<String> {
         let st = self.state();
         let live = Duration::from_millis(self.cfg.liveness_ms);
@@ -173,12 +212,16 @@ impl Agent {
     /// origin's tunnel), then its own clients move to siblings with room. Returns the clients
     /// given back and moved.
     async fn shed(self: Arc<Self>, load: &Load, projected: u64, low: u64) -> anyhow::Result<usize> {
-        let (candidates, adopted, origin_of) = {
+        let (candidates, held, adopted, origin_of) = {
             let st = self.state();
-            let candidates: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| !st.stays(a) && !st.volunteer.adopted.contains_key(a)).copied().collect();
+            // Only clients that may move now are picked: one that may not (it just moved, is
+            // in a hand-over, or its rule drains to a volunteer) would take the place of one
+            // that may, and a round of them moves nothing.
+            let Picked { rest: candidates, recent, in_handoff, draining, .. } = st.sort_picked(load.clients.clone(), Instant::now());
+            let held = recent.len() + in_handoff.len() + draining.len();
             let adopted: Vec<(IpAddr, u64)> = load.clients.iter().filter(|(a, _)| st.volunteer.adopted.contains_key(a) && !st.busy.contains(a)).copied().collect();
             let origin_of: HashMap<IpAddr, String> = adopted.iter().filter_map(|(a, _)| Some((*a, st.volunteer.adopted.get(a)?.from.clone()))).collect();
-            (candidates, adopted, origin_of)
+            (candidates, held, adopted, origin_of)
         };
         let give = pick_clients(&adopted, projected, low);
         let mut given = 0;
@@ -226,21 +269,25 @@ impl Agent {
                 return Ok(given);
             }
             let adopted_load: u64 = adopted.iter().map(|c| c.1).sum();
-            bail!("nothing to move: the {adopted_load} connections of clients adopted from siblings could not be given back");
+            bail!(
+                "nothing to move: {held} clients may not move yet (they just moved, are in a hand-over, or their rule drains to a volunteer), and the {adopted_load} connections of clients adopted from siblings could not be given back"
+            );
         }
         let connections: u64 = picked.iter().map(|c| c.1).sum();
         info!(clients = picked.len(), connections, projected, after = projected.saturating_sub(connections), low, "picked the largest clients to move: {}", names(&picked));
         Ok(given + self.move_clients(picked, None).await?)
     }
 
-    /// Of `picked`, the clients that may move now, marked busy (freed when the guard drops):
-    /// never adopted clients, never clients whose last hand-over has not ended, and never
-    /// clients of a family whose service keeps sessions while no application is registered
-    /// for it (they would lose their sessions).
-    fn movable(self: &Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<(Vec<(IpAddr, u64)>, Busy)> {
+    /// Of `picked`, the clients that may move now, marked busy (freed when the guard drops),
+    /// and those of them bound to one sibling: never adopted clients, never clients whose
+    /// last hand-over has not ended, and never clients of a family whose service keeps
+    /// sessions while no application is registered for it (they would lose their sessions).
+    /// A client whose rule still drains to the volunteer it came home from may only go back
+    /// to that one (the kernel refuses another target until the drain ends).
+    fn movable(self: &Arc<Self>, picked: Vec<(IpAddr, u64)>) -> anyhow::Result<Movable> {
         let blocked: Vec<SocketAddr> = self.cfg.services.iter().filter(|s| s.sessions && !self.apps.has(s.address)).map(|s| s.address).collect();
         let mut st = self.state();
-        let Picked { adopted, recent, moved, in_handoff, rest } = st.sort_picked(picked, Instant::now());
+        let Picked { adopted, recent, moved, in_handoff, draining, rest } = st.sort_picked(picked, Instant::now());
         if !adopted.is_empty() {
             info!(
                 clients = adopted.len(),
@@ -262,6 +309,22 @@ impl Agent {
         if !in_handoff.is_empty() {
             info!(clients = in_handoff.len(), "not moving clients whose previous hand-over has not ended (an application has not confirmed it yet): {}", names(&in_handoff));
         }
+        let mut bound = HashMap::new();
+        let mut rest = rest;
+        if !draining.is_empty() {
+            info!(
+                clients = draining.len(),
+                drain_secs = self.cfg.drain_secs,
+                "clients that came home while their rule drains (their open connections end on the volunteer first) may only go back to that volunteer: {}",
+                names(&draining)
+            );
+            for (a, n) in draining {
+                if let Some(to) = st.moved.drains_to(&a) {
+                    bound.insert(a, to.to_string());
+                    rest.push((a, n));
+                }
+            }
+        }
         let (waiting, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| blocked.iter().any(|s| s.is_ipv4() == a.is_ipv4()));
         if !waiting.is_empty() {
             let services: Vec<String> = blocked.iter().map(ToString::to_string).collect();
@@ -277,38 +340,24 @@ impl Agent {
         }
         st.hold(rest.iter().map(|c| c.0));
         let busy = Busy::new(self.clone(), rest.iter().map(|c| c.0).collect());
-        Ok((rest, busy))
+        Ok(Movable { clients: rest, bound, busy })
     }
 
     /// Moves `picked` clients (address, connections) to siblings with room (`to`: to that
     /// one only): negotiation, hand-over, rules. Also the admin socket's `move` request (never
     /// an adopted client, nor one already moved out).
     pub async fn move_clients(self: Arc<Self>, picked: Vec<(IpAddr, u64)>, to: Option<&str>) -> anyhow::Result<usize> {
-        if let Some(to) = to
-            && self.cfg.sibling(to).is_none()
-        {
-            let known: Vec<&str> = self.cfg.siblings.iter().map(|s| s.name.as_str()).collect();
-            bail!("{to} is not a sibling of this node (its siblings: {})", known.join(", "));
-        }
-        let mut siblings = self.live_siblings();
-        if let Some(to) = to {
-            siblings.retain(|s| s == to);
-            if siblings.is_empty() {
-                bail!("sibling {to} is not reachable now (no link, or no heartbeat for liveness_ms)");
-            }
-        }
-        if siblings.is_empty() {
-            bail!("no live sibling to ask");
-        }
-        let (picked, mut busy) = self.movable(picked)?;
+        let siblings = self.whom_to_ask(&picked, to).await?;
+        let Movable { clients: picked, bound, mut busy } = self.movable(picked)?;
         if picked.is_empty() {
             bail!("no client left to move");
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(self.cfg.negotiate_timeout_ms);
         // A client moves only between control addresses of its own family, on both sides.
+        let known: HashMap<String, crate::config::Sibling> = siblings.iter().filter_map(|n| Some((n.clone(), self.sibling(n)?))).collect();
         let families = |name: &str| {
-            let s = self.cfg.sibling(name);
+            let s = known.get(name);
             let can = |v4: bool| {
                 let probe = if v4 { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::from([0u16; 8]) };
                 self.cfg.control_address(probe).is_some() && s.is_some_and(|s| s.control_address(probe).is_some())
@@ -316,17 +365,18 @@ impl Agent {
             (can(true), can(false))
         };
         let takes = |f: (bool, bool), a: IpAddr| if a.is_ipv4() { f.0 } else { f.1 };
-        let stranded: Vec<(IpAddr, u64)> = picked.iter().filter(|(a, _)| !siblings.iter().any(|s| takes(families(s), *a))).copied().collect();
+        let may_go = |s: &str, a: &IpAddr| bound.get(a).is_none_or(|b| b == s);
+        let stranded: Vec<(IpAddr, u64)> = picked.iter().filter(|(a, _)| !siblings.iter().any(|s| takes(families(s), *a) && may_go(s, a))).copied().collect();
         if !stranded.is_empty() {
             info!(
                 clients = stranded.len(),
-                "skipping clients no live sibling can take: no control address of their family on both sides (dual_stack_address): {}",
+                "skipping clients no sibling asked can take: no control address of their family on both sides (dual_stack_address), or their rule drains to another: {}",
                 names(&stranded)
             );
         }
         let asks = siblings.iter().filter_map(|n| {
             let f = families(n);
-            let mine: Vec<&(IpAddr, u64)> = picked.iter().filter(|(a, _)| takes(f, *a)).collect();
+            let mine: Vec<&(IpAddr, u64)> = picked.iter().filter(|(a, _)| takes(f, *a) && may_go(n, a)).collect();
             if mine.is_empty() {
                 return None;
             }
@@ -360,7 +410,7 @@ impl Agent {
         if offers.is_empty() {
             bail!("no sibling offered room ({declined} declined, {silent} did not answer)");
         }
-        let plan = policy::plan(&picked, &offers);
+        let plan = policy::plan(&picked, &offers, &bound);
         for o in &offers {
             if let Some(c) = plan.moves.get(&o.sibling) {
                 let n: u64 = c.iter().map(|m| policy::weight(m.connections)).sum();

@@ -104,12 +104,13 @@ pub struct Plan {
 /// Splits `picked` (largest first) over `offers`: each client goes to the largest offer that
 /// still has room for it and takes its family.
 #[must_use]
-pub fn plan(picked: &[(IpAddr, u64)], offers: &[Offer]) -> Plan {
+pub fn plan<S: std::hash::BuildHasher>(picked: &[(IpAddr, u64)], offers: &[Offer], bound: &HashMap<IpAddr, String, S>) -> Plan {
     let mut room: Vec<Offer> = offers.to_vec();
     room.sort_by(|a, b| b.capacity.cmp(&a.capacity).then(a.sibling.cmp(&b.sibling)));
     let mut p = Plan::default();
     for &(addr, n) in picked {
-        match room.iter_mut().find(|o| o.takes(addr) && o.capacity >= weight(n)) {
+        let may_go = |o: &Offer| bound.get(&addr).is_none_or(|b| *b == o.sibling);
+        match room.iter_mut().find(|o| o.takes(addr) && may_go(o) && o.capacity >= weight(n)) {
             Some(o) => {
                 o.capacity -= weight(n);
                 p.moves.entry(o.sibling.clone()).or_default().push(MovedClient { addr, connections: n });
@@ -253,12 +254,24 @@ mod tests {
     fn clients_go_to_the_largest_offer_that_fits_and_takes_their_family() {
         let v6 = (IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 2);
         let offers = [Offer { sibling: "b".into(), capacity: 10, families: (true, false) }, Offer { sibling: "c".into(), capacity: 6, families: (true, true) }];
-        let p = plan(&[c(1, 8), c(2, 5), c(3, 4), v6, c(4, 9)], &offers);
+        let p = plan(&[c(1, 8), c(2, 5), c(3, 4), v6, c(4, 9)], &offers, &HashMap::new());
         let names = |s: &str| p.moves.get(s).map(|v| v.iter().map(|m| m.connections).collect::<Vec<_>>()).unwrap_or_default();
         assert_eq!(names("b"), vec![8]);
         assert_eq!(names("c"), vec![5]);
         // 4 fits nowhere now (b 2, c 1 left), the IPv6 client only fits c (1 left), 9 nowhere.
         assert_eq!(p.unplaced, vec![c(3, 4), v6, c(4, 9)]);
+    }
+
+    /// A client whose rule drains to c (it came home from c a moment ago) may go back to c
+    /// only: the kernel refuses another target until the drain ends.
+    #[test]
+    fn a_client_bound_to_a_volunteer_goes_there_or_stays() {
+        let offers = [Offer { sibling: "b".into(), capacity: 10, families: (true, true) }, Offer { sibling: "c".into(), capacity: 1, families: (true, true) }];
+        let bound = HashMap::from([(c(1, 1).0, "c".to_string()), (c(2, 1).0, "c".to_string())]);
+        let p = plan(&[c(1, 1), c(2, 1), c(3, 1)], &offers, &bound);
+        assert_eq!(p.moves.get("c").map(Vec::len), Some(1), "c takes the first, it has room for one");
+        assert_eq!(p.moves.get("b").map(|v| v.iter().map(|m| m.addr).collect::<Vec<_>>()), Some(vec![c(3, 1).0]), "b takes the free one only");
+        assert_eq!(p.unplaced, vec![c(2, 1)], "the second bound one stays");
     }
 
     #[test]

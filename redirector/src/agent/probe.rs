@@ -24,7 +24,7 @@ impl Agent {
     /// # Errors
     /// Not a service or sibling of this node, the sibling not linked, or its refusal.
     pub async fn probe_via(self: &Arc<Self>, sibling: &str, service: SocketAddr, port: u16, token: u64) -> anyhow::Result<()> {
-        if self.cfg.sibling(sibling).is_none() {
+        if self.sibling(sibling).is_none() {
             bail!("{sibling} is not a sibling of this node");
         }
         if !self.cfg.services.iter().any(|s| s.address == service) {
@@ -42,7 +42,7 @@ impl Agent {
     /// node may adopt from it, and only to its own control address: a sibling cannot make
     /// this node send as anyone else, or to anyone else.
     pub(super) async fn probe_for(self: &Arc<Self>, from: &str, service: SocketAddr, port: u16, token: u64) -> Option<String> {
-        let Some(origin) = self.cfg.sibling(from) else { return Some("not a configured sibling".into()) };
+        let Some(origin) = self.sibling(from) else { return Some("not a configured sibling".into()) };
         if !origin.services.contains(&service) {
             return Some(format!("{service} is not one of {from}'s services this node may adopt ([[sibling]] services)"));
         }

@@ -39,7 +39,7 @@ impl Agent {
         // Every application of these clients' services hands their sessions over (a service
         // that keeps sessions must have one: `move_clients` checked).
         let apps: Vec<SocketAddr> = services.iter().copied().filter(|s| self.apps.has(*s) || self.keeps_sessions(*s)).collect();
-        let targets = self.cfg.sibling(name).map(crate::config::Sibling::control_addresses).unwrap_or_default();
+        let targets = self.sibling(name).map(|s| s.control_addresses()).unwrap_or_default();
         let rec = Record { id, dir: Dir::Out, volunteer: name.to_string(), targets, clients: addrs.clone(), apps: apps.clone() };
         let started = self.records().start(rec);
         let rec = match started {
@@ -187,7 +187,7 @@ impl Agent {
     /// the tunnel to the volunteer's control address of that family, then every rule; all or
     /// nothing.
     pub(super) async fn steer(self: &Arc<Self>, name: &str, clients: &[MovedClient]) -> anyhow::Result<()> {
-        let sib = self.cfg.sibling(name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
+        let sib = self.sibling(name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
         let mut groups: Vec<(IpAddr, Vec<Prefix>)> = Vec::new();
         for v4 in [true, false] {
             let prefixes: Vec<Prefix> = clients.iter().filter(|c| c.addr.is_ipv4() == v4).map(|c| host_prefix(c.addr)).collect();

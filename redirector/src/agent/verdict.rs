@@ -160,7 +160,7 @@ impl Agent {
         if let Some(v) = self.recorded(volunteer, id) {
             return v;
         }
-        let Some(targets) = self.cfg.sibling(volunteer).map(crate::config::Sibling::control_addresses) else {
+        let Some(targets) = self.sibling(volunteer).map(|s| s.control_addresses()) else {
             warn!(sibling = volunteer, id, "a hand-over with a node that is no longer a sibling, of which no record is left: it cannot be decided here");
             return Verdict::Pending;
         };
@@ -291,7 +291,7 @@ impl Agent {
     /// Volunteer: the application of `service` took part in hand-over (`origin`, `id`) and never
     /// heard how it ended: the origin is asked (again and again until it knows).
     fn ask_origin_later(self: &Arc<Self>, service: SocketAddr, origin: &str, id: u64, p: PendingHandoff) {
-        if self.cfg.sibling(origin).is_none() {
+        if self.sibling(origin).is_none() {
             warn!(%service, handoff = p.handoff, "the application reports an unfinished hand-over with {origin}, not a sibling: cannot ask it, left unfinished");
             return;
         }

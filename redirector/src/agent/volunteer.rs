@@ -166,6 +166,7 @@ impl Agent {
                 });
             }
             Request::GiveBack { id, clients } => self.given_back(from, id, clients, reply),
+            Request::Join { id } => answer(self.joined(id)).await?,
             Request::Release { clients } => {
                 let n = self.state().volunteer.released(from, clients);
                 info!(origin = %from, clients = n, "origin took clients back: their room is free again");
@@ -334,7 +335,7 @@ impl Agent {
         }
         let mut plan = Vec::new();
         for svc in services.iter().filter(|s| families.contains(&s.is_ipv4())) {
-            self.cfg.check_adoptable(origin, *svc)?;
+            self.check_adoptable(origin, *svc)?;
             let src =
                 origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family_name(svc.is_ipv4())))?;
             let own = self.cfg.serving(*svc).ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family_name(svc.is_ipv4()), svc.port()))?;
@@ -360,7 +361,7 @@ impl Agent {
             self.state().volunteer.take_reservation(from, id);
             Answer::Abort { id, reason }
         };
-        let Some(origin) = self.cfg.sibling(from).cloned() else {
+        let Some(origin) = self.sibling(from) else {
             return abort("not a configured sibling".into());
         };
         if let Some(why) = incoming.refused {
@@ -539,7 +540,7 @@ impl Agent {
             Some("stopping".to_string())
         } else if st.drained.is_some() {
             Some("drained for maintenance (`redirector drain`)".to_string())
-        } else if self.cfg.sibling(from).is_some_and(|s| s.services.is_empty()) {
+        } else if self.sibling(from).is_some_and(|s| s.services.is_empty()) {
             Some("this node's configuration lists no services of yours to adopt ([[sibling]] services)".to_string())
         } else if st.rounds.negotiating {
             Some("shedding itself".to_string())

@@ -289,6 +289,17 @@ fn status_text(s: &Status, now: u64) -> String {
         rows.push(vec![x.name.clone(), x.address.to_string(), if x.up { "up".into() } else { "down".into() }, ms_ago(x.last_heartbeat_ms), x.load.to_string()]);
     }
     out.push_str(&table(&rows));
+    if let Some(c) = &s.cluster {
+        let _ = writeln!(out, "gossip at {}: {} other member(s) live; datagrams sent {}, received {}, refused {}", c.gossip, c.members.len(), c.sent, c.received, c.refused);
+        if !c.standby.is_empty() {
+            let _ = writeln!(out, "linked in advance (standby): {}", c.standby.join(", "));
+        }
+        let mut rows = vec![vec!["MEMBER".into(), "CONTROL".into(), "ROOM".into()]];
+        for m in &c.members {
+            rows.push(vec![m.name.clone(), m.control.to_string(), m.room.map_or_else(|| "-".into(), |r| r.to_string())]);
+        }
+        out.push_str(&table(&rows));
+    }
     let mut rows = vec![vec!["MIGRATED-OUT".into(), "TO".into(), "SINCE".into(), "CONNECTIONS".into()]];
     for m in &s.migrated_out {
         rows.push(vec![m.client.to_string(), m.to.clone(), since(m.since_unix), m.connections.to_string()]);

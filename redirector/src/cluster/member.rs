@@ -1,8 +1,9 @@
 //! Who a member of the cluster is, as gossip names it: the node's name (its certificate's),
-//! where it gossips (UDP) and where its agent takes hand-overs (mutual TLS), and when it
-//! booted, so that a restarted node wins over its former self.
+//! where it gossips (UDP) and where its agent takes hand-overs (mutual TLS), what it serves,
+//! and when it booted, so that a restarted node wins over its former self. All of it travels
+//! in every message that names the member, so a member is never known without it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,10 @@ pub struct Member {
     pub gossip: SocketAddr,
     /// Where its agent listens for siblings (mutual TLS).
     pub control: SocketAddr,
+    /// Its control address of the other IP family, if it has dual-stack services.
+    pub dual_stack: Option<IpAddr>,
+    /// Its service addresses: what a volunteer may adopt from it.
+    pub services: Vec<SocketAddr>,
     /// When it booted (ns since the epoch), bumped on each rejoin: of two identities at one
     /// address, the later one is the member.
     pub boot: u64,
@@ -25,7 +30,7 @@ impl Member {
     /// any real identity at that address, and the seed answers as itself.
     #[must_use]
     pub fn seed(gossip: SocketAddr) -> Self {
-        Self { name: String::new(), gossip, control: gossip, boot: 0 }
+        Self { name: String::new(), gossip, control: gossip, dual_stack: None, services: Vec::new(), boot: 0 }
     }
 }
 
@@ -55,7 +60,8 @@ mod tests {
 
     #[test]
     fn a_renewed_or_restarted_member_wins_and_a_seed_always_loses() {
-        let m = Member { name: "a".into(), gossip: "198.18.0.1:7946".parse().unwrap(), control: "198.18.0.1:7800".parse().unwrap(), boot: 10 };
+        let m =
+            Member { name: "a".into(), gossip: "198.18.0.1:7946".parse().unwrap(), control: "198.18.0.1:7800".parse().unwrap(), dual_stack: None, services: Vec::new(), boot: 10 };
         let renewed = m.renew().unwrap();
         assert!(renewed.win_addr_conflict(&m) && !m.win_addr_conflict(&renewed));
         assert_eq!(renewed.addr(), m.addr());

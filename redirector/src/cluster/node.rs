@@ -222,10 +222,11 @@ impl Gossip {
     }
 
     /// Whom to ask for `need` connections' room: `d` live members with room, drawn at random,
-    /// roomiest first ([`sample::sample`]).
+    /// those `preferred` first, roomiest first ([`sample::sample`]).
     #[must_use]
-    pub fn sample(&self, need: u64, d: usize) -> Vec<(Member, u64)> {
-        let picked = sample::sample(&self.candidates(), need, d, &mut rand::rng());
+    pub fn sample(&self, need: u64, d: usize, preferred: impl Fn(&Member) -> bool) -> Vec<(Member, u64)> {
+        let preferred: std::collections::HashSet<SocketAddr> = self.view().live.iter().filter(|(_, m)| preferred(m)).map(|(a, _)| *a).collect();
+        let picked = sample::sample(&self.candidates(), need, d, &preferred, &mut rand::rng());
         let v = self.view();
         picked.into_iter().filter_map(|(a, room)| Some((v.live.get(&a)?.clone(), room))).collect()
     }
@@ -236,7 +237,7 @@ impl Gossip {
     }
 
     /// Leaves the cluster: tells a few members, so that it is known gone at once.
-    pub async fn leave(self) {
+    pub async fn leave(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.commands.send(Command::Leave(tx)).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
@@ -419,10 +420,13 @@ impl Driver {
                 Some(Event::Down(m))
             }
             OwnedNotification::Rename(old, new) => {
-                if view.live.remove(&old.gossip).is_some() {
-                    view.live.insert(new.gossip, new);
-                }
-                None
+                // A member restarted (or renewed) at its address as a newer identity: the same
+                // member to foca, renamed, but a new one to its agent, which knows nothing of
+                // the loads (gossiped only when they change): up, so it is told them.
+                view.live.remove(&old.gossip).is_some().then(|| {
+                    view.live.insert(new.gossip, new.clone());
+                    Event::Up(new)
+                })
             }
             OwnedNotification::Rejoin(me) => {
                 // The others forgot this member's load when they declared it dead: publish it

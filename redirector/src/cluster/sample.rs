@@ -3,16 +3,20 @@
 //! cost the whole cluster; asking only the globally least loaded would send every overloaded
 //! member to the same few at once.
 
-use std::net::SocketAddr;
+use std::{collections::HashSet, hash::BuildHasher, net::SocketAddr};
 
 use rand::{Rng, seq::SliceRandom as _};
 
 /// Members to ask, from `(member, room)` of the live members with a known load: `d` drawn at
-/// random among those with at least `need` room, then ordered roomiest first.
+/// random among those with at least `need` room, those `preferred` first (the agent's linked
+/// ones: a link opened inside a negotiation costs it a TLS handshake), then ordered roomiest
+/// first.
 #[must_use]
-pub fn sample(candidates: &[(SocketAddr, u64)], need: u64, d: usize, rng: &mut impl Rng) -> Vec<(SocketAddr, u64)> {
+pub fn sample<S: BuildHasher>(candidates: &[(SocketAddr, u64)], need: u64, d: usize, preferred: &HashSet<SocketAddr, S>, rng: &mut impl Rng) -> Vec<(SocketAddr, u64)> {
     let mut fit: Vec<(SocketAddr, u64)> = candidates.iter().copied().filter(|c| c.1 >= need.max(1)).collect();
     fit.shuffle(rng);
+    // Stable: the draw stays random among the preferred, and among the others.
+    fit.sort_by_key(|c| !preferred.contains(&c.0));
     fit.truncate(d);
     fit.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     fit
@@ -34,9 +38,9 @@ mod tests {
     fn only_members_with_room_are_asked_roomiest_first() {
         let c = [(m(1), 0), (m(2), 5), (m(3), 50), (m(4), 2)];
         let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(sample(&c, 3, 3, &mut rng), vec![(m(3), 50), (m(2), 5)]);
-        assert_eq!(sample(&c, 0, 9, &mut rng).len(), 3, "no need still needs some room");
-        assert!(sample(&c, 100, 3, &mut rng).is_empty());
+        assert_eq!(sample(&c, 3, 3, &HashSet::new(), &mut rng), vec![(m(3), 50), (m(2), 5)]);
+        assert_eq!(sample(&c, 0, 9, &HashSet::new(), &mut rng).len(), 3, "no need still needs some room");
+        assert!(sample(&c, 100, 3, &HashSet::new(), &mut rng).is_empty());
     }
 
     #[test]
@@ -47,7 +51,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         let mut asked: HashMap<SocketAddr, u32> = HashMap::new();
         for _ in 0..10_000 {
-            let s = sample(&c, 1, 3, &mut rng);
+            let s = sample(&c, 1, 3, &HashSet::new(), &mut rng);
             assert_eq!(s.len(), 3);
             for (a, _) in s {
                 *asked.entry(a).or_default() += 1;
@@ -55,5 +59,28 @@ mod tests {
         }
         let max = *asked.values().max().unwrap();
         assert!(asked.len() > 990 && max < 70, "{} members asked, at most {max} times each", asked.len());
+    }
+
+    #[test]
+    fn members_linked_already_are_asked_first_when_they_fit() {
+        let c: Vec<_> = (1..=100).map(|i| (m(i), if i == 7 { 2 } else { 10 })).collect();
+        let preferred: HashSet<SocketAddr> = [m(3), m(5), m(7)].into();
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..100 {
+            let s = sample(&c, 5, 3, &preferred, &mut rng);
+            assert_eq!(s.len(), 3);
+            assert!(s.contains(&(m(3), 10)) && s.contains(&(m(5), 10)), "both linked ones that fit: {s:?}");
+            assert!(!s.contains(&(m(7), 2)), "a linked one without room for the need is not asked");
+        }
+        // More linked ones than asked: drawn among them, every one in turn.
+        let many: HashSet<SocketAddr> = (1..=10).map(m).collect();
+        let mut asked = HashSet::new();
+        for _ in 0..200 {
+            for (a, _) in sample(&c, 1, 3, &many, &mut rng) {
+                assert!(many.contains(&a), "only linked ones while enough fit: {a}");
+                asked.insert(a);
+            }
+        }
+        assert_eq!(asked.len(), 10, "the ten linked ones, each drawn: {asked:?}");
     }
 }

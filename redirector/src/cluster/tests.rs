@@ -14,7 +14,7 @@ use super::{Event, Gossip, Member, SUSPICION, Settings, seal::Key};
 async fn start(name: &str, key: &[u8], seeds: Vec<SocketAddr>) -> (Gossip, mpsc::UnboundedReceiver<Event>) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let gossip = socket.local_addr().unwrap();
-    let me = Member { name: name.into(), gossip, control: SocketAddr::new(gossip.ip(), 1), boot: 1 };
+    let me = Member { name: name.into(), gossip, control: SocketAddr::new(gossip.ip(), 1), dual_stack: None, services: Vec::new(), boot: 1 };
     Gossip::start(socket, Settings { me, key: Key::new(key), seeds, size: 8 })
 }
 
@@ -49,7 +49,7 @@ async fn members_join_through_one_seed_learn_loads_refuse_strangers_and_find_the
         })
     })
     .await;
-    let picked = members[0].0.sample(65, 3);
+    let picked = members[0].0.sample(65, 3, |_| false);
     // Room 90, 80, 70 and 60 around m0: only three have 65, roomiest first.
     assert_eq!(picked.iter().map(|(m, room)| (m.name.as_str(), *room)).collect::<Vec<_>>(), [("m1", 90), ("m2", 80), ("m3", 70)]);
 
@@ -99,7 +99,7 @@ async fn two_members_that_meet_before_their_seed_is_up_still_join_it() {
     let (b, _) = start("b", &key, vec![a.me().gossip]).await;
     until("A and B know each other", Duration::from_secs(5), || a.live().len() == 1 && b.live().len() == 1).await;
     let socket = UdpSocket::bind(f_addr).await.unwrap();
-    let me = Member { name: "f".into(), gossip: f_addr, control: SocketAddr::new(f_addr.ip(), 1), boot: 1 };
+    let me = Member { name: "f".into(), gossip: f_addr, control: SocketAddr::new(f_addr.ip(), 1), dual_stack: None, services: Vec::new(), boot: 1 };
     let (f, _) = Gossip::start(socket, Settings { me, key: Key::new(&key), seeds: vec![], size: 3 });
     until("all three know each other", Duration::from_secs(10), || [&a, &b, &f].iter().all(|g| g.live().len() == 2)).await;
 }
@@ -155,4 +155,35 @@ async fn a_member_that_leaves_is_known_gone_without_waiting_for_suspicion() {
         }
     }
     assert!(a.live().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_learns_the_loads_that_did_not_change() {
+    // A member restarts at the same address as a newer identity (its agent restarted, within
+    // the others' suspicion): the others take it for their old member renamed, and must still
+    // tell it their loads, which are gossiped only when they change.
+    let key = [2u8; 32];
+    let (a, _) = start("a", &key, vec![]).await;
+    let a_addr = a.me().gossip;
+    let (b, _) = start("b", &key, vec![a_addr]).await;
+    let (c, _) = start("c", &key, vec![a_addr]).await;
+    until("all three know each other", Duration::from_secs(5), || [&a, &b, &c].iter().all(|g| g.live().len() == 2)).await;
+    let (_, _) = (b.set_load(10, 100), c.set_load(30, 100));
+    until("A knows B's and C's room", Duration::from_secs(5), || a.candidates().len() == 2).await;
+    // Long enough for B's and C's records to have been passed on as many times as they are.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    a.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let socket = UdpSocket::bind(a_addr).await.unwrap();
+    let me = Member { name: "a".into(), gossip: a_addr, control: SocketAddr::new(a_addr.ip(), 1), dual_stack: None, services: Vec::new(), boot: 2 };
+    let (a, _) = Gossip::start(socket, Settings { me, key: Key::new(&key), seeds: vec![b.me().gossip], size: 8 });
+    until("the new A knows the others", Duration::from_secs(5), || a.live().len() == 2).await;
+    until("the new A knows B's and C's room", Duration::from_secs(5), || {
+        let mut known = a.candidates();
+        known.sort_unstable();
+        let mut want = vec![(b.me().gossip, 90), (c.me().gossip, 70)];
+        want.sort_unstable();
+        known == want
+    })
+    .await;
 }

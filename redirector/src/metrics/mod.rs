@@ -51,6 +51,10 @@ pub fn render(status: &Status, tally: &Tally, healthy: bool) -> String {
     r.register("sibling_up", "1 while the link to the sibling is up and its heartbeats arrive", up);
     r.register_with_unit("sibling_heartbeat_age", "Time since the sibling's last heartbeat", Unit::Seconds, age);
     r.register("sibling_load", "The sibling's load, from its last heartbeat", load);
+    if let Some(c) = &status.cluster {
+        r.register("cluster_members", "Other members the gossip holds live", gauge(len(c.members.len())));
+        r.register("gossip_refused", "Gossip datagrams dropped unread: not sealed with the cluster's gossip key", ConstCounter::new(c.refused));
+    }
     r.register("clients_moved_out", "Clients of this node steered to a sibling now", gauge(len(status.migrated_out.len())));
     r.register("clients_adopted", "Clients this node serves for an origin now", gauge(len(status.adopted.len())));
     r.register("rules_draining", "Rules of clients that came home whose open connections still go to the volunteer", gauge(len(status.draining)));

@@ -33,8 +33,10 @@ pub use self::{
 /// home too (`HandBack` names the services whose connections the origin takes; the volunteer
 /// has the origin freeze them, `Freeze` and `Frozen`, before it dumps them and sends them back,
 /// `Answer::Connections`), and a connection whose queues do not fit in a frame moves too, its
-/// queues' rest in `ConnectionBytes` frames.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// queues' rest in `ConnectionBytes` frames. Version 9: membership by gossip; a node joins the
+/// cluster by asking a member for its gossip key (`Join`, `Joined`) on a connection that may
+/// carry nothing else until gossip knows it.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Room left in a frame for a message's own fields around a chunk of a list.
 const FRAME_OVERHEAD: usize = 4096;
@@ -239,6 +241,9 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// A node with a certificate of the cluster CA asks a member for the cluster's gossip key
+    /// (gossip mode), answered `Joined` or `Decline`.
+    Join { id: u64 },
 }
 
 /// What a node answers on a sibling's connection, to the request of the same id.
@@ -289,6 +294,13 @@ pub enum Answer {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// The cluster's gossip key (`Join` `id`), and where this member gossips.
+    Joined {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        gossip: SocketAddr,
+    },
 }
 
 impl Answer {
@@ -310,6 +322,7 @@ impl Answer {
             Answer::Freeze { .. } => "flows to freeze",
             Answer::Connections { .. } => "open connections",
             Answer::ConnectionBytes { .. } => "an open connection's queues",
+            Answer::Joined { .. } => "the gossip key",
         }
     }
 
@@ -330,7 +343,8 @@ impl Answer {
             | Answer::Live { id, .. }
             | Answer::Freeze { id, .. }
             | Answer::Connections { id, .. }
-            | Answer::ConnectionBytes { id, .. } => *id,
+            | Answer::ConnectionBytes { id, .. }
+            | Answer::Joined { id, .. } => *id,
         }
     }
 }
@@ -465,11 +479,21 @@ impl Frame {
         let what = match self {
             Frame::Heartbeat(h) => return Ok(Heard::Heartbeat(h)),
             Frame::Hello { .. } => "a second hello",
+            ref other => other.what(),
+        };
+        T::from_frame(self).map(Heard::Said).ok_or_else(|| anyhow!("expected {} or a heartbeat, got {what}: not this protocol", T::WHAT))
+    }
+
+    /// What kind of frame this is, for a log line.
+    #[must_use]
+    pub fn what(&self) -> &'static str {
+        match self {
+            Frame::Heartbeat(_) => "a heartbeat",
+            Frame::Hello { .. } => "a hello",
             Frame::Refused { .. } => "a refusal",
             Frame::Request(_) => "a request",
             Frame::Answer(_) => "an answer",
-        };
-        T::from_frame(self).map(Heard::Said).ok_or_else(|| anyhow!("expected {} or a heartbeat, got {what}: not this protocol", T::WHAT))
+        }
     }
 }
 
@@ -540,6 +564,7 @@ mod tests {
             }),
             (any::<u64>(), proptest::collection::vec(ip.clone(), 0..20)).prop_map(|(id, clients)| Request::GiveBack { id, clients }),
             (any::<u64>(), ip.clone(), any::<u16>(), any::<u64>()).prop_map(|(id, svc, port, token)| Request::Probe { id, service: SocketAddr::new(svc, 80), port, token }),
+            any::<u64>().prop_map(|id| Request::Join { id }),
             (any::<u64>(), proptest::collection::vec((ip.clone(), any::<u64>()), 0..20))
                 .prop_map(|(id, c)| Request::Clients { id, clients: c.into_iter().map(|(addr, connections)| MovedClient { addr, connections }).collect() }),
             any::<u64>().prop_map(|id| Request::Commit { id }),
@@ -559,6 +584,11 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, capacity, lease_ms)| Answer::Offer { id, capacity, lease_ms }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Answer::Decline { id, reason }),
             (any::<u64>(), proptest::option::of(".{0,20}")).prop_map(|(id, error)| Answer::Probed { id, error }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40), any::<u16>()).prop_map(|(id, key, port)| Answer::Joined {
+                id,
+                key,
+                gossip: SocketAddr::from(([198, 18, 0, 1], port))
+            }),
             any::<u64>().prop_map(|id| Answer::TransferAck { id }),
             (any::<u64>(), ".{0,20}").prop_map(|(id, reason)| Answer::Abort { id, reason }),
             (any::<u64>(), prop_oneof![Just(Verdict::Committed), Just(Verdict::Aborted), Just(Verdict::Pending)]).prop_map(|(id, verdict)| Answer::OutcomeIs { id, verdict }),

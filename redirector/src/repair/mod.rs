@@ -104,8 +104,8 @@ impl TcpState {
 
 /// How far ahead of the old socket's clock a restored socket's timestamp clock starts, in ms:
 /// the time the state took between the hosts (the sender added the time since the dump,
-/// [`TcpState::sent_now`]; the receiver adds the time from its arrival to the socket going
-/// live). Timestamps only have to move forward, but not by much: a segment
+/// [`TcpState::sent_now`]; the receiver adds the time from its arrival to the restore, and
+/// the clock runs on from there). Timestamps only have to move forward, but not by much: a segment
 /// resent before the restore is acknowledged with an echo of the old clock, and the kernel
 /// takes the difference for a round trip (a minute's step made the restored socket's
 /// retransmission timeout over a minute, and a connection that lost a segment after its move

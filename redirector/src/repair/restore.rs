@@ -48,17 +48,15 @@ fn write_all(fd: &OwnedFd, data: &[u8], flags: libc::c_int) -> io::Result<()> {
 }
 
 /// A socket restored from a dump, still in repair mode: it sends nothing until
-/// [`Restored::go_live`] (what arrives meanwhile is queued and acknowledged, so the
-/// connection must not reach it before its move is decided), and [`Restored::discard`]
+/// [`Restored::go_live`] (what arrives meanwhile is queued and acknowledged, kept for the
+/// application if the move happens and lost with the socket if it does not: the connection
+/// must not reach it before its move is decided, unless the old socket is gone anyway), and [`Restored::discard`]
 /// closes it without a word to the peer. A move is two-phase: restore, then either.
 pub struct Restored {
     fd: OwnedFd,
     window: super::Window,
     /// The tail of the send queue that was never sent: sent once live.
     tail: Vec<u8>,
-    /// The old socket's timestamp clock, and when it had that value here (its arrival; none
-    /// without timestamps): the new socket's clock is set from them when it goes live.
-    clock: Option<(u32, std::time::Instant)>,
 }
 
 /// Restores `state`'s connection into a new socket, in repair mode ([`Restored`]). Its local
@@ -105,7 +103,26 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
         opts.push(sys::RepairOpt { code: sys::TCPOPT_TIMESTAMP, val: 0 });
     }
     sockopt::set_slice(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts).map_err(with("the negotiated options"))?;
-    let clock = state.timestamps.then(|| (state.timestamp, state.clock_at.unwrap_or_else(std::time::Instant::now)));
+    if state.timestamps {
+        // Set now, not as it goes live: a socket in repair mode acknowledges what reaches it
+        // (a flow thawed before the move was decided), and an acknowledgement stamped by a new
+        // socket's own clock (this host's, where the old one's was offset at random) is either
+        // dropped by the peer as old or taken as the latest, and then everything this socket
+        // sends afterwards is dropped as old, for good (half the connections in the test
+        // `data_that_reaches_a_restored_connection_before_it_goes_live_is_answered`).
+        //
+        // Ahead of the old socket's clock, which runs on: until it is closed it may still
+        // send (its loss-probe and retransmission timers run in repair mode, and its peer's
+        // acknowledgements are frozen), and a segment of the old socket stamped later than
+        // this one's makes the peer drop this one's as old (PAWS) until it resends them, a
+        // second later (no RTT estimate yet). So the clock is the old one's as it arrived
+        // (the sender added the time since the dump, `TcpState::sent_now`), plus the time
+        // since its arrival, plus a step; it runs on from there however long the move takes
+        // to be decided.
+        let arrived = state.clock_at.unwrap_or_else(std::time::Instant::now);
+        let elapsed = u32::try_from(arrived.elapsed().as_millis()).unwrap_or(u32::MAX);
+        tcp(&fd, libc::TCP_TIMESTAMP, &state.timestamp.wrapping_add(elapsed).wrapping_add(super::CLOCK_STEP_MS)).map_err(with("the timestamp clock"))?;
+    }
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;
     write_all(&fd, &state.recv_queue, 0).map_err(with("the receive queue"))?;
     // Only what was sent goes into the send queue in repair mode; the tail that never was
@@ -114,7 +131,7 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
     let (sent, tail) = state.send_queue.split_at(state.send_queue.len() - unsent);
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_SEND_QUEUE)?;
     write_all(&fd, sent, 0).map_err(with("the send queue"))?;
-    Ok(Restored { fd, window: state.window, tail: tail.to_vec(), clock })
+    Ok(Restored { fd, window: state.window, tail: tail.to_vec() })
 }
 
 impl Restored {
@@ -124,19 +141,7 @@ impl Restored {
     /// # Errors
     /// The kernel refused a step.
     pub fn go_live(self) -> io::Result<OwnedFd> {
-        let Self { fd, window, tail, clock } = self;
-        if let Some((at_arrival, arrived)) = clock {
-            // Ahead of the old socket's clock, which runs on: until it is closed it may still
-            // send (its loss-probe and retransmission timers run in repair mode, and its
-            // peer's acknowledgements are frozen), and a segment of the old socket stamped
-            // later than this one's makes the peer drop this one's as old (PAWS) until it
-            // resends them, a second later (no RTT estimate yet). So the clock is set now,
-            // from the old one's as it arrived (the sender added the time since the dump,
-            // `TcpState::sent_now`) and the time since its arrival, however long it waited to
-            // be restored and for its move to be decided.
-            let elapsed = u32::try_from(arrived.elapsed().as_millis()).unwrap_or(u32::MAX);
-            tcp(&fd, libc::TCP_TIMESTAMP, &at_arrival.wrapping_add(elapsed).wrapping_add(super::CLOCK_STEP_MS)).map_err(with("the timestamp clock"))?;
-        }
+        let Self { fd, window, tail } = self;
         tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
         // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
         // at once (-1 stalled the connection about 260 ms).

@@ -410,7 +410,7 @@ impl Agent {
     /// Sends `packets` (kept for moved connections) to sibling `name` through the tunnel, as
     /// the classifier would have; how many went.
     fn replay_to(&self, name: &str, packets: Vec<Vec<u8>>) -> usize {
-        let Some(sib) = self.cfg.sibling(name) else { return 0 };
+        let Some(sib) = self.sibling(name) else { return 0 };
         let (v4, v6): (Vec<Vec<u8>>, Vec<Vec<u8>>) = packets.into_iter().partition(|p| p.first().is_some_and(|b| b >> 4 == 4));
         let mut sent = 0;
         // Each family through the tunnel of that family (`of`: any address of it).

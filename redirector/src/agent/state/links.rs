@@ -27,6 +27,8 @@ pub struct SiblingState {
     pub load: u64,
     /// Clients taken back while the link was down: released when it is up again.
     pub unreleased: Vec<IpAddr>,
+    /// When a request last went out on the outbound link (or it came up).
+    pub last_used: Option<Instant>,
 }
 
 impl SiblingState {
@@ -56,12 +58,28 @@ pub struct Links {
     pub unreachable: HashSet<String>,
     /// Links are closing for good (the agent exits): none is opened again.
     pub closing: bool,
+    /// Siblings an outbound link is kept to (or tried), by their dialing task.
+    pub dialing: HashSet<String>,
+    /// Gossip mode: the members with room kept linked in advance.
+    pub standby: Vec<String>,
+    /// Outbound links closed because nothing needed them: not opened again until needed.
+    pub retired: HashSet<String>,
 }
 
 impl Links {
     /// Links to `siblings`, none up yet.
     pub fn new(siblings: impl IntoIterator<Item = NodeName>) -> Self {
         Self { siblings: siblings.into_iter().map(|n| (n, SiblingState::default())).collect(), ..Self::default() }
+    }
+
+    /// Starts dialing `name`; whether it was not dialed already.
+    pub fn dial(&mut self, name: &str) -> bool {
+        !self.closing && self.dialing.insert(name.to_string())
+    }
+
+    /// `name` is a sibling (a member gossip brought): heard from once linked.
+    pub fn know(&mut self, name: &str) {
+        self.siblings.entry(NodeName::from(name)).or_default();
     }
 
     /// A heartbeat from `name` (on either connection) saying `load`.
@@ -87,17 +105,52 @@ impl Links {
         s.out = Some(out);
         s.ended = Some(ended);
         s.last_seen = Some(now);
+        s.last_used = Some(now);
         std::mem::take(&mut s.unreleased)
     }
 
     /// The outbound link to `name` is down: the requests waiting for an answer on it will not
-    /// get one (they fail now). Whether links are closing for good (not to be opened again).
+    /// get one (they fail now). Whether it is not to be opened again (links are closing for
+    /// good, or this one was retired).
     pub fn down(&mut self, name: &str) -> bool {
         if let Some(s) = self.siblings.get_mut(name) {
             s.out = None;
         }
         self.pending.retain(|(n, _), _| n.as_str() != name);
-        self.closing
+        self.retired.remove(name) || self.closing
+    }
+
+    /// A request goes out to `name` now.
+    pub fn used(&mut self, name: &str, now: Instant) {
+        if let Some(s) = self.siblings.get_mut(name) {
+            s.last_used = Some(now);
+        }
+    }
+
+    /// Outbound links up, not on standby, unused for `idle` at `now`, with no request waiting
+    /// on them and nothing owed.
+    pub fn idle(&self, idle: Duration, now: Instant) -> Vec<String> {
+        self.siblings
+            .iter()
+            .filter(|(n, s)| {
+                s.out.is_some()
+                    && s.unreleased.is_empty()
+                    && s.last_used.is_some_and(|t| now.duration_since(t) >= idle)
+                    && !self.standby.iter().any(|x| x == n.as_str())
+                    && !self.pending.keys().any(|(p, _)| p == *n)
+            })
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+
+    /// Closes the outbound link to `name` (what is queued still leaves); it is opened again
+    /// when a request needs it.
+    pub fn retire(&mut self, name: &str) {
+        if let Some(s) = self.siblings.get_mut(name)
+            && s.out.take().is_some()
+        {
+            self.retired.insert(name.to_string());
+        }
     }
 
     /// Links close for good: every outbound queue is let go (what is queued still leaves);
@@ -248,5 +301,29 @@ mod tests {
         assert!(l.down("b"), "closing: not opened again");
         l.heartbeat("b", 7, Instant::now());
         assert_eq!(l.siblings["b"].load, 7);
+    }
+
+    #[test]
+    fn only_links_nothing_needs_are_idle_and_a_retired_one_is_not_dialed_again() {
+        let t0 = Instant::now();
+        let mut l = Links::new(["b".into(), "c".into(), "d".into(), "e".into()]);
+        for n in ["b", "c", "d", "e"] {
+            let (out, _rx) = mpsc::channel(1);
+            let (_end, ended) = oneshot::channel();
+            l.up(n, out, ended, t0);
+        }
+        let idle = Duration::from_mins(1);
+        assert!(l.idle(idle, t0 + Duration::from_secs(59)).is_empty(), "used a moment ago");
+        l.used("b", t0 + Duration::from_secs(30));
+        l.standby = vec!["c".into()];
+        let (tx, _rx) = oneshot::channel();
+        l.await_answer("d", 1, tx);
+        let mut idle_now = l.idle(idle, t0 + Duration::from_secs(61));
+        idle_now.sort();
+        assert_eq!(idle_now, ["e"], "b used since, c on standby, d waits for an answer");
+        l.retire("e");
+        assert!(!l.linked("e"));
+        assert!(l.down("e"), "its dialer stops");
+        assert!(!l.down("b"), "a link that failed is dialed again");
     }
 }

@@ -53,6 +53,8 @@ pub struct Picked {
     pub moved: Vec<(IpAddr, u64)>,
     /// In a hand-over that has not ended here.
     pub in_handoff: Vec<(IpAddr, u64)>,
+    /// Home, their rule still draining to the volunteer they came from.
+    pub draining: Vec<(IpAddr, u64)>,
     /// The others: they may move.
     pub rest: Vec<(IpAddr, u64)>,
 }
@@ -85,7 +87,10 @@ impl State {
         // and one given back to its origin is not this node's to move.
         let (moved, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.stays(a));
         let (in_handoff, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.busy.contains(a));
-        Picked { adopted, recent, moved, in_handoff, rest }
+        // Its open connections still go to the volunteer it came home from, whose rule no
+        // other volunteer's may replace before the drain ends.
+        let (draining, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(a, _)| self.moved.drains(a));
+        Picked { adopted, recent, moved, in_handoff, draining, rest }
     }
 
     /// Holds `clients`, adopted here, for giving them back to their origin; refused (why) when
@@ -115,6 +120,17 @@ impl State {
     /// now: this node moved it out, or gave it back to its origin.
     pub fn stays(&self, client: &IpAddr) -> bool {
         self.moved.clients.contains_key(client) || self.volunteer.returned.contains(client)
+    }
+
+    /// Whether this node has clients on `name`, holds clients of it, or is in a hand-over or
+    /// hand-back with it: its links to `name` are needed.
+    pub fn shares_clients_with(&self, name: &str) -> bool {
+        self.moved.clients.values().any(|m| m.to == name)
+            || self.moved.returning.keys().any(|(n, _)| n.as_str() == name)
+            || self.volunteer.adopted.values().any(|a| a.from == name)
+            || self.volunteer.incoming.keys().any(|(n, _)| n.as_str() == name)
+            || self.volunteer.acked.keys().any(|(n, _)| n.as_str() == name)
+            || self.links.suspected.contains(name)
     }
 
     /// The connections in `load` that end where they are ([`State::stays`]), not load this
@@ -163,9 +179,20 @@ mod tests {
         st.moved.steered(ip(3), "b", 1, now);
         st.volunteer.returned.insert(ip(4));
         st.hold([ip(5)]);
-        let picked: Vec<(IpAddr, u64)> = (1..=6).map(|i| (ip(i), u64::from(i))).collect();
+        st.moved.drain_home.insert(ip(7), (Some("b".into()), long_ago));
+        let picked: Vec<(IpAddr, u64)> = (1..=7).map(|i| (ip(i), u64::from(i))).collect();
         let p = st.sort_picked(picked, now);
-        assert_eq!(p, Picked { adopted: vec![(ip(1), 1)], recent: vec![(ip(2), 2)], moved: vec![(ip(3), 3), (ip(4), 4)], in_handoff: vec![(ip(5), 5)], rest: vec![(ip(6), 6)] });
+        assert_eq!(
+            p,
+            Picked {
+                adopted: vec![(ip(1), 1)],
+                recent: vec![(ip(2), 2)],
+                moved: vec![(ip(3), 3), (ip(4), 4)],
+                in_handoff: vec![(ip(5), 5)],
+                draining: vec![(ip(7), 7)],
+                rest: vec![(ip(6), 6)]
+            }
+        );
         st.free(&[ip(5)]);
         assert!(!st.any_busy(&[ip(5), ip(6)]));
     }

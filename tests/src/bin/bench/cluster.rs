@@ -80,7 +80,7 @@ async fn run(n: usize) -> Run {
     for i in 0..n {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("a loopback UDP socket");
         let gossip = socket.local_addr().expect("its address");
-        let me = Member { name: format!("node-{i}"), gossip, control: SocketAddr::new(gossip.ip(), 1), boot: 1 };
+        let me = Member { name: format!("node-{i}"), gossip, control: SocketAddr::new(gossip.ip(), 1), dual_stack: None, services: Vec::new(), boot: 1 };
         // Each joins through one member already started, any one.
         let seeds = if i == 0 { vec![] } else { vec![members[rng.random_range(0..i)].me().gossip] };
         let size = u32::try_from(n).expect("a small cluster");
