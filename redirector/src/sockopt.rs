@@ -23,6 +23,18 @@ pub fn socket(domain: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> io
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Disconnects a socket (`connect` to an `AF_UNSPEC` address): a TCP connection ends here and
+/// now, whatever other references to the socket live on (closing ends it with the last).
+///
+/// # Errors
+/// The kernel's.
+pub fn disconnect(fd: &impl AsRawFd) -> io::Result<()> {
+    let unspec = libc::sockaddr { sa_family: libc::sa_family_t::try_from(libc::AF_UNSPEC).expect("AF_UNSPEC fits"), sa_data: [0; 14] };
+    let size = libc::socklen_t::try_from(size_of::<libc::sockaddr>()).expect("fits");
+    // SAFETY: `unspec` is a valid sockaddr of `size` bytes (the kernel reads its family).
+    check(unsafe { libc::connect(fd.as_raw_fd(), &raw const unspec, size) }).map(drop)
+}
+
 /// Sets option `name` of `level` to `value` (the kernel reads `size_of::<T>()` bytes).
 ///
 /// # Errors

@@ -202,3 +202,37 @@ fn data_that_reaches_a_restored_connection_before_it_goes_live_is_answered() {
     }
     assert!(stalled.is_empty(), "answers never reached their clients: {stalled:?}");
 }
+
+/// A discarded socket's connection is gone at once, even while a copy of the socket lives on
+/// (the application's, or a child process's forked meanwhile, until it execs): it can be
+/// restored on the same host straight away (a connection that comes back where it was), and
+/// the copy holds no connection any more. Closing alone left the addresses taken until the
+/// last copy closed: the restore failed with EADDRNOTAVAIL.
+#[test]
+fn a_discarded_connection_is_free_to_come_back_though_a_copy_of_its_socket_lives_on() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(1);
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8083);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+    let (s, _) = listener.accept().expect("accept");
+    let state = repair::dump(&s).expect("dump");
+    let mut copy = s.try_clone().expect("a copy of the socket");
+    repair::discard(OwnedFd::from(s));
+    let restored = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore where the discarded socket was"));
+    let mut s = std::net::TcpStream::from(restored.go_live().expect("live"));
+    c.write_all(b"ping\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut got = [0; 5];
+    s.read_exact(&mut got).expect("the restored socket reads");
+    assert_eq!(&got, b"ping\n");
+    s.write_all(b"pong\n").expect("answer");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c.read_exact(&mut got).expect("the client reads the answer");
+    assert_eq!(&got, b"pong\n");
+    let info: libc::tcp_info = redirector::sockopt::get(&copy, libc::IPPROTO_TCP, libc::TCP_INFO).expect("TCP_INFO");
+    assert_eq!(info.tcpi_state, 7, "the copy's socket is closed (TCP_CLOSE)");
+    assert!(copy.write(b"x").is_err(), "the copy sends nothing");
+}

@@ -137,8 +137,16 @@ pub fn resume(fd: &impl AsFd, state: &TcpState) -> io::Result<()> {
     repair(fd, false)
 }
 
-/// Closes a dumped socket without a word to the peer (no FIN, no reset: it is in repair
-/// mode): its connection lives on in the restored socket.
+/// Ends a dumped socket's connection here without a word to the peer (no FIN, no reset: it
+/// is in repair mode), and closes it: the connection lives on in the restored socket.
 pub fn discard(fd: OwnedFd) {
+    // Disconnected first, not only closed: closing ends the connection only with the last
+    // reference to the socket, and a copy may live on (the application's, or a child's
+    // forked meanwhile by any thread, until it execs), with the connection's addresses still
+    // taken here: a connection that comes back to this host could not be restored
+    // (EADDRNOTAVAIL, seen in tcp_repair's tests while other tests spawned commands).
+    // Disconnecting a socket in repair mode sends nothing. It fails only on a socket that
+    // holds no connection any more, which is what it is for.
+    let _ = sockopt::disconnect(&fd);
     drop(fd);
 }
