@@ -159,16 +159,17 @@ impl Moving {
     /// without a word (from here the flow's packets go to B), B's goes live, the kept packets
     /// go to it, thaw. B's socket.
     fn finish(&mut self, s: TcpStream, hold: &repair::Hold) -> (TcpStream, Moved) {
-        self.finish_with(s, hold, |_| {})
+        self.finish_with(s, hold, |_, _, _| {})
     }
 
-    /// [`Moving::finish`], running `frozen` once A's socket is dumped (the flow frozen).
-    fn finish_with(&mut self, s: TcpStream, hold: &repair::Hold, frozen: impl FnOnce(&mut Datapath)) -> (TcpStream, Moved) {
+    /// [`Moving::finish`], running `frozen` once A's socket is dumped (the flow frozen), with
+    /// the socket and its dump.
+    fn finish_with(&mut self, s: TcpStream, hold: &repair::Hold, frozen: impl FnOnce(&mut Datapath, &TcpStream, &repair::TcpState)) -> (TcpStream, Moved) {
         let flow = [(s.peer_addr().expect("peer"), self.service)];
         let t0 = Instant::now();
         self.dp.freeze(&flow, Duration::from_secs(2)).expect("freeze");
         let state = repair::dump(&s).expect("dump on A");
-        frozen(&mut self.dp);
+        frozen(&mut self.dp, &s, &state);
         let queued = (state.send_queue.len(), state.recv_queue.len());
         let restored = in_netns(&self.t.b.ns, move || repair::restore(&state).expect("restore on B"));
         let restored_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -240,7 +241,7 @@ fn a_request_sent_while_frozen_is_answered_at_once(v6: bool) {
     assert_eq!(read_line(&mut c).expect("the client reads").as_deref(), Some("pong 1 A"));
     let hold = m.prepare(client_end);
     let mut asked = Instant::now();
-    let (mut s, moved) = m.finish_with(s, &hold, |dp| {
+    let (mut s, moved) = m.finish_with(s, &hold, |dp, _, _| {
         let before = dp.stats().expect("stats").get("dropped-frozen");
         asked = Instant::now();
         c.write_all(b"ping 2\n").expect("request while frozen");
@@ -439,5 +440,89 @@ fn a_transfer_in_flight_both_ways_moves_intact_ipv4() {
 fn a_transfer_in_flight_both_ways_moves_intact_ipv6() {
     if require_root() {
         a_transfer_both_ways_moves(true);
+    }
+}
+
+/// A connection dumped while its socket is still sending: A's socket is paced (its timer sends
+/// the next segments whether or not an acknowledgement came) and the client reads all it
+/// gets. Once dumped it holds still: it sends nothing the dump calls unsent, nor takes any of
+/// it for sent, and the client has nothing it calls unsent (B sends that). Repair mode alone
+/// stops neither: the socket sent on between the dump's reads, the client acknowledged bytes
+/// that B's socket took for never sent, B dropped those acknowledgements (of data it had not
+/// sent) and, its congestion window full of what A had in flight, never sent again
+/// (`live_download`: a download stalled for good, 1 run in 20 under load); and after the dump
+/// the socket, left with its send queue chosen, took the rest for sent at its next tick.
+fn a_connection_dumped_while_its_socket_still_sends_goes_on_from_b(v6: bool) {
+    const SIZE: usize = 8 << 20;
+    let (mut m, mut c, s) = Moving::connect(v6);
+    let client_end = c.local_addr().expect("client address");
+    // Paced, with a congestion window that lets it send whatever the client's window allows:
+    // cubic's grows on a path without loss (bbr's stays near one round trip at its rate).
+    redirector::sockopt::set_slice(&s, libc::IPPROTO_TCP, libc::TCP_CONGESTION, b"cubic").expect("cubic");
+    redirector::sockopt::set(&s, libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE, &(8u64 << 20)).expect("a pacing rate");
+    let down = Arc::new(redirector_tests::app::pattern(5, SIZE));
+    let (hand_over, got) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    // A writes the download in 64 KiB steps until asked to hand over (between two steps).
+    let on_a = std::thread::spawn({
+        let (down, hand_over) = (down.clone(), hand_over.clone());
+        move || {
+            let mut s = s;
+            let mut sent = 0;
+            while sent < SIZE && !hand_over.load(Ordering::SeqCst) {
+                let n = (SIZE - sent).min(64 << 10);
+                s.write_all(&down[sent..sent + n]).expect("A writes");
+                sent += n;
+            }
+            (s, sent)
+        }
+    });
+    let client = std::thread::spawn({
+        let (down, got) = (down.clone(), got.clone());
+        move || {
+            c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            let (mut at, mut buf) = (0, vec![0u8; 1 << 16]);
+            while at < SIZE {
+                let n = c.read(&mut buf).unwrap_or_else(|e| panic!("the download stalled at byte {at} of {SIZE}: {e}"));
+                assert!(n > 0, "the connection ended at byte {at}");
+                assert!(buf[..n] == down[at..at + n], "the bytes at {at}..{} are not what was sent", at + n);
+                at += n;
+                got.store(at as u64, Ordering::SeqCst);
+            }
+        }
+    });
+    wait_until("2 MiB downloaded from A", Duration::from_secs(10), || got.load(Ordering::SeqCst) >= 2 << 20);
+    let hold = m.prepare(client_end);
+    hand_over.store(true, Ordering::SeqCst);
+    let (s, sent) = on_a.join().expect("A's server");
+    let (mut s, moved) = m.finish_with(s, &hold, |_, s, state| {
+        assert!(state.unsent > 0, "A had bytes not sent yet at the move");
+        // Its pacing timer ticks many times meanwhile.
+        std::thread::sleep(Duration::from_millis(200));
+        let unsent = redirector::sockopt::ioctl_int(s, 0x894B).expect("SIOCOUTQNSD");
+        assert_eq!(unsent, i32::try_from(state.unsent).expect("fits"), "the dumped socket's unsent bytes stay unsent");
+        let at_dump = sent - state.unsent as usize;
+        // The client has read all that came by now (it reads on, and nothing comes).
+        let received = got.load(Ordering::SeqCst) as usize;
+        assert!(received <= at_dump, "the client got {received} bytes, the dump says {at_dump} were sent");
+    });
+    s.write_all(&down[sent..]).expect("B writes the rest");
+    client.join().expect("the client got every byte once, in order");
+    eprintln!(
+        "moved with {sent} of {SIZE} bytes written by A, {} in its send queue: restored in {:.2} ms, live in {:.2} ms, {} packets replayed",
+        moved.queued.0, moved.restored_ms, moved.live_ms, moved.replayed
+    );
+}
+
+#[test]
+fn an_ipv4_connection_dumped_while_its_socket_still_sends_goes_on_from_b() {
+    if require_root() {
+        a_connection_dumped_while_its_socket_still_sends_goes_on_from_b(false);
+    }
+}
+
+#[test]
+fn an_ipv6_connection_dumped_while_its_socket_still_sends_goes_on_from_b() {
+    if require_root() {
+        a_connection_dumped_while_its_socket_still_sends_goes_on_from_b(true);
     }
 }

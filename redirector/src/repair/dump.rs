@@ -58,11 +58,12 @@ fn int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<usize> {
     usize::try_from(sockopt::ioctl_int(&fd, request)?).map_err(|_| io::Error::other("a negative queue length"))
 }
 
-/// Puts `fd` in repair mode and reads its connection. From then on the socket sends nothing
-/// new, but its timers may still resend what it sent: it is marked
-/// ([`redirector_common::MUTED_MARK`]), and the egress program drops what it sends while
-/// its flow is frozen. Packets that arrive are still acknowledged: stop them first (freeze).
-/// On an error the socket leaves repair mode again and goes on as before.
+/// Puts `fd` in repair mode, stops it sending anything new and reads its connection. Its
+/// timers may still resend what it sent: it is marked ([`redirector_common::MUTED_MARK`]), and
+/// the egress program drops what it sends while its flow is frozen. Packets that arrive are
+/// still acknowledged, and an acknowledgement that opens the peer's window lets it send
+/// again: stop them first (freeze). On an error the socket leaves repair mode again and goes
+/// on as before.
 ///
 /// # Errors
 /// Not an established TCP connection, urgent data pending, or the kernel's refusal (repair
@@ -71,18 +72,37 @@ pub fn dump(fd: &impl AsFd) -> io::Result<TcpState> {
     let fd = fd.as_fd();
     let own_mark: u32 = sockopt::get(&fd, libc::SOL_SOCKET, libc::SO_MARK)?;
     repair(fd, true).map_err(|e| io::Error::new(e.kind(), format!("TCP_REPAIR (CAP_NET_ADMIN): {e}")))?;
-    let r = read(fd).and_then(|state| {
-        sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &redirector_common::MUTED_MARK).map_err(|e| io::Error::new(e.kind(), format!("SO_MARK: {e}")))?;
-        Ok(TcpState { own_mark, ..state })
-    });
+    let window: Window = match sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = repair(fd, false);
+            return Err(e);
+        }
+    };
+    let r = hold_still(fd, &window).and_then(|()| read(fd, window)).map(|state| TcpState { own_mark, ..state });
     if r.is_err() {
+        let _ = sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &window);
         let _ = sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &own_mark);
         let _ = repair(fd, false);
     }
     r
 }
 
-fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
+/// Makes a socket in repair mode send nothing new, before anything is read: repair mode
+/// alone does not. A socket goes on sending what its peer's window allows (its pacing timer,
+/// or an acknowledgement that came just before the freeze, let it), and what it sent between
+/// the dump's reads reached the client while the dump called it unsent: the restored socket
+/// then dropped the client's acknowledgements (of data it had not sent) and, its congestion
+/// window full of what was in flight, never sent again (`live_download`, 1 run in 20 under
+/// load). With the peer's window closed it sends nothing new; its own timers may still resend
+/// (retransmission, loss probe), which the mark mutes.
+fn hold_still(fd: BorrowedFd<'_>, window: &Window) -> io::Result<()> {
+    sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &Window { snd_wnd: 0, ..*window })
+        .map_err(|e| io::Error::new(e.kind(), format!("closing the send window: {e}")))?;
+    sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &redirector_common::MUTED_MARK).map_err(|e| io::Error::new(e.kind(), format!("SO_MARK: {e}")))
+}
+
+fn read(fd: BorrowedFd<'_>, window: Window) -> io::Result<TcpState> {
     let info: libc::tcp_info = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     if info.tcpi_state != sys::ESTABLISHED {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("the connection is not established (TCP state {})", info.tcpi_state)));
@@ -91,7 +111,6 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "urgent (out-of-band) data is pending: such a connection does not move"));
     }
     let (recv_len, send_len, unsent) = (int(fd, sys::SIOCINQ)?, int(fd, sys::SIOCOUTQ)?, int(fd, sys::SIOCOUTQNSD)?);
-    let window: Window = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW)?;
     queue(fd, sys::TCP_SEND_QUEUE)?;
     let snd_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
     queue(fd, sys::TCP_RECV_QUEUE)?;
@@ -103,7 +122,7 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     let buffer_locks: libc::c_int = sockopt::get(&fd, libc::SOL_SOCKET, sys::SO_BUF_LOCK)?;
     let opts = info.tcpi_options;
     let scales = info.tcpi_snd_rcv_wscale;
-    Ok(TcpState {
+    let state = TcpState {
         local: address(fd, false)?,
         peer: address(fd, true)?,
         snd_seq,
@@ -122,7 +141,11 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
         recv_queue: if recv_len > 0 { peek(fd, sys::TCP_RECV_QUEUE, recv_len)? } else { Vec::new() },
         send_queue: if send_len > 0 { peek(fd, sys::TCP_SEND_QUEUE, send_len)? } else { Vec::new() },
         unsent: u32::try_from(unsent).map_err(|_| io::Error::other("an unsent tail over 4 GiB"))?,
-    })
+    };
+    // Out of the send queue again: a socket in repair mode with the send queue chosen takes
+    // anything it would send (its pacing timer's next segments) for sent without sending it.
+    queue(fd, sys::TCP_NO_QUEUE)?;
+    Ok(state)
 }
 
 /// Takes a dumped socket (its dump `state`) out of repair mode, with its own mark again: the
@@ -132,8 +155,10 @@ fn read(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
 /// The kernel's.
 pub fn resume(fd: &impl AsFd, state: &TcpState) -> io::Result<()> {
     let fd = fd.as_fd();
-    // Heard again before it leaves repair mode: leaving sends a window probe.
+    // Heard again before it leaves repair mode: leaving sends a window probe. Its peer's
+    // window as it was (the dump closed it); the next acknowledgement updates it.
     sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &state.own_mark)?;
+    sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &state.window)?;
     repair(fd, false)
 }
 

@@ -114,6 +114,7 @@ pub const CLOCK_STEP_MS: u32 = 100;
 
 /// Socket-level constants of the repair interface (linux/tcp.h) the libc crate lacks.
 mod sys {
+    pub const TCP_NO_QUEUE: libc::c_int = 0;
     pub const TCP_RECV_QUEUE: libc::c_int = 1;
     pub const TCP_SEND_QUEUE: libc::c_int = 2;
     pub const TCPOPT_MAXSEG: u32 = 2;
