@@ -236,3 +236,39 @@ fn a_discarded_connection_is_free_to_come_back_though_a_copy_of_its_socket_lives
     assert_eq!(info.tcpi_state, 7, "the copy's socket is closed (TCP_CLOSE)");
     assert!(copy.write(b"x").is_err(), "the copy sends nothing");
 }
+
+/// A restored socket's timestamp clock counts in the old one's units (milliseconds here), one
+/// connection after another: the kernel takes the lowest bit of a clock it is given for the
+/// unit, and a clock moved on by an odd number of milliseconds made half the restored sockets
+/// count microseconds, a thousand times faster than their peers had seen them count.
+#[test]
+fn a_restored_timestamp_clock_counts_in_the_old_ones_units() {
+    if !require_root() {
+        return;
+    }
+    const CONNECTIONS: u16 = 8;
+    let t = Topology::new(1);
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8084);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut wrong = Vec::new();
+    let mut live = Vec::new();
+    for i in 0..CONNECTIONS {
+        let c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+        let (s, _) = listener.accept().expect("accept");
+        let state = repair::dump(&s).expect("dump");
+        assert_eq!(state.timestamp & 1, 0, "a new socket's clock counts milliseconds");
+        repair::discard(OwnedFd::from(s));
+        // A restore some milliseconds after the dump, odd or even.
+        std::thread::sleep(Duration::from_millis(u64::from(i % 2) + 1));
+        let fd = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore")).go_live().expect("live");
+        let clock = |fd: &OwnedFd| redirector::sockopt::get::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP).expect("TCP_TIMESTAMP");
+        let before = clock(&fd);
+        std::thread::sleep(Duration::from_millis(20));
+        let ran = clock(&fd).wrapping_sub(before);
+        if before & 1 != 0 || ran > 1_000 {
+            wrong.push(format!("connection {i}: clock {before}, ran {ran} in 20 ms"));
+        }
+        live.push((c, fd));
+    }
+    assert!(wrong.is_empty(), "restored clocks that count microseconds: {wrong:?}");
+}

@@ -58,8 +58,9 @@ pub struct TcpState {
     pub wscale: Option<(u8, u8)>,
     pub sack: bool,
     pub timestamps: bool,
-    /// This end's timestamp clock (`TCP_TIMESTAMP`, ms) when it was dumped: the peer drops
-    /// segments whose timestamp goes back.
+    /// This end's timestamp clock (`TCP_TIMESTAMP`) when it was dumped: the peer drops
+    /// segments whose timestamp goes back. Its lowest bit says in what it counts (set:
+    /// microseconds, clear: milliseconds; [`TcpState::clock_later`]).
     pub timestamp: u32,
     /// When `timestamp` was the clock's value, on this host: the dump where it was dumped, its
     /// arrival where it is restored (not sent: [`TcpState::sent_now`] moves the timestamp
@@ -96,9 +97,22 @@ impl TcpState {
     pub fn sent_now(&self) -> Self {
         let mut s = self.clone();
         if let Some(t) = s.clock_at.take() {
-            s.timestamp = s.timestamp.wrapping_add(u32::try_from(t.elapsed().as_millis()).unwrap_or(u32::MAX));
+            s.timestamp = s.clock_later(u32::try_from(t.elapsed().as_millis()).unwrap_or(u32::MAX));
         }
         s
+    }
+
+    /// The timestamp clock `ms` milliseconds later, in the clock's own units. The kernel reads
+    /// the lowest bit of a clock it is given (`TCP_TIMESTAMP`) as the unit (set: microseconds)
+    /// and sets it in one it reports: a clock moved on by an odd number of milliseconds
+    /// turned a millisecond clock into a microsecond one, half the restored sockets. Such a
+    /// socket's clock runs a thousand times faster than its peer had seen it run, and the
+    /// next dump's (in microseconds) was moved on in milliseconds.
+    #[must_use]
+    pub fn clock_later(&self, ms: u32) -> u32 {
+        let usec = self.timestamp & 1;
+        let step = if usec == 1 { ms.wrapping_mul(1000) } else { ms };
+        (self.timestamp.wrapping_add(step) & !1) | usec
     }
 }
 
@@ -139,5 +153,45 @@ mod sys {
     pub struct RepairOpt {
         pub code: u32,
         pub val: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(timestamp: u32) -> TcpState {
+        TcpState {
+            local: "198.18.0.1:80".parse().expect("address"),
+            peer: "198.18.1.1:40000".parse().expect("address"),
+            snd_seq: 0,
+            rcv_seq: 0,
+            mss: 1448,
+            wscale: None,
+            sack: false,
+            timestamps: true,
+            timestamp,
+            clock_at: None,
+            own_mark: 0,
+            window: Window::default(),
+            sndbuf: 0,
+            rcvbuf: 0,
+            buffer_locks: 0,
+            recv_queue: Vec::new(),
+            send_queue: Vec::new(),
+            unsent: 0,
+        }
+    }
+
+    #[test]
+    fn a_clock_moves_on_in_its_own_units() {
+        // Milliseconds: an odd step leaves the unit bit clear (one millisecond less at most).
+        assert_eq!(state(1000).clock_later(101), 1100);
+        assert_eq!(state(1000).clock_later(100), 1100);
+        // Microseconds: a millisecond is a thousand, the unit bit stays set.
+        assert_eq!(state(1001).clock_later(101), 102_001);
+        // Around the wrap.
+        assert_eq!(state(u32::MAX).clock_later(1), 999);
+        assert_eq!(state(u32::MAX - 1).clock_later(3), 0);
     }
 }

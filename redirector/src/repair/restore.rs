@@ -121,7 +121,7 @@ pub fn restore(state: &TcpState) -> io::Result<Restored> {
         // to be decided.
         let arrived = state.clock_at.unwrap_or_else(std::time::Instant::now);
         let elapsed = u32::try_from(arrived.elapsed().as_millis()).unwrap_or(u32::MAX);
-        tcp(&fd, libc::TCP_TIMESTAMP, &state.timestamp.wrapping_add(elapsed).wrapping_add(super::CLOCK_STEP_MS)).map_err(with("the timestamp clock"))?;
+        tcp(&fd, libc::TCP_TIMESTAMP, &state.clock_later(elapsed.saturating_add(super::CLOCK_STEP_MS))).map_err(with("the timestamp clock"))?;
     }
     tcp(&fd, libc::TCP_REPAIR_QUEUE, &sys::TCP_RECV_QUEUE)?;
     write_all(&fd, &state.recv_queue, 0).map_err(with("the receive queue"))?;
