@@ -272,3 +272,79 @@ fn a_restored_timestamp_clock_counts_in_the_old_ones_units() {
     }
     assert!(wrong.is_empty(), "restored clocks that count microseconds: {wrong:?}");
 }
+
+/// Runs `nft` in namespace `ns` with `args`.
+fn nft(ns: &str, args: &str) {
+    let ok = std::process::Command::new("ip").args(["netns", "exec", ns, "nft"]).args(args.split(' ')).status().expect("nft");
+    assert!(ok.success(), "nft {args}");
+}
+
+/// A connection restored while its client's window is closed, the client's acknowledgement
+/// that closed it not seen yet (held, as a frozen flow's packets are): once live, the
+/// restored socket sends nothing into the closed window. A socket predicts the header of the
+/// next segment it gets, its window included, and takes a segment that matches by a fast path
+/// that does not read the window; one connected in repair mode predicts a window of zero,
+/// whatever window it is given afterwards. An acknowledgement of new data that closed the
+/// window matched, and the restored socket sent into the client's closed window
+/// (`live_download`, moving home: ten segments dropped by the client, then a stall of
+/// seconds).
+#[test]
+fn a_connection_restored_into_a_closed_window_sends_nothing_into_it() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(1);
+    // The client's timestamps without a random offset: below 2^31, so the fast path takes
+    // them (it leaves a timestamp "older" than none, the restored socket's, to the slow path).
+    t.client.sysctl("net.ipv4.tcp_timestamps", "2");
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8085);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    redirector::sockopt::set(&c, libc::SOL_SOCKET, libc::SO_RCVBUF, &(64 << 10)).expect("a small receive buffer");
+    // The client's segments that close its window go nowhere for now.
+    let table = "rdtest_closed";
+    nft(&t.client.ns, &format!("add table inet {table}"));
+    nft(&t.client.ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
+    nft(&t.client.ns, &format!("add rule inet {table} out tcp dport 8085 tcp window 0 drop"));
+    // The client reads nothing: the server fills its window and has more to send.
+    let response = pattern(7, 1 << 20);
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut offered = 0;
+    while offered < response.len() {
+        match s.write(&response[offered..]) {
+            Ok(n) => offered += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("writing: {e}"),
+        }
+    }
+    let mut held = 0;
+    wait_until("the client's window to close", Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = ioctl(&c, libc::FIONREAD);
+        std::mem::replace(&mut held, now) == now && now > 0
+    });
+    let state = repair::dump(&s).expect("dump");
+    assert!(state.unsent > 0 && state.window.snd_wnd > 0, "bytes never sent, and a window the server thinks open: {:?}", state.window);
+    let tail = state.unsent as usize;
+    repair::discard(OwnedFd::from(s));
+    let restored = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore"));
+    nft(&t.client.ns, &format!("delete table inet {table}"));
+    // The client answers the restored socket's window probe: all it got, acknowledged, in a
+    // closed window.
+    let fd = restored.go_live().expect("live");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ioctl(&fd, 0x894B), tail, "the restored socket sent into the client's closed window");
+    // Then the client reads it all, intact.
+    let rest = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(false).expect("blocking");
+        s.write_all(&response[offered..]).expect("the rest");
+        (s, response)
+    });
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut got = vec![0; 1 << 20];
+    c.read_exact(&mut got).expect("the whole response");
+    let (_s, response) = rest.join().expect("the server");
+    assert!(got == response, "the response arrived intact");
+}

@@ -142,7 +142,15 @@ impl Restored {
     /// The kernel refused a step.
     pub fn go_live(self) -> io::Result<OwnedFd> {
         let Self { fd, window, tail } = self;
-        tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
+        // The peer's window as closed: leaving repair mode sends a window probe, and the
+        // peer's answer opens it as it is now. The dumped window may be closed by now (an
+        // acknowledgement held while the flow was frozen, or one that reached this socket in
+        // repair mode, which setting the dumped window would undo); and a socket connected in
+        // repair mode predicts the next segment's header with a window of zero whatever window
+        // it is given, so an acknowledgement that closed the window matched the prediction and
+        // its window was never read: the socket sent into the peer's closed window and waited
+        // out retransmission timeouts (`live_download`, moving home).
+        tcp(&fd, libc::TCP_REPAIR_WINDOW, &super::Window { snd_wnd: 0, ..window }).map_err(with("the window"))?;
         // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
         // at once (-1 stalled the connection about 260 ms).
         tcp(&fd, libc::TCP_REPAIR, &0).map_err(with("leaving repair mode"))?;
