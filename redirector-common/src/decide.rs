@@ -322,6 +322,17 @@ pub const fn csum_replace16(csum: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
+/// Big-endian field `v` at byte `at` of checksummed data, as the word it adds to the checksum
+/// in memory order (what the kernel's checksum helpers take): a field at an odd offset
+/// straddles two of the checksum's words, so its bytes count swapped there. (An MSS option may
+/// sit at an odd offset; updating the checksum as if it did not left the segment invalid.)
+#[must_use]
+#[inline(always)]
+pub const fn csum_word(at: usize, v: u16) -> u16 {
+    let [hi, lo] = v.to_be_bytes();
+    u16::from_ne_bytes(if at.is_multiple_of(2) { [hi, lo] } else { [lo, hi] })
+}
+
 /// What the origin's XDP fast path does with a non-SYN packet of a migrated client, given where
 /// [`place`] puts it: forward it to the target (with the classifier's own counter), or `None`:
 /// the flow stays here (a socket, a SYN-cookie handshake), which the classifier keeps and
@@ -528,6 +539,30 @@ mod tests {
         assert_eq!(find_mss(&opts(&[1, 1, 1, 1]), 4), None);
         // A length claiming more than 40 bytes is capped.
         assert_eq!(find_mss(&opts(&[1; 40]), 255), None);
+    }
+
+    #[test]
+    fn a_field_at_an_odd_offset_updates_the_checksum_as_a_full_sum_would() {
+        // The checksum in memory order, as the kernel keeps it, over bytes of odd length too.
+        let sum = |b: &[u8]| -> u16 {
+            let mut s: u32 = b.chunks(2).map(|w| u32::from(u16::from_ne_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !(s as u16)
+        };
+        let mut data = [0u8; 41];
+        for (i, b) in (0u8..).zip(data.iter_mut()) {
+            *b = i.wrapping_mul(37).wrapping_add(11);
+        }
+        for at in 0..data.len() - 1 {
+            for new in [0x05b4u16, 0x0000, 0xffff, 0x1234] {
+                let old = u16::from_be_bytes([data[at], data[at + 1]]);
+                let mut after = data;
+                after[at..at + 2].copy_from_slice(&new.to_be_bytes());
+                assert_eq!(csum_replace16(sum(&data), csum_word(at, old), csum_word(at, new)), sum(&after), "field at {at}: {old:#x} -> {new:#x}");
+            }
+        }
     }
 
     #[test]

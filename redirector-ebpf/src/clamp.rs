@@ -46,7 +46,7 @@ fn clamp_first(ctx: &TcContext, l4: usize, clamp: u16) -> Option<Result<bool, ()
     // SAFETY: bounds checked by ptr_at; TC programs may write packet data (the verifier
     // unclones a shared skb first).
     unsafe { *first.cast_mut().cast::<[u8; 2]>().add(1) = new.to_be_bytes() };
-    Some(ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2).map(|()| true).map_err(|_| ()))
+    Some(replace_csum(ctx, l4, TCP_LEN + 2, old, new))
 }
 
 /// The clamp for any option layout: `Ok(true)`: clamped; `Ok(false)`: nothing to do; `Err`:
@@ -76,5 +76,12 @@ fn clamp_scan(skb: *mut __sk_buff, l4: usize, clamp: u16) -> Result<bool, ()> {
     let Some((i, old)) = decide::find_mss(&opts, opt_len) else { return Ok(false) };
     let Some(new) = decide::clamped(old, clamp) else { return Ok(false) };
     ctx.store(opt_off + i + 2, &new.to_be_bytes(), 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(old.to_be()), u64::from(new.to_be()), 2).map(|()| true).map_err(|_| ())
+    replace_csum(ctx, l4, TCP_LEN + i + 2, old, new)
+}
+
+/// Updates the TCP checksum for the MSS at byte `at` of the segment changed from `old` to `new`.
+#[inline(always)]
+fn replace_csum(ctx: &TcContext, l4: usize, at: usize, old: u16, new: u16) -> Result<bool, ()> {
+    let (from, to) = (decide::csum_word(at, old), decide::csum_word(at, new));
+    ctx.l4_csum_replace(l4 + TCP_CSUM_OFF, u64::from(from), u64::from(to), 2).map(|()| true).map_err(|_| ())
 }

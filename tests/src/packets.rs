@@ -30,6 +30,7 @@ pub struct Pkt {
     dport: u16,
     flags: u8,
     mss: Option<u16>,
+    options: Option<Vec<u8>>,
     payload: Vec<u8>,
     frag: u16,
     ip_options: bool,
@@ -101,7 +102,7 @@ fn ipv6_header(s: Ipv6Addr, d: Ipv6Addr, next: u8, payload_len: usize) -> Vec<u8
 
 impl Pkt {
     pub fn tcp(ip: Ip, sport: u16, dport: u16, flags: u8) -> Self {
-        Self { ip, proto: 6, sport, dport, flags, mss: None, payload: Vec::new(), frag: 0, ip_options: false, ext: None, seq: 0x1000_0000, ack: 0x2000_0000 }
+        Self { ip, proto: 6, sport, dport, flags, mss: None, options: None, payload: Vec::new(), frag: 0, ip_options: false, ext: None, seq: 0x1000_0000, ack: 0x2000_0000 }
     }
 
     pub fn udp(ip: Ip, sport: u16, dport: u16) -> Self {
@@ -110,6 +111,13 @@ impl Pkt {
 
     pub fn mss(mut self, mss: u16) -> Self {
         self.mss = Some(mss);
+        self
+    }
+
+    /// These TCP option bytes (a multiple of 4) instead of Linux's layout with [`Pkt::mss`].
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        assert!(options.len().is_multiple_of(4) && options.len() <= 40, "TCP options come in words, at most 40 bytes");
+        self.options = Some(options.to_vec());
         self
     }
 
@@ -160,15 +168,16 @@ impl Pkt {
             l4.extend_from_slice(&self.payload);
             return l4;
         }
-        let opts: Vec<u8> = match self.mss {
+        let opts: Vec<u8> = match (&self.options, self.mss) {
+            (Some(o), _) => o.clone(),
             // MSS, then SACK-permitted, timestamps and window scale as Linux sends them.
-            Some(m) => {
+            (None, Some(m)) => {
                 let mut o = vec![2, 4];
                 o.extend_from_slice(&m.to_be_bytes());
                 o.extend_from_slice(&[4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7]);
                 o
             }
-            None => Vec::new(),
+            (None, None) => Vec::new(),
         };
         let doff = (20 + opts.len()) / 4;
         l4.extend_from_slice(&self.sport.to_be_bytes());

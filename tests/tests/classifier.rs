@@ -248,6 +248,56 @@ fn syn_acks_of_adopted_services_get_their_mss_clamped_on_egress() {
     });
 }
 
+/// Options of a SYN with the MSS last: timestamps first (as some stacks and middleboxes
+/// send them), then window scale, then the MSS at `at`, found by the kernel's scan.
+fn mss_last(mss: u16, nops: usize) -> (Vec<u8>, usize) {
+    let mut o = vec![1; nops];
+    o.extend_from_slice(&[8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 3, 3, 7]);
+    let at = o.len();
+    o.push(2);
+    o.push(4);
+    o.extend_from_slice(&mss.to_be_bytes());
+    while !o.len().is_multiple_of(4) {
+        o.push(0);
+    }
+    (o, at)
+}
+
+#[test]
+fn an_mss_after_other_options_is_clamped_too() {
+    with_datapath(|dp| {
+        // The MSS after other options, as far back as 40 bytes of options allow.
+        for nops in [0, 2, 19] {
+            let (opts, at) = mss_last(1460, nops);
+            let syn = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4000, 80, packets::SYN).tcp_options(&opts).build();
+            let out = expect(dp, &syn, TC_ACT_REDIRECT, "forwarded-new");
+            let inner = &out[34..];
+            assert_eq!(packets::tcp_mss(inner), Some(1440), "MSS at option byte {at} clamped to 1500 - 60");
+            assert!(packets::tcp_checksum_ok(inner), "TCP checksum fixed after the clamp");
+            let (opts6, _) = mss_last(1440, nops);
+            let syn6 = Pkt::tcp(Ip::V6(CLIENT6, SVC6), 4000, 80, packets::SYN).tcp_options(&opts6).build();
+            let out = expect(dp, &syn6, TC_ACT_REDIRECT, "forwarded-new");
+            assert_eq!(packets::tcp_mss(&out[54..]), Some(1400), "IPv6: MSS at option byte {at} clamped to 1500 - 100");
+            assert!(packets::tcp_checksum_ok(&out[54..]));
+        }
+        // A SYN-ACK of an adopted service, on egress.
+        dp.adopt((IpAddr::V4(ADOPTED4), 80), "lo", None, Some(1500)).expect("adopt");
+        let (opts, _) = mss_last(1460, 19);
+        let syn_ack = Pkt::tcp(Ip::V4(ADOPTED4, CLIENT4), 80, 4000, packets::SYN | packets::ACK).tcp_options(&opts).build();
+        let run = dp.test_run(programs::EGRESS, &syn_ack, 1).expect("run egress");
+        assert_eq!(packets::tcp_mss(&run.data_out[14..]), Some(1440), "SYN-ACK MSS after other options clamped");
+        assert!(packets::tcp_checksum_ok(&run.data_out[14..]));
+        // An MSS past the end of the options (their length says 40, the option lies beyond):
+        // left alone.
+        let mut long = vec![1; 38];
+        long.extend_from_slice(&[2, 4]);
+        let syn = Pkt::tcp(Ip::V4(CLIENT4, SVC4), 4001, 80, packets::SYN).tcp_options(&long).payload(&[0x05, 0xb4]).build();
+        let out = expect(dp, &syn, TC_ACT_REDIRECT, "forwarded-new");
+        assert_eq!(&out[34..], &syn[14..], "a truncated MSS is not touched, nor the payload after it");
+        dp.unadopt((IpAddr::V4(ADOPTED4), 80)).expect("unadopt");
+    });
+}
+
 #[test]
 fn packets_of_flows_without_a_local_socket_follow_the_rule() {
     with_datapath(|dp| {
