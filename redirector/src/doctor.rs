@@ -77,7 +77,10 @@ pub fn run(bpffs: &Path, cfg: Option<&Valid>) -> Vec<Check> {
     let mut checks = vec![fs];
     if fs_ok {
         checks.push(match datapath::verify_programs(bpffs) {
-            Ok(names) => Check::pass("programs", format!("the verifier accepts all {} programs on this kernel ({})", names.len(), names.join(", "))),
+            Ok(programs) => {
+                let each: Vec<String> = programs.iter().map(|p| format!("{} {}", p.name, p.instructions)).collect();
+                Check::pass("programs", format!("the verifier accepts all {} programs on this kernel (instructions processed: {})", programs.len(), each.join(", ")))
+            }
             Err(e) => Check::fail(
                 "programs",
                 tail(&e.to_string(), 600),

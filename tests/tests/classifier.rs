@@ -298,6 +298,23 @@ fn an_mss_after_other_options_is_clamped_too() {
     });
 }
 
+/// Loading a program costs the verifier's walk through its paths; past 1,000,000 instructions
+/// processed the kernel refuses it. The MSS scan once took more than 600,000 in each of the
+/// two classifiers (seconds of every agent's start).
+#[test]
+fn every_program_is_verified_in_a_small_share_of_the_kernels_limit() {
+    if !root_or_skip() {
+        return;
+    }
+    let fs = TempBpffs::new();
+    let programs = redirector::datapath::verify_programs(&fs.0).expect("the verifier accepts every program");
+    assert_eq!(programs.len(), 5);
+    for p in &programs {
+        assert!(p.instructions > 0, "the kernel says how many instructions it processed for {}", p.name);
+        assert!(p.instructions <= 150_000, "{} verified within 15% of the kernel's limit: {} instructions processed", p.name, p.instructions);
+    }
+}
+
 #[test]
 fn packets_of_flows_without_a_local_socket_follow_the_rule() {
     with_datapath(|dp| {

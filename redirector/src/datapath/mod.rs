@@ -43,7 +43,12 @@ use aya::{
 use redirector_common::{BPF_F_MMAPABLE, Counter, HOST_SLOT_COUNT, HostData, PORT_SLOT_COUNT, PortData, maps};
 pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_name};
 
-pub use self::{kernel_log::KernelLog, load::LoadEvents, probe::ProbeError, verify::verify_programs};
+pub use self::{
+    kernel_log::KernelLog,
+    load::LoadEvents,
+    probe::ProbeError,
+    verify::{Verified, verify_programs},
+};
 use self::{
     links::{LINKS_DIR, LinkPin},
     lock::{LOCK_WAIT, Lock},

@@ -5,15 +5,23 @@ use std::{fs, path::Path};
 
 use aya::{
     EbpfLoader,
-    programs::{SchedClassifier, SkLookup, SockOps, Xdp},
+    programs::{ProgramError, ProgramInfo, SchedClassifier, SkLookup, SockOps, Xdp},
 };
 use redirector_common::programs;
 
 use super::{EBPF_OBJECT, Error, Result, links::load_program};
 
+/// A program the verifier accepted, and how many instructions it processed to accept it (its
+/// paths through the program, what a load costs: the kernel refuses a program past 1,000,000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub name: &'static str,
+    pub instructions: u32,
+}
+
 /// Loads the object, with its maps pinned in a folder of its own under `bpffs` (removed
-/// after), and its programs into the kernel; the names of the programs the verifier accepted.
-pub fn verify_programs(bpffs: &Path) -> Result<Vec<&'static str>> {
+/// after), and its programs into the kernel; the programs the verifier accepted.
+pub fn verify_programs(bpffs: &Path) -> Result<Vec<Verified>> {
     let dir = bpffs.join("redirector").join(format!("doctor-{}", std::process::id()));
     fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let result = load_all(&dir);
@@ -25,12 +33,19 @@ pub fn verify_programs(bpffs: &Path) -> Result<Vec<&'static str>> {
     result
 }
 
-fn load_all(dir: &Path) -> Result<Vec<&'static str>> {
+fn load_all(dir: &Path) -> Result<Vec<Verified>> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(dir).load(EBPF_OBJECT).map_err(|e| Error::bpf("loading the eBPF object (maps)", e))?;
-    load_program::<SchedClassifier>(&mut ebpf, programs::INGRESS)?;
-    load_program::<SchedClassifier>(&mut ebpf, programs::EGRESS)?;
-    load_program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?;
-    load_program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
-    load_program::<Xdp>(&mut ebpf, programs::XDP)?;
-    Ok(vec![programs::INGRESS, programs::EGRESS, programs::SK_LOOKUP, programs::SOCK_OPS, programs::XDP])
+    Ok(vec![
+        verified(programs::INGRESS, load_program::<SchedClassifier>(&mut ebpf, programs::INGRESS)?.info()),
+        verified(programs::EGRESS, load_program::<SchedClassifier>(&mut ebpf, programs::EGRESS)?.info()),
+        verified(programs::SK_LOOKUP, load_program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?.info()),
+        verified(programs::SOCK_OPS, load_program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?.info()),
+        verified(programs::XDP, load_program::<Xdp>(&mut ebpf, programs::XDP)?.info()),
+    ])
+}
+
+/// The count is 0 where the kernel does not say (before Linux 5.16).
+fn verified(name: &'static str, info: std::result::Result<ProgramInfo, ProgramError>) -> Verified {
+    let instructions = info.ok().and_then(|i| i.verified_instruction_count()).unwrap_or(0);
+    Verified { name, instructions }
 }
