@@ -72,20 +72,19 @@ pub fn dump(fd: &impl AsFd) -> io::Result<TcpState> {
     let fd = fd.as_fd();
     let own_mark: u32 = sockopt::get(&fd, libc::SOL_SOCKET, libc::SO_MARK)?;
     repair(fd, true).map_err(|e| io::Error::new(e.kind(), format!("TCP_REPAIR (CAP_NET_ADMIN): {e}")))?;
-    let window: Window = match sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW) {
-        Ok(w) => w,
-        Err(e) => {
-            let _ = repair(fd, false);
-            return Err(e);
+    // Each step undone on an error, in reverse: the window and the mark, then repair mode.
+    let r = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW).and_then(|window: Window| {
+        let r = hold_still(fd, &window).and_then(|()| read(fd, window));
+        if r.is_err() {
+            let _ = sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &window);
+            let _ = sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &own_mark);
         }
-    };
-    let r = hold_still(fd, &window).and_then(|()| read(fd, window)).map(|state| TcpState { own_mark, ..state });
+        r
+    });
     if r.is_err() {
-        let _ = sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &window);
-        let _ = sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &own_mark);
         let _ = repair(fd, false);
     }
-    r
+    r.map(|state| TcpState { own_mark, ..state })
 }
 
 /// Makes a socket in repair mode send nothing new, before anything is read: repair mode
@@ -97,8 +96,7 @@ pub fn dump(fd: &impl AsFd) -> io::Result<TcpState> {
 /// load). With the peer's window closed it sends nothing new; its own timers may still resend
 /// (retransmission, loss probe), which the mark mutes.
 fn hold_still(fd: BorrowedFd<'_>, window: &Window) -> io::Result<()> {
-    sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &Window { snd_wnd: 0, ..*window })
-        .map_err(|e| io::Error::new(e.kind(), format!("closing the send window: {e}")))?;
+    sockopt::set(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &window.closed()).map_err(|e| io::Error::new(e.kind(), format!("closing the send window: {e}")))?;
     sockopt::set(&fd, libc::SOL_SOCKET, libc::SO_MARK, &redirector_common::MUTED_MARK).map_err(|e| io::Error::new(e.kind(), format!("SO_MARK: {e}")))
 }
 

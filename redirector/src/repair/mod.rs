@@ -40,6 +40,16 @@ pub struct Window {
     pub rcv_wup: u32,
 }
 
+impl Window {
+    /// This window with the peer's side closed: a socket given it sends nothing new (the dump
+    /// holds a socket still so; a restored one goes live so, and the answer to its window
+    /// probe opens it as it is then).
+    #[must_use]
+    pub const fn closed(self) -> Self {
+        Self { snd_wnd: 0, ..self }
+    }
+}
+
 /// Everything a connection's new socket needs to carry on where the old one stopped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpState {

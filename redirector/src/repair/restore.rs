@@ -150,7 +150,7 @@ impl Restored {
         // it is given, so an acknowledgement that closed the window matched the prediction and
         // its window was never read: the socket sent into the peer's closed window and waited
         // out retransmission timeouts (`live_download`, moving home).
-        tcp(&fd, libc::TCP_REPAIR_WINDOW, &super::Window { snd_wnd: 0, ..window }).map_err(with("the window"))?;
+        tcp(&fd, libc::TCP_REPAIR_WINDOW, &window.closed()).map_err(with("the window"))?;
         // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
         // at once (-1 stalled the connection about 260 ms).
         tcp(&fd, libc::TCP_REPAIR, &0).map_err(with("leaving repair mode"))?;
