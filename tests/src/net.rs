@@ -152,12 +152,18 @@ impl Topology {
         hosts.extend(self.extra.iter().cloned());
         for h in hosts {
             self.add_ns(&h.ns);
+            // No duplicate address detection, for the link-local address of the interface
+            // made next too (`default`: `all` does not lower an interface's own setting): a
+            // host whose link-local address is still tentative cannot ask for its neighbours,
+            // and what it sends to a client waits about a second (a server answering a client
+            // it has not heard from, as a target does, asks from its link-local address).
+            h.sysctl("net.ipv6.conf.default.accept_dad", "0");
+            h.sysctl("net.ipv6.conf.all.accept_dad", "0");
             // The switch-side end is named after the host namespace (unique, <= 15 chars).
             sh(&["ip", "-n", &h.ns, "link", "add", "eth0", "type", "veth", "peer", "name", &h.ns, "netns", &sw]);
             sh(&["ip", "-n", &sw, "link", "set", &h.ns, "master", "br0", "up"]);
             h.ip(&["link", "set", "lo", "up"]);
             h.ip(&["link", "set", "eth0", "up"]);
-            h.sysctl("net.ipv6.conf.all.accept_dad", "0");
             let batch: String = h.v4.iter().map(|a| format!("addr add {a}/16 dev eth0\n")).chain(h.v6.iter().map(|a| format!("addr add {a}/64 dev eth0 nodad\n"))).collect();
             let file = std::env::temp_dir().join(format!("{}-addrs", h.ns));
             fs::write(&file, batch).expect("write ip batch");
