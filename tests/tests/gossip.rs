@@ -149,7 +149,13 @@ fn a_dead_members_clients_come_home_and_the_cluster_forgets_it() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::with_options(40, &[("a", 20, 10), ("b", 40, 30), ("c", 10, 5)], &gossip(&[]));
+    // Drains of 2 s, and a member gone is forgotten 2 s after, once nothing refers to it.
+    let mut opts = gossip(&[]);
+    opts.extra = "drain_secs = 2\n".into();
+    for n in ["a", "b", "c"] {
+        opts.nodes.insert(n.into(), NodeOpts { cluster: "forget_secs = 2\n".into(), ..NodeOpts::default() });
+    }
+    let mut c = Cluster::with_options(40, &[("a", 20, 10), ("b", 40, 30), ("c", 10, 5)], &opts);
     let conns = open(&c, 1..=30, svc(SERVICE4));
     // C has room for 10 at most, B for 40: A asks whoever has room.
     let a = wait_status(&c.sock("a"), 30, "A to move clients", |v| migrated(v).len() >= 20);
@@ -171,6 +177,20 @@ fn a_dead_members_clients_come_home_and_the_cluster_forgets_it() {
     let mut back = Client::connect(&c.t.client.ns, IpAddr::V4(client4(first)), svc(SERVICE4));
     assert_eq!(back.who(), "A", "a client moved to the dead member is served by A again");
     assert!(took < Duration::from_secs(10), "B's clients came home {took:?} after it died");
+    // Once its clients' rules drained, A and C forget B: it is no longer among their
+    // siblings, nor among the members they keep for their next start.
+    let listed = |v: &serde_json::Value| v["siblings"].as_array().into_iter().flatten().any(|x| x["name"] == "b");
+    assert!(listed(&c.status("a")), "A still lists B while its clients' rules drain");
+    for n in ["a", "c"] {
+        let v = wait_status(&c.sock(n), 20, &format!("{n} to forget B"), |v| !listed(v));
+        let other = if n == "a" { "c" } else { "a" };
+        let names: BTreeSet<&str> = v["siblings"].as_array().into_iter().flatten().filter_map(|x| x["name"].as_str()).collect();
+        assert_eq!(names, BTreeSet::from([other]), "{n} still knows the member that is live");
+        let kept = std::fs::read_to_string(c.dir.join(format!("{n}-state")).join("members.json")).expect("the members kept");
+        let kept: Vec<serde_json::Value> = serde_json::from_str(&kept).expect("members JSON");
+        let names: BTreeSet<&str> = kept.iter().filter_map(|m| m["name"].as_str()).collect();
+        assert_eq!(names, BTreeSet::from([other]), "{n} keeps the member left, not B");
+    }
 }
 
 #[test]

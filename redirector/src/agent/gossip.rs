@@ -100,6 +100,7 @@ impl Agent {
                     None => return,
                 },
                 _ = keep.tick() => {
+                    self.forget_gone();
                     self.keep_known();
                     self.keep_links();
                 }
@@ -115,6 +116,7 @@ impl Agent {
                 self.state().links.know(&m.name);
             }
             Event::Down(m) => {
+                self.lost(&m.name);
                 let clients = self.state().moved.on(&m.name);
                 warn!(member = %m.name, clients = clients.len(), "member declared dead by the cluster");
                 if !clients.is_empty() && self.state().links.suspect(&m.name) {

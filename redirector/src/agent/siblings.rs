@@ -1,13 +1,18 @@
 //! Who this node's siblings are. Static: the configuration's `[[sibling]]` sections. Gossip:
 //! every member gossip brought news of, kept after it leaves or dies (clients may still be
-//! steered to it, and a rule names it by its control address), and kept in `state_dir` so
-//! that a restarted agent knows the rules its predecessor left. Which of them are live is
-//! gossip's to say ([`crate::cluster::Gossip::live`]); links and heartbeats say which can be
-//! reached.
+//! steered to it, and a rule names it by its control address) until `forget_secs` after,
+//! once nothing here refers to it, and kept in `state_dir` so that a restarted agent knows
+//! the rules its predecessor left. Which of them are live is gossip's to say
+//! ([`crate::cluster::Gossip::live`]); links and heartbeats say which can be reached.
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Agent;
 use crate::{cluster::Member, config::Sibling};
@@ -19,6 +24,9 @@ const FILE: &str = "members.json";
 #[derive(Default)]
 pub(super) struct Known {
     members: BTreeMap<String, Sibling>,
+    /// Since when each member not live is gone, as far as this agent knows: declared dead or
+    /// gone by gossip, or, for one a previous run kept, not live since this run began.
+    gone: HashMap<String, Instant>,
     /// Changed since last kept.
     dirty: bool,
 }
@@ -35,7 +43,9 @@ impl Known {
             }),
             Err(_) => Vec::new(),
         };
-        Self { members: members.into_iter().map(|s| (s.name.clone(), s)).collect(), dirty: false }
+        let now = Instant::now();
+        let gone = members.iter().map(|s| (s.name.clone(), now)).collect();
+        Self { members: members.into_iter().map(|s| (s.name.clone(), s)).collect(), gone, dirty: false }
     }
 
     /// Every member known.
@@ -46,8 +56,30 @@ impl Known {
     /// Member `m` as gossip says it is now (a restarted member may have moved).
     pub fn learn(&mut self, m: &Member) {
         let s = Sibling { name: m.name.clone(), address: m.control, dual_stack_address: m.dual_stack, services: m.services.clone() };
+        self.gone.remove(&m.name);
         let old = self.members.insert(m.name.clone(), s.clone());
         self.dirty |= old.is_none_or(|o| o.address != s.address || o.dual_stack_address != s.dual_stack_address || o.services != s.services);
+    }
+
+    /// Member `name` left or was declared dead at `now` (the earliest word counts).
+    pub fn lost(&mut self, name: &str, now: Instant) {
+        if self.members.contains_key(name) {
+            self.gone.entry(name.to_string()).or_insert(now);
+        }
+    }
+
+    /// The members gone for `after` or longer at `now`.
+    pub fn gone_for(&self, after: Duration, now: Instant) -> Vec<String> {
+        self.gone.iter().filter(|(_, t)| now.saturating_duration_since(**t) >= after).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Forgets member `name` if it is still gone; whether it was.
+    pub fn forget(&mut self, name: &str) -> bool {
+        if self.gone.remove(name).is_none() {
+            return false;
+        }
+        self.dirty |= self.members.remove(name).is_some();
+        true
     }
 
     /// Keeps the members in `dir` if they changed since.
@@ -93,6 +125,33 @@ impl Agent {
         self.known().learn(m);
     }
 
+    /// Member `name` left or was declared dead.
+    pub(super) fn lost(&self, name: &str) {
+        self.known().lost(name, Instant::now());
+    }
+
+    /// Forgets the members gone for `forget_secs` that nothing here refers to any more:
+    /// clients moved to them or draining from them, clients of theirs here, a hand-over with
+    /// them in progress.
+    pub(super) fn forget_gone(&self) {
+        let after = Duration::from_secs(self.cfg.cluster.forget_secs);
+        let candidates = self.known().gone_for(after, Instant::now());
+        if candidates.is_empty() {
+            return;
+        }
+        // One lock at a time: the state's, then the members'.
+        let unused: Vec<String> = {
+            let st = self.state();
+            candidates.into_iter().filter(|n| !st.shares_clients_with(n) && !st.moved.drains_from(n)).collect()
+        };
+        for name in unused {
+            // Unless gossip brought it back meanwhile.
+            if self.known().forget(&name) {
+                info!(member = %name, after_secs = after.as_secs(), "forgot a member gone this long that nothing here refers to any more");
+            }
+        }
+    }
+
     /// Keeps the members known in `state_dir`, if they changed.
     pub(super) fn keep_known(&self) {
         self.known().keep(&self.cfg.state_dir());
@@ -130,6 +189,48 @@ mod tests {
         assert!(again.members["b"].services.is_empty(), "as last kept");
         std::fs::write(dir.join(FILE), b"{").unwrap();
         assert!(Known::read(&dir).members.is_empty(), "an unreadable file is ignored");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_member_gone_long_enough_is_forgotten_unless_it_came_back() {
+        let dir = std::env::temp_dir().join(format!("rd-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let member = |name: &str, last: u8| Member {
+            name: name.into(),
+            gossip: format!("198.18.0.{last}:7946").parse().unwrap(),
+            control: format!("198.18.0.{last}:7470").parse().unwrap(),
+            dual_stack: None,
+            services: Vec::new(),
+            boot: 1,
+        };
+        let mut k = Known::default();
+        for (n, i) in [("b", 2), ("c", 3), ("d", 4)] {
+            k.learn(&member(n, i));
+        }
+        let t0 = Instant::now();
+        let hour = Duration::from_hours(1);
+        assert!(k.gone_for(Duration::ZERO, t0).is_empty(), "members live are never gone");
+        k.lost("b", t0);
+        k.lost("c", t0);
+        k.lost("b", t0 + hour);
+        k.lost("x", t0);
+        assert!(k.gone_for(hour, t0 + hour / 2).is_empty(), "not gone long enough");
+        let mut gone = k.gone_for(hour, t0 + hour);
+        gone.sort();
+        assert_eq!(gone, ["b", "c"], "counted from the first word that it went; an unknown name is no member");
+        // C came back before it was forgotten.
+        k.learn(&member("c", 3));
+        assert!(k.forget("b") && !k.forget("c") && !k.forget("d"), "only a member still gone is forgotten");
+        assert_eq!(k.list().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["c", "d"]);
+        k.keep(&dir);
+        // What a previous run kept and gossip has not brought back yet is gone since this run.
+        let again = Known::read(&dir);
+        let t1 = Instant::now();
+        let mut gone = again.gone_for(Duration::ZERO, t1);
+        gone.sort();
+        assert_eq!(gone, ["c", "d"]);
+        assert!(again.gone_for(hour, t1).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -50,13 +50,18 @@ pub struct Cluster {
     /// this long unused (0: links stay while the member is live), so that a node of a large
     /// cluster keeps a few links, not one to every member it ever asked.
     pub idle_link_secs: u64,
+    /// A member that left or died is forgotten this long after (kept in `state_dir` until
+    /// then), once nothing here refers to it any more (clients on it or drained from it, its
+    /// clients here, a hand-over with it): servers replaced over time do not pile up in what
+    /// every node keeps and lists. 0: as soon as nothing refers to it.
+    pub forget_secs: u64,
     /// About how many members the cluster will have: how often news is passed on.
     pub expected_members: u32,
 }
 
 impl Default for Cluster {
     fn default() -> Self {
-        Self { mode: Mode::Static, gossip_port: 7946, seeds: Vec::new(), ask: 3, standby: 3, idle_link_secs: 60, expected_members: 100 }
+        Self { mode: Mode::Static, gossip_port: 7946, seeds: Vec::new(), ask: 3, standby: 3, idle_link_secs: 60, forget_secs: 3600, expected_members: 100 }
     }
 }
 

@@ -212,6 +212,11 @@ impl Moved {
         self.drain_home.contains_key(client)
     }
 
+    /// Whether a rule drains to sibling `name` (clients that came home from it).
+    pub fn drains_from(&self, name: &str) -> bool {
+        self.drain_home.values().any(|(to, _)| to.as_deref() == Some(name))
+    }
+
     /// The sibling `client`'s rule drains to, if it drains to a known sibling.
     pub fn drains_to(&self, client: &IpAddr) -> Option<&str> {
         self.drain_home.get(client).and_then(|(to, _)| to.as_deref())
