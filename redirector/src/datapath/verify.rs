@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 
 use aya::{
     EbpfLoader,
-    programs::{ProgramError, ProgramInfo, SchedClassifier, SkLookup, SockOps, Xdp},
+    programs::{SchedClassifier, SkLookup, SockOps, Xdp},
 };
 use redirector_common::programs;
 
@@ -35,17 +35,17 @@ pub fn verify_programs(bpffs: &Path) -> Result<Vec<Verified>> {
 
 fn load_all(dir: &Path) -> Result<Vec<Verified>> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(dir).load(EBPF_OBJECT).map_err(|e| Error::bpf("loading the eBPF object (maps)", e))?;
-    Ok(vec![
-        verified(programs::INGRESS, load_program::<SchedClassifier>(&mut ebpf, programs::INGRESS)?.info()),
-        verified(programs::EGRESS, load_program::<SchedClassifier>(&mut ebpf, programs::EGRESS)?.info()),
-        verified(programs::SK_LOOKUP, load_program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?.info()),
-        verified(programs::SOCK_OPS, load_program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?.info()),
-        verified(programs::XDP, load_program::<Xdp>(&mut ebpf, programs::XDP)?.info()),
-    ])
-}
-
-/// The count is 0 where the kernel does not say (before Linux 5.16).
-fn verified(name: &'static str, info: std::result::Result<ProgramInfo, ProgramError>) -> Verified {
-    let instructions = info.ok().and_then(|i| i.verified_instruction_count()).unwrap_or(0);
-    Verified { name, instructions }
+    load_program::<SchedClassifier>(&mut ebpf, programs::INGRESS)?;
+    load_program::<SchedClassifier>(&mut ebpf, programs::EGRESS)?;
+    load_program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?;
+    load_program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
+    load_program::<Xdp>(&mut ebpf, programs::XDP)?;
+    Ok([programs::INGRESS, programs::EGRESS, programs::SK_LOOKUP, programs::SOCK_OPS, programs::XDP]
+        .into_iter()
+        .map(|name| {
+            // 0 where the kernel does not say (before Linux 5.16).
+            let instructions = ebpf.program(name).and_then(|p| p.info().ok()).and_then(|i| i.verified_instruction_count()).unwrap_or(0);
+            Verified { name, instructions }
+        })
+        .collect())
 }
