@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod doctor;
 pub mod metrics;
 pub mod peer;
+pub mod plane;
 pub mod probe;
 pub mod repair;
 pub mod sock;

@@ -15,7 +15,7 @@ use std::{
 use tracing::{debug, info, warn};
 
 use super::{Agent, classify_rules, flat, host_prefix};
-use crate::datapath::{Datapath, Prefix};
+use crate::datapath::Prefix;
 
 impl Agent {
     pub(super) async fn liveness_loop(self: Arc<Self>) {
@@ -36,7 +36,7 @@ impl Agent {
             // fills up with them.
             if last_collect.elapsed() >= Duration::from_secs(5) {
                 last_collect = Instant::now();
-                match flat(self.with_dp(Datapath::collect_drained).await) {
+                match flat(self.with_dp(|d| d.collect_drained()).await) {
                     Ok(0) => {}
                     Ok(n) => info!(rules = n, "removed rules whose drain ended"),
                     Err(e) => warn!("removing drained rules: {e}"),
@@ -51,7 +51,7 @@ impl Agent {
     /// inode tells a change cheaply; only then are the processes searched for it.
     async fn refresh_listeners(self: &Arc<Self>) {
         type Check = (SocketAddr, SocketAddr, Result<u64, String>);
-        let services: Vec<(SocketAddr, SocketAddr)> = match flat(self.with_reader(Datapath::list_adopted).await) {
+        let services: Vec<(SocketAddr, SocketAddr)> = match flat(self.with_reader(|d| d.list_adopted()).await) {
             Ok(list) => list
                 .into_iter()
                 .filter_map(|(ip, port, _)| {
@@ -61,14 +61,11 @@ impl Agent {
                 .collect(),
             _ => return,
         };
-        let checks: Vec<Check> = match tokio::task::spawn_blocking(move || {
-            services.into_iter().map(|(svc, l)| (svc, l, crate::datapath::listener_inode((l.ip(), l.port())).map_err(|e| e.to_string()))).collect()
-        })
-        .await
-        {
-            Ok(c) => c,
-            Err(_) => return,
-        };
+        let checks: Vec<Check> =
+            match self.with_reader(move |d| services.into_iter().map(|(svc, l)| (svc, l, d.listener_inode((l.ip(), l.port())).map_err(|e| e.to_string()))).collect()).await {
+                Ok(c) => c,
+                Err(_) => return,
+            };
         self.state().volunteer.listeners.retain(|svc, _| checks.iter().any(|c| c.0 == *svc));
         for (svc, listener, inode) in checks {
             let known = self.state().volunteer.listeners.get(&svc).copied();
@@ -100,18 +97,16 @@ impl Agent {
     /// timeout to link up again), with the clients moved to them.
     fn silent_siblings(&self) -> Vec<(String, Vec<IpAddr>, Duration)> {
         let live = Duration::from_millis(self.cfg.liveness_ms);
-        let siblings = self.siblings();
+        // The volunteers holding clients of this node, not every member known: a node of a
+        // large cluster would copy a thousand members each tick to find a few.
+        let holding = self.state().moved.by_volunteer();
+        let holding: Vec<(String, Vec<IpAddr>)> = holding.into_iter().filter(|(name, _)| self.sibling(name).is_some()).collect();
         let st = self.state();
-        siblings
-            .iter()
-            .filter_map(|s| {
-                let since = st.links.last_seen(&s.name).unwrap_or(self.started);
-                let silent = since.elapsed();
-                if silent < live {
-                    return None;
-                }
-                let clients = st.moved.on(&s.name);
-                (!clients.is_empty()).then(|| (s.name.clone(), clients, silent))
+        holding
+            .into_iter()
+            .filter_map(|(name, clients)| {
+                let silent = st.links.last_seen(&name).unwrap_or(self.started).elapsed();
+                (silent >= live).then_some((name, clients, silent))
             })
             .collect()
     }
@@ -219,11 +214,13 @@ impl Agent {
     /// did not know of are watched from now on; others are reported as orphans.
     async fn reconcile(self: &Arc<Self>) {
         let listed_at = Instant::now();
-        let rules = match flat(self.with_reader(Datapath::list_rules).await) {
+        let rules = match flat(self.with_reader(|d| d.list_rules()).await) {
             Ok(r) => r,
             Err(e) => return debug!("listing rules to reconcile: {e}"),
         };
-        let (managed, orphans, draining) = classify_rules(&self.siblings(), &rules);
+        // Most nodes of a large cluster steer nobody: no member list copied for them.
+        let siblings = if rules.is_empty() { Vec::new() } else { self.siblings() };
+        let (managed, orphans, draining) = classify_rules(&siblings, &rules);
         let active: HashMap<IpAddr, (String, u64)> = managed.into_iter().map(|(c, to, since)| (c, (to, since))).collect();
         let released = {
             let mut st = self.state();

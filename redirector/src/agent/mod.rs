@@ -66,6 +66,7 @@ use crate::{
     config::Valid,
     datapath::{Datapath, Location, Prefix, RuleInfo, RuleState, family_name, unix_now},
     peer::tls::Tls,
+    plane::Plane,
 };
 
 /// A running agent.
@@ -76,10 +77,12 @@ pub struct Agent {
     tls: Tls,
     /// Changes to the datapath (rules, adoption; a probe holds it up to a second): only ever
     /// locked on blocking threads.
-    dp: Mutex<Datapath>,
+    dp: Mutex<Box<dyn Plane>>,
     /// Reads of the same pinned maps (load, counters, rules), never waiting behind a probe;
     /// also only locked on blocking threads.
-    reader: Mutex<Datapath>,
+    reader: Mutex<Box<dyn Plane>>,
+    /// Whether datapath calls may block ([`Plane::blocks`]).
+    plane_blocks: bool,
     state: Mutex<State>,
     next_id: AtomicU64,
     apps: Arc<Apps>,
@@ -180,15 +183,9 @@ fn classify_rules(siblings: &[crate::config::Sibling], rules: &[RuleInfo]) -> (V
 }
 
 impl Agent {
-    /// Opens the datapath, steers the configured services and starts counting the load;
-    /// re-adopts the active rules a previous run left.
+    /// Opens the kernel's datapath, steers the configured services and starts counting the
+    /// load; re-adopts the active rules a previous run left.
     pub fn new(cfg: Valid) -> anyhow::Result<Arc<Self>> {
-        raise_fd_limit();
-        let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-        // Siblings refuse an expired certificate: an agent with one could never link.
-        for path in [&cfg.tls.cert, &cfg.tls.ca] {
-            crate::peer::tls::expiry(path).map_err(|e| anyhow!("{e}: make a new one with `redirector tls`"))?;
-        }
         let loc = Location { bpffs: cfg.bpffs.clone(), instance: cfg.instance() };
         let mut dp = Datapath::open(&loc).context("opening the datapath")?;
         for (s, tunnel_src) in cfg.services_with_tunnel_source() {
@@ -214,6 +211,18 @@ impl Agent {
         }
         info!(programs = replaced, "this version's programs attached (atomically, pinned maps kept)");
         let reader = Datapath::open(&loc).context("opening the datapath for reading")?;
+        Self::with_plane(cfg, Box::new(dp), Box::new(reader))
+    }
+
+    /// An agent on datapath `dp` (changes) and `reader` (reads of the same state): the
+    /// kernel's ([`Agent::new`]), or an in-memory one ([`crate::plane::memory`]).
+    pub fn with_plane(cfg: Valid, mut dp: Box<dyn Plane>, reader: Box<dyn Plane>) -> anyhow::Result<Arc<Self>> {
+        raise_fd_limit();
+        let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+        // Siblings refuse an expired certificate: an agent with one could never link.
+        for path in [&cfg.tls.cert, &cfg.tls.ca] {
+            crate::peer::tls::expiry(path).map_err(|e| anyhow!("{e}: make a new one with `redirector tls`"))?;
+        }
         let mut state = State { links: Links::new(cfg.siblings.iter().map(|s| s.name.as_str().into())), ..State::default() };
         for s in &cfg.siblings {
             for svc in &cfg.services {
@@ -261,6 +270,7 @@ impl Agent {
             me: me.clone(),
             cfg,
             tls,
+            plane_blocks: dp.blocks() || reader.blocks(),
             dp: Mutex::new(dp),
             reader: Mutex::new(reader),
             state: Mutex::new(state),
@@ -291,24 +301,57 @@ impl Agent {
         self.records.lock().expect("records lock")
     }
 
-    /// Runs `f` on the datapath's change handle, on a blocking thread.
-    async fn with_dp<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut Datapath) -> T + Send + 'static) -> anyhow::Result<T> {
+    /// Runs `f` on the datapath's change handle, on a blocking thread (if its calls may block).
+    async fn with_dp<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut dyn Plane) -> T + Send + 'static) -> anyhow::Result<T> {
+        if !self.plane_blocks {
+            return Ok(f(&mut **self.dp.lock().expect("datapath lock")));
+        }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut me.dp.lock().expect("datapath lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
+        tokio::task::spawn_blocking(move || f(&mut **me.dp.lock().expect("datapath lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
     }
 
-    /// Runs `f` on the datapath's read handle, on a blocking thread.
-    async fn with_reader<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut Datapath) -> T + Send + 'static) -> anyhow::Result<T> {
+    /// Runs `f` on the datapath's read handle, on a blocking thread (if its calls may block).
+    async fn with_reader<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut dyn Plane) -> T + Send + 'static) -> anyhow::Result<T> {
+        if !self.plane_blocks {
+            return Ok(f(&mut **self.reader.lock().expect("datapath reader lock")));
+        }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut me.reader.lock().expect("datapath reader lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
+        tokio::task::spawn_blocking(move || f(&mut **me.reader.lock().expect("datapath reader lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
     }
 
     fn limits(&self) -> Limits {
         self.apps.limits()
     }
 
-    /// Runs until ctrl-c / SIGTERM.
+    /// Runs until ctrl-c / SIGTERM, then leaves (`hand_back_on_exit`).
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
+        self.start().await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        // A second signal ends the agent at once.
+        tokio::select! {
+            () = async {
+                self.leave().await;
+                self.leave_cluster().await;
+                self.close_links(CLOSE_WAIT).await;
+            } => {}
+            _ = tokio::signal::ctrl_c() => warn!("stopping at once (second signal)"),
+            _ = term.recv() => warn!("stopping at once (second signal)"),
+        }
+        let _ = std::fs::remove_file(self.cfg.app_socket());
+        Ok(())
+    }
+
+    /// Binds the agent's sockets and starts its work on the runtime's tasks, which run until
+    /// the runtime ends (an end without leaving, as a process killed). [`Agent::run`] for a
+    /// process; this alone for many agents in one (`cargo xtask bench cluster`).
+    ///
+    /// # Errors
+    /// A socket that cannot be bound; a second start.
+    pub async fn start(self: &Arc<Self>) -> anyhow::Result<()> {
         let listen = self.cfg.listen();
         let listener = TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         // The hook socket is bound before anything can move: an agent whose applications
@@ -348,22 +391,6 @@ impl Agent {
             });
         }
         self.running.send_replace(true);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        // A second signal ends the agent at once.
-        tokio::select! {
-            () = async {
-                self.leave().await;
-                self.leave_cluster().await;
-                self.close_links(CLOSE_WAIT).await;
-            } => {}
-            _ = tokio::signal::ctrl_c() => warn!("stopping at once (second signal)"),
-            _ = term.recv() => warn!("stopping at once (second signal)"),
-        }
-        let _ = std::fs::remove_file(self.cfg.app_socket());
         Ok(())
     }
 
@@ -468,7 +495,7 @@ impl Agent {
     /// The node's status, for `redirector status`.
     pub async fn status(self: &Arc<Self>) -> Status {
         let counters =
-            self.with_reader(Datapath::stats).await.ok().and_then(Result::ok).map(|s| s.counters.into_iter().map(|(n, v)| (n.to_string(), v)).collect()).unwrap_or_default();
+            self.with_reader(|d| d.stats()).await.ok().and_then(Result::ok).map(|s| s.counters.into_iter().map(|(n, v)| (n.to_string(), v)).collect()).unwrap_or_default();
         let cluster = self.members_status();
         let known = self.siblings();
         let st = self.state();

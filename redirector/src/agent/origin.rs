@@ -20,7 +20,7 @@ use super::{
     state::{Picked, Seen},
 };
 use crate::{
-    datapath::{Datapath, Load},
+    datapath::Load,
     peer::{Answer, Request, Said},
 };
 
@@ -38,7 +38,7 @@ impl Agent {
     /// Waits for the kernel's reports of the load crossing the armed watermark and wakes the
     /// load loop at once: a round starts from the crossing itself, not from the next poll.
     pub(super) async fn load_events(self: Arc<Self>) {
-        let events = match flat(self.with_reader(Datapath::take_load_events).await) {
+        let events = match flat(self.with_reader(|d| d.take_load_events()).await) {
             Ok(e) => e,
             Err(e) => return warn!("no load events from the kernel (the 50 ms poll still sees the load): {e}"),
         };
@@ -66,7 +66,7 @@ impl Agent {
                 _ = tick.tick() => {}
                 () = self.load_wake.notified() => armed = None,
             }
-            let load = match flat(self.with_reader(Datapath::load).await) {
+            let load = match flat(self.with_reader(|d| d.load()).await) {
                 Ok(l) => l,
                 Err(e) => {
                     warn!("reading the load: {e}");

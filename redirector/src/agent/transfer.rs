@@ -209,9 +209,8 @@ impl Agent {
                     faults.pause_blocking("pause-between-families", &name_s);
                 }
                 if let Err(e) = dp.migrate_many(&prefixes, target, Some(Duration::from_secs(1)), false) {
-                    for p in done {
-                        let _ = dp.release(p);
-                    }
+                    // Released at once (a zero drain period): the hand-over failed.
+                    let _ = dp.drain_many(&done, Duration::ZERO);
                     return Err(e);
                 }
                 done.extend(prefixes);

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     app::{PendingHandoff, Registration, Role},
-    datapath::{Datapath, Prefix, RuleInfo, RuleState},
+    datapath::{Prefix, RuleInfo, RuleState},
     peer::{HandoffId, NodeName, Verdict},
 };
 
@@ -60,7 +60,7 @@ impl Agent {
     /// acknowledged; the rest of a committed hand-back withdrawn). An error: nothing could be
     /// decided now (the rules could not be read or changed).
     pub(super) async fn decide_from_rules(self: &Arc<Self>, rec: &Record) -> anyhow::Result<Verdict> {
-        let rules = self.with_reader(Datapath::list_rules).await??;
+        let rules = self.with_reader(|d| d.list_rules()).await??;
         let j = judge(rec.dir, &rules, &rec.targets, &rec.clients);
         if !j.to_fix.is_empty() {
             warn!(
@@ -164,7 +164,7 @@ impl Agent {
             warn!(sibling = volunteer, id, "a hand-over with a node that is no longer a sibling, of which no record is left: it cannot be decided here");
             return Verdict::Pending;
         };
-        let rules = match flat(self.with_reader(Datapath::list_rules).await) {
+        let rules = match flat(self.with_reader(|d| d.list_rules()).await) {
             Ok(r) => r,
             Err(e) => {
                 warn!(sibling = volunteer, id, "cannot tell how a hand-over ended: {e}");

@@ -104,10 +104,10 @@ impl Error {
     fn bpf(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Bpf { what: what.into(), source: Box::new(source) }
     }
-    fn io(what: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         Error::Io { what: what.into(), source }
     }
-    fn invalid(what: impl Into<String>) -> Self {
+    pub(crate) fn invalid(what: impl Into<String>) -> Self {
         Error::Invalid { what: what.into() }
     }
 }

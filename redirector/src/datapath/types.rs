@@ -41,7 +41,7 @@ pub(crate) fn sock(a: IpAddr, port: u16) -> String {
 }
 
 /// A client prefix: an address with a prefix length; host bits must be zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,
