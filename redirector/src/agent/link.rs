@@ -308,9 +308,17 @@ impl Agent {
         let (Some(s), Some(me)) = (self.sibling(name), self.me.upgrade()) else { return false };
         let t0 = Instant::now();
         while t0.elapsed() < wait {
+            // Woken as soon as a link comes up (a handshake on a LAN takes a millisecond or
+            // two: a poll's period would be most of the negotiation).
+            let up = self.link_up.notified();
+            tokio::pin!(up);
+            up.as_mut().enable();
             // Again each time: a link retired a moment ago ends its dialer only now.
             me.clone().dial_loop(name, s.address);
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::select! {
+                () = up => {}
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
             if self.state().links.linked(name) {
                 return true;
             }
@@ -408,6 +416,7 @@ impl Agent {
         // Dropped when this connection ends: `close_links` waits for that.
         let (_ended, ended) = oneshot::channel::<()>();
         let unreleased = self.state().links.up(name, tx, ended, Instant::now());
+        self.link_up.notify_waiters();
         info!(sibling = %name, %addr, "link up");
         let error = self.run_link(name, &mut framed, &mut rx, unreleased).await;
         LinkEnd { established: true, error }

@@ -96,6 +96,8 @@ pub struct Agent {
     round_backoff: Mutex<policy::Backoff>,
     /// Wakes the load loop at once when the kernel reports a crossing.
     load_wake: tokio::sync::Notify,
+    /// Wakes whoever waits for a link ([`Agent::link_to`]) when one comes up.
+    link_up: tokio::sync::Notify,
     /// The origin's hand-over records (`state_dir`).
     records: Mutex<records::Records>,
     /// Hand-overs decided without a record are decided one at a time.
@@ -281,6 +283,7 @@ impl Agent {
             started: Instant::now(),
             round_backoff: Mutex::new(policy::Backoff::new(Duration::from_millis(500), Duration::from_secs(4))),
             load_wake: tokio::sync::Notify::new(),
+            link_up: tokio::sync::Notify::new(),
             records: Mutex::new(records),
             deciding: tokio::sync::Mutex::new(()),
             gate: gate::Gate::new(),
