@@ -344,6 +344,7 @@ impl Agent {
             _ = tokio::signal::ctrl_c() => warn!("stopping at once (second signal)"),
             _ = term.recv() => warn!("stopping at once (second signal)"),
         }
+        self.keep_all_known();
         let _ = std::fs::remove_file(self.cfg.app_socket());
         Ok(())
     }

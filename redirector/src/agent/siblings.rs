@@ -6,7 +6,7 @@
 //! ([`crate::cluster::Gossip::live`]); links and heartbeats say which can be reached.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::Path,
     time::{Duration, Instant},
@@ -20,6 +20,11 @@ use crate::{cluster::Member, config::Sibling};
 /// The file in `state_dir` that keeps the members known (gossip mode).
 const FILE: &str = "members.json";
 
+/// Members learned are kept at most this often (a member forgotten or moved, or one that rules
+/// are about to name, at once): the file lists every member, and with a thousand joining each
+/// node rewrote it every second (a sixth of the CPU of a thousand agents sharing two cores).
+const KEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// Members known by gossip, by name.
 #[derive(Default)]
 pub(super) struct Known {
@@ -27,8 +32,12 @@ pub(super) struct Known {
     /// Since when each member not live is gone, as far as this agent knows: declared dead or
     /// gone by gossip, or, for one a previous run kept, not live since this run began.
     gone: HashMap<String, Instant>,
-    /// Changed since last kept.
-    dirty: bool,
+    /// Members learned since last kept.
+    fresh: HashSet<String>,
+    /// A member forgotten or moved since last kept.
+    changed: bool,
+    /// When last kept.
+    kept_at: Option<Instant>,
 }
 
 impl Known {
@@ -45,7 +54,7 @@ impl Known {
         };
         let now = Instant::now();
         let gone = members.iter().map(|s| (s.name.clone(), now)).collect();
-        Self { members: members.into_iter().map(|s| (s.name.clone(), s)).collect(), gone, dirty: false }
+        Self { members: members.into_iter().map(|s| (s.name.clone(), s)).collect(), gone, ..Self::default() }
     }
 
     /// Every member known.
@@ -57,8 +66,10 @@ impl Known {
     pub fn learn(&mut self, m: &Member) {
         let s = Sibling { name: m.name.clone(), address: m.control, dual_stack_address: m.dual_stack, services: m.services.clone() };
         self.gone.remove(&m.name);
-        let old = self.members.insert(m.name.clone(), s.clone());
-        self.dirty |= old.is_none_or(|o| o.address != s.address || o.dual_stack_address != s.dual_stack_address || o.services != s.services);
+        match self.members.insert(m.name.clone(), s.clone()) {
+            None => drop(self.fresh.insert(m.name.clone())),
+            Some(o) => self.changed |= o.address != s.address || o.dual_stack_address != s.dual_stack_address || o.services != s.services,
+        }
     }
 
     /// Member `name` left or was declared dead at `now` (the earliest word counts).
@@ -78,18 +89,43 @@ impl Known {
         if self.gone.remove(name).is_none() {
             return false;
         }
-        self.dirty |= self.members.remove(name).is_some();
+        self.changed |= self.members.remove(name).is_some();
+        self.fresh.remove(name);
         true
     }
 
-    /// Keeps the members in `dir` if they changed since.
-    pub fn keep(&mut self, dir: &Path) {
-        if !self.dirty {
-            return;
+    /// Keeps the members in `dir` at `now` if a member was forgotten or moved since, or
+    /// members were learned and [`KEEP_EVERY`] passed.
+    pub fn keep(&mut self, dir: &Path, now: Instant) {
+        let due = self.kept_at.is_none_or(|t| now.saturating_duration_since(t) >= KEEP_EVERY);
+        if self.changed || (due && !self.fresh.is_empty()) {
+            self.write(dir, now);
         }
+    }
+
+    /// Keeps the members in `dir` now if member `name` is not kept yet (rules are about to
+    /// name it: a restarted agent must know whom they steer to).
+    pub fn keep_with(&mut self, dir: &Path, name: &str) {
+        if self.fresh.contains(name) {
+            self.write(dir, Instant::now());
+        }
+    }
+
+    /// Keeps whatever is not kept yet (the agent stops).
+    pub fn keep_all(&mut self, dir: &Path) {
+        if self.changed || !self.fresh.is_empty() {
+            self.write(dir, Instant::now());
+        }
+    }
+
+    fn write(&mut self, dir: &Path, now: Instant) {
         let list: Vec<&Sibling> = self.members.values().collect();
         match super::records::write_atomic(&dir.join(FILE), |w| Ok(serde_json::to_writer(w, &list)?)) {
-            Ok(()) => self.dirty = false,
+            Ok(()) => {
+                self.changed = false;
+                self.fresh.clear();
+                self.kept_at = Some(now);
+            }
             Err(e) => warn!("keeping the members known: {e:#}"),
         }
     }
@@ -152,9 +188,24 @@ impl Agent {
         }
     }
 
-    /// Keeps the members known in `state_dir`, if they changed.
+    /// Keeps the members known in `state_dir`, if they changed ([`Known::keep`]).
     pub(super) fn keep_known(&self) {
-        self.known().keep(&self.cfg.state_dir());
+        self.known().keep(&self.cfg.state_dir(), Instant::now());
+    }
+
+    /// Keeps the members known in `state_dir` now if `name` is not kept yet: rules are about
+    /// to name it.
+    pub(super) fn keep_member(&self, name: &str) {
+        if self.cfg.cluster.gossip() {
+            self.known().keep_with(&self.cfg.state_dir(), name);
+        }
+    }
+
+    /// Keeps whatever members are not kept yet: the agent stops.
+    pub(super) fn keep_all_known(&self) {
+        if self.cfg.cluster.gossip() {
+            self.known().keep_all(&self.cfg.state_dir());
+        }
     }
 }
 
@@ -176,14 +227,23 @@ mod tests {
         };
         let mut k = Known::read(&dir);
         assert!(k.members.is_empty());
+        let t0 = Instant::now();
         k.learn(&m);
-        k.keep(&dir);
-        assert!(!k.dirty);
+        k.keep(&dir, t0);
+        assert!(dir.join(FILE).exists(), "the first member learned is kept at once");
+        let c = Member { name: "c".into(), control: "198.18.0.3:7470".parse().unwrap(), ..m.clone() };
+        k.learn(&c);
+        k.keep(&dir, t0 + KEEP_EVERY / 2);
+        assert!(!Known::read(&dir).members.contains_key("c"), "members learned wait for the next keeping");
+        k.keep_with(&dir, "b");
+        assert!(!Known::read(&dir).members.contains_key("c"), "b is kept already");
+        k.keep_with(&dir, "c");
+        assert!(Known::read(&dir).members.contains_key("c"), "rules are about to name c: kept at once");
         k.learn(&Member { boot: 2, ..m.clone() });
-        assert!(!k.dirty, "a restart at the same place is no news");
+        assert!(!k.changed && k.fresh.is_empty(), "a restart at the same place is no news");
         k.learn(&Member { services: Vec::new(), ..m.clone() });
-        assert!(k.dirty, "what it serves changed");
-        k.keep(&dir);
+        assert!(k.changed, "what it serves changed");
+        k.keep(&dir, t0 + KEEP_EVERY / 2);
         let again = Known::read(&dir);
         assert_eq!(again.members["b"].address, m.control);
         assert!(again.members["b"].services.is_empty(), "as last kept");
@@ -223,7 +283,7 @@ mod tests {
         k.learn(&member("c", 3));
         assert!(k.forget("b") && !k.forget("c") && !k.forget("d"), "only a member still gone is forgotten");
         assert_eq!(k.list().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["c", "d"]);
-        k.keep(&dir);
+        k.keep(&dir, t0);
         // What a previous run kept and gossip has not brought back yet is gone since this run.
         let again = Known::read(&dir);
         let t1 = Instant::now();

@@ -188,6 +188,7 @@ impl Agent {
     /// nothing.
     pub(super) async fn steer(self: &Arc<Self>, name: &str, clients: &[MovedClient]) -> anyhow::Result<()> {
         let sib = self.sibling(name).ok_or_else(|| anyhow!("{name} is not a configured sibling"))?;
+        self.keep_member(name);
         let mut groups: Vec<(IpAddr, Vec<Prefix>)> = Vec::new();
         for v4 in [true, false] {
             let prefixes: Vec<Prefix> = clients.iter().filter(|c| c.addr.is_ipv4() == v4).map(|c| host_prefix(c.addr)).collect();
