@@ -103,6 +103,8 @@ pub struct Traffic {
 #[derive(Default)]
 struct View {
     live: HashMap<SocketAddr, Member>,
+    /// The live members' gossip addresses, by name.
+    by_name: HashMap<String, SocketAddr>,
     /// The room this member last published.
     published: Option<u64>,
     /// Its records' count (the version's second half; the first is the boot).
@@ -113,6 +115,22 @@ struct View {
 }
 
 impl View {
+    fn add(&mut self, m: &Member) {
+        if let Some(old) = self.live.insert(m.gossip, m.clone()) {
+            self.by_name.remove(&old.name);
+        }
+        self.by_name.insert(m.name.clone(), m.gossip);
+    }
+
+    /// Whether the member at `gossip` was live.
+    fn remove(&mut self, gossip: &SocketAddr) -> bool {
+        let Some(old) = self.live.remove(gossip) else { return false };
+        if self.by_name.get(&old.name) == Some(gossip) {
+            self.by_name.remove(&old.name);
+        }
+        true
+    }
+
     /// This member's record of `load` and `room`, newer than any it published before.
     fn stamp(&mut self, member: SocketAddr, load: u64, room: u64) -> LoadRecord {
         self.version += 1;
@@ -197,6 +215,13 @@ impl Gossip {
     #[must_use]
     pub fn member(&self, gossip: &SocketAddr) -> Option<Member> {
         self.view().live.get(gossip).cloned()
+    }
+
+    /// The room live member `name` published, if it is live and did.
+    #[must_use]
+    pub fn room_of(&self, name: &str) -> Option<u64> {
+        let at = *self.view().by_name.get(name)?;
+        self.board.records().get(&at).map(|r| r.room)
     }
 
     /// Publishes this member's load if its room changed enough since it last did
@@ -411,11 +436,11 @@ impl Driver {
         let mut view = self.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match n {
             OwnedNotification::MemberUp(m) => {
-                view.live.insert(m.gossip, m.clone());
+                view.add(&m);
                 Some(Event::Up(m))
             }
             OwnedNotification::MemberDown(m) => {
-                view.live.remove(&m.gossip);
+                view.remove(&m.gossip);
                 self.board.forget(&m.gossip);
                 Some(Event::Down(m))
             }
@@ -423,8 +448,8 @@ impl Driver {
                 // A member restarted (or renewed) at its address as a newer identity: the same
                 // member to foca, renamed, but a new one to its agent, which knows nothing of
                 // the loads (gossiped only when they change): up, so it is told them.
-                view.live.remove(&old.gossip).is_some().then(|| {
-                    view.live.insert(new.gossip, new.clone());
+                view.remove(&old.gossip).then(|| {
+                    view.add(&new);
                     Event::Up(new)
                 })
             }
