@@ -7,19 +7,27 @@ use std::{collections::HashSet, hash::BuildHasher, net::SocketAddr};
 
 use rand::{Rng, seq::SliceRandom as _};
 
-/// Members to ask, from `(member, room)` of the live members with a known load: `d` drawn at
-/// random among those with at least `need` room, those `preferred` first (the agent's linked
-/// ones: a link opened inside a negotiation costs it a TLS handshake), then ordered roomiest
-/// first.
+/// Members to ask, from `(member, room)` of the live members with a known load: the
+/// `preferred` ones (the agent's linked ones: a link opened inside a negotiation costs it a
+/// TLS handshake) if the `d` roomiest of them have room for `need` together (the clients are
+/// split among them); otherwise `d` drawn at random among those with room for `need` alone
+/// (none of them preferred, then). Ordered roomiest first.
 #[must_use]
 pub fn sample<S: BuildHasher>(candidates: &[(SocketAddr, u64)], need: u64, d: usize, preferred: &HashSet<SocketAddr, S>, rng: &mut impl Rng) -> Vec<(SocketAddr, u64)> {
-    let mut fit: Vec<(SocketAddr, u64)> = candidates.iter().copied().filter(|c| c.1 >= need.max(1)).collect();
-    fit.shuffle(rng);
-    // Stable: the draw stays random among the preferred, and among the others.
-    fit.sort_by_key(|c| !preferred.contains(&c.0));
-    fit.truncate(d);
-    fit.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    fit
+    let mut linked: Vec<(SocketAddr, u64)> = candidates.iter().copied().filter(|c| c.1 > 0 && preferred.contains(&c.0)).collect();
+    // The roomiest, drawn at random among those with as much room.
+    linked.shuffle(rng);
+    linked.sort_by_key(|c| std::cmp::Reverse(c.1));
+    linked.truncate(d);
+    let mut picked = if !linked.is_empty() && linked.iter().map(|c| c.1).sum::<u64>() >= need {
+        linked
+    } else {
+        // Only as many are shuffled as are drawn (a node of a thousand members samples often).
+        let mut fit: Vec<(SocketAddr, u64)> = candidates.iter().copied().filter(|c| c.1 >= need.max(1)).collect();
+        fit.partial_shuffle(rng, d).0.to_vec()
+    };
+    picked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    picked
 }
 
 #[cfg(test)]
@@ -62,15 +70,36 @@ mod tests {
     }
 
     #[test]
-    fn members_linked_already_are_asked_first_when_they_fit() {
+    fn members_linked_already_are_asked_first_when_they_fit_together() {
         let c: Vec<_> = (1..=100).map(|i| (m(i), if i == 7 { 2 } else { 10 })).collect();
         let preferred: HashSet<SocketAddr> = [m(3), m(5), m(7)].into();
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..100 {
             let s = sample(&c, 5, 3, &preferred, &mut rng);
-            assert_eq!(s.len(), 3);
-            assert!(s.contains(&(m(3), 10)) && s.contains(&(m(5), 10)), "both linked ones that fit: {s:?}");
-            assert!(!s.contains(&(m(7), 2)), "a linked one without room for the need is not asked");
+            assert_eq!(s, vec![(m(3), 10), (m(5), 10), (m(7), 2)], "the linked ones, roomiest first");
+            let s = sample(&c, 22, 3, &preferred, &mut rng);
+            assert_eq!(s.len(), 3, "the linked ones' 22 together: {s:?}");
+            assert!(s.iter().all(|(a, _)| preferred.contains(a)), "only linked ones while they fit together: {s:?}");
+        }
+        // More than the linked ones have together (50): drawn among those with room for all,
+        // whether linked or not.
+        let c: Vec<_> = (1..=100)
+            .map(|i| {
+                (
+                    m(i),
+                    if i == 3 {
+                        30
+                    } else if i <= 10 {
+                        10
+                    } else {
+                        60
+                    },
+                )
+            })
+            .collect();
+        for _ in 0..100 {
+            let s = sample(&c, 55, 3, &preferred, &mut rng);
+            assert!(s.len() == 3 && s.iter().all(|(a, room)| *room == 60 && !preferred.contains(a)), "{s:?}");
         }
         // More linked ones than asked: drawn among them, every one in turn.
         let many: HashSet<SocketAddr> = (1..=10).map(m).collect();
