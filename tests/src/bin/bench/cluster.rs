@@ -6,8 +6,7 @@
 //! to be known dead by all, and every member declared dead that was not killed (a false
 //! death).
 //!
-//! Not measured yet: the negotiation (threshold crossing to rules installed) driven by these
-//! samples, which needs the agent's negotiation on gossip membership (issue 14).
+//! Then the same sizes of real agents negotiating over this membership (`negotiation.rs`).
 
 use std::{
     net::SocketAddr,
@@ -22,7 +21,7 @@ use rand::{RngExt as _, seq::SliceRandom as _};
 use redirector::cluster::{Event, Gossip, Member, Settings, seal::Key};
 use tokio::{net::UdpSocket, sync::mpsc};
 
-use crate::{cpu, percentile};
+use crate::{cpu, negotiation, percentile};
 
 const SIZES: [usize; 3] = [10, 100, 1000];
 /// The members' high watermark; every member starts with a load well under it.
@@ -93,7 +92,10 @@ async fn run(n: usize) -> Run {
     for g in &members {
         let _ = g.set_load(rng.random_range(30..70), HIGH);
     }
-    until("every member knows every other's room", Duration::from_secs(60), || members.iter().all(|g| g.candidates().len() == n - 1)).await;
+    // Every member passes each of the n records on 5 + 2 ln(n) times, a few dozen to a
+    // datagram: about 50 s at 1,000 members here (60 s was once too short).
+    let rooms = until("every member knows every other's room", Duration::from_secs(180), || members.iter().all(|g| g.candidates().len() == n - 1)).await;
+    eprintln!("  {n} members: every room known by all {:.1} s after all published", rooms.as_secs_f64());
     // At rest: no member has an update left to pass on.
     until("every member passed every update on", Duration::from_secs(120), || members.iter().all(|g| g.traffic().backlog.load(Ordering::Relaxed) == 0)).await;
 
@@ -184,20 +186,42 @@ async fn listen(i: usize, mut events: mpsc::UnboundedReceiver<Event>, heard: Arc
     }
 }
 
-pub fn cluster(json: bool) {
+/// `cargo xtask bench cluster [--members | --agents] [--json]`: both parts, or one.
+pub fn cluster(json: bool, args: &[String]) {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
-    let mut runs = Vec::new();
-    for n in SIZES {
-        eprintln!("a cluster of {n} members...");
-        runs.push(rt.block_on(run(n)));
+    let only = |part: &str| args.iter().any(|a| a == part);
+    let mut v = serde_json::Map::new();
+    if !only("--agents") {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
+        let mut runs = Vec::new();
+        for n in SIZES {
+            eprintln!("a cluster of {n} members...");
+            runs.push(rt.block_on(run(n)));
+        }
+        drop(rt);
+        v.extend(members_table(&runs));
     }
+    if !only("--members") {
+        let agents = negotiation::runs(&SIZES);
+        if v.is_empty() {
+            println!();
+        }
+        v.extend(agents_table(&agents));
+    }
+    if json {
+        println!("{}", serde_json::Value::Object(v));
+    }
+}
+
+/// Prints the membership's table; its figures for `--json`.
+#[expect(clippy::cast_precision_loss, reason = "members and seconds as member-hours")]
+fn members_table(runs: &[Run]) -> serde_json::Map<String, serde_json::Value> {
     println!("Gossip membership, every member a task in this process over loopback (foca SWIM, HMAC-authenticated UDP):");
     println!(
         "  {:>6} {:>8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
         "members", "join s", "msgs/s", "bytes/s", "CPU us/s", "spread p50", "spread p99", "detected", "known all", "false", "refused"
     );
-    for r in &runs {
+    for r in runs {
         println!(
             "  {:>6} {:>8.1} {:>10.2} {:>10.0} {:>8.0} {:>8.0}ms {:>8.0}ms {:>9.2}s {:>9.2}s {:>7} {:>7}",
             r.n,
@@ -226,18 +250,71 @@ pub fn cluster(json: bool) {
         large.detect_all_s
     );
     println!("  false deaths: {false_deaths} in {hours:.1} member-hours (goal: none)");
-    println!("  negotiation p99 at {} members: not measured yet (the agent does not negotiate over gossip yet)", large.n);
-    if json {
-        let v = serde_json::json!({
-            "traffic_1000_vs_10": traffic,
-            "cpu_1000_vs_10": large.cpu_us_per_s / small.cpu_us_per_s,
-            "detect_s": large.detect_first_s,
-            "known_by_all_s": large.detect_all_s,
-            "false_deaths": false_deaths,
-            "p99_ms_1000": null,
-            "spread_p99_ms_1000": large.spread_p99_ms,
-            "join_s_1000": large.join_s,
-        });
-        println!("{v}");
+    let v = serde_json::json!({
+        "traffic_1000_vs_10": traffic,
+        "cpu_1000_vs_10": large.cpu_us_per_s / small.cpu_us_per_s,
+        "detect_s": large.detect_first_s,
+        "known_by_all_s": large.detect_all_s,
+        "false_deaths": false_deaths,
+        "spread_p99_ms_1000": large.spread_p99_ms,
+        "join_s_1000": large.join_s,
+    });
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// Prints the negotiation's table; its figures for `--json`.
+fn agents_table(agents: &[negotiation::Run]) -> serde_json::Map<String, serde_json::Value> {
+    println!("Negotiation, every node a real agent (gossip, sampled help requests, mutual-TLS hand-overs) on an in-memory datapath, a tenth overloaded at once:");
+    println!("  {:>6} {:>14} {:>10} {:>10} {:>10} {:>8} {:>10} {:>9} {:>8}", "agents", "joined", "CPU us/s", "shed p50", "shed p99", "unshed", "max/mean", "over high", "rounds");
+    for r in agents {
+        let Some(join) = r.join_s else {
+            println!("  {:>6} {:>14} {:>10.0}   (CPU while joining) not measured: not every agent knew every other (the least knew {})", r.n, "no", r.cpu_us_per_s, r.least_known);
+            continue;
+        };
+        println!(
+            "  {:>6} {:>13.1}s {:>10.0} {:>8.1}ms {:>8.1}ms {:>8} {:>10.2} {:>9} {:>8}",
+            r.n,
+            join,
+            r.cpu_us_per_s,
+            r.p(0.5),
+            r.p(0.99),
+            r.unshed,
+            r.max_over_mean,
+            r.over_high,
+            r.shed_ms.len()
+        );
     }
+    // The largest cluster that joined, against the smallest.
+    let first = &agents[0];
+    let big = agents.iter().rev().find(|r| r.join_s.is_some()).unwrap_or(first);
+    let p99_1000 = agents.iter().find(|r| r.n == 1000 && r.join_s.is_some()).map(|r| r.p(0.99));
+    println!(
+        "  threshold crossing to rules installed at {} agents: p50 {:.1} ms, p99 {:.1} ms (goal: p99 under 50 ms at 1,000); {:.2}x the p99 at {} agents",
+        big.n,
+        big.p(0.5),
+        big.p(0.99),
+        big.p(0.99) / first.p(0.99),
+        first.n
+    );
+    // At rest: the largest cluster that joined.
+    let cpu_big = big;
+    println!(
+        "  CPU per agent at rest, {} vs {} agents: {:.2}x; at {:.0} us a second each, 1,000 agents would need {:.2} cores at rest, joining aside",
+        cpu_big.n,
+        first.n,
+        cpu_big.cpu_us_per_s / first.cpu_us_per_s,
+        cpu_big.cpu_us_per_s,
+        cpu_big.cpu_us_per_s * 1000.0 / 1e6
+    );
+    let v = serde_json::json!({
+        "p99_ms_1000": p99_1000,
+        "negotiation_largest_n": big.n,
+        "negotiation_p50_ms": big.p(0.5),
+        "negotiation_p99_ms": big.p(0.99),
+        "negotiation_unshed": big.unshed,
+        "negotiation_max_over_mean": big.max_over_mean,
+        "negotiation_over_high": big.over_high,
+        "agent_cpu_us_per_s_at_rest": cpu_big.cpu_us_per_s,
+    });
+    v.as_object().cloned().unwrap_or_default()
 }

@@ -11,6 +11,7 @@ mod cluster;
 mod compare;
 mod cpu;
 mod migrate;
+mod negotiation;
 mod plot;
 mod scale;
 mod xdp;
@@ -498,9 +499,9 @@ fn main() {
         Some("compare") => return compare::compare(json),
         Some("scale") => return scale::scale(json),
         Some("xdp") => return xdp::xdp(json),
-        Some("cluster") => return cluster::cluster(json),
+        Some("cluster") => return cluster::cluster(json, &args),
         _ => {
-            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale|xdp|compare|cluster [--json]");
+            eprintln!("usage: redirector-bench datapath|negotiate|handoff|migrate|scale|xdp|compare|cluster [--members|--agents] [--json]");
             std::process::exit(2);
         }
     }
