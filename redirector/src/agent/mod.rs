@@ -306,20 +306,22 @@ impl Agent {
 
     /// Runs `f` on the datapath's change handle, on a blocking thread (if its calls may block).
     async fn with_dp<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut dyn Plane) -> T + Send + 'static) -> anyhow::Result<T> {
-        if !self.plane_blocks {
-            return Ok(f(&mut **self.dp.lock().expect("datapath lock")));
-        }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut **me.dp.lock().expect("datapath lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
+        self.on_plane(|a| &a.dp, f).await
     }
 
     /// Runs `f` on the datapath's read handle, on a blocking thread (if its calls may block).
     async fn with_reader<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&mut dyn Plane) -> T + Send + 'static) -> anyhow::Result<T> {
+        self.on_plane(|a| &a.reader, f).await
+    }
+
+    /// Runs `f` on the handle `which` picks: inline if the plane never blocks, else on a
+    /// blocking thread.
+    async fn on_plane<T: Send + 'static>(self: &Arc<Self>, which: fn(&Self) -> &Mutex<Box<dyn Plane>>, f: impl FnOnce(&mut dyn Plane) -> T + Send + 'static) -> anyhow::Result<T> {
         if !self.plane_blocks {
-            return Ok(f(&mut **self.reader.lock().expect("datapath reader lock")));
+            return Ok(f(&mut **which(self).lock().expect("datapath lock")));
         }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&mut **me.reader.lock().expect("datapath reader lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
+        tokio::task::spawn_blocking(move || f(&mut **which(&me).lock().expect("datapath lock"))).await.map_err(|e| anyhow!("datapath task failed: {e}"))
     }
 
     fn limits(&self) -> Limits {
