@@ -277,26 +277,9 @@ async fn run_size(n: usize, dir: &Path) -> Run {
     }
 }
 
-/// Raises this process's limit of open files to its hard limit: each agent holds about ten
-/// (its gossip socket, listener, hook and admin sockets, links, an eventfd), and a thousand
-/// pass the usual soft limit of 1,024.
-fn widen_file_limit() {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read and write only the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut l) == 0 && l.rlim_cur < l.rlim_max {
-            l.rlim_cur = l.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const l) != 0 {
-                eprintln!("cannot raise the limit of open files: {}", std::io::Error::last_os_error());
-            }
-        }
-    }
-}
-
 /// Runs a cluster of each size on a runtime of its own (dropped after: every agent's tasks
 /// and sockets end with it).
 pub fn runs(sizes: &[usize]) -> Vec<Run> {
-    widen_file_limit();
     sizes
         .iter()
         .map(|&n| {
