@@ -211,6 +211,16 @@ impl Gossip {
         self.view().live.values().cloned().collect()
     }
 
+    /// How many members this one holds live (itself excluded), and of how many of them it knows
+    /// the room: counted, not copied (a thousand members' lists copied often cost more CPU
+    /// than their gossip).
+    #[must_use]
+    pub fn known(&self) -> (usize, usize) {
+        let v = self.view();
+        let recs = self.board.records();
+        (v.live.len(), v.live.keys().filter(|a| recs.contains_key(a)).count())
+    }
+
     /// The live member at a gossip address.
     #[must_use]
     pub fn member(&self, gossip: &SocketAddr) -> Option<Member> {

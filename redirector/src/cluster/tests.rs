@@ -38,6 +38,7 @@ async fn members_join_through_one_seed_learn_loads_refuse_strangers_and_find_the
         members.push((g, ev));
     }
     until("every member sees the 4 others", Duration::from_secs(10), || members.iter().all(|(g, _)| g.live().len() == 4)).await;
+    assert!(members.iter().all(|(g, _)| g.known() == (4, 0)), "4 live, no room known yet");
 
     for (i, (g, _)) in members.iter().enumerate() {
         assert!(g.set_load(10 * i as u64, 100), "a first load is always published");
@@ -49,6 +50,7 @@ async fn members_join_through_one_seed_learn_loads_refuse_strangers_and_find_the
         })
     })
     .await;
+    assert!(members.iter().all(|(g, _)| g.known() == (4, 4)), "counted as candidates lists them");
     let picked = members[0].0.sample(65, 3, |_| false);
     // Room 90, 80, 70 and 60 around m0: only three have 65, roomiest first.
     assert_eq!(picked.iter().map(|(m, room)| (m.name.as_str(), *room)).collect::<Vec<_>>(), [("m1", 90), ("m2", 80), ("m3", 70)]);
