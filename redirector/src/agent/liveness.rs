@@ -15,7 +15,7 @@ use std::{
 use tracing::{debug, info, warn};
 
 use super::{Agent, classify_rules, flat, host_prefix};
-use crate::datapath::Prefix;
+use crate::datapath::{Listener, Prefix};
 
 impl Agent {
     pub(super) async fn liveness_loop(self: Arc<Self>) {
@@ -71,7 +71,11 @@ impl Agent {
             let known = self.state().volunteer.listeners.get(&svc).copied();
             let registered = match inode {
                 Ok(ino) if known == Some(Some(ino)) => continue,
-                Ok(ino) => flat(self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), (listener.ip(), listener.port()))).await).map(|()| ino),
+                Ok(ino) => {
+                    let holder = self.cfg.serving(svc).and_then(|own| self.apps.holder(own.address));
+                    let listener = Listener { addr: (listener.ip(), listener.port()), holder };
+                    flat(self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), listener)).await).map(|()| ino)
+                }
                 Err(e) => Err(e),
             };
             let mut st = self.state();

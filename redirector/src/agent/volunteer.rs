@@ -26,7 +26,7 @@ use super::{
 use crate::{
     app::{AppConnection, Role},
     config::Sibling,
-    datapath::family_name,
+    datapath::{Listener, family_name},
     peer::{Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Said, Verdict},
 };
 
@@ -405,14 +405,16 @@ impl Agent {
             return abort(why);
         }
         let services_adopted: Vec<SocketAddr> = plan.iter().map(|a| a.svc).collect();
+        let holders: Vec<Option<i32>> = plan.iter().map(|a| self.apps.holder(a.local)).collect();
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
                 let mut done: Vec<SocketAddr> = Vec::new();
                 let r = (|| {
-                    for a in &plan {
+                    for (a, holder) in plan.iter().zip(holders) {
                         dp.add_sibling(a.src, &a.dev)?;
                         if !dp.list_adopted()?.iter().any(|(ip, port, _)| *ip == a.svc.ip() && *port == a.svc.port()) {
-                            dp.adopt((a.svc.ip(), a.svc.port()), &a.dev, Some((a.listener.ip(), a.listener.port())), None)?;
+                            let listener = Listener { addr: (a.listener.ip(), a.listener.port()), holder };
+                            dp.adopt((a.svc.ip(), a.svc.port()), &a.dev, Some(listener), None)?;
                             done.push(a.svc);
                         }
                     }

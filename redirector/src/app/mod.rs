@@ -519,6 +519,13 @@ impl Apps {
         self.served.conn(service).is_some()
     }
 
+    /// The process of the application registered for `service` (where its listening socket
+    /// most likely is), if the kernel said.
+    #[must_use]
+    pub fn holder(&self, service: SocketAddr) -> Option<i32> {
+        self.served.peer(service)?.pid
+    }
+
     /// Whether the application registered for `service` speaks a hook version that passes
     /// open connections (3 and later).
     #[must_use]

@@ -117,6 +117,11 @@ impl Served {
         self.held.lock().expect("lock").get(&service).and_then(|h| h.conn.clone())
     }
 
+    /// Who registered `service`, if it is held.
+    pub fn peer(&self, service: SocketAddr) -> Option<Peer> {
+        self.held.lock().expect("lock").get(&service).and_then(|h| h.peer)
+    }
+
     /// Services whose connection takes requests, with who is at its other end.
     pub fn ready(&self) -> Vec<(SocketAddr, Option<Peer>)> {
         self.held.lock().expect("lock").iter().filter(|(_, h)| h.conn.is_some()).map(|(s, h)| (*s, h.peer)).collect()

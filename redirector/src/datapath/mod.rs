@@ -45,6 +45,7 @@ pub use types::{Load, Prefix, RuleInfo, RuleState, ServiceInfo, Stats, family_na
 
 pub use self::{
     kernel_log::KernelLog,
+    listener::Listener,
     load::LoadEvents,
     probe::ProbeError,
     verify::{Verified, verify_programs},

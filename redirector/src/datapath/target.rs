@@ -6,7 +6,7 @@ use std::{net::IpAddr, os::fd::AsRawFd as _};
 use aya::maps::{HashMap, MapData, MapError, SockHash};
 use redirector_common::{ADOPTED_LISTENER, AdoptedValue, ServiceKey, SiblingValue, decide, maps};
 
-use super::{Datapath, Error, Result, listener, net, netlink, types};
+use super::{Datapath, Error, Listener, Result, listener, net, netlink, types};
 
 impl Datapath {
     fn siblings(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], SiblingValue>> {
@@ -69,7 +69,7 @@ impl Datapath {
     /// originals are kept and put back when the last adopted service of the interface goes),
     /// and, with `listener`, the `sk_lookup` entry that hands its connections to the listening
     /// socket bound to that local address. On failure, nothing of it stays.
-    pub fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<(IpAddr, u16)>, mtu: Option<u32>) -> Result<()> {
+    pub fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<Listener>, mtu: Option<u32>) -> Result<()> {
         let (addr, port) = service;
         if port == 0 || addr.is_unspecified() || addr.is_multicast() {
             return Err(Error::invalid(format!("{} is not a service address", types::sock(addr, port))));
@@ -83,7 +83,7 @@ impl Datapath {
             return Err(Error::invalid(format!("{addr} is an address of this host: a service is adopted from a sibling, not from itself")));
         }
         let listener_fd = match listener {
-            Some((la, lp)) => Some(listener::find(la, lp)?),
+            Some(l) => Some(listener::find(l)?),
             None => None,
         };
         let _lock = self.lock()?;
@@ -115,8 +115,8 @@ impl Datapath {
     /// (Re)registers `listener`, the listening socket bound to that local address, for the
     /// adopted `service`: an application that restarted has a new socket, and its old one left
     /// the `sk_lookup` map when it closed. Idempotent.
-    pub fn register_listener(&mut self, service: (IpAddr, u16), listener: (IpAddr, u16)) -> Result<()> {
-        let fd = listener::find(listener.0, listener.1)?;
+    pub fn register_listener(&mut self, service: (IpAddr, u16), listener: Listener) -> Result<()> {
+        let fd = listener::find(listener)?;
         let _lock = self.lock()?;
         let (key, mut value) = self.adopted_value(service)?;
         self.listeners()?.insert(key, fd.as_raw_fd(), 0).map_err(|e| Error::bpf("registering the listener", e))?;

@@ -19,7 +19,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use redirector_common::LoadEvent;
 
 use super::{Events, LoadEventSource, Plane};
-use crate::datapath::{Error, KernelLog, Load, Prefix, Result, RuleInfo, RuleState, Stats, monotonic_ns, unix_now};
+use crate::datapath::{Error, KernelLog, Listener, Load, Prefix, Result, RuleInfo, RuleState, Stats, monotonic_ns, unix_now};
 
 /// A rule as the kernel keeps it.
 #[derive(Clone, Copy, Debug)]
@@ -265,14 +265,14 @@ impl Plane for Memory {
         Ok(())
     }
 
-    fn adopt(&mut self, service: (IpAddr, u16), _ifname: &str, listener: Option<(IpAddr, u16)>, _mtu: Option<u32>) -> Result<()> {
+    fn adopt(&mut self, service: (IpAddr, u16), _ifname: &str, listener: Option<Listener>, _mtu: Option<u32>) -> Result<()> {
         let mut st = self.state();
         let registered = st.adopted.get(&service).copied().unwrap_or(false) || listener.is_some();
         st.adopted.insert(service, registered);
         Ok(())
     }
 
-    fn register_listener(&mut self, service: (IpAddr, u16), _listener: (IpAddr, u16)) -> Result<()> {
+    fn register_listener(&mut self, service: (IpAddr, u16), _listener: Listener) -> Result<()> {
         let mut st = self.state();
         let Some(registered) = st.adopted.get_mut(&service) else {
             return Err(Error::invalid(format!("{}:{} is not adopted", service.0, service.1)));

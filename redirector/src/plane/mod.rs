@@ -13,7 +13,7 @@ use std::{
 
 use redirector_common::LoadEvent;
 
-use crate::datapath::{Datapath, KernelLog, Load, LoadEvents, Prefix, Result, RuleInfo, Stats};
+use crate::datapath::{Datapath, KernelLog, Listener, Load, LoadEvents, Prefix, Result, RuleInfo, Stats};
 
 /// The load's crossings of the armed watermark, as they come: readable on its fd when one is
 /// waiting.
@@ -71,8 +71,8 @@ pub trait Plane: Send {
     fn thaw(&mut self, flows: &[(SocketAddr, SocketAddr)]) -> Result<()>;
     // Target: siblings and adopted services.
     fn add_sibling(&mut self, sibling: IpAddr, ifname: &str) -> Result<()>;
-    fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<(IpAddr, u16)>, mtu: Option<u32>) -> Result<()>;
-    fn register_listener(&mut self, service: (IpAddr, u16), listener: (IpAddr, u16)) -> Result<()>;
+    fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<Listener>, mtu: Option<u32>) -> Result<()>;
+    fn register_listener(&mut self, service: (IpAddr, u16), listener: Listener) -> Result<()>;
     fn unadopt(&mut self, service: (IpAddr, u16)) -> Result<()>;
     fn list_adopted(&mut self) -> Result<Vec<(IpAddr, u16, bool)>>;
 }
@@ -123,10 +123,10 @@ impl Plane for Datapath {
     fn add_sibling(&mut self, sibling: IpAddr, ifname: &str) -> Result<()> {
         Datapath::add_sibling(self, sibling, ifname)
     }
-    fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<(IpAddr, u16)>, mtu: Option<u32>) -> Result<()> {
+    fn adopt(&mut self, service: (IpAddr, u16), ifname: &str, listener: Option<Listener>, mtu: Option<u32>) -> Result<()> {
         Datapath::adopt(self, service, ifname, listener, mtu)
     }
-    fn register_listener(&mut self, service: (IpAddr, u16), listener: (IpAddr, u16)) -> Result<()> {
+    fn register_listener(&mut self, service: (IpAddr, u16), listener: Listener) -> Result<()> {
         Datapath::register_listener(self, service, listener)
     }
     fn unadopt(&mut self, service: (IpAddr, u16)) -> Result<()> {
