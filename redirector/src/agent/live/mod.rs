@@ -53,6 +53,15 @@ const FREEZE_LIMIT: Duration = Duration::from_secs(30);
 /// microseconds), and must be in the dump rather than arrive after it.
 const SETTLE: Duration = Duration::from_millis(1);
 
+/// Waits [`SETTLE`] and hardly more: tokio's timers tick in whole milliseconds, and its 1 ms
+/// sleep took 2.2 ms here (measured), all of it inside the freeze, so the client's pause. A
+/// thread of the blocking pool sleeps it instead.
+async fn settle() {
+    if tokio::task::spawn_blocking(|| std::thread::sleep(SETTLE)).await.is_err() {
+        tokio::time::sleep(SETTLE).await;
+    }
+}
+
 /// A flow as the classifier keys it: (client, service).
 type Flow = (SocketAddr, SocketAddr);
 

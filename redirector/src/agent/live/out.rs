@@ -52,7 +52,7 @@ impl Agent {
             return m;
         }
         let t_frozen = t0.elapsed();
-        tokio::time::sleep(super::SETTLE).await;
+        super::settle().await;
         let failed = m.leaving.dump(&m.freeze.flows, handoff);
         self.unfreeze(&mut m.freeze, failed).await;
         info!(
