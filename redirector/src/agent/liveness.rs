@@ -73,7 +73,7 @@ impl Agent {
                 Ok(ino) if known == Some(Some(ino)) => continue,
                 Ok(ino) => {
                     let holder = self.cfg.serving(svc).and_then(|own| self.apps.holder(own.address));
-                    let listener = Listener { addr: (listener.ip(), listener.port()), holder };
+                    let listener = Listener::new(listener, holder);
                     flat(self.with_dp(move |dp| dp.register_listener((svc.ip(), svc.port()), listener)).await).map(|()| ino)
                 }
                 Err(e) => Err(e),

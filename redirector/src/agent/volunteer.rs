@@ -43,7 +43,8 @@ struct Adoption {
     /// The local service of the same port and family, whose application imports.
     local: SocketAddr,
     dev: String,
-    listener: SocketAddr,
+    /// The local service's listening socket, and the application likely to hold it.
+    listener: Listener,
     /// The origin's tunnel source of that family (from this node's configuration).
     src: IpAddr,
 }
@@ -339,7 +340,8 @@ impl Agent {
             let src =
                 origin.control_address(svc.ip()).ok_or_else(|| format!("{} has no {} control address here to accept tunnels from", origin.name, family_name(svc.is_ipv4())))?;
             let own = self.cfg.serving(*svc).ok_or_else(|| format!("no local {} service on port {} to serve {svc}", family_name(svc.is_ipv4()), svc.port()))?;
-            plan.push(Adoption { svc: *svc, local: own.address, dev: own.dev.clone(), listener: own.listener(), src });
+            let listener = Listener::new(own.listener(), self.apps.holder(own.address));
+            plan.push(Adoption { svc: *svc, local: own.address, dev: own.dev.clone(), listener, src });
         }
         for f in &families {
             if !plan.iter().any(|a| a.svc.is_ipv4() == *f) {
@@ -405,16 +407,14 @@ impl Agent {
             return abort(why);
         }
         let services_adopted: Vec<SocketAddr> = plan.iter().map(|a| a.svc).collect();
-        let holders: Vec<Option<i32>> = plan.iter().map(|a| self.apps.holder(a.local)).collect();
         let adopted = self
             .with_dp(move |dp| -> anyhow::Result<()> {
                 let mut done: Vec<SocketAddr> = Vec::new();
                 let r = (|| {
-                    for (a, holder) in plan.iter().zip(holders) {
+                    for a in &plan {
                         dp.add_sibling(a.src, &a.dev)?;
                         if !dp.list_adopted()?.iter().any(|(ip, port, _)| *ip == a.svc.ip() && *port == a.svc.port()) {
-                            let listener = Listener { addr: (a.listener.ip(), a.listener.port()), holder };
-                            dp.adopt((a.svc.ip(), a.svc.port()), &a.dev, Some(listener), None)?;
+                            dp.adopt((a.svc.ip(), a.svc.port()), &a.dev, Some(a.listener), None)?;
                             done.push(a.svc);
                         }
                     }

@@ -31,7 +31,7 @@ impl AdoptCmd {
     pub(super) fn execute(self, global: &Global) -> anyhow::Result<Report> {
         match self {
             Self::Add { service, dev, listener, mtu } => {
-                instance::create(global, Some(&dev))?.adopt((service.ip(), service.port()), &dev, listener.map(|l| Listener { addr: (l.ip(), l.port()), holder: None }), mtu)?;
+                instance::create(global, Some(&dev))?.adopt((service.ip(), service.port()), &dev, listener.map(|l| Listener::new(l, None)), mtu)?;
             }
             Self::Del { service } => instance::existing(global)?.unadopt((service.ip(), service.port()))?,
             Self::List => return Ok(Report::Adopted(instance::existing(global)?.list_adopted()?)),

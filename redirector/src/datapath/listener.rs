@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{FromRawFd as _, OwnedFd},
 };
 
@@ -18,6 +18,14 @@ use super::{Error, Result};
 pub struct Listener {
     pub addr: (IpAddr, u16),
     pub holder: Option<i32>,
+}
+
+impl Listener {
+    /// The socket listening at `at`, most likely held by process `holder`.
+    #[must_use]
+    pub fn new(at: SocketAddr, holder: Option<i32>) -> Self {
+        Self { addr: (at.ip(), at.port()), holder }
+    }
 }
 
 /// Duplicates the listening socket of `l` out of the process that holds it.
@@ -75,9 +83,8 @@ mod tests {
     use super::*;
 
     /// The local address of socket `fd`.
-    fn local(fd: &OwnedFd) -> std::net::SocketAddr {
-        let s = std::net::TcpListener::from(fd.try_clone().unwrap());
-        s.local_addr().unwrap()
+    fn local(fd: &OwnedFd) -> SocketAddr {
+        TcpListener::from(fd.try_clone().unwrap()).local_addr().unwrap()
     }
 
     #[test]
@@ -90,11 +97,11 @@ mod tests {
         let at = held.local_addr().unwrap();
         let me = i32::try_from(std::process::id()).unwrap();
         for holder in [Some(me), None, Some(1)] {
-            let fd = find(Listener { addr: (at.ip(), at.port()), holder }).unwrap_or_else(|e| panic!("holder {holder:?}: {e}"));
+            let fd = find(Listener::new(at, holder)).unwrap_or_else(|e| panic!("holder {holder:?}: {e}"));
             assert_ne!(fd.as_raw_fd(), held.as_raw_fd(), "a duplicate");
             assert_eq!(local(&fd), at, "holder {holder:?}");
         }
         drop(held);
-        assert!(find(Listener { addr: (at.ip(), at.port()), holder: Some(me) }).is_err(), "nobody listens there any more");
+        assert!(find(Listener::new(at, Some(me))).is_err(), "nobody listens there any more");
     }
 }
