@@ -348,3 +348,51 @@ fn a_connection_restored_into_a_closed_window_sends_nothing_into_it() {
     let (_s, response) = rest.join().expect("the server");
     assert!(got == response, "the response arrived intact");
 }
+
+/// A dump goes stale when something reaches its socket after it (a packet that had just
+/// passed the classifier as its flow froze): a byte received, or an acknowledgement of bytes
+/// the socket sent. `as_dumped` sees both (the agent then keeps the connection where it is),
+/// and says the dump holds while nothing arrived; the connection goes on from the old socket
+/// with what arrived.
+#[test]
+fn a_dump_that_a_packet_reached_after_it_is_seen_to_be_stale() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(1);
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8086);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    let holds = |s: &std::net::TcpStream, state: &TcpState| repair::as_dumped(s, state).expect("reading the dumped socket");
+
+    // Bytes that arrive after the dump.
+    let state = repair::dump(&s).expect("dump");
+    assert!(holds(&s, &state), "nothing arrived since the dump");
+    c.write_all(b"late\n").expect("write");
+    wait_until("the late bytes to reach the dumped socket", Duration::from_secs(5), || !holds(&s, &state));
+    repair::resume(&s, &state).expect("resume");
+    let mut got = [0; 5];
+    s.read_exact(&mut got).expect("read after resuming");
+    assert_eq!(&got, b"late\n");
+
+    // An acknowledgement that arrives after the dump: the client's are dropped until then, and
+    // the dumped socket resends on its own timer.
+    let table = "rdtest_stale";
+    nft(&t.client.ns, &format!("add table inet {table}"));
+    nft(&t.client.ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
+    nft(&t.client.ns, &format!("add rule inet {table} out tcp dport 8086 drop"));
+    s.write_all(b"unacknowledged\n").expect("write");
+    let mut got = [0; 15];
+    c.read_exact(&mut got).expect("the client reads");
+    let state = repair::dump(&s).expect("dump");
+    assert_eq!(state.send_queue, b"unacknowledged\n", "the bytes not acknowledged yet");
+    assert!(holds(&s, &state), "nothing arrived since the dump");
+    nft(&t.client.ns, &format!("delete table inet {table}"));
+    wait_until("the acknowledgement to reach the dumped socket", Duration::from_secs(10), || !holds(&s, &state));
+    repair::resume(&s, &state).expect("resume");
+    s.write_all(b"bye\n").expect("write after resuming");
+    let mut got = [0; 4];
+    c.read_exact(&mut got).expect("the client reads");
+    assert_eq!(&got, b"bye\n");
+}

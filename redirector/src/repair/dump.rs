@@ -108,11 +108,13 @@ fn read(fd: BorrowedFd<'_>, window: Window) -> io::Result<TcpState> {
     if urgent_pending(fd) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "urgent (out-of-band) data is pending: such a connection does not move"));
     }
+    // The next byte expected first, then the queues' lengths: a packet that arrives between
+    // the reads makes the lengths disagree with it, and [`as_dumped`] sees it moved on.
+    queue(fd, sys::TCP_RECV_QUEUE)?;
+    let rcv_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
     let (recv_len, send_len, unsent) = (int(fd, sys::SIOCINQ)?, int(fd, sys::SIOCOUTQ)?, int(fd, sys::SIOCOUTQNSD)?);
     queue(fd, sys::TCP_SEND_QUEUE)?;
     let snd_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
-    queue(fd, sys::TCP_RECV_QUEUE)?;
-    let rcv_seq: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
     let mss: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?;
     let timestamp: u32 = sockopt::get(&fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?;
     let buffer = |name| sockopt::get::<libc::c_int>(&fd, libc::SOL_SOCKET, name).map(|v| u32::try_from(v).unwrap_or(0));
@@ -144,6 +146,22 @@ fn read(fd: BorrowedFd<'_>, window: Window) -> io::Result<TcpState> {
     // anything it would send (its pacing timer's next segments) for sent without sending it.
     queue(fd, sys::TCP_NO_QUEUE)?;
     Ok(state)
+}
+
+/// Whether a dumped socket still holds the connection its dump `state` read: nothing
+/// received since (the same next byte expected) and nothing it sent acknowledged since (the
+/// same bytes unacknowledged; it sends nothing new, [`dump`] closed its window). Its flow was
+/// frozen before the dump, but a packet that had just passed the classifier may reach it
+/// after: then the dump is stale and the connection must stay where it is.
+///
+/// # Errors
+/// The kernel's.
+pub fn as_dumped(fd: &impl AsFd, state: &TcpState) -> io::Result<bool> {
+    let fd = fd.as_fd();
+    queue(fd, sys::TCP_RECV_QUEUE)?;
+    let rcv_seq = sockopt::get::<u32>(&fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ);
+    queue(fd, sys::TCP_NO_QUEUE)?;
+    Ok(rcv_seq? == state.rcv_seq && int(fd, sys::SIOCOUTQ)? == state.send_queue.len())
 }
 
 /// Takes a dumped socket (its dump `state`) out of repair mode, with its own mark again: the

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    dump::{address, discard, dump, resume},
+    dump::{address, as_dumped, discard, dump, resume},
     hold::{Hold, deliver, flow_of, replay},
     restore::{Restored, restore},
 };
