@@ -74,14 +74,7 @@ impl Agent {
         // as they arrive from the applications, counted and digested per service (`Sealed`).
         // The volunteer answers once they are all in, or refuses at any time.
         let max_frame = self.cfg.max_frame;
-        let mut parts = peer::client_chunks(clients.clone(), &services, max_frame);
-        let last = parts.pop().unwrap_or_default();
-        let mut frames: Vec<Request> = parts.into_iter().map(|c| Request::Clients { id, clients: c }).collect();
-        for (service, e) in &exports {
-            let listed = e.sizes().map(|(client, len)| ListedSession { client, len: u64::try_from(len).unwrap_or(u64::MAX) }).collect();
-            frames.extend(peer::listed_chunks(listed, max_frame).into_iter().map(|sessions| Request::Listed { id, service: *service, sessions }));
-        }
-        frames.push(Request::Transfer { id, services, tunnel_src, clients: last });
+        let frames = transfer_frames(id, &clients, services, tunnel_src, &exports, max_frame);
         let (faults, mut dropped, mut t_sent) = (self.faults.clone(), false, t0.elapsed());
         let mut moving_ref = h.moving.take();
         let send = async {
@@ -119,6 +112,10 @@ impl Agent {
             return 0;
         }
         let t_ack = t0.elapsed();
+        if let Err(why) = super::live::settled(h.moving.as_ref()).await {
+            self.conclude(h, End::Aborted(Stage::Transfer, why)).await;
+            return 0;
+        }
         self.faults.pause("pause-before-rules", &handoff).await;
         let n = clients.len();
         // All or nothing, unless something failed to clean up: then the rules decide.
@@ -242,6 +239,20 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The frames of transfer `id` before its sessions: the `clients` and the sessions `exports`
+/// list, in frames under `max_frame`, then the `Transfer` of `services` and `tunnel_src`.
+fn transfer_frames(id: u64, clients: &[MovedClient], services: Vec<SocketAddr>, tunnel_src: Vec<IpAddr>, exports: &[(SocketAddr, Exported)], max_frame: usize) -> Vec<Request> {
+    let mut parts = peer::client_chunks(clients.to_vec(), &services, max_frame);
+    let last = parts.pop().unwrap_or_default();
+    let mut frames: Vec<Request> = parts.into_iter().map(|c| Request::Clients { id, clients: c }).collect();
+    for (service, e) in exports {
+        let listed = e.sizes().map(|(client, len)| ListedSession { client, len: u64::try_from(len).unwrap_or(u64::MAX) }).collect();
+        frames.extend(peer::listed_chunks(listed, max_frame).into_iter().map(|sessions| Request::Listed { id, service: *service, sessions }));
+    }
+    frames.push(Request::Transfer { id, services, tunnel_src, clients: last });
+    frames
 }
 
 // A session goes between the application hook and the peer channel as it is: each side has

@@ -93,7 +93,7 @@ impl Agent {
         // its `Frozen` did (another CPU's queue), and the dumped socket would acknowledge it.
         let flows_for_dp = frozen.clone();
         super::super::flat(self.with_dp(move |dp| dp.freeze(&flows_for_dp, super::FREEZE_LIMIT)).await).map_err(|e| format!("cannot freeze the connections here too: {e}"))?;
-        super::settle().await;
+        super::settle(std::time::Instant::now()).await;
         // Aborted meanwhile (None): the connections went back to the applications already.
         let failed = {
             let mut p = self.pending();

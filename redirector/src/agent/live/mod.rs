@@ -27,7 +27,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
@@ -36,7 +36,7 @@ use tracing::warn;
 pub(super) use self::{
     arrive::{Incoming, RestoredConn, Restoring},
     home::Homecoming,
-    out::Moving,
+    out::{Moving, settled},
 };
 use super::Agent;
 use crate::{
@@ -48,17 +48,21 @@ use crate::{
 /// The longest a flow stays frozen should nobody thaw it (an agent that died mid-move).
 const FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
-/// How long a freeze is left to settle before the sockets are dumped: a packet that passed the
-/// classifier just before the freeze is on its way to its socket (within one softirq run,
-/// microseconds), and must be in the dump rather than arrive after it.
+/// How long a freeze takes to settle: a packet that passed the classifier just before the
+/// freeze is on its way to its socket (within one softirq run, microseconds), and must be in
+/// the dump rather than arrive after it.
 const SETTLE: Duration = Duration::from_millis(1);
 
-/// Waits [`SETTLE`] and hardly more: tokio's timers tick in whole milliseconds, and its 1 ms
-/// sleep took 2.2 ms here (measured), all of it inside the freeze, so the client's pause. A
-/// thread of the blocking pool sleeps it instead.
-async fn settle() {
-    if tokio::task::spawn_blocking(|| std::thread::sleep(SETTLE)).await.is_err() {
-        tokio::time::sleep(SETTLE).await;
+/// Waits until [`SETTLE`] passed since `since`, and hardly more: tokio's timers tick in whole
+/// milliseconds, and its 1 ms sleep took 2.2 ms here (measured), all of it inside the freeze,
+/// so the client's pause. A thread of the blocking pool sleeps it instead.
+async fn settle(since: Instant) {
+    let left = SETTLE.saturating_sub(since.elapsed());
+    if left.is_zero() {
+        return;
+    }
+    if tokio::task::spawn_blocking(move || std::thread::sleep(left)).await.is_err() {
+        tokio::time::sleep(left).await;
     }
 }
 
@@ -169,6 +173,12 @@ impl Leaving {
             }
         }
         failed
+    }
+
+    /// The clients of the dumped connections whose sockets moved on since their dump (or
+    /// cannot be read): their dumps are stale.
+    fn stale(&self) -> Vec<IpAddr> {
+        self.conns.iter().filter(|c| c.state.as_ref().is_some_and(|s| !repair::as_dumped(&c.fd, s).unwrap_or(false))).map(|c| c.client).collect()
     }
 
     /// The connections that move, per service: what `Sealed` counts.

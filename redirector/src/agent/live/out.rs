@@ -1,10 +1,11 @@
 //! The origin's side of connections moving out to a volunteer: after the export, the
-//! connections handed over are frozen and dumped; their dumps go after the sessions
-//! (`Connections`), counted in `Sealed`. Committed (the rules are in), the dumped sockets close
-//! without a word, the volunteer takes its restored ones live (`Live`), the kept packets go to
-//! them through the tunnel and the flows thaw (from then the classifier forwards their packets,
-//! as the origin has no socket for them). Aborted, the dumped sockets resume, the kept packets
-//! go to them, and the flows thaw.
+//! connections handed over are frozen and dumped at once; their dumps go after the sessions
+//! (`Connections`), counted in `Sealed`. Before the commit point, once the freeze settled,
+//! each dumped socket is checked to be as it was dumped ([`settled`]). Committed (the rules
+//! are in), the dumped sockets close without a word, the volunteer takes its restored ones
+//! live (`Live`), the kept packets go to them through the tunnel and the flows thaw (from then
+//! the classifier forwards their packets, as the origin has no socket for them). Aborted, the
+//! dumped sockets resume, the kept packets go to them, and the flows thaw.
 
 use std::{
     collections::HashMap,
@@ -31,11 +32,28 @@ const LIVE_WAIT: Duration = Duration::from_secs(2);
 pub(in crate::agent) struct Moving {
     leaving: Leaving,
     freeze: Freeze,
+    /// When the flows froze.
+    frozen_at: Option<Instant>,
 }
 
 impl Moving {
     pub(in crate::agent) fn is_empty(&self) -> bool {
         self.leaving.is_empty()
+    }
+}
+
+/// Waits until the freeze of `moving` (connections of a hand-over out, if any) settled, then
+/// checks that no packet reached a dumped socket after its dump (one that had just passed the
+/// classifier as the flows froze). The dumps are read at once rather than after the settling
+/// wait, which goes by meanwhile, while they travel and are restored. An error: a dump is
+/// stale, the hand-over must not commit (its connections go on here, as they are).
+pub(in crate::agent) async fn settled(moving: Option<&Moving>) -> Result<(), String> {
+    let Some((m, at)) = moving.and_then(|m| Some((m, m.frozen_at?))) else { return Ok(()) };
+    super::settle(at).await;
+    let stale = m.leaving.stale();
+    match stale.first() {
+        None => Ok(()),
+        Some(c) => Err(format!("{} of the moving connections (one of {c}) received or were acknowledged something after their dump", stale.len())),
     }
 }
 
@@ -47,12 +65,12 @@ impl Agent {
         let t0 = Instant::now();
         let flows = if leaving.is_empty() { Vec::new() } else { leaving.flows(handoff) };
         let freeze = self.freeze(flows, holds, handoff).await;
-        let mut m = Moving { leaving, freeze };
+        let frozen_at = Some(Instant::now());
+        let mut m = Moving { leaving, freeze, frozen_at };
         if m.leaving.is_empty() {
             return m;
         }
         let t_frozen = t0.elapsed();
-        super::settle().await;
         let failed = m.leaving.dump(&m.freeze.flows, handoff);
         self.unfreeze(&mut m.freeze, failed).await;
         info!(
@@ -104,7 +122,7 @@ impl Agent {
     /// go live on the volunteer and their packets follow; aborted, they go on here. Returns
     /// the connections to give the applications with the outcome, per service.
     pub(in crate::agent) async fn end_moving(self: &Arc<Self>, name: &str, id: u64, moving: Moving, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
-        let Moving { leaving, freeze } = moving;
+        let Moving { leaving, freeze, .. } = moving;
         let t0 = Instant::now();
         let frozen = !freeze.flows.is_empty();
         let (back, moved) = leaving.end(committed);
