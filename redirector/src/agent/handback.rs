@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Acked, Agent, Streamed,
-    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, check_listed, names, send_sessions, take_sessions},
+    handoff::{Arriving, Busy, FRAMES_AHEAD, Handover, check_listed, keepalive, names, send_sessions, take_sessions},
     host_prefix,
     live::Restoring,
     records::{Dir, Record},
@@ -385,8 +385,7 @@ impl Agent {
         let exported = {
             let work = self.export_all(handoff, &apps, &clients, &moves);
             tokio::pin!(work);
-            let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
-            keepalive.tick().await;
+            let mut keepalive = keepalive(self.cfg.lease_ms);
             let any = services.first().copied();
             loop {
                 tokio::select! {

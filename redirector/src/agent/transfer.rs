@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     Agent,
-    handoff::{Busy, Handover, NAMED, send_sessions},
+    handoff::{Busy, Handover, NAMED, keepalive, send_sessions},
     host_prefix,
     records::{Dir, Record},
     tally::{End, Stage},
@@ -168,8 +168,7 @@ impl Agent {
     async fn keep_lease<T>(self: &Arc<Self>, name: &str, id: u64, apps: &[SocketAddr], work: impl Future<Output = T>) -> T {
         let Some(service) = apps.first().copied() else { return work.await };
         tokio::pin!(work);
-        let mut keepalive = tokio::time::interval(Duration::from_millis((self.cfg.lease_ms / 2).max(50)));
-        keepalive.tick().await;
+        let mut keepalive = keepalive(self.cfg.lease_ms);
         loop {
             tokio::select! {
                 r = &mut work => return r,
