@@ -35,6 +35,28 @@ use crate::{
 /// again, backing off (up to 10 s, `state::volunteer`), until the origin knows.
 pub(super) const QUERY_AFTER: Duration = Duration::from_secs(2);
 
+/// Adopts the origin's services of `plan` not adopted yet, each with the origin's tunnel
+/// accepted: the services adopted anew. On an error, those go back.
+fn adopt_all(dp: &mut dyn crate::plane::Plane, plan: &[Adoption]) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut done: Vec<SocketAddr> = Vec::new();
+    let r = (|| {
+        for a in plan {
+            dp.add_sibling(a.src, &a.dev)?;
+            if !dp.list_adopted()?.iter().any(|(ip, port, _)| *ip == a.svc.ip() && *port == a.svc.port()) {
+                dp.adopt((a.svc.ip(), a.svc.port()), &a.dev, Some(a.listener), None)?;
+                done.push(a.svc);
+            }
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        for svc in &done {
+            let _ = dp.unadopt((svc.ip(), svc.port()));
+        }
+    }
+    r.map(|()| done)
+}
+
 /// One of the origin's services as this volunteer serves it, checked against its own
 /// configuration.
 struct Adoption {
@@ -99,7 +121,7 @@ impl Agent {
             Request::Sealed { id, sessions } => self.stream(from, id, Streamed::Sealed(sessions)).await,
             Request::Connections { id, service, connections } => self.stream(from, id, Streamed::Connections(service, connections)).await,
             Request::ConnectionBytes { id, service, bytes } => self.stream(from, id, Streamed::ConnectionBytes(service, bytes)).await,
-            Request::Live { id, handoff } => answer(Answer::Live { id, live: self.go_live(from, handoff) }).await?,
+            Request::Live { id, handoff } => answer(Answer::Live { id, live: self.live(from, handoff) }).await?,
             Request::Frozen { id, flows } => self.frozen_for(from, id, flows),
             Request::Listed { id, service, sessions } => self.receive(from, id, Some(service), sessions, Vec::new()),
             Request::Clients { id, clients } => self.receive(from, id, None, Vec::new(), clients),
@@ -216,6 +238,16 @@ impl Agent {
             }
             None => {}
         }
+    }
+
+    /// The origin of transfer (`from`, `id`) committed and asks for its connections live
+    /// (`Live`): they go live, and the applications get them with the sessions' `commit` at
+    /// once, not a round trip later with the origin's `Commit` (which then finds the transfer
+    /// settled) while their clients wait. Returns how many are live.
+    fn live(self: &Arc<Self>, from: &str, id: u64) -> u64 {
+        let n = self.go_live(from, id);
+        self.commit_acked(from, id);
+        n
     }
 
     /// Tells the applications of `apps` how import `handoff` ended, until they confirm; then
@@ -400,38 +432,24 @@ impl Agent {
         };
         // Connections of any service handed over are restored (the origin decides which move).
         let mut restoring = Restoring::to(plan.iter().map(|a| (a.svc, a.local)).collect());
-        let (imported_into, imported) = self.import_arriving(from, id, &handoff, listed, &mut frames, &mut restoring).await;
+        let services_adopted: Vec<SocketAddr> = plan.iter().map(|a| a.svc).collect();
+        // The services are adopted while the sessions and connections arrive: adopting one
+        // anew took 0.6 ms here, all of it inside the freeze of the connections that move.
+        let adopting = self.with_dp(move |dp| adopt_all(dp, &plan));
+        let ((imported_into, imported), adopted) = tokio::join!(self.import_arriving(from, id, &handoff, listed, &mut frames, &mut restoring), adopting);
+        let adopted = adopted.and_then(|r| r);
         if let Err(why) = imported {
-            // They may have taken some: they drop them (told until they confirm).
+            // They may have taken some: they drop them (told until they confirm); the
+            // services adopted for them go back.
             self.settle_imports(imported_into, handoff.clone(), false, Vec::new());
+            if let Some(new) = adopted.ok().filter(|new| !new.is_empty()) {
+                let _ = self.with_dp(move |dp| new.iter().for_each(|svc| drop(dp.unadopt((svc.ip(), svc.port()))))).await;
+            }
             return abort(why);
         }
-        let services_adopted: Vec<SocketAddr> = plan.iter().map(|a| a.svc).collect();
-        let adopted = self
-            .with_dp(move |dp| -> anyhow::Result<()> {
-                let mut done: Vec<SocketAddr> = Vec::new();
-                let r = (|| {
-                    for a in &plan {
-                        dp.add_sibling(a.src, &a.dev)?;
-                        if !dp.list_adopted()?.iter().any(|(ip, port, _)| *ip == a.svc.ip() && *port == a.svc.port()) {
-                            dp.adopt((a.svc.ip(), a.svc.port()), &a.dev, Some(a.listener), None)?;
-                            done.push(a.svc);
-                        }
-                    }
-                    Ok(())
-                })();
-                if r.is_err() {
-                    for svc in done {
-                        let _ = dp.unadopt((svc.ip(), svc.port()));
-                    }
-                }
-                r
-            })
-            .await
-            .and_then(|r| r);
         // Recorded before the acknowledgement leaves, so that Commit and Abort find it. An
         // Abort that came during the import took the reservation: then nothing is recorded.
-        let recorded = adopted.as_ref().is_ok_and(|()| {
+        let recorded = adopted.as_ref().is_ok_and(|_| {
             let now = Instant::now();
             let addrs: Vec<IpAddr> = clients.iter().map(|c| c.addr).collect();
             let acked = Acked::new(imported_into.clone(), handoff.clone(), Role::Import, addrs, now + QUERY_AFTER);
@@ -458,7 +476,7 @@ impl Agent {
         self.settle_imports(imported_into, handoff, false, Vec::new());
         match adopted {
             Err(e) => abort(format!("{e:#}")),
-            Ok(()) => abort("the origin aborted during the import".into()),
+            Ok(_) => abort("the origin aborted during the import".into()),
         }
     }
 

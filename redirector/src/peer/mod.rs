@@ -226,8 +226,9 @@ pub enum Request {
     /// live yet) before it acknowledges.
     Connections { id: u64, service: SocketAddr, connections: Vec<MovedConnection> },
     /// The origin's rules for the clients of `Transfer` `handoff` are in (it committed): the
-    /// volunteer takes the connections it restored live and answers `Live`; only then does
-    /// the origin let their packets through again. `id` is the request's own.
+    /// volunteer takes the connections it restored live, answers `Live` and settles the
+    /// transfer as committed (its `Commit` follows); only then does the origin let their
+    /// packets through again. `id` is the request's own.
     Live { id: u64, handoff: u64 },
     /// The origin froze these of the flows `Freeze` of `HandBack` `id` named (their packets
     /// are dropped, and kept, from now on): the volunteer dumps their connections and sends
