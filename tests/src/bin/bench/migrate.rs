@@ -5,10 +5,13 @@
 //! global limit) each busy with back-to-back requests while the operator moves their clients
 //! to B (`redirector move`), then home again (`redirector give-back`, once the dwell after a
 //! move passed). For each size and way: the agent's time for the whole move, the origin's
-//! freeze (first dump to last thaw, from its log, out), and the pause each client saw (its
-//! slowest request during the move), next to a plain request round trip measured in the same
-//! run. Every client must have been answered every time, by B after the move out and by A at
-//! the end, on the one connection it opened.
+//! freeze (first dump to last thaw, from its log, out), and the pause each connection saw:
+//! the time its first request answered by the other server took (the request the move held,
+//! if one was under way; one sent after the connection moved takes a round trip), next to a
+//! plain request round trip measured in the same run, and each connection's slowest request
+//! that no move held (what this VM's scheduling alone costs a request now and then). Every
+//! client must have been answered every time, by B after the move out and by A at the end,
+//! on the one connection it opened.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -39,7 +42,7 @@ struct Run {
     /// Out to B, or home.
     home: bool,
     move_ms: f64,
-    /// Each client's slowest request while its connection moved, in ms.
+    /// Each connection's first request answered by the server it moved to, in ms.
     pauses: Vec<f64>,
     /// The agents' own account: dumping (µs, on the side the connections leave) and from the
     /// commit point to the thaw (ms, on the origin).
@@ -54,25 +57,24 @@ fn logged(log: &str, what: &str, key: &str) -> Option<f64> {
 }
 
 /// What the main thread tells the client threads: every connection answered once (`ready`
-/// counts them), then requests back to back (`go`), timed per `phase` (0: the move out, 1: the
-/// way home), until `stop`; once the clients are `home` (the give-back returned), `settled`
-/// counts the connections with a request answered since.
+/// counts them), then requests back to back (`go`) until `stop`; once the clients are `home`
+/// (the give-back returned), `settled` counts the connections with a request answered since.
 #[derive(Clone, Default)]
 struct Signals {
     ready: Arc<AtomicUsize>,
     go: Arc<AtomicBool>,
-    phase: Arc<AtomicUsize>,
     home: Arc<AtomicBool>,
     settled: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
-/// A client, and its slowest request in each phase (ms).
-type Driven = (HttpClient, [f64; 2]);
+/// A client, the time of its first request answered by B after A (out) and by A after B
+/// (home), and its slowest other request (ms).
+type Driven = (HttpClient, [Option<f64>; 2], f64);
 
 /// Clients `first..first + n` on threads: each makes a request, then (once `go` is set)
 /// requests back to back until `stop`, timing each. Returns the clients and each one's
-/// slowest request in each phase.
+/// slowest requests.
 fn drive(c: &Cluster, first: u16, n: u16, per: u16, sig: &Signals) -> Vec<std::thread::JoinHandle<Vec<Driven>>> {
     let dst = SocketAddr::new(IpAddr::V4(SERVICE4), 80);
     (0..THREADS.min(n))
@@ -82,9 +84,9 @@ fn drive(c: &Cluster, first: u16, n: u16, per: u16, sig: &Signals) -> Vec<std::t
                 let mut mine: Vec<Driven> = (first..first + n)
                     .filter(|i| (i - first) % THREADS == t)
                     .flat_map(|i| (0..per).map(move |_| i))
-                    .map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), [0.0; 2]))
+                    .map(|i| (HttpClient::new(&ns, IpAddr::V4(client4(i)), dst), [None; 2], 0.0))
                     .collect();
-                for (cl, _) in &mut mine {
+                for (cl, ..) in &mut mine {
                     cl.request();
                     sig.ready.fetch_add(1, Ordering::SeqCst);
                 }
@@ -95,10 +97,15 @@ fn drive(c: &Cluster, first: u16, n: u16, per: u16, sig: &Signals) -> Vec<std::t
                 let mut settled = vec![false; mine.len()];
                 // Bounded: until stopped, at most a minute.
                 while !sig.stop.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_mins(1) {
-                    for ((cl, worst), settled) in mine.iter_mut().zip(&mut settled) {
-                        let (t, phase, home) = (Instant::now(), sig.phase.load(Ordering::SeqCst).min(1), sig.home.load(Ordering::SeqCst));
+                    for ((cl, crossed, other), settled) in mine.iter_mut().zip(&mut settled) {
+                        let (t, home, was) = (Instant::now(), sig.home.load(Ordering::SeqCst), cl.last_server.clone());
                         cl.request();
-                        worst[phase] = f64::max(worst[phase], t.elapsed().as_secs_f64() * 1e3);
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        match (was.as_deref(), cl.last_server.as_deref()) {
+                            (Some("A"), Some("B")) if crossed[0].is_none() => crossed[0] = Some(ms),
+                            (Some("B"), Some("A")) if crossed[1].is_none() => crossed[1] = Some(ms),
+                            _ => *other = f64::max(*other, ms),
+                        }
                         if home && !*settled {
                             *settled = true;
                             sig.settled.fetch_add(1, Ordering::SeqCst);
@@ -133,6 +140,8 @@ pub fn migrate(json: bool) {
     let mut probe = HttpClient::new(&c.t.client.ns, IpAddr::V4(client4(total)), SocketAddr::new(IpAddr::V4(SERVICE4), 80));
     let rtt_before = round_trip(&mut probe, 200);
     let mut runs = Vec::new();
+    // Each connection's slowest request that did not cross a move.
+    let mut others = Vec::new();
     let mut first = 1u16;
     for (n, per) in SIZES {
         let conns = usize::from(n) * usize::from(per);
@@ -151,8 +160,6 @@ pub fn migrate(json: bool) {
         let out_log = c.log("a");
         // Home once the dwell after a move passed (a give-back waits it out first).
         std::thread::sleep(MOVE_DWELL + Duration::from_millis(100));
-        sig.phase.store(1, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(200));
         let home = redirector::admin::give_back(&c.sock("a"), clients, Duration::from_mins(1)).expect("give-back request");
         // Until every connection had a request answered since (a thread drives 20 one after
         // another: a fixed wait cut some short when the last requests of the move were slow).
@@ -163,19 +170,20 @@ pub fn migrate(json: bool) {
         }
         sig.stop.store(true, Ordering::SeqCst);
         let driven: Vec<Driven> = threads.into_iter().flat_map(|t| t.join().expect("client thread")).collect();
+        others.extend(driven.iter().map(|d| d.2));
         assert_eq!(moved.moved, usize::from(n), "all {n} clients moved: {moved:?}");
         assert_eq!(home.given_back, usize::from(n), "all {n} clients came home: {home:?}");
         let problems: Vec<String> = driven
             .iter()
             // Connections of one client share its session: their counts interleave.
-            .filter(|(cl, _)| {
+            .filter(|(cl, ..)| {
                 !((if per == 1 { cl.intact() } else { cl.failures.is_empty() })
                     && cl.retries == 0
                     && cl.connections() == 1
                     && cl.servers.contains_key("B")
                     && cl.last_server.as_deref() == Some("A"))
             })
-            .map(|(cl, _)| {
+            .map(|(cl, ..)| {
                 format!("{}: {} requests on {} connections, {} retried, last answer by {:?}: {}", cl.src, cl.requests, cl.connections(), cl.retries, cl.last_server, cl.problems())
             })
             .collect();
@@ -206,7 +214,7 @@ pub fn migrate(json: bool) {
                 n: conns,
                 home: way == 1,
                 move_ms: ms,
-                pauses: driven.iter().map(|d| d.1[way]).collect(),
+                pauses: driven.iter().filter_map(|d| d.1[way]).collect(),
                 dump_us: if way == 0 { logged(&out_log, "connections frozen and dumped", "dump_us") } else { logged(&c.log("b"), "connections going home dumped", "dump_us") },
                 thawed_ms: if way == 0 { logged(&out_log, "connections moved live", "done_ms") } else { logged(&c.log("a"), "connections of a hand-back settled", "done_ms") },
             };
@@ -217,7 +225,7 @@ pub fn migrate(json: bool) {
         first += n;
     }
     let rtt = (rtt_before + round_trip(&mut probe, 200)) / 2.0;
-    println!("Open connections moved live with their clients, A -> B and home (release build; pause: each client's slowest request during the move):");
+    println!("Open connections moved live with their clients, A -> B and home (release build; pause: each connection's first request answered by the other server):");
     println!(
         "  {:>6} {:>5} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "conns", "way", "move ms", "ms/conn", "pause p50", "pause p99", "pause max", "dump ms", "commit->thaw"
@@ -237,17 +245,22 @@ pub fn migrate(json: bool) {
             opt(r.thawed_ms)
         );
     }
-    let pauses = |home: bool| -> Vec<f64> { runs.iter().filter(|r| r.home == home).flat_map(|r| r.pauses.iter().copied()).collect() };
-    let (all, back) = (pauses(false), pauses(true));
-    let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+    // The worst size's, not all sizes' pauses pooled: the 1,000 connections' would outweigh
+    // the others, and most of them had no request under way as they moved (a thread drives
+    // twenty, one after the other), so their first request to the other server took a round
+    // trip.
+    let worst = |home: bool, q: f64| runs.iter().filter(|r| r.home == home).map(|r| percentile(&r.pauses, q)).fold(f64::NAN, f64::max);
+    let (p50, p99) = (worst(false, 0.5), worst(false, 0.99));
     let ms_1000 = |home: bool| runs.iter().find(|r| r.n == 1000 && r.home == home).map_or(f64::NAN, |r| r.move_ms);
-    let (home_p50, home_p99, home_1000) = (percentile(&back, 0.5), percentile(&back, 0.99), ms_1000(true));
+    let (home_p50, home_p99, home_1000) = (worst(true, 0.5), worst(true, 0.99), ms_1000(true));
     let ms_1000 = ms_1000(false);
-    println!("Home: pause p50 {home_p50:.2} ms ({:.1}x the round trip), p99 {home_p99:.2} ms; 1,000 connections home in {home_1000:.1} ms", home_p50 / rtt);
+    println!("Home, the worst size: pause p50 {home_p50:.2} ms ({:.1}x the round trip), p99 {home_p99:.2} ms; 1,000 connections home in {home_1000:.1} ms", home_p50 / rtt);
     println!("Plain keep-alive request round trip, same run: {rtt:.3} ms (median); pause p50 / round trip: {:.1}x", p50 / rtt);
+    let (other_p50, other_max) = (percentile(&others, 0.5), percentile(&others, 1.0));
+    println!("Each connection's slowest other request, same run (this VM's own stalls): p50 {other_p50:.2} ms, max {other_max:.2} ms");
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
     println!(
-        "Goals: pause p50 under 2 ms: {p50:.2} ms {}; p99 under 10 ms: {p99:.2} ms {}; 1,000 connections moved in under 100 ms: {ms_1000:.1} ms {}",
+        "Goals (out, the worst size): pause p50 under 2 ms: {p50:.2} ms {}; p99 under 10 ms: {p99:.2} ms {}; 1,000 connections moved in under 100 ms: {ms_1000:.1} ms {}",
         met(p50 < 2.0),
         met(p99 < 10.0),
         met(ms_1000 < 100.0)
@@ -258,6 +271,7 @@ pub fn migrate(json: bool) {
         m.insert("pause_p99_ms".into(), serde_json::json!(p99));
         m.insert("ms_1000".into(), serde_json::json!(ms_1000));
         m.insert("round_trip_ms".into(), serde_json::json!(rtt));
+        m.insert("unheld_slowest_p50_ms".into(), serde_json::json!(other_p50));
         m.insert("home_pause_p50_ms".into(), serde_json::json!(home_p50));
         m.insert("home_pause_p99_ms".into(), serde_json::json!(home_p99));
         m.insert("home_ms_1000".into(), serde_json::json!(home_1000));
