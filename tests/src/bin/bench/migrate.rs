@@ -271,7 +271,7 @@ pub fn migrate(json: bool) {
         m.insert("pause_p99_ms".into(), serde_json::json!(p99));
         m.insert("ms_1000".into(), serde_json::json!(ms_1000));
         m.insert("round_trip_ms".into(), serde_json::json!(rtt));
-        m.insert("unheld_slowest_p50_ms".into(), serde_json::json!(other_p50));
+        m.insert("other_request_slowest_p50_ms".into(), serde_json::json!(other_p50));
         m.insert("home_pause_p50_ms".into(), serde_json::json!(home_p50));
         m.insert("home_pause_p99_ms".into(), serde_json::json!(home_p99));
         m.insert("home_ms_1000".into(), serde_json::json!(home_1000));
