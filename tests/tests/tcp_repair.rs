@@ -30,6 +30,16 @@ fn ioctl(fd: &impl std::os::fd::AsRawFd, req: libc::Ioctl) -> usize {
     usize::try_from(redirector::sockopt::ioctl_int(fd, req).expect("ioctl")).expect("a length")
 }
 
+/// A connection from client 1 to A's first IPv4 address at `port`: the client's end and the
+/// server's.
+fn connected(t: &Topology, port: u16) -> (std::net::TcpStream, std::net::TcpStream) {
+    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), port);
+    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
+    let c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
+    let (s, _) = listener.accept().expect("accept");
+    (c, s)
+}
+
 fn moves_with_both_queues_and_an_unsent_tail(v6: bool) {
     let t = Topology::new(1);
     let (server, client) = if v6 { (IpAddr::V6(t.a.v6[0]), IpAddr::V6(client6(1))) } else { (IpAddr::V4(t.a.v4[0]), IpAddr::V4(client4(1))) };
@@ -123,10 +133,7 @@ fn a_dumped_connection_that_does_not_move_goes_on_where_it_was() {
         return;
     }
     let t = Topology::new(1);
-    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8081);
-    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
-    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
-    let (mut s, _) = listener.accept().expect("accept");
+    let (mut c, mut s) = connected(&t, 8081);
     c.write_all(b"one\n").expect("write");
     // The application's own mark, muted while dumped, is its own again once it resumes.
     redirector::sockopt::set(&s, libc::SOL_SOCKET, libc::SO_MARK, &7u32).expect("mark");
@@ -214,10 +221,7 @@ fn a_discarded_connection_is_free_to_come_back_though_a_copy_of_its_socket_lives
         return;
     }
     let t = Topology::new(1);
-    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8083);
-    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
-    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
-    let (s, _) = listener.accept().expect("accept");
+    let (mut c, s) = connected(&t, 8083);
     let state = repair::dump(&s).expect("dump");
     let mut copy = s.try_clone().expect("a copy of the socket");
     repair::discard(OwnedFd::from(s));
@@ -297,10 +301,7 @@ fn a_connection_restored_into_a_closed_window_sends_nothing_into_it() {
     // The client's timestamps without a random offset: below 2^31, so the fast path takes
     // them (it leaves a timestamp "older" than none, the restored socket's, to the slow path).
     t.client.sysctl("net.ipv4.tcp_timestamps", "2");
-    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8085);
-    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
-    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
-    let (mut s, _) = listener.accept().expect("accept");
+    let (mut c, mut s) = connected(&t, 8085);
     redirector::sockopt::set(&c, libc::SOL_SOCKET, libc::SO_RCVBUF, &(64 << 10)).expect("a small receive buffer");
     // The client's segments that close its window go nowhere for now.
     let table = "rdtest_closed";
@@ -360,10 +361,7 @@ fn a_dump_that_a_packet_reached_after_it_is_seen_to_be_stale() {
         return;
     }
     let t = Topology::new(1);
-    let addr = SocketAddr::new(IpAddr::V4(t.a.v4[0]), 8086);
-    let listener = in_netns(&t.a.ns, move || TcpListener::bind(addr).expect("listen"));
-    let mut c = connect_tcp(&t.client.ns, IpAddr::V4(client4(1)), addr).expect("connect");
-    let (mut s, _) = listener.accept().expect("accept");
+    let (mut c, mut s) = connected(&t, 8086);
     let holds = |s: &std::net::TcpStream, state: &TcpState| repair::as_dumped(s, state).expect("reading the dumped socket");
 
     // Bytes that arrive after the dump.
