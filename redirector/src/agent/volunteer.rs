@@ -50,11 +50,17 @@ fn adopt_all(dp: &mut dyn crate::plane::Plane, plan: &[Adoption]) -> anyhow::Res
         Ok(())
     })();
     if r.is_err() {
-        for svc in &done {
-            let _ = dp.unadopt((svc.ip(), svc.port()));
-        }
+        unadopt_all(dp, &done);
     }
     r.map(|()| done)
+}
+
+/// Gives back `services`, adopted for a transfer that did not happen (best effort: the
+/// transfer's own error is the one that counts).
+fn unadopt_all(dp: &mut dyn crate::plane::Plane, services: &[SocketAddr]) {
+    for svc in services {
+        let _ = dp.unadopt((svc.ip(), svc.port()));
+    }
 }
 
 /// One of the origin's services as this volunteer serves it, checked against its own
@@ -443,7 +449,7 @@ impl Agent {
             // services adopted for them go back.
             self.settle_imports(imported_into, handoff.clone(), false, Vec::new());
             if let Some(new) = adopted.ok().filter(|new| !new.is_empty()) {
-                let _ = self.with_dp(move |dp| new.iter().for_each(|svc| drop(dp.unadopt((svc.ip(), svc.port()))))).await;
+                let _ = self.with_dp(move |dp| unadopt_all(dp, &new)).await;
             }
             return abort(why);
         }

@@ -28,12 +28,11 @@ use crate::{
 const LIVE_WAIT: Duration = Duration::from_secs(2);
 
 /// The connections of a hand-over out, on the origin, from the export to its end.
-#[derive(Default)]
 pub(in crate::agent) struct Moving {
     leaving: Leaving,
     freeze: Freeze,
     /// When the flows froze.
-    frozen_at: Option<Instant>,
+    frozen_at: Instant,
 }
 
 impl Moving {
@@ -48,8 +47,8 @@ impl Moving {
 /// wait, which goes by meanwhile, while they travel and are restored. An error: a dump is
 /// stale, the hand-over must not commit (its connections go on here, as they are).
 pub(in crate::agent) async fn settled(moving: Option<&Moving>) -> Result<(), String> {
-    let Some((m, at)) = moving.and_then(|m| Some((m, m.frozen_at?))) else { return Ok(()) };
-    super::settle(at).await;
+    let Some(m) = moving else { return Ok(()) };
+    super::settle(m.frozen_at).await;
     let stale = m.leaving.stale();
     match stale.first() {
         None => Ok(()),
@@ -65,8 +64,7 @@ impl Agent {
         let t0 = Instant::now();
         let flows = if leaving.is_empty() { Vec::new() } else { leaving.flows(handoff) };
         let freeze = self.freeze(flows, holds, handoff).await;
-        let frozen_at = Some(Instant::now());
-        let mut m = Moving { leaving, freeze, frozen_at };
+        let mut m = Moving { leaving, freeze, frozen_at: Instant::now() };
         if m.leaving.is_empty() {
             return m;
         }
