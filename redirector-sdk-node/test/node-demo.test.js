@@ -373,3 +373,51 @@ test('the Node demo keeps a connection with its waiting request when the hook ca
     await agent.stop();
   }
 });
+
+// The agent lists the clients to move by the connections the kernel counts, and steers their new
+// connections elsewhere before the commit: a connection of such a client still waiting in the
+// listener's queue when the commit comes is one of its open connections here (closed, as the
+// commit says), not the client coming back (which a connection made after the commit is, once
+// the rules are withdrawn: its volunteer lost, say). A loaded demo once took such a connection
+// after applying the commit and served the moved client from a new session here for the rest
+// of the run (the sessions test, 2 runs in 7). Node accepts one waiting connection per turn of
+// its event loop: five wait here. The demo is stopped while the commit reaches it and the
+// clients connect, so all wait for it: the commit first.
+test('the Node demo closes a moved client\'s connections that waited in the listener\'s queue across the commit', { skip: unavailable() ?? false }, async () => {
+  const agent = await FdAgent.start();
+  let demo;
+  const clients = [];
+  try {
+    demo = await startDemo(agent, 'A');
+    // The client has no connection here yet (the kernel has them, in the listener's queue).
+    await agent.send({ id: 1, op: 'export', handoff: 'a/1/b', clients: ['127.0.0.1'] });
+    assert.deepEqual((await agent.read()).msg, { id: 1, ok: true, sessions: [] });
+    demo.proc.kill('SIGSTOP');
+    try {
+      await agent.send({ id: 2, op: 'commit', handoff: 'a/1/b' });
+      for (let i = 0; i < 5; i += 1) {
+        const queued = await Client.open(demo.port);
+        clients.push(queued);
+        queued.get();
+      }
+    } finally {
+      demo.proc.kill('SIGCONT');
+    }
+    assert.deepEqual((await agent.read()).msg, { id: 2, ok: true });
+    const answers = await Promise.all(clients.map((c) => c.response()));
+    assert.deepEqual(answers, [null, null, null, null, null], `no answer: the session lives elsewhere (${demo.log})`);
+    assert.ok(clients.every((c) => c.events.includes('end')), 'the demo closed the connections');
+    assert.equal(demo.log.split('closing a connection of 127.0.0.1: its session moved').length - 1, 5, demo.log);
+
+    // A connection made after the commit reached this server: the client is back (here without
+    // its session, as when its volunteer was lost), served from a new one.
+    const back = await Client.open(demo.port);
+    clients.push(back);
+    back.get();
+    assert.deepEqual((await back.response()).body, { server: 'A', client: '127.0.0.1', count: 1, history: [1] });
+  } finally {
+    for (const c of clients) c.sock.destroy();
+    await stopDemo(demo);
+    await agent.stop();
+  }
+});

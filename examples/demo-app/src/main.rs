@@ -120,6 +120,10 @@ struct Store {
     /// which first takes the connections waiting to be accepted: the kernel counts them as the
     /// clients' already, and a connection the application does not know cannot go along.
     listener: std::sync::OnceLock<TcpListener>,
+    /// Commits applied, counted under the store's lock. A commit first accepts what waits in
+    /// the listener's queue, then applies; a connection the accepting loop took before a commit
+    /// and enlists after it may have waited there since before the rules (see `enlist`).
+    commits: AtomicU64,
 }
 
 impl Sessions for Store {
@@ -157,7 +161,14 @@ impl Sessions for Store {
     }
 
     fn commit(&self, handoff: &str) {
+        // The agent steered the moving clients' new connections elsewhere before it sent the
+        // commit: a connection of one of them still in the listener's queue is one of its open
+        // connections here (closed below), not the client coming back, which a connection
+        // accepted later means. A loaded Node.js demo once took such a connection after the
+        // commit and served the client from a new session here for the rest of the run.
+        self.accept_pending();
         let mut map = self.clients.lock().expect("lock");
+        self.commits.fetch_add(1, Ordering::SeqCst);
         let (mut out, mut confirmed) = (0, 0);
         for cl in map.values_mut() {
             if cl.frozen.as_deref() == Some(handoff) {
@@ -256,7 +267,7 @@ impl Sessions for Store {
         for c in connections {
             // In the store before the commit or abort that follows (a commit closes it if its
             // client's session left), then served by a thread of its own.
-            let Some(conn) = me.enlist(c.client.to_canonical(), c.socket, c.blob, false) else { continue };
+            let Some(conn) = me.enlist(c.client.to_canonical(), c.socket, c.blob, None) else { continue };
             served += 1;
             let me = me.clone();
             std::thread::spawn(move || me.serve(conn));
@@ -520,6 +531,7 @@ impl Store {
     fn accept_pending(&self) {
         let (Some(l), Some(me)) = (self.listener.get(), self.me.upgrade()) else { return };
         loop {
+            let commits = self.commits.load(Ordering::SeqCst);
             let stream = match l.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -534,7 +546,7 @@ impl Store {
                 continue;
             }
             // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
-            if let Some(conn) = self.enlist(peer.ip().to_canonical(), stream, Vec::new(), true) {
+            if let Some(conn) = self.enlist(peer.ip().to_canonical(), stream, Vec::new(), Some(commits)) {
                 let me = me.clone();
                 std::thread::spawn(move || me.serve(conn));
             }
@@ -543,8 +555,12 @@ impl Store {
 
     /// Puts a connection of `client` in the store, `blob` saying what was read of it already
     /// and any download it is in the middle of (an adopted connection's). `accepted`: a new
-    /// connection of the client (it came here, so its session is not elsewhere).
-    fn enlist(&self, client: IpAddr, stream: TcpStream, blob: Vec<u8>, accepted: bool) -> Option<Served> {
+    /// connection of the client, with the commits applied before it was accepted. It came
+    /// here, so the client is back (its session is not elsewhere, e.g. its volunteer was lost)
+    /// unless a commit came in between: then it may have waited in the queue since before that
+    /// commit's rules, and it is one of the moved client's old connections (closed at its next
+    /// request; the client's retry comes here again if the client is really back).
+    fn enlist(&self, client: IpAddr, stream: TcpStream, blob: Vec<u8>, accepted: Option<u64>) -> Option<Served> {
         let (resume, before) = download::from_blob(blob);
         let _ = stream.set_nodelay(true);
         // A client that does not read never holds a thread (or the store) for long.
@@ -556,7 +572,7 @@ impl Store {
         {
             let mut map = self.clients.lock().expect("lock");
             let cl = map.entry(client).or_default();
-            if accepted {
+            if accepted == Some(self.commits.load(Ordering::SeqCst)) {
                 cl.moved = false;
             }
             let busy = resume.is_some() || !before.is_empty();
@@ -797,8 +813,15 @@ fn main() {
             std::process::exit(2);
         })
     });
-    let store =
-        Arc::new_cyclic(|me| Store { clients: Mutex::default(), changed: Condvar::new(), name: name.clone(), settings, me: me.clone(), listener: std::sync::OnceLock::new() });
+    let store = Arc::new_cyclic(|me| Store {
+        clients: Mutex::default(),
+        changed: Condvar::new(),
+        name: name.clone(),
+        settings,
+        me: me.clone(),
+        listener: std::sync::OnceLock::new(),
+        commits: AtomicU64::new(0),
+    });
     let _hook = arg(&args, "--hook").map(|sock| {
         let service: SocketAddr = arg(&args, "--service").and_then(|s| s.parse().ok()).unwrap_or(listen);
         Hook::start_version(sock, service, version, store.clone())
