@@ -1,6 +1,8 @@
 //! Descriptors passed with a line (version 3): the open connections that move with their
 //! sessions. A writer attaches a line's descriptors (`SCM_RIGHTS`) to that line's own bytes,
-//! one to each `sendmsg` ([`MAX_PER_SEND`]); the line counts them in its `fds`. A reader
+//! at most a given number to each `sendmsg`: one when the reader may be Node.js
+//! ([`ONE_PER_SEND`]), as many as a message holds when it is the agent ([`MAX_PER_MESSAGE`]);
+//! the line counts them in its `fds`. A reader
 //! keeps every descriptor it receives, in arrival order, and gives each line that announces
 //! N the first N it holds: the kernel never lets one read run past a message that carries
 //! descriptors, so a line's descriptors are always in by the time its last byte is.
@@ -13,42 +15,47 @@ use std::{
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
-/// Descriptors one `sendmsg` carries: one. Node.js (libuv) takes one descriptor per read and
-/// delivers the others of a message only with later bytes, which may never come (the writer
-/// waits for an answer); one per message, the kernel ends each read at it.
-pub const MAX_PER_SEND: usize = 1;
+/// Descriptors one `sendmsg` carries to a reader that may be Node.js (what the agent writes to
+/// applications): one. Node.js (libuv) takes one descriptor per read and delivers the others of
+/// a message only with later bytes, which may never come (the writer waits for an answer); one
+/// per message, the kernel ends each read at it.
+pub const ONE_PER_SEND: usize = 1;
 
 /// The most descriptors one message can carry (the kernel's `SCM_MAX_FD`): what a reader
-/// makes room for.
+/// makes room for, and what a writer to the agent, which reads them all, may attach to one
+/// `sendmsg` (a thousand connections handed over one per `sendmsg` took the Rust SDK 26 ms
+/// here, inside their clients' pause).
 pub const MAX_PER_MESSAGE: usize = 253;
 
 /// Writes all of `bytes` to the Unix stream socket `sock`, with `fds` attached to them
-/// (spread over the first writes, [`MAX_PER_SEND`] at a time: a line listing N connections is
-/// always longer than the N writes it takes). Blocks as the socket does; a
+/// (spread over the first writes, `per_send` at a time, at least one and at most
+/// [`MAX_PER_MESSAGE`]: a line listing N connections is always longer than the N writes it
+/// may take). Blocks as the socket does; a
 /// non-blocking socket that is full returns `WouldBlock` with what was written so far lost
 /// to the caller, so use it on blocking sockets, or see [`send_some`].
 ///
 /// # Errors
 /// The kernel's, or `bytes` too short to carry `fds`.
-pub fn send_all(sock: BorrowedFd<'_>, mut bytes: &[u8], mut fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+pub fn send_all(sock: BorrowedFd<'_>, mut bytes: &[u8], mut fds: &[BorrowedFd<'_>], per_send: usize) -> io::Result<()> {
     while !bytes.is_empty() {
-        let n = send_some(sock, bytes, &mut fds)?;
+        let n = send_some(sock, bytes, &mut fds, per_send)?;
         bytes = &bytes[n..];
     }
     if fds.is_empty() { Ok(()) } else { Err(io::Error::new(io::ErrorKind::InvalidInput, "a line too short to carry its descriptors")) }
 }
 
-/// One `sendmsg` of (a first part of) `bytes`, carrying up to [`MAX_PER_SEND`] of `fds`
-/// (those it carried are taken off the front of `fds`). Returns the bytes written. A
+/// One `sendmsg` of (a first part of) `bytes`, carrying up to `per_send` of `fds` (at least
+/// one, at most [`MAX_PER_MESSAGE`]; those it carried are taken off the front of `fds`). Returns the bytes written. A
 /// descriptor goes with the write's first byte, so a write that sent anything sent them.
 ///
 /// # Errors
 /// The kernel's (`WouldBlock` on a full non-blocking socket: nothing was sent).
-pub fn send_some(sock: BorrowedFd<'_>, bytes: &[u8], fds: &mut &[BorrowedFd<'_>]) -> io::Result<usize> {
-    let k = fds.len().min(MAX_PER_SEND);
+pub fn send_some(sock: BorrowedFd<'_>, bytes: &[u8], fds: &mut &[BorrowedFd<'_>], per_send: usize) -> io::Result<usize> {
+    let per_send = per_send.clamp(1, MAX_PER_MESSAGE);
+    let k = fds.len().min(per_send);
     // Each write carrying descriptors takes only as many bytes as leave one for each write
     // the remaining descriptors still need.
-    let later = (fds.len() - k).div_ceil(MAX_PER_SEND);
+    let later = (fds.len() - k).div_ceil(per_send);
     let len = if fds.is_empty() { bytes.len() } else { bytes.len().saturating_sub(later).max(1).min(bytes.len()) };
     let raw: Vec<RawFd> = fds[..k].iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
@@ -117,40 +124,49 @@ mod tests {
 
     use super::*;
 
-    fn read_all(r: &UnixStream, want: usize, fds: &mut VecDeque<OwnedFd>) -> Vec<u8> {
-        let mut got = Vec::new();
+    /// Reads `want` bytes from `r`; returns them and how many of the reads brought
+    /// descriptors (as many as the messages that carried them).
+    fn read_all(r: &UnixStream, want: usize, fds: &mut VecDeque<OwnedFd>) -> (Vec<u8>, usize) {
+        let (mut got, mut with_fds) = (Vec::new(), 0);
         let mut buf = [0u8; 100];
         while got.len() < want {
+            let before = fds.len();
             let n = recv_some(r.as_fd(), &mut buf, fds).unwrap();
             assert!(n > 0, "the stream ended early");
+            with_fds += usize::from(fds.len() > before);
             got.extend_from_slice(&buf[..n]);
         }
-        got
+        (got, with_fds)
     }
 
     #[test]
-    fn descriptors_arrive_with_their_line_in_order_however_many() {
+    fn descriptors_arrive_with_their_line_in_order_however_many_and_however_split() {
         let (a, b) = UnixStream::pair().unwrap();
-        // 600 descriptors (600 writes) on one line, then a line with none, then two.
         let files: Vec<OwnedFd> = (0..600).map(|_| std::fs::File::open("/dev/null").unwrap().into()).collect();
         let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
         let line1 = format!("{}\n", "x".repeat(700));
-        let mut fds = VecDeque::new();
-        // Read while writing: the socket holds a few hundred messages at most.
-        let got = std::thread::scope(|s| {
-            s.spawn(|| {
-                send_all(a.as_fd(), line1.as_bytes(), &borrowed).unwrap();
-                send_all(a.as_fd(), b"plain\n", &[]).unwrap();
-                send_all(a.as_fd(), b"ab\n", &borrowed[..2]).unwrap();
+        // One per message (to Node.js), or as many as a message holds (to the agent).
+        for (per_send, messages) in [(ONE_PER_SEND, 600 + 2), (MAX_PER_MESSAGE, 3 + 1), (0, 600 + 2), (1000, 3 + 1)] {
+            let mut fds = VecDeque::new();
+            // 600 descriptors on one line, then a line with none, then two. Read while
+            // writing: the socket holds a few hundred messages at most.
+            let (got, with_fds) = std::thread::scope(|s| {
+                s.spawn(|| {
+                    send_all(a.as_fd(), line1.as_bytes(), &borrowed, per_send).unwrap();
+                    send_all(a.as_fd(), b"plain\n", &[], per_send).unwrap();
+                    send_all(a.as_fd(), b"ab\n", &borrowed[..2], per_send).unwrap();
+                });
+                read_all(&b, line1.len() + 6 + 3, &mut fds)
             });
-            read_all(&b, line1.len() + 6 + 3, &mut fds)
-        });
-        assert_eq!(got, [line1.as_bytes(), b"plain\n", b"ab\n"].concat());
-        assert_eq!(take(&mut fds, 600).unwrap().len(), 600);
-        assert_eq!(take(&mut fds, 0).unwrap().len(), 0);
-        assert_eq!(take(&mut fds, 2).unwrap().len(), 2);
-        assert!(take(&mut fds, 1).unwrap_err().contains("announcing 1 descriptors came with 0"));
+            assert_eq!(got, [line1.as_bytes(), b"plain\n", b"ab\n"].concat(), "{per_send} per sendmsg");
+            assert_eq!(with_fds, messages, "messages with descriptors, {per_send} per sendmsg");
+            assert_eq!(take(&mut fds, 600).unwrap().len(), 600);
+            assert_eq!(take(&mut fds, 0).unwrap().len(), 0);
+            assert_eq!(take(&mut fds, 2).unwrap().len(), 2);
+            assert!(take(&mut fds, 1).unwrap_err().contains("announcing 1 descriptors came with 0"));
+        }
         // A line too short for its descriptors' writes.
-        assert!(send_all(a.as_fd(), b"xy", &borrowed[..3]).is_err());
+        assert!(send_all(a.as_fd(), b"xy", &borrowed[..3], ONE_PER_SEND).is_err());
+        assert!(send_all(a.as_fd(), b"", &borrowed[..3], MAX_PER_MESSAGE).is_err());
     }
 }

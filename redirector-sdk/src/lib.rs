@@ -232,7 +232,8 @@ impl Out for SocketOut<'_> {
 
     fn write_fds(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
         self.0.flush()?;
-        fds::send_all(self.0.get_ref().as_fd(), bytes, fds)
+        // The agent reads as many as a message holds.
+        fds::send_all(self.0.get_ref().as_fd(), bytes, fds, fds::MAX_PER_MESSAGE)
     }
 }
 

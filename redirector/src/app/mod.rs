@@ -898,13 +898,14 @@ async fn write_out(mut w: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>
     Ok(())
 }
 
-/// Writes `line` to `sock` with `passed` attached to its bytes.
+/// Writes `line` to `sock` with `passed` attached to its bytes, one to each `sendmsg`: the
+/// application may be Node.js, which takes one per read.
 async fn send_with_fds(sock: &UnixStream, line: &[u8], passed: &[OwnedFd]) -> std::io::Result<()> {
     let borrowed: Vec<std::os::fd::BorrowedFd<'_>> = passed.iter().map(std::os::fd::AsFd::as_fd).collect();
     let (mut at, mut left) = (0usize, &borrowed[..]);
     while at < line.len() {
         sock.writable().await?;
-        match sock.try_io(Interest::WRITABLE, || fds::send_some(sock.as_fd(), &line[at..], &mut left)) {
+        match sock.try_io(Interest::WRITABLE, || fds::send_some(sock.as_fd(), &line[at..], &mut left, fds::ONE_PER_SEND)) {
             Ok(n) => at += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
