@@ -117,8 +117,18 @@ impl Hook {
     }
 
     /// As [`Hook::start`], speaking `version` only if it is given.
+    ///
+    /// An application that may take moved connections (version 3) gets room for
+    /// [`fds::TABLE_ROOM`] descriptors in its table now ([`fds::reserve_table`]): in a process
+    /// with several threads, each time the kernel grows the table it waits for an RCU grace
+    /// period, milliseconds that would otherwise fall inside the clients' pause of a big move.
     pub fn start_version(socket: impl Into<PathBuf>, service: SocketAddr, version: Option<Version>, sessions: Arc<dyn Sessions>) -> Self {
         let socket = socket.into();
+        if version.is_none_or(Version::moves_connections)
+            && let Err(e) = fds::reserve_table(fds::TABLE_ROOM)
+        {
+            eprintln!("redirector hook: cannot make room for descriptors in advance ({e}): a first big move of connections here will wait for it");
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {

@@ -92,7 +92,27 @@ fn moves_live(kind: DemoApp, v6: bool) {
         }
     }
     assert!(both * 2 >= moved_to.len(), "most moved clients were answered by A first, then by their volunteer: {both} of {}", moved_to.len());
+    // Every agent, and every Rust application (its SDK), made room for the descriptors of a
+    // big move when it started, not while clients waited.
+    let mut procs: Vec<(String, u32)> = c.agents.iter().map(|(n, p)| (format!("agent {n}"), p.child.id())).collect();
+    if kind == DemoApp::Rust {
+        procs.extend(c.apps.iter().map(|p| (format!("application {}", p.log.display()), p.child.id())));
+    }
+    for (what, pid) in procs {
+        let (size, soft) = descriptor_table(pid);
+        let want = redirector_hook::fds::TABLE_ROOM.min(soft);
+        assert!(size >= want, "{what}: its descriptor table holds {size}, less than the {want} reserved at start");
+    }
     eprintln!("{total} requests on 200 connections, none failed, retried or reconnected; {} clients moved with their connections", moved_to.len());
+}
+
+/// Process `pid`'s descriptor table: its size and the soft limit of open descriptors.
+fn descriptor_table(pid: u32) -> (usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is alive");
+    let size = status.lines().find_map(|l| l.strip_prefix("FDSize:")).and_then(|v| v.trim().parse().ok()).expect("FDSize");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("its limits");
+    let soft = limits.lines().find_map(|l| l.strip_prefix("Max open files")).and_then(|v| v.split_whitespace().next()?.parse().ok()).expect("Max open files");
+    (size, soft)
 }
 
 /// A (watermarks 20/10) and B (100/80), connections moving live, with these node options.

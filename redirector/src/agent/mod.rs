@@ -220,6 +220,10 @@ impl Agent {
     /// kernel's ([`Agent::new`]), or an in-memory one ([`crate::plane::memory`]).
     pub fn with_plane(cfg: Valid, mut dp: Box<dyn Plane>, reader: Box<dyn Plane>) -> anyhow::Result<Arc<Self>> {
         raise_fd_limit();
+        // Moving connections: room for their descriptors now, not while their clients wait.
+        if let Err(e) = redirector_hook::fds::reserve_table(redirector_hook::fds::TABLE_ROOM) {
+            warn!("cannot make room for descriptors in advance ({e}): a first big move of connections will wait for it");
+        }
         let tls = Tls::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         // Siblings refuse an expired certificate: an agent with one could never link.
         for path in [&cfg.tls.cert, &cfg.tls.ca] {
