@@ -169,13 +169,15 @@ impl Agent {
         let Some(mut l) = leaving else { return HashMap::new() };
         let frozen = std::mem::take(&mut l.frozen_here);
         let (back, moved) = l.end(committed);
+        let n_moved = moved.len();
+        super::discard(moved);
         // Their sockets closed or resumed: their packets may come here again.
         if !frozen.is_empty() {
             let me = self.clone();
             tokio::spawn(async move { me.thaw(frozen).await });
         }
-        if moved > 0 {
-            info!(origin = %from, id, connections = moved, "connections went home");
+        if n_moved > 0 {
+            info!(origin = %from, id, connections = n_moved, "connections went home");
         }
         back
     }

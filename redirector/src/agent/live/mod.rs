@@ -252,19 +252,16 @@ impl Leaving {
         (frames, thaw)
     }
 
-    /// Ends the connections' side of a hand-over: committed, the dumped ones close without a
-    /// word (they live on elsewhere); aborted, they leave repair mode and go on here. Returns
-    /// the connections for the applications with the outcome, per local service, and how
-    /// many moved.
-    fn end(self, committed: bool) -> (HashMap<SocketAddr, Vec<AppConnection>>, usize) {
+    /// Ends the connections' side of a hand-over: committed, the dumped ones are returned, to
+    /// close without a word ([`discard`]: they live on elsewhere); aborted, they leave repair
+    /// mode and go on here. Returns the connections for the applications with the outcome, per
+    /// local service, and the sockets that moved.
+    fn end(self, committed: bool) -> (HashMap<SocketAddr, Vec<AppConnection>>, Vec<OwnedFd>) {
         let mut back: HashMap<SocketAddr, Vec<AppConnection>> = HashMap::new();
-        let mut moved = 0;
+        let mut moved = Vec::new();
         for c in self.conns {
             match c.state {
-                Some(_) if committed => {
-                    repair::discard(c.fd);
-                    moved += 1;
-                }
+                Some(_) if committed => moved.push(c.fd),
                 dumped => {
                     if let Some(state) = &dumped
                         && let Err(e) = repair::resume(&c.fd, state)
@@ -277,6 +274,12 @@ impl Leaving {
         }
         (back, moved)
     }
+}
+
+/// Closes dumped sockets whose connections moved, without a word. Before their flows thaw:
+/// from then the classifier forwards the flows' packets only because no socket here has them.
+fn discard(moved: Vec<OwnedFd>) {
+    moved.into_iter().for_each(repair::discard);
 }
 
 /// A frame's worth of moving connections: some connections of a service, or the next bytes
