@@ -10,6 +10,7 @@
 //! offload left). Duplicates of what the dump already held are harmless (TCP drops them).
 
 use std::{
+    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, OwnedFd},
@@ -38,7 +39,8 @@ struct Stats {
 pub struct Hold {
     fd: OwnedFd,
     port: u16,
-    flows: Vec<(SocketAddr, SocketAddr)>,
+    /// A set: every packet is looked up, and a move may take thousands of flows.
+    flows: HashSet<(SocketAddr, SocketAddr)>,
     /// Copies the kernel dropped (the buffer full), counted so far.
     lost: std::sync::atomic::AtomicU64,
 }
@@ -96,7 +98,7 @@ impl Hold {
         sockopt::set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)?;
         // Past the system's limit where allowed (CAP_NET_ADMIN, which moves need anyway).
         sockopt::receive_buffer(&fd, KEEP_BYTES)?;
-        Ok(Self { fd, port, flows: Vec::new(), lost: std::sync::atomic::AtomicU64::new(0) })
+        Ok(Self { fd, port, flows: HashSet::new(), lost: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// The flows (client, service; all to the port it copies) whose packets it keeps.
@@ -107,14 +109,13 @@ impl Hold {
         if flows.iter().any(|f| f.1.port() != self.port) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("flows of a service port other than {}", self.port)));
         }
-        self.flows = flows.to_vec();
+        self.flows = flows.iter().copied().collect();
         Ok(())
     }
 
     /// The flows whose packets it keeps.
-    #[must_use]
-    pub fn flows(&self) -> &[(SocketAddr, SocketAddr)] {
-        &self.flows
+    pub fn flows(&self) -> impl Iterator<Item = (SocketAddr, SocketAddr)> + '_ {
+        self.flows.iter().copied()
     }
 
     /// How many copies the kernel dropped so far, its buffer full (of any flow to the port:

@@ -85,7 +85,10 @@ impl Agent {
         let frozen = tokio::time::timeout(wait, rx).await;
         self.pending().freezing.remove(&key);
         let frozen: Vec<Flow> = match frozen {
-            Ok(Ok(f)) => f.into_iter().filter(|f| flows.contains(f)).collect(),
+            Ok(Ok(f)) => {
+                let asked: HashSet<&Flow> = flows.iter().collect();
+                f.into_iter().filter(|f| asked.contains(f)).collect()
+            }
             Ok(Err(_)) => return Err("the hand-back ended while its connections were to freeze".into()),
             Err(_) => return Err(format!("the origin did not freeze the connections within {} ms", wait.as_millis())),
         };
@@ -212,7 +215,8 @@ impl Agent {
     /// of a frozen flow. The frozen flows none came for go on at the volunteer: what was kept
     /// of them goes there, and they thaw.
     pub(in crate::agent) async fn arrived_home(self: &Arc<Self>, name: &str, home: &mut Homecoming, restored: Vec<RestoredConn>) -> Result<(), String> {
-        if let Some(r) = restored.iter().find(|r| !home.freeze.flows.contains(&r.flow)) {
+        let frozen: HashSet<&Flow> = home.freeze.flows.iter().collect();
+        if let Some(r) = restored.iter().find(|r| !frozen.contains(&r.flow)) {
             return Err(format!("the volunteer sent a connection {} -> {} that was not frozen", r.flow.0, r.flow.1));
         }
         let here: HashSet<Flow> = restored.iter().map(|r| r.flow).collect();
@@ -235,7 +239,7 @@ impl Agent {
                 }
                 Err(e) => warn!(sibling = %name, "reading the kept packets of moving connections: {e}"),
             }
-            let mine: Vec<Flow> = h.flows().iter().copied().filter(|f| here.contains(f)).collect();
+            let mine: Vec<Flow> = h.flows().filter(|f| here.contains(f)).collect();
             let _ = h.watch(&mine);
         }
         self.replay_to(name, there);

@@ -23,7 +23,7 @@ mod home;
 mod out;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
@@ -162,6 +162,8 @@ impl Leaving {
     /// go on here): to thaw.
     fn dump(&mut self, frozen: &[Flow], handoff: &str) -> Vec<Flow> {
         let mut failed = Vec::new();
+        // A set: a move may take thousands.
+        let frozen: HashSet<&Flow> = frozen.iter().collect();
         for c in &mut self.conns {
             let Some(flow) = c.flow.filter(|f| frozen.contains(f)) else { continue };
             match repair::dump(&c.fd) {
