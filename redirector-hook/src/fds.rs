@@ -2,10 +2,10 @@
 //! sessions. A writer attaches a line's descriptors (`SCM_RIGHTS`) to that line's own bytes,
 //! at most a given number to each `sendmsg`: one when the reader may be Node.js
 //! ([`ONE_PER_SEND`]), as many as a message holds when it is the agent ([`MAX_PER_MESSAGE`]);
-//! the line counts them in its `fds`. A reader
-//! keeps every descriptor it receives, in arrival order, and gives each line that announces
-//! N the first N it holds: the kernel never lets one read run past a message that carries
-//! descriptors, so a line's descriptors are always in by the time its last byte is.
+//! the line counts them in its `fds`. A reader keeps every descriptor it receives, in arrival
+//! order, and gives each line that announces N the first N it holds: the kernel never lets one
+//! read run past a message that carries descriptors, so a line's descriptors are always in by
+//! the time its last byte is.
 
 use std::{
     collections::VecDeque,
@@ -30,9 +30,9 @@ pub const MAX_PER_MESSAGE: usize = 253;
 /// Writes all of `bytes` to the Unix stream socket `sock`, with `fds` attached to them
 /// (spread over the first writes, `per_send` at a time, at least one and at most
 /// [`MAX_PER_MESSAGE`]: a line listing N connections is always longer than the N writes it
-/// may take). Blocks as the socket does; a
-/// non-blocking socket that is full returns `WouldBlock` with what was written so far lost
-/// to the caller, so use it on blocking sockets, or see [`send_some`].
+/// may take). Blocks as the socket does; a non-blocking socket that is full returns
+/// `WouldBlock` with what was written so far lost to the caller, so use it on blocking
+/// sockets, or see [`send_some`].
 ///
 /// # Errors
 /// The kernel's, or `bytes` too short to carry `fds`.
@@ -45,8 +45,9 @@ pub fn send_all(sock: BorrowedFd<'_>, mut bytes: &[u8], mut fds: &[BorrowedFd<'_
 }
 
 /// One `sendmsg` of (a first part of) `bytes`, carrying up to `per_send` of `fds` (at least
-/// one, at most [`MAX_PER_MESSAGE`]; those it carried are taken off the front of `fds`). Returns the bytes written. A
-/// descriptor goes with the write's first byte, so a write that sent anything sent them.
+/// one, at most [`MAX_PER_MESSAGE`]; those it carried are taken off the front of `fds`).
+/// Returns the bytes written. A descriptor goes with the write's first byte, so a write that
+/// sent anything sent them.
 ///
 /// # Errors
 /// The kernel's (`WouldBlock` on a full non-blocking socket: nothing was sent).
