@@ -9,8 +9,7 @@ use redirector_common::{
 };
 
 use crate::{
-    addr::words,
-    flow::lookup_flow,
+    flow::{TUPLE4_LEN, TUPLE6_LEN, lookup_flow, tuple_v4, tuple_v6},
     hdr::{ETH_LEN, IP4_LEN, IP6_LEN, IPPROTO_TCP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
     packet::{ptr_at, subprogram_ctx},
     rules::{host_rule_v4, host_rule_v6, now_if_draining},
@@ -35,8 +34,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
     let inner = l4 + mem::size_of::<IcmpHdr>();
     // The quoted packet went from our service to the client.
     let mut key = ServiceKey { addr: [0; 16], port: [0; 2], _pad: [0; 2] };
-    // SAFETY: an all-zero tuple is valid.
-    let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
+    let mut tuple: bpf_sock_tuple;
     let rule = if V6 {
         let q: *const Ipv6Hdr = ptr_at(ctx, inner)?;
         // RFC 792/4443: an error quotes at least 8 bytes of the TCP header.
@@ -48,10 +46,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
             }
             key.addr = (*q).src;
             key.port = [(*p)[0], (*p)[1]];
-            tuple.__bindgen_anon_1.ipv6.saddr = words(&(*q).dst);
-            tuple.__bindgen_anon_1.ipv6.daddr = words(&(*q).src);
-            tuple.__bindgen_anon_1.ipv6.sport = u16::from_ne_bytes([(*p)[2], (*p)[3]]);
-            tuple.__bindgen_anon_1.ipv6.dport = u16::from_ne_bytes([(*p)[0], (*p)[1]]);
+            tuple = tuple_v6(&(*q).dst, &(*q).src, [(*p)[2], (*p)[3]], [(*p)[0], (*p)[1]]);
             host_rule_v6(&(*q).dst)
         }
     } else {
@@ -69,10 +64,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
             key.addr[11] = 0xff;
             key.addr[12..16].copy_from_slice(&(*q).src);
             key.port = [(*p)[0], (*p)[1]];
-            tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes((*q).dst);
-            tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes((*q).src);
-            tuple.__bindgen_anon_1.ipv4.sport = u16::from_ne_bytes([(*p)[2], (*p)[3]]);
-            tuple.__bindgen_anon_1.ipv4.dport = u16::from_ne_bytes([(*p)[0], (*p)[1]]);
+            tuple = tuple_v4((*q).dst, (*q).src, [(*p)[2], (*p)[3]], [(*p)[0], (*p)[1]]);
             host_rule_v4((*q).dst)
         }
     };
@@ -85,6 +77,6 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
     if migrated_step(TCP_ACK, &rule, now_if_draining(&rule)) == Step::Inert {
         return Ok(pass(Counter::PassedNotMigrated));
     }
-    let found = lookup_flow(ctx, &mut tuple, if V6 { 36 } else { 12 }, None);
+    let found = lookup_flow(ctx, &mut tuple, if V6 { TUPLE6_LEN } else { TUPLE4_LEN }, None);
     keep_or_forward::<V6>(ctx, found, &service, &rule, Counter::IcmpRelayed, Counter::IcmpRelayed)
 }

@@ -45,6 +45,7 @@ mod slot;
 mod steer;
 mod verdict;
 mod xdp;
+mod zeroed;
 
 use aya_ebpf::{
     bindings::{sk_action, xdp_action},

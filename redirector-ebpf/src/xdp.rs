@@ -32,6 +32,7 @@ use crate::{
     rules::{host_rule_v4, host_rule_v6, now_if_draining},
     services::{service_at_v4, service_at_v6},
     verdict::Error,
+    zeroed::Room,
 };
 
 /// The packet goes on to the classifier (which decides and counts it).
@@ -179,8 +180,9 @@ fn forward<const V6: bool>(ctx: &XdpContext, src: &Addr, dst: &Addr, clamp: u16)
     let mss = mss_to_lower(ctx, l4, clamp)?;
     // SAFETY: reading the context the kernel passed.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let mut room = Room::<FibLookup>::new();
     // SAFETY: an all-zero lookup is valid; the union fields written are those of the family.
-    let mut fib: FibLookup = unsafe { mem::zeroed() };
+    let fib = unsafe { room.zeroed() };
     fib.ifindex = ifindex;
     #[expect(clippy::cast_possible_truncation, reason = "headers of at most 60 bytes plus a packet that fits an interface")]
     let total = (inner_len + outer_len as u32) as u16;
@@ -197,7 +199,7 @@ fn forward<const V6: bool>(ctx: &XdpContext, src: &Addr, dst: &Addr, clamp: u16)
         fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst4);
     }
     // SAFETY: a valid lookup structure of the size given, on our context.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut fib, mem::size_of::<FibLookup>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), ptr::from_mut(fib), mem::size_of::<FibLookup>() as i32, 0) };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ifindex {
         return Err(Pass);
     }
