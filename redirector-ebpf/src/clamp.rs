@@ -8,6 +8,7 @@ use crate::{
     hdr::{TCP_CSUM_OFF, TCP_LEN, TcpHdr},
     packet::{ptr_at, subprogram_ctx},
     report,
+    zeroed::Room,
 };
 
 /// Lowers the MSS option of the SYN (or SYN-ACK) at `l4` to `clamp` so tunnelled packets fit
@@ -62,7 +63,9 @@ fn clamp_scan(skb: *mut __sk_buff, l4: usize, clamp: u16) -> Result<bool, ()> {
     }
     let opt_off = l4 + TCP_LEN;
     let opt_len = doff - TCP_LEN;
-    let mut opts = [0u8; decide::OPTS_BUF];
+    let mut room = Room::<[u8; decide::OPTS_BUF]>::new();
+    // SAFETY: any bytes are a valid byte array.
+    let opts = unsafe { room.zeroed() };
     #[expect(clippy::cast_possible_truncation, reason = "at most 40")]
     let n = opt_len as u32;
     if n == 0 || n > 40 {
@@ -73,7 +76,7 @@ fn clamp_scan(skb: *mut __sk_buff, l4: usize, clamp: u16) -> Result<bool, ()> {
     if rc != 0 {
         return Ok(false);
     }
-    let Some((i, old)) = decide::find_mss(&opts, opt_len) else { return Ok(false) };
+    let Some((i, old)) = decide::find_mss(opts, opt_len) else { return Ok(false) };
     let Some(new) = decide::clamped(old, clamp) else { return Ok(false) };
     ctx.store(opt_off + i + 2, &new.to_be_bytes(), 0).map_err(|_| ())?;
     replace_csum(ctx, l4, TCP_LEN + i + 2, old, new)

@@ -6,6 +6,7 @@ use aya_ebpf::bindings::{__sk_buff, bpf_sock_tuple};
 use redirector_common::{
     Counter, ServiceKey,
     decide::{Step, TCP_ACK, icmp4_is_error, icmp6_is_error, migrated_step},
+    v4_mapped,
 };
 
 use crate::{
@@ -33,7 +34,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
     }
     let inner = l4 + mem::size_of::<IcmpHdr>();
     // The quoted packet went from our service to the client.
-    let mut key = ServiceKey { addr: [0; 16], port: [0; 2], _pad: [0; 2] };
+    let key: ServiceKey;
     let mut tuple: bpf_sock_tuple;
     let rule = if V6 {
         let q: *const Ipv6Hdr = ptr_at(ctx, inner)?;
@@ -44,8 +45,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
             if (*q).next != IPPROTO_TCP {
                 return Ok(pass(Counter::Passed));
             }
-            key.addr = (*q).src;
-            key.port = [(*p)[0], (*p)[1]];
+            key = ServiceKey { addr: (*q).src, port: [(*p)[0], (*p)[1]], _pad: [0; 2] };
             tuple = tuple_v6(&(*q).dst, &(*q).src, [(*p)[2], (*p)[3]], [(*p)[0], (*p)[1]]);
             host_rule_v6(&(*q).dst)
         }
@@ -60,10 +60,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
             if (*q).vihl & 0xf != 5 {
                 return Ok(pass(Counter::PassedOptions));
             }
-            key.addr[10] = 0xff;
-            key.addr[11] = 0xff;
-            key.addr[12..16].copy_from_slice(&(*q).src);
-            key.port = [(*p)[0], (*p)[1]];
+            key = ServiceKey { addr: v4_mapped((*q).src), port: [(*p)[0], (*p)[1]], _pad: [0; 2] };
             tuple = tuple_v4((*q).dst, (*q).src, [(*p)[2], (*p)[3]], [(*p)[0], (*p)[1]]);
             host_rule_v4((*q).dst)
         }
