@@ -12,10 +12,10 @@ use aya_ebpf::{
 use redirector_common::{
     Addr, Counter, MAX_SIBLINGS, ServiceKey, SiblingValue, as_v4,
     decide::{TCP_ACK, TCP_RST, TCP_SYN, never_a_client},
-    v4_mapped,
 };
 
 use crate::{
+    addr::mapped_v4,
     adopted::is_adopted,
     counters::count_extra,
     frozen,
@@ -49,7 +49,7 @@ pub fn decap<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
         if vihl != 0x45 || hdr::is_fragment(frag) {
             return Err(Error::BadTunnel);
         }
-        (v4_mapped(src), v4_mapped(dst), IP4_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
+        (mapped_v4(src), mapped_v4(dst), IP4_LEN, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
     };
     if SIBLINGS.get_ptr(outer_src).is_none() {
         // A switch floods frames whose destination it has not learnt (a volunteer that just
@@ -122,7 +122,7 @@ fn inner_target_v4(ctx: &TcContext, off: usize) -> Result<(ServiceKey, Option<(A
     }
     let l4 = off + IP4_LEN;
     let (port, client) = match h.proto {
-        IPPROTO_TCP => (quoted_port(ctx, l4 + 2)?, Some((v4_mapped(h.src), tcp_flags(ctx, l4)?))),
+        IPPROTO_TCP => (quoted_port(ctx, l4 + 2)?, Some((mapped_v4(h.src), tcp_flags(ctx, l4)?))),
         IPPROTO_ICMP => {
             let q: *const Ipv4Hdr = ptr_at(ctx, l4 + mem::size_of::<IcmpHdr>()).map_err(|_| Error::BadTunnel)?;
             // SAFETY: bounds checked by ptr_at.
@@ -133,7 +133,7 @@ fn inner_target_v4(ctx: &TcContext, off: usize) -> Result<(ServiceKey, Option<(A
         }
         _ => return Err(Error::NotAdopted),
     };
-    Ok((ServiceKey { addr: v4_mapped(h.dst), port, _pad: [0; 2] }, client))
+    Ok((ServiceKey { addr: mapped_v4(h.dst), port, _pad: [0; 2] }, client))
 }
 
 /// [`inner_target_v4`] for IPv6.

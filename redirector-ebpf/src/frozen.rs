@@ -14,9 +14,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap},
 };
-use redirector_common::{FlowKey, MAX_FROZEN, v4_mapped};
+use redirector_common::{FlowKey, MAX_FROZEN};
 
 use crate::{
+    addr::mapped_v4,
     hdr::{ETH_LEN, IP4_LEN, IP6_LEN, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr},
     packet::{ptr_at, subprogram_ctx},
 };
@@ -68,7 +69,7 @@ pub fn frozen_v4_at(skb: *mut __sk_buff, off: usize) -> bool {
     let ctx = &subprogram_ctx(skb);
     let (Ok(ip), Ok(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, off), ptr_at::<TcpHdr>(ctx, off + IP4_LEN)) else { return false };
     // SAFETY: bounds checked by ptr_at.
-    let key = unsafe { FlowKey { client: v4_mapped((*ip).src), service: v4_mapped((*ip).dst), client_port: (*tcp).sport, service_port: (*tcp).dport } };
+    let key = unsafe { FlowKey { client: mapped_v4((*ip).src), service: mapped_v4((*ip).dst), client_port: (*tcp).sport, service_port: (*tcp).dport } };
     holds(&key)
 }
 
@@ -83,7 +84,7 @@ pub fn reply_v4_at(skb: *mut __sk_buff, off: usize) -> bool {
     if ip.proto != IPPROTO_TCP || ip.vihl != 0x45 {
         return false;
     }
-    holds(&FlowKey { client: v4_mapped(ip.dst), service: v4_mapped(ip.src), client_port: tcp.dport, service_port: tcp.sport })
+    holds(&FlowKey { client: mapped_v4(ip.dst), service: mapped_v4(ip.src), client_port: tcp.dport, service_port: tcp.sport })
 }
 
 /// [`reply_v4_at`] for IPv6 (no extension headers).

@@ -6,10 +6,10 @@ use aya_ebpf::bindings::{__sk_buff, bpf_sock_tuple};
 use redirector_common::{
     Counter, ServiceKey,
     decide::{Step, TCP_ACK, icmp4_is_error, icmp6_is_error, migrated_step},
-    v4_mapped,
 };
 
 use crate::{
+    addr::mapped_v4,
     flow::{TUPLE4_LEN, TUPLE6_LEN, lookup_flow, tuple_v4, tuple_v6},
     hdr::{ETH_LEN, IP4_LEN, IP6_LEN, IPPROTO_TCP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
     packet::{ptr_at, subprogram_ctx},
@@ -60,7 +60,7 @@ pub fn icmp<const V6: bool>(skb: *mut __sk_buff) -> Result<Verdict, Error> {
             if (*q).vihl & 0xf != 5 {
                 return Ok(pass(Counter::PassedOptions));
             }
-            key = ServiceKey { addr: v4_mapped((*q).src), port: [(*p)[0], (*p)[1]], _pad: [0; 2] };
+            key = ServiceKey { addr: mapped_v4((*q).src), port: [(*p)[0], (*p)[1]], _pad: [0; 2] };
             tuple = tuple_v4((*q).dst, (*q).src, [(*p)[2], (*p)[3]], [(*p)[0], (*p)[1]]);
             host_rule_v4((*q).dst)
         }

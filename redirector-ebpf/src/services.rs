@@ -5,10 +5,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap},
 };
-use redirector_common::{Addr, BPF_F_MMAPABLE, MAX_SERVICES, PORT_SLOT_COUNT, PortSlot, SLOT_MANY, SLOT_ONE, ServiceKey, ServiceValue, v4_mapped};
+use redirector_common::{Addr, BPF_F_MMAPABLE, MAX_SERVICES, PORT_SLOT_COUNT, PortSlot, SLOT_MANY, SLOT_ONE, ServiceKey, ServiceValue};
 
 use crate::{
-    addr::words,
+    addr::{mapped_v4, words},
     slot::{addr_is, kind_of, read},
 };
 
@@ -49,7 +49,7 @@ pub fn service_at_v4(dst: u32, dst4: [u8; 4], port: [u8; 2]) -> Option<ServiceVa
     match kind_of(unsafe { &raw const (*slot).kind }) {
         // PORT_SLOTS_V4 holds IPv4-mapped addresses only: the last word decides.
         SLOT_ONE => unsafe { (read((&raw const (*slot).data.addr).cast::<u32>().wrapping_add(3)) == dst).then(|| read(&raw const (*slot).data.service)) },
-        SLOT_MANY => service(ServiceKey { addr: v4_mapped(dst4), port, _pad: [0; 2] }),
+        SLOT_MANY => service(ServiceKey { addr: mapped_v4(dst4), port, _pad: [0; 2] }),
         _ => None,
     }
 }

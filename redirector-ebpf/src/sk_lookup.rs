@@ -4,10 +4,10 @@
 use core::ptr;
 
 use aya_ebpf::{macros::map, maps::SockHash, programs::SkLookupContext};
-use redirector_common::{Counter, MAX_LISTENERS, ServiceKey, v4_mapped};
+use redirector_common::{Counter, MAX_LISTENERS, ServiceKey};
 
 use crate::{
-    addr::from_words,
+    addr::{from_words, mapped_v4},
     adopted::is_adopted,
     hdr::{AF_INET, AF_INET6, IPPROTO_TCP},
     report,
@@ -43,7 +43,7 @@ pub fn deliver(ctx: &SkLookupContext) -> Option<Counter> {
         return None;
     }
     let addr = match family {
-        AF_INET => v4_mapped(ip4.to_ne_bytes()),
+        AF_INET => mapped_v4(ip4.to_ne_bytes()),
         AF_INET6 => from_words(ip6),
         _ => return None,
     };

@@ -20,11 +20,10 @@ use aya_ebpf::{
 use redirector_common::{
     Addr, Counter, FlowKey, RuleValue, SERVICE_XDP, ServiceValue, as_v4,
     decide::{self, Step, migrated_step},
-    v4_mapped,
 };
 
 use crate::{
-    addr::words,
+    addr::{mapped_v4, words},
     flow::{lookup_packet_v4, lookup_packet_v6},
     frozen,
     hdr::{self, AF_INET, AF_INET6, ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP4_LEN, IP6_LEN, IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TCP_CSUM_OFF, TCP_LEN, TcpHdr},
@@ -87,7 +86,7 @@ fn steered_v4(ctx: &XdpContext) -> Result<Steered, Pass> {
     if service.flags & SERVICE_XDP == 0 {
         return Err(Pass);
     }
-    if frozen::any() && frozen::holds(&FlowKey { client: v4_mapped(src), service: v4_mapped(dst), client_port: sport, service_port: dport }) {
+    if frozen::any() && frozen::holds(&FlowKey { client: mapped_v4(src), service: mapped_v4(dst), client_port: sport, service_port: dport }) {
         return Err(Pass);
     }
     let rule = host_rule_v4(src).ok_or(Pass)?;
