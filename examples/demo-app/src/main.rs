@@ -34,7 +34,8 @@
 //!
 //! Each connection is served by a thread of its own, taken from idle worker threads, of which
 //! `--spare-threads` (default 64) are kept waiting, so that connections a hand-over brings
-//! (a hundred at once) are served without waiting for threads to be made.
+//! (a hundred at once) are served without waiting for threads to be made; more end after a
+//! minute idle.
 //!
 //! `GET /download/N` answers N bytes of a fixed pattern ([`download`]); a download moves in
 //! the middle with its connection.
@@ -304,6 +305,10 @@ const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
 /// Idle threads kept waiting for connections without `--spare-threads` (as a threaded web
 /// server keeps spare threads: Apache's worker module keeps 25 to 75).
 const SPARE_THREADS: usize = 64;
+
+/// How long a thread beyond the spare ones stays idle before it ends (as long as Java's
+/// `ThreadPoolExecutor` keeps them in its cached pools: 60 s).
+const KEEP_IDLE: Duration = Duration::from_mins(1);
 
 /// How often a thread waiting for its connection's next request looks whether the connection
 /// was handed over (and lets go of it then).
@@ -868,7 +873,7 @@ fn main() {
         me: me.clone(),
         listener: std::sync::OnceLock::new(),
         commits: AtomicU64::new(0),
-        workers: Workers::new(spare_threads),
+        workers: Workers::new(spare_threads, KEEP_IDLE),
     });
     let _hook = arg(&args, "--hook").map(|sock| {
         let service: SocketAddr = arg(&args, "--service").and_then(|s| s.parse().ok()).unwrap_or(listen);
