@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -28,15 +29,24 @@ fn load(t: &Topology) -> (u64, Vec<(String, u64)>) {
     (v["total"].as_u64().expect("total"), clients)
 }
 
+/// The folder of the application's log, removed when the test ends, failed or not.
+struct Logs(PathBuf);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A topology whose host A runs the test application in a cgroup of its own.
-fn app_on_a() -> (Topology, Cgroups, Proc) {
+fn app_on_a() -> (Topology, Cgroups, Proc, Logs) {
     let t = Topology::new(4);
     let cgroups = Cgroups::new(&t.prefix);
     let group = cgroups.group(&format!("{}-app", t.prefix));
-    let logs = std::env::temp_dir().join(format!("{}-logs", t.prefix));
-    std::fs::create_dir_all(&logs).expect("logs");
-    let app = start_app(&t.a, &group, "A", svc(), &logs);
-    (t, cgroups, app)
+    let logs = Logs(std::env::temp_dir().join(format!("{}-logs", t.prefix)));
+    std::fs::create_dir_all(&logs.0).expect("logs");
+    let app = start_app(&t.a, &group, "A", svc(), &logs.0);
+    (t, cgroups, app, logs)
 }
 
 fn wait_load(t: &Topology, what: &str, want: impl Fn(u64, &[(String, u64)]) -> bool) {
@@ -56,7 +66,7 @@ fn connections_are_counted_per_client_and_in_total() {
     if !require_root() {
         return;
     }
-    let (t, cgroups, _app) = app_on_a();
+    let (t, cgroups, _app, _logs) = app_on_a();
     let group = cgroups.group(&format!("{}-app", t.prefix));
     // A connection opened before counting starts is never counted (nor subtracted later).
     let early = Client::connect(&t.client.ns, IpAddr::V4(client4(4)), svc());
@@ -83,7 +93,7 @@ fn crossing_the_watermark_is_reported_by_the_kernel_at_once() {
     if !require_root() {
         return;
     }
-    let (t, cgroups, _app) = app_on_a();
+    let (t, cgroups, _app, _logs) = app_on_a();
     let group = cgroups.group(&format!("{}-app", t.prefix));
     t.redirector_ok(&t.a, &["load", "--cgroup", &group.to_string_lossy()]);
     let loc = Location { bpffs: t.bpffs.clone(), instance: t.a.ns.clone() };
