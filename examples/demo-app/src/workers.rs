@@ -170,8 +170,10 @@ mod tests {
             }
         }));
         eventually("every job run at the same time as the others", || *done.lock().expect("lock") == JOBS);
-        // Done, the workers stay, idle; after a while idle, those beyond the spare ones end.
-        eventually("every worker idle", || idle(&w) == JOBS + 4);
+        // Done, the workers stay, idle (for a second, from the first one done: the test only
+        // looks for more than the spare ones, as on a loaded machine the last may be done after
+        // the first already ended); after a while idle, those beyond the spare ones end.
+        eventually("workers beyond the spare ones idle", || idle(&w) > 4);
         eventually("the idle workers back to the spare ones", || idle(&w) == 4);
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(idle(&w), 4, "the spare workers stay");
