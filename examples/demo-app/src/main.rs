@@ -136,6 +136,12 @@ struct Store {
     /// which first takes the connections waiting to be accepted: the kernel counts them as the
     /// clients' already, and a connection the application does not know cannot go along.
     listener: std::sync::OnceLock<TcpListener>,
+    /// Held from taking connections off the listener to putting them in the store, so that
+    /// a hand-over's accepting (which waits for it) finds every connection accepted before it
+    /// in the store. Without it, one the accepting loop had just taken was left out of the
+    /// hand-over, and closed at its next request once its session moved (its client saw a
+    /// failed request, once in a CI run of `keep_alive_connections_move_with_their_clients`).
+    accepting: Mutex<()>,
     /// Commits applied, counted under the store's lock. A commit first accepts what waits in
     /// the listener's queue, then applies; a connection the accepting loop took before a commit
     /// and enlists after it may have waited there since before the rules (see `enlist`).
@@ -564,11 +570,35 @@ enum Sent {
 }
 
 impl Store {
+    fn new(name: String, settings: Settings, spare_threads: usize) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            clients: Mutex::default(),
+            changed: Condvar::new(),
+            settled: Condvar::new(),
+            name,
+            settings,
+            me: me.clone(),
+            listener: std::sync::OnceLock::new(),
+            accepting: Mutex::new(()),
+            commits: AtomicU64::new(0),
+            workers: Workers::new(spare_threads, KEEP_IDLE),
+            letting_go: AtomicUsize::new(0),
+        })
+    }
+
     /// Accepts every connection waiting on the listener: each in the store at once, served
     /// by a thread of its own.
     fn accept_pending(&self) {
+        self.accept_pending_then(|| {});
+    }
+
+    /// [`Store::accept_pending`], calling `accepted` between taking each connection from the
+    /// listener and putting it in the store (tests pause there).
+    fn accept_pending_then(&self, accepted: impl Fn()) {
         let (Some(l), Some(me)) = (self.listener.get(), self.me.upgrade()) else { return };
         loop {
+            // Each connection apart: a flood of them must not keep a hand-over waiting.
+            let _one_at_a_time = self.accepting.lock().expect("lock");
             let commits = self.commits.load(Ordering::SeqCst);
             let stream = match l.accept() {
                 Ok((s, _)) => s,
@@ -583,6 +613,7 @@ impl Store {
             if stream.set_nonblocking(false).is_err() {
                 continue;
             }
+            accepted();
             // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: one client, one key.
             for conn in self.enlist(vec![(peer.ip().to_canonical(), stream, Vec::new())], Some(commits)) {
                 let me = me.clone();
@@ -878,18 +909,7 @@ fn main() {
             std::process::exit(2);
         })
     });
-    let store = Arc::new_cyclic(|me| Store {
-        clients: Mutex::default(),
-        changed: Condvar::new(),
-        settled: Condvar::new(),
-        name: name.clone(),
-        settings,
-        me: me.clone(),
-        listener: std::sync::OnceLock::new(),
-        commits: AtomicU64::new(0),
-        workers: Workers::new(spare_threads, KEEP_IDLE),
-        letting_go: AtomicUsize::new(0),
-    });
+    let store = Store::new(name.clone(), settings, spare_threads);
     let _hook = arg(&args, "--hook").map(|sock| {
         let service: SocketAddr = arg(&args, "--service").and_then(|s| s.parse().ok()).unwrap_or(listen);
         Hook::start_version(sock, service, version, store.clone())
@@ -909,5 +929,50 @@ fn main() {
         // Woken by a connection to accept (or every second).
         let _ = readable(&[fd], Duration::from_secs(1));
         store.accept_pending();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, sync::mpsc, thread};
+
+    use super::*;
+
+    /// A connection the accepting loop has taken from the listener but not yet put in the
+    /// store when a hand-over asks for its client's connections goes with the hand-over: the
+    /// agent counted it as the client's, and one left behind is closed at its next request
+    /// once the session moved (the client sees a failed request and reconnects).
+    #[test]
+    fn a_connection_being_accepted_as_a_hand_over_starts_goes_with_it() {
+        let store = Store::new("A".into(), Settings { freeze_wait: Duration::from_secs(10), idle_close: None }, 2);
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("address");
+        assert!(store.listener.set(listener).is_ok());
+        let _client = TcpStream::connect(addr).expect("connect");
+        // The accepting loop, paused between taking the connection and putting it in the store.
+        let (took, go) = (mpsc::channel(), mpsc::channel::<()>());
+        let (took_tx, go_rx) = (took.0, Mutex::new(go.1));
+        let accepting = {
+            let store = store.clone();
+            thread::spawn(move || {
+                store.accept_pending_then(|| {
+                    took_tx.send(()).expect("send");
+                    let _ = go_rx.lock().expect("lock").recv_timeout(Duration::from_secs(10));
+                });
+            })
+        };
+        took.1.recv_timeout(Duration::from_secs(10)).expect("the connection was accepted");
+        let (done_tx, done_rx) = mpsc::channel();
+        let handing = {
+            let store = store.clone();
+            thread::spawn(move || done_tx.send(store.connections("h", &[IpAddr::V4(Ipv4Addr::LOCALHOST)])).expect("send"))
+        };
+        let early = done_rx.recv_timeout(Duration::from_millis(300)).ok();
+        go.0.send(()).expect("send");
+        let handed = early.unwrap_or_else(|| done_rx.recv_timeout(Duration::from_secs(10)).expect("the hand-over answered"));
+        accepting.join().expect("accepting thread");
+        handing.join().expect("hand-over thread");
+        assert_eq!(handed.len(), 1, "the connection being accepted went with the hand-over");
     }
 }
