@@ -63,3 +63,12 @@ pub fn run(target: Option<&str>, secs: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Removes the fuzz targets' build (`fuzz/target`); the corpus and seeds stay.
+pub fn remove_build() -> Result<()> {
+    let dir = root().join("fuzz").join("target");
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", dir.display())),
+        _ => Ok(()),
+    }
+}
