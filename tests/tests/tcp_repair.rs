@@ -210,6 +210,76 @@ fn data_that_reaches_a_restored_connection_before_it_goes_live_is_answered() {
     assert!(stalled.is_empty(), "answers never reached their clients: {stalled:?}");
 }
 
+/// A connection whose client's window is wide open goes live without a packet: no window
+/// probe, whose answer would come back while the flow is still frozen on the origin, to be kept
+/// and replayed there. It sends at once when it has something to say (its window open, not
+/// closed until a probe is answered), and reads what the client sends; an answer the client
+/// had not acknowledged yet (its acknowledgement held, as a frozen flow's are) is acknowledged
+/// by what the client sends next, and not seen twice.
+fn goes_live_quietly(port: u16, unacknowledged: bool) {
+    let t = Topology::new(1);
+    let (mut c, mut s) = connected(&t, port);
+    c.write_all(b"hello\n").expect("request");
+    let mut got = [0; 6];
+    s.read_exact(&mut got).expect("read the request");
+    let table = format!("rdtest_quiet{port}");
+    if unacknowledged {
+        nft(&t.client.ns, &format!("add table inet {table}"));
+        nft(&t.client.ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
+        nft(&t.client.ns, &format!("add rule inet {table} out tcp dport {port} drop"));
+    }
+    s.write_all(b"hi\n").expect("answer");
+    let mut got = [0; 3];
+    c.read_exact(&mut got).expect("read the answer");
+    if !unacknowledged {
+        wait_until("the answer to be acknowledged", Duration::from_secs(5), || ioctl(&s, libc::TIOCOUTQ) == 0);
+    }
+    let state = repair::dump(&s).expect("dump");
+    repair::discard(OwnedFd::from(s));
+    assert_eq!(state.send_queue, if unacknowledged { &b"hi\n"[..] } else { &b""[..] }, "{state:?}");
+    let fd = in_netns(&t.a.ns, move || repair::restore(&state).expect("restore")).go_live().expect("live");
+    let segs_out = |fd: &OwnedFd| redirector::sockopt::get::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO).expect("TCP_INFO").tcpi_segs_out;
+    assert_eq!(segs_out(&fd), 0, "going live sent nothing");
+    let mut s = std::net::TcpStream::from(fd);
+    if unacknowledged {
+        nft(&t.client.ns, &format!("delete table inet {table}"));
+        c.write_all(b"again\n").expect("second request");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = [0; 6];
+        s.read_exact(&mut got).expect("the restored socket reads");
+        assert_eq!(&got, b"again\n");
+        wait_until("the answer to be acknowledged", Duration::from_secs(5), || ioctl(&s, libc::TIOCOUTQ) == 0);
+    }
+    // The server speaks first: the segment leaves within the write (the window is open).
+    let before = segs_out(&OwnedFd::from(s.try_clone().expect("a copy")));
+    s.write_all(b"push\n").expect("push");
+    let info: libc::tcp_info = redirector::sockopt::get(&s, libc::IPPROTO_TCP, libc::TCP_INFO).expect("TCP_INFO");
+    assert_eq!((info.tcpi_segs_out - before, info.tcpi_notsent_bytes), (1, 0), "the push went at once");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut got = [0; 5];
+    c.read_exact(&mut got).expect("the client reads the push");
+    assert_eq!(&got, b"push\n", "the push, and nothing the client had already");
+    c.write_all(b"bye\n").expect("last request");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut got = [0; 4];
+    s.read_exact(&mut got).expect("the restored socket reads");
+    assert_eq!(&got, b"bye\n");
+}
+
+#[test]
+fn an_idle_connection_goes_live_without_a_packet_and_sends_at_once() {
+    if require_root() {
+        goes_live_quietly(8087, false);
+    }
+}
+
+#[test]
+fn a_connection_with_an_unacknowledged_answer_goes_live_without_a_packet_too() {
+    if require_root() {
+        goes_live_quietly(8088, true);
+    }
+}
+
 /// A discarded socket's connection is gone at once, even while a copy of the socket lives on
 /// (the application's, or a child process's forked meanwhile, until it execs): it can be
 /// restored on the same host straight away (a connection that comes back where it was), and

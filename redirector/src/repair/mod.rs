@@ -156,6 +156,9 @@ mod sys {
     pub const SO_BUF_LOCK: libc::c_int = 72;
     /// `TCP_ESTABLISHED` in `tcpi_state`.
     pub const ESTABLISHED: u8 = 1;
+    /// `TCP_REPAIR` values that leave repair mode: with a window probe, or without one.
+    pub const TCP_REPAIR_OFF: libc::c_int = 0;
+    pub const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 
     /// The kernel's `struct tcp_repair_opt`.
     #[repr(C)]
