@@ -112,7 +112,7 @@ impl Agent {
             return 0;
         }
         let t_ack = t0.elapsed();
-        if let Err(why) = super::live::settled(h.moving.as_ref()).await {
+        if let Err(why) = self.settled(h.moving.as_mut()).await {
             self.conclude(h, End::Aborted(Stage::Transfer, why)).await;
             return 0;
         }

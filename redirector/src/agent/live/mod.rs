@@ -36,7 +36,7 @@ use tracing::warn;
 pub(super) use self::{
     arrive::{Incoming, RestoredConn, Restoring},
     home::Homecoming,
-    out::{Moving, settled},
+    out::Moving,
 };
 use super::Agent;
 use crate::{
@@ -65,6 +65,11 @@ async fn settle(since: Instant) {
         tokio::time::sleep(left).await;
     }
 }
+
+/// The most threads a dump takes, and the fewest connections worth a thread of their own
+/// (starting one takes tens of microseconds, a dump about 15).
+const DUMP_THREADS: usize = 4;
+const DUMP_PER_THREAD: usize = 32;
 
 /// A flow as the classifier keys it: (client, service).
 type Flow = (SocketAddr, SocketAddr);
@@ -160,21 +165,38 @@ impl Leaving {
     /// Dumps the connections of `frozen` (their packets stopped): from now on they send
     /// nothing. Returns the flows of those that cannot move (out of repair mode again, they
     /// go on here): to thaw.
+    /// Many at once are dumped on as many threads as there are CPUs (up to [`DUMP_THREADS`]):
+    /// their flows are frozen meanwhile, and each takes some 20 system calls (1,000 took
+    /// 13-20 ms on one thread here).
     fn dump(&mut self, frozen: &[Flow], handoff: &str) -> Vec<Flow> {
-        let mut failed = Vec::new();
         // A set: a move may take thousands.
         let frozen: HashSet<&Flow> = frozen.iter().collect();
-        for c in &mut self.conns {
-            let Some(flow) = c.flow.filter(|f| frozen.contains(f)) else { continue };
-            match repair::dump(&c.fd) {
-                Ok(state) => c.state = Some(state),
-                Err(e) => {
-                    warn!(service = %c.service, client = %c.client, handoff, "a connection cannot move ({e}): it goes back to its application");
-                    failed.push(flow);
+        let dump_some = |conns: &mut [Conn]| {
+            let mut failed = Vec::new();
+            for c in conns {
+                let Some(flow) = c.flow.filter(|f| frozen.contains(f)) else { continue };
+                match repair::dump(&c.fd) {
+                    Ok(state) => c.state = Some(state),
+                    Err(e) => {
+                        warn!(service = %c.service, client = %c.client, handoff, "a connection cannot move ({e}): it goes back to its application");
+                        failed.push(flow);
+                    }
                 }
             }
-        }
-        failed
+            failed
+        };
+        let n = self.conns.len();
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(DUMP_THREADS).min(n / DUMP_PER_THREAD).max(1);
+        let mut parts = self.conns.chunks_mut(n.div_ceil(threads).max(1));
+        let first = parts.next();
+        std::thread::scope(|s| {
+            let others: Vec<_> = parts.map(|part| s.spawn(|| dump_some(part))).collect();
+            let mut failed = first.map(&dump_some).unwrap_or_default();
+            for o in others {
+                failed.extend(o.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            failed
+        })
     }
 
     /// The clients of the dumped connections whose sockets moved on since their dump (or
