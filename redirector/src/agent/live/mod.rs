@@ -165,6 +165,7 @@ impl Leaving {
     /// Dumps the connections of `frozen` (their packets stopped): from now on they send
     /// nothing. Returns the flows of those that cannot move (out of repair mode again, they
     /// go on here): to thaw.
+    ///
     /// Many at once are dumped on as many threads as there are CPUs (up to [`DUMP_THREADS`]):
     /// their flows are frozen meanwhile, and each takes some 20 system calls (1,000 took
     /// 13-20 ms on one thread here).
