@@ -146,30 +146,24 @@ impl Restored {
     /// The kernel refused a step.
     pub fn go_live(self) -> io::Result<OwnedFd> {
         let Self { fd, window, tail, quiet } = self;
-        if quiet {
-            // A window that cannot close before the peer's next acknowledgement is read: as
-            // dumped (a window update of the peer's that came meanwhile is newer, and read).
-            // Without a probe, nothing goes to the peer: a probe's answer comes back while the
-            // flow is still frozen on the origin, to be kept and replayed there (1,000
-            // connections moved: 1,760 kept packets, 11-19 ms to replay, while the moves'
-            // clients waited). A socket with something to send sends it.
-            tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
-            tcp(&fd, libc::TCP_REPAIR, &sys::TCP_REPAIR_OFF_NO_WP).map_err(with("leaving repair mode"))?;
-            write_all(&fd, &tail, libc::MSG_DONTWAIT).map_err(with("the never-sent tail"))?;
-            return Ok(fd);
-        }
-        // The peer's window as closed: leaving repair mode sends a window probe, and the
-        // peer's answer opens it as it is now. The dumped window may be closed by now (an
+        // Quiet: a window that cannot close before the peer's next acknowledgement is read,
+        // as dumped (a window update of the peer's that came meanwhile is newer, and read),
+        // and no probe: nothing goes to the peer. A probe's answer comes back while the flow is
+        // still frozen on the origin, to be kept and replayed there (1,000 connections moved:
+        // 1,760 kept packets, 11-19 ms to replay, while the moves' clients waited).
+        //
+        // Otherwise the peer's window as closed: leaving repair mode sends a window probe, and
+        // the peer's answer opens it as it is now. The dumped window may be closed by now (an
         // acknowledgement held while the flow was frozen, or one that reached this socket in
         // repair mode, which setting the dumped window would undo); and a socket connected in
         // repair mode predicts the next segment's header with a window of zero whatever window
         // it is given, so an acknowledgement that closed the window matched the prediction and
         // its window was never read: the socket sent into the peer's closed window and waited
-        // out retransmission timeouts (`live_download`, moving home).
-        tcp(&fd, libc::TCP_REPAIR_WINDOW, &window.closed()).map_err(with("the window"))?;
-        // 0, not -1: leaving repair mode sends a window probe, which gets the peer talking
-        // at once (-1 stalled the connection about 260 ms).
-        tcp(&fd, libc::TCP_REPAIR, &sys::TCP_REPAIR_OFF).map_err(with("leaving repair mode"))?;
+        // out retransmission timeouts (`live_download`, moving home). 0, not -1: the probe gets
+        // the peer talking at once (-1 stalled such a connection about 260 ms).
+        let (window, leave) = if quiet { (window, sys::TCP_REPAIR_OFF_NO_WP) } else { (window.closed(), sys::TCP_REPAIR_OFF) };
+        tcp(&fd, libc::TCP_REPAIR_WINDOW, &window).map_err(with("the window"))?;
+        tcp(&fd, libc::TCP_REPAIR, &leave).map_err(with("leaving repair mode"))?;
         // Never waiting: the buffer has room for it (restore), and waiting for room could
         // wait for acknowledgements still frozen on the origin.
         write_all(&fd, &tail, libc::MSG_DONTWAIT).map_err(with("the never-sent tail"))?;
