@@ -224,9 +224,7 @@ fn goes_live_quietly(port: u16, unacknowledged: bool) {
     s.read_exact(&mut got).expect("read the request");
     let table = format!("rdtest_quiet{port}");
     if unacknowledged {
-        nft(&t.client.ns, &format!("add table inet {table}"));
-        nft(&t.client.ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
-        nft(&t.client.ns, &format!("add rule inet {table} out tcp dport {port} drop"));
+        drop_sent(&t.client.ns, &table, &format!("tcp dport {port}"));
     }
     s.write_all(b"hi\n").expect("answer");
     let mut got = [0; 3];
@@ -353,6 +351,14 @@ fn nft(ns: &str, args: &str) {
     assert!(ok.success(), "nft {args}");
 }
 
+/// Drops what namespace `ns` sends that matches `what` (nft's words), in a table `table` of
+/// its own, until it is deleted.
+fn drop_sent(ns: &str, table: &str, what: &str) {
+    nft(ns, &format!("add table inet {table}"));
+    nft(ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
+    nft(ns, &format!("add rule inet {table} out {what} drop"));
+}
+
 /// A connection restored while its client's window is closed, the client's acknowledgement
 /// that closed it not seen yet (held, as a frozen flow's packets are): once live, the
 /// restored socket sends nothing into the closed window. A socket predicts the header of the
@@ -375,9 +381,7 @@ fn a_connection_restored_into_a_closed_window_sends_nothing_into_it() {
     redirector::sockopt::set(&c, libc::SOL_SOCKET, libc::SO_RCVBUF, &(64 << 10)).expect("a small receive buffer");
     // The client's segments that close its window go nowhere for now.
     let table = "rdtest_closed";
-    nft(&t.client.ns, &format!("add table inet {table}"));
-    nft(&t.client.ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
-    nft(&t.client.ns, &format!("add rule inet {table} out tcp dport 8085 tcp window 0 drop"));
+    drop_sent(&t.client.ns, table, "tcp dport 8085 tcp window 0");
     // The client reads nothing: the server fills its window and has more to send.
     let response = pattern(7, 1 << 20);
     s.set_nonblocking(true).expect("nonblocking");
@@ -447,9 +451,7 @@ fn a_dump_that_a_packet_reached_after_it_is_seen_to_be_stale() {
     // An acknowledgement that arrives after the dump: the client's are dropped until then, and
     // the dumped socket resends on its own timer.
     let table = "rdtest_stale";
-    nft(&t.client.ns, &format!("add table inet {table}"));
-    nft(&t.client.ns, &format!("add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"));
-    nft(&t.client.ns, &format!("add rule inet {table} out tcp dport 8086 drop"));
+    drop_sent(&t.client.ns, table, "tcp dport 8086");
     s.write_all(b"unacknowledged\n").expect("write");
     let mut got = [0; 15];
     c.read_exact(&mut got).expect("the client reads");
