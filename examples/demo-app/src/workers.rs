@@ -3,10 +3,10 @@
 //! a hundred at once, are served at once, not each after a thread was made for it. Making a
 //! thread took 35-57 µs here on an idle machine, and the thread adopting the connections
 //! shares two cores with the ones it already started, so a hundred adopted connections took
-//! 5.7-29 ms to adopt (five runs), inside the pause their clients saw. Idle workers beyond the spare ones
-//! end only after `keep_idle` without a job: a worker ending right after its connection went
-//! (a thousand at once, with a hand-over) unmapped its stack while the others were still
-//! letting go of theirs, and the hand-over waited for them 50-63 ms instead of 22-25.
+//! 5.7-29 ms to adopt (five runs), inside the pause their clients saw. Idle workers beyond the
+//! spare ones end only after `keep_idle` without a job: a worker ending right after its
+//! connection went (a thousand at once, with a hand-over) unmapped its stack while the others
+//! were still letting go of theirs, and the hand-over waited for them 50-63 ms instead of 22-25.
 
 use std::{
     collections::VecDeque,
