@@ -169,7 +169,7 @@ fn pump(r: UnixStream, mut w: UnixStream, both: &[UnixStream; 2], dir: Dir, filt
 fn read_patiently(r: &mut impl std::io::Read, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
-        match r.read(&mut buf[at..]) {
+        match crate::io::read_some(r, &mut buf[at..]) {
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => at += n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) && !stop.load(Ordering::Relaxed) => {}

@@ -131,7 +131,7 @@ pub fn read_response(r: &mut impl BufRead) -> Result<Response, ReadError> {
 pub fn expect_close(r: &mut impl BufRead) -> Result<(), ReadError> {
     let start = Instant::now();
     let mut buf = [0u8; 64];
-    match r.read(&mut buf) {
+    match crate::io::read_some(r, &mut buf) {
         Ok(0) => Ok(()),
         Err(e) if closed(&e) => Ok(()),
         Ok(n) => Err(ReadError::Failed(format!("{n} more bytes after the answer: {:?}", String::from_utf8_lossy(&buf[..n])))),

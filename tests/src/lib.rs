@@ -9,6 +9,7 @@ pub mod app;
 pub mod crowd;
 pub mod hook;
 pub mod http;
+pub mod io;
 pub mod net;
 pub mod packets;
 pub mod peer;

@@ -20,6 +20,7 @@ use std::{
 use redirector_tests::{
     agents::{Cluster, DemoApp, Options, service6},
     app::connect_tcp,
+    io::read_some,
     net::{SERVICE4, client4, client6},
     require_root,
 };
@@ -56,7 +57,7 @@ fn head(s: &mut TcpStream) -> (String, Vec<(String, String)>) {
     let mut raw = Vec::new();
     let mut b = [0u8; 1];
     while !raw.ends_with(b"\r\n\r\n") {
-        assert!(s.read(&mut b).expect("reading a response head") == 1, "the connection ended in a response head: {:?}", String::from_utf8_lossy(&raw));
+        assert!(read_some(s, &mut b).expect("reading a response head") == 1, "the connection ended in a response head: {:?}", String::from_utf8_lossy(&raw));
         raw.push(b[0]);
         assert!(raw.len() < 16 << 10, "a response head that does not end");
     }
@@ -92,7 +93,7 @@ fn download(s: &mut TcpStream, next: &[u8], progress: &AtomicU64) -> Value {
     let (mut at, mut buf, mut sent_next) = (0u64, vec![0u8; STEP], false);
     while at < SIZE {
         let want = usize::try_from(SIZE - at).unwrap_or(STEP).min(STEP);
-        let n = s.read(&mut buf[..want]).unwrap_or_else(|e| panic!("the download broke at byte {at}: {e}"));
+        let n = read_some(s, &mut buf[..want]).unwrap_or_else(|e| panic!("the download broke at byte {at}: {e}"));
         assert!(n > 0, "the connection ended at byte {at} of {SIZE}");
         if let Some(bad) = (0..n).find(|i| buf[*i] != byte(at + *i as u64)) {
             panic!("byte {} of the download is wrong: {} (expected {})", at + bad as u64, buf[bad], byte(at + bad as u64));

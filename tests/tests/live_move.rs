@@ -9,7 +9,7 @@
 //! answered once, in order, first by A, then by B; no reset, no reconnect.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::OwnedFd,
     sync::{
@@ -27,6 +27,7 @@ use redirector::{
 use redirector_tests::{
     Topology,
     app::connect_tcp,
+    io::read_some,
     net::{SERVICE4, SERVICE6, client4, client6, in_netns},
     require_root, wait_until,
 };
@@ -44,7 +45,7 @@ fn read_line(s: &mut TcpStream) -> std::io::Result<Option<String>> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        match s.read(&mut b) {
+        match read_some(s, &mut b) {
             Ok(0) => return Ok(None),
             Ok(_) if b[0] == b'\n' => return Ok(Some(String::from_utf8_lossy(&line).into_owned())),
             Ok(_) => line.push(b[0]),
@@ -357,7 +358,7 @@ fn pump(s: &mut TcpStream, e: &mut Ends<'_>, stop: &AtomicBool, progress: &Atomi
                 Err(e) => panic!("writing at {sent}: {e}"),
             }
         }
-        match s.read(&mut buf) {
+        match read_some(s, &mut buf) {
             Ok(0) => panic!("the connection closed at {got} of {}", want.len()),
             Ok(n) => {
                 assert!(*got + n <= want.len() && buf[..n] == want[*got..*got + n], "the bytes at {got}..{} are not what was sent", *got + n);
@@ -485,7 +486,7 @@ fn a_connection_dumped_while_its_socket_still_sends_goes_on_from_b(v6: bool) {
             c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
             let (mut at, mut buf) = (0, vec![0u8; 1 << 16]);
             while at < SIZE {
-                let n = c.read(&mut buf).unwrap_or_else(|e| panic!("the download stalled at byte {at} of {SIZE}: {e}"));
+                let n = read_some(&mut c, &mut buf).unwrap_or_else(|e| panic!("the download stalled at byte {at} of {SIZE}: {e}"));
                 assert!(n > 0, "the connection ended at byte {at}");
                 assert!(buf[..n] == down[at..at + n], "the bytes at {at}..{} are not what was sent", at + n);
                 at += n;

@@ -42,6 +42,7 @@ use std::{
 use redirector_tests::{
     Topology,
     app::connect_tcp,
+    io::read_some,
     net::{SERVICE4, client4, sh},
 };
 
@@ -327,7 +328,7 @@ impl Bench {
                 let mut buf = vec![0u8; 256 << 10];
                 let mut n = 0u64;
                 loop {
-                    match s.read(&mut buf) {
+                    match read_some(&mut s, &mut buf) {
                         Ok(0) => break,
                         Ok(k) => n += k as u64,
                         Err(e) => panic!("download through {dst}: {e} after {n} bytes"),
