@@ -511,8 +511,12 @@ fn close_first(s: &TcpStream) {
             return;
         }
         match (&*s).read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => left = left.saturating_sub(n),
+            // Stopped and continued (SIGSTOP, a frozen cgroup): a read with a timeout fails
+            // with EINTR (signal(7)). The client is still there: read on until the deadline.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
@@ -974,5 +978,33 @@ mod tests {
         accepting.join().expect("accepting thread");
         handing.join().expect("hand-over thread");
         assert_eq!(handed.len(), 1, "the connection being accepted went with the hand-over");
+    }
+
+    /// Closing first, the server reads what the client still sends until the client closes,
+    /// also when the server is stopped and continued meanwhile (SIGSTOP and SIGCONT: its read
+    /// with a timeout fails with EINTR, signal(7)). A server that closed then would answer
+    /// the client's next bytes with a reset. This test's whole process is stopped for 100 ms.
+    #[test]
+    fn closing_first_outlasts_a_stop() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        // The client sends more after the stop, then closes.
+        let sends = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(600));
+            let first = client.write_all(b"more");
+            thread::sleep(Duration::from_millis(100));
+            let second = client.write_all(b"again");
+            (first.map_err(|e| e.to_string()), second.map_err(|e| e.to_string()))
+        });
+        let mut stop =
+            std::process::Command::new("sh").args(["-c", "sleep 0.2; kill -STOP $PPID; sleep 0.1; kill -CONT $PPID"]).spawn().expect("the shell that stops this process");
+        let t0 = Instant::now();
+        close_first(&server);
+        let took = t0.elapsed();
+        drop(server);
+        assert!(stop.wait().expect("the shell").success(), "the stop and the continue were sent");
+        let sent = sends.join().expect("the client");
+        assert_eq!(sent, (Ok(()), Ok(())), "the client's bytes after the stop met no reset (closing first took {took:?})");
     }
 }
