@@ -21,7 +21,7 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
-use crate::net::in_netns;
+use crate::{io::Patient, net::in_netns};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -162,7 +162,7 @@ fn serve(name: &str, conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
 /// A client connection from a chosen source address.
 pub struct Client {
     stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Patient<TcpStream>>,
 }
 
 /// Connects from `src` to `dst` inside namespace `ns`.
@@ -173,7 +173,7 @@ pub fn try_connect(ns: &str, src: IpAddr, dst: SocketAddr) -> std::io::Result<Cl
 /// Connects from `src`, its port included (0: any), to `dst` inside namespace `ns`.
 pub fn try_connect_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> std::io::Result<Client> {
     let stream = in_netns(ns, move || connect_here_from(src, dst))?;
-    let reader = BufReader::new(stream.try_clone()?);
+    let reader = BufReader::new(Patient(stream.try_clone()?));
     Ok(Client { stream, reader })
 }
 

@@ -6,7 +6,7 @@
 //! held or dropped with it (a replacement line goes without them).
 
 use std::{
-    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    io::{BufRead, BufReader, ErrorKind, Write as _},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::{
@@ -165,16 +165,22 @@ fn pump(r: UnixStream, mut w: UnixStream, both: &[UnixStream; 2], dir: Dir, filt
     cut();
 }
 
-/// Fills `buf` from `r` across read timeouts.
-fn read_patiently(r: &mut impl std::io::Read, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
+/// Fills `buf` from `r` across read timeouts (its polling interval) and stops.
+fn read_patiently(r: &mut impl BufRead, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
-        match crate::io::read_some(r, &mut buf[at..]) {
-            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-            Ok(n) => at += n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) && !stop.load(Ordering::Relaxed) => {}
+        let n = match r.fill_buf() {
+            Ok([]) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(b) => {
+                let n = b.len().min(buf.len() - at);
+                buf[at..at + n].copy_from_slice(&b[..n]);
+                n
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) && !stop.load(Ordering::Relaxed) => 0,
             Err(e) => return Err(e),
-        }
+        };
+        r.consume(n);
+        at += n;
     }
     Ok(())
 }

@@ -6,12 +6,13 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, ErrorKind, Write as _},
+    io::{BufRead, BufReader, ErrorKind, Read, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
+    os::fd::AsFd,
     time::{Duration, Instant},
 };
 
-use crate::app::connect_tcp;
+use crate::{app::connect_tcp, io::Patient};
 
 /// Counts in a session's history (as the demo applications keep them).
 pub const HISTORY: u64 = 5;
@@ -128,13 +129,12 @@ pub fn read_response(r: &mut impl BufRead) -> Result<Response, ReadError> {
 ///
 /// # Errors
 /// The connection stayed open ([`ReadError::TimedOut`]), or more bytes came.
-pub fn expect_close(r: &mut impl BufRead) -> Result<(), ReadError> {
+pub fn expect_close<S: Read + AsFd>(r: &mut BufReader<Patient<S>>) -> Result<(), ReadError> {
     let start = Instant::now();
-    let mut buf = [0u8; 64];
-    match crate::io::read_some(r, &mut buf) {
-        Ok(0) => Ok(()),
+    match r.fill_buf() {
+        Ok([]) => Ok(()),
         Err(e) if closed(&e) => Ok(()),
-        Ok(n) => Err(ReadError::Failed(format!("{n} more bytes after the answer: {:?}", String::from_utf8_lossy(&buf[..n])))),
+        Ok(more) => Err(ReadError::Failed(format!("{} more bytes after the answer: {:?}", more.len(), String::from_utf8_lossy(&more[..more.len().min(64)])))),
         Err(e) if timed_out(&e) => Err(ReadError::TimedOut(format!("waiting for the server to close: it kept the connection open {:?} after the answer", start.elapsed()))),
         Err(e) => Err(ReadError::Failed(format!("waiting for the server's close: {e}"))),
     }
@@ -166,7 +166,7 @@ pub struct Opened {
 /// The connection a client has open.
 struct Conn {
     stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Patient<TcpStream>>,
     /// Requests answered on it.
     answered: u64,
 }
@@ -304,7 +304,7 @@ impl HttpClient {
         self.conn = None;
         let stream = connect_tcp(&self.ns, self.src, self.dst).map_err(|e| Attempt::Failed { timed_out: timed_out(&e), error: format!("connect: {e}") })?;
         stream.set_read_timeout(Some(self.timeout)).and_then(|()| stream.set_write_timeout(Some(self.timeout))).map_err(|e| Attempt::failed(format!("setting timeouts: {e}")))?;
-        let reader = BufReader::new(stream.try_clone().map_err(|e| Attempt::failed(e.to_string()))?);
+        let reader = BufReader::new(Patient(stream.try_clone().map_err(|e| Attempt::failed(e.to_string()))?));
         self.opened.push(Opened { port: stream.local_addr().map_or(0, |a| a.port()), server: None });
         self.conn = Some(Conn { stream, reader, answered: 0 });
         Ok(())

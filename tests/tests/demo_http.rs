@@ -16,6 +16,7 @@ use redirector_tests::{
     agents::{Cgroups, DemoApp, Proc, start_demo_app},
     app::connect_tcp,
     http::{ReadError, Response, expect_close, read_response},
+    io::Patient,
     net::{SERVICE4, SERVICE4_B, client4},
     require_root,
 };
@@ -56,7 +57,7 @@ impl Demos {
     fn connect(&self, addr: SocketAddr, timeout: Duration) -> Conn {
         let s = connect_tcp(&self.t.client.ns, IpAddr::V4(client4(1)), addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
         s.set_read_timeout(Some(timeout)).expect("read timeout");
-        let r = BufReader::new(s.try_clone().expect("clone"));
+        let r = BufReader::new(Patient(s.try_clone().expect("clone")));
         Conn { s, r }
     }
 }
@@ -78,7 +79,7 @@ impl Drop for Demos {
 
 struct Conn {
     s: TcpStream,
-    r: BufReader<TcpStream>,
+    r: BufReader<Patient<TcpStream>>,
 }
 
 impl Conn {
