@@ -252,9 +252,26 @@ where
     let loaded = program.fd().is_ok();
     let prog: &mut P = program.try_into().map_err(|e| Error::bpf(format!("{name} is not a {} program", P::KIND), e))?;
     if !loaded {
-        prog.load_into_kernel().map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+        verify_patiently(|| prog.load_into_kernel(), |e| matches!(e, ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EAGAIN)))
+            .map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
     }
     Ok(prog)
+}
+
+/// How many times a program is given to the verifier while signals keep interrupting it.
+const VERIFY_TRIES: usize = 5;
+
+/// Runs `load` (`BPF_PROG_LOAD`) again, up to [`VERIFY_TRIES`] times in all, while it fails
+/// as `interrupted` says (EAGAIN): the verifier gives up so when a signal is pending, and a
+/// stop and continue (SIGSTOP and SIGCONT, a frozen cgroup) is one. libbpf tries again too.
+fn verify_patiently<E>(mut load: impl FnMut() -> Result<(), E>, interrupted: impl Fn(&E) -> bool) -> Result<(), E> {
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(e) if interrupted(&e) && tries < VERIFY_TRIES => tries += 1,
+            done => return done,
+        }
+    }
 }
 
 pub(crate) trait Loadable {
@@ -334,6 +351,41 @@ mod tests {
         assert_eq!(LinkPin::SkLookup.to_string(), "sk-lookup");
         assert_eq!(LinkPin::SockOps(9).to_string(), "sock-ops-9");
         assert_eq!(LinkPin::Xdp(3).to_string(), "xdp-3");
+    }
+
+    /// A verifier interrupted by a signal is asked again, a few times; any other error is
+    /// final at once.
+    #[test]
+    fn an_interrupted_verifier_is_asked_again() {
+        let eagain = |e: &io::Error| e.raw_os_error() == Some(libc::EAGAIN);
+        let fail = |errno| Err(io::Error::from_raw_os_error(errno));
+        let mut calls = 0;
+        let twice = verify_patiently(
+            || {
+                calls += 1;
+                if calls <= 2 { fail(libc::EAGAIN) } else { Ok(()) }
+            },
+            eagain,
+        );
+        assert!(twice.is_ok() && calls == 3, "loaded on the third try: {twice:?} after {calls}");
+        let mut calls = 0;
+        let always = verify_patiently(
+            || {
+                calls += 1;
+                fail(libc::EAGAIN)
+            },
+            eagain,
+        );
+        assert!(always.is_err() && calls == VERIFY_TRIES, "gives up after {VERIFY_TRIES}: {always:?} after {calls}");
+        let mut calls = 0;
+        let refused = verify_patiently(
+            || {
+                calls += 1;
+                fail(libc::EACCES)
+            },
+            eagain,
+        );
+        assert!(refused.is_err() && calls == 1, "a refusal is final: {refused:?} after {calls}");
     }
 
     #[test]
