@@ -252,8 +252,7 @@ where
     let loaded = program.fd().is_ok();
     let prog: &mut P = program.try_into().map_err(|e| Error::bpf(format!("{name} is not a {} program", P::KIND), e))?;
     if !loaded {
-        verify_patiently(|| prog.load_into_kernel(), |e| matches!(e, ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EAGAIN)))
-            .map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
+        verify_patiently(|| prog.load_into_kernel(), interrupted).map_err(|e| Error::bpf(format!("loading {name} (verifier)"), e))?;
     }
     Ok(prog)
 }
@@ -261,9 +260,14 @@ where
 /// How many times a program is given to the verifier while signals keep interrupting it.
 const VERIFY_TRIES: usize = 5;
 
+/// Whether the verifier gave up because a signal was pending (EAGAIN): a stop and continue
+/// (SIGSTOP and SIGCONT, a frozen cgroup) is one. libbpf tries such loads again too.
+fn interrupted(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EAGAIN))
+}
+
 /// Runs `load` (`BPF_PROG_LOAD`) again, up to [`VERIFY_TRIES`] times in all, while it fails
-/// as `interrupted` says (EAGAIN): the verifier gives up so when a signal is pending, and a
-/// stop and continue (SIGSTOP and SIGCONT, a frozen cgroup) is one. libbpf tries again too.
+/// as `interrupted` says ([`interrupted`] for a program).
 fn verify_patiently<E>(mut load: impl FnMut() -> Result<(), E>, interrupted: impl Fn(&E) -> bool) -> Result<(), E> {
     let mut tries = 1;
     loop {
@@ -353,38 +357,30 @@ mod tests {
         assert_eq!(LinkPin::Xdp(3).to_string(), "xdp-3");
     }
 
+    /// [`verify_patiently`] over a load whose `n`th call (from 1) returns `outcome(n)`, EAGAIN
+    /// counting as interrupted: its result and how many calls it made.
+    fn verify_counting(outcome: impl Fn(usize) -> io::Result<()>) -> (io::Result<()>, usize) {
+        let mut calls = 0;
+        let got = verify_patiently(
+            || {
+                calls += 1;
+                outcome(calls)
+            },
+            |e: &io::Error| e.raw_os_error() == Some(libc::EAGAIN),
+        );
+        (got, calls)
+    }
+
     /// A verifier interrupted by a signal is asked again, a few times; any other error is
     /// final at once.
     #[test]
     fn an_interrupted_verifier_is_asked_again() {
-        let eagain = |e: &io::Error| e.raw_os_error() == Some(libc::EAGAIN);
         let fail = |errno| Err(io::Error::from_raw_os_error(errno));
-        let mut calls = 0;
-        let twice = verify_patiently(
-            || {
-                calls += 1;
-                if calls <= 2 { fail(libc::EAGAIN) } else { Ok(()) }
-            },
-            eagain,
-        );
+        let (twice, calls) = verify_counting(|n| if n <= 2 { fail(libc::EAGAIN) } else { Ok(()) });
         assert!(twice.is_ok() && calls == 3, "loaded on the third try: {twice:?} after {calls}");
-        let mut calls = 0;
-        let always = verify_patiently(
-            || {
-                calls += 1;
-                fail(libc::EAGAIN)
-            },
-            eagain,
-        );
+        let (always, calls) = verify_counting(|_| fail(libc::EAGAIN));
         assert!(always.is_err() && calls == VERIFY_TRIES, "gives up after {VERIFY_TRIES}: {always:?} after {calls}");
-        let mut calls = 0;
-        let refused = verify_patiently(
-            || {
-                calls += 1;
-                fail(libc::EACCES)
-            },
-            eagain,
-        );
+        let (refused, calls) = verify_counting(|_| fail(libc::EACCES));
         assert!(refused.is_err() && calls == 1, "a refusal is final: {refused:?} after {calls}");
     }
 
