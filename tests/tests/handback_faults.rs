@@ -2,10 +2,10 @@
 //! applications and real agents: agents killed at each step of a hand-back, on both sides,
 //! before and after the commit point (the origin withdrawing its rules); a draining rule and a
 //! failed probe; a volunteer slower to reconnect than the liveness timeout; a volunteer that is
-//! silent but reachable; one that stays unreachable. Each time: nothing lost, nothing live in
-//! two places (every request answered and every session counter continuous, also on a fresh
-//! connection at the end), except the sessions of a volunteer that stayed unreachable, which
-//! are counted.
+//! silent but reachable; one that stays unreachable; an origin stopped with too little time to
+//! take its clients home. Each time: nothing lost, nothing live in two places (every request
+//! answered and every session counter continuous, also on a fresh connection at the end),
+//! except the sessions of a volunteer that stayed unreachable, which are counted.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -342,5 +342,35 @@ fn an_origin_stopped_in_the_middle_of_a_hand_over_finishes_it_then_takes_everyon
     assert!(c.log("a").contains("every client is home"), "A says it took everyone home:\n{}", c.log("a"));
     std::thread::sleep(Duration::from_secs(1));
     let clients = crowd.finish_where_steered("A", BTreeMap::new);
+    c.assert_intact(&clients);
+}
+
+/// SIGTERM reaches A when it cannot take its clients home within `exit_timeout_ms` (its
+/// hand-back waits 8 s before the rules change; A has 1.5 s). A decides the hand-back from its
+/// rules before it exits (none withdrawn: aborted) and tells B, whose application unfreezes the
+/// clients at once: they stay on B, steered by A's pinned rules, with their sessions. Left
+/// undecided, B's application kept them frozen with no origin left to ask, and their requests
+/// waited until they failed.
+#[test]
+fn an_origin_out_of_time_to_take_its_clients_home_aborts_the_hand_back_before_it_exits() {
+    if !require_root() {
+        return;
+    }
+    let mut c = cluster(None, None, "exit_timeout_ms = 1500\n");
+    let crowd = crowd(&c);
+    let moved = moved_to_b(&c);
+    restart_with(&mut c, "a", Some("pause-before-rules=8000"));
+    let took = c.term_agent("a", 10);
+    // 1.5 s, then its last decisions (at most 3 s) and its links' last words (at most 2 s).
+    assert!(took < Duration::from_secs(7), "A exited about exit_timeout_ms after SIGTERM, not after the hand-back's 8 s: {took:?}");
+    assert!(c.log("a").contains("TEST FAULT pause-before-rules"), "A was taking clients home when its time ran out:\n{}", c.log("a"));
+    // The rules are the commit point: none was withdrawn.
+    wait_rules_of(&c, &moved, "active", 1);
+    // B was told: nothing left to ask A about, no client frozen.
+    wait_status(&c.sock("b"), 5, "B to learn that the hand-back aborted", |v| {
+        v["handoffs"]["awaiting_outcome"] == 0 && v["handoffs"]["clients_in_progress"] == 0 && v["hook"]["unconfirmed"] == 0
+    });
+    let on_b: BTreeMap<IpAddr, String> = moved.iter().map(|m| (*m, "b".to_string())).collect();
+    let clients = crowd.finish_where_steered("A", || on_b.clone());
     c.assert_intact(&clients);
 }

@@ -24,6 +24,8 @@ pub enum Stage {
     Rules,
     /// Decided after a restart of this agent, from the rules.
     Restart,
+    /// Decided from the rules as this agent stopped, out of time to finish it.
+    Exit,
 }
 
 impl Stage {
@@ -34,6 +36,7 @@ impl Stage {
             Self::Transfer => "transfer",
             Self::Rules => "rules",
             Self::Restart => "restart",
+            Self::Exit => "exit",
         }
     }
 }

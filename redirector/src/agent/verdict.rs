@@ -33,6 +33,10 @@ use crate::{
     peer::{HandoffId, NodeName, Verdict},
 };
 
+/// How long a leaving agent spends deciding the hand-overs it ran out of time for, all of
+/// them ([`Agent::end_cut_short`]).
+const LAST_DECISIONS: Duration = Duration::from_secs(3);
+
 /// What the rules say of a hand-over: its verdict, and the clients whose rules must still
 /// change for the rules to say it for all of them.
 #[derive(Debug, PartialEq, Eq)]
@@ -217,13 +221,37 @@ impl Agent {
         let unfinished = self.records().unfinished();
         for rec in unfinished {
             info!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "a hand-over the previous run left undecided: the kernel's rules decide it");
-            self.state().hold(rec.clients.iter().copied());
-            let h = Handover::new(rec.clone(), Busy::new(self.clone(), rec.clients.clone()), Instant::now());
-            let verdict = self.decide_until_done(&h.rec).await;
-            self.after_rules(&h.rec, verdict);
-            let end = if verdict == Verdict::Committed { End::Committed } else { End::Aborted(Stage::Restart, "decided after a restart, from the rules".into()) };
-            self.conclude(h, end).await;
+            self.end_from_rules(rec, Stage::Restart, "decided after a restart, from the rules").await;
         }
+    }
+
+    /// Leaving, out of time: the hand-overs this agent started from id `first` on (the leaving's
+    /// own, whose tasks were just dropped half way) are decided from the rules and ended like any
+    /// other, so that no volunteer keeps their sessions frozen with no origin left to ask. What
+    /// cannot be decided within [`LAST_DECISIONS`] stays recorded for the next agent.
+    pub(super) async fn end_cut_short(self: &Arc<Self>, first: u64) {
+        let cut: Vec<Arc<Record>> = self.records().unfinished().into_iter().filter(|r| r.id >= first).collect();
+        let deadline = tokio::time::Instant::now() + LAST_DECISIONS;
+        for rec in cut {
+            warn!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "this agent is out of time to finish a hand-over: the kernel's rules decide it");
+            let id = rec.id;
+            let ended = self.end_from_rules(rec, Stage::Exit, "the agent ran out of time to finish it as it stopped");
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                error!(id, "cannot decide the hand-over before exiting: the next agent decides it from its record");
+                return;
+            }
+        }
+    }
+
+    /// Decides hand-over `rec` from the rules, then ends it (`conclude`: everyone is told),
+    /// aborted at `stage` for `why` if the rules say so.
+    async fn end_from_rules(self: &Arc<Self>, rec: Arc<Record>, stage: Stage, why: &str) {
+        self.state().hold(rec.clients.iter().copied());
+        let h = Handover::new(rec.clone(), Busy::new(self.clone(), rec.clients.clone()), Instant::now());
+        let verdict = self.decide_until_done(&h.rec).await;
+        self.after_rules(&h.rec, verdict);
+        let end = if verdict == Verdict::Committed { End::Committed } else { End::Aborted(stage, why.into()) };
+        self.conclude(h, end).await;
     }
 
     /// Applications registering: their unfinished hand-overs are decided before they get any
