@@ -31,10 +31,16 @@ fn patient() -> Vec<String> {
 /// A demo cluster: A (watermarks 20/10) and B (100/80), patient applications, these agent
 /// test faults.
 fn cluster(a_faults: Option<&str>, b_faults: Option<&str>, extra: &str) -> Cluster {
+    cluster_with(a_faults, b_faults, extra, false)
+}
+
+/// [`cluster`], open connections moving with their clients if `live_moves`.
+fn cluster_with(a_faults: Option<&str>, b_faults: Option<&str>, extra: &str, live_moves: bool) -> Cluster {
     let node = |f: Option<&str>| NodeOpts { faults: f.map(str::to_string), app_args: patient(), ..NodeOpts::default() };
     let opts = Options {
         demo: Some(DemoApp::Rust),
         extra: extra.to_string(),
+        live_moves,
         nodes: [("a".to_string(), node(a_faults)), ("b".to_string(), node(b_faults))].into_iter().collect(),
         ..Options::default()
     };
@@ -350,13 +356,11 @@ fn an_origin_stopped_in_the_middle_of_a_hand_over_finishes_it_then_takes_everyon
 /// rules before it exits (none withdrawn: aborted) and tells B, whose application unfreezes the
 /// clients at once: they stay on B, steered by A's pinned rules, with their sessions. Left
 /// undecided, B's application kept them frozen with no origin left to ask, and their requests
-/// waited until they failed.
-#[test]
-fn an_origin_out_of_time_to_take_its_clients_home_aborts_the_hand_back_before_it_exits() {
-    if !require_root() {
-        return;
-    }
-    let mut c = cluster(None, None, "exit_timeout_ms = 1500\n");
+/// waited until they failed. With `live_moves`, the clients' open connections were on their way
+/// home, frozen at A: A lets them go before it exits (they stayed frozen for 30 s), and they go
+/// on at B.
+fn origin_out_of_time(live_moves: bool) {
+    let mut c = cluster_with(None, None, "exit_timeout_ms = 1500\n", live_moves);
     let crowd = crowd(&c);
     let moved = moved_to_b(&c);
     restart_with(&mut c, "a", Some("pause-before-rules=8000"));
@@ -373,4 +377,20 @@ fn an_origin_out_of_time_to_take_its_clients_home_aborts_the_hand_back_before_it
     let on_b: BTreeMap<IpAddr, String> = moved.iter().map(|m| (*m, "b".to_string())).collect();
     let clients = crowd.finish_where_steered("A", || on_b.clone());
     c.assert_intact(&clients);
+}
+
+#[test]
+fn an_origin_out_of_time_to_take_its_clients_home_aborts_the_hand_back_before_it_exits() {
+    if !require_root() {
+        return;
+    }
+    origin_out_of_time(false);
+}
+
+#[test]
+fn an_origin_out_of_time_to_take_connections_home_lets_them_go_on_where_they_are() {
+    if !require_root() {
+        return;
+    }
+    origin_out_of_time(true);
 }

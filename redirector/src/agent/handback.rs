@@ -42,6 +42,13 @@ use crate::{
     peer::{self, Answer, HandoffId, ListedSession, MovedClient, NodeName, Request, Said, Verdict},
 };
 
+tokio::task_local! {
+    /// Where a leaving agent ([`Agent::leave`](super::Agent)) collects the ids of the
+    /// hand-backs it starts: those its exit timeout cuts short are ended after it, from the
+    /// rules. Hand-backs started by other tasks meanwhile are not in it.
+    pub(super) static STARTED: std::sync::Arc<std::sync::Mutex<Vec<u64>>>;
+}
+
 /// How long a volunteer whose clients an origin took back waits for that origin's Commit,
 /// which may arrive after its answer. Past it, they count as still here.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
@@ -102,6 +109,7 @@ impl Agent {
                 return 0;
             }
         };
+        let _ = STARTED.try_with(|ids| ids.lock().expect("lock").push(id));
         self.tally.started(Dir::Back);
         let mut h = Handover::new(rec, busy, t0);
         let (n_sessions, bytes, t_export) = match self.receive_back(&mut h, &services, &live).await {

@@ -445,9 +445,6 @@ impl Agent {
             timeout_ms = self.cfg.exit_timeout_ms,
             "agent stopping: giving adopted clients back and taking moved clients home, with their sessions"
         );
-        // The hand-backs below get ids from here on: those the deadline cuts short are ended
-        // after it (no round starts any more, so no other hand-over gets one).
-        let first = self.next_id.load(std::sync::atomic::Ordering::Relaxed);
         let gives = adopted.into_iter().map(|(origin, clients)| async move {
             if let Err(e) = self.give_back(&origin, clients).await {
                 warn!(origin, "cannot give clients back: {e:#}");
@@ -456,10 +453,14 @@ impl Agent {
         let homes = migrated.into_iter().map(|(to, clients)| async move {
             self.take_home(&to, clients, "this agent is stopping", false).await;
         });
-        let all = futures::future::join(futures::future::join_all(gives), futures::future::join_all(homes));
+        // The hand-backs started below are noted: those the deadline cuts short are ended
+        // after it.
+        let started: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+        let all = handback::STARTED.scope(started.clone(), futures::future::join(futures::future::join_all(gives), futures::future::join_all(homes)));
         let timed_out = tokio::time::timeout_at(deadline.into(), all).await.is_err();
         if timed_out {
-            self.end_cut_short(first).await;
+            let ids = started.lock().expect("lock").clone();
+            self.end_cut_short(&ids).await;
         }
         let st = self.state();
         let (left_adopted, left_out) = (st.volunteer.adopted.len(), if drained { 0 } else { st.moved.clients.len() });

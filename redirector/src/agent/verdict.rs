@@ -225,20 +225,25 @@ impl Agent {
         }
     }
 
-    /// Leaving, out of time: the hand-overs this agent started from id `first` on (the leaving's
-    /// own, whose tasks were just dropped half way) are decided from the rules and ended like any
+    /// Leaving, out of time: of the hand-overs `ids` the leaving started, those still undecided
+    /// (their futures were just dropped half way) are decided from the rules and ended like any
     /// other, so that no volunteer keeps their sessions frozen with no origin left to ask. What
     /// cannot be decided within [`LAST_DECISIONS`] stays recorded for the next agent.
-    pub(super) async fn end_cut_short(self: &Arc<Self>, first: u64) {
-        let cut: Vec<Arc<Record>> = self.records().unfinished().into_iter().filter(|r| r.id >= first).collect();
+    pub(super) async fn end_cut_short(self: &Arc<Self>, ids: &[u64]) {
+        let cut: Vec<Arc<Record>> = self.records().unfinished().into_iter().filter(|r| ids.contains(&r.id)).collect();
         let deadline = tokio::time::Instant::now() + LAST_DECISIONS;
         for rec in cut {
             warn!(sibling = %rec.volunteer, id = rec.id, dir = ?rec.dir, clients = rec.clients.len(), "this agent is out of time to finish a hand-over: the kernel's rules decide it");
-            let id = rec.id;
+            let (id, volunteer) = (rec.id, rec.volunteer.clone());
             let ended = self.end_from_rules(rec, Stage::Exit, "the agent ran out of time to finish it as it stopped");
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
                 error!(id, "cannot decide the hand-over before exiting: the next agent decides it from its record");
                 return;
+            }
+            // Connections coming home, frozen here: they go on where the verdict left them.
+            let thawed = self.thaw_cut_short(&volunteer, id).await;
+            if thawed > 0 {
+                info!(sibling = %volunteer, id, connections = thawed, "thawed the connections of the hand-over cut short");
             }
         }
     }

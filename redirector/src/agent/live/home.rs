@@ -201,6 +201,9 @@ impl Agent {
             return Err(format!("the volunteer names a connection {} -> {} that is not of these clients and services", f.0, f.1));
         }
         let freeze = self.freeze(flows, holds, handoff).await;
+        if !freeze.flows.is_empty() {
+            self.pending().frozen_home.insert((NodeName::from(name), id), freeze.flows.clone());
+        }
         let frozen: Vec<peer::Flow> = freeze.flows.iter().map(wire).collect();
         let n = frozen.len();
         let home = Homecoming { freeze, ..Homecoming::default() };
@@ -258,6 +261,7 @@ impl Agent {
     /// live socket takes what comes later).
     pub(in crate::agent) async fn end_homecoming(self: &Arc<Self>, name: &str, id: u64, home: Homecoming, committed: bool) -> HashMap<SocketAddr, Vec<AppConnection>> {
         let Homecoming { freeze, restored, kept } = home;
+        self.pending().frozen_home.remove(&(NodeName::from(name), id));
         let t0 = std::time::Instant::now();
         let (n, sibling) = (restored.len(), name.to_string());
         let settled = move |sent: usize| {
@@ -277,5 +281,15 @@ impl Agent {
         let me = self.clone();
         tokio::spawn(async move { settled(deliver_here(&kept) + me.let_go(freeze, |p| deliver_here(&p)).await) });
         given
+    }
+
+    /// Origin: lets go of the flows frozen for hand-back `id` with `name`, whose task was
+    /// dropped half way (the agent stopping, out of time): what its copies kept is gone with
+    /// it, and the clients resend it. Returns how many flows thawed.
+    pub(in crate::agent) async fn thaw_cut_short(self: &Arc<Self>, name: &str, id: u64) -> usize {
+        let flows = self.pending().frozen_home.remove(&(NodeName::from(name), id)).unwrap_or_default();
+        let n = flows.len();
+        self.thaw(flows).await;
+        n
     }
 }

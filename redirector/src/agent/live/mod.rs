@@ -77,8 +77,8 @@ type Flow = (SocketAddr, SocketAddr);
 /// A hand-over as a sibling names it: (sibling, id).
 type Key = (NodeName, u64);
 
-/// What live moves keep between the steps of the hand-overs this node takes part in as
-/// the volunteer.
+/// What live moves keep between the steps of the hand-overs this node takes part in (as the
+/// volunteer, but for `frozen_home`).
 #[derive(Default)]
 pub(super) struct Pending {
     /// Moves out to here: the connections restored, then live.
@@ -88,6 +88,10 @@ pub(super) struct Pending {
     leaving: HashMap<Key, Leaving>,
     /// Hand-backs from here waiting for the origin to freeze their flows.
     freezing: HashMap<Key, oneshot::Sender<Vec<Flow>>>,
+    /// Hand-backs to here (this node the origin): the flows frozen for them, until they end.
+    /// A hand-back cut short (its task dropped as the agent stops) lets them go from here
+    /// (`thaw_cut_short`), or they would stay frozen for [`FREEZE_LIMIT`].
+    frozen_home: HashMap<Key, Vec<Flow>>,
 }
 
 /// A connection an application handed over, on the side it leaves.
