@@ -75,17 +75,17 @@ impl Crowd {
 
     /// Stops every client, as they are (each keeps the connections it had).
     #[must_use]
-    pub fn stop(self) -> Vec<HttpClient> {
+    pub fn stop(mut self) -> Vec<HttpClient> {
         self.stop.store(true, Ordering::Relaxed);
-        self.threads.into_iter().flat_map(|t| t.join().expect("client thread")).map(|(c, _)| c).collect()
+        std::mem::take(&mut self.threads).into_iter().flat_map(|t| t.join().expect("client thread")).map(|(c, _)| c).collect()
     }
 
     /// Stops every client; those still running make one more request on a fresh connection.
     #[must_use]
-    pub fn finish(self) -> Vec<HttpClient> {
+    pub fn finish(mut self) -> Vec<HttpClient> {
         self.stop.store(true, Ordering::Relaxed);
         let mut out = Vec::new();
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             for (mut c, running) in t.join().expect("client thread") {
                 if running {
                     c.reconnect();
@@ -123,4 +123,20 @@ impl Crowd {
 #[must_use]
 pub fn broken(clients: &[HttpClient]) -> Vec<String> {
     clients.iter().filter(|c| !c.intact()).map(HttpClient::problems).collect()
+}
+
+/// How long a crowd dropped unfinished (its test failed) waits for its clients to stop.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+impl Drop for Crowd {
+    /// A test that fails before it finishes its crowd: the clients stop (after the request
+    /// each has under way, for up to [`STOP_WAIT`]) before the namespaces they use go, instead
+    /// of failing on there, each with a panic of its own after the test's.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + STOP_WAIT;
+        while Instant::now() < deadline && self.threads.iter().any(|t| !t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
