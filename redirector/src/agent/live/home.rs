@@ -208,7 +208,11 @@ impl Agent {
         let n = frozen.len();
         let home = Homecoming { freeze, ..Homecoming::default() };
         if !frozen.is_empty() {
-            self.send_to(name, Request::Frozen { id, flows: frozen }).await.map_err(|e| format!("telling the volunteer the connections are frozen: {e:#}"))?;
+            if let Err(e) = self.send_to(name, Request::Frozen { id, flows: frozen }).await {
+                // Not yet the hand-back's to end: let go of the freeze here, as an abort would.
+                self.end_homecoming(name, id, home, false).await;
+                return Err(format!("telling the volunteer the connections are frozen: {e:#}"));
+            }
             info!(sibling = %name, handoff, connections = n, "connections coming home frozen");
         }
         Ok(home)
